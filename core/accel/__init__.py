@@ -1,0 +1,1 @@
+"""Speed work: attention backends, caches."""

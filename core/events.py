@@ -1,0 +1,73 @@
+"""The worker's event stream: what front ends (TUI, batch runner) observe.
+
+Events are small frozen dataclasses posted from the worker thread. Subscribers must be quick and
+thread-safe (the TUI wraps each in a Textual message; the batch runner puts them on a queue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from core.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: int | None
+
+
+@dataclass(frozen=True)
+class JobQueued(Event):
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class JobStarted(Event):
+    request: GenerationRequest  # seed already resolved
+
+
+@dataclass(frozen=True)
+class JobStep(Event):
+    step: int  # 1-based step just finished, counted over the whole job (all passes)
+    total: int
+    elapsed: float  # seconds since the job started
+    preview: Image.Image | None = None  # cheap x0 preview (latent->RGB), None when previews are off
+    image_index: int = 0  # which image of the batch count is being sampled
+
+
+@dataclass(frozen=True)
+class JobFinished(Event):
+    paths: tuple[str, ...]
+    seeds: tuple[int, ...]
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    error: str  # one user-facing sentence, never a traceback
+
+
+@dataclass(frozen=True)
+class JobCancelled(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class Status(Event):
+    """Device and worker state; sent at least once a second while the worker is busy."""
+
+    activity: str = "idle"  # "idle", "loading <model>", "generating", "paused"
+    device: str = "cpu"
+    memory_used: int = 0  # bytes: VRAM on CUDA, process RSS on CPU
+    memory_peak: int = 0
+    memory_total: int = 0
+    attention_backend: str = "sdpa"
+    dtype: str = "float32"
+    loaded_model: str | None = None
+    queue_length: int = 0
+    paused: bool = False
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Checkpoint loading and the networks (UNet, CLIP text encoder, VAE)."""

@@ -1,0 +1,119 @@
+"""Random-weight checkpoints in the exact single-file layouts real files use.
+
+Tests and benchmarks cannot download weights, so they write files with the real key names, shapes and
+dtypes (``size="full"``) or the same structure at a few MB (``size="tiny"``), and load them through the same
+code path as a user's checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+# (checkpoint prefix, component) for each family; component names are resolved in _component().
+LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    "sd15": [
+        ("model.diffusion_model.", "unet"),
+        ("cond_stage_model.transformer.", "clip"),
+        ("first_stage_model.", "vae"),
+    ],
+}
+
+
+def _component(name: str, family: str, size: str) -> torch.nn.Module:
+    """Build the component on the meta device (no memory) so only its key names and shapes are used."""
+    with torch.device("meta"):
+        if name == "unet":
+            from core.models.unet import UNetConfig, UNetModel
+
+            return UNetModel(UNetConfig.preset(family, size))
+        if name == "clip":
+            from core.models.clip import CLIPTextConfig, CLIPTextModel
+
+            return CLIPTextModel(CLIPTextConfig.preset(family, size))
+        if name == "vae":
+            from core.models.vae import AutoencoderKL, VAEConfig
+
+            return AutoencoderKL(VAEConfig.preset(family, size))
+    raise ValueError(f"unknown component {name!r}")
+
+
+def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Weights with a sane scale so activations stay O(1) through a deep random network."""
+    if key.endswith(".weight") and len(shape) == 1 or key.endswith(".scale"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=generator)  # norm gains
+    elif key.endswith(".bias") or len(shape) <= 1:
+        t = 0.05 * torch.randn(shape, generator=generator)
+    else:
+        fan_in = math.prod(shape[1:])
+        t = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    return t.to(dtype)
+
+
+def random_state_dict(
+    module: torch.nn.Module, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random weights for every entry of ``module.state_dict()`` (which may live on meta)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: random_tensor(key, value.shape, generator, dtype if value.is_floating_point() else value.dtype)
+        for key, value in module.state_dict().items()
+    }
+
+
+def _schedule_buffers(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The DDPM buffers LDM checkpoints carry beside the networks (scaled-linear betas)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+    }
+    return {k: v.to(dtype) for k, v in buffers.items()}
+
+
+def iter_random_checkpoint(
+    family: str = "sd15", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a random checkpoint, in file order."""
+    if family not in LAYOUTS:
+        raise ValueError(f"family {family!r} is not supported yet; valid: {', '.join(LAYOUTS)}")
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, name in LAYOUTS[family]:
+        module = _component(name, family, size)
+        for key, value in module.state_dict().items():
+            tensor_dtype = dtype if value.is_floating_point() else value.dtype
+            yield prefix + key, random_tensor(key, value.shape, generator, tensor_dtype)
+        if name == "clip":
+            # Real SD1.x files carry CLIP's position_ids buffer; loaders must tolerate it.
+            yield prefix + "text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None]
+    yield from _schedule_buffers(dtype).items()
+
+
+def write_random_checkpoint(
+    path: str | Path,
+    family: str = "sd15",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = dict(iter_random_checkpoint(family, size, seed, dtype))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,46 @@
+"""Where Darkroom keeps its data, config and outputs.
+
+``DARKROOM_HOME`` (used by the tests) puts everything under one folder; otherwise platformdirs decides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "darkroom"
+
+
+def _home() -> Path | None:
+    value = os.environ.get("DARKROOM_HOME")
+    return Path(value).expanduser() if value else None
+
+
+def data_dir() -> Path:
+    """Database and default outputs."""
+    home = _home()
+    path = home / "data" if home else Path(platformdirs.user_data_dir(APP_NAME))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_dir() -> Path:
+    """User presets and last-used settings."""
+    home = _home()
+    path = home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_output_dir() -> Path:
+    return data_dir() / "outputs"
+
+
+def default_models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def database_path() -> Path:
+    return data_dir() / "darkroom.sqlite3"

@@ -1,0 +1,162 @@
+"""The one request type.
+
+A ``GenerationRequest`` is built by the TUI or the batch runner, stored by the queue, run by the worker and
+recorded in the image metadata, unchanged. Construction validates every field, so a bad value is reported
+(field, value, what is valid) before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import RequestError
+from core.sampling import SAMPLERS, SCHEDULES
+
+MAX_SEED = 2**32 - 1
+UPSCALERS = ("latent", "image")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(name, value, f"an integer from {low} to {high}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(name, value, f"a number from {low} to {high}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RequestError(name, value, "one of " + ", ".join(choices))
+
+
+def _check_text(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise RequestError(name, value, "a string" + (" or nothing" if optional else ""))
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """Second pass at a larger size: upscale the first pass, then re-sample at ``denoise``."""
+
+    scale: float = 2.0
+    upscaler: str = "latent"  # "latent": upscale latents; "image": decode, resize (Lanczos), re-encode
+    steps: int = 0  # 0 = as many as the first pass
+    denoise: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_float("hires.scale", self.scale, 1.0, 4.0)
+        _check_choice("hires.upscaler", self.upscaler, UPSCALERS)
+        _check_int("hires.steps", self.steps, 0, 150)
+        _check_float("hires.denoise", self.denoise, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation job needs. ``seed = -1`` means random; the queue records the resolved seed."""
+
+    model: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    vae: str | None = None
+    sampler: str = "euler"
+    schedule: str = "normal"
+    steps: int = 20
+    cfg: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 1
+    init_image: str | None = None  # path of the img2img source image
+    denoise: float = 1.0  # img2img strength; 1.0 for txt2img
+    hires: HiresFix | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
+
+    def __post_init__(self) -> None:
+        _check_text("model", self.model)
+        if not self.model.strip():
+            raise RequestError("model", self.model, "the name or path of a checkpoint file")
+        _check_text("prompt", self.prompt)
+        _check_text("negative_prompt", self.negative_prompt)
+        _check_text("vae", self.vae, optional=True)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_int("steps", self.steps, 1, 150)
+        _check_float("cfg", self.cfg, 0.0, 30.0)
+        _check_int("seed", self.seed, -1, MAX_SEED)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check_int(name, value, 64, 4096)
+            if value % 8:
+                raise RequestError(name, value, "a multiple of 8 from 64 to 4096")
+        _check_int("batch_size", self.batch_size, 1, 16)
+        _check_int("batch_count", self.batch_count, 1, 1000)
+        _check_int("clip_skip", self.clip_skip, 1, 12)
+        _check_text("init_image", self.init_image, optional=True)
+        _check_float("denoise", self.denoise, 0.0, 1.0)
+        if self.hires is not None and not isinstance(self.hires, HiresFix):
+            raise RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
+        if not isinstance(self.extra, Mapping):
+            raise RequestError("extra", self.extra, "a table of extra options")
+
+    # ---- conversions -------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; ``from_dict(to_dict())`` round-trips."""
+        data = dataclasses.asdict(self)
+        data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
+        """Build from a dict (TOML job, JSON line, stored row). Unknown keys are errors, naming the key."""
+        if not isinstance(data, Mapping):
+            raise RequestError("request", data, "a table of request fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(unknown[0], data[unknown[0]], "a known field: " + ", ".join(sorted(known)))
+        if "model" not in data:
+            raise RequestError("model", None, "the name or path of a checkpoint file (required)")
+        values = dict(data)
+        hires = values.get("hires")
+        if isinstance(hires, Mapping):
+            hires_known = {f.name for f in dataclasses.fields(HiresFix)}
+            bad = sorted(set(hires) - hires_known)
+            if bad:
+                raise RequestError(f"hires.{bad[0]}", hires[bad[0]], "one of " + ", ".join(sorted(hires_known)))
+            values["hires"] = HiresFix(**hires)
+        elif hires is not None and not isinstance(hires, HiresFix):
+            raise RequestError("hires", hires, "a table with scale, upscaler, steps, denoise")
+        if "cfg" in values and isinstance(values["cfg"], int) and not isinstance(values["cfg"], bool):
+            values["cfg"] = float(values["cfg"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+    def with_resolved_seed(self, rng: random.Random | None = None) -> GenerationRequest:
+        """Return a copy whose seed is concrete (a random one replaces -1)."""
+        if self.seed != -1:
+            return self
+        return self.replace(seed=(rng or random.SystemRandom()).randint(0, MAX_SEED))
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_image is not None
+
+    def image_seeds(self) -> list[int]:
+        """Seed of every image this request makes: image i of the whole job uses seed + i."""
+        if self.seed < 0:
+            raise ValueError("resolve the seed first (with_resolved_seed)")
+        total = self.batch_size * self.batch_count
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(total)]

@@ -1,0 +1,1 @@
+"""Built-in presets shipped as TOML files in this folder."""

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates .venv on first use and (re)installs Darkroom when pyproject.toml changes.
+# Usage: scripts/bootstrap.sh [extra]   (extra: "test" adds the test/reference dependencies)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${DARKROOM_VENV:-$root/.venv}"
+extra="${1:-}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "darkroom: creating virtual environment in $venv" >&2
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+
+stamp="$venv/.darkroom-installed${extra:+-$extra}"
+want="$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    # Prefer a locally provided CPU build (CI and dev boxes ship torch 2.13.0+cpu as a wheel on disk);
+    # anywhere else let pip pick the normal (CUDA) build.
+    if "${pip[@]}" install --no-index "torch==2.13.0" 2>/dev/null; then
+        echo "darkroom: installed the local torch 2.13.0 build" >&2
+    else
+        echo "darkroom: installing torch (first run only, this can take a while)" >&2
+        "${pip[@]}" install torch
+    fi
+fi
+echo "darkroom: installing dependencies${extra:+ [$extra]}" >&2
+"${pip[@]}" install -e "$root${extra:+[$extra]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+echo "$want" > "$stamp"
