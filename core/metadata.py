@@ -1,0 +1,562 @@
+"""Image metadata: A1111-style ``parameters`` infotext, our own ``darkroom`` JSON chunk, atomic PNG saving.
+
+Every saved PNG carries two text chunks:
+
+- ``parameters``: the A1111 infotext (prompt, ``Negative prompt:`` line, parameter line), so A1111, Forge,
+  Civitai and every other tool that reads A1111 metadata shows the settings;
+- ``darkroom``: the full ``GenerationRequest`` as JSON (with this image's seed), which is lossless and is what
+  ``read_request`` prefers.
+
+Infotext format (``/work/shared/reference/previews-and-metadata.md`` §4), written from its description:
+the parameter line is ``Key: value`` entries joined by ``", "`` in A1111's emission order; a value whose text
+contains a comma, newline or colon is written as a JSON string literal.
+
+Number formatting: A1111 writes numbers as its UI hands them over, which for whole-number floats like the
+default CFG scale is ``7`` and otherwise the shortest decimal (``7.5``, ``0.55``). We write floats the same
+way: a whole number without ``.0``, anything else as Python's shortest ``repr``. So ``cfg=7.0`` gives
+``CFG scale: 7`` and ``cfg=6.5`` gives ``CFG scale: 6.5``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata as _importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from core.errors import DarkroomError
+from core.request import GenerationRequest, HiresFix
+from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
+
+
+class MetadataError(DarkroomError):
+    """An image carries no (usable) generation parameters, or cannot be read or written."""
+
+
+def _package_version() -> str:
+    try:
+        return _importlib_metadata.version("darkroom")
+    except _importlib_metadata.PackageNotFoundError:
+        return "dev"
+
+
+DEFAULT_VERSION = f"darkroom {_package_version()}"
+
+PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
+DARKROOM_KEY = "darkroom"  # our lossless request JSON
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
+
+# ---- formatting ---------------------------------------------------------------------------------------------
+
+
+def format_number(value: float | int) -> str:
+    """``7.0`` -> ``7``, ``7.5`` -> ``7.5``, ``0.55`` -> ``0.55`` (see the module docstring)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def quote(value: object) -> str:
+    """A1111's quoting rule: JSON string literal when the text holds a comma, newline or colon."""
+    text = format_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    if any(ch in text for ch in ",\n:"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _model_label(model: str) -> str:
+    """A1111's ``Model`` value: the checkpoint's file name without folder or extension."""
+    base = model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf") else base
+
+
+def _vae_label(vae: str) -> str:
+    """A1111 writes the VAE's file name (with extension) as ``VAE``."""
+    return vae.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+HIRES_UPSCALER_LABELS = {"latent": "Latent", "image": "Lanczos"}
+
+
+def format_infotext(
+    request: GenerationRequest,
+    seed: int,
+    *,
+    model_hash: str | None = None,
+    extra: Mapping[str, object] | None = None,
+    version: str = DEFAULT_VERSION,
+) -> str:
+    """The A1111 ``parameters`` text for one image of ``request`` made with ``seed``.
+
+    ``extra`` entries (e.g. ``{"Lora hashes": "detail: 0123456789ab"}``) go after the built-in keys and before
+    ``Version``, in their order; a ``None`` value is left out.
+    """
+    params: dict[str, object | None] = {
+        "Steps": request.steps,
+        "Sampler": SAMPLER_LABELS[request.sampler],
+        "Schedule type": SCHEDULE_LABELS[request.schedule],
+        "CFG scale": request.cfg,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": model_hash,
+        "Model": _model_label(request.model),
+        "VAE": _vae_label(request.vae) if request.vae else None,
+        "Denoising strength": None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+    }
+    hires = request.hires
+    if request.is_img2img:
+        params["Denoising strength"] = request.denoise
+    elif hires is not None:
+        # A1111's txt2img writes the second pass's strength as "Denoising strength".
+        params["Denoising strength"] = hires.denoise
+    if hires is not None:
+        params["Hires upscale"] = hires.scale
+        params["Hires steps"] = hires.steps or None  # 0 = same as the first pass, which A1111 leaves out
+        params["Hires upscaler"] = HIRES_UPSCALER_LABELS[hires.upscaler]
+        if request.is_img2img:
+            # A1111 has no img2img + hires; keep the second strength under our own key.
+            params["Hires denoising strength"] = hires.denoise
+    for key, value in (extra or {}).items():
+        # A new key goes last; a built-in key we left empty (e.g. "Model hash") is filled in its own position.
+        # The values we computed from the request win, so ``extra`` cannot contradict the request.
+        if params.get(str(key)) is None:
+            params[str(key)] = value
+    params.pop("Version", None)
+    params["Version"] = version
+
+    entries = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        text = quote(value)
+        entries.append(key if text == key else f"{key}: {text}")
+
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines.append(", ".join(entries))
+    return "\n".join(lines).strip()
+
+
+# ---- parsing ------------------------------------------------------------------------------------------------
+
+# key: a word character then word characters, spaces, '-' or '/'; value: a non-empty double-quoted string
+# (backslash escapes allowed) or a run of non-comma characters; then a comma or the end.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE_PREFIX = "Negative prompt:"
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Split an A1111 infotext into ``{"Prompt", "Negative prompt", <parameter keys>}``.
+
+    Only the keys present are returned (A1111's defaults for absent keys are applied by
+    ``infotext_to_request``). A ``WxH`` value becomes ``Key-1`` and ``Key-2``.
+    """
+    lines = text.strip().split("\n")
+    result: dict[str, str] = {}
+    param_line = lines[-1] if lines else ""
+    matches = _PARAM_RE.findall(param_line)
+    if len(matches) >= 3:
+        lines = lines[:-1]
+    else:
+        matches = []
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if not in_negative and line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result["Prompt"] = "\n".join(prompt_lines)
+    result["Negative prompt"] = "\n".join(negative_lines)
+
+    for key, raw in matches:
+        value = raw.strip()
+        if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+            try:
+                decoded = json.loads(value)
+                value = decoded if isinstance(decoded, str) else value
+            except json.JSONDecodeError:
+                pass
+        size = _SIZE_RE.match(value)
+        if size:
+            result[f"{key}-1"] = size.group(1)
+            result[f"{key}-2"] = size.group(2)
+        else:
+            result[key] = value
+    return result
+
+
+def _norm(label: str) -> str:
+    return " ".join(label.lower().replace("_", " ").split())
+
+
+# A1111 label, our id, and the aliases A1111, sd.cpp and old infotexts use -> our id.
+_SAMPLER_BY_NAME: dict[str, str] = {}
+for _id, _label in SAMPLER_LABELS.items():
+    _SAMPLER_BY_NAME[_norm(_label)] = _id
+    _SAMPLER_BY_NAME[_norm(_id)] = _id
+    _SAMPLER_BY_NAME[_norm("k_" + _id)] = _id
+for _alias, _id in {
+    "k_euler_a": "euler_ancestral",
+    "euler_a": "euler_ancestral",
+    "k_dpm_2_a": "dpm_2_ancestral",
+    "dpm2": "dpm_2",
+    "dpm2_a": "dpm_2_ancestral",
+    "k_dpmpp_2s_a": "dpmpp_2s_ancestral",
+    "dpm++2s_a": "dpmpp_2s_ancestral",
+    "dpm++2m": "dpmpp_2m",
+    "dpm++2m_sde": "dpmpp_2m_sde",
+    "dpm++_2m": "dpmpp_2m",
+    "unipc": "uni_pc",
+    "ddim_trailing": "ddim",
+}.items():
+    _SAMPLER_BY_NAME[_norm(_alias)] = _id
+
+_SCHEDULE_BY_NAME: dict[str, str] = {}
+for _id, _label in SCHEDULE_LABELS.items():
+    _SCHEDULE_BY_NAME[_norm(_label)] = _id
+    _SCHEDULE_BY_NAME[_norm(_id)] = _id
+for _alias, _id in {
+    "uniform": "normal",  # A1111's "Uniform" is the model's own evenly spaced timesteps
+    "sgmuniform": "sgm_uniform",
+    "align_your_steps": "ays",
+    "ddim": "ddim_uniform",
+}.items():
+    _SCHEDULE_BY_NAME[_norm(_alias)] = _id
+
+# A1111's "Automatic" schedule per sampler (sampling.md §1); the rest use the model's own spacing.
+_AUTOMATIC_SCHEDULE = {
+    "dpm_2": "karras",
+    "dpm_2_ancestral": "karras",
+    "dpmpp_2s_ancestral": "karras",
+    "dpmpp_sde": "karras",
+    "dpmpp_2m": "karras",
+    "dpmpp_2m_sde": "exponential",
+    "dpmpp_3m_sde": "exponential",
+}
+
+
+def _split_sampler(label: str) -> tuple[str | None, str | None]:
+    """``"DPM++ 2M Karras"`` -> (dpmpp_2m, karras); ``"euler_a karras"`` (sd.cpp) likewise; unknown -> None."""
+    name = _norm(label)
+    if name in _SAMPLER_BY_NAME:
+        return _SAMPLER_BY_NAME[name], None
+    words = name.split(" ")
+    for cut in range(len(words) - 1, 0, -1):
+        head, tail = " ".join(words[:cut]), " ".join(words[cut:])
+        if head in _SAMPLER_BY_NAME and tail in _SCHEDULE_BY_NAME:
+            return _SAMPLER_BY_NAME[head], _SCHEDULE_BY_NAME[tail]
+    return None, None
+
+
+_UPSCALE_KEYS = ("Hires upscale", "Hires resize-1", "Hires resize-2")
+_CONSUMED = {
+    "Prompt",
+    "Negative prompt",
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Seed",
+    "Size-1",
+    "Size-2",
+    "Model",
+    "VAE",
+    "Clip skip",
+    "Denoising strength",
+    "Hires upscale",
+    "Hires steps",
+    "Hires upscaler",
+    "Hires denoising strength",
+}
+
+
+def _number(params: Mapping[str, str], key: str, kind: type) -> Any:
+    value = params[key].strip()
+    try:
+        if kind is float:
+            return float(value)
+        try:
+            return int(value)
+        except ValueError:
+            number = float(value)  # "20.0" from writers that print every number as a float
+            if not number.is_integer():
+                raise
+            return int(number)
+    except ValueError:
+        raise MetadataError(f"infotext entry {key!r} is {value!r}, which is not a number") from None
+
+
+def infotext_to_request(text: str, *, model_fallback: str | None = None) -> GenerationRequest:
+    """Turn an A1111 infotext back into a request.
+
+    Sampler labels (current, legacy ``"DPM++ 2M Karras"``, aliases like ``k_euler_a``) and schedule labels map
+    to our ids; ``Schedule type: Automatic`` (or none) means the sampler's A1111 default. A sampler or schedule
+    we do not implement falls back to ``euler`` / ``normal`` and its text is kept in ``extra`` under its key.
+    Every key we do not map (``Model hash``, ``Lora hashes``, ``Version``, ...) is kept in ``extra``.
+    """
+    params = parse_infotext(text)
+    fields: dict[str, Any] = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"]}
+    extra: dict[str, Any] = {}
+
+    model = params.get("Model") or model_fallback
+    if not model:
+        raise MetadataError("the infotext names no model (no 'Model:' entry); pass the checkpoint to use")
+    fields["model"] = model
+    if params.get("VAE"):
+        fields["vae"] = params["VAE"]
+
+    sampler, schedule = None, None
+    if "Sampler" in params:
+        sampler, schedule = _split_sampler(params["Sampler"])
+        if sampler is None:
+            extra["Sampler"] = params["Sampler"]
+    sampler = sampler or "euler"
+    schedule_text = params.get("Schedule type", "Automatic")
+    if _norm(schedule_text) == "automatic":
+        schedule = schedule or _AUTOMATIC_SCHEDULE.get(sampler, "normal")
+    elif _norm(schedule_text) in _SCHEDULE_BY_NAME:
+        schedule = _SCHEDULE_BY_NAME[_norm(schedule_text)]
+    else:
+        extra["Schedule type"] = schedule_text
+        schedule = _AUTOMATIC_SCHEDULE.get(sampler, "normal")
+    fields["sampler"], fields["schedule"] = sampler, schedule
+
+    if "Steps" in params:
+        fields["steps"] = _number(params, "Steps", int)
+    if "CFG scale" in params:
+        fields["cfg"] = _number(params, "CFG scale", float)
+    if "Seed" in params:
+        fields["seed"] = _number(params, "Seed", int)
+    if "Size-1" in params and "Size-2" in params:
+        fields["width"] = _number(params, "Size-1", int)
+        fields["height"] = _number(params, "Size-2", int)
+    if "Clip skip" in params:
+        fields["clip_skip"] = max(1, _number(params, "Clip skip", int))
+
+    has_hires = any(key in params for key in _UPSCALE_KEYS)
+    strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None
+    if has_hires:
+        hires: dict[str, Any] = {}
+        if "Hires upscale" in params:
+            hires["scale"] = _number(params, "Hires upscale", float)
+        elif "Hires resize-1" in params and "width" in fields:
+            hires["scale"] = round(_number(params, "Hires resize-1", int) / fields["width"], 4)
+        if "Hires steps" in params:
+            hires["steps"] = _number(params, "Hires steps", int)
+        upscaler = params.get("Hires upscaler")
+        if upscaler is not None:
+            hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
+            if upscaler not in HIRES_UPSCALER_LABELS.values():
+                extra["Hires upscaler"] = upscaler
+        if "Hires denoising strength" in params:
+            hires["denoise"] = _number(params, "Hires denoising strength", float)
+            if strength is not None:
+                fields["denoise"] = strength
+        elif strength is not None:
+            hires["denoise"] = strength
+        fields["hires"] = HiresFix(**hires)
+    elif strength is not None:
+        fields["denoise"] = strength
+
+    for key, value in params.items():
+        if key in _CONSUMED:
+            continue
+        if key.endswith("-1") and key[:-2] + "-2" in params:
+            extra[key[:-2]] = f"{value}x{params[key[:-2] + '-2']}"
+        elif key.endswith("-2") and key[:-2] + "-1" in params:
+            continue
+        else:
+            extra[key] = value
+    fields["extra"] = extra
+    return GenerationRequest(**fields)
+
+
+# ---- saving -------------------------------------------------------------------------------------------------
+
+_NUMBERED_RE = re.compile(r"^(\d{5,})-")
+_CLAIM_RE = re.compile(r"^\.(\d{5,})\.claim$")
+
+
+def _highest_number(folder: Path) -> int:
+    highest = -1
+    for entry in os.scandir(folder):
+        match = _NUMBERED_RE.match(entry.name) or _CLAIM_RE.match(entry.name)
+        if match:
+            highest = max(highest, int(match.group(1)))
+    return highest
+
+
+def _number_taken(folder: Path, number: int) -> bool:
+    prefix = f"{number:05d}-"
+    return any(entry.name.startswith(prefix) for entry in os.scandir(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _png_info(request: GenerationRequest, seed: int, model_hash: str | None, extra: Mapping | None):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    # add_text writes tEXt for Latin-1 text and iTXt (UTF-8) otherwise.
+    info.add_text(PARAMETERS_KEY, format_infotext(request, seed, model_hash=model_hash, extra=extra))
+    info.add_text(DARKROOM_KEY, json.dumps(request.replace(seed=seed).to_dict(), ensure_ascii=False))
+    return info
+
+
+def save_image(
+    image: Any,
+    request: GenerationRequest,
+    seed: int,
+    output_dir: Path,
+    *,
+    model_hash: str | None = None,
+    extra: Mapping | None = None,
+    now: _dt.datetime | None = None,
+) -> Path:
+    """Save ``image`` (a PIL image) as ``output_dir/YYYY-MM-DD/NNNNN-<seed>.png`` and return the path.
+
+    The file is written to a hidden temp file in the same folder, fsynced and renamed into place, so a reader
+    never sees a partial PNG. The counter NNNNN is claimed with an exclusive ``.NNNNN.claim`` marker (created
+    with O_EXCL) for the moment of the rename, so two threads or processes saving at once never share a number.
+    """
+    day = (now or _dt.datetime.now()).strftime("%Y-%m-%d")
+    folder = Path(output_dir) / day
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MetadataError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
+    info = _png_info(request, seed, model_hash, extra)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    tmp = Path(tmp_name)
+    claim: Path | None = None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        number = _highest_number(folder) + 1
+        while True:
+            claim = folder / f".{number:05d}.claim"
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                claim = None
+                number += 1
+                continue
+            # Someone may have finished with this number (and dropped its claim) since we scanned.
+            if _number_taken(folder, number):
+                claim.unlink()
+                claim = None
+                number = max(number + 1, _highest_number(folder) + 1)
+                continue
+            break
+        final = folder / f"{number:05d}-{seed}.png"
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        return final
+    except OSError as exc:
+        raise MetadataError(f"cannot save the image in {folder}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if claim is not None:
+            with contextlib.suppress(FileNotFoundError):
+                claim.unlink()
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+
+def _decode_user_comment(value: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte character-code prefix, then the text (``UNICODE`` = UTF-16)."""
+    if isinstance(value, str):
+        return value
+    prefix, body = value[:8], value[8:]
+    if prefix == b"UNICODE\0":
+        big, little = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
+        # piexif (A1111) writes big-endian; some writers use little-endian. Pick the one that reads as text.
+        return big if sum(c < "\u0100" for c in big) >= sum(c < "\u0100" for c in little) else little
+    if prefix == b"ASCII\0\0\0":
+        return body.decode("latin-1")
+    try:
+        return body.decode("utf-8") if len(value) > 8 else value.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode("latin-1")
+
+
+def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
+    """PNG text chunks and the EXIF UserComment (JPEG, WebP, PNG) of an image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            texts = {str(k): v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+            if not texts:
+                texts = {str(k): v for k, v in img.info.items() if isinstance(v, str)}
+            comment = None
+            try:
+                exif = img.getexif()
+                raw = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+                if raw:
+                    comment = _decode_user_comment(raw).strip("\0").strip() or None
+            except Exception:  # noqa: BLE001 - a broken EXIF block just means "no comment"
+                comment = None
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise MetadataError(f"{path}: not an image file Darkroom can read (PNG, JPEG or WebP)") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read the image ({exc})") from None
+    return texts, comment
+
+
+def read_request(path: Path | str, *, model_fallback: str | None = None) -> GenerationRequest:
+    """The generation request stored in an image.
+
+    Prefers our ``darkroom`` JSON chunk; otherwise an A1111-style ``parameters`` text (A1111, Forge, Fooocus,
+    ComfyUI nodes that write it), otherwise an EXIF UserComment infotext (A1111's JPEG/WebP).
+    """
+    path = Path(path)
+    texts, comment = _read_texts(path)
+    if DARKROOM_KEY in texts:
+        try:
+            data = json.loads(texts[DARKROOM_KEY])
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, Mapping):
+            return GenerationRequest.from_dict(data)
+    for infotext in (texts.get(PARAMETERS_KEY), comment):
+        if infotext and infotext.strip():
+            return infotext_to_request(infotext, model_fallback=model_fallback)
+    if "prompt" in texts or "workflow" in texts:
+        raise MetadataError(
+            f"{path}: has only a ComfyUI workflow and no A1111 'parameters' text, so there are no generation "
+            "parameters Darkroom can read"
+        )
+    raise MetadataError(f"{path}: has no generation parameters (no 'darkroom' or 'parameters' metadata)")
