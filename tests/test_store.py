@@ -1,0 +1,305 @@
+"""JobStore: queue states and order, history search, schema versioning, two-process use, crash recovery."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from core.request import GenerationRequest
+from core.store import SCHEMA_VERSION, JobStateError, JobStore, StoreError
+
+
+def req(prompt: str = "a cat", **kw) -> GenerationRequest:
+    return GenerationRequest(model="m.safetensors", prompt=prompt, **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(tmp_path / "db.sqlite3")
+    yield s
+    s.close()
+
+
+# ---- schema -------------------------------------------------------------------------------------------------
+
+
+def test_schema_versioned_and_wal(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    with JobStore(path) as s:
+        assert s.schema_version == SCHEMA_VERSION >= 1
+        job_id = s.add_job(req())
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    # reopening does not re-run migrations or lose data
+    with JobStore(path) as s:
+        assert s.get_job(job_id).request == req()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    JobStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        JobStore(path)
+
+
+def test_default_path_is_under_darkroom_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path))
+    with JobStore() as s:
+        assert s.path == tmp_path / "data" / "darkroom.sqlite3"
+        assert s.path.exists()
+
+
+# ---- states -------------------------------------------------------------------------------------------------
+
+
+def test_request_round_trips_and_claim_marks_running(store):
+    r = req(steps=7, seed=5, extra={"k": 1})
+    job_id = store.add_job(r)
+    job = store.get_job(job_id)
+    assert job.state == "pending" and job.request == r and job.queue == "default"
+    claimed = store.claim_next()
+    assert claimed.id == job_id
+    assert claimed.state == "running"
+    assert claimed.owner_pid == os.getpid()
+    assert claimed.started is not None and claimed.heartbeat is not None
+    assert store.claim_next() is None
+    assert store.finish(job_id)
+    job = store.get_job(job_id)
+    assert job.state == "done" and job.finished >= job.started
+
+
+def test_fail_records_error_and_finished_jobs_do_not_change(store):
+    job_id = store.add_job(req())
+    store.claim_next()
+    assert store.fail(job_id, "model.safetensors: not a checkpoint")
+    job = store.get_job(job_id)
+    assert job.state == "failed" and job.error == "model.safetensors: not a checkpoint"
+    # a second end transition is refused: only running jobs can end
+    assert not store.finish(job_id)
+    assert store.get_job(job_id).state == "failed"
+
+
+def test_cancel_pending_and_running(store):
+    a = store.add_job(req("a"))
+    b = store.add_job(req("b"))
+    assert store.claim_next().id == a
+    assert store.cancel(b)
+    assert store.get_job(b).state == "cancelled"
+    assert store.claim_next() is None  # cancelled jobs are never claimed
+    # running: only flagged, the worker finishes it off
+    assert store.cancel(a)
+    assert store.get_job(a).state == "running"
+    assert store.is_cancel_requested(a)
+    assert store.mark_cancelled(a)
+    assert store.get_job(a).state == "cancelled"
+    assert not store.cancel(a)  # already final
+    assert not store.cancel(9999)
+
+
+def test_retry_puts_job_back_at_the_end(store):
+    a = store.add_job(req("a"))
+    store.claim_next()
+    store.fail(a, "boom")
+    b = store.add_job(req("b"))
+    assert store.retry(a) == a
+    job = store.get_job(a)
+    assert job.state == "pending" and job.error is None and job.started is None
+    assert [store.claim_next().id, store.claim_next().id] == [b, a]
+    store.finish(a)
+    with pytest.raises(JobStateError, match="done"):
+        store.retry(a)
+    with pytest.raises(JobStateError, match="running"):
+        store.retry(b)
+    store.mark_interrupted(b)
+    assert store.retry(b) == b
+
+
+def test_queues_are_separate(store):
+    a = store.add_job(req("a"), queue="batch-1")
+    b = store.add_job(req("b"))
+    assert store.pending_count() == 2
+    assert store.pending_count("batch-1") == 1
+    assert store.claim_next("default").id == b
+    assert store.claim_next("default") is None
+    assert store.claim_next("batch-1").id == a
+    assert [j.id for j in store.list_jobs(queue="batch-1")] == [a]
+
+
+# ---- order --------------------------------------------------------------------------------------------------
+
+
+def test_priority_then_fifo(store):
+    low1 = store.add_job(req("low1"))
+    high1 = store.add_job(req("high1"), priority=5)
+    low2 = store.add_job(req("low2"))
+    high2 = store.add_job(req("high2"), priority=5)
+    mid = store.add_job(req("mid"), priority=1)
+    expected = [high1, high2, mid, low1, low2]
+    assert [j.id for j in store.list_jobs(states=["pending"])] == expected
+    assert [store.claim_next().id for _ in expected] == expected
+
+
+def test_list_jobs_running_first_then_pending_then_rest(store):
+    a, b, c = (store.add_job(req(x)) for x in "abc")
+    store.claim_next()
+    store.fail(a, "x")
+    store.claim_next()  # b running
+    assert [j.id for j in store.list_jobs()] == [b, c, a]
+    assert [j.id for j in store.list_jobs(states=["failed"])] == [a]
+    with pytest.raises(ValueError):
+        store.list_jobs(states=["bogus"])
+
+
+def test_move_reorders_pending(store):
+    a, b, c, d = (store.add_job(req(x)) for x in "abcd")
+
+    def order():
+        return [j.id for j in store.list_jobs(states=["pending"])]
+
+    store.move(d, -2)
+    assert order() == [a, d, b, c]
+    store.move(a, 1)
+    assert order() == [d, a, b, c]
+    store.move(b, -100)  # clamps to the front
+    assert order() == [b, d, a, c]
+    store.move(b, 100)  # and to the back
+    assert order() == [d, a, c, b]
+    # the order is what actually runs
+    assert [store.claim_next().id for _ in range(4)] == [d, a, c, b]
+    with pytest.raises(JobStateError):
+        store.move(a, 1)
+
+
+def test_move_across_priorities_takes_the_passed_priority(store):
+    low = store.add_job(req("low"))
+    high = store.add_job(req("high"), priority=3)
+    assert [j.id for j in store.list_jobs(states=["pending"])] == [high, low]
+    store.move(low, -1)
+    assert store.get_job(low).priority == 3
+    assert store.claim_next().id == low
+    assert store.claim_next().id == high
+
+
+# ---- history ------------------------------------------------------------------------------------------------
+
+
+def test_history_round_trip_and_delete(store):
+    r = req("a red fox", seed=42)
+    job_id = store.add_job(r)
+    h = store.add_history(job_id, "/out/1.png", r, 42, model_hash="abcdef1234", timings={"total": 1.5})
+    entry = store.get_history(h)
+    assert entry.job_id == job_id and entry.path == "/out/1.png" and entry.request == r
+    assert entry.seed == 42 and entry.model_hash == "abcdef1234" and entry.timings == {"total": 1.5}
+    assert store.delete_history(h)
+    assert store.get_history(h) is None
+    assert not store.delete_history(h)
+
+
+def test_history_newest_first_with_paging(store):
+    ids = [store.add_history(None, f"/out/{i}.png", req(f"p{i}"), i) for i in range(5)]
+    assert [e.id for e in store.history()] == ids[::-1]
+    assert [e.id for e in store.history(limit=2, offset=1)] == [ids[3], ids[2]]
+
+
+def test_history_search_escapes_like_wildcards(store):
+    pct = store.add_history(None, "/1.png", req("100% cotton shirt"), 1)
+    plain = store.add_history(None, "/2.png", req("1000 cotton shirts"), 2)
+    under = store.add_history(None, "/3.png", req("snake_case"), 3)
+    other = store.add_history(None, "/4.png", req("snakeXcase"), 4)
+    assert [e.id for e in store.history("%")] == [pct]
+    assert [e.id for e in store.history("_")] == [under]
+    assert [e.id for e in store.history("0% c")] == [pct]
+    assert {e.id for e in store.history("COTTON")} == {pct, plain}  # case-insensitive
+    assert {e.id for e in store.history("snake")} == {under, other}
+    assert store.history("nothing like this") == []
+    assert len(store.history("")) == 4
+
+
+# ---- several processes --------------------------------------------------------------------------------------
+
+
+def _add_and_claim(path: str, tag: str, n: int, out) -> None:
+    s = JobStore(path)
+    added = [s.add_job(req(f"{tag}{i}"), queue="shared") for i in range(n)]
+    claimed = []
+    while (job := s.claim_next("shared")) is not None:
+        claimed.append(job.id)
+        s.finish(job.id)
+    s.close()
+    out.put((added, claimed))
+
+
+def test_two_processes_write_and_claim_concurrently(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    JobStore(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_add_and_claim, args=(path, tag, 40, out)) for tag in "xy"]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    added = [i for a, _ in results for i in a]
+    claimed = [i for _, c in results for i in c]
+    assert len(set(added)) == 80
+    assert sorted(claimed) == sorted(added)  # every job claimed exactly once, none twice
+    with JobStore(path) as s:
+        assert len(s.list_jobs(states=["done"], queue="shared")) == 80
+
+
+def _claim_and_hang(path: str, ready) -> None:
+    s = JobStore(path)
+    job = s.claim_next()
+    ready.put(job.id)
+    time.sleep(120)
+
+
+def test_recover_marks_killed_owner_interrupted_and_keeps_pending(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    with JobStore(path) as s:
+        first = s.add_job(req("first"))
+        rest = [s.add_job(req(f"rest{i}")) for i in range(3)]
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=_claim_and_hang, args=(path, ready))
+    proc.start()
+    try:
+        assert ready.get(timeout=60) == first
+        with JobStore(path) as s:
+            # the owner is alive (and heartbeat fresh): another process's job is left alone
+            assert s.recover() == []
+            assert s.get_job(first).state == "running"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.join(timeout=30)
+    with JobStore(path) as s:
+        assert s.recover() == [first]
+        job = s.get_job(first)
+        assert job.state == "interrupted" and "interrupted" in job.error
+        assert [j.state for j in map(s.get_job, rest)] == ["pending"] * 3
+        assert s.recover() == []
+        assert s.retry(first) == first
+        assert s.get_job(first).state == "pending"
+
+
+def test_recover_stale_heartbeat_even_if_pid_alive(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    with JobStore(path) as s:
+        job_id = s.add_job(req())
+        s.claim_next()
+        assert s.recover() == []  # our own live, fresh job
+    with JobStore(path, stale_after=0.0) as s:
+        time.sleep(0.01)
+        assert s.recover() == [job_id]
