@@ -1,0 +1,495 @@
+"""Opening single-file checkpoints: inspect (keys and shapes only), load (memory-mapped), hash.
+
+``inspect_checkpoint`` reads only the safetensors header, so a models folder can be classified without
+touching gigabytes. ``load_checkpoint`` builds each network on the meta device from the config read off its
+keys and shapes, then assigns the file's tensors into it: on the CPU the weights stay memory-mapped views of
+the file at the file's dtype (no fp32 copy, no second copy at all until a page is touched).
+
+Adding a family (SDXL, Flux) means adding its component builders to ``COMPONENT_BUILDERS``; detection already
+recognises it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import CheckpointError
+from core.models.detect import FAMILIES, OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
+from core.models.safetensors_header import read_header, sniff
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# component -> (module, config class, network class); imported lazily so inspecting needs no networks.
+COMPONENT_BUILDERS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "sd15": {
+        "unet": ("core.models.unet", "UNetConfig", "UNetModel"),
+        "text_encoder": ("core.models.clip", "CLIPTextConfig", "CLIPTextModel"),
+        "vae": ("core.models.vae", "VAEConfig", "AutoencoderKL"),
+    },
+}
+
+COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
+
+
+def _ignorable(component: str, rel_key: str) -> bool:
+    """Keys real files carry inside a component that no network needs."""
+    if rel_key.endswith("position_ids"):  # CLIP's arange buffer, saved by older transformers versions
+        return True
+    return component == "vae" and rel_key.startswith("loss.")  # training-time discriminator/LPIPS
+
+
+def supported_labels() -> str:
+    return ", ".join(FAMILIES[f].label for f in COMPONENT_BUILDERS)
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+class TensorSource:
+    """Keys, shapes and dtypes of a checkpoint, and its tensors one at a time."""
+
+    path: Path
+    format: str
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    format = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header = read_header(path)
+        self.shapes = self.header.shapes
+        self.dtypes = self.header.dtypes
+        self._handle: Any = None
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            # safe_open maps the file (MAP_PRIVATE); get_tensor returns a view, pages are read on first use.
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handle = None  # tensors already handed out keep their own reference to the mapping
+
+
+class PickleSource(TensorSource):
+    format = "pickle"
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.path = path
+        self.tensors = tensors
+        self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt/.pt state dict through the weights-only unpickler; never runs code from the file."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format: no mmap
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                path,
+                "the file contains pickled Python code and cannot be loaded safely; convert it to .safetensors "
+                "with a trusted tool (or download the .safetensors version)",
+            ) from None
+        raise CheckpointError(path, f"the file is not a readable PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            path, f"the file is not a readable PyTorch checkpoint (it may be truncated or corrupt: {e})"
+        ) from None
+    for _ in range(2):  # Lightning files nest weights under "state_dict"
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"the file holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(path, "the file is a PyTorch pickle but contains no tensors")
+    return tensors
+
+
+def open_source(path: str | Path) -> TensorSource:
+    """Open a model file by its content (extension only breaks ties); raises CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "the file does not exist")
+    if path.is_dir():
+        raise CheckpointError(path, "this is a folder, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if head[8:9] == b"{" or path.suffix.lower() == ".safetensors":
+        return SafetensorsSource(path)  # by content first: renamed files are common
+    if is_zip or is_pickle:
+        return PickleSource(path, _load_pickle(path))
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        kind = sniff(head)
+        what = f"this is {kind}" if kind else "the file is neither a PyTorch zip archive nor a pickle"
+        raise CheckpointError(path, f"{what}, not a model checkpoint (.safetensors or .ckpt)")
+    return SafetensorsSource(path)
+
+
+@contextmanager
+def _opened(path: str | Path) -> Iterator[TensorSource]:
+    source = open_source(path)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Classify a model file; for .safetensors this reads the header only."""
+    with _opened(path) as source:
+        return _detect(source)
+
+
+def _detect(source: TensorSource) -> CheckpointInfo:
+    return detect(source.path, source.shapes, source.dtypes, read=source.get, fmt=source.format)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedCheckpoint:
+    unet: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module
+    family: str
+    dtype: torch.dtype  # of the UNet weights as loaded
+    info: CheckpointInfo
+    path: Path
+    vae_path: Path | None = None
+
+
+def _reject(info: CheckpointInfo) -> CheckpointError:
+    """The error for a recognised file Darkroom cannot load as a checkpoint."""
+    path, fam = info.path, info.family
+    if fam == "lora":
+        return CheckpointError(path, "this is a LoRA, not a checkpoint; put it in the loras folder")
+    if fam == "diffusers":
+        return CheckpointError(
+            path,
+            f"this is a diffusers-format {info.variant} file (one component with diffusers key names); "
+            "Darkroom loads single-file checkpoints, so use the model's single .safetensors checkpoint instead",
+        )
+    if fam == "vae":
+        return CheckpointError(path, "this is a standalone VAE, not a checkpoint; choose it as the VAE instead")
+    if fam == "text_encoder":
+        return CheckpointError(path, "this is a standalone text encoder, not a full checkpoint")
+    if fam == "unet_only":
+        return CheckpointError(
+            path, "this file holds only a UNet (no text encoder or VAE); use the full single-file checkpoint"
+        )
+    if fam in FAMILIES:
+        label = FAMILIES[fam].label
+        what = f"{label} checkpoint" + (" (transformer only)" if info.prefixes.get("unet") == "" else "")
+        return CheckpointError(
+            path, f"this is {_a(what)}; {label} support is not available yet (supported: {supported_labels()})"
+        )
+    return CheckpointError(
+        path,
+        "this does not look like a Stable Diffusion checkpoint: none of the known marker keys "
+        "(model.diffusion_model.input_blocks.0.0.weight, double_blocks.*, joint_blocks.*) are present",
+    )
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].upper() in "AEIOU" or noun.startswith(("SD", "SDXL")) else "a ") + noun
+
+
+def _target_dtype(keys: list[str], source: TensorSource, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    name = dominant_dtype(keys, source.dtypes) or "float32"
+    target = getattr(torch, name)
+    # fp8 files are a storage format; compute needs a real float type.
+    return torch.float16 if target.itemsize == 1 else target
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Construct modules with parameters on the meta device but buffers on the CPU.
+
+    Parameters are about to be replaced by the file's tensors, so allocating and initialising them would only
+    cost time and memory. Buffers a network computes itself (not saved in the file, e.g. timestep frequencies)
+    must be real, so they stay on the CPU. Not thread-safe: only the worker thread builds models.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _builders(family: str, component: str) -> tuple[Any, Any]:
+    module_name, config_name, model_name = COMPONENT_BUILDERS[family][component]
+    import importlib
+
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, model_name)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _load_component(
+    source: TensorSource,
+    *,
+    family: str,
+    component: str,
+    prefix: str,
+    keys: tuple[str, ...] | list[str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    path = source.path
+    label = f"{FAMILIES[family].label} {COMPONENT_LABELS.get(component, component)}"
+    rel_to_key = {k[len(prefix) :]: k for k in keys}
+    if component == "text_encoder" and rel_to_key and not any(r.startswith("text_model.") for r in rel_to_key):
+        # Very old SD1.x files saved CLIPTextModel without its text_model. level.
+        rel_to_key = {"text_model." + r: k for r, k in rel_to_key.items()}
+    shapes = {r: source.shapes[k] for r, k in rel_to_key.items()}
+
+    config_cls, model_cls = _builders(family, component)
+    try:
+        config = config_cls.from_state_dict(shapes)
+    except (ValueError, KeyError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(path, f"cannot read the {label} configuration from its keys: {detail}") from None
+    with _parameters_on_meta():
+        module = model_cls(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    for rel, shape in expected.items():
+        if rel not in shapes:
+            raise CheckpointError(
+                path,
+                f"key {prefix + rel!r} is missing; the {label} read from this file needs {len(expected)} keys "
+                f"under {prefix!r} (the file is damaged or an unsupported variant)",
+            )
+        if shapes[rel] != shape:
+            raise CheckpointError(
+                path,
+                f"key {rel_to_key[rel]!r} has shape {_fmt_shape(shapes[rel])} but the {label} read from this "
+                f"file expects {_fmt_shape(shape)} (the file is damaged or an unsupported variant)",
+            )
+    for rel in shapes:
+        if rel not in expected and not _ignorable(component, rel):
+            raise CheckpointError(
+                path,
+                f"key {rel_to_key[rel]!r} is not part of the {label} read from this file "
+                "(the file is damaged or an unsupported variant)",
+            )
+
+    target = _target_dtype([rel_to_key[r] for r in expected], source, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for rel in expected:
+        t = source.get(rel_to_key[rel])
+        if t.device != device:
+            t = t.to(device)  # move first, then convert on the device: less host memory, faster
+        if t.is_floating_point() and t.dtype != target:
+            t = t.to(target)
+        tensors[rel] = t
+    module.load_state_dict(tensors, strict=True, assign=True)
+    module.to(device)  # buffers the network computed itself
+    module.eval().requires_grad_(False)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:  # a network bug (a parameter missing from state_dict()), not a bad file
+        raise RuntimeError(f"{label}: tensors left on the meta device after loading: {leftover[:3]}")
+    return module
+
+
+def _vae_keys(source: TensorSource, prefix: str) -> list[str]:
+    return [k for k in source.shapes if k.startswith(prefix) and k[len(prefix) :].startswith(VAE_PARTS)]
+
+
+def _load_vae_file(
+    vae_path: Path, *, family: str, device: torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    with _opened(vae_path) as source:
+        info = _detect(source)
+        spec = FAMILIES[family]
+        if info.family == "diffusers" and info.variant == "vae":
+            raise CheckpointError(
+                vae_path,
+                "this VAE uses diffusers key names (decoder.up_blocks.…); use a single-file VAE with LDM names "
+                "(encoder.down.0…, decoder.up.0…), usually the .safetensors next to it on the download page",
+            )
+        if info.family == "vae":
+            prefix = info.prefixes["vae"]
+        elif info.family in FAMILIES and "vae" in info.prefixes:
+            prefix = info.prefixes["vae"]  # a full checkpoint used as a VAE donor
+        else:
+            raise CheckpointError(
+                vae_path, f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)"
+            )
+        latent = source.shapes.get(prefix + "decoder.conv_in.weight", (0, 0))[1]
+        if latent != spec.latent_channels:
+            raise CheckpointError(
+                vae_path,
+                f"this VAE has {latent} latent channels but {spec.label} needs a {spec.latent_channels}-channel VAE",
+            )
+        return _load_component(
+            source,
+            family=family,
+            component="vae",
+            prefix=prefix,
+            keys=_vae_keys(source, prefix),
+            device=device,
+            dtype=dtype,
+        )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    vae_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """Load a single-file checkpoint's UNet, text encoder and VAE; ``vae_path`` replaces the built-in VAE.
+
+    ``dtype=None`` keeps each component at the dtype stored in the file; otherwise tensors are converted one
+    at a time as they are read. Raises CheckpointError for every problem with the files.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    with _opened(path) as source:
+        info = _detect(source)
+        if info.family not in COMPONENT_BUILDERS or info.prefixes.get("unet") != "model.diffusion_model.":
+            raise _reject(info)
+        modules: dict[str, nn.Module] = {}
+        for component in COMPONENT_BUILDERS[info.family]:
+            if component == "vae" and vae_path is not None:
+                continue
+            if component not in info.component_keys:
+                where = FAMILIES[info.family].components[component]
+                hint = "; pass a separate VAE file" if component == "vae" else ""
+                raise CheckpointError(
+                    path, f"the checkpoint has no {COMPONENT_LABELS[component]} (no {where}* keys){hint}"
+                )
+            keys = info.component_keys[component]
+            if component == "vae":
+                keys = _vae_keys(source, info.prefixes["vae"])
+            modules[component] = _load_component(
+                source,
+                family=info.family,
+                component=component,
+                prefix=info.prefixes[component],
+                keys=keys,
+                device=device,
+                dtype=dtype,
+            )
+    if vae_path is not None:
+        modules["vae"] = _load_vae_file(Path(vae_path), family=info.family, device=device, dtype=dtype)
+    unet_dtype = next(t.dtype for t in modules["unet"].parameters() if t.is_floating_point())
+    return LoadedCheckpoint(
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        vae=modules["vae"],
+        family=info.family,
+        dtype=unet_dtype,
+        info=info,
+        path=path,
+        vae_path=Path(vae_path) if vae_path is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- hashing
+
+HASH_CACHE_NAME = "model-hashes.json"
+
+
+def _hash_cache_path() -> Path:
+    from core.paths import data_dir
+
+    return data_dir() / HASH_CACHE_NAME
+
+
+def file_sha256(path: str | Path, *, _digest: Callable[[Path], str] | None = None) -> str:
+    """Full SHA-256 of a file, cached by (absolute path, size, mtime_ns) so each file is hashed once."""
+    path = Path(path).resolve()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(path, "the file does not exist") from None
+    cache_path = _hash_cache_path()
+    try:
+        cache: dict[str, Any] = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, Mapping) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = (_digest or _sha256)(path)
+    cache[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, cache_path)  # atomic: a concurrent reader sees the old or the new cache, never half
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's ``Model hash``: the first 10 hex digits of the file's SHA-256."""
+    return file_sha256(path)[:10]
+
+
+__all__ = [
+    "CheckpointInfo",
+    "LoadedCheckpoint",
+    "OTHER_KINDS",
+    "file_sha256",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "model_hash",
+    "open_source",
+]
