@@ -1,0 +1,236 @@
+"""Find checkpoints, VAEs and LoRAs in the models folders people already have.
+
+Each root may be:
+- an app folder holding ``models/`` (``~/ComfyUI``, ``~/stable-diffusion-webui``);
+- a ``models`` folder itself (``~/ComfyUI/models``): ComfyUI ``checkpoints``/``vae``/``loras``, A1111 and Forge
+  ``Stable-diffusion``/``VAE``/``Lora``;
+- a folder of checkpoints (none of the above sub-folders in it).
+
+Files are found recursively; names are paths relative to their kind's folder without the extension, with ``/``
+separators (``sd15/dreamshaper_8``). When one name exists with several extensions the ``.safetensors`` file wins
+(then ``.ckpt``, then ``.pt``); when two roots hold the same name the earlier root wins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import paths
+from core.errors import ModelNotFoundError
+
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")  # in order of preference
+MODELS_ENV = "DARKROOM_MODELS"
+
+# kind -> sub-folder names used by ComfyUI, A1111/Forge (and the LyCORIS extension for LoRAs)
+KIND_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoint": ("checkpoints", "Stable-diffusion"),
+    "vae": ("vae", "VAE"),
+    "lora": ("loras", "Lora", "LyCORIS"),
+}
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str  # relative path without extension, "/"-separated
+    path: Path
+    size: int
+
+
+def _env_dirs() -> list[Path]:
+    value = os.environ.get(MODELS_ENV, "")
+    return [Path(part).expanduser() for part in value.split(os.pathsep) if part.strip()]
+
+
+def _same_dir_seen(path: Path, seen: list[Path]) -> bool:
+    """True if ``path`` is a folder already in ``seen`` (also across case-insensitive file systems)."""
+    for other in seen:
+        try:
+            if path.samefile(other):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class ModelRegistry:
+    """Scans the models roots once (lazily); ``refresh()`` rescans."""
+
+    def __init__(self, models_dirs: Sequence[Path | str] | None = None) -> None:
+        if models_dirs is None:
+            roots = [*_env_dirs(), paths.default_models_dir()]
+        else:
+            roots = [Path(p).expanduser() for p in models_dirs]
+        self.roots: list[Path] = []
+        for root in roots:
+            if root not in self.roots:
+                self.roots.append(root)
+        self._files: dict[str, list[ModelFile]] | None = None
+        self._dirs: dict[str, list[Path]] = {}
+
+    # ---- scanning ---------------------------------------------------------------------------------------
+
+    def _kind_dirs(self) -> dict[str, list[Path]]:
+        dirs: dict[str, list[Path]] = {kind: [] for kind in KIND_FOLDERS}
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            found_layout = False
+            for base in (root / "models", root):
+                for kind, names in KIND_FOLDERS.items():
+                    for name in names:
+                        folder = base / name
+                        if folder.is_dir():
+                            found_layout = True
+                            if not _same_dir_seen(folder, dirs[kind]):
+                                dirs[kind].append(folder)
+            if not found_layout and not _same_dir_seen(root, dirs["checkpoint"]):
+                dirs["checkpoint"].append(root)  # a plain folder of checkpoints
+        return dirs
+
+    def _scan(self) -> dict[str, list[ModelFile]]:
+        if self._files is not None:
+            return self._files
+        self._dirs = self._kind_dirs()
+        files: dict[str, list[ModelFile]] = {}
+        for kind, folders in self._dirs.items():
+            chosen: dict[str, tuple[int, ModelFile]] = {}
+            for folder in folders:
+                seen_here: dict[str, tuple[int, ModelFile]] = {}
+                for path in _walk(folder):
+                    rank = MODEL_EXTENSIONS.index(path.suffix.lower())
+                    name = path.relative_to(folder).with_suffix("").as_posix()
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        continue
+                    if name not in seen_here or rank < seen_here[name][0]:
+                        seen_here[name] = (rank, ModelFile(name, path, size))
+                for name, item in seen_here.items():
+                    chosen.setdefault(name, item)  # earlier folders win
+            files[kind] = sorted((item for _, item in chosen.values()), key=lambda m: (m.name.lower(), m.name))
+        self._files = files
+        return files
+
+    def refresh(self) -> None:
+        self._files = None
+
+    # ---- listing ----------------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[ModelFile]:
+        return list(self._scan()["checkpoint"])
+
+    def vaes(self) -> list[ModelFile]:
+        return list(self._scan()["vae"])
+
+    def loras(self) -> list[ModelFile]:
+        return list(self._scan()["lora"])
+
+    @property
+    def search_dirs(self) -> list[Path]:
+        """Every folder looked in: the kind folders found, and each root that holds none (or does not exist)."""
+        self._scan()
+        out: list[Path] = []
+        for folders in self._dirs.values():
+            out.extend(f for f in folders if f not in out)
+        for root in self.roots:
+            if not any(_is_within(f, root) for f in out):
+                out.append(root)
+        return out
+
+    # ---- lookup -----------------------------------------------------------------------------------------
+
+    def find_checkpoint(self, name_or_path: str | Path) -> Path:
+        return self._find("checkpoint", name_or_path)
+
+    def find_vae(self, name_or_path: str | Path) -> Path:
+        return self._find("vae", name_or_path)
+
+    def find_lora(self, name_or_path: str | Path) -> Path:
+        return self._find("lora", name_or_path)
+
+    def _find(self, kind: str, name_or_path: str | Path) -> Path:
+        """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""
+        value = str(name_or_path).strip()
+        label = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA"}[kind]
+        if not value:
+            raise ModelNotFoundError(f"no {label} given (empty name)")
+        candidate = Path(value).expanduser()
+        explicit = candidate.is_absolute() or value.startswith(("~", "./", "../", ".\\", "..\\"))
+        if explicit:
+            if candidate.is_file():
+                return candidate.resolve()
+            raise ModelNotFoundError(f"{label} file {value!r} does not exist")
+        files = self._scan()[kind]
+        name = value.replace("\\", "/").strip("/")
+        by_name = {m.name: m for m in files}
+        if name in by_name:
+            return by_name[name].path.resolve()
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in MODEL_EXTENSIONS:
+            exact = [m for m in files if m.name == stem and m.path.suffix.lower() == ext.lower()]
+            match = exact or [m for m in files if m.name == stem]
+            if match:
+                return match[0].path.resolve()
+            name = stem
+        base = name.rsplit("/", 1)[-1]
+        for same in (lambda m: m.name.rsplit("/", 1)[-1] == base,
+                     lambda m: m.name.rsplit("/", 1)[-1].lower() == base.lower()):
+            matches = [m for m in files if same(m)]
+            if len(matches) == 1:
+                return matches[0].path.resolve()
+            if len(matches) > 1:
+                listed = ", ".join(m.name for m in matches[:5])
+                raise ModelNotFoundError(f"{label} {value!r} is ambiguous: it matches {listed}; use the full name")
+        if candidate.is_file():  # a relative path from the working folder
+            return candidate.resolve()
+        raise ModelNotFoundError(self._not_found(label, value, name, files))
+
+    def _not_found(self, label: str, value: str, name: str, files: list[ModelFile]) -> str:
+        searched = ", ".join(str(d) for d in self.search_dirs) or "(no folders)"
+        if not files:
+            return (
+                f"{label} {value!r} not found: there are no {label} files in {searched} "
+                f"(pass --models-dir or set {MODELS_ENV})"
+            )
+        # compare with whole names and with file names alone, case-insensitively
+        keys: dict[str, str] = {}
+        for m in files:
+            keys.setdefault(m.name.lower(), m.name)
+            keys.setdefault(m.name.rsplit("/", 1)[-1].lower(), m.name)
+        close: list[str] = []
+        for key in difflib.get_close_matches(name.lower(), list(keys), n=6, cutoff=0.4):
+            if keys[key] not in close:
+                close.append(keys[key])
+        hint = f"; close matches: {', '.join(close[:3])}" if close else ""
+        return f"{label} {value!r} not found in {searched}{hint}"
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Model files under ``folder``, recursively, skipping hidden files and folders; follows symlinks."""
+    out: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop, or two links to one folder
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            if os.path.splitext(filename)[1].lower() in MODEL_EXTENSIONS:
+                out.append(Path(dirpath) / filename)
+    return out
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
