@@ -70,6 +70,7 @@ class ModelRegistry:
                 self.roots.append(root)
         self._files: dict[str, list[ModelFile]] | None = None
         self._dirs: dict[str, list[Path]] = {}
+        self._shadowed: dict[str, list[ModelFile]] = {}  # same name as a listed file (other extension or root)
 
     # ---- scanning ---------------------------------------------------------------------------------------
 
@@ -96,7 +97,9 @@ class ModelRegistry:
             return self._files
         self._dirs = self._kind_dirs()
         files: dict[str, list[ModelFile]] = {}
+        self._shadowed = {}
         for kind, folders in self._dirs.items():
+            shadowed: list[ModelFile] = []
             chosen: dict[str, tuple[int, ModelFile]] = {}
             for folder in folders:
                 seen_here: dict[str, tuple[int, ModelFile]] = {}
@@ -107,10 +110,19 @@ class ModelRegistry:
                         size = path.stat().st_size
                     except OSError:
                         continue
+                    item = ModelFile(name, path, size)
                     if name not in seen_here or rank < seen_here[name][0]:
-                        seen_here[name] = (rank, ModelFile(name, path, size))
+                        if name in seen_here:
+                            shadowed.append(seen_here[name][1])
+                        seen_here[name] = (rank, item)
+                    else:
+                        shadowed.append(item)
                 for name, item in seen_here.items():
-                    chosen.setdefault(name, item)  # earlier folders win
+                    if name in chosen:
+                        shadowed.append(item[1])
+                    else:
+                        chosen[name] = item  # earlier folders win
+            self._shadowed[kind] = shadowed
             files[kind] = sorted((item for _, item in chosen.values()), key=lambda m: (m.name.lower(), m.name))
         self._files = files
         return files
@@ -171,7 +183,8 @@ class ModelRegistry:
             return by_name[name].path.resolve()
         stem, ext = os.path.splitext(name)
         if ext.lower() in MODEL_EXTENSIONS:
-            exact = [m for m in files if m.name == stem and m.path.suffix.lower() == ext.lower()]
+            every = files + self._shadowed.get(kind, [])
+            exact = [m for m in every if m.name == stem and m.path.suffix.lower() == ext.lower()]
             match = exact or [m for m in files if m.name == stem]
             if match:
                 return match[0].path.resolve()
