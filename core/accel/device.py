@@ -1,0 +1,114 @@
+"""Which device runs the networks, in which dtype, and how much memory it is using.
+
+Called from the worker thread only (the UI thread never imports torch).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+
+from core.errors import DarkroomError
+
+_mps_peak = 0
+
+
+class DeviceError(DarkroomError):
+    """A requested device is unknown or not available on this machine."""
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` ("cuda", "cuda:1", "mps", "cpu"; None or "auto" = best): CUDA, then MPS, then CPU."""
+    if preferred and preferred != "auto":
+        try:
+            device = torch.device(preferred)
+        except (RuntimeError, ValueError) as exc:
+            raise DeviceError(f"device {preferred!r} is unknown; valid: auto, cuda, cuda:N, mps, cpu") from exc
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DeviceError(f"device {preferred!r} was asked for but CUDA is not available")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise DeviceError(
+                    f"device {preferred!r} does not exist; this machine has {torch.cuda.device_count()} "
+                    "CUDA device(s)"
+                )
+        elif device.type == "mps" and not _mps_available():
+            raise DeviceError(f"device {preferred!r} was asked for but MPS is not available")
+        elif device.type not in ("cuda", "mps", "cpu"):
+            raise DeviceError(f"device {preferred!r} is not supported; valid: auto, cuda, cuda:N, mps, cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _process_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _peak_rss()  # no /proc (macOS): the peak is the best cheap figure
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _system_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def memory_stats(device: torch.device | str) -> tuple[int, int, int]:
+    """``(used, peak, total)`` in bytes: tensor memory on CUDA/MPS, process RSS on CPU."""
+    global _mps_peak
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        used = torch.cuda.memory_allocated(index)
+        peak = torch.cuda.max_memory_allocated(index)
+        total = torch.cuda.get_device_properties(index).total_memory
+        return int(used), int(peak), int(total)
+    if device.type == "mps":
+        used = int(torch.mps.current_allocated_memory())
+        _mps_peak = max(_mps_peak, used)  # torch keeps no MPS peak counter
+        recommended = getattr(torch.mps, "recommended_max_memory", None)
+        total = int(recommended()) if recommended else _system_memory()
+        return used, _mps_peak, total
+    used = _process_rss()
+    return used, max(used, _peak_rss()), _system_memory()
+
+
+def compute_dtype(device: torch.device | str, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to run the networks in.
+
+    CUDA: bf16 when the checkpoint is bf16 and the GPU supports it, else fp16 (fp16 compute is universal on
+    CUDA and halves memory). MPS: fp16. CPU: fp32, because half-precision matmul on CPU is slow or missing.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if checkpoint_dtype == torch.bfloat16 and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"`` (for the status bar)."""
+    return str(dtype).removeprefix("torch.")

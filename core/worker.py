@@ -1,0 +1,459 @@
+"""The worker: one background thread that owns the device and runs queued jobs one at a time.
+
+Front ends (TUI, batch runner) talk to it through ``submit``/``cancel``/``pause``/... and observe it through
+``subscribe`` (events from ``core.events``). The runner that actually generates images is created inside the
+worker thread when the first job starts, so torch and the models are never imported on the UI thread.
+
+Two threads per worker:
+- the job thread claims jobs from the store (priority, then FIFO), runs them, saves images and history;
+- the status thread sends a ``Status`` at least once per ``status_interval`` while busy and on every state
+  change, heartbeats the running job, and notices cancels requested through the database by another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from core.errors import DarkroomError
+from core.events import (
+    Event,
+    JobCancelled,
+    JobFailed,
+    JobFinished,
+    JobQueued,
+    JobStarted,
+    JobStep,
+    Status,
+)
+from core.request import GenerationRequest
+from core.store import Job, JobStore
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+try:  # the samplers' own cancel exception, when they define one, so both layers raise the same thing
+    from core.sampling import Cancelled as JobCancelledError  # type: ignore[attr-defined]
+except ImportError:
+
+    class JobCancelledError(Exception):  # type: ignore[no-redef]
+        """Raised by ``JobContext.step`` when the job was cancelled; runners let it propagate."""
+
+
+class RunnerUnavailableError(DarkroomError):
+    """The generation pipeline cannot be created."""
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    request: GenerationRequest
+    model_hash: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class JobContext:
+    """Handed to the runner for one job: progress reporting and cancellation."""
+
+    def __init__(self, worker: Worker, job_id: int) -> None:
+        self.job_id = job_id
+        self._worker = worker
+        self._started = time.monotonic()
+        self._cancel = threading.Event()  # user cancel
+        self._interrupt = threading.Event()  # worker stopping without finishing the job
+        self.last_step: tuple[int, int] | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def is_cancelled(self) -> bool:
+        return self._cancel.is_set() or self._interrupt.is_set()
+
+    def check_cancelled(self) -> None:
+        if self.is_cancelled():
+            raise JobCancelledError(f"job {self.job_id} was cancelled")
+
+    def step(
+        self, step: int, total: int, preview: Image.Image | None = None, image_index: int = 0
+    ) -> None:
+        """Report a finished sampling step; raises ``JobCancelledError`` once the job is cancelled."""
+        self.check_cancelled()
+        self.last_step = (step, total)
+        self._worker._emit(JobStep(self.job_id, step, total, self.elapsed, preview, image_index))
+
+    def set_activity(self, text: str) -> None:
+        """What the worker is doing now, e.g. ``"loading model.safetensors"`` (sent as a Status)."""
+        self._worker._set_activity(text)
+
+
+class JobRunner(Protocol):
+    def run(self, job: Job, ctx: JobContext) -> list[GeneratedImage]: ...
+
+
+def _default_runner_factory() -> JobRunner:
+    try:
+        from core.pipeline import PipelineRunner  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise RunnerUnavailableError(
+            f"the generation pipeline (core.pipeline.PipelineRunner) is not available: {exc}"
+        ) from None
+    return PipelineRunner()
+
+
+def failure_log_path() -> Path:
+    from core.paths import data_dir
+
+    return data_dir() / "logs" / "worker.log"
+
+
+_log_lock = threading.Lock()
+
+
+def _log_failure(job_id: int, exc: BaseException) -> None:
+    """Write the traceback of an unexpected error to the log file (the user sees one sentence)."""
+    try:
+        path = failure_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        with _log_lock, path.open("a", encoding="utf-8") as f:
+            f.write(f"--- {_dt.datetime.now().isoformat(timespec='seconds')} job {job_id}\n{text}\n")
+    except OSError:
+        log.exception("job %s failed and the failure log could not be written", job_id)
+
+
+class Worker:
+    """Runs the jobs of one queue of a ``JobStore`` on a background thread."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        runner: JobRunner | Callable[[], JobRunner] | None = None,
+        *,
+        output_dir: Path | None = None,
+        queue: str = "default",
+        status_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.status_interval = status_interval
+        self._output_dir = Path(output_dir) if output_dir is not None else None
+        self._runner_spec = runner
+        self._runner: JobRunner | None = None
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._sub_lock = threading.Lock()
+        self._emit_lock = threading.RLock()  # subscribers see one event at a time, in order
+        self._wake = threading.Event()
+        self._status_dirty = threading.Event()
+        self._stop = threading.Event()
+        self._finish_current = False
+        self._paused = False
+        self._current: JobContext | None = None
+        self._activity = "idle"
+        self._device: Any = None
+        self._thread: threading.Thread | None = None
+        self._status_thread: threading.Thread | None = None
+        self._failures: OrderedDict[int, BaseException] = OrderedDict()
+
+    # ---- control (any thread) ----------------------------------------------------------------------------
+
+    @property
+    def output_dir(self) -> Path:
+        if self._output_dir is None:
+            from core.paths import default_output_dir
+
+            self._output_dir = default_output_dir()
+        return self._output_dir
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def current_job_id(self) -> int | None:
+        ctx = self._current
+        return ctx.job_id if ctx else None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._finish_current = False
+        self._thread = threading.Thread(target=self._job_loop, name="darkroom-worker", daemon=True)
+        self._status_thread = threading.Thread(
+            target=self._status_loop, name="darkroom-worker-status", daemon=True
+        )
+        self._thread.start()
+        self._status_thread.start()
+
+    def stop(self, *, finish_current: bool = False, timeout: float | None = None) -> None:
+        """Stop after the current job (``finish_current``) or interrupt it at its next step.
+
+        An interrupted job is marked ``interrupted`` (retryable); pending jobs stay pending.
+        """
+        self._finish_current = finish_current
+        self._stop.set()
+        ctx = self._current
+        if ctx is not None and not finish_current:
+            ctx._interrupt.set()
+        self._wake.set()
+        self._status_dirty.set()
+        for thread in (self._thread, self._status_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+        ctx = self._current
+        if ctx is not None and self._thread is not None and self._thread.is_alive() and not finish_current:
+            # The runner is stuck inside a step; record the job as interrupted now (the job thread's own
+            # later update only applies to running jobs, so it cannot undo this).
+            self.store.mark_interrupted(ctx.job_id)
+
+    def submit(self, request: GenerationRequest, *, priority: int = 0) -> int:
+        """Queue a request (a seed of -1 is resolved when the job starts); returns the job id."""
+        job_id = self.store.add_job(request, priority=priority, queue=self.queue)
+        self._emit(JobQueued(job_id, request))
+        self._wake.set()
+        self._status_dirty.set()
+        return job_id
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a pending job now, or a running one at its next step. False if it already ended."""
+        if not self.store.cancel(job_id):
+            return False
+        ctx = self._current
+        if ctx is not None and ctx.job_id == job_id:
+            ctx._cancel.set()
+        job = self.store.get_job(job_id)
+        if job is not None and job.state == "cancelled":
+            self._emit(JobCancelled(job_id))
+        self._status_dirty.set()
+        return True
+
+    def pause(self) -> None:
+        """Hold before the next job (the running one finishes)."""
+        self._paused = True
+        self._status_dirty.set()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+        self._status_dirty.set()
+
+    def retry(self, job_id: int) -> int:
+        job_id = self.store.retry(job_id)
+        job = self.store.get_job(job_id)
+        if job is not None:
+            self._emit(JobQueued(job_id, job.request))
+        self._wake.set()
+        self._status_dirty.set()
+        return job_id
+
+    def move(self, job_id: int, delta: int) -> None:
+        self.store.move(job_id, delta)
+        self._status_dirty.set()
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event (from the worker's threads); returns an unsubscribe."""
+        with self._sub_lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._sub_lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def failure(self, job_id: int) -> BaseException | None:
+        """The exception a recent job failed with (the batch runner maps model errors to an exit code)."""
+        return self._failures.get(job_id)
+
+    # ---- internals ---------------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        with self._sub_lock:
+            subscribers = list(self._subscribers)
+        with self._emit_lock:
+            for callback in subscribers:
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("event subscriber %r failed", callback)
+
+    def _set_activity(self, text: str) -> None:
+        if text != self._activity:
+            self._activity = text
+            self._status_dirty.set()
+
+    def _job_loop(self) -> None:
+        try:
+            self.store.recover()
+        except Exception:
+            log.exception("job recovery failed")
+        while not self._stop.is_set():
+            if self._paused:
+                self._set_activity("paused")
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            try:
+                job = self.store.claim_next(self.queue)
+            except Exception:
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._set_activity("idle")
+                # Poll too: another process (e.g. `darkroom` retrying from its own window) may add jobs.
+                self._wake.wait(timeout=1.0)
+                continue
+            self._run_job(job)
+        self._set_activity("idle")
+
+    def _get_runner(self) -> JobRunner:
+        if self._runner is None:
+            spec = self._runner_spec if self._runner_spec is not None else _default_runner_factory
+            # An object with run() is the runner; anything else (a class, a function) is its factory.
+            is_runner = hasattr(spec, "run") and not isinstance(spec, type)
+            self._runner = spec if is_runner else spec()
+        return self._runner
+
+    def _remember_failure(self, job_id: int, exc: BaseException) -> None:
+        self._failures[job_id] = exc
+        while len(self._failures) > 100:
+            self._failures.popitem(last=False)
+
+    def _run_job(self, job: Job) -> None:
+        ctx = JobContext(self, job.id)
+        self._current = ctx
+        if self._stop.is_set() and not self._finish_current:
+            ctx._interrupt.set()
+        try:
+            if self.store.is_cancel_requested(job.id):
+                ctx._cancel.set()
+            request = job.request.with_resolved_seed()
+            if request != job.request:
+                self.store.update_request(job.id, request)
+                job = dataclasses.replace(job, request=request)
+        except Exception as exc:  # the database went away under us
+            self._end_failed(job.id, exc)
+            self._current = None
+            return
+        self._emit(JobStarted(job.id, request))
+        self._set_activity("starting")
+        try:
+            ctx.check_cancelled()
+            runner = self._get_runner()
+            ctx.check_cancelled()
+            self._set_activity("generating")
+            images = runner.run(job, ctx)
+            self._set_activity("saving")
+            paths, seeds = self._save(job, images)
+            self.store.finish(job.id)
+            self._emit(JobFinished(job.id, tuple(paths), tuple(seeds), ctx.elapsed))
+        except Exception as exc:
+            if ctx._interrupt.is_set():
+                self.store.mark_interrupted(job.id)
+                self._emit(JobCancelled(job.id))
+            elif ctx._cancel.is_set() or isinstance(exc, JobCancelledError):
+                self.store.mark_cancelled(job.id)
+                self._emit(JobCancelled(job.id))
+            else:
+                self._end_failed(job.id, exc)
+        finally:
+            self._current = None
+            self._set_activity("idle")
+            self._status_dirty.set()
+
+    def _end_failed(self, job_id: int, exc: Exception) -> None:
+        self._remember_failure(job_id, exc)
+        if isinstance(exc, DarkroomError):
+            message = str(exc)
+        else:
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            _log_failure(job_id, exc)
+        self.store.fail(job_id, message)
+        self._emit(JobFailed(job_id, message))
+
+    def _save(self, job: Job, images: list[GeneratedImage]) -> tuple[list[str], list[int]]:
+        from core.metadata import save_image
+
+        paths, seeds = [], []
+        for item in images:
+            path = save_image(item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash)
+            self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
+            paths.append(str(path))
+            seeds.append(item.seed)
+        return paths, seeds
+
+    def _status_loop(self) -> None:
+        while True:
+            dirty = self._status_dirty.wait(timeout=self.status_interval)
+            self._status_dirty.clear()
+            stopping = self._stop.is_set() and not (self._thread and self._thread.is_alive())
+            ctx = self._current
+            if ctx is not None:
+                try:
+                    self.store.heartbeat(ctx.job_id)
+                    if not ctx._cancel.is_set() and self.store.is_cancel_requested(ctx.job_id):
+                        ctx._cancel.set()  # cancelled from another process through the database
+                except Exception:
+                    log.exception("heartbeat failed")
+            if dirty or ctx is not None or stopping:
+                try:
+                    self._emit(self._make_status(ctx))
+                except Exception:
+                    log.exception("status update failed")
+            if stopping:
+                return
+
+    def _make_status(self, ctx: JobContext | None) -> Status:
+        # torch is imported here, on the status thread, never on the caller's (UI) thread.
+        from core.accel import device as devices
+
+        runner = self._runner
+        device = getattr(runner, "device", None)
+        if device is None:
+            if self._device is None:
+                self._device = devices.pick_device()
+            device = self._device
+        used, peak, total = devices.memory_stats(device)
+        dtype = getattr(runner, "dtype", None) or devices.compute_dtype(device)
+        try:
+            from core.accel.attention import active_backend
+
+            backend = active_backend()
+        except Exception:
+            backend = "sdpa"
+        extra: dict[str, str] = {}
+        if ctx is not None and ctx.last_step is not None:
+            extra["step"] = f"{ctx.last_step[0]}/{ctx.last_step[1]}"
+        return Status(
+            job_id=ctx.job_id if ctx else None,
+            activity="paused" if self._paused and ctx is None else self._activity,
+            device=str(device),
+            memory_used=used,
+            memory_peak=peak,
+            memory_total=total,
+            attention_backend=backend,
+            dtype=devices.dtype_name(dtype) if not isinstance(dtype, str) else dtype,
+            loaded_model=getattr(runner, "loaded_model", None),
+            queue_length=self.store.pending_count(self.queue),
+            paused=self._paused,
+            extra=extra,
+        )

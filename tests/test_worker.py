@@ -1,0 +1,449 @@
+"""Worker with a fake runner (event order, pause, cancel, failure, priority, stop) and core.accel.device."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.errors import CheckpointError
+from core.events import JobCancelled, JobFailed, JobFinished, JobQueued, JobStarted, JobStep, Status
+from core.metadata import read_request
+from core.request import GenerationRequest
+from core.store import JobStore
+from core.worker import GeneratedImage, JobCancelledError, JobContext, Worker
+
+TIMEOUT = 20.0
+
+
+def req(prompt: str = "a cat", **kw) -> GenerationRequest:
+    kw.setdefault("steps", 3)
+    return GenerationRequest(model="fake.safetensors", prompt=prompt, **kw)
+
+
+class FakeRunner:
+    """Makes one tiny image per seed. Prompts steer it: "boom" raises RuntimeError, "badmodel" a
+    CheckpointError. With ``gated`` each step waits for ``release()``."""
+
+    def __init__(self, *, gated: bool = False, delay: float = 0.0) -> None:
+        self.gated = gated
+        self.delay = delay
+        self._gate = threading.Semaphore(0)
+        self.steps_started: dict[int, int] = {}
+        self.threads: set[str] = set()
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._gate.release()
+
+    def run(self, job, ctx: JobContext) -> list[GeneratedImage]:
+        self.threads.add(threading.current_thread().name)
+        ctx.set_activity("loading fake.safetensors")
+        if "badmodel" in job.request.prompt:
+            raise CheckpointError("fake.safetensors", "is not a checkpoint")
+        total = job.request.steps
+        for i in range(1, total + 1):
+            self.steps_started[job.id] = i
+            if self.gated:
+                assert self._gate.acquire(timeout=TIMEOUT)
+            if self.delay:
+                time.sleep(self.delay)
+            ctx.step(i, total)
+        if "boom" in job.request.prompt:
+            raise RuntimeError("boom")
+        return [
+            GeneratedImage(Image.new("RGB", (8, 8), (i * 40, 0, 0)), seed, job.request, "abc123", {"total": 0.1})
+            for i, seed in enumerate(job.request.image_seeds())
+        ]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def of(self, kind, job_id=None) -> list:
+        with self.lock:
+            return [e for e in self.events if isinstance(e, kind) and (job_id is None or e.job_id == job_id)]
+
+    def jobs(self) -> list:
+        """Job events only (Status is periodic and interleaves anywhere)."""
+        with self.lock:
+            return [e for e in self.events if not isinstance(e, Status)]
+
+    def wait(self, predicate, what: str = "condition"):
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            result = predicate()
+            if result:
+                return result
+            time.sleep(0.005)
+        raise AssertionError(f"timed out waiting for {what}; events: {self.jobs()}")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    store = JobStore(tmp_path / "db.sqlite3")
+    workers: list[Worker] = []
+
+    def make(runner=None, **kw) -> tuple[Worker, Recorder]:
+        kw.setdefault("status_interval", 0.05)
+        w = Worker(store, runner if runner is not None else FakeRunner(), output_dir=tmp_path / "out", **kw)
+        rec = Recorder()
+        w.subscribe(rec)
+        workers.append(w)
+        return w, rec
+
+    yield make, store, tmp_path
+    for w in workers:
+        w.stop(timeout=10)
+    store.close()
+
+
+def finished(rec: Recorder, job_id: int):
+    return rec.wait(lambda: rec.of(JobFinished, job_id), f"job {job_id} to finish")[0]
+
+
+def test_one_job_event_order_files_and_history(env):
+    make, store, tmp_path = env
+    w, rec = make()
+    job_id = w.submit(req("a red fox", batch_size=2))
+    w.start()
+    done = finished(rec, job_id)
+    kinds = [type(e) for e in rec.jobs()]
+    assert kinds == [JobQueued, JobStarted, JobStep, JobStep, JobStep, JobFinished]
+    started = rec.of(JobStarted)[0]
+    seed = started.request.seed
+    assert rec.of(JobQueued)[0].request.seed == -1 and seed != -1
+    assert [e.step for e in rec.of(JobStep)] == [1, 2, 3]
+    assert all(e.total == 3 for e in rec.of(JobStep))
+    # the resolved seed is stored back in the job row
+    job = store.get_job(job_id)
+    assert job.state == "done" and job.request.seed == seed
+    assert done.seeds == (seed, seed + 1)
+    assert len(done.paths) == 2
+    for path, s in zip(done.paths, done.seeds):
+        assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "out")
+        saved = read_request(path)
+        assert saved.prompt == "a red fox" and saved.seed == s
+    history = store.history()
+    assert {h.path for h in history} == set(done.paths)
+    assert all(h.job_id == job_id and h.model_hash == "abc123" and h.timings == {"total": 0.1} for h in history)
+
+
+def test_status_events_while_busy(env):
+    make, store, _ = env
+    runner = FakeRunner(gated=True)
+    w, rec = make(runner)
+    first = w.submit(req("one"))
+    w.submit(req("two"))
+    w.start()
+    rec.wait(lambda: rec.of(JobStarted, first), "start")
+    # several periodic statuses arrive while the job is stuck in its first step
+    rec.wait(lambda: len([s for s in rec.of(Status) if s.job_id == first]) >= 3, "status ticks")
+    status = [s for s in rec.of(Status) if s.job_id == first][-1]
+    assert status.activity == "loading fake.safetensors"
+    assert status.device == "cpu" and status.dtype == "float32"
+    assert 0 < status.memory_used <= status.memory_total and status.memory_peak >= status.memory_used
+    assert status.queue_length == 1 and status.paused is False
+    assert status.attention_backend in ("sage", "xformers", "sdpa")
+    runner.release(6)
+    rec.wait(lambda: len(rec.of(JobFinished)) == 2, "both jobs")
+    rec.wait(lambda: any(s.queue_length == 0 and s.activity == "idle" for s in rec.of(Status)), "idle status")
+
+
+def test_priority_then_fifo(env):
+    make, _, _ = env
+    w, rec = make()
+    low1 = w.submit(req("low1"))
+    high = w.submit(req("high"), priority=2)
+    low2 = w.submit(req("low2"))
+    mid = w.submit(req("mid"), priority=1)
+    w.start()
+    rec.wait(lambda: len(rec.of(JobFinished)) == 4, "all jobs")
+    assert [e.job_id for e in rec.of(JobStarted)] == [high, mid, low1, low2]
+
+
+def test_pause_holds_before_next_job_and_resume_continues(env):
+    make, store, _ = env
+    runner = FakeRunner(gated=True)
+    w, rec = make(runner)
+    a = w.submit(req("a"))
+    b = w.submit(req("b"))
+    w.start()
+    rec.wait(lambda: rec.of(JobStarted, a), "a started")
+    w.pause()
+    assert w.paused
+    runner.release(3)  # a still finishes
+    finished(rec, a)
+    rec.wait(lambda: any(s.activity == "paused" and s.paused for s in rec.of(Status)), "paused status")
+    assert store.get_job(b).state == "pending"
+    assert not rec.of(JobStarted, b)
+    w.resume()
+    runner.release(3)
+    finished(rec, b)
+
+
+def test_cancel_queued_job(env):
+    make, store, _ = env
+    w, rec = make()
+    w.pause()
+    a = w.submit(req("a"))
+    b = w.submit(req("b"))
+    w.start()
+    assert w.cancel(b)
+    assert rec.of(JobCancelled, b)
+    assert store.get_job(b).state == "cancelled"
+    assert not w.cancel(b)
+    w.resume()
+    finished(rec, a)
+    c = w.submit(req("c"))
+    finished(rec, c)
+    assert not rec.of(JobStarted, b)
+
+
+def test_cancel_running_job_stops_within_one_step(env):
+    make, store, tmp_path = env
+    runner = FakeRunner(gated=True)
+    w, rec = make(runner)
+    a = w.submit(req("a", steps=50))
+    b = w.submit(req("b"))
+    w.start()
+    runner.release(1)
+    rec.wait(lambda: rec.of(JobStep, a), "first step")
+    assert w.cancel(a)
+    runner.release(1)  # let the runner reach its next step call, which must raise
+    rec.wait(lambda: rec.of(JobCancelled, a), "cancel")
+    assert [e.step for e in rec.of(JobStep, a)] == [1]
+    assert runner.steps_started[a] == 2
+    assert store.get_job(a).state == "cancelled"
+    assert not rec.of(JobFinished, a) and store.history() == []
+    runner.release(3)
+    finished(rec, b)  # the queue keeps going
+
+
+def test_cancel_through_the_database_from_another_process(env):
+    make, store, tmp_path = env
+    runner = FakeRunner(gated=True)
+    w, rec = make(runner)
+    a = w.submit(req("a", steps=50))
+    w.start()
+    runner.release(1)
+    rec.wait(lambda: rec.of(JobStep, a), "first step")
+    other = JobStore(store.path)  # e.g. a TUI in another process
+    assert other.cancel(a)
+    other.close()
+    # the status thread sees the flag; the next step raises
+    rec.wait(lambda: w._current is not None and w._current.is_cancelled(), "flag noticed")
+    runner.release(1)
+    rec.wait(lambda: rec.of(JobCancelled, a), "cancel")
+    assert store.get_job(a).state == "cancelled"
+
+
+def test_failure_is_reported_and_next_job_runs(env):
+    make, store, tmp_path = env
+    w, rec = make()
+    bad = w.submit(req("boom"))
+    badmodel = w.submit(req("badmodel"))
+    good = w.submit(req("fine"))
+    w.start()
+    finished(rec, good)
+    failed = {e.job_id: e.error for e in rec.of(JobFailed)}
+    assert failed[bad] == "internal error: RuntimeError: boom"
+    assert failed[badmodel] == "fake.safetensors: is not a checkpoint"
+    assert store.get_job(bad).state == "failed" and store.get_job(bad).error == failed[bad]
+    assert isinstance(w.failure(badmodel), CheckpointError)
+    log = (tmp_path / "home" / "data" / "logs" / "worker.log").read_text()
+    assert "Traceback" in log and "RuntimeError: boom" in log and f"job {bad}" in log
+    assert "CheckpointError" not in log  # user errors are not internal errors
+    # retry puts it back and it runs again (and fails again)
+    assert w.retry(bad) == bad
+    rec.wait(lambda: len(rec.of(JobFailed, bad)) == 2, "second failure")
+
+
+def test_unavailable_runner_factory_fails_job_with_message(env):
+    make, store, _ = env
+
+    def factory():
+        raise CheckpointError("x.safetensors", "cannot be read")
+
+    w, rec = make(factory)
+    a = w.submit(req())
+    w.start()
+    rec.wait(lambda: rec.of(JobFailed, a), "failure")
+    assert rec.of(JobFailed, a)[0].error == "x.safetensors: cannot be read"
+
+
+def test_runner_factory_is_called_in_the_worker_thread_once(env):
+    make, _, _ = env
+    calls: list[str] = []
+    runner = FakeRunner()
+
+    def factory():
+        calls.append(threading.current_thread().name)
+        return runner
+
+    w, rec = make(factory)
+    ids = [w.submit(req(str(i))) for i in range(2)]
+    assert calls == []  # nothing is built on the caller's thread
+    w.start()
+    finished(rec, ids[1])
+    assert calls == ["darkroom-worker"]
+    assert runner.threads == {"darkroom-worker"}
+
+
+def test_runner_class_is_used_as_a_factory(env):
+    make, _, _ = env
+    w, rec = make(FakeRunner)
+    a = w.submit(req())
+    w.start()
+    finished(rec, a)
+
+
+def test_multiple_subscribers_and_unsubscribe(env):
+    make, _, _ = env
+    w, rec = make()
+    second = Recorder()
+    unsubscribe = w.subscribe(second)
+
+    def broken(event):
+        raise ValueError("subscriber bug")  # must not break the worker or other subscribers
+
+    w.subscribe(broken)
+    a = w.submit(req("a"))
+    w.start()
+    finished(rec, a)
+    second.wait(lambda: second.of(JobFinished, a), "second subscriber")
+    assert [type(e) for e in second.jobs()] == [type(e) for e in rec.jobs()]
+    unsubscribe()
+    b = w.submit(req("b"))
+    finished(rec, b)
+    assert not second.of(JobQueued, b)
+
+
+def test_stop_without_finishing_marks_current_interrupted(env):
+    make, store, _ = env
+    w, rec = make(FakeRunner(delay=0.01))
+    a = w.submit(req("a", steps=150))
+    b = w.submit(req("b"))
+    w.start()
+    rec.wait(lambda: rec.of(JobStep, a), "first step")
+    w.stop(finish_current=False, timeout=10)
+    assert not w.running
+    assert store.get_job(a).state == "interrupted"
+    assert store.get_job(b).state == "pending"
+    assert not rec.of(JobFinished)
+    assert store.retry(a) == a
+
+
+def test_stop_finishing_current_leaves_rest_pending(env):
+    make, store, _ = env
+    runner = FakeRunner(gated=True)
+    w, rec = make(runner)
+    a = w.submit(req("a"))
+    b = w.submit(req("b"))
+    w.start()
+    rec.wait(lambda: rec.of(JobStarted, a), "a started")
+    stopper = threading.Thread(target=w.stop, kwargs={"finish_current": True, "timeout": 10})
+    stopper.start()
+    runner.release(3)
+    stopper.join(TIMEOUT)
+    assert store.get_job(a).state == "done"
+    assert store.get_job(b).state == "pending"
+
+
+def test_step_raises_cancel_error_directly():
+    class Dummy:
+        def _emit(self, event):
+            self.last = event
+
+        def _set_activity(self, text):
+            pass
+
+    dummy = Dummy()
+    ctx = JobContext(dummy, 1)  # type: ignore[arg-type]
+    ctx.step(1, 2)
+    assert dummy.last.step == 1 and not ctx.is_cancelled()
+    ctx._cancel.set()
+    with pytest.raises(JobCancelledError):
+        ctx.step(2, 2)
+
+
+# ---- core.accel.device ----------------------------------------------------------------------------------------
+
+from core.accel import device as devices  # noqa: E402
+
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    assert devices.pick_device() == torch.device("cpu")
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    assert devices.pick_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert devices.pick_device() == torch.device("cuda", 0)
+    assert devices.pick_device("cpu") == torch.device("cpu")
+
+
+def test_pick_device_rejects_unavailable_or_unknown(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(devices.DeviceError, match="CUDA is not available"):
+        devices.pick_device("cuda")
+    with pytest.raises(devices.DeviceError, match="valid"):
+        devices.pick_device("tpu9")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(devices.DeviceError, match="1 CUDA device"):
+        devices.pick_device("cuda:3")
+    assert devices.pick_device("cuda:0") == torch.device("cuda", 0)
+
+
+def test_memory_stats_cuda_uses_torch_counters(monkeypatch):
+    class Props:
+        total_memory = 24 * 2**30
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: seen.append(i) or 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    assert devices.memory_stats(torch.device("cuda", 1)) == (3 * 2**30, 5 * 2**30, 24 * 2**30)
+    assert seen == [1]
+
+
+def test_memory_stats_cpu_is_process_rss():
+    import os
+
+    before, _, _ = devices.memory_stats("cpu")
+    block = bytearray(64 * 2**20)  # touch 64 MiB so RSS must grow by about that much
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    used, peak, total = devices.memory_stats("cpu")
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert used - before >= 60 * 2**20
+    assert abs(used - rss) < 16 * 2**20
+    assert peak >= used
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    del block
+
+
+def test_compute_dtype(monkeypatch):
+    assert devices.compute_dtype("cpu", torch.float16) == torch.float32
+    assert devices.compute_dtype("cpu", torch.bfloat16) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert devices.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert devices.compute_dtype("cuda", torch.float32) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert devices.compute_dtype("cuda", torch.bfloat16) == torch.float16
+    assert devices.compute_dtype("mps", torch.float32) == torch.float16
+    assert devices.dtype_name(torch.bfloat16) == "bfloat16"
