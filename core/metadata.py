@@ -550,7 +550,12 @@ def read_request(path: Path | str, *, model_fallback: str | None = None) -> Gene
         except json.JSONDecodeError:
             data = None
         if isinstance(data, Mapping):
-            return GenerationRequest.from_dict(data)
+            try:
+                return GenerationRequest.from_dict(data)
+            except DarkroomError as err:
+                # e.g. a field from a newer Darkroom: the A1111 text below still describes the image
+                if not texts.get(PARAMETERS_KEY, "").strip():
+                    raise MetadataError(f"{path}: the stored request is not usable here ({err})") from None
     for infotext in (texts.get(PARAMETERS_KEY), comment):
         if infotext and infotext.strip():
             return infotext_to_request(infotext, model_fallback=model_fallback)

@@ -305,6 +305,18 @@ def test_read_a1111_png_and_fallback_without_darkroom_chunk(tmp_path):
     small_image().save(broken, pnginfo=info)
     assert read_request(broken).seed == 1234
 
+    newer = tmp_path / "newer.png"
+    info = PngInfo()
+    info.add_text("darkroom", json.dumps({**example_request().to_dict(), "seed": 5, "future_knob": 1}))
+    info.add_text("parameters", REFERENCE_EXAMPLE)
+    small_image().save(newer, pnginfo=info)
+    assert read_request(newer).seed == 1234  # from the infotext
+    info = PngInfo()
+    info.add_text("darkroom", json.dumps({**example_request().to_dict(), "future_knob": 1}))
+    small_image().save(newer, pnginfo=info)
+    with pytest.raises(MetadataError, match="stored request is not usable here .*future_knob"):
+        read_request(newer)
+
 
 def test_read_comfyui_with_and_without_parameters(tmp_path):
     only_graph = tmp_path / "comfy.png"
