@@ -20,14 +20,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-    # Prefer a locally provided CPU build (CI and dev boxes ship torch 2.13.0+cpu as a wheel on disk);
-    # anywhere else let pip pick the normal (CUDA) build.
-    if "${pip[@]}" install --no-index "torch==2.13.0" 2>/dev/null; then
-        echo "darkroom: installed the local torch 2.13.0 build" >&2
+    # Prefer a locally provided CPU build (CI and dev boxes ship torch 2.13.0+cpu as a wheel on disk,
+    # found through pip's find-links); anywhere else let pip pick the normal (CUDA) build.
+    probe="$(mktemp -d)"
+    if "${pip[@]}" download --no-deps --no-index -d "$probe" "torch==2.13.0" >/dev/null 2>&1; then
+        echo "darkroom: installing the local torch 2.13.0 build" >&2
+        "${pip[@]}" install "$probe"/torch-*.whl 2> >(grep -v "is ignored: it is neither" >&2)
     else
         echo "darkroom: installing torch (first run only, this can take a while)" >&2
         "${pip[@]}" install torch
     fi
+    rm -rf "$probe"
 fi
 echo "darkroom: installing dependencies${extra:+ [$extra]}" >&2
 "${pip[@]}" install -e "$root${extra:+[$extra]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
