@@ -207,7 +207,9 @@ def _reject(info: CheckpointInfo) -> CheckpointError:
             "Darkroom loads single-file checkpoints, so use the model's single .safetensors checkpoint instead",
         )
     if fam == "vae":
-        return CheckpointError(path, "this is a standalone VAE, not a checkpoint; choose it as the VAE instead")
+        return CheckpointError(
+            path, "this is a standalone VAE, not a checkpoint; choose it as the VAE instead"
+        )
     if fam == "text_encoder":
         return CheckpointError(path, "this is a standalone text encoder, not a full checkpoint")
     if fam == "unet_only":
@@ -218,7 +220,8 @@ def _reject(info: CheckpointInfo) -> CheckpointError:
         label = FAMILIES[fam].label
         what = f"{label} checkpoint" + (" (transformer only)" if info.prefixes.get("unet") == "" else "")
         return CheckpointError(
-            path, f"this is {_a(what)}; {label} support is not available yet (supported: {supported_labels()})"
+            path,
+            f"this is {_a(what)}; {label} support is not available yet (supported: {supported_labels()})",
         )
     return CheckpointError(
         path,
@@ -287,7 +290,11 @@ def _load_component(
     path = source.path
     label = f"{FAMILIES[family].label} {COMPONENT_LABELS.get(component, component)}"
     rel_to_key = {k[len(prefix) :]: k for k in keys}
-    if component == "text_encoder" and rel_to_key and not any(r.startswith("text_model.") for r in rel_to_key):
+    if (
+        component == "text_encoder"
+        and rel_to_key
+        and not any(r.startswith("text_model.") for r in rel_to_key)
+    ):
         # Very old SD1.x files saved CLIPTextModel without its text_model. level.
         rel_to_key = {"text_model." + r: k for r, k in rel_to_key.items()}
     shapes = {r: source.shapes[k] for r, k in rel_to_key.items()}
@@ -295,9 +302,14 @@ def _load_component(
     config_cls, model_cls = _builders(family, component)
     try:
         config = config_cls.from_state_dict(shapes)
-    except (ValueError, KeyError) as e:
-        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(path, f"cannot read the {label} configuration from its keys: {detail}") from None
+    except (ValueError, KeyError, CheckpointError) as e:
+        if isinstance(e, CheckpointError):
+            detail = e.problem
+        else:
+            detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(
+            path, f"cannot read the {label} configuration from its keys: {detail}"
+        ) from None
     with _parameters_on_meta():
         module = model_cls(config)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -363,7 +375,8 @@ def _load_vae_file(
             prefix = info.prefixes["vae"]  # a full checkpoint used as a VAE donor
         else:
             raise CheckpointError(
-                vae_path, f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)"
+                vae_path,
+                f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)",
             )
         latent = source.shapes.get(prefix + "decoder.conv_in.weight", (0, 0))[1]
         if latent != spec.latent_channels:
@@ -463,7 +476,11 @@ def file_sha256(path: str | Path, *, _digest: Callable[[Path], str] | None = Non
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(str(path))
-    if isinstance(entry, Mapping) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    if (
+        isinstance(entry, Mapping)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+    ):
         return str(entry["sha256"])
     digest = (_digest or _sha256)(path)
     cache[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}

@@ -61,7 +61,11 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "sdxl_refiner",
             "SDXL refiner",
-            {"unet": UNET_PREFIX, "text_encoder_2": "conditioner.embedders.0.model.", "vae": "first_stage_model."},
+            {
+                "unet": UNET_PREFIX,
+                "text_encoder_2": "conditioner.embedders.0.model.",
+                "vae": "first_stage_model.",
+            },
             4,
         ),
         FamilySpec(
@@ -166,7 +170,8 @@ def detect(
 
     def info(family: str, variant: str, prefixes: dict[str, str], **kw: Any) -> CheckpointInfo:
         component_keys = {
-            c: tuple(k for k in keys if k.startswith(p) and _owner(k, prefixes) == c) for c, p in prefixes.items()
+            c: tuple(k for k in keys if k.startswith(p) and _owner(k, prefixes) == c)
+            for c, p in prefixes.items()
         }
         component_keys = {c: ks for c, ks in component_keys.items() if ks}
         denoiser = component_keys.get("unet", ())
@@ -278,10 +283,14 @@ def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: 
     elif label is not None or "conditioner.embedders.1.model.ln_final.weight" in shapes:
         family = "sdxl"
     else:
-        hit = _first({k: s for k, s in shapes.items() if k.startswith(p)}, r"transformer_blocks\.0\.attn2\.to_k\.weight$")
+        hit = _first(
+            {k: s for k, s in shapes.items() if k.startswith(p)},
+            r"transformer_blocks\.0\.attn2\.to_k\.weight$",
+        )
         context_dim = hit[1][1] if hit else None
         if context_dim == 1024 or (
-            shapes.get("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", (0, 0))[1] == 1024
+            shapes.get("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", (0, 0))[1]
+            == 1024
         ):
             family = "sd2"
         elif context_dim == 768:
@@ -292,7 +301,9 @@ def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: 
             notes.append(f"cross-attention context dim {context_dim}; SD1.x by its CLIP text encoder keys")
         elif any(k.startswith("cond_stage_model.model.") for k in shapes):
             family = "sd2"
-            notes.append(f"cross-attention context dim {context_dim}; SD2.x by its OpenCLIP text encoder keys")
+            notes.append(
+                f"cross-attention context dim {context_dim}; SD2.x by its OpenCLIP text encoder keys"
+            )
         else:
             return info(
                 "unknown",
@@ -311,7 +322,7 @@ def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: 
         notes.append("edm_mean/edm_std keys present (Playground 2.5 style)")
     elif family == "sd2":
         key = p + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-        if read is not None and key in shapes:
+        if read is not None and key in shapes and (shapes[key] or (0,))[0] > 1:
             # SD2.x 768-v and 512-base share every shape; the v models' last norm bias is visibly wider.
             std = float(read(key).float().std())
             prediction = "v" if std > 0.09 else "eps"

@@ -127,7 +127,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                 f.seek(0)
                 kind = sniff(f.read(64))
                 if kind is not None:
-                    raise CheckpointError(path, f"this is {kind}, not a model checkpoint (.safetensors or .ckpt)")
+                    raise CheckpointError(
+                        path, f"this is {kind}, not a model checkpoint (.safetensors or .ckpt)"
+                    )
                 raise CheckpointError(
                     path,
                     f"the header length field says {n:,} bytes but the file has {file_size:,} bytes "
@@ -146,7 +148,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         doc = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CheckpointError(
-            path, f"the safetensors header is not UTF-8 text (bad byte at position {e.start}); the file is corrupt"
+            path,
+            f"the safetensors header is not UTF-8 text (bad byte at position {e.start}); the file is corrupt",
         ) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(
@@ -179,7 +182,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
 
 def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> TensorEntry:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(path, f"the safetensors header entry for tensor {key!r} {what}; the file is corrupt")
+        return CheckpointError(
+            path, f"the safetensors header entry for tensor {key!r} {what}; the file is corrupt"
+        )
 
     if not isinstance(entry, dict):
         raise bad("is not an object")
