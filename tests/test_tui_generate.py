@@ -1,0 +1,131 @@
+"""Pilot tests of the Generate screen with the fake runner (no torch, no real terminal)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from textual.widgets import Checkbox, Input, Select, TextArea
+
+from tests.tui_fakes import FakeRunner, make_app, wait_for
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+async def test_queue_job_finishes_into_history(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
+        screen.query_one("#prompt", TextArea).load_text("a lighthouse at dusk")
+        screen.query_one("#steps", Input).value = "4"
+        screen.query_one("#seed", Input).value = "1234"
+        screen.query_one("#seed-lock", Checkbox).value = True
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.history()) == 1)
+        row = app.store.history()[0]
+        assert row.request.prompt == "a lighthouse at dusk"
+        assert row.request.steps == 4
+        assert row.seed == 1234
+        await wait_for(pilot, lambda: screen.preview.frames_drawn >= 2)  # previews, then the final image
+        stats = str(screen.query_one("#preview-stats").render())
+        assert "done" in stats and "seeds 1234" in stats
+        assert screen.query_one("#preview-progress").progress == 4
+
+
+async def ready(pilot, app):
+    screen = app.get_generate_screen()
+    await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
+    return screen
+
+
+async def test_unlocked_seed_rerolls_locked_seed_stays(tmp_path):
+    app = make_app(tmp_path, FakeRunner(gate=threading.Event()))  # jobs never finish: only queueing matters
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        seed = screen.query_one("#seed", Input)
+        seed.value = "42"
+        screen.query_one("#seed-lock", Checkbox).value = True
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert seed.value == "42"
+        screen.query_one("#seed-lock", Checkbox).value = False
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert seed.value != "42"
+        await pilot.click("#dice")
+        await pilot.pause()
+        rolled = seed.value
+        await pilot.press("ctrl+r")
+        assert seed.value != rolled and 0 <= int(seed.value) <= 2**32 - 1
+        jobs = app.store.list_jobs()
+        assert [j.request.seed for j in sorted(jobs, key=lambda j: j.id)][:2] == [42, 42]
+
+
+async def test_invalid_field_is_a_notification_not_a_job(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#width", Input).value = "500"
+        await pilot.click("#queue")
+        await pilot.pause()
+        assert app.store.list_jobs() == []
+        messages = [n.message for n in app._notifications]
+        assert any("width" in m and "multiple of 8" in m for m in messages), messages
+
+
+async def test_size_preset_and_last_used_settings_restored(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#size-preset", Select).value = "768x512"
+        await pilot.pause()
+        assert (screen.query_one("#width", Input).value, screen.query_one("#height", Input).value) == ("768", "512")
+        screen.query_one("#prompt", TextArea).load_text("remember me")
+        screen.query_one("#sampler", Select).value = "dpmpp_2m"
+        screen.query_one("#steps", Input).value = "33"
+        await pilot.pause()
+    app2 = make_app(tmp_path)
+    async with app2.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app2)
+        assert screen.query_one("#prompt", TextArea).text == "remember me"
+        assert screen.query_one("#sampler", Select).value == "dpmpp_2m"
+        assert screen.query_one("#steps", Input).value == "33"
+        assert screen.query_one("#width", Input).value == "768"
+
+
+async def test_failed_job_is_a_notification_and_app_keeps_running(tmp_path):
+    from core.errors import DarkroomError
+
+    app = make_app(tmp_path, FakeRunner(fail_with=DarkroomError("the fake model exploded")))
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: any("exploded" in n.message for n in app._notifications))
+        assert "failed: the fake model exploded" in str(screen.query_one("#preview-stats").render())
+        assert app.store.list_jobs()[0].state == "failed"
+        assert app.is_running
+
+
+async def test_markup_in_prompt_is_shown_literally(tmp_path):
+    prompt = "[red]x[/red] (a:1.2) [b]"
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#prompt", TextArea).load_text(prompt)
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.history()) == 1)
+        assert prompt in str(screen.query_one("#preview-title").render())
+        await pilot.press("f4")
+        await pilot.pause()
+        queue_table = app.screen.query_one("#queue-table")
+        assert prompt in [str(c) for c in queue_table.get_row_at(0)]
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: prompt in str(app.screen.query_one("#details-text").render()))
+        svg = app.export_screenshot()
+        assert "[red]x[/red]" in svg and "[b]" in svg

@@ -1,0 +1,351 @@
+"""The Darkroom terminal app.
+
+Threads: the core ``Worker`` runs jobs on its own thread (torch is imported there, never here). Its events
+arrive through ``Worker.subscribe`` on that thread and are turned into Textual messages with ``post_message``
+(thread-safe, non-blocking). Step messages are throttled and marked replaceable so a slow terminal only ever
+draws the newest preview.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.signal import Signal
+
+from core.errors import DarkroomError
+from core.events import (
+    Event,
+    JobCancelled,
+    JobFailed,
+    JobFinished,
+    JobQueued,
+    JobStarted,
+    JobStep,
+    Status,
+)
+from tui.commands import DarkroomCommands
+from tui.config import load_settings, save_settings
+from tui.screens.generate import GenerateScreen
+from tui.screens.history import HistoryScreen
+from tui.screens.presets import PresetsScreen
+from tui.screens.queue import QueueScreen
+from tui.screens.quit import QuitScreen
+from tui.widgets.preview import format_progress
+
+# Hidden test hook: "module:attribute" of a runner factory used instead of the real pipeline.
+FAKE_RUNNER_ENV = "DARKROOM_TUI_FAKE_RUNNER"
+PREVIEW_INTERVAL = 0.25  # seconds between preview images sent to the UI (~4/s)
+
+
+class Progress:
+    """Latest step of a job, as the UI last saw it."""
+
+    __slots__ = ("job_id", "step", "total", "elapsed", "image_index")
+
+    def __init__(self, job_id: int, step: int, total: int, elapsed: float, image_index: int = 0) -> None:
+        self.job_id, self.step, self.total, self.elapsed, self.image_index = (
+            job_id, step, total, elapsed, image_index,
+        )
+
+
+class DarkroomApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "Darkroom"
+    COMMANDS = App.COMMANDS | {DarkroomCommands}
+    MODES = {
+        "generate": GenerateScreen,
+        "presets": PresetsScreen,
+        "queue": QueueScreen,
+        "history": HistoryScreen,
+    }
+    DEFAULT_MODE = "generate"
+    BINDINGS = [
+        Binding("f2", "switch_mode('generate')", "Generate"),
+        Binding("f3", "switch_mode('presets')", "Presets"),
+        Binding("f4", "switch_mode('queue')", "Queue"),
+        Binding("f5", "switch_mode('history')", "History"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    status: reactive[Status | None] = reactive(None, always_update=True)
+    progress_line: reactive[str] = reactive("")
+
+    class CoreEvent(Message):
+        """A worker event other than a step (never dropped)."""
+
+        def __init__(self, event: Event) -> None:
+            super().__init__()
+            self.event = event
+
+    class JobProgress(Message):
+        """One step of a job; a newer one replaces a queued older one so stale previews drop."""
+
+        def __init__(self, event: JobStep) -> None:
+            super().__init__()
+            self.event = event
+
+        def can_replace(self, message: Message) -> bool:
+            # Drop this (older) message when a newer step of the same job is queued, unless that would lose a
+            # preview image the newer one does not carry.
+            return (
+                isinstance(message, DarkroomApp.JobProgress)
+                and message.event.job_id == self.event.job_id
+                and (message.event.preview is not None or self.event.preview is None)
+            )
+
+    def __init__(
+        self,
+        worker: Any,
+        registry: Any,
+        *,
+        image_class: type | None = None,
+        settings_file: Path | None = None,
+        presets_api: Any = None,
+        start_worker: bool = True,
+    ) -> None:
+        super().__init__()
+        self.worker = worker
+        self.store = worker.store
+        self.registry = registry
+        self.image_class = image_class
+        self.settings_file = settings_file
+        self.presets_api = presets_api
+        self.start_worker = start_worker
+        self.settings: dict[str, Any] = load_settings(settings_file)
+        self.job_events: Signal[Event] = Signal(self, "job_events")
+        self.job_progress: Signal[Progress] = Signal(self, "job_progress")
+        self.progress: dict[int, Progress] = {}
+        self.running_job: int | None = None
+        self.generate_screen: GenerateScreen | None = None
+        self.preview_messages_posted = 0
+        self._unsubscribe: Callable[[], None] | None = None
+        self._last_preview_sent = 0.0
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self._unsubscribe = self.worker.subscribe(self._on_worker_event)
+        if self.start_worker:
+            try:
+                self.worker.start()
+            except Exception as error:  # a worker that cannot start must not take the UI down
+                self.notify(f"The worker could not start: {error}", severity="error", markup=False)
+
+    def on_unmount(self) -> None:
+        self.save_form_settings()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.stop_worker(finish_current=False)
+
+    def stop_worker(self, finish_current: bool) -> None:
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            self.worker.stop(finish_current=finish_current, timeout=None if finish_current else 10)
+        except Exception:  # noqa: BLE001 - quitting must always work
+            pass
+
+    def save_form_settings(self) -> None:
+        try:
+            screen = self.get_generate_screen()
+            if screen is not None and screen.is_mounted:
+                try:
+                    self.settings.update(screen.form_values())
+                except Exception:  # noqa: BLE001 - being torn down: keep the values tracked so far
+                    pass
+            save_settings(self.settings, self.settings_file)
+        except Exception:  # noqa: BLE001 - settings are a convenience, never a reason to crash
+            pass
+
+    def get_generate_screen(self) -> GenerateScreen | None:
+        """The Generate screen once it has been mounted (it registers itself)."""
+        return self.generate_screen
+
+    # ---- worker thread -> UI -------------------------------------------------------------------------------
+
+    def _on_worker_event(self, event: Event) -> None:
+        """Runs on the worker thread: wrap, throttle previews, post. Must stay cheap."""
+        if isinstance(event, JobStep):
+            preview = event.preview
+            now = time.monotonic()
+            if preview is not None:
+                if now - self._last_preview_sent < PREVIEW_INTERVAL and event.step < event.total:
+                    preview = None
+                else:
+                    self._last_preview_sent = now
+                    self.preview_messages_posted += 1
+            if preview is not event.preview:
+                event = JobStep(event.job_id, event.step, event.total, event.elapsed, preview, event.image_index)
+            self.post_message(self.JobProgress(event))
+        else:
+            self.post_message(self.CoreEvent(event))
+
+    def on_darkroom_app_job_progress(self, message: JobProgress) -> None:
+        event = message.event
+        progress = Progress(event.job_id, event.step, event.total, event.elapsed, event.image_index)
+        self.progress[event.job_id] = progress
+        self.progress_line = f"job #{event.job_id} " + format_progress(event.step, event.total, event.elapsed)
+        screen = self.get_generate_screen()
+        if screen is not None and screen.is_mounted:
+            screen.show_step(event)
+        self.job_progress.publish(progress)
+
+    def on_darkroom_app_core_event(self, message: CoreEvent) -> None:
+        event = message.event
+        if isinstance(event, Status):
+            self.status = event
+            return
+        if isinstance(event, JobStarted):
+            self.running_job = event.job_id
+        elif isinstance(event, JobFinished | JobFailed | JobCancelled):
+            if self.running_job == event.job_id:
+                self.running_job = None
+                self.progress_line = ""
+            if isinstance(event, JobFinished):
+                count = len(event.paths)
+                self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
+            elif isinstance(event, JobFailed):
+                self.notify(Text(f"Job #{event.job_id} failed: {event.error}").plain, severity="error",
+                            markup=False, timeout=8)
+        elif isinstance(event, JobQueued):
+            pass
+        screen = self.get_generate_screen()
+        if screen is not None and screen.is_mounted:
+            screen.show_event(event)
+        self.job_events.publish(event)
+
+    # ---- actions -------------------------------------------------------------------------------------------
+
+    def submit(self, request: Any, priority: int = 0) -> int | None:
+        """Queue a request; every failure becomes a notification."""
+        try:
+            job_id = self.worker.submit(request, priority=priority)
+        except DarkroomError as error:
+            self.notify(str(error), severity="error", markup=False)
+            return None
+        except Exception as error:  # noqa: BLE001
+            self.notify(f"Could not queue the job: {error}", severity="error", markup=False)
+            return None
+        self.notify(f"Queued job #{job_id}", timeout=2)
+        return job_id
+
+    def load_into_generate(self, values: dict[str, Any]) -> None:
+        screen = self.get_generate_screen()
+        self.settings.update(values)
+        self.switch_mode("generate")
+        if screen is not None and screen.is_mounted:
+            screen.set_form_values(values)
+
+    async def action_quit(self) -> None:
+        if self.running_job is None:
+            self.exit(0)
+            return
+
+        def decided(choice: str | None) -> None:
+            if choice is None:
+                return
+            self.notify("Waiting for the running job to finish…" if choice == "finish" else "Stopping…")
+            self.run_worker(lambda: self._stop_then_exit(choice == "finish"), thread=True, group="quit")
+
+        self.push_screen(QuitScreen(self.running_job), decided)
+
+    def _stop_then_exit(self, finish_current: bool) -> None:
+        self.save_form_settings_from_thread()
+        self.stop_worker(finish_current=finish_current)
+        self.call_from_thread(self.exit, 0)
+
+    def save_form_settings_from_thread(self) -> None:
+        self.call_from_thread(self.save_form_settings)
+
+
+# ---- construction from CLI arguments ---------------------------------------------------------------------------
+
+
+def _runner_factory(args: Any) -> Callable[[], Any]:
+    """The runner is built inside the worker thread, so torch is never imported on the UI thread."""
+    fake = os.environ.get(FAKE_RUNNER_ENV)
+    if fake:
+        module_name, _, attr = fake.partition(":")
+
+        def make_fake() -> Any:
+            return getattr(importlib.import_module(module_name), attr or "FakeRunner")()
+
+        return make_fake
+
+    models_dirs = list(getattr(args, "models_dir", None) or [])
+
+    def make_real() -> Any:
+        try:
+            pipeline = importlib.import_module("core.pipeline")
+        except ImportError as error:
+            raise DarkroomError(
+                f"Generation cannot run: the image pipeline (core.pipeline) is not available ({error})."
+            ) from error
+        try:
+            return pipeline.PipelineRunner(models_dirs=models_dirs)
+        except TypeError:
+            return pipeline.PipelineRunner()
+
+    return make_real
+
+
+def _fake_registry() -> Any:
+    from types import SimpleNamespace
+
+    class FakeRegistry:
+        search_dirs = [Path("fake-models")]
+
+        def checkpoints(self) -> list[Any]:
+            return [SimpleNamespace(name="fake-model.safetensors", path=Path("fake-model.safetensors"), size=0)]
+
+    return FakeRegistry()
+
+
+def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
+    from core.paths import default_output_dir
+    from core.store import JobStore
+    from core.worker import Worker
+
+    models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
+    if os.environ.get(FAKE_RUNNER_ENV):
+        registry = _fake_registry()
+    else:
+        from core.models.registry import ModelRegistry
+
+        registry = ModelRegistry(models_dirs)
+    store = JobStore(getattr(args, "db", None))
+    output_dir = getattr(args, "output_dir", None) or default_output_dir()
+    worker = Worker(store, _runner_factory(args), output_dir=output_dir)
+    return DarkroomApp(worker, registry, image_class=image_class)
+
+
+def run_app(args: Any) -> int:
+    """Entry point used by ``cli/main.py``. Returns the process exit code."""
+    from tui.widgets.image import prepare_image_protocol
+
+    try:
+        # Probe the terminal for kitty/sixel support now: after App.run() Textual owns stdin.
+        image_class = prepare_image_protocol(getattr(args, "image_protocol", None))
+        app = create_app(args, image_class=image_class)
+    except DarkroomError as error:
+        print(f"darkroom: {error}", file=sys.stderr)
+        return 2
+    result = app.run()
+    return int(result or app.return_code or 0)

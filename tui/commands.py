@@ -1,0 +1,56 @@
+"""Command palette provider: presets, models and history search."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from rich.text import Text
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.markup import escape
+
+
+class DarkroomCommands(Provider):
+    def _commands(self, query: str) -> list[tuple[str, Any, str]]:
+        app: Any = self.app
+        commands: list[tuple[str, Any, str]] = []
+        generate = app.get_generate_screen() if hasattr(app, "get_generate_screen") else None
+        if generate is not None and generate.is_mounted:
+            for preset in generate.presets:
+                commands.append((f"Preset: {preset.name}", partial(self._apply_preset, preset),
+                                 preset.description or "apply to Generate"))
+            for model in generate.models:
+                commands.append((f"Model: {model.name}", partial(self._choose_model, str(model.name)),
+                                 "use this checkpoint"))
+        if query.strip():
+            commands.append((f"History: search {query.strip()}", partial(self._search_history, query.strip()),
+                             "show matching images"))
+        return commands
+
+    async def discover(self) -> Hits:
+        for title, callback, help_text in self._commands(""):
+            yield DiscoveryHit(Text(title), callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, callback, help_text in self._commands(query):
+            score = 1.0 if title.startswith("History: search") else matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(escape(title)), callback, text=title, help=help_text)
+
+    def _apply_preset(self, preset: Any) -> None:
+        app: Any = self.app
+        app.switch_mode("generate")
+        app.get_generate_screen().apply_preset(preset)
+
+    def _choose_model(self, name: str) -> None:
+        app: Any = self.app
+        app.load_into_generate({"model": name})
+
+    def _search_history(self, query: str) -> None:
+        from textual.widgets import Input
+
+        app: Any = self.app
+        app.switch_mode("history")
+        screen = app.screen
+        screen.query_one("#history-search", Input).value = query

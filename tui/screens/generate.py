@@ -1,0 +1,315 @@
+"""Generate screen: the request form on the left, the live preview on the right."""
+
+from __future__ import annotations
+
+import importlib
+import random
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Button, Checkbox, Input, Label, Select, TextArea
+
+from core.errors import DarkroomError
+from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
+from core.request import MAX_SEED, GenerationRequest
+from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
+from tui.screens.base import MainScreen
+from tui.widgets.preview import PreviewPane
+
+SIZE_PRESETS = [
+    (512, 512), (512, 768), (768, 512), (640, 640), (768, 768), (832, 1216), (1216, 832),
+    (896, 1152), (1152, 896), (1024, 1024),
+]
+# Form fields shown as Inputs: name -> (label, type)
+NUMBER_FIELDS = {
+    "steps": int, "cfg": float, "seed": int, "width": int, "height": int, "batch_size": int, "batch_count": int,
+}
+FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS)
+DEFAULTS = GenerationRequest(model="none").to_dict()
+
+
+def presets_module(app: Any) -> Any:
+    return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
+
+
+class GenerateScreen(MainScreen):
+    CSS_PATH = "generate.tcss"
+    BINDINGS = [
+        Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
+        Binding("ctrl+r", "dice", "Random seed"),
+        Binding("ctrl+l", "toggle_lock", "Lock seed"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Request fields the form does not show (vae, clip_skip, hires, …) travel unchanged, e.g. from history.
+        self.hidden_fields: dict[str, Any] = {}
+        self.models: list[Any] = []
+        self.presets: list[Any] = []
+        self._models_loaded = False
+        self._form_ready = False
+        self._save_timer: Any = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="generate-body"):
+            with VerticalScroll(id="form"):
+                yield Label("Prompt")
+                yield TextArea(id="prompt", soft_wrap=True, show_line_numbers=False)
+                yield Label("Negative prompt")
+                yield TextArea(id="negative_prompt", soft_wrap=True, show_line_numbers=False)
+                yield Select([], prompt="model", id="model", allow_blank=True)
+                yield Select([], prompt="apply a preset…", id="preset-picker", allow_blank=True)
+                with Horizontal(classes="row"):
+                    yield Select([(label, key) for key, label in SAMPLER_LABELS.items()], id="sampler",
+                                 allow_blank=False, value="euler")
+                    yield Select([(label, key) for key, label in SCHEDULE_LABELS.items()], id="schedule",
+                                 allow_blank=False, value="normal")
+                with Horizontal(classes="row"):
+                    yield Label("Steps", classes="field-label")
+                    yield Input("20", type="integer", id="steps", classes="short")
+                    yield Label("CFG", classes="field-label")
+                    yield Input("7.0", type="number", id="cfg", classes="short")
+                with Horizontal(classes="row"):
+                    yield Label("Seed", classes="field-label")
+                    yield Input("-1", type="integer", id="seed", classes="seed")
+                    yield Button("🎲", id="dice", classes="icon", tooltip="Random seed (Ctrl+R)")
+                    yield Checkbox("lock", id="seed-lock", tooltip="Keep this seed after queueing (Ctrl+L)")
+                with Horizontal(classes="row"):
+                    yield Label("Size", classes="field-label")
+                    yield Input("512", type="integer", id="width", classes="short")
+                    yield Label("×", classes="times")
+                    yield Input("512", type="integer", id="height", classes="short")
+                    yield Select([(f"{w}×{h}", f"{w}x{h}") for w, h in SIZE_PRESETS], prompt="size…",
+                                 id="size-preset", allow_blank=True)
+                with Horizontal(classes="row"):
+                    yield Label("Batch", classes="field-label")
+                    yield Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch")
+                    yield Label("×", classes="times")
+                    yield Input("1", type="integer", id="batch_count", classes="short", tooltip="batches")
+                yield Button("Queue  (Ctrl+Enter)", variant="primary", id="queue")
+            yield PreviewPane(image_class=getattr(self.app, "image_class", None), id="preview")
+
+    def on_mount(self) -> None:
+        self.app.generate_screen = self
+        settings = dict(getattr(self.app, "settings", {}) or {})
+        if settings:
+            self.set_form_values(settings)
+        self.call_after_refresh(self._enable_form_tracking)
+        self.load_models()
+        self.load_presets()
+
+    def _enable_form_tracking(self) -> None:
+        self._form_ready = True
+
+    # ---- background loading (file system scans stay off the UI thread) ------------------------------------
+
+    @work(thread=True, exclusive=True, group="models")
+    def load_models(self, rescan: bool = False) -> None:
+        try:
+            if rescan and hasattr(self.app.registry, "refresh"):
+                self.app.registry.refresh()
+            models = list(self.app.registry.checkpoints())
+            error = None
+        except Exception as exc:  # noqa: BLE001 - shown, not raised
+            models, error = [], str(exc)
+        self.app.call_from_thread(self._models_ready, models, error)
+
+    def _models_ready(self, models: list[Any], error: str | None) -> None:
+        self.models = models
+        self._models_loaded = True
+        select = self.query_one("#model", Select)
+        wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
+        select.set_options([(Text(str(m.name)), str(m.name)) for m in models])
+        names = [str(m.name) for m in models]
+        if wanted in names:
+            select.value = wanted
+        elif names:
+            select.value = names[0]
+        if error:
+            self.app.notify(f"Could not scan the models folders: {error}", severity="error", markup=False)
+        if not models:
+            from tui.screens.no_models import NoModelsScreen
+
+            self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", []))))
+
+    @work(thread=True, exclusive=True, group="presets")
+    def load_presets(self) -> None:
+        try:
+            presets, problems = presets_module(self.app).load_presets()
+        except Exception as exc:  # noqa: BLE001
+            presets, problems = [], [str(exc)]
+        self.app.call_from_thread(self._presets_ready, presets, problems)
+
+    def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
+        self.presets = presets
+        self.query_one("#preset-picker", Select).set_options([(Text(p.name), p.name) for p in presets])
+        for problem in problems or []:
+            self.app.notify(str(problem), severity="warning", markup=False)
+
+    def reload_presets(self) -> None:
+        self.load_presets()
+
+    # ---- form <-> values -----------------------------------------------------------------------------------
+
+    def form_values(self) -> dict[str, Any]:
+        """Current form as request-field values (numbers parsed where they parse) plus UI-only state."""
+        values: dict[str, Any] = dict(self.hidden_fields)
+        values["prompt"] = self.query_one("#prompt", TextArea).text
+        values["negative_prompt"] = self.query_one("#negative_prompt", TextArea).text
+        for name in ("model", "sampler", "schedule"):
+            value = self.query_one(f"#{name}", Select).value
+            if value is not Select.BLANK:
+                values[name] = value
+        for name, kind in NUMBER_FIELDS.items():
+            raw = self.query_one(f"#{name}", Input).value.strip()
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                values[name] = raw
+        values["seed_lock"] = self.query_one("#seed-lock", Checkbox).value
+        return values
+
+    def set_form_values(self, values: dict[str, Any]) -> None:
+        """Fill the form from request fields (a preset, a history row, the saved settings)."""
+        for name in ("prompt", "negative_prompt"):
+            if isinstance(values.get(name), str):
+                self.query_one(f"#{name}", TextArea).load_text(values[name])
+        for name, options in (("sampler", SAMPLER_LABELS), ("schedule", SCHEDULE_LABELS)):
+            if values.get(name) in options:
+                self.query_one(f"#{name}", Select).value = values[name]
+        model = values.get("model")
+        if isinstance(model, str) and model:
+            select = self.query_one("#model", Select)
+            if any(str(m.name) == model for m in self.models):
+                select.value = model
+            elif self._models_loaded:
+                self.app.notify(Text(f"Model {model} is not in the models folders").plain, severity="warning",
+                                markup=False)
+        for name in NUMBER_FIELDS:
+            if name in values and values[name] is not None and not isinstance(values[name], bool):
+                self.query_one(f"#{name}", Input).value = str(values[name])
+        if isinstance(values.get("seed_lock"), bool):
+            self.query_one("#seed-lock", Checkbox).value = values["seed_lock"]
+        for name in ("vae", "clip_skip", "init_image", "denoise", "hires", "extra"):
+            if name in values:
+                self.hidden_fields[name] = values[name]
+
+    def build_request(self) -> GenerationRequest:
+        values = self.form_values()
+        values.pop("seed_lock", None)
+        if "model" not in values:
+            raise DarkroomError("Choose a model first (no checkpoint is selected).")
+        for name, kind in NUMBER_FIELDS.items():
+            if not isinstance(values.get(name), int | float):
+                raise DarkroomError(f"{name} = {values.get(name)!r} is invalid: it must be a number")
+            values[name] = kind(values[name])
+        return GenerationRequest.from_dict(values)
+
+    # ---- actions -------------------------------------------------------------------------------------------
+
+    def action_queue(self) -> None:
+        try:
+            request = self.build_request()
+        except DarkroomError as error:
+            self.app.notify(str(error), severity="error", markup=False)
+            return
+        job_id = self.app.submit(request)
+        if job_id is None:
+            return
+        self.app.settings.update(self.form_values())
+        self.app.save_form_settings()
+        if not self.query_one("#seed-lock", Checkbox).value and request.seed != -1:
+            self.action_dice()
+
+    def action_dice(self) -> None:
+        self.query_one("#seed", Input).value = str(random.randint(0, MAX_SEED))
+
+    def action_toggle_lock(self) -> None:
+        self.query_one("#seed-lock", Checkbox).toggle()
+
+    @on(Input.Changed)
+    @on(TextArea.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
+    def _form_changed(self) -> None:
+        """Keep the app's last-used settings current; the file is written at most every half second."""
+        if not self._form_ready:
+            return
+        self.app.settings.update(self.form_values())
+        if self._save_timer is None:
+            self._save_timer = self.set_timer(0.5, self._write_settings)
+
+    def _write_settings(self) -> None:
+        self._save_timer = None
+        self.app.save_form_settings()
+
+    @on(Button.Pressed, "#queue")
+    def _queue_pressed(self) -> None:
+        self.action_queue()
+
+    @on(Button.Pressed, "#dice")
+    def _dice_pressed(self) -> None:
+        self.action_dice()
+
+    @on(Select.Changed, "#size-preset")
+    def _size_chosen(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            width, height = event.value.split("x")
+            self.query_one("#width", Input).value = width
+            self.query_one("#height", Input).value = height
+
+    @on(Select.Changed, "#preset-picker")
+    def _preset_chosen(self, event: Select.Changed) -> None:
+        preset = next((p for p in self.presets if p.name == event.value), None)
+        if preset is not None:
+            self.apply_preset(preset)
+
+    def apply_preset(self, preset: Any) -> None:
+        self.set_form_values(dict(preset.fields))
+        self.app.notify(Text(f"Applied preset {preset.name}").plain, markup=False, timeout=2)
+
+    # ---- job events from the app ---------------------------------------------------------------------------
+
+    @property
+    def preview(self) -> PreviewPane:
+        return self.query_one(PreviewPane)
+
+    def show_step(self, event: JobStep) -> None:
+        self.preview.show_step(event.job_id, event.step, event.total, event.elapsed, event.preview)
+
+    def show_event(self, event: Event) -> None:
+        if isinstance(event, JobStarted):
+            self.preview.start_job(event.job_id, event.request.prompt)
+        elif isinstance(event, JobFinished) and event.job_id == self.preview.job_id:
+            self.preview.finish(f"done in {event.elapsed:.1f}s · seeds {', '.join(map(str, event.seeds))}")
+            if event.paths:
+                self.load_final(event.paths[0], event.job_id)
+        elif isinstance(event, JobFailed) and event.job_id == self.preview.job_id:
+            self.preview.finish(f"failed: {event.error}")
+        elif isinstance(event, JobCancelled) and event.job_id == self.preview.job_id:
+            self.preview.finish("cancelled")
+
+    @work(thread=True, exclusive=True, group="final-image")
+    def load_final(self, path: str, job_id: int) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(Path(path)) as image:
+                image.load()
+                final = image.convert("RGB")
+            final.thumbnail((1024, 1024))
+        except OSError as error:
+            self.app.call_from_thread(
+                self.app.notify, f"Could not open {path}: {error}", severity="warning", markup=False
+            )
+            return
+        self.app.call_from_thread(self._show_final, final, job_id)
+
+    def _show_final(self, image: Any, job_id: int) -> None:
+        if self.preview.job_id == job_id:
+            self.preview.show_image(image)

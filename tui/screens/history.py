@@ -1,0 +1,282 @@
+"""History screen: finished images, newest first, with a thumbnail, the full parameters and actions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Input, Static
+
+from core.events import Event, JobFinished
+from core.request import GenerationRequest
+from tui.screens.base import MainScreen
+from tui.screens.dialogs import ConfirmScreen
+from tui.widgets.image import chosen_image_class, make_image
+
+
+def format_time(stamp: Any) -> str:
+    if isinstance(stamp, int | float):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    return str(stamp or "")[:19]
+
+
+def field(row: Any, name: str, default: Any = None) -> Any:
+    if isinstance(row, dict):
+        return row.get(name, default)
+    return getattr(row, name, default)
+
+
+def row_request(row: Any) -> GenerationRequest:
+    request = field(row, "request")
+    return request if isinstance(request, GenerationRequest) else GenerationRequest.from_dict(request)
+
+
+def describe(row: Any) -> Text:
+    """Every parameter as plain text (prompts may contain [ ] and ( ): never markup)."""
+    request = row_request(row)
+    text = Text()
+    text.append("Prompt\n", style="bold")
+    text.append(request.prompt + "\n")
+    if request.negative_prompt:
+        text.append("Negative prompt\n", style="bold")
+        text.append(request.negative_prompt + "\n")
+    text.append("\n")
+    data = request.to_dict()
+    data["seed"] = field(row, "seed", request.seed)
+    for name in ("model", "sampler", "schedule", "steps", "cfg", "seed", "width", "height", "batch_size",
+                 "batch_count", "clip_skip", "vae", "denoise", "init_image", "hires"):
+        value = data.get(name)
+        if value is None:
+            continue
+        text.append(f"{name}: ", style="bold")
+        text.append(f"{value}\n")
+    if field(row, "model_hash"):
+        text.append("model hash: ", style="bold")
+        text.append(f"{field(row, 'model_hash')}\n")
+    timings = field(row, "timings") or {}
+    if timings:
+        text.append("timings: ", style="bold")
+        text.append(", ".join(f"{k} {v:.2f}s" if isinstance(v, int | float) else f"{k} {v}"
+                              for k, v in dict(timings).items()) + "\n")
+    text.append("created: ", style="bold")
+    text.append(f"{format_time(field(row, 'created'))}\n")
+    text.append("file: ", style="bold")
+    text.append(f"{field(row, 'path', '')}\n")
+    return text
+
+
+class HistoryScreen(MainScreen):
+    BINDINGS = [
+        Binding("slash", "focus_search", "Search"),
+        Binding("g", "again", "Again"),
+        Binding("n", "again_new_seed", "New seed"),
+        Binding("l", "load", "Load"),
+        Binding("c", "copy_prompt", "Copy prompt"),
+        Binding("s", "copy_seed", "Copy seed"),
+        Binding("o", "show_path", "Path"),
+        Binding("x,delete", "delete", "Delete"),
+    ]
+    DEFAULT_CSS = """
+    HistoryScreen #history-body { height: 1fr; }
+    HistoryScreen #history-left { width: 1fr; }
+    HistoryScreen #history-table { height: 1fr; }
+    HistoryScreen #history-right { width: 1fr; border: round $secondary; }
+    HistoryScreen #thumb-box { height: 18; align: center middle; }
+    HistoryScreen #thumb { width: auto; height: auto; }
+    HistoryScreen #details { height: 1fr; padding: 0 1; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, Any] = {}
+        self.search = ""
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="history-body"):
+            with Vertical(id="history-left"):
+                yield Input(placeholder="search prompts (/)", id="history-search")
+                yield DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="history-right"):
+                with Vertical(id="thumb-box"):
+                    thumb = make_image(getattr(self.app, "image_class", None) or chosen_image_class(), None,
+                                       id="thumb")
+                    thumb.display = False
+                    yield thumb
+                with VerticalScroll(id="details"):
+                    yield Static("No image selected.", id="details-text")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#history-table", DataTable)
+        table.add_column("created", key="created")
+        table.add_column("seed", key="seed")
+        table.add_column("prompt", key="prompt")
+        self.app.job_events.subscribe(self, self._on_job_event)
+        self.refresh_history()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_history()
+
+    def _on_job_event(self, event: Event) -> None:
+        if isinstance(event, JobFinished):
+            self.refresh_history()
+
+    @on(Input.Changed, "#history-search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        self.search = event.value
+        self.refresh_history()
+
+    @on(Input.Submitted, "#history-search")
+    def _search_submitted(self) -> None:
+        self.query_one("#history-table", DataTable).focus()
+
+    def refresh_history(self) -> None:
+        table = self.query_one("#history-table", DataTable)
+        try:
+            rows = self.app.store.history(search=self.search or None, limit=200)
+        except Exception as error:  # noqa: BLE001
+            self.app.notify(f"Could not read the history: {error}", severity="error", markup=False)
+            return
+        selected = self.selected_key()
+        table.clear()
+        self.rows = {}
+        for row in rows:
+            key = str(field(row, "id"))
+            self.rows[key] = row
+            try:
+                prompt = " ".join(row_request(row).prompt.split())[:70]
+            except Exception:  # noqa: BLE001 - a bad stored row still lists
+                prompt = "(unreadable request)"
+            created = format_time(field(row, "created"))
+            table.add_row(created, str(field(row, "seed", "")), Text(prompt), key=key)
+        if selected in self.rows:
+            table.move_cursor(row=table.get_row_index(selected))
+        self.show_selected()
+
+    def selected_key(self) -> str | None:
+        table = self.query_one("#history-table", DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # noqa: BLE001
+            return None
+
+    def selected_row(self) -> Any:
+        key = self.selected_key()
+        return self.rows.get(key) if key is not None else None
+
+    @on(DataTable.RowHighlighted, "#history-table")
+    def _row_highlighted(self) -> None:
+        self.show_selected()
+
+    def show_selected(self) -> None:
+        row = self.selected_row()
+        details = self.query_one("#details-text", Static)
+        thumb = self.query_one("#thumb")
+        if row is None:
+            details.update("No images yet." if not self.search else "No image matches the search.")
+            thumb.display = False
+            return
+        try:
+            details.update(describe(row))
+        except Exception as error:  # noqa: BLE001
+            details.update(Text(f"Unreadable row: {error}"))
+        self.load_thumbnail(str(field(row, "path", "")), str(field(row, "id")))
+
+    @work(thread=True, exclusive=True, group="thumbnail")
+    def load_thumbnail(self, path: str, key: str) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(Path(path)) as image:
+                image.load()
+                thumb = image.convert("RGB")
+            thumb.thumbnail((512, 512))
+        except OSError:
+            thumb = None
+        self.app.call_from_thread(self._thumbnail_ready, thumb, key)
+
+    def _thumbnail_ready(self, image: Any, key: str) -> None:
+        if key != self.selected_key():
+            return
+        thumb = self.query_one("#thumb")
+        thumb.image = image
+        thumb.display = image is not None
+
+    # ---- actions -------------------------------------------------------------------------------------------
+
+    def _with_row(self) -> Any:
+        row = self.selected_row()
+        if row is None:
+            self.app.notify("Select an image first.", severity="warning")
+        return row
+
+    def action_focus_search(self) -> None:
+        self.query_one("#history-search", Input).focus()
+
+    def action_again(self) -> None:
+        """Same request, same seed, one image: reproduces this picture."""
+        row = self._with_row()
+        if row is not None:
+            request = row_request(row).replace(seed=int(field(row, "seed")), batch_size=1, batch_count=1)
+            self.app.submit(request)
+
+    def action_again_new_seed(self) -> None:
+        row = self._with_row()
+        if row is not None:
+            self.app.submit(row_request(row).replace(seed=-1, batch_size=1, batch_count=1))
+
+    def action_load(self) -> None:
+        row = self._with_row()
+        if row is not None:
+            values = row_request(row).to_dict()
+            values["seed"] = int(field(row, "seed", values["seed"]))
+            values["seed_lock"] = True
+            self.app.load_into_generate(values)
+
+    def action_copy_prompt(self) -> None:
+        row = self._with_row()
+        if row is not None:
+            self.app.copy_to_clipboard(row_request(row).prompt)
+            self.app.notify("Prompt copied to the clipboard", timeout=2)
+
+    def action_copy_seed(self) -> None:
+        row = self._with_row()
+        if row is not None:
+            self.app.copy_to_clipboard(str(field(row, "seed")))
+            self.app.notify(f"Seed {field(row, 'seed')} copied to the clipboard", timeout=2)
+
+    def action_show_path(self) -> None:
+        row = self._with_row()
+        if row is not None:
+            self.app.notify(str(field(row, "path")), title="File", markup=False, timeout=10)
+
+    def action_delete(self) -> None:
+        row = self._with_row()
+        if row is None:
+            return
+        path = Path(str(field(row, "path")))
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.delete_row(row)
+
+        self.app.push_screen(ConfirmScreen(f"Delete {path}?\nThe file and its history entry are removed."),
+                             confirmed)
+
+    def delete_row(self, row: Any) -> None:
+        path = Path(str(field(row, "path")))
+        try:
+            path.unlink(missing_ok=True)
+            self.app.store.delete_history(field(row, "id"))
+        except Exception as error:  # noqa: BLE001
+            self.app.notify(f"Could not delete {path}: {error}", severity="error", markup=False)
+        else:
+            self.app.notify(f"Deleted {path.name}", markup=False, timeout=2)
+        self.refresh_history()

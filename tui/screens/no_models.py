@@ -1,0 +1,70 @@
+"""Shown when no checkpoint is found: which folders were scanned and how to add one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Static
+
+
+def no_models_text(search_dirs: list[Path]) -> Text:
+    text = Text()
+    text.append("No models found\n\n", style="bold")
+    text.append("Darkroom looked for checkpoints (.safetensors, .ckpt) in:\n")
+    for folder in search_dirs or []:
+        text.append(f"  • {folder}\n")
+    if not search_dirs:
+        text.append("  (no folders configured)\n")
+    text.append(
+        "\nTo add a model, do one of these, then press R to rescan:\n"
+        "  • copy or link a Stable Diffusion checkpoint into one of the folders above\n"
+        "    (for example models/Stable-diffusion/v1-5-pruned-emaonly.safetensors);\n"
+        "  • or restart with --models-dir pointing at an existing ComfyUI or A1111 models folder,\n"
+        "    e.g.  darkroom --models-dir ~/ComfyUI/models   or   darkroom --models-dir ~/stable-diffusion-webui/models\n"
+    )
+    text.append("\nYou can still browse the queue and history (Escape).", style="dim")
+    return text
+
+
+class NoModelsScreen(Screen):
+    BINDINGS = [
+        Binding("r", "rescan", "Rescan"),
+        Binding("escape", "dismiss_screen", "Browse anyway"),
+        Binding("ctrl+q", "app.quit", "Quit", priority=True),
+    ]
+    DEFAULT_CSS = """
+    NoModelsScreen { align: center middle; }
+    NoModelsScreen #no-models-box { width: 100; max-width: 100%; height: auto; border: thick $warning; padding: 1 2; }
+    NoModelsScreen .actions { height: auto; margin: 1 0 0 0; }
+    """
+
+    def __init__(self, search_dirs: list[Path]) -> None:
+        super().__init__()
+        self.search_dirs = [Path(p) for p in search_dirs]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="no-models-box"):
+            yield Static(no_models_text(self.search_dirs), id="no-models-text")
+            with Vertical(classes="actions"):
+                yield Button("Rescan (R)", variant="primary", id="rescan")
+        yield Footer()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "rescan":
+            self.action_rescan()
+
+    def action_rescan(self) -> None:
+        from tui.screens.generate import GenerateScreen
+
+        self.dismiss()
+        screen = self.app.get_generate_screen()
+        if isinstance(screen, GenerateScreen):
+            screen.load_models(rescan=True)
+
+    def action_dismiss_screen(self) -> None:
+        self.dismiss()

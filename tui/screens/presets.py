@@ -1,0 +1,194 @@
+"""Presets screen: built-in and user presets with their values; apply, save current, rename, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, DataTable, Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+from tui.screens.base import MainScreen
+from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
+from tui.screens.generate import presets_module
+
+
+class PresetsScreen(MainScreen):
+    BINDINGS = [
+        Binding("a", "apply", "Apply"),
+        Binding("s", "save_current", "Save current"),
+        Binding("r", "rename", "Rename"),
+        Binding("x,delete", "delete", "Delete"),
+    ]
+    DEFAULT_CSS = """
+    PresetsScreen #presets-body { height: 1fr; }
+    PresetsScreen #preset-list { width: 40; height: 1fr; }
+    PresetsScreen #preset-detail { width: 1fr; border: round $secondary; padding: 0 1; }
+    PresetsScreen #preset-fields { height: 1fr; }
+    PresetsScreen #preset-description { height: auto; margin: 0 0 1 0; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.presets: list[Any] = []
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="presets-body"):
+            with Vertical(id="preset-left", classes="narrow"):
+                yield Label("Presets", classes="pane-title")
+                yield OptionList(id="preset-list")
+            with Vertical(id="preset-detail"):
+                yield Static("", id="preset-description")
+                yield DataTable(id="preset-fields", cursor_type="none", show_cursor=False)
+                with Horizontal(classes="actions"):
+                    yield Button("Apply (a)", variant="primary", id="apply")
+                    yield Button("Save current (s)", id="save")
+                    yield Button("Rename (r)", id="rename")
+                    yield Button("Delete (x)", variant="error", id="delete")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#preset-fields", DataTable)
+        table.add_column("field", key="field")
+        table.add_column("value", key="value")
+        self.reload()
+
+    @work(thread=True, exclusive=True, group="presets-screen")
+    def reload(self, select: str | None = None) -> None:
+        try:
+            presets, problems = presets_module(self.app).load_presets()
+        except Exception as error:  # noqa: BLE001
+            presets, problems = [], [f"Could not load presets: {error}"]
+        self.app.call_from_thread(self._loaded, presets, problems, select)
+
+    def _loaded(self, presets: list[Any], problems: list[Any], select: str | None) -> None:
+        self.presets = presets
+        option_list = self.query_one(OptionList)
+        previous = select or (self.selected().name if self.selected() else None)
+        option_list.clear_options()
+        for preset in presets:
+            label = Text(preset.name)
+            label.append("  built-in" if preset.builtin else "  user", style="dim")
+            option_list.add_option(Option(label, id=preset.name))
+        names = [p.name for p in presets]
+        if presets:
+            option_list.highlighted = names.index(previous) if previous in names else 0
+        for problem in problems or []:
+            self.app.notify(str(problem), severity="warning", markup=False)
+        self.show_selected()
+        screen = self.app.get_generate_screen()
+        if screen is not None and screen.is_mounted:
+            screen.reload_presets()
+
+    def selected(self) -> Any:
+        option_list = self.query_one(OptionList)
+        index = option_list.highlighted
+        if index is None or not 0 <= index < len(self.presets):
+            return None
+        return self.presets[index]
+
+    @on(OptionList.OptionHighlighted)
+    def _highlighted(self) -> None:
+        self.show_selected()
+
+    @on(OptionList.OptionSelected)
+    def _selected(self) -> None:
+        self.action_apply()
+
+    def show_selected(self) -> None:
+        preset = self.selected()
+        table = self.query_one("#preset-fields", DataTable)
+        table.clear()
+        description = self.query_one("#preset-description", Static)
+        if preset is None:
+            description.update("No presets.")
+            return
+        text = Text(preset.name, style="bold")
+        text.append(f"  ({'built-in' if preset.builtin else 'user'}: {preset.source})\n", style="dim")
+        text.append(preset.description or "")
+        description.update(text)
+        for name, value in dict(preset.fields).items():
+            table.add_row(name, Text(str(value)))
+
+    @on(Button.Pressed)
+    def _button(self, event: Button.Pressed) -> None:
+        action = {"apply": self.action_apply, "save": self.action_save_current, "rename": self.action_rename,
+                  "delete": self.action_delete}.get(event.button.id or "")
+        if action:
+            action()
+
+    def action_apply(self) -> None:
+        preset = self.selected()
+        screen = self.app.get_generate_screen()
+        if preset is None or screen is None:
+            return
+        self.app.switch_mode("generate")
+        screen.apply_preset(preset)
+
+    def action_save_current(self) -> None:
+        screen = self.app.get_generate_screen()
+        if screen is None or not screen.is_mounted:
+            self.app.notify("Open the Generate screen first.", severity="warning")
+            return
+        fields = {k: v for k, v in screen.form_values().items()
+                  if k != "seed_lock" and v not in (None, {}, "")}
+
+        def named(name: str | None) -> None:
+            if not name:
+                return
+            try:
+                presets_module(self.app).save_user_preset(name, fields)
+            except Exception as error:  # noqa: BLE001
+                self.app.notify(str(error), severity="error", markup=False)
+                return
+            self.app.notify(f"Saved preset {name}", markup=False, timeout=2)
+            self.reload(select=name)
+
+        self.app.push_screen(TextPromptScreen("Save the current Generate settings as preset:",
+                                              placeholder="preset name"), named)
+
+    def _user_preset(self) -> Any:
+        preset = self.selected()
+        if preset is None:
+            return None
+        if preset.builtin:
+            self.app.notify("Built-in presets cannot be changed; save a copy instead.", severity="warning")
+            return None
+        return preset
+
+    def action_rename(self) -> None:
+        preset = self._user_preset()
+        if preset is None:
+            return
+
+        def named(name: str | None) -> None:
+            if not name or name == preset.name:
+                return
+            try:
+                presets_module(self.app).rename_user_preset(preset.name, name)
+            except Exception as error:  # noqa: BLE001
+                self.app.notify(str(error), severity="error", markup=False)
+                return
+            self.reload(select=name)
+
+        self.app.push_screen(TextPromptScreen(f"Rename preset {preset.name} to:", value=preset.name), named)
+
+    def action_delete(self) -> None:
+        preset = self._user_preset()
+        if preset is None:
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                presets_module(self.app).delete_user_preset(preset.name)
+            except Exception as error:  # noqa: BLE001
+                self.app.notify(str(error), severity="error", markup=False)
+                return
+            self.reload()
+
+        self.app.push_screen(ConfirmScreen(f"Delete preset {preset.name}?"), confirmed)

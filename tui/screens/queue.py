@@ -1,0 +1,154 @@
+"""Queue screen: live table of jobs with cancel, pause/resume, reorder and retry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Label
+
+from core.events import Event
+from tui.screens.base import MainScreen
+
+COLUMNS = ("id", "state", "model", "prompt", "progress", "created", "time")
+ACTIVE = ("pending", "running")
+
+
+def _clock(stamp: Any) -> str:
+    if not stamp:
+        return ""
+    if isinstance(stamp, int | float):
+        return time.strftime("%H:%M:%S", time.localtime(stamp))
+    return str(stamp)[11:19] or str(stamp)
+
+
+def _elapsed(job: Any) -> str:
+    start, end = getattr(job, "started", None), getattr(job, "finished", None)
+    if isinstance(start, int | float):
+        return f"{(end if isinstance(end, int | float) else time.time()) - start:.1f}s"
+    return ""
+
+
+class QueueScreen(MainScreen):
+    BINDINGS = [
+        Binding("c,delete", "cancel_job", "Cancel"),
+        Binding("p", "toggle_pause", "Pause/Resume"),
+        Binding("u,shift+up", "move(-1)", "Move up"),
+        Binding("d,shift+down", "move(1)", "Move down"),
+        Binding("r", "retry", "Retry"),
+    ]
+    DEFAULT_CSS = """
+    QueueScreen #queue-table { height: 1fr; }
+    """
+
+    def compose_body(self) -> ComposeResult:
+        yield Label("Queue", id="queue-title", classes="pane-title")
+        table: DataTable = DataTable(id="queue-table", cursor_type="row", zebra_stripes=True)
+        yield table
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        for name in COLUMNS:
+            table.add_column(name, key=name)
+        self.app.job_events.subscribe(self, self._on_job_event)
+        self.app.job_progress.subscribe(self, self._on_progress)
+        self.refresh_jobs()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_jobs()
+
+    def _on_job_event(self, event: Event) -> None:
+        self.refresh_jobs()
+
+    def _on_progress(self, progress: Any) -> None:
+        table = self.query_one(DataTable)
+        key = str(progress.job_id)
+        if key in table.rows:
+            table.update_cell(key, "progress", f"{progress.step}/{progress.total}")
+
+    @property
+    def table(self) -> DataTable:
+        return self.query_one(DataTable)
+
+    def refresh_jobs(self) -> None:
+        table = self.table
+        try:
+            jobs = self.app.store.list_jobs()
+        except Exception as error:  # noqa: BLE001
+            self.app.notify(f"Could not read the queue: {error}", severity="error", markup=False)
+            return
+        selected = self.selected_job_id()
+        table.clear()
+        for job in jobs:
+            request = job.request
+            progress = self.app.progress.get(job.id)
+            if job.state == "running" and progress is not None:
+                done = f"{progress.step}/{progress.total}"
+            elif job.state == "done":
+                done = "done"
+            else:
+                done = ""
+            state = Text(str(job.state))
+            if job.state in ("failed", "interrupted"):
+                state.stylize("bold red")
+            elif job.state == "running":
+                state.stylize("bold green")
+            prompt = " ".join(request.prompt.split())[:60]
+            table.add_row(
+                str(job.id), state, Text(str(request.model)), Text(prompt), done,
+                _clock(getattr(job, "created", None)), _elapsed(job), key=str(job.id),
+            )
+        if selected is not None and str(selected) in table.rows:
+            table.move_cursor(row=table.get_row_index(str(selected)))
+        paused = getattr(self.app.worker, "paused", False)
+        count = sum(1 for j in jobs if j.state in ACTIVE)
+        self.query_one("#queue-title", Label).update(
+            f"Queue — {count} active{' — PAUSED (p to resume)' if paused else ''}"
+        )
+
+    def selected_job_id(self) -> int | None:
+        table = self.table
+        if table.row_count == 0:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        except Exception:  # noqa: BLE001 - no cursor row
+            return None
+        return int(key.value) if key.value is not None else None
+
+    def _run(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as error:  # noqa: BLE001 - a refused action is a notification, not a crash
+            self.app.notify(f"Could not {what}: {error}", severity="error", markup=False)
+        self.refresh_jobs()
+
+    def action_cancel_job(self) -> None:
+        job_id = self.selected_job_id()
+        if job_id is not None:
+            self._run(f"cancel job #{job_id}", self.app.worker.cancel, job_id)
+
+    def action_toggle_pause(self) -> None:
+        worker = self.app.worker
+        if worker.paused:
+            self._run("resume the queue", worker.resume)
+            self.app.notify("Queue resumed", timeout=2)
+        else:
+            self._run("pause the queue", worker.pause)
+            self.app.notify("Queue paused: the running job finishes, nothing new starts", timeout=3)
+
+    def action_move(self, delta: int) -> None:
+        job_id = self.selected_job_id()
+        if job_id is not None:
+            self._run(f"move job #{job_id}", self.app.worker.move, job_id, delta)
+            table = self.table
+            if str(job_id) in table.rows:
+                table.move_cursor(row=table.get_row_index(str(job_id)))
+
+    def action_retry(self) -> None:
+        job_id = self.selected_job_id()
+        if job_id is not None:
+            self._run(f"retry job #{job_id}", self.app.worker.retry, job_id)

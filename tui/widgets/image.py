@@ -1,0 +1,65 @@
+"""Which textual-image widget draws pictures, chosen once before the app runs.
+
+textual-image picks its protocol when ``textual_image.renderable`` is first imported, by querying the terminal
+on stdin/stdout. That must happen before ``App.run()`` (afterwards Textual's input thread swallows the replies),
+so ``run_app`` calls :func:`prepare_image_protocol` first and the widgets only ever use the resolved class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+from core.errors import DarkroomError
+
+PROTOCOLS = ("auto", "tgp", "sixel", "halfcell", "unicode")
+ENV_VAR = "DARKROOM_IMAGE_PROTOCOL"
+
+_chosen: type | None = None
+
+
+class ImageProtocolError(DarkroomError):
+    pass
+
+
+def resolve_protocol(requested: str | None = None) -> str:
+    """CLI value first, then ``DARKROOM_IMAGE_PROTOCOL``, then ``auto``."""
+    value = (requested or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if value not in PROTOCOLS:
+        raise ImageProtocolError(f"image protocol {value!r} is invalid: use one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+def image_class(protocol: str) -> type:
+    """Import textual-image (which probes the terminal on first import) and return the widget class."""
+    import textual_image.widget as tiw
+
+    classes = {
+        "auto": tiw.Image,
+        "tgp": tiw.TGPImage,
+        "sixel": tiw.SixelImage,
+        "halfcell": tiw.HalfcellImage,
+        "unicode": tiw.UnicodeImage,
+    }
+    return classes[protocol]
+
+
+def prepare_image_protocol(requested: str | None = None) -> type:
+    """Probe the terminal now (call before ``App.run()``) and remember the widget class for the app."""
+    global _chosen
+    _chosen = image_class(resolve_protocol(requested))
+    return _chosen
+
+
+def chosen_image_class() -> type:
+    """The class picked by :func:`prepare_image_protocol`, or half-cell if nothing was prepared."""
+    return _chosen or image_class("halfcell")
+
+
+def make_image(cls: type, image: Any = None, *, on_error: Callable[[Exception], None] | None = None, **kwargs: Any):
+    """Build an image widget; ``on_error`` is passed only where textual-image supports it (0.13+)."""
+    if on_error is not None and "on_error" in inspect.signature(cls.__init__).parameters:
+        kwargs["on_error"] = on_error
+    return cls(image, **kwargs)

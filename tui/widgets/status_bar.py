@@ -1,0 +1,49 @@
+"""Always-visible status line: device, memory, attention backend, dtype, loaded model, queue, activity."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from core.events import Status
+
+
+def format_bytes(value: int) -> str:
+    if value <= 0:
+        return "–"
+    gib = value / 2**30
+    return f"{gib:.1f}G" if gib >= 1 else f"{value / 2**20:.0f}M"
+
+
+def status_text(status: Status | None, progress: str = "") -> Text:
+    """Plain Text (model names are file names: never markup)."""
+    if status is None:
+        return Text(" idle — no status from the worker yet", style="dim")
+    mem = f"{format_bytes(status.memory_used)}/{format_bytes(status.memory_peak)}/{format_bytes(status.memory_total)}"
+    activity = "paused" if status.paused and status.activity == "idle" else status.activity
+    text = Text()
+    text.append(f" {status.device} ", style="bold reverse")
+    text.append(f" mem {mem}  {status.attention_backend}  {status.dtype}  ")
+    text.append(f"model {status.loaded_model or '–'}  ")
+    text.append(f"queue {status.queue_length}{' (paused)' if status.paused else ''}  ")
+    text.append(activity, style="bold")
+    if progress:
+        text.append(f"  {progress}")
+    return text
+
+
+class StatusBar(Static):
+    """Reads ``app.status`` and ``app.progress_line``; re-renders on change and once a second."""
+
+    DEFAULT_CSS = """
+    StatusBar { height: 1; width: 1fr; background: $panel; color: $text; }
+    """
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "status", self._refresh_text)
+        self.watch(self.app, "progress_line", self._refresh_text)
+        self.set_interval(1.0, self._refresh_text)
+
+    def _refresh_text(self, *_: object) -> None:
+        app = self.app
+        self.update(status_text(getattr(app, "status", None), getattr(app, "progress_line", "")))
