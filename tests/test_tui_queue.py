@@ -1,0 +1,115 @@
+"""Pilot tests of the Queue screen and quitting with a running job (fake runner gated by an Event)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from core.request import GenerationRequest
+from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def request(prompt: str, steps: int = 3) -> GenerationRequest:
+    return GenerationRequest(model="fake-model.safetensors", prompt=prompt, steps=steps, seed=7)
+
+
+def state(app, job_id):
+    return app.store.get_job(job_id).state
+
+
+async def open_queue(pilot, app):
+    await pilot.press("f4")
+    await pilot.pause()
+    return app.screen
+
+
+async def test_cancel_running_job(tmp_path):
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("to be cancelled"))
+        await wait_for(pilot, lambda: app.running_job == job)
+        screen = await open_queue(pilot, app)
+        assert screen.selected_job_id() == job
+        assert "running" in screen_text(app)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: state(app, job) == "cancelled")
+        await wait_for(pilot, lambda: app.running_job is None)
+        await wait_for(pilot, lambda: "cancelled" in screen_text(app))
+        assert app.store.history() == []
+
+
+async def test_pause_holds_jobs_and_resume_runs_them(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 40)) as pilot:
+        screen = await open_queue(pilot, app)
+        await pilot.press("p")
+        assert app.worker.paused
+        await wait_for(pilot, lambda: "PAUSED" in screen_text(app))
+        job = app.submit(request("held"))
+        await pilot.pause(0.5)
+        assert state(app, job) == "pending"
+        await pilot.press("p")
+        await wait_for(pilot, lambda: state(app, job) == "done")
+        await wait_for(pilot, lambda: "done" in [str(c) for c in screen.table.get_row(str(job))])
+
+
+async def test_move_and_retry(tmp_path):
+    from core.errors import DarkroomError
+
+    app = make_app(tmp_path, FakeRunner(fail_with=DarkroomError("boom")))
+    async with app.run_test(size=(140, 40)) as pilot:
+        screen = await open_queue(pilot, app)
+        await pilot.press("p")  # keep both pending so they can be reordered
+        first, second = app.submit(request("first")), app.submit(request("second"))
+        await pilot.pause()
+        pending = [j.id for j in app.store.list_jobs(states=["pending"])]
+        assert pending == [first, second]
+        screen.table.move_cursor(row=screen.table.get_row_index(str(second)))
+        await pilot.press("u")
+        assert [j.id for j in app.store.list_jobs(states=["pending"])] == [second, first]
+        assert screen.selected_job_id() == second
+        await pilot.press("p")
+        await wait_for(pilot, lambda: state(app, first) == "failed" and state(app, second) == "failed")
+        app.worker._runner.fail_with = None
+        screen.table.move_cursor(row=screen.table.get_row_index(str(first)))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: len(app.store.history()) == 1)
+        assert app.store.history()[0].request.prompt == "first"
+
+
+async def test_quit_with_running_job_can_leave_it_interrupted(tmp_path):
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("left behind"))
+        await wait_for(pilot, lambda: app.running_job == job)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert "still running" in screen_text(app)
+        await pilot.click("#interrupt")
+        await wait_for(pilot, lambda: not app.is_running)
+    assert app.store.get_job(job).state == "interrupted"
+
+
+async def test_quit_with_running_job_can_finish_it(tmp_path):
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("finish me"))
+        await wait_for(pilot, lambda: app.running_job == job)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.click("#finish")
+        await pilot.pause(0.2)
+        assert app.is_running  # still waiting for the job
+        runner.gate.set()
+        await wait_for(pilot, lambda: not app.is_running)
+    assert app.store.get_job(job).state == "done"
+    assert len(app.store.history()) == 1
