@@ -115,7 +115,9 @@ def test_character_classes_match_reference_regex():
     from tokenizers import Regex, pre_tokenizers
 
     split = pre_tokenizers.Split(
-        Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True
+        Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+        behavior="removed",
+        invert=True,
     )
     bad = []
     for cp in range(0x10000):

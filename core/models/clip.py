@@ -87,7 +87,9 @@ class CLIPTextConfig:
 
         vocab_size, width = shape("text_model.embeddings.token_embedding.weight")
         max_positions = shape("text_model.embeddings.position_embedding.weight")[0]
-        found = {int(m.group(1)) for k in shapes if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+        found = {
+            int(m.group(1)) for k in shapes if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))
+        }
         if not found or found != set(range(len(found))):
             raise ValueError(f"CLIP encoder layers are not numbered 0..n (found {sorted(found)})")
         intermediate = shape("text_model.encoder.layers.0.mlp.fc1.weight")[0]
@@ -206,11 +208,17 @@ class CLIPTextModel(nn.Module):
     def _check(self, input_ids: torch.Tensor, clip_skip: int) -> None:
         cfg = self.config
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.layers:
-            raise RequestError("clip_skip", clip_skip, f"an integer from 1 to {cfg.layers} for this text encoder")
+            raise RequestError(
+                "clip_skip", clip_skip, f"an integer from 1 to {cfg.layers} for this text encoder"
+            )
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_positions:
-            raise ValueError(f"input_ids must be [batch, <= {cfg.max_positions}], got {list(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be [batch, <= {cfg.max_positions}], got {list(input_ids.shape)}"
+            )
 
-    def _run(self, input_ids: torch.Tensor, clip_skip: int, keep_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(
+        self, input_ids: torch.Tensor, clip_skip: int, keep_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden state ``clip_skip`` layers from the end, last layer output); the latter only if asked."""
         self._check(input_ids, clip_skip)
         tm = self.text_model
