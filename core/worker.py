@@ -158,6 +158,7 @@ class Worker:
         self._wake = threading.Event()
         self._status_dirty = threading.Event()
         self._stop = threading.Event()
+        self._loop_done = threading.Event()
         self._finish_current = False
         self._paused = False
         self._current: JobContext | None = None
@@ -194,6 +195,7 @@ class Worker:
         if self.running:
             return
         self._stop.clear()
+        self._loop_done.clear()
         self._finish_current = False
         self._thread = threading.Thread(target=self._job_loop, name="darkroom-worker", daemon=True)
         self._status_thread = threading.Thread(
@@ -302,28 +304,32 @@ class Worker:
 
     def _job_loop(self) -> None:
         try:
-            self.store.recover()
-        except Exception:
-            log.exception("job recovery failed")
-        while not self._stop.is_set():
-            if self._paused:
-                self._set_activity("paused")
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            self._wake.clear()
             try:
-                job = self.store.claim_next(self.queue)
+                self.store.recover()
             except Exception:
-                log.exception("claiming a job failed")
-                job = None
-            if job is None:
-                self._set_activity("idle")
-                # Poll too: another process (e.g. `darkroom` retrying from its own window) may add jobs.
-                self._wake.wait(timeout=1.0)
-                continue
-            self._run_job(job)
-        self._set_activity("idle")
+                log.exception("job recovery failed")
+            while not self._stop.is_set():
+                if self._paused:
+                    self._set_activity("paused")
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._wake.clear()
+                try:
+                    job = self.store.claim_next(self.queue)
+                except Exception:
+                    log.exception("claiming a job failed")
+                    job = None
+                if job is None:
+                    self._set_activity("idle")
+                    # Poll too: another process may add jobs to this queue.
+                    self._wake.wait(timeout=1.0)
+                    continue
+                self._run_job(job)
+        finally:
+            self._set_activity("idle")
+            self._loop_done.set()
+            self._status_dirty.set()  # wake the status thread so it sees the stop now
 
     def _get_runner(self) -> JobRunner:
         if self._runner is None:
@@ -405,7 +411,7 @@ class Worker:
         while True:
             dirty = self._status_dirty.wait(timeout=self.status_interval)
             self._status_dirty.clear()
-            stopping = self._stop.is_set() and not (self._thread and self._thread.is_alive())
+            stopping = self._loop_done.is_set()
             ctx = self._current
             if ctx is not None:
                 try:

@@ -1,0 +1,398 @@
+"""``darkroom --batch JOBS``: run generation jobs without the TUI.
+
+JOBS is a TOML file of ``[[job]]`` tables (plus an optional ``[defaults]`` table), a JSON Lines file (one
+request object per line), or ``-`` for stdin (TOML or JSON Lines, detected). Each job may name a ``preset``;
+request defaults < ``[defaults]`` < preset < job fields.
+
+Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
+(a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
+2 usage or input error, 3 a model cannot be found or loaded, 130 interrupted (Ctrl-C).
+
+Jobs go through the same SQLite queue as the TUI (under a queue name of their own), so an interrupted batch
+leaves its remaining jobs in the database. This module never imports Textual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import queue as queue_mod
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
+from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
+from core.request import GenerationRequest
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
+
+
+class BatchInputError(DarkroomError):
+    """The jobs file cannot be read or holds an invalid job."""
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    index: int  # 1-based, in file order
+    request: GenerationRequest
+
+
+# ---- reading jobs ---------------------------------------------------------------------------------------------
+
+
+def _detect_format(text: str, name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix == ".toml":
+        return "toml"
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            return "jsonl" if stripped.startswith("{") else "toml"
+    return "toml"
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if key in ("hires", "extra") and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """Raw job tables, each with a human name ("job 2" / "line 5"), and the defaults table."""
+    if fmt == "toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise BatchInputError(f"{label}: not valid TOML: {exc}") from None
+        unknown = sorted(set(data) - {"job", "defaults"})
+        if unknown:
+            raise BatchInputError(
+                f"{label}: unknown top-level key {unknown[0]!r}; valid: [[job]] tables and one [defaults] table"
+            )
+        jobs = data.get("job", [])
+        if not isinstance(jobs, list):
+            raise BatchInputError(f"{label}: 'job' must be [[job]] tables")
+        defaults = data.get("defaults", {})
+        if not isinstance(defaults, Mapping):
+            raise BatchInputError(f"{label}: 'defaults' must be a [defaults] table")
+        return [(f"job {i}", job) for i, job in enumerate(jobs, 1)], dict(defaults)
+    tables = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            tables.append((f"line {number}", json.loads(stripped)))
+        except json.JSONDecodeError as exc:
+            raise BatchInputError(f"{label}: line {number}: not valid JSON: {exc.msg}") from None
+    return tables, {}
+
+
+def parse_jobs(text: str, label: str, fmt: str | None = None) -> list[BatchJob]:
+    """Validate every job up front, so nothing runs when any job is wrong."""
+    tables, defaults = _job_tables(text, label, fmt or _detect_format(text, label))
+    if not tables:
+        raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")
+    jobs = []
+    for index, (name, table) in enumerate(tables, 1):
+        where = f"{label}: {name}"
+        if not isinstance(table, Mapping):
+            raise BatchInputError(f"{where}: a job must be a table of request fields, not {table!r}")
+        base = {k: v for k, v in defaults.items() if k != "preset"}
+        job_fields = {k: v for k, v in table.items() if k != "preset"}
+        preset = table.get("preset", defaults.get("preset"))
+        try:
+            if preset is not None:
+                if not isinstance(preset, str):
+                    raise RequestError("preset", preset, "the name of a preset")
+                from core.presets import apply_preset, find_preset
+
+                # [defaults] < preset < job: the defaults go under the preset's own fields.
+                found = find_preset(preset)
+                found = dataclasses.replace(found, fields=_merge(base, found.fields))
+                fields = apply_preset(found, job_fields)
+            else:
+                fields = _merge(base, job_fields)
+            request = GenerationRequest.from_dict(fields)
+        except (RequestError, PresetError) as exc:
+            raise BatchInputError(f"{where}: {exc}") from None
+        except TypeError as exc:  # e.g. a hires value the dataclass cannot take
+            raise BatchInputError(f"{where}: {exc}") from None
+        jobs.append(BatchJob(index, request))
+    return jobs
+
+
+def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
+    """Read JOBS (a path or ``-``); returns the jobs and the label used in messages."""
+    if source == "-":
+        text = (stdin or sys.stdin).read()
+        return parse_jobs(text, "<stdin>"), "<stdin>"
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BatchInputError(f"{source}: jobs file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BatchInputError(f"{source}: cannot read the jobs file: {exc}") from None
+    return parse_jobs(text, source), source
+
+
+# ---- the runner -------------------------------------------------------------------------------------------------
+
+
+def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -> Callable[[], Any]:
+    """A factory for the real pipeline, built inside the worker thread."""
+
+    def factory() -> Any:
+        from core.pipeline import PipelineRunner  # type: ignore[attr-defined]
+
+        params = inspect.signature(PipelineRunner).parameters
+        kwargs: dict[str, Any] = {}
+        if "registry" in params:
+            kwargs["registry"] = registry
+        elif "models_dirs" in params and models_dirs:
+            kwargs["models_dirs"] = list(models_dirs)
+        return PipelineRunner(**kwargs)
+
+    return factory
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+
+
+class _PlainProgress:
+    """One line per event, steps at most once a second: readable in logs and CI."""
+
+    def __init__(self, err: IO[str], total_jobs: int) -> None:
+        self.err = err
+        self.total = total_jobs
+        self._last_step = 0.0
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def message(self, text: str) -> None:
+        self._say(text)
+
+    def started(self, n: int, request: GenerationRequest) -> None:
+        prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+        self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {prompt!r}")
+        self._last_step = 0.0
+
+    def step(self, n: int, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step == 1 or step == total or now - self._last_step >= 1.0:
+            self._last_step = now
+            self._say(f"[{n}/{self.total}] step {step}/{total}")
+
+    def finished(self, n: int, count: int, elapsed: float) -> None:
+        self._say(f"[{n}/{self.total}] done: {count} image(s) in {elapsed:.1f} s")
+
+    def failed(self, n: int, error: str) -> None:
+        self._say(f"[{n}/{self.total}] failed: {error}")
+
+    def close(self) -> None:
+        pass
+
+
+class _RichProgress(_PlainProgress):
+    """A live progress bar on a terminal (Rich, imported only here)."""
+
+    def __init__(self, err: IO[str], total_jobs: int) -> None:
+        super().__init__(err, total_jobs)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(file=err, highlight=False)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.overall = self.progress.add_task("jobs", total=total_jobs)
+        self.current: Any = None
+        self.progress.start()
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)  # prompts are user text, never markup
+
+    def started(self, n: int, request: GenerationRequest) -> None:
+        super().started(n, request)
+        self.current = self.progress.add_task(f"job {n}/{self.total}", total=None)
+
+    def step(self, n: int, step: int, total: int) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=step, total=total)
+
+    def _end(self) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+            self.current = None
+        self.progress.advance(self.overall)
+
+    def finished(self, n: int, count: int, elapsed: float) -> None:
+        self._end()
+        super().finished(n, count, elapsed)
+
+    def failed(self, n: int, error: str) -> None:
+        self._end()
+        super().failed(n, error)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+
+
+def run_batch(
+    jobs_source: str,
+    *,
+    models_dirs: Sequence[Path | str] | None = None,
+    output_dir: Path | str | None = None,
+    db_path: Path | str | None = None,
+    runner_factory: Callable[[], Any] | None = None,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    rich_progress: bool | None = None,
+) -> int:
+    """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+
+    def error(text: str) -> None:
+        print(f"darkroom: error: {text}", file=err, flush=True)
+
+    try:
+        jobs, label = load_jobs(jobs_source, stdin)
+    except BatchInputError as exc:
+        error(str(exc))
+        return EXIT_USAGE
+
+    dirs = [Path(d).expanduser() for d in models_dirs] if models_dirs else None
+    if dirs:
+        # A pipeline that builds its own registry finds the same folders.
+        os.environ["DARKROOM_MODELS"] = os.pathsep.join(str(d) for d in dirs)
+    from core.models.registry import ModelRegistry
+
+    registry = ModelRegistry(dirs)
+    for job in jobs:
+        try:
+            registry.find_checkpoint(job.request.model)
+            if job.request.vae:
+                registry.find_vae(job.request.vae)
+        except ModelNotFoundError as exc:
+            error(f"{label}: job {job.index}: {exc}")
+            return EXIT_MODEL
+
+    if runner_factory is None:
+        if importlib.util.find_spec("core.pipeline") is None:
+            error("the generation pipeline (core/pipeline.py) is not part of this installation")
+            return EXIT_JOB_FAILED
+        runner_factory = pipeline_runner_factory(registry, dirs)
+
+    from core.store import JobStore
+    from core.worker import Worker
+
+    try:
+        store = JobStore(Path(db_path).expanduser() if db_path else None)
+    except DarkroomError as exc:
+        error(str(exc))
+        return EXIT_USAGE
+    queue_name = f"batch-{os.getpid()}-{int(time.time())}"
+    worker = Worker(
+        store,
+        runner_factory,
+        output_dir=Path(output_dir).expanduser() if output_dir else None,
+        queue=queue_name,
+    )
+    events: queue_mod.Queue = queue_mod.Queue()
+    worker.subscribe(events.put)
+    number: dict[int, int] = {}  # job id -> index in the file
+    for job in jobs:
+        number[worker.submit(job.request)] = job.index
+
+    use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
+    progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
+    remaining = set(number)
+    failed: list[int] = []
+    model_failed = False
+    stdout_ok = True
+    worker.start()
+    try:
+        while remaining:
+            try:
+                event = events.get(timeout=0.2)
+            except queue_mod.Empty:
+                continue
+            n = number.get(event.job_id) if event.job_id is not None else None
+            if n is None:
+                continue
+            if isinstance(event, JobStarted):
+                progress.started(n, event.request)
+            elif isinstance(event, JobStep):
+                progress.step(n, event.step, event.total)
+            elif isinstance(event, JobFinished):
+                remaining.discard(event.job_id)
+                progress.finished(n, len(event.paths), event.elapsed)
+                for path in event.paths:
+                    if stdout_ok:
+                        try:
+                            print(path, file=out, flush=True)
+                        except BrokenPipeError:
+                            stdout_ok = False  # `| head`: keep generating, stop printing
+            elif isinstance(event, JobFailed):
+                remaining.discard(event.job_id)
+                failed.append(event.job_id)
+                exc = worker.failure(event.job_id)
+                if isinstance(exc, (CheckpointError, ModelNotFoundError)):
+                    model_failed = True
+                progress.failed(n, event.error)
+            elif isinstance(event, JobCancelled):
+                remaining.discard(event.job_id)
+                failed.append(event.job_id)
+                progress.failed(n, "cancelled")
+    except KeyboardInterrupt:
+        current = worker.current_job_id
+        progress.close()
+        print("darkroom: interrupted; stopping the current job...", file=err, flush=True)
+        worker.stop(finish_current=False, timeout=30)
+        pending = store.pending_count(queue_name)
+        where = f"job {number[current]} marked interrupted; " if current in number else ""
+        print(
+            f"darkroom: {where}{pending} job(s) left pending in queue {queue_name} of {store.path}",
+            file=err,
+            flush=True,
+        )
+        store.close()
+        return EXIT_INTERRUPTED
+    progress.close()
+    worker.stop(finish_current=True, timeout=30)
+    store.close()
+    done = len(jobs) - len(failed)
+    print(f"darkroom: {done} of {len(jobs)} job(s) succeeded", file=err, flush=True)
+    if model_failed:
+        return EXIT_MODEL
+    return EXIT_JOB_FAILED if failed else EXIT_OK

@@ -1,0 +1,71 @@
+"""The ``darkroom`` command: the TUI by default, ``--batch JOBS`` for headless runs.
+
+Imports here stay light: neither Textual nor torch is imported at module level, so ``darkroom --batch`` never
+loads Textual and ``darkroom --version`` / usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("darkroom")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="darkroom",
+        description="Local Stable Diffusion image generation: a terminal UI, or headless with --batch.",
+        epilog="Exit codes with --batch: 0 all jobs succeeded, 1 a job failed, 2 usage or input error, "
+        "3 a model cannot be found or loaded, 130 interrupted.",
+    )
+    parser.add_argument(
+        "--batch",
+        metavar="JOBS",
+        help="run jobs without the UI: a TOML file of [[job]] tables, a .jsonl file, or - for stdin; "
+        "prints one image path per line",
+    )
+    parser.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        action="append",
+        default=None,
+        help="a folder with checkpoints (ComfyUI or A1111 layout, or plain); repeatable",
+    )
+    parser.add_argument("--output-dir", metavar="DIR", help="where images are saved (default: the data folder)")
+    parser.add_argument("--db", metavar="FILE", help="the job queue and history database")
+    parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors
+    if args.batch is not None:
+        from cli.batch import run_batch
+
+        return run_batch(args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db)
+    try:
+        from tui.app import run_app
+    except ImportError as exc:
+        print(
+            f"darkroom: error: the terminal UI cannot start ({exc}); check that Textual is installed, "
+            "or run headless with --batch JOBS",
+            file=sys.stderr,
+        )
+        return 1
+    return run_app(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""``darkroom --batch``: job files, presets, stdout contract and exit codes (0, 1, 2, 3, 130).
+
+The pipeline is replaced by a fake runner: in-process through ``run_batch(runner_factory=...)``, and in
+subprocesses through a small script that calls ``run_batch`` the same way. Usage errors go through the real
+``python -m cli.main`` entry point.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.batch import run_batch
+from core.errors import CheckpointError
+from core.store import JobStore
+from core.worker import GeneratedImage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeRunner:
+    """One tiny image per seed; prompt "boom" raises, prompt "badmodel" raises CheckpointError."""
+
+    seen: list = []
+
+    def run(self, job, ctx):
+        FakeRunner.seen.append(job.request)
+        if "badmodel" in job.request.prompt:
+            raise CheckpointError(job.request.model, "is not a Stable Diffusion checkpoint")
+        for i in range(1, job.request.steps + 1):
+            ctx.step(i, job.request.steps)
+        if "boom" in job.request.prompt:
+            raise RuntimeError("boom")
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fake.safetensors").write_bytes(b"")
+    FakeRunner.seen = []
+
+    def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(
+            jobs,
+            models_dirs=[models],
+            output_dir=tmp_path / "out",
+            db_path=tmp_path / "db.sqlite3",
+            runner_factory=FakeRunner,
+            stdin=io.StringIO(stdin) if stdin is not None else None,
+            stdout=out,
+            stderr=err,
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return str(path)
+
+    return run, write, tmp_path
+
+
+def paths_of(stdout: str) -> list[Path]:
+    lines = stdout.splitlines()
+    assert all(Path(line).is_file() and line.endswith(".png") for line in lines), stdout
+    return [Path(line) for line in lines]
+
+
+def test_toml_jobs_succeed_and_stdout_has_only_paths(setup):
+    run, write, tmp_path = setup
+    jobs = write(
+        "jobs.toml",
+        """
+        [[job]]
+        model = "fake"
+        prompt = "a lighthouse"
+        steps = 2
+        batch_size = 2
+
+        [[job]]
+        model = "fake.safetensors"
+        prompt = "a harbour"
+        steps = 3
+        seed = 77
+        """,
+    )
+    code, out, err = run(jobs)
+    assert code == 0, err
+    paths = paths_of(out)
+    assert len(paths) == 3
+    assert all(p.is_relative_to(tmp_path / "out") for p in paths)
+    assert paths[2].name.endswith("-77.png")
+    assert "step 2/2" in err and "2 of 2 job(s) succeeded" in err
+    # the batch went through the shared database, under a queue of its own
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        jobs_done = store.list_jobs(states=["done"])
+        assert len(jobs_done) == 2 and jobs_done[0].queue.startswith("batch-")
+        assert {h.path for h in store.history()} == {str(p) for p in paths}
+
+
+def test_failed_job_gives_exit_1_and_other_jobs_still_run(setup):
+    run, write, _ = setup
+    jobs = write(
+        "jobs.jsonl",
+        '{"model": "fake", "prompt": "boom", "steps": 1}\n\n{"model": "fake", "prompt": "fine", "steps": 1}\n',
+    )
+    code, out, err = run(jobs)
+    assert code == 1
+    assert len(paths_of(out)) == 1
+    assert "[1/2] failed: internal error: RuntimeError: boom" in err
+    assert "Traceback" not in err
+
+
+def test_unloadable_model_gives_exit_3(setup):
+    run, write, _ = setup
+    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\nprompt = "badmodel"\n[[job]]\nmodel = "fake"\nsteps = 1\n')
+    code, out, err = run(jobs)
+    assert code == 3
+    assert "is not a Stable Diffusion checkpoint" in err
+    assert len(paths_of(out)) == 1  # the other job still ran
+
+
+def test_missing_model_gives_exit_3_before_anything_runs(setup):
+    run, write, tmp_path = setup
+    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\n[[job]]\nmodel = "dreamshaper_8"\n')
+    code, out, err = run(jobs)
+    assert code == 3
+    assert out == ""
+    assert "job 2" in err and "dreamshaper_8" in err
+    assert FakeRunner.seen == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[job]]\nmodel = "fake"\nsteps = \n', ["not valid TOML"]),
+        ('[[job]]\nmodel = "fake"\n[[job]]\nmodel = "fake"\nstepz = 3\n', ["job 2", "stepz", "steps"]),
+        ('[[job]]\nmodel = "fake"\nsteps = 0\n', ["job 1", "steps", "0", "from 1 to 150"]),
+        ('[[job]]\nmodel = "fake"\nsampler = "euler_z"\n', ["sampler", "euler_z", "dpmpp_2m"]),
+        ('[[job]]\nmodel = "fake"\npreset = "no-such-preset"\n', ["job 1", "no-such-preset"]),
+        ('[[job]]\nprompt = "no model"\n', ["job 1", "model", "required"]),
+        ('title = "x"\n', ["unknown top-level key 'title'"]),
+        ("# nothing here\n", ["no jobs found"]),
+    ],
+)
+def test_input_errors_give_exit_2_naming_file_job_field_value(setup, text, expected):
+    run, write, _ = setup
+    jobs = write("jobs.toml", text)
+    code, out, err = run(jobs)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"darkroom: error: {jobs}: ")
+    for part in expected:
+        assert part in err
+    assert FakeRunner.seen == []
+
+
+def test_jsonl_error_names_the_line(setup):
+    run, write, _ = setup
+    jobs = write("jobs.jsonl", '{"model": "fake"}\n{"model": "fake", "cfg": "high"}\n')
+    code, _, err = run(jobs)
+    assert code == 2
+    assert "line 2" in err and "cfg" in err and "'high'" in err
+
+
+def test_stdin_jsonl_and_toml(setup):
+    run, _, _ = setup
+    code, out, err = run("-", stdin='{"model": "fake", "steps": 1, "prompt": "from stdin"}\n')
+    assert code == 0, err
+    assert len(paths_of(out)) == 1
+    assert FakeRunner.seen[-1].prompt == "from stdin"
+    code, out, err = run("-", stdin='[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "toml stdin"\n')
+    assert code == 0, err
+    assert FakeRunner.seen[-1].prompt == "toml stdin"
+    code, out, err = run("-", stdin="[[job]\n")
+    assert code == 2 and "<stdin>" in err
+
+
+def test_preset_layers_defaults_preset_job(setup):
+    run, write, _ = setup
+    from core.presets import find_preset
+
+    preset = find_preset("sd15-fast-ays").fields
+    jobs = write(
+        "jobs.toml",
+        """
+        [defaults]
+        model = "fake"
+        cfg = 3.0
+        steps = 30
+        negative_prompt = "blurry"
+
+        [[job]]
+        preset = "sd15-fast-ays"
+        steps = 2
+
+        [[job]]
+        steps = 1
+        """,
+    )
+    code, _, err = run(jobs)
+    assert code == 0, err
+    first, second = FakeRunner.seen
+    assert first.steps == 2  # job beats preset
+    assert first.sampler == preset["sampler"] and first.schedule == preset["schedule"]
+    assert first.cfg == preset["cfg"] != 3.0  # preset beats [defaults]
+    assert first.negative_prompt == "blurry"  # [defaults] beats request defaults
+    assert (second.cfg, second.steps, second.sampler) == (3.0, 1, "euler")
+
+
+# ---- subprocesses -----------------------------------------------------------------------------------------------
+
+SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from PIL import Image
+from cli.batch import run_batch
+from core.worker import GeneratedImage
+
+class Slow:
+    def run(self, job, ctx):
+        for i in range(1, job.request.steps + 1):
+            time.sleep(0.02)
+            ctx.step(i, job.request.steps)
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+jobs, models, out, db, report = sys.argv[1:6]
+code = run_batch(jobs, models_dirs=[models], output_dir=out, db_path=db, runner_factory=Slow)
+with open(report, "w") as f:
+    json.dump({{"textual": "textual" in sys.modules, "rich": "rich" in sys.modules}}, f)
+sys.exit(code)
+"""
+
+
+def _script(tmp_path: Path) -> list[str]:
+    script = tmp_path / "batch_script.py"
+    script.write_text(SCRIPT.format(repo=str(REPO)))
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    (models / "fake.safetensors").write_bytes(b"")
+    return [
+        sys.executable,
+        str(script),
+        "JOBS",
+        str(models),
+        str(tmp_path / "out"),
+        str(tmp_path / "db.sqlite3"),
+        str(tmp_path / "report.json"),
+    ]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    env.pop("DARKROOM_MODELS", None)
+    return env
+
+
+def test_subprocess_stdout_is_paths_only(tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nsteps = 2\nbatch_count = 2\n')
+    cmd = _script(tmp_path)
+    cmd[2] = str(jobs)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(paths_of(proc.stdout)) == 2
+    assert "step 2/2" in proc.stderr
+
+
+def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nsteps = 150\n[[job]]\nmodel = "fake"\nsteps = 2\n')
+    cmd = _script(tmp_path)
+    cmd[2] = str(jobs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path)
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        while True:
+            line = lines.get(timeout=60)
+            if "[1/2] step 1/150" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130
+    assert proc.stdout.read() == ""
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert any("job 1 marked interrupted; 1 job(s) left pending" in line for line in rest), rest
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        states = [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)]
+        assert states == ["interrupted", "pending"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--batch", "missing.toml"], 2, "missing.toml: jobs file not found"),
+        (["--batch", "BAD"], 2, "stepz"),
+        (["--batch", "NOMODEL"], 3, "nothing_like_this"),
+        (["--bogus-flag"], 2, "unrecognized arguments"),
+    ],
+)
+def test_entry_point_exit_codes(tmp_path, args, code, message):
+    (tmp_path / "bad.toml").write_text('[[job]]\nmodel = "x"\nstepz = 1\n')
+    (tmp_path / "nomodel.toml").write_text('[[job]]\nmodel = "nothing_like_this"\n')
+    args = [{"BAD": str(tmp_path / "bad.toml"), "NOMODEL": str(tmp_path / "nomodel.toml")}.get(a, a) for a in args]
+    models = tmp_path / "models"
+    models.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args, "--models-dir", str(models), "--db", str(tmp_path / "db")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        timeout=120,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+
+
+def test_version():
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--version"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("darkroom ")
