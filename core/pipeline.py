@@ -1,0 +1,439 @@
+"""The generation pipeline: txt2img, img2img and hires-fix over the core's networks and samplers.
+
+``generate()`` turns one resolved ``GenerationRequest`` into images with a loaded model; ``PipelineRunner``
+is the worker's ``JobRunner``: it keeps one checkpoint loaded between jobs (switching frees the old one),
+caches prompt encodings, and reports every step with a cheap x0 preview.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.errors import DarkroomError
+from core.models.latent_formats import preview_image
+from core.request import GenerationRequest
+from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
+from core.sampling.noise import NoiseSampler
+from core.sampling.samplers import sample
+from core.sampling.schedules import get_sigmas
+
+if TYPE_CHECKING:
+    from core.models.checkpoint import LoadedCheckpoint
+    from core.models.registry import ModelRegistry
+    from core.store import Job
+    from core.worker import GeneratedImage, JobContext
+
+# Above this many latent pixels the VAE decodes in overlapping tiles (1024x1024 images and up), which
+# bounds memory with no visible seams.
+TILED_DECODE_LATENT_PIXELS = 128 * 128
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step 1-based over the job, total, x0 batch)
+
+
+class InitImageError(DarkroomError):
+    """The img2img source image cannot be used."""
+
+
+# ------------------------------------------------------------------------------------------ loaded model
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to sample: networks on the device at the compute dtype, plus its tokenizer."""
+
+    checkpoint: LoadedCheckpoint
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    model_hash: str | None = None
+    schedule: DiscreteSchedule = field(default_factory=DiscreteSchedule)
+
+    @property
+    def family(self) -> str:
+        return self.checkpoint.family
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        vae = self.checkpoint.vae_path
+        return (str(self.checkpoint.path), str(vae) if vae else None)
+
+    def noise_sampler(self, seeds: list[int], width: int, height: int) -> NoiseSampler:
+        """Per-image seeded noise for latents of an image of ``width`` x ``height`` pixels."""
+        vae = self.checkpoint.vae.config
+        shape = (vae.latent_channels, height // vae.downscale, width // vae.downscale)
+        return NoiseSampler(seeds, shape, device=self.device, dtype=self.dtype)
+
+    @property
+    def prediction(self) -> str:
+        return getattr(self.checkpoint.info, "prediction", None) or "epsilon"
+
+
+def load_model(
+    path: str | Path,
+    *,
+    vae_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    compute_hash: bool = True,
+) -> LoadedModel:
+    """Load a checkpoint for sampling. ``dtype=None`` picks the device's compute dtype (fp32 on CPU)."""
+    from core.accel.device import compute_dtype
+    from core.models.checkpoint import load_checkpoint, model_hash
+
+    device = torch.device(device)
+    checkpoint = load_checkpoint(path, vae_path=vae_path, device="cpu", dtype=None)
+    dtype = dtype or compute_dtype(device, checkpoint.dtype)
+    for module in (checkpoint.unet, checkpoint.text_encoder, checkpoint.vae):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        name=Path(path).stem,
+        model_hash=model_hash(path) if compute_hash else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ prompt cache
+
+
+class PromptCache:
+    """LRU cache of prompt encodings keyed by (model, clip skip, prompt text): repeats re-encode nothing."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, model: LoadedModel, text: str, clip_skip: int) -> torch.Tensor:
+        from core.models.prompt import encode_prompt
+
+        key = (model.key, clip_skip, text)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        with torch.inference_mode():
+            z = encode_prompt(model.checkpoint.text_encoder, _tokenizer(), text, clip_skip)
+        self._entries[key] = z
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return z
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_TOKENIZER = None
+
+
+def _tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from core.models.tokenizer import CLIPTokenizer
+
+        _TOKENIZER = CLIPTokenizer()
+    return _TOKENIZER
+
+
+def encode_conditioning(
+    model: LoadedModel, request: GenerationRequest, cache: PromptCache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) with equal token length, so CFG runs both in one UNet call."""
+    from core.models.prompt import pad_to_same_length
+
+    cond = cache.encode(model, request.prompt, request.clip_skip)
+    uncond = cache.encode(model, request.negative_prompt, request.clip_skip)
+    if cond.shape[1] != uncond.shape[1]:
+        empty = cache.encode(model, "", request.clip_skip)
+        cond, uncond = pad_to_same_length(cond, uncond, empty)
+    return cond, uncond
+
+
+# ------------------------------------------------------------------------------------------ image helpers
+
+
+def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:
+    """Decoded VAE output in [-1, 1] ``[B, 3, H, W]`` -> 8-bit RGB images (rounded like diffusers)."""
+    pixels = ((latents.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+def image_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """RGB image -> ``[1, 3, H, W]`` in [-1, 1]."""
+    data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    data = data.view(image.height, image.width, 3).permute(2, 0, 1)[None]
+    return (data.to(device=device, dtype=torch.float32) / 127.5 - 1.0).to(dtype)
+
+
+def load_init_image(path: str, width: int, height: int) -> Image.Image:
+    """Open the img2img source and resize it to the request's size (Lanczos)."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise InitImageError(f"init_image {path!r} does not exist") from None
+    except OSError as exc:
+        raise InitImageError(f"init_image {path!r} is not a readable image ({exc})") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    vae = model.checkpoint.vae
+    with torch.inference_mode():
+        if latents.shape[-1] * latents.shape[-2] > TILED_DECODE_LATENT_PIXELS:
+            return vae.decode_tiled(latents)
+        return vae.decode(latents)
+
+
+def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler) -> torch.Tensor:
+    """VAE-encode each image, sampling its posterior with that image's own seeded generator.
+
+    The posterior draw comes first in each image's stream, then the starting noise, then step noise; the
+    same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both.
+    """
+    vae = model.checkpoint.vae
+    with torch.inference_mode():
+        return torch.cat(
+            [vae.encode(image[None], generator=gen) for image, gen in zip(images, noise.generators)]
+        )
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class _Progress:
+    """Counts steps over the whole job (every pass of every batch) for the step callback."""
+
+    total: int
+    on_step: StepCallback | None
+    done: int = 0
+
+    def callback(self, info) -> None:
+        self.done += 1
+        if self.on_step is not None:
+            denoised = info["denoised"] if isinstance(info, dict) else info.denoised
+            self.on_step(self.done, self.total, denoised)
+
+
+def _denoiser(model: LoadedModel, cond: torch.Tensor, uncond: torch.Tensor, cfg: float, batch: int):
+    unet = model.checkpoint.unet
+    wrapper = VDenoiser if model.prediction == "v" else EpsDenoiser
+    inner = wrapper(lambda x, t, context: unet(x, t, context), model.schedule)
+    return CFGDenoiser(
+        inner,
+        cond={"context": cond.expand(batch, -1, -1)},
+        uncond={"context": uncond.expand(batch, -1, -1)},
+        cfg=cfg,
+    )
+
+
+def _run_sampler(
+    model: LoadedModel,
+    request: GenerationRequest,
+    denoiser,
+    start: torch.Tensor,
+    noise_sampler: NoiseSampler,
+    steps: int,
+    denoise: float,
+    progress: _Progress,
+    is_cancelled: Callable[[], bool] | None,
+) -> torch.Tensor:
+    """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma and sample to x0."""
+    sigmas = get_sigmas(request.schedule, model.schedule, steps, denoise, model.family).to(model.device)
+    x = start + noise_sampler.initial() * sigmas[0]
+    with torch.inference_mode():
+        return sample(
+            request.sampler,
+            denoiser,
+            x,
+            sigmas,
+            callback=progress.callback,
+            noise_sampler=noise_sampler,
+            is_cancelled=is_cancelled,
+        )
+
+
+def steps_per_image_batch(request: GenerationRequest) -> int:
+    """Sampler steps one batch of the job takes (first pass + hires pass), as counted for progress."""
+    first = _effective_steps(request.steps, request.denoise if request.is_img2img else 1.0)
+    if request.hires is None:
+        return first
+    return first + _effective_steps(request.hires.steps or request.steps, request.hires.denoise)
+
+
+def _effective_steps(steps: int, denoise: float) -> int:
+    # Steps as the schedules count them with img2img truncation: ``steps`` sampling steps, none at denoise 0.
+    return steps if denoise > 0 else 0
+
+
+def generate(
+    model: LoadedModel,
+    request: GenerationRequest,
+    *,
+    cache: PromptCache | None = None,
+    on_step: StepCallback | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> list[tuple[Image.Image, int]]:
+    """Run one resolved request; returns (image, seed) for every image of every batch."""
+    if request.seed < 0:
+        raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
+    cache = cache or PromptCache()
+    cond, uncond = encode_conditioning(model, request, cache)
+    seeds = request.image_seeds()
+    progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
+    init_pixels = None
+    if request.is_img2img:
+        init = load_init_image(request.init_image, request.width, request.height)
+        init_pixels = image_to_tensor(init, model.device, model.dtype)
+
+    results: list[tuple[Image.Image, int]] = []
+    for batch_index in range(request.batch_count):
+        batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
+        size = len(batch_seeds)
+        denoiser = _denoiser(model, cond, uncond, request.cfg, size)
+        noise = model.noise_sampler(batch_seeds, request.width, request.height)
+        if init_pixels is not None:
+            start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
+            denoise = request.denoise
+        else:
+            start = torch.zeros((size, *noise.shape), device=model.device, dtype=model.dtype)
+            denoise = 1.0
+        latents = start
+        if denoise > 0:
+            latents = _run_sampler(
+                model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
+            )
+        if request.hires is not None:
+            latents = _hires_pass(model, request, denoiser, latents, batch_seeds, progress, is_cancelled)
+        pixels = decode(model, latents)
+        results.extend(zip(latents_to_images(pixels), batch_seeds))
+    return results
+
+
+def _hires_pass(
+    model: LoadedModel,
+    request: GenerationRequest,
+    denoiser,
+    latents: torch.Tensor,
+    seeds: list[int],
+    progress: _Progress,
+    is_cancelled: Callable[[], bool] | None,
+) -> torch.Tensor:
+    """Upscale the first pass (in latent space, or decode-resize-encode) and re-sample at hires.denoise."""
+    hires = request.hires
+    width = round(request.width * hires.scale / 8) * 8
+    height = round(request.height * hires.scale / 8) * 8
+    # Fresh per-image streams from the same seeds, as A1111 does: at the new size the draw is a different field.
+    noise = model.noise_sampler(seeds, width, height)
+    if hires.upscaler == "latent":
+        upscaled = F.interpolate(latents.float(), size=noise.shape[1:], mode="bilinear")
+        upscaled = upscaled.to(latents.dtype)
+    else:
+        images = latents_to_images(decode(model, latents))
+        resized = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
+        pixels = torch.cat([image_to_tensor(img, model.device, model.dtype) for img in resized])
+        upscaled = encode_images(model, pixels, noise)
+    if hires.denoise <= 0:
+        return upscaled
+    return _run_sampler(
+        model,
+        request,
+        denoiser,
+        upscaled,
+        noise,
+        hires.steps or request.steps,
+        hires.denoise,
+        progress,
+        is_cancelled,
+    )
+
+
+# ------------------------------------------------------------------------------------------ worker runner
+
+
+class PipelineRunner:
+    """The worker's ``JobRunner``: resolves models, keeps one loaded, generates with previews."""
+
+    def __init__(
+        self,
+        models_dirs: list[Path] | None = None,
+        *,
+        registry: ModelRegistry | None = None,
+        device: str | torch.device | None = None,
+        previews: bool = True,
+    ) -> None:
+        from core.accel.device import compute_dtype, pick_device
+        from core.models.registry import ModelRegistry
+
+        self.registry = registry or ModelRegistry(models_dirs)
+        self.device = pick_device(device)
+        self.dtype = compute_dtype(self.device)
+        self.previews = previews
+        self.cache = PromptCache()
+        self.model: LoadedModel | None = None
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.model.name if self.model else None
+
+    def ensure_model(self, request: GenerationRequest, ctx: JobContext | None = None) -> LoadedModel:
+        path = self.registry.find_checkpoint(request.model)
+        vae_path = self.registry.find_vae(request.vae) if request.vae else None
+        key = (str(path), str(vae_path) if vae_path else None)
+        if self.model is not None and self.model.key == key:
+            return self.model
+        if self.model is not None:  # free the old checkpoint before the new one takes memory
+            self.model = None
+            self.cache.clear()
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if ctx is not None:
+            ctx.set_activity(f"loading {path.name}")
+        self.model = load_model(path, vae_path=vae_path, device=self.device)
+        self.dtype = self.model.dtype
+        return self.model
+
+    def run(self, job: Job, ctx: JobContext) -> list[GeneratedImage]:
+        from core.worker import GeneratedImage
+
+        request = job.request
+        started = time.monotonic()
+        model = self.ensure_model(request, ctx)
+        loaded = time.monotonic()
+        ctx.set_activity("generating")
+        first_step: list[float] = []
+
+        def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
+            if not first_step:
+                first_step.append(time.monotonic() - loaded)
+            preview = preview_image(denoised[0], model.family) if self.previews else None
+            ctx.step(step, total, preview)
+
+        results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
+        finished = time.monotonic()
+        timings = {
+            "load": loaded - started,
+            "first_step": first_step[0] if first_step else 0.0,
+            "total": finished - started,
+        }
+        return [
+            GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings)
+            for image, seed in results
+        ]

@@ -1,0 +1,163 @@
+"""Reference implementations (diffusers, transformers) built from the same single-file checkpoint as ours.
+
+Used by the parity and end-to-end tests and by bench/: the reference networks are loaded from the file through
+diffusers' own single-file converters, so a wrong key layout in our files or loader shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from core.models.clip import CLIPTextConfig
+from core.models.unet import UNetConfig
+from core.models.vae import VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+VAE_PREFIX = "first_stage_model."
+CLIP_DATA = Path(__file__).resolve().parents[1] / "core" / "models" / "data" / "clip"
+
+
+def diffusers_unet_config(cfg: UNetConfig, sdxl_time_embed_dim: int = 256) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config describing the same network as ``cfg``."""
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth]
+    config = {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": widths,
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": down,
+        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+        # diffusers' "attention_head_dim" is the head count (a historic misnomer).
+        "attention_head_dim": [cfg.heads_for(w)[0] for w in widths],
+        # Levels without attention ignore their entry; the middle block reads the last one.
+        "transformer_layers_per_block": [d or cfg.transformer_depth_middle for d in cfg.transformer_depth],
+        "cross_attention_dim": cfg.context_dim,
+        "use_linear_projection": cfg.use_linear_in_transformer,
+        "norm_num_groups": cfg.num_groups,
+        "sample_size": 64,
+    }
+    assert cfg.transformer_depth[-1] in (0, cfg.transformer_depth_middle), "diffusers cannot express this"
+    if cfg.adm_in_channels is not None:
+        config["addition_embed_type"] = "text_time"
+        config["addition_time_embed_dim"] = sdxl_time_embed_dim
+        config["projection_class_embeddings_input_dim"] = cfg.adm_in_channels
+    return config
+
+
+def diffusers_vae_config(cfg: VAEConfig) -> dict:
+    levels = len(cfg.ch_mult)
+    return {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "latent_channels": cfg.z_channels,
+        "norm_num_groups": 32,
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_quant_conv,
+    }
+
+
+def transformers_clip_config(cfg: CLIPTextConfig):
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        max_position_embeddings=cfg.max_positions,
+        hidden_act=cfg.activation,
+        layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim or cfg.width,
+        eos_token_id=2,  # what the real SD configs say: pooled output at argmax(ids)
+    )
+
+
+def _component(checkpoint: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix) :]: tuple(v.shape) for k, v in checkpoint.items() if k.startswith(prefix)}
+
+
+def reference_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dict:
+    """diffusers UNet + VAE and transformers CLIP text model + tokenizer, from one single-file checkpoint."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+
+    unet_config = diffusers_unet_config(UNetConfig.from_state_dict(_component(checkpoint, UNET_PREFIX)))
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+
+    vae_config = diffusers_vae_config(VAEConfig.from_state_dict(_component(checkpoint, VAE_PREFIX)))
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+
+    clip_cfg = CLIPTextConfig.from_state_dict(_component(checkpoint, CLIP_PREFIX))
+    text_encoder = transformers.CLIPTextModel(transformers_clip_config(clip_cfg))
+    converted = convert_ldm_clip_checkpoint(checkpoint)
+    converted.pop("text_model.embeddings.position_ids", None)
+    # transformers >= 5.6 flattened CLIPTextModel (no text_model. level); older versions keep it.
+    own_keys = set(text_encoder.state_dict())
+    if not any(k.startswith("text_model.") for k in own_keys):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    text_encoder.load_state_dict(converted, strict=True)
+
+    tokenizer = transformers.CLIPTokenizer(
+        str(CLIP_DATA / "vocab.json"), str(CLIP_DATA / "merges.txt"), model_max_length=77
+    )
+    return {
+        "unet": unet.eval().to(dtype),
+        "vae": vae.eval().to(dtype),
+        "text_encoder": text_encoder.eval().to(dtype),
+        "tokenizer": tokenizer,
+    }
+
+
+def reference_pipeline(path: str | Path, scheduler=None, *, img2img: bool = False, dtype=torch.float32):
+    """diffusers' ``StableDiffusionPipeline`` (or the img2img one) over the same weights, Euler by default."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    scheduler = scheduler or EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="linspace",
+        steps_offset=1,
+    )
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(
+        **reference_components(path, dtype),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB between two 8-bit images (PIL or arrays)."""
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
