@@ -91,6 +91,7 @@ class GenerateScreen(MainScreen):
                     yield Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch")
                     yield Label("×", classes="times")
                     yield Input("1", type="integer", id="batch_count", classes="short", tooltip="batches")
+                yield Label("", id="hidden-note", classes="hint")
                 yield Button("Queue  (Ctrl+Enter)", variant="primary", id="queue")
             yield PreviewPane(image_class=getattr(self.app, "image_class", None), id="preview")
 
@@ -198,6 +199,18 @@ class GenerateScreen(MainScreen):
         for name in ("vae", "clip_skip", "init_image", "denoise", "hires", "extra"):
             if name in values:
                 self.hidden_fields[name] = values[name]
+        self._show_hidden_fields()
+
+    def _show_hidden_fields(self) -> None:
+        """One line naming the request fields this form does not edit but will send (from presets/history)."""
+        parts = []
+        for name, value in self.hidden_fields.items():
+            if value in (None, {}) or value == DEFAULTS.get(name):
+                continue
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            parts.append(f"{name}: {value}")
+        self.query_one("#hidden-note", Label).update(Text("also: " + "; ".join(parts)) if parts else "")
 
     def build_request(self) -> GenerationRequest:
         values = self.form_values()
@@ -270,7 +283,9 @@ class GenerateScreen(MainScreen):
             self.apply_preset(preset)
 
     def apply_preset(self, preset: Any) -> None:
-        self.set_form_values(dict(preset.fields))
+        values = dict(preset.fields)
+        values.setdefault("hires", None)  # a preset without hires-fix turns it off
+        self.set_form_values(values)
         self.app.notify(Text(f"Applied preset {preset.name}").plain, markup=False, timeout=2)
 
     # ---- job events from the app ---------------------------------------------------------------------------

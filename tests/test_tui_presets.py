@@ -1,0 +1,93 @@
+"""Pilot tests of the Presets screen: list, apply to Generate, save current, rename, delete."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import Input, OptionList, Select
+
+from core.presets import load_presets
+from tests.tui_fakes import make_app, screen_text, wait_for
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+async def open_presets(pilot, app):
+    generate = app.get_generate_screen()
+    await wait_for(pilot, lambda: generate.query_one("#model", Select).value == "fake-model.safetensors")
+    await pilot.press("f3")
+    await wait_for(pilot, lambda: len(app.screen.presets) > 0)
+    return app.screen
+
+
+def user_names():
+    return sorted(p.name for p in load_presets()[0] if not p.builtin)
+
+
+async def test_builtin_presets_listed_with_values_and_applied(tmp_path):
+    builtin = {p.name: p for p in load_presets()[0] if p.builtin}
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await open_presets(pilot, app)
+        text = screen_text(app)
+        for name in builtin:
+            assert name in text
+        option_list = screen.query_one(OptionList)
+        index = [p.name for p in screen.presets].index("sd15-fast-ays")
+        option_list.highlighted = index
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Align Your Steps" in text or "ays" in text  # the values table shows the preset's fields
+        await pilot.press("a")
+        await pilot.pause()
+        generate = app.get_generate_screen()
+        assert app.screen is generate
+        fields = builtin["sd15-fast-ays"].fields
+        assert generate.query_one("#steps", Input).value == str(fields["steps"])
+        assert generate.query_one("#sampler", Select).value == fields["sampler"]
+        assert generate.query_one("#schedule", Select).value == fields["schedule"]
+        assert generate.build_request().steps == fields["steps"]
+
+
+async def test_save_rename_delete_user_preset(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        generate = app.get_generate_screen()
+        screen = await open_presets(pilot, app)
+        generate.query_one("#steps", Input).value = "37"
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"my look")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "my look" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "my look")
+        assert saved.fields["steps"] == 37 and not saved.builtin
+        assert screen.selected().name == "my look"
+
+        await pilot.press("r")
+        await pilot.pause()
+        answer = app.screen.query_one("#answer", Input)
+        answer.value = "renamed look"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "renamed look" in [p.name for p in screen.presets])
+        assert user_names() == ["renamed look"]
+
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.click("#yes")
+        await wait_for(pilot, lambda: "renamed look" not in [p.name for p in screen.presets])
+        assert user_names() == []
+
+
+async def test_builtin_preset_cannot_be_deleted(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await open_presets(pilot, app)
+        screen.query_one(OptionList).highlighted = 0
+        assert screen.selected().builtin
+        await pilot.press("x")
+        await pilot.pause()
+        assert app.screen is screen  # no confirmation dialog
+        assert any("Built-in" in n.message for n in app._notifications)
