@@ -34,3 +34,10 @@ SCHEDULE_LABELS: dict[str, str] = {
 
 SAMPLERS = tuple(SAMPLER_LABELS)
 SCHEDULES = tuple(SCHEDULE_LABELS)
+
+
+class Cancelled(Exception):
+    """Raised by a sampler when its ``is_cancelled()`` check returns True between steps.
+
+    Defined here (no torch import) so front ends can catch it without loading torch.
+    """
