@@ -38,6 +38,7 @@ def presets_module(app: Any) -> Any:
 
 
 class GenerateScreen(MainScreen):
+    AUTO_FOCUS = "#prompt"
     CSS_PATH = "generate.tcss"
     BINDINGS = [
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),

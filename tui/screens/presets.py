@@ -18,6 +18,7 @@ from tui.screens.generate import presets_module
 
 
 class PresetsScreen(MainScreen):
+    AUTO_FOCUS = "#preset-list"
     BINDINGS = [
         Binding("a", "apply", "Apply"),
         Binding("s", "save_current", "Save current"),

@@ -1,0 +1,111 @@
+"""Pilot tests of the History screen and the no-models screen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from textual.widgets import Input, Select
+
+from core.request import GenerationRequest
+from tests.tui_fakes import make_app, screen_text, wait_for
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def request(prompt: str, seed: int = 11, **kw) -> GenerationRequest:
+    return GenerationRequest(model="fake-model.safetensors", prompt=prompt, steps=2, seed=seed, **kw)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+async def with_history(pilot, app, *requests):
+    for r in requests:
+        app.submit(r)
+    images = sum(r.batch_size * r.batch_count for r in requests)
+    await wait_for(pilot, lambda: len(app.store.history()) == images)
+    await pilot.press("f5")
+    await pilot.pause()
+    return app.screen
+
+
+async def test_history_newest_first_search_and_details(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await with_history(pilot, app, request("a red fox", 1), request("a blue whale", 2, cfg=5.5))
+        table = screen.query_one("#history-table")
+        assert [str(table.get_row_at(i)[2]) for i in range(2)] == ["a blue whale", "a red fox"]
+        details = str(screen.query_one("#details-text").render())
+        assert "a blue whale" in details and "cfg: 5.5" in details and "seed: 2" in details
+        assert app.store.history()[0].path in details.replace("\n", "")
+        await wait_for(pilot, lambda: screen.query_one("#thumb").display)  # the thumbnail loaded
+        await pilot.press("slash")
+        await pilot.press(*"fox")
+        await wait_for(pilot, lambda: table.row_count == 1)
+        assert str(table.get_row_at(0)[2]) == "a red fox"
+
+
+async def test_generate_again_and_with_new_seed(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await with_history(pilot, app, request("again", 99, batch_size=2))
+        await pilot.press("g")
+        await wait_for(pilot, lambda: len(app.store.history()) == 3)
+        newest = app.store.history()[0]
+        assert newest.seed in (99, 100) and newest.request.batch_size == 1
+        again = [h for h in app.store.history() if h.job_id == newest.job_id]
+        first_images = {h.seed: pixels(h.path) for h in app.store.history()[1:]}
+        assert pixels(again[0].path) == first_images[newest.seed]  # same seed -> same picture
+        await pilot.press("n")
+        await wait_for(pilot, lambda: len(app.store.history()) == 4)
+        assert app.store.history()[0].request.prompt == "again"
+
+
+async def test_load_into_generate_copy_and_delete(tmp_path):
+    app = make_app(tmp_path)
+    copied = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await with_history(pilot, app, request("load me (a:1.2)", 5, cfg=3.0))
+        await pilot.press("c", "s")
+        assert copied == ["load me (a:1.2)", "5"]
+        await pilot.press("o")
+        path = app.store.history()[0].path
+        assert any(path == n.message for n in app._notifications)
+        await pilot.press("l")
+        await pilot.pause()
+        generate = app.get_generate_screen()
+        assert app.screen is generate
+        assert generate.query_one("#prompt").text == "load me (a:1.2)"
+        assert generate.query_one("#seed", Input).value == "5"
+        assert generate.query_one("#cfg", Input).value == "3.0"
+        await pilot.press("f5")
+        await pilot.pause()
+        await pilot.press("x")
+        await pilot.pause()
+        assert "Delete" in screen_text(app)
+        await pilot.click("#yes")
+        await wait_for(pilot, lambda: app.store.history() == [])
+        assert not Path(path).exists()
+        assert screen.query_one("#history-table").row_count == 0
+
+
+async def test_no_models_screen_names_folders_and_rescans(tmp_path):
+    app = make_app(tmp_path, models=[])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "NoModelsScreen")
+        text = screen_text(app)
+        assert "No models found" in text
+        assert "/models/Stable-diffusion" in text and "--models-dir" in text
+        app.registry.names = ["new-model.safetensors"]
+        await pilot.press("r")
+        generate = app.get_generate_screen()
+        await wait_for(pilot, lambda: generate.query_one("#model", Select).value == "new-model.safetensors")
+        assert app.screen is generate
