@@ -347,3 +347,22 @@ def test_version():
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("darkroom ")
+
+
+def test_rich_progress_mode_keeps_stdout_clean(setup, tmp_path):
+    _, write, _ = setup
+    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 2\nprompt = "[bold]not markup[/bold]"\n')
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(
+        jobs,
+        models_dirs=[tmp_path / "models"],
+        output_dir=tmp_path / "out",
+        db_path=tmp_path / "db.sqlite3",
+        runner_factory=FakeRunner,
+        stdout=out,
+        stderr=err,
+        rich_progress=True,
+    )
+    assert code == 0, err.getvalue()
+    assert len(paths_of(out.getvalue())) == 1
+    assert "[bold]not markup[/bold]" in err.getvalue()  # user text printed literally
