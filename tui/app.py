@@ -130,6 +130,7 @@ class DarkroomApp(App[int]):
         self.running_job: int | None = None
         self.generate_screen: GenerateScreen | None = None
         self.preview_messages_posted = 0
+        self.progress_messages_handled = 0
         self._unsubscribe: Callable[[], None] | None = None
         self._last_preview_sent = 0.0
         self._stopped = False
@@ -139,7 +140,12 @@ class DarkroomApp(App[int]):
 
     def on_mount(self) -> None:
         self._unsubscribe = self.worker.subscribe(self._on_worker_event)
-        if self.start_worker:
+        # Start the worker after the first frame: its threads import torch, which would compete for the GIL
+        # with the first paint.
+        self.call_after_refresh(self._start_worker)
+
+    def _start_worker(self) -> None:
+        if self.start_worker and not self._stopped:
             try:
                 self.worker.start()
             except Exception as error:  # a worker that cannot start must not take the UI down
@@ -199,6 +205,7 @@ class DarkroomApp(App[int]):
 
     def on_darkroom_app_job_progress(self, message: JobProgress) -> None:
         event = message.event
+        self.progress_messages_handled += 1
         progress = Progress(event.job_id, event.step, event.total, event.elapsed, event.image_index)
         self.progress[event.job_id] = progress
         self.progress_line = f"job #{event.job_id} " + format_progress(event.step, event.total, event.elapsed)

@@ -1,0 +1,70 @@
+"""Worker events entering the UI: step messages coalesce (can_replace), previews are throttled, the last
+step always arrives, and the status bar shows every Status field."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from PIL import Image
+
+from core.events import JobStarted, JobStep, Status
+from core.request import GenerationRequest
+from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
+from tui.app import DarkroomApp
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def step(job, n, preview=True):
+    return JobStep(job, n, 200, n * 0.01, Image.new("RGB", (8, 8), (n, 0, 0)) if preview else None)
+
+
+def test_can_replace_rules():
+    older = DarkroomApp.JobProgress(step(1, 1))
+    assert older.can_replace(DarkroomApp.JobProgress(step(1, 2)))
+    assert not older.can_replace(DarkroomApp.JobProgress(step(2, 2)))  # another job
+    assert not older.can_replace(DarkroomApp.JobProgress(step(1, 2, preview=False)))  # would lose an image
+    assert DarkroomApp.JobProgress(step(1, 1, preview=False)).can_replace(DarkroomApp.JobProgress(step(1, 2)))
+    assert not older.can_replace(DarkroomApp.CoreEvent(Status(1)))
+
+
+async def test_burst_of_steps_is_throttled_and_last_step_arrives(tmp_path):
+    app = make_app(tmp_path, FakeRunner(gate=threading.Event()), start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        request = GenerationRequest(model="fake-model.safetensors", prompt="burst", seed=1)
+        app._on_worker_event(JobStarted(1, request))
+
+        def burst():
+            for n in range(1, 201):
+                app._on_worker_event(step(1, n))
+
+        thread = threading.Thread(target=burst)
+        thread.start()
+        thread.join()
+        await wait_for(pilot, lambda: app.progress.get(1) is not None and app.progress[1].step == 200)
+        preview = app.get_generate_screen().preview
+        assert app.preview_messages_posted < 20  # ~4/s, plus the final step
+        assert app.progress_messages_handled < 200  # stale steps were dropped in the queue
+        assert preview.image_widget.image.getpixel((0, 0)) == (200, 0, 0)  # the newest preview is shown
+        assert "step 200/200" in screen_text(app)
+
+
+async def test_status_bar_shows_every_field(tmp_path):
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(160, 45)) as pilot:
+        app._on_worker_event(Status(None, activity="loading dreamshaper_8", device="cuda:0",
+                                    memory_used=3 * 2**30, memory_peak=5 * 2**30, memory_total=24 * 2**30,
+                                    attention_backend="sage", dtype="float16", loaded_model="dreamshaper_8",
+                                    queue_length=3, paused=True))
+        await wait_for(pilot, lambda: "dreamshaper_8" in screen_text(app))
+        line = next(line for line in screen_text(app).splitlines() if "cuda:0" in line)
+        for part in ("mem 3.0G/5.0G/24.0G", "sage", "float16", "model dreamshaper_8", "queue 3 (paused)",
+                     "loading dreamshaper_8"):
+            assert part in line, line
+        await pilot.press("f4")  # the status bar is on every screen
+        await pilot.pause()
+        assert "cuda:0" in screen_text(app)
