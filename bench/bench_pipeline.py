@@ -66,17 +66,17 @@ def main() -> None:
 
     ours_times, theirs_times, first_steps, step_times, preview_times = [], [], [], [], []
     last_ours = last_theirs = None
+    marks: list[float] = []
+
+    def on_step(step: int, total: int, x0: torch.Tensor) -> None:
+        marks.append(time.perf_counter())
+        t0 = time.perf_counter()
+        preview_image(x0[0], model.family)
+        preview_times.append(time.perf_counter() - t0)
+
     for repeat in range(args.repeats):
+        marks.clear()
         # Fresh cache each run so both sides encode the prompt (diffusers has no cache).
-        marks: list[float] = []
-
-        def on_step(step: int, total: int, x0: torch.Tensor) -> None:
-            now = time.perf_counter()
-            marks.append(now)
-            t0 = time.perf_counter()
-            preview_image(x0[0], model.family)
-            preview_times.append(time.perf_counter() - t0)
-
         t0 = time.perf_counter()
         last_ours = generate(model, request, cache=PromptCache(), on_step=on_step)[0][0]
         ours_times.append(time.perf_counter() - t0)
