@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
-from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
+from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
 from core.request import GenerationRequest
 
 EXIT_OK = 0
@@ -185,6 +185,7 @@ class _PlainProgress:
         self.err = err
         self.total = total_jobs
         self._last_step = 0.0
+        self._last_activity = ""
 
     def _say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -196,6 +197,12 @@ class _PlainProgress:
         prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
         self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {prompt!r}")
         self._last_step = 0.0
+
+    def activity(self, n: int, text: str) -> None:
+        # Long silent phases (loading a checkpoint) get a line; routine ones do not.
+        if text.startswith("loading") and text != self._last_activity:
+            self._say(f"[{n}/{self.total}] {text}")
+        self._last_activity = text
 
     def step(self, n: int, step: int, total: int) -> None:
         now = time.monotonic()
@@ -350,7 +357,9 @@ def run_batch(
             n = number.get(event.job_id) if event.job_id is not None else None
             if n is None:
                 continue
-            if isinstance(event, JobStarted):
+            if isinstance(event, Status):
+                progress.activity(n, event.activity)
+            elif isinstance(event, JobStarted):
                 progress.started(n, event.request)
             elif isinstance(event, JobStep):
                 progress.step(n, event.step, event.total)
