@@ -344,7 +344,8 @@ def run_batch(
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
     progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
     remaining = set(number)
-    failed: list[int] = []
+    failed: set[int] = set()
+    last_check = time.monotonic()
     model_failed = False
     stdout_ok = True
     worker.start()
@@ -353,6 +354,16 @@ def run_batch(
             try:
                 event = events.get(timeout=0.2)
             except queue_mod.Empty:
+                if time.monotonic() - last_check >= 1.0:
+                    last_check = time.monotonic()
+                    # A job cancelled from another process (the TUI's queue screen) before it started
+                    # never reaches this worker, so no event will come for it.
+                    for job_id in list(remaining):
+                        job = store.get_job(job_id)
+                        if job is not None and job.state == "cancelled" and job.started is None:
+                            remaining.discard(job_id)
+                            failed.add(job_id)
+                            progress.failed(number[job_id], "cancelled from another window")
                 continue
             n = number.get(event.job_id) if event.job_id is not None else None
             if n is None:
@@ -374,14 +385,14 @@ def run_batch(
                             stdout_ok = False  # `| head`: keep generating, stop printing
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
-                failed.append(event.job_id)
+                failed.add(event.job_id)
                 exc = worker.failure(event.job_id)
                 if isinstance(exc, (CheckpointError, ModelNotFoundError)):
                     model_failed = True
                 progress.failed(n, event.error)
             elif isinstance(event, JobCancelled):
                 remaining.discard(event.job_id)
-                failed.append(event.job_id)
+                failed.add(event.job_id)
                 progress.failed(n, "cancelled")
     except KeyboardInterrupt:
         current = worker.current_job_id

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a folder with checkpoints (ComfyUI or A1111 layout, or plain); repeatable",
     )
-    parser.add_argument("--output-dir", metavar="DIR", help="where images are saved (default: the data folder)")
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="where images are saved (default: the data folder)"
+    )
     parser.add_argument("--db", metavar="FILE", help="the job queue and history database")
     parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
     return parser

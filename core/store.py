@@ -12,7 +12,9 @@ Never edit a shipped migration: append a new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -28,6 +30,8 @@ from core.request import GenerationRequest
 
 STATES = ("pending", "running", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+log = logging.getLogger(__name__)
+
 RETRYABLE_STATES = ("failed", "interrupted", "cancelled")
 
 # A running job whose heartbeat is older than this is treated as abandoned even if its pid is alive
@@ -150,6 +154,17 @@ def _history_from_row(row: sqlite3.Row) -> HistoryEntry:
     )
 
 
+def _parse_rows(rows: list[sqlite3.Row], parse: Any) -> list[Any]:
+    """Rows whose stored request this version rejects are left out of listings (and logged)."""
+    out = []
+    for row in rows:
+        try:
+            out.append(parse(row))
+        except (DarkroomError, ValueError, TypeError) as exc:
+            log.warning("skipping unreadable row %s: %s", row["id"], exc)
+    return out
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -270,22 +285,41 @@ class JobStore:
     def claim_next(self, queue: str = "default") -> Job | None:
         """Atomically take the next pending job (highest priority, then oldest) and mark it running."""
         conn = self._conn()
-        now = time.time()
-        with self._write():
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE queue = ? AND state = 'pending' "
-                "ORDER BY priority DESC, position, id LIMIT 1",
-                (queue,),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, owner_pid = ?, "
-                "owner_host = ?, cancel_requested = 0, error = NULL, finished = NULL WHERE id = ?",
-                (now, now, os.getpid(), self._host, row["id"]),
+        while True:
+            now = time.time()
+            with self._write():
+                row = conn.execute(
+                    "SELECT * FROM jobs WHERE queue = ? AND state = 'pending' "
+                    "ORDER BY priority DESC, position, id LIMIT 1",
+                    (queue,),
+                ).fetchone()
+                if row is None:
+                    return None
+                try:
+                    job = _job_from_row(row)
+                except (DarkroomError, ValueError, TypeError) as exc:
+                    # Written by another version with values this one rejects: fail it, take the next.
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                        (now, f"the stored request cannot be used: {exc}", row["id"]),
+                    )
+                    continue
+                conn.execute(
+                    "UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, owner_pid = ?, "
+                    "owner_host = ?, cancel_requested = 0, error = NULL, finished = NULL WHERE id = ?",
+                    (now, now, os.getpid(), self._host, row["id"]),
+                )
+            return dataclasses.replace(
+                job,
+                state="running",
+                started=now,
+                heartbeat=now,
+                owner_pid=os.getpid(),
+                owner_host=self._host,
+                cancel_requested=False,
+                error=None,
+                finished=None,
             )
-            job = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        return _job_from_row(job)
 
     def heartbeat(self, job_id: int) -> None:
         with self._write() as conn:
@@ -417,7 +451,7 @@ class JobStore:
             " ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END,"
             " CASE WHEN state = 'pending' THEN -priority ELSE 0 END, position, id"
         )
-        return [_job_from_row(r) for r in self._conn().execute(sql, args).fetchall()]
+        return _parse_rows(self._conn().execute(sql, args).fetchall(), _job_from_row)
 
     def pending_count(self, queue: str | None = None) -> int:
         if queue is None:
@@ -493,7 +527,7 @@ class JobStore:
             args.append(f"%{_escape_like(search)}%")
         sql += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         args.extend([int(limit), int(offset)])
-        return [_history_from_row(r) for r in self._conn().execute(sql, args).fetchall()]
+        return _parse_rows(self._conn().execute(sql, args).fetchall(), _history_from_row)
 
     def get_history(self, history_id: int) -> HistoryEntry | None:
         row = self._conn().execute("SELECT * FROM history WHERE id = ?", (history_id,)).fetchone()

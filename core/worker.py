@@ -86,9 +86,7 @@ class JobContext:
         if self.is_cancelled():
             raise JobCancelledError(f"job {self.job_id} was cancelled")
 
-    def step(
-        self, step: int, total: int, preview: Image.Image | None = None, image_index: int = 0
-    ) -> None:
+    def step(self, step: int, total: int, preview: Image.Image | None = None, image_index: int = 0) -> None:
         """Report a finished sampling step; raises ``JobCancelledError`` once the job is cancelled."""
         self.check_cancelled()
         self.last_step = (step, total)
@@ -401,7 +399,9 @@ class Worker:
 
         paths, seeds = [], []
         for item in images:
-            path = save_image(item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash)
+            path = save_image(
+                item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash
+            )
             self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
             paths.append(str(path))
             seeds.append(item.seed)

@@ -35,6 +35,11 @@ class FakeRunner:
 
     def run(self, job, ctx):
         FakeRunner.seen.append(job.request)
+        if job.request.prompt.startswith("cancel-next:"):
+            # another window (its own JobStore) cancels the next job before it starts
+            other = JobStore(job.request.prompt.split(":", 1)[1])
+            assert other.cancel(job.id + 1)
+            other.close()
         if "badmodel" in job.request.prompt:
             raise CheckpointError(job.request.model, "is not a Stable Diffusion checkpoint")
         for i in range(1, job.request.steps + 1):
@@ -128,7 +133,9 @@ def test_failed_job_gives_exit_1_and_other_jobs_still_run(setup):
 
 def test_unloadable_model_gives_exit_3(setup):
     run, write, _ = setup
-    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\nprompt = "badmodel"\n[[job]]\nmodel = "fake"\nsteps = 1\n')
+    jobs = write(
+        "jobs.toml", '[[job]]\nmodel = "fake"\nprompt = "badmodel"\n[[job]]\nmodel = "fake"\nsteps = 1\n'
+    )
     code, out, err = run(jobs)
     assert code == 3
     assert "is not a Stable Diffusion checkpoint" in err
@@ -324,7 +331,9 @@ def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
 def test_entry_point_exit_codes(tmp_path, args, code, message):
     (tmp_path / "bad.toml").write_text('[[job]]\nmodel = "x"\nstepz = 1\n')
     (tmp_path / "nomodel.toml").write_text('[[job]]\nmodel = "nothing_like_this"\n')
-    args = [{"BAD": str(tmp_path / "bad.toml"), "NOMODEL": str(tmp_path / "nomodel.toml")}.get(a, a) for a in args]
+    args = [
+        {"BAD": str(tmp_path / "bad.toml"), "NOMODEL": str(tmp_path / "nomodel.toml")}.get(a, a) for a in args
+    ]
     models = tmp_path / "models"
     models.mkdir()
     proc = subprocess.run(
@@ -366,3 +375,18 @@ def test_rich_progress_mode_keeps_stdout_clean(setup, tmp_path):
     assert code == 0, err.getvalue()
     assert len(paths_of(out.getvalue())) == 1
     assert "[bold]not markup[/bold]" in err.getvalue()  # user text printed literally
+
+
+def test_job_cancelled_from_another_window_does_not_hang_the_batch(setup):
+    run, write, tmp_path = setup
+    db = tmp_path / "db.sqlite3"
+    jobs = write(
+        "jobs.toml",
+        f'[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "cancel-next:{db}"\n'
+        '[[job]]\nmodel = "fake"\nsteps = 1\n[[job]]\nmodel = "fake"\nsteps = 1\n',
+    )
+    code, out, err = run(jobs)
+    assert code == 1
+    assert len(paths_of(out)) == 2
+    assert "[2/3] failed: cancelled from another window" in err
+    assert len(FakeRunner.seen) == 2

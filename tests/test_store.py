@@ -303,3 +303,19 @@ def test_recover_stale_heartbeat_even_if_pid_alive(tmp_path):
     with JobStore(path, stale_after=0.0) as s:
         time.sleep(0.01)
         assert s.recover() == [job_id]
+
+
+def test_unreadable_stored_request_is_failed_not_fatal(store):
+    bad = store.add_job(req("bad"))
+    good = store.add_job(req("good"))
+    conn = sqlite3.connect(store.path)
+    conn.execute(
+        "UPDATE jobs SET request = ? WHERE id = ?",
+        ('{"model": "m.safetensors", "sampler": "sampler_from_the_future"}', bad),
+    )
+    conn.commit()
+    conn.close()
+    assert [j.id for j in store.list_jobs()] == [good]  # listing skips it instead of crashing
+    assert store.claim_next().id == good
+    row = sqlite3.connect(store.path).execute("SELECT state, error FROM jobs WHERE id = ?", (bad,)).fetchone()
+    assert row[0] == "failed" and "sampler_from_the_future" in row[1]

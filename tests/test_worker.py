@@ -56,7 +56,9 @@ class FakeRunner:
         if "boom" in job.request.prompt:
             raise RuntimeError("boom")
         return [
-            GeneratedImage(Image.new("RGB", (8, 8), (i * 40, 0, 0)), seed, job.request, "abc123", {"total": 0.1})
+            GeneratedImage(
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)), seed, job.request, "abc123", {"total": 0.1}
+            )
             for i, seed in enumerate(job.request.image_seeds())
         ]
 
@@ -137,7 +139,9 @@ def test_one_job_event_order_files_and_history(env):
         assert saved.prompt == "a red fox" and saved.seed == s
     history = store.history()
     assert {h.path for h in history} == set(done.paths)
-    assert all(h.job_id == job_id and h.model_hash == "abc123" and h.timings == {"total": 0.1} for h in history)
+    assert all(
+        h.job_id == job_id and h.model_hash == "abc123" and h.timings == {"total": 0.1} for h in history
+    )
 
 
 def test_status_events_while_busy(env):

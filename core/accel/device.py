@@ -31,7 +31,9 @@ def pick_device(preferred: str | None = None) -> torch.device:
         try:
             device = torch.device(preferred)
         except (RuntimeError, ValueError) as exc:
-            raise DeviceError(f"device {preferred!r} is unknown; valid: auto, cuda, cuda:N, mps, cpu") from exc
+            raise DeviceError(
+                f"device {preferred!r} is unknown; valid: auto, cuda, cuda:N, mps, cpu"
+            ) from exc
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise DeviceError(f"device {preferred!r} was asked for but CUDA is not available")
