@@ -129,6 +129,7 @@ class DarkroomApp(App[int]):
         self.progress: dict[int, Progress] = {}
         self.running_job: int | None = None
         self.generate_screen: GenerateScreen | None = None
+        self.pending_history_search: str | None = None
         self.preview_messages_posted = 0
         self.progress_messages_handled = 0
         self._unsubscribe: Callable[[], None] | None = None

@@ -48,9 +48,9 @@ class DarkroomCommands(Provider):
         app.load_into_generate({"model": name})
 
     def _search_history(self, query: str) -> None:
-        from textual.widgets import Input
-
         app: Any = self.app
-        app.switch_mode("history")
-        screen = app.screen
-        screen.query_one("#history-search", Input).value = query
+        app.pending_history_search = query  # picked up by the History screen when it mounts or resumes
+        if app.current_mode == "history":
+            app.screen.apply_pending_search()
+        else:
+            app.switch_mode("history")

@@ -119,9 +119,17 @@ class HistoryScreen(MainScreen):
         table.add_column("prompt", key="prompt")
         self.app.job_events.subscribe(self, self._on_job_event)
         self.refresh_history()
+        self.apply_pending_search()
 
     def on_screen_resume(self) -> None:
         self.refresh_history()
+        self.apply_pending_search()
+
+    def apply_pending_search(self) -> None:
+        query = getattr(self.app, "pending_history_search", None)
+        if query is not None:
+            self.app.pending_history_search = None
+            self.query_one("#history-search", Input).value = query
 
     def _on_job_event(self, event: Event) -> None:
         if isinstance(event, JobFinished):
