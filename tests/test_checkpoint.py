@@ -231,6 +231,26 @@ def test_ckpt_with_plain_state_dict_loads(files, tmp_path):
             _assert_matches_file(module, written, PREFIXES[component])
 
 
+def test_renamed_files_are_opened_by_content(files, tmp_path):
+    as_ckpt = tmp_path / "really_safetensors.ckpt"
+    as_ckpt.write_bytes(files["fp16"].read_bytes())
+    assert load_checkpoint(as_ckpt).info.format == "safetensors"
+    as_st = tmp_path / "really_pickle.safetensors"
+    torch.save(load_file(str(files["fp16"])), as_st)
+    assert load_checkpoint(as_st).info.format == "pickle"
+
+
+def test_old_clip_names_without_text_model_level(files, tmp_path):
+    """Early SD1.x files saved the text encoder without the text_model. level."""
+    prefix = "cond_stage_model.transformer."
+    written = load_file(str(files["fp16"]))
+    old = {k.replace(prefix + "text_model.", prefix): v for k, v in written.items()}
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    loaded = load_checkpoint(path)
+    _assert_matches_file(loaded.text_encoder, written, prefix)
+
+
 class Payload:
     """Unpickling this would call _side_effect; the weights-only loader must refuse before that."""
 

@@ -111,7 +111,12 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A .ckpt/.pt state dict through the weights-only unpickler; never runs code from the file."""
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if path.name.endswith(".safetensors"):
+                # torch.load would hand a path with this suffix to safetensors; a file object keeps it a pickle.
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e) and "zipfile" not in str(e):
                 raise
@@ -146,19 +151,23 @@ def open_source(path: str | Path) -> TensorSource:
         raise CheckpointError(path, "the file does not exist")
     if path.is_dir():
         raise CheckpointError(path, "this is a folder, not a checkpoint file")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    is_zip = head.startswith(b"PK\x03\x04")
-    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    if head[8:9] == b"{" or path.suffix.lower() == ".safetensors":
-        return SafetensorsSource(path)  # by content first: renamed files are common
-    if is_zip or is_pickle:
-        return PickleSource(path, _load_pickle(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(path, f"the file cannot be read ({e.strerror or e})") from None
+    # By content first, extension second: renamed files are common.
+    if head[8:9] == b"{":
+        return SafetensorsSource(path)
+    if head.startswith(b"PK\x03\x04") or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
+        return PickleSource(path, _load_pickle(path))  # torch.save zip archive, or a pre-1.6 raw pickle
     if path.suffix.lower() in PICKLE_SUFFIXES:
         kind = sniff(head)
         what = f"this is {kind}" if kind else "the file is neither a PyTorch zip archive nor a pickle"
         raise CheckpointError(path, f"{what}, not a model checkpoint (.safetensors or .ckpt)")
-    return SafetensorsSource(path)
+    return SafetensorsSource(path)  # its header parser explains what is wrong
 
 
 @contextmanager
