@@ -635,6 +635,39 @@ def test_inspect_reads_header_only(files, monkeypatch):
     assert info.family == "sd15" and info.dtype == "float16" and info.format == "safetensors"
 
 
+def test_header_inspection_needs_no_torch(files):
+    """The UI thread may classify files: detect + header parsing import nothing heavy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from core.models.detect import inspect_header; "
+        f"i = inspect_header({str(files['fp16'])!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(i.family, i.variant, i.dtype)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sd15", "base", "float16"]
+
+
+def test_concurrent_loads_restore_module_construction(files):
+    """Two loads at once must not leave nn.Module building parameters on the meta device."""
+    import threading
+
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(load_checkpoint(files["fp16"]))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
 # ------------------------------------------------------------------------------------------- model hash
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -252,26 +253,42 @@ def _target_dtype(keys: list[str], source: TensorSource, dtype: torch.dtype | No
     return torch.float16 if target.itemsize == 1 else target
 
 
+_meta_build = threading.local()  # .active: this thread is constructing a network to load into
+_patch_lock = threading.Lock()
+_patch_users = 0
+_original_register: Any = None
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if getattr(_meta_build, "active", False) and param is not None and param.device.type != "meta":
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _original_register(module, name, param)
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Construct modules with parameters on the meta device but buffers on the CPU.
 
     Parameters are about to be replaced by the file's tensors, so allocating and initialising them would only
-    cost time and memory. Buffers a network computes itself (not saved in the file, e.g. timestep frequencies)
-    must be real, so they stay on the CPU. Not thread-safe: only the worker thread builds models.
+    cost time and memory. Buffers a network computes itself (not saved in the file, e.g. CLIP position ids)
+    must be real, so they stay on the CPU (``torch.device("meta")`` would put them on meta too). The
+    ``register_parameter`` hook is process-wide while any build runs, but only acts in the building thread.
     """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    global _patch_users, _original_register
+    with _patch_lock:
+        if _patch_users == 0:
+            _original_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _patch_users += 1
+    _meta_build.active = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _meta_build.active = False
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
 
 
 def _builders(family: str, component: str) -> tuple[Any, Any]:

@@ -331,3 +331,15 @@ def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: 
             prediction = "v"
             notes.append("SD2.x prediction type not checked; assumed v (the 768 models)")
     return info(family, variant, FAMILIES[family].components, prediction=prediction, notes=tuple(notes))
+
+
+def inspect_header(path: str | Path) -> CheckpointInfo:
+    """Classify a ``.safetensors`` file from its header alone, without importing torch (for the UI thread).
+
+    The SD2.x v-prediction guess needs tensor data, so here it stays the documented default; the loader's
+    ``inspect_checkpoint`` refines it. Raises CheckpointError for files that are not valid safetensors.
+    """
+    from core.models.safetensors_header import read_header
+
+    header = read_header(path)
+    return detect(header.path, header.shapes, header.dtypes)
