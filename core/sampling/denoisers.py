@@ -189,13 +189,15 @@ class CFGDenoiser:
         self.guidance_rescale = float(guidance_rescale)
         self.schedule = getattr(denoiser, "schedule", None)
         self.calls = 0  # network forward calls, for tests and stats
+        # concatenated once: the conditioning is the same at every step
+        self._both = None if uncond is None or self.cfg == 1.0 else _cat_cond(cond, uncond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         self.calls += 1
         if self.cfg == 1.0 or self.uncond is None:
             return self.inner(x, sigma, **self.cond)
         s = _sigma_column(sigma, x)
-        both = self.inner(torch.cat([x, x]), torch.cat([s, s]), **_cat_cond(self.cond, self.uncond))
+        both = self.inner(torch.cat([x, x]), torch.cat([s, s]), **self._both)
         d_cond, d_uncond = both.chunk(2)
         guided = d_uncond + self.cfg * (d_cond - d_uncond)
         if self.guidance_rescale > 0.0:
