@@ -287,3 +287,17 @@ def test_every_sampler_id_is_implemented_and_bad_name_fails():
     assert set(SAMPLERS) == set(SAMPLER_FUNCTIONS)
     with pytest.raises(DarkroomError, match="sampler"):
         sample("k_euler_z", DENOISER, start_noise(), karras(SD, 3))
+
+
+def test_flow_denoiser_euler_matches_diffusers_flow_match(diffusers, monkeypatch):
+    """Rectified flow: x0 = x - t v, so Euler over the flow times is FlowMatchEuler's x + (t' - t) v."""
+    from core.sampling.denoisers import FlowDenoiser
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    sched.set_timesteps(6)
+    x = start_noise()
+    theirs = x.clone()
+    for t in sched.timesteps:
+        theirs = sched.step(toy_eps(theirs, t.expand(SHAPE[0])), t, theirs).prev_sample
+    ours = sample("euler", FlowDenoiser(toy_eps, time_scale=1000.0), x.clone(), sched.sigmas)
+    assert rel_err(ours, theirs) < TOL

@@ -1,4 +1,18 @@
-"""Samplers and noise schedules over sigmas and a denoiser callable (k-diffusion style)."""
+"""Samplers and noise schedules over sigmas and a denoiser callable (k-diffusion style).
+
+This package root imports no torch (the request validator uses the ids below). The modules:
+``denoisers`` (DiscreteSchedule, Eps/V/Flow denoisers, CFGDenoiser), ``schedules`` (get_sigmas),
+``samplers`` (sample, one function per id), ``noise`` (NoiseSampler: per-image seeded CPU noise).
+
+Typical use::
+
+    sigmas = get_sigmas(req.schedule, schedule, req.steps, denoise=req.denoise, family="sd15")
+    ns = NoiseSampler(seeds, (4, h // 8, w // 8), device, dtype)
+    x = ns.initial() * sigmas[0]            # img2img: latent + ns.initial() * sigmas[0]
+    den = CFGDenoiser(EpsDenoiser(unet, schedule), cond, uncond, req.cfg)
+    x0 = sample(req.sampler, den, x, sigmas, noise_sampler=ns, callback=..., is_cancelled=...)
+    # lcm: use sigmas = lcm_sigmas(schedule, steps)
+"""
 
 from __future__ import annotations
 
