@@ -12,27 +12,13 @@ import torch
 from core.errors import DarkroomError, RequestError
 from core.models.clip import CLIPTextConfig, CLIPTextModel
 from core.models.testing import random_state_dict
+from tests.reference import transformers_clip_config
 
 transformers = pytest.importorskip("transformers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 SD15_CONFIG = Path("/work/shared/data/model-configs/runwayml/stable-diffusion-v1-5/text_encoder/config.json")
 PREFIX = "cond_stage_model.transformer."
-
-
-def _hf_config(cfg: CLIPTextConfig) -> transformers.CLIPTextConfig:
-    return transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.width,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        max_position_embeddings=cfg.max_positions,
-        hidden_act=cfg.activation,
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.projection_dim or cfg.width,
-        eos_token_id=2,  # what real SD configs say: pooled = argmax(ids) position
-    )
 
 
 def _ours_and_reference(cfg: CLIPTextConfig, seed: int = 0):
@@ -47,10 +33,10 @@ def _ours_and_reference(cfg: CLIPTextConfig, seed: int = 0):
     converted = single_file_utils.convert_ldm_clip_checkpoint(checkpoint)
     converted.pop("text_model.embeddings.position_ids")
     if cfg.projection_dim is None:
-        ref = transformers.CLIPTextModel(_hf_config(cfg))
+        ref = transformers.CLIPTextModel(transformers_clip_config(cfg))
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     else:
-        ref = transformers.CLIPTextModelWithProjection(_hf_config(cfg))  # still nests under text_model.
+        ref = transformers.CLIPTextModelWithProjection(transformers_clip_config(cfg))  # still nests under text_model.
     ref.load_state_dict(converted, strict=True)
     return ours.eval(), ref.eval()
 
@@ -130,7 +116,7 @@ def test_full_preset_is_sd15_config_and_keys_match_transformers():
     assert (cfg.activation, cfg.layer_norm_eps) == (real["hidden_act"], real["layer_norm_eps"])
     with torch.device("meta"):
         ours = CLIPTextModel(cfg)
-        ref = transformers.CLIPTextModel(_hf_config(cfg))
+        ref = transformers.CLIPTextModel(transformers_clip_config(cfg))
     ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
     assert set(ours_sd) == {"text_model." + k for k in ref_sd}
     for key, value in ref_sd.items():
