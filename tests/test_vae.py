@@ -160,6 +160,8 @@ def test_from_state_dict_rejects_bad_weights():
         shapes = {k: tuple(v.shape) for k, v in AutoencoderKL(VAEConfig.preset("flux", "tiny")).state_dict().items()}
     with pytest.raises(DarkroomError, match="16 latent channels"):
         VAEConfig.from_state_dict(shapes, family="sd15")
+    with pytest.raises(DarkroomError, match="not multiples"):
+        VAEConfig.from_state_dict({**shapes, "encoder.conv_in.weight": (48, 3, 3, 3)}, family="flux")
     with pytest.raises(DarkroomError):
         VAEConfig.preset("sd9", "tiny")
 

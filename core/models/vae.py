@@ -110,7 +110,12 @@ class VAEConfig:
             blocks += 1
         if levels == 0 or blocks == 0:
             raise CheckpointError("VAE weights", "no encoder.down.0.block.0 found, so this is not an LDM-layout VAE")
-        ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
+        widths = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
+        if any(width % ch or width % _NORM_GROUPS for width in widths):
+            raise CheckpointError(
+                "VAE weights", f"their widths {widths} are not multiples of both {ch} and {_NORM_GROUPS}"
+            )
+        ch_mult = tuple(width // ch for width in widths)
         if family is None:
             family = "flux" if z_channels == 16 else "sd15"
         fmt = latent_format(family)
