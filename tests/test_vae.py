@@ -11,6 +11,7 @@ import torch
 from core.errors import DarkroomError
 from core.models.testing import random_state_dict
 from core.models.vae import AutoencoderKL, VAEConfig, _feather, _tile_starts
+from tests.reference import diffusers_vae_config
 
 CONFIGS = Path("/work/shared/data/model-configs")
 PREFIX = "first_stage_model."
@@ -30,21 +31,7 @@ def _diffusers_twin(cfg: VAEConfig, weights: dict[str, torch.Tensor]):
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    levels = len(cfg.ch_mult)
-    config = {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
-        "layers_per_block": cfg.num_res_blocks,
-        "latent_channels": cfg.z_channels,
-        "norm_num_groups": 32,
-        "scaling_factor": cfg.scaling_factor,
-        "shift_factor": cfg.shift_factor,
-        "use_quant_conv": cfg.use_quant_conv,
-        "use_post_quant_conv": cfg.use_quant_conv,
-    }
+    config = diffusers_vae_config(cfg)
     converted = convert_ldm_vae_checkpoint({PREFIX + k: v for k, v in weights.items()}, config)
     ref = DiffusersVAE(**config)
     ref.load_state_dict(converted, strict=True)  # every key mapped: our names are the LDM names
