@@ -22,17 +22,14 @@ from PIL import Image  # noqa: E402
 
 def gradient(width: int, height: int, seed: int, progress: float = 1.0) -> Image.Image:
     """A deterministic picture: colours from the seed, contrast growing with ``progress`` (0..1)."""
+    import numpy as np
+
     r0, g0, b0 = (seed * 97) % 256, (seed * 57) % 256, (seed * 31) % 256
-    image = Image.new("RGB", (width, height))
-    pixels = []
-    for y in range(height):
-        for x in range(width):
-            t = (x + y) / max(width + height - 2, 1)
-            k = progress * t
-            pixels.append((int(r0 * (1 - k) + 255 * k) % 256, int(g0 * (1 - t) + 40 * t) % 256,
-                           int(b0 + 200 * k * (x % 2)) % 256))
-    image.putdata(pixels)
-    return image
+    y, x = np.mgrid[0:height, 0:width]
+    t = (x + y) / max(width + height - 2, 1)
+    k = progress * t
+    rgb = np.stack([(r0 * (1 - k) + 255 * k), (g0 * (1 - t) + 40 * t), (b0 + 200 * k * (x % 2))], axis=-1)
+    return Image.fromarray((rgb.astype(np.int64) % 256).astype(np.uint8), "RGB")
 
 
 class FakeRunner:
@@ -46,8 +43,11 @@ class FakeRunner:
         gate: threading.Event | None = None,
         fail_with: Exception | None = None,
     ) -> None:
+        # The environment knobs let bench/ and the tmux test shape jobs without code (seconds per step,
+        # preview and final image sizes in pixels).
         self.delay = float(os.environ.get("DARKROOM_FAKE_DELAY", delay))
-        self.preview_size = preview_size
+        self.preview_size = int(os.environ.get("DARKROOM_FAKE_PREVIEW", preview_size))
+        self.image_size = int(os.environ.get("DARKROOM_FAKE_SIZE", 64))
         self.gate = gate
         self.fail_with = fail_with
         self.started = threading.Event()
@@ -75,7 +75,7 @@ class FakeRunner:
                 raise self.fail_with
             for i in range(request.batch_size):
                 seed = seeds[batch * request.batch_size + i]
-                images.append(GeneratedImage(gradient(64, 64, seed), seed, request, model_hash="fakehash"))
+                images.append(GeneratedImage(gradient(self.image_size, self.image_size, seed), seed, request, model_hash="fakehash"))
         self.jobs_run.append(job.id)
         return images
 
@@ -97,8 +97,9 @@ class FakeRegistry:
 
 
 def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, **kwargs: Any) -> Any:
-    """A DarkroomApp on a fresh store under ``tmp_path`` with the fake runner and a half-cell image widget."""
-    from textual_image.widget import HalfcellImage
+    """A DarkroomApp on a fresh store under ``tmp_path`` with the fake runner and the half-block image widget
+    (deterministic; textual-image's TGP/Sixel widgets write to the real stdout and never go in tests)."""
+    from tui.widgets.halfblock import HalfBlockImage
 
     from core.store import JobStore
     from core.worker import Worker
@@ -107,7 +108,7 @@ def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = N
     store = JobStore(tmp_path / "db.sqlite3")
     worker = Worker(store, runner if runner is not None else FakeRunner(), output_dir=tmp_path / "out",
                     status_interval=0.2)
-    return DarkroomApp(worker, FakeRegistry(models), image_class=HalfcellImage,
+    return DarkroomApp(worker, FakeRegistry(models), image_class=HalfBlockImage,
                        settings_file=tmp_path / "settings.json", **kwargs)
 
 

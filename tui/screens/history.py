@@ -89,7 +89,8 @@ class HistoryScreen(MainScreen):
     HistoryScreen #history-table { height: 1fr; }
     HistoryScreen #history-right { width: 1fr; border: round $secondary; }
     HistoryScreen #thumb-box { height: 18; align: center middle; }
-    HistoryScreen #thumb { width: auto; height: auto; }
+    HistoryScreen #thumb { width: 1fr; height: 1fr; }
+    HistoryScreen #thumb.textual-image { width: auto; height: auto; }
     HistoryScreen #details { height: 1fr; padding: 0 1; }
     """
 

@@ -33,17 +33,20 @@ def resolve_protocol(requested: str | None = None) -> str:
 
 
 def image_class(protocol: str) -> type:
-    """Import textual-image (which probes the terminal on first import) and return the widget class."""
-    import textual_image.widget as tiw
+    """The widget class for a protocol. Anything but ``halfcell`` imports textual-image, which probes the
+    terminal on first import. Half-cells are drawn by our cached ``HalfBlockImage`` (textual-image's own
+    half-cell renderable rebuilds every cell on each render and stalls the UI at preview rates)."""
+    from tui.widgets.halfblock import HalfBlockImage
 
-    classes = {
-        "auto": tiw.Image,
-        "tgp": tiw.TGPImage,
-        "sixel": tiw.SixelImage,
-        "halfcell": tiw.HalfcellImage,
-        "unicode": tiw.UnicodeImage,
-    }
-    return classes[protocol]
+    if protocol == "halfcell":
+        return HalfBlockImage
+    import textual_image.widget as tiw
+    from textual_image.renderable import HalfcellImage as HalfcellRenderable
+    from textual_image.renderable import Image as AutoRenderable
+
+    if protocol == "auto":
+        return HalfBlockImage if AutoRenderable is HalfcellRenderable else tiw.Image
+    return {"tgp": tiw.TGPImage, "sixel": tiw.SixelImage, "unicode": tiw.UnicodeImage}[protocol]
 
 
 def prepare_image_protocol(requested: str | None = None) -> type:
@@ -58,8 +61,15 @@ def chosen_image_class() -> type:
     return _chosen or image_class("halfcell")
 
 
+def is_textual_image(cls: type) -> bool:
+    return cls.__module__.startswith("textual_image")
+
+
 def make_image(cls: type, image: Any = None, *, on_error: Callable[[Exception], None] | None = None, **kwargs: Any):
     """Build an image widget; ``on_error`` is passed only where textual-image supports it (0.13+)."""
     if on_error is not None and "on_error" in inspect.signature(cls.__init__).parameters:
         kwargs["on_error"] = on_error
+    if is_textual_image(cls):
+        # textual-image sizes itself from CSS ``auto`` (fit, keep aspect); ours fills its box and letterboxes.
+        kwargs["classes"] = (kwargs.get("classes", "") + " textual-image").strip()
     return cls(image, **kwargs)

@@ -39,12 +39,13 @@ class PreviewPane(Vertical):
 
     DEFAULT_CSS = """
     PreviewPane { width: 1fr; height: 1fr; border: round $primary; padding: 0 1; }
-    PreviewPane #preview-title { width: 1fr; color: $text-muted; }
+    PreviewPane #preview-title { width: 1fr; height: 1; color: $text-muted; }
     PreviewPane #preview-box { width: 1fr; height: 1fr; align: center middle; }
-    PreviewPane #preview-image { width: auto; height: auto; }
+    PreviewPane #preview-image { width: 1fr; height: 1fr; }
+    PreviewPane #preview-image.textual-image { width: auto; height: auto; }
     PreviewPane #preview-empty { width: 1fr; height: 1fr; content-align: center middle; color: $text-muted; }
     PreviewPane ProgressBar { width: 1fr; }
-    PreviewPane #preview-stats { width: 1fr; }
+    PreviewPane #preview-stats { width: 1fr; height: 1; }
     """
 
     def __init__(self, image_class: type | None = None, **kwargs: Any) -> None:
@@ -75,15 +76,15 @@ class PreviewPane(Vertical):
         self.job_id = job_id
         title = Text(f"Job #{job_id}: ")
         title.append(prompt[:200] or "(empty prompt)")
-        self.query_one("#preview-title", Label).update(title)
-        self.query_one("#preview-stats", Label).update("starting…")
+        self.query_one("#preview-title", Label).update(title, layout=False)
+        self.query_one("#preview-stats", Label).update("starting…", layout=False)
         self.query_one(ProgressBar).update(total=1, progress=0)
 
     def show_step(self, job_id: int, step: int, total: int, elapsed: float, preview: Any = None) -> None:
         if job_id != self.job_id:
             self.job_id = job_id
         self.query_one(ProgressBar).update(total=max(total, 1), progress=step)
-        self.query_one("#preview-stats", Label).update(format_progress(step, total, elapsed))
+        self.query_one("#preview-stats", Label).update(format_progress(step, total, elapsed), layout=False)
         if preview is not None:
             self.show_image(preview)
 
@@ -95,7 +96,7 @@ class PreviewPane(Vertical):
         self.frames_drawn += 1
 
     def finish(self, text: str) -> None:
-        self.query_one("#preview-stats", Label).update(Text(text))
+        self.query_one("#preview-stats", Label).update(Text(text), layout=False)
         bar = self.query_one(ProgressBar)
         if bar.total:
             bar.update(progress=bar.total)

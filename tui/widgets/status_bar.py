@@ -46,4 +46,4 @@ class StatusBar(Static):
 
     def _refresh_text(self, *_: object) -> None:
         app = self.app
-        self.update(status_text(getattr(app, "status", None), getattr(app, "progress_line", "")))
+        self.update(status_text(getattr(app, "status", None), getattr(app, "progress_line", "")), layout=False)

@@ -1,0 +1,143 @@
+"""Terminal app responsiveness, measured in a real terminal (tmux) with the fake runner.
+
+1. Launch to first painted screen: median of several fresh processes. The app (hidden ``DARKROOM_TUI_BENCH``
+   hook) records ``time.monotonic()`` after its first refresh; the system-wide monotonic clock makes it
+   comparable with the moment this script asked tmux to start the process.
+2. The UI thread's longest stall while a fake job runs with previews: a 5 ms sleeper on the event loop
+   measures how late it is woken (goal < 50 ms). Jobs use 64x64 previews (an SD1.5 latent preview) every
+   step and a 512x512 final image.
+
+    .venv/bin/python bench/bench_tui.py [--runs 5] [--steps 40] [--delay 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+
+
+def wait_screen(session: str, needle: str, timeout: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in tmux("capture-pane", "-p", "-t", session):
+            return time.monotonic()
+        time.sleep(0.01)
+    raise TimeoutError(f"{needle!r} never appeared")
+
+
+def launch(home: Path, protocol: str, steps: int, delay: float) -> tuple[str, float, Path]:
+    config = home / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "tui-settings.json").write_text(json.dumps({
+        "prompt": "benchmark", "steps": steps, "seed": 1, "seed_lock": True, "model": "fake-model.safetensors",
+    }))
+    report = home / "bench.json"
+    env = {
+        "DARKROOM_HOME": home, "DARKROOM_TUI_FAKE_RUNNER": "tests.tui_fakes:FakeRunner",
+        "DARKROOM_TUI_BENCH": report, "DARKROOM_IMAGE_PROTOCOL": protocol, "DARKROOM_FAKE_DELAY": delay,
+        "DARKROOM_FAKE_PREVIEW": 64, "DARKROOM_FAKE_SIZE": 512, "PYTHONPATH": ROOT, "TERM": "xterm-256color",
+    }
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    session = f"darkroom-bench-{uuid.uuid4().hex[:8]}"
+    command = (f"cd {ROOT} && env -u COLUMNS -u LINES {exports} {sys.executable} -m cli.main "
+               f"--db {home / 'db.sqlite3'} --output-dir {home / 'out'}; echo BENCH-EXITED; sleep 30")
+    start = time.monotonic()
+    tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45", command)
+    return session, start, report
+
+
+def finish(session: str, report: Path) -> dict:
+    tmux("send-keys", "-t", session, "C-q")
+    wait_screen(session, "BENCH-EXITED")
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    return json.loads(report.read_text())
+
+
+def first_paint_run(protocol: str) -> dict[str, float]:
+    """Seconds from process launch / run_app() / App.run() to the first frame."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session, start, report = launch(Path(tmp), protocol, 10, 0.0)
+        seen = wait_screen(session, "Queue  (Ctrl+Enter)")
+        time.sleep(0.5)  # let the app record its first-refresh callback before quitting
+        data = finish(session, report)
+    paint = data["first_paint_monotonic"]
+    return {
+        "launch": paint - start,
+        "run_app": paint - data["run_app_monotonic"],
+        "app_run": paint - data["app_run_monotonic"],
+        "visible": seen - start,
+    }
+
+
+def stall_run(protocol: str, steps: int, delay: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        session, _, report = launch(Path(tmp), protocol, steps, delay)
+        wait_screen(session, "fake-model")
+        time.sleep(0.3)
+        started = time.monotonic()
+        tmux("send-keys", "-t", session, "C-j")
+        wait_screen(session, "done in", timeout=steps * delay + 60)
+        data = finish(session, report)
+        data["job_wall_s"] = time.monotonic() - started
+    return data
+
+
+def import_time() -> float:
+    code = "import time; t = time.perf_counter(); import tui.app; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--delay", type=float, default=0.05, help="seconds per fake sampling step")
+    parser.add_argument("--protocols", default="halfcell,unicode")
+    args = parser.parse_args()
+    if shutil.which("tmux") is None:
+        print("tmux is not installed: this benchmark needs a real terminal", file=sys.stderr)
+        return 1
+
+    imports = [import_time() for _ in range(args.runs)]
+    print(f"import tui.app: median {statistics.median(imports) * 1000:.0f} ms over {args.runs} runs")
+    print()
+    print("first paint, median ms from: process launch | run_app() (incl. terminal probe) | App.run()"
+          " | seen by capture-pane polling")
+    print(f"{'protocol':<10} {'launch':>7} {'run_app':>8} {'App.run':>8} {'seen':>6}   "
+          f"{'max stall in job ms (wall/UI cpu)':>33} {'max stall ms (wall/cpu)':>23} {'previews':>8} {'steps drawn':>11}")
+    for protocol in args.protocols.split(","):
+        paints = [first_paint_run(protocol) for _ in range(args.runs)]
+        stall = stall_run(protocol, args.steps, args.delay)
+
+        def med(key: str, runs: list[dict[str, float]] = paints) -> float:
+            return statistics.median(p[key] for p in runs) * 1000
+
+        print(f"{protocol:<10} {med('launch'):>7.0f} {med('run_app'):>8.0f} {med('app_run'):>8.0f} "
+              f"{med('visible'):>6.0f}   "
+              f"{stall['max_stall_in_job_s'] * 1000:>26.1f} / {stall['max_cpu_stall_in_job_s'] * 1000:>4.1f} "
+              f"{stall['max_stall_s'] * 1000:>16.1f} / {stall['max_cpu_stall_s'] * 1000:>4.1f} "
+              f"{stall['preview_messages_posted']:>8} "
+              f"{stall['progress_messages_handled']:>7}/{args.steps}")
+    print()
+    print(f"job: {args.steps} steps x {args.delay * 1000:.0f} ms, 64x64 previews, 512x512 final image; "
+          "goal: first paint < 500 ms, max stall < 50 ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
