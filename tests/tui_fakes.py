@@ -99,11 +99,10 @@ class FakeRegistry:
 def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, **kwargs: Any) -> Any:
     """A DarkroomApp on a fresh store under ``tmp_path`` with the fake runner and the half-block image widget
     (deterministic; textual-image's TGP/Sixel widgets write to the real stdout and never go in tests)."""
-    from tui.widgets.halfblock import HalfBlockImage
-
     from core.store import JobStore
     from core.worker import Worker
     from tui.app import DarkroomApp
+    from tui.widgets.halfblock import HalfBlockImage
 
     store = JobStore(tmp_path / "db.sqlite3")
     worker = Worker(store, runner if runner is not None else FakeRunner(), output_dir=tmp_path / "out",
