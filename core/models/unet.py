@@ -402,10 +402,11 @@ class SpatialTransformer(nn.Module):
             h_ = block(h_, context)
         if self.linear:
             h_ = self.proj_out(h_)
-        h_ = h_.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, inner|C, H, W]
-        if not self.linear:
-            h_ = self.proj_out(h_)
-        return h_ + x
+        else:
+            # A 1x1 conv is a Linear over channels: apply it while tokens are rows, skipping a layout round trip.
+            h_ = F.linear(h_, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        # [B, H*W, C] -> [B, C, H, W]; x first so the sum comes out in x's (contiguous NCHW) layout.
+        return x + h_.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class TimestepEmbedSequential(nn.Sequential):
