@@ -11,6 +11,7 @@ import torch
 import core.accel.attention as attention_mod
 from core.models.testing import random_state_dict
 from core.models.unet import UNetConfig, UNetModel
+from tests.reference import diffusers_unet_config
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -23,31 +24,7 @@ TIME_EMBED_DIM = 4  # diffusers' addition_time_embed_dim for the tiny SDXL refer
 
 
 def diffusers_config(cfg: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config describing the same network as ``cfg``."""
-    widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth]
-    config = {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "block_out_channels": widths,
-        "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": down,
-        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        # diffusers' "attention_head_dim" is the head count (a historic misnomer).
-        "attention_head_dim": [cfg.heads_for(w)[0] for w in widths],
-        # Levels without attention ignore their entry; the middle block reads the last one.
-        "transformer_layers_per_block": [d or cfg.transformer_depth_middle for d in cfg.transformer_depth],
-        "cross_attention_dim": cfg.context_dim,
-        "use_linear_projection": cfg.use_linear_in_transformer,
-        "norm_num_groups": cfg.num_groups,
-        "sample_size": 32,
-    }
-    assert cfg.transformer_depth[-1] in (0, cfg.transformer_depth_middle), "diffusers cannot express this"
-    if cfg.adm_in_channels is not None:
-        config["addition_embed_type"] = "text_time"
-        config["addition_time_embed_dim"] = TIME_EMBED_DIM
-        config["projection_class_embeddings_input_dim"] = cfg.adm_in_channels
-    return config
+    return diffusers_unet_config(cfg, sdxl_time_embed_dim=TIME_EMBED_DIM)
 
 
 def build_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditionModel]:
@@ -176,7 +153,10 @@ def _heads(value, levels: int) -> list[int]:
     ],
 )
 def test_full_presets_match_published_configs(family: str, repo: str) -> None:
-    real = json.loads((CONFIGS / repo / "unet" / "config.json").read_text())
+    path = CONFIGS / repo / "unet" / "config.json"
+    if not path.exists():
+        pytest.skip(f"published configs not available here ({path})")
+    real = json.loads(path.read_text())
     ours = diffusers_config(UNetConfig.preset(family, "full"))
     levels = len(real["block_out_channels"])
     for field in [
