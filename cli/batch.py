@@ -106,8 +106,28 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
     return tables, {}
 
 
-def parse_jobs(text: str, label: str, fmt: str | None = None) -> list[BatchJob]:
-    """Validate every job up front, so nothing runs when any job is wrong."""
+def _resolve_init_image(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make a relative ``init_image`` relative to the jobs file's folder (not to wherever the command ran)."""
+    init = fields.get("init_image")
+    if isinstance(init, str) and init.strip():
+        path = Path(init).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        if not path.is_file():
+            raise RequestError("init_image", init, f"an image file; {str(path)!r} does not exist")
+        fields = {**fields, "init_image": str(path.resolve())}
+    return fields
+
+
+def parse_jobs(
+    text: str, label: str, fmt: str | None = None, base_dir: Path | str | None = None
+) -> list[BatchJob]:
+    """Validate every job up front, so nothing runs when any job is wrong.
+
+    ``base_dir`` is the folder relative paths in jobs (``init_image``) are taken from: the jobs file's own
+    folder, or the current folder for stdin.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
     tables, defaults = _job_tables(text, label, fmt or _detect_format(text, label))
     if not tables:
         raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")
@@ -116,7 +136,7 @@ def parse_jobs(text: str, label: str, fmt: str | None = None) -> list[BatchJob]:
         where = f"{label}: {name}"
         if not isinstance(table, Mapping):
             raise BatchInputError(f"{where}: a job must be a table of request fields, not {table!r}")
-        base = {k: v for k, v in defaults.items() if k != "preset"}
+        layer = {k: v for k, v in defaults.items() if k != "preset"}
         job_fields = {k: v for k, v in table.items() if k != "preset"}
         preset = table.get("preset", defaults.get("preset"))
         try:
@@ -127,11 +147,11 @@ def parse_jobs(text: str, label: str, fmt: str | None = None) -> list[BatchJob]:
 
                 # [defaults] < preset < job: the defaults go under the preset's own fields.
                 found = find_preset(preset)
-                found = dataclasses.replace(found, fields=_merge(base, found.fields))
+                found = dataclasses.replace(found, fields=_merge(layer, found.fields))
                 fields = apply_preset(found, job_fields)
             else:
-                fields = _merge(base, job_fields)
-            request = GenerationRequest.from_dict(fields)
+                fields = _merge(layer, job_fields)
+            request = GenerationRequest.from_dict(_resolve_init_image(fields, base))
         except (RequestError, PresetError) as exc:
             raise BatchInputError(f"{where}: {exc}") from None
         except TypeError as exc:  # e.g. a hires value the dataclass cannot take
@@ -152,7 +172,7 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         raise BatchInputError(f"{source}: jobs file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BatchInputError(f"{source}: cannot read the jobs file: {exc}") from None
-    return parse_jobs(text, source), source
+    return parse_jobs(text, source, base_dir=path.parent), source
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------

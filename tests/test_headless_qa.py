@@ -1,0 +1,118 @@
+"""Regression tests for problems found by using ``darkroom --batch`` the way a user would.
+
+Each test names the behaviour a user relies on; the fake runner keeps them fast (no torch models).
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.batch import run_batch
+from core.worker import GeneratedImage
+
+
+class RecordingRunner:
+    """Makes one 8x8 image per seed and remembers every request it ran."""
+
+    seen: list = []
+
+    def run(self, job, ctx):
+        RecordingRunner.seen.append(job.request)
+        for i in range(1, job.request.steps + 1):
+            ctx.step(i, job.request.steps)
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+
+@pytest.fixture
+def batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fake.safetensors").write_bytes(b"")
+    RecordingRunner.seen = []
+
+    def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(
+            jobs,
+            models_dirs=[models],
+            output_dir=tmp_path / "out",
+            db_path=tmp_path / "db.sqlite3",
+            runner_factory=RecordingRunner,
+            stdin=io.StringIO(stdin) if stdin is not None else None,
+            stdout=out,
+            stderr=err,
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    return run, tmp_path
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# ---- init_image paths ------------------------------------------------------------------------------------------
+
+
+def test_relative_init_image_is_taken_from_the_jobs_file_folder(batch, monkeypatch):
+    run, tmp_path = batch
+    project = tmp_path / "project"
+    (project / "inputs").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(project / "inputs" / "start.png")
+    jobs = _write(
+        project / "jobs.toml",
+        """
+        [[job]]
+        model = "fake"
+        steps = 1
+        init_image = "inputs/start.png"
+        denoise = 0.5
+        """,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the user runs the batch from some other folder
+    code, out, err = run(jobs)
+    assert code == 0, err
+    # the stored (and PNG-recorded) request carries the absolute path, so "generate again" works anywhere
+    assert RecordingRunner.seen[0].init_image == str((project / "inputs" / "start.png").resolve())
+
+
+def test_stdin_init_image_is_relative_to_the_current_folder(batch, monkeypatch):
+    run, tmp_path = batch
+    Image.new("RGB", (64, 64)).save(tmp_path / "here.png")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run("-", stdin='{"model": "fake", "steps": 1, "init_image": "here.png"}\n')
+    assert code == 0, err
+    assert RecordingRunner.seen[0].init_image == str((tmp_path / "here.png").resolve())
+
+
+def test_missing_init_image_is_an_input_error_before_anything_runs(batch):
+    run, tmp_path = batch
+    jobs = _write(
+        tmp_path / "jobs" / "jobs.toml",
+        """
+        [[job]]
+        model = "fake"
+        steps = 1
+
+        [[job]]
+        model = "fake"
+        init_image = "nope.png"
+        """,
+    )
+    code, out, err = run(jobs)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "job 2" in err and "init_image" in err and str(tmp_path / "jobs" / "nope.png") in err
+    assert RecordingRunner.seen == []
