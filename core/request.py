@@ -8,13 +8,14 @@ recorded in the image metadata, unchanged. Construction validates every field, s
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import RequestError
-from core.sampling import SAMPLERS, SCHEDULES
+from core.sampling import SAMPLER_LABELS, SAMPLERS, SCHEDULE_LABELS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 UPSCALERS = ("latent", "image")
@@ -30,9 +31,48 @@ def _check_float(name: str, value: Any, low: float, high: float) -> None:
         raise RequestError(name, value, f"a number from {low} to {high}")
 
 
+# Display labels (A1111's "Euler a", "DPM++ 2M", "Karras") that people type for an id; used for suggestions only.
+_LABELS: dict[str, str] = {**SAMPLER_LABELS, **SCHEDULE_LABELS}
+
+# Field names other tools use (A1111 API, ComfyUI nodes) -> ours; used for suggestions only.
+_FIELD_ALIASES = {
+    "cfg_scale": "cfg",
+    "guidance_scale": "cfg",
+    "sampler_name": "sampler",
+    "scheduler": "schedule",
+    "denoising_strength": "denoise",
+    "n_iter": "batch_count",
+    "negative": "negative_prompt",
+    "checkpoint": "model",
+    "ckpt": "model",
+    "image": "init_image",
+}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace("_", " ").replace("-", " ").split())
+
+
+def suggest(value: Any, choices: tuple[str, ...] | list[str], aliases: Mapping[str, str] | None = None) -> str | None:
+    """The choice a mistyped ``value`` most likely meant, or None."""
+    if not isinstance(value, str):
+        return None
+    key = _norm(value)
+    for alias, target in (aliases or {}).items():
+        if _norm(alias) == key and target in choices:
+            return target
+    for choice in choices:
+        if key in (_norm(choice), _norm(_LABELS.get(choice, choice))):
+            return choice
+    close = difflib.get_close_matches(key, [_norm(c) for c in choices], n=1, cutoff=0.6)
+    return next((c for c in choices if _norm(c) == close[0]), None) if close else None
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise RequestError(name, value, "one of " + ", ".join(choices))
+        guess = suggest(value, choices)
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        raise RequestError(name, value, "one of " + ", ".join(choices) + hint)
 
 
 def _check_text(name: str, value: Any, *, optional: bool = False) -> None:
@@ -124,7 +164,11 @@ class GenerationRequest:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise RequestError(unknown[0], data[unknown[0]], "a known field: " + ", ".join(sorted(known)))
+            guess = suggest(unknown[0], sorted(known), _FIELD_ALIASES)
+            hint = f"did you mean {guess!r}? " if guess else ""
+            raise RequestError(
+                unknown[0], data[unknown[0]], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
+            )
         if "model" not in data:
             raise RequestError("model", None, "the name or path of a checkpoint file (required)")
         values = dict(data)
@@ -133,7 +177,11 @@ class GenerationRequest:
             hires_known = {f.name for f in dataclasses.fields(HiresFix)}
             bad = sorted(set(hires) - hires_known)
             if bad:
-                raise RequestError(f"hires.{bad[0]}", hires[bad[0]], "one of " + ", ".join(sorted(hires_known)))
+                guess = suggest(bad[0], sorted(hires_known))
+                hint = f" (did you mean {guess!r}?)" if guess else ""
+                raise RequestError(
+                    f"hires.{bad[0]}", hires[bad[0]], "not a hires field; known: " + ", ".join(sorted(hires_known)) + hint
+                )
             values["hires"] = HiresFix(**hires)
         elif hires is not None and not isinstance(hires, HiresFix):
             raise RequestError("hires", hires, "a table with scale, upscaler, steps, denoise")

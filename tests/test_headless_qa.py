@@ -116,3 +116,40 @@ def test_missing_init_image_is_an_input_error_before_anything_runs(batch):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "job 2" in err and "init_image" in err and str(tmp_path / "jobs" / "nope.png") in err
     assert RecordingRunner.seen == []
+
+
+# ---- misspellings get a suggestion --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "meant"),
+    [
+        ('sampler = "euler_a"', "sampler", "euler_ancestral"),  # sd.cpp's name
+        ('sampler = "Euler a"', "sampler", "euler_ancestral"),  # A1111's label
+        ('sampler = "DPM++ 2M"', "sampler", "dpmpp_2m"),
+        ('sampler = "dpmpp2m"', "sampler", "dpmpp_2m"),
+        ('schedule = "Karras"', "schedule", "karras"),
+        ('schedule = "Align Your Steps"', "schedule", "ays"),
+        ("stepz = 3", "stepz", "steps"),
+        ('scheduler = "karras"', "scheduler", "schedule"),  # ComfyUI's field name
+        ("cfg_scale = 5", "cfg_scale", "cfg"),  # A1111 API's field name
+        ('negative = "blur"', "negative", "negative_prompt"),
+        ("hires = { scale = 2, upscalr = 'latent' }", "hires.upscalr", "upscaler"),
+    ],
+)
+def test_misspelled_names_suggest_the_close_match(batch, line, field, meant):
+    run, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", f'[[job]]\nmodel = "fake"\n{line}\n')
+    code, out, err = run(jobs)
+    assert code == 2 and out == ""
+    assert err.startswith(f"darkroom: error: {jobs}: job 1: {field} = ")
+    assert f"did you mean {meant!r}?" in err
+    assert err.count("\n") == 1
+
+
+def test_no_suggestion_when_nothing_is_close(batch):
+    run, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsampler = "zzz"\n')
+    code, _, err = run(jobs)
+    assert code == 2
+    assert "did you mean" not in err and "euler_ancestral" in err  # the valid list is still there
