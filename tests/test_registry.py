@@ -162,3 +162,21 @@ def test_refresh_picks_up_new_files_and_symlink_loops_are_safe(tmp_path):
     assert names(reg.checkpoints()) == ["a"]  # cached
     reg.refresh()
     assert names(reg.checkpoints()) == ["a", "b"]
+
+
+def test_not_found_lists_only_the_folders_searched_for_that_kind(tmp_path):
+    comfy = tmp_path / "ComfyUI" / "models"
+    touch(comfy / "checkpoints" / "tiny.safetensors")
+    touch(comfy / "vae" / "tinyvae.safetensors")
+    touch(comfy / "loras" / "detail.safetensors")
+    loose = tmp_path / "loose"
+    touch(loose / "other.safetensors")
+    reg = ModelRegistry([comfy, loose, tmp_path / "missing"])
+    with pytest.raises(ModelNotFoundError) as err:
+        reg.find_checkpoint("tinny")
+    searched = str(err.value).split(" not found in ", 1)[1].split("; ", 1)[0]
+    assert searched.split(", ") == [str(comfy / "checkpoints"), str(loose), str(tmp_path / "missing")]
+    with pytest.raises(ModelNotFoundError) as err:
+        reg.find_vae("novae")
+    searched = str(err.value).split(" not found in ", 1)[1].split("; ", 1)[0]
+    assert searched.split(", ") == [str(comfy / "vae"), str(tmp_path / "missing")]

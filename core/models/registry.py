@@ -153,6 +153,13 @@ class ModelRegistry:
                 out.append(root)
         return out
 
+    def kind_search_dirs(self, kind: str) -> list[Path]:
+        """The folders looked in for one kind (``checkpoint``, ``vae``, ``lora``), plus roots that hold nothing."""
+        self._scan()
+        every = [f for folders in self._dirs.values() for f in folders]
+        empty_roots = [r for r in self.roots if not any(_is_within(f, r) for f in every)]
+        return list(self._dirs.get(kind, [])) + empty_roots
+
     # ---- lookup -----------------------------------------------------------------------------------------
 
     def find_checkpoint(self, name_or_path: str | Path) -> Path:
@@ -200,10 +207,11 @@ class ModelRegistry:
                 raise ModelNotFoundError(f"{label} {value!r} is ambiguous: it matches {listed}; use the full name")
         if candidate.is_file():  # a relative path from the working folder
             return candidate.resolve()
-        raise ModelNotFoundError(self._not_found(label, value, name, files))
+        raise ModelNotFoundError(self._not_found(kind, label, value, name, files))
 
-    def _not_found(self, label: str, value: str, name: str, files: list[ModelFile]) -> str:
-        searched = ", ".join(str(d) for d in self.search_dirs) or "(no folders)"
+    def _not_found(self, kind: str, label: str, value: str, name: str, files: list[ModelFile]) -> str:
+        # only this kind's folders: a checkpoint is never looked for in vae/ or loras/
+        searched = ", ".join(str(d) for d in self.kind_search_dirs(kind)) or "(no folders)"
         if not files:
             return (
                 f"{label} {value!r} not found: there are no {label} files in {searched} "
