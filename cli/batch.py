@@ -319,6 +319,18 @@ def run_batch(
         return EXIT_USAGE
 
     dirs = [Path(d).expanduser() for d in models_dirs] if models_dirs else None
+    for folder in dirs or []:
+        if not folder.is_dir():  # a typo here would otherwise read as "no checkpoint files in ..."
+            error(f"--models-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+            return EXIT_USAGE
+    out_dir = Path(output_dir).expanduser() if output_dir else None
+    if out_dir is not None:
+        try:  # find out now, not after the first job has spent minutes generating
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc)
+            error(f"--output-dir {out_dir}: cannot create the folder ({why})")
+            return EXIT_USAGE
     if dirs:
         # A pipeline that builds its own registry finds the same folders.
         os.environ["DARKROOM_MODELS"] = os.pathsep.join(str(d) for d in dirs)
@@ -352,7 +364,7 @@ def run_batch(
     worker = Worker(
         store,
         runner_factory,
-        output_dir=Path(output_dir).expanduser() if output_dir else None,
+        output_dir=out_dir,
         queue=queue_name,
     )
     events: queue_mod.Queue = queue_mod.Queue()

@@ -153,3 +153,42 @@ def test_no_suggestion_when_nothing_is_close(batch):
     code, _, err = run(jobs)
     assert code == 2
     assert "did you mean" not in err and "euler_ancestral" in err  # the valid list is still there
+
+
+# ---- folder options are checked before anything runs -------------------------------------------------------
+
+
+def _run_with(tmp_path, jobs: str, **kwargs) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    options = {"models_dirs": [tmp_path / "models"], "output_dir": tmp_path / "out", **kwargs}
+    code = run_batch(
+        jobs, db_path=tmp_path / "db.sqlite3", runner_factory=RecordingRunner, stdout=out, stderr=err, **options
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_missing_models_dir_is_a_usage_error_naming_it(batch):
+    _, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 1\n')
+    code, out, err = _run_with(tmp_path, jobs, models_dirs=[tmp_path / "models", tmp_path / "modles"])
+    assert code == 2 and out == ""
+    assert err == f"darkroom: error: --models-dir {tmp_path / 'modles'}: no such folder\n"
+    assert RecordingRunner.seen == []
+
+
+def test_output_dir_that_is_a_file_fails_before_generating(batch):
+    _, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 1\n')
+    code, out, err = _run_with(tmp_path, jobs, output_dir=jobs)
+    assert code == 2 and out == ""
+    assert err.startswith(f"darkroom: error: --output-dir {jobs}: cannot create the folder")
+    assert "a file, not a folder" in err
+    assert RecordingRunner.seen == []  # no job spent time generating an image it could not save
+
+
+def test_output_dir_is_created_when_missing(batch):
+    _, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 1\n')
+    code, out, err = _run_with(tmp_path, jobs, output_dir=tmp_path / "new" / "deeper")
+    assert code == 0, err
+    assert Path(out.strip()).is_relative_to(tmp_path / "new" / "deeper")
