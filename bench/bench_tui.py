@@ -4,7 +4,8 @@
    hook) records ``time.monotonic()`` after its first refresh; the system-wide monotonic clock makes it
    comparable with the moment this script asked tmux to start the process.
 2. The UI thread's longest stall while a fake job runs with previews: a 5 ms sleeper on the event loop
-   measures how late it is woken (goal < 50 ms). Jobs use 64x64 previews (an SD1.5 latent preview) every
+   measures how late it is woken (wall), and how much CPU the UI thread burnt in that gap (excludes other
+   processes taking the core on a shared machine). Goal < 50 ms. Measured on the second of two identical jobs. Jobs use 64x64 previews (an SD1.5 latent preview) every
    step and a 512x512 final image.
 
     .venv/bin/python bench/bench_tui.py [--runs 5] [--steps 40] [--delay 0.05]
@@ -87,12 +88,16 @@ def stall_run(protocol: str, steps: int, delay: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         session, _, report = launch(Path(tmp), protocol, steps, delay)
         wait_screen(session, "fake-model")
-        time.sleep(0.3)
-        started = time.monotonic()
+        # Job 1 warms up: the worker's threads import torch meanwhile (the real pipeline does when it loads a
+        # model) and the app re-freezes those objects. Job 2, the same request, is the measured one.
         tmux("send-keys", "-t", session, "C-j")
         wait_screen(session, "done in", timeout=steps * delay + 60)
+        time.sleep(1.0)
+        tmux("send-keys", "-t", session, "C-j")
+        wait_screen(session, "Job #2", timeout=30)
+        wait_screen(session, "done in", timeout=steps * delay + 60)
         data = finish(session, report)
-        data["job_wall_s"] = time.monotonic() - started
+        data["max_stall_in_job_s"], data["max_cpu_stall_in_job_s"] = data["per_job"]["2"]
     return data
 
 
@@ -132,7 +137,7 @@ def main() -> int:
               f"{stall['max_stall_in_job_s'] * 1000:>26.1f} / {stall['max_cpu_stall_in_job_s'] * 1000:>4.1f} "
               f"{stall['max_stall_s'] * 1000:>16.1f} / {stall['max_cpu_stall_s'] * 1000:>4.1f} "
               f"{stall['preview_messages_posted']:>8} "
-              f"{stall['progress_messages_handled']:>7}/{args.steps}")
+              f"{stall['progress_messages_handled']:>7}/{2 * args.steps}")
     print()
     print(f"job: {args.steps} steps x {args.delay * 1000:.0f} ms, 64x64 previews, 512x512 final image; "
           "goal: first paint < 500 ms, max stall < 50 ms")
