@@ -24,7 +24,7 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Mapping
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
@@ -428,6 +428,23 @@ def _png_info(request: GenerationRequest, seed: int, model_hash: str | None, ext
     return info
 
 
+def _create_temp(folder: Path) -> tuple[int, Path]:
+    """A new hidden temp file, created like any user file (0666 minus the umask).
+
+    ``tempfile.mkstemp`` would make it 0600, and the rename would keep that: images other users, a web
+    server or a file-sharing service could not read.
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+    while True:
+        path = folder / f".tmp-{secrets.token_hex(8)}.png"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MetadataError(f"cannot save the image in {folder}: {exc.strerror or exc}") from None
+
+
 def save_image(
     image: Any,
     request: GenerationRequest,
@@ -452,8 +469,7 @@ def save_image(
         raise MetadataError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
     info = _png_info(request, seed, model_hash, extra)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(folder)
     claim: Path | None = None
     try:
         with os.fdopen(fd, "wb") as handle:

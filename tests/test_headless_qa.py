@@ -6,6 +6,8 @@ Each test names the behaviour a user relies on; the fake runner keeps them fast 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import textwrap
 from pathlib import Path
 
@@ -192,3 +194,23 @@ def test_output_dir_is_created_when_missing(batch):
     code, out, err = _run_with(tmp_path, jobs, output_dir=tmp_path / "new" / "deeper")
     assert code == 0, err
     assert Path(out.strip()).is_relative_to(tmp_path / "new" / "deeper")
+
+
+# ---- saved images get ordinary file permissions ------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "umask") or os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_png_has_the_users_default_permissions(tmp_path, umask):
+    from core.metadata import read_request, save_image
+    from core.request import GenerationRequest
+
+    old = os.umask(umask)
+    try:
+        path = save_image(Image.new("RGB", (8, 8)), GenerationRequest(model="m", seed=3), 3, tmp_path)
+    finally:
+        os.umask(old)
+    # like any file the user creates (A1111 and ComfyUI outputs are 0644 under the usual umask), not mkstemp's 0600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert read_request(path).seed == 3
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp or claim files left behind
