@@ -198,6 +198,15 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
 # ---- progress ---------------------------------------------------------------------------------------------------
 
 
+def _shown(prompt: str, limit: int = 60) -> str:
+    """A prompt on one line, as the user wrote it: ``repr`` would double A1111's ``\\(`` escapes."""
+    # newlines would break the one-line-per-event log, and control characters could drive the terminal
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in prompt).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f'"{text}"'
+
+
 class _PlainProgress:
     """One line per event, steps at most once a second: readable in logs and CI."""
 
@@ -214,8 +223,7 @@ class _PlainProgress:
         self._say(text)
 
     def started(self, n: int, request: GenerationRequest) -> None:
-        prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
-        self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {prompt!r}")
+        self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {_shown(request.prompt)}")
         self._last_step = 0.0
 
     def activity(self, n: int, text: str) -> None:

@@ -214,3 +214,20 @@ def test_saved_png_has_the_users_default_permissions(tmp_path, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert read_request(path).seed == 3
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp or claim files left behind
+
+
+# ---- progress shows prompts as written -----------------------------------------------------------------------
+
+
+def test_progress_shows_the_prompt_as_written_on_one_line(batch):
+    run, tmp_path = batch
+    # TOML "\\(" is the two characters \( : A1111's escaped parenthesis
+    jobs = _write(
+        tmp_path / "jobs.toml",
+        '[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "a \\\\(hat\\\\), (red:1.2)\\nsecond\\u001b[31m line"\n',
+    )
+    code, _, err = run(jobs)
+    assert code == 0, err
+    started = next(line for line in err.splitlines() if "started:" in line)
+    assert started.endswith('"a \\(hat\\), (red:1.2) second [31m line"')
+    assert "\x1b" not in err
