@@ -79,6 +79,8 @@ async def test_move_and_retry(tmp_path):
         await wait_for(pilot, lambda: state(app, first) == "failed" and state(app, second) == "failed")
         app.worker._runner.fail_with = None
         screen.table.move_cursor(row=screen.table.get_row_index(str(first)))
+        await pilot.pause()
+        assert f"#{first} failed  boom" in screen_text(app)  # the job's error is shown on the job
         await pilot.press("r")
         await wait_for(pilot, lambda: len(app.store.history()) == 1)
         assert app.store.history()[0].request.prompt == "first"

@@ -25,7 +25,9 @@ def no_models_text(search_dirs: list[Path]) -> Text:
         "  • copy or link a Stable Diffusion checkpoint into one of the folders above\n"
         "    (for example models/Stable-diffusion/v1-5-pruned-emaonly.safetensors);\n"
         "  • or restart with --models-dir pointing at an existing ComfyUI or A1111 models folder,\n"
-        "    e.g.  darkroom --models-dir ~/ComfyUI/models   or   darkroom --models-dir ~/stable-diffusion-webui/models\n"
+        "    for example:\n"
+        "      darkroom --models-dir ~/ComfyUI/models\n"
+        "      darkroom --models-dir ~/stable-diffusion-webui/models\n"
     )
     text.append("\nYou can still browse the queue and history (Escape).", style="dim")
     return text

@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Label
+from textual.widgets import DataTable, Label, Static
 
 from core.events import Event
 from tui.screens.base import MainScreen
@@ -42,12 +42,14 @@ class QueueScreen(MainScreen):
     ]
     DEFAULT_CSS = """
     QueueScreen #queue-table { height: 1fr; }
+    QueueScreen #job-detail { height: auto; max-height: 8; padding: 0 1; border-top: solid $secondary; }
     """
 
     def compose_body(self) -> ComposeResult:
         yield Label("Queue", id="queue-title", classes="pane-title")
         table: DataTable = DataTable(id="queue-table", cursor_type="row", zebra_stripes=True)
         yield table
+        yield Static("", id="job-detail")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -96,18 +98,38 @@ class QueueScreen(MainScreen):
                 state.stylize("bold red")
             elif job.state == "running":
                 state.stylize("bold green")
-            prompt = " ".join(request.prompt.split())[:60]
+            prompt = " ".join(request.prompt.split())[:44]
             table.add_row(
                 str(job.id), state, Text(str(request.model)), Text(prompt), done,
                 _clock(getattr(job, "created", None)), _elapsed(job), key=str(job.id),
             )
         if selected is not None and str(selected) in table.rows:
             table.move_cursor(row=table.get_row_index(str(selected)))
+        self.jobs = {job.id: job for job in jobs}
+        self.show_detail()
         paused = getattr(self.app.worker, "paused", False)
         count = sum(1 for j in jobs if j.state in ACTIVE)
         self.query_one("#queue-title", Label).update(
             f"Queue — {count} active{' — PAUSED (p to resume)' if paused else ''}"
         )
+
+    def on_data_table_row_highlighted(self) -> None:
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        """Full prompt and, for failed jobs, the error sentence of the highlighted job (plain text)."""
+        job = getattr(self, "jobs", {}).get(self.selected_job_id())
+        detail = self.query_one("#job-detail", Static)
+        if job is None:
+            detail.update("No jobs yet: queue one from Generate (F2)." if not getattr(self, "jobs", {}) else "")
+            return
+        text = Text(f"#{job.id} {job.state}", style="bold")
+        if job.error:
+            text.append("  ")
+            text.append(job.error, style="red")
+        text.append("\n")
+        text.append(job.request.prompt)
+        detail.update(text)
 
     def selected_job_id(self) -> int | None:
         table = self.table
