@@ -259,6 +259,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, computed as im2col + one matmul for wide convs over few positions on the CPU.
+
+    Measured (bench/bench_unet.py, fp32, oneDNN in torch 2.13): a 1280-channel 3x3 conv on 2x8x8 or 2x4x4
+    positions runs 1.3-2.5x faster as unfold + matmul, while at 640 channels or 512+ positions the library conv
+    wins. SD1.5 spends its two lowest levels in exactly that regime; the result is the same to fp32 rounding.
+    """
+    b, c, h, w = x.shape
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if x.device.type != "cpu" or c < 1024 or b * ho * wo > 128 or conv.groups != 1 or kh * kw == 1:
+        return conv(x)
+    cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # [B, C*kh*kw, Ho*Wo]
+    out = torch.matmul(conv.weight.flatten(1), cols)  # [B, C_out, Ho*Wo]
+    if conv.bias is not None:
+        out = out + conv.bias[:, None]
+    return out.view(b, -1, ho, wo)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between, plus a skip."""
 
@@ -281,10 +302,10 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x [B, C, H, W], emb [B, E]
         norm_in, _, conv_in = self.in_layers
-        h = conv_in(F.silu(norm_in(x)))  # [B, C', H, W]
+        h = conv2d(conv_in, F.silu(norm_in(x)))  # [B, C', H, W]
         h = h + self.emb_layers[1](F.silu(emb))[:, :, None, None]
         norm_out, _, _, conv_out = self.out_layers
-        h = conv_out(F.silu(norm_out(h)))
+        h = conv2d(conv_out, F.silu(norm_out(h)))
         return self.skip_connection(x) + h
 
 
@@ -296,7 +317,7 @@ class Downsample(nn.Module):
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return conv2d(self.op, x)
 
 
 class Upsample(nn.Module):
@@ -311,7 +332,7 @@ class Upsample(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return conv2d(self.conv, x)
 
 
 class CrossAttention(nn.Module):
