@@ -54,24 +54,23 @@ async def test_same_state_gives_the_same_screenshot(tmp_path):
     assert normalized(third) != normalized(first)
 
 
-@pytest.mark.parametrize(
-    ("key", "landmarks"),
-    [
-        ("f2", ["Prompt", "Negative prompt", "Queue  (Ctrl+Enter)", "Preview", "^r Random seed"]),
-        ("f3", ["Presets", "sd15-balanced", "built-in", "Save current (s)"]),
-        ("f4", ["Queue — 0 active", "state", "prompt", "progress", "Pause/Resume"]),
-        ("f5", ["search prompts", "No images yet.", "Copy prompt"]),
-    ],
-)
-async def test_each_screen_shows_its_landmarks_and_the_status_bar(tmp_path, key, landmarks):
+SCREENS = [
+    ("f2", ["Prompt", "Negative prompt", "Queue  (Ctrl+Enter)", "Preview", "^r Random seed"]),
+    ("f3", ["Presets", "sd15-balanced", "built-in", "Save current (s)"]),
+    ("f4", ["Queue — 0 active", "state", "prompt", "progress", "Pause/Resume"]),
+    ("f5", ["search prompts", "No images yet.", "Copy prompt"]),
+]
+
+
+async def test_each_screen_shows_its_landmarks_and_the_status_bar(tmp_path):
     app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=(140, 45), notifications=False) as pilot:
         await wait_for(pilot, lambda: app.get_generate_screen().models)
-        await pilot.press(key)
-        await pilot.pause(0.2)
-        text = screen_text(app)
-        for landmark in landmarks:
-            assert landmark in text, (landmark, text)
-        assert "no status from the worker yet" in text
-        svg = app.export_screenshot()
-        assert svg.startswith("<svg")
+        for key, landmarks in SCREENS:
+            await pilot.press(key)
+            await pilot.pause(0.2)
+            text = screen_text(app)
+            for landmark in landmarks:
+                assert landmark in text, (key, landmark, text)
+            assert "no status from the worker yet" in text
+            assert app.export_screenshot().startswith("<svg")

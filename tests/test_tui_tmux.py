@@ -66,3 +66,39 @@ def test_queue_a_prompt_in_a_real_terminal(tmp_path):
         wait_screen(session, lambda s: "DARKROOM-EXITED 0" in s)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.slow
+def test_real_pipeline_with_a_tiny_checkpoint_in_a_real_terminal(tmp_path):
+    """No fake: the real worker runner (core.pipeline, torch in the worker thread) on a tiny random SD1.5
+    checkpoint found through --models-dir, driven from the keyboard."""
+    import json
+
+    from core.models.testing import write_random_checkpoint
+    from core.store import JobStore
+
+    write_random_checkpoint(tmp_path / "models" / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
+    config = tmp_path / "home" / "config"
+    config.mkdir(parents=True)
+    (config / "tui-settings.json").write_text(json.dumps({"steps": 2, "width": 64, "height": 64, "seed": 5,
+                                                          "seed_lock": True}))
+    session = f"darkroom-test-{uuid.uuid4().hex[:8]}"
+    db = tmp_path / "db.sqlite3"
+    command = (f"cd {ROOT} && env -u COLUMNS -u LINES DARKROOM_HOME={tmp_path / 'home'} PYTHONPATH={ROOT} "
+               f"{sys.executable} -m cli.main --models-dir {tmp_path / 'models'} --db {db} "
+               f"--output-dir {tmp_path / 'out'}; echo DARKROOM-EXITED $?; sleep 30")
+    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
+    try:
+        wait_screen(session, lambda s: "Queue  (Ctrl+Enter)" in s and "tiny" in s)
+        tmux("send-keys", "-t", session, "-l", "a tiny real job")
+        wait_screen(session, lambda s: "a tiny real job" in s)
+        tmux("send-keys", "-t", session, "C-j")
+        screen = wait_screen(session, lambda s: "done in" in s or "failed" in s, timeout=90)
+        assert "done in" in screen, screen
+        assert "model tiny" in screen  # the status bar reports the loaded model
+        (row,) = JobStore(db).history()
+        assert row.request.model == "tiny" and row.seed == 5 and Path(row.path).is_file()
+        tmux("send-keys", "-t", session, "C-q")
+        wait_screen(session, lambda s: "DARKROOM-EXITED 0" in s)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -380,7 +380,7 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
 
         return make_fake
 
-    models_dirs = list(getattr(args, "models_dir", None) or [])
+    models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
 
     def make_real() -> Any:
         try:
