@@ -29,14 +29,14 @@ class DarkroomCommands(Provider):
 
     async def discover(self) -> Hits:
         for title, callback, help_text in self._commands(""):
-            yield DiscoveryHit(Text(title), callback, help=help_text)
+            yield DiscoveryHit(Text(title), callback, help=escape(help_text))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for title, callback, help_text in self._commands(query):
             score = 1.0 if title.startswith("History: search") else matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(escape(title)), callback, text=title, help=help_text)
+                yield Hit(score, matcher.highlight(escape(title)), callback, text=title, help=escape(help_text))
 
     def _apply_preset(self, preset: Any) -> None:
         app: Any = self.app

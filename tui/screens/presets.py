@@ -112,7 +112,7 @@ class PresetsScreen(MainScreen):
         text.append(preset.description or "")
         description.update(text)
         for name, value in dict(preset.fields).items():
-            table.add_row(name, Text(str(value)))
+            table.add_row(Text(str(name)), Text(str(value)))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
