@@ -115,6 +115,13 @@ def _resolve_init_image(fields: dict[str, Any], base_dir: Path) -> dict[str, Any
             path = base_dir / path
         if not path.is_file():
             raise RequestError("init_image", init, f"an image file; {str(path)!r} does not exist")
+        from PIL import Image, UnidentifiedImageError
+
+        try:  # reads only the header: a wrong file fails here, not after the jobs before it have run
+            with Image.open(path):
+                pass
+        except (OSError, UnidentifiedImageError):
+            raise RequestError("init_image", init, f"an image file (PNG, JPEG, WebP); {str(path)!r} is not one") from None
         fields = {**fields, "init_image": str(path.resolve())}
     return fields
 

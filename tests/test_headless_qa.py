@@ -120,6 +120,19 @@ def test_missing_init_image_is_an_input_error_before_anything_runs(batch):
     assert RecordingRunner.seen == []
 
 
+def test_init_image_that_is_not_an_image_is_an_input_error_before_anything_runs(batch):
+    run, tmp_path = batch
+    (tmp_path / "notes.png").write_text("not a picture")
+    jobs = _write(
+        tmp_path / "jobs.toml",
+        '[[job]]\nmodel = "fake"\nsteps = 1\n[[job]]\nmodel = "fake"\ninit_image = "notes.png"\n',
+    )
+    code, out, err = run(jobs)
+    assert code == 2 and out == ""
+    assert "job 2" in err and "init_image = 'notes.png'" in err and "is not one" in err
+    assert RecordingRunner.seen == []
+
+
 # ---- misspellings get a suggestion --------------------------------------------------------------------------
 
 
