@@ -224,3 +224,10 @@ def test_wide_conv_im2col_path_equals_conv(stride: int, h: int, w: int, monkeypa
     assert used, "the im2col route was not taken"
     assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-5
+
+
+def test_config_rejects_widths_that_do_not_split_into_heads() -> None:
+    with pytest.raises(ValueError, match="head width 64"):
+        UNetConfig(model_channels=96, channel_mult=(1,), transformer_depth=(1,), num_heads=None, head_dim=64)
+    with pytest.raises(ValueError, match="norm groups"):
+        UNetConfig(model_channels=40, channel_mult=(1,), transformer_depth=(1,), num_heads=8)

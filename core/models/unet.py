@@ -61,10 +61,13 @@ class UNetConfig:
             )
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("set exactly one of num_heads and head_dim")
-        for mult in self.channel_mult:
+        last = len(self.channel_mult) - 1
+        for level, (mult, depth) in enumerate(zip(self.channel_mult, self.transformer_depth)):
             ch = self.model_channels * mult
             if ch % self.num_groups:
                 raise ValueError(f"level width {ch} is not divisible by the {self.num_groups} norm groups")
+            if depth or (level == last and self.transformer_depth_middle):
+                self.heads_for(ch)  # raises when the width does not split into the heads
 
     @property
     def time_embed_dim(self) -> int:
@@ -143,6 +146,12 @@ class UNetConfig:
         depth_middle = depth("middle_block.1")
 
         # Output blocks mirror the input levels; refuse variants with pruned blocks rather than misbuild them.
+        outputs = block_ids("output_blocks")
+        if len(outputs) != levels * (num_res_blocks + 1):
+            raise ValueError(
+                f"UNet has {len(outputs)} output blocks where {levels} levels of {num_res_blocks} ResBlocks need "
+                f"{levels * (num_res_blocks + 1)}"
+            )
         for level in range(levels):
             first = (levels - 1 - level) * (num_res_blocks + 1)
             if depth(f"output_blocks.{first}.1") != transformer_depth[level]:
