@@ -73,6 +73,16 @@ class LoadedModel:
         shape = (vae.latent_channels, height // vae.downscale, width // vae.downscale)
         return NoiseSampler(seeds, shape, device=self.device, dtype=self.dtype)
 
+    def replace_vae(self, vae_path: Path | None) -> None:
+        """Use another VAE (``None``: the checkpoint's own) without reloading the UNet and text encoder."""
+        from core.models.checkpoint import load_vae
+
+        source = vae_path if vae_path is not None else self.checkpoint.path
+        vae = load_vae(source, family=self.family, device="cpu", dtype=None)
+        vae.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.checkpoint.vae = vae
+        self.checkpoint.vae_path = vae_path
+
     @property
     def prediction(self) -> str:
         return getattr(self.checkpoint.info, "prediction", None) or "epsilon"
@@ -119,7 +129,7 @@ class PromptCache:
     def encode(self, model: LoadedModel, text: str, clip_skip: int) -> torch.Tensor:
         from core.models.prompt import encode_prompt
 
-        key = (model.key, clip_skip, text)
+        key = (model.key[0], clip_skip, text)  # the checkpoint file: the VAE does not change the encoding
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
@@ -397,6 +407,12 @@ class PipelineRunner:
         vae_path = self.registry.find_vae(request.vae) if request.vae else None
         key = (str(path), str(vae_path) if vae_path else None)
         if self.model is not None and self.model.key == key:
+            return self.model
+        if self.model is not None and self.model.key[0] == key[0]:
+            # same checkpoint, other VAE: the UNet, text encoder and cached prompts stay as they are
+            if ctx is not None:
+                ctx.set_activity(f"loading VAE {(vae_path or path).name}")
+            self.model.replace_vae(vae_path)
             return self.model
         if self.model is not None:  # free the old checkpoint before the new one takes memory
             self.model = None

@@ -244,3 +244,43 @@ def test_progress_shows_the_prompt_as_written_on_one_line(batch):
     started = next(line for line in err.splitlines() if "started:" in line)
     assert started.endswith('"a \\(hat\\), (red:1.2) second [31m line"')
     assert "\x1b" not in err
+
+
+# ---- switching only the VAE keeps the loaded checkpoint ------------------------------------------------------
+
+
+def test_switching_the_vae_reloads_only_the_vae(tmp_path, monkeypatch):
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    import core.pipeline as pipeline
+    from core.models.testing import write_random_checkpoint
+    from core.request import GenerationRequest
+
+    models = tmp_path / "models"
+    write_random_checkpoint(models / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
+    donor = tmp_path / "donor.safetensors"
+    write_random_checkpoint(donor, "sd15", "tiny", seed=1)
+    vae_keys = {k: v for k, v in load_file(donor).items() if k.startswith("first_stage_model.")}
+    (models / "vae").mkdir()
+    save_file(vae_keys, models / "vae" / "other-vae.safetensors")
+
+    loads = []
+    real_load = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    def image(runner, vae):
+        req = GenerationRequest(model="tiny", prompt="a cat", vae=vae, steps=2, seed=5, width=64, height=64)
+        model = runner.ensure_model(req)
+        return np.asarray(pipeline.generate(model, req, cache=runner.cache)[0][0], dtype=np.int16)
+
+    runner = pipeline.PipelineRunner([models], previews=False)
+    own = image(runner, None)
+    swapped = image(runner, "other-vae")
+    back = image(runner, None)
+    assert len(loads) == 1  # one checkpoint load for all three jobs
+    assert runner.cache.misses == 2 and runner.cache.hits == 4  # prompt + negative encoded once, then reused
+    assert np.array_equal(back, own)
+    assert np.abs(swapped - own).max() > 10  # a different VAE decodes differently
+    fresh = image(pipeline.PipelineRunner([models], previews=False), "other-vae")
+    assert np.array_equal(swapped, fresh)  # same pixels as loading checkpoint + VAE from scratch

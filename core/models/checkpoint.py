@@ -421,6 +421,16 @@ def _load_vae_file(
         )
 
 
+def load_vae(
+    path: str | Path, *, family: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load only a VAE for a ``family`` checkpoint: a VAE file, or a full checkpoint's built-in VAE.
+
+    Lets a caller swap the VAE of a loaded checkpoint without reloading its UNet and text encoder.
+    """
+    return _load_vae_file(Path(path), family=family, device=torch.device(device), dtype=dtype)
+
+
 def load_checkpoint(
     path: str | Path,
     *,
