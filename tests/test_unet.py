@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def build_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditi
     return ours.eval(), ref.eval()
 
 
+@functools.cache
+def cached_pair(family: str) -> tuple[UNetModel, UNet2DConditionModel]:
+    """Read-only pairs shared by the parity cases (building them dominates the test time)."""
+    return build_pair(UNetConfig.preset(family, "tiny"))
+
+
 def inputs(cfg: UNetConfig, batch: int, h: int, w: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, h, w, generator=g)
@@ -59,7 +66,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("batch,h,w", [(1, 16, 16), (2, 16, 24), (2, 9, 13)])
 def test_matches_diffusers(family: str, batch: int, h: int, w: int) -> None:
     cfg = UNetConfig.preset(family, "tiny")
-    ours, ref = build_pair(cfg)
+    ours, ref = cached_pair(family)
     x, t, ctx, g = inputs(cfg, batch, h, w)
     kwargs = {}
     y = None
