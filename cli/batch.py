@@ -170,7 +170,10 @@ def parse_jobs(
 def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
     """Read JOBS (a path or ``-``); returns the jobs and the label used in messages."""
     if source == "-":
-        text = (stdin or sys.stdin).read()
+        stream = stdin or sys.stdin
+        if stream.isatty():  # typed by hand (or `-` by mistake): say why nothing happens
+            print("darkroom: reading jobs from stdin; end with Ctrl-D (Ctrl-Z Enter on Windows)", file=sys.stderr)
+        text = stream.read()
         return parse_jobs(text, "<stdin>"), "<stdin>"
     path = Path(source)
     try:

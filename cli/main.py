@@ -54,9 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
     if args.batch is not None:
-        from cli.batch import run_batch
+        from cli.batch import EXIT_INTERRUPTED, run_batch
 
-        return run_batch(args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db)
+        try:
+            return run_batch(args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db)
+        except KeyboardInterrupt:
+            # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):
+            # no traceback; whatever reached the queue is safe in the database.
+            print("darkroom: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     try:
         from tui.app import run_app
     except ImportError as exc:

@@ -284,3 +284,30 @@ def test_switching_the_vae_reloads_only_the_vae(tmp_path, monkeypatch):
     assert np.abs(swapped - own).max() > 10  # a different VAE decodes differently
     fresh = image(pipeline.PipelineRunner([models], previews=False), "other-vae")
     assert np.array_equal(swapped, fresh)  # same pixels as loading checkpoint + VAE from scratch
+
+
+# ---- Ctrl-C outside the job loop -----------------------------------------------------------------------------
+
+
+class _TypingUser(io.StringIO):
+    """A terminal on stdin where the user presses Ctrl-C instead of typing jobs."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def read(self, *args):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_reading_jobs_from_a_terminal_exits_130_without_traceback(monkeypatch, capsys, tmp_path):
+    from cli.main import main
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path))
+    monkeypatch.setattr("sys.stdin", _TypingUser())
+    assert main(["--batch", "-"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "darkroom: reading jobs from stdin; end with Ctrl-D (Ctrl-Z Enter on Windows)",
+        "darkroom: interrupted",
+    ]
