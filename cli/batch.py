@@ -356,6 +356,15 @@ def run_batch(
 
     registry = ModelRegistry(dirs)
     for job in jobs:
+        if not job.request.is_img2img and job.request.denoise != 1.0:
+            # a silent no-op otherwise; people often mean the hires-fix strength
+            print(
+                f"darkroom: warning: {label}: job {job.index}: denoise = {job.request.denoise} has no effect "
+                "without init_image (the hires-fix strength is hires.denoise)",
+                file=err,
+                flush=True,
+            )
+    for job in jobs:
         try:
             registry.find_checkpoint(job.request.model)
             if job.request.vae:

@@ -311,3 +311,35 @@ def test_ctrl_c_while_reading_jobs_from_a_terminal_exits_130_without_traceback(m
         "darkroom: reading jobs from stdin; end with Ctrl-D (Ctrl-Z Enter on Windows)",
         "darkroom: interrupted",
     ]
+
+
+# ---- settings that would do nothing are pointed out -----------------------------------------------------------
+
+
+def test_denoise_without_init_image_warns_but_runs(batch):
+    run, tmp_path = batch
+    Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
+    jobs = _write(
+        tmp_path / "jobs.toml",
+        """
+        [defaults]
+        model = "fake"
+        steps = 1
+        denoise = 0.4
+
+        [[job]]
+        prompt = "txt2img"
+
+        [[job]]
+        prompt = "img2img"
+        init_image = "start.png"
+        """,
+    )
+    code, out, err = run(jobs)
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"darkroom: warning: {jobs}: job 1: denoise = 0.4 has no effect without init_image "
+        "(the hires-fix strength is hires.denoise)"
+    ]
