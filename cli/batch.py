@@ -135,6 +135,7 @@ def parse_jobs(
     folder, or the current folder for stdin.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors put at the start of UTF-8 files
     tables, defaults = _job_tables(text, label, fmt or _detect_format(text, label))
     if not tables:
         raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")

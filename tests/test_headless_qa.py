@@ -343,3 +343,28 @@ def test_denoise_without_init_image_warns_but_runs(batch):
         f"darkroom: warning: {jobs}: job 1: denoise = 0.4 has no effect without init_image "
         "(the hires-fix strength is hires.denoise)"
     ]
+
+
+# ---- files saved by Windows editors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("jobs.toml", '[[job]]\r\nmodel = "fake"\r\nsteps = 1\r\nprompt = "bom toml"\r\n'),
+        ("jobs.jsonl", '{"model": "fake", "steps": 1, "prompt": "bom jsonl"}\r\n'),
+    ],
+)
+def test_jobs_file_with_a_utf8_bom_and_crlf_reads(batch, name, text):
+    run, tmp_path = batch
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    code, out, err = run(str(path))
+    assert code == 0, err
+    assert RecordingRunner.seen[0].prompt.startswith("bom ")
+
+
+def test_stdin_with_a_utf8_bom_reads(batch):
+    run, _ = batch
+    code, _, err = run("-", stdin='\ufeff{"model": "fake", "steps": 1}\n')
+    assert code == 0, err
