@@ -186,6 +186,32 @@ def load_presets() -> tuple[list[Preset], list[str]]:
     return presets, problems
 
 
+def _broken_user_preset(name: str) -> str | None:
+    """The problem with the user preset file meant by ``name`` (file stem or ``name`` key) if it fails to load.
+
+    Without this, a preset with one bad key would be reported as missing ("no preset named ...").
+    """
+    folder = user_presets_dir()
+    for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            if path.stem == name:
+                return f"{path}: cannot read ({exc})"
+            continue
+        try:
+            raw = tomllib.loads(text).get("name")
+        except tomllib.TOMLDecodeError:
+            raw = None
+        if path.stem != name and raw != name:
+            continue
+        try:
+            _load_one(str(path), text, path, False)
+        except PresetError as err:
+            return str(err)
+    return None
+
+
 def find_preset(name: str, presets: list[Preset] | None = None) -> Preset:
     """A preset by name (or by file name without ``.toml``); unknown names list close matches."""
     if presets is None:
@@ -196,6 +222,9 @@ def find_preset(name: str, presets: list[Preset] | None = None) -> Preset:
     for preset in presets:
         if preset.source is not None and preset.source.stem == name:
             return preset
+    broken = _broken_user_preset(name)
+    if broken is not None:
+        raise PresetError(f"preset {name!r} cannot be used: {broken}")
     names = [p.name for p in presets]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(names) or 'none'}"

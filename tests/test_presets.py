@@ -179,3 +179,20 @@ def test_rename_and_delete_user_presets(user_dir):
     with pytest.raises(DarkroomError):
         delete_user_preset("other")
     assert P.user_presets_dir() == user_dir
+
+
+def test_asking_for_a_broken_user_preset_names_its_problem_not_missing(user_dir):
+    (user_dir / "broken.toml").write_text('name = "broken"\nsteps = "many"\n')
+    (user_dir / "file-name.toml").write_text('name = "by key"\nsampler = "nope"\n')
+    (user_dir / "syntax.toml").write_text("steps = [\n")
+    with pytest.raises(PresetError) as err:
+        P.find_preset("broken")
+    assert str(err.value) == (
+        f"preset 'broken' cannot be used: {user_dir / 'broken.toml'}: key 'steps' must be an integer, got 'many'"
+    )
+    with pytest.raises(PresetError, match=r"preset 'by key' cannot be used: .*file-name\.toml: key 'sampler'"):
+        P.find_preset("by key")
+    with pytest.raises(PresetError, match=r"preset 'syntax' cannot be used: .*syntax\.toml: not valid TOML"):
+        P.find_preset("syntax")
+    with pytest.raises(PresetError, match="no preset named 'absent'"):
+        P.find_preset("absent")
