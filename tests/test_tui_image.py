@@ -1,0 +1,67 @@
+"""Image protocol selection (CLI value > DARKROOM_IMAGE_PROTOCOL > auto) and the half-block widget's geometry."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from tui.widgets.halfblock import HalfBlockImage
+from tui.widgets.image import ImageProtocolError, image_class, make_image, resolve_protocol
+
+
+def test_protocol_precedence_and_validation(monkeypatch):
+    monkeypatch.delenv("DARKROOM_IMAGE_PROTOCOL", raising=False)
+    assert resolve_protocol(None) == "auto"
+    monkeypatch.setenv("DARKROOM_IMAGE_PROTOCOL", "Sixel")
+    assert resolve_protocol(None) == "sixel"
+    assert resolve_protocol("unicode") == "unicode"  # the CLI flag wins over the environment
+    with pytest.raises(ImageProtocolError, match="use one of auto, tgp, sixel, halfcell, unicode"):
+        resolve_protocol("kitty")
+
+
+def test_forced_protocols_map_to_widgets():
+    import textual_image.widget as tiw
+
+    assert image_class("halfcell") is HalfBlockImage
+    assert image_class("unicode") is tiw.UnicodeImage
+    assert image_class("tgp") is tiw.TGPImage
+    assert image_class("sixel") is tiw.SixelImage
+    # Not a terminal here, so textual-image's own choice is its Unicode renderer, not half-cells.
+    assert image_class("auto") is tiw.Image
+
+
+def test_on_error_is_passed_only_where_supported():
+    calls = []
+    widget = make_image(HalfBlockImage, None, on_error=calls.append, id="x")  # no on_error parameter
+    assert widget.id == "x"
+
+    class WithOnError(HalfBlockImage):
+        def __init__(self, image=None, *, on_error=None, **kwargs):
+            super().__init__(image, **kwargs)
+            self.on_error = on_error
+
+    assert make_image(WithOnError, None, on_error=calls.append).on_error == calls.append
+
+
+def test_run_app_rejects_a_bad_protocol(capsys, monkeypatch):
+    from tui.app import run_app
+
+    monkeypatch.delenv("DARKROOM_IMAGE_PROTOCOL", raising=False)
+    assert run_app(SimpleNamespace(image_protocol="kitty", models_dir=None, output_dir=None, db=None)) == 2
+    assert "image protocol 'kitty' is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("size", "box", "cells"),
+    [
+        ((64, 64), (56, 28), (56, 28)),  # square image: one cell = 1 px wide, 2 px tall
+        ((64, 64), (80, 20), (40, 20)),  # height-bound
+        ((128, 64), (40, 30), (40, 10)),  # wide image, width-bound
+        ((64, 128), (40, 30), (30, 30)),  # tall image
+    ],
+)
+def test_half_block_fit_keeps_aspect(size, box, cells):
+    widget = HalfBlockImage(Image.new("RGB", size))
+    assert widget.fitted_size(*box) == cells
