@@ -34,7 +34,7 @@ TFLOPS_BATCH1 = {32: 0.180, 64: 0.803}
 BATCH = 2
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     """Best fp32 GFLOP/s of an n x n x n torch.mm on this machine."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -126,8 +126,9 @@ def main() -> None:
     for side in sizes:
         reps = args.reps or (5 if side == 32 else 3)
         med = bench_size(ours, ref, side, reps)
+        peak = max(peak, matmul_peak())  # re-measured: other load on a shared machine depresses single readings
         flops = TFLOPS_BATCH1[side] * 1e12 * BATCH
-        print(f"  ours at {100 * flops / med['ours'] / 1e9 / peak:.0f} % of matmul peak")
+        print(f"  ours at {100 * flops / med['ours'] / 1e9 / peak:.0f} % of matmul peak ({peak:.1f} GFLOP/s best so far)")
 
 
 if __name__ == "__main__":
