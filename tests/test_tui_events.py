@@ -68,3 +68,29 @@ async def test_status_bar_shows_every_field(tmp_path):
         await pilot.press("f4")  # the status bar is on every screen
         await pilot.pause()
         assert "cuda:0" in screen_text(app)
+
+
+async def test_model_switch_unfreezes_so_the_old_model_can_be_collected(tmp_path):
+    """The app freezes long-lived objects after startup and after each model load (short GC pauses); a
+    model unloaded later may sit in reference cycles, so a new loaded model must unfreeze and collect."""
+    import gc
+    import weakref
+
+    class Model:
+        pass
+
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await wait_for(pilot, lambda: gc.get_freeze_count() > 0)
+        model = Model()
+        model.self_ref = model  # a reference cycle, as module graphs often have
+        alive = weakref.ref(model)
+        app._on_worker_event(Status(None, loaded_model="a"))
+        await wait_for(pilot, lambda: app._frozen_model == "a")
+        del model
+        gc.collect()
+        assert alive() is not None  # frozen with model "a": the collector does not look at it
+        app._on_worker_event(Status(None, loaded_model="b"))
+        await wait_for(pilot, lambda: app._frozen_model == "b")
+        assert alive() is None
+    assert gc.get_freeze_count() == 0  # the app leaves the process as it found it

@@ -198,6 +198,7 @@ class DarkroomApp(App[int]):
         self._last_preview_sent = 0.0
         self._stopped = False
         self._frozen_modules = len(sys.modules)
+        self._frozen_model: str | None = None
         self._stop_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -212,13 +213,19 @@ class DarkroomApp(App[int]):
             self.call_after_refresh(self._bench.first_paint)
 
     def _refreeze_if_modules_loaded(self) -> None:
-        """The worker's threads import torch (and the pipeline) after startup: hundreds of thousands of
-        long-lived objects that every full collection would walk again (~100 ms each, measured with the fake
-        runner). Freeze them too, once, when the worker reports and the module count has grown."""
-        if len(sys.modules) > self._frozen_modules + 50:
+        """The worker's threads import torch and load models after startup: hundreds of thousands of
+        long-lived objects that every full collection would walk again (~100 ms UI stalls, measured with the
+        fake runner). When the worker reports new modules or another loaded model, unfreeze (so whatever
+        the previous model left in reference cycles can be collected), collect once, and freeze again."""
+        status = self.status
+        loaded = status.loaded_model if status is not None else None
+        grew = len(sys.modules) > self._frozen_modules + 50
+        if grew or loaded != self._frozen_model:
+            gc.unfreeze()
             gc.collect()
             gc.freeze()
             self._frozen_modules = len(sys.modules)
+            self._frozen_model = loaded
 
     def _start_worker(self) -> None:
         # Everything built so far (modules, CSS, widgets) lives as long as the app: move it out of the cyclic
@@ -240,6 +247,7 @@ class DarkroomApp(App[int]):
             self._unsubscribe()
             self._unsubscribe = None
         self.stop_worker(finish_current=False)
+        gc.unfreeze()
 
     def stop_worker(self, finish_current: bool) -> None:
         with self._stop_lock:
