@@ -14,12 +14,14 @@ leaves its remaining jobs in the database. This module never imports Textual.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import os
 import queue as queue_mod
+import signal
 import sys
 import time
 import tomllib
@@ -457,15 +459,32 @@ def run_batch(
     except KeyboardInterrupt:
         current = worker.current_job_id
         progress.close()
-        print("darkroom: interrupted; stopping the current job...", file=err, flush=True)
-        worker.stop(finish_current=False, timeout=30)
-        pending = store.pending_count(queue_name)
-        where = f"job {number[current]} marked interrupted; " if current in number else ""
-        print(
-            f"darkroom: {where}{pending} job(s) left pending in queue {queue_name} of {store.path}",
-            file=err,
-            flush=True,
-        )
+        print("darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...", file=err, flush=True)
+
+        def report() -> None:
+            pending = store.pending_count(queue_name)
+            where = f"job {number[current]} marked interrupted; " if current in number else ""
+            print(
+                f"darkroom: {where}{pending} job(s) left pending in queue {queue_name} of {store.path}",
+                file=err,
+                flush=True,
+            )
+
+        try:
+            worker.stop(finish_current=False, timeout=30)
+        except KeyboardInterrupt:
+            # A second Ctrl-C: do not wait for the step to end. Record the job now and leave at once; a normal
+            # interpreter exit while the worker thread is inside torch aborts the process ("terminate called
+            # without an active exception", exit -6) and leaves the job marked running.
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if current is not None:
+                store.mark_interrupted(current)
+            report()
+            with contextlib.suppress(Exception):
+                out.flush()
+            os._exit(EXIT_INTERRUPTED)
+        report()
         store.close()
         return EXIT_INTERRUPTED
     progress.close()

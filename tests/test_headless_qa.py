@@ -368,3 +368,68 @@ def test_stdin_with_a_utf8_bom_reads(batch):
     run, _ = batch
     code, _, err = run("-", stdin='\ufeff{"model": "fake", "steps": 1}\n')
     assert code == 0, err
+
+
+# ---- a second Ctrl-C while the current step finishes -----------------------------------------------------------
+
+_STUCK_SCRIPT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from cli.batch import run_batch
+
+class StuckStep:
+    def run(self, job, ctx):
+        ctx.step(1, 2)
+        time.sleep(60)  # one very slow step: a full-size model on a CPU
+
+jobs, models, out, db = sys.argv[1:5]
+sys.exit(run_batch(jobs, models_dirs=[models], output_dir=out, db_path=db, runner_factory=StuckStep))
+"""
+
+
+def test_second_ctrl_c_quits_now_and_still_records_the_job_interrupted(tmp_path):
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from core.store import JobStore
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "stuck.py"
+    script.write_text(_STUCK_SCRIPT.format(repo=str(repo)))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "fake.safetensors").write_bytes(b"")
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 2\n[[job]]\nmodel = "fake"\n')
+    db = tmp_path / "db.sqlite3"
+    cmd = [sys.executable, str(script), jobs, str(tmp_path / "models"), str(tmp_path / "out"), str(db)]
+    env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"))
+    env.pop("DARKROOM_MODELS", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        while "[1/2] step 1/2" not in lines.get(timeout=60):
+            pass
+        proc.send_signal(signal.SIGINT)
+        while "Ctrl-C again" not in lines.get(timeout=30):
+            pass
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        waited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert code == 130, rest
+    assert waited < 20  # did not sit out the 60 s step
+    assert not any("Traceback" in line for line in rest), rest
+    assert any("job 1 marked interrupted; 1 job(s) left pending" in line for line in rest), rest
+    with JobStore(db) as store:
+        assert [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)] == ["interrupted", "pending"]
