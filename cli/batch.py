@@ -39,6 +39,7 @@ EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
 EXIT_INTERRUPTED = 130
+STOP_TIMEOUT = 30.0  # seconds Ctrl-C waits for the current step to end
 
 
 class BatchInputError(DarkroomError):
@@ -471,13 +472,16 @@ def run_batch(
             )
 
         try:
-            worker.stop(finish_current=False, timeout=30)
-        except KeyboardInterrupt:
-            # A second Ctrl-C: do not wait for the step to end. Record the job now and leave at once; a normal
-            # interpreter exit while the worker thread is inside torch aborts the process ("terminate called
-            # without an active exception", exit -6) and leaves the job marked running.
+            worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
+            stuck = worker.running  # a step that outlasted the timeout
+        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the step to end
             with contextlib.suppress(ValueError):  # only the main thread may set handlers
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+            stuck = True
+        if stuck:
+            # Record the job now and leave at once: a normal interpreter exit while the worker thread is inside
+            # torch aborts the process ("terminate called without an active exception", exit -6) and would
+            # leave the job marked running.
             if current is not None:
                 store.mark_interrupted(current)
             report()

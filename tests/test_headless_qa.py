@@ -375,7 +375,9 @@ def test_stdin_with_a_utf8_bom_reads(batch):
 _STUCK_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
+import cli.batch
 from cli.batch import run_batch
+cli.batch.STOP_TIMEOUT = float(sys.argv[5])
 
 class StuckStep:
     def run(self, job, ctx):
@@ -387,7 +389,11 @@ sys.exit(run_batch(jobs, models_dirs=[models], output_dir=out, db_path=db, runne
 """
 
 
-def test_second_ctrl_c_quits_now_and_still_records_the_job_interrupted(tmp_path):
+@pytest.mark.parametrize("presses", [2, 1])
+def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_path, presses):
+    """Two presses: quit now. One press and a step that outlasts the stop timeout: quit after the timeout.
+
+    Either way: exit 130, no abort, the job recorded interrupted, the next one still pending."""
     import queue
     import signal
     import subprocess
@@ -404,7 +410,8 @@ def test_second_ctrl_c_quits_now_and_still_records_the_job_interrupted(tmp_path)
     (tmp_path / "models" / "fake.safetensors").write_bytes(b"")
     jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 2\n[[job]]\nmodel = "fake"\n')
     db = tmp_path / "db.sqlite3"
-    cmd = [sys.executable, str(script), jobs, str(tmp_path / "models"), str(tmp_path / "out"), str(db)]
+    timeout = "30" if presses == 2 else "1"
+    cmd = [sys.executable, str(script), jobs, str(tmp_path / "models"), str(tmp_path / "out"), str(db), timeout]
     env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"))
     env.pop("DARKROOM_MODELS", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -417,7 +424,8 @@ def test_second_ctrl_c_quits_now_and_still_records_the_job_interrupted(tmp_path)
         while "Ctrl-C again" not in lines.get(timeout=30):
             pass
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
         waited = time.monotonic() - sent
     finally:
