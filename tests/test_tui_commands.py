@@ -30,7 +30,7 @@ async def test_palette_applies_preset_picks_model_and_searches_history(tmp_path)
     async with app.run_test(size=(140, 45)) as pilot:
         generate = app.get_generate_screen()
         await wait_for(pilot, lambda: generate.models and generate.presets)
-        await palette(pilot, "Preset: sd15-fast-ays")
+        await palette(pilot, "fast-ays")
         assert generate.query_one("#steps", Input).value == str(fast.fields["steps"])
         await palette(pilot, "Model: beta")
         assert generate.query_one("#model", Select).value == "beta.safetensors"
