@@ -147,7 +147,8 @@ class Worker:
         self.store = store
         self.queue = queue
         self.status_interval = status_interval
-        self._output_dir = Path(output_dir) if output_dir is not None else None
+        # absolute: history rows and printed paths must still point at the image from another folder
+        self._output_dir = Path(output_dir).absolute() if output_dir is not None else None
         self._runner_spec = runner
         self._runner: JobRunner | None = None
         self._subscribers: list[Callable[[Event], None]] = []
@@ -173,7 +174,7 @@ class Worker:
         if self._output_dir is None:
             from core.paths import default_output_dir
 
-            self._output_dir = default_output_dir()
+            self._output_dir = default_output_dir().absolute()
         return self._output_dir
 
     @property

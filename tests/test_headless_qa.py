@@ -441,3 +441,21 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     assert any("job 1 marked interrupted; 1 job(s) left pending" in line for line in rest), rest
     with JobStore(db) as store:
         assert [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)] == ["interrupted", "pending"]
+
+
+# ---- a relative --output-dir ---------------------------------------------------------------------------------------
+
+
+def test_relative_output_dir_gives_absolute_paths_in_stdout_and_history(batch, monkeypatch):
+    from core.store import JobStore
+
+    _, tmp_path = batch
+    jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 1\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_with(tmp_path, jobs, output_dir="renders")
+    assert code == 0, err
+    printed = Path(out.strip())
+    assert printed.is_absolute() and printed.is_relative_to(tmp_path / "renders") and printed.is_file()
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        # the TUI, started from any other folder, opens the image from its history row
+        assert [h.path for h in store.history()] == [str(printed)]
