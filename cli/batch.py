@@ -109,8 +109,20 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
     return tables, {}
 
 
-def _resolve_init_image(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make a relative ``init_image`` relative to the jobs file's folder (not to wherever the command ran)."""
+_RELATIVE_PREFIXES = ("./", "../", ".\\", "..\\")
+
+
+def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Take relative paths in a job from the jobs file's folder (not from wherever the command ran).
+
+    ``init_image`` is always a path; ``model`` and ``vae`` are names in the models folders unless written as
+    ``./x.safetensors`` or ``../x.safetensors``. Resolved paths are absolute, so the stored request (and the
+    one recorded in the PNG) still works from any folder.
+    """
+    for key in ("model", "vae"):
+        value = fields.get(key)
+        if isinstance(value, str) and value.startswith(_RELATIVE_PREFIXES):
+            fields = {**fields, key: str((base_dir / value).resolve())}
     init = fields.get("init_image")
     if isinstance(init, str) and init.strip():
         path = Path(init).expanduser()
@@ -162,7 +174,7 @@ def parse_jobs(
                 fields = apply_preset(found, job_fields)
             else:
                 fields = _merge(layer, job_fields)
-            request = GenerationRequest.from_dict(_resolve_init_image(fields, base))
+            request = GenerationRequest.from_dict(_resolve_paths(fields, base))
         except (RequestError, PresetError) as exc:
             raise BatchInputError(f"{where}: {exc}") from None
         except TypeError as exc:  # e.g. a hires value the dataclass cannot take

@@ -89,6 +89,35 @@ def test_relative_init_image_is_taken_from_the_jobs_file_folder(batch, monkeypat
     assert RecordingRunner.seen[0].init_image == str((project / "inputs" / "start.png").resolve())
 
 
+def test_relative_model_and_vae_paths_are_taken_from_the_jobs_file_folder(batch, monkeypatch):
+    run, tmp_path = batch
+    project = tmp_path / "project"
+    (project / "ckpt").mkdir(parents=True)
+    (project / "ckpt" / "mine.safetensors").write_bytes(b"")
+    (tmp_path / "vaes").mkdir()
+    (tmp_path / "vaes" / "v.safetensors").write_bytes(b"")
+    jobs = _write(
+        project / "jobs.toml",
+        """
+        [[job]]
+        model = "./ckpt/mine.safetensors"
+        vae = "../vaes/v.safetensors"
+        steps = 1
+
+        [[job]]
+        model = "fake"
+        steps = 1
+        """,
+    )
+    monkeypatch.chdir(tmp_path / "vaes")  # anywhere else
+    code, _, err = run(jobs)
+    assert code == 0, err
+    first, second = RecordingRunner.seen
+    assert first.model == str((project / "ckpt" / "mine.safetensors").resolve())
+    assert first.vae == str((tmp_path / "vaes" / "v.safetensors").resolve())
+    assert second.model == "fake"  # a name in the models folders stays a name
+
+
 def test_stdin_init_image_is_relative_to_the_current_folder(batch, monkeypatch):
     run, tmp_path = batch
     Image.new("RGB", (64, 64)).save(tmp_path / "here.png")
