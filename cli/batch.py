@@ -471,8 +471,6 @@ def run_batch(
                 progress.failed(n, "cancelled")
     except KeyboardInterrupt:
         current = worker.current_job_id
-        progress.close()
-        print("darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...", file=err, flush=True)
 
         def report() -> None:
             pending = store.pending_count(queue_name)
@@ -483,7 +481,9 @@ def run_batch(
                 flush=True,
             )
 
-        try:
+        try:  # everything up to the end of the stop: a second Ctrl-C may come at any point
+            progress.close()
+            print("darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...", file=err, flush=True)
             worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
             stuck = worker.running  # a step that outlasted the timeout
         except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the step to end
