@@ -141,6 +141,12 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return fields
 
 
+def _job_fields(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A table's request fields. TOML has no null, so ``hires = false`` is how a job turns off the hires-fix
+    that its preset or ``[defaults]`` switched on."""
+    return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k != "preset"}
+
+
 def parse_jobs(
     text: str, label: str, fmt: str | None = None, base_dir: Path | str | None = None
 ) -> list[BatchJob]:
@@ -159,8 +165,8 @@ def parse_jobs(
         where = f"{label}: {name}"
         if not isinstance(table, Mapping):
             raise BatchInputError(f"{where}: a job must be a table of request fields, not {table!r}")
-        layer = {k: v for k, v in defaults.items() if k != "preset"}
-        job_fields = {k: v for k, v in table.items() if k != "preset"}
+        layer = _job_fields(defaults)
+        job_fields = _job_fields(table)
         preset = table.get("preset", defaults.get("preset"))
         try:
             if preset is not None:

@@ -488,3 +488,38 @@ def test_relative_output_dir_gives_absolute_paths_in_stdout_and_history(batch, m
     with JobStore(tmp_path / "db.sqlite3") as store:
         # the TUI, started from any other folder, opens the image from its history row
         assert [h.path for h in store.history()] == [str(printed)]
+
+
+# ---- turning hires-fix off for one job ----------------------------------------------------------------------------
+
+
+def test_hires_false_turns_off_the_hires_fix_of_a_preset_or_defaults(batch):
+    run, tmp_path = batch
+    jobs = _write(
+        tmp_path / "jobs.toml",
+        """
+        [defaults]
+        model = "fake"
+        steps = 1
+        hires = { scale = 1.5 }
+
+        [[job]]
+        prompt = "defaults"
+
+        [[job]]
+        prompt = "off"
+        hires = false
+
+        [[job]]
+        prompt = "preset off"
+        preset = "sd15-hires"
+        hires = false
+        steps = 1
+        """,
+    )
+    code, _, err = run(jobs)
+    assert code == 0, err
+    on, off, preset_off = RecordingRunner.seen
+    assert on.hires is not None and on.hires.scale == 1.5
+    assert off.hires is None and preset_off.hires is None
+    assert preset_off.sampler == "dpmpp_2m"  # the rest of the preset still applies
