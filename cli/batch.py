@@ -124,7 +124,9 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if isinstance(value, str) and value.startswith(_RELATIVE_PREFIXES):
             fields = {**fields, key: str((base_dir / value).resolve())}
     init = fields.get("init_image")
-    if isinstance(init, str) and init.strip():
+    if isinstance(init, str) and not init.strip():  # `init_image = ""` (TOML has no null): txt2img
+        return {**fields, "init_image": None}
+    if isinstance(init, str):
         path = Path(init).expanduser()
         if not path.is_absolute():
             path = base_dir / path

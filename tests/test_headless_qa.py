@@ -127,6 +127,18 @@ def test_stdin_init_image_is_relative_to_the_current_folder(batch, monkeypatch):
     assert RecordingRunner.seen[0].init_image == str((tmp_path / "here.png").resolve())
 
 
+def test_empty_init_image_means_txt2img(batch):
+    run, tmp_path = batch
+    Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
+    jobs = _write(
+        tmp_path / "jobs.toml",
+        '[defaults]\ninit_image = "start.png"\n[[job]]\nmodel = "fake"\nsteps = 1\ninit_image = ""\n',
+    )
+    code, _, err = run(jobs)
+    assert code == 0, err
+    assert RecordingRunner.seen[0].init_image is None and not RecordingRunner.seen[0].is_img2img
+
+
 def test_missing_init_image_is_an_input_error_before_anything_runs(batch):
     run, tmp_path = batch
     jobs = _write(
