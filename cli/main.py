@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+# Same names as tui.widgets.image.PROTOCOLS, repeated so this module never imports the UI package.
+IMAGE_PROTOCOLS = ("auto", "tgp", "sixel", "halfcell", "unicode")
 
 
 def _version() -> str:
@@ -46,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", metavar="DIR", help="where images are saved (default: the data folder)"
     )
     parser.add_argument("--db", metavar="FILE", help="the job queue and history database")
+    parser.add_argument(
+        "--image-protocol",
+        choices=IMAGE_PROTOCOLS,
+        default=None,
+        help="how the terminal UI draws images: auto (probe the terminal: kitty graphics, then sixel, "
+        "else half-cells), tgp (kitty graphics protocol), sixel, halfcell (coloured half-block characters, "
+        "works everywhere incl. tmux), unicode (block characters); default: $DARKROOM_IMAGE_PROTOCOL or auto",
+    )
     parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
     return parser
 

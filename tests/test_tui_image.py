@@ -65,3 +65,16 @@ def test_run_app_rejects_a_bad_protocol(capsys, monkeypatch):
 def test_half_block_fit_keeps_aspect(size, box, cells):
     widget = HalfBlockImage(Image.new("RGB", size))
     assert widget.fitted_size(*box) == cells
+
+
+def test_cli_image_protocol_option_matches_the_widget_choices():
+    from cli.main import build_parser
+    from tui.widgets.image import PROTOCOLS
+
+    parser = build_parser()
+    assert parser.parse_args(["--image-protocol", "sixel"]).image_protocol == "sixel"
+    assert parser.parse_args([]).image_protocol is None  # None: the env var, then auto
+    action = next(a for a in parser._actions if a.dest == "image_protocol")
+    assert tuple(action.choices) == PROTOCOLS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--image-protocol", "kitty"])
