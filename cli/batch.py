@@ -2,7 +2,9 @@
 
 JOBS is a TOML file of ``[[job]]`` tables (plus an optional ``[defaults]`` table), a JSON Lines file (one
 request object per line), or ``-`` for stdin (TOML or JSON Lines, detected). Each job may name a ``preset``;
-request defaults < ``[defaults]`` < preset < job fields.
+request defaults < ``[defaults]`` < preset < job fields. Relative paths in a job (``init_image``, a ``model`` or
+``vae`` written as ``./file`` or ``../file``) are relative to the jobs file's folder (the current folder for stdin).
+TOML has no null: ``hires = false`` turns off an inherited hires-fix, ``init_image = ""`` an inherited init image.
 
 Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
@@ -154,8 +156,8 @@ def parse_jobs(
 ) -> list[BatchJob]:
     """Validate every job up front, so nothing runs when any job is wrong.
 
-    ``base_dir`` is the folder relative paths in jobs (``init_image``) are taken from: the jobs file's own
-    folder, or the current folder for stdin.
+    ``base_dir`` is the folder relative paths in jobs (``init_image``, ``./`` model and VAE paths) are taken
+    from: the jobs file's own folder, or the current folder for stdin.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors put at the start of UTF-8 files
