@@ -535,3 +535,21 @@ def test_hires_false_turns_off_the_hires_fix_of_a_preset_or_defaults(batch):
     assert on.hires is not None and on.hires.scale == 1.5
     assert off.hires is None and preset_off.hires is None
     assert preset_off.sampler == "dpmpp_2m"  # the rest of the preset still applies
+
+
+# ---- the README's jobs file example is valid ------------------------------------------------------------------------
+
+
+def test_readme_jobs_example_parses(tmp_path, monkeypatch):
+    from cli.batch import parse_jobs
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "inputs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "inputs" / "lighthouse.png")
+    first, second = (job.request for job in parse_jobs(example, "README.md", "toml", base_dir=tmp_path))
+    assert (first.sampler, first.schedule, first.seed, first.batch_count) == ("dpmpp_2m", "karras", -1, 4)
+    assert first.negative_prompt == second.negative_prompt == "blurry, lowres"
+    assert second.init_image == str((tmp_path / "inputs" / "lighthouse.png").resolve())
+    assert second.hires is not None and second.hires.scale == 2.0
