@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import queue as queue_mod
+import re
 import signal
 import sys
 import time
@@ -111,6 +112,7 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
     return tables, {}
 
 
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)  # A1111's LoRA prompt tags
 _RELATIVE_PREFIXES = ("./", "../", ".\\", "..\\")
 
 
@@ -382,6 +384,14 @@ def run_batch(
 
     registry = ModelRegistry(dirs)
     for job in jobs:
+        tags = sorted(set(_EXTRA_NETWORK.findall(job.request.prompt + " " + job.request.negative_prompt)))
+        if tags:
+            print(
+                f"darkroom: warning: {label}: job {job.index}: {', '.join(tags)} in the prompt: LoRA tags are not "
+                "supported yet, so they are encoded as plain prompt text",
+                file=err,
+                flush=True,
+            )
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
