@@ -1,7 +1,7 @@
 """``darkroom --batch JOBS``: run generation jobs without the TUI.
 
 JOBS is a TOML file of ``[[job]]`` tables (plus an optional ``[defaults]`` table), a JSON Lines file (one
-request object per line), or ``-`` for stdin (TOML or JSON Lines, detected). Each job may name a ``preset``;
+request object per line), a JSON file (one object or an array of them), or ``-`` for stdin (detected). Each job may name a ``preset``;
 request defaults < ``[defaults]`` < preset < job fields. Relative paths in a job (``init_image``, a ``model`` or
 ``vae`` written as ``./file`` or ``../file``) are relative to the jobs file's folder (the current folder for stdin).
 TOML has no null: ``hires = false`` turns off an inherited hires-fix, ``init_image = ""`` an inherited init image.
@@ -100,6 +100,14 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         if not isinstance(defaults, Mapping):
             raise BatchInputError(f"{label}: 'defaults' must be a [defaults] table")
         return [(f"job {i}", job) for i, job in enumerate(jobs, 1)], dict(defaults)
+    try:  # a .json file holding one (pretty-printed) object or an array of them
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return [(f"item {i}", job) for i, job in enumerate(whole, 1)], {}
+    if isinstance(whole, Mapping):
+        return [("job 1", whole)], {}
     tables = []
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()

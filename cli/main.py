@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch",
         metavar="JOBS",
-        help="run jobs without the UI: a TOML file of [[job]] tables, a .jsonl file, or - for stdin; "
+        help="run jobs without the UI: a TOML file of [[job]] tables, a .jsonl file (one job per line), "
+        "a .json file (one job or an array of jobs), or - for stdin; "
         "prints one image path per line",
     )
     parser.add_argument(

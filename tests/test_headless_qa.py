@@ -568,3 +568,24 @@ def test_lora_tags_in_prompts_get_a_warning(batch):
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"darkroom: warning: {jobs}: job 1: <LORA:detail:0.8>")
     assert "not supported yet" in warnings[0]
+
+
+# ---- .json files: an array of jobs, or one pretty-printed job ---------------------------------------------------
+
+
+def test_json_array_and_pretty_printed_object(batch):
+    run, tmp_path = batch
+    array = tmp_path / "jobs.json"
+    array.write_text('[\n  {"model": "fake", "steps": 1, "prompt": "one"},\n  {"model": "fake", "steps": 1}\n]\n')
+    code, out, err = run(str(array))
+    assert code == 0, err
+    assert len(out.splitlines()) == 2 and RecordingRunner.seen[0].prompt == "one"
+    single = tmp_path / "job.json"
+    single.write_text('{\n  "model": "fake",\n  "steps": 1,\n  "prompt": "pretty"\n}\n')
+    code, out, err = run(str(single))
+    assert code == 0, err
+    assert RecordingRunner.seen[-1].prompt == "pretty"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"model": "fake"}, {"model": "fake", "stepz": 2}]')
+    code, _, err = run(str(bad))
+    assert code == 2 and f"{bad}: item 2: stepz" in err
