@@ -216,8 +216,14 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BatchInputError(f"{source}: jobs file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BatchInputError(f"{source}: cannot read the jobs file: {exc}") from None
+    except IsADirectoryError:
+        raise BatchInputError(f"{source}: is a folder; give a .toml, .jsonl or .json jobs file") from None
+    except UnicodeDecodeError:
+        raise BatchInputError(
+            f"{source}: not a text file (expected TOML or JSON Lines in UTF-8); is it the right file?"
+        ) from None
+    except OSError as exc:
+        raise BatchInputError(f"{source}: cannot read the jobs file ({exc.strerror or exc})") from None
     return parse_jobs(text, source, base_dir=path.parent), source
 
 

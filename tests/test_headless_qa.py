@@ -589,3 +589,15 @@ def test_json_array_and_pretty_printed_object(batch):
     bad.write_text('[{"model": "fake"}, {"model": "fake", "stepz": 2}]')
     code, _, err = run(str(bad))
     assert code == 2 and f"{bad}: item 2: stepz" in err
+
+
+def test_jobs_path_that_is_a_folder_or_binary_gets_a_plain_message(batch):
+    run, tmp_path = batch
+    code, out, err = run(str(tmp_path))
+    assert (code, out) == (2, "")
+    assert err == f"darkroom: error: {tmp_path}: is a folder; give a .toml, .jsonl or .json jobs file\n"
+    png = tmp_path / "picture.png"
+    Image.new("RGB", (8, 8)).save(png)
+    code, out, err = run(str(png))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"darkroom: error: {png}: not a text file") and "codec" not in err
