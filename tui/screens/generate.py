@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import random
 from pathlib import Path
@@ -12,11 +13,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Button, Checkbox, Input, Label, Select, TextArea
+from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Switch, TextArea
 
-from core.errors import DarkroomError
+from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
-from core.request import MAX_SEED, GenerationRequest
+from core.request import MAX_SEED, UPSCALERS, GenerationRequest, HiresFix
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from tui.screens.base import MainScreen
 from tui.widgets.preview import PreviewPane
@@ -29,8 +30,27 @@ SIZE_PRESETS = [
 NUMBER_FIELDS = {
     "steps": int, "cfg": float, "seed": int, "width": int, "height": int, "batch_size": int, "batch_count": int,
 }
-FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS)
+# Advanced section: request fields (clip skip, img2img strength) and hires-fix fields as Inputs.
+ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float}
+HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
+FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
+               "init_image", "denoise", "hires")
+# UI-only entries of form_values() (kept in the last-used settings, never sent or saved into presets).
+UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
+HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
+BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
+
+
+def _parse(name: str, raw: Any, kind: type) -> Any:
+    """A form value as ``kind``, or a RequestError naming the field (the notification text)."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return kind(raw)
+    try:
+        return kind(str(raw).strip())
+    except ValueError:
+        valid = "an integer" if kind is int else "a number"
+        raise RequestError(name, raw, valid) from None
 
 
 def presets_module(app: Any) -> Any:
@@ -48,9 +68,10 @@ class GenerateScreen(MainScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        # Request fields the form does not show (vae, clip_skip, hires, …) travel unchanged, e.g. from history.
+        # Request fields the form does not show (``extra``) travel unchanged, e.g. from history.
         self.hidden_fields: dict[str, Any] = {}
         self.models: list[Any] = []
+        self.vae_names: list[str] = []
         self.presets: list[Any] = []
         self._models_loaded = False
         self._form_ready = False
@@ -92,6 +113,39 @@ class GenerateScreen(MainScreen):
                     yield Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch", compact=True)
                     yield Label("×", classes="times")
                     yield Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True)
+                with Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced"):
+                    with Horizontal(classes="row"):
+                        yield Label("VAE", classes="field-label")
+                        yield Select([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE,
+                                     compact=True, tooltip="VAE used to decode (built-in: the checkpoint's own)")
+                    with Horizontal(classes="row"):
+                        yield Label("Clip", classes="field-label")
+                        yield Input("1", type="integer", id="clip_skip", classes="short", compact=True,
+                                    tooltip="clip skip: 1 = last CLIP layer, 2 = the one before, …")
+                    with Horizontal(classes="row"):
+                        yield Label("Init", classes="field-label")
+                        yield Input("", id="init_image", placeholder="img2img: path of a source image",
+                                    compact=True, classes="path")
+                    with Horizontal(classes="row"):
+                        yield Label("Denoise", classes="field-label")
+                        yield Input("1.0", type="number", id="denoise", classes="short", compact=True,
+                                    tooltip="img2img strength: 0 keeps the image, 1 ignores it")
+                    with Horizontal(classes="row"):
+                        yield Label("Hires", classes="field-label")
+                        yield Switch(False, id="hires-enabled", tooltip="second pass at a larger size")
+                        yield Label("Scale", classes="field-label")
+                        yield Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short",
+                                    compact=True)
+                        yield Select([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
+                                     value=HIRES_DEFAULTS["upscaler"], compact=True,
+                                     tooltip="latent: upscale latents; image: decode, resize, re-encode")
+                    with Horizontal(classes="row"):
+                        yield Label("Steps", classes="field-label")
+                        yield Input(str(HIRES_DEFAULTS["steps"]), type="integer", id="hires-steps", classes="short",
+                                    compact=True, tooltip="0 = as many as the first pass")
+                        yield Label("Denoise", classes="field-label")
+                        yield Input(str(HIRES_DEFAULTS["denoise"]), type="number", id="hires-denoise",
+                                    classes="short", compact=True)
                 yield Label("", id="hidden-note", classes="hint")
                 yield Button("Queue  (Ctrl+Enter)", variant="primary", id="queue")
             yield PreviewPane(image_class=getattr(self.app, "image_class", None), id="preview")
@@ -116,13 +170,16 @@ class GenerateScreen(MainScreen):
             if rescan and hasattr(self.app.registry, "refresh"):
                 self.app.registry.refresh()
             models = list(self.app.registry.checkpoints())
+            vaes = list(self.app.registry.vaes()) if hasattr(self.app.registry, "vaes") else []
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
-            models, error = [], str(exc)
-        self.app.call_from_thread(self._models_ready, models, error)
+            models, vaes, error = [], [], str(exc)
+        self.app.call_from_thread(self._models_ready, models, error, vaes)
 
-    def _models_ready(self, models: list[Any], error: str | None) -> None:
+    def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None) -> None:
         self.models = models
+        self.vae_names = [str(v.name) for v in vaes or []]
+        self._set_vae_options(self.app.settings.get("vae") if hasattr(self.app, "settings") else None)
         self._models_loaded = True
         select = self.query_one("#model", Select)
         wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
@@ -156,6 +213,17 @@ class GenerateScreen(MainScreen):
     def reload_presets(self) -> None:
         self.load_presets()
 
+    def _set_vae_options(self, wanted: Any = None) -> None:
+        """Built-in + the registry's VAEs, plus ``wanted`` when it is a name or path from elsewhere (history,
+        a preset) so it is kept rather than silently dropped."""
+        select = self.query_one("#vae", Select)
+        current = select.value if wanted is None else wanted
+        names = list(self.vae_names)
+        if isinstance(current, str) and current and current not in names:
+            names.append(current)
+        select.set_options([("built-in", BUILTIN_VAE), *((Text(n), n) for n in names)])
+        select.value = current if isinstance(current, str) and current in names else BUILTIN_VAE
+
     # ---- form <-> values -----------------------------------------------------------------------------------
 
     def form_values(self) -> dict[str, Any]:
@@ -174,6 +242,27 @@ class GenerateScreen(MainScreen):
             except ValueError:
                 values[name] = raw
         values["seed_lock"] = self.query_one("#seed-lock", Checkbox).value
+        vae = self.query_one("#vae", Select).value
+        values["vae"] = vae if isinstance(vae, str) and vae != BUILTIN_VAE else None
+        for name, kind in ADVANCED_NUMBER_FIELDS.items():
+            raw = self.query_one(f"#{name}", Input).value.strip()
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                values[name] = raw
+        values["init_image"] = self.query_one("#init_image", Input).value.strip() or None
+        if self.query_one("#hires-enabled", Switch).value:
+            hires: dict[str, Any] = {"upscaler": self.query_one("#hires-upscaler", Select).value}
+            for name, kind in HIRES_NUMBER_FIELDS.items():
+                raw = self.query_one(f"#hires-{name}", Input).value.strip()
+                try:
+                    hires[name] = kind(raw)
+                except ValueError:
+                    hires[name] = raw
+            values["hires"] = hires
+        else:
+            values["hires"] = None
+        values["advanced_open"] = not self.query_one("#advanced", Collapsible).collapsed
         return values
 
     def set_form_values(self, values: dict[str, Any]) -> None:
@@ -197,10 +286,42 @@ class GenerateScreen(MainScreen):
                 self.query_one(f"#{name}", Input).value = str(values[name])
         if isinstance(values.get("seed_lock"), bool):
             self.query_one("#seed-lock", Checkbox).value = values["seed_lock"]
-        for name in ("vae", "clip_skip", "init_image", "denoise", "hires", "extra"):
-            if name in values:
-                self.hidden_fields[name] = values[name]
+        self._set_advanced_values(values)
+        if "extra" in values:
+            self.hidden_fields["extra"] = values["extra"]
         self._show_hidden_fields()
+
+    def _set_advanced_values(self, values: dict[str, Any]) -> None:
+        if "vae" in values and (values["vae"] is None or isinstance(values["vae"], str)):
+            self._set_vae_options(values["vae"] or BUILTIN_VAE)
+        for name in ADVANCED_NUMBER_FIELDS:
+            if name in values and values[name] is not None and not isinstance(values[name], bool):
+                self.query_one(f"#{name}", Input).value = str(values[name])
+        if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
+            self.query_one("#init_image", Input).value = values["init_image"] or ""
+        if "hires" in values:
+            hires = values["hires"]
+            if isinstance(hires, HiresFix):
+                hires = dataclasses.asdict(hires)
+            switch = self.query_one("#hires-enabled", Switch)
+            if isinstance(hires, dict):
+                switch.value = True
+                hires = {**HIRES_DEFAULTS, **hires}  # a preset may set only some hires keys
+                for name in HIRES_NUMBER_FIELDS:
+                    if hires.get(name) is not None and not isinstance(hires[name], bool):
+                        self.query_one(f"#hires-{name}", Input).value = str(hires[name])
+                if hires.get("upscaler") in UPSCALERS:
+                    self.query_one("#hires-upscaler", Select).value = hires["upscaler"]
+            elif hires is None:
+                switch.value = False
+        advanced = self.query_one("#advanced", Collapsible)
+        if isinstance(values.get("advanced_open"), bool):
+            advanced.collapsed = not values["advanced_open"]
+        # Show the section when a preset or history row sets something in it, so no setting is invisible.
+        if values.get("hires") or values.get("init_image") or values.get("vae") or (
+            isinstance(values.get("clip_skip"), int) and values["clip_skip"] != DEFAULTS["clip_skip"]
+        ):
+            advanced.collapsed = False
 
     def _show_hidden_fields(self) -> None:
         """One line naming the request fields this form does not edit but will send (from presets/history)."""
@@ -215,13 +336,30 @@ class GenerateScreen(MainScreen):
 
     def build_request(self) -> GenerationRequest:
         values = self.form_values()
-        values.pop("seed_lock", None)
+        for name in UI_ONLY_FIELDS:
+            values.pop(name, None)
         if "model" not in values:
             raise DarkroomError("Choose a model first (no checkpoint is selected).")
         for name, kind in NUMBER_FIELDS.items():
             if not isinstance(values.get(name), int | float):
                 raise DarkroomError(f"{name} = {values.get(name)!r} is invalid: it must be a number")
             values[name] = kind(values[name])
+        values["clip_skip"] = _parse("clip_skip", values["clip_skip"], int)
+        init_image = values["init_image"]
+        if init_image is None:
+            values["denoise"] = DEFAULTS["denoise"]  # txt2img: the img2img strength does not apply
+        else:
+            values["denoise"] = _parse("denoise", values["denoise"], float)
+            path = Path(init_image).expanduser()
+            if not path.is_file():
+                raise RequestError("init_image", init_image, "the path of an existing image file")
+            values["init_image"] = str(path)
+        if values["hires"] is not None:
+            values["hires"] = {
+                **values["hires"],
+                **{name: _parse(f"hires.{name}", values["hires"][name], kind)
+                   for name, kind in HIRES_NUMBER_FIELDS.items()},
+            }
         return GenerationRequest.from_dict(values)
 
     # ---- actions -------------------------------------------------------------------------------------------
@@ -250,6 +388,8 @@ class GenerateScreen(MainScreen):
     @on(TextArea.Changed)
     @on(Select.Changed)
     @on(Checkbox.Changed)
+    @on(Switch.Changed)
+    @on(Collapsible.Toggled)
     def _form_changed(self) -> None:
         """Keep the app's last-used settings current; the file is written at most every half second."""
         if not self._form_ready:

@@ -14,7 +14,7 @@ from textual.widgets.option_list import Option
 
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
-from tui.screens.generate import presets_module
+from tui.screens.generate import UI_ONLY_FIELDS, presets_module
 
 
 class PresetsScreen(MainScreen):
@@ -135,7 +135,7 @@ class PresetsScreen(MainScreen):
             self.app.notify("Open the Generate screen first.", severity="warning")
             return
         fields = {k: v for k, v in screen.form_values().items()
-                  if k != "seed_lock" and v not in (None, {}, "")}
+                  if k not in UI_ONLY_FIELDS and v not in (None, {}, "")}
 
         def named(name: str | None) -> None:
             if not name:
