@@ -13,18 +13,18 @@ import torch and load. Holds ``/tmp/darkroom-heavy.lock`` while running (run it 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import heavy_lock, scratch_checkpoint  # noqa: E402
 
 CHUNK = 16 * 1024 * 1024
 
@@ -88,19 +88,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    lock = open("/tmp/darkroom-heavy.lock", "a")  # noqa: SIM115 - held for the whole run
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    with heavy_lock(), scratch_checkpoint(args.path, write_in_child) as path:
+        measure(path, args.repeats)
 
+
+def write_in_child(path: Path) -> None:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", WRITE, str(ROOT), str(path)], check=True)
+    print(f"wrote {path} in {time.perf_counter() - t:.1f} s")
+
+
+def measure(path: Path, repeats: int) -> None:
     # Linux carries ru_maxrss across fork+exec, so this process stays small (no torch, no tensors) until the
     # child processes have measured: the file is written by a child too.
-    tmp = None
-    path = args.path
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="darkroom-bench-")
-        path = Path(tmp.name) / "sd15-full-fp16.safetensors"
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", WRITE, str(ROOT), str(path)], check=True)
-        print(f"wrote {path} in {time.perf_counter() - t:.1f} s")
     size = path.stat().st_size
     raw_read(path)  # warm the page cache so every measurement below starts from the same state
 
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"\nfile: {path}  torch {torch.__version__}, {os.cpu_count()} CPUs, warm page cache")
 
     reads, lazies, touched = [], [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         reads.append(raw_read(path))
         t = time.perf_counter()
         loaded = load_checkpoint(path)
@@ -139,9 +139,6 @@ def main() -> None:
         runs_text = " ".join(f"{r:.3f}" for r in runs)
         ratio = statistics.median(runs) / statistics.median(reads)
         print(f"{name:34}{best:8.3f}{size / best / 1e9:8.2f}{best / read:8.2f}x{ratio:8.2f}x   {runs_text}")
-
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ Without ``--path`` it writes a full-size random SD1.5 fp16 checkpoint (about 2 G
 from __future__ import annotations
 
 import argparse
-import fcntl
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import heavy_lock, scratch_checkpoint  # noqa: E402
 from core.models.latent_formats import preview_image  # noqa: E402
 from core.models.testing import write_random_checkpoint  # noqa: E402
 from core.pipeline import PromptCache, generate, load_model  # noqa: E402
@@ -38,18 +37,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    lock = open("/tmp/darkroom-heavy.lock", "a")  # noqa: SIM115 - held for the whole run
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    tmp = None
-    path = args.path
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="darkroom-bench-")
-        path = Path(tmp.name) / "sd15-full-fp16.safetensors"
-        print(f"writing a full-size random SD1.5 checkpoint to {path} ...", flush=True)
+    def write(path: Path) -> None:
         write_random_checkpoint(path, "sd15", "full", seed=0, dtype=torch.float16)
 
+    with heavy_lock(), scratch_checkpoint(args.path, write) as path:
+        measure(path, args)
+
+
+def measure(path: Path, args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
     model = load_model(path, compute_hash=False)
@@ -65,6 +65,7 @@ def main() -> None:
     )
 
     ours_times, theirs_times, first_steps, step_times, preview_times = [], [], [], [], []
+    ours_cpu, theirs_cpu = [], []  # process CPU time: steadier than wall time on a shared machine
     last_ours = last_theirs = None
     marks: list[float] = []
 
@@ -77,19 +78,21 @@ def main() -> None:
     for repeat in range(args.repeats):
         marks.clear()
         # Fresh cache each run so both sides encode the prompt (diffusers has no cache).
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         last_ours = generate(model, request, cache=PromptCache(), on_step=on_step)[0][0]
         ours_times.append(time.perf_counter() - t0)
+        ours_cpu.append(time.process_time() - c0)
         first_steps.append(marks[0] - t0)
         step_times.extend(b - a for a, b in zip(marks, marks[1:]))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         last_theirs = pipe(
             prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=args.steps,
             guidance_scale=request.cfg, generator=torch.Generator().manual_seed(request.seed),
             width=args.size, height=args.size,
         ).images[0]
         theirs_times.append(time.perf_counter() - t0)
+        theirs_cpu.append(time.process_time() - c0)
         print(f"run {repeat + 1}: ours {ours_times[-1]:.2f} s, diffusers {theirs_times[-1]:.2f} s", flush=True)
 
     ours, theirs = statistics.median(ours_times), statistics.median(theirs_times)
@@ -102,12 +105,13 @@ def main() -> None:
     pairs = [a / b for a, b in zip(ours_times, theirs_times)]
     print(f"  ratio ours/diffusers  {ours / theirs:.3f}  (goal <= 1.0); per interleaved pair: "
           + ", ".join(f"{r:.3f}" for r in pairs))
+    cpu_ratio = statistics.median(ours_cpu) / statistics.median(theirs_cpu)
+    print(f"  CPU time ours {statistics.median(ours_cpu):.1f} s, diffusers {statistics.median(theirs_cpu):.1f} s, "
+          f"ratio {cpu_ratio:.3f}")
     print(f"  time to first step (model loaded)  {statistics.median(first_steps):.2f} s")
     print(f"  step time {step:.3f} s, preview {preview * 1e3:.3f} ms = {100 * preview / step:.3f} % of a step "
           "(goal < 2 %)")
     print(f"  PSNR ours vs diffusers: {psnr(last_ours, last_theirs):.1f} dB")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

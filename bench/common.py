@@ -1,0 +1,33 @@
+"""What the benchmarks share: the machine-wide lock for heavy runs and a scratch full-size checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HEAVY_LOCK = "/tmp/darkroom-heavy.lock"
+
+
+@contextmanager
+def heavy_lock() -> Iterator[None]:
+    """Serialize heavy runs (full-size models) so two benchmarks never measure each other."""
+    with open(HEAVY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def scratch_checkpoint(path: Path | None, write: Callable[[Path], None]) -> Iterator[Path]:
+    """``path`` when given; otherwise a full-size random SD1.5 fp16 file written by ``write`` to a temp
+    folder that is removed afterwards (about 2 GB)."""
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as folder:
+        path = Path(folder) / "sd15-full-fp16.safetensors"
+        print(f"writing a full-size random SD1.5 checkpoint to {path} ...", flush=True)
+        write(path)
+        yield path
