@@ -18,59 +18,37 @@ import threading
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from cli.batch import run_batch
 from core.errors import CheckpointError
 from core.store import JobStore
-from core.worker import GeneratedImage
+from tests.batch_harness import RecordingRunner, batch_runner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class FakeRunner:
-    """One tiny image per seed; prompt "boom" raises, prompt "badmodel" raises CheckpointError."""
+class FakeRunner(RecordingRunner):
+    """Prompt "cancel-next:<db>" cancels the next job from another window, "badmodel" raises CheckpointError
+    before any step, "boom" raises after the steps."""
 
     seen: list = []
 
-    def run(self, job, ctx):
-        FakeRunner.seen.append(job.request)
+    def before_steps(self, job):
         if job.request.prompt.startswith("cancel-next:"):
-            # another window (its own JobStore) cancels the next job before it starts
             other = JobStore(job.request.prompt.split(":", 1)[1])
             assert other.cancel(job.id + 1)
             other.close()
         if "badmodel" in job.request.prompt:
             raise CheckpointError(job.request.model, "is not a Stable Diffusion checkpoint")
-        for i in range(1, job.request.steps + 1):
-            ctx.step(i, job.request.steps)
+
+    def after_steps(self, job):
         if "boom" in job.request.prompt:
             raise RuntimeError("boom")
-        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "fake.safetensors").write_bytes(b"")
-    FakeRunner.seen = []
-
-    def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        code = run_batch(
-            jobs,
-            models_dirs=[models],
-            output_dir=tmp_path / "out",
-            db_path=tmp_path / "db.sqlite3",
-            runner_factory=FakeRunner,
-            stdin=io.StringIO(stdin) if stdin is not None else None,
-            stdout=out,
-            stderr=err,
-        )
-        return code, out.getvalue(), err.getvalue()
+    run = batch_runner(tmp_path, monkeypatch, FakeRunner)
 
     def write(name: str, text: str) -> str:
         path = tmp_path / name

@@ -15,45 +15,12 @@ import pytest
 from PIL import Image
 
 from cli.batch import run_batch
-from core.worker import GeneratedImage
-
-
-class RecordingRunner:
-    """Makes one 8x8 image per seed and remembers every request it ran."""
-
-    seen: list = []
-
-    def run(self, job, ctx):
-        RecordingRunner.seen.append(job.request)
-        for i in range(1, job.request.steps + 1):
-            ctx.step(i, job.request.steps)
-        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+from tests.batch_harness import RecordingRunner, batch_runner
 
 
 @pytest.fixture
 def batch(tmp_path, monkeypatch):
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "fake.safetensors").write_bytes(b"")
-    RecordingRunner.seen = []
-
-    def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        code = run_batch(
-            jobs,
-            models_dirs=[models],
-            output_dir=tmp_path / "out",
-            db_path=tmp_path / "db.sqlite3",
-            runner_factory=RecordingRunner,
-            stdin=io.StringIO(stdin) if stdin is not None else None,
-            stdout=out,
-            stderr=err,
-        )
-        return code, out.getvalue(), err.getvalue()
-
-    return run, tmp_path
+    return batch_runner(tmp_path, monkeypatch, RecordingRunner), tmp_path
 
 
 def _write(path: Path, text: str) -> str:

@@ -1,0 +1,64 @@
+"""In-process ``run_batch`` with a fake runner: shared by the batch CLI tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.batch import run_batch
+from core.worker import GeneratedImage
+
+BatchRun = Callable[..., tuple[int, str, str]]
+
+
+class RecordingRunner:
+    """Makes one 8x8 image per seed, reports every step and remembers every request it ran.
+
+    Subclasses hook ``before_steps``/``after_steps`` to fail or act at those points.
+    """
+
+    seen: list = []
+
+    def run(self, job, ctx):
+        type(self).seen.append(job.request)
+        self.before_steps(job)
+        for i in range(1, job.request.steps + 1):
+            ctx.step(i, job.request.steps)
+        self.after_steps(job)
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+    def before_steps(self, job) -> None:
+        pass
+
+    def after_steps(self, job) -> None:
+        pass
+
+
+def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[RecordingRunner]) -> BatchRun:
+    """``run(jobs, stdin=None) -> (exit code, stdout, stderr)`` over a private home, models folder and DB."""
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fake.safetensors").write_bytes(b"")
+    runner.seen = []
+
+    def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(
+            jobs,
+            models_dirs=[models],
+            output_dir=tmp_path / "out",
+            db_path=tmp_path / "db.sqlite3",
+            runner_factory=runner,
+            stdin=io.StringIO(stdin) if stdin is not None else None,
+            stdout=out,
+            stderr=err,
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    return run
