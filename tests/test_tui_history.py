@@ -101,8 +101,8 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
     app = make_app(tmp_path, models=[])
     async with app.run_test(size=(140, 45)) as pilot:
         await wait_for(pilot, lambda: type(app.screen).__name__ == "NoModelsScreen")
+        await wait_for(pilot, lambda: "No models found" in screen_text(app))  # pushed, then laid out
         text = screen_text(app)
-        assert "No models found" in text
         assert "/models/Stable-diffusion" in text and "--models-dir" in text
         app.registry.names = ["new-model.safetensors"]
         await pilot.press("r")

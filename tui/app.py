@@ -39,10 +39,6 @@ from core.events import (
 from tui.commands import DarkroomCommands
 from tui.config import load_settings, save_settings
 from tui.screens.generate import GenerateScreen
-from tui.screens.history import HistoryScreen
-from tui.screens.presets import PresetsScreen
-from tui.screens.queue import QueueScreen
-from tui.screens.quit import QuitScreen
 from tui.widgets.preview import format_progress
 
 # Hidden test hook: "module:attribute" of a runner factory used instead of the real pipeline.
@@ -122,15 +118,25 @@ class LoopStallProbe:
         }))
 
 
+def _lazy_screen(module: str, name: str) -> Callable[[], Any]:
+    """A mode's screen, its module imported on the first switch to it: only the Generate screen is needed
+    for the first frame, and every import before it delays that frame."""
+
+    def make() -> Any:
+        return getattr(importlib.import_module(module), name)()
+
+    return make
+
+
 class DarkroomApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "Darkroom"
     COMMANDS = App.COMMANDS | {DarkroomCommands}
     MODES = {
         "generate": GenerateScreen,
-        "presets": PresetsScreen,
-        "queue": QueueScreen,
-        "history": HistoryScreen,
+        "presets": _lazy_screen("tui.screens.presets", "PresetsScreen"),
+        "queue": _lazy_screen("tui.screens.queue", "QueueScreen"),
+        "history": _lazy_screen("tui.screens.history", "HistoryScreen"),
     }
     DEFAULT_MODE = "generate"
     BINDINGS = [
@@ -205,12 +211,12 @@ class DarkroomApp(App[int]):
 
     def on_mount(self) -> None:
         self._unsubscribe = self.worker.subscribe(self._on_worker_event)
+        if os.environ.get(BENCH_ENV):  # first, so the mark is not delayed by the after-paint work below
+            self._bench = LoopStallProbe(self)
+            self.call_after_refresh(self._bench.first_paint)
         # Start the worker after the first frame: its threads import torch, which would compete for the GIL
         # with the first paint.
         self.call_after_refresh(self._start_worker)
-        if os.environ.get(BENCH_ENV):
-            self._bench = LoopStallProbe(self)
-            self.call_after_refresh(self._bench.first_paint)
 
     def _refreeze_if_modules_loaded(self) -> None:
         """The worker's threads import torch and load models after startup: hundreds of thousands of
@@ -232,6 +238,7 @@ class DarkroomApp(App[int]):
         # collector's reach so full (gen 2) collections stay short instead of stalling the UI ~100 ms.
         gc.collect()
         gc.freeze()
+        gc.enable()  # run_app turns the collector off until the first frame is painted
         self._frozen_modules = len(sys.modules)
         if self.start_worker and not self._stopped:
             try:
@@ -248,6 +255,7 @@ class DarkroomApp(App[int]):
             self._unsubscribe = None
         self.stop_worker(finish_current=False)
         gc.unfreeze()
+        gc.enable()
 
     def stop_worker(self, finish_current: bool) -> None:
         with self._stop_lock:
@@ -363,6 +371,8 @@ class DarkroomApp(App[int]):
             self.notify("Waiting for the running job to finish…" if choice == "finish" else "Stopping…")
             self.run_worker(lambda: self._stop_then_exit(choice == "finish"), thread=True, group="quit")
 
+        from tui.screens.quit import QuitScreen
+
         self.push_screen(QuitScreen(self.running_job), decided)
 
     def _stop_then_exit(self, finish_current: bool) -> None:
@@ -438,6 +448,10 @@ def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
 def run_app(args: Any) -> int:
     """Entry point used by ``cli/main.py``. Returns the process exit code."""
     _timestamps["run_app"] = time.monotonic()
+    # No cyclic garbage collection until the first frame is painted (DarkroomApp._start_worker collects once,
+    # freezes and turns it back on): building the first screen allocates tens of thousands of objects, and the
+    # collections they trigger delay the first paint while freeing nothing.
+    gc.disable()
     from tui.widgets.image import prepare_image_protocol
 
     try:
@@ -445,6 +459,7 @@ def run_app(args: Any) -> int:
         image_class = prepare_image_protocol(getattr(args, "image_protocol", None))
         app = create_app(args, image_class=image_class)
     except DarkroomError as error:
+        gc.enable()
         print(f"darkroom: {error}", file=sys.stderr)
         return 2
     _timestamps["app_run"] = time.monotonic()

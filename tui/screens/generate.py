@@ -13,6 +13,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Switch, TextArea
 
 from core.errors import DarkroomError, RequestError
@@ -40,6 +41,11 @@ UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
+ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
+    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(DEFAULTS["denoise"]),
+    "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
+    "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
+}
 
 
 def _parse(name: str, raw: Any, kind: type) -> Any:
@@ -72,6 +78,9 @@ class GenerateScreen(MainScreen):
         self.hidden_fields: dict[str, Any] = {}
         self.models: list[Any] = []
         self.vae_names: list[str] = []
+        # The advanced fields' widget values ("#id" -> value), kept here until those widgets are mounted.
+        self._advanced_mounted = False
+        self._advanced_pending: dict[str, Any] = dict(ADVANCED_WIDGET_DEFAULTS)
         self.presets: list[Any] = []
         self._models_loaded = False
         self._form_ready = False
@@ -113,54 +122,62 @@ class GenerateScreen(MainScreen):
                     yield Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch", compact=True)
                     yield Label("×", classes="times")
                     yield Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True)
-                with Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced"):
-                    with Horizontal(classes="row"):
-                        yield Label("VAE", classes="field-label")
-                        yield Select([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE,
-                                     compact=True, tooltip="VAE used to decode (built-in: the checkpoint's own)")
-                    with Horizontal(classes="row"):
-                        yield Label("Clip", classes="field-label")
-                        yield Input("1", type="integer", id="clip_skip", classes="short", compact=True,
-                                    tooltip="clip skip: 1 = last CLIP layer, 2 = the one before, …")
-                    with Horizontal(classes="row"):
-                        yield Label("Init", classes="field-label")
-                        yield Input("", id="init_image", placeholder="img2img: path of a source image",
-                                    compact=True, classes="path")
-                    with Horizontal(classes="row"):
-                        yield Label("Denoise", classes="field-label")
-                        yield Input("1.0", type="number", id="denoise", classes="short", compact=True,
-                                    tooltip="img2img strength: 0 keeps the image, 1 ignores it")
-                    with Horizontal(classes="row"):
-                        yield Label("Hires", classes="field-label")
-                        yield Switch(False, id="hires-enabled", tooltip="second pass at a larger size")
-                        yield Label("Scale", classes="field-label")
-                        yield Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short",
-                                    compact=True)
-                        yield Select([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
-                                     value=HIRES_DEFAULTS["upscaler"], compact=True,
-                                     tooltip="latent: upscale latents; image: decode, resize, re-encode")
-                    with Horizontal(classes="row"):
-                        yield Label("Steps", classes="field-label")
-                        yield Input(str(HIRES_DEFAULTS["steps"]), type="integer", id="hires-steps", classes="short",
-                                    compact=True, tooltip="0 = as many as the first pass")
-                        yield Label("Denoise", classes="field-label")
-                        yield Input(str(HIRES_DEFAULTS["denoise"]), type="number", id="hires-denoise",
-                                    classes="short", compact=True)
+                # Its fields are mounted after the first frame (see _after_first_frame): collapsed, they are
+                # not needed to paint, and every widget mounted before the first paint delays it.
+                yield Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced")
                 yield Label("", id="hidden-note", classes="hint")
                 yield Button("Queue  (Ctrl+Enter)", variant="primary", id="queue")
             yield PreviewPane(image_class=getattr(self.app, "image_class", None), id="preview")
+
+    def _advanced_rows(self) -> list[Widget]:
+        def row(*widgets: Widget) -> Horizontal:
+            return Horizontal(*widgets, classes="row")
+
+        return [
+            row(Label("VAE", classes="field-label"),
+                Select([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE, compact=True,
+                       tooltip="VAE used to decode (built-in: the checkpoint's own)")),
+            row(Label("Clip", classes="field-label"),
+                Input("1", type="integer", id="clip_skip", classes="short", compact=True,
+                      tooltip="clip skip: 1 = last CLIP layer, 2 = the one before, …")),
+            row(Label("Init", classes="field-label"),
+                Input("", id="init_image", placeholder="img2img: path of a source image", compact=True,
+                      classes="path")),
+            row(Label("Denoise", classes="field-label"),
+                Input("1.0", type="number", id="denoise", classes="short", compact=True,
+                      tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
+            row(Label("Hires", classes="field-label"),
+                Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
+                Label("Scale", classes="field-label"),
+                Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short", compact=True),
+                Select([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
+                       value=HIRES_DEFAULTS["upscaler"], compact=True,
+                       tooltip="latent: upscale latents; image: decode, resize, re-encode")),
+            row(Label("Steps", classes="field-label"),
+                Input(str(HIRES_DEFAULTS["steps"]), type="integer", id="hires-steps", classes="short", compact=True,
+                      tooltip="0 = as many as the first pass"),
+                Label("Denoise", classes="field-label"),
+                Input(str(HIRES_DEFAULTS["denoise"]), type="number", id="hires-denoise", classes="short",
+                      compact=True)),
+        ]
 
     def on_mount(self) -> None:
         self.app.generate_screen = self
         settings = dict(getattr(self.app, "settings", {}) or {})
         if settings:
             self.set_form_values(settings)
-        self.call_after_refresh(self._enable_form_tracking)
+        self.call_after_refresh(self._after_first_frame)
+
+    async def _after_first_frame(self) -> None:
+        """What the first frame does not need: the advanced fields (collapsed), then the model and preset scans
+        (their threads would compete with the first paint for the interpreter)."""
+        await self.query_one("#advanced Contents").mount_all(self._advanced_rows())
+        self._advanced_mounted = True
+        self._write_advanced_state(self._advanced_pending)
+        self._set_vae_options()
+        self._form_ready = True
         self.load_models()
         self.load_presets()
-
-    def _enable_form_tracking(self) -> None:
-        self._form_ready = True
 
     # ---- background loading (file system scans stay off the UI thread) ------------------------------------
 
@@ -179,7 +196,7 @@ class GenerateScreen(MainScreen):
     def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None) -> None:
         self.models = models
         self.vae_names = [str(v.name) for v in vaes or []]
-        self._set_vae_options(self.app.settings.get("vae") if hasattr(self.app, "settings") else None)
+        self._set_vae_options()
         self._models_loaded = True
         select = self.query_one("#model", Select)
         wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
@@ -216,13 +233,36 @@ class GenerateScreen(MainScreen):
     def _set_vae_options(self, wanted: Any = None) -> None:
         """Built-in + the registry's VAEs, plus ``wanted`` when it is a name or path from elsewhere (history,
         a preset) so it is kept rather than silently dropped."""
+        current = self._advanced_state()["vae"] if wanted is None else wanted
+        if not self._advanced_mounted:
+            self._advanced_pending["vae"] = current
+            return
         select = self.query_one("#vae", Select)
-        current = select.value if wanted is None else wanted
         names = list(self.vae_names)
         if isinstance(current, str) and current and current not in names:
             names.append(current)
         select.set_options([("built-in", BUILTIN_VAE), *((Text(n), n) for n in names)])
         select.value = current if isinstance(current, str) and current in names else BUILTIN_VAE
+
+    def _advanced_state(self) -> dict[str, Any]:
+        """The advanced fields' widget values, from the widgets once mounted."""
+        if not self._advanced_mounted:
+            return dict(self._advanced_pending)
+        state: dict[str, Any] = {}
+        for key in ADVANCED_WIDGET_DEFAULTS:
+            widget = self.query_one(f"#{key}")
+            state[key] = widget.value
+        return state
+
+    def _write_advanced_state(self, state: dict[str, Any]) -> None:
+        if not self._advanced_mounted:
+            self._advanced_pending.update(state)
+            return
+        for key, value in state.items():
+            if key == "vae":
+                self._set_vae_options(value)
+            else:
+                self.query_one(f"#{key}").value = value
 
     # ---- form <-> values -----------------------------------------------------------------------------------
 
@@ -242,19 +282,20 @@ class GenerateScreen(MainScreen):
             except ValueError:
                 values[name] = raw
         values["seed_lock"] = self.query_one("#seed-lock", Checkbox).value
-        vae = self.query_one("#vae", Select).value
+        state = self._advanced_state()
+        vae = state["vae"]
         values["vae"] = vae if isinstance(vae, str) and vae != BUILTIN_VAE else None
         for name, kind in ADVANCED_NUMBER_FIELDS.items():
-            raw = self.query_one(f"#{name}", Input).value.strip()
+            raw = str(state[name]).strip()
             try:
                 values[name] = kind(raw)
             except ValueError:
                 values[name] = raw
-        values["init_image"] = self.query_one("#init_image", Input).value.strip() or None
-        if self.query_one("#hires-enabled", Switch).value:
-            hires: dict[str, Any] = {"upscaler": self.query_one("#hires-upscaler", Select).value}
+        values["init_image"] = str(state["init_image"]).strip() or None
+        if state["hires-enabled"]:
+            hires: dict[str, Any] = {"upscaler": state["hires-upscaler"]}
             for name, kind in HIRES_NUMBER_FIELDS.items():
-                raw = self.query_one(f"#hires-{name}", Input).value.strip()
+                raw = str(state[f"hires-{name}"]).strip()
                 try:
                     hires[name] = kind(raw)
                 except ValueError:
@@ -292,28 +333,29 @@ class GenerateScreen(MainScreen):
         self._show_hidden_fields()
 
     def _set_advanced_values(self, values: dict[str, Any]) -> None:
+        state: dict[str, Any] = {}
         if "vae" in values and (values["vae"] is None or isinstance(values["vae"], str)):
-            self._set_vae_options(values["vae"] or BUILTIN_VAE)
+            state["vae"] = values["vae"] or BUILTIN_VAE
         for name in ADVANCED_NUMBER_FIELDS:
             if name in values and values[name] is not None and not isinstance(values[name], bool):
-                self.query_one(f"#{name}", Input).value = str(values[name])
+                state[name] = str(values[name])
         if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
-            self.query_one("#init_image", Input).value = values["init_image"] or ""
+            state["init_image"] = values["init_image"] or ""
         if "hires" in values:
             hires = values["hires"]
             if isinstance(hires, HiresFix):
                 hires = dataclasses.asdict(hires)
-            switch = self.query_one("#hires-enabled", Switch)
             if isinstance(hires, dict):
-                switch.value = True
+                state["hires-enabled"] = True
                 hires = {**HIRES_DEFAULTS, **hires}  # a preset may set only some hires keys
                 for name in HIRES_NUMBER_FIELDS:
                     if hires.get(name) is not None and not isinstance(hires[name], bool):
-                        self.query_one(f"#hires-{name}", Input).value = str(hires[name])
+                        state[f"hires-{name}"] = str(hires[name])
                 if hires.get("upscaler") in UPSCALERS:
-                    self.query_one("#hires-upscaler", Select).value = hires["upscaler"]
+                    state["hires-upscaler"] = hires["upscaler"]
             elif hires is None:
-                switch.value = False
+                state["hires-enabled"] = False
+        self._write_advanced_state(state)
         advanced = self.query_one("#advanced", Collapsible)
         if isinstance(values.get("advanced_open"), bool):
             advanced.collapsed = not values["advanced_open"]
