@@ -147,8 +147,10 @@ class DarkroomApp(App[int]):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    status: reactive[Status | None] = reactive(None, always_update=True)
-    progress_line: reactive[str] = reactive("")
+    # repaint=False: the status bar watches these and redraws itself. An App reactive that repaints marks the
+    # whole screen dirty, and a full-screen render on every step was the largest UI stall during a job.
+    status: reactive[Status | None] = reactive(None, always_update=True, repaint=False)
+    progress_line: reactive[str] = reactive("", repaint=False)
 
     class CoreEvent(Message):
         """A worker event other than a step (never dropped)."""
