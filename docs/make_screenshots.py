@@ -116,11 +116,21 @@ async def shoot() -> list[Path]:
         await pilot.pause(0.5)
         save("generate")
 
+        # The advanced section, opened and filled the way a preset with hires fix and a history row's VAE do.
+        generate.set_form_values({"vae": "vae-ft-mse-840000-ema-pruned", "clip_skip": 2,
+                                  "hires": {"scale": 1.5, "upscaler": "latent", "steps": 12, "denoise": 0.45}})
+        await pilot.pause(0.3)
+        generate.query_one("#form").scroll_end(animate=False)
+        generate.query_one("#hires-scale").focus()
+        await pilot.pause(0.5)
+        save("generate-advanced")
+
     empty = make_app(Path(tempfile.mkdtemp(prefix="darkroom-shots-empty-")), models=[], start_worker=False)
     empty.registry.search_dirs = [Path("~/darkroom/models"), Path("~/ComfyUI/models")]
     app = empty
     async with empty.run_test(size=SIZE, notifications=False) as pilot:
         await wait_for(pilot, lambda: type(empty.screen).__name__ == "NoModelsScreen")
+        await wait_for(pilot, lambda: "No models found" in screen_text(empty))
         await pilot.pause(0.2)
         save("no-models")
     return written
