@@ -39,7 +39,10 @@ app = create_app(args)
 
 async def main():
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause(0.3)
+        for _ in range(500):  # the model scan starts once the form is mounted, after the first frame
+            if type(app.screen).__name__ == "NoModelsScreen":
+                break
+            await pilot.pause(0.02)
         await pilot.press("escape")  # leave the no-models screen
         for key in ("f3", "f4", "f5", "f2"):
             await pilot.press(key)

@@ -70,6 +70,7 @@ class LoopStallProbe:
         self.first_paint_at: float | None = None
         self.max_stall = 0.0
         self.max_stall_in_job = 0.0
+        self.max_stall_at = self.max_cpu_stall_at = 0.0  # seconds after the first paint
         self.max_cpu_stall = 0.0  # UI-thread CPU time between two wake-ups: work, not preemption by others
         self.max_cpu_stall_in_job = 0.0
         self.samples_in_job = 0
@@ -89,8 +90,10 @@ class LoopStallProbe:
             cpu = time.thread_time() - cpu_start
             if self.first_paint_at is None:
                 continue
-            self.max_stall = max(self.max_stall, stall)
-            self.max_cpu_stall = max(self.max_cpu_stall, cpu)
+            if stall > self.max_stall:
+                self.max_stall, self.max_stall_at = stall, start - self.first_paint_at
+            if cpu > self.max_cpu_stall:
+                self.max_cpu_stall, self.max_cpu_stall_at = cpu, start - self.first_paint_at
             job = getattr(self.app, "running_job", None)
             if job is not None:
                 self.max_stall_in_job = max(self.max_stall_in_job, stall)
@@ -110,6 +113,8 @@ class LoopStallProbe:
             "max_stall_s": self.max_stall,
             "max_stall_in_job_s": self.max_stall_in_job,
             "max_cpu_stall_s": self.max_cpu_stall,
+            "max_stall_at_s": self.max_stall_at,
+            "max_cpu_stall_at_s": self.max_cpu_stall_at,
             "max_cpu_stall_in_job_s": self.max_cpu_stall_in_job,
             "samples_in_job": self.samples_in_job,
             "per_job": {str(k): v for k, v in self.per_job.items()},

@@ -83,51 +83,62 @@ class GenerateScreen(MainScreen):
         self._advanced_pending: dict[str, Any] = dict(ADVANCED_WIDGET_DEFAULTS)
         self.presets: list[Any] = []
         self._models_loaded = False
-        self._form_ready = False
+        self._form_mounted = False  # every form widget mounted (the first frame has only the prompts)
+        self._form_ready = False  # mounted and filled from the saved settings
+        self._pending_values: dict[str, Any] = {}  # values set before the form was mounted
+        self._chunks: list[list[Widget]] = []
+        self._advanced_left: list[Widget] | None = None
         self._save_timer: Any = None
 
     def compose_body(self) -> ComposeResult:
+        # The first frame holds only what the user needs at once: the prompts (focused), the Queue button and
+        # the preview. Building and styling the rest of the form (selects, inputs, the advanced section) took
+        # ~400 ms of CPU before the first paint; it is mounted right after it, in small chunks
+        # (see _mount_next_chunk) so no single slice blocks the UI for long.
         with Horizontal(id="generate-body"):
             with VerticalScroll(id="form"):
                 yield Label("Prompt")
                 yield TextArea(id="prompt", soft_wrap=True, show_line_numbers=False)
                 yield Label("Negative prompt")
                 yield TextArea(id="negative_prompt", soft_wrap=True, show_line_numbers=False)
-                yield Select([], prompt="model", id="model", allow_blank=True, compact=True)
-                yield Select([], prompt="apply a preset…", id="preset-picker", allow_blank=True, compact=True)
-                with Horizontal(classes="row"):
-                    yield Select([(label, key) for key, label in SAMPLER_LABELS.items()], id="sampler",
-                                 allow_blank=False, value="euler", compact=True)
-                    yield Select([(label, key) for key, label in SCHEDULE_LABELS.items()], id="schedule",
-                                 allow_blank=False, value="normal", compact=True)
-                with Horizontal(classes="row"):
-                    yield Label("Steps", classes="field-label")
-                    yield Input("20", type="integer", id="steps", classes="short", compact=True)
-                    yield Label("CFG", classes="field-label")
-                    yield Input("7.0", type="number", id="cfg", classes="short", compact=True)
-                with Horizontal(classes="row"):
-                    yield Label("Seed", classes="field-label")
-                    yield Input("-1", type="integer", id="seed", classes="seed", compact=True)
-                    yield Button("dice", id="dice", classes="icon", tooltip="Random seed (Ctrl+R)", compact=True)
-                    yield Checkbox("lock", id="seed-lock", tooltip="Keep this seed after queueing (Ctrl+L)", compact=True)
-                with Horizontal(classes="row"):
-                    yield Label("Size", classes="field-label")
-                    yield Input("512", type="integer", id="width", classes="short", compact=True)
-                    yield Label("×", classes="times")
-                    yield Input("512", type="integer", id="height", classes="short", compact=True)
-                    yield Select([(f"{w}×{h}", f"{w}x{h}") for w, h in SIZE_PRESETS], prompt="size…",
-                                 id="size-preset", allow_blank=True, compact=True)
-                with Horizontal(classes="row"):
-                    yield Label("Batch", classes="field-label")
-                    yield Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch", compact=True)
-                    yield Label("×", classes="times")
-                    yield Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True)
-                # Its fields are mounted after the first frame (see _after_first_frame): collapsed, they are
-                # not needed to paint, and every widget mounted before the first paint delays it.
-                yield Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced")
                 yield Label("", id="hidden-note", classes="hint")
                 yield Button("Queue  (Ctrl+Enter)", variant="primary", id="queue")
             yield PreviewPane(image_class=getattr(self.app, "image_class", None), id="preview")
+
+    def _form_chunks(self) -> list[list[Widget]]:
+        """The rest of the form in mount order, a few widgets per chunk (each chunk is one UI-thread slice)."""
+
+        def row(*widgets: Widget) -> Horizontal:
+            return Horizontal(*widgets, classes="row")
+
+        return [
+            [Select([], prompt="model", id="model", allow_blank=True, compact=True),
+             Select([], prompt="apply a preset…", id="preset-picker", allow_blank=True, compact=True)],
+            [row(Select([(label, key) for key, label in SAMPLER_LABELS.items()], id="sampler",
+                        allow_blank=False, value="euler", compact=True),
+                 Select([(label, key) for key, label in SCHEDULE_LABELS.items()], id="schedule",
+                        allow_blank=False, value="normal", compact=True))],
+            [row(Label("Steps", classes="field-label"),
+                 Input("20", type="integer", id="steps", classes="short", compact=True),
+                 Label("CFG", classes="field-label"),
+                 Input("7.0", type="number", id="cfg", classes="short", compact=True)),
+             row(Label("Seed", classes="field-label"),
+                 Input("-1", type="integer", id="seed", classes="seed", compact=True),
+                 Button("dice", id="dice", classes="icon", tooltip="Random seed (Ctrl+R)", compact=True),
+                 Checkbox("lock", id="seed-lock", tooltip="Keep this seed after queueing (Ctrl+L)", compact=True))],
+            [row(Label("Size", classes="field-label"),
+                 Input("512", type="integer", id="width", classes="short", compact=True),
+                 Label("×", classes="times"),
+                 Input("512", type="integer", id="height", classes="short", compact=True),
+                 Select([(f"{w}×{h}", f"{w}x{h}") for w, h in SIZE_PRESETS], prompt="size…",
+                        id="size-preset", allow_blank=True, compact=True))],
+            [row(Label("Batch", classes="field-label"),
+                 Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch",
+                       compact=True),
+                 Label("×", classes="times"),
+                 Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True))],
+            [Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced")],
+        ]
 
     def _advanced_rows(self) -> list[Widget]:
         def row(*widgets: Widget) -> Horizontal:
@@ -164,18 +175,39 @@ class GenerateScreen(MainScreen):
     def on_mount(self) -> None:
         self.app.generate_screen = self
         settings = dict(getattr(self.app, "settings", {}) or {})
-        if settings:
-            self.set_form_values(settings)
-        self.call_after_refresh(self._after_first_frame)
+        self._pending_values = settings
+        for name in ("prompt", "negative_prompt"):  # the prompts are in the first frame: fill them now
+            if isinstance(settings.get(name), str):
+                self.query_one(f"#{name}", TextArea).load_text(settings[name])
+        self._chunks = self._form_chunks()
+        self.call_after_refresh(self._mount_next_chunk)
 
-    async def _after_first_frame(self) -> None:
-        """What the first frame does not need: the advanced fields (collapsed), then the model and preset scans
-        (their threads would compete with the first paint for the interpreter)."""
-        await self.query_one("#advanced Contents").mount_all(self._advanced_rows())
-        self._advanced_mounted = True
-        self._write_advanced_state(self._advanced_pending)
+    async def _mount_next_chunk(self) -> None:
+        """Mount one chunk of the form, then let a frame paint (and keys be handled) before the next."""
+        if not self.is_attached:
+            return
+        if self._chunks:
+            await self.query_one("#form").mount_all(self._chunks.pop(0), before="#hidden-note")
+            self.call_after_refresh(self._mount_next_chunk)
+            return
+        if not self._advanced_mounted:
+            # Collapsed, the advanced fields are not visible: they come last, two rows at a time.
+            if self._advanced_left is None:
+                self._advanced_left = self._advanced_rows()
+            await self.query_one("#advanced Contents").mount_all(self._advanced_left[:2])
+            del self._advanced_left[:2]
+            if not self._advanced_left:
+                self._advanced_mounted = True
+                self._write_advanced_state(self._advanced_pending)
+            self.call_after_refresh(self._mount_next_chunk)
+            return
+        self._form_mounted = True
+        pending, self._pending_values = self._pending_values, {}
+        if pending:
+            self.set_form_values(pending)
         self._set_vae_options()
         self._form_ready = True
+        # The model and preset scans run in threads, started only now so they don't compete with the form.
         self.load_models()
         self.load_presets()
 
@@ -269,8 +301,12 @@ class GenerateScreen(MainScreen):
     def form_values(self) -> dict[str, Any]:
         """Current form as request-field values (numbers parsed where they parse) plus UI-only state."""
         values: dict[str, Any] = dict(self.hidden_fields)
+        if not self._form_mounted:
+            values.update(self._pending_values)
         values["prompt"] = self.query_one("#prompt", TextArea).text
         values["negative_prompt"] = self.query_one("#negative_prompt", TextArea).text
+        if not self._form_mounted:
+            return values
         for name in ("model", "sampler", "schedule"):
             value = self.query_one(f"#{name}", Select).value
             if value is not Select.BLANK:
@@ -311,6 +347,9 @@ class GenerateScreen(MainScreen):
         for name in ("prompt", "negative_prompt"):
             if isinstance(values.get(name), str):
                 self.query_one(f"#{name}", TextArea).load_text(values[name])
+        if not self._form_mounted:  # applied once the rest of the form is mounted
+            self._pending_values.update({k: v for k, v in values.items() if k not in ("prompt", "negative_prompt")})
+            return
         for name, options in (("sampler", SAMPLER_LABELS), ("schedule", SCHEDULE_LABELS)):
             if values.get(name) in options:
                 self.query_one(f"#{name}", Select).value = values[name]
@@ -407,6 +446,9 @@ class GenerateScreen(MainScreen):
     # ---- actions -------------------------------------------------------------------------------------------
 
     def action_queue(self) -> None:
+        if not self._form_ready:
+            self.app.notify("The form is still loading; try again in a moment.", timeout=2)
+            return
         try:
             request = self.build_request()
         except DarkroomError as error:
@@ -421,9 +463,13 @@ class GenerateScreen(MainScreen):
             self.action_dice()
 
     def action_dice(self) -> None:
+        if not self._form_mounted:
+            return
         self.query_one("#seed", Input).value = str(random.randint(0, MAX_SEED))
 
     def action_toggle_lock(self) -> None:
+        if not self._form_mounted:
+            return
         self.query_one("#seed-lock", Checkbox).toggle()
 
     @on(Input.Changed)
