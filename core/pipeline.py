@@ -24,7 +24,7 @@ from core.models.latent_formats import preview_image
 from core.request import GenerationRequest
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
 from core.sampling.noise import NoiseSampler
-from core.sampling.samplers import sample
+from core.sampling.samplers import StepInfo, sample
 from core.sampling.schedules import get_sigmas
 
 if TYPE_CHECKING:
@@ -234,17 +234,15 @@ class _Progress:
     on_step: StepCallback | None
     done: int = 0
 
-    def callback(self, info) -> None:
+    def callback(self, info: StepInfo) -> None:
         self.done += 1
         if self.on_step is not None:
-            denoised = info["denoised"] if isinstance(info, dict) else info.denoised
-            self.on_step(self.done, self.total, denoised)
+            self.on_step(self.done, self.total, info.denoised)
 
 
 def _denoiser(model: LoadedModel, cond: torch.Tensor, uncond: torch.Tensor, cfg: float, batch: int):
-    unet = model.checkpoint.unet
     wrapper = VDenoiser if model.prediction == "v" else EpsDenoiser
-    inner = wrapper(lambda x, t, context: unet(x, t, context), model.schedule)
+    inner = wrapper(model.checkpoint.unet, model.schedule)
     return CFGDenoiser(
         inner,
         cond={"context": cond.expand(batch, -1, -1)},
@@ -281,15 +279,11 @@ def _run_sampler(
 
 def steps_per_image_batch(request: GenerationRequest) -> int:
     """Sampler steps one batch of the job takes (first pass + hires pass), as counted for progress."""
-    first = _effective_steps(request.steps, request.denoise if request.is_img2img else 1.0)
+    # Truncated schedules (denoise < 1) still run ``steps`` steps; denoise 0 runs none.
+    first = request.steps if not request.is_img2img or request.denoise > 0 else 0
     if request.hires is None:
         return first
-    return first + _effective_steps(request.hires.steps or request.steps, request.hires.denoise)
-
-
-def _effective_steps(steps: int, denoise: float) -> int:
-    # Steps as the schedules count them with img2img truncation: ``steps`` sampling steps, none at denoise 0.
-    return steps if denoise > 0 else 0
+    return first + ((request.hires.steps or request.steps) if request.hires.denoise > 0 else 0)
 
 
 def generate(
