@@ -94,3 +94,12 @@ async def test_model_switch_unfreezes_so_the_old_model_can_be_collected(tmp_path
         await wait_for(pilot, lambda: app._frozen_model == "b")
         assert alive() is None
     assert gc.get_freeze_count() == 0  # the app leaves the process as it found it
+
+
+def test_status_line_separates_activity_from_job_progress_and_never_wraps():
+    from core.events import Status
+    from tui.widgets.status_bar import status_text
+
+    text = status_text(Status(0, activity="generating", loaded_model="m"), "job #4 step 12/20")
+    assert "generating · job #4 step 12/20" in text.plain
+    assert text.no_wrap

@@ -32,6 +32,8 @@ async def shot_with_preview(tmp_path, image):
     async with app.run_test(size=(120, 40), notifications=False) as pilot:
         screen = app.get_generate_screen()
         await wait_for(pilot, lambda: screen.models)
+        await app.workers.wait_for_complete()  # the preset scan too: its options change the drawing
+        await pilot.pause()
         # The focused prompt's blinking cursor would make two exports of the same state differ by timing.
         screen.query_one("#prompt").cursor_blink = False
         screen.preview.show_image(image)

@@ -21,14 +21,15 @@ def status_text(status: Status | None, progress: str = "") -> Text:
         return Text(" idle — no status from the worker yet", style="dim")
     mem = f"{format_bytes(status.memory_used)}/{format_bytes(status.memory_peak)}/{format_bytes(status.memory_total)}"
     activity = "paused" if status.paused and status.activity == "idle" else status.activity
-    text = Text()
+    # One line that never wraps: a wrapped status bar (height 1) showed only its first line.
+    text = Text(no_wrap=True, overflow="ellipsis")
     text.append(f" {status.device} ", style="bold reverse")
     text.append(f" mem {mem}  {status.attention_backend}  {status.dtype}  ")
     text.append(f"model {status.loaded_model or '–'}  ")
     text.append(f"queue {status.queue_length}{' (paused)' if status.paused else ''}  ")
     text.append(activity, style="bold")
     if progress:
-        text.append(f"  {progress}")
+        text.append(f" · {progress}")  # visible separator: "generating · job #4 step 12/20"
     return text
 
 
