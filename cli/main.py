@@ -74,9 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # no traceback; whatever reached the queue is safe in the database.
             print("darkroom: interrupted", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
+    import gc
+
+    # Importing Textual allocates tens of thousands of long-lived objects; collections during that import free
+    # nothing and delay the first frame. run_app keeps the collector off until the first paint, then re-enables it.
+    gc.disable()
     try:
         from tui.app import run_app
     except ImportError as exc:
+        gc.enable()
         print(
             f"darkroom: error: the terminal UI cannot start ({exc}); check that Textual is installed, "
             "or run headless with --batch JOBS",

@@ -134,7 +134,9 @@ def _lazy_screen(module: str, name: str) -> Callable[[], Any]:
 
 
 class DarkroomApp(App[int]):
-    CSS_PATH = "app.tcss"
+    # The Generate screen's rules load with the app's: a screen's own CSS_PATH re-parses the whole stylesheet
+    # when the screen mounts, before the first frame.
+    CSS_PATH = ["app.tcss", "screens/generate.tcss"]
     TITLE = "Darkroom"
     COMMANDS = App.COMMANDS | {DarkroomCommands}
     MODES = {

@@ -65,7 +65,6 @@ def presets_module(app: Any) -> Any:
 
 class GenerateScreen(MainScreen):
     AUTO_FOCUS = "#prompt"
-    CSS_PATH = "generate.tcss"
     BINDINGS = [
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
         Binding("ctrl+r", "dice", "Random seed"),
