@@ -34,8 +34,12 @@ async def shot_with_preview(tmp_path, image):
         await wait_for(pilot, lambda: screen.models)
         await app.workers.wait_for_complete()  # the preset scan too: its options change the drawing
         await pilot.pause()
-        # The focused prompt's blinking cursor would make two exports of the same state differ by timing.
-        screen.query_one("#prompt").cursor_blink = False
+        # The prompt has the focus (typing works at once); its blinking cursor would make two exports of the same
+        # state differ by timing, so it is drawn steadily.
+        prompt = screen.query_one("#prompt")
+        await wait_for(pilot, lambda: app.focused is prompt)
+        prompt.cursor_blink = False
+        prompt._cursor_visible = True
         screen.preview.show_image(image)
         await pilot.pause()
         return app.export_screenshot(), screen_text(app)

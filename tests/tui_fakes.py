@@ -112,9 +112,18 @@ def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = N
 
 
 async def wait_for(pilot: Any, predicate: Any, timeout: float = 10.0) -> None:
-    """Let the app run until ``predicate()`` holds (events come from the worker thread)."""
+    """Let the app run until ``predicate()`` holds (events come from the worker thread). A widget it queries
+    that is not mounted yet (the Generate form mounts after the first frame) counts as "not yet"."""
+    from textual.css.query import NoMatches
+
+    def holds() -> bool:
+        try:
+            return bool(predicate())
+        except NoMatches:
+            return False
+
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not holds():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await pilot.pause(0.02)

@@ -11,6 +11,9 @@ from tui.widgets.status_bar import StatusBar
 
 
 class MainScreen(Screen):
+    # The footer builds a widget per binding and rebuilds them on every focus change: a screen that must paint
+    # fast mounts it right after its first frame instead (see GenerateScreen).
+    DEFER_FOOTER = False
     DEFAULT_CSS = """
     MainScreen #body { height: 1fr; }
     """
@@ -20,7 +23,8 @@ class MainScreen(Screen):
         with Vertical(id="body"):
             yield from self.compose_body()
         yield StatusBar(id="status-bar")
-        yield Footer()
+        if not self.DEFER_FOOTER:
+            yield Footer()
 
     def compose_body(self) -> ComposeResult:
         yield from ()

@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Switch, TextArea
+from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label, Select, Switch, TextArea
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
@@ -64,6 +64,7 @@ def presets_module(app: Any) -> Any:
 
 
 class GenerateScreen(MainScreen):
+    DEFER_FOOTER = True
     AUTO_FOCUS = "#prompt"
     BINDINGS = [
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
@@ -183,7 +184,12 @@ class GenerateScreen(MainScreen):
 
     async def _mount_next_chunk(self) -> None:
         """Mount one chunk of the form, then let a frame paint (and keys be handled) before the next."""
-        if not self.is_attached:
+        if not self.is_attached or self._closing or self.app._exit:  # quitting: a half-mounted Select errors
+            return
+        if not self.query(Footer):
+            await self.mount(Footer())
+            self.refresh_bindings()  # the footer draws the keys when the bindings signal fires
+            self.call_after_refresh(self._mount_next_chunk)
             return
         if self._chunks:
             await self.query_one("#form").mount_all(self._chunks.pop(0), before="#hidden-note")
