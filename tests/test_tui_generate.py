@@ -129,3 +129,14 @@ async def test_markup_in_prompt_is_shown_literally(tmp_path):
         await wait_for(pilot, lambda: prompt in str(app.screen.query_one("#details-text").render()))
         svg = app.export_screenshot()
         assert "[red]x[/red]" in svg and "[b]" in svg
+
+
+@pytest.mark.parametrize("frames", range(0, 14))
+async def test_quitting_while_the_form_is_still_mounting_is_clean(tmp_path, frames):
+    """The form mounts in chunks after the first frame; quitting after any number of frames must not raise
+    (Textual's Select used to fail on mount when the app exited before its children were composed)."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        for _ in range(frames):
+            await pilot.pause(0)
+    assert app.return_code in (0, None)

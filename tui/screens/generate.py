@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -63,6 +63,18 @@ def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
 
+
+class FormSelect(Select):
+    """The form's Select: tolerates the app quitting while the form is still being mounted.
+
+    The form mounts in chunks after the first frame; if the app exits mid-mount, Select's own mount
+    handler looks for a child that was never composed and raises. Skip it then (the app is going away).
+    """
+
+    def _on_mount(self, event: events.Mount) -> None:
+        if self.app._exit or not self.app.is_running or not self.is_attached:
+            event.prevent_default()
+
 class GenerateScreen(MainScreen):
     DEFER_FOOTER = True
     AUTO_FOCUS = "#prompt"
@@ -112,11 +124,11 @@ class GenerateScreen(MainScreen):
             return Horizontal(*widgets, classes="row")
 
         return [
-            [Select([], prompt="model", id="model", allow_blank=True, compact=True),
-             Select([], prompt="apply a preset…", id="preset-picker", allow_blank=True, compact=True)],
-            [row(Select([(label, key) for key, label in SAMPLER_LABELS.items()], id="sampler",
+            [FormSelect([], prompt="model", id="model", allow_blank=True, compact=True),
+             FormSelect([], prompt="apply a preset…", id="preset-picker", allow_blank=True, compact=True)],
+            [row(FormSelect([(label, key) for key, label in SAMPLER_LABELS.items()], id="sampler",
                         allow_blank=False, value="euler", compact=True),
-                 Select([(label, key) for key, label in SCHEDULE_LABELS.items()], id="schedule",
+                 FormSelect([(label, key) for key, label in SCHEDULE_LABELS.items()], id="schedule",
                         allow_blank=False, value="normal", compact=True))],
             [row(Label("Steps", classes="field-label"),
                  Input("20", type="integer", id="steps", classes="short", compact=True),
@@ -130,7 +142,7 @@ class GenerateScreen(MainScreen):
                  Input("512", type="integer", id="width", classes="short", compact=True),
                  Label("×", classes="times"),
                  Input("512", type="integer", id="height", classes="short", compact=True),
-                 Select([(f"{w}×{h}", f"{w}x{h}") for w, h in SIZE_PRESETS], prompt="size…",
+                 FormSelect([(f"{w}×{h}", f"{w}x{h}") for w, h in SIZE_PRESETS], prompt="size…",
                         id="size-preset", allow_blank=True, compact=True))],
             [row(Label("Batch", classes="field-label"),
                  Input("1", type="integer", id="batch_size", classes="short", tooltip="images per batch",
@@ -146,7 +158,7 @@ class GenerateScreen(MainScreen):
 
         return [
             row(Label("VAE", classes="field-label"),
-                Select([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE, compact=True,
+                FormSelect([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE, compact=True,
                        tooltip="VAE used to decode (built-in: the checkpoint's own)")),
             row(Label("Clip", classes="field-label"),
                 Input("1", type="integer", id="clip_skip", classes="short", compact=True,
@@ -161,7 +173,7 @@ class GenerateScreen(MainScreen):
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
                 Label("Scale", classes="field-label"),
                 Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short", compact=True),
-                Select([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
+                FormSelect([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
                        value=HIRES_DEFAULTS["upscaler"], compact=True,
                        tooltip="latent: upscale latents; image: decode, resize, re-encode")),
             row(Label("Steps", classes="field-label"),
@@ -182,24 +194,37 @@ class GenerateScreen(MainScreen):
         self._chunks = self._form_chunks()
         self.call_after_refresh(self._mount_next_chunk)
 
+    def _quitting(self) -> bool:
+        # exit() sets _exit; a shutdown that does not go through exit() (tests) clears is_running first.
+        return not self.is_attached or self._closing or self.app._exit or not self.app.is_running
+
     async def _mount_next_chunk(self) -> None:
-        """Mount one chunk of the form, then let a frame paint (and keys be handled) before the next."""
-        if not self.is_attached or self._closing or self.app._exit:  # quitting: a half-mounted Select errors
+        """Mount one chunk of the form, then let a frame paint (and keys be handled) before the next.
+
+        The app can start quitting during any ``await`` here; then nothing more is mounted or filled in
+        (a half-mounted form has widgets missing).
+        """
+        if self._quitting():
             return
         if not self.query(Footer):
             await self.mount(Footer())
+            if self._quitting():
+                return
             self.refresh_bindings()  # the footer draws the keys when the bindings signal fires
             self.call_after_refresh(self._mount_next_chunk)
             return
         if self._chunks:
             await self.query_one("#form").mount_all(self._chunks.pop(0), before="#hidden-note")
-            self.call_after_refresh(self._mount_next_chunk)
+            if not self._quitting():
+                self.call_after_refresh(self._mount_next_chunk)
             return
         if not self._advanced_mounted:
             # Collapsed, the advanced fields are not visible: they come last, two rows at a time.
             if self._advanced_left is None:
                 self._advanced_left = self._advanced_rows()
             await self.query_one("#advanced Contents").mount_all(self._advanced_left[:2])
+            if self._quitting():
+                return
             del self._advanced_left[:2]
             if not self._advanced_left:
                 self._advanced_mounted = True
