@@ -41,8 +41,15 @@ async def shot_with_preview(tmp_path, image):
         prompt.cursor_blink = False
         prompt._cursor_visible = True
         screen.preview.show_image(image)
-        await pilot.pause()
-        return app.export_screenshot(), screen_text(app)
+        # Compare settled frames: wait until two exports in a row agree (late layout passes on a loaded box).
+        shot = app.export_screenshot()
+        for _ in range(50):
+            await pilot.pause(0.05)
+            again = app.export_screenshot()
+            if normalized(again) == normalized(shot):
+                break
+            shot = again
+        return shot, screen_text(app)
 
 
 async def test_preview_is_drawn_with_half_blocks_in_the_image_colours(tmp_path):
