@@ -34,12 +34,11 @@ async def shot_with_preview(tmp_path, image):
         await wait_for(pilot, lambda: screen.models)
         await app.workers.wait_for_complete()  # the preset scan too: its options change the drawing
         await pilot.pause()
-        # The prompt has the focus (typing works at once); its blinking cursor would make two exports of the same
-        # state differ by timing, so it is drawn steadily.
-        prompt = screen.query_one("#prompt")
-        await wait_for(pilot, lambda: app.focused is prompt)
-        prompt.cursor_blink = False
-        prompt._cursor_visible = True
+        # The prompt gets the focus (typing works at once); its blinking cursor would make two exports of the same
+        # state differ by timing, so the focus is taken away before the export: no cursor is drawn at all.
+        await wait_for(pilot, lambda: app.focused is screen.query_one("#prompt"))
+        app.set_focus(None)
+        await pilot.pause()
         screen.preview.show_image(image)
         # Compare settled frames: wait until two exports in a row agree (late layout passes on a loaded box).
         shot = app.export_screenshot()
