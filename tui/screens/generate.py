@@ -570,13 +570,10 @@ class GenerateScreen(MainScreen):
 
     @work(thread=True, exclusive=True, group="final-image")
     def load_final(self, path: str, job_id: int) -> None:
-        from PIL import Image
+        from tui.widgets.image import load_rgb_thumbnail
 
         try:
-            with Image.open(Path(path)) as image:
-                image.load()
-                final = image.convert("RGB")
-            final.thumbnail((1024, 1024))
+            final = load_rgb_thumbnail(path, 1024)
         except OSError as error:
             self.app.call_from_thread(
                 self.app.notify, f"Could not open {path}: {error}", severity="warning", markup=False

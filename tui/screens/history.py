@@ -201,13 +201,10 @@ class HistoryScreen(MainScreen):
 
     @work(thread=True, exclusive=True, group="thumbnail")
     def load_thumbnail(self, path: str, key: str) -> None:
-        from PIL import Image
+        from tui.widgets.image import load_rgb_thumbnail
 
         try:
-            with Image.open(Path(path)) as image:
-                image.load()
-                thumb = image.convert("RGB")
-            thumb.thumbnail((512, 512))
+            thumb = load_rgb_thumbnail(path, 512)
         except OSError:
             thumb = None
         self.app.call_from_thread(self._thumbnail_ready, thumb, key)

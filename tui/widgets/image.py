@@ -10,9 +10,13 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from core.errors import DarkroomError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 PROTOCOLS = ("auto", "tgp", "sixel", "halfcell", "unicode")
 ENV_VAR = "DARKROOM_IMAGE_PROTOCOL"
@@ -73,3 +77,15 @@ def make_image(cls: type, image: Any = None, *, on_error: Callable[[Exception], 
         # textual-image sizes itself from CSS ``auto`` (fit, keep aspect); ours fills its box and letterboxes.
         kwargs["classes"] = (kwargs.get("classes", "") + " textual-image").strip()
     return cls(image, **kwargs)
+
+
+def load_rgb_thumbnail(path: str | Path, max_side: int) -> PILImage.Image:
+    """Read a saved image fully (the file can be closed or replaced afterwards) as RGB, shrunk to fit
+    ``max_side``. Runs on a worker thread; raises OSError for a missing or unreadable file."""
+    from PIL import Image
+
+    with Image.open(Path(path)) as image:
+        image.load()
+        rgb = image.convert("RGB")
+    rgb.thumbnail((max_side, max_side))
+    return rgb
