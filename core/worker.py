@@ -335,6 +335,10 @@ class Worker:
             spec = self._runner_spec if self._runner_spec is not None else _default_runner_factory
             # An object with run() is the runner; anything else (a class, a function) is its factory.
             is_runner = hasattr(spec, "run") and not isinstance(spec, type)
+            if not is_runner:
+                from core.accel.torch_import import import_torch
+
+                import_torch()  # before the factory's own imports can pull torch in the plain way
             self._runner = spec if is_runner else spec()
         return self._runner
 
@@ -430,7 +434,11 @@ class Worker:
                 return
 
     def _make_status(self, ctx: JobContext | None) -> Status:
-        # torch is imported here, on the status thread, never on the caller's (UI) thread.
+        # torch is imported here, on the status thread, never on the caller's (UI) thread, and gently: a plain
+        # import would hold the GIL (and so freeze the UI) for ~200 ms at a time.
+        from core.accel.torch_import import import_torch
+
+        import_torch()
         from core.accel import device as devices
 
         runner = self._runner
