@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -413,6 +414,16 @@ class Worker:
         return paths, seeds
 
     def _status_loop(self) -> None:
+        # Say at once what the worker is doing: importing torch takes seconds on a cold disk, and the first full
+        # status (device, memory, backend) needs it. Then send that full status without waiting for a change.
+        if "torch" not in sys.modules:
+            try:
+                queue_length = self.store.pending_count(self.queue)
+            except Exception:
+                queue_length = 0
+            self._emit(Status(job_id=None, activity="starting: importing torch", device="…",
+                              attention_backend="…", dtype="…", queue_length=queue_length, paused=self._paused))
+        self._status_dirty.set()
         while True:
             dirty = self._status_dirty.wait(timeout=self.status_interval)
             self._status_dirty.clear()

@@ -103,3 +103,13 @@ def test_status_line_separates_activity_from_job_progress_and_never_wraps():
     text = status_text(Status(0, activity="generating", loaded_model="m"), "job #4 step 12/20")
     assert "generating · job #4 step 12/20" in text.plain
     assert text.no_wrap
+
+
+def test_status_line_while_the_worker_starts():
+    from core.events import Status
+    from tui.widgets.status_bar import status_text
+
+    assert status_text(None).plain == " starting the worker…"
+    starting = Status(None, activity="starting: importing torch", device="…", queue_length=2)
+    assert status_text(starting).plain == " starting  importing torch…  queue 2"
+    assert "mem" not in status_text(starting).plain  # no device facts to show yet

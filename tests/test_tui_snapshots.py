@@ -86,5 +86,5 @@ async def test_each_screen_shows_its_landmarks_and_the_status_bar(tmp_path):
             text = screen_text(app)
             for landmark in landmarks:
                 assert landmark in text, (key, landmark, text)
-            assert "no status from the worker yet" in text
+            assert "starting the worker…" in text
             assert app.export_screenshot().startswith("<svg")

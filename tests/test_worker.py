@@ -165,6 +165,49 @@ def test_status_events_while_busy(env):
     rec.wait(lambda: any(s.queue_length == 0 and s.activity == "idle" for s in rec.of(Status)), "idle status")
 
 
+def test_idle_worker_reports_its_device_at_once(env):
+    make, _, _ = env
+    w, rec = make(status_interval=60.0)  # no periodic tick: the first status must not wait for one
+    w.start()
+    status = rec.wait(lambda: [s for s in rec.of(Status) if s.device != "…"], "a full status")[0]
+    assert status.device == "cpu" and status.dtype == "float32" and status.activity == "idle"
+    assert status.memory_used > 0 and status.queue_length == 0
+
+
+def test_first_status_says_torch_is_loading(tmp_path):
+    """In a fresh process (torch not imported yet) the worker says so before the slow import."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, threading
+from core.events import Status
+from core.store import JobStore
+from core.worker import Worker
+seen, full = [], threading.Event()
+def on_event(event):
+    if isinstance(event, Status):
+        seen.append(event.activity + " @ " + event.device)
+        if event.device != "…":
+            full.set()
+w = Worker(JobStore({str(tmp_path / "db.sqlite3")!r}), lambda: None, output_dir={str(tmp_path)!r},
+           status_interval=60.0)
+w.subscribe(on_event)
+w.start()
+full.wait(60)
+w.stop(timeout=10)
+print(json.dumps(seen))
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "DARKROOM_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen[0] == "starting: importing torch @ …"
+    assert seen[1] == "idle @ cpu"
+
+
 def test_priority_then_fifo(env):
     make, _, _ = env
     w, rec = make()

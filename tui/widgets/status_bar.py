@@ -18,7 +18,12 @@ def format_bytes(value: int) -> str:
 def status_text(status: Status | None, progress: str = "") -> Text:
     """Plain Text (model names are file names: never markup)."""
     if status is None:
-        return Text(" idle — no status from the worker yet", style="dim")
+        return Text(" starting the worker…", style="dim")
+    if status.device == "…":  # the worker's first word, before torch is imported (no device facts yet)
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(" starting ", style="bold reverse")
+        text.append(f" {status.activity.removeprefix('starting: ')}…  queue {status.queue_length}")
+        return text
     mem = f"{format_bytes(status.memory_used)}/{format_bytes(status.memory_peak)}/{format_bytes(status.memory_total)}"
     activity = "paused" if status.paused and status.activity == "idle" else status.activity
     # One line that never wraps: a wrapped status bar (height 1) showed only its first line.
