@@ -112,7 +112,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--delay", type=float, default=0.05, help="seconds per fake sampling step")
-    parser.add_argument("--protocols", default="halfcell,unicode")
+    parser.add_argument("--protocols", default="auto,halfcell,unicode",
+                        help="auto: probe the terminal (tmux answers without graphics, so half-cells)")
     args = parser.parse_args()
     if shutil.which("tmux") is None:
         print("tmux is not installed: this benchmark needs a real terminal", file=sys.stderr)

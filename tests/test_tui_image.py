@@ -28,8 +28,24 @@ def test_forced_protocols_map_to_widgets():
     assert image_class("unicode") is tiw.UnicodeImage
     assert image_class("tgp") is tiw.TGPImage
     assert image_class("sixel") is tiw.SixelImage
-    # Not a terminal here, so textual-image's own choice is its Unicode renderer, not half-cells.
-    assert image_class("auto") is tiw.Image
+
+
+def test_auto_follows_the_terminal_probe():
+    import textual_image.widget as tiw
+
+    from tui.terminal_graphics import GraphicsSupport
+
+    def auto(support):
+        return image_class("auto", probe=lambda: support)
+
+    assert auto(GraphicsSupport(answered=True, sixel=True)) is tiw.SixelImage
+    assert auto(GraphicsSupport(answered=True, tgp=True)) is tiw.TGPImage
+    assert auto(GraphicsSupport(answered=True, sixel=True, tgp=True)) is tiw.SixelImage  # Konsole, WezTerm
+    assert auto(GraphicsSupport(answered=True)) is HalfBlockImage  # tmux, plain xterm, most SSH clients
+    assert auto(GraphicsSupport(answered=False)) is HalfBlockImage  # no reply in time
+    assert auto(None) is HalfBlockImage  # not a terminal
+    # Not a terminal here: the default probe declines, so half-cells.
+    assert image_class("auto") is HalfBlockImage
 
 
 def test_on_error_is_passed_only_where_supported():

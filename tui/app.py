@@ -80,6 +80,10 @@ class LoopStallProbe:
     def first_paint(self) -> None:
         self.first_paint_at = time.monotonic()
 
+    def stop(self) -> None:
+        """Stop measuring: the user asked to quit (tearing down the app is not a stall anyone waits through)."""
+        self._task.cancel()
+
     async def _run(self) -> None:
         import asyncio
 
@@ -378,6 +382,8 @@ class DarkroomApp(App[int]):
             screen.set_form_values(values)
 
     async def action_quit(self) -> None:
+        if getattr(self, "_bench", None) is not None:
+            self._bench.stop()
         if self.running_job is None:
             self.exit(0)
             return

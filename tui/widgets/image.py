@@ -1,14 +1,16 @@
-"""Which textual-image widget draws pictures, chosen once before the app runs.
+"""Which widget draws pictures (ours for half-cells, textual-image's for kitty, sixel and Unicode blocks),
+chosen once before the app runs.
 
-textual-image picks its protocol when ``textual_image.renderable`` is first imported, by querying the terminal
-on stdin/stdout. That must happen before ``App.run()`` (afterwards Textual's input thread swallows the replies),
-so ``run_app`` calls :func:`prepare_image_protocol` first and the widgets only ever use the resolved class.
+Asking the terminal what it can draw must happen before ``App.run()`` (afterwards Textual's input thread
+swallows the replies), so ``run_app`` calls :func:`prepare_image_protocol` first and the widgets only ever use
+the resolved class.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,8 @@ from core.errors import DarkroomError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
+
+    from tui.terminal_graphics import GraphicsSupport
 
 PROTOCOLS = ("auto", "tgp", "sixel", "halfcell", "unicode")
 ENV_VAR = "DARKROOM_IMAGE_PROTOCOL"
@@ -36,21 +40,50 @@ def resolve_protocol(requested: str | None = None) -> str:
     return value
 
 
-def image_class(protocol: str) -> type:
-    """The widget class for a protocol. Anything but ``halfcell`` imports textual-image, which probes the
-    terminal on first import. Half-cells are drawn by our cached ``HalfBlockImage`` (textual-image's own
-    half-cell renderable rebuilds every cell on each render and stalls the UI at preview rates)."""
+def image_class(protocol: str, probe: Callable[[], GraphicsSupport | None] | None = None) -> type:
+    """The widget class for a protocol. Half-cells are drawn by our cached ``HalfBlockImage`` (textual-image's
+    own half-cell renderable rebuilds every cell on each render and stalls the UI at preview rates).
+
+    ``auto`` asks the terminal (``probe``, by default :func:`tui.terminal_graphics.probe_terminal`): sixel, then
+    the kitty protocol, else half-cells. textual-image is imported only when one of its protocols is used: its
+    import probes the terminal again (quickly, since a terminal with graphics answers at once)."""
     from tui.widgets.halfblock import HalfBlockImage
 
     if protocol == "halfcell":
         return HalfBlockImage
+    if protocol == "auto":
+        if sys.platform == "win32":
+            return _textual_image_auto_class(HalfBlockImage)  # our probe is POSIX-only: textual-image's choice
+        from tui.terminal_graphics import probe_terminal
+
+        support = (probe or probe_terminal)()
+        if support is None or not (support.sixel or support.tgp):
+            return HalfBlockImage
+        # The same order as textual-image: Konsole and WezTerm answer the kitty query but draw only sixel right.
+        protocol = "sixel" if support.sixel else "tgp"
+    import textual_image.widget as tiw
+
+    _remember_cell_size()
+    return {"tgp": tiw.TGPImage, "sixel": tiw.SixelImage, "unicode": tiw.UnicodeImage}[protocol]
+
+
+def _textual_image_auto_class(half_cells: type) -> type:
     import textual_image.widget as tiw
     from textual_image.renderable import HalfcellImage as HalfcellRenderable
     from textual_image.renderable import Image as AutoRenderable
 
-    if protocol == "auto":
-        return HalfBlockImage if AutoRenderable is HalfcellRenderable else tiw.Image
-    return {"tgp": tiw.TGPImage, "sixel": tiw.SixelImage, "unicode": tiw.UnicodeImage}[protocol]
+    return half_cells if AutoRenderable is HalfcellRenderable else tiw.Image
+
+
+def _remember_cell_size() -> None:
+    """textual-image asks the terminal for its cell size in pixels on the first draw, which cannot work once
+    Textual reads stdin: ask now (it caches the answer). Private API, hence the broad guard."""
+    try:
+        from textual_image._terminal import get_cell_size
+
+        get_cell_size()
+    except Exception:  # noqa: BLE001 - it falls back to a default cell size by itself
+        pass
 
 
 def prepare_image_protocol(requested: str | None = None) -> type:
