@@ -66,3 +66,23 @@ def test_app_import_and_mount_do_not_import_torch(tmp_path):
     assert report["screen"] == "GenerateScreen"
     # The worker's own threads may import torch (device status, the runner); the UI thread never does.
     assert report["on_ui_thread"] == []
+
+
+def test_first_frame_modules_leave_pil_and_textual_image_unimported():
+    """Half-cells (what auto picks in a terminal without graphics) need neither textual-image nor PIL before an
+    image arrives: their imports (~60 and ~12 ms here) stay off the path to the first paint."""
+    script = (
+        "import json, sys\n"
+        "import tui.app\n"
+        "from tui.terminal_graphics import GraphicsSupport\n"
+        "from tui.widgets.image import image_class, make_image\n"
+        "cls = image_class('auto', probe=lambda: GraphicsSupport(answered=True))\n"
+        "make_image(cls, None, id='preview-image')\n"
+        "print(json.dumps({'class': cls.__name__, 'textual_image': 'textual_image' in sys.modules,\n"
+        "                  'PIL': 'PIL' in sys.modules}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "class": "HalfBlockImage", "textual_image": False, "PIL": False,
+    }

@@ -10,14 +10,16 @@ rows, so half-block pixels are square) and centres it in its content region.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image as PILImage
 from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
 from textual.widget import Widget
+
+if TYPE_CHECKING:  # PIL is imported on the first image: the empty first frame does not need it (~12 ms)
+    from PIL import Image as PILImage
 
 UPPER_HALF = "▀"
 # Cells are drawn from a shared cache of segments keyed by the (quantised) colour pair. A fresh Style, two
@@ -67,7 +69,12 @@ class HalfBlockImage(Widget):
     def image(self, value: Any) -> None:
         if value is None:
             self._image = None
-        elif isinstance(value, PILImage.Image):
+            self._strips_size = None
+            self.refresh()
+            return
+        from PIL import Image as PILImage
+
+        if isinstance(value, PILImage.Image):
             self._image = value if value.mode == "RGB" else value.convert("RGB")
         else:
             with PILImage.open(Path(value)) as opened:
@@ -92,6 +99,8 @@ class HalfBlockImage(Widget):
         if not cells_w or not cells_h:
             self._strips = [blank] * height
             return
+        from PIL import Image as PILImage
+
         image = self._image.resize((cells_w, cells_h * 2), PILImage.Resampling.BILINEAR)
         pixels = image.point(_LEVELS).tobytes()
         row_bytes = cells_w * 3
