@@ -41,22 +41,29 @@ def wait_screen(session: str, needle: str, timeout: float = 60.0) -> float:
     raise TimeoutError(f"{needle!r} never appeared")
 
 
-def launch(home: Path, protocol: str, steps: int, delay: float) -> tuple[str, float, Path]:
+def launch(home: Path, protocol: str, steps: int, delay: float, checkpoint: Path | None = None,
+           size: int = 256) -> tuple[str, float, Path]:
+    """Start the app in a fresh tmux session: the fake runner, or the real pipeline on ``checkpoint``."""
     config = home / "config"
     config.mkdir(parents=True, exist_ok=True)
-    (config / "tui-settings.json").write_text(json.dumps({
-        "prompt": "benchmark", "steps": steps, "seed": 1, "seed_lock": True, "model": "fake-model.safetensors",
-    }))
+    settings = {"prompt": "benchmark", "steps": steps, "seed": 1, "seed_lock": True,
+                "model": checkpoint.name if checkpoint else "fake-model.safetensors"}
+    if checkpoint:
+        settings.update(width=size, height=size)
+    (config / "tui-settings.json").write_text(json.dumps(settings))
     report = home / "bench.json"
-    env = {
-        "DARKROOM_HOME": home, "DARKROOM_TUI_FAKE_RUNNER": "tests.tui_fakes:FakeRunner",
-        "DARKROOM_TUI_BENCH": report, "DARKROOM_IMAGE_PROTOCOL": protocol, "DARKROOM_FAKE_DELAY": delay,
-        "DARKROOM_FAKE_PREVIEW": 64, "DARKROOM_FAKE_SIZE": 512, "PYTHONPATH": ROOT, "TERM": "xterm-256color",
-    }
+    env = {"DARKROOM_HOME": home, "DARKROOM_TUI_BENCH": report, "DARKROOM_IMAGE_PROTOCOL": protocol,
+           "PYTHONPATH": ROOT, "TERM": "xterm-256color"}
+    arguments = f"--db {home / 'db.sqlite3'} --output-dir {home / 'out'}"
+    if checkpoint:
+        arguments += f" --models-dir {checkpoint.parent}"
+    else:
+        env.update({"DARKROOM_TUI_FAKE_RUNNER": "tests.tui_fakes:FakeRunner", "DARKROOM_FAKE_DELAY": delay,
+                    "DARKROOM_FAKE_PREVIEW": 64, "DARKROOM_FAKE_SIZE": 512})
     exports = " ".join(f"{k}={v}" for k, v in env.items())
     session = f"darkroom-bench-{uuid.uuid4().hex[:8]}"
-    command = (f"cd {ROOT} && env -u COLUMNS -u LINES -u PYTHONDONTWRITEBYTECODE {exports} {sys.executable} -m cli.main "
-               f"--db {home / 'db.sqlite3'} --output-dir {home / 'out'}; echo BENCH-EXITED; sleep 30")
+    command = (f"cd {ROOT} && env -u COLUMNS -u LINES -u PYTHONDONTWRITEBYTECODE {exports} {sys.executable} "
+               f"-m cli.main {arguments}; echo BENCH-EXITED; sleep 30")
     start = time.monotonic()
     tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45", command)
     return session, start, report
@@ -85,19 +92,22 @@ def first_paint_run(protocol: str) -> dict[str, float]:
     }
 
 
-def stall_run(protocol: str, steps: int, delay: float) -> dict:
+def stall_run(protocol: str, steps: int, delay: float, checkpoint: Path | None = None, size: int = 256) -> dict:
+    """Two identical jobs; the second is the measured one. Job 1 warms up: with the fake runner the worker's
+    threads import torch meanwhile, with the real pipeline job 1 also loads the model (reported apart)."""
     with tempfile.TemporaryDirectory() as tmp:
-        session, _, report = launch(Path(tmp), protocol, steps, delay)
-        wait_screen(session, "fake-model")
-        # Job 1 warms up: the worker's threads import torch meanwhile (the real pipeline does when it loads a
-        # model) and the app re-freezes those objects. Job 2, the same request, is the measured one.
+        session, _, report = launch(Path(tmp), protocol, steps, delay, checkpoint, size)
+        wait_screen(session, checkpoint.stem if checkpoint else "fake-model")
+        wait_screen(session, " idle")  # the worker has imported torch and reported its device
+        budget = steps * (delay if checkpoint is None else 30.0) + 600
         tmux("send-keys", "-t", session, "C-j")
-        wait_screen(session, "done in", timeout=steps * delay + 60)
+        wait_screen(session, "done in", timeout=budget)
         time.sleep(1.0)
         tmux("send-keys", "-t", session, "C-j")
         wait_screen(session, "Job #2", timeout=30)
-        wait_screen(session, "done in", timeout=steps * delay + 60)
+        wait_screen(session, "done in", timeout=budget)
         data = finish(session, report)
+        data["first_job"] = data["per_job"]["1"]
         data["max_stall_in_job_s"], data["max_cpu_stall_in_job_s"] = data["per_job"]["2"]
     return data
 
@@ -114,6 +124,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--delay", type=float, default=0.05, help="seconds per fake sampling step")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="also measure stalls with the real pipeline on this checkpoint (e.g. a full-size "
+                        "random SD1.5 from core.models.testing); steps from --real-steps at --real-size px")
+    parser.add_argument("--real-steps", type=int, default=4)
+    parser.add_argument("--real-size", type=int, default=256)
     parser.add_argument("--protocols", default="auto,halfcell,unicode",
                         help="auto: probe the terminal (tmux answers without graphics, so half-cells)")
     args = parser.parse_args()
@@ -147,6 +162,14 @@ def main() -> int:
     print()
     print(f"job: {args.steps} steps x {args.delay * 1000:.0f} ms, 64x64 previews, 512x512 final image; "
           "goal: first paint < 500 ms, max stall < 50 ms")
+    if args.checkpoint:
+        real = stall_run("halfcell", args.real_steps, 0.0, args.checkpoint.resolve(), args.real_size)
+        load_wall, load_cpu = real["first_job"]
+        print()
+        print(f"real pipeline, {args.checkpoint.name}, {args.real_steps} steps at {args.real_size} px: longest UI "
+              f"stall (wall/UI cpu) in job 1 (loads the model) {load_wall * 1000:.1f} / {load_cpu * 1000:.1f} ms, "
+              f"in job 2 {real['max_stall_in_job_s'] * 1000:.1f} / {real['max_cpu_stall_in_job_s'] * 1000:.1f} ms; "
+              f"previews {real['preview_messages_posted']}")
     return 0
 
 

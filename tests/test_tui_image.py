@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from tui.widgets.halfblock import HalfBlockImage
+from tui.widgets.halfblock import _LEVELS, HalfBlockImage
 from tui.widgets.image import ImageProtocolError, image_class, make_image, resolve_protocol
 
 
@@ -94,3 +94,35 @@ def test_cli_image_protocol_option_matches_the_widget_choices():
     assert tuple(action.choices) == PROTOCOLS
     with pytest.raises(SystemExit):
         parser.parse_args(["--image-protocol", "kitty"])
+
+
+def cell_colours(widget: HalfBlockImage, width: int, height: int) -> list[tuple]:
+    widget._build(width, height)
+    return [(seg.style.color, seg.style.bgcolor) for strip in widget._strips for seg in strip if seg.text == "▀"]
+
+
+@pytest.mark.parametrize(
+    ("upper", "lower", "ansi"),
+    [
+        ((255, 0, 0), (255, 255, 255), (196, 231)),  # cube corners
+        ((128, 128, 128), (0, 0, 0), (244, 16)),  # a grey lands on the grey ramp, black on the cube's 16
+        ((0, 95, 135), (250, 250, 250), (24, 231)),  # cube levels exactly; near-white to the cube's white
+    ],
+)
+def test_half_blocks_use_the_xterm_palette_in_256_colour_terminals(upper, lower, ansi):
+    """In a 256-colour terminal the picture is mapped to palette colours once, so Rich need not convert each
+    cell's true colour on every frame (that conversion stalled the UI ~50 ms per noisy preview)."""
+    from rich.color import ColorType
+
+    image = Image.new("RGB", (1, 2))
+    image.putpixel((0, 0), upper)
+    image.putpixel((0, 1), lower)
+    widget = HalfBlockImage(image)
+    widget._truecolor = lambda: False
+    (fg, bg), = cell_colours(widget, 1, 1)
+    assert (fg.type, bg.type) == (ColorType.EIGHT_BIT, ColorType.EIGHT_BIT)
+    assert (fg.number, bg.number) == ansi
+    widget._truecolor = lambda: True  # truecolor terminals keep (6-bit quantised) true colours
+    (fg, bg), = cell_colours(widget, 1, 1)
+    assert fg.type == ColorType.TRUECOLOR
+    assert tuple(fg.triplet) == tuple(_LEVELS[channel] for channel in upper)

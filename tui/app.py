@@ -217,7 +217,6 @@ class DarkroomApp(App[int]):
         self._last_preview_sent = 0.0
         self._stopped = False
         self._frozen_modules = len(sys.modules)
-        self._frozen_model: str | None = None
         self._stop_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -231,27 +230,16 @@ class DarkroomApp(App[int]):
         # with the first paint.
         self.call_after_refresh(self._start_worker)
 
-    def _refreeze_if_modules_loaded(self) -> None:
-        """The worker's threads import torch and load models after startup: hundreds of thousands of
-        long-lived objects that every full collection would walk again (~100 ms UI stalls, measured with the
-        fake runner). When the worker reports another loaded model, unfreeze (so whatever the previous model
-        left in reference cycles can be collected), collect once, and freeze again; when only new modules
-        appeared, freeze them without collecting."""
-        status = self.status
-        loaded = status.loaded_model if status is not None else None
-        grew = len(sys.modules) > self._frozen_modules + 50
-        if loaded != self._frozen_model:
-            gc.unfreeze()
-            gc.collect()
+    def _freeze_new_modules(self) -> None:
+        """The worker's threads import torch and the pipeline's modules after startup: long-lived objects that
+        every full collection would walk again (~100 ms UI stalls, measured with the fake runner). When many
+        modules appeared, freeze what exists without collecting: a full collection here, with torch loaded, is
+        itself a ~270 ms UI stall (bench_tui.py --checkpoint). Loaded models are deliberately not frozen at
+        their own loads: a dropped model is freed by reference counting, and any cycles it leaves stay visible
+        to normal collections (the pipeline collects when it switches models)."""
+        if len(sys.modules) > self._frozen_modules + 50:
             gc.freeze()
-        elif grew:
-            # New modules (torch imported by the worker) are long-lived, not garbage: freezing them without a
-            # collection avoids a ~200 ms full collection on the UI thread (measured with bench/bench_tui.py).
-            gc.freeze()
-        else:
-            return
-        self._frozen_modules = len(sys.modules)
-        self._frozen_model = loaded
+            self._frozen_modules = len(sys.modules)
 
     def _start_worker(self) -> None:
         # Everything built so far (modules, CSS, widgets) lives as long as the app: move it out of the cyclic
@@ -338,7 +326,7 @@ class DarkroomApp(App[int]):
         event = message.event
         if isinstance(event, Status):
             self.status = event
-            self._refreeze_if_modules_loaded()
+            self._freeze_new_modules()
             return
         if isinstance(event, JobStarted):
             self.running_job = event.job_id

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.color import Color
+from rich.color import Color, ColorType
+from rich.color_triplet import ColorTriplet
 from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
@@ -28,6 +29,42 @@ UPPER_HALF = "▀"
 _LEVELS = [((v >> 2) * 255 + 31) // 63 for v in range(256)] * 3  # 64 levels, keeping 0 and 255 exact
 _SEGMENTS: dict[bytes, Segment] = {}
 _SEGMENT_LIMIT = 60_000
+# In a 256-colour terminal (tmux without COLORTERM=truecolor, most SSH sessions) Rich converts every true colour
+# to the palette on output, ~10 us a colour, and noisy early previews have thousands of distinct colours. Mapping
+# the picture onto the xterm palette once, in C (PIL), is cheaper and leaves only 240x240 distinct cells.
+_CUBE = (0, 95, 135, 175, 215, 255)
+_XTERM_COLOURS = [(r, g, b) for r in _CUBE for g in _CUBE for b in _CUBE] + [(8 + 10 * i,) * 3 for i in range(24)]
+_PALETTE_SEGMENTS: dict[bytes, Segment] = {}
+_palette_image: Any = None
+
+
+def _xterm_palette_image() -> Any:
+    """A P-mode image holding the 240 fixed xterm colours (16-255; 0-15 follow the user's theme, so unused)."""
+    global _palette_image
+    if _palette_image is None:
+        from PIL import Image as PILImage
+
+        flat = [channel for colour in _XTERM_COLOURS for channel in colour]
+        flat += flat[-3:] * (256 - len(_XTERM_COLOURS))  # pad with the last grey: never nearer than itself
+        _palette_image = PILImage.new("P", (1, 1))
+        _palette_image.putpalette(flat)
+    return _palette_image
+
+
+def _palette_segment(key: bytes) -> Segment:
+    """The cell for two palette indices (upper, lower pixel) from :func:`_xterm_palette_image`."""
+    segment = _PALETTE_SEGMENTS.get(key)
+    if segment is None:
+        upper, lower = (_palette_colour(min(index, len(_XTERM_COLOURS) - 1)) for index in key)
+        segment = _PALETTE_SEGMENTS[key] = Segment(UPPER_HALF, Style.from_color(upper, lower))
+    return segment
+
+
+def _palette_colour(index: int) -> Color:
+    """xterm colour ``16 + index`` carrying its RGB too: Textual converts colours without RGB to true colour
+    (through the theme) before output, and Rich would then convert them back to the palette, cell by cell."""
+    return Color(f"color({16 + index})", ColorType.EIGHT_BIT, number=16 + index,
+                 triplet=ColorTriplet(*_XTERM_COLOURS[index]))
 
 
 def _segment(key: bytes) -> Segment:
@@ -35,10 +72,17 @@ def _segment(key: bytes) -> Segment:
     if segment is None:
         if len(_SEGMENTS) >= _SEGMENT_LIMIT:
             _SEGMENTS.clear()
-        fg = Color.from_rgb(key[0], key[1], key[2])
-        bg = Color.from_rgb(key[3], key[4], key[5])
-        segment = _SEGMENTS[key] = Segment(UPPER_HALF, Style.from_color(fg, bg))
+        segment = _SEGMENTS[key] = Segment(UPPER_HALF, Style.from_color(_true_colour(key[:3]), _true_colour(key[3:])))
     return segment
+
+
+_HEX = [f"{value:02x}" for value in range(256)]
+
+
+def _true_colour(rgb: bytes) -> Color:
+    """``Color.from_rgb`` without its formatting calls (a third of the cost of drawing a noisy preview)."""
+    r, g, b = rgb
+    return Color(f"#{_HEX[r]}{_HEX[g]}{_HEX[b]}", ColorType.TRUECOLOR, triplet=ColorTriplet(r, g, b))
 
 
 class HalfBlockImage(Widget):
@@ -102,8 +146,12 @@ class HalfBlockImage(Widget):
         from PIL import Image as PILImage
 
         image = self._image.resize((cells_w, cells_h * 2), PILImage.Resampling.BILINEAR)
-        pixels = image.point(_LEVELS).tobytes()
-        row_bytes = cells_w * 3
+        if self._truecolor():
+            pixels, depth, cell = image.point(_LEVELS).tobytes(), 3, _segment
+        else:
+            indexed = image.quantize(palette=_xterm_palette_image(), dither=PILImage.Dither.NONE)
+            pixels, depth, cell = indexed.tobytes(), 1, _palette_segment
+        row_bytes = cells_w * depth
         pad_left = (width - cells_w) // 2
         pad_right = width - cells_w - pad_left
         top = (height - cells_h) // 2
@@ -112,11 +160,18 @@ class HalfBlockImage(Widget):
             upper = pixels[2 * row * row_bytes:(2 * row + 1) * row_bytes]
             lower = pixels[(2 * row + 1) * row_bytes:(2 * row + 2) * row_bytes]
             segments = [Segment(" " * pad_left)] if pad_left else []
-            segments.extend(_segment(upper[x:x + 3] + lower[x:x + 3]) for x in range(0, row_bytes, 3))
+            segments.extend(cell(upper[x:x + depth] + lower[x:x + depth]) for x in range(0, row_bytes, depth))
             if pad_right:
                 segments.append(Segment(" " * pad_right))
             self._strips.append(Strip(segments, width))
         self._strips.extend([blank] * (height - top - cells_h))
+
+    def _truecolor(self) -> bool:
+        try:
+            system = self.app.console.color_system
+        except Exception:  # noqa: BLE001 - not mounted in an app (tests building strips directly)
+            return True
+        return system in ("truecolor", None)
 
     def render_line(self, y: int) -> Strip:
         width, height = self.content_size
