@@ -100,6 +100,38 @@ def test_loaded_text_encoder_runs(files):
     assert hidden.shape[:2] == (1, 77) and torch.isfinite(hidden).all()
 
 
+def test_meta_build_skips_initialising_parameters_only():
+    """Parameters built on meta are not initialised (meta normal_ once imported torch._dynamo: ~1.5 s holding
+    the GIL); real tensors, such as computed buffers, still are."""
+    calls = []
+    with ckpt._parameters_on_meta():
+        layer = torch.nn.Linear(4, 3)
+        embedding = torch.nn.Embedding(10, 4)
+        real = torch.zeros(3).fill_(2.0)  # a buffer a network computes for itself
+        meta = torch.empty(2, device="meta")
+        assert torch.nn.init.normal_(meta) is meta and meta.uniform_(0, 1) is meta
+        calls.append(real.add_(1.0))
+    assert layer.weight.is_meta and embedding.weight.is_meta
+    assert torch.equal(real, torch.full((3,), 3.0)) and calls[0] is real
+    assert torch.ones(2).normal_().std() > 0  # outside the build, init works as always
+
+
+def test_loading_does_not_import_torch_dynamo(files):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from core.models.checkpoint import load_checkpoint\n"
+        f"load_checkpoint({str(files['fp16'])!r})\n"
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "False"]
+
+
 def test_dtype_argument_converts_each_tensor(files):
     loaded = load_checkpoint(files["fp16"], dtype=torch.float32)
     written = load_file(str(files["fp16"]))

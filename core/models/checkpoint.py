@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from core.errors import CheckpointError
 from core.models.detect import FAMILIES, OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
@@ -265,12 +266,34 @@ def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None
     _original_register(module, name, param)
 
 
+# In-place ops that modules' reset_parameters() use (directly or through torch.nn.init).
+_INIT_OPS = frozenset({"normal_", "uniform_", "fill_", "zero_", "copy_", "erfinv_", "mul_", "add_", "clamp_",
+                       "sub_", "div_", "exponential_", "bernoulli_", "random_", "zeros_", "ones_", "constant_",
+                       "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                       "trunc_normal_", "orthogonal_"})
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips initialising parameters that live on the meta device: they hold no data, and initialising them is
+    slow. Meta ``normal_`` runs a Python decomposition whose first use imports torch._dynamo (~1.5 s, and long
+    stretches holding the GIL, which froze the UI). Torch function modes are per thread."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INIT_OPS:
+            # torch.nn.init functions pass the tensor by keyword, Tensor methods as self
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Construct modules with parameters on the meta device but buffers on the CPU.
 
     Parameters are about to be replaced by the file's tensors, so allocating and initialising them would only
-    cost time and memory. Buffers a network computes itself (not saved in the file, e.g. CLIP position ids)
+    cost time and memory (their initialisation is skipped too, see ``_SkipMetaInit``). Buffers a network computes itself (not saved in the file, e.g. CLIP position ids)
     must be real, so they stay on the CPU (``torch.device("meta")`` would put them on meta too). The
     ``register_parameter`` hook is process-wide while any build runs, but only acts in the building thread.
     """
@@ -282,7 +305,8 @@ def _parameters_on_meta() -> Iterator[None]:
         _patch_users += 1
     _meta_build.active = True
     try:
-        yield
+        with _SkipMetaInit():
+            yield
     finally:
         _meta_build.active = False
         with _patch_lock:
