@@ -52,7 +52,7 @@ def launch(home: Path, protocol: str, steps: int, delay: float, checkpoint: Path
         settings.update(width=size, height=size)
     (config / "tui-settings.json").write_text(json.dumps(settings))
     report = home / "bench.json"
-    env = {"DARKROOM_HOME": home, "DARKROOM_TUI_BENCH": report, "DARKROOM_SWITCH_INTERVAL": os.environ.get("SWI", "0.005"), "DARKROOM_IMAGE_PROTOCOL": protocol,
+    env = {"DARKROOM_HOME": home, "DARKROOM_TUI_BENCH": report, "DARKROOM_IMAGE_PROTOCOL": protocol,
            "PYTHONPATH": ROOT, "TERM": "xterm-256color"}
     arguments = f"--db {home / 'db.sqlite3'} --output-dir {home / 'out'}"
     if checkpoint:

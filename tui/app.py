@@ -463,8 +463,6 @@ def run_app(args: Any) -> int:
     # freezes and turns it back on): building the first screen allocates tens of thousands of objects, and the
     # collections they trigger delay the first paint while freeing nothing.
     gc.disable()
-    if os.environ.get("DARKROOM_SWITCH_INTERVAL"):
-        sys.setswitchinterval(float(os.environ["DARKROOM_SWITCH_INTERVAL"]))
     from tui.widgets.image import prepare_image_protocol
 
     try:

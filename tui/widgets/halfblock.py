@@ -55,7 +55,7 @@ def _palette_segment(key: bytes) -> Segment:
     """The cell for two palette indices (upper, lower pixel) from :func:`_xterm_palette_image`."""
     segment = _PALETTE_SEGMENTS.get(key)
     if segment is None:
-        upper, lower = (_palette_colour(min(index, len(_XTERM_COLOURS) - 1)) for index in key)
+        upper, lower = (_PALETTE_COLOURS[min(index, len(_XTERM_COLOURS) - 1)] for index in key)
         segment = _PALETTE_SEGMENTS[key] = Segment(UPPER_HALF, Style.from_color(upper, lower))
     return segment
 
@@ -76,6 +76,7 @@ def _segment(key: bytes) -> Segment:
     return segment
 
 
+_PALETTE_COLOURS = [_palette_colour(index) for index in range(len(_XTERM_COLOURS))]
 _HEX = [f"{value:02x}" for value in range(256)]
 
 
