@@ -116,6 +116,25 @@ def test_meta_build_skips_initialising_parameters_only():
     assert torch.ones(2).normal_().std() > 0  # outside the build, init works as always
 
 
+def test_dropped_networks_need_no_cycle_collection(files):
+    """The app freezes loaded models out of the cycle collector's reach (no UI stalls walking them); that is
+    only safe while dropping a model frees it by reference counting alone."""
+    import gc
+    import weakref
+
+    from core.pipeline import load_model
+
+    loaded = load_model(files["fp16"], device=torch.device("cpu"))
+    refs = [weakref.ref(m) for m in _modules(loaded.checkpoint).values()] + [weakref.ref(loaded)]
+    gc.collect()
+    gc.disable()
+    try:
+        del loaded
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
 def test_loading_does_not_import_torch_dynamo(files):
     import subprocess
     import sys

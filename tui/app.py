@@ -217,6 +217,7 @@ class DarkroomApp(App[int]):
         self._last_preview_sent = 0.0
         self._stopped = False
         self._frozen_modules = len(sys.modules)
+        self._frozen_model: str | None = None
         self._stop_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -231,15 +232,18 @@ class DarkroomApp(App[int]):
         self.call_after_refresh(self._start_worker)
 
     def _freeze_new_modules(self) -> None:
-        """The worker's threads import torch and the pipeline's modules after startup: long-lived objects that
-        every full collection would walk again (~100 ms UI stalls, measured with the fake runner). When many
-        modules appeared, freeze what exists without collecting: a full collection here, with torch loaded, is
-        itself a ~270 ms UI stall (bench_tui.py --checkpoint). Loaded models are deliberately not frozen at
-        their own loads: a dropped model is freed by reference counting, and any cycles it leaves stay visible
-        to normal collections (the pipeline collects when it switches models)."""
-        if len(sys.modules) > self._frozen_modules + 50:
+        """The worker's threads import torch and the pipeline's modules after startup, then load models: long-
+        lived objects that every full collection on the UI thread would walk again (20-100 ms stalls, measured
+        with bench_tui.py). When many modules appeared or another model was loaded, freeze what exists, without
+        collecting: a full collection here, with torch loaded, is itself a ~270 ms UI stall. Freezing a model
+        costs nothing later: an unloaded model is freed by reference counting (our networks hold no reference
+        cycles; tests/test_checkpoint.py checks), and the pipeline collects on its own thread when it switches."""
+        status = self.status
+        loaded = status.loaded_model if status is not None else None
+        if len(sys.modules) > self._frozen_modules + 50 or loaded != self._frozen_model:
             gc.freeze()
             self._frozen_modules = len(sys.modules)
+            self._frozen_model = loaded
 
     def _start_worker(self) -> None:
         # Everything built so far (modules, CSS, widgets) lives as long as the app: move it out of the cyclic
