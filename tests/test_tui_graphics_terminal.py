@@ -17,6 +17,8 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -95,9 +97,9 @@ def _controlling_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-# konsole: answers the kitty query and offers sixel, but draws only sixel right (textual-image's order).
-@pytest.mark.parametrize("kind", ["kitty", "sixel", "konsole", "plain"])
-def test_auto_detection_draws_the_preview_with_the_probed_protocol(tmp_path, kind):
+@contextmanager
+def app_in_terminal(tmp_path: Path, kind: str, *extra_args: str) -> Iterator[tuple[subprocess.Popen, FakeTerminal]]:
+    """The app (fake runner) in a pseudo-terminal played by ``FakeTerminal(kind)``; killed if still running."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, COLUMNS * CELL_W, ROWS * CELL_H))
     env = {key: value for key, value in os.environ.items()
@@ -110,13 +112,32 @@ def test_auto_detection_draws_the_preview_with_the_probed_protocol(tmp_path, kin
     })
     process = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "--db", str(tmp_path / "db.sqlite3"), "--output-dir",
-         str(tmp_path / "out")],
+         str(tmp_path / "out"), *extra_args],
         cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_terminal,
     )
     os.close(slave)
-    terminal = FakeTerminal(master, kind)
     try:
-        terminal.wait_for(lambda out: b"fake-model" in out and b"Queue" in out, "the Generate screen")
+        yield process, FakeTerminal(master, kind)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+
+
+def wait_for_generate_screen(terminal: FakeTerminal) -> bytes:
+    return terminal.wait_for(lambda out: b"fake-model" in out and b"Queue" in out, "the Generate screen")
+
+
+# konsole: answers the kitty query and offers sixel, but draws only sixel right (textual-image's order).
+@pytest.mark.parametrize("kind", ["kitty", "sixel", "konsole", "plain"])
+def test_auto_detection_draws_the_preview_with_the_probed_protocol(tmp_path, kind):
+    with app_in_terminal(tmp_path, kind) as (process, terminal):
+        startup = wait_for_generate_screen(terminal)
+        # One round trip decides the protocol: textual-image's own probe (a DA1 and a kitty query, the latter
+        # waiting 100 ms where nobody answers) is not run again when its widgets are imported.
+        assert len(DA1_QUERY.findall(startup)) == 1
+        assert len(KITTY_QUERY.findall(startup)) == 1
         before = len(terminal.text())
         terminal.type(b"\n")  # Ctrl+J queues the job
         drawn = terminal.wait_for(lambda out: b"done in" in out[before:], "the finished job")[before:]
@@ -130,8 +151,17 @@ def test_auto_detection_draws_the_preview_with_the_probed_protocol(tmp_path, kin
             assert "▀".encode() in drawn  # half-block cells
         terminal.type(b"\x11")  # Ctrl+Q
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
+
+
+def test_a_forced_protocol_asks_the_terminal_nothing(tmp_path):
+    """--image-protocol unicode in a terminal without graphics (tmux, say): no probe at all, so no 100 ms wait
+    for a kitty reply that never comes; the preview is drawn with textual-image's Unicode blocks."""
+    with app_in_terminal(tmp_path, "plain", "--image-protocol", "unicode") as (process, terminal):
+        startup = wait_for_generate_screen(terminal)
+        assert not DA1_QUERY.search(startup) and not KITTY_QUERY.search(startup)
+        before = len(terminal.text())
+        terminal.type(b"\n")
+        drawn = terminal.wait_for(lambda out: b"done in" in out[before:], "the finished job")[before:]
+        assert not SIXEL_DATA.search(drawn) and not KITTY_IMAGE.search(drawn)
+        terminal.type(b"\x11")
+        assert process.wait(timeout=30) == 0

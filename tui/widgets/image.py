@@ -61,10 +61,34 @@ def image_class(protocol: str, probe: Callable[[], GraphicsSupport | None] | Non
             return HalfBlockImage
         # The same order as textual-image: Konsole and WezTerm answer the kitty query but draw only sixel right.
         protocol = "sixel" if support.sixel else "tgp"
-    import textual_image.widget as tiw
-
+    tiw = _import_textual_image_widgets()
     _remember_cell_size()
     return {"tgp": tiw.TGPImage, "sixel": tiw.SixelImage, "unicode": tiw.UnicodeImage}[protocol]
+
+
+def _import_textual_image_widgets() -> Any:
+    """``textual_image.widget``, imported without textual-image's own protocol probe.
+
+    On import, ``textual_image.renderable`` asks the terminal one question at a time (DA1 for sixel, then a
+    kitty query with a 100 ms timeout) to choose its automatic ``Image`` class, which Darkroom never uses: the
+    protocol is already known here (forced, or from the one-round-trip probe). That probe only runs when
+    ``sys.__stdout__`` is a terminal, so it is hidden for the duration of that import: this saves the 100 ms
+    timeout in terminals without kitty graphics (tmux, with a forced protocol) and one or two round trips over
+    SSH. Runs before ``App.run()``, while no other thread writes to the terminal. Should a textual-image version
+    fail to import that way, it is imported again normally (with its probe)."""
+    if "textual_image.renderable" not in sys.modules:
+        saved = sys.__stdout__
+        sys.__stdout__ = None  # type: ignore[misc]
+        try:
+            import textual_image.renderable  # noqa: F401
+        except Exception:  # noqa: BLE001 - only a speed-up: the plain import below decides
+            for name in [n for n in sys.modules if n.startswith("textual_image.renderable")]:
+                del sys.modules[name]
+        finally:
+            sys.__stdout__ = saved  # type: ignore[misc]
+    import textual_image.widget as tiw
+
+    return tiw
 
 
 def _textual_image_auto_class(half_cells: type) -> type:
