@@ -115,3 +115,22 @@ async def test_quit_with_running_job_can_finish_it(tmp_path):
         await wait_for(pilot, lambda: not app.is_running)
     assert app.store.get_job(job).state == "done"
     assert len(app.store.history()) == 1
+
+
+async def test_quit_dialog_answers_to_keys(tmp_path):
+    """Keyboard first: Esc stays, l leaves the job interrupted (f finishes it, like the button)."""
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("keys"))
+        await wait_for(pilot, lambda: app.running_job == job)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.is_running and "still running" not in screen_text(app)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.press("l")
+        await wait_for(pilot, lambda: not app.is_running)
+    assert app.store.get_job(job).state == "interrupted"

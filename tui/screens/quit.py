@@ -9,7 +9,11 @@ from textual.widgets import Button, Label
 
 
 class QuitScreen(ModalScreen[str | None]):
-    BINDINGS = [("escape", "dismiss(None)", "Stay")]
+    BINDINGS = [
+        ("f", "dismiss('finish')", "Finish, then quit"),
+        ("l", "dismiss('interrupt')", "Quit, leave interrupted"),
+        ("escape,s", "dismiss(None)", "Stay"),
+    ]
 
     def __init__(self, job_id: int) -> None:
         super().__init__()
@@ -22,9 +26,9 @@ class QuitScreen(ModalScreen[str | None]):
                 "interrupted in the queue (retry it later from the Queue screen)?",
                 id="question",
             )
-            yield Button("Finish, then quit", variant="primary", id="finish")
-            yield Button("Quit, leave interrupted", variant="warning", id="interrupt")
-            yield Button("Stay", id="stay")
+            yield Button("Finish it (f)", variant="primary", id="finish")
+            yield Button("Leave it (l)", variant="warning", id="interrupt")
+            yield Button("Stay (Esc)", id="stay")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss({"finish": "finish", "interrupt": "interrupt"}.get(event.button.id or ""))
