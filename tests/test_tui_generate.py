@@ -140,3 +140,20 @@ async def test_quitting_while_the_form_is_still_mounting_is_clean(tmp_path, fram
         for _ in range(frames):
             await pilot.pause(0)
     assert app.return_code in (0, None)
+
+
+async def test_scan_results_arriving_while_quitting_are_dropped(tmp_path):
+    """The model and preset scans run in threads; a result that arrives as the app quits must not touch the
+    torn-down form (seen as NoMatches('SelectOverlay') from set_options)."""
+    app = make_app(tmp_path, start_worker=False)
+    delivered = []
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._form_ready and screen.presets)
+        presets = screen.presets
+        screen.deliver_if_alive(delivered.append, "while running")
+    # The app has quit and its widgets are unmounted; the threads' results come now.
+    screen.deliver_if_alive(screen._presets_ready, presets, ["a problem nobody will see"])
+    screen.deliver_if_alive(screen._models_ready, [], None)
+    screen.deliver_if_alive(delivered.append, "after quitting")
+    assert delivered == ["while running"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.screen import Screen
@@ -28,3 +31,18 @@ class MainScreen(Screen):
 
     def compose_body(self) -> ComposeResult:
         yield from ()
+
+    def quitting(self) -> bool:
+        """The screen is being removed or the app is exiting: its widgets may be half torn down."""
+        # exit() sets _exit; a shutdown that does not go through exit() (tests) clears is_running first.
+        return not self.is_attached or self._closing or self.app._exit or not self.app.is_running
+
+    def call_from_worker_thread(self, callback: Callable[..., Any], *args: Any) -> None:
+        """From a worker thread: ``callback(*args)`` on the UI thread, through :meth:`deliver_if_alive`."""
+        self.app.call_from_thread(self.deliver_if_alive, callback, *args)
+
+    def deliver_if_alive(self, callback: Callable[..., Any], *args: Any) -> None:
+        """``callback(*args)``, dropped if the screen or the app is going away: a scan or image load that
+        finishes as the user quits must not touch widgets that are half removed."""
+        if not self.quitting():
+            callback(*args)

@@ -194,28 +194,24 @@ class GenerateScreen(MainScreen):
         self._chunks = self._form_chunks()
         self.call_after_refresh(self._mount_next_chunk)
 
-    def _quitting(self) -> bool:
-        # exit() sets _exit; a shutdown that does not go through exit() (tests) clears is_running first.
-        return not self.is_attached or self._closing or self.app._exit or not self.app.is_running
-
     async def _mount_next_chunk(self) -> None:
         """Mount one chunk of the form, then let a frame paint (and keys be handled) before the next.
 
         The app can start quitting during any ``await`` here; then nothing more is mounted or filled in
         (a half-mounted form has widgets missing).
         """
-        if self._quitting():
+        if self.quitting():
             return
         if not self.query(Footer):
             await self.mount(Footer())
-            if self._quitting():
+            if self.quitting():
                 return
             self.refresh_bindings()  # the footer draws the keys when the bindings signal fires
             self.call_after_refresh(self._mount_next_chunk)
             return
         if self._chunks:
             await self.query_one("#form").mount_all(self._chunks.pop(0), before="#hidden-note")
-            if not self._quitting():
+            if not self.quitting():
                 self.call_after_refresh(self._mount_next_chunk)
             return
         if not self._advanced_mounted:
@@ -223,7 +219,7 @@ class GenerateScreen(MainScreen):
             if self._advanced_left is None:
                 self._advanced_left = self._advanced_rows()
             await self.query_one("#advanced Contents").mount_all(self._advanced_left[:2])
-            if self._quitting():
+            if self.quitting():
                 return
             del self._advanced_left[:2]
             if not self._advanced_left:
@@ -253,7 +249,7 @@ class GenerateScreen(MainScreen):
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             models, vaes, error = [], [], str(exc)
-        self.app.call_from_thread(self._models_ready, models, error, vaes)
+        self.call_from_worker_thread(self._models_ready, models, error, vaes)
 
     def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None) -> None:
         self.models = models
@@ -281,7 +277,7 @@ class GenerateScreen(MainScreen):
             presets, problems = presets_module(self.app).load_presets()
         except Exception as exc:  # noqa: BLE001
             presets, problems = [], [str(exc)]
-        self.app.call_from_thread(self._presets_ready, presets, problems)
+        self.call_from_worker_thread(self._presets_ready, presets, problems)
 
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
@@ -579,7 +575,7 @@ class GenerateScreen(MainScreen):
                 self.app.notify, f"Could not open {path}: {error}", severity="warning", markup=False
             )
             return
-        self.app.call_from_thread(self._show_final, final, job_id)
+        self.call_from_worker_thread(self._show_final, final, job_id)
 
     def _show_final(self, image: Any, job_id: int) -> None:
         if self.preview.job_id == job_id:

@@ -207,7 +207,7 @@ class HistoryScreen(MainScreen):
             thumb = load_rgb_thumbnail(path, 512)
         except OSError:
             thumb = None
-        self.app.call_from_thread(self._thumbnail_ready, thumb, key)
+        self.call_from_worker_thread(self._thumbnail_ready, thumb, key)
 
     def _thumbnail_ready(self, image: Any, key: str) -> None:
         if key != self.selected_key():

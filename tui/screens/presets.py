@@ -63,7 +63,7 @@ class PresetsScreen(MainScreen):
             presets, problems = presets_module(self.app).load_presets()
         except Exception as error:  # noqa: BLE001
             presets, problems = [], [f"Could not load presets: {error}"]
-        self.app.call_from_thread(self._loaded, presets, problems, select)
+        self.call_from_worker_thread(self._loaded, presets, problems, select)
 
     def _loaded(self, presets: list[Any], problems: list[Any], select: str | None) -> None:
         self.presets = presets
