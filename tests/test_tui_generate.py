@@ -42,6 +42,23 @@ async def ready(pilot, app):
     return screen
 
 
+async def test_no_model_chosen_is_named_and_settings_keep_saving(tmp_path):
+    """A blank model Select (no checkpoints, or the blank entry picked) asks for a model instead of reporting
+    the Select's sentinel as an invalid value, and the last-used settings are still written."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#model", Select).clear()
+        screen.query_one("#prompt", TextArea).load_text("no model yet")
+        await pilot.pause(0.8)  # the settings file is written at most every half second
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        messages = [n.message for n in app._notifications]
+        assert "Choose a model first (no checkpoint is selected)." in messages
+        assert not app.store.list_jobs()
+        assert "no model yet" in app.settings_file.read_text()
+
+
 async def test_unlocked_seed_rerolls_locked_seed_stays(tmp_path):
     app = make_app(tmp_path, FakeRunner(gate=threading.Event()))  # jobs never finish: only queueing matters
     async with app.run_test(size=(140, 45)) as pilot:

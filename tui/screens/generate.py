@@ -335,7 +335,7 @@ class GenerateScreen(MainScreen):
             return values
         for name in ("model", "sampler", "schedule"):
             value = self.query_one(f"#{name}", Select).value
-            if value is not Select.BLANK:
+            if isinstance(value, str):  # every option is a string; blank is a sentinel (BLANK, or NULL in 8.x)
                 values[name] = value
         for name, kind in NUMBER_FIELDS.items():
             raw = self.query_one(f"#{name}", Input).value.strip()
