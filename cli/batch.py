@@ -10,8 +10,9 @@ Output contract: one saved image path per line on stdout, nothing else; progress
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
 2 usage or input error, 3 a model cannot be found or loaded, 130 interrupted (Ctrl-C).
 
-Jobs go through the same SQLite queue as the TUI (under a queue name of their own), so an interrupted batch
-leaves its remaining jobs in the database. This module never imports Textual.
+Jobs go through the same SQLite database as the TUI, in a queue of this run's own: an interrupted batch leaves
+the jobs it did not finish there, marked interrupted, and the TUI's Queue screen retries them (r) in its queue.
+This module never imports Textual.
 """
 
 from __future__ import annotations
@@ -443,6 +444,7 @@ def run_batch(
         runner_factory,
         output_dir=out_dir,
         queue=queue_name,
+        private_queue=True,
     )
     events: queue_mod.Queue = queue_mod.Queue()
     worker.subscribe(events.put)
@@ -507,10 +509,13 @@ def run_batch(
         current = worker.current_job_id
 
         def report() -> None:
-            pending = store.pending_count(queue_name)
+            # Nobody else runs this run's queue: what did not start is interrupted, like the current job, and
+            # every one of them can be retried from the TUI (which runs it in its own queue).
+            not_started = store.interrupt_pending(queue_name, "not started: the batch run was interrupted")
             where = f"job {number[current]} marked interrupted; " if current in number else ""
             print(
-                f"darkroom: {where}{pending} job(s) left pending in queue {queue_name} of {store.path}",
+                f"darkroom: {where}{not_started} job(s) not started, marked interrupted; retry them from the "
+                f"Queue screen of darkroom (F4, r) with the database {store.path}",
                 file=err,
                 flush=True,
             )

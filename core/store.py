@@ -4,7 +4,11 @@ Several processes may share the database at once (a TUI and a ``darkroom --batch
 - the file is in WAL mode with a busy timeout, and every write is a short ``BEGIN IMMEDIATE`` transaction;
 - each thread gets its own connection (sqlite3 connections must not be shared across threads mid-transaction);
 - a running job records its owner's pid, host and a heartbeat, so ``recover()`` can tell a job whose process
-  died (-> interrupted) from one that another live process is still working on (left alone).
+  died (-> interrupted) from one that another live process is still working on (left alone);
+- a job queued into a process's private queue (a ``darkroom --batch`` run) records that process as its owner
+  while still pending: only that process runs it, so when it is gone ``recover()`` marks the job interrupted
+  too, where a retry (by any worker, into its own queue) can pick it up. Jobs of the shared ``default`` queue
+  have no owner until they run: any later TUI session runs them.
 
 The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version ``i`` to ``i + 1``.
 Never edit a shipped migration: append a new one.
@@ -269,16 +273,20 @@ class JobStore:
 
     # ---- jobs --------------------------------------------------------------------------------------------
 
-    def add_job(self, request: GenerationRequest, *, priority: int = 0, queue: str = "default") -> int:
+    def add_job(
+        self, request: GenerationRequest, *, priority: int = 0, queue: str = "default", owned: bool = False
+    ) -> int:
+        """Queue a request; ``owned``: the queue is this process's own (see the module docstring)."""
         if not isinstance(request, GenerationRequest):
             raise TypeError("add_job needs a GenerationRequest")
         conn = self._conn()
+        owner_pid, owner_host = (os.getpid(), self._host) if owned else (None, None)
         with self._write():
             position = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM jobs").fetchone()[0]
             cur = conn.execute(
-                "INSERT INTO jobs (queue, state, priority, position, request, created) "
-                "VALUES (?, 'pending', ?, ?, ?, ?)",
-                (queue, int(priority), position, _request_json(request), time.time()),
+                "INSERT INTO jobs (queue, state, priority, position, request, created, owner_pid, owner_host) "
+                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?)",
+                (queue, int(priority), position, _request_json(request), time.time(), owner_pid, owner_host),
             )
             return int(cur.lastrowid)
 
@@ -376,8 +384,9 @@ class JobStore:
         row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def retry(self, job_id: int) -> int:
-        """Put a failed, interrupted or cancelled job back at the end of its queue; returns its id."""
+    def retry(self, job_id: int, queue: str | None = None) -> int:
+        """Put a failed, interrupted or cancelled job back at the end of ``queue`` (default: its own queue);
+        returns its id. A worker retries into its own queue, so a job of an ended batch run runs there."""
         with self._write() as conn:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -389,11 +398,21 @@ class JobStore:
             position = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM jobs").fetchone()[0]
             conn.execute(
                 "UPDATE jobs SET state = 'pending', position = ?, started = NULL, finished = NULL, "
-                "error = NULL, owner_pid = NULL, owner_host = NULL, heartbeat = NULL, cancel_requested = 0 "
-                "WHERE id = ?",
-                (position, job_id),
+                "error = NULL, owner_pid = NULL, owner_host = NULL, heartbeat = NULL, cancel_requested = 0, "
+                "queue = COALESCE(?, queue) WHERE id = ?",
+                (position, queue, job_id),
             )
         return job_id
+
+    def interrupt_pending(self, queue: str, reason: str) -> int:
+        """Mark every pending job of ``queue`` interrupted (its process stops without running them); returns
+        how many. They stay retryable, from the TUI's Queue screen for instance."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE queue = ? AND state = 'pending'",
+                (time.time(), reason, queue),
+            )
+            return cur.rowcount
 
     def move(self, job_id: int, delta: int) -> None:
         """Move a pending job ``delta`` places in run order (negative = sooner).
@@ -473,22 +492,29 @@ class JobStore:
         recovered = []
         with self._write() as conn:
             rows = conn.execute(
-                "SELECT id, owner_pid, owner_host, heartbeat FROM jobs WHERE state = 'running'"
+                "SELECT id, state, owner_pid, owner_host, heartbeat FROM jobs "
+                "WHERE state = 'running' OR (state = 'pending' AND owner_pid IS NOT NULL)"
             ).fetchall()
             for row in rows:
-                stale = row["heartbeat"] is None or now - row["heartbeat"] > self.stale_after
                 dead = (
                     row["owner_host"] == self._host
                     and row["owner_pid"] is not None
                     and not pid_alive(row["owner_pid"])
                 )
-                if stale or dead:
-                    conn.execute(
-                        "UPDATE jobs SET state = 'interrupted', finished = ?, "
-                        "error = 'interrupted: the process running it stopped' WHERE id = ?",
-                        (now, row["id"]),
-                    )
-                    recovered.append(int(row["id"]))
+                if row["state"] == "pending":  # queued in a private queue whose process is gone
+                    if not dead:
+                        continue
+                    error = "not started: the process that queued it stopped"
+                else:
+                    stale = row["heartbeat"] is None or now - row["heartbeat"] > self.stale_after
+                    if not (stale or dead):
+                        continue
+                    error = "interrupted: the process running it stopped"
+                conn.execute(
+                    "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE id = ?",
+                    (now, error, row["id"]),
+                )
+                recovered.append(int(row["id"]))
         return recovered
 
     # ---- history -----------------------------------------------------------------------------------------

@@ -143,10 +143,14 @@ class Worker:
         *,
         output_dir: Path | None = None,
         queue: str = "default",
+        private_queue: bool = False,
         status_interval: float = 1.0,
     ) -> None:
         self.store = store
         self.queue = queue
+        # A private queue (a batch run's) is this process's alone: its pending jobs are marked as owned, so
+        # they become interrupted (and retryable elsewhere) once this process is gone.
+        self.private_queue = private_queue
         self.status_interval = status_interval
         # absolute: history rows and printed paths must still point at the image from another folder
         self._output_dir = Path(output_dir).absolute() if output_dir is not None else None
@@ -227,7 +231,7 @@ class Worker:
 
     def submit(self, request: GenerationRequest, *, priority: int = 0) -> int:
         """Queue a request (a seed of -1 is resolved when the job starts); returns the job id."""
-        job_id = self.store.add_job(request, priority=priority, queue=self.queue)
+        job_id = self.store.add_job(request, priority=priority, queue=self.queue, owned=self.private_queue)
         self._emit(JobQueued(job_id, request))
         self._wake.set()
         self._status_dirty.set()
@@ -257,7 +261,8 @@ class Worker:
         self._status_dirty.set()
 
     def retry(self, job_id: int) -> int:
-        job_id = self.store.retry(job_id)
+        """Run an ended job again, in this worker's queue (it may come from a batch run's)."""
+        job_id = self.store.retry(job_id, queue=self.queue)
         job = self.store.get_job(job_id)
         if job is not None:
             self._emit(JobQueued(job_id, job.request))

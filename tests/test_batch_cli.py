@@ -291,10 +291,10 @@ def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
     rest = []
     while not lines.empty():
         rest.append(lines.get())
-    assert any("job 1 marked interrupted; 1 job(s) left pending" in line for line in rest), rest
+    assert any("job 1 marked interrupted; 1 job(s) not started, marked interrupted" in line for line in rest), rest
     with JobStore(tmp_path / "db.sqlite3") as store:
         states = [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)]
-        assert states == ["interrupted", "pending"]
+        assert states == ["interrupted", "interrupted"]  # retryable from the TUI
 
 
 @pytest.mark.parametrize(

@@ -453,9 +453,9 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     assert code == 130, rest
     assert waited < 20  # did not sit out the 60 s step
     assert not any("Traceback" in line for line in rest), rest
-    assert any("job 1 marked interrupted; 1 job(s) left pending" in line for line in rest), rest
+    assert any("job 1 marked interrupted; 1 job(s) not started, marked interrupted" in line for line in rest), rest
     with JobStore(db) as store:
-        assert [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)] == ["interrupted", "pending"]
+        assert [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)] == ["interrupted", "interrupted"]
 
 
 # ---- a relative --output-dir ---------------------------------------------------------------------------------------

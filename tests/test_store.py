@@ -135,6 +135,26 @@ def test_queues_are_separate(store):
     assert [j.id for j in store.list_jobs(queue="batch-1")] == [a]
 
 
+def test_retry_into_another_queue_and_interrupt_pending(store):
+    """A batch run's queue: what it did not start is interrupted when it stops, and a retry by another worker
+    moves the job into that worker's queue, where it runs."""
+    ran = store.add_job(req("ran"), queue="batch-1", owned=True)
+    left = store.add_job(req("left"), queue="batch-1", owned=True)
+    other = store.add_job(req("other"), queue="batch-2", owned=True)
+    store.claim_next("batch-1")
+    store.mark_interrupted(ran)
+    assert store.interrupt_pending("batch-1", "not started: the batch run was interrupted") == 1
+    job = store.get_job(left)
+    assert job.state == "interrupted" and job.error == "not started: the batch run was interrupted"
+    assert store.get_job(other).state == "pending"  # another run's queue is not touched
+    assert store.retry(left, queue="default") == left
+    job = store.get_job(left)
+    assert (job.queue, job.state, job.owner_pid) == ("default", "pending", None)
+    assert store.claim_next("batch-1") is None
+    assert store.claim_next("default").id == left
+    assert store.retry(ran) == ran and store.get_job(ran).queue == "batch-1"  # no queue given: stays
+
+
 # ---- order --------------------------------------------------------------------------------------------------
 
 
@@ -292,6 +312,33 @@ def test_recover_marks_killed_owner_interrupted_and_keeps_pending(tmp_path):
         assert s.recover() == []
         assert s.retry(first) == first
         assert s.get_job(first).state == "pending"
+
+
+def _queue_privately_and_exit(path: str, out) -> None:
+    with JobStore(path) as s:
+        out.put([s.add_job(req(f"batch{i}"), queue="batch-9", owned=True) for i in range(2)])
+
+
+def test_recover_interrupts_pending_jobs_of_a_dead_private_queue(tmp_path):
+    """A batch run killed outright (no Ctrl-C handler) leaves its queue's jobs pending, and nobody else runs
+    that queue: once its process is gone they become interrupted, hence retryable. Shared-queue jobs stay."""
+    path = str(tmp_path / "db.sqlite3")
+    with JobStore(path) as s:
+        shared = s.add_job(req("shared"))
+        mine = s.add_job(req("mine"), queue="batch-live", owned=True)  # this (live) process's
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_queue_privately_and_exit, args=(path, out))
+    proc.start()
+    orphans = out.get(timeout=60)
+    proc.join(timeout=30)
+    with JobStore(path) as s:
+        assert sorted(s.recover()) == sorted(orphans)
+        for job_id in orphans:
+            job = s.get_job(job_id)
+            assert job.state == "interrupted" and job.error == "not started: the process that queued it stopped"
+        assert s.get_job(shared).state == "pending" and s.get_job(mine).state == "pending"
+        assert s.recover() == []
 
 
 def test_recover_stale_heartbeat_even_if_pid_alive(tmp_path):

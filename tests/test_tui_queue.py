@@ -134,3 +134,31 @@ async def test_quit_dialog_answers_to_keys(tmp_path):
         await pilot.press("l")
         await wait_for(pilot, lambda: not app.is_running)
     assert app.store.get_job(job).state == "interrupted"
+
+
+async def test_a_stopped_batch_runs_job_is_retried_into_this_queue(tmp_path):
+    """Jobs a `darkroom --batch` run did not start are interrupted in its own queue; the Queue screen says
+    where they come from, and r runs them here."""
+    app = make_app(tmp_path)
+    job = app.store.add_job(request("from a batch run"), queue="batch-77-1", owned=True)
+    app.store.interrupt_pending("batch-77-1", "not started: the batch run was interrupted")
+    async with app.run_test(size=(140, 40)) as pilot:
+        screen = await open_queue(pilot, app)
+        screen.table.move_cursor(row=screen.table.get_row_index(str(job)))
+        await pilot.pause()
+        assert "from another process's queue (batch-77-1): r runs it here" in screen_text(app)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: state(app, job) == "done")
+        assert app.store.get_job(job).queue == app.worker.queue
+
+
+async def test_running_jobs_time_keeps_counting(tmp_path):
+    app = make_app(tmp_path, FakeRunner(delay=0.3))
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("slow", steps=8))
+        screen = await open_queue(pilot, app)
+        await wait_for(pilot, lambda: app.progress.get(job) is not None and app.progress[job].step >= 1)
+        first = str(screen.table.get_cell(str(job), "time"))
+        await wait_for(pilot, lambda: app.progress[job].step >= 3)
+        await pilot.pause()
+        assert str(screen.table.get_cell(str(job), "time")) != first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -315,6 +316,20 @@ def test_failure_is_reported_and_next_job_runs(env):
     # retry puts it back and it runs again (and fails again)
     assert w.retry(bad) == bad
     rec.wait(lambda: len(rec.of(JobFailed, bad)) == 2, "second failure")
+
+
+def test_private_queue_jobs_are_owned_and_a_retry_runs_them_in_the_retrying_workers_queue(env):
+    """A batch run (private queue) stopped before a job started; the TUI's worker retries it and runs it."""
+    make, store, _ = env
+    batch, _ = make(queue="batch-1", private_queue=True)
+    left = batch.submit(req("left behind"))
+    assert store.get_job(left).owner_pid == os.getpid()
+    assert store.interrupt_pending("batch-1", "not started: the batch run was interrupted") == 1
+    tui, rec = make()
+    tui.start()
+    assert tui.retry(left) == left
+    finished(rec, left)
+    assert store.get_job(left).queue == "default"
 
 
 def test_unavailable_runner_factory_fails_job_with_message(env):

@@ -71,6 +71,9 @@ class QueueScreen(MainScreen):
         key = str(progress.job_id)
         if key in table.rows:
             table.update_cell(key, "progress", f"{progress.step}/{progress.total}")
+            job = getattr(self, "jobs", {}).get(progress.job_id)
+            if job is not None:
+                table.update_cell(key, "time", _elapsed(job))  # the running job's clock keeps counting
 
     @property
     def table(self) -> DataTable:
@@ -128,6 +131,13 @@ class QueueScreen(MainScreen):
         if job.error:
             text.append("  ")
             text.append(job.error, style="red")
+        own_queue = getattr(self.app.worker, "queue", "default")
+        if getattr(job, "queue", own_queue) != own_queue:
+            text.append(f"  from another process's queue ({job.queue})", style="dim")
+            if job.state in ACTIVE:
+                text.append(": it runs there", style="dim")
+            elif job.state != "done":
+                text.append(": r runs it here", style="dim")
         text.append("\n")
         text.append(job.request.prompt)
         detail.update(text)
