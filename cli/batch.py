@@ -36,7 +36,7 @@ from typing import IO, Any
 
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
-from core.request import GenerationRequest
+from core.request import GenerationRequest, resolve_init_image
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -139,20 +139,8 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     init = fields.get("init_image")
     if isinstance(init, str) and not init.strip():  # `init_image = ""` (TOML has no null): txt2img
         return {**fields, "init_image": None}
-    if isinstance(init, str):
-        path = Path(init).expanduser()
-        if not path.is_absolute():
-            path = base_dir / path
-        if not path.is_file():
-            raise RequestError("init_image", init, f"an image file; {str(path)!r} does not exist")
-        from PIL import Image, UnidentifiedImageError
-
-        try:  # reads only the header: a wrong file fails here, not after the jobs before it have run
-            with Image.open(path):
-                pass
-        except (OSError, UnidentifiedImageError):
-            raise RequestError("init_image", init, f"an image file (PNG, JPEG, WebP); {str(path)!r} is not one") from None
-        fields = {**fields, "init_image": str(path.resolve())}
+    if isinstance(init, str):  # checked now: a wrong file fails here, not after the jobs before it have run
+        fields = {**fields, "init_image": resolve_init_image(init, base_dir)}
     return fields
 
 

@@ -12,6 +12,7 @@ import difflib
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core.errors import RequestError
@@ -208,3 +209,22 @@ class GenerationRequest:
             raise ValueError("resolve the seed first (with_resolved_seed)")
         total = self.batch_size * self.batch_count
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(total)]
+
+
+def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
+    """An img2img source as given by a user (``~`` and, when ``base_dir`` is given, paths relative to it) ->
+    its absolute path, checked now, before the job is queued: the file must exist and open as an image.
+    Only the header is read. Raises RequestError naming the value and the path looked at."""
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise RequestError("init_image", value, f"an image file; {str(path)!r} does not exist")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError):
+        raise RequestError("init_image", value, f"an image file (PNG, JPEG, WebP); {str(path)!r} is not one") from None
+    return str(path.resolve())

@@ -95,7 +95,9 @@ async def test_defaults_send_a_plain_txt2img_request(tmp_path):
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), [
-    ("#init_image", "missing.png", "init_image = 'missing.png' is invalid: the path of an existing image file"),
+    ("#init_image", "missing.png", "init_image = 'missing.png' is invalid: an image file; "),
+    # checked when queued, as --batch does, not when the job runs
+    ("#init_image", __file__, "is invalid: an image file (PNG, JPEG, WebP); "),
     ("#clip_skip", "13", "clip_skip = 13 is invalid"),
     ("#hires-scale", "9", "hires.scale = 9.0 is invalid"),
     ("#hires-steps", "", "hires.steps = '' is invalid"),

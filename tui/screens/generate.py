@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import random
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -18,7 +17,7 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label,
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
-from core.request import MAX_SEED, UPSCALERS, GenerationRequest, HiresFix
+from core.request import MAX_SEED, UPSCALERS, GenerationRequest, HiresFix, resolve_init_image
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from tui.screens.base import MainScreen
 from tui.widgets.preview import PreviewPane
@@ -457,10 +456,7 @@ class GenerateScreen(MainScreen):
             values["denoise"] = DEFAULTS["denoise"]  # txt2img: the img2img strength does not apply
         else:
             values["denoise"] = _parse("denoise", values["denoise"], float)
-            path = Path(init_image).expanduser()
-            if not path.is_file():
-                raise RequestError("init_image", init_image, "the path of an existing image file")
-            values["init_image"] = str(path)
+            values["init_image"] = resolve_init_image(init_image)
         if values["hires"] is not None:
             values["hires"] = {
                 **values["hires"],
