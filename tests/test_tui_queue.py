@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -162,3 +163,24 @@ async def test_running_jobs_time_keeps_counting(tmp_path):
         await wait_for(pilot, lambda: app.progress[job].step >= 3)
         await pilot.pause()
         assert str(screen.table.get_cell(str(job), "time")) != first
+
+
+async def test_a_paused_queue_stays_paused_after_a_restart(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await open_queue(pilot, app)
+        await pilot.press("p")
+        assert app.worker.paused
+    assert json.loads((tmp_path / "settings.json").read_text())["queue_paused"] is True
+
+    app = make_app(tmp_path)  # the next session, same settings file
+    async with app.run_test(size=(140, 40)) as pilot:
+        await wait_for(pilot, lambda: app.worker.running)
+        assert app.worker.paused
+        job = app.submit(request("waits"))
+        await pilot.pause(0.3)
+        assert state(app, job) == "pending"
+        await open_queue(pilot, app)
+        await pilot.press("p")
+        await wait_for(pilot, lambda: state(app, job) == "done")
+    assert json.loads((tmp_path / "settings.json").read_text())["queue_paused"] is False

@@ -255,6 +255,10 @@ class DarkroomApp(App[int]):
         self._frozen_modules = len(sys.modules)
         if self.start_worker and not self._stopped:
             try:
+                if self.settings.get("queue_paused") is True:  # paused when the app was last left
+                    self.worker.pause()
+                    self.notify("The queue is paused, as you left it: p on the Queue screen (F4) resumes it",
+                                timeout=6)
                 self.worker.start()
             except Exception as error:  # a worker that cannot start must not take the UI down
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
@@ -365,6 +369,15 @@ class DarkroomApp(App[int]):
             return None
         self.notify(f"Queued job #{job_id}", timeout=2)
         return job_id
+
+    def set_queue_paused(self, paused: bool) -> None:
+        """Pause (the running job finishes, nothing new starts) or resume; remembered across restarts."""
+        if paused:
+            self.worker.pause()
+        else:
+            self.worker.resume()
+        self.settings["queue_paused"] = paused
+        self.save_form_settings()
 
     def load_into_generate(self, values: dict[str, Any]) -> None:
         screen = self.get_generate_screen()

@@ -165,13 +165,13 @@ class QueueScreen(MainScreen):
             self._run(f"cancel job #{job_id}", self.app.worker.cancel, job_id)
 
     def action_toggle_pause(self) -> None:
-        worker = self.app.worker
-        if worker.paused:
-            self._run("resume the queue", worker.resume)
+        if self.app.worker.paused:
+            self._run("resume the queue", self.app.set_queue_paused, False)
             self.app.notify("Queue resumed", timeout=2)
         else:
-            self._run("pause the queue", worker.pause)
-            self.app.notify("Queue paused: the running job finishes, nothing new starts", timeout=3)
+            self._run("pause the queue", self.app.set_queue_paused, True)
+            self.app.notify("Queue paused: the running job finishes, nothing new starts (also after a restart)",
+                            timeout=3)
 
     def action_move(self, delta: int) -> None:
         job_id = self.selected_job_id()
