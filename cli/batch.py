@@ -24,7 +24,6 @@ import inspect
 import json
 import os
 import queue as queue_mod
-import re
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import IO, Any
 
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
-from core.request import GenerationRequest, resolve_init_image
+from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -121,7 +120,6 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
     return tables, {}
 
 
-_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)  # A1111's LoRA prompt tags
 _RELATIVE_PREFIXES = ("./", "../", ".\\", "..\\")
 
 
@@ -387,14 +385,8 @@ def run_batch(
 
     registry = ModelRegistry(dirs)
     for job in jobs:
-        tags = sorted(set(_EXTRA_NETWORK.findall(job.request.prompt + " " + job.request.negative_prompt)))
-        if tags:
-            print(
-                f"darkroom: warning: {label}: job {job.index}: {', '.join(tags)} in the prompt: LoRA tags are not "
-                "supported yet, so they are encoded as plain prompt text",
-                file=err,
-                flush=True,
-            )
+        for warning in prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt):
+            print(f"darkroom: warning: {label}: job {job.index}: {warning}", file=err, flush=True)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(

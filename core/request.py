@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,3 +229,25 @@ def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
     except (OSError, UnidentifiedImageError):
         raise RequestError("init_image", value, f"an image file (PNG, JPEG, WebP); {str(path)!r} is not one") from None
     return str(path.resolve())
+
+
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)  # A1111's LoRA prompt tags
+# A1111 prompt editing [from:to:when] / [to:when] and alternation [a|b]: a square group (not escaped) whose
+# text ends in ":number" or holds a "|".
+_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?::\s*[\d.]+\s*|\|[^\[\]]*)\]")
+
+
+def prompt_syntax_warnings(*prompts: str) -> list[str]:
+    """One sentence for each kind of A1111 prompt syntax Darkroom does not apply yet, naming what was found
+    (``[]`` if there is none). The job still runs; these pieces are read as ordinary (weighted) text."""
+    text = " ".join(prompts)
+    warnings = []
+    tags = sorted(set(_EXTRA_NETWORK.findall(text)))
+    if tags:
+        warnings.append(f"{', '.join(tags)} in the prompt: LoRA tags are not supported yet, so they are encoded "
+                        "as plain prompt text")
+    edits = sorted(set(_PROMPT_EDITING.findall(text)))
+    if edits:
+        warnings.append(f"{', '.join(edits)} in the prompt: prompt editing and alternation ([from:to:when], "
+                        "[a|b]) are not supported yet, so they are read as down-weighted text")
+    return warnings

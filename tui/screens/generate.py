@@ -17,7 +17,14 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label,
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
-from core.request import MAX_SEED, UPSCALERS, GenerationRequest, HiresFix, resolve_init_image
+from core.request import (
+    MAX_SEED,
+    UPSCALERS,
+    GenerationRequest,
+    HiresFix,
+    prompt_syntax_warnings,
+    resolve_init_image,
+)
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from tui.screens.base import MainScreen
 from tui.widgets.preview import PreviewPane
@@ -479,6 +486,8 @@ class GenerateScreen(MainScreen):
         job_id = self.app.submit(request)
         if job_id is None:
             return
+        for warning in prompt_syntax_warnings(request.prompt, request.negative_prompt):
+            self.app.notify(warning, severity="warning", markup=False, timeout=8)
         self.app.settings.update(self.form_values())
         self.app.save_form_settings()
         if not self.query_one("#seed-lock", Checkbox).value and request.seed != -1:

@@ -1,0 +1,34 @@
+"""Checks on user input shared by the TUI and --batch: the img2img source and A1111 syntax not applied yet."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from core.errors import RequestError
+from core.request import prompt_syntax_warnings, resolve_init_image
+
+
+def test_init_image_is_resolved_and_must_open_as_an_image(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "source.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    assert resolve_init_image("source.png", tmp_path) == str((tmp_path / "source.png").resolve())
+    assert resolve_init_image(str(tmp_path / "sub" / ".." / "source.png")) == str((tmp_path / "source.png").resolve())
+    with pytest.raises(RequestError, match=r"does not exist"):
+        resolve_init_image("missing.png", tmp_path)
+    with pytest.raises(RequestError, match=r"an image file \(PNG, JPEG, WebP\); .*notes.txt' is not one"):
+        resolve_init_image("notes.txt", tmp_path)
+
+
+@pytest.mark.parametrize(("prompt", "found"), [
+    ("a cat, [red:blue:0.5] (word:1.2) <lora:x:1>", ["<lora:x:1>", "[red:blue:0.5]"]),
+    ("[dog|cat] <LYCO:y:0.5>", ["<LYCO:y:0.5>", "[dog|cat]"]),
+    ("[cat:0.3], [from::10]", ["[cat:0.3], [from::10]"]),
+    ("[blurry], (a:1.2), \\[not:an:0.5] edit", []),  # weighting and escaped brackets are supported
+])
+def test_prompt_syntax_not_applied_yet_is_named(prompt, found):
+    warnings = prompt_syntax_warnings(prompt, "")
+    assert len(warnings) == len(found)
+    for warning, what in zip(warnings, found):
+        assert warning.startswith(f"{what} in the prompt: ") and "not supported yet" in warning
