@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DARKROOM_HOME", tempfile.mkdtemp(prefix="darkroom-shots-"))
 os.environ.setdefault("DARKROOM_FAKE_PREVIEW", "64")
 os.environ.setdefault("DARKROOM_FAKE_SIZE", "256")
+os.environ["COLORTERM"] = "truecolor"  # the same colours whatever terminal the script is run from
 
 from core.errors import DarkroomError  # noqa: E402
 from core.request import GenerationRequest  # noqa: E402

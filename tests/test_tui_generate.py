@@ -187,3 +187,25 @@ async def test_scan_results_arriving_while_quitting_are_dropped(tmp_path):
     screen.deliver_if_alive(screen._models_ready, [], None)
     screen.deliver_if_alive(delivered.append, "after quitting")
     assert delivered == ["while running"]
+
+
+@pytest.mark.parametrize(("size", "side_by_side", "header"), [
+    ((140, 45), True, True), ((80, 24), True, False), ((72, 30), True, True), ((60, 24), False, False),
+])
+async def test_layout_fits_small_terminals(tmp_path, size, side_by_side, header):
+    """80x24 (a default SSH window) keeps the form and the preview side by side, the form narrower; below 72
+    columns the preview goes under the form; short windows give the title bar's row to the content."""
+    from textual.widgets import Header
+
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=size) as pilot:
+        screen = await ready(pilot, app)
+        await pilot.pause()
+        form, preview = screen.query_one("#form").region, screen.preview.region
+        if side_by_side:
+            assert preview.x >= form.right and preview.width >= 30
+        else:
+            assert preview.y >= form.bottom and preview.width == form.width
+        assert screen.query_one(Header).display is header
+        percentage = screen.query_one("#preview-progress").query_one("#percentage").region
+        assert percentage.width >= 4 and percentage.right <= preview.right  # "100%" is not cut off

@@ -70,7 +70,7 @@ async def test_same_state_gives_the_same_screenshot(tmp_path):
 
 SCREENS = [
     ("f2", ["Prompt", "Negative prompt", "Queue  (Ctrl+Enter)", "Preview", "^r Random seed"]),
-    ("f3", ["Presets", "sd15-balanced", "built-in", "Save current (s)"]),
+    ("f3", ["Presets", "sd15-balanced", "built-in", "Save current"]),
     ("f4", ["Queue — 0 active", "state", "prompt", "progress", "Pause/Resume"]),
     ("f5", ["search prompts", "No images yet.", "Copy prompt"]),
 ]

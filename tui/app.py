@@ -150,6 +150,9 @@ class DarkroomApp(App[int]):
         "history": _lazy_screen("tui.screens.history", "HistoryScreen"),
     }
     DEFAULT_MODE = "generate"
+    # Size classes on every screen, for layouts that still work in an 80x24 SSH window (see the .tcss files).
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
         Binding("f2", "switch_mode('generate')", "Generate"),
         Binding("f3", "switch_mode('presets')", "Presets"),

@@ -89,6 +89,7 @@ class HistoryScreen(MainScreen):
     HistoryScreen #history-table { height: 1fr; }
     HistoryScreen #history-right { width: 1fr; border: round $secondary; }
     HistoryScreen #thumb-box { height: 18; align: center middle; }
+    HistoryScreen.-short #thumb-box { height: 9; }  /* leaves the parameters room in an 80x24 window */
     HistoryScreen #thumb { width: 1fr; height: 1fr; }
     HistoryScreen #thumb.textual-image { width: auto; height: auto; }
     HistoryScreen #details { height: 1fr; padding: 0 1; }

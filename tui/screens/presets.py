@@ -27,7 +27,8 @@ class PresetsScreen(MainScreen):
     ]
     DEFAULT_CSS = """
     PresetsScreen #presets-body { height: 1fr; }
-    PresetsScreen #preset-list { width: 40; height: 1fr; }
+    PresetsScreen #preset-left { width: 40%; min-width: 26; max-width: 40; }
+    PresetsScreen #preset-list { height: 1fr; }
     PresetsScreen #preset-detail { width: 1fr; border: round $secondary; padding: 0 1; }
     PresetsScreen #preset-fields { height: 1fr; }
     PresetsScreen #preset-description { height: auto; margin: 0 0 1 0; }
@@ -46,10 +47,11 @@ class PresetsScreen(MainScreen):
                 yield Static("", id="preset-description")
                 yield DataTable(id="preset-fields", cursor_type="none", show_cursor=False)
                 with Horizontal(classes="actions"):
-                    yield Button("Apply (a)", variant="primary", id="apply")
-                    yield Button("Save current (s)", id="save")
-                    yield Button("Rename (r)", id="rename")
-                    yield Button("Delete (x)", variant="error", id="delete")
+                    # One-line buttons without key hints (the footer names the keys): they fit 80 columns.
+                    yield Button("Apply", variant="primary", id="apply", compact=True)
+                    yield Button("Save current", id="save", compact=True)
+                    yield Button("Rename", id="rename", compact=True)
+                    yield Button("Delete", variant="error", id="delete", compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one("#preset-fields", DataTable)

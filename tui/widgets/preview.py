@@ -45,6 +45,7 @@ class PreviewPane(Vertical):
     PreviewPane #preview-image.textual-image { width: auto; height: auto; }
     PreviewPane #preview-empty { width: 1fr; height: 1fr; content-align: center middle; color: $text-muted; }
     PreviewPane ProgressBar { width: 1fr; }
+    PreviewPane ProgressBar Bar { width: 1fr; }  /* shrinks first, so "100%" always fits a narrow pane */
     PreviewPane #preview-stats { width: 1fr; height: 1; }
     """
 
