@@ -63,7 +63,7 @@ async def test_status_bar_shows_every_field(tmp_path):
                                     queue_length=3, paused=True))
         await wait_for(pilot, lambda: "dreamshaper_8" in screen_text(app))
         line = next(line for line in screen_text(app).splitlines() if "cuda:0" in line)
-        for part in ("mem 3.0G/5.0G/24.0G", "sage", "float16", "model dreamshaper_8", "queue 3 (paused)",
+        for part in ("VRAM 3.0G peak 5.0G of 24.0G", "sage", "float16", "model dreamshaper_8", "queue 3 (paused)",
                      "loading dreamshaper_8"):
             assert part in line, line
         await pilot.press("f4")  # the status bar is on every screen
@@ -116,6 +116,16 @@ def test_status_line_separates_activity_from_job_progress_and_never_wraps():
     assert text.no_wrap
 
 
+def test_status_line_names_the_memory_it_shows():
+    from core.events import Status
+    from tui.widgets.status_bar import status_text
+
+    cpu = Status(None, device="cpu", memory_used=300 * 2**20, memory_peak=2**30, memory_total=24 * 2**30)
+    assert " RAM 300M peak 1.0G of 24.0G " in status_text(cpu).plain  # the process's memory on the CPU
+    mps = Status(None, device="mps", memory_used=2**30, memory_peak=2**30, memory_total=16 * 2**30)
+    assert " VRAM 1.0G peak 1.0G of 16.0G " in status_text(mps).plain
+
+
 def test_status_line_while_the_worker_starts():
     from core.events import Status
     from tui.widgets.status_bar import status_text
@@ -123,4 +133,4 @@ def test_status_line_while_the_worker_starts():
     assert status_text(None).plain == " starting the worker…"
     starting = Status(None, activity="starting: importing torch", device="…", queue_length=2)
     assert status_text(starting).plain == " starting  importing torch…  queue 2"
-    assert "mem" not in status_text(starting).plain  # no device facts to show yet
+    assert "RAM" not in status_text(starting).plain  # no device facts to show yet

@@ -72,6 +72,20 @@ async def test_prompt_syntax_not_applied_yet_is_a_warning_and_the_job_still_queu
         assert any(w.startswith("[red:blue:0.5] in the prompt: prompt editing") for w in warnings), warnings
 
 
+async def test_seed_lock_says_its_state_in_words(tmp_path):
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        lock = screen.query_one("#seed-lock", Checkbox)
+        lock.value = False
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert lock.value and str(lock.label) == "locked"
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert not lock.value and str(lock.label) == "lock"
+
+
 async def test_unlocked_seed_rerolls_locked_seed_stays(tmp_path):
     app = make_app(tmp_path, FakeRunner(gate=threading.Event()))  # jobs never finish: only queueing matters
     async with app.run_test(size=(140, 45)) as pilot:

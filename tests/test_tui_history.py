@@ -109,3 +109,33 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
         generate = app.get_generate_screen()
         await wait_for(pilot, lambda: generate.query_one("#model", Select).value == "new-model.safetensors")
         assert app.screen is generate
+
+
+async def test_delete_asks_first_and_enter_cancels(tmp_path):
+    """The confirmation's focus is on Cancel: Enter pressed out of habit keeps the file; y deletes."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await with_history(pilot, app, request("keep me"))
+        path = app.store.history()[0].path
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert Path(path).exists() and len(app.store.history()) == 1
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.store.history() == [])
+        assert not Path(path).exists()
+
+
+async def test_down_or_escape_leaves_the_search_box_for_the_list(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await with_history(pilot, app, request("one"), request("two"))
+        table = screen.query_one("#history-table")
+        for key in ("down", "escape"):
+            await pilot.press("slash")
+            assert app.focused is screen.query_one("#history-search")
+            await pilot.press(key)
+            assert app.focused is table

@@ -91,3 +91,19 @@ async def test_builtin_preset_cannot_be_deleted(tmp_path):
         await pilot.pause()
         assert app.screen is screen  # no confirmation dialog
         assert any("Built-in" in n.message for n in app._notifications)
+
+
+async def test_saving_under_a_taken_name_asks_again_with_the_reason(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await open_presets(pilot, app)
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"sd15-balanced", "enter")
+        await pilot.pause()
+        answer = app.screen.query_one("#answer", Input)  # the dialog again, the name kept
+        assert answer.value == "sd15-balanced" and "built-in" in screen_text(app)
+        answer.value = "mine"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "mine" in [p.name for p in screen.presets])
+        assert user_names() == ["mine"]

@@ -41,6 +41,7 @@ async def test_cancel_running_job(tmp_path):
         assert "running" in screen_text(app)
         await pilot.press("c")
         await wait_for(pilot, lambda: state(app, job) == "cancelled")
+        assert f"Job #{job} stops at its next step" in [n.message for n in app._notifications]
         await wait_for(pilot, lambda: app.running_job is None)
         await wait_for(pilot, lambda: "cancelled" in screen_text(app))
         assert app.store.history() == []

@@ -11,6 +11,7 @@ from textual.widgets import Button, Input, Label
 
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes")]
+    AUTO_FOCUS = "#no"  # Enter right after the question cancels: deleting takes y or a deliberate choice
 
     def __init__(self, question: str, confirm_label: str = "Delete") -> None:
         super().__init__()
@@ -20,8 +21,8 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Grid(id="dialog", classes="two-buttons"):
             yield Label(Text(self.question), id="question")
-            yield Button(self.confirm_label, variant="error", id="yes")
-            yield Button("Cancel", id="no")
+            yield Button(f"{self.confirm_label} (y)", variant="error", id="yes")
+            yield Button("Cancel (Esc)", id="no")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

@@ -529,6 +529,11 @@ class GenerateScreen(MainScreen):
     def _dice_pressed(self) -> None:
         self.action_dice()
 
+    @on(Checkbox.Changed, "#seed-lock")
+    def _lock_changed(self, event: Checkbox.Changed) -> None:
+        # In 256-colour terminals the box's on/off colours are hard to tell apart: the word says it too.
+        event.checkbox.label = "locked" if event.value else "lock"
+
     @on(Select.Changed, "#size-preset")
     def _size_chosen(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):

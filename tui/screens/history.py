@@ -75,6 +75,8 @@ class HistoryScreen(MainScreen):
     AUTO_FOCUS = "#history-table"
     BINDINGS = [
         Binding("slash", "focus_search", "Search"),
+        # From the search box (which does not use these keys) back to the list.
+        Binding("down,escape", "focus_list", "List", show=False),
         Binding("g", "again", "Again"),
         Binding("n", "again_new_seed", "New seed"),
         Binding("l", "load", "Load"),
@@ -227,6 +229,9 @@ class HistoryScreen(MainScreen):
 
     def action_focus_search(self) -> None:
         self.query_one("#history-search", Input).focus()
+
+    def action_focus_list(self) -> None:
+        self.query_one("#history-table").focus()
 
     def action_again(self) -> None:
         """Same request, same seed, one image: reproduces this picture."""

@@ -139,19 +139,23 @@ class PresetsScreen(MainScreen):
         fields = {k: v for k, v in screen.form_values().items()
                   if k not in UI_ONLY_FIELDS and v not in (None, {}, "")}
 
+        def ask(name: str = "", problem: str = "") -> None:
+            question = "Save the current Generate settings as preset:"
+            self.app.push_screen(TextPromptScreen(f"{problem}\n{question}" if problem else question, value=name,
+                                                  placeholder="preset name"), named)
+
         def named(name: str | None) -> None:
             if not name:
                 return
             try:
                 presets_module(self.app).save_user_preset(name, fields)
-            except Exception as error:  # noqa: BLE001
-                self.app.notify(str(error), severity="error", markup=False)
+            except Exception as error:  # noqa: BLE001 - asked again, with the name typed so far
+                ask(name, str(error))
                 return
             self.app.notify(f"Saved preset {name}", markup=False, timeout=2)
             self.reload(select=name)
 
-        self.app.push_screen(TextPromptScreen("Save the current Generate settings as preset:",
-                                              placeholder="preset name"), named)
+        ask()
 
     def _user_preset(self) -> Any:
         preset = self.selected()

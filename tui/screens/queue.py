@@ -161,8 +161,19 @@ class QueueScreen(MainScreen):
 
     def action_cancel_job(self) -> None:
         job_id = self.selected_job_id()
-        if job_id is not None:
-            self._run(f"cancel job #{job_id}", self.app.worker.cancel, job_id)
+        if job_id is None:
+            return
+        running = job_id == self.app.running_job
+        try:
+            cancelled = self.app.worker.cancel(job_id)
+        except Exception as error:  # noqa: BLE001 - a refused action is a notification, not a crash
+            self.app.notify(f"Could not cancel job #{job_id}: {error}", severity="error", markup=False)
+            cancelled = None
+        if cancelled:
+            self.app.notify(f"Job #{job_id} {'stops at its next step' if running else 'cancelled'}", timeout=2)
+        elif cancelled is False:
+            self.app.notify(f"Job #{job_id} has already ended", severity="warning", timeout=2)
+        self.refresh_jobs()
 
     def action_toggle_pause(self) -> None:
         if self.app.worker.paused:

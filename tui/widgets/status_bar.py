@@ -24,12 +24,15 @@ def status_text(status: Status | None, progress: str = "") -> Text:
         text.append(" starting ", style="bold reverse")
         text.append(f" {status.activity.removeprefix('starting: ')}…  queue {status.queue_length}")
         return text
-    mem = f"{format_bytes(status.memory_used)}/{format_bytes(status.memory_peak)}/{format_bytes(status.memory_total)}"
+    # Tensor memory on a GPU, the process's resident memory on the CPU (what the worker reports for each).
+    memory = "RAM" if status.device.startswith("cpu") else "VRAM"
+    mem = (f"{memory} {format_bytes(status.memory_used)} peak {format_bytes(status.memory_peak)}"
+           f" of {format_bytes(status.memory_total)}")
     activity = "paused" if status.paused and status.activity == "idle" else status.activity
     # One line that never wraps: a wrapped status bar (height 1) showed only its first line.
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(f" {status.device} ", style="bold reverse")
-    text.append(f" mem {mem}  {status.attention_backend}  {status.dtype}  ")
+    text.append(f" {mem}  {status.attention_backend}  {status.dtype}  ")
     text.append(f"model {status.loaded_model or '–'}  ")
     text.append(f"queue {status.queue_length}{' (paused)' if status.paused else ''}  ")
     text.append(activity, style="bold")
