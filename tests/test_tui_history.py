@@ -104,6 +104,10 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
         await wait_for(pilot, lambda: "No models found" in screen_text(app))  # pushed, then laid out
         text = screen_text(app)
         assert "/models/Stable-diffusion" in text and "--models-dir" in text
+        assert "for example /models/Stable-diffusion/v1-5-pruned-emaonly.safetensors" in text  # a folder listed
+        await pilot.press("r")  # still nothing: said so, and the screen stays
+        await wait_for(pilot, lambda: any(n.message.startswith("Still no checkpoints") for n in app._notifications))
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "NoModelsScreen")
         app.registry.names = ["new-model.safetensors"]
         await pilot.press("r")
         generate = app.get_generate_screen()

@@ -255,9 +255,10 @@ class GenerateScreen(MainScreen):
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             models, vaes, error = [], [], str(exc)
-        self.call_from_worker_thread(self._models_ready, models, error, vaes)
+        self.call_from_worker_thread(self._models_ready, models, error, vaes, rescan)
 
-    def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None) -> None:
+    def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None,
+                      rescan: bool = False) -> None:
         self.models = models
         self.vae_names = [str(v.name) for v in vaes or []]
         self._set_vae_options()
@@ -275,7 +276,11 @@ class GenerateScreen(MainScreen):
         if not models:
             from tui.screens.no_models import NoModelsScreen
 
+            if rescan:
+                self.app.notify("Still no checkpoints in the folders listed.", severity="warning", timeout=4)
             self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", []))))
+        elif rescan:
+            self.app.notify(f"Found {len(models)} checkpoint{'s' * (len(models) != 1)}", timeout=3)
 
     @work(thread=True, exclusive=True, group="presets")
     def load_presets(self) -> None:

@@ -20,10 +20,11 @@ def no_models_text(search_dirs: list[Path]) -> Text:
         text.append(f"  • {folder}\n")
     if not search_dirs:
         text.append("  (no folders configured)\n")
+    example = Path(search_dirs[0] if search_dirs else "models") / "v1-5-pruned-emaonly.safetensors"
     text.append(
         "\nTo add a model, do one of these, then press R to rescan:\n"
         "  • copy or link a Stable Diffusion checkpoint into one of the folders above\n"
-        "    (for example models/Stable-diffusion/v1-5-pruned-emaonly.safetensors);\n"
+        f"    (for example {example});\n"
         "  • or restart with --models-dir pointing at an existing ComfyUI or A1111 models folder,\n"
         "    for example:\n"
         "      darkroom --models-dir ~/ComfyUI/models\n"
