@@ -162,10 +162,12 @@ def parse_jobs(
     if not tables:
         raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")
     jobs = []
+    problems = []  # every invalid job is reported in one run, not one per run
     for index, (name, table) in enumerate(tables, 1):
         where = f"{label}: {name}"
         if not isinstance(table, Mapping):
-            raise BatchInputError(f"{where}: a job must be a table of request fields, not {table!r}")
+            problems.append(f"{where}: a job must be a table of request fields, not {table!r}")
+            continue
         layer = _job_fields(defaults)
         job_fields = _job_fields(table)
         preset = table.get("preset", defaults.get("preset"))
@@ -182,11 +184,13 @@ def parse_jobs(
             else:
                 fields = _merge(layer, job_fields)
             request = GenerationRequest.from_dict(_resolve_paths(fields, base))
-        except (RequestError, PresetError) as exc:
-            raise BatchInputError(f"{where}: {exc}") from None
-        except TypeError as exc:  # e.g. a hires value the dataclass cannot take
-            raise BatchInputError(f"{where}: {exc}") from None
+        except (RequestError, PresetError, TypeError) as exc:  # TypeError: e.g. a hires value the dataclass cannot take
+            problems.append(f"{where}: {exc}")
+            continue
         jobs.append(BatchJob(index, request))
+    if problems:
+        more = f"\n(nothing was run: {len(problems)} of {len(tables)} jobs are invalid)" if len(problems) > 1 else ""
+        raise BatchInputError("\n".join(problems) + more)
     return jobs
 
 
@@ -357,7 +361,8 @@ def run_batch(
     err = stderr or sys.stderr
 
     def error(text: str) -> None:
-        print(f"darkroom: error: {text}", file=err, flush=True)
+        for line in text.splitlines():  # one "darkroom: error:" line per problem
+            print(f"darkroom: error: {line}", file=err, flush=True)
 
     try:
         jobs, label = load_jobs(jobs_source, stdin)

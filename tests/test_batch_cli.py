@@ -155,6 +155,19 @@ def test_input_errors_give_exit_2_naming_file_job_field_value(setup, text, expec
     assert FakeRunner.seen == []
 
 
+def test_every_invalid_job_is_reported_in_one_run(setup):
+    run, write, _ = setup
+    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 0\n[[job]]\nmodel = "fake"\n'
+                              '[[job]]\nmodel = "fake"\nsampler = "euler_z"\n')
+    code, out, err = run(jobs)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith(f"darkroom: error: {jobs}: job 1: steps = 0")
+    assert lines[1].startswith(f"darkroom: error: {jobs}: job 3: sampler = 'euler_z'")
+    assert lines[2] == "darkroom: error: (nothing was run: 2 of 3 jobs are invalid)"
+    assert FakeRunner.seen == []
+
+
 def test_jsonl_error_names_the_line(setup):
     run, write, _ = setup
     jobs = write("jobs.jsonl", '{"model": "fake"}\n{"model": "fake", "cfg": "high"}\n')
