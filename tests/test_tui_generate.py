@@ -223,3 +223,20 @@ async def test_layout_fits_small_terminals(tmp_path, size, side_by_side, header)
         assert screen.query_one(Header).display is header
         percentage = screen.query_one("#preview-progress").query_one("#percentage").region
         assert percentage.width >= 4 and percentage.right <= preview.right  # "100%" is not cut off
+
+
+async def test_the_newest_history_image_fills_the_empty_preview_on_start(tmp_path):
+    from PIL import Image
+
+    from core.request import GenerationRequest
+
+    app = make_app(tmp_path, start_worker=False)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "old.png")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "new.png")
+    for name in ("old", "new"):
+        app.store.add_history(None, tmp_path / f"{name}.png", GenerationRequest(model="m", prompt=f"the {name} [one]"))
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen.preview.frames_drawn == 1)
+        assert str(screen.query_one("#preview-title").render()) == "Last image: the new [one]"
+        assert screen.preview.image_widget.image.getpixel((0, 0)) == (30, 30, 200)

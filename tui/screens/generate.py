@@ -242,6 +242,7 @@ class GenerateScreen(MainScreen):
         # The model and preset scans run in threads, started only now so they don't compete with the form.
         self.load_models()
         self.load_presets()
+        self.load_last_image()
 
     # ---- background loading (file system scans stay off the UI thread) ------------------------------------
 
@@ -595,3 +596,20 @@ class GenerateScreen(MainScreen):
     def _show_final(self, image: Any, job_id: int) -> None:
         if self.preview.job_id == job_id:
             self.preview.show_image(image)
+
+    @work(thread=True, exclusive=True, group="final-image")
+    def load_last_image(self) -> None:
+        """On start, the newest image of the history fills the empty preview (until a job starts)."""
+        from tui.widgets.image import load_rgb_thumbnail
+
+        try:
+            newest = self.app.store.history(limit=1)
+            image = load_rgb_thumbnail(newest[0].path, 1024) if newest else None
+        except Exception:  # noqa: BLE001 - a convenience: a moved or unreadable file just leaves it empty
+            return
+        if image is not None:
+            self.call_from_worker_thread(self._show_last, image, newest[0])
+
+    def _show_last(self, image: Any, entry: Any) -> None:
+        if self.preview.job_id is None:  # no job has started meanwhile
+            self.preview.show_last(entry.request.prompt, image)

@@ -81,6 +81,14 @@ class PreviewPane(Vertical):
         self.query_one("#preview-stats", Label).update("starting…", layout=False)
         self.query_one(ProgressBar).update(total=1, progress=0)
 
+    def show_last(self, prompt: str, image: Any) -> None:
+        """The newest image from an earlier session, before any job of this one has started."""
+        title = Text("Last image: ")
+        title.append(prompt[:200] or "(empty prompt)")
+        self.query_one("#preview-title", Label).update(title, layout=False)
+        self.query_one("#preview-stats", Label).update("from the history (F5)", layout=False)
+        self.show_image(image)
+
     def show_step(self, job_id: int, step: int, total: int, elapsed: float, preview: Any = None) -> None:
         if job_id != self.job_id:
             self.job_id = job_id
