@@ -7,7 +7,7 @@ import threading
 import pytest
 from textual.widgets import Checkbox, Input, Select, TextArea
 
-from tests.tui_fakes import FakeRunner, make_app, wait_for
+from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -203,26 +203,28 @@ async def test_scan_results_arriving_while_quitting_are_dropped(tmp_path):
     assert delivered == ["while running"]
 
 
-@pytest.mark.parametrize(("size", "side_by_side", "header"), [
-    ((140, 45), True, True), ((80, 24), True, False), ((72, 30), True, True), ((60, 24), False, False),
-])
-async def test_layout_fits_small_terminals(tmp_path, size, side_by_side, header):
+@pytest.mark.parametrize(("size", "side_by_side"), [((140, 45), True), ((80, 24), True), ((72, 30), True),
+                                                ((60, 24), False)])
+async def test_layout_fits_small_terminals(tmp_path, size, side_by_side):
     """80x24 (a default SSH window) keeps the form and the preview side by side, the form narrower; below 72
-    columns the preview goes under the form; short windows give the title bar's row to the content."""
-    from textual.widgets import Header
-
+    columns the preview goes under the form. The screens and their keys are named in the top line, and the
+    footer's own keys fit from 80 columns up."""
     app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=size) as pilot:
         screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen.query("Footer"))
         await pilot.pause()
         form, preview = screen.query_one("#form").region, screen.preview.region
         if side_by_side:
             assert preview.x >= form.right and preview.width >= 30
         else:
             assert preview.y >= form.bottom and preview.width == form.width
-        assert screen.query_one(Header).display is header
         percentage = screen.query_one("#preview-progress").query_one("#percentage").region
         assert percentage.width >= 4 and percentage.right <= preview.right  # "100%" is not cut off
+        lines = screen_text(app).splitlines()
+        assert "F2 Generate" in lines[0] and "F5 History" in lines[0] or size[0] < 72
+        if size[0] >= 80:
+            assert "Quit" in lines[-1] and "palette" in lines[-1]
 
 
 async def test_the_newest_history_image_fills_the_empty_preview_on_start(tmp_path):
@@ -240,3 +242,17 @@ async def test_the_newest_history_image_fills_the_empty_preview_on_start(tmp_pat
         await wait_for(pilot, lambda: screen.preview.frames_drawn == 1)
         assert str(screen.query_one("#preview-title").render()) == "Last image: the new [one]"
         assert screen.preview.image_widget.image.getpixel((0, 0)) == (30, 30, 200)
+
+
+async def test_screen_tabs_name_the_keys_and_switch_on_click(tmp_path):
+    from tui.widgets.screen_tabs import tabs_text
+
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        line = tabs_text("generate").plain
+        await pilot.click("#screen-tabs", offset=(line.index("F4 Queue") + 3, 0))
+        await wait_for(pilot, lambda: app.current_mode == "queue")
+        assert "F4 Queue" in screen_text(app).splitlines()[0]
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.current_mode == "history")

@@ -154,10 +154,11 @@ class DarkroomApp(App[int]):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (120, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
-        Binding("f2", "switch_mode('generate')", "Generate"),
-        Binding("f3", "switch_mode('presets')", "Presets"),
-        Binding("f4", "switch_mode('queue')", "Queue"),
-        Binding("f5", "switch_mode('history')", "History"),
+        # Named in the screen tabs at the top, so the footer keeps its room for each screen's own keys.
+        Binding("f2", "switch_mode('generate')", "Generate", show=False),
+        Binding("f3", "switch_mode('presets')", "Presets", show=False),
+        Binding("f4", "switch_mode('queue')", "Queue", show=False),
+        Binding("f5", "switch_mode('history')", "History", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 

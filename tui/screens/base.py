@@ -1,4 +1,4 @@
-"""Shared frame of every main screen: header, body, status bar and footer with the visible bindings."""
+"""Shared frame of every main screen: screen tabs, body, status bar and footer with the visible bindings."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import Footer
 
+from tui.widgets.screen_tabs import ScreenTabs
 from tui.widgets.status_bar import StatusBar
 
 
@@ -17,12 +18,13 @@ class MainScreen(Screen):
     # The footer builds a widget per binding and rebuilds them on every focus change: a screen that must paint
     # fast mounts it right after its first frame instead (see GenerateScreen).
     DEFER_FOOTER = False
+    MODE = ""  # the app mode this screen is (highlighted in the screen tabs)
     DEFAULT_CSS = """
     MainScreen #body { height: 1fr; }
     """
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenTabs(self.MODE)
         with Vertical(id="body"):
             yield from self.compose_body()
         yield StatusBar(id="status-bar")

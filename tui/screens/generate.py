@@ -82,6 +82,7 @@ class FormSelect(Select):
             event.prevent_default()
 
 class GenerateScreen(MainScreen):
+    MODE = "generate"
     DEFER_FOOTER = True
     AUTO_FOCUS = "#prompt"
     BINDINGS = [

@@ -72,6 +72,7 @@ def describe(row: Any) -> Text:
 
 
 class HistoryScreen(MainScreen):
+    MODE = "history"
     AUTO_FOCUS = "#history-table"
     BINDINGS = [
         Binding("slash", "focus_search", "Search"),

@@ -18,6 +18,7 @@ from tui.screens.generate import UI_ONLY_FIELDS, presets_module
 
 
 class PresetsScreen(MainScreen):
+    MODE = "presets"
     AUTO_FOCUS = "#preset-list"
     BINDINGS = [
         Binding("a", "apply", "Apply"),

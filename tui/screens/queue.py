@@ -33,6 +33,7 @@ def _elapsed(job: Any) -> str:
 
 
 class QueueScreen(MainScreen):
+    MODE = "queue"
     BINDINGS = [
         Binding("c,delete", "cancel_job", "Cancel"),
         Binding("p", "toggle_pause", "Pause/Resume"),
