@@ -414,13 +414,14 @@ class JobStore:
             )
             return cur.rowcount
 
-    def move(self, job_id: int, delta: int) -> None:
-        """Move a pending job ``delta`` places in run order (negative = sooner).
+    def move(self, job_id: int, delta: int) -> bool:
+        """Move a pending job ``delta`` places in run order (negative = sooner); False if it is already first
+        (or last) and so cannot move.
 
         Passing a job of another priority takes that job's priority, so the new order is what runs.
         """
         if delta == 0:
-            return
+            return False
         with self._write() as conn:
             row = conn.execute("SELECT queue, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -438,13 +439,14 @@ class JobStore:
             old = order.index(job_id)
             new = max(0, min(len(order) - 1, old + delta))
             if new == old:
-                return
+                return False
             passed = order[new]  # the last job it overtakes (moving up) or falls behind (moving down)
             order.pop(old)
             order.insert(new, job_id)
             conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (priority[passed], job_id))
             for jid, pos in zip(order, positions):
                 conn.execute("UPDATE jobs SET position = ? WHERE id = ?", (pos, jid))
+        return True
 
     def get_job(self, job_id: int) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -270,9 +270,11 @@ class Worker:
         self._status_dirty.set()
         return job_id
 
-    def move(self, job_id: int, delta: int) -> None:
-        self.store.move(job_id, delta)
+    def move(self, job_id: int, delta: int) -> bool:
+        """Move a pending job in run order; False if it is already at that end of the queue."""
+        moved = self.store.move(job_id, delta)
         self._status_dirty.set()
+        return moved
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event (from the worker's threads); returns an unsubscribe."""

@@ -192,7 +192,9 @@ def test_move_reorders_pending(store):
     assert order() == [d, a, b, c]
     store.move(b, -100)  # clamps to the front
     assert order() == [b, d, a, c]
-    store.move(b, 100)  # and to the back
+    assert store.move(b, 100)  # and to the back
+    assert order() == [d, a, c, b]
+    assert not store.move(b, 1) and not store.move(d, -1)  # already last / first: nothing moves
     assert order() == [d, a, c, b]
     # the order is what actually runs
     assert [store.claim_next().id for _ in range(4)] == [d, a, c, b]

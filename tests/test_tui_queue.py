@@ -77,6 +77,8 @@ async def test_move_and_retry(tmp_path):
         await pilot.press("u")
         assert [j.id for j in app.store.list_jobs(states=["pending"])] == [second, first]
         assert screen.selected_job_id() == second
+        await pilot.press("u")  # already first: said, not silently ignored
+        assert f"Job #{second} already runs first" in [n.message for n in app._notifications]
         await pilot.press("p")
         await wait_for(pilot, lambda: state(app, first) == "failed" and state(app, second) == "failed")
         app.worker._runner.fail_with = None

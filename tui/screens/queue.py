@@ -188,7 +188,11 @@ class QueueScreen(MainScreen):
     def action_move(self, delta: int) -> None:
         job_id = self.selected_job_id()
         if job_id is not None:
-            self._run(f"move job #{job_id}", self.app.worker.move, job_id, delta)
+            def move() -> None:
+                if not self.app.worker.move(job_id, delta):
+                    self.app.notify(f"Job #{job_id} already runs {'first' if delta < 0 else 'last'}", timeout=2)
+
+            self._run(f"move job #{job_id}", move)
             table = self.table
             if str(job_id) in table.rows:
                 table.move_cursor(row=table.get_row_index(str(job_id)))
