@@ -453,7 +453,7 @@ class JobStore:
         return _job_from_row(row) if row else None
 
     def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None) -> list[Job]:
-        """Running first, then pending in run order, then the rest by id."""
+        """Running first, then pending in run order, then the ended ones, most recently ended first."""
         where, args = [], []
         if states is not None:
             states = list(states)
@@ -470,7 +470,8 @@ class JobStore:
             sql += " WHERE " + " AND ".join(where)
         sql += (
             " ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END,"
-            " CASE WHEN state = 'pending' THEN -priority ELSE 0 END, position, id"
+            " CASE WHEN state = 'pending' THEN -priority ELSE 0 END,"
+            " CASE WHEN state IN ('running', 'pending') THEN 0 ELSE -COALESCE(finished, created) END, position, id"
         )
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _job_from_row)
 

@@ -175,6 +175,9 @@ def test_list_jobs_running_first_then_pending_then_rest(store):
     store.fail(a, "x")
     store.claim_next()  # b running
     assert [j.id for j in store.list_jobs()] == [b, c, a]
+    d = store.add_job(req("d"))
+    store.cancel(d)  # ended after a: listed before it
+    assert [j.id for j in store.list_jobs()] == [b, c, d, a]
     assert [j.id for j in store.list_jobs(states=["failed"])] == [a]
     with pytest.raises(ValueError):
         store.list_jobs(states=["bogus"])
