@@ -165,16 +165,14 @@ class QueueScreen(MainScreen):
         if job_id is None:
             return
         running = job_id == self.app.running_job
-        try:
-            cancelled = self.app.worker.cancel(job_id)
-        except Exception as error:  # noqa: BLE001 - a refused action is a notification, not a crash
-            self.app.notify(f"Could not cancel job #{job_id}: {error}", severity="error", markup=False)
-            cancelled = None
-        if cancelled:
-            self.app.notify(f"Job #{job_id} {'stops at its next step' if running else 'cancelled'}", timeout=2)
-        elif cancelled is False:
-            self.app.notify(f"Job #{job_id} has already ended", severity="warning", timeout=2)
-        self.refresh_jobs()
+
+        def cancel() -> None:
+            if self.app.worker.cancel(job_id):
+                self.app.notify(f"Job #{job_id} {'stops at its next step' if running else 'cancelled'}", timeout=2)
+            else:
+                self.app.notify(f"Job #{job_id} has already ended", severity="warning", timeout=2)
+
+        self._run(f"cancel job #{job_id}", cancel)
 
     def action_toggle_pause(self) -> None:
         if self.app.worker.paused:
