@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import queue as queue_mod
@@ -222,20 +221,10 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
 
 
 def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -> Callable[[], Any]:
-    """A factory for the real pipeline, built inside the worker thread."""
+    """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace."""
+    from core.runner import runner_factory
 
-    def factory() -> Any:
-        from core.pipeline import PipelineRunner  # type: ignore[attr-defined]
-
-        params = inspect.signature(PipelineRunner).parameters
-        kwargs: dict[str, Any] = {}
-        if "registry" in params:
-            kwargs["registry"] = registry
-        elif "models_dirs" in params and models_dirs:
-            kwargs["models_dirs"] = list(models_dirs)
-        return PipelineRunner(**kwargs)
-
-    return factory
+    return runner_factory(models_dirs, registry=registry)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Every saved PNG carries two text chunks:
 - ``darkroom``: the full ``GenerationRequest`` as JSON (with this image's seed), which is lossless and is what
   ``read_request`` prefers.
 
-Infotext format (``/work/shared/reference/previews-and-metadata.md`` §4), written from its description:
+Infotext format (the shared reference ``previews-and-metadata.md`` §4), written from its description:
 the parameter line is ``Key: value`` entries joined by ``", "`` in A1111's emission order; a value whose text
 contains a comma, newline or colon is written as a JSON string literal.
 

@@ -22,6 +22,7 @@ from PIL import Image
 from core.errors import DarkroomError
 from core.models.latent_formats import preview_image
 from core.request import GenerationRequest
+from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
 from core.sampling.noise import NoiseSampler
 from core.sampling.samplers import StepInfo, sample
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from core.models.checkpoint import LoadedCheckpoint
     from core.models.registry import ModelRegistry
     from core.store import Job
-    from core.worker import GeneratedImage, JobContext
 
 # Above this many latent pixels the VAE decodes in overlapping tiles (1024x1024 images and up), which
 # bounds memory with no visible seams.
@@ -396,7 +396,7 @@ class PipelineRunner:
     def loaded_model(self) -> str | None:
         return self.model.name if self.model else None
 
-    def ensure_model(self, request: GenerationRequest, ctx: JobContext | None = None) -> LoadedModel:
+    def ensure_model(self, request: GenerationRequest, ctx: RunContext | None = None) -> LoadedModel:
         path = self.registry.find_checkpoint(request.model)
         vae_path = self.registry.find_vae(request.vae) if request.vae else None
         key = (str(path), str(vae_path) if vae_path else None)
@@ -420,9 +420,7 @@ class PipelineRunner:
         self.dtype = self.model.dtype
         return self.model
 
-    def run(self, job: Job, ctx: JobContext) -> list[GeneratedImage]:
-        from core.worker import GeneratedImage
-
+    def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
         request = job.request
         started = time.monotonic()
         model = self.ensure_model(request, ctx)

@@ -21,9 +21,8 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from core.errors import DarkroomError
 from core.events import (
@@ -37,6 +36,7 @@ from core.events import (
     Status,
 )
 from core.request import GenerationRequest
+from core.runner import GeneratedImage, JobRunner, RunnerUnavailableError, runner_factory
 from core.store import Job, JobStore
 
 if TYPE_CHECKING:
@@ -50,19 +50,6 @@ except ImportError:
 
     class JobCancelledError(Exception):  # type: ignore[no-redef]
         """Raised by ``JobContext.step`` when the job was cancelled; runners let it propagate."""
-
-
-class RunnerUnavailableError(DarkroomError):
-    """The generation pipeline cannot be created."""
-
-
-@dataclass
-class GeneratedImage:
-    image: Image.Image
-    seed: int
-    request: GenerationRequest
-    model_hash: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class JobContext:
@@ -98,18 +85,9 @@ class JobContext:
         self._worker._set_activity(text)
 
 
-class JobRunner(Protocol):
-    def run(self, job: Job, ctx: JobContext) -> list[GeneratedImage]: ...
-
-
 def _default_runner_factory() -> JobRunner:
-    try:
-        from core.pipeline import PipelineRunner  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise RunnerUnavailableError(
-            f"the generation pipeline (core.pipeline.PipelineRunner) is not available: {exc}"
-        ) from None
-    return PipelineRunner()
+    return runner_factory()()
+
 
 
 def failure_log_path() -> Path:
@@ -490,3 +468,7 @@ class Worker:
             paused=self._paused,
             extra=extra,
         )
+
+
+# Re-exported: runners and tests written against the worker import these names from here.
+__all__ = ["GeneratedImage", "JobContext", "JobRunner", "RunnerUnavailableError", "Worker"]

@@ -430,21 +430,10 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
 
         return make_fake
 
+    from core.runner import runner_factory
+
     models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
-
-    def make_real() -> Any:
-        try:
-            pipeline = importlib.import_module("core.pipeline")
-        except ImportError as error:
-            raise DarkroomError(
-                f"Generation cannot run: the image pipeline (core.pipeline) is not available ({error})."
-            ) from error
-        try:
-            return pipeline.PipelineRunner(models_dirs=models_dirs)
-        except TypeError:
-            return pipeline.PipelineRunner()
-
-    return make_real
+    return runner_factory(models_dirs)
 
 
 def _fake_registry() -> Any:
