@@ -11,19 +11,22 @@ import gc
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from core.errors import DarkroomError
+from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
+from core.models.families import get_family
+from core.models.family import ModelFamily, resolve
 from core.models.latent_formats import preview_image
 from core.request import GenerationRequest
 from core.runner import GeneratedImage, RunContext
-from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule, EpsDenoiser, VDenoiser
+from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
 from core.sampling.noise import NoiseSampler
 from core.sampling.samplers import StepInfo, sample
 from core.sampling.schedules import get_sigmas
@@ -49,18 +52,30 @@ class InitImageError(DarkroomError):
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to sample: networks on the device at the compute dtype, plus its tokenizer."""
+    """A checkpoint ready to sample: networks on the device at the compute dtype, its family's conditioner
+    and noise schedule."""
 
     checkpoint: LoadedCheckpoint
     device: torch.device
     dtype: torch.dtype
     name: str
     model_hash: str | None = None
-    schedule: DiscreteSchedule = field(default_factory=DiscreteSchedule)
+    schedule: DiscreteSchedule | None = None  # None: the family's training schedule
+    conditioner: Any = None  # None: the family's conditioner over the checkpoint's text encoders
+
+    def __post_init__(self) -> None:
+        if self.schedule is None:
+            self.schedule = self.spec.sampling.schedule()
+        if self.conditioner is None:
+            self.conditioner = resolve(self.spec.conditioner)(self.checkpoint.components)
 
     @property
     def family(self) -> str:
         return self.checkpoint.family
+
+    @property
+    def spec(self) -> ModelFamily:
+        return get_family(self.checkpoint.family)
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -69,8 +84,8 @@ class LoadedModel:
 
     def noise_sampler(self, seeds: list[int], width: int, height: int) -> NoiseSampler:
         """Per-image seeded noise for latents of an image of ``width`` x ``height`` pixels."""
-        vae = self.checkpoint.vae.config
-        shape = (vae.latent_channels, height // vae.downscale, width // vae.downscale)
+        latent = self.spec.latent
+        shape = (latent.channels, height // latent.downscale, width // latent.downscale)
         return NoiseSampler(seeds, shape, device=self.device, dtype=self.dtype)
 
     def replace_vae(self, vae_path: Path | None) -> None:
@@ -85,7 +100,12 @@ class LoadedModel:
 
     @property
     def prediction(self) -> str:
-        return getattr(self.checkpoint.info, "prediction", None) or "epsilon"
+        """What the network predicts: detection's finding, else the family's default (same names: eps, v)."""
+        return getattr(self.checkpoint.info, "prediction", None) or self.spec.sampling.prediction
+
+    def denoiser(self) -> Any:
+        """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type."""
+        return self.spec.sampling.denoiser(self.checkpoint.unet, self.schedule, self.prediction)
 
 
 def load_model(
@@ -103,7 +123,7 @@ def load_model(
     device = torch.device(device)
     checkpoint = load_checkpoint(path, vae_path=vae_path, device="cpu", dtype=None)
     dtype = dtype or compute_dtype(device, checkpoint.dtype)
-    for module in (checkpoint.unet, checkpoint.text_encoder, checkpoint.vae):
+    for module in checkpoint.components.values():
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(
         checkpoint=checkpoint,
@@ -118,57 +138,44 @@ def load_model(
 
 
 class PromptCache:
-    """LRU cache of prompt encodings keyed by (model, clip skip, prompt text): repeats re-encode nothing."""
+    """LRU cache of prompt encodings keyed by (model, encoder settings, prompt text): repeats re-encode
+    nothing. Holds ``Conditioning``s."""
 
     def __init__(self, max_entries: int = 64) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple, Conditioning] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def encode(self, model: LoadedModel, text: str, clip_skip: int) -> torch.Tensor:
-        from core.models.prompt import encode_prompt
-
-        key = (model.key[0], clip_skip, text)  # the checkpoint file: the VAE does not change the encoding
+    def encode(self, model: LoadedModel, text: str, settings: EncoderSettings | int = 1) -> Conditioning:
+        """``settings`` may be a bare clip skip (the only SD1.x encoder setting)."""
+        if isinstance(settings, int):
+            settings = EncoderSettings(clip_skip=settings)
+        key = (model.key[0], settings, text)  # the checkpoint file: the VAE does not change the encoding
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
             return self._entries[key]
         self.misses += 1
-        with torch.inference_mode():
-            z = encode_prompt(model.checkpoint.text_encoder, _tokenizer(), text, clip_skip)
-        self._entries[key] = z
+        cond = model.conditioner.encode(text, settings)
+        self._entries[key] = cond
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return z
+        return cond
 
     def clear(self) -> None:
         self._entries.clear()
 
 
-_TOKENIZER = None
-
-
-def _tokenizer():
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from core.models.tokenizer import CLIPTokenizer
-
-        _TOKENIZER = CLIPTokenizer()
-    return _TOKENIZER
-
-
 def encode_conditioning(
     model: LoadedModel, request: GenerationRequest, cache: PromptCache
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) with equal token length, so CFG runs both in one UNet call."""
-    from core.models.prompt import pad_to_same_length
-
-    cond = cache.encode(model, request.prompt, request.clip_skip)
-    uncond = cache.encode(model, request.negative_prompt, request.clip_skip)
-    if cond.shape[1] != uncond.shape[1]:
-        empty = cache.encode(model, "", request.clip_skip)
-        cond, uncond = pad_to_same_length(cond, uncond, empty)
+    settings = EncoderSettings.from_request(request)
+    cond = cache.encode(model, request.prompt, settings)
+    uncond = cache.encode(model, request.negative_prompt, settings)
+    if cond.tokens != uncond.tokens:
+        cond, uncond = pad_to_same_length(cond, uncond, cache.encode(model, "", settings))
     return cond, uncond
 
 
@@ -240,15 +247,8 @@ class _Progress:
             self.on_step(self.done, self.total, info.denoised)
 
 
-def _denoiser(model: LoadedModel, cond: torch.Tensor, uncond: torch.Tensor, cfg: float, batch: int):
-    wrapper = VDenoiser if model.prediction == "v" else EpsDenoiser
-    inner = wrapper(model.checkpoint.unet, model.schedule)
-    return CFGDenoiser(
-        inner,
-        cond={"context": cond.expand(batch, -1, -1)},
-        uncond={"context": uncond.expand(batch, -1, -1)},
-        cfg=cfg,
-    )
+def _denoiser(model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int):
+    return CFGDenoiser(model.denoiser(), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
 
 
 def _run_sampler(
@@ -262,9 +262,10 @@ def _run_sampler(
     progress: _Progress,
     is_cancelled: Callable[[], bool] | None,
 ) -> torch.Tensor:
-    """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma and sample to x0."""
+    """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma, the family's way, and
+    sample to x0."""
     sigmas = get_sigmas(request.schedule, model.schedule, steps, denoise, model.family).to(model.device)
-    x = start + noise_sampler.initial() * sigmas[0]
+    x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
     with torch.inference_mode():
         return sample(
             request.sampler,
@@ -341,8 +342,9 @@ def _hires_pass(
 ) -> torch.Tensor:
     """Upscale the first pass (in latent space, or decode-resize-encode) and re-sample at hires.denoise."""
     hires = request.hires
-    width = round(request.width * hires.scale / 8) * 8
-    height = round(request.height * hires.scale / 8) * 8
+    multiple = model.spec.pixel_multiple
+    width = round(request.width * hires.scale / multiple) * multiple
+    height = round(request.height * hires.scale / multiple) * multiple
     # Fresh per-image streams from the same seeds, as A1111 does: at the new size the draw is a different field.
     noise = model.noise_sampler(seeds, width, height)
     if hires.upscaler == "latent":

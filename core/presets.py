@@ -1,7 +1,7 @@
 """Presets: named TOML tables of partial request fields.
 
-A preset file holds ``name``, ``description``, an optional ``family`` (sd15, sdxl, flux) and any
-``GenerationRequest`` fields (``hires`` and ``extra`` as tables)::
+A preset file holds ``name``, ``description``, an optional ``family`` (one of ``preset_families()``: sd15,
+sdxl, flux) and any ``GenerationRequest`` fields (``hires`` and ``extra`` as tables)::
 
     name = "sd15-balanced"
     description = "DPM++ 2M Karras, 25 steps"
@@ -10,7 +10,8 @@ A preset file holds ``name``, ``description``, an optional ``family`` (sd15, sdx
     schedule = "karras"
     steps = 25
 
-Built-ins ship in the ``presets`` package (read-only); user presets live in ``config_dir()/presets``.
+Built-ins ship in the ``presets`` package (read-only), each listed by its family's module (``presets``);
+user presets live in ``config_dir()/presets``.
 Applying a preset layers request defaults < preset < the job's own fields.
 """
 
@@ -31,7 +32,6 @@ from core import paths
 from core.errors import PresetError, RequestError
 from core.request import GenerationRequest, HiresFix
 
-FAMILIES = ("sd15", "sdxl", "flux")
 META_KEYS = ("name", "description", "family")
 
 
@@ -107,6 +107,13 @@ def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def preset_families() -> tuple[str, ...]:
+    """The families a preset may declare (each family module says whether it takes presets)."""
+    from core.models.families import FAMILIES
+
+    return tuple(name for name, f in FAMILIES.items() if f.takes_presets)
+
+
 def _parse_preset(data: Mapping[str, Any], source: Path | None, builtin: bool) -> Preset:
     data = dict(data)
     stem = source.stem if source else ""
@@ -117,8 +124,9 @@ def _parse_preset(data: Mapping[str, Any], source: Path | None, builtin: bool) -
         raise PresetError(f"key 'name' must be a non-empty string, got {name!r}")
     if not isinstance(description, str):
         raise PresetError(f"key 'description' must be a string, got {description!r}")
-    if family is not None and family not in FAMILIES:
-        raise PresetError(f"key 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
+    families = preset_families()
+    if family is not None and family not in families:
+        raise PresetError(f"key 'family' must be one of {', '.join(families)}, got {family!r}")
     return Preset(name.strip(), description, validate_fields(data), source, builtin, family)
 
 

@@ -5,8 +5,8 @@ touching gigabytes. ``load_checkpoint`` builds each network on the meta device f
 keys and shapes, then assigns the file's tensors into it: on the CPU the weights stay memory-mapped views of
 the file at the file's dtype (no fp32 copy, no second copy at all until a page is touched).
 
-Adding a family (SDXL, Flux) means adding its component builders to ``COMPONENT_BUILDERS``; detection already
-recognises it.
+What is loaded comes from the file's family (``core/models/families/``): its components, their prefixes and
+their config and network classes. A family whose components all name a network loads here unchanged.
 """
 
 from __future__ import annotations
@@ -28,22 +28,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from core.errors import CheckpointError
-from core.models.detect import FAMILIES, OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
+from core.models.detect import OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
+from core.models.families import FAMILIES, get_family, runnable
+from core.models.family import Component, ModelFamily
 from core.models.safetensors_header import read_header, sniff
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-# component -> (module, config class, network class); imported lazily so inspecting needs no networks.
-COMPONENT_BUILDERS: dict[str, dict[str, tuple[str, str, str]]] = {
-    "sd15": {
-        "unet": ("core.models.unet", "UNetConfig", "UNetModel"),
-        "text_encoder": ("core.models.clip", "CLIPTextConfig", "CLIPTextModel"),
-        "vae": ("core.models.vae", "VAEConfig", "AutoencoderKL"),
-    },
-}
-
-COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
-
 
 def _ignorable(component: str, rel_key: str) -> bool:
     """Keys real files carry inside a component that no network needs."""
@@ -53,7 +43,7 @@ def _ignorable(component: str, rel_key: str) -> bool:
 
 
 def supported_labels() -> str:
-    return ", ".join(FAMILIES[f].label for f in COMPONENT_BUILDERS)
+    return ", ".join(f.label for f in runnable())
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -196,14 +186,30 @@ def _detect(source: TensorSource) -> CheckpointInfo:
 
 @dataclass
 class LoadedCheckpoint:
-    unet: nn.Module
-    text_encoder: nn.Module
-    vae: nn.Module
+    """The networks of one checkpoint by role (``unet``, ``text_encoder``, ``vae``, ...), as loaded."""
+
+    components: dict[str, nn.Module]
     family: str
     dtype: torch.dtype  # of the UNet weights as loaded
     info: CheckpointInfo
     path: Path
     vae_path: Path | None = None
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.components["unet"]
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.components["text_encoder"]
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.components["vae"]
+
+    @vae.setter
+    def vae(self, module: nn.Module) -> None:
+        self.components["vae"] = module
 
 
 def _reject(info: CheckpointInfo) -> CheckpointError:
@@ -315,14 +321,6 @@ def _parameters_on_meta() -> Iterator[None]:
                 nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
 
 
-def _builders(family: str, component: str) -> tuple[Any, Any]:
-    module_name, config_name, model_name = COMPONENT_BUILDERS[family][component]
-    import importlib
-
-    module = importlib.import_module(module_name)
-    return getattr(module, config_name), getattr(module, model_name)
-
-
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
@@ -330,18 +328,18 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 def _load_component(
     source: TensorSource,
     *,
-    family: str,
-    component: str,
+    family: ModelFamily,
+    component: Component,
     prefix: str,
     keys: tuple[str, ...] | list[str],
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> nn.Module:
     path = source.path
-    label = f"{FAMILIES[family].label} {COMPONENT_LABELS.get(component, component)}"
+    label = f"{family.label} {component.label}"
     rel_to_key = {k[len(prefix) :]: k for k in keys}
     if (
-        component == "text_encoder"
+        component.network.endswith(":CLIPTextModel")
         and rel_to_key
         and not any(r.startswith("text_model.") for r in rel_to_key)
     ):
@@ -349,9 +347,10 @@ def _load_component(
         rel_to_key = {"text_model." + r: k for r, k in rel_to_key.items()}
     shapes = {r: source.shapes[k] for r, k in rel_to_key.items()}
 
-    config_cls, model_cls = _builders(family, component)
+    config_cls, model_cls = component.config_class(), component.network_class()
     try:
-        config = config_cls.from_state_dict(shapes)
+        # The family supplies what the weights cannot show (the VAE's scale, the attention head layout).
+        config = config_cls.from_state_dict(shapes, family=family.name)
     except (ValueError, KeyError, CheckpointError) as e:
         if isinstance(e, CheckpointError):
             detail = e.problem
@@ -378,7 +377,7 @@ def _load_component(
                 f"file expects {_fmt_shape(shape)} (the file is damaged or an unsupported variant)",
             )
     for rel in shapes:
-        if rel not in expected and not _ignorable(component, rel):
+        if rel not in expected and not _ignorable(component.role, rel):
             raise CheckpointError(
                 path,
                 f"key {rel_to_key[rel]!r} is not part of the {label} read from this file "
@@ -410,9 +409,10 @@ def _vae_keys(source: TensorSource, prefix: str) -> list[str]:
 def _load_vae_file(
     vae_path: Path, *, family: str, device: torch.device, dtype: torch.dtype | None
 ) -> nn.Module:
+    spec = get_family(family)
+    component = spec.component("vae")
     with _opened(vae_path) as source:
         info = _detect(source)
-        spec = FAMILIES[family]
         if info.family == "diffusers" and info.variant == "vae":
             raise CheckpointError(
                 vae_path,
@@ -429,15 +429,15 @@ def _load_vae_file(
                 f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)",
             )
         latent = source.shapes.get(prefix + "decoder.conv_in.weight", (0, 0))[1]
-        if latent != spec.latent_channels:
+        channels = spec.latent.channels if spec.latent else latent
+        if latent != channels:
             raise CheckpointError(
-                vae_path,
-                f"this VAE has {latent} latent channels but {spec.label} needs a {spec.latent_channels}-channel VAE",
+                vae_path, f"this VAE has {latent} latent channels but {spec.label} needs a {channels}-channel VAE"
             )
         return _load_component(
             source,
-            family=family,
-            component="vae",
+            family=spec,
+            component=component,
             prefix=prefix,
             keys=_vae_keys(source, prefix),
             device=device,
@@ -471,26 +471,27 @@ def load_checkpoint(
     device = torch.device(device)
     with _opened(path) as source:
         info = _detect(source)
-        if info.family not in COMPONENT_BUILDERS or info.prefixes.get("unet") != "model.diffusion_model.":
+        family = FAMILIES.get(info.family)
+        if family is None or not family.runnable or info.prefixes.get("unet") != family.denoiser.prefix:
             raise _reject(info)
         modules: dict[str, nn.Module] = {}
-        for component in COMPONENT_BUILDERS[info.family]:
-            if component == "vae" and vae_path is not None:
+        for component in family.components:
+            role = component.role
+            if role == "vae" and vae_path is not None:
                 continue
-            if component not in info.component_keys:
-                where = FAMILIES[info.family].components[component]
-                hint = "; pass a separate VAE file" if component == "vae" else ""
+            if role not in info.component_keys:
+                hint = "; pass a separate VAE file" if role == "vae" else ""
                 raise CheckpointError(
-                    path, f"the checkpoint has no {COMPONENT_LABELS[component]} (no {where}* keys){hint}"
+                    path, f"the checkpoint has no {component.label} (no {component.prefix}* keys){hint}"
                 )
-            keys = info.component_keys[component]
-            if component == "vae":
+            keys = info.component_keys[role]
+            if role == "vae":
                 keys = _vae_keys(source, info.prefixes["vae"])
-            modules[component] = _load_component(
+            modules[role] = _load_component(
                 source,
-                family=info.family,
+                family=family,
                 component=component,
-                prefix=info.prefixes[component],
+                prefix=info.prefixes[role],
                 keys=keys,
                 device=device,
                 dtype=dtype,
@@ -499,9 +500,7 @@ def load_checkpoint(
         modules["vae"] = _load_vae_file(Path(vae_path), family=info.family, device=device, dtype=dtype)
     unet_dtype = next(t.dtype for t in modules["unet"].parameters() if t.is_floating_point())
     return LoadedCheckpoint(
-        unet=modules["unet"],
-        text_encoder=modules["text_encoder"],
-        vae=modules["vae"],
+        components=modules,
         family=info.family,
         dtype=unet_dtype,
         info=info,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,25 +58,27 @@ class CLIPTextConfig:
             raise ValueError(f"activation {self.activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
 
     @classmethod
-    def preset(cls, family: str, size: str = "full") -> CLIPTextConfig:
-        """The real configuration (``"full"``) or a few-MB model with the same structure (``"tiny"``).
+    def preset(cls, family: str, size: str = "full", role: str = "text_encoder") -> CLIPTextConfig:
+        """The real configuration (``"full"``) or a few-MB model with the same structure (``"tiny"``) of
+        ``family``'s CLIP text encoder ``role``, as its family module gives it.
 
         The tiny model keeps the real vocabulary so the real tokenizer drives it.
         """
         if size not in ("tiny", "full"):
             raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
-        presets = _FULL if size == "full" else _TINY
+        presets = _presets(size, role)
         if family not in presets:
             raise ValueError(f"CLIP text encoder family {family!r} is unknown; valid: {', '.join(presets)}")
         return presets[family]
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None) -> CLIPTextConfig:
         """Read the configuration off HF-named keys (relative to the component prefix) and their shapes.
 
-        Head count and activation are not visible in weights; they follow the known encoders by width
-        (768: OpenAI CLIP-L, 12 heads, quick_gelu; 1024/1280: OpenCLIP ViT-H/bigG, 64-wide heads, gelu).
-        Raises ``ValueError`` naming the missing key; the loader adds the file name.
+        Head count and activation are not visible in weights; they follow the family's CLIP configurations of
+        the same width (``family``'s, else any family's: 768 is OpenAI CLIP-L, 12 heads, quick_gelu), else
+        OpenCLIP's rule (64-wide heads, gelu). Raises ``ValueError`` naming the missing key; the loader adds
+        the file name.
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
 
@@ -94,7 +96,7 @@ class CLIPTextConfig:
             raise ValueError(f"CLIP encoder layers are not numbered 0..n (found {sorted(found)})")
         intermediate = shape("text_model.encoder.layers.0.mlp.fc1.weight")[0]
         projection = shapes.get("text_projection.weight")
-        heads, activation = _BY_WIDTH.get(width, (max(1, width // 64), "gelu"))
+        heads, activation = _heads_by_width(family).get(width, (max(1, width // 64), "gelu"))
         return cls(
             vocab_size=vocab_size,
             width=width,
@@ -107,11 +109,28 @@ class CLIPTextConfig:
         )
 
 
-# SD1.5 text_encoder/config.json (openai/clip-vit-large-patch14); its projection_dim is unused by
-# CLIPTextModel and SD1.x files carry no text_projection.
-_FULL = {"sd15": CLIPTextConfig()}
-_TINY = {"sd15": CLIPTextConfig(width=32, layers=2, heads=2, intermediate=37)}
-_BY_WIDTH = {768: (12, "quick_gelu"), 1024: (16, "gelu"), 1280: (20, "gelu"), 32: (2, "quick_gelu")}
+def _clip_components(family: str | None = None) -> list[tuple[str, Any]]:
+    """(family name, component) of every text encoder the families store with these HF CLIP names."""
+    from core.models.families import FAMILIES
+
+    ref = f"{__name__}:CLIPTextConfig"
+    chosen = [FAMILIES[family]] if family in FAMILIES else list(FAMILIES.values())
+    return [(f.name, c) for f in chosen for c in f.components if c.config == ref and c.presets]
+
+
+def _presets(size: str, role: str) -> dict[str, CLIPTextConfig]:
+    return {name: CLIPTextConfig(**c.presets[size]) for name, c in _clip_components() if c.role == role}
+
+
+def _heads_by_width(family: str | None) -> dict[int, tuple[int, str]]:
+    """width -> (heads, activation) of the known CLIP configurations, ``family``'s first."""
+    out: dict[int, tuple[int, str]] = {}
+    for pick in ([family] if family else []) + [None]:
+        for _, c in _clip_components(pick):
+            for kwargs in c.presets.values():
+                cfg = CLIPTextConfig(**kwargs)
+                out.setdefault(cfg.width, (cfg.heads, cfg.activation))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """What kind of model file this is, from its key names and shapes alone.
 
-Rules follow ``/work/shared/reference/checkpoints.md`` §2-§3 (restated there from ComfyUI and A1111, written
-here from the description). Detection needs no tensor data, except the optional SD2.x v-prediction guess,
-which reads one small bias vector through ``read``. Stdlib only: torch is imported by the loader, not here.
+Rules follow the shared reference ``checkpoints.md`` §2-§3 (restated there from ComfyUI and A1111, written
+here from the description). Each family's own markers live in its module (``core/models/families/``); this
+module runs them and recognises the files that are not checkpoints (LoRAs, lone VAEs, diffusers components).
+Detection needs no tensor data, except the optional SD2.x v-prediction guess, which reads one small bias
+vector through ``read``. Stdlib only: torch is imported by the loader, not here.
 """
 
 from __future__ import annotations
@@ -13,86 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.models.families import FAMILIES, by_detect_priority
+from core.models.families._ldm import UNET_PREFIX, context_dim
+from core.models.family import Match, ModelFamily
+
 Shapes = Mapping[str, tuple[int, ...]]
-
-UNET_PREFIX = "model.diffusion_model."
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """A model family Darkroom can recognise: its display name and where each component lives."""
-
-    name: str
-    label: str
-    components: dict[str, str]  # component name -> key prefix in a single-file checkpoint
-    latent_channels: int
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    spec.name: spec
-    for spec in (
-        FamilySpec(
-            "sd15",
-            "SD1.x",
-            {
-                "unet": UNET_PREFIX,
-                "text_encoder": "cond_stage_model.transformer.",
-                "vae": "first_stage_model.",
-            },
-            4,
-        ),
-        FamilySpec(
-            "sd2",
-            "SD2.x",
-            {"unet": UNET_PREFIX, "text_encoder": "cond_stage_model.model.", "vae": "first_stage_model."},
-            4,
-        ),
-        FamilySpec(
-            "sdxl",
-            "SDXL",
-            {
-                "unet": UNET_PREFIX,
-                "text_encoder": "conditioner.embedders.0.transformer.",
-                "text_encoder_2": "conditioner.embedders.1.model.",
-                "vae": "first_stage_model.",
-            },
-            4,
-        ),
-        FamilySpec(
-            "sdxl_refiner",
-            "SDXL refiner",
-            {
-                "unet": UNET_PREFIX,
-                "text_encoder_2": "conditioner.embedders.0.model.",
-                "vae": "first_stage_model.",
-            },
-            4,
-        ),
-        FamilySpec(
-            "flux",
-            "Flux.1",
-            {
-                "unet": UNET_PREFIX,
-                "text_encoder": "text_encoders.clip_l.transformer.",
-                "text_encoder_2": "text_encoders.t5xxl.transformer.",
-                "vae": "vae.",
-            },
-            16,
-        ),
-        FamilySpec(
-            "sd3",
-            "SD3",
-            {
-                "unet": UNET_PREFIX,
-                "text_encoder": "text_encoders.clip_l.transformer.",
-                "text_encoder_2": "text_encoders.clip_g.transformer.",
-                "text_encoder_3": "text_encoders.t5xxl.transformer.",
-                "vae": "first_stage_model.",
-            },
-            16,
-        ),
-    )
-}
 
 # Files that are recognised but are not checkpoints of a model family.
 OTHER_KINDS = {
@@ -193,12 +120,10 @@ def detect(
     # No denoiser under the usual prefix: a partial file, a LoRA, a diffusers component, or junk.
     if any(_is_lora_key(k) for k in keys):
         return info("lora", "base", {}, prediction=None)
-    if "double_blocks.0.img_attn.norm.key_norm.scale" in shapes:
-        # BFL release: the Flux transformer alone, no prefix (text encoders and VAE are separate files).
-        variant = "dev" if "guidance_in.in_layer.weight" in shapes else "schnell"
-        return info("flux", variant, {"unet": ""}, prediction="flow", notes=("transformer only",))
-    if "joint_blocks.0.context_block.attn.qkv.weight" in shapes:
-        return info("sd3", "transformer_only", {"unet": ""}, prediction="flow")
+    for family in by_detect_priority():
+        bare = family.detect_bare(shapes) if family.detect_bare else None
+        if bare is not None:
+            return _family_info(info, family, bare, shapes, read)
     if "input_blocks.0.0.weight" in shapes:
         return info("unet_only", "base", {"unet": ""}, prediction=None)
     diffusers = _diffusers_kind(shapes)
@@ -252,85 +177,44 @@ def _diffusers_kind(shapes: Shapes) -> str | None:
     return None
 
 
-def _first(shapes: Shapes, pattern: str) -> tuple[str, tuple[int, ...]] | None:
-    rx = re.compile(pattern)
-    for k, s in shapes.items():
-        if rx.search(k):
-            return k, s
-    return None
-
-
 def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: Any) -> CheckpointInfo:
+    """A file with a denoiser under ``model.diffusion_model.``: the most certain family match wins, ties going
+    to the higher ``detect_priority``."""
+    best: tuple[ModelFamily, Match] | None = None
+    for family in by_detect_priority():
+        match = family.detect(shapes)
+        if match is not None and (best is None or match.sure and not best[1].sure):
+            best = (family, match)
+    if best is not None:
+        return _family_info(info, best[0], best[1], shapes, read)
     p = UNET_PREFIX
-    notes: list[str] = []
-    if p + "joint_blocks.0.context_block.attn.qkv.weight" in shapes or p + "x_embedder.proj.weight" in shapes:
-        return info("sd3", "base", FAMILIES["sd3"].components, prediction="flow")
-    if p + "double_blocks.0.img_attn.norm.key_norm.scale" in shapes:
-        img_in = shapes.get(p + "img_in.weight", (0, 64))[1]
-        if img_in != 64:
-            variant = "fill" if img_in == 384 else f"in{img_in}"
-        else:
-            variant = "dev" if p + "guidance_in.in_layer.weight" in shapes else "schnell"
-        return info("flux", variant, FAMILIES["flux"].components, prediction="flow")
     if p + "input_blocks.0.0.weight" not in shapes:
         return info("unknown", "base", {"unet": p}, prediction=None)
-
     in_channels = shapes[p + "input_blocks.0.0.weight"][1]
     variant = {4: "base", 9: "inpaint", 8: "pix2pix"}.get(in_channels, f"in{in_channels}")
-    label = shapes.get(p + "label_emb.0.0.weight")
-    if label is not None and label[1] == 2560 or "conditioner.embedders.0.model.ln_final.weight" in shapes:
-        family = "sdxl_refiner"
-    elif label is not None or "conditioner.embedders.1.model.ln_final.weight" in shapes:
-        family = "sdxl"
-    else:
-        hit = _first(
-            {k: s for k, s in shapes.items() if k.startswith(p)},
-            r"transformer_blocks\.0\.attn2\.to_k\.weight$",
-        )
-        context_dim = hit[1][1] if hit else None
-        if context_dim == 1024 or (
-            shapes.get("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", (0, 0))[1]
-            == 1024
-        ):
-            family = "sd2"
-        elif context_dim == 768:
-            family = "sd15"
-        elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
-            # Scaled-down test models and odd fine-tunes: the text encoder layout still says SD1.x.
-            family = "sd15"
-            notes.append(f"cross-attention context dim {context_dim}; SD1.x by its CLIP text encoder keys")
-        elif any(k.startswith("cond_stage_model.model.") for k in shapes):
-            family = "sd2"
-            notes.append(
-                f"cross-attention context dim {context_dim}; SD2.x by its OpenCLIP text encoder keys"
-            )
-        else:
-            return info(
-                "unknown",
-                variant,
-                {"unet": p},
-                prediction=None,
-                notes=(f"UNet with cross-attention context dim {context_dim}",),
-            )
+    notes = (f"UNet with cross-attention context dim {context_dim(shapes)}",)
+    return info("unknown", variant, {"unet": p}, prediction=None, notes=notes)
 
-    prediction = "eps"
-    if "v_pred" in shapes:
-        prediction = "v"
-        notes.append("v_pred marker key present")
-    elif "edm_mean" in shapes and "edm_std" in shapes:
-        prediction = "edm"
-        notes.append("edm_mean/edm_std keys present (Playground 2.5 style)")
-    elif family == "sd2":
-        key = p + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-        if read is not None and key in shapes and (shapes[key] or (0,))[0] > 1:
-            # SD2.x 768-v and 512-base share every shape; the v models' last norm bias is visibly wider.
-            std = float(read(key).float().std())
-            prediction = "v" if std > 0.09 else "eps"
-            notes.append(f"v-prediction guessed from std {std:.3f} of {key} (v if > 0.09)")
-        else:
+
+def _family_info(
+    info: Callable[..., CheckpointInfo], family: ModelFamily, match: Match, shapes: Shapes, read: Any
+) -> CheckpointInfo:
+    notes = list(match.notes)
+    prediction = match.prediction
+    if prediction is None:
+        if "v_pred" in shapes:
             prediction = "v"
-            notes.append("SD2.x prediction type not checked; assumed v (the 768 models)")
-    return info(family, variant, FAMILIES[family].components, prediction=prediction, notes=tuple(notes))
+            notes.append("v_pred marker key present")
+        elif "edm_mean" in shapes and "edm_std" in shapes:
+            prediction = "edm"
+            notes.append("edm_mean/edm_std keys present (Playground 2.5 style)")
+        elif family.guess_prediction is not None:
+            prediction, guessed = family.guess_prediction(shapes, read)
+            notes.extend(guessed)
+        else:
+            prediction = family.sampling.prediction
+    prefixes = dict(match.prefixes) if match.prefixes is not None else family.prefixes
+    return info(family.name, match.variant, prefixes, prediction=prediction, notes=tuple(notes))
 
 
 def inspect_header(path: str | Path) -> CheckpointInfo:

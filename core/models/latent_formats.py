@@ -8,82 +8,24 @@ denoised prediction x0 in that model space, and the preview is a per-pixel linea
 
 at latent resolution (64x64 for a 512x512 SD1.5 image). ``F`` (channels x 3) and ``b`` are fitted tables
 (numeric data from ComfyUI ``comfy/latent_formats.py``; see shared/reference/previews-and-metadata.md §2).
-The map is one small matmul, so it can run every step.
+The map is one small matmul, so it can run every step. Each family's format (``LatentFormat``) is part of
+its module in ``core/models/families/``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from core.errors import RequestError
+from core.models.families import FAMILIES
+from core.models.family import LatentFormat
 
-
-@dataclass(frozen=True)
-class LatentFormat:
-    """How one model family's latents look: channel count, VAE scale/shift and the RGB preview fit."""
-
-    family: str
-    channels: int
-    scale: float
-    shift: float
-    rgb_factors: tuple[tuple[float, float, float], ...]  # [channels][R, G, B]
-    rgb_bias: tuple[float, float, float]
-
-    def to_model_space(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latent -> the space the denoiser (and the preview) works in."""
-        return (z - self.shift) * self.scale
-
-    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space latent -> raw VAE latent, ready for the decoder."""
-        return x / self.scale + self.shift
-
-
-_SD15_FACTORS = (
-    (0.3512, 0.2297, 0.3227),
-    (0.3250, 0.4974, 0.2350),
-    (-0.2829, 0.1762, 0.2721),
-    (-0.2120, -0.2616, -0.7177),
-)
-
-_SDXL_FACTORS = (
-    (0.3651, 0.4232, 0.4341),
-    (-0.2533, -0.0042, 0.1068),
-    (0.1076, 0.1111, -0.0362),
-    (-0.3165, -0.2492, -0.2188),
-)
-
-_FLUX_FACTORS = (
-    (-0.0346, 0.0244, 0.0681),
-    (0.0034, 0.0210, 0.0687),
-    (0.0275, -0.0668, -0.0433),
-    (-0.0174, 0.0160, 0.0617),
-    (0.0859, 0.0721, 0.0329),
-    (0.0004, 0.0383, 0.0115),
-    (0.0405, 0.0861, 0.0915),
-    (-0.0236, -0.0185, -0.0259),
-    (-0.0245, 0.0250, 0.1180),
-    (0.1008, 0.0755, -0.0421),
-    (-0.0515, 0.0201, 0.0011),
-    (0.0428, -0.0012, -0.0036),
-    (0.0817, 0.0765, 0.0749),
-    (-0.1264, -0.0522, -0.1103),
-    (-0.0280, -0.0881, -0.0499),
-    (-0.1262, -0.0982, -0.0778),
-)
-
-# SD2.x shares SD1.x's VAE and latent space, so it shares the preview fit too.
-FORMATS: dict[str, LatentFormat] = {
-    "sd15": LatentFormat("sd15", 4, 0.18215, 0.0, _SD15_FACTORS, (0.0, 0.0, 0.0)),
-    "sd2": LatentFormat("sd2", 4, 0.18215, 0.0, _SD15_FACTORS, (0.0, 0.0, 0.0)),
-    "sdxl": LatentFormat("sdxl", 4, 0.13025, 0.0, _SDXL_FACTORS, (0.1084, -0.0175, -0.0011)),
-    "flux": LatentFormat("flux", 16, 0.3611, 0.1159, _FLUX_FACTORS, (-0.0329, -0.0718, -0.0851)),
-}
+# Derived view, one entry per family that has a latent space; the data lives in each family's module.
+FORMATS: dict[str, LatentFormat] = {name: f.latent for name, f in FAMILIES.items() if f.latent is not None}
 
 
 def latent_format(family: str) -> LatentFormat:
-    """The latent format of ``family`` ("sd15", "sd2", "sdxl", "flux")."""
+    """The latent format of ``family`` ("sd15", "sd2", "sdxl", "flux", ...)."""
     try:
         return FORMATS[family]
     except (KeyError, TypeError):

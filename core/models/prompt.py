@@ -26,12 +26,14 @@ depend only on (model weights, prompt, clip_skip), the boundary a conditioning c
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
 from core.models.clip import CLIPTextModel
-from core.models.tokenizer import CHUNK_TOKENS, CLIPTokenizer
+from core.models.conditioning import Conditioning, EncoderSettings
+from core.models.tokenizer import CHUNK_TOKENS, CLIPTokenizer, get_tokenizer
 
 ROUND = 1.1  # factor of ( )
 SQUARE = 1 / 1.1  # factor of [ ]
@@ -245,3 +247,21 @@ def encode_prompts(
         empty = encode_prompt(model, tokenizer, "", clip_skip, comma_backtrack)
         cond, uncond = pad_to_same_length(cond, uncond, empty)
     return cond, uncond
+
+
+class CLIPConditioner:
+    """SD1.x's conditioner: the A1111 prompt through one CLIP text encoder, as ``Conditioning``.
+
+    No pooled vector: the SD1.x UNet does not take one, and computing it would run the layers clip skip
+    leaves out.
+    """
+
+    def __init__(self, components: Mapping[str, torch.nn.Module], comma_backtrack: int = COMMA_BACKTRACK) -> None:
+        self.text_encoder = components["text_encoder"]
+        self.tokenizer = get_tokenizer()
+        self.comma_backtrack = comma_backtrack
+
+    def encode(self, text: str, settings: EncoderSettings) -> Conditioning:
+        with torch.inference_mode():
+            context = encode_prompt(self.text_encoder, self.tokenizer, text, settings.clip_skip, self.comma_backtrack)
+        return Conditioning(context)

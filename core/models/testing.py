@@ -13,32 +13,27 @@ from pathlib import Path
 
 import torch
 
-# (checkpoint prefix, component) for each family; component names are resolved in _component().
-LAYOUTS: dict[str, list[tuple[str, str]]] = {
-    "sd15": [
-        ("model.diffusion_model.", "unet"),
-        ("cond_stage_model.transformer.", "clip"),
-        ("first_stage_model.", "vae"),
-    ],
-}
+
+def _families() -> dict:
+    from core.models.families import FAMILIES
+
+    return FAMILIES
 
 
-def _component(name: str, family: str, size: str) -> torch.nn.Module:
+def _layout(family: str) -> list:
+    """The family's components whose networks exist, in file order; the family module is the layout."""
+    f = _families().get(family)
+    if f is None or not f.runnable:
+        valid = ", ".join(name for name, fam in _families().items() if fam.runnable)
+        raise ValueError(f"family {family!r} is not supported yet; valid: {valid}")
+    return list(f.components)
+
+
+def _component(component, size: str) -> torch.nn.Module:
     """Build the component on the meta device (no memory) so only its key names and shapes are used."""
     with torch.device("meta"):
-        if name == "unet":
-            from core.models.unet import UNetConfig, UNetModel
-
-            return UNetModel(UNetConfig.preset(family, size))
-        if name == "clip":
-            from core.models.clip import CLIPTextConfig, CLIPTextModel
-
-            return CLIPTextModel(CLIPTextConfig.preset(family, size))
-        if name == "vae":
-            from core.models.vae import AutoencoderKL, VAEConfig
-
-            return AutoencoderKL(VAEConfig.preset(family, size))
-    raise ValueError(f"unknown component {name!r}")
+        config = component.config_class()(**component.presets[size])
+        return component.network_class()(config)
 
 
 def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -64,9 +59,9 @@ def random_state_dict(
     }
 
 
-def _schedule_buffers(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The DDPM buffers LDM checkpoints carry beside the networks (scaled-linear betas)."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+def _schedule_buffers(sampling, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The DDPM buffers LDM checkpoints carry beside the networks, from the family's training schedule."""
+    betas = sampling.schedule().betas
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     buffers = {
@@ -86,20 +81,22 @@ def iter_random_checkpoint(
     family: str = "sd15", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) pairs of a random checkpoint, in file order."""
-    if family not in LAYOUTS:
-        raise ValueError(f"family {family!r} is not supported yet; valid: {', '.join(LAYOUTS)}")
+    layout = _layout(family)
     if size not in ("tiny", "full"):
         raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
     generator = torch.Generator().manual_seed(seed)
-    for prefix, name in LAYOUTS[family]:
-        module = _component(name, family, size)
+    for component in layout:
+        module = _component(component, size)
+        prefix = component.prefix
         for key, value in module.state_dict().items():
             tensor_dtype = dtype if value.is_floating_point() else value.dtype
             yield prefix + key, random_tensor(key, value.shape, generator, tensor_dtype)
-        if name == "clip":
+        if component.network.endswith(":CLIPTextModel"):
             # Real SD1.x files carry CLIP's position_ids buffer; loaders must tolerate it.
             yield prefix + "text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None]
-    yield from _schedule_buffers(dtype).items()
+    sampling = _families()[family].sampling
+    if sampling.schedule() is not None:
+        yield from _schedule_buffers(sampling, dtype).items()
 
 
 def write_random_checkpoint(

@@ -87,24 +87,24 @@ class UNetConfig:
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def preset(cls, family: str, size: str = "full") -> UNetConfig:
-        """The real configuration (``size="full"``) or the same structure at a few MB (``"tiny"``).
+        """The real configuration (``size="full"``) or the same structure at a few MB (``"tiny"``), as the
+        family module (``core/models/families/<family>.py``) gives it."""
+        from core.models.families import FAMILIES
 
-        Families: ``sd15`` (SD1.x), ``sd2`` (SD2.x), ``sdxl`` (SDXL base), ``sdxl_refiner``.
-        """
         if size not in ("tiny", "full"):
             raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
-        presets = _FULL if size == "full" else _TINY
-        if family not in presets:
-            raise ValueError(f"UNet family {family!r} is unknown; valid: {', '.join(presets)}")
-        return presets[family]
+        known = [name for name, f in FAMILIES.items() if f.has("unet") and f.component("unet").presets]
+        if family not in known:
+            raise ValueError(f"UNet family {family!r} is unknown; valid: {', '.join(known)}")
+        return cls(**FAMILIES[family].component("unet").presets[size])
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> UNetConfig:
+    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None) -> UNetConfig:
         """Read the configuration off LDM/SGM keys and shapes (keys without ``model.diffusion_model.``).
 
-        Head layout cannot be seen in the weights; the families fix it: 1x1-conv projections mean SD1.x
-        (8 heads), Linear projections mean SD2.x/SDXL (64-wide heads). Raises ``ValueError`` naming the
-        missing or inconsistent key; the loader adds the file name.
+        Head layout cannot be seen in the weights: ``family``'s real configuration gives it; without a family,
+        1x1-conv projections mean SD1.x (8 heads), Linear projections SD2.x/SDXL (64-wide heads). Raises
+        ``ValueError`` naming the missing or inconsistent key; the loader adds the file name.
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
 
@@ -166,6 +166,10 @@ class UNetConfig:
             raise ValueError("UNet weights have no cross-attention (attn2.to_k / proj_in); not a text-to-image UNet")
         context_dim = shapes[attn2][1]
         linear = len(shapes[proj_in]) == 2
+        num_heads, head_dim = (None, 64) if linear else (8, None)
+        if family is not None:
+            full = cls.preset(family, "full")
+            num_heads, head_dim = full.num_heads, full.head_dim
         adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
         return cls(
             in_channels=in_channels,
@@ -176,79 +180,11 @@ class UNetConfig:
             transformer_depth=tuple(transformer_depth),
             transformer_depth_middle=depth_middle,
             context_dim=context_dim,
-            num_heads=None if linear else 8,
-            head_dim=64 if linear else None,
+            num_heads=num_heads,
+            head_dim=head_dim,
             use_linear_in_transformer=linear,
             adm_in_channels=adm,
         )
-
-
-_FULL: dict[str, UNetConfig] = {
-    "sd15": UNetConfig(),
-    "sd2": UNetConfig(context_dim=1024, num_heads=None, head_dim=64, use_linear_in_transformer=True),
-    "sdxl": UNetConfig(
-        channel_mult=(1, 2, 4),
-        transformer_depth=(0, 2, 10),
-        transformer_depth_middle=10,
-        context_dim=2048,
-        num_heads=None,
-        head_dim=64,
-        use_linear_in_transformer=True,
-        adm_in_channels=2816,  # pooled bigG 1280 + 6 x 256 Fourier size/crop features
-    ),
-    "sdxl_refiner": UNetConfig(
-        model_channels=384,
-        transformer_depth=(0, 4, 4, 0),
-        transformer_depth_middle=4,
-        context_dim=1280,
-        num_heads=None,
-        head_dim=64,
-        use_linear_in_transformer=True,
-        adm_in_channels=2560,  # pooled bigG 1280 + 5 x 256 (size, crop, aesthetic score)
-    ),
-}
-
-# Same wiring at a few MB: two levels keep down/upsampling and skips; widths stay multiples of the 32 norm
-# groups (and of 64 where heads are 64 wide).
-_TINY: dict[str, UNetConfig] = {
-    "sd15": UNetConfig(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1), context_dim=32
-    ),
-    "sd2": UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        transformer_depth=(1, 1),
-        context_dim=32,
-        num_heads=None,
-        head_dim=64,
-        use_linear_in_transformer=True,
-    ),
-    "sdxl": UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        transformer_depth=(0, 2),
-        transformer_depth_middle=2,
-        context_dim=32,
-        num_heads=None,
-        head_dim=64,
-        use_linear_in_transformer=True,
-        adm_in_channels=48,
-    ),
-    "sdxl_refiner": UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        transformer_depth=(0, 1, 0),
-        transformer_depth_middle=1,
-        context_dim=32,
-        num_heads=None,
-        head_dim=64,
-        use_linear_in_transformer=True,
-        adm_in_channels=40,
-    ),
-}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,7 @@ from torch import nn
 
 from core.accel.attention import attention
 from core.errors import CheckpointError, RequestError
-from core.models.latent_formats import latent_format
 
-FAMILIES = ("sd15", "sd2", "sdxl", "flux")
 _NORM_GROUPS = 32  # fixed in LDM; every VAE width must be a multiple of it
 
 
@@ -64,25 +63,17 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, family: str = "sd15", size: str = "full") -> VAEConfig:
-        """The real VAE of ``family`` (``size="full"``) or a few-hundred-KB one with the same structure.
+        """The real VAE of ``family`` (``size="full"``) or a few-hundred-KB one with the same structure, as the
+        family module gives it (scale and shift from its latent format)."""
+        from core.models.families import FAMILIES
 
-        "tiny" keeps four levels (still 8x downscale, so latent sizes match the real models') and the
-        mid-block attention, at 32/32/64/64 channels (cheap at full resolution) and one res block per level.
-        """
-        if family not in FAMILIES:
-            raise RequestError("model family", family, "one of " + ", ".join(FAMILIES))
-        fmt = latent_format(family)
-        base = cls(
-            z_channels=fmt.channels,
-            use_quant_conv=family != "flux",
-            scaling_factor=fmt.scale,
-            shift_factor=fmt.shift,
-        )
-        if size == "full":
-            return base
-        if size == "tiny":
-            return replace(base, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-        raise RequestError("model size", size, "tiny or full")
+        known = [name for name, f in FAMILIES.items() if f.has("vae") and f.component("vae").presets]
+        if family not in known:
+            raise RequestError("model family", family, "one of " + ", ".join(known))
+        presets = FAMILIES[family].component("vae").presets
+        if size not in presets:
+            raise RequestError("model size", size, "tiny or full")
+        return cls(**presets[size])
 
     @classmethod
     def from_state_dict(
@@ -90,8 +81,9 @@ class VAEConfig:
     ) -> VAEConfig:
         """Read the configuration off a VAE's keys/shapes (LDM names, component prefix removed).
 
-        Scale and shift are not in the weights: they come from ``family`` when given, else from the latent
-        channel count (16 -> Flux, 4 -> SD1.x; SDXL's VAE has the same shapes, so pass ``family="sdxl"``).
+        Scale and shift are not in the weights: they come from ``family``'s latent format (the loader always
+        passes it: SDXL's VAE has SD1.5's shapes but another scale). Without a family they are those of the
+        first family in the registry with this many latent channels (4: SD1.x, 16: Flux.1).
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
         if "encoder.conv_in.weight" not in shapes and "decoder.up_blocks.0.resnets.0.norm1.weight" in shapes:
@@ -116,9 +108,7 @@ class VAEConfig:
                 "VAE weights", f"their widths {widths} are not multiples of both {ch} and {_NORM_GROUPS}"
             )
         ch_mult = tuple(width // ch for width in widths)
-        if family is None:
-            family = "flux" if z_channels == 16 else "sd15"
-        fmt = latent_format(family)
+        fmt = _latent_format(family, z_channels)
         if fmt.channels != z_channels:
             raise CheckpointError(
                 "VAE weights", f"they have {z_channels} latent channels but {family} uses {fmt.channels}"
@@ -134,6 +124,20 @@ class VAEConfig:
             scaling_factor=fmt.scale,
             shift_factor=fmt.shift,
         )
+
+
+def _latent_format(family: str | None, z_channels: int) -> Any:
+    from core.models.families import FAMILIES, get_family
+
+    if family is not None:
+        fmt = get_family(family).latent
+        if fmt is None:
+            raise RequestError("model family", family, "a family with a known latent format")
+        return fmt
+    for f in FAMILIES.values():
+        if f.latent is not None and f.latent.channels == z_channels:
+            return f.latent
+    raise CheckpointError("VAE weights", f"no model family has {z_channels} latent channels")
 
 
 def _norm(channels: int) -> nn.GroupNorm:

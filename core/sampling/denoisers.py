@@ -43,6 +43,7 @@ class DiscreteSchedule:
         else:
             raise RequestError("beta_schedule", beta_schedule, "one of scaled_linear, linear")
         self.num_timesteps = num_timesteps
+        self.betas = betas  # [T] float64
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # [T] float64
         self.sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # [T] ascending
         self.log_sigmas = self.sigmas.log()
@@ -145,6 +146,18 @@ class FlowDenoiser:
         return x - v * _bcast(s, x)
 
 
+def _kwargs(cond: Any) -> dict[str, Any]:
+    """Network keywords of a ``core.models.conditioning.Conditioning`` or of a plain dict."""
+    return cond.model_kwargs() if hasattr(cond, "model_kwargs") else cond
+
+
+def _batched(cond: Any, uncond: Any) -> dict[str, Any]:
+    """``[cond; uncond]`` as network keywords: ``Conditioning.cat`` when both are Conditionings."""
+    if hasattr(cond, "model_kwargs") and hasattr(uncond, "model_kwargs"):
+        return type(cond).cat([cond, uncond]).model_kwargs()
+    return _cat_cond(_kwargs(cond), _kwargs(uncond))
+
+
 def _cat_cond(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in cond.items():
@@ -167,7 +180,8 @@ class CFGDenoiser:
     """Classifier-free guidance around a denoiser: ``D = D_u + cfg (D_c - D_u)``.
 
     Cond and uncond go through ONE call on a batch of 2B (``[cond; uncond]``, each conditioning tensor
-    concatenated along dim 0; the caller makes token lengths equal). ``cfg == 1`` runs only the conditional
+    concatenated along dim 0; the caller makes token lengths equal). They are ``Conditioning``s or dicts of
+    network keywords. ``cfg == 1`` runs only the conditional
     half. Guidance on x0 equals guidance on eps because x0 = x - sigma eps is affine with the same x.
 
     ``guidance_rescale`` (phi) is applied to the noise prediction ``eps = (x - D) / sigma`` — exactly
@@ -177,20 +191,20 @@ class CFGDenoiser:
     def __init__(
         self,
         denoiser: Callable[..., torch.Tensor],
-        cond: dict[str, Any],
-        uncond: dict[str, Any] | None,
+        cond: Any,
+        uncond: Any | None,
         cfg: float,
         guidance_rescale: float = 0.0,
     ) -> None:
         self.inner = denoiser
-        self.cond = cond
-        self.uncond = uncond
+        self.cond = _kwargs(cond)
+        self.uncond = None if uncond is None else _kwargs(uncond)
         self.cfg = float(cfg)
         self.guidance_rescale = float(guidance_rescale)
         self.schedule = getattr(denoiser, "schedule", None)
         self.calls = 0  # network forward calls, for tests and stats
         # concatenated once: the conditioning is the same at every step
-        self._both = None if uncond is None or self.cfg == 1.0 else _cat_cond(cond, uncond)
+        self._both = None if uncond is None or self.cfg == 1.0 else _batched(cond, uncond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         self.calls += 1

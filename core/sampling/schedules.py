@@ -115,22 +115,16 @@ def beta(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta_: floa
 
 # ---- Align Your Steps (Sabour et al. 2024; sampling.md §3) -----------------------------------------------
 
-AYS_LEVELS: dict[str, tuple[float, ...]] = {
-    "sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
-            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
-    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
-}  # fmt: skip
-# model family -> AYS level table (SD2.x shares SD1's noise schedule)
-AYS_FAMILY = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd1", "sd21": "sd1", "sdxl": "sdxl"}
-
-
 def ays_levels(family: str, steps: int) -> torch.Tensor:
-    """The 11 published levels re-sampled to ``steps + 1`` points, linear in log sigma over [0, 1], last = 0."""
-    key = AYS_FAMILY.get(family)
-    if key is None:
-        raise RequestError("schedule", "ays", f"Align Your Steps has levels for {', '.join(AYS_FAMILY)} models only")
-    levels = torch.tensor(AYS_LEVELS[key], dtype=torch.float64)
+    """The 11 published levels of ``family`` (its module's ``ays_levels``) re-sampled to ``steps + 1`` points,
+    linear in log sigma over [0, 1], last = 0."""
+    from core.models.families import FAMILIES
+
+    published = getattr(FAMILIES.get(family), "ays_levels", None)
+    if published is None:
+        have = [f.label for f in FAMILIES.values() if f.ays_levels is not None]
+        raise RequestError("schedule", "ays", f"Align Your Steps has levels for {', '.join(have)} models only")
+    levels = torch.tensor(published, dtype=torch.float64)
     if steps + 1 != len(levels):
         # ascending positions on [0, 1] so interpolation runs left to right, then flip back
         log_levels = levels.flip(0).log()

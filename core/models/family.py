@@ -1,0 +1,226 @@
+"""What a model family is: one frozen spec per family that owns everything Darkroom knows about it.
+
+A family (SD1.x, SDXL, Flux.1, ...) is described by data, like BFL's ``configs`` table, not by branches
+spread over the code: how to recognise its files (``detect``), the networks it is made of (``Component``:
+role, checkpoint prefix, config and network classes, their real and tiny configurations, the model folders a
+standalone file of it lives in), its latent space (``LatentFormat``), how it was trained to denoise
+(``DiscreteSampling`` or ``FlowSampling``), the class that turns prompts into its conditioning, its pixel
+multiple and default size, its Align Your Steps levels and its built-in presets. Each family is one module in
+``core/models/families/``; the package's ``__init__`` finds them, so adding a family touches nothing else.
+
+This module and the family modules import no torch: detection runs on the UI thread (``inspect_header``).
+Classes that need torch are named as ``"module:attribute"`` strings and imported when a model loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Shapes = Mapping[str, tuple[int, ...]]
+Reader = Callable[[str], Any] | None  # key -> tensor, for the few guesses that need tensor data
+
+SIZES = ("tiny", "full")
+ROLE_LABELS = {
+    "unet": "UNet",
+    "text_encoder": "text encoder",
+    "text_encoder_2": "second text encoder",
+    "text_encoder_3": "third text encoder",
+    "vae": "VAE",
+}
+
+
+def resolve(ref: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (imports the module)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One network of a family as a single-file checkpoint stores it.
+
+    ``config``/``network`` are ``"module:Class"`` references; empty means the family is recognised but this
+    component cannot be loaded yet. ``presets`` maps a size (``"full"``: the real network, ``"tiny"``: the same
+    structure at a few MB, for tests) to the config's keyword arguments.
+    """
+
+    role: str  # unet | text_encoder | text_encoder_2 | text_encoder_3 | vae
+    prefix: str  # key prefix in a single-file checkpoint
+    config: str = ""
+    network: str = ""
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    folders: tuple[str, ...] = ()  # model-registry kinds a standalone file of it is found in ("vae")
+
+    @property
+    def label(self) -> str:
+        return ROLE_LABELS.get(self.role, self.role)
+
+    @property
+    def loadable(self) -> bool:
+        return bool(self.config and self.network)
+
+    def config_class(self) -> Any:
+        return resolve(self.config)
+
+    def network_class(self) -> Any:
+        return resolve(self.network)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How one family's latents look: channels, VAE scale/shift, pixels per latent pixel, RGB preview fit.
+
+    A raw VAE latent ``z`` moves into the model space the denoiser works in by ``(z - shift) * scale``.
+    """
+
+    family: str
+    channels: int
+    scale: float
+    shift: float
+    rgb_factors: tuple[tuple[float, float, float], ...]  # [channels][R, G, B]
+    rgb_bias: tuple[float, float, float]
+    downscale: int = 8
+
+    def to_model_space(self, z: Any) -> Any:
+        """Raw VAE latent -> the space the denoiser (and the preview) works in."""
+        return (z - self.shift) * self.scale
+
+    def from_model_space(self, x: Any) -> Any:
+        """Model-space latent -> raw VAE latent, ready for the decoder."""
+        return x / self.scale + self.shift
+
+
+@dataclass(frozen=True)
+class DiscreteSampling:
+    """A DDPM-trained model (SD1.x/2.x/XL): 1000 timesteps of betas, sampled in the variance-exploding form.
+
+    ``x = x0 + sigma * noise`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the network sees timestep
+    ``t(sigma)`` interpolated in log sigma (``core.sampling.denoisers.DiscreteSchedule``).
+    """
+
+    prediction: str = "eps"  # what files of the family predict when nothing in the file says otherwise
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    timesteps: int = 1000
+
+    def schedule(self) -> Any:
+        from core.sampling.denoisers import DiscreteSchedule
+
+        return DiscreteSchedule(self.beta_start, self.beta_end, self.timesteps, self.beta_schedule)
+
+    def noise(self, x0: Any, noise: Any, sigma: Any) -> Any:
+        """The sample at noise level ``sigma`` of clean latents ``x0`` (zeros for txt2img)."""
+        return x0 + noise * sigma
+
+    def timestep(self, schedule: Any, sigma: Any) -> Any:
+        return schedule.sigma_to_t(sigma)
+
+    def denoiser(self, network: Any, schedule: Any, prediction: str) -> Any:
+        """``network`` wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type."""
+        from core.errors import RequestError
+        from core.sampling.denoisers import EpsDenoiser, VDenoiser
+
+        wrappers = {"eps": EpsDenoiser, "v": VDenoiser}
+        if prediction not in wrappers:
+            raise RequestError("model prediction type", prediction, "eps or v for this model family")
+        return wrappers[prediction](network, schedule)
+
+
+@dataclass(frozen=True)
+class FlowSampling:
+    """A rectified-flow model (Flux.1, SD3): ``x = (1 - sigma) x0 + sigma noise``, sigma in [0, 1]."""
+
+    prediction: str = "flow"
+    shift: float = 1.0  # sigma shift of the schedule (resolution-dependent for Flux.1 dev)
+    multiplier: float = 1.0  # timestep the network takes per unit of sigma (Flux 1, SD3 1000)
+
+    def schedule(self) -> Any:
+        return None
+
+    def noise(self, x0: Any, noise: Any, sigma: Any) -> Any:
+        return x0 * (1 - sigma) + noise * sigma
+
+    def timestep(self, schedule: Any, sigma: Any) -> Any:
+        return sigma * self.multiplier
+
+    def denoiser(self, network: Any, schedule: Any, prediction: str) -> Any:
+        from core.sampling.denoisers import FlowDenoiser
+
+        return FlowDenoiser(network, time_scale=self.multiplier)
+
+
+Sampling = DiscreteSampling | FlowSampling
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a family's detector found in a file.
+
+    ``prefixes`` None means the family's own component prefixes. ``prediction`` None lets the generic markers
+    (``v_pred``, ``edm_*`` keys) and then the family's ``guess_prediction`` decide. ``sure`` False marks a
+    guess from secondary evidence: any sure match of another family wins over it.
+    """
+
+    variant: str = "base"
+    prediction: str | None = None
+    prefixes: Mapping[str, str] | None = None
+    notes: tuple[str, ...] = ()
+    sure: bool = True
+
+
+Detector = Callable[[Shapes], Match | None]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything one model family means. See the module docstring and docs/architecture.md."""
+
+    name: str  # the id used in requests, presets, metadata ("sd15")
+    label: str  # what users read ("SD1.x")
+    order: int  # position in lists and messages
+    components: tuple[Component, ...]
+    detect: Detector  # a single-file checkpoint of this family (its keys under the component prefixes)
+    detect_bare: Detector | None = None  # a denoiser released alone, without prefixes (BFL's flux1-dev)
+    detect_priority: int = 0  # detectors run highest first: a family whose markers imply another's goes first
+    guess_prediction: Callable[[Shapes, Reader], tuple[str, tuple[str, ...]]] | None = None
+    latent: LatentFormat | None = None
+    sampling: Sampling = field(default_factory=DiscreteSampling)
+    conditioner: str = ""  # "module:Class" turning prompts into Conditioning; empty: not runnable yet
+    pixel_multiple: int = 8
+    default_size: tuple[int, int] = (512, 512)
+    ays_levels: tuple[float, ...] | None = None  # Align Your Steps' 11 published sigmas, or None
+    presets: tuple[str, ...] = ()  # built-in preset names (files ``presets/<name>.toml``) for this family
+    takes_presets: bool = True  # whether a preset may declare ``family = <name>``
+    lora_keys: str = ""  # later: "module:function" mapping LoRA key names onto this family's modules
+
+    def __post_init__(self) -> None:
+        roles = [c.role for c in self.components]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"family {self.name}: a component role appears twice in {roles}")
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        return {c.role: c.prefix for c in self.components}
+
+    @property
+    def denoiser(self) -> Component:
+        """The first component is the denoiser (UNet or transformer)."""
+        return self.components[0]
+
+    def component(self, role: str) -> Component:
+        for c in self.components:
+            if c.role == role:
+                return c
+        raise KeyError(f"family {self.name} has no {role} component")
+
+    def has(self, role: str) -> bool:
+        return any(c.role == role for c in self.components)
+
+    @property
+    def runnable(self) -> bool:
+        """Whether Darkroom can generate with it: every network loadable, a latent format, a conditioner."""
+        return bool(self.conditioner and self.latent and all(c.loadable for c in self.components))
