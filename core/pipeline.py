@@ -30,6 +30,7 @@ from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
 from core.sampling.noise import NoiseSampler
 from core.sampling.samplers import StepInfo, sample
 from core.sampling.schedules import get_sigmas
+from core.tensor_bytes import rgb_image
 
 if TYPE_CHECKING:
     from core.models.checkpoint import LoadedCheckpoint
@@ -185,7 +186,7 @@ def encode_conditioning(
 def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:
     """Decoded VAE output in [-1, 1] ``[B, 3, H, W]`` -> 8-bit RGB images (rounded like diffusers)."""
     pixels = ((latents.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+    return [rgb_image(p.permute(1, 2, 0)) for p in pixels]
 
 
 def image_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -73,12 +73,14 @@ def preview_image(x0: torch.Tensor, family: str, max_size: int | None = None):
     """
     from PIL import Image
 
+    from core.tensor_bytes import rgb_image
+
     if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
         raise RequestError("preview max_size", max_size, "a positive number of pixels or nothing")
     rgb = latent_to_rgb(x0, family)
     if rgb.dim() == 4:
         rgb = rgb[0]
-    image = Image.fromarray(rgb.numpy())  # uint8 [h, w, 3] -> mode "RGB"
+    image = rgb_image(rgb)
     if max_size is not None and max(image.size) > max_size:
         w, h = image.size
         ratio = max_size / max(w, h)

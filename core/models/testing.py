@@ -3,6 +3,10 @@
 Tests and benchmarks cannot download weights, so they write files with the real key names, shapes and
 dtypes (``size="full"``) or the same structure at a few MB (``size="tiny"``), and load them through the same
 code path as a user's checkpoint.
+
+Runtime dependencies only (torch and the stdlib): files are written by ``core.models.safetensors_writer``, not
+``safetensors.torch.save_file`` (which needs numpy), so a user's install can make a test checkpoint too
+(``scripts/check_runtime_install.sh`` does).
 """
 
 from __future__ import annotations
@@ -107,10 +111,9 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout."""
-    from safetensors.torch import save_file
+    from core.models.safetensors_writer import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(iter_random_checkpoint(family, size, seed, dtype))
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
+    return save_tensors(tensors, path, metadata={"format": "pt"})
