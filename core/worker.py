@@ -240,9 +240,12 @@ class Worker:
             except StoreError:
                 pass  # the next start's recovery ends it
 
-    def submit(self, request: GenerationRequest, *, priority: int = 0) -> int:
-        """Queue a request (a seed of -1 is resolved when the job starts); returns the job id."""
-        job_id = self.store.add_job(request, priority=priority, queue=self.queue, owned=self.private_queue)
+    def submit(self, request: GenerationRequest, *, priority: int = 0, source_key: str | None = None) -> int:
+        """Queue a request (a seed of -1 is resolved when the job starts); returns the job id.
+        ``source_key``: the batch file line it comes from (``core.store.source_key``)."""
+        job_id = self.store.add_job(
+            request, priority=priority, queue=self.queue, owned=self.private_queue, source_key=source_key
+        )
         self._emit(JobQueued(job_id, request))
         self._wake.set()
         self._status_dirty.set()
@@ -273,7 +276,7 @@ class Worker:
 
     def retry(self, job_id: int) -> int:
         """Run an ended job again, in this worker's queue (it may come from a batch run's)."""
-        job_id = self.store.retry(job_id, queue=self.queue)
+        job_id = self.store.retry(job_id, queue=self.queue, owned=self.private_queue)
         job = self.store.get_job(job_id)
         if job is not None:
             self._emit(JobQueued(job_id, job.request))

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from core import metadata
-from core.events import JobFinished
+from core.events import JobFinished, Status
 from core.recovery import job_tag, recover
 from core.request import GenerationRequest
 from core.store import JobStore
@@ -34,6 +34,7 @@ from PIL import Image
 from core import metadata
 from core.request import GenerationRequest
 from core.store import JobStore
+from core.events import Status
 from core.worker import GeneratedImage, Worker
 
 db, out, point, at_image = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -66,7 +67,7 @@ class Runner:
         return [GeneratedImage(Image.new("RGB", (8, 8), (i * 60, 0, 0)), seed, job.request)
                 for i, seed in enumerate(job.request.image_seeds())]
 
-Worker._make_status = lambda self, ctx: None  # no torch import in this test process
+Worker._make_status = lambda self, ctx: Status(job_id=None)  # no torch import in this test process
 worker = Worker(store, Runner(), output_dir=out, status_interval=0.05)
 worker.submit(GenerationRequest(model="fake.safetensors", prompt="p", seed=10, batch_count=3, steps=1))
 worker.start()
@@ -106,7 +107,7 @@ def _run_retry(store: JobStore, out: Path, job_id: int) -> tuple[JobFinished, Ru
     done = threading.Event()
     finished: list[JobFinished] = []
     worker.subscribe(lambda e: (finished.append(e), done.set()) if isinstance(e, JobFinished) else None)
-    worker._make_status = lambda ctx: None
+    worker._make_status = lambda ctx: Status(job_id=None)
     worker.retry(job_id)
     worker.start()
     assert done.wait(20)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.events import JobFinished, WorkerStopped
+from core.events import JobFinished, Status, WorkerStopped
 from core.request import GenerationRequest
 from core.store import JobStore, StoreError, describe_sqlite_error
 from core.worker import GeneratedImage, Worker
@@ -192,7 +192,7 @@ def test_full_disk_while_idle_stops_the_worker_with_one_event(tmp_path, monkeypa
     store = JobStore(tmp_path / "db.sqlite3")
     worker = Worker(store, Runner(), output_dir=tmp_path / "out", status_interval=0.05)
     events = _collect(worker)
-    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: None)  # no torch import here
+    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: Status(job_id=None))  # no torch import here
     worker.start()
     first = worker.submit(req())
     _wait(lambda: any(isinstance(e, JobFinished) for e in events), "the first job")
@@ -224,7 +224,7 @@ def test_full_disk_mid_job_stops_generation_and_the_next_start_recovers(tmp_path
     runner = Runner(gate)
     worker = Worker(store, runner, output_dir=tmp_path / "out", status_interval=0.05)
     events = _collect(worker)
-    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: None)
+    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: Status(job_id=None))
     worker.start()
     job_id = worker.submit(req(steps=50))
     _wait(lambda: store.get_job(job_id).state == "running", "the job to start")
@@ -253,7 +253,7 @@ def test_lock_held_past_the_timeout_mid_run_stops_the_worker(tmp_path, monkeypat
     store = JobStore(path, busy_timeout=0.3)
     worker = Worker(store, Runner(), output_dir=tmp_path / "out", status_interval=0.05)
     events = _collect(worker)
-    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: None)
+    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: Status(job_id=None))
     worker.start()
     _wait(lambda: worker._activity == "idle", "the worker to be idle")
     lock_holder(path)
