@@ -718,7 +718,15 @@ class JobStore:
         model_hash: str | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> int:
+        """Record a saved image; recording the same image of the same job again returns the existing row (a
+        worker that was frozen past ``stale_after`` may record an image that crash recovery already did)."""
         with self._write() as conn:
+            if job_id is not None:
+                row = conn.execute(
+                    "SELECT id FROM history WHERE job_id = ? AND path = ?", (job_id, str(path))
+                ).fetchone()
+                if row is not None:
+                    return int(row[0])
             return self._insert_history(conn, job_id, path, request, seed, model_hash, timings)
 
     @staticmethod

@@ -211,3 +211,19 @@ def test_recovery_leaves_a_live_process_s_running_job_alone(tmp_path):
         report = recover(store, out)
         assert report.jobs == [] and report.images == []
         assert store.get_job(job_id).state == "running" and store.job_history(job_id) == []
+
+
+def test_an_image_recorded_by_recovery_is_not_recorded_twice_by_a_worker_that_wakes_up(tmp_path):
+    """A worker frozen past stale_after (its pid alive) is taken over; if it then records its image, the
+    history still has it once."""
+    out = tmp_path / "out"
+    with JobStore(tmp_path / "db.sqlite3", stale_after=0.0) as store:
+        job_id = store.add_job(GenerationRequest(model="m.safetensors", prompt="p", seed=1))
+        job = store.claim_next(output_dir=out)
+        path = metadata.save_image(Image.new("RGB", (4, 4)), job.request, 1, out, job_tag=job_tag(job))
+        time.sleep(0.01)
+        report = recover(store, out)
+        assert report.images == [str(path)] and store.get_job(job_id).state == "done"
+        first = store.job_history(job_id)[0].id
+        assert store.add_history(job_id, path, job.request, 1) == first
+        assert len(store.job_history(job_id)) == 1
