@@ -402,7 +402,6 @@ def _queue_jobs(
         yield job, None
 
 
-
 def run_batch(
     jobs_source: str,
     *,

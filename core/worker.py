@@ -329,7 +329,9 @@ class Worker:
             if self.fatal_error is not None:
                 return
             self.fatal_error = exc
-        log.error("the worker stopped: %s", exc)
+        # info, not error: the front end shows the event's message, and Python's last-resort handler would print
+        # an error record to stderr a second time
+        log.info("the worker stopped: %s", exc)
         ctx = self._current
         self._stop.set()
         if ctx is not None:
