@@ -262,3 +262,27 @@ def test_lock_held_past_the_timeout_mid_run_stops_the_worker(tmp_path, monkeypat
     assert len(stopped) == 1 and "locked" in stopped[0].error and str(path) in stopped[0].error
     worker.stop(timeout=5)
     store.close()
+
+
+def test_a_version_1_database_is_upgraded_with_its_jobs_and_history(tmp_path):
+    from core.store import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "db.sqlite3"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO jobs (queue, state, priority, position, request, created) VALUES ('default', 'done', 0, 1, ?, 1.0)",
+        ('{"model": "m.safetensors", "prompt": "old"}',),
+    )
+    conn.execute("INSERT INTO history (job_id, path, request, created) VALUES (1, 'a.png', ?, 1.0)",
+                 ('{"model": "m.safetensors", "prompt": "old"}',))
+    conn.commit()
+    conn.close()
+    with JobStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        job = store.get_job(1)
+        assert job.request.prompt == "old" and job.output_dir is None and job.source_key is None
+        assert [h.path for h in store.job_history(1)] == ["a.png"]
+        assert store.jobs_by_source(["nothing"]) == {}
