@@ -8,11 +8,18 @@ TOML has no null: ``hires = false`` turns off an inherited hires-fix, ``init_ima
 
 Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
-2 usage or input error, 3 a model cannot be found or loaded, 130 interrupted (Ctrl-C).
+2 usage or input error, 3 a model cannot be found or loaded, 4 the job database cannot be used (locked by
+another process for longer than the busy timeout, 30 s or ``$DARKROOM_DB_TIMEOUT``; disk full), 130
+interrupted (Ctrl-C).
 
 Jobs go through the same SQLite database as the TUI, in a queue of this run's own: an interrupted batch leaves
 the jobs it did not finish there, marked interrupted, and the TUI's Queue screen retries them (r) in its queue.
-This module never imports Textual.
+
+``--resume``: running the same jobs file again with ``--resume`` runs only its jobs that did not finish in an
+earlier run (stopped by Ctrl-C, a kill, a crash, a failure or the database). A job is the same job when the
+file's absolute path, its place in the file and its fields are unchanged. A job already done is skipped and its
+image paths are printed on stdout as if it had run, so a script still gets every path; a job stopped midway
+through saving its images makes only the ones it lacks. This module never imports Textual.
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
-from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
+from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
+EXIT_DATABASE = 4
 EXIT_INTERRUPTED = 130
 STOP_TIMEOUT = 30.0  # seconds Ctrl-C waits for the current step to end
 
@@ -287,6 +295,9 @@ class _PlainProgress:
     def failed(self, n: int, error: str) -> None:
         self._say(f"[{n}/{self.total}] failed: {error}")
 
+    def skipped(self, n: int, count: int) -> None:
+        self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
+
     def close(self) -> None:
         pass
 
@@ -337,11 +348,58 @@ class _RichProgress(_PlainProgress):
         self._end()
         super().failed(n, error)
 
+    def skipped(self, n: int, count: int) -> None:
+        self._end()
+        super().skipped(n, count)
+
     def close(self) -> None:
         self.progress.stop()
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
+
+
+def _queue_jobs(
+    worker: Any,
+    jobs: Sequence[BatchJob],
+    jobs_source: str,
+    resume: bool,
+    number: dict[int, int],
+    failed: set[int],
+    progress: _PlainProgress,
+) -> Any:
+    """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
+    images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
+    ``--resume`` finds it; with ``resume``, a job that an earlier run left failed or interrupted is retried
+    (the same job: the images it saved before are not made again)."""
+    from core.recovery import recover
+    from core.store import source_key
+
+    keys = {job.index: source_key(jobs_source, job.index, job.request) for job in jobs} if jobs_source != "-" else {}
+    earlier: dict[str, Any] = {}
+    if resume:
+        recover(worker.store, worker.output_dir)  # a job killed after its last image was saved is done
+        earlier = worker.store.jobs_by_source(keys.values())
+    for job in jobs:
+        key = keys.get(job.index)
+        before = earlier.get(key) if key else None
+        if before is not None and before.state == "done":
+            paths = [h.path for h in worker.store.job_history(before.id)]
+            if paths and all(Path(p).is_file() for p in paths):
+                yield job, paths
+                continue
+            before = None  # its images were deleted since: make them again
+        if before is not None and before.state in ("pending", "running"):
+            # queued in the TUI (a retry from its Queue screen) or running in another live batch run
+            number[before.id] = job.index
+            failed.add(before.id)
+            progress.failed(job.index, f"not run again: it is already queued or running elsewhere (job #{before.id})")
+            continue
+        if before is not None:
+            number[worker.retry(before.id)] = job.index
+        else:
+            number[worker.submit(job.request, source_key=key)] = job.index
+        yield job, None
 
 
 def run_batch(
@@ -355,8 +413,10 @@ def run_batch(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     rich_progress: bool | None = None,
+    resume: bool = False,
 ) -> int:
-    """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline."""
+    """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
+    ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
@@ -364,6 +424,9 @@ def run_batch(
         for line in text.splitlines():  # one "darkroom: error:" line per problem
             print(f"darkroom: error: {line}", file=err, flush=True)
 
+    if resume and jobs_source == "-":
+        error("--resume needs a jobs file: jobs read from stdin cannot be told apart from one run to the next")
+        return EXIT_USAGE
     try:
         jobs, label = load_jobs(jobs_source, stdin)
     except BatchInputError as exc:
@@ -415,14 +478,14 @@ def run_batch(
             return EXIT_JOB_FAILED
         runner_factory = pipeline_runner_factory(registry, dirs)
 
-    from core.store import JobStore
+    from core.store import JobStore, StoreError
     from core.worker import Worker
 
     try:
         store = JobStore(Path(db_path).expanduser() if db_path else None)
     except DarkroomError as exc:
         error(str(exc))
-        return EXIT_USAGE
+        return EXIT_DATABASE if isinstance(exc, StoreError) else EXIT_USAGE
     queue_name = f"batch-{os.getpid()}-{int(time.time())}"
     worker = Worker(
         store,
@@ -434,16 +497,35 @@ def run_batch(
     events: queue_mod.Queue = queue_mod.Queue()
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
-    for job in jobs:
-        number[worker.submit(job.request)] = job.index
-
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
     progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
-    remaining = set(number)
+    stdout_ok = True
+
+    def emit_paths(paths: Sequence[str]) -> None:
+        nonlocal stdout_ok
+        for path in paths:
+            if stdout_ok:
+                try:
+                    print(path, file=out, flush=True)
+                except BrokenPipeError:
+                    stdout_ok = False  # `| head`: keep generating, stop printing
+
     failed: set[int] = set()
+    try:
+        for job, skipped_paths in _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress):
+            if skipped_paths is not None:
+                progress.skipped(job.index, len(skipped_paths))
+                emit_paths(skipped_paths)
+    except StoreError as exc:
+        progress.close()
+        error(str(exc))
+        store.close()
+        return EXIT_DATABASE
+
+    remaining = set(number) - failed
     last_check = time.monotonic()
     model_failed = False
-    stdout_ok = True
+    database_error: str | None = None
     worker.start()
     try:
         while remaining:
@@ -454,13 +536,20 @@ def run_batch(
                     last_check = time.monotonic()
                     # A job cancelled from another process (the TUI's queue screen) before it started
                     # never reaches this worker, so no event will come for it.
-                    for job_id in list(remaining):
-                        job = store.get_job(job_id)
-                        if job is not None and job.state == "cancelled" and job.started is None:
-                            remaining.discard(job_id)
-                            failed.add(job_id)
-                            progress.failed(number[job_id], "cancelled from another window")
+                    try:
+                        for job_id in list(remaining):
+                            job = store.get_job(job_id)
+                            if job is not None and job.state == "cancelled" and job.started is None:
+                                remaining.discard(job_id)
+                                failed.add(job_id)
+                                progress.failed(number[job_id], "cancelled from another window")
+                    except StoreError as exc:
+                        database_error = str(exc)
+                        break
                 continue
+            if isinstance(event, WorkerStopped):  # the database failed: nothing more can run or be recorded
+                database_error = event.error
+                break
             n = number.get(event.job_id) if event.job_id is not None else None
             if n is None:
                 continue
@@ -473,12 +562,7 @@ def run_batch(
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)
-                for path in event.paths:
-                    if stdout_ok:
-                        try:
-                            print(path, file=out, flush=True)
-                        except BrokenPipeError:
-                            stdout_ok = False  # `| head`: keep generating, stop printing
+                emit_paths(event.paths)
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
                 failed.add(event.job_id)
@@ -496,11 +580,16 @@ def run_batch(
         def report() -> None:
             # Nobody else runs this run's queue: what did not start is interrupted, like the current job, and
             # every one of them can be retried from the TUI (which runs it in its own queue).
-            not_started = store.interrupt_pending(queue_name, "not started: the batch run was interrupted")
+            try:
+                not_started = store.interrupt_pending(queue_name, "not started: the batch run was interrupted")
+            except StoreError as exc:  # the next start's recovery marks them
+                error(str(exc))
+                return
             where = f"job {number[current]} marked interrupted; " if current in number else ""
             print(
-                f"darkroom: {where}{not_started} job(s) not started, marked interrupted; retry them from the "
-                f"Queue screen of darkroom (F4, r) with the database {store.path}",
+                f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
+                f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "
+                f"database {store.path}",
                 file=err,
                 flush=True,
             )
@@ -527,6 +616,22 @@ def run_batch(
         report()
         store.close()
         return EXIT_INTERRUPTED
+    if database_error is not None:
+        progress.close()
+        error(database_error)
+        worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
+        print(
+            f"darkroom: {len(remaining)} of {len(jobs)} job(s) not finished; once the database works again, the "
+            "same command with --resume runs just those",
+            file=err,
+            flush=True,
+        )
+        if worker.running:  # a step that outlasted the timeout: leave now (see the Ctrl-C case above)
+            with contextlib.suppress(Exception):
+                out.flush()
+            os._exit(EXIT_DATABASE)
+        store.close()
+        return EXIT_DATABASE
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()

@@ -35,6 +35,7 @@ from core.events import (
     JobStarted,
     JobStep,
     Status,
+    WorkerStopped,
 )
 from tui.commands import DarkroomCommands
 from tui.config import load_settings, save_settings
@@ -336,6 +337,9 @@ class DarkroomApp(App[int]):
 
     def on_darkroom_app_core_event(self, message: CoreEvent) -> None:
         event = message.event
+        if isinstance(event, WorkerStopped):
+            self.database_failed(event.error)
+            return
         if isinstance(event, Status):
             self.status = event
             self._freeze_new_modules()
@@ -358,6 +362,19 @@ class DarkroomApp(App[int]):
         if screen is not None and screen.is_mounted:
             screen.show_event(event)
         self.job_events.publish(event)
+
+    def database_failed(self, error: str) -> None:
+        """The job database cannot be used (locked by another process too long, disk full): nothing can be
+        queued or recorded, so leave with that one message (printed after the screen is restored)."""
+        self.exit(return_code=1, message=Text(f"darkroom: error: {error}"))
+
+    def _handle_exception(self, error: Exception) -> None:
+        from core.store import StoreError
+
+        if isinstance(error, StoreError):  # a screen's query met the failing database: its message, no traceback
+            self.database_failed(str(error))
+            return
+        super()._handle_exception(error)
 
     # ---- actions -------------------------------------------------------------------------------------------
 
