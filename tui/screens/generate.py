@@ -18,6 +18,7 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label,
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
+    IMG2IMG_DENOISE,
     MAX_SEED,
     UPSCALERS,
     GenerationRequest,
@@ -48,7 +49,7 @@ DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
-    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(DEFAULTS["denoise"]),
+    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
 }
@@ -174,7 +175,7 @@ class GenerateScreen(MainScreen):
                 Input("", id="init_image", placeholder="img2img: path of a source image", compact=True,
                       classes="path")),
             row(Label("Denoise", classes="field-label"),
-                Input("1.0", type="number", id="denoise", classes="short", compact=True,
+                Input(str(IMG2IMG_DENOISE), type="number", id="denoise", classes="short", compact=True,
                       tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
             row(Label("Hires", classes="field-label"),
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
@@ -415,6 +416,8 @@ class GenerateScreen(MainScreen):
         if "vae" in values and (values["vae"] is None or isinstance(values["vae"], str)):
             state["vae"] = values["vae"] or BUILTIN_VAE
         for name in ADVANCED_NUMBER_FIELDS:
+            if name == "denoise" and values.get(name) == 1.0 and not values.get("init_image"):
+                continue  # a txt2img job's (or older settings') 1.0 is no img2img strength: keep the field's own
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 state[name] = str(values[name])
         if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
