@@ -307,12 +307,13 @@ def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.0f} megapixels" if pixels >= 10**7 else f"{pixels / 1e6:.1f} megapixels"
 
 
-def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
+def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "init_image") -> str:
     """An img2img source as given by a user (``~`` and, when ``base_dir`` is given, paths relative to it) ->
     its absolute path, checked now, before the job is queued: it must be a regular file (a folder, FIFO or
     device is named as such and never opened), an image of at most ``MAX_INIT_IMAGE_PIXELS`` (a decompression
     bomb is refused from its declared size, before decoding), and decode completely (a truncated file fails
-    here, not when the job runs). Raises RequestError naming the value, the path looked at and the problem."""
+    here, not when the job runs). Raises RequestError naming ``field`` (the request field or job key given),
+    the value, the path looked at and the problem."""
     path = Path(value).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
@@ -320,13 +321,13 @@ def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
     try:
         mode = os.stat(path).st_mode  # follows links; never opens, so a FIFO cannot block
     except (FileNotFoundError, NotADirectoryError):
-        raise RequestError("init_image", value, f"an image file; {shown} does not exist") from None
+        raise RequestError(field, value, f"an image file; {shown} does not exist") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a lone surrogate in the path
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise RequestError("init_image", value, f"an image file; {shown} cannot be read ({why})") from None
+        raise RequestError(field, value, f"an image file; {shown} cannot be read ({why})") from None
     for test, kind in _FILE_KINDS:
         if test(mode):
-            raise RequestError("init_image", value, f"an image file; {shown} is {kind}, not a file")
+            raise RequestError(field, value, f"an image file; {shown} is {kind}, not a file")
     from PIL import Image, UnidentifiedImageError
 
     limit = f"an image of at most {_megapixels(MAX_INIT_IMAGE_PIXELS)} (8192 x 8192)"
@@ -338,7 +339,7 @@ def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
                 width, height = img.size
                 if width * height > MAX_INIT_IMAGE_PIXELS:
                     raise RequestError(
-                        "init_image", value, f"{limit}; {shown} is {width} x {height} "
+                        field, value, f"{limit}; {shown} is {width} x {height} "
                         f"({_megapixels(width * height)}): scale it down first"
                     )
                 img.draft("RGB", (4096, 4096))  # a JPEG decodes at a reduced scale: this only checks it
@@ -347,17 +348,17 @@ def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
         found = _BOMB_PIXELS.search(str(exc))
         declared = f" declares {_megapixels(int(found.group(1)))}" if found else " declares too many pixels"
         raise RequestError(
-            "init_image", value, f"{limit}; {shown}{declared}, too many to decode safely (a decompression bomb?)"
+            field, value, f"{limit}; {shown}{declared}, too many to decode safely (a decompression bomb?)"
         ) from None
     except UnidentifiedImageError:
-        raise RequestError("init_image", value, f"an image file (PNG, JPEG, WebP); {shown} is not one") from None
+        raise RequestError(field, value, f"an image file (PNG, JPEG, WebP); {shown} is not one") from None
     except RequestError:
         raise
     except PermissionError as exc:
-        raise RequestError("init_image", value, f"an image file; {shown} cannot be read ({exc.strerror})") from None
+        raise RequestError(field, value, f"an image file; {shown} cannot be read ({exc.strerror})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on a user's file: truncated, bad data
         raise RequestError(
-            "init_image", value, f"an image file that decodes completely; {shown} is truncated or damaged ({exc})"
+            field, value, f"an image file that decodes completely; {shown} is truncated or damaged ({exc})"
         ) from None
     return str(path.resolve())
 
