@@ -202,3 +202,16 @@ def test_a_job_refuses_a_bomb_put_in_place_after_it_was_queued(tmp_path):
     big = tmp_path / "big.jpg"
     Image.effect_noise((2048, 1536), 64).convert("RGB").save(big)
     assert load_init_image(str(big), 256, 192).size == (256, 192)  # decoded at a reduced scale, then resized
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (10000, 10000)])
+def test_reading_parameters_from_a_bomb_or_a_device_is_a_metadata_error(tmp_path, size):
+    from core.metadata import MetadataError, read_request
+
+    bomb = png_declaring(tmp_path / "bomb.png", *size)
+    with pytest.raises(MetadataError, match="too many pixels to open safely"):
+        read_request(bomb)
+    with pytest.raises(MetadataError, match="not an image file"):
+        read_request("/dev/null")
+    with pytest.raises(MetadataError, match="not an image file"):
+        read_request(tmp_path)

@@ -46,3 +46,8 @@ async def test_bad_fields_are_reported_at_once_and_a_bomb_does_not_end_the_app(t
         await pilot.pause()
         (job,) = app.store.list_jobs()
         assert (job.request.init_image, job.request.denoise) == (str(source.resolve()), 0.75)
+
+        screen.set_form_values({"denoise": 1.0, "init_image": None})  # a txt2img job from the history
+        assert screen.query_one("#denoise", Input).value == "0.75"  # its 1.0 is no img2img strength
+        screen.set_form_values({"denoise": 1.0, "init_image": str(source)})  # an img2img job's 1.0 is kept
+        assert screen.query_one("#denoise", Input).value == "1.0"
