@@ -136,9 +136,8 @@ def test_a_decompression_bomb_or_huge_image_is_refused_naming_the_limit(tmp_path
 
 
 def test_an_image_at_the_limit_is_not_refused_for_its_size(tmp_path):
-    path = png_declaring(tmp_path / "edge.png", 8192, 8192)  # declares exactly the limit; its data is 8x8
-    with pytest.raises(RequestError, match="truncated or damaged"):  # so it fails to decode, not for its size
-        resolve_init_image(str(path))
+    path = png_declaring(tmp_path / "edge.png", 8192, 8192)  # declares exactly the limit (its data is 8x8)
+    assert resolve_init_image(str(path)) == str(path.resolve())
 
 
 def test_a_truncated_image_is_caught_at_queue_time(tmp_path):
@@ -151,6 +150,11 @@ def test_a_truncated_image_is_caught_at_queue_time(tmp_path):
         assert img.size == (128, 128)
     with pytest.raises(RequestError, match=r"an image file that decodes completely; .*cut.png' is truncated"):
         resolve_init_image(str(cut))
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF  # one flipped byte inside the pixel data: its chunk's CRC no longer matches
+    (tmp_path / "flipped.png").write_bytes(bytes(damaged))
+    with pytest.raises(RequestError, match="truncated or damaged"):
+        resolve_init_image(str(tmp_path / "flipped.png"))
     jpeg = tmp_path / "cut.jpg"
     buffer = io.BytesIO()
     Image.effect_noise((256, 256), 64).convert("RGB").save(buffer, format="JPEG")
