@@ -287,7 +287,7 @@ def _build_request(
             fields = _merge(layer, job_fields)
     except (RequestError, PresetError) as exc:
         report("preset", str(exc))
-        return None
+        fields = _merge(layer, job_fields)  # the job's other fields are still checked
     errors: list[RequestError] = []
     try:
         resolved = _resolve_paths(fields, base)
@@ -345,7 +345,7 @@ def _is_image(path: Path) -> bool:
             head = handle.read(12)
     except OSError:
         return False  # read_text says why
-    return head.startswith(_IMAGE_MAGIC[:2]) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+    return head.startswith(_IMAGE_MAGIC) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
 
 
 def _image_jobs(path: Path, source: str) -> list[BatchJob]:

@@ -97,6 +97,17 @@ def test_every_bad_field_of_every_job_is_reported_once_where_it_is(batch):
     assert Runner.seen == []
 
 
+def test_an_unknown_preset_and_the_job_s_other_bad_fields_are_reported_together(batch):
+    run, write, _ = batch
+    jobs = write("jobs.toml", '[[job]]\nmodel = "fake"\npreset = "no-such"\nsteps = 999\n')
+    code, _, err = run(jobs)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 3
+    assert lines[0].startswith(f"darkroom: error: {jobs}: job 1: ") and "no-such" in lines[0]
+    assert lines[1].startswith(f"darkroom: error: {jobs}: job 1: steps = 999 is invalid")
+    assert lines[2] == "darkroom: error: (nothing was run: 1 of 1 jobs are invalid)"
+
+
 def test_jsonl_bad_lines_and_bad_fields_are_all_reported(batch):
     run, write, _ = batch
     jobs = write("jobs.jsonl", '{"model": "fake", "steps": 2}\n{"model": "fake",\n'
