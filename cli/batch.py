@@ -6,6 +6,16 @@ request defaults < ``[defaults]`` < preset < job fields. Relative paths in a job
 ``vae`` written as ``./file`` or ``../file``) are relative to the jobs file's folder (the current folder for stdin).
 TOML has no null: ``hires = false`` turns off an inherited hires-fix, ``init_image = ""`` an inherited init image.
 
+An image is a job too: JOBS may be a PNG (JPEG, WebP) that records its parameters (Darkroom's ``darkroom`` JSON, or
+an A1111/Forge ``parameters`` infotext), and it runs the job that made that image (its seed, one image; the model
+found through the registry as usual). A job's (or ``[defaults]``') ``from_image = "x.png"`` takes the image's
+parameters in place of the request defaults, so the full order is: request defaults < ``from_image`` <
+``[defaults]`` < preset < the job's own fields.
+
+Every job is validated before anything runs, and every problem of every job is reported in one run, each with its
+place: ``[defaults]`` (once) for a bad field a job inherits from there, else ``job 3`` (TOML), ``line 5`` (JSON
+Lines) or ``item 2`` (a JSON array).
+
 Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
 2 usage or input error, 3 a model cannot be found or loaded, 4 the job database cannot be used (locked by
@@ -96,6 +106,8 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise BatchInputError(f"{label}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise BatchInputError(_too_deep(label)) from None
         unknown = sorted(set(data) - {"job", "defaults"})
         if unknown:
             raise BatchInputError(
@@ -112,6 +124,8 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None
+    except RecursionError:
+        raise BatchInputError(_too_deep(label)) from None
     if isinstance(whole, list):
         return [(f"item {i}", job) for i, job in enumerate(whole, 1)], {}
     if isinstance(whole, Mapping):
@@ -123,9 +137,25 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
             continue
         try:
             tables.append((f"line {number}", json.loads(stripped)))
-        except json.JSONDecodeError as exc:
-            raise BatchInputError(f"{label}: line {number}: not valid JSON: {exc.msg}") from None
+        except json.JSONDecodeError as exc:  # reported with every other bad line and job
+            tables.append((f"line {number}", _Unreadable(f"not valid JSON: {exc.msg}")))
+        except RecursionError:
+            tables.append((f"line {number}", _Unreadable(_too_deep(None))))
     return tables, {}
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A JSON line that does not parse, kept in its place to be reported with the other problems."""
+
+    problem: str
+
+
+def _too_deep(label: str | None) -> str:
+    # tomllib and json recurse once per level of nesting: thousands of "[[[[" are a RecursionError
+    text = ("nested too deeply to read (arrays or tables thousands of levels inside each other); a job is a "
+            "flat table of request fields")
+    return f"{label}: {text}" if label else text
 
 
 _RELATIVE_PREFIXES = ("./", "../", ".\\", "..\\")
@@ -153,7 +183,31 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 def _job_fields(table: Mapping[str, Any]) -> dict[str, Any]:
     """A table's request fields. TOML has no null, so ``hires = false`` is how a job turns off the hires-fix
     that its preset or ``[defaults]`` switched on."""
-    return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k != "preset"}
+    return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k not in _NOT_FIELDS}
+
+
+_NOT_FIELDS = ("preset", "from_image")  # job keys that name where fields come from, not request fields
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF....WEBP)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
+    """The request an image was made with (Darkroom's own record, or an A1111/Forge infotext), as job fields.
+
+    It is that image's request: its seed, one image (``batch_size`` and ``batch_count`` 1), and no img2img
+    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). Raises
+    RequestError for a path that is no readable image, MetadataError for an image without parameters.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("from_image", value, "the path of an image made by Darkroom, A1111 or Forge")
+    path = resolve_init_image(value, base_dir, field="from_image")  # a regular file that decodes, not a bomb
+    from core.metadata import read_request
+
+    fields = read_request(path).to_dict()
+    fields.update(batch_size=1, batch_count=1)
+    if fields.get("init_image") is None:
+        fields.pop("denoise", None)
+    return fields
 
 
 def parse_jobs(
@@ -161,45 +215,104 @@ def parse_jobs(
 ) -> list[BatchJob]:
     """Validate every job up front, so nothing runs when any job is wrong.
 
-    ``base_dir`` is the folder relative paths in jobs (``init_image``, ``./`` model and VAE paths) are taken
-    from: the jobs file's own folder, or the current folder for stdin.
+    ``base_dir`` is the folder relative paths in jobs (``init_image``, ``from_image``, ``./`` model and VAE
+    paths) are taken from: the jobs file's own folder, or the current folder for stdin.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors put at the start of UTF-8 files
     tables, defaults = _job_tables(text, label, fmt or _detect_format(text, label))
     if not tables:
         raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")
-    jobs = []
-    problems = []  # every invalid job is reported in one run, not one per run
-    for index, (name, table) in enumerate(tables, 1):
-        where = f"{label}: {name}"
-        if not isinstance(table, Mapping):
-            problems.append(f"{where}: a job must be a table of request fields, not {table!r}")
-            continue
-        layer = _job_fields(defaults)
-        job_fields = _job_fields(table)
-        preset = table.get("preset", defaults.get("preset"))
-        try:
-            if preset is not None:
-                if not isinstance(preset, str):
-                    raise RequestError("preset", preset, "the name of a preset")
-                from core.presets import apply_preset, find_preset
+    return _build_jobs(tables, defaults, label, base)
 
-                # [defaults] < preset < job: the defaults go under the preset's own fields.
-                found = find_preset(preset)
-                found = dataclasses.replace(found, fields=_merge(layer, found.fields))
-                fields = apply_preset(found, job_fields)
-            else:
-                fields = _merge(layer, job_fields)
-            request = GenerationRequest.from_dict(_resolve_paths(fields, base))
-        except (RequestError, PresetError, TypeError) as exc:  # TypeError: e.g. a hires value the dataclass cannot take
-            problems.append(f"{where}: {exc}")
-            continue
-        jobs.append(BatchJob(index, request))
+
+def _build_jobs(
+    tables: list[tuple[str, Any]], defaults: dict[str, Any], label: str, base: Path
+) -> list[BatchJob]:
+    """Every problem of every job is reported in one run, each where it is: ``[defaults]`` for a bad field
+    that the job takes from there (once, not once per job), else the job (``job 3``, ``line 5``)."""
+    jobs = []
+    problems: list[str] = []
+    invalid = 0
+    for index, (name, table) in enumerate(tables, 1):
+        here: list[str] = []
+
+        def report(field: str, text: str, table: Any = table, here: list[str] = here, name: str = name) -> None:
+            root = field.split(".")[0]
+            inherited = isinstance(table, Mapping) and root not in table and root in defaults
+            line = f"{label}: {'[defaults]' if inherited else name}: {text}"
+            here.append(line)
+            if line not in problems:
+                problems.append(line)
+
+        if isinstance(table, _Unreadable):
+            report("", table.problem)
+        elif not isinstance(table, Mapping):
+            report("", f"a job must be a table of request fields, not {table!r}")
+        else:
+            request = _build_request(table, defaults, base, report)
+            if request is not None and not here:
+                jobs.append(BatchJob(index, request))
+        invalid += bool(here)
     if problems:
-        more = f"\n(nothing was run: {len(problems)} of {len(tables)} jobs are invalid)" if len(problems) > 1 else ""
+        problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
+        more = f"\n(nothing was run: {invalid} of {len(tables)} jobs are invalid)" if len(problems) > 1 else ""
         raise BatchInputError("\n".join(problems) + more)
     return jobs
+
+
+def _build_request(
+    table: Mapping[str, Any], defaults: Mapping[str, Any], base: Path, report: Callable[[str, str], None]
+) -> GenerationRequest | None:
+    """One job's request: request defaults < its ``from_image`` < ``[defaults]`` < its preset < its own fields.
+    Every problem goes to ``report(field, text)``; None when there was one."""
+    from core.metadata import MetadataError
+
+    layer = _job_fields(defaults)
+    image = table.get("from_image", defaults.get("from_image"))
+    if image is not None:
+        try:  # the image stands in for the request defaults: all the rest of the file goes over it
+            layer = _merge(_image_fields(image, base), layer)
+        except RequestError as exc:
+            report("from_image", str(exc))
+            return None
+        except MetadataError as exc:
+            report("from_image", f"from_image = {image!r}: {exc}")
+            return None
+    job_fields = _job_fields(table)
+    preset = table.get("preset", defaults.get("preset"))
+    try:
+        if preset is not None:
+            if not isinstance(preset, str):
+                raise RequestError("preset", preset, "the name of a preset")
+            from core.presets import apply_preset, find_preset
+
+            # [defaults] < preset < job: the defaults go under the preset's own fields.
+            found = find_preset(preset)
+            found = dataclasses.replace(found, fields=_merge(layer, found.fields))
+            fields = apply_preset(found, job_fields)
+        else:
+            fields = _merge(layer, job_fields)
+    except (RequestError, PresetError) as exc:
+        report("preset", str(exc))
+        fields = _merge(layer, job_fields)  # the job's other fields are still checked
+    errors: list[RequestError] = []
+    try:
+        resolved = _resolve_paths(fields, base)
+    except RequestError as exc:  # a bad init_image: the other fields are still checked
+        errors.extend(exc.errors)
+        resolved = fields
+    try:
+        request = GenerationRequest.from_dict(resolved)
+    except RequestError as exc:
+        errors[:0] = exc.errors
+        request = None
+    except TypeError as exc:  # e.g. a hires value the dataclass cannot take
+        report("", str(exc))
+        return None
+    for error in errors:
+        report(error.field, str(error))
+    return None if errors else request
 
 
 def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
@@ -211,6 +324,8 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         text = stream.read()
         return parse_jobs(text, "<stdin>"), "<stdin>"
     path = Path(source)
+    if _is_image(path):
+        return _image_jobs(path, source), source
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -224,6 +339,38 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     except OSError as exc:
         raise BatchInputError(f"{source}: cannot read the jobs file ({exc.strerror or exc})") from None
     return parse_jobs(text, source, base_dir=path.parent), source
+
+
+def _is_image(path: Path) -> bool:
+    """A regular file named or starting like a PNG, JPEG or WebP (never opened when it is a pipe: jobs can come
+    from ``<(...)``)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False  # read_text says why
+    return head.startswith(_IMAGE_MAGIC) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+
+
+def _image_jobs(path: Path, source: str) -> list[BatchJob]:
+    """``--batch image.png``: the job that made the image, from the parameters it records."""
+    from core.metadata import MetadataError
+
+    try:
+        fields = _image_fields(str(path), Path.cwd())
+    except RequestError as exc:
+        raise BatchInputError(f"{source}: cannot be run as a job: {exc.valid}") from None
+    except MetadataError as exc:
+        text = str(exc).removeprefix(f"{path.expanduser().resolve()}: ")
+        raise BatchInputError(
+            f"{source}: {text}, so there is no job to run (only an image that records its parameters, as "
+            "Darkroom, A1111 and Forge write them, can be run)"
+        ) from None
+    return _build_jobs([("job 1", fields)], {}, source, path.parent)
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         metavar="JOBS",
         help="run jobs without the UI: a TOML file of [[job]] tables, a .jsonl file (one job per line), "
-        "a .json file (one job or an array of jobs), or - for stdin; "
+        "a .json file (one job or an array of jobs), an image that records its parameters (the job that "
+        "made it), or - for stdin; "
         "prints one image path per line",
     )
     parser.add_argument(

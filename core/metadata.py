@@ -686,10 +686,17 @@ def _decode_user_comment(value: bytes | str) -> str:
 
 def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
     """PNG text chunks and the EXIF UserComment (JPEG, WebP, PNG) of an image file."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if path.exists() and not path.is_file():  # a folder, FIFO or device: never opened (a FIFO would block)
+        raise MetadataError(f"{path}: not an image file (a folder or a device)")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             texts = {str(k): v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
             if not texts:
                 texts = {str(k): v for k, v in img.info.items() if isinstance(v, str)}
@@ -705,6 +712,8 @@ def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
         raise MetadataError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise MetadataError(f"{path}: not an image file Darkroom can read (PNG, JPEG or WebP)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MetadataError(f"{path}: declares too many pixels to open safely (a decompression bomb?)") from None
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read the image ({exc})") from None
     return texts, comment

@@ -191,11 +191,18 @@ def image_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype
 
 def load_init_image(path: str, width: int, height: int) -> Image.Image:
     """Open the img2img source and resize it to the request's size (Lanczos)."""
+    import warnings
+
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # changed since it was queued
+            with Image.open(path) as opened:
+                opened.draft("RGB", (width, height))  # a big JPEG decodes at a reduced scale still >= the size
+                image = opened.convert("RGB")
     except FileNotFoundError:
         raise InitImageError(f"init_image {path!r} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InitImageError(f"init_image {path!r} is too large to decode safely ({exc})") from None
     except OSError as exc:
         raise InitImageError(f"init_image {path!r} is not a readable image ({exc})") from None
     if image.size != (width, height):

@@ -18,6 +18,7 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label,
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
+    IMG2IMG_DENOISE,
     MAX_SEED,
     UPSCALERS,
     GenerationRequest,
@@ -42,13 +43,21 @@ ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float}
 HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
                "init_image", "denoise", "hires")
+# What each request field is called in the form, for error messages (in form order).
+FORM_LABELS = {
+    "model": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler": "Sampler",
+    "schedule": "Schedule", "steps": "Steps", "cfg": "CFG", "seed": "Seed", "width": "Size (width)",
+    "height": "Size (height)", "batch_size": "Batch (images)", "batch_count": "Batch (batches)", "vae": "VAE",
+    "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "hires.scale": "Hires scale",
+    "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
+}
 # UI-only entries of form_values() (kept in the last-used settings, never sent or saved into presets).
 UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
-    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(DEFAULTS["denoise"]),
+    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
 }
@@ -174,7 +183,7 @@ class GenerateScreen(MainScreen):
                 Input("", id="init_image", placeholder="img2img: path of a source image", compact=True,
                       classes="path")),
             row(Label("Denoise", classes="field-label"),
-                Input("1.0", type="number", id="denoise", classes="short", compact=True,
+                Input(str(IMG2IMG_DENOISE), type="number", id="denoise", classes="short", compact=True,
                       tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
             row(Label("Hires", classes="field-label"),
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
@@ -415,6 +424,8 @@ class GenerateScreen(MainScreen):
         if "vae" in values and (values["vae"] is None or isinstance(values["vae"], str)):
             state["vae"] = values["vae"] or BUILTIN_VAE
         for name in ADVANCED_NUMBER_FIELDS:
+            if name == "denoise" and values.get(name) == 1.0 and not values.get("init_image"):
+                continue  # a txt2img job's (or older settings') 1.0 is no img2img strength: keep the field's own
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 state[name] = str(values[name])
         if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
@@ -455,29 +466,50 @@ class GenerateScreen(MainScreen):
         self.query_one("#hidden-note", Label).update(Text("also: " + "; ".join(parts)) if parts else "")
 
     def build_request(self) -> GenerationRequest:
+        """The form as a request, or a DarkroomError listing every bad field at once, one line each, by the
+        label it has in the form."""
         values = self.form_values()
         for name in UI_ONLY_FIELDS:
             values.pop(name, None)
-        if "model" not in values:
-            raise DarkroomError("Choose a model first (no checkpoint is selected).")
+        errors: list[RequestError] = []
+
+        def parse(target: dict[str, Any], key: str, name: str, kind: type) -> None:
+            try:
+                target[key] = _parse(name, target.get(key), kind)
+            except RequestError as error:
+                errors.append(error)
+                target.pop(key, None)  # the request's default stands in, so the other fields are still checked
+
+        no_model = "model" not in values
+        if no_model:
+            values["model"] = "(none)"
         for name, kind in NUMBER_FIELDS.items():
-            if not isinstance(values.get(name), int | float):
-                raise DarkroomError(f"{name} = {values.get(name)!r} is invalid: it must be a number")
-            values[name] = kind(values[name])
-        values["clip_skip"] = _parse("clip_skip", values["clip_skip"], int)
+            parse(values, name, name, kind)
+        parse(values, "clip_skip", "clip_skip", int)
         init_image = values["init_image"]
         if init_image is None:
             values["denoise"] = DEFAULTS["denoise"]  # txt2img: the img2img strength does not apply
         else:
-            values["denoise"] = _parse("denoise", values["denoise"], float)
-            values["init_image"] = resolve_init_image(init_image)
+            parse(values, "denoise", "denoise", float)
+            try:
+                values["init_image"] = resolve_init_image(init_image)
+            except RequestError as error:
+                errors.append(error)
         if values["hires"] is not None:
-            values["hires"] = {
-                **values["hires"],
-                **{name: _parse(f"hires.{name}", values["hires"][name], kind)
-                   for name, kind in HIRES_NUMBER_FIELDS.items()},
-            }
-        return GenerationRequest.from_dict(values)
+            values["hires"] = dict(values["hires"])
+            for name, kind in HIRES_NUMBER_FIELDS.items():
+                parse(values["hires"], name, f"hires.{name}", kind)
+        try:
+            request = GenerationRequest.from_dict(values)
+        except RequestError as error:
+            errors.extend(error.errors)
+        if no_model or errors:
+            order = list(FORM_LABELS)
+            errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
+            lines = ["Choose a model first (no checkpoint is selected)."] if no_model else []
+            lines += [f"{FORM_LABELS.get(e.field, e.field)}: {e}" for e in errors]
+            raise DarkroomError("\n".join(lines))
+        return request
 
     # ---- actions -------------------------------------------------------------------------------------------
 
