@@ -36,6 +36,7 @@ from typing import IO, Any
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
+from core.text import visible
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -242,9 +243,9 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
 
 
 def _shown(prompt: str, limit: int = 60) -> str:
-    """A prompt on one line, as the user wrote it: ``repr`` would double A1111's ``\\(`` escapes."""
-    # newlines would break the one-line-per-event log, and control characters could drive the terminal
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in prompt).split())
+    """A prompt on one line, as the user wrote it (``repr`` would double A1111's ``\\(`` escapes), with control
+    characters made visible: newlines would break the one-line-per-event log, and escapes drive the terminal."""
+    text = " ".join(visible(prompt).split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f'"{text}"'
@@ -260,7 +261,8 @@ class _PlainProgress:
         self._last_activity = ""
 
     def _say(self, text: str) -> None:
-        print(text, file=self.err, flush=True)
+        # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
+        print(visible(text), file=self.err, flush=True)
 
     def message(self, text: str) -> None:
         self._say(text)
@@ -313,7 +315,7 @@ class _RichProgress(_PlainProgress):
         self.progress.start()
 
     def _say(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)  # prompts are user text, never markup
+        self.console.print(visible(text), markup=False, highlight=False)  # prompts are user text, never markup
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -361,8 +363,9 @@ def run_batch(
     err = stderr or sys.stderr
 
     def error(text: str) -> None:
-        for line in text.splitlines():  # one "darkroom: error:" line per problem
-            print(f"darkroom: error: {line}", file=err, flush=True)
+        for line in text.split("\n"):  # one "darkroom: error:" line per problem
+            # file, field and tensor names in the message come from files: control characters made visible
+            print(f"darkroom: error: {visible(line)}", file=err, flush=True)
 
     try:
         jobs, label = load_jobs(jobs_source, stdin)
@@ -391,11 +394,11 @@ def run_batch(
     registry = ModelRegistry(dirs)
     for job in jobs:
         for warning in prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt):
-            print(f"darkroom: warning: {label}: job {job.index}: {warning}", file=err, flush=True)
+            print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
-                f"darkroom: warning: {label}: job {job.index}: denoise = {job.request.denoise} has no effect "
+                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no effect "
                 "without init_image (the hires-fix strength is hires.denoise)",
                 file=err,
                 flush=True,
@@ -444,6 +447,8 @@ def run_batch(
     last_check = time.monotonic()
     model_failed = False
     stdout_ok = True
+    # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
+    out_is_terminal = hasattr(out, "isatty") and out.isatty()
     worker.start()
     try:
         while remaining:
@@ -476,7 +481,7 @@ def run_batch(
                 for path in event.paths:
                     if stdout_ok:
                         try:
-                            print(path, file=out, flush=True)
+                            print(visible(path) if out_is_terminal else path, file=out, flush=True)
                         except BrokenPipeError:
                             stdout_ok = False  # `| head`: keep generating, stop printing
             elif isinstance(event, JobFailed):
@@ -500,7 +505,7 @@ def run_batch(
             where = f"job {number[current]} marked interrupted; " if current in number else ""
             print(
                 f"darkroom: {where}{not_started} job(s) not started, marked interrupted; retry them from the "
-                f"Queue screen of darkroom (F4, r) with the database {store.path}",
+                f"Queue screen of darkroom (F4, r) with the database {visible(store.path)}",
                 file=err,
                 flush=True,
             )
