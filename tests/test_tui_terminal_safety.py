@@ -54,7 +54,7 @@ def write_hostile_preset() -> None:
 
     folder = user_presets_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evil.toml").write_text(
+    (folder / "evil\udcff.toml").write_text(  # a file name that is not UTF-8 (byte 0xff): a lone surrogate
         'name = "pre\\u001b]0;pwned\\u0007set"\n'
         'description = "desc \\u001b[2J \\u202eabc"\n'
         'steps = 12\n',
@@ -124,6 +124,7 @@ async def test_hostile_text_is_visible_everywhere(tmp_path):
         await pilot.press("end")
         await pilot.pause()
         assert_safe(app, "pre\\x1b]0;pwned\\x07set  (user", "desc \\x1b[2J \\u202eabc")
+        assert "evil\\udcff.toml)" in str(app.screen.query_one("#preset-description").render())
         await pilot.press("r")  # the rename dialog: the question and the name in its input field
         await pilot.pause()
         assert_safe(app, "Rename preset pre\\x1b]0;pwned\\x07set to:", "pre␛]0;pwned␇set")
