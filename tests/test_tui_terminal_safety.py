@@ -148,3 +148,27 @@ def test_no_screen_builds_textual_input_fields_directly():
                 if isinstance(node.value, ast.Name) and node.value.id == "widgets":
                     offenders.append(f"{path.name}: widgets.{node.attr}")
     assert offenders == []
+
+
+def test_status_bar_no_models_screen_and_command_palette_show_names_visibly(tmp_path):
+    from core.events import Status
+    from tui.screens.no_models import no_models_text
+    from tui.widgets.status_bar import status_text
+
+    status = Status(None, activity=f"loading {MODEL}", loaded_model=MODEL)
+    for text in (status_text(status).plain, status_text(Status(None, device="…", activity=f"starting: {EVIL}")).plain,
+                 no_models_text([tmp_path / f"models{EVIL}"]).plain):
+        assert raw_controls(text) == [] and SHOWN in text
+
+
+async def test_command_palette_lists_hostile_names_visibly(tmp_path):
+    from tui.commands import DarkroomCommands
+
+    app = make_app(tmp_path, models=[MODEL], start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == MODEL)
+        titles = [title for title, _, _ in DarkroomCommands(app.screen)._commands(f"fox {EVIL}")]
+        assert f"Model: evil{SHOWN}\\u202egnp.exe\\u2069.safetensors" in titles
+        assert f"History: search fox {SHOWN}" in titles
+        assert all(raw_controls(title) == [] for title in titles)
