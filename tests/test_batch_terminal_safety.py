@@ -94,3 +94,22 @@ def test_a_hostile_jobs_file_name(batch):
     assert code == 2
     assert raw_controls(err) == []
     assert f"jobs{SHOWN}.toml: not valid TOML" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_image_paths_are_raw_on_a_pipe_and_visible_on_a_terminal(tmp_path, monkeypatch, terminal):
+    batch_runner(tmp_path, monkeypatch, FailingRunner)  # the private home and models folder
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nsteps = 1\n', encoding="utf-8")
+    out = _Terminal() if terminal else io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[tmp_path / "models"], output_dir=tmp_path / f"out{EVIL}",
+                     db_path=tmp_path / "db.sqlite3", runner_factory=FailingRunner, stdout=out,
+                     stderr=io.StringIO(), rich_progress=False)
+    assert code == 0
+    (line,) = out.getvalue().splitlines()
+    assert (f"out{SHOWN}" in line) if terminal else (f"out{EVIL}" in line)  # a pipe gets the real path
