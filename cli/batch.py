@@ -243,8 +243,9 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
 
 
 def _shown(prompt: str, limit: int = 60) -> str:
-    """A prompt on one line, as the user wrote it (``repr`` would double A1111's ``\\(`` escapes), with control
-    characters made visible: newlines would break the one-line-per-event log, and escapes drive the terminal."""
+    """A prompt on one line, as the user wrote it (``repr`` would double A1111's ``\\(`` escapes), with
+    control characters made visible: newlines would break the one-line-per-event log, escapes drive the
+    terminal."""
     text = " ".join(visible(prompt).split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
@@ -315,7 +316,8 @@ class _RichProgress(_PlainProgress):
         self.progress.start()
 
     def _say(self, text: str) -> None:
-        self.console.print(visible(text), markup=False, highlight=False)  # prompts are user text, never markup
+        # prompts are user text: never markup, control characters shown
+        self.console.print(visible(text), markup=False, highlight=False)
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -398,8 +400,8 @@ def run_batch(
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
-                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no effect "
-                "without init_image (the hires-fix strength is hires.denoise)",
+                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no "
+                "effect without init_image (the hires-fix strength is hires.denoise)",
                 file=err,
                 flush=True,
             )

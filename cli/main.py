@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         gc.enable()
         print(
-            f"darkroom: error: the terminal UI cannot start ({visible(exc)}); check that Textual is installed, "
-            "or run headless with --batch JOBS",
+            f"darkroom: error: the terminal UI cannot start ({visible(exc)}); check that Textual is "
+            "installed, or run headless with --batch JOBS",
             file=sys.stderr,
         )
         return 1

@@ -45,8 +45,8 @@ def batch(tmp_path, monkeypatch):
             return plain(str(path))
         out, err = io.StringIO(), io.StringIO()
         code = run_batch(str(path), models_dirs=[tmp_path / "models"], output_dir=tmp_path / "out",
-                         db_path=tmp_path / "db.sqlite3", runner_factory=FailingRunner, stdout=out, stderr=err,
-                         rich_progress=True)
+                         db_path=tmp_path / "db.sqlite3", runner_factory=FailingRunner, stdout=out,
+                         stderr=err, rich_progress=True)
         return code, out.getvalue(), err.getvalue()
 
     return run

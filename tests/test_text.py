@@ -14,7 +14,7 @@ ALLOWED = {"\n", "\t", "\u200c", "\u200d"}
 
 
 def hidden_characters() -> list[str]:
-    """Every character a terminal obeys or does not show: controls, format characters, separators, surrogates."""
+    """Every character a terminal obeys or does not show: controls, format, separators, surrogates."""
     return [
         chr(c) for c in range(0x110000)
         if unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp", "Cs") and chr(c) not in ALLOWED
@@ -22,7 +22,8 @@ def hidden_characters() -> list[str]:
 
 
 def raw_hidden(text: str) -> list[str]:
-    return [ch for ch in text if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") and ch not in ALLOWED]
+    return [ch for ch in text
+            if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") and ch not in ALLOWED]
 
 
 def test_osc_title_and_clear_screen_are_shown_as_escapes():
@@ -68,7 +69,9 @@ def test_newlines_and_tabs_by_mode():
 
 
 def test_ordinary_text_is_unchanged_and_the_same_object():
-    for text in ("a (red:1.2) fox \\(escaped\\) [x] 'q' \"dq\"", "café 日本語 🦊", "👨\u200d👩\u200d👧", "می\u200cخواهم", ""):
+    texts = ("a (red:1.2) fox \\(escaped\\) [x] 'q' \"dq\"", "café 日本語 🦊", "👨\u200d👩\u200d👧",
+             "می\u200cخواهم", "")
+    for text in texts:
         assert visible(text) is text
         assert visible(text, multiline=True) is text
         assert visible_same_length(text) is text

@@ -1,5 +1,6 @@
-"""Hostile text through every screen: prompts, model, file, preset and field names with escape sequences, bidi
-overrides and lone controls reach the terminal with those characters made visible (core.text.visible), never raw.
+"""Hostile text through every screen: prompts, model, file, preset and field names with escape sequences,
+bidi overrides and lone controls reach the terminal with those characters made visible (core.text.visible),
+never raw.
 
 Each check reads what the compositor would send to the terminal (``screen_text``), so a widget anywhere on the
 screen that shows raw text fails it, not only the widget the test looked for.
@@ -131,7 +132,7 @@ async def test_hostile_text_is_visible_everywhere(tmp_path):
 
 
 def test_no_screen_builds_textual_input_fields_directly():
-    """Every Input and TextArea of the UI is the one from tui.widgets.safe_input (Textual's draw their value raw)."""
+    """Every Input and TextArea of the UI is tui.widgets.safe_input's (Textual's draw their value raw)."""
     import ast
     from pathlib import Path
 
@@ -156,7 +157,8 @@ def test_status_bar_no_models_screen_and_command_palette_show_names_visibly(tmp_
     from tui.widgets.status_bar import status_text
 
     status = Status(None, activity=f"loading {MODEL}", loaded_model=MODEL)
-    for text in (status_text(status).plain, status_text(Status(None, device="…", activity=f"starting: {EVIL}")).plain,
+    starting = Status(None, device="…", activity=f"starting: {EVIL}")
+    for text in (status_text(status).plain, status_text(starting).plain,
                  no_models_text([tmp_path / f"models{EVIL}"]).plain):
         assert raw_controls(text) == [] and SHOWN in text
 

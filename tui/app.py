@@ -309,10 +309,10 @@ class DarkroomApp(App[int]):
         timeout: float | None = None,
         markup: bool = False,
     ) -> None:
-        """Every notification of every screen: messages carry prompts, file, model and tensor names, so they are
-        shown with control characters made visible and, unless a caller asks, never parsed as markup."""
-        super().notify(visible(message, multiline=True), title=visible(title), severity=severity, timeout=timeout,
-                       markup=markup)
+        """Every notification of every screen: messages carry prompts, file, model and tensor names, so they
+        are shown with control characters made visible and, unless a caller asks, never parsed as markup."""
+        super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
+                       timeout=timeout, markup=markup)
 
     def get_generate_screen(self) -> GenerateScreen | None:
         """The Generate screen once it has been mounted (it registers itself)."""
@@ -364,7 +364,8 @@ class DarkroomApp(App[int]):
                 count = len(event.paths)
                 self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
             elif isinstance(event, JobFailed):
-                self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False, timeout=8)
+                self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False,
+                            timeout=8)
         elif isinstance(event, JobQueued):
             pass
         screen = self.get_generate_screen()

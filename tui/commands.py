@@ -22,11 +22,11 @@ class DarkroomCommands(Provider):
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
             for model in generate.models:
-                commands.append((f"Model: {visible(model.name)}", partial(self._choose_model, str(model.name)),
-                                 "use this checkpoint"))
+                commands.append((f"Model: {visible(model.name)}",
+                                 partial(self._choose_model, str(model.name)), "use this checkpoint"))
         if query.strip():
-            commands.append((f"History: search {visible(query.strip())}", partial(self._search_history, query.strip()),
-                             "show matching images"))
+            commands.append((f"History: search {visible(query.strip())}",
+                             partial(self._search_history, query.strip()), "show matching images"))
         return commands
 
     async def discover(self) -> Hits:

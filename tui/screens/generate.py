@@ -296,7 +296,8 @@ class GenerateScreen(MainScreen):
 
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
-        self.query_one("#preset-picker", Select).set_options([(Text(visible(p.name)), p.name) for p in presets])
+        options = [(Text(visible(p.name)), p.name) for p in presets]
+        self.query_one("#preset-picker", Select).set_options(options)
         for problem in problems or []:
             self.app.notify(str(problem), severity="warning", markup=False)
 
@@ -400,7 +401,8 @@ class GenerateScreen(MainScreen):
             if any(str(m.name) == model for m in self.models):
                 select.value = model
             elif self._models_loaded:
-                self.app.notify(f"Model {model} is not in the models folders", severity="warning", markup=False)
+                self.app.notify(f"Model {model} is not in the models folders", severity="warning",
+                                markup=False)
         for name in NUMBER_FIELDS:
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 self.query_one(f"#{name}", Input).value = str(values[name])
@@ -453,7 +455,8 @@ class GenerateScreen(MainScreen):
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {v}" for k, v in value.items())
             parts.append(f"{name}: {value}")
-        self.query_one("#hidden-note", Label).update(Text(visible("also: " + "; ".join(parts))) if parts else "")
+        note = Text(visible("also: " + "; ".join(parts))) if parts else ""
+        self.query_one("#hidden-note", Label).update(note)
 
     def build_request(self) -> GenerationRequest:
         values = self.form_values()

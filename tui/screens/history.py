@@ -170,7 +170,8 @@ class HistoryScreen(MainScreen):
             except Exception:  # noqa: BLE001 - a bad stored row still lists
                 prompt = "(unreadable request)"
             created = format_time(field(row, "created"))
-            table.add_row(Text(visible(created)), Text(visible(field(row, "seed", ""))), Text(prompt), key=key)
+            seed = visible(field(row, "seed", ""))
+            table.add_row(Text(visible(created)), Text(seed), Text(prompt), key=key)
         if selected in self.rows:
             table.move_cursor(row=table.get_row_index(selected))
         self.show_selected()

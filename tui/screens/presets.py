@@ -112,7 +112,8 @@ class PresetsScreen(MainScreen):
             description.update("No presets.")
             return
         text = Text(visible(preset.name), style="bold")
-        text.append(f"  ({'built-in' if preset.builtin else 'user'}: {visible(preset.source)})\n", style="dim")
+        kind = "built-in" if preset.builtin else "user"
+        text.append(f"  ({kind}: {visible(preset.source)})\n", style="dim")
         text.append(visible(preset.description or "", multiline=True))
         description.update(text)
         for name, value in dict(preset.fields).items():

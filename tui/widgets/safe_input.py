@@ -1,11 +1,11 @@
 """Textual's ``Input`` and ``TextArea``, drawing their text with control characters made visible.
 
-Use these, never ``textual.widgets.Input``/``TextArea``: the form is filled from history rows, presets and saved
-settings, and Textual draws a field's value as it is, so an ESC in a loaded prompt or path reached the terminal
-(a prompt from a PNG set the window title and cleared the screen). The value is untouched (what is edited and
-sent is what was written); only its drawing goes through :func:`core.text.visible_same_length`, which keeps one
-character per character so the cursor and the selection stay where they are. ``tests/test_tui_terminal_safety.py``
-checks that no other module builds the Textual ones.
+Use these, never ``textual.widgets.Input``/``TextArea``: the form is filled from history rows, presets and
+saved settings, and Textual draws a field's value as it is, so an ESC in a loaded prompt or path reached the
+terminal (a prompt from a PNG set the window title and cleared the screen). The value is untouched (what is
+edited and sent is what was written); only its drawing goes through :func:`core.text.visible_same_length`,
+which keeps one character per character so the cursor and the selection stay where they are.
+``tests/test_tui_terminal_safety.py`` checks that no other module builds the Textual ones.
 """
 
 from __future__ import annotations
