@@ -53,6 +53,7 @@ from typing import IO, Any
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
+from core.text import visible
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -397,9 +398,10 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
 
 
 def _shown(prompt: str, limit: int = 60) -> str:
-    """A prompt on one line, as the user wrote it: ``repr`` would double A1111's ``\\(`` escapes."""
-    # newlines would break the one-line-per-event log, and control characters could drive the terminal
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in prompt).split())
+    """A prompt on one line, as the user wrote it (``repr`` would double A1111's ``\\(`` escapes), with
+    control characters made visible: newlines would break the one-line-per-event log, escapes drive the
+    terminal."""
+    text = " ".join(visible(prompt).split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f'"{text}"'
@@ -415,7 +417,8 @@ class _PlainProgress:
         self._last_activity = ""
 
     def _say(self, text: str) -> None:
-        print(text, file=self.err, flush=True)
+        # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
+        print(visible(text), file=self.err, flush=True)
 
     def message(self, text: str) -> None:
         self._say(text)
@@ -471,7 +474,8 @@ class _RichProgress(_PlainProgress):
         self.progress.start()
 
     def _say(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)  # prompts are user text, never markup
+        # prompts are user text: never markup, control characters shown
+        self.console.print(visible(text), markup=False, highlight=False)
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -568,8 +572,9 @@ def run_batch(
     err = stderr or sys.stderr
 
     def error(text: str) -> None:
-        for line in text.splitlines():  # one "darkroom: error:" line per problem
-            print(f"darkroom: error: {line}", file=err, flush=True)
+        for line in text.split("\n"):  # one "darkroom: error:" line per problem
+            # file, field and tensor names in the message come from files: control characters made visible
+            print(f"darkroom: error: {visible(line)}", file=err, flush=True)
 
     if resume and jobs_source == "-":
         error("--resume needs a jobs file: jobs read from stdin cannot be told apart from one run to the next")
@@ -601,12 +606,12 @@ def run_batch(
     registry = ModelRegistry(dirs)
     for job in jobs:
         for warning in prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt):
-            print(f"darkroom: warning: {label}: job {job.index}: {warning}", file=err, flush=True)
+            print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
-                f"darkroom: warning: {label}: job {job.index}: denoise = {job.request.denoise} has no effect "
-                "without init_image (the hires-fix strength is hires.denoise)",
+                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no "
+                "effect without init_image (the hires-fix strength is hires.denoise)",
                 file=err,
                 flush=True,
             )
@@ -647,13 +652,15 @@ def run_batch(
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
     progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
     stdout_ok = True
+    # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
+    out_is_terminal = hasattr(out, "isatty") and out.isatty()
 
     def emit_paths(paths: Sequence[str]) -> None:
         nonlocal stdout_ok
         for path in paths:
             if stdout_ok:
                 try:
-                    print(path, file=out, flush=True)
+                    print(visible(path) if out_is_terminal else path, file=out, flush=True)
                 except BrokenPipeError:
                     stdout_ok = False  # `| head`: keep generating, stop printing
 
@@ -736,7 +743,7 @@ def run_batch(
             print(
                 f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
                 f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "
-                f"database {store.path}",
+                f"database {visible(store.path)}",
                 file=err,
                 flush=True,
             )

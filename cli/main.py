@@ -95,10 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from tui.app import run_app
     except ImportError as exc:
+        from core.text import visible
+
         gc.enable()
         print(
-            f"darkroom: error: the terminal UI cannot start ({exc}); check that Textual is installed, "
-            "or run headless with --batch JOBS",
+            f"darkroom: error: the terminal UI cannot start ({visible(exc)}); check that Textual is "
+            "installed, or run headless with --batch JOBS",
             file=sys.stderr,
         )
         return 1

@@ -250,7 +250,7 @@ def test_progress_shows_the_prompt_as_written_on_one_line(batch):
     code, _, err = run(jobs)
     assert code == 0, err
     started = next(line for line in err.splitlines() if "started:" in line)
-    assert started.endswith('"a \\(hat\\), (red:1.2) second [31m line"')
+    assert started.endswith('"a \\(hat\\), (red:1.2) second\\x1b[31m line"')  # the ESC shown, not obeyed
     assert "\x1b" not in err
 
 

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label, Select, Switch, TextArea
+from textual.widgets import Button, Checkbox, Collapsible, Footer, Label, Select, Switch
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
@@ -27,8 +27,10 @@ from core.request import (
     resolve_init_image,
 )
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
+from core.text import visible
 from tui.screens.base import MainScreen
 from tui.widgets.preview import PreviewPane
+from tui.widgets.safe_input import Input, TextArea
 
 SIZE_PRESETS = [
     (512, 512), (512, 768), (768, 512), (640, 640), (768, 768), (832, 1216), (1216, 832),
@@ -276,7 +278,7 @@ class GenerateScreen(MainScreen):
         self._models_loaded = True
         select = self.query_one("#model", Select)
         wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
-        select.set_options([(Text(str(m.name)), str(m.name)) for m in models])
+        select.set_options([(Text(visible(m.name)), str(m.name)) for m in models])
         names = [str(m.name) for m in models]
         if wanted in names:
             select.value = wanted
@@ -303,7 +305,8 @@ class GenerateScreen(MainScreen):
 
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
-        self.query_one("#preset-picker", Select).set_options([(Text(p.name), p.name) for p in presets])
+        options = [(Text(visible(p.name)), p.name) for p in presets]
+        self.query_one("#preset-picker", Select).set_options(options)
         for problem in problems or []:
             self.app.notify(str(problem), severity="warning", markup=False)
 
@@ -321,7 +324,7 @@ class GenerateScreen(MainScreen):
         names = list(self.vae_names)
         if isinstance(current, str) and current and current not in names:
             names.append(current)
-        select.set_options([("built-in", BUILTIN_VAE), *((Text(n), n) for n in names)])
+        select.set_options([("built-in", BUILTIN_VAE), *((Text(visible(n)), n) for n in names)])
         select.value = current if isinstance(current, str) and current in names else BUILTIN_VAE
 
     def _advanced_state(self) -> dict[str, Any]:
@@ -407,7 +410,7 @@ class GenerateScreen(MainScreen):
             if any(str(m.name) == model for m in self.models):
                 select.value = model
             elif self._models_loaded:
-                self.app.notify(Text(f"Model {model} is not in the models folders").plain, severity="warning",
+                self.app.notify(f"Model {model} is not in the models folders", severity="warning",
                                 markup=False)
         for name in NUMBER_FIELDS:
             if name in values and values[name] is not None and not isinstance(values[name], bool):
@@ -463,7 +466,8 @@ class GenerateScreen(MainScreen):
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {v}" for k, v in value.items())
             parts.append(f"{name}: {value}")
-        self.query_one("#hidden-note", Label).update(Text("also: " + "; ".join(parts)) if parts else "")
+        note = Text(visible("also: " + "; ".join(parts))) if parts else ""
+        self.query_one("#hidden-note", Label).update(note)
 
     def build_request(self) -> GenerationRequest:
         """The form as a request, or a DarkroomError listing every bad field at once, one line each, by the
@@ -590,7 +594,7 @@ class GenerateScreen(MainScreen):
         values = dict(preset.fields)
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
         self.set_form_values(values)
-        self.app.notify(Text(f"Applied preset {preset.name}").plain, markup=False, timeout=2)
+        self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
 
     # ---- job events from the app ---------------------------------------------------------------------------
 
