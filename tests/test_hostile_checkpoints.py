@@ -233,6 +233,25 @@ def test_integer_weights_are_a_checkpoint_error(tiny, tmp_path):
     assert repr(key) in message and "int32" in message and "floating-point" in message
 
 
+@pytest.mark.parametrize(
+    "key,shape,expect",
+    [
+        ("model.diffusion_model.input_blocks.0.0.weight", (3,), "fit no known model layout"),
+        ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (), "fit no known"),
+        ("first_stage_model.decoder.conv_in.weight", (3,), "wrong number of dimensions"),
+        ("first_stage_model.encoder.down.3.block.0.conv2.weight", (), "wrong number of dimensions"),
+        ("first_stage_model.encoder.conv_in.weight", (1, 1, 1, 1, 1), "cannot be built"),
+    ],
+)
+def test_marker_keys_with_odd_shapes_are_a_checkpoint_error(tiny, tmp_path, key, shape, expect):
+    """Found by fuzzing: detection and the config readers index shapes (IndexError, GroupNorm's ValueError)."""
+    tensors = load_file(str(tiny))
+    tensors[key] = torch.zeros(shape, dtype=torch.float16)
+    path = tmp_path / "odd.safetensors"
+    save_file(tensors, str(path))
+    assert expect in _error(load_checkpoint, path)
+
+
 def test_hostile_pickle_is_a_checkpoint_error(tmp_path):
     import pickle
 

@@ -195,7 +195,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def _detect(source: TensorSource) -> CheckpointInfo:
-    return detect(source.path, source.shapes, source.dtypes, read=source.get, fmt=source.format)
+    try:
+        return detect(source.path, source.shapes, source.dtypes, read=source.get, fmt=source.format)
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+        # detection indexes marker keys' shapes; a damaged file gives them too few dimensions
+        raise CheckpointError(
+            source.path,
+            f"its tensor shapes fit no known model layout ({type(e).__name__}: {e}; a key that identifies the "
+            "model has the wrong number of dimensions); the file is damaged",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -359,16 +367,25 @@ def _load_component(
     config_cls, model_cls = _builders(family, component)
     try:
         config = config_cls.from_state_dict(shapes)
-    except (ValueError, KeyError, CheckpointError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError, CheckpointError) as e:
         if isinstance(e, CheckpointError):
             detail = e.problem
+        elif isinstance(e, KeyError):
+            detail = f"missing key {e}"
+        elif isinstance(e, IndexError):  # a shape with fewer dimensions than the key has in any real model
+            detail = "a key's shape has the wrong number of dimensions"
         else:
-            detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            detail = str(e)
         raise CheckpointError(
             path, f"cannot read the {label} configuration from its keys: {detail}"
         ) from None
-    with _parameters_on_meta():
-        module = model_cls(config)
+    try:
+        with _parameters_on_meta():
+            module = model_cls(config)
+    except (ValueError, ZeroDivisionError) as e:  # e.g. a width GroupNorm cannot split, read off the shapes
+        raise CheckpointError(
+            path, f"the {label} its keys describe cannot be built ({e}); the file is damaged or an unsupported variant"
+        ) from None
     state = module.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
     floating = {k for k, v in state.items() if v.is_floating_point()}
@@ -443,7 +460,7 @@ def _load_vae_file(
                 vae_path,
                 f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)",
             )
-        latent = source.shapes.get(prefix + "decoder.conv_in.weight", (0, 0))[1]
+        latent = (*source.shapes.get(prefix + "decoder.conv_in.weight", ()), 0, 0)[1]
         if latent != spec.latent_channels:
             raise CheckpointError(
                 vae_path,
