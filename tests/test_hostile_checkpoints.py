@@ -194,6 +194,13 @@ def test_long_names_are_shortened_in_messages(tmp_path):
     assert "xxx..." in _error(read_header, path)
 
 
+def test_a_long_unexpected_key_is_shortened(tiny, tmp_path):
+    tensors = load_file(str(tiny))
+    tensors["model.diffusion_model.input_blocks.0.0." + "x" * 100_000] = torch.zeros(2, dtype=torch.float16)
+    save_file(tensors, str(tmp_path / "long.safetensors"))
+    assert "xxx... is not part of the SD1.x UNet" in _error(load_checkpoint, tmp_path / "long.safetensors")
+
+
 def test_a_deep_header_is_refused_before_json_recurses(tmp_path, monkeypatch):
     """The pre-check, not RecursionError: json's C parser recursing 1000 levels can overflow a thread's
     small stack (macOS gives threads 512 KB) before Python's limit is reached."""

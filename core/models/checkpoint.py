@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from core.errors import CheckpointError
 from core.models.detect import FAMILIES, OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
-from core.models.safetensors_header import open_regular, read_header, sniff
+from core.models.safetensors_header import open_regular, read_header, short_repr, sniff
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -407,7 +407,7 @@ def _load_component(
         if rel not in expected and not _ignorable(component, rel):
             raise CheckpointError(
                 path,
-                f"key {rel_to_key[rel]!r} is not part of the {label} read from this file "
+                f"key {short_repr(rel_to_key[rel])} is not part of the {label} read from this file "
                 "(the file is damaged or an unsupported variant)",
             )
 

@@ -209,7 +209,7 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise _HeaderProblem(f"it names {_short(key)} twice")
+            raise _HeaderProblem(f"it names {short_repr(key)} twice")
         seen.add(key)
     return dict(pairs)
 
@@ -222,7 +222,7 @@ def _count_keys(doc: object) -> int:
     return len(doc) + sum(len(v) for v in doc.values() if type(v) is dict)
 
 
-def _short(value: object, limit: int = 80) -> str:
+def short_repr(value: object, limit: int = 80) -> str:
     """``repr`` of a header value for a message, shortened: hostile headers hold megabyte-long names."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -330,7 +330,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     for key, entry in doc.items():
         if escapes and not _encodable(key):
             raise CheckpointError(
-                path, f"the safetensors header has a tensor name {_short(key)} that is not valid Unicode; "
+                path, f"the safetensors header has a tensor name {short_repr(key)} that is not valid Unicode; "
                 "the file is corrupt"
             )
         tensors[key] = _parse_entry(path, key, entry, data_start)
@@ -353,12 +353,12 @@ def _parse_metadata(path: Path, value: object) -> dict[str, str]:
         if not isinstance(item, str):
             raise CheckpointError(
                 path,
-                f"the safetensors header's __metadata__ entry {_short(key)} is {_json_type(item)}, but "
+                f"the safetensors header's __metadata__ entry {short_repr(key)} is {_json_type(item)}, but "
                 "metadata values must be strings; the file is corrupt",
             )
         if not (_encodable(key) and _encodable(item)):
             raise CheckpointError(
-                path, f"the safetensors header's __metadata__ entry {_short(key)} is not valid Unicode; "
+                path, f"the safetensors header's __metadata__ entry {short_repr(key)} is not valid Unicode; "
                 "the file is corrupt"
             )
     return dict(value)
@@ -393,20 +393,20 @@ def _check_layout(path: Path, tensors: dict[str, TensorEntry], data_start: int, 
         if start > position and previous is None:
             raise CheckpointError(
                 path,
-                f"the safetensors header says the first tensor, {_short(key)}, starts at byte {start:,} of the "
+                f"the safetensors header says the first tensor, {short_repr(key)}, starts at byte {start:,} of the "
                 "data area, but tensor data must start at 0; the offsets are shifted, so the file is corrupt",
             )
         if start > position:
             raise CheckpointError(
                 path,
                 f"the safetensors header leaves {start - position:,} bytes unused between tensors "
-                f"{_short(previous)} and {_short(key)} (tensor data must follow on without gaps); "
+                f"{short_repr(previous)} and {short_repr(key)} (tensor data must follow on without gaps); "
                 "the file is corrupt",
             )
         if start < position:
             raise CheckpointError(
                 path,
-                f"the safetensors header gives tensors {_short(previous)} and {_short(key)} overlapping "
+                f"the safetensors header gives tensors {short_repr(previous)} and {short_repr(key)} overlapping "
                 f"bytes (data offset {start:,} is inside the previous tensor, which ends at {position:,}); "
                 "the file is corrupt",
             )
@@ -421,17 +421,17 @@ def _check_layout(path: Path, tensors: dict[str, TensorEntry], data_start: int, 
 
 def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> TensorEntry:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(path, f"the safetensors header entry for tensor {_short(key)} {what}; the file is corrupt")
+        return CheckpointError(path, f"the safetensors header entry for tensor {short_repr(key)} {what}; the file is corrupt")
 
     if not isinstance(entry, dict):
         raise bad("is not an object")
     code = entry.get("dtype")
     if not isinstance(code, str) or code not in DTYPES:
-        raise bad(f"has unknown dtype {_short(code)} (known: {', '.join(DTYPES)})")
+        raise bad(f"has unknown dtype {short_repr(code)} (known: {', '.join(DTYPES)})")
     shape = entry.get("shape")
     # type() rather than isinstance(): JSON true/false are bools, which Python counts as ints
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {_short(shape)} (expected a list of non-negative integers)")
+        raise bad(f"has an invalid shape {short_repr(shape)} (expected a list of non-negative integers)")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -439,7 +439,7 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> Tensor
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise bad(f"has invalid data_offsets {_short(offsets)} (expected [start, end] with 0 <= start <= end)")
+        raise bad(f"has invalid data_offsets {short_repr(offsets)} (expected [start, end] with 0 <= start <= end)")
     name, bits = DTYPES[code]
     if len(shape) <= 64:
         elements = math.prod(shape)
@@ -450,8 +450,8 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> Tensor
             if elements > MAX_ELEMENTS:
                 break
     if elements > MAX_ELEMENTS:
-        raise bad(f"has shape {_short(shape)} with more elements than any file can hold")
+        raise bad(f"has shape {short_repr(shape)} with more elements than any file can hold")
     expected = elements * bits // 8
     if offsets[1] - offsets[0] != expected:
-        raise bad(f"spans {offsets[1] - offsets[0]} bytes but shape {_short(shape)} of {code} needs {expected}")
+        raise bad(f"spans {offsets[1] - offsets[0]} bytes but shape {short_repr(shape)} of {code} needs {expected}")
     return TensorEntry(name, tuple(shape), data_start + offsets[0], data_start + offsets[1])
