@@ -264,6 +264,20 @@ def test_marker_keys_with_odd_shapes_are_a_checkpoint_error(tiny, tmp_path, key,
     assert expect in _error(load_checkpoint, path)
 
 
+def test_safetensors_own_errors_name_the_file(tiny, tmp_path):
+    """A file that changes after its header was checked (a download still being written) reaches
+    safetensors' own loader; its SafetensorError becomes a CheckpointError, not an internal error."""
+    from core.models.checkpoint import open_source
+
+    path = tmp_path / "changing.safetensors"
+    path.write_bytes(tiny.read_bytes())
+    source = open_source(path)
+    path.write_bytes(tiny.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        source.get(next(iter(source.shapes)))
+    assert str(err.value).startswith(f"{path}: safetensors cannot read tensor ")
+
+
 def test_hostile_pickle_is_a_checkpoint_error(tmp_path):
     import pickle
 
