@@ -447,3 +447,22 @@ def test_batch_nan_model_job_fails_and_the_next_job_runs(tiny, tmp_path, monkeyp
     assert "internal error" not in err and "Traceback" not in err
     assert "[2/2] done: 1 image(s)" in err
     assert len(out.splitlines()) == 1 and len(_pngs(tmp_path)) == 1  # the good job's image only
+
+
+def test_finite_check_catches_any_nan_or_inf_and_passes_large_finite_values():
+    from types import SimpleNamespace
+
+    from core.pipeline import NonFiniteOutputError, _check_finite
+
+    model = SimpleNamespace(checkpoint=SimpleNamespace(path=Path("m.safetensors"), vae_path=Path("v.safetensors")))
+    big = torch.full((4, 4, 64, 64), 65504.0, dtype=torch.float16)  # fp16's largest: its fp16 sum would overflow
+    _check_finite(model, big, "sampling")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[1, 2, 3, 4] = bad
+        with pytest.raises(NonFiniteOutputError, match="while sampling"):
+            _check_finite(model, x, "sampling")
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = float("inf"), -float("inf")  # they do not cancel out
+    with pytest.raises(NonFiniteOutputError, match=r"^v\.safetensors: the VAE produced NaN"):
+        _check_finite(model, x, "decoding")
