@@ -6,13 +6,30 @@ request defaults < ``[defaults]`` < preset < job fields. Relative paths in a job
 ``vae`` written as ``./file`` or ``../file``) are relative to the jobs file's folder (the current folder for stdin).
 TOML has no null: ``hires = false`` turns off an inherited hires-fix, ``init_image = ""`` an inherited init image.
 
+An image is a job too: JOBS may be a PNG (JPEG, WebP) that records its parameters (Darkroom's ``darkroom`` JSON, or
+an A1111/Forge ``parameters`` infotext), and it runs the job that made that image (its seed, one image; the model
+found through the registry as usual). A job's (or ``[defaults]``') ``from_image = "x.png"`` takes the image's
+parameters in place of the request defaults, so the full order is: request defaults < ``from_image`` <
+``[defaults]`` < preset < the job's own fields.
+
+Every job is validated before anything runs, and every problem of every job is reported in one run, each with its
+place: ``[defaults]`` (once) for a bad field a job inherits from there, else ``job 3`` (TOML), ``line 5`` (JSON
+Lines) or ``item 2`` (a JSON array).
+
 Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
-2 usage or input error, 3 a model cannot be found or loaded, 130 interrupted (Ctrl-C).
+2 usage or input error, 3 a model cannot be found or loaded, 4 the job database cannot be used (locked by
+another process for longer than the busy timeout, 30 s or ``$DARKROOM_DB_TIMEOUT``; disk full), 130
+interrupted (Ctrl-C).
 
 Jobs go through the same SQLite database as the TUI, in a queue of this run's own: an interrupted batch leaves
 the jobs it did not finish there, marked interrupted, and the TUI's Queue screen retries them (r) in its queue.
-This module never imports Textual.
+
+``--resume``: running the same jobs file again with ``--resume`` runs only its jobs that did not finish in an
+earlier run (stopped by Ctrl-C, a kill, a crash, a failure or the database). A job is the same job when the
+file's absolute path, its place in the file and its fields are unchanged. A job already done is skipped and its
+image paths are printed on stdout as if it had run, so a script still gets every path; a job stopped midway
+through saving its images makes only the ones it lacks. This module never imports Textual.
 """
 
 from __future__ import annotations
@@ -33,13 +50,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
-from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status
+from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
+from core.text import visible
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
+EXIT_DATABASE = 4
 EXIT_INTERRUPTED = 130
 STOP_TIMEOUT = 30.0  # seconds Ctrl-C waits for the current step to end
 
@@ -87,6 +106,8 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise BatchInputError(f"{label}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise BatchInputError(_too_deep(label)) from None
         unknown = sorted(set(data) - {"job", "defaults"})
         if unknown:
             raise BatchInputError(
@@ -103,6 +124,8 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None
+    except RecursionError:
+        raise BatchInputError(_too_deep(label)) from None
     if isinstance(whole, list):
         return [(f"item {i}", job) for i, job in enumerate(whole, 1)], {}
     if isinstance(whole, Mapping):
@@ -114,9 +137,25 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
             continue
         try:
             tables.append((f"line {number}", json.loads(stripped)))
-        except json.JSONDecodeError as exc:
-            raise BatchInputError(f"{label}: line {number}: not valid JSON: {exc.msg}") from None
+        except json.JSONDecodeError as exc:  # reported with every other bad line and job
+            tables.append((f"line {number}", _Unreadable(f"not valid JSON: {exc.msg}")))
+        except RecursionError:
+            tables.append((f"line {number}", _Unreadable(_too_deep(None))))
     return tables, {}
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A JSON line that does not parse, kept in its place to be reported with the other problems."""
+
+    problem: str
+
+
+def _too_deep(label: str | None) -> str:
+    # tomllib and json recurse once per level of nesting: thousands of "[[[[" are a RecursionError
+    text = ("nested too deeply to read (arrays or tables thousands of levels inside each other); a job is a "
+            "flat table of request fields")
+    return f"{label}: {text}" if label else text
 
 
 _RELATIVE_PREFIXES = ("./", "../", ".\\", "..\\")
@@ -144,7 +183,31 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 def _job_fields(table: Mapping[str, Any]) -> dict[str, Any]:
     """A table's request fields. TOML has no null, so ``hires = false`` is how a job turns off the hires-fix
     that its preset or ``[defaults]`` switched on."""
-    return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k != "preset"}
+    return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k not in _NOT_FIELDS}
+
+
+_NOT_FIELDS = ("preset", "from_image")  # job keys that name where fields come from, not request fields
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF....WEBP)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
+    """The request an image was made with (Darkroom's own record, or an A1111/Forge infotext), as job fields.
+
+    It is that image's request: its seed, one image (``batch_size`` and ``batch_count`` 1), and no img2img
+    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). Raises
+    RequestError for a path that is no readable image, MetadataError for an image without parameters.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("from_image", value, "the path of an image made by Darkroom, A1111 or Forge")
+    path = resolve_init_image(value, base_dir, field="from_image")  # a regular file that decodes, not a bomb
+    from core.metadata import read_request
+
+    fields = read_request(path).to_dict()
+    fields.update(batch_size=1, batch_count=1)
+    if fields.get("init_image") is None:
+        fields.pop("denoise", None)
+    return fields
 
 
 def parse_jobs(
@@ -152,45 +215,104 @@ def parse_jobs(
 ) -> list[BatchJob]:
     """Validate every job up front, so nothing runs when any job is wrong.
 
-    ``base_dir`` is the folder relative paths in jobs (``init_image``, ``./`` model and VAE paths) are taken
-    from: the jobs file's own folder, or the current folder for stdin.
+    ``base_dir`` is the folder relative paths in jobs (``init_image``, ``from_image``, ``./`` model and VAE
+    paths) are taken from: the jobs file's own folder, or the current folder for stdin.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors put at the start of UTF-8 files
     tables, defaults = _job_tables(text, label, fmt or _detect_format(text, label))
     if not tables:
         raise BatchInputError(f"{label}: no jobs found (expected [[job]] tables or one JSON object per line)")
-    jobs = []
-    problems = []  # every invalid job is reported in one run, not one per run
-    for index, (name, table) in enumerate(tables, 1):
-        where = f"{label}: {name}"
-        if not isinstance(table, Mapping):
-            problems.append(f"{where}: a job must be a table of request fields, not {table!r}")
-            continue
-        layer = _job_fields(defaults)
-        job_fields = _job_fields(table)
-        preset = table.get("preset", defaults.get("preset"))
-        try:
-            if preset is not None:
-                if not isinstance(preset, str):
-                    raise RequestError("preset", preset, "the name of a preset")
-                from core.presets import apply_preset, find_preset
+    return _build_jobs(tables, defaults, label, base)
 
-                # [defaults] < preset < job: the defaults go under the preset's own fields.
-                found = find_preset(preset)
-                found = dataclasses.replace(found, fields=_merge(layer, found.fields))
-                fields = apply_preset(found, job_fields)
-            else:
-                fields = _merge(layer, job_fields)
-            request = GenerationRequest.from_dict(_resolve_paths(fields, base))
-        except (RequestError, PresetError, TypeError) as exc:  # TypeError: e.g. a hires value the dataclass cannot take
-            problems.append(f"{where}: {exc}")
-            continue
-        jobs.append(BatchJob(index, request))
+
+def _build_jobs(
+    tables: list[tuple[str, Any]], defaults: dict[str, Any], label: str, base: Path
+) -> list[BatchJob]:
+    """Every problem of every job is reported in one run, each where it is: ``[defaults]`` for a bad field
+    that the job takes from there (once, not once per job), else the job (``job 3``, ``line 5``)."""
+    jobs = []
+    problems: list[str] = []
+    invalid = 0
+    for index, (name, table) in enumerate(tables, 1):
+        here: list[str] = []
+
+        def report(field: str, text: str, table: Any = table, here: list[str] = here, name: str = name) -> None:
+            root = field.split(".")[0]
+            inherited = isinstance(table, Mapping) and root not in table and root in defaults
+            line = f"{label}: {'[defaults]' if inherited else name}: {text}"
+            here.append(line)
+            if line not in problems:
+                problems.append(line)
+
+        if isinstance(table, _Unreadable):
+            report("", table.problem)
+        elif not isinstance(table, Mapping):
+            report("", f"a job must be a table of request fields, not {table!r}")
+        else:
+            request = _build_request(table, defaults, base, report)
+            if request is not None and not here:
+                jobs.append(BatchJob(index, request))
+        invalid += bool(here)
     if problems:
-        more = f"\n(nothing was run: {len(problems)} of {len(tables)} jobs are invalid)" if len(problems) > 1 else ""
+        problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
+        more = f"\n(nothing was run: {invalid} of {len(tables)} jobs are invalid)" if len(problems) > 1 else ""
         raise BatchInputError("\n".join(problems) + more)
     return jobs
+
+
+def _build_request(
+    table: Mapping[str, Any], defaults: Mapping[str, Any], base: Path, report: Callable[[str, str], None]
+) -> GenerationRequest | None:
+    """One job's request: request defaults < its ``from_image`` < ``[defaults]`` < its preset < its own fields.
+    Every problem goes to ``report(field, text)``; None when there was one."""
+    from core.metadata import MetadataError
+
+    layer = _job_fields(defaults)
+    image = table.get("from_image", defaults.get("from_image"))
+    if image is not None:
+        try:  # the image stands in for the request defaults: all the rest of the file goes over it
+            layer = _merge(_image_fields(image, base), layer)
+        except RequestError as exc:
+            report("from_image", str(exc))
+            return None
+        except MetadataError as exc:
+            report("from_image", f"from_image = {image!r}: {exc}")
+            return None
+    job_fields = _job_fields(table)
+    preset = table.get("preset", defaults.get("preset"))
+    try:
+        if preset is not None:
+            if not isinstance(preset, str):
+                raise RequestError("preset", preset, "the name of a preset")
+            from core.presets import apply_preset, find_preset
+
+            # [defaults] < preset < job: the defaults go under the preset's own fields.
+            found = find_preset(preset)
+            found = dataclasses.replace(found, fields=_merge(layer, found.fields))
+            fields = apply_preset(found, job_fields)
+        else:
+            fields = _merge(layer, job_fields)
+    except (RequestError, PresetError) as exc:
+        report("preset", str(exc))
+        fields = _merge(layer, job_fields)  # the job's other fields are still checked
+    errors: list[RequestError] = []
+    try:
+        resolved = _resolve_paths(fields, base)
+    except RequestError as exc:  # a bad init_image: the other fields are still checked
+        errors.extend(exc.errors)
+        resolved = fields
+    try:
+        request = GenerationRequest.from_dict(resolved)
+    except RequestError as exc:
+        errors[:0] = exc.errors
+        request = None
+    except TypeError as exc:  # e.g. a hires value the dataclass cannot take
+        report("", str(exc))
+        return None
+    for error in errors:
+        report(error.field, str(error))
+    return None if errors else request
 
 
 def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
@@ -202,6 +324,8 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         text = stream.read()
         return parse_jobs(text, "<stdin>"), "<stdin>"
     path = Path(source)
+    if _is_image(path):
+        return _image_jobs(path, source), source
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -215,6 +339,38 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     except OSError as exc:
         raise BatchInputError(f"{source}: cannot read the jobs file ({exc.strerror or exc})") from None
     return parse_jobs(text, source, base_dir=path.parent), source
+
+
+def _is_image(path: Path) -> bool:
+    """A regular file named or starting like a PNG, JPEG or WebP (never opened when it is a pipe: jobs can come
+    from ``<(...)``)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False  # read_text says why
+    return head.startswith(_IMAGE_MAGIC) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+
+
+def _image_jobs(path: Path, source: str) -> list[BatchJob]:
+    """``--batch image.png``: the job that made the image, from the parameters it records."""
+    from core.metadata import MetadataError
+
+    try:
+        fields = _image_fields(str(path), Path.cwd())
+    except RequestError as exc:
+        raise BatchInputError(f"{source}: cannot be run as a job: {exc.valid}") from None
+    except MetadataError as exc:
+        text = str(exc).removeprefix(f"{path.expanduser().resolve()}: ")
+        raise BatchInputError(
+            f"{source}: {text}, so there is no job to run (only an image that records its parameters, as "
+            "Darkroom, A1111 and Forge write them, can be run)"
+        ) from None
+    return _build_jobs([("job 1", fields)], {}, source, path.parent)
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------
@@ -231,9 +387,10 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
 
 
 def _shown(prompt: str, limit: int = 60) -> str:
-    """A prompt on one line, as the user wrote it: ``repr`` would double A1111's ``\\(`` escapes."""
-    # newlines would break the one-line-per-event log, and control characters could drive the terminal
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in prompt).split())
+    """A prompt on one line, as the user wrote it (``repr`` would double A1111's ``\\(`` escapes), with
+    control characters made visible: newlines would break the one-line-per-event log, escapes drive the
+    terminal."""
+    text = " ".join(visible(prompt).split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f'"{text}"'
@@ -249,7 +406,8 @@ class _PlainProgress:
         self._last_activity = ""
 
     def _say(self, text: str) -> None:
-        print(text, file=self.err, flush=True)
+        # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
+        print(visible(text), file=self.err, flush=True)
 
     def message(self, text: str) -> None:
         self._say(text)
@@ -275,6 +433,9 @@ class _PlainProgress:
 
     def failed(self, n: int, error: str) -> None:
         self._say(f"[{n}/{self.total}] failed: {error}")
+
+    def skipped(self, n: int, count: int) -> None:
+        self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
 
     def close(self) -> None:
         pass
@@ -302,7 +463,8 @@ class _RichProgress(_PlainProgress):
         self.progress.start()
 
     def _say(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)  # prompts are user text, never markup
+        # prompts are user text: never markup, control characters shown
+        self.console.print(visible(text), markup=False, highlight=False)
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -326,11 +488,58 @@ class _RichProgress(_PlainProgress):
         self._end()
         super().failed(n, error)
 
+    def skipped(self, n: int, count: int) -> None:
+        self._end()
+        super().skipped(n, count)
+
     def close(self) -> None:
         self.progress.stop()
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
+
+
+def _queue_jobs(
+    worker: Any,
+    jobs: Sequence[BatchJob],
+    jobs_source: str,
+    resume: bool,
+    number: dict[int, int],
+    failed: set[int],
+    progress: _PlainProgress,
+) -> Any:
+    """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
+    images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
+    ``--resume`` finds it; with ``resume``, a job that an earlier run left failed or interrupted is retried
+    (the same job: the images it saved before are not made again)."""
+    from core.recovery import recover
+    from core.store import source_key
+
+    keys = {job.index: source_key(jobs_source, job.index, job.request) for job in jobs} if jobs_source != "-" else {}
+    earlier: dict[str, Any] = {}
+    if resume:
+        recover(worker.store, worker.output_dir)  # a job killed after its last image was saved is done
+        earlier = worker.store.jobs_by_source(keys.values())
+    for job in jobs:
+        key = keys.get(job.index)
+        before = earlier.get(key) if key else None
+        if before is not None and before.state == "done":
+            paths = [h.path for h in worker.store.job_history(before.id)]
+            if paths and all(Path(p).is_file() for p in paths):
+                yield job, paths
+                continue
+            before = None  # its images were deleted since: make them again
+        if before is not None and before.state in ("pending", "running"):
+            # queued in the TUI (a retry from its Queue screen) or running in another live batch run
+            number[before.id] = job.index
+            failed.add(before.id)
+            progress.failed(job.index, f"not run again: it is already queued or running elsewhere (job #{before.id})")
+            continue
+        if before is not None:
+            number[worker.retry(before.id)] = job.index
+        else:
+            number[worker.submit(job.request, source_key=key)] = job.index
+        yield job, None
 
 
 def run_batch(
@@ -344,15 +553,21 @@ def run_batch(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     rich_progress: bool | None = None,
+    resume: bool = False,
 ) -> int:
-    """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline."""
+    """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
+    ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
     def error(text: str) -> None:
-        for line in text.splitlines():  # one "darkroom: error:" line per problem
-            print(f"darkroom: error: {line}", file=err, flush=True)
+        for line in text.split("\n"):  # one "darkroom: error:" line per problem
+            # file, field and tensor names in the message come from files: control characters made visible
+            print(f"darkroom: error: {visible(line)}", file=err, flush=True)
 
+    if resume and jobs_source == "-":
+        error("--resume needs a jobs file: jobs read from stdin cannot be told apart from one run to the next")
+        return EXIT_USAGE
     try:
         jobs, label = load_jobs(jobs_source, stdin)
     except BatchInputError as exc:
@@ -380,12 +595,12 @@ def run_batch(
     registry = ModelRegistry(dirs)
     for job in jobs:
         for warning in prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt):
-            print(f"darkroom: warning: {label}: job {job.index}: {warning}", file=err, flush=True)
+            print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
-                f"darkroom: warning: {label}: job {job.index}: denoise = {job.request.denoise} has no effect "
-                "without init_image (the hires-fix strength is hires.denoise)",
+                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no "
+                "effect without init_image (the hires-fix strength is hires.denoise)",
                 file=err,
                 flush=True,
             )
@@ -404,14 +619,14 @@ def run_batch(
             return EXIT_JOB_FAILED
         runner_factory = pipeline_runner_factory(registry, dirs)
 
-    from core.store import JobStore
+    from core.store import JobStore, StoreError
     from core.worker import Worker
 
     try:
         store = JobStore(Path(db_path).expanduser() if db_path else None)
     except DarkroomError as exc:
         error(str(exc))
-        return EXIT_USAGE
+        return EXIT_DATABASE if isinstance(exc, StoreError) else EXIT_USAGE
     queue_name = f"batch-{os.getpid()}-{int(time.time())}"
     worker = Worker(
         store,
@@ -423,16 +638,37 @@ def run_batch(
     events: queue_mod.Queue = queue_mod.Queue()
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
-    for job in jobs:
-        number[worker.submit(job.request)] = job.index
-
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
     progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
-    remaining = set(number)
+    stdout_ok = True
+    # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
+    out_is_terminal = hasattr(out, "isatty") and out.isatty()
+
+    def emit_paths(paths: Sequence[str]) -> None:
+        nonlocal stdout_ok
+        for path in paths:
+            if stdout_ok:
+                try:
+                    print(visible(path) if out_is_terminal else path, file=out, flush=True)
+                except BrokenPipeError:
+                    stdout_ok = False  # `| head`: keep generating, stop printing
+
     failed: set[int] = set()
+    try:
+        for job, skipped_paths in _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress):
+            if skipped_paths is not None:
+                progress.skipped(job.index, len(skipped_paths))
+                emit_paths(skipped_paths)
+    except StoreError as exc:
+        progress.close()
+        error(str(exc))
+        store.close()
+        return EXIT_DATABASE
+
+    remaining = set(number) - failed
     last_check = time.monotonic()
     model_failed = False
-    stdout_ok = True
+    database_error: str | None = None
     worker.start()
     try:
         while remaining:
@@ -443,13 +679,20 @@ def run_batch(
                     last_check = time.monotonic()
                     # A job cancelled from another process (the TUI's queue screen) before it started
                     # never reaches this worker, so no event will come for it.
-                    for job_id in list(remaining):
-                        job = store.get_job(job_id)
-                        if job is not None and job.state == "cancelled" and job.started is None:
-                            remaining.discard(job_id)
-                            failed.add(job_id)
-                            progress.failed(number[job_id], "cancelled from another window")
+                    try:
+                        for job_id in list(remaining):
+                            job = store.get_job(job_id)
+                            if job is not None and job.state == "cancelled" and job.started is None:
+                                remaining.discard(job_id)
+                                failed.add(job_id)
+                                progress.failed(number[job_id], "cancelled from another window")
+                    except StoreError as exc:
+                        database_error = str(exc)
+                        break
                 continue
+            if isinstance(event, WorkerStopped):  # the database failed: nothing more can run or be recorded
+                database_error = event.error
+                break
             n = number.get(event.job_id) if event.job_id is not None else None
             if n is None:
                 continue
@@ -462,12 +705,7 @@ def run_batch(
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)
-                for path in event.paths:
-                    if stdout_ok:
-                        try:
-                            print(path, file=out, flush=True)
-                        except BrokenPipeError:
-                            stdout_ok = False  # `| head`: keep generating, stop printing
+                emit_paths(event.paths)
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
                 failed.add(event.job_id)
@@ -485,11 +723,16 @@ def run_batch(
         def report() -> None:
             # Nobody else runs this run's queue: what did not start is interrupted, like the current job, and
             # every one of them can be retried from the TUI (which runs it in its own queue).
-            not_started = store.interrupt_pending(queue_name, "not started: the batch run was interrupted")
+            try:
+                not_started = store.interrupt_pending(queue_name, "not started: the batch run was interrupted")
+            except StoreError as exc:  # the next start's recovery marks them
+                error(str(exc))
+                return
             where = f"job {number[current]} marked interrupted; " if current in number else ""
             print(
-                f"darkroom: {where}{not_started} job(s) not started, marked interrupted; retry them from the "
-                f"Queue screen of darkroom (F4, r) with the database {store.path}",
+                f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
+                f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "
+                f"database {visible(store.path)}",
                 file=err,
                 flush=True,
             )
@@ -516,6 +759,22 @@ def run_batch(
         report()
         store.close()
         return EXIT_INTERRUPTED
+    if database_error is not None:
+        progress.close()
+        error(database_error)
+        worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
+        print(
+            f"darkroom: {len(remaining)} of {len(jobs)} job(s) not finished; once the database works again, the "
+            "same command with --resume runs just those",
+            file=err,
+            flush=True,
+        )
+        if worker.running:  # a step that outlasted the timeout: leave now (see the Ctrl-C case above)
+            with contextlib.suppress(Exception):
+                out.flush()
+            os._exit(EXIT_DATABASE)
+        store.close()
+        return EXIT_DATABASE
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()

@@ -29,14 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="darkroom",
         description="Local Stable Diffusion image generation: a terminal UI, or headless with --batch.",
         epilog="Exit codes with --batch: 0 all jobs succeeded, 1 a job failed, 2 usage or input error, "
-        "3 a model cannot be found or loaded, 130 interrupted.",
+        "3 a model cannot be found or loaded, 4 the job database cannot be used (locked by another process "
+        "for over 30 s, or $DARKROOM_DB_TIMEOUT seconds; disk full), 130 interrupted.",
     )
     parser.add_argument(
         "--batch",
         metavar="JOBS",
         help="run jobs without the UI: a TOML file of [[job]] tables, a .jsonl file (one job per line), "
-        "a .json file (one job or an array of jobs), or - for stdin; "
+        "a .json file (one job or an array of jobs), an image that records its parameters (the job that "
+        "made it), or - for stdin; "
         "prints one image path per line",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --batch: run only the jobs of JOBS that an earlier run did not finish (interrupted, killed, "
+        "failed); a job done before is skipped and its image paths are printed as if it had run",
     )
     parser.add_argument(
         "--models-dir",
@@ -64,11 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
+    if args.resume and args.batch is None:
+        parser.error("--resume goes with --batch JOBS (it runs the jobs of that file an earlier run did not finish)")
     if args.batch is not None:
         from cli.batch import EXIT_INTERRUPTED, run_batch
 
         try:
-            return run_batch(args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db)
+            return run_batch(
+                args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
+                resume=args.resume,
+            )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):
             # no traceback; whatever reached the queue is safe in the database.
@@ -82,10 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from tui.app import run_app
     except ImportError as exc:
+        from core.text import visible
+
         gc.enable()
         print(
-            f"darkroom: error: the terminal UI cannot start ({exc}); check that Textual is installed, "
-            "or run headless with --batch JOBS",
+            f"darkroom: error: the terminal UI cannot start ({visible(exc)}); check that Textual is "
+            "installed, or run headless with --batch JOBS",
             file=sys.stderr,
         )
         return 1

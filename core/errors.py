@@ -29,6 +29,36 @@ class RequestError(DarkroomError):
         self.valid = valid
         super().__init__(f"{field} = {value!r} is invalid: {valid}")
 
+    @property
+    def errors(self) -> list[RequestError]:
+        """Every invalid field this error reports (one here; several for ``RequestErrors``)."""
+        return [self]
+
+    @staticmethod
+    def combine(errors: list[RequestError]) -> RequestError:
+        """One error for several: the error itself when there is one, else a ``RequestErrors``."""
+        flat = [one for error in errors for one in error.errors]
+        if not flat:
+            raise ValueError("combine() needs at least one error")
+        return flat[0] if len(flat) == 1 else RequestErrors(flat)
+
+
+class RequestErrors(RequestError):
+    """Several invalid fields of one request, all reported at once: ``str()`` is one line per field.
+
+    ``field``, ``value`` and ``valid`` are those of the first, so code written for one ``RequestError`` works.
+    """
+
+    def __init__(self, errors: list[RequestError]) -> None:
+        self._errors = [one for error in errors for one in error.errors]
+        first = self._errors[0]
+        self.field, self.value, self.valid = first.field, first.value, first.valid
+        Exception.__init__(self, "\n".join(str(error) for error in self._errors))
+
+    @property
+    def errors(self) -> list[RequestError]:
+        return list(self._errors)
+
 
 class PresetError(DarkroomError):
     """A preset file is malformed."""

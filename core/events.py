@@ -57,6 +57,15 @@ class JobCancelled(Event):
 
 
 @dataclass(frozen=True)
+class WorkerStopped(Event):
+    """The worker stopped for good because the job database cannot be used (locked by another process for
+    longer than the busy timeout, disk full, I/O error). Sent once; ``job_id`` is the job it was running, if
+    any (left for recovery at the next start). Front ends show ``error`` and exit."""
+
+    error: str  # one user-facing sentence naming the database file and what to do
+
+
+@dataclass(frozen=True)
 class Status(Event):
     """Device and worker state; sent at least once a second while the worker is busy."""
 

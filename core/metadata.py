@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
 import secrets
+import socket
+import time
 from collections.abc import Mapping
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
@@ -50,6 +53,7 @@ DEFAULT_VERSION = f"darkroom {_package_version()}"
 
 PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
 DARKROOM_KEY = "darkroom"  # our lossless request JSON
+JOB_KEY = "darkroom-job"  # which queued job saved the image: crash recovery matches it to its history
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 
@@ -390,6 +394,22 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
 
 _NUMBERED_RE = re.compile(r"^(\d{5,})-")
 _CLAIM_RE = re.compile(r"^\.(\d{5,})\.claim$")
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# ``.tmp-<host tag>-<pid>-<random>.png``: the pid and host say whose it is, so only a dead process's is removed
+_TEMP_RE = re.compile(r"^\.tmp-(?:([0-9a-f]{8})-(\d+)-)?[0-9a-f]{16}\.png$")
+# A file whose owner cannot be told (an empty claim: killed between creating and writing it; a temp file of an
+# older version) is stale once this old: a claim lives for a rename, a temp file for one save.
+UNOWNED_STALE_AFTER = 3600.0
+# A pid can be reused by an unrelated process; no save takes this long, so an older file is stale anyway.
+OWNED_STALE_AFTER = 24 * 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _owner_text() -> str:
+    return f"{_host_tag()} {os.getpid()}"
 
 
 def _highest_number(folder: Path) -> int:
@@ -418,13 +438,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _png_info(request: GenerationRequest, seed: int, model_hash: str | None, extra: Mapping | None):
+def _png_info(
+    request: GenerationRequest,
+    seed: int,
+    model_hash: str | None,
+    extra: Mapping | None,
+    job_tag: Mapping[str, Any] | None = None,
+):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     # add_text writes tEXt for Latin-1 text and iTXt (UTF-8) otherwise.
     info.add_text(PARAMETERS_KEY, format_infotext(request, seed, model_hash=model_hash, extra=extra))
     info.add_text(DARKROOM_KEY, json.dumps(request.replace(seed=seed).to_dict(), ensure_ascii=False))
+    if job_tag is not None:
+        info.add_text(JOB_KEY, json.dumps(dict(job_tag), sort_keys=True))
     return info
 
 
@@ -432,17 +460,37 @@ def _create_temp(folder: Path) -> tuple[int, Path]:
     """A new hidden temp file, created like any user file (0666 minus the umask).
 
     ``tempfile.mkstemp`` would make it 0600, and the rename would keep that: images other users, a web
-    server or a file-sharing service could not read.
+    server or a file-sharing service could not read. Its name carries this process's pid (and a host tag), so
+    ``remove_stale_files`` removes it only once this process is gone.
     """
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
     while True:
-        path = folder / f".tmp-{secrets.token_hex(8)}.png"
+        path = folder / f".tmp-{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.png"
         try:
             return os.open(path, flags, 0o666), path
         except FileExistsError:
             continue
         except OSError as exc:
             raise MetadataError(f"cannot save the image in {folder}: {exc.strerror or exc}") from None
+
+
+def _make_claim(path: Path) -> None:
+    """Create ``path`` exclusively (FileExistsError when taken) and write our owner into it."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, _owner_text().encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+# Test hook: called with the name of each point of save_image as it is passed ("written", "claimed", "renamed"),
+# so a test can kill the process exactly there.
+_save_hook: Any = None
+
+
+def _at(point: str) -> None:
+    if _save_hook is not None:
+        _save_hook(point)
 
 
 def save_image(
@@ -454,12 +502,17 @@ def save_image(
     model_hash: str | None = None,
     extra: Mapping | None = None,
     now: _dt.datetime | None = None,
+    job_tag: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save ``image`` (a PIL image) as ``output_dir/YYYY-MM-DD/NNNNN-<seed>.png`` and return the path.
 
     The file is written to a hidden temp file in the same folder, fsynced and renamed into place, so a reader
     never sees a partial PNG. The counter NNNNN is claimed with an exclusive ``.NNNNN.claim`` marker (created
-    with O_EXCL) for the moment of the rename, so two threads or processes saving at once never share a number.
+    with O_EXCL, holding the owner's pid) for the moment of the rename, so two threads or processes saving at
+    once never share a number. ``job_tag`` (the worker's job id and creation time) is stored in a
+    ``darkroom-job`` text chunk: if the process dies between the rename and recording the image in the
+    history, ``find_job_images`` finds it at the next start. A process killed mid-save leaves a temp file or a
+    claim that ``remove_stale_files`` removes once it is gone.
     """
     day = (now or _dt.datetime.now()).strftime("%Y-%m-%d")
     folder = Path(output_dir) / day
@@ -467,7 +520,7 @@ def save_image(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MetadataError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
-    info = _png_info(request, seed, model_hash, extra)
+    info = _png_info(request, seed, model_hash, extra, job_tag)
 
     fd, tmp = _create_temp(folder)
     claim: Path | None = None
@@ -476,11 +529,12 @@ def save_image(
             image.save(handle, format="PNG", pnginfo=info)
             handle.flush()
             os.fsync(handle.fileno())
+        _at("written")
         number = _highest_number(folder) + 1
         while True:
             claim = folder / f".{number:05d}.claim"
             try:
-                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                _make_claim(claim)
             except FileExistsError:
                 claim = None
                 number += 1
@@ -492,9 +546,11 @@ def save_image(
                 number = max(number + 1, _highest_number(folder) + 1)
                 continue
             break
+        _at("claimed")
         final = folder / f"{number:05d}-{seed}.png"
         os.replace(tmp, final)
         _fsync_dir(folder)
+        _at("renamed")
         return final
     except OSError as exc:
         raise MetadataError(f"cannot save the image in {folder}: {exc.strerror or exc}") from None
@@ -504,6 +560,108 @@ def save_image(
         if claim is not None:
             with contextlib.suppress(FileNotFoundError):
                 claim.unlink()
+
+
+# ---- after a crash ------------------------------------------------------------------------------------------
+
+
+def _day_folders(output_dir: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(output_dir) if e.is_dir() and _DAY_RE.match(e.name))
+    except OSError:
+        return []
+
+
+def _owner_gone(host: str | None, pid: int | None, age: float) -> bool:
+    """Is the process that made a temp or claim file gone? Unknown owners go by age alone."""
+    from core.store import pid_alive  # the one definition of "alive" (it reads /proc for zombies)
+
+    if host is None or pid is None:
+        return age > UNOWNED_STALE_AFTER
+    if host != _host_tag():
+        return age > OWNED_STALE_AFTER  # another machine's (a shared folder): its pids mean nothing here
+    return not pid_alive(pid) or age > OWNED_STALE_AFTER
+
+
+def _claim_owner(path: Path) -> tuple[str | None, int | None]:
+    try:
+        host, pid = path.read_text(encoding="ascii").split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None, None
+
+
+def remove_stale_files(output_dir: Path | str, *, now: float | None = None) -> list[Path]:
+    """Remove the ``.tmp-*.png`` and ``.NNNNN.claim`` files that processes killed mid-save left in the day
+    folders of ``output_dir``; returns what was removed. A live process's files (another batch run saving at
+    this moment) are left alone."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in _day_folders(Path(output_dir)):
+        try:
+            entries = [e for e in os.scandir(folder) if e.name.startswith(".")]
+        except OSError:
+            continue
+        for entry in entries:
+            temp = _TEMP_RE.match(entry.name)
+            if temp is None and not _CLAIM_RE.match(entry.name):
+                continue
+            try:
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if temp is not None:
+                host, pid = temp.group(1), int(temp.group(2)) if temp.group(2) else None
+            else:
+                host, pid = _claim_owner(Path(entry.path))
+            if _owner_gone(host, pid, age):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def find_job_images(
+    output_dir: Path | str, job_tag: Mapping[str, Any], since: float, until: float
+) -> list[tuple[Path, GenerationRequest, int, str | None]]:
+    """The images in ``output_dir`` whose ``darkroom-job`` chunk is ``job_tag``: ``(path, request, seed,
+    model hash)`` each. Only files of the day folders from ``since`` to ``until`` (epoch seconds) and written
+    in that time are opened, so this stays quick in a folder of thousands of images."""
+    from PIL import Image
+
+    first = _dt.date.fromtimestamp(since - 60)
+    last = _dt.date.fromtimestamp(until + 60)
+    wanted = json.dumps(dict(job_tag), sort_keys=True)
+    found = []
+    for folder in _day_folders(Path(output_dir)):
+        try:
+            day = _dt.date.fromisoformat(folder.name)
+        except ValueError:
+            continue
+        if not first <= day <= last:
+            continue
+        try:
+            entries = [e for e in os.scandir(folder) if _NUMBERED_RE.match(e.name) and e.name.endswith(".png")]
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                mtime = entry.stat().st_mtime
+                if not since - 5 <= mtime <= until + 5:
+                    continue
+                with Image.open(entry.path) as img:
+                    texts = dict(getattr(img, "text", {}))
+            except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
+                continue
+            if texts.get(JOB_KEY) != wanted:
+                continue
+            try:
+                request = GenerationRequest.from_dict(json.loads(texts[DARKROOM_KEY]))
+            except (KeyError, ValueError, TypeError, DarkroomError):
+                continue
+            model_hash = parse_infotext(texts.get(PARAMETERS_KEY, "")).get("Model hash") or None
+            found.append((Path(entry.path), request, request.seed, model_hash))
+    return sorted(found)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -528,10 +686,17 @@ def _decode_user_comment(value: bytes | str) -> str:
 
 def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
     """PNG text chunks and the EXIF UserComment (JPEG, WebP, PNG) of an image file."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if path.exists() and not path.is_file():  # a folder, FIFO or device: never opened (a FIFO would block)
+        raise MetadataError(f"{path}: not an image file (a folder or a device)")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             texts = {str(k): v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
             if not texts:
                 texts = {str(k): v for k, v in img.info.items() if isinstance(v, str)}
@@ -547,6 +712,8 @@ def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
         raise MetadataError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise MetadataError(f"{path}: not an image file Darkroom can read (PNG, JPEG or WebP)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MetadataError(f"{path}: declares too many pixels to open safely (a decompression bomb?)") from None
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read the image ({exc})") from None
     return texts, comment

@@ -48,6 +48,33 @@ class InitImageError(DarkroomError):
     """The img2img source image cannot be used."""
 
 
+class NonFiniteOutputError(DarkroomError):
+    """The model produced NaN or infinite values: saving would give a black (or garbage) image."""
+
+
+def _check_finite(model: LoadedModel, values: torch.Tensor, stage: str) -> None:
+    """One check per batch (a single device sync), so a broken model fails the job with a reason.
+
+    A NaN or infinity anywhere makes the sum non-finite; summing (in float32, so finite fp16 values cannot
+    overflow) is a plain reduction, 10x faster on the CPU than ``isfinite(values).all()`` (7 ms against 69 ms
+    for a 1024x1024 image here).
+    """
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return
+    if stage == "decoding":
+        cause = (
+            "the VAE produced NaN or infinite values while decoding; usually its weights are broken, or it "
+            "overflows in float16 (the original SDXL VAE does: use an fp16-fixed VAE or run it in float32)"
+        )
+    else:
+        cause = (
+            "the model produced NaN or infinite values while sampling; usually the checkpoint has broken (NaN) "
+            "weights, or it overflows in float16 (try float32, or another copy of the model)"
+        )
+    source = (model.checkpoint.vae_path if stage == "decoding" else None) or model.checkpoint.path
+    raise NonFiniteOutputError(f"{source}: {cause}; no image was saved")
+
+
 # ------------------------------------------------------------------------------------------ loaded model
 
 
@@ -198,11 +225,18 @@ def image_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype
 
 def load_init_image(path: str, width: int, height: int) -> Image.Image:
     """Open the img2img source and resize it to the request's size (Lanczos)."""
+    import warnings
+
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # changed since it was queued
+            with Image.open(path) as opened:
+                opened.draft("RGB", (width, height))  # a big JPEG decodes at a reduced scale still >= the size
+                image = opened.convert("RGB")
     except FileNotFoundError:
         raise InitImageError(f"init_image {path!r} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InitImageError(f"init_image {path!r} is too large to decode safely ({exc})") from None
     except OSError as exc:
         raise InitImageError(f"init_image {path!r} is not a readable image ({exc})") from None
     if image.size != (width, height):
@@ -325,9 +359,12 @@ def generate(
             latents = _run_sampler(
                 model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
             )
+        _check_finite(model, latents, "sampling")
         if request.hires is not None:
             latents = _hires_pass(model, request, denoiser, latents, batch_seeds, progress, is_cancelled)
+            _check_finite(model, latents, "sampling")
         pixels = decode(model, latents)
+        _check_finite(model, pixels, "decoding")
         results.extend(zip(latents_to_images(pixels), batch_seeds))
     return results
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import random
 import re
-from collections.abc import Mapping
+import stat
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,11 @@ from core.sampling import SAMPLER_LABELS, SAMPLERS, SCHEDULE_LABELS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 UPSCALERS = ("latent", "image")
+IMG2IMG_DENOISE = 0.75  # img2img strength when a request gives none (A1111's and InvokeAI's default)
+# The largest img2img source accepted: 8192 x 8192 = 67 megapixels (twice the largest request side, below PIL's
+# own 89 MP bomb warning). Decoding one costs at most 256 MB as RGBA; anything bigger is refused at queue time,
+# before it costs gigabytes. Accepted images are scaled to the request's size when the job loads them.
+MAX_INIT_IMAGE_PIXELS = 8192 * 8192
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -77,11 +85,56 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise RequestError(name, value, "one of " + ", ".join(choices) + hint)
 
 
-def _check_text(name: str, value: Any, *, optional: bool = False) -> None:
+def _check_text(name: str, value: Any, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, str):
         raise RequestError(name, value, "a string" + (" or nothing" if optional else ""))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_prompt(name: str, value: Any) -> None:
+    """A prompt is text the tokenizer, the database and the PNG can all hold: no lone UTF-16 surrogate (which a
+    JSON ``"\\ud83d"`` escape without its second half decodes to; every encoder rejects it)."""
+    _check_text(name, value)
+    found = _SURROGATE.search(value)
+    if found:
+        raise RequestError(
+            name, value, f"text without lone surrogates; character {found.start() + 1} is {found.group()!r}, "
+            "half of a UTF-16 surrogate pair (an emoji or other character cut in two, e.g. a JSON \\ud83d "
+            "escape without the \\ude00 after it)"
+        )
+
+
+def _check_model(value: Any) -> None:
+    _check_text("model", value)
+    if not value.strip():
+        raise RequestError("model", value, "the name or path of a checkpoint file")
+
+
+def _check_size(name: str, value: Any) -> None:
+    _check_int(name, value, 64, 4096)
+    if value % 8:
+        raise RequestError(name, value, "a multiple of 8 from 64 to 4096")
+
+
+class _Problems:
+    """Runs checks and keeps every RequestError, so one report names every bad field."""
+
+    def __init__(self) -> None:
+        self.errors: list[RequestError] = []
+
+    def check(self, check: Callable[..., None], *args: Any) -> None:
+        try:
+            check(*args)
+        except RequestError as error:
+            self.errors.extend(error.errors)
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise RequestError.combine(self.errors)
 
 
 @dataclass(frozen=True)
@@ -94,10 +147,12 @@ class HiresFix:
     denoise: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_float("hires.scale", self.scale, 1.0, 4.0)
-        _check_choice("hires.upscaler", self.upscaler, UPSCALERS)
-        _check_int("hires.steps", self.steps, 0, 150)
-        _check_float("hires.denoise", self.denoise, 0.0, 1.0)
+        problems = _Problems()
+        problems.check(_check_float, "hires.scale", self.scale, 1.0, 4.0)
+        problems.check(_check_choice, "hires.upscaler", self.upscaler, UPSCALERS)
+        problems.check(_check_int, "hires.steps", self.steps, 0, 150)
+        problems.check(_check_float, "hires.denoise", self.denoise, 0.0, 1.0)
+        problems.raise_any()
 
 
 @dataclass(frozen=True)
@@ -119,36 +174,40 @@ class GenerationRequest:
     batch_count: int = 1
     clip_skip: int = 1
     init_image: str | None = None  # path of the img2img source image
-    denoise: float = 1.0  # img2img strength; 1.0 for txt2img
+    # img2img strength. None (not given) becomes IMG2IMG_DENOISE with an init image and 1.0 without one, on
+    # construction: a built request always holds the number it runs with (stored, shown and recorded in the
+    # PNG as such), and an explicit 1.0 for img2img stays 1.0.
+    denoise: float | None = None
     hires: HiresFix | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
-        _check_text("model", self.model)
-        if not self.model.strip():
-            raise RequestError("model", self.model, "the name or path of a checkpoint file")
-        _check_text("prompt", self.prompt)
-        _check_text("negative_prompt", self.negative_prompt)
-        _check_text("vae", self.vae, optional=True)
-        _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_int("steps", self.steps, 1, 150)
-        _check_float("cfg", self.cfg, 0.0, 30.0)
-        _check_int("seed", self.seed, -1, MAX_SEED)
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            _check_int(name, value, 64, 4096)
-            if value % 8:
-                raise RequestError(name, value, "a multiple of 8 from 64 to 4096")
-        _check_int("batch_size", self.batch_size, 1, 16)
-        _check_int("batch_count", self.batch_count, 1, 1000)
-        _check_int("clip_skip", self.clip_skip, 1, 12)
-        _check_text("init_image", self.init_image, optional=True)
-        _check_float("denoise", self.denoise, 0.0, 1.0)
+        if self.denoise is None:
+            object.__setattr__(self, "denoise", IMG2IMG_DENOISE if self.init_image is not None else 1.0)
+        problems = _Problems()  # every bad field is reported, not only the first
+        problems.check(_check_model, self.model)
+        problems.check(_check_prompt, "prompt", self.prompt)
+        problems.check(_check_prompt, "negative_prompt", self.negative_prompt)
+        problems.check(_check_text, "vae", self.vae, True)
+        problems.check(_check_choice, "sampler", self.sampler, SAMPLERS)
+        problems.check(_check_choice, "schedule", self.schedule, SCHEDULES)
+        problems.check(_check_int, "steps", self.steps, 1, 150)
+        problems.check(_check_float, "cfg", self.cfg, 0.0, 30.0)
+        problems.check(_check_int, "seed", self.seed, -1, MAX_SEED)
+        problems.check(_check_size, "width", self.width)
+        problems.check(_check_size, "height", self.height)
+        problems.check(_check_int, "batch_size", self.batch_size, 1, 16)
+        problems.check(_check_int, "batch_count", self.batch_count, 1, 1000)
+        problems.check(_check_int, "clip_skip", self.clip_skip, 1, 12)
+        problems.check(_check_text, "init_image", self.init_image, True)
+        problems.check(_check_float, "denoise", self.denoise, 0.0, 1.0)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
-            raise RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
+            problems.errors.append(
+                RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
+            )
         if not isinstance(self.extra, Mapping):
-            raise RequestError("extra", self.extra, "a table of extra options")
+            problems.errors.append(RequestError("extra", self.extra, "a table of extra options"))
+        problems.raise_any()
 
     # ---- conversions -------------------------------------------------------------------------------------
 
@@ -160,38 +219,60 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
-        """Build from a dict (TOML job, JSON line, stored row). Unknown keys are errors, naming the key."""
+        """Build from a dict (TOML job, JSON line, stored row). Unknown keys are errors, naming the key.
+
+        Every problem is reported at once (a ``RequestErrors`` when there are several): unknown keys first,
+        then the invalid fields in field order."""
         if not isinstance(data, Mapping):
             raise RequestError("request", data, "a table of request fields")
+        unknown: list[RequestError] = []  # keys that are no field: reported first, a typo explains the rest
+        errors: list[RequestError] = []
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            guess = suggest(unknown[0], sorted(known), _FIELD_ALIASES)
+        for key in sorted(set(data) - known, key=str):
+            guess = suggest(key, sorted(known), _FIELD_ALIASES)
             hint = f"did you mean {guess!r}? " if guess else ""
-            raise RequestError(
-                unknown[0], data[unknown[0]], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
-            )
-        if "model" not in data:
-            raise RequestError("model", None, "the name or path of a checkpoint file (required)")
-        values = dict(data)
+            unknown.append(RequestError(
+                str(key), data[key], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
+            ))
+        values = {k: v for k, v in data.items() if k in known}
+        if "model" not in values:
+            errors.append(RequestError("model", None, "the name or path of a checkpoint file (required)"))
+            values["model"] = "(none)"  # a stand-in, so the other fields are still checked
         hires = values.get("hires")
         if isinstance(hires, Mapping):
             hires_known = {f.name for f in dataclasses.fields(HiresFix)}
-            bad = sorted(set(hires) - hires_known)
-            if bad:
-                guess = suggest(bad[0], sorted(hires_known))
+            for key in sorted(set(hires) - hires_known, key=str):
+                guess = suggest(key, sorted(hires_known))
                 hint = f" (did you mean {guess!r}?)" if guess else ""
-                raise RequestError(
-                    f"hires.{bad[0]}", hires[bad[0]], "not a hires field; known: " + ", ".join(sorted(hires_known)) + hint
-                )
-            values["hires"] = HiresFix(**hires)
+                unknown.append(RequestError(
+                    f"hires.{key}", hires[key], "not a hires field; known: " + ", ".join(sorted(hires_known)) + hint
+                ))
+            try:
+                values["hires"] = HiresFix(**{k: v for k, v in hires.items() if k in hires_known})
+            except RequestError as error:
+                errors.extend(error.errors)
+                values["hires"] = None
         elif hires is not None and not isinstance(hires, HiresFix):
-            raise RequestError("hires", hires, "a table with scale, upscaler, steps, denoise")
-        if "cfg" in values and isinstance(values["cfg"], int) and not isinstance(values["cfg"], bool):
-            values["cfg"] = float(values["cfg"])
-        return cls(**values)
+            errors.append(RequestError("hires", hires, "a table with scale, upscaler, steps, denoise"))
+            values["hires"] = None
+        for key in ("cfg", "denoise"):
+            if isinstance(values.get(key), int) and not isinstance(values[key], bool):
+                values[key] = float(values[key])
+        try:
+            request = cls(**values)
+        except RequestError as error:
+            errors.extend(error.errors)
+        if unknown or errors:
+            order = {name: i for i, name in enumerate(f.name for f in dataclasses.fields(cls))}
+            errors.sort(key=lambda e: order.get(e.field.split(".")[0], len(order)))
+            raise RequestError.combine(unknown + errors)
+        return request
 
     def replace(self, **changes: Any) -> GenerationRequest:
+        if changes.get("init_image") is not None and "denoise" not in changes and not self.is_img2img and (
+            self.denoise == 1.0
+        ):
+            changes["denoise"] = None  # txt2img's 1.0 says nothing about img2img: take img2img's default
         return dataclasses.replace(self, **changes)
 
     def with_resolved_seed(self, rng: random.Random | None = None) -> GenerationRequest:
@@ -212,22 +293,79 @@ class GenerationRequest:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(total)]
 
 
-def resolve_init_image(value: str, base_dir: Path | None = None) -> str:
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f} megapixels" if pixels >= 10**7 else f"{pixels / 1e6:.1f} megapixels"
+
+
+def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "init_image") -> str:
     """An img2img source as given by a user (``~`` and, when ``base_dir`` is given, paths relative to it) ->
-    its absolute path, checked now, before the job is queued: the file must exist and open as an image.
-    Only the header is read. Raises RequestError naming the value and the path looked at."""
+    its absolute path, checked now, before the job is queued: it must be a regular file (a folder, FIFO or
+    device is named as such and never opened), an image of at most ``MAX_INIT_IMAGE_PIXELS`` (a decompression
+    bomb is refused from its declared size, before decoding), and decode completely (a truncated file fails
+    here, not when the job runs). Raises RequestError naming ``field`` (the request field or job key given),
+    the value, the path looked at and the problem."""
     path = Path(value).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    if not path.is_file():
-        raise RequestError("init_image", value, f"an image file; {str(path)!r} does not exist")
+    shown = repr(str(path))
+    try:
+        mode = os.stat(path).st_mode  # follows links; never opens, so a FIFO cannot block
+    except (FileNotFoundError, NotADirectoryError):
+        raise RequestError(field, value, f"an image file; {shown} does not exist") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a lone surrogate in the path
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RequestError(field, value, f"an image file; {shown} cannot be read ({why})") from None
+    for test, kind in _FILE_KINDS:
+        if test(mode):
+            raise RequestError(field, value, f"an image file; {shown} is {kind}, not a file")
     from PIL import Image, UnidentifiedImageError
 
+    limit = f"an image of at most {_megapixels(MAX_INIT_IMAGE_PIXELS)} (8192 x 8192)"
     try:
-        with Image.open(path):
-            pass
-    except (OSError, UnidentifiedImageError):
-        raise RequestError("init_image", value, f"an image file (PNG, JPEG, WebP); {str(path)!r} is not one") from None
+        with warnings.catch_warnings():
+            # PIL warns above its own limit (and raises above twice it): both are a refusal here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_INIT_IMAGE_PIXELS:
+                    raise RequestError(
+                        field, value, f"{limit}; {shown} is {width} x {height} "
+                        f"({_megapixels(width * height)}): scale it down first"
+                    )
+                # A truncated or damaged file fails now, cheaply enough for the TUI's queue key: a PNG's every
+                # chunk and CRC is read to the end without inflating the pixels (a full decode of 8192 x 8192
+                # took 2.9 s); anything else is decoded, a JPEG at 1/8 scale.
+                if img.format == "PNG":
+                    img.verify()
+                else:
+                    img.draft("RGB", (64, 64))
+                    img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        declared = f" declares {_megapixels(int(found.group(1)))}" if found else " declares too many pixels"
+        raise RequestError(
+            field, value, f"{limit}; {shown}{declared}, too many to decode safely (a decompression bomb?)"
+        ) from None
+    except UnidentifiedImageError:
+        raise RequestError(field, value, f"an image file (PNG, JPEG, WebP); {shown} is not one") from None
+    except RequestError:
+        raise
+    except PermissionError as exc:
+        raise RequestError(field, value, f"an image file; {shown} cannot be read ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on a user's file: truncated, bad data
+        raise RequestError(
+            field, value, f"an image file that decodes completely; {shown} is truncated or damaged ({exc})"
+        ) from None
     return str(path.resolve())
 
 

@@ -12,11 +12,19 @@ Several processes may share the database at once (a TUI and a ``darkroom --batch
 
 The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version ``i`` to ``i + 1``.
 Never edit a shipped migration: append a new one.
+
+Every failure of SQLite itself (a write lock another process holds longer than the busy timeout, a full disk, an
+I/O error, a read-only or damaged file) is raised as a ``StoreError`` whose message names the database file and
+says what to do; callers never see ``sqlite3`` exceptions. The busy timeout is 30 s, or
+``$DARKROOM_DB_TIMEOUT`` seconds, or the ``busy_timeout`` argument.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -24,10 +32,10 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core.errors import DarkroomError
 from core.request import GenerationRequest
@@ -41,6 +49,9 @@ RETRYABLE_STATES = ("failed", "interrupted", "cancelled")
 # A running job whose heartbeat is older than this is treated as abandoned even if its pid is alive
 # (the pid may have been reused). Workers heartbeat about once a second.
 DEFAULT_STALE_AFTER = 120.0
+# How long a write waits for another process's write lock before giving up with a StoreError.
+DEFAULT_BUSY_TIMEOUT = 30.0
+BUSY_TIMEOUT_ENV = "DARKROOM_DB_TIMEOUT"
 
 MIGRATIONS: list[list[str]] = [
     # 0 -> 1: jobs and history
@@ -80,12 +91,73 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX history_created ON history (created DESC, id DESC)",
     ],
+    # 1 -> 2: where a job saves its images (crash recovery looks there for images saved but not recorded) and
+    # which line of which batch file it came from (``darkroom --batch --resume``)
+    [
+        "ALTER TABLE jobs ADD COLUMN output_dir TEXT",
+        "ALTER TABLE jobs ADD COLUMN source_key TEXT",
+        "CREATE INDEX jobs_source_key ON jobs (source_key)",
+        "CREATE INDEX history_job ON history (job_id)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StoreError(DarkroomError):
-    """The database cannot be used (newer schema, unreadable file)."""
+    """The database cannot be used (newer schema, locked too long, disk full, unreadable file)."""
+
+
+def _busy_timeout_default() -> float:
+    try:
+        value = float(os.environ.get(BUSY_TIMEOUT_ENV, DEFAULT_BUSY_TIMEOUT))
+    except ValueError:
+        return DEFAULT_BUSY_TIMEOUT
+    return value if value >= 0 else DEFAULT_BUSY_TIMEOUT
+
+
+def describe_sqlite_error(path: Path, exc: sqlite3.Error, busy_timeout: float) -> str:
+    """One sentence naming the database and what to do, for an error SQLite raised on it."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    text = str(exc).lower()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return (
+            f"{path}: the job database is locked: another process has held its write lock for more than "
+            f"{busy_timeout:g} s; close the other Darkroom window or batch run that uses it (or pass another --db) "
+            "and start again"
+        )
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return (
+            f"{path}: the disk holding the job database is full; free some space and start again (images already "
+            "saved are kept and recorded at the next start)"
+        )
+    if name.startswith("SQLITE_IOERR") or "disk i/o error" in text:
+        return (
+            f"{path}: the job database cannot be read or written (disk I/O error); check that its disk is present, "
+            "writable and not full, then start again"
+        )
+    if name.startswith("SQLITE_READONLY") or "readonly" in text or "read-only" in text:
+        return f"{path}: the job database is read-only; make the file and its folder writable or pass another --db"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return f"{path}: is not a usable job database ({exc}); move it aside or pass another --db"
+    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        return f"{path}: cannot open the job database ({exc}); check the folder exists and is writable"
+    return f"{path}: the job database failed ({exc})"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _db_call(method: _F) -> _F:
+    """Turn SQLite's own exceptions raised by a JobStore method into a StoreError naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(describe_sqlite_error(self.path, exc, self.busy_timeout)) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class JobStateError(DarkroomError):
@@ -108,6 +180,25 @@ class Job:
     owner_host: str | None = None
     heartbeat: float | None = None
     cancel_requested: bool = False
+    output_dir: str | None = None  # the folder its worker saves images in (set when it starts)
+    source_key: str | None = None  # the batch file line it came from (see ``source_key``)
+
+
+@dataclass(frozen=True)
+class FoundImage:
+    """An image a job saved that its history may lack (found by crash recovery in the output folder)."""
+
+    path: str
+    request: GenerationRequest
+    seed: int
+    model_hash: str | None = None
+
+
+def source_key(file: Path | str, index: int, request: GenerationRequest) -> str:
+    """Identifies job ``index`` of a batch file: the file's absolute path, the index and the request as given
+    (before a random seed is resolved), so ``--resume`` finds it again only if that job did not change."""
+    data = json.dumps([str(Path(file).absolute()), int(index), request.to_dict()], sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -142,6 +233,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         owner_host=row["owner_host"],
         heartbeat=row["heartbeat"],
         cancel_requested=bool(row["cancel_requested"]),
+        output_dir=row["output_dir"],
+        source_key=row["source_key"],
     )
 
 
@@ -196,18 +289,30 @@ def pid_alive(pid: int) -> bool:
 class JobStore:
     """Queue and history over one SQLite file; safe to use from several threads and processes."""
 
-    def __init__(self, path: Path | str | None = None, *, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+    def __init__(
+        self,
+        path: Path | str | None = None,
+        *,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        busy_timeout: float | None = None,
+    ) -> None:
         if path is None:
             from core.paths import database_path
 
             path = database_path()
         self.path = Path(path)
         self.stale_after = stale_after
+        self.busy_timeout = _busy_timeout_default() if busy_timeout is None else float(busy_timeout)
         self._local = threading.local()
         self._all_connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
         self._host = socket.gethostname()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot create the folder of the job database ({exc.strerror or exc})"
+            ) from None
         self._migrate()
 
     # ---- connections and transactions --------------------------------------------------------------------
@@ -217,15 +322,17 @@ class JobStore:
         if conn is None:
             try:
                 # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                )
                 conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 conn.execute("PRAGMA foreign_keys = ON")
                 conn.execute("PRAGMA synchronous = NORMAL")
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path}: cannot open the job database ({exc})") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(describe_sqlite_error(self.path, exc, self.busy_timeout)) from exc
             self._local.conn = conn
             with self._conn_lock:
                 self._all_connections.append(conn)
@@ -251,8 +358,11 @@ class JobStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_db_call
     def _migrate(self) -> None:
         conn = self._conn()
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return  # up to date: opening needs no write lock (another process may hold it a while)
         with self._write():
             # Re-read inside the write lock: another process may have migrated while we waited.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -268,15 +378,24 @@ class JobStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @property
+    @_db_call
     def schema_version(self) -> int:
         return self._conn().execute("PRAGMA user_version").fetchone()[0]
 
     # ---- jobs --------------------------------------------------------------------------------------------
 
+    @_db_call
     def add_job(
-        self, request: GenerationRequest, *, priority: int = 0, queue: str = "default", owned: bool = False
+        self,
+        request: GenerationRequest,
+        *,
+        priority: int = 0,
+        queue: str = "default",
+        owned: bool = False,
+        source_key: str | None = None,
     ) -> int:
-        """Queue a request; ``owned``: the queue is this process's own (see the module docstring)."""
+        """Queue a request; ``owned``: the queue is this process's own (see the module docstring);
+        ``source_key``: the batch file line it comes from (``core.store.source_key``)."""
         if not isinstance(request, GenerationRequest):
             raise TypeError("add_job needs a GenerationRequest")
         conn = self._conn()
@@ -284,14 +403,19 @@ class JobStore:
         with self._write():
             position = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM jobs").fetchone()[0]
             cur = conn.execute(
-                "INSERT INTO jobs (queue, state, priority, position, request, created, owner_pid, owner_host) "
-                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?)",
-                (queue, int(priority), position, _request_json(request), time.time(), owner_pid, owner_host),
+                "INSERT INTO jobs (queue, state, priority, position, request, created, owner_pid, owner_host, "
+                "source_key) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    queue, int(priority), position, _request_json(request), time.time(), owner_pid, owner_host,
+                    source_key,
+                ),
             )
             return int(cur.lastrowid)
 
-    def claim_next(self, queue: str = "default") -> Job | None:
-        """Atomically take the next pending job (highest priority, then oldest) and mark it running."""
+    @_db_call
+    def claim_next(self, queue: str = "default", output_dir: Path | str | None = None) -> Job | None:
+        """Atomically take the next pending job (highest priority, then oldest) and mark it running;
+        ``output_dir`` (where the images will go) is recorded for crash recovery."""
         conn = self._conn()
         while True:
             now = time.time()
@@ -314,8 +438,9 @@ class JobStore:
                     continue
                 conn.execute(
                     "UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, owner_pid = ?, "
-                    "owner_host = ?, cancel_requested = 0, error = NULL, finished = NULL WHERE id = ?",
-                    (now, now, os.getpid(), self._host, row["id"]),
+                    "owner_host = ?, cancel_requested = 0, error = NULL, finished = NULL, "
+                    "output_dir = COALESCE(?, output_dir) WHERE id = ?",
+                    (now, now, os.getpid(), self._host, str(output_dir) if output_dir else None, row["id"]),
                 )
             return dataclasses.replace(
                 job,
@@ -327,19 +452,23 @@ class JobStore:
                 cancel_requested=False,
                 error=None,
                 finished=None,
+                output_dir=str(output_dir) if output_dir else job.output_dir,
             )
 
+    @_db_call
     def heartbeat(self, job_id: int) -> None:
         with self._write() as conn:
             conn.execute(
                 "UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running'", (time.time(), job_id)
             )
 
+    @_db_call
     def update_request(self, job_id: int, request: GenerationRequest) -> None:
         """Store the request back (the worker records the resolved seed when a job starts)."""
         with self._write() as conn:
             conn.execute("UPDATE jobs SET request = ? WHERE id = ?", (_request_json(request), job_id))
 
+    @_db_call
     def _end_running(self, job_id: int, state: str, error: str | None = None) -> bool:
         # Only a running job can end; a job already marked interrupted by stop()/recover() stays so.
         with self._write() as conn:
@@ -364,6 +493,7 @@ class JobStore:
         """A running job stopped by the worker shutting down (retryable, unlike a user cancel)."""
         return self._end_running(job_id, "interrupted")
 
+    @_db_call
     def cancel(self, job_id: int) -> bool:
         """Pending -> cancelled now; running -> ``cancel_requested`` for its worker. False otherwise."""
         with self._write() as conn:
@@ -380,13 +510,17 @@ class JobStore:
                 return True
             return False
 
+    @_db_call
     def is_cancel_requested(self, job_id: int) -> bool:
         row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def retry(self, job_id: int, queue: str | None = None) -> int:
+    @_db_call
+    def retry(self, job_id: int, queue: str | None = None, *, owned: bool = False) -> int:
         """Put a failed, interrupted or cancelled job back at the end of ``queue`` (default: its own queue);
-        returns its id. A worker retries into its own queue, so a job of an ended batch run runs there."""
+        returns its id. A worker retries into its own queue, so a job of an ended batch run runs there;
+        ``owned`` as in ``add_job`` (a batch run's own queue)."""
+        owner_pid, owner_host = (os.getpid(), self._host) if owned else (None, None)
         with self._write() as conn:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -398,12 +532,13 @@ class JobStore:
             position = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM jobs").fetchone()[0]
             conn.execute(
                 "UPDATE jobs SET state = 'pending', position = ?, started = NULL, finished = NULL, "
-                "error = NULL, owner_pid = NULL, owner_host = NULL, heartbeat = NULL, cancel_requested = 0, "
+                "error = NULL, owner_pid = ?, owner_host = ?, heartbeat = NULL, cancel_requested = 0, "
                 "queue = COALESCE(?, queue) WHERE id = ?",
-                (position, queue, job_id),
+                (position, owner_pid, owner_host, queue, job_id),
             )
         return job_id
 
+    @_db_call
     def interrupt_pending(self, queue: str, reason: str) -> int:
         """Mark every pending job of ``queue`` interrupted (its process stops without running them); returns
         how many. They stay retryable, from the TUI's Queue screen for instance."""
@@ -414,6 +549,7 @@ class JobStore:
             )
             return cur.rowcount
 
+    @_db_call
     def move(self, job_id: int, delta: int) -> bool:
         """Move a pending job ``delta`` places in run order (negative = sooner); False if it is already first
         (or last) and so cannot move.
@@ -448,10 +584,12 @@ class JobStore:
                 conn.execute("UPDATE jobs SET position = ? WHERE id = ?", (pos, jid))
         return True
 
+    @_db_call
     def get_job(self, job_id: int) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job_from_row(row) if row else None
 
+    @_db_call
     def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None) -> list[Job]:
         """Running first, then pending in run order, then the ended ones, most recently ended first."""
         where, args = [], []
@@ -475,6 +613,7 @@ class JobStore:
         )
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _job_from_row)
 
+    @_db_call
     def pending_count(self, queue: str | None = None) -> int:
         if queue is None:
             row = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()
@@ -486,42 +625,90 @@ class JobStore:
             )
         return int(row[0])
 
-    def recover(self) -> list[int]:
-        """Mark running jobs whose owner is gone (dead pid, or stale heartbeat) as interrupted.
+    def _abandoned(self, row: sqlite3.Row, now: float) -> str | None:
+        """Why recover() takes this job over (its error text), or None when its owner may still be at it."""
+        dead = row["owner_host"] == self._host and row["owner_pid"] is not None and not pid_alive(row["owner_pid"])
+        if row["state"] == "pending":  # queued in a private queue whose process is gone
+            return "not started: the process that queued it stopped" if dead else None
+        stale = row["heartbeat"] is None or now - row["heartbeat"] > self.stale_after
+        return "interrupted: the process running it stopped" if stale or dead else None
 
-        Jobs owned by a live process with a fresh heartbeat, including this one, are left alone.
+    @_db_call
+    def abandoned_jobs(self) -> list[Job]:
+        """Running jobs whose owner is gone: those ``recover()`` would end (crash recovery looks for the images
+        they saved before passing them to ``recover``)."""
+        now = time.time()
+        rows = self._conn().execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+        return _parse_rows([r for r in rows if self._abandoned(r, now)], _job_from_row)
+
+    @_db_call
+    def recover(self, found: Mapping[int, Iterable[FoundImage]] | None = None) -> list[int]:
+        """End the jobs whose owner is gone (dead pid, or stale heartbeat); returns their ids.
+
+        ``found``: images such a job saved (job id -> images), from its output folder; those its history lacks
+        are recorded. A job with every image recorded is then ``done`` (killed after its last save), any other
+        ``interrupted`` (retryable; a retry does not make again the images it already has). Pending jobs of a
+        private queue whose process is gone become interrupted. Jobs owned by a live process with a fresh
+        heartbeat, including this one, are left alone. All in one transaction, so two processes recovering at
+        once record nothing twice.
         """
         now = time.time()
         recovered = []
+        found = found or {}
         with self._write() as conn:
             rows = conn.execute(
-                "SELECT id, state, owner_pid, owner_host, heartbeat FROM jobs "
-                "WHERE state = 'running' OR (state = 'pending' AND owner_pid IS NOT NULL)"
+                "SELECT * FROM jobs WHERE state = 'running' OR (state = 'pending' AND owner_pid IS NOT NULL)"
             ).fetchall()
             for row in rows:
-                dead = (
-                    row["owner_host"] == self._host
-                    and row["owner_pid"] is not None
-                    and not pid_alive(row["owner_pid"])
-                )
-                if row["state"] == "pending":  # queued in a private queue whose process is gone
-                    if not dead:
-                        continue
-                    error = "not started: the process that queued it stopped"
-                else:
-                    stale = row["heartbeat"] is None or now - row["heartbeat"] > self.stale_after
-                    if not (stale or dead):
-                        continue
-                    error = "interrupted: the process running it stopped"
+                error = self._abandoned(row, now)
+                if error is None:
+                    continue
+                state = "interrupted"
+                if row["state"] == "running":
+                    recorded = {
+                        r["path"] for r in conn.execute("SELECT path FROM history WHERE job_id = ?", (row["id"],))
+                    }
+                    for image in found.get(row["id"], ()):
+                        if image.path not in recorded:
+                            self._insert_history(conn, row["id"], image.path, image.request, image.seed,
+                                                 image.model_hash, {})
+                            recorded.add(image.path)
+                    if self._all_images_recorded(conn, row):
+                        state, error = "done", None
                 conn.execute(
-                    "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE id = ?",
-                    (now, error, row["id"]),
+                    "UPDATE jobs SET state = ?, finished = ?, error = ? WHERE id = ?",
+                    (state, now, error, row["id"]),
                 )
                 recovered.append(int(row["id"]))
         return recovered
 
+    @staticmethod
+    def _all_images_recorded(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+        try:
+            seeds = set(GenerationRequest.from_dict(json.loads(row["request"])).image_seeds())
+        except (DarkroomError, ValueError, TypeError):  # unreadable, or killed before its seed was resolved
+            return False
+        recorded = {r[0] for r in conn.execute("SELECT seed FROM history WHERE job_id = ?", (row["id"],))}
+        return seeds <= recorded
+
+    @_db_call
+    def jobs_by_source(self, keys: Iterable[str]) -> dict[str, Job]:
+        """The latest job queued from each batch file line (``source_key``), for ``--resume``."""
+        out: dict[str, Job] = {}
+        conn = self._conn()
+        for key in set(keys):
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE source_key = ? ORDER BY id DESC LIMIT 1", (key,)
+            ).fetchone()
+            if row is not None:
+                jobs = _parse_rows([row], _job_from_row)
+                if jobs:
+                    out[key] = jobs[0]
+        return out
+
     # ---- history -----------------------------------------------------------------------------------------
 
+    @_db_call
     def add_history(
         self,
         job_id: int | None,
@@ -531,23 +718,44 @@ class JobStore:
         model_hash: str | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> int:
+        """Record a saved image; recording the same image of the same job again returns the existing row (a
+        worker that was frozen past ``stale_after`` may record an image that crash recovery already did)."""
         with self._write() as conn:
-            cur = conn.execute(
-                "INSERT INTO history (job_id, path, request, prompt, seed, model_hash, timings, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    str(path),
-                    _request_json(request),
-                    request.prompt,
-                    seed if seed is not None else request.seed,
-                    model_hash,
-                    json.dumps(dict(timings or {})),
-                    time.time(),
-                ),
-            )
-            return int(cur.lastrowid)
+            if job_id is not None:
+                row = conn.execute(
+                    "SELECT id FROM history WHERE job_id = ? AND path = ?", (job_id, str(path))
+                ).fetchone()
+                if row is not None:
+                    return int(row[0])
+            return self._insert_history(conn, job_id, path, request, seed, model_hash, timings)
 
+    @staticmethod
+    def _insert_history(
+        conn: sqlite3.Connection,
+        job_id: int | None,
+        path: Path | str,
+        request: GenerationRequest,
+        seed: int | None,
+        model_hash: str | None,
+        timings: Mapping[str, float] | None,
+    ) -> int:
+        cur = conn.execute(
+            "INSERT INTO history (job_id, path, request, prompt, seed, model_hash, timings, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                str(path),
+                _request_json(request),
+                request.prompt,
+                seed if seed is not None else request.seed,
+                model_hash,
+                json.dumps(dict(timings or {})),
+                time.time(),
+            ),
+        )
+        return int(cur.lastrowid)
+
+    @_db_call
     def history(self, search: str | None = None, limit: int = 100, offset: int = 0) -> list[HistoryEntry]:
         """Newest first; ``search`` matches a substring of the prompt (case-insensitive for ASCII)."""
         sql, args = "SELECT * FROM history", []
@@ -558,10 +766,18 @@ class JobStore:
         args.extend([int(limit), int(offset)])
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _history_from_row)
 
+    @_db_call
+    def job_history(self, job_id: int) -> list[HistoryEntry]:
+        """The images recorded for one job, in the order they were saved."""
+        rows = self._conn().execute("SELECT * FROM history WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+        return _parse_rows(rows, _history_from_row)
+
+    @_db_call
     def get_history(self, history_id: int) -> HistoryEntry | None:
         row = self._conn().execute("SELECT * FROM history WHERE id = ?", (history_id,)).fetchone()
         return _history_from_row(row) if row else None
 
+    @_db_call
     def delete_history(self, history_id: int) -> bool:
         """Forget one history row (the image file is left on disk)."""
         with self._write() as conn:
@@ -580,6 +796,16 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()  # e.g. the disk filled up: leave no transaction open on this connection
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (a full disk, an I/O error): never mask the real error.
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")

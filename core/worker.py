@@ -8,6 +8,10 @@ Two threads per worker:
 - the job thread claims jobs from the store (priority, then FIFO), runs them, saves images and history;
 - the status thread sends a ``Status`` at least once per ``status_interval`` while busy and on every state
   change, heartbeats the running job, and notices cancels requested through the database by another process.
+
+When the database itself fails (a ``StoreError``: locked by another process past the busy timeout, disk full),
+either thread stops both: one ``WorkerStopped`` event carries the message, nothing is retried every second.
+The running job stays marked running; the next start's crash recovery (``core.recovery``) ends it.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from core.events import (
     JobStarted,
     JobStep,
     Status,
+    WorkerStopped,
 )
 from core.request import GenerationRequest
 from core.runner import GeneratedImage, JobRunner, RunnerUnavailableError, runner_factory
-from core.store import Job, JobStore
+from core.store import Job, JobStore, StoreError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -149,6 +154,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._status_thread: threading.Thread | None = None
         self._failures: OrderedDict[int, BaseException] = OrderedDict()
+        self._fatal_lock = threading.Lock()
+        self.fatal_error: StoreError | None = None  # why the worker stopped by itself (see WorkerStopped)
 
     # ---- control (any thread) ----------------------------------------------------------------------------
 
@@ -178,6 +185,7 @@ class Worker:
             return
         self._stop.clear()
         self._loop_done.clear()
+        self.fatal_error = None
         self._finish_current = False
         self._thread = threading.Thread(target=self._job_loop, name="darkroom-worker", daemon=True)
         self._status_thread = threading.Thread(
@@ -205,11 +213,17 @@ class Worker:
         if ctx is not None and self._thread is not None and self._thread.is_alive() and not finish_current:
             # The runner is stuck inside a step; record the job as interrupted now (the job thread's own
             # later update only applies to running jobs, so it cannot undo this).
-            self.store.mark_interrupted(ctx.job_id)
+            try:
+                self.store.mark_interrupted(ctx.job_id)
+            except StoreError:
+                pass  # the next start's recovery ends it
 
-    def submit(self, request: GenerationRequest, *, priority: int = 0) -> int:
-        """Queue a request (a seed of -1 is resolved when the job starts); returns the job id."""
-        job_id = self.store.add_job(request, priority=priority, queue=self.queue, owned=self.private_queue)
+    def submit(self, request: GenerationRequest, *, priority: int = 0, source_key: str | None = None) -> int:
+        """Queue a request (a seed of -1 is resolved when the job starts); returns the job id.
+        ``source_key``: the batch file line it comes from (``core.store.source_key``)."""
+        job_id = self.store.add_job(
+            request, priority=priority, queue=self.queue, owned=self.private_queue, source_key=source_key
+        )
         self._emit(JobQueued(job_id, request))
         self._wake.set()
         self._status_dirty.set()
@@ -240,7 +254,7 @@ class Worker:
 
     def retry(self, job_id: int) -> int:
         """Run an ended job again, in this worker's queue (it may come from a batch run's)."""
-        job_id = self.store.retry(job_id, queue=self.queue)
+        job_id = self.store.retry(job_id, queue=self.queue, owned=self.private_queue)
         job = self.store.get_job(job_id)
         if job is not None:
             self._emit(JobQueued(job_id, job.request))
@@ -287,10 +301,31 @@ class Worker:
             self._activity = text
             self._status_dirty.set()
 
+    def _fatal(self, exc: StoreError) -> None:
+        """The database cannot be used: stop both threads and say so once."""
+        with self._fatal_lock:
+            if self.fatal_error is not None:
+                return
+            self.fatal_error = exc
+        # info, not error: the front end shows the event's message, and Python's last-resort handler would print
+        # an error record to stderr a second time
+        log.info("the worker stopped: %s", exc)
+        ctx = self._current
+        self._stop.set()
+        if ctx is not None:
+            ctx._interrupt.set()  # stop generating: its images could not be recorded
+        self._wake.set()
+        self._status_dirty.set()
+        self._emit(WorkerStopped(ctx.job_id if ctx else None, str(exc)))
+
     def _job_loop(self) -> None:
         try:
             try:
-                self.store.recover()
+                from core.recovery import recover
+
+                recover(self.store, self.output_dir)
+            except StoreError as exc:
+                self._fatal(exc)
             except Exception:
                 log.exception("job recovery failed")
             while not self._stop.is_set():
@@ -301,7 +336,10 @@ class Worker:
                     continue
                 self._wake.clear()
                 try:
-                    job = self.store.claim_next(self.queue)
+                    job = self.store.claim_next(self.queue, output_dir=self.output_dir)
+                except StoreError as exc:
+                    self._fatal(exc)
+                    break
                 except Exception:
                     log.exception("claiming a job failed")
                     job = None
@@ -345,8 +383,12 @@ class Worker:
             if request != job.request:
                 self.store.update_request(job.id, request)
                 job = dataclasses.replace(job, request=request)
-        except Exception as exc:  # the database went away under us
-            self._end_failed(job.id, exc)
+        except StoreError as exc:  # the database went away under us
+            self._fatal(exc)
+            self._current = None
+            return
+        except Exception as exc:
+            self._end_failed_or_stop(job.id, exc)
             self._current = None
             return
         self._emit(JobStarted(job.id, request))
@@ -362,18 +404,31 @@ class Worker:
             self.store.finish(job.id)
             self._emit(JobFinished(job.id, tuple(paths), tuple(seeds), ctx.elapsed))
         except Exception as exc:
-            if ctx._interrupt.is_set():
-                self.store.mark_interrupted(job.id)
-                self._emit(JobCancelled(job.id))
-            elif ctx._cancel.is_set() or isinstance(exc, JobCancelledError):
-                self.store.mark_cancelled(job.id)
-                self._emit(JobCancelled(job.id))
-            else:
-                self._end_failed(job.id, exc)
+            try:
+                if isinstance(exc, StoreError):
+                    raise exc
+                if self.fatal_error is not None:
+                    pass  # the status thread met a database failure: no more writes (each could wait 30 s)
+                elif ctx._interrupt.is_set():
+                    self.store.mark_interrupted(job.id)
+                    self._emit(JobCancelled(job.id))
+                elif ctx._cancel.is_set() or isinstance(exc, JobCancelledError):
+                    self.store.mark_cancelled(job.id)
+                    self._emit(JobCancelled(job.id))
+                else:
+                    self._end_failed(job.id, exc)
+            except StoreError as store_exc:
+                self._fatal(store_exc)
         finally:
             self._current = None
             self._set_activity("idle")
             self._status_dirty.set()
+
+    def _end_failed_or_stop(self, job_id: int, exc: Exception) -> None:
+        try:
+            self._end_failed(job_id, exc)
+        except StoreError as store_exc:
+            self._fatal(store_exc)
 
     def _end_failed(self, job_id: int, exc: Exception) -> None:
         self._remember_failure(job_id, exc)
@@ -386,14 +441,21 @@ class Worker:
         self._emit(JobFailed(job_id, message))
 
     def _save(self, job: Job, images: list[GeneratedImage]) -> tuple[list[str], list[int]]:
+        """Save and record each image; one this job already has (a retry of a job killed or stopped midway
+        through saving, recorded by crash recovery) is not saved again, and its recorded path is reported."""
         from core.metadata import save_image
+        from core.recovery import job_tag
 
+        saved = {h.seed: h.path for h in self.store.job_history(job.id) if Path(h.path).is_file()}
+        tag = job_tag(job)
         paths, seeds = [], []
         for item in images:
-            path = save_image(
-                item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash
-            )
-            self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
+            path = saved.get(item.seed)
+            if path is None:
+                path = save_image(
+                    item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag
+                )
+                self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
             paths.append(str(path))
             seeds.append(item.seed)
         return paths, seeds
@@ -404,7 +466,7 @@ class Worker:
         if "torch" not in sys.modules:
             try:
                 queue_length = self.store.pending_count(self.queue)
-            except Exception:
+            except Exception:  # a StoreError comes back at the next query and stops the worker there
                 queue_length = 0
             self._emit(Status(job_id=None, activity="starting: importing torch", device="…",
                               attention_backend="…", dtype="…", queue_length=queue_length, paused=self._paused))
@@ -414,16 +476,24 @@ class Worker:
             self._status_dirty.clear()
             stopping = self._loop_done.is_set()
             ctx = self._current
+            if self.fatal_error is not None:
+                return  # the job thread met a database failure and said so
             if ctx is not None:
                 try:
                     self.store.heartbeat(ctx.job_id)
                     if not ctx._cancel.is_set() and self.store.is_cancel_requested(ctx.job_id):
                         ctx._cancel.set()  # cancelled from another process through the database
+                except StoreError as exc:
+                    self._fatal(exc)
+                    return
                 except Exception:
                     log.exception("heartbeat failed")
             if dirty or ctx is not None or stopping:
                 try:
                     self._emit(self._make_status(ctx))
+                except StoreError as exc:
+                    self._fatal(exc)
+                    return
                 except Exception:
                     log.exception("status update failed")
             if stopping:

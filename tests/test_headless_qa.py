@@ -250,7 +250,7 @@ def test_progress_shows_the_prompt_as_written_on_one_line(batch):
     code, _, err = run(jobs)
     assert code == 0, err
     started = next(line for line in err.splitlines() if "started:" in line)
-    assert started.endswith('"a \\(hat\\), (red:1.2) second [31m line"')
+    assert started.endswith('"a \\(hat\\), (red:1.2) second\\x1b[31m line"')  # the ESC shown, not obeyed
     assert "\x1b" not in err
 
 
@@ -570,8 +570,13 @@ def test_jobs_path_that_is_a_folder_or_binary_gets_a_plain_message(batch):
     code, out, err = run(str(tmp_path))
     assert (code, out) == (2, "")
     assert err == f"darkroom: error: {tmp_path}: is a folder; give a .toml, .jsonl or .json jobs file\n"
-    png = tmp_path / "picture.png"
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\xff\xfe" * 100)
+    code, out, err = run(str(binary))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"darkroom: error: {binary}: not a text file") and "codec" not in err
+    png = tmp_path / "picture.png"  # an image is a job (tests/test_batch_images.py); one without parameters:
     Image.new("RGB", (8, 8)).save(png)
     code, out, err = run(str(png))
     assert (code, out) == (2, "")
-    assert err.startswith(f"darkroom: error: {png}: not a text file") and "codec" not in err
+    assert err.startswith(f"darkroom: error: {png}: has no generation parameters") and "codec" not in err

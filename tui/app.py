@@ -35,7 +35,9 @@ from core.events import (
     JobStarted,
     JobStep,
     Status,
+    WorkerStopped,
 )
+from core.text import visible
 from tui.commands import DarkroomCommands
 from tui.config import load_settings, save_settings
 from tui.screens.generate import GenerateScreen
@@ -300,6 +302,20 @@ class DarkroomApp(App[int]):
         except Exception:  # noqa: BLE001 - settings are a convenience, never a reason to crash
             pass
 
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: Any = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Every notification of every screen: messages carry prompts, file, model and tensor names, so they
+        are shown with control characters made visible and, unless a caller asks, never parsed as markup."""
+        super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
+                       timeout=timeout, markup=markup)
+
     def get_generate_screen(self) -> GenerateScreen | None:
         """The Generate screen once it has been mounted (it registers itself)."""
         return self.generate_screen
@@ -336,6 +352,9 @@ class DarkroomApp(App[int]):
 
     def on_darkroom_app_core_event(self, message: CoreEvent) -> None:
         event = message.event
+        if isinstance(event, WorkerStopped):
+            self.database_failed(event.error)
+            return
         if isinstance(event, Status):
             self.status = event
             self._freeze_new_modules()
@@ -350,14 +369,27 @@ class DarkroomApp(App[int]):
                 count = len(event.paths)
                 self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
             elif isinstance(event, JobFailed):
-                self.notify(Text(f"Job #{event.job_id} failed: {event.error}").plain, severity="error",
-                            markup=False, timeout=8)
+                self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False,
+                            timeout=8)
         elif isinstance(event, JobQueued):
             pass
         screen = self.get_generate_screen()
         if screen is not None and screen.is_mounted:
             screen.show_event(event)
         self.job_events.publish(event)
+
+    def database_failed(self, error: str) -> None:
+        """The job database cannot be used (locked by another process too long, disk full): nothing can be
+        queued or recorded, so leave with that one message (printed after the screen is restored)."""
+        self.exit(return_code=1, message=Text(f"darkroom: error: {visible(error, multiline=True)}"))
+
+    def _handle_exception(self, error: Exception) -> None:
+        from core.store import StoreError
+
+        if isinstance(error, StoreError):  # a screen's query met the failing database: its message, no traceback
+            self.database_failed(str(error))
+            return
+        super()._handle_exception(error)
 
     # ---- actions -------------------------------------------------------------------------------------------
 
@@ -481,7 +513,7 @@ def run_app(args: Any) -> int:
         app = create_app(args, image_class=image_class)
     except DarkroomError as error:
         gc.enable()
-        print(f"darkroom: {error}", file=sys.stderr)
+        print(f"darkroom: {visible(error)}", file=sys.stderr)
         return 2
     _timestamps["app_run"] = time.monotonic()
     result = app.run()

@@ -9,6 +9,8 @@ from rich.text import Text
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.markup import escape
 
+from core.text import visible
+
 
 class DarkroomCommands(Provider):
     def _commands(self, query: str) -> list[tuple[str, Any, str]]:
@@ -17,14 +19,14 @@ class DarkroomCommands(Provider):
         generate = app.get_generate_screen() if hasattr(app, "get_generate_screen") else None
         if generate is not None and generate.is_mounted:
             for preset in generate.presets:
-                commands.append((f"Preset: {preset.name}", partial(self._apply_preset, preset),
-                                 preset.description or "apply to Generate"))
+                commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
+                                 visible(preset.description or "apply to Generate")))
             for model in generate.models:
-                commands.append((f"Model: {model.name}", partial(self._choose_model, str(model.name)),
-                                 "use this checkpoint"))
+                commands.append((f"Model: {visible(model.name)}",
+                                 partial(self._choose_model, str(model.name)), "use this checkpoint"))
         if query.strip():
-            commands.append((f"History: search {query.strip()}", partial(self._search_history, query.strip()),
-                             "show matching images"))
+            commands.append((f"History: search {visible(query.strip())}",
+                             partial(self._search_history, query.strip()), "show matching images"))
         return commands
 
     async def discover(self) -> Hits:

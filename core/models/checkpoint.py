@@ -31,7 +31,7 @@ from core.errors import CheckpointError
 from core.models.detect import OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
 from core.models.families import FAMILIES, get_family, runnable
 from core.models.family import Component, ModelFamily
-from core.models.safetensors_header import read_header, sniff
+from core.models.safetensors_header import open_regular, read_header, short_repr, sniff
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -75,12 +75,19 @@ class SafetensorsSource(TensorSource):
         self._handle: Any = None
 
     def get(self, key: str) -> torch.Tensor:
-        if self._handle is None:
-            from safetensors import safe_open
+        from safetensors import SafetensorError
 
-            # safe_open maps the file (MAP_PRIVATE); get_tensor returns a view, pages are read on first use.
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(key)
+        try:
+            if self._handle is None:
+                from safetensors import safe_open
+
+                # safe_open maps the file (MAP_PRIVATE); get_tensor returns a view, pages are read on first use.
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            # read_header checks what safetensors checks, so this is a file that changed since, or a case
+            # neither foresaw: still a bad file, named, not an internal error
+            raise CheckpointError(self.path, f"safetensors cannot read tensor {key!r} ({e})") from None
 
     def close(self) -> None:
         self._handle = None  # tensors already handed out keep their own reference to the mapping
@@ -125,6 +132,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             path, f"the file is not a readable PyTorch checkpoint (it may be truncated or corrupt: {e})"
         ) from None
+    except Exception as e:  # torch's unpickler on a hostile file: KeyError, TypeError, RecursionError, ...
+        raise CheckpointError(
+            path, f"the file is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is corrupt"
+        ) from None
     for _ in range(2):  # Lightning files nest weights under "state_dict"
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
@@ -139,15 +150,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def open_source(path: str | Path) -> TensorSource:
     """Open a model file by its content (extension only breaks ties); raises CheckpointError."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "the file does not exist")
-    if path.is_dir():
-        raise CheckpointError(path, "this is a folder, not a checkpoint file")
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device named *.safetensors is refused here, not read forever
+        try:
             head = f.read(64)
-    except OSError as e:
-        raise CheckpointError(path, f"the file cannot be read ({e.strerror or e})") from None
+        except OSError as e:
+            raise CheckpointError(path, f"the file cannot be read ({e.strerror or e})") from None
     # By content first, extension second: renamed files are common.
     if head[8:9] == b"{":
         return SafetensorsSource(path)
@@ -178,7 +185,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def _detect(source: TensorSource) -> CheckpointInfo:
-    return detect(source.path, source.shapes, source.dtypes, read=source.get, fmt=source.format)
+    try:
+        return detect(source.path, source.shapes, source.dtypes, read=source.get, fmt=source.format)
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+        # detection indexes marker keys' shapes; a damaged file gives them too few dimensions
+        raise CheckpointError(
+            source.path,
+            f"its tensor shapes fit no known model layout ({type(e).__name__}: {e}; a key that identifies the "
+            "model has the wrong number of dimensions); the file is damaged",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -351,17 +366,28 @@ def _load_component(
     try:
         # The family supplies what the weights cannot show (the VAE's scale, the attention head layout).
         config = config_cls.from_state_dict(shapes, family=family.name)
-    except (ValueError, KeyError, CheckpointError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError, CheckpointError) as e:
         if isinstance(e, CheckpointError):
             detail = e.problem
+        elif isinstance(e, KeyError):
+            detail = f"missing key {e}"
+        elif isinstance(e, IndexError):  # a shape with fewer dimensions than the key has in any real model
+            detail = "a key's shape has the wrong number of dimensions"
         else:
-            detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            detail = str(e)
         raise CheckpointError(
             path, f"cannot read the {label} configuration from its keys: {detail}"
         ) from None
-    with _parameters_on_meta():
-        module = model_cls(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    try:
+        with _parameters_on_meta():
+            module = model_cls(config)
+    except (ValueError, ZeroDivisionError) as e:  # e.g. a width GroupNorm cannot split, read off the shapes
+        raise CheckpointError(
+            path, f"the {label} its keys describe cannot be built ({e}); the file is damaged or an unsupported variant"
+        ) from None
+    state = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    floating = {k for k, v in state.items() if v.is_floating_point()}
 
     for rel, shape in expected.items():
         if rel not in shapes:
@@ -380,7 +406,7 @@ def _load_component(
         if rel not in expected and not _ignorable(component.role, rel):
             raise CheckpointError(
                 path,
-                f"key {rel_to_key[rel]!r} is not part of the {label} read from this file "
+                f"key {short_repr(rel_to_key[rel])} is not part of the {label} read from this file "
                 "(the file is damaged or an unsupported variant)",
             )
 
@@ -388,6 +414,12 @@ def _load_component(
     tensors: dict[str, torch.Tensor] = {}
     for rel in expected:
         t = source.get(rel_to_key[rel])
+        if rel in floating and not t.is_floating_point():
+            raise CheckpointError(
+                path,
+                f"key {rel_to_key[rel]!r} is stored as {str(t.dtype).removeprefix('torch.')}, but a "
+                f"{label} weight must be a floating-point tensor (the file is damaged)",
+            )
         if t.device != device:
             t = t.to(device)  # move first, then convert on the device: less host memory, faster
         if t.is_floating_point() and t.dtype != target:
@@ -428,7 +460,7 @@ def _load_vae_file(
                 vae_path,
                 f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)",
             )
-        latent = source.shapes.get(prefix + "decoder.conv_in.weight", (0, 0))[1]
+        latent = (*source.shapes.get(prefix + "decoder.conv_in.weight", ()), 0, 0)[1]
         channels = spec.latent.channels if spec.latent else latent
         if latent != channels:
             raise CheckpointError(
@@ -550,7 +582,7 @@ def file_sha256(path: str | Path, *, _digest: Callable[[Path], str] | None = Non
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core import paths
 from core.errors import ModelNotFoundError
+from core.models.safetensors_header import file_kind
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")  # in order of preference
 MODELS_ENV = "DARKROOM_MODELS"
@@ -71,6 +72,8 @@ class ModelRegistry:
         self._files: dict[str, list[ModelFile]] | None = None
         self._dirs: dict[str, list[Path]] = {}
         self._shadowed: dict[str, list[ModelFile]] = {}  # same name as a listed file (other extension or root)
+        # named like a model but not a regular file (FIFO, device, dangling link): never listed or opened
+        self._unusable: dict[str, list[tuple[str, Path, str]]] = {}
 
     # ---- scanning ---------------------------------------------------------------------------------------
 
@@ -98,14 +101,20 @@ class ModelRegistry:
         self._dirs = self._kind_dirs()
         files: dict[str, list[ModelFile]] = {}
         self._shadowed = {}
+        self._unusable = {}
         for kind, folders in self._dirs.items():
             shadowed: list[ModelFile] = []
+            unusable = self._unusable.setdefault(kind, [])
             chosen: dict[str, tuple[int, ModelFile]] = {}
             for folder in folders:
                 seen_here: dict[str, tuple[int, ModelFile]] = {}
                 for path in _walk(folder):
                     rank = MODEL_EXTENSIONS.index(path.suffix.lower())
                     name = path.relative_to(folder).with_suffix("").as_posix()
+                    problem = not_a_regular_file(path)
+                    if problem is not None:  # opening a FIFO would wait forever; a device never ends
+                        unusable.append((name, path, problem))
+                        continue
                     try:
                         size = path.stat().st_size
                     except OSError:
@@ -182,6 +191,9 @@ class ModelRegistry:
         if explicit:
             if candidate.is_file():
                 return candidate.resolve()
+            problem = not_a_regular_file(candidate)
+            if problem is not None and problem != "it does not exist":
+                raise ModelNotFoundError(f"{label} file {value!r} cannot be used: {problem}")
             raise ModelNotFoundError(f"{label} file {value!r} does not exist")
         files = self._scan()[kind]
         name = value.replace("\\", "/").strip("/")
@@ -207,6 +219,9 @@ class ModelRegistry:
                 raise ModelNotFoundError(f"{label} {value!r} is ambiguous: it matches {listed}; use the full name")
         if candidate.is_file():  # a relative path from the working folder
             return candidate.resolve()
+        for other, path, problem in self._unusable.get(kind, []):
+            if other == name or other.rsplit("/", 1)[-1] == base:
+                raise ModelNotFoundError(f"{label} {value!r} cannot be used: {path}: {problem}")
         raise ModelNotFoundError(self._not_found(kind, label, value, name, files))
 
     def _not_found(self, kind: str, label: str, value: str, name: str, files: list[ModelFile]) -> str:
@@ -228,6 +243,23 @@ class ModelRegistry:
                 close.append(keys[key])
         hint = f"; close matches: {', '.join(close[:3])}" if close else ""
         return f"{label} {value!r} not found in {searched}{hint}"
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a model file (a FIFO, a device, a dangling link...), from ``stat`` alone (which
+    never blocks, unlike opening); None for a regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"it is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        return "it does not exist"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    kind = file_kind(st.st_mode)
+    if kind is None:
+        return None
+    return f"it is {kind}, not a model file (a model must be a regular file)"
 
 
 def _walk(folder: Path) -> list[Path]:

@@ -6,10 +6,15 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Label
+
+from core.text import visible
+from tui.widgets.safe_input import Input
 
 
 class ConfirmScreen(ModalScreen[bool]):
+    """A question naming a file or preset: shown as plain text with control characters made visible."""
+
     BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes")]
     AUTO_FOCUS = "#no"  # Enter right after the question cancels: deleting takes y or a deliberate choice
 
@@ -20,7 +25,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Grid(id="dialog", classes="two-buttons"):
-            yield Label(Text(self.question), id="question")
+            yield Label(Text(visible(self.question, multiline=True)), id="question")
             yield Button(f"{self.confirm_label} (y)", variant="error", id="yes")
             yield Button("Cancel (Esc)", id="no")
 
@@ -39,7 +44,7 @@ class TextPromptScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Grid(id="dialog", classes="two-buttons"):
-            yield Label(Text(self.question), id="question")
+            yield Label(Text(visible(self.question, multiline=True)), id="question")
             yield Input(self.value, placeholder=self.placeholder, id="answer")
             yield Button("OK", variant="primary", id="ok")
             yield Button("Cancel", id="cancel")

@@ -13,11 +13,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Label, Select, Switch, TextArea
+from textual.widgets import Button, Checkbox, Collapsible, Footer, Label, Select, Switch
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
+    IMG2IMG_DENOISE,
     MAX_SEED,
     UPSCALERS,
     GenerationRequest,
@@ -26,8 +27,10 @@ from core.request import (
     resolve_init_image,
 )
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
+from core.text import visible
 from tui.screens.base import MainScreen
 from tui.widgets.preview import PreviewPane
+from tui.widgets.safe_input import Input, TextArea
 
 SIZE_PRESETS = [
     (512, 512), (512, 768), (768, 512), (640, 640), (768, 768), (832, 1216), (1216, 832),
@@ -42,13 +45,21 @@ ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float}
 HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
                "init_image", "denoise", "hires")
+# What each request field is called in the form, for error messages (in form order).
+FORM_LABELS = {
+    "model": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler": "Sampler",
+    "schedule": "Schedule", "steps": "Steps", "cfg": "CFG", "seed": "Seed", "width": "Size (width)",
+    "height": "Size (height)", "batch_size": "Batch (images)", "batch_count": "Batch (batches)", "vae": "VAE",
+    "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "hires.scale": "Hires scale",
+    "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
+}
 # UI-only entries of form_values() (kept in the last-used settings, never sent or saved into presets).
 UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
-    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(DEFAULTS["denoise"]),
+    "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
 }
@@ -174,7 +185,7 @@ class GenerateScreen(MainScreen):
                 Input("", id="init_image", placeholder="img2img: path of a source image", compact=True,
                       classes="path")),
             row(Label("Denoise", classes="field-label"),
-                Input("1.0", type="number", id="denoise", classes="short", compact=True,
+                Input(str(IMG2IMG_DENOISE), type="number", id="denoise", classes="short", compact=True,
                       tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
             row(Label("Hires", classes="field-label"),
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
@@ -267,7 +278,7 @@ class GenerateScreen(MainScreen):
         self._models_loaded = True
         select = self.query_one("#model", Select)
         wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
-        select.set_options([(Text(str(m.name)), str(m.name)) for m in models])
+        select.set_options([(Text(visible(m.name)), str(m.name)) for m in models])
         names = [str(m.name) for m in models]
         if wanted in names:
             select.value = wanted
@@ -294,7 +305,8 @@ class GenerateScreen(MainScreen):
 
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
-        self.query_one("#preset-picker", Select).set_options([(Text(p.name), p.name) for p in presets])
+        options = [(Text(visible(p.name)), p.name) for p in presets]
+        self.query_one("#preset-picker", Select).set_options(options)
         for problem in problems or []:
             self.app.notify(str(problem), severity="warning", markup=False)
 
@@ -312,7 +324,7 @@ class GenerateScreen(MainScreen):
         names = list(self.vae_names)
         if isinstance(current, str) and current and current not in names:
             names.append(current)
-        select.set_options([("built-in", BUILTIN_VAE), *((Text(n), n) for n in names)])
+        select.set_options([("built-in", BUILTIN_VAE), *((Text(visible(n)), n) for n in names)])
         select.value = current if isinstance(current, str) and current in names else BUILTIN_VAE
 
     def _advanced_state(self) -> dict[str, Any]:
@@ -398,7 +410,7 @@ class GenerateScreen(MainScreen):
             if any(str(m.name) == model for m in self.models):
                 select.value = model
             elif self._models_loaded:
-                self.app.notify(Text(f"Model {model} is not in the models folders").plain, severity="warning",
+                self.app.notify(f"Model {model} is not in the models folders", severity="warning",
                                 markup=False)
         for name in NUMBER_FIELDS:
             if name in values and values[name] is not None and not isinstance(values[name], bool):
@@ -415,6 +427,8 @@ class GenerateScreen(MainScreen):
         if "vae" in values and (values["vae"] is None or isinstance(values["vae"], str)):
             state["vae"] = values["vae"] or BUILTIN_VAE
         for name in ADVANCED_NUMBER_FIELDS:
+            if name == "denoise" and values.get(name) == 1.0 and not values.get("init_image"):
+                continue  # a txt2img job's (or older settings') 1.0 is no img2img strength: keep the field's own
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 state[name] = str(values[name])
         if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
@@ -452,32 +466,54 @@ class GenerateScreen(MainScreen):
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {v}" for k, v in value.items())
             parts.append(f"{name}: {value}")
-        self.query_one("#hidden-note", Label).update(Text("also: " + "; ".join(parts)) if parts else "")
+        note = Text(visible("also: " + "; ".join(parts))) if parts else ""
+        self.query_one("#hidden-note", Label).update(note)
 
     def build_request(self) -> GenerationRequest:
+        """The form as a request, or a DarkroomError listing every bad field at once, one line each, by the
+        label it has in the form."""
         values = self.form_values()
         for name in UI_ONLY_FIELDS:
             values.pop(name, None)
-        if "model" not in values:
-            raise DarkroomError("Choose a model first (no checkpoint is selected).")
+        errors: list[RequestError] = []
+
+        def parse(target: dict[str, Any], key: str, name: str, kind: type) -> None:
+            try:
+                target[key] = _parse(name, target.get(key), kind)
+            except RequestError as error:
+                errors.append(error)
+                target.pop(key, None)  # the request's default stands in, so the other fields are still checked
+
+        no_model = "model" not in values
+        if no_model:
+            values["model"] = "(none)"
         for name, kind in NUMBER_FIELDS.items():
-            if not isinstance(values.get(name), int | float):
-                raise DarkroomError(f"{name} = {values.get(name)!r} is invalid: it must be a number")
-            values[name] = kind(values[name])
-        values["clip_skip"] = _parse("clip_skip", values["clip_skip"], int)
+            parse(values, name, name, kind)
+        parse(values, "clip_skip", "clip_skip", int)
         init_image = values["init_image"]
         if init_image is None:
             values["denoise"] = DEFAULTS["denoise"]  # txt2img: the img2img strength does not apply
         else:
-            values["denoise"] = _parse("denoise", values["denoise"], float)
-            values["init_image"] = resolve_init_image(init_image)
+            parse(values, "denoise", "denoise", float)
+            try:
+                values["init_image"] = resolve_init_image(init_image)
+            except RequestError as error:
+                errors.append(error)
         if values["hires"] is not None:
-            values["hires"] = {
-                **values["hires"],
-                **{name: _parse(f"hires.{name}", values["hires"][name], kind)
-                   for name, kind in HIRES_NUMBER_FIELDS.items()},
-            }
-        return GenerationRequest.from_dict(values)
+            values["hires"] = dict(values["hires"])
+            for name, kind in HIRES_NUMBER_FIELDS.items():
+                parse(values["hires"], name, f"hires.{name}", kind)
+        try:
+            request = GenerationRequest.from_dict(values)
+        except RequestError as error:
+            errors.extend(error.errors)
+        if no_model or errors:
+            order = list(FORM_LABELS)
+            errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
+            lines = ["Choose a model first (no checkpoint is selected)."] if no_model else []
+            lines += [f"{FORM_LABELS.get(e.field, e.field)}: {e}" for e in errors]
+            raise DarkroomError("\n".join(lines))
+        return request
 
     # ---- actions -------------------------------------------------------------------------------------------
 
@@ -558,7 +594,7 @@ class GenerateScreen(MainScreen):
         values = dict(preset.fields)
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
         self.set_form_values(values)
-        self.app.notify(Text(f"Applied preset {preset.name}").plain, markup=False, timeout=2)
+        self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
 
     # ---- job events from the app ---------------------------------------------------------------------------
 

@@ -11,13 +11,15 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Static
 
 from core.events import Event, JobFinished
 from core.request import GenerationRequest
+from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen
 from tui.widgets.image import chosen_image_class, make_image
+from tui.widgets.safe_input import Input
 
 
 def format_time(stamp: Any) -> str:
@@ -38,14 +40,15 @@ def row_request(row: Any) -> GenerationRequest:
 
 
 def describe(row: Any) -> Text:
-    """Every parameter as plain text (prompts may contain [ ] and ( ): never markup)."""
+    """Every parameter as plain text (prompts may contain [ ] and ( ): never markup; control characters in
+    them, in file names and values from the database or a PNG, made visible)."""
     request = row_request(row)
     text = Text()
     text.append("Prompt\n", style="bold")
-    text.append(request.prompt + "\n")
+    text.append(visible(request.prompt, multiline=True) + "\n")
     if request.negative_prompt:
         text.append("Negative prompt\n", style="bold")
-        text.append(request.negative_prompt + "\n")
+        text.append(visible(request.negative_prompt, multiline=True) + "\n")
     text.append("\n")
     data = request.to_dict()
     data["seed"] = field(row, "seed", request.seed)
@@ -55,19 +58,19 @@ def describe(row: Any) -> Text:
         if value is None:
             continue
         text.append(f"{name}: ", style="bold")
-        text.append(f"{value}\n")
+        text.append(f"{visible(value)}\n")
     if field(row, "model_hash"):
         text.append("model hash: ", style="bold")
-        text.append(f"{field(row, 'model_hash')}\n")
+        text.append(f"{visible(field(row, 'model_hash'))}\n")
     timings = field(row, "timings") or {}
     if timings:
         text.append("timings: ", style="bold")
-        text.append(", ".join(f"{k} {v:.2f}s" if isinstance(v, int | float) else f"{k} {v}"
-                              for k, v in dict(timings).items()) + "\n")
+        text.append(visible(", ".join(f"{k} {v:.2f}s" if isinstance(v, int | float) else f"{k} {v}"
+                                      for k, v in dict(timings).items())) + "\n")
     text.append("created: ", style="bold")
-    text.append(f"{format_time(field(row, 'created'))}\n")
+    text.append(f"{visible(format_time(field(row, 'created')))}\n")
     text.append("file: ", style="bold")
-    text.append(f"{field(row, 'path', '')}\n")
+    text.append(f"{visible(field(row, 'path', ''))}\n")
     return text
 
 
@@ -163,11 +166,12 @@ class HistoryScreen(MainScreen):
             key = str(field(row, "id"))
             self.rows[key] = row
             try:
-                prompt = " ".join(row_request(row).prompt.split())[:70]
+                prompt = " ".join(visible(row_request(row).prompt).split())[:70]
             except Exception:  # noqa: BLE001 - a bad stored row still lists
                 prompt = "(unreadable request)"
             created = format_time(field(row, "created"))
-            table.add_row(created, str(field(row, "seed", "")), Text(prompt), key=key)
+            seed = visible(field(row, "seed", ""))
+            table.add_row(Text(visible(created)), Text(seed), Text(prompt), key=key)
         if selected in self.rows:
             table.move_cursor(row=table.get_row_index(selected))
         self.show_selected()
@@ -200,7 +204,7 @@ class HistoryScreen(MainScreen):
         try:
             details.update(describe(row))
         except Exception as error:  # noqa: BLE001
-            details.update(Text(f"Unreadable row: {error}"))
+            details.update(Text(visible(f"Unreadable row: {error}", multiline=True)))
         self.load_thumbnail(str(field(row, "path", "")), str(field(row, "id")))
 
     @work(thread=True, exclusive=True, group="thumbnail")

@@ -11,20 +11,22 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
+from core.text import visible
+
 
 def no_models_text(search_dirs: list[Path]) -> Text:
     text = Text()
     text.append("No models found\n\n", style="bold")
     text.append("Darkroom looked for checkpoints (.safetensors, .ckpt) in:\n")
     for folder in search_dirs or []:
-        text.append(f"  • {folder}\n")
+        text.append(f"  • {visible(folder)}\n")
     if not search_dirs:
         text.append("  (no folders configured)\n")
     example = Path(search_dirs[0] if search_dirs else "models") / "v1-5-pruned-emaonly.safetensors"
     text.append(
         "\nTo add a model, do one of these, then press R to rescan:\n"
         "  • copy or link a Stable Diffusion checkpoint into one of the folders above\n"
-        f"    (for example {example});\n"
+        f"    (for example {visible(example)});\n"
         "  • or restart with --models-dir pointing at an existing ComfyUI or A1111 models folder,\n"
         "    for example:\n"
         "      darkroom --models-dir ~/ComfyUI/models\n"

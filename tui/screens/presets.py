@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
 from tui.screens.generate import UI_ONLY_FIELDS, presets_module
@@ -74,7 +75,7 @@ class PresetsScreen(MainScreen):
         previous = select or (self.selected().name if self.selected() else None)
         option_list.clear_options()
         for preset in presets:
-            label = Text(preset.name)
+            label = Text(visible(preset.name))
             label.append("  built-in" if preset.builtin else "  user", style="dim")
             option_list.add_option(Option(label, id=preset.name))
         names = [p.name for p in presets]
@@ -110,12 +111,13 @@ class PresetsScreen(MainScreen):
         if preset is None:
             description.update("No presets.")
             return
-        text = Text(preset.name, style="bold")
-        text.append(f"  ({'built-in' if preset.builtin else 'user'}: {preset.source})\n", style="dim")
-        text.append(preset.description or "")
+        text = Text(visible(preset.name), style="bold")
+        kind = "built-in" if preset.builtin else "user"
+        text.append(f"  ({kind}: {visible(preset.source)})\n", style="dim")
+        text.append(visible(preset.description or "", multiline=True))
         description.update(text)
         for name, value in dict(preset.fields).items():
-            table.add_row(Text(str(name)), Text(str(value)))
+            table.add_row(Text(visible(name)), Text(visible(value)))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:

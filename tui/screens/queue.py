@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Label, Static
 
 from core.events import Event
+from core.text import visible
 from tui.screens.base import MainScreen
 
 COLUMNS = ("id", "state", "model", "prompt", "progress", "created", "time")
@@ -103,9 +104,9 @@ class QueueScreen(MainScreen):
                 state.stylize("bold red")
             elif job.state == "running":
                 state.stylize("bold green")
-            prompt = " ".join(request.prompt.split())[:44]
+            prompt = " ".join(visible(request.prompt).split())[:44]
             table.add_row(
-                str(job.id), state, Text(str(request.model)), Text(prompt), done,
+                str(job.id), state, Text(visible(request.model)), Text(prompt), done,
                 _clock(getattr(job, "created", None)), _elapsed(job), key=str(job.id),
             )
         if selected is not None and str(selected) in table.rows:
@@ -128,19 +129,19 @@ class QueueScreen(MainScreen):
         if job is None:
             detail.update("No jobs yet: queue one from Generate (F2)." if not getattr(self, "jobs", {}) else "")
             return
-        text = Text(f"#{job.id} {job.state}", style="bold")
+        text = Text(f"#{job.id} {visible(job.state)}", style="bold")
         if job.error:
             text.append("  ")
-            text.append(job.error, style="red")
+            text.append(visible(job.error, multiline=True), style="red")
         own_queue = getattr(self.app.worker, "queue", "default")
         if getattr(job, "queue", own_queue) != own_queue:
-            text.append(f"  from another process's queue ({job.queue})", style="dim")
+            text.append(f"  from another process's queue ({visible(job.queue)})", style="dim")
             if job.state in ACTIVE:
                 text.append(": it runs there", style="dim")
             elif job.state != "done":
                 text.append(": r runs it here", style="dim")
         text.append("\n")
-        text.append(job.request.prompt)
+        text.append(visible(job.request.prompt, multiline=True))
         detail.update(text)
 
     def selected_job_id(self) -> int | None:

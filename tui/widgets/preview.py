@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Center, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
+from core.text import visible
 from tui.widgets.image import chosen_image_class, make_image
 
 
@@ -76,7 +77,7 @@ class PreviewPane(Vertical):
     def start_job(self, job_id: int, prompt: str) -> None:
         self.job_id = job_id
         title = Text(f"Job #{job_id}: ")
-        title.append(prompt[:200] or "(empty prompt)")
+        title.append(visible(prompt[:200]) or "(empty prompt)")
         self.query_one("#preview-title", Label).update(title, layout=False)
         self.query_one("#preview-stats", Label).update("starting…", layout=False)
         self.query_one(ProgressBar).update(total=1, progress=0)
@@ -84,7 +85,7 @@ class PreviewPane(Vertical):
     def show_last(self, prompt: str, image: Any) -> None:
         """The newest image from an earlier session, before any job of this one has started."""
         title = Text("Last image: ")
-        title.append(prompt[:200] or "(empty prompt)")
+        title.append(visible(prompt[:200]) or "(empty prompt)")
         self.query_one("#preview-title", Label).update(title, layout=False)
         self.query_one("#preview-stats", Label).update("from the history (F5)", layout=False)
         self.show_image(image)
@@ -105,7 +106,7 @@ class PreviewPane(Vertical):
         self.frames_drawn += 1
 
     def finish(self, text: str) -> None:
-        self.query_one("#preview-stats", Label).update(Text(text), layout=False)
+        self.query_one("#preview-stats", Label).update(Text(visible(text)), layout=False)
         bar = self.query_one(ProgressBar)
         if bar.total:
             bar.update(progress=bar.total)

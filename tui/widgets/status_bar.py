@@ -6,6 +6,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from core.events import Status
+from core.text import visible
 
 
 def format_bytes(value: int) -> str:
@@ -16,24 +17,24 @@ def format_bytes(value: int) -> str:
 
 
 def status_text(status: Status | None, progress: str = "") -> Text:
-    """Plain Text (model names are file names: never markup)."""
+    """Plain Text (model names are file names: never markup, control characters made visible)."""
     if status is None:
         return Text(" starting the worker…", style="dim")
     if status.device == "…":  # the worker's first word, before torch is imported (no device facts yet)
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(" starting ", style="bold reverse")
-        text.append(f" {status.activity.removeprefix('starting: ')}…  queue {status.queue_length}")
+        text.append(f" {visible(status.activity.removeprefix('starting: '))}…  queue {status.queue_length}")
         return text
     # Tensor memory on a GPU, the process's resident memory on the CPU (what the worker reports for each).
     memory = "RAM" if status.device.startswith("cpu") else "VRAM"
     mem = (f"{memory} {format_bytes(status.memory_used)} peak {format_bytes(status.memory_peak)}"
            f" of {format_bytes(status.memory_total)}")
-    activity = "paused" if status.paused and status.activity == "idle" else status.activity
+    activity = "paused" if status.paused and status.activity == "idle" else visible(status.activity)
     # One line that never wraps: a wrapped status bar (height 1) showed only its first line.
     text = Text(no_wrap=True, overflow="ellipsis")
-    text.append(f" {status.device} ", style="bold reverse")
-    text.append(f" {mem}  {status.attention_backend}  {status.dtype}  ")
-    text.append(f"model {status.loaded_model or '–'}  ")
+    text.append(f" {visible(status.device)} ", style="bold reverse")
+    text.append(f" {mem}  {visible(status.attention_backend)}  {visible(status.dtype)}  ")
+    text.append(f"model {visible(status.loaded_model or '–')}  ")
     text.append(f"queue {status.queue_length}{' (paused)' if status.paused else ''}  ")
     text.append(activity, style="bold")
     if progress:

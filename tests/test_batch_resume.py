@@ -1,0 +1,280 @@
+"""``darkroom --batch JOBS --resume`` and the batch runner under database failures (exit 4, one message)."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.batch import EXIT_DATABASE, run_batch
+from cli.main import build_parser
+from core.store import JobStore
+from core.worker import GeneratedImage
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+JOBS = '[[job]]\nmodel = "fake"\nprompt = "one"\nsteps = 1\nbatch_count = 2\n[[job]]\nmodel = "fake"\nprompt = "two"\nsteps = 1\n'
+
+
+class Runner:
+    """One image per seed; ``fail`` (a set of prompts) fails those jobs; ``on_done(job)`` runs after each."""
+
+    seen: list[str] = []
+    fail: set[str] = set()
+    on_done = None
+
+    def run(self, job, ctx):
+        type(self).seen.append(job.request.prompt)
+        ctx.step(1, 1)
+        if job.request.prompt in type(self).fail:
+            raise RuntimeError("boom")
+        if type(self).on_done is not None:
+            type(self).on_done(job)
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+
+@pytest.fixture
+def batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fake.safetensors").write_bytes(b"")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    Runner.seen, Runner.fail, Runner.on_done = [], set(), None
+
+    def run(*, resume: bool = False, source: str | None = None, stdin: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(
+            source or str(jobs),
+            models_dirs=[models],
+            output_dir=tmp_path / "out",
+            db_path=tmp_path / "db.sqlite3",
+            runner_factory=Runner,
+            stdin=io.StringIO(stdin) if stdin is not None else None,
+            stdout=out,
+            stderr=err,
+            resume=resume,
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    return run, jobs, tmp_path
+
+
+def _as_if_run_by_a_process_now_gone(db: Path) -> None:
+    """The runs here share the test's process; a real earlier run's process has exited by the time of the
+    next one: give its jobs a dead owner, as recovery would find them."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE jobs SET owner_pid = ? WHERE owner_pid IS NOT NULL", (proc.pid,))
+    conn.commit()
+    conn.close()
+
+
+def _images(tmp_path: Path) -> list[str]:
+    return sorted(str(p) for p in (tmp_path / "out").rglob("*.png") if not p.name.startswith("."))
+
+
+def test_resume_runs_only_what_did_not_finish_and_prints_every_path(batch):
+    run, jobs, tmp_path = batch
+    Runner.fail = {"two"}
+    code, out, err = run()
+    assert code == 1
+    first_paths = out.split()
+    assert len(first_paths) == 2 and Runner.seen == ["one", "two"]
+
+    Runner.fail, Runner.seen = set(), []
+    code, out, err = run(resume=True)
+    assert code == 0, err
+    assert Runner.seen == ["two"]  # job 1 was not run again
+    paths = out.split()
+    assert paths[:2] == first_paths and len(paths) == 3  # job 1's images printed as if it had run
+    assert "[1/2] skipped: done in an earlier run (2 image(s))" in err
+    assert sorted(paths) == _images(tmp_path)
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert [j.state for j in store.list_jobs()] == ["done", "done"]  # job 2 retried, not queued anew
+
+    Runner.seen = []
+    code, out, err = run(resume=True)  # everything is done: nothing runs, every path again
+    assert code == 0 and Runner.seen == [] and sorted(out.split()) == sorted(paths)
+    assert "2 of 2 job(s) succeeded" in err
+
+    jobs.write_text(JOBS.replace('"two"', '"two, changed"'))  # a changed job is another job
+    code, out, err = run(resume=True)
+    assert code == 0 and Runner.seen == ["two, changed"] and len(out.split()) == 3
+
+
+def test_without_resume_every_job_runs_again(batch):
+    run, _, _ = batch
+    assert run()[0] == 0
+    Runner.seen = []
+    assert run()[0] == 0
+    assert Runner.seen == ["one", "two"]
+
+
+def test_resume_makes_again_a_done_job_whose_images_were_deleted(batch):
+    run, _, tmp_path = batch
+    code, out, _ = run()
+    Path(out.split()[0]).unlink()
+    Runner.seen = []
+    code, out, _ = run(resume=True)
+    assert code == 0 and Runner.seen == ["one"] and len(out.split()) == 3
+
+
+def test_resume_needs_a_file(batch):
+    run, _, _ = batch
+    code, _, err = run(resume=True, source="-", stdin='{"model": "fake"}\n')
+    assert code == 2 and "--resume needs a jobs file" in err
+
+
+def test_resume_is_documented_and_needs_batch(capsys):
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "--resume with --batch: run only the jobs of JOBS that an earlier run did not finish" in text
+    assert "4 the job database cannot be used" in text
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--resume"])
+    assert info.value.code == 2
+    assert "--resume goes with --batch" in capsys.readouterr().err
+
+
+class FullDisk:
+    """Every JobStore connection refuses writes while ``full`` is set, as SQLite does on a full disk."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = threading.Event()
+        real = JobStore._conn
+        disk = self
+
+        class Conn:
+            def __init__(self, conn):
+                self._conn = conn
+
+            def execute(self, sql, *args):
+                if disk.full.is_set() and sql.split()[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+                    raise sqlite3.OperationalError("database or disk is full")
+                return self._conn.execute(sql, *args)
+
+            def __getattr__(self, name):
+                return getattr(self._conn, name)
+
+        monkeypatch.setattr(JobStore, "_conn", lambda store: Conn(real(store)))
+
+
+def test_full_disk_mid_run_exits_4_with_one_message_and_resume_finishes(batch, monkeypatch):
+    """The disk fills while job 1's images are saved: the first is in place but cannot be recorded. The run
+    stops with one message (exit 4); the resumed run records that image, makes only job 1's second image and
+    job 2, and prints every path."""
+    run, _, tmp_path = batch
+    disk = FullDisk(monkeypatch)
+    Runner.on_done = lambda job: disk.full.set()
+    started = time.monotonic()
+    code, out, err = run()
+    assert code == EXIT_DATABASE and time.monotonic() - started < 15
+    assert out == ""  # job 1 did not finish: it printed nothing
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("darkroom: error:")]
+    assert errors == [
+        f"darkroom: error: {tmp_path / 'db.sqlite3'}: the disk holding the job database is full; free some space "
+        "and start again (images already saved are kept and recorded at the next start)"
+    ]
+    assert "2 of 2 job(s) not finished" in err and "--resume" in err
+    orphan = _images(tmp_path)
+    assert len(orphan) == 1  # saved, renamed into place, not recorded
+
+    disk.full.clear()
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)] == ["running", "pending"]
+    _as_if_run_by_a_process_now_gone(tmp_path / "db.sqlite3")
+    Runner.on_done, Runner.seen = None, []
+    code, out, err = run(resume=True)
+    assert code == 0, err
+    assert Runner.seen == ["one", "two"]  # job 1 had one of its two images
+    paths = out.split()
+    assert len(paths) == 3 and orphan[0] in paths and sorted(paths) == _images(tmp_path)  # no duplicate
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert sorted(h.path for h in store.history()) == sorted(paths)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_lock_held_by_another_process_exits_4_instead_of_hanging(batch, monkeypatch, fresh):
+    run, _, tmp_path = batch
+    db = tmp_path / "db.sqlite3"
+    if not fresh:
+        JobStore(db).close()
+    monkeypatch.setenv("DARKROOM_DB_TIMEOUT", "0.5")
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        code, out, err = run()
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert code == EXIT_DATABASE and out == "" and Runner.seen == []
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert str(db) in line and "locked" in line and "more than 0.5 s" in line
+
+
+KILLED_BATCH = """
+import sys, time
+from PIL import Image
+from cli.batch import run_batch
+from core.events import Status
+from core.worker import GeneratedImage, Worker
+
+class Slow:
+    def run(self, job, ctx):
+        for i in range(1, job.request.steps + 1):
+            time.sleep(0.2)
+            ctx.step(i, job.request.steps)
+        return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
+
+Worker._make_status = lambda self, ctx: Status(job_id=None)  # no torch import in this test process
+jobs, models, out, db = sys.argv[1:5]
+sys.exit(run_batch(jobs, models_dirs=[models], output_dir=out, db_path=db, runner_factory=Slow, resume=True))
+"""
+
+
+def test_resume_after_kill_9_runs_only_the_unfinished_jobs(batch):
+    run, jobs, tmp_path = batch
+    jobs.write_text(JOBS + '[[job]]\nmodel = "fake"\nprompt = "three"\nsteps = 150\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BATCH, str(jobs), str(tmp_path / "models"), str(tmp_path / "out"),
+         str(tmp_path / "db.sqlite3")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        first = [proc.stdout.readline().strip() for _ in range(3)]  # jobs 1 and 2 done, 3 running
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert all(first), proc.stderr.read()
+    code, out, err = run(resume=True)
+    assert code == 0, err
+    assert Runner.seen == ["three"]
+    assert out.split()[:3] == first and len(out.split()) == 4
+    assert "[1/3] skipped" in err and "[2/3] skipped" in err
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert [j.state for j in store.list_jobs()] == ["done"] * 3
