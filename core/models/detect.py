@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.models.families import FAMILIES, by_detect_priority
-from core.models.families._ldm import UNET_PREFIX, context_dim
+from core.models.families._ldm import UNET_PREFIX, context_dim, ldm_variant
 from core.models.family import Match, ModelFamily
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -190,8 +190,7 @@ def _detect_denoiser(info: Callable[..., CheckpointInfo], shapes: Shapes, read: 
     p = UNET_PREFIX
     if p + "input_blocks.0.0.weight" not in shapes:
         return info("unknown", "base", {"unet": p}, prediction=None)
-    in_channels = shapes[p + "input_blocks.0.0.weight"][1]
-    variant = {4: "base", 9: "inpaint", 8: "pix2pix"}.get(in_channels, f"in{in_channels}")
+    variant = ldm_variant(shapes) or "base"
     notes = (f"UNet with cross-attention context dim {context_dim(shapes)}",)
     return info("unknown", variant, {"unet": p}, prediction=None, notes=notes)
 

@@ -34,7 +34,7 @@ def detect(shapes: Shapes) -> Match | None:
     p = _ldm.UNET_PREFIX
     if p + _MARKER not in shapes:
         return None
-    img_in = shapes.get(p + "img_in.weight", (0, 64))[1]
+    img_in = (*shapes.get(p + "img_in.weight", (0, 64)), 0, 64)[1]
     if img_in != 64:
         variant = "fill" if img_in == 384 else f"in{img_in}"
     else:
