@@ -148,3 +148,14 @@ def test_noise_forms():
     x0, noise = torch.full((1, 4, 2, 2), 2.0), torch.full((1, 4, 2, 2), -1.0)
     assert torch.equal(DiscreteSampling().noise(x0, noise, 3.0), x0 + 3.0 * noise)
     assert torch.allclose(FlowSampling().noise(x0, noise, 0.25), 0.75 * x0 + 0.25 * noise)
+
+
+def test_detectors_survive_truncated_shapes():
+    """Hostile headers may give any shape; a family's detector reads them without IndexError."""
+    from core.models.detect import detect
+
+    u = "model.diffusion_model."
+    filler = {f"{u}k{i}": (1,) for i in range(6)}
+    assert detect("x", filler | {u + "input_blocks.0.0.weight": ()}, {}).family == "unknown"
+    flux = filler | {u + "double_blocks.0.img_attn.norm.key_norm.scale": (1,), u + "img_in.weight": ()}
+    assert detect("x", flux, {}).family == "flux"
