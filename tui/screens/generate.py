@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -117,6 +119,7 @@ class GenerateScreen(MainScreen):
         self._chunks: list[list[Widget]] = []
         self._advanced_left: list[Widget] | None = None
         self._save_timer: Any = None
+        self._init_image_note: str | None = None  # set by build_request when a relative path was resolved
 
     def compose_body(self) -> ComposeResult:
         # The first frame holds only what the user needs at once: the prompts (focused), the Queue button and
@@ -492,7 +495,7 @@ class GenerateScreen(MainScreen):
         else:
             parse(values, "denoise", "denoise", float)
             try:
-                values["init_image"] = resolve_init_image(init_image)
+                values["init_image"] = self._resolve_init_image(init_image)
             except RequestError as error:
                 errors.append(error)
         if values["hires"] is not None:
@@ -511,12 +514,29 @@ class GenerateScreen(MainScreen):
             raise DarkroomError("\n".join(lines))
         return request
 
+    def _resolve_init_image(self, value: str) -> str:
+        """The init image's absolute path. A relative one is taken from the current directory (the folder
+        Darkroom was started in), which the message says, so a wrong guess is visible."""
+        cwd = os.getcwd()
+        relative = not Path(value).expanduser().is_absolute()
+        try:
+            path = resolve_init_image(value, Path(cwd))
+        except RequestError as error:
+            if not relative:
+                raise
+            raise RequestError("init_image", value,
+                               f"{error.valid} (a relative path is taken from the current directory, {cwd})") from None
+        if relative:
+            self._init_image_note = f"Init image {value}: a relative path, taken from the current directory: {path}"
+        return path
+
     # ---- actions -------------------------------------------------------------------------------------------
 
     def action_queue(self) -> None:
         if not self._form_ready:
             self.app.notify("The form is still loading; try again in a moment.", timeout=2)
             return
+        self._init_image_note = None
         try:
             request = self.build_request()
         except DarkroomError as error:
@@ -525,6 +545,9 @@ class GenerateScreen(MainScreen):
         job_id = self.app.submit(request)
         if job_id is None:
             return
+        if self._init_image_note:  # the field now shows the path that was used (and is saved as such)
+            self._write_advanced_state({"init_image": request.init_image})
+            self.app.notify(self._init_image_note, markup=False, timeout=6)
         for warning in prompt_syntax_warnings(request.prompt, request.negative_prompt):
             self.app.notify(warning, severity="warning", markup=False, timeout=8)
         self.app.settings.update(self.form_values())
