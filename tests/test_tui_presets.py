@@ -107,3 +107,46 @@ async def test_saving_under_a_taken_name_asks_again_with_the_reason(tmp_path):
         await pilot.press("enter")
         await wait_for(pilot, lambda: "mine" in [p.name for p in screen.presets])
         assert user_names() == ["mine"]
+
+
+async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_image_by_default(tmp_path):
+    from PIL import Image
+    from textual.widgets import Checkbox, TextArea
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (8, 8)).save(source)
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        generate = app.get_generate_screen()
+        screen = await open_presets(pilot, app)
+        generate.query_one("#prompt", TextArea).load_text("a one-off picture")
+        generate.query_one("#negative_prompt", TextArea).load_text("blurry")
+        generate.query_one("#seed", Input).value = "1234"
+        generate.query_one("#init_image", Input).value = str(source)
+        generate.query_one("#steps", Input).value = "31"
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        ticks = {box.id.removeprefix("keep-"): box.value for box in dialog.query(Checkbox)}
+        assert {name for name, on in ticks.items() if not on} == {"prompt", "negative_prompt", "seed", "init_image"}
+        assert {"model", "sampler", "steps", "cfg", "width", "height"} <= {n for n, on in ticks.items() if on}
+        assert "steps: 31" in screen_text(app) and "Keep in the preset" in screen_text(app)  # fits 80x24
+        await pilot.press(*"look")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "look" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "look").fields
+        assert saved["steps"] == 31 and saved["model"] == "fake-model.safetensors"
+        assert not {"prompt", "negative_prompt", "seed", "init_image"} & set(saved)
+        assert any(n.message.startswith("Saved preset look (model, ") for n in app._notifications)
+
+        # Another time: the prompt ticked, the steps not (a click or space on a box toggles it).
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#keep-prompt", Checkbox).value = True
+        dialog.query_one("#keep-steps", Checkbox).value = False
+        dialog.query_one("#answer", Input).value = "with prompt"
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: "with prompt" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "with prompt").fields
+        assert saved["prompt"] == "a one-off picture" and "steps" not in saved and "seed" not in saved
