@@ -150,3 +150,19 @@ async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_
         await wait_for(pilot, lambda: "with prompt" in [p.name for p in screen.presets])
         saved = next(p for p in load_presets()[0] if p.name == "with prompt").fields
         assert saved["prompt"] == "a one-off picture" and "steps" not in saved and "seed" not in saved
+
+
+async def test_save_dialog_ticks_are_readable_without_colours(tmp_path):
+    from textual.widgets import Checkbox
+
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 35)) as pilot:
+        app.get_generate_screen().query_one("#prompt").load_text("a fox")
+        await open_presets(pilot, app)
+        await pilot.press("s")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "▐ ▌ prompt: a fox" in text and "▐ ▌ seed: -1" in text and "▐X▌ steps: 20" in text
+        app.screen.query_one("#keep-prompt", Checkbox).value = True
+        await pilot.pause()
+        assert "▐X▌ prompt: " in screen_text(app)

@@ -25,6 +25,15 @@ def _shown(value: Any, width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+class TickBox(Checkbox):
+    """A checkbox whose state is in the glyph (X or blank), not only in colours that 256-colour terminals
+    render alike."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # noqa: N802 - Textual's class attribute, read per render
+        return "X" if self.value else " "
+
+
 class SavePresetScreen(ModalScreen[tuple[str, dict[str, Any]] | None]):
     """Returns ``(name, kept fields)``, or None when cancelled."""
 
@@ -60,8 +69,8 @@ class SavePresetScreen(ModalScreen[tuple[str, dict[str, Any]] | None]):
             yield Label("Keep in the preset (space ticks):", id="keep-title")
             with Grid(id="keep-fields"):
                 for name, value in self.fields.items():
-                    yield Checkbox(Text(f"{name}: {_shown(value)}"), name in self.kept, id=f"keep-{name}",
-                                   compact=True)
+                    yield TickBox(Text(f"{name}: {_shown(value)}"), name in self.kept, id=f"keep-{name}",
+                                  compact=True)
             with Horizontal(classes="actions"):
                 yield Button("Save", variant="primary", id="ok", compact=True)
                 yield Button("Cancel (Esc)", id="cancel", compact=True)
