@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from textual.widgets import Input, OptionList, Select
+from textual.widgets import Checkbox, Input, OptionList, Select
 
 from core.presets import load_presets
 from tests.tui_fakes import make_app, screen_text, wait_for
@@ -99,19 +99,23 @@ async def test_saving_under_a_taken_name_asks_again_with_the_reason(tmp_path):
         screen = await open_presets(pilot, app)
         await pilot.press("s")
         await pilot.pause()
+        app.screen.query_one("#keep-cfg", Checkbox).value = False
         await pilot.press(*"sd15-balanced", "enter")
         await pilot.pause()
-        answer = app.screen.query_one("#answer", Input)  # the dialog again, the name kept
+        answer = app.screen.query_one("#answer", Input)  # the dialog again, the name and the ticks kept
         assert answer.value == "sd15-balanced" and "built-in" in screen_text(app)
+        assert app.screen.query_one("#keep-cfg", Checkbox).value is False
+        assert app.screen.query_one("#keep-steps", Checkbox).value is True
         answer.value = "mine"
         await pilot.press("enter")
         await wait_for(pilot, lambda: "mine" in [p.name for p in screen.presets])
         assert user_names() == ["mine"]
+        assert "cfg" not in next(p for p in load_presets()[0] if p.name == "mine").fields
 
 
 async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_image_by_default(tmp_path):
     from PIL import Image
-    from textual.widgets import Checkbox, TextArea
+    from textual.widgets import TextArea
 
     source = tmp_path / "source.png"
     Image.new("RGB", (8, 8)).save(source)
@@ -153,8 +157,6 @@ async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_
 
 
 async def test_save_dialog_ticks_are_readable_without_colours(tmp_path):
-    from textual.widgets import Checkbox
-
     app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=(120, 35)) as pilot:
         app.get_generate_screen().query_one("#prompt").load_text("a fox")
