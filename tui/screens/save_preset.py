@@ -12,7 +12,10 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label
+from textual.widgets import Button, Checkbox, Label
+
+from core.text import visible
+from tui.widgets.safe_input import Input
 
 # Left out unless ticked: they describe one picture, not a way of making pictures.
 LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image")
@@ -21,7 +24,7 @@ LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image")
 def _shown(value: Any, width: int = 24) -> str:
     if isinstance(value, dict):
         value = ", ".join(f"{k} {v}" for k, v in value.items())
-    text = " ".join(str(value).split())
+    text = visible(" ".join(str(value).split()))  # prompts and paths: control characters made visible
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -64,7 +67,8 @@ class SavePresetScreen(ModalScreen[tuple[str, dict[str, Any]] | None]):
     def compose(self) -> ComposeResult:
         question = "Save the current Generate settings as preset:"
         with Vertical(id="save-dialog"):
-            yield Label(Text(f"{self.problem}\n{question}" if self.problem else question), id="question")
+            yield Label(Text(visible(f"{self.problem}\n{question}" if self.problem else question, multiline=True)),
+                        id="question")
             yield Input(self.name_value, placeholder="preset name", id="answer")
             yield Label("Keep in the preset (space ticks):", id="keep-title")
             with Grid(id="keep-fields"):
