@@ -120,3 +120,31 @@ def write_random_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(iter_random_checkpoint(family, size, seed, dtype))
     return save_tensors(tensors, path, metadata={"format": "pt"})
+
+
+def random_flux_transformer_state_dict(
+    variant: str = "dev", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Random Flux transformer weights under BFL's names (no prefix), in the module's key order."""
+    from core.models.flux import Flux, FluxConfig
+
+    with torch.device("meta"):
+        module = Flux(FluxConfig.preset("flux", size, variant))
+    return random_state_dict(module, seed=seed, dtype=dtype)
+
+
+def write_random_flux_transformer(
+    path: str | Path,
+    variant: str = "dev",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A diffusion-model file in the layout of BFL's ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors``:
+    transformer keys with no prefix, bf16 by default (what BFL ships)."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_flux_transformer_state_dict(variant, size, seed, dtype), path)
+
