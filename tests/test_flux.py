@@ -281,3 +281,22 @@ def test_written_file_loads_on_meta_with_assign_and_pruned_variant_runs(tmp_path
     # the same weights as the generator gives in memory
     assert torch.equal(random_flux_transformer_state_dict(variant, "tiny", seed=3)["img_in.weight"],
                        weights["img_in.weight"])
+
+
+def test_attention_goes_through_the_picker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.accel.attention as attention_mod
+
+    calls = []
+    original = attention_mod.attention
+
+    def counting(q, k, v, heads, **kw):
+        calls.append((tuple(q.shape), heads, kw))
+        return original(q, k, v, heads, **kw)
+
+    monkeypatch.setattr(attention_mod, "attention", counting)
+    ours, _ = cached_pair("dev")
+    cfg = ours.config
+    with torch.no_grad():
+        ours(**inputs(cfg, 1, 4, 6, 5))
+    # one joint attention per block over the 5 text + 6 image tokens, no bias or mask
+    assert calls == [((1, 11, cfg.hidden_size), cfg.num_heads, {})] * (cfg.depth + cfg.depth_single_blocks)

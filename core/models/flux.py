@@ -19,7 +19,7 @@ under ``model.diffusion_model.``), so loading is ``load_state_dict(..., assign=T
 
 Positions are 3-axis RoPE (axes 16/56/56 of the 128-wide head: a constant index, the latent row, the latent
 column; text tokens are all at 0) applied to the RMS-normalised queries and keys before attention, which goes
-through :func:`core.accel.attention.attention`. Timesteps are in 0..1 (t = 1 is pure noise); the model scales
+through :func:`core.accel.attention.attention` (so Sage/xformers serve it on CUDA). Timesteps are in 0..1 (t = 1 is pure noise); the model scales
 them by 1000 before the sinusoidal embedding, as does the distilled guidance.
 """
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.accel.attention import attention
+from core.accel import attention as attention_backend
 
 TIME_EMBED_DIM = 256  # width of the sinusoidal timestep / guidance embedding fed to time_in / guidance_in
 VARIANTS = ("dev", "schnell")
@@ -324,7 +324,7 @@ def joint_attention(
     cos, sin = pe
     heads = q.shape[2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return attention(q.flatten(2), k.flatten(2), v.flatten(2), heads)
+    return attention_backend.attention(q.flatten(2), k.flatten(2), v.flatten(2), heads)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -427,6 +427,9 @@ class Flux(nn.Module):
 
     def _check(self, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:
         cfg = self.config
+        for name, tensor in (("img", img), ("txt", txt)):
+            if tensor.ndim != 3:
+                raise ValueError(f"Flux input {name} must be [batch, tokens, features], got {list(tensor.shape)}")
         b = img.shape[0]
         expected = {
             "img": (img, (b, None, cfg.in_channels)),
@@ -442,10 +445,12 @@ class Flux(nn.Module):
             expected["guidance"] = (guidance, (b,))
         for name, (tensor, want) in expected.items():
             ok = tensor.ndim == len(want) and all(w is None or s == w for s, w in zip(tensor.shape, want))
-            if name.endswith("_ids") and tensor.ndim == 2:  # [N, 3]: the same positions for every image
-                ok = tuple(tensor.shape) == want[1:]
+            if name.endswith("_ids"):  # [B or 1, N, 3], or [N, 3]: the same positions for every image
+                ok = tensor.ndim in (2, 3) and tuple(tensor.shape[-2:]) == want[1:] and (tensor.ndim == 2 or tensor.shape[0] in (1, b))
             if not ok:
                 shown = ", ".join("*" if w is None else str(w) for w in want)
+                if name.endswith("_ids"):
+                    shown = f"{b} or 1, {want[1]}, 3] or [{want[1]}, 3"
                 raise ValueError(f"Flux input {name} must be [{shown}], got {list(tensor.shape)}")
 
     def forward(
