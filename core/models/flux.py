@@ -224,11 +224,11 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: f
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of the rotation angles for positions ``ids`` [B, N, axes] -> each [B, N, 1, head_dim/2].
+def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """Unit complex rotations e^(i*angle) for positions ``ids`` [B, N, axes] -> complex64 [B, N, 1, head_dim/2].
 
     Angles are computed in float64 (as BFL and diffusers do: positions reach a few hundred and the slowest
-    frequency is 1e-4, so fp32 would lose digits), then stored in fp32.
+    frequency is 1e-4, so fp32 would lose digits), then stored as cos + i*sin in fp32.
     """
     pos = ids.to(torch.float64)
     angles = []
@@ -236,15 +236,18 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(pos[..., axis, None] * omega)  # [B, N, dim/2]
     angle = torch.cat(angles, dim=-1).unsqueeze(2)  # [B, N, 1, head_dim/2], broadcast over heads
-    return angle.cos().float(), angle.sin().float()
+    return torch.complex(angle.cos().float(), angle.sin().float())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of [B, N, H, D] by the angles; computed in fp32 (BFL)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, N, H, D/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of [B, N, H, D] by ``freqs``; computed in fp32 (BFL).
+
+    The pair is read as the complex number x[2i] + i*x[2i+1], so the rotation is one complex multiply:
+    (x0*cos - x1*sin, x0*sin + x1*cos), BFL's formula, in a single pass over the data (several times faster on
+    CPU than the same arithmetic on strided real halves).
+    """
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, N, H, D/2]
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -317,13 +320,10 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # elementwise_affine=False: modulation supplies the affine
 
 
-def joint_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """RoPE on q, k [B, N, H, D], then attention over all N tokens; returns [B, N, H*D]."""
-    cos, sin = pe
     heads = q.shape[2]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
     return attention_backend.attention(q.flatten(2), k.flatten(2), v.flatten(2), heads)
 
 
@@ -341,7 +341,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, dim))
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]
+        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # img [B, L, hidden], txt [B, S, hidden], vec [B, hidden]; pe covers the S + L joint tokens
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
@@ -378,7 +378,7 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
         # x [B, S + L, hidden]
         shift, scale, gate = self.modulation(vec)
         b, n, _ = x.shape
