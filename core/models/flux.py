@@ -228,15 +228,16 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -
     """Unit complex rotations e^(i*angle) for positions ``ids`` [B, N, axes] -> complex64 [B, N, 1, head_dim/2].
 
     Angles are computed in float64 (as BFL and diffusers do: positions reach a few hundred and the slowest
-    frequency is 1e-4, so fp32 would lose digits), then stored as cos + i*sin in fp32.
+    frequency is 1e-4, so fp32 would lose digits), on the CPU (the table is small; MPS has no float64), then
+    stored as cos + i*sin in fp32 on ``ids``' device.
     """
-    pos = ids.to(torch.float64)
+    pos = ids.to("cpu", torch.float64)
     angles = []
     for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         angles.append(pos[..., axis, None] * omega)  # [B, N, dim/2]
     angle = torch.cat(angles, dim=-1).unsqueeze(2)  # [B, N, 1, head_dim/2], broadcast over heads
-    return torch.complex(angle.cos().float(), angle.sin().float())
+    return torch.complex(angle.cos().float(), angle.sin().float()).to(ids.device)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
