@@ -282,3 +282,20 @@ def test_tokenizer_is_package_data() -> None:
     assert "Apache License" in (data / "LICENSE-NOTE.md").read_text()
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"data/t5/*"' in pyproject and '"tokenizers>=' in pyproject
+
+
+def test_attention_with_bias_and_scale_is_the_plain_formula() -> None:
+    """The picker's bias/scale path (T5: unscaled logits plus relative position bias) computes
+    softmax(q k^T * scale + bias) v per head."""
+    from core.accel.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    b, n, heads, d = 2, 9, 3, 4
+    q, k, v = (torch.randn(b, n, heads * d, generator=g) for _ in range(3))
+    bias = torch.randn(1, heads, n, n, generator=g)
+    got = attention(q, k, v, heads, bias=bias, scale=1.0)
+    qh, kh, vh = (t.view(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
+    want = torch.softmax(qh @ kh.transpose(-1, -2) + bias, dim=-1) @ vh
+    assert torch.allclose(got, want.transpose(1, 2).reshape(b, n, heads * d), atol=1e-6)
+    default = attention(q, k, v, heads)
+    assert torch.allclose(attention(q, k, v, heads, scale=d**-0.5), default, atol=1e-6)
