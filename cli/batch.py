@@ -171,7 +171,8 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     for key in ("model", "vae"):
         value = fields.get(key)
         if isinstance(value, str) and value.startswith(_RELATIVE_PREFIXES):
-            fields = {**fields, key: str((base_dir / value).resolve())}
+            # absolute without following symlinks: a linked checkpoint keeps its name in the metadata
+            fields = {**fields, key: os.path.abspath(base_dir / value)}
     init = fields.get("init_image")
     if isinstance(init, str) and not init.strip():  # `init_image = ""` (TOML has no null): txt2img
         return {**fields, "init_image": None}

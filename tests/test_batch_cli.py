@@ -381,3 +381,25 @@ def test_job_cancelled_from_another_window_does_not_hang_the_batch(setup):
     assert len(paths_of(out)) == 2
     assert "[2/3] failed: cancelled from another window" in err
     assert len(FakeRunner.seen) == 2
+
+
+def test_a_symlinked_model_given_as_a_relative_path_keeps_its_name(setup):
+    run, write, tmp_path = setup
+    target = tmp_path / "store" / "3f9a1c.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"")
+    (tmp_path / "dreamy.safetensors").symlink_to(target)
+    jobs = write("jobs.toml", """
+        [[job]]
+        model = "./dreamy.safetensors"
+        steps = 1
+        """)
+    code, out, err = run(jobs)
+    assert code == 0, err
+    assert FakeRunner.seen[0].model == str(tmp_path / "dreamy.safetensors")  # not the link's target
+    from PIL import Image
+
+    from core.metadata import parse_infotext
+
+    with Image.open(paths_of(out)[0]) as image:
+        assert parse_infotext(image.text["parameters"])["Model"] == "dreamy"  # A1111's Model entry

@@ -180,3 +180,61 @@ def test_not_found_lists_only_the_folders_searched_for_that_kind(tmp_path):
         reg.find_vae("novae")
     searched = str(err.value).split(" not found in ", 1)[1].split("; ", 1)[0]
     assert searched.split(", ") == [str(comfy / "vae"), str(tmp_path / "missing")]
+
+
+def test_missing_vae_names_the_folders_looked_for_and_where_to_put_them(tmp_path):
+    plain = tmp_path / "m"  # --models-dir pointing at a folder of checkpoints
+    touch(plain / "tiny.safetensors")
+    reg = ModelRegistry([plain])
+    with pytest.raises(ModelNotFoundError) as err:
+        reg.find_vae("sdxl_vae")
+    message = str(err.value)
+    assert "(no folders)" not in message
+    assert f"looked for {plain / 'vae'}, {plain / 'VAE'}" in message
+    assert f"put VAE files (.safetensors, .ckpt, .pt) in {plain / 'vae'}" in message
+    a1111 = tmp_path / "webui"
+    touch(a1111 / "models" / "Stable-diffusion" / "x.safetensors")
+    with pytest.raises(ModelNotFoundError, match=f"in {a1111 / 'models' / 'VAE'}, or give the VAE file's path"):
+        ModelRegistry([a1111]).find_vae("any")  # A1111's own name beside its Stable-diffusion folder
+    with pytest.raises(ModelNotFoundError, match=f"no LoRA folder .*put LoRA files .* in {plain / 'loras'}"):
+        reg.find_lora("detail")
+
+
+def test_a_plain_checkpoint_folder_keeps_its_checkpoints_when_a_vae_folder_is_added(tmp_path):
+    plain = tmp_path / "m"
+    touch(plain / "tiny.safetensors")
+    touch(plain / "sd15" / "other.safetensors")
+    touch(plain / "vae" / "myvae.safetensors")  # where the missing-VAE message says to put it
+    reg = ModelRegistry([plain])
+    assert names(reg.checkpoints()) == ["sd15/other", "tiny"]  # the VAE is not listed as a checkpoint
+    assert names(reg.vaes()) == ["myvae"]
+    assert reg.find_vae("myvae") == plain / "vae" / "myvae.safetensors"
+
+
+def test_a_symlinked_model_keeps_the_name_the_user_gave_it(tmp_path):
+    store = tmp_path / "store"
+    target = touch(store / "3f9a1c-download.safetensors")
+    ckpts = tmp_path / "models" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    link = ckpts / "dreamy.safetensors"
+    link.symlink_to(target)
+    (ckpts / "linked-dir").symlink_to(store, target_is_directory=True)
+    reg = ModelRegistry([tmp_path / "models"])
+    assert names(reg.checkpoints()) == ["dreamy", "linked-dir/3f9a1c-download"]
+    assert reg.find_checkpoint("dreamy") == link  # not the target: its stem names the loaded model
+    assert reg.find_checkpoint("dreamy.safetensors") == link
+    assert reg.find_checkpoint(str(link)) == link
+    assert reg.find_checkpoint("linked-dir/3f9a1c-download") == ckpts / "linked-dir" / target.name
+
+
+def test_a_model_loaded_through_a_symlink_is_named_after_the_link(tmp_path):
+    from core.models.testing import write_random_checkpoint
+    from core.pipeline import PipelineRunner
+    from core.request import GenerationRequest
+
+    target = write_random_checkpoint(tmp_path / "store" / "3f9a1c.safetensors", "sd15", "tiny", seed=0)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "dreamy.safetensors").symlink_to(target)
+    runner = PipelineRunner([tmp_path / "models"], device="cpu", previews=False)
+    runner.ensure_model(GenerationRequest(model="dreamy"))
+    assert runner.loaded_model == "dreamy"  # the status line names the link, not "3f9a1c"

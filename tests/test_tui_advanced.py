@@ -154,3 +154,27 @@ async def test_load_into_generate_from_history_fills_the_section(tmp_path):
         await wait_for(pilot, lambda: len(app.store.list_jobs()) == 1)
         request = app.store.list_jobs()[0].request
         assert request.replace(seed=old.seed) == old
+
+
+async def test_relative_init_image_is_taken_from_the_current_directory_and_says_so(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    Image.new("RGB", (64, 64), "red").save(work / "rel.png")
+    monkeypatch.chdir(work)
+    app = gated_app(tmp_path)
+    async with app.run_test(size=(140, 50)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#init_image", Input).value = "nope.png"
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert app.store.list_jobs() == []
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert any(f"a relative path is taken from the current directory, {work}" in m for m in errors), errors
+        screen.query_one("#init_image", Input).value = "rel.png"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.list_jobs()) == 1)
+        assert app.store.list_jobs()[0].request.init_image == str(work / "rel.png")
+        notes = [n.message for n in app._notifications if n.severity == "information"]
+        assert f"Init image rel.png: a relative path, taken from the current directory: {work / 'rel.png'}" in notes
+        # the field shows the path that was used, so a restart from another folder still finds it
+        assert screen.query_one("#init_image", Input).value == str(work / "rel.png")

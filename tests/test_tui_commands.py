@@ -42,3 +42,17 @@ async def test_palette_applies_preset_picks_model_and_searches_history(tmp_path)
         assert type(app.screen).__name__ == "HistoryScreen"
         assert app.screen.query_one("#history-search", Input).value == "owl"
         await wait_for(pilot, lambda: app.screen.query_one("#history-table").row_count == 1)
+
+
+async def test_palette_opens_the_png_dialog_from_any_screen(tmp_path):
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        generate = app.get_generate_screen()
+        await wait_for(pilot, lambda: generate.models)
+        await pilot.press("f5")
+        await pilot.pause()
+        await palette(pilot, "Open PNG")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TextPromptScreen")
+        assert "drop the file here" in str(app.screen.query_one("#question").render())
+        await pilot.press("escape")
+        assert app.screen is generate

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from textual.widgets import Input, OptionList, Select
+from textual.widgets import Checkbox, Input, OptionList, Select
 
 from core.presets import load_presets
 from tests.tui_fakes import make_app, screen_text, wait_for
@@ -99,11 +99,72 @@ async def test_saving_under_a_taken_name_asks_again_with_the_reason(tmp_path):
         screen = await open_presets(pilot, app)
         await pilot.press("s")
         await pilot.pause()
+        app.screen.query_one("#keep-cfg", Checkbox).value = False
         await pilot.press(*"sd15-balanced", "enter")
         await pilot.pause()
-        answer = app.screen.query_one("#answer", Input)  # the dialog again, the name kept
+        answer = app.screen.query_one("#answer", Input)  # the dialog again, the name and the ticks kept
         assert answer.value == "sd15-balanced" and "built-in" in screen_text(app)
+        assert app.screen.query_one("#keep-cfg", Checkbox).value is False
+        assert app.screen.query_one("#keep-steps", Checkbox).value is True
         answer.value = "mine"
         await pilot.press("enter")
         await wait_for(pilot, lambda: "mine" in [p.name for p in screen.presets])
         assert user_names() == ["mine"]
+        assert "cfg" not in next(p for p in load_presets()[0] if p.name == "mine").fields
+
+
+async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_image_by_default(tmp_path):
+    from PIL import Image
+    from textual.widgets import TextArea
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (8, 8)).save(source)
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        generate = app.get_generate_screen()
+        screen = await open_presets(pilot, app)
+        generate.query_one("#prompt", TextArea).load_text("a one-off picture")
+        generate.query_one("#negative_prompt", TextArea).load_text("blurry")
+        generate.query_one("#seed", Input).value = "1234"
+        generate.query_one("#init_image", Input).value = str(source)
+        generate.query_one("#steps", Input).value = "31"
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        ticks = {box.id.removeprefix("keep-"): box.value for box in dialog.query(Checkbox)}
+        assert {name for name, on in ticks.items() if not on} == {"prompt", "negative_prompt", "seed", "init_image"}
+        assert {"model", "sampler", "steps", "cfg", "width", "height"} <= {n for n, on in ticks.items() if on}
+        assert "steps: 31" in screen_text(app) and "Keep in the preset" in screen_text(app)  # fits 80x24
+        await pilot.press(*"look")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "look" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "look").fields
+        assert saved["steps"] == 31 and saved["model"] == "fake-model.safetensors"
+        assert not {"prompt", "negative_prompt", "seed", "init_image"} & set(saved)
+        assert any(n.message.startswith("Saved preset look (model, ") for n in app._notifications)
+
+        # Another time: the prompt ticked, the steps not (a click or space on a box toggles it).
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#keep-prompt", Checkbox).value = True
+        dialog.query_one("#keep-steps", Checkbox).value = False
+        dialog.query_one("#answer", Input).value = "with prompt"
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: "with prompt" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "with prompt").fields
+        assert saved["prompt"] == "a one-off picture" and "steps" not in saved and "seed" not in saved
+
+
+async def test_save_dialog_ticks_are_readable_without_colours(tmp_path):
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 35)) as pilot:
+        app.get_generate_screen().query_one("#prompt").load_text("a fox")
+        await open_presets(pilot, app)
+        await pilot.press("s")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "▐ ▌ prompt: a fox" in text and "▐ ▌ seed: -1" in text and "▐X▌ steps: 20" in text
+        app.screen.query_one("#keep-prompt", Checkbox).value = True
+        await pilot.pause()
+        assert "▐X▌ prompt: " in screen_text(app)

@@ -18,6 +18,8 @@ class DarkroomCommands(Provider):
         commands: list[tuple[str, Any, str]] = []
         generate = app.get_generate_screen() if hasattr(app, "get_generate_screen") else None
         if generate is not None and generate.is_mounted:
+            commands.append(("Open PNG: fill Generate from an image's parameters", self._open_png,
+                             "A1111, Forge or Darkroom image (Ctrl+O on Generate)"))
             for preset in generate.presets:
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
@@ -44,6 +46,11 @@ class DarkroomCommands(Provider):
         app: Any = self.app
         app.switch_mode("generate")
         app.get_generate_screen().apply_preset(preset)
+
+    def _open_png(self) -> None:
+        app: Any = self.app
+        app.switch_mode("generate")
+        app.get_generate_screen().action_open_png()
 
     def _choose_model(self, name: str) -> None:
         app: Any = self.app

@@ -117,18 +117,28 @@ def _run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    *,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Multi-head attention over ``[B, N, heads*D]`` tensors; returns ``[B, N, heads*D]``.
 
-    ``causal=True`` (CLIP's text transformer) always uses SDPA: text encoders are a tiny share of the work.
+    ``causal=True`` (CLIP's text transformer), an additive ``bias`` broadcastable to ``[B, heads, N, M]``
+    (T5's relative positions) or a ``scale`` other than 1/sqrt(D) (T5 uses 1) always use SDPA: text encoders
+    are a tiny share of the work.
     """
     global _last_used
     b, n, inner = q.shape
     d = inner // heads
-    if causal:
+    if causal or bias is not None or scale is not None:
         qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        mask = None if bias is None else bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale)
         return out.transpose(1, 2).reshape(b, n, inner)
     for name in _candidates(q, d):
         if name == "sdpa":

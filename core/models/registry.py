@@ -82,17 +82,19 @@ class ModelRegistry:
         for root in self.roots:
             if not root.is_dir():
                 continue
-            found_layout = False
+            found_checkpoints = False
             for base in (root / "models", root):
                 for kind, names in KIND_FOLDERS.items():
                     for name in names:
                         folder = base / name
                         if folder.is_dir():
-                            found_layout = True
+                            found_checkpoints = found_checkpoints or kind == "checkpoint"
                             if not _same_dir_seen(folder, dirs[kind]):
                                 dirs[kind].append(folder)
-            if not found_layout and not _same_dir_seen(root, dirs["checkpoint"]):
-                dirs["checkpoint"].append(root)  # a plain folder of checkpoints
+            # A plain folder of checkpoints stays one when a vae/ or loras/ folder is added to it (as the
+            # missing-VAE message suggests); those folders are skipped when it is walked for checkpoints.
+            if not found_checkpoints and not _same_dir_seen(root, dirs["checkpoint"]):
+                dirs["checkpoint"].append(root)
         return dirs
 
     def _scan(self) -> dict[str, list[ModelFile]]:
@@ -106,9 +108,11 @@ class ModelRegistry:
             shadowed: list[ModelFile] = []
             unusable = self._unusable.setdefault(kind, [])
             chosen: dict[str, tuple[int, ModelFile]] = {}
+            # other kinds' folders inside a checkpoint folder (a plain root with a vae/ folder) are theirs
+            skip = {os.path.realpath(f) for k, fs in self._dirs.items() if k != kind for f in fs}
             for folder in folders:
                 seen_here: dict[str, tuple[int, ModelFile]] = {}
-                for path in _walk(folder):
+                for path in _walk(folder, skip):
                     rank = MODEL_EXTENSIONS.index(path.suffix.lower())
                     name = path.relative_to(folder).with_suffix("").as_posix()
                     problem = not_a_regular_file(path)
@@ -169,6 +173,26 @@ class ModelRegistry:
         empty_roots = [r for r in self.roots if not any(_is_within(f, r) for f in every)]
         return list(self._dirs.get(kind, [])) + empty_roots
 
+    def _expected_dirs(self, kind: str) -> list[Path]:
+        """Where a root's folders of one kind are looked for: in its ``models/`` folder when it has one."""
+        out: list[Path] = []
+        for root in self.roots:
+            if root.is_dir():
+                base = root / "models" if (root / "models").is_dir() else root
+                out.extend(base / name for name in KIND_FOLDERS[kind])
+        return out
+
+    def _suggested_dir(self, kind: str) -> Path:
+        """The folder to create for ``kind`` in the first root: the A1111 name (``VAE``, ``Lora``) beside an
+        A1111 ``Stable-diffusion`` folder, otherwise the ComfyUI one (``vae``, ``loras``)."""
+        for folder in self._dirs.get("checkpoint", []):
+            for index, name in enumerate(KIND_FOLDERS["checkpoint"]):
+                if folder.name == name:
+                    return folder.parent / KIND_FOLDERS[kind][index]
+        root = next(r for r in self.roots if r.is_dir())
+        base = root / "models" if (root / "models").is_dir() else root
+        return base / KIND_FOLDERS[kind][0]
+
     # ---- lookup -----------------------------------------------------------------------------------------
 
     def find_checkpoint(self, name_or_path: str | Path) -> Path:
@@ -190,7 +214,7 @@ class ModelRegistry:
         explicit = candidate.is_absolute() or value.startswith(("~", "./", "../", ".\\", "..\\"))
         if explicit:
             if candidate.is_file():
-                return candidate.resolve()
+                return _absolute(candidate)
             problem = not_a_regular_file(candidate)
             if problem is not None and problem != "it does not exist":
                 raise ModelNotFoundError(f"{label} file {value!r} cannot be used: {problem}")
@@ -199,26 +223,26 @@ class ModelRegistry:
         name = value.replace("\\", "/").strip("/")
         by_name = {m.name: m for m in files}
         if name in by_name:
-            return by_name[name].path.resolve()
+            return _absolute(by_name[name].path)
         stem, ext = os.path.splitext(name)
         if ext.lower() in MODEL_EXTENSIONS:
             every = files + self._shadowed.get(kind, [])
             exact = [m for m in every if m.name == stem and m.path.suffix.lower() == ext.lower()]
             match = exact or [m for m in files if m.name == stem]
             if match:
-                return match[0].path.resolve()
+                return _absolute(match[0].path)
             name = stem
         base = name.rsplit("/", 1)[-1]
         for same in (lambda m: m.name.rsplit("/", 1)[-1] == base,
                      lambda m: m.name.rsplit("/", 1)[-1].lower() == base.lower()):
             matches = [m for m in files if same(m)]
             if len(matches) == 1:
-                return matches[0].path.resolve()
+                return _absolute(matches[0].path)
             if len(matches) > 1:
                 listed = ", ".join(m.name for m in matches[:5])
                 raise ModelNotFoundError(f"{label} {value!r} is ambiguous: it matches {listed}; use the full name")
         if candidate.is_file():  # a relative path from the working folder
-            return candidate.resolve()
+            return _absolute(candidate)
         for other, path, problem in self._unusable.get(kind, []):
             if other == name or other.rsplit("/", 1)[-1] == base:
                 raise ModelNotFoundError(f"{label} {value!r} cannot be used: {path}: {problem}")
@@ -227,6 +251,16 @@ class ModelRegistry:
     def _not_found(self, kind: str, label: str, value: str, name: str, files: list[ModelFile]) -> str:
         # only this kind's folders: a checkpoint is never looked for in vae/ or loras/
         searched = ", ".join(str(d) for d in self.kind_search_dirs(kind)) or "(no folders)"
+        if not files and kind != "checkpoint" and not self._dirs.get(kind):
+            # No such folder in any root: name the folders looked for and where the files would go.
+            expected = self._expected_dirs(kind)
+            if expected:
+                looked = ", ".join(str(d) for d in expected)
+                return (
+                    f"{label} {value!r} not found: there is no {label} folder (looked for {looked}); "
+                    f"put {label} files ({', '.join(MODEL_EXTENSIONS)}) in {self._suggested_dir(kind)}, "
+                    f"or give the {label} file's path"
+                )
         if not files:
             return (
                 f"{label} {value!r} not found: there are no {label} files in {searched} "
@@ -262,14 +296,15 @@ def not_a_regular_file(path: Path) -> str | None:
     return f"it is {kind}, not a model file (a model must be a regular file)"
 
 
-def _walk(folder: Path) -> list[Path]:
-    """Model files under ``folder``, recursively, skipping hidden files and folders; follows symlinks."""
+def _walk(folder: Path, skip: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+    """Model files under ``folder``, recursively, skipping hidden files and folders and the folders whose real
+    paths are in ``skip``; follows symlinks."""
     out: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in visited:  # a symlink loop, or two links to one folder
-            dirnames[:] = []
+        if real in visited or (real in skip and dirpath != str(folder)):  # a symlink loop, two links to one
+            dirnames[:] = []  # folder, or another kind's folder
             continue
         visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -287,3 +322,9 @@ def _is_within(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute without following symlinks: a linked checkpoint keeps the name the user gave it
+    (its file name is the model's name in the status line and the load message), not its target's."""
+    return Path(os.path.abspath(path))

@@ -117,3 +117,57 @@ def write_random_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(iter_random_checkpoint(family, size, seed, dtype))
     return save_tensors(tensors, path, metadata={"format": "pt"})
+
+
+def random_flux_transformer_state_dict(
+    variant: str = "dev", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Random Flux transformer weights under BFL's names (no prefix), in the module's key order."""
+    from core.models.flux import Flux, FluxConfig
+
+    with torch.device("meta"):
+        module = Flux(FluxConfig.preset("flux", size, variant))
+    return random_state_dict(module, seed=seed, dtype=dtype)
+
+
+def write_random_flux_transformer(
+    path: str | Path,
+    variant: str = "dev",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A diffusion-model file in the layout of BFL's ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors``:
+    transformer keys with no prefix, bf16 by default (what BFL ships)."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_flux_transformer_state_dict(variant, size, seed, dtype), path)
+
+
+def random_t5_state_dict(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """Random T5 v1.1 encoder weights under Hugging Face names (``shared.weight``, ``encoder.block.N...``)."""
+    from core.models.t5 import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        module = T5EncoderModel(T5Config.preset("t5xxl", size))
+    weights = random_state_dict(module, seed=seed, dtype=dtype)
+    # Real embeddings are O(1)..O(10) per entry (T5 does not scale them by sqrt(d)); the generic 1/sqrt(fan_in)
+    # init would make them tiny and the relative position bias dominate.
+    weights["shared.weight"] = weights["shared.weight"] * math.sqrt(weights["shared.weight"].shape[1])
+    return weights
+
+
+def write_random_t5(
+    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
+) -> Path:
+    """A text-encoder file in the layout of ComfyUI's ``t5xxl_fp16.safetensors`` (no prefix, fp16 by default):
+    ``shared.weight``, ``encoder.block.N.layer.{0,1}...``, ``encoder.final_layer_norm.weight``."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_t5_state_dict(size, seed, dtype), path)

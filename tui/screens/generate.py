@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -100,6 +102,7 @@ class GenerateScreen(MainScreen):
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
         Binding("ctrl+r", "dice", "Random seed"),
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
+        Binding("ctrl+o", "open_png", "Open PNG"),
     ]
 
     def __init__(self) -> None:
@@ -119,6 +122,8 @@ class GenerateScreen(MainScreen):
         self._chunks: list[list[Widget]] = []
         self._advanced_left: list[Widget] | None = None
         self._save_timer: Any = None
+        self._init_image_note: str | None = None  # set by build_request when a relative path was resolved
+        self._pending_image: tuple[Any, str, str | None] | None = None  # an image's settings, until models load
 
     def compose_body(self) -> ComposeResult:
         # The first frame holds only what the user needs at once: the prompts (focused), the Queue button and
@@ -294,6 +299,9 @@ class GenerateScreen(MainScreen):
             self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", []))))
         elif rescan:
             self.app.notify(f"Found {len(models)} checkpoint{'s' * (len(models) != 1)}", timeout=3)
+        if self._pending_image is not None:
+            pending, self._pending_image = self._pending_image, None
+            self.apply_image_request(*pending)
 
     @work(thread=True, exclusive=True, group="presets")
     def load_presets(self) -> None:
@@ -496,7 +504,7 @@ class GenerateScreen(MainScreen):
         else:
             parse(values, "denoise", "denoise", float)
             try:
-                values["init_image"] = resolve_init_image(init_image)
+                values["init_image"] = self._resolve_init_image(init_image)
             except RequestError as error:
                 errors.append(error)
         if values["hires"] is not None:
@@ -515,12 +523,29 @@ class GenerateScreen(MainScreen):
             raise DarkroomError("\n".join(lines))
         return request
 
+    def _resolve_init_image(self, value: str) -> str:
+        """The init image's absolute path. A relative one is taken from the current directory (the folder
+        Darkroom was started in), which the message says, so a wrong guess is visible."""
+        cwd = os.getcwd()
+        relative = not Path(value).expanduser().is_absolute()
+        try:
+            path = resolve_init_image(value, Path(cwd))
+        except RequestError as error:
+            if not relative:
+                raise
+            raise RequestError("init_image", value,
+                               f"{error.valid} (a relative path is taken from the current directory, {cwd})") from None
+        if relative:
+            self._init_image_note = f"Init image {value}: a relative path, taken from the current directory: {path}"
+        return path
+
     # ---- actions -------------------------------------------------------------------------------------------
 
     def action_queue(self) -> None:
         if not self._form_ready:
             self.app.notify("The form is still loading; try again in a moment.", timeout=2)
             return
+        self._init_image_note = None
         try:
             request = self.build_request()
         except DarkroomError as error:
@@ -529,6 +554,9 @@ class GenerateScreen(MainScreen):
         job_id = self.app.submit(request)
         if job_id is None:
             return
+        if self._init_image_note:  # the field now shows the path that was used (and is saved as such)
+            self._write_advanced_state({"init_image": request.init_image})
+            self.app.notify(self._init_image_note, markup=False, timeout=6)
         for warning in prompt_syntax_warnings(request.prompt, request.negative_prompt):
             self.app.notify(warning, severity="warning", markup=False, timeout=8)
         self.app.settings.update(self.form_values())
@@ -595,6 +623,63 @@ class GenerateScreen(MainScreen):
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
         self.set_form_values(values)
         self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
+
+    # ---- settings from an image (A1111's PNG Info) ---------------------------------------------------------
+
+    def action_open_png(self, value: str = "", problem: str = "") -> None:
+        """Ask for an image (typed, pasted, or dropped on the terminal) and fill the form from its parameters."""
+        from tui.screens.dialogs import TextPromptScreen
+
+        question = ("Fill the form from an image's parameters (Darkroom, A1111, Forge).\n"
+                    "Path of the PNG, or drop the file here:")
+
+        def answered(text: str | None) -> None:
+            if text:
+                self.read_image_settings(text)
+
+        self.app.push_screen(TextPromptScreen(f"{problem}\n\n{question}" if problem else question, value=value,
+                                              placeholder="image.png"), answered)
+
+    @work(thread=True, exclusive=True, group="png-settings")
+    def read_image_settings(self, text: str) -> None:
+        """Read the image's request off the UI thread; a file that cannot be read asks again, saying why."""
+        from core.metadata import read_request
+        from tui.png_settings import NO_MODEL, path_from_text
+
+        path = Path(path_from_text(text))
+        relative = not path.is_absolute()
+        if relative:  # as the init image: from the folder Darkroom was started in
+            path = Path(os.getcwd()) / path
+        try:
+            if not path.is_file():
+                where = f" (a relative path is taken from the current directory, {os.getcwd()})" if relative else ""
+                raise DarkroomError(f"{path}: no such file{where}")
+            request = read_request(path, model_fallback=NO_MODEL)
+        except DarkroomError as error:
+            self.call_from_worker_thread(self.action_open_png, text.strip(), str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - e.g. a decompression bomb: said, never a crash
+            self.call_from_worker_thread(self.action_open_png, text.strip(),
+                                         f"{path}: cannot read it ({type(error).__name__}: {error})")
+            return
+        self.call_from_worker_thread(self.apply_image_request, request, path.name, None)
+
+    def apply_image_request(self, request: GenerationRequest, source: str, note: str | None = None) -> None:
+        """Fill the form from a request read from an image and say what was filled and what was not."""
+        from tui.png_settings import form_fill
+
+        if not self._models_loaded:  # matched against the models folders once they are scanned
+            self._pending_image = (request, source, note)
+            return
+        current = self.form_values()
+        fill = form_fill(request, models=[str(m.name) for m in self.models], vaes=self.vae_names,
+                         current_model=current.get("model"), current_vae=current.get("vae"))
+        self.set_form_values(fill.values)
+        self.app.settings.update(self.form_values())
+        self.app.notify(f"Filled from {source}: " + "; ".join(fill.filled), markup=False, timeout=10)
+        not_used = ([note] if note else []) + fill.not_used
+        if not_used:
+            self.app.notify("Not filled: " + "; ".join(not_used), severity="warning", markup=False, timeout=12)
 
     # ---- job events from the app ---------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class HistoryScreen(MainScreen):
         Binding("down,escape", "focus_list", "List", show=False),
         Binding("g", "again", "Again"),
         Binding("n", "again_new_seed", "New seed"),
-        Binding("l", "load", "Load"),
+        Binding("l", "load", "Use settings"),
         Binding("c", "copy_prompt", "Copy prompt"),
         Binding("s", "copy_seed", "Copy seed"),
         Binding("o", "show_path", "Path"),
@@ -251,12 +251,39 @@ class HistoryScreen(MainScreen):
             self.app.submit(row_request(row).replace(seed=-1, batch_size=1, batch_count=1))
 
     def action_load(self) -> None:
+        """Use these settings: fill the Generate form from the image's own parameters (what its PNG says, as
+        A1111's PNG Info), or from the history entry when the file cannot be read; say what was filled."""
         row = self._with_row()
         if row is not None:
-            values = row_request(row).to_dict()
-            values["seed"] = int(field(row, "seed", values["seed"]))
-            values["seed_lock"] = True
-            self.app.load_into_generate(values)
+            self.read_image_settings(row)
+
+    @work(thread=True, exclusive=True, group="use-settings")
+    def read_image_settings(self, row: Any) -> None:
+        from core.metadata import read_request
+        from tui.png_settings import NO_MODEL
+
+        path = Path(str(field(row, "path", "")))
+        note = None
+        try:
+            request = read_request(path, model_fallback=NO_MODEL)
+        except Exception as error:  # noqa: BLE001 - moved, deleted, stripped of metadata, unreadable
+            try:
+                request = row_request(row)
+                request = request.replace(seed=int(field(row, "seed", request.seed)))
+            except Exception as row_error:  # noqa: BLE001
+                self.app.call_from_thread(self.app.notify, f"Cannot use these settings: {error}; and the history "
+                                          f"entry is unreadable: {row_error}", severity="error", markup=False)
+                return
+            note = f"the image's own parameters could not be read ({error}): the history entry was used"
+        self.call_from_worker_thread(self._use_settings, request, path.name, note)
+
+    def _use_settings(self, request: GenerationRequest, source: str, note: str | None) -> None:
+        screen = self.app.get_generate_screen()
+        if screen is None:  # not mounted yet: its settings fill the form when it is
+            self.app.load_into_generate({**request.to_dict(), "seed_lock": True})
+            return
+        self.app.switch_mode("generate")
+        screen.apply_image_request(request, source, note)
 
     def action_copy_prompt(self) -> None:
         row = self._with_row()

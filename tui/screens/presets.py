@@ -16,6 +16,7 @@ from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
 from tui.screens.generate import UI_ONLY_FIELDS, presets_module
+from tui.screens.save_preset import SavePresetScreen
 
 
 class PresetsScreen(MainScreen):
@@ -142,20 +143,19 @@ class PresetsScreen(MainScreen):
         fields = {k: v for k, v in screen.form_values().items()
                   if k not in UI_ONLY_FIELDS and v not in (None, {}, "")}
 
-        def ask(name: str = "", problem: str = "") -> None:
-            question = "Save the current Generate settings as preset:"
-            self.app.push_screen(TextPromptScreen(f"{problem}\n{question}" if problem else question, value=name,
-                                                  placeholder="preset name"), named)
+        def ask(name: str = "", problem: str = "", kept: set[str] | None = None) -> None:
+            self.app.push_screen(SavePresetScreen(fields, name, problem, kept), named)
 
-        def named(name: str | None) -> None:
-            if not name:
+        def named(answer: tuple[str, dict[str, Any]] | None) -> None:
+            if not answer:
                 return
+            name, chosen = answer
             try:
-                presets_module(self.app).save_user_preset(name, fields)
-            except Exception as error:  # noqa: BLE001 - asked again, with the name typed so far
-                ask(name, str(error))
+                presets_module(self.app).save_user_preset(name, chosen)
+            except Exception as error:  # noqa: BLE001 - asked again, with the name and the ticks so far
+                ask(name, str(error), set(chosen))
                 return
-            self.app.notify(f"Saved preset {name}", markup=False, timeout=2)
+            self.app.notify(f"Saved preset {name} ({', '.join(chosen)})", markup=False, timeout=4)
             self.reload(select=name)
 
         ask()

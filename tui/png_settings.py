@@ -1,0 +1,140 @@
+"""Fill the Generate form from what a PNG knows (A1111's PNG Info, ComfyUI's drag and drop).
+
+The image's parameters are read by ``core.metadata.read_request`` (Darkroom, A1111, Forge and EXIF infotext);
+this module only turns that request into form values and says, in words, what was filled and what was not:
+a model or VAE that is not in the models folders keeps the form's own, LoRA tags stay plain prompt text, a
+sampler Darkroom does not have falls back to Euler.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.request import GenerationRequest, prompt_syntax_warnings
+from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
+
+# read_request's model for an infotext without a "Model:" entry (never a real checkpoint name)
+NO_MODEL = "(no model named in the image)"
+_MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def path_from_text(text: str) -> str:
+    """A path as typed, pasted or dropped on the terminal (which pastes a dropped file as its path: quoted
+    ``'/a b.png'``, backslash-escaped ``/a\\ b.png``, or a ``file://`` URL, often with a trailing space).
+    The text itself wins when it names a file; otherwise the first path in it, unquoted; ``~`` expanded."""
+    raw = text.strip()
+    if not raw or Path(raw).expanduser().is_file():
+        return str(Path(raw).expanduser()) if raw else ""
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" and Path(raw[1:-1]).expanduser().is_file():
+        return str(Path(raw[1:-1]).expanduser())  # e.g. a quoted Windows path, whose \ are not escapes
+    try:
+        words = shlex.split(raw)
+    except ValueError:  # an unbalanced quote: take the text without it
+        words = [raw.strip("'\"")]
+    first = words[0] if words else raw
+    if first.lower().startswith("file://"):
+        parsed = urllib.parse.urlparse(first)
+        first = urllib.parse.unquote(parsed.path)
+        if len(first) > 2 and first[0] == "/" and first[2] == ":":  # file:///C:/x.png
+            first = first[1:]
+    return str(Path(first).expanduser())
+
+
+@dataclass
+class FormFill:
+    """Form values from an image, with what was filled and what was not (for the notifications)."""
+
+    values: dict[str, Any]
+    filled: list[str] = field(default_factory=list)
+    not_used: list[str] = field(default_factory=list)
+
+
+def _label(name: str) -> str:
+    """A model's file name without folder or extension, lower case: how A1111 names it in ``Model:``."""
+    base = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    stem, ext = os.path.splitext(base)
+    return (stem if ext.lower() in _MODEL_EXTENSIONS else base).lower()
+
+
+def match_name(wanted: str, names: Sequence[str]) -> str | None:
+    """The listed model ``wanted`` means: the same name, else the one listed file with its file name."""
+    if wanted in names:
+        return wanted
+    same = [n for n in names if _label(n) == _label(wanted)]
+    return same[0] if len(same) == 1 else None
+
+
+def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequence[str],
+              current_model: str | None, current_vae: str | None) -> FormFill:
+    """The Generate form's values for ``request`` read from an image (its seed is the image's own)."""
+    values: dict[str, Any] = request.to_dict()
+    # How many images to make is the form's business, not the picture's; unmapped infotext entries (Version,
+    # Model hash, ...) describe the old image and are not sent with new jobs.
+    for name in ("batch_size", "batch_count", "extra"):
+        values.pop(name)
+    extra = dict(request.extra)
+    fill = FormFill(values)
+    filled, not_used = fill.filled, fill.not_used
+    filled.append("prompt" + (" and negative prompt" if request.negative_prompt else ""))
+
+    model = match_name(request.model, models)
+    keep = f"kept {current_model}" if current_model else "choose one"
+    if request.model == NO_MODEL:
+        not_used.append(f"the image names no model ({keep})")
+    elif model is None:
+        not_used.append(f"the model {request.model} named in the image is not in your models folders ({keep})")
+    if model is None:
+        values.pop("model")
+    else:
+        values["model"] = model
+        filled.append(f"model {model}")
+
+    if "Sampler" in extra:
+        not_used.append(f"sampler {extra.pop('Sampler')} is not available (Euler used)")
+    if "Schedule type" in extra:
+        not_used.append(f"schedule {extra.pop('Schedule type')} is not available "
+                        f"({SCHEDULE_LABELS[request.schedule]} used)")
+    filled.append(f"{SAMPLER_LABELS[request.sampler]} {SCHEDULE_LABELS[request.schedule]}, {request.steps} steps, "
+                  f"CFG {request.cfg:g}, seed {request.seed} (locked), {request.width}×{request.height}")
+    values["seed_lock"] = True  # the image's own seed: reproduce it until the user rolls a new one
+    if request.clip_skip > 1:
+        filled.append(f"clip skip {request.clip_skip}")
+
+    if request.vae is None:
+        filled.append("built-in VAE")
+    else:
+        vae = match_name(request.vae, vaes)
+        if vae is None:
+            values.pop("vae")
+            kept = f"kept {current_vae}" if current_vae else "kept the built-in one"
+            not_used.append(f"the VAE {request.vae} named in the image is not in your models folders ({kept})")
+        else:
+            values["vae"] = vae
+            filled.append(f"VAE {vae}")
+
+    if request.init_image is not None:
+        if Path(request.init_image).is_file():
+            filled.append(f"init image {request.init_image}, denoise {request.denoise:g}")
+        else:
+            values["init_image"] = None
+            not_used.append(f"the init image {request.init_image} is not there any more (txt2img)")
+    if request.hires is not None:
+        filled.append(f"hires fix ×{request.hires.scale:g} ({request.hires.upscaler}, "
+                      f"denoise {request.hires.denoise:g})")
+        if "Hires upscaler" in extra:
+            not_used.append(f"hires upscaler {extra.pop('Hires upscaler')} is not available "
+                            f"({request.hires.upscaler} used)")
+    else:
+        filled.append("no hires fix")
+
+    not_used.extend(prompt_syntax_warnings(request.prompt, request.negative_prompt))
+    extra = {k: v for k, v in extra.items() if v not in (None, "")}
+    if extra:
+        not_used.append("not used by Darkroom: " + ", ".join(extra))
+    return fill
