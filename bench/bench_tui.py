@@ -30,8 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A tmux server of its own: other tmux users on the machine (tests, people) neither see nor end its sessions.
+TMUX = ["tmux", "-L", f"darkroom-bench-{os.getpid()}"]
+
+
 def tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([*TMUX, *args], capture_output=True, text=True, check=True).stdout
 
 
 def wait_screen(session: str, needle: str, timeout: float = 60.0) -> float:
@@ -44,18 +48,19 @@ def wait_screen(session: str, needle: str, timeout: float = 60.0) -> float:
 
 
 def launch(home: Path, protocol: str, steps: int, delay: float, checkpoint: Path | None = None,
-           size: int = 256) -> tuple[str, float, Path]:
-    """Start the app in a fresh tmux session: the fake runner, or the real pipeline on ``checkpoint``."""
+           size: int = 256, root: Path = ROOT, **settings_extra: object) -> tuple[str, float, Path]:
+    """Start the app in a fresh tmux session: the fake runner, or the real pipeline on ``checkpoint``; the
+    code under ``root`` (another checkout for a before/after comparison)."""
     config = home / "config"
     config.mkdir(parents=True, exist_ok=True)
     settings = {"prompt": "benchmark", "steps": steps, "seed": 1, "seed_lock": True,
-                "model": checkpoint.name if checkpoint else "fake-model.safetensors"}
+                "model": checkpoint.name if checkpoint else "fake-model.safetensors", **settings_extra}
     if checkpoint:
         settings.update(width=size, height=size)
     (config / "tui-settings.json").write_text(json.dumps(settings))
     report = home / "bench.json"
     env = {"DARKROOM_HOME": home, "DARKROOM_TUI_BENCH": report, "DARKROOM_IMAGE_PROTOCOL": protocol,
-           "PYTHONPATH": ROOT, "TERM": "xterm-256color"}
+           "PYTHONPATH": root, "TERM": "xterm-256color"}
     arguments = f"--db {home / 'db.sqlite3'} --output-dir {home / 'out'}"
     if checkpoint:
         arguments += f" --models-dir {checkpoint.parent}"
@@ -64,7 +69,7 @@ def launch(home: Path, protocol: str, steps: int, delay: float, checkpoint: Path
                     "DARKROOM_FAKE_PREVIEW": 64, "DARKROOM_FAKE_SIZE": 512})
     exports = " ".join(f"{k}={v}" for k, v in env.items())
     session = f"darkroom-bench-{uuid.uuid4().hex[:8]}"
-    command = (f"cd {ROOT} && env -u COLUMNS -u LINES -u PYTHONDONTWRITEBYTECODE {exports} {sys.executable} "
+    command = (f"cd {root} && env -u COLUMNS -u LINES -u PYTHONDONTWRITEBYTECODE {exports} {sys.executable} "
                f"-m cli.main {arguments}; echo BENCH-EXITED; sleep 30")
     start = time.monotonic()
     tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45", command)
@@ -74,7 +79,7 @@ def launch(home: Path, protocol: str, steps: int, delay: float, checkpoint: Path
 def finish(session: str, report: Path) -> dict:
     tmux("send-keys", "-t", session, "C-q")
     wait_screen(session, "BENCH-EXITED")
-    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
     return json.loads(report.read_text())
 
 
@@ -114,6 +119,45 @@ def stall_run(protocol: str, steps: int, delay: float, checkpoint: Path | None =
     return data
 
 
+# F-key, and text that only that screen shows (the screen tabs are on every screen).
+SCREEN_NEEDLES = (("F4", "u/d move the selected job"), ("F5", "search prompts (/)"), ("F3", "Save current"),
+                  ("F2", "Queue  (Ctrl+Enter)"))
+
+
+def switch_run(root: Path, checkpoint: Path | None, steps: int, size: int, rounds: int, delay: float = 0.05,
+               batch_count: int = 1) -> dict[str, list[float]]:
+    """Seconds from sending an F-key to tmux until that screen's own text is on the terminal, while a job
+    runs (timed from its first step: the model is loaded by then). The first visit of each screen (it is
+    built then) is kept apart from the later ones."""
+    times: dict[str, list[float]] = {"first": [], "again": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        session, _, report = launch(Path(tmp), "halfcell", steps, delay, checkpoint, size, root,
+                                    batch_count=batch_count)
+        wait_screen(session, checkpoint.stem if checkpoint else "fake-model")
+        wait_screen(session, " idle")
+        tmux("send-keys", "-t", session, "C-j")
+        wait_screen(session, "job #1 step", timeout=300)
+        time.sleep(0.5)
+        try:
+            for round_ in range(rounds + 1):
+                for key, needle in SCREEN_NEEDLES:
+                    start = time.monotonic()
+                    tmux("send-keys", "-t", session, key)
+                    seen = wait_screen(session, needle, timeout=30)
+                    if "job #1 step" not in tmux("capture-pane", "-p", "-t", session):
+                        raise StopIteration  # the job ended: later switches would not be "during a job"
+                    times["again" if round_ else "first"].append(seen - start)
+                    time.sleep(0.3)
+        except StopIteration:
+            pass
+        tmux("send-keys", "-t", session, "C-q")
+        time.sleep(0.5)
+        tmux("send-keys", "-t", session, "l")  # the quit dialog, if the job still runs: leave it interrupted
+        wait_screen(session, "BENCH-EXITED")
+        subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
+    return times
+
+
 def pty_first_paint_run(kind: str) -> float:
     """Seconds from launch to the first frame in a pseudo-terminal that answers like ``kind`` (kitty, sixel,
     konsole, plain): tmux has no graphics, so this is where the kitty/sixel start-up path is measured."""
@@ -140,6 +184,31 @@ def import_time() -> float:
     return float(out.stdout.strip())
 
 
+def switch_report(args: argparse.Namespace) -> None:
+    roots = {"this checkout": ROOT}
+    if args.baseline:
+        roots["baseline"] = args.baseline.resolve()
+    checkpoint = args.checkpoint.resolve() if args.checkpoint else None
+    steps = 150
+    results: dict[str, dict[str, list[float]]] = {name: {"first": [], "again": []} for name in roots}
+    for _ in range(args.switch_runs):
+        for name, root in roots.items():  # alternately, so both see the same load on a shared machine
+            times = switch_run(root, checkpoint, steps, args.real_size if checkpoint else 256, args.switch_rounds,
+                               args.delay, batch_count=2 if checkpoint else 3)
+            for key in times:
+                results[name][key] += times[key]
+    job = f"real pipeline, {checkpoint.name}, 2 x {steps} steps at {args.real_size} px" if checkpoint else (
+        f"fake runner, 3 x 150 steps x {args.delay * 1000:.0f} ms")
+    print(f"F-key to paint while a job runs ({job}), ms seen by capture-pane polling; goal: median < 100")
+    for name, times in results.items():
+        for key, label in (("first", "first visit (builds the screen)"), ("again", "later visits")):
+            values = sorted(v * 1000 for v in times[key])
+            if values:
+                print(f"  {name:<14} {label:<32} median {statistics.median(values):>5.0f}   "
+                      f"min {values[0]:>5.0f}  max {values[-1]:>5.0f}  n={len(values)}")
+    print()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -150,6 +219,14 @@ def main() -> int:
                         "random SD1.5 from core.models.testing); steps from --real-steps at --real-size px")
     parser.add_argument("--real-steps", type=int, default=4)
     parser.add_argument("--real-size", type=int, default=256)
+    parser.add_argument("--switch-rounds", type=int, default=0,
+                        help="F-key-to-paint latency while a job runs on --checkpoint (the fake runner without "
+                        "it): this many rounds of F4 F5 F3 F2 after a first visit of each screen")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout (e.g. git archive of an older commit) measured alternately "
+                        "with this one in the switch runs, for a before/after on the same noisy machine")
+    parser.add_argument("--switch-runs", type=int, default=1, help="app launches per checkout for the switches")
+    parser.add_argument("--only-switch", action="store_true", help="skip the first-paint and stall runs")
     parser.add_argument("--protocols", default="auto,halfcell,unicode",
                         help="auto: probe the terminal (tmux answers without graphics, so half-cells)")
     parser.add_argument("--terminals", default="kitty,sixel,plain",
@@ -160,6 +237,10 @@ def main() -> int:
         print("tmux is not installed: this benchmark needs a real terminal", file=sys.stderr)
         return 1
 
+    if args.switch_rounds:
+        switch_report(args)
+        if args.only_switch:
+            return 0
     # Byte-code caching as on a user's machine (this workplace sets PYTHONDONTWRITEBYTECODE, which made every
     # launch compile Darkroom's own modules again: ~70 ms): one discarded launch writes the .pyc files.
     first_paint_run("halfcell")

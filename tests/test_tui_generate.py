@@ -256,3 +256,45 @@ async def test_screen_tabs_name_the_keys_and_switch_on_click(tmp_path):
         assert "F4 Queue" in screen_text(app).splitlines()[0]
         await pilot.press("f5")
         await wait_for(pilot, lambda: app.current_mode == "history")
+
+
+async def test_notifications_leave_the_progress_line_and_status_bar_visible(tmp_path):
+    from textual.widgets._toast import Toast
+
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        screen = await ready(pilot, app)
+        app.submit(screen.build_request())
+        for i in range(3):
+            app.notify(f"a long notification number {i} that takes a few lines " * 2, timeout=30)
+        # "Queued job #1" and these, laid out
+        await wait_for(pilot, lambda: len(app.screen.query(Toast)) == 4
+                       and all(t.region.height for t in app.screen.query(Toast)))
+        toasts = list(app.screen.query(Toast))
+        kept_clear = [app.screen.query_one("#status-bar"), screen.query_one("#preview-progress"),
+                      screen.query_one("#preview-stats")]
+        geometry = app.screen._compositor.full_map  # every widget's region and the clip it is drawn in
+        for toast in toasts:
+            drawn = geometry[toast].region.intersection(geometry[toast].clip)
+            assert drawn.height  # on screen
+            for widget in kept_clear:
+                assert not drawn.overlaps(widget.region), (drawn, widget.id, widget.region)
+
+
+async def test_hires_switch_says_on_or_off(tmp_path):
+    """In 256-colour terminals the switch's colours are hard to tell apart: a word says its state."""
+    from textual.widgets import Label, Switch
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen._form_ready)
+        state = screen.query_one("#hires-state", Label)
+        assert str(state.render()) == "off"
+        screen.query_one("#hires-enabled", Switch).value = True
+        await pilot.pause()
+        assert str(state.render()) == "on"
+        screen.set_form_values({"hires": None})
+        await pilot.pause()
+        assert str(state.render()) == "off"

@@ -161,6 +161,8 @@ class DarkroomApp(App[int]):
         Binding("f3", "switch_mode('presets')", "Presets", show=False),
         Binding("f4", "switch_mode('queue')", "Queue", show=False),
         Binding("f5", "switch_mode('history')", "History", show=False),
+        # From any screen, also while typing; in the footer only while a job runs (see check_action).
+        Binding("ctrl+s", "stop_job", "Stop job", priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -316,6 +318,20 @@ class DarkroomApp(App[int]):
         super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
                        timeout=timeout, markup=markup)
 
+    def switch_mode(self, mode: str) -> Any:
+        self._switching_mode = True
+        try:
+            return super().switch_mode(mode)
+        finally:
+            self._switching_mode = False
+
+    def delay_update(self, delay: float = 0.05) -> None:
+        # Textual's switch_mode holds every paint for 50 ms to mask the transition. Our screens are built once
+        # and resume complete, so there is nothing to mask, and the hold (longer on a busy event loop: it ends
+        # on a timer) was the largest part of the F-key-to-paint latency during a job (bench_tui.py).
+        if not getattr(self, "_switching_mode", False):
+            super().delay_update(delay)
+
     def get_generate_screen(self) -> GenerateScreen | None:
         """The Generate screen once it has been mounted (it registers itself)."""
         return self.generate_screen
@@ -361,10 +377,12 @@ class DarkroomApp(App[int]):
             return
         if isinstance(event, JobStarted):
             self.running_job = event.job_id
+            self.refresh_bindings()  # the footer shows the stop key
         elif isinstance(event, JobFinished | JobFailed | JobCancelled):
             if self.running_job == event.job_id:
                 self.running_job = None
                 self.progress_line = ""
+                self.refresh_bindings()
             if isinstance(event, JobFinished):
                 count = len(event.paths)
                 self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
@@ -421,6 +439,25 @@ class DarkroomApp(App[int]):
         self.switch_mode("generate")
         if screen is not None and screen.is_mounted:
             screen.set_form_values(values)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_job" and self.running_job is None:
+            return False  # hidden from the footer; the key still answers (see action_stop_job)
+        return True
+
+    def action_stop_job(self) -> None:
+        """Cancel the running job (it stops at its next step); the queue goes on with the next one."""
+        job_id = self.running_job
+        if job_id is None:
+            self.notify("No job is running.", timeout=2)
+            return
+        try:
+            stopped = self.worker.cancel(job_id)
+        except Exception as error:  # noqa: BLE001 - a refused action is a notification, not a crash
+            self.notify(f"Could not stop job #{job_id}: {error}", severity="error", markup=False)
+            return
+        self.notify(f"Job #{job_id} stops at its next step" if stopped else f"Job #{job_id} has already ended",
+                    timeout=2)
 
     async def action_quit(self) -> None:
         if getattr(self, "_bench", None) is not None:

@@ -194,6 +194,7 @@ class GenerateScreen(MainScreen):
                       tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
             row(Label("Hires", classes="field-label"),
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
+                Label("off", id="hires-state", classes="switch-state"),
                 Label("Scale", classes="field-label"),
                 Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short", compact=True),
                 FormSelect([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
@@ -604,6 +605,11 @@ class GenerateScreen(MainScreen):
     def _lock_changed(self, event: Checkbox.Changed) -> None:
         # In 256-colour terminals the box's on/off colours are hard to tell apart: the word says it too.
         event.checkbox.label = "locked" if event.value else "lock"
+
+    @on(Switch.Changed, "#hires-enabled")
+    def _hires_changed(self, event: Switch.Changed) -> None:
+        # Like the seed lock: the switch's colours alone are hard to read in 256-colour terminals.
+        self.query_one("#hires-state", Label).update("on" if event.value else "off")
 
     @on(Select.Changed, "#size-preset")
     def _size_chosen(self, event: Select.Changed) -> None:

@@ -130,7 +130,9 @@ class HistoryScreen(MainScreen):
         self.apply_pending_search()
 
     def on_screen_resume(self) -> None:
-        self.refresh_history()
+        # Kept current by the job events while hidden: the new frame paints first, then the history is read
+        # again (images another process added).
+        self.call_after_refresh(self.refresh_history)
         self.apply_pending_search()
 
     def apply_pending_search(self) -> None:
@@ -159,6 +161,8 @@ class HistoryScreen(MainScreen):
         except Exception as error:  # noqa: BLE001
             self.app.notify(f"Could not read the history: {error}", severity="error", markup=False)
             return
+        if rows and [str(field(row, "id")) for row in rows] == list(self.rows) and table.row_count == len(rows):
+            return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
         table.clear()
         self.rows = {}

@@ -14,8 +14,42 @@ from core.events import Event
 from core.text import visible
 from tui.screens.base import MainScreen
 
-COLUMNS = ("id", "state", "model", "prompt", "progress", "created", "time")
+# Below WIDE columns the table drops "time" (the progress column shows it once a job has ended) and "created"
+# (in the detail pane), so it fits an 80-column window; the model and prompt get what is left.
+WIDE = 100
+COLUMNS = ("id", "state", "model", "seed", "size", "progress", "time", "created", "prompt")
+NARROW_COLUMNS = ("id", "state", "model", "seed", "size", "progress", "prompt")
+FIXED_WIDTHS = {"id": 4, "state": 11, "seed": 10, "size": 9, "progress": 7, "time": 7, "created": 8}
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 ACTIVE = ("pending", "running")
+
+
+def short_model(model: str, width: int) -> str:
+    """The checkpoint's file name without its folders and extension, cut in the middle to ``width``: the
+    start and the end (version, variant) are what tell models apart."""
+    name = str(model).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for suffix in MODEL_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 3
+    return name[: width - 1 - tail] + "…" + (name[-tail:] if tail else "")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def column_widths(total: int, rows: int = 0) -> dict[str, int]:
+    """Content widths of the model and prompt columns in a table ``total`` cells wide (each column also has
+    one cell of padding either side; two more are kept for the vertical scrollbar)."""
+    names = COLUMNS if total >= WIDE else NARROW_COLUMNS
+    fixed = sum(FIXED_WIDTHS.get(n, 0) for n in names) + 2 * len(names) + 2
+    left = max(total - fixed, 16)
+    model = min(max(left // 2, 8), 32)
+    return {"model": model, "prompt": max(left - model, 8)}
 
 
 def _clock(stamp: Any) -> str:
@@ -33,6 +67,44 @@ def _elapsed(job: Any) -> str:
     return ""
 
 
+def job_parameters(job: Any) -> Text:
+    """The job's request, compact (the detail pane has a few lines): model, the numbers, what is set in the
+    advanced section, the times, then the prompts. Plain Text: names and prompts are never markup."""
+    request = job.request
+    seed = "random" if request.seed == -1 else str(request.seed)
+    lines = [
+        f"model {visible(request.model)}",
+        f"seed {seed} · {request.width}×{request.height} · {request.steps} steps · cfg {request.cfg:g} · "
+        f"{request.sampler}/{request.schedule} · batch {request.batch_size}×{request.batch_count}",
+    ]
+    extras = []
+    if request.vae:
+        extras.append(f"vae {visible(request.vae)}")
+    if request.clip_skip != 1:
+        extras.append(f"clip skip {request.clip_skip}")
+    if request.init_image:
+        extras.append(f"init {visible(request.init_image)} (denoise {request.denoise:g})")
+    if request.hires is not None:
+        hires = request.hires
+        extras.append(f"hires ×{hires.scale:g} {hires.upscaler}, {hires.steps or request.steps} steps, "
+                      f"denoise {hires.denoise:g}")
+    if extras:
+        lines.append(" · ".join(extras))
+    times = [f"created {_clock(job.created)}"]
+    if job.started:
+        times.append(f"started {_clock(job.started)}")
+    if _elapsed(job):
+        times.append(("took " if job.finished else "running ") + _elapsed(job))
+    lines.append(" · ".join(times))
+    text = Text("\n".join(lines), style="dim")
+    text.append("\n")
+    text.append(visible(request.prompt, multiline=True) or "(empty prompt)")
+    if request.negative_prompt:
+        text.append("\nnegative: ", style="dim")
+        text.append(visible(request.negative_prompt, multiline=True))
+    return text
+
+
 class QueueScreen(MainScreen):
     MODE = "queue"
     BINDINGS = [
@@ -45,7 +117,8 @@ class QueueScreen(MainScreen):
     ]
     DEFAULT_CSS = """
     QueueScreen #queue-table { height: 1fr; }
-    QueueScreen #job-detail { height: auto; max-height: 8; padding: 0 1; border-top: solid $secondary; }
+    QueueScreen #job-detail { height: auto; max-height: 9; padding: 0 1; border-top: solid $secondary; }
+    QueueScreen.-short #job-detail { max-height: 7; }
     """
 
     def compose_body(self) -> ComposeResult:
@@ -55,15 +128,31 @@ class QueueScreen(MainScreen):
         yield Static("", id="job-detail")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        for name in COLUMNS:
-            table.add_column(name, key=name)
+        self._set_columns()
         self.app.job_events.subscribe(self, self._on_job_event)
         self.app.job_progress.subscribe(self, self._on_progress)
         self.refresh_jobs()
 
+    def _set_columns(self) -> bool:
+        """The columns for this width; True when they changed (the rows must be added again)."""
+        table = self.query_one(DataTable)
+        names = COLUMNS if self.app.size.width >= WIDE else NARROW_COLUMNS
+        if tuple(str(key.value) for key in table.columns) == names:
+            return False
+        table.clear(columns=True)
+        for name in names:
+            table.add_column(name, key=name)
+        return True
+
+    def on_resize(self) -> None:
+        self._set_columns()
+        if getattr(self, "jobs", None) is not None:
+            self.refresh_jobs()
+
     def on_screen_resume(self) -> None:
-        self.refresh_jobs()
+        # The table is kept current by the job events while hidden; reading the queue again (for other
+        # processes' jobs) waits for the first frame, so the F-key paints at once.
+        self.call_after_refresh(self.refresh_jobs)
 
     def _on_job_event(self, event: Event) -> None:
         self.refresh_jobs()
@@ -74,7 +163,7 @@ class QueueScreen(MainScreen):
         if key in table.rows:
             table.update_cell(key, "progress", f"{progress.step}/{progress.total}")
             job = getattr(self, "jobs", {}).get(progress.job_id)
-            if job is not None:
+            if job is not None and "time" in table.columns:
                 table.update_cell(key, "time", _elapsed(job))  # the running job's clock keeps counting
 
     @property
@@ -89,26 +178,35 @@ class QueueScreen(MainScreen):
             self.app.notify(f"Could not read the queue: {error}", severity="error", markup=False)
             return
         selected = self.selected_job_id()
+        self._set_columns()
+        wide = "time" in table.columns
+        widths = column_widths(self.app.size.width)
         table.clear()
         for job in jobs:
             request = job.request
             progress = self.app.progress.get(job.id)
             if job.state == "running" and progress is not None:
                 done = f"{progress.step}/{progress.total}"
-            elif job.state == "done":
+            elif job.state == "done" and wide:
                 done = "done"
-            else:
+            elif job.state in ACTIVE or wide:
                 done = ""
+            else:
+                done = _elapsed(job)  # no time column: how long the ended job took
             state = Text(str(job.state))
             if job.state in ("failed", "interrupted"):
                 state.stylize("bold red")
             elif job.state == "running":
                 state.stylize("bold green")
-            prompt = " ".join(visible(request.prompt).split())[:44]
-            table.add_row(
-                str(job.id), state, Text(visible(request.model)), Text(prompt), done,
-                _clock(getattr(job, "created", None)), _elapsed(job), key=str(job.id),
-            )
+            cells = {
+                "id": str(job.id), "state": state,
+                "model": Text(short_model(visible(request.model), widths["model"])),
+                "seed": "random" if request.seed == -1 else str(request.seed),
+                "size": f"{request.width}×{request.height}", "progress": done,
+                "time": _elapsed(job), "created": _clock(getattr(job, "created", None)),
+                "prompt": Text(_cut(" ".join(visible(request.prompt).split()), widths["prompt"])),
+            }
+            table.add_row(*(cells[str(key.value)] for key in table.columns), key=str(job.id))
         if selected is not None and str(selected) in table.rows:
             table.move_cursor(row=table.get_row_index(str(selected)))
         self.jobs = {job.id: job for job in jobs}
@@ -141,7 +239,7 @@ class QueueScreen(MainScreen):
             elif job.state != "done":
                 text.append(": r runs it here", style="dim")
         text.append("\n")
-        text.append(visible(job.request.prompt, multiline=True))
+        text.append_text(job_parameters(job))
         detail.update(text)
 
     def selected_job_id(self) -> int | None:
