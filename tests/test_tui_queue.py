@@ -33,6 +33,9 @@ async def open_queue(pilot, app):
 async def test_cancel_running_job(tmp_path):
     runner = FakeRunner(gate=threading.Event())
     app = make_app(tmp_path, runner)
+    said: list[str] = []  # the notification itself may time out before a loaded machine gets to look
+    notify = app.notify
+    app.notify = lambda message, **kw: (said.append(message), notify(message, **kw))[1]
     async with app.run_test(size=(140, 40)) as pilot:
         job = app.submit(request("to be cancelled"))
         await wait_for(pilot, lambda: app.running_job == job)
@@ -41,7 +44,7 @@ async def test_cancel_running_job(tmp_path):
         assert "running" in screen_text(app)
         await pilot.press("c")
         await wait_for(pilot, lambda: state(app, job) == "cancelled")
-        assert f"Job #{job} stops at its next step" in [n.message for n in app._notifications]
+        assert f"Job #{job} stops at its next step" in said
         await wait_for(pilot, lambda: app.running_job is None)
         await wait_for(pilot, lambda: "cancelled" in screen_text(app))
         assert app.store.history() == []
@@ -159,13 +162,15 @@ async def test_a_stopped_batch_runs_job_is_retried_into_this_queue(tmp_path):
 async def test_running_jobs_time_keeps_counting(tmp_path):
     app = make_app(tmp_path, FakeRunner(delay=0.3))
     async with app.run_test(size=(140, 40)) as pilot:
-        job = app.submit(request("slow", steps=8))
+        job = app.submit(request("slow", steps=30))
         screen = await open_queue(pilot, app)
         await wait_for(pilot, lambda: app.progress.get(job) is not None and app.progress[job].step >= 1)
         first = str(screen.table.get_cell(str(job), "time"))
-        await wait_for(pilot, lambda: app.progress[job].step >= 3)
-        await pilot.pause()
-        assert str(screen.table.get_cell(str(job), "time")) != first
+        # the cell changes while the job still runs (its end would change it too); on a loaded machine the
+        # table's refresh can lag a step or two, so wait for the change instead of reading after N steps
+        await wait_for(pilot, lambda: state(app, job) == "running"
+                       and str(screen.table.get_cell(str(job), "time")) != first)
+        app.worker.cancel(job)
 
 
 async def test_a_paused_queue_stays_paused_after_a_restart(tmp_path):
@@ -187,83 +192,3 @@ async def test_a_paused_queue_stays_paused_after_a_restart(tmp_path):
         await pilot.press("p")
         await wait_for(pilot, lambda: state(app, job) == "done")
     assert json.loads((tmp_path / "settings.json").read_text())["queue_paused"] is False
-
-
-LONG_MODEL = ("/home/someone/stable-diffusion-webui/models/Stable-diffusion/photoreal/"
-              "juggernautXL_v9Rundiffusionphoto2_fp16_pruned.safetensors")
-
-
-async def test_queue_fits_80x24_with_seed_size_and_parameters(tmp_path):
-    """At 80x24 every column is on screen (nothing scrolls off to the right), a long model path is cut to its
-    name, the seed and size have columns, and the detail pane lists the job's parameters."""
-    from core.request import HiresFix
-    from tui.screens.queue import short_model
-
-    app = make_app(tmp_path)
-    async with app.run_test(size=(80, 24)) as pilot:
-        screen = await open_queue(pilot, app)
-        await pilot.press("p")  # keep it pending: its row stays put
-        job = app.store.add_job(GenerationRequest(
-            model=LONG_MODEL, prompt="a lighthouse at dusk, " * 6, negative_prompt="blurry", steps=30,
-            cfg=6.5, seed=4242424242, width=832, height=1216, hires=HiresFix(scale=1.5)), queue=app.worker.queue)
-        screen.refresh_jobs()
-        await pilot.pause()
-        table = screen.table
-        assert table.virtual_size.width <= table.size.width  # no horizontal scrolling at 80 columns
-        text = screen_text(app)
-        header = text.splitlines()[2]
-        for name in ("id", "state", "model", "seed", "size", "progress", "prompt"):
-            assert name in header
-        cell = str(table.get_cell(str(job), "model"))
-        assert cell == short_model(LONG_MODEL, len(cell)) and 10 <= len(cell) <= 16
-        assert cell.startswith("juggern") and cell.endswith("ned") and "…" in cell
-        assert "/" not in cell and cell in text
-        assert "4242424242" in text and "832×1216" in text
-        detail = str(screen.query_one("#job-detail").render())
-        for part in ("seed 4242424242", "832×1216", "30 steps", "cfg 6.5", "euler/normal", "hires ×1.5",
-                     "juggernautXL_v9Rundiffusionphoto2_fp16_pruned", "negative: blurry", "a lighthouse at dusk"):
-            assert part in detail, part
-        region = screen.query_one("#job-detail").region
-        assert region.bottom <= screen.query_one("#status-bar").region.y  # the pane is not cut off
-
-
-def test_short_model_keeps_the_name_and_both_ends():
-    from tui.screens.queue import short_model
-
-    assert short_model("models/sd15/tiny.safetensors", 12) == "tiny"
-    assert short_model("C:\\models\\dreamshaper_8.ckpt", 20) == "dreamshaper_8"
-    cut = short_model("a" * 10 + "MIDDLE" + "z" * 10, 12)
-    assert len(cut) == 12 and cut.startswith("aaaa") and cut.endswith("zzz") and "…" in cut
-
-
-@pytest.mark.parametrize("key", ["f2", "f3", "f5"])
-async def test_stop_key_stops_the_running_job_from_any_screen(tmp_path, key):
-    runner = FakeRunner(gate=threading.Event())
-    app = make_app(tmp_path, runner)
-    async with app.run_test(size=(100, 30)) as pilot:
-        job = app.submit(request("stop me"))
-        await wait_for(pilot, lambda: app.running_job == job)
-        await pilot.press(key)
-        await pilot.pause()
-        if key == "f2":  # typing in the prompt: the key still stops the job
-            await wait_for(pilot, lambda: app.screen.focused is not None and app.screen.focused.id == "prompt")
-        await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: state(app, job) == "cancelled")
-        assert f"Job #{job} stops at its next step" in [n.message for n in app._notifications]
-        await wait_for(pilot, lambda: app.running_job is None)
-
-
-async def test_switching_screens_does_not_hold_the_paint(tmp_path, monkeypatch):
-    """Textual's switch_mode holds all paints for 50 ms (delay_update); ours paints the screen at once."""
-    from textual.app import App
-
-    held = []
-    original = App.delay_update
-    monkeypatch.setattr(App, "delay_update", lambda self, delay=0.05: (held.append(delay), original(self, delay)))
-    app = make_app(tmp_path)
-    async with app.run_test(size=(100, 30)) as pilot:
-        for key in ("f4", "f5", "f3", "f2", "f4"):
-            await pilot.press(key)
-            await pilot.pause()
-        assert type(app.screen).__name__ == "QueueScreen"
-    assert held == []

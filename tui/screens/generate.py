@@ -694,9 +694,16 @@ class GenerateScreen(MainScreen):
         return self.query_one(PreviewPane)
 
     def show_step(self, event: JobStep) -> None:
-        self.preview.show_step(event.job_id, event.step, event.total, event.elapsed, event.preview)
+        if self._has_preview():
+            self.preview.show_step(event.job_id, event.step, event.total, event.elapsed, event.preview)
+
+    def _has_preview(self) -> bool:
+        # The worker's events keep coming while the app shuts down and the screen's widgets are removed.
+        return bool(self.query(PreviewPane))
 
     def show_event(self, event: Event) -> None:
+        if not self._has_preview():
+            return
         if isinstance(event, JobStarted):
             self.preview.start_job(event.job_id, event.request.prompt)
         elif isinstance(event, JobFinished) and event.job_id == self.preview.job_id:
