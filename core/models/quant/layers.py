@@ -56,10 +56,12 @@ class QuantizedTensor:
         if qtype in FP8_TYPES:
             expected = numel
         else:
+            # Blocks run along the stored rows, which for a reshaped tensor (ComfyUI-GGUF's SD convs) are not
+            # the logical shape's last axis: only the total has to be whole blocks.
             block = GGML_TYPES[qtype][1]
-            if shape and shape[-1] % block:
+            if numel % block:
                 raise ValueError(
-                    f"a {qtype} tensor's rows must be a multiple of {block} values; shape {list(shape)} is not"
+                    f"a {qtype} tensor holds whole blocks of {block} values; shape {list(shape)} does not"
                 )
             expected = packed_nbytes(qtype, numel)
         if raw.dtype != torch.uint8 or raw.numel() != expected:
@@ -260,7 +262,7 @@ def assign_weights(
         if target is not None:
             value = value.to(target)
         layer = module.get_submodule(layer_name) if layer_name else module
-        wrapped = leaf == "weight" and _wrap(layer, value, plain, layer_name, dtype, target)
+        wrapped = _wrap(layer, value, plain, layer_name, dtype, target) if leaf == "weight" else None
         if wrapped is None:
             plain[key] = value.dequantize(dtype)  # not a layer we wrap: an ordinary tensor in the compute dtype
             continue
@@ -279,7 +281,8 @@ def assign_weights(
     if strict:
         if result.unexpected_keys:
             raise ValueError(f"key {result.unexpected_keys[0]!r} is not part of the network")
-        missing = [k for k in result.missing_keys if not k.endswith(".weight_raw")]
+        filled = tuple(f"{name}." for name in swapped)  # the packed layers got their tensors already
+        missing = [k for k in result.missing_keys if not k.startswith(filled)]
         if missing:
             raise ValueError(f"key {missing[0]!r} is missing ({len(missing)} keys missing)")
     return swapped
@@ -301,11 +304,17 @@ def _wrap(
     bias = plain.pop(f"{name}.bias" if name else "bias", None) if not isinstance(layer, nn.Embedding) else None
     if bias is not None and device is not None:
         bias = bias.to(device)
+    if isinstance(layer, nn.Embedding) and not _rows_are_blocks(value):
+        return None  # a lookup dequantises single rows, so they must be whole blocks
     if isinstance(layer, nn.Linear):
         return QuantizedLinear(value, bias, dtype=dtype)
     if isinstance(layer, nn.Conv2d):
         return QuantizedConv2d(layer, value, bias, dtype=dtype)
     return QuantizedEmbedding(value, dtype=dtype)
+
+
+def _rows_are_blocks(value: QuantizedTensor) -> bool:
+    return value.qtype in FP8_TYPES or value.shape[-1] % GGML_TYPES[value.qtype][1] == 0
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
