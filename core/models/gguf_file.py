@@ -96,7 +96,8 @@ class GGUFFile:
             shape = self._orig_shape(t.name) or tuple(int(d) for d in reversed(t.shape.tolist()))
             block, type_size = qtype_size(qtype)
             numel = math.prod(shape)
-            if numel != int(t.n_elements) or (shape and shape[-1] % block and qtype not in UNQUANTIZED):
+            stored_row = int(t.shape[0]) if len(t.shape) else 1  # blocks run along the stored innermost axis
+            if numel != int(t.n_elements) or stored_row % block:
                 raise _damaged(self.path, f"tensor {short_repr(t.name)} has an impossible shape {list(shape)}")
             nbytes = numel // block * type_size
             if t.data_offset + nbytes > size or t.data.nbytes != nbytes:
@@ -189,9 +190,7 @@ class GGUFFile:
         raw = self.raw(name)
         if info.qtype in UNQUANTIZED:
             return raw.reshape(-1).view(_TORCH_DTYPES[info.qtype]).reshape(info.shape)
-        if len(info.shape) >= 2:
-            raw = raw.reshape(math.prod(info.shape[:-1]), -1)
-        return QuantizedTensor(raw, info.qtype, info.shape)
+        return QuantizedTensor(raw, info.qtype, info.shape)  # raw keeps the stored (rows, bytes per row) shape
 
     def state_names(self) -> dict[str, str]:
         """file tensor name -> the name in the original checkpoint layout our networks load: T5 files get the
@@ -239,7 +238,72 @@ def _field_value(field: Any, part: int) -> Any:
     return bool(scalar) if value_type == gguf.GGUFValueType.BOOL else scalar
 
 
-_UNKNOWN_TYPE = re.compile(r"(\d+) is not a valid GGMLQuantizationType")
+_UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
+
+
+# GGUF metadata value types (gguf.GGUFValueType) -> size in bytes; 8 = string, 9 = array.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+
+
+def _check_header(path: Path) -> None:
+    """Walk the metadata section before gguf.GGUFReader does: its reader loops over array elements one by one
+    without checking they fit in the file, so a hostile count (2**61) would hang it. Every count and length is
+    checked against the bytes left, which bounds the walk by the file size."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        size = len(data)
+        pos = 4
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise _damaged(path, f"{what} runs past the end of the file at byte {pos}")
+            start, pos = pos, pos + n
+            return start
+
+        def u32(what: str) -> int:
+            return struct.unpack_from("<I", data, take(4, what))[0]
+
+        def u64(what: str) -> int:
+            return struct.unpack_from("<Q", data, take(8, what))[0]
+
+        def string(what: str) -> None:
+            take(u64(what), what)
+
+        def value(kind: int, what: str, depth: int = 0) -> None:
+            if kind in _SCALAR_SIZES:
+                take(_SCALAR_SIZES[kind], what)
+            elif kind == _STRING:
+                string(what)
+            elif kind == _ARRAY and depth < 4:
+                item, count = u32(what), u64(what)
+                if item in _SCALAR_SIZES:
+                    take(count * _SCALAR_SIZES[item], what)
+                    return
+                if count * 8 > size - pos:  # every string or nested array takes at least 8 bytes
+                    raise _damaged(path, f"{what} declares {count} items, more than the file holds")
+                for _ in range(count):
+                    value(item, what, depth + 1)
+            else:
+                raise _damaged(path, f"{what} has an unknown value type {kind}")
+
+        version = u32("the version")
+        if version not in (2, 3):
+            raise CheckpointError(
+                path, f"is a GGUF version {version} file; Darkroom reads versions 2 and 3 (convert it again)"
+            )
+        n_tensors, n_fields = u64("the tensor count"), u64("the field count")
+        if n_tensors * _MIN_TENSOR_INFO + n_fields * 12 > size - pos:
+            raise _damaged(path, f"the header declares {n_tensors} tensors and {n_fields} fields, more than the file holds")
+        for i in range(n_fields):
+            start = pos
+            string(f"metadata field {i}")
+            key = bytes(data[start + 8 : pos])
+            value(u32(f"metadata field {short_repr(key)}"), f"metadata field {short_repr(key)}")
 
 
 def _quoted(text: str) -> str:
@@ -259,6 +323,7 @@ def _open_reader(path: Path) -> Any:
         raise CheckpointError(
             path, f"is not a GGUF file (it starts with {short_repr(head)}, a GGUF file starts with b'GGUF')"
         )
+    _check_header(path)
     import gguf
 
     try:

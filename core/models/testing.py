@@ -159,11 +159,13 @@ def write_random_gguf(
     arch: str = "flux",
     *,
     seed: int = 0,
+    metadata: dict[str, object] | None = None,
 ) -> Path:
     """Write ``tensors`` (torch shapes) to a GGUF file of ``general.architecture`` ``arch``, each in the GGML
     type ``qtypes[name]`` (default F32). F32/F16 are written as is; BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 are quantised
     by ``gguf.quants.quantize``; the K-quants, which gguf cannot quantise, get random valid blocks
     (``random_ggml_blocks``): their values are not those of the tensor given, only its shape is used.
+    ``metadata``: extra key/value fields (str, int, float, or a list of one of them; ints are INT32).
 
     Needs the gguf package and numpy (gguf's own dependency).
     """
@@ -178,6 +180,8 @@ def write_random_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
     for i, (name, tensor) in enumerate(tensors.items()):
         qtype = qtypes.get(name, "F32")
         values = tensor.detach().to(torch.float32).cpu().contiguous()
