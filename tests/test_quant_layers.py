@@ -230,3 +230,20 @@ def test_packed_tensor_checks_its_size():
         QuantizedTensor(torch.zeros(144, dtype=torch.uint8), "Q4_K", (2, 256))
     with pytest.raises(ValueError, match="unsupported weight type 'NF4'"):
         QuantizedTensor(torch.zeros(4, dtype=torch.uint8), "NF4", (8,))
+
+
+def test_aux_keys_and_import_cost():
+    from core.models.quant import is_quant_aux_key
+
+    aux = ["scaled_fp8", "model.diffusion_model.scaled_fp8", "t5xxl.transformer.scaled_fp8", "a.scale_weight",
+           "a.scale_input", "a.weight_scale", "a.input_scale", "a.comfy_quant"]
+    assert all(is_quant_aux_key(k) for k in aux)
+    assert not any(is_quant_aux_key(k) for k in ["a.weight", "a.bias", "final_layer.adaLN_modulation.1.weight",
+                                                   "double_blocks.0.img_attn.norm.key_norm.scale"])
+    # fp8 models do not need gguf (nor numpy, which torch itself imports when it is installed)
+    import subprocess
+    import sys
+
+    code = "import sys, core.models.quant; print('gguf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

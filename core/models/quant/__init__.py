@@ -12,6 +12,7 @@ from core.models.quant.layers import (
     QuantizedLinear,
     QuantizedTensor,
     assign_weights,
+    is_quant_aux_key,
     module_bytes,
     quantization_label,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "QuantizedTensor",
     "assign_weights",
     "dequantize",
+    "is_quant_aux_key",
     "module_bytes",
     "qtype_size",
     "quantization_label",

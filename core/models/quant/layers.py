@@ -198,6 +198,17 @@ class QuantizedEmbedding(_Packed):
 # --------------------------------------------------------------------------------------------- assignment
 
 
+def is_quant_aux_key(key: str) -> bool:
+    """Keys of fp8 files that are not network tensors but consumed by ``assign_weights`` (scales, markers): a
+    loader checking a file's keys against the network's skips these."""
+    return (
+        key == "scaled_fp8"
+        or key.endswith((".scaled_fp8", ".comfy_quant"))
+        or key.endswith(_SCALE_SUFFIXES)
+        or key.endswith(_IGNORED_SUFFIXES)
+    )
+
+
 def _is_fp8(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype in _FP8_NAMES
 
