@@ -247,3 +247,15 @@ def test_aux_keys_and_import_cost():
     code = "import sys, core.models.quant; print('gguf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_fp8_e5m2_and_every_e4m3_value():
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        every = torch.arange(256, dtype=torch.uint8).view(dtype)  # all 256 codes, NaNs and infinities included
+        for compute in (torch.bfloat16, torch.float16, torch.float32):
+            ours = QuantizedTensor.from_fp8(every).dequantize(compute)
+            ref = every.to(compute)
+            assert bool(((ours == ref) | (ours.isnan() & ref.isnan())).all()), (dtype, compute)
+    scaled = QuantizedTensor.from_fp8(every.reshape(16, 16), scale=0.25)
+    assert scaled.qtype == "F8_E5M2" and scaled.nbytes == 256
+    assert torch.equal(scaled.dequantize(torch.float32).nan_to_num(), (every.reshape(16, 16).float() * 0.25).nan_to_num())
