@@ -17,6 +17,7 @@ The table of block sizes is written out here (format constants; the test checks 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -61,7 +62,10 @@ def _f16(cols: torch.Tensor) -> torch.Tensor:
     return cols.contiguous().view(torch.float16).to(_F32)
 
 
-def _shifts(values: Sequence[int], device: torch.device, shape: Sequence[int]) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _shifts(values: tuple[int, ...], device: torch.device, shape: tuple[int, ...]) -> torch.Tensor:
+    """Broadcastable shift amounts, made once per device: creating them per call would be a host-to-device
+    copy, and a stall, in every layer's forward on a GPU."""
     return torch.tensor(values, dtype=torch.uint8, device=device).reshape(shape)
 
 
@@ -69,14 +73,14 @@ def _nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
     """Split ``qs`` (n, groups*32) into 4-bit values (n, 2*groups, 32): for each 32-byte group, first the 32 low
     nibbles, then the 32 high nibbles (the order every 4-bit ggml type stores its elements in)."""
     n = qs.shape[0]
-    q = qs.reshape(n, groups, 1, 32) >> _shifts([0, 4], qs.device, (1, 1, 2, 1))
+    q = qs.reshape(n, groups, 1, 32) >> _shifts((0, 4), qs.device, (1, 1, 2, 1))
     return (q & 0x0F).reshape(n, 2 * groups, 32)
 
 
 def _bits(qh: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """Bit planes of ``qh`` (n, width) bytes: (n, count, width), plane i = bit i of each byte."""
     n = qh.shape[0]
-    planes = qh.reshape(n, 1, width) >> _shifts(range(count), qh.device, (1, count, 1))
+    planes = qh.reshape(n, 1, width) >> _shifts(tuple(range(count)), qh.device, (1, count, 1))
     return planes & 1
 
 
@@ -174,9 +178,9 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = _f16(b[:, 208:210])
     ds = (d * b[:, 192:208].contiguous().view(torch.int8).to(_F32)).reshape(n, 16, 1)
-    low = b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts([0, 4], b.device, (1, 1, 2, 1))
+    low = b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts((0, 4), b.device, (1, 1, 2, 1))
     low = (low & 0x0F).reshape(n, 8, 32)
-    high = b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], b.device, (1, 1, 4, 1))
+    high = b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))
     high = (high & 0x03).reshape(n, 8, 32)
     q = (low | (high << 4)).to(_F32) - 32
     return (ds * q.reshape(n, 16, 16)).reshape(n, 256)
@@ -191,7 +195,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     dl = (d * (scales & 0x0F).to(_F32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(_F32)).reshape(n, 16, 1)
-    q = b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], b.device, (1, 1, 4, 1))
+    q = b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))
     q = (q & 0x03).reshape(n, 16, 16).to(_F32)
     return (dl * q - ml).reshape(n, 256)
 
@@ -205,11 +209,11 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = _f16(b[:, 108:110])
     s = b[:, 96:108]
-    low = (s[:, 0:8].reshape(n, 1, 8) >> _shifts([0, 4], b.device, (1, 2, 1))).reshape(n, 16)
-    high = (s[:, 8:12].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], b.device, (1, 4, 1))).reshape(n, 16)
+    low = (s[:, 0:8].reshape(n, 1, 8) >> _shifts((0, 4), b.device, (1, 2, 1))).reshape(n, 16)
+    high = (s[:, 8:12].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), b.device, (1, 4, 1))).reshape(n, 16)
     scale = ((low & 0x0F) | ((high & 0x03) << 4)).to(_F32) - 32
     dl = (d * scale).reshape(n, 16, 1)
-    ql = b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], b.device, (1, 1, 4, 1))
+    ql = b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))
     ql = (ql & 0x03).reshape(n, 16, 16)
     qh = (_bits(b[:, 0:32], 8, 32).reshape(n, 16, 16)) ^ 1
     q = ql.to(_F32) - (qh << 2).to(_F32)
