@@ -255,3 +255,20 @@ def test_hostile_headers(tmp_path, data, expected):
     path = tmp_path / "hostile.gguf"
     path.write_bytes(data)
     assert expected in _message(path)
+
+
+def test_t5_names_cover_transformers_t5_encoder():
+    """gguf's own T5-encoder tensor names, mapped, are exactly transformers' T5EncoderModel keys (its tied
+    ``encoder.embed_tokens`` aside); relative_attention_bias lives in block 0 only, as in both."""
+    from transformers import T5Config, T5EncoderModel
+
+    from core.models.gguf_file import t5_name
+
+    config = T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu")
+    expected = set(T5EncoderModel(config).state_dict()) - {"encoder.embed_tokens.weight"}
+    names = {"token_embd.weight", "enc.output_norm.weight", "enc.blk.0.attn_rel_b.weight"}
+    for template in (gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.T5ENCODER]):
+        if template.startswith("enc.blk.") and not template.endswith("attn_rel_b"):
+            names |= {template.format(bid=b) + ".weight" for b in range(2)}
+    assert {t5_name(n) for n in names} == expected
