@@ -216,6 +216,8 @@ def test_assign_errors_name_the_key():
         assign_weights(_on_meta(), {k: v for k, v in state.items() if k != "norm.bias"}, dtype=torch.float32)
     with pytest.raises(ValueError, match="'extra.weight' is not part of the network"):
         assign_weights(_on_meta(), {**state, "extra.weight": torch.zeros(1)}, dtype=torch.float32)
+    with pytest.raises(ValueError, match="'blocks.7.weight' is not part of the network"):
+        assign_weights(_on_meta(), {**state, "blocks.7.weight": torch.zeros(2, 2).to(E4M3)}, dtype=torch.float32)
     with pytest.raises(ValueError, match="fp8 scale for 'head' has no fp8 weight"):
         assign_weights(_on_meta(), {**state, "head.scale_weight": torch.tensor(0.5)}, dtype=torch.float32)
     marker = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)

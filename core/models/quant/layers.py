@@ -272,7 +272,10 @@ def assign_weights(
             value = QuantizedTensor(value.raw, value.qtype, value.shape, scale)
         if target is not None:
             value = value.to(target)
-        layer = module.get_submodule(layer_name) if layer_name else module
+        try:
+            layer = module.get_submodule(layer_name) if layer_name else module
+        except AttributeError:
+            raise ValueError(f"key {key!r} is not part of the network") from None
         wrapped = _wrap(layer, value, plain, layer_name, dtype, target) if leaf == "weight" else None
         if wrapped is None:
             plain[key] = value.dequantize(dtype)  # not a layer we wrap: an ordinary tensor in the compute dtype
