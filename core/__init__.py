@@ -2,6 +2,6 @@
 
 import warnings
 
-# numpy is not a runtime dependency and the core never uses it; without it, importing torch warns
+# numpy is no dependency of the core (only gguf brings it, for GGUF files); without it, importing torch warns
 # "Failed to initialize NumPy" on stderr, which tells a user nothing they can act on.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)

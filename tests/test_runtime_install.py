@@ -1,7 +1,9 @@
-"""A user's install has the runtime dependencies only: no numpy, diffusers or transformers (the test extra
-brings them here). These tests run the real pipeline with those packages made unimportable, so a runtime use of
-numpy (``Tensor.numpy()``, ``Image.fromarray``, ``safetensors.torch.save_file``) fails here and not only on a
-user's machine. ``scripts/check_runtime_install.sh`` (run by ``.ci/run``) does the same in a fresh venv."""
+"""A user's install has the runtime dependencies only: no diffusers or transformers (the test extra brings
+them here), and numpy only as the `gguf` package's own dependency, which nothing but GGUF files reach. These
+tests run the real SD pipeline with numpy/diffusers/transformers made unimportable, so a use of numpy on that path
+(``Tensor.numpy()``, ``Image.fromarray``, ``safetensors.torch.save_file``) fails here and not only on a user's
+machine. ``scripts/check_runtime_install.sh`` (run by ``.ci/run``) installs the runtime dependencies alone in a
+fresh venv and generates an image."""
 
 from __future__ import annotations
 

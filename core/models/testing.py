@@ -171,3 +171,86 @@ def write_random_t5(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_tensors(random_t5_state_dict(size, seed, dtype), path)
+
+# ------------------------------------------------------------------------------------- quantised weights
+
+# Byte offsets of the float16 scale fields (d, dmin, m) inside one block of each GGML type.
+_GGML_F16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+# Types gguf.quants can quantise (the others get random but valid blocks).
+GGUF_QUANTIZABLE = ("BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def random_ggml_blocks(qtype: str, shape: tuple[int, ...] | list[int], seed: int = 0, scale: float = 0.01) -> torch.Tensor:
+    """Random packed bytes for a tensor of torch ``shape`` in GGML type ``qtype``, as (rows, bytes per row) uint8:
+    every bit pattern is random except the float16 scale fields, which are finite, positive and of order
+    ``scale`` (so the dequantised weights are O(scale * 2**bits), not inf or NaN)."""
+    from core.models.quant.ggml import qtype_size
+
+    block, type_size = qtype_size(qtype)
+    rows, width = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (1, shape[0])
+    if width % block:
+        raise ValueError(f"{qtype} rows must be a multiple of {block} values; shape {list(shape)} is not")
+    generator = torch.Generator().manual_seed(seed)
+    n_blocks = rows * width // block
+    raw = torch.randint(0, 256, (n_blocks, type_size), dtype=torch.uint8, generator=generator)
+    for offset in _GGML_F16_FIELDS[qtype]:
+        field = (scale * (0.5 + torch.rand(n_blocks, 1, generator=generator))).to(torch.float16)
+        raw[:, offset : offset + 2] = field.view(torch.uint8)
+    return raw.reshape(rows, width // block * type_size)
+
+
+def write_random_gguf(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    qtypes: dict[str, str],
+    arch: str = "flux",
+    *,
+    seed: int = 0,
+    metadata: dict[str, object] | None = None,
+) -> Path:
+    """Write ``tensors`` (torch shapes) to a GGUF file of ``general.architecture`` ``arch``, each in the GGML
+    type ``qtypes[name]`` (default F32). F32/F16 are written as is; BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 are quantised
+    by ``gguf.quants.quantize``; the K-quants, which gguf cannot quantise, get random valid blocks
+    (``random_ggml_blocks``): their values are not those of the tensor given, only its shape is used.
+    ``metadata``: extra key/value fields (str, int, float, or a list of one of them; ints are INT32).
+
+    Needs the gguf package and numpy (gguf's own dependency).
+    """
+    import gguf
+    import numpy as np
+
+    from core.tensor_bytes import tensor_bytes
+
+    def as_array(t: torch.Tensor, dtype: type) -> np.ndarray:
+        return np.frombuffer(tensor_bytes(t), dtype=dtype).copy().reshape(tuple(t.shape))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+    for i, (name, tensor) in enumerate(tensors.items()):
+        qtype = qtypes.get(name, "F32")
+        values = tensor.detach().to(torch.float32).cpu().contiguous()
+        array = as_array(values, np.float32)
+        if qtype == "F32":
+            writer.add_tensor(name, array)
+        elif qtype == "F16":
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            ggml_type = gguf.GGMLQuantizationType[qtype]
+            if qtype in GGUF_QUANTIZABLE:
+                data = gguf.quants.quantize(array, ggml_type)
+            else:
+                blocks = random_ggml_blocks(qtype, tuple(values.shape), seed=seed + i)
+                byte_shape = (*values.shape[:-1], blocks.shape[-1]) if values.dim() > 1 else (blocks.shape[-1],)
+                data = as_array(blocks.reshape(byte_shape), np.uint8)
+            writer.add_tensor(name, data, raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
