@@ -354,19 +354,16 @@ def test_pipeline_runner_previews_with_taesd_from_vae_approx(tmp_path):
     from core.request import GenerationRequest
 
     write_random_checkpoint(tmp_path / "models" / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
-    steps = []
-    ctx = SimpleNamespace(step=lambda step, total, preview=None: steps.append(preview),
-                          set_activity=lambda text: None, is_cancelled=lambda: False)
-    request = GenerationRequest(prompt="a lighthouse", model="tiny", width=64, height=64, steps=3, seed=1)
     runner = PipelineRunner([tmp_path])
-    runner.run(SimpleNamespace(request=request), ctx)
-    assert steps[0] is not None and steps[0].size == (8, 8)  # projection at latent size
-    # a taesd decoder appears: the next job previews through it, at full size, within the budget
+    assert runner.preview_decoders.get("sd15") is None  # projection until a decoder file is there
     save_safetensors(random_decoder(4).state_dict(), vae_approx(tmp_path, "taesd_decoder.safetensors"))
-    steps.clear()
     clock = FakeClock()
     real = runner.preview_decoders.previewer
     runner.preview_decoders.previewer = lambda *a, **k: real(*a, clock=clock, **k)  # free previews, long steps
-    ctx.step = lambda step, total, preview=None: (steps.append(preview), clock.advance(60.0))
+    steps = []
+    ctx = SimpleNamespace(step=lambda step, total, preview=None: (steps.append(preview), clock.advance(60.0)),
+                          set_activity=lambda text: None, is_cancelled=lambda: False)
+    request = GenerationRequest(prompt="a lighthouse", model="tiny", width=64, height=64, steps=2, seed=1)
     runner.run(SimpleNamespace(request=request), ctx)
-    assert [p.size for p in steps if p is not None][-1] == (64, 64)
+    assert len(steps) == 2
+    assert [p.size for p in steps] == [(64, 64), (64, 64)]  # TAESD: full size, not the 8x8 projection
