@@ -389,6 +389,8 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
             kwargs["registry"] = registry
         elif "models_dirs" in params and models_dirs:
             kwargs["models_dirs"] = list(models_dirs)
+        if "previews" in params:
+            kwargs["previews"] = False  # nobody sees them here, and a TAESD preview is not free
         return PipelineRunner(**kwargs)
 
     return factory

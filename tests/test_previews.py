@@ -367,3 +367,12 @@ def test_pipeline_runner_previews_with_taesd_from_vae_approx(tmp_path):
     runner.run(SimpleNamespace(request=request), ctx)
     assert len(steps) == 2
     assert [p.size for p in steps] == [(64, 64), (64, 64)]  # TAESD: full size, not the 8x8 projection
+
+
+def test_batch_makes_no_previews(tmp_path):
+    """Headless runs show no previews, so they must not pay for them (a TAESD decode is a few % of a step)."""
+    from cli.batch import pipeline_runner_factory
+    from core.models.registry import ModelRegistry
+
+    runner = pipeline_runner_factory(ModelRegistry([tmp_path]), [tmp_path])()
+    assert runner.previews is False
