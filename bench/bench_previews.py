@@ -5,7 +5,7 @@ UNet (batch 2, random weights), of a projection preview (64x64 image) and of a T
 each as a share of the step, then how often the ``Previewer`` shows a TAESD preview within its 2 % budget over
 a simulated job of those step times (its real accounting, with the measured costs fed to its clock).
 
-    .venv/bin/python bench/bench_previews.py [--side 64] [--reps 2] [--threads 0] [--taesd PATH]
+    .venv/bin/python bench/bench_previews.py [--side 64] [--reps 2] [--threads 0] [--taesd PATH] [--step S]
 
 ``--taesd`` takes a real ``taesd_decoder.pth``/``.safetensors``; without it the decoder has random weights (the
 cost is the same: no data-dependent work). Holds ``/tmp/darkroom-heavy.lock`` while running.
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of the simulated job")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--taesd", type=Path, help="a real taesd_decoder file (default: random weights)")
+    parser.add_argument("--step", type=float, help="take this UNet step time (s) instead of measuring it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,10 +60,6 @@ def measure(args: argparse.Namespace) -> None:
     side = args.side
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, "
           f"{side}x{side} latents ({8 * side}x{8 * side} image)", flush=True)
-    with torch.device("meta"):
-        unet = UNetModel(UNetConfig.preset("sd15", "full"))
-    unet.load_state_dict(random_state_dict(unet, seed=0), assign=True)
-    unet.eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, side, side, generator=g)
     t = torch.full((2,), 500.0)
@@ -75,12 +72,19 @@ def measure(args: argparse.Namespace) -> None:
         decoder = TAESDDecoder(DecoderConfig(4)).eval().to(memory_format=torch.channels_last)
 
     with torch.inference_mode():
-        step = median_time(lambda: unet(x, t, ctx), args.reps)
+        if args.step:
+            step = args.step
+        else:
+            with torch.device("meta"):
+                unet = UNetModel(UNetConfig.preset("sd15", "full"))
+            unet.load_state_dict(random_state_dict(unet, seed=0), assign=True)
+            step = median_time(lambda: unet.eval()(x, t, ctx), args.reps)
+            del unet
         projection = median_time(lambda: preview_image(x0[0], "sd15"), 5 * args.reps)
         taesd = median_time(lambda: decode_preview(decoder, x0, "sd15"), 5 * args.reps)
         image = decode_preview(decoder, x0, "sd15")
 
-    print(f"  one CFG step (UNet, batch 2)   {step:8.3f} s")
+    print(f"  one CFG step (UNet, batch 2)   {step:8.3f} s{' (given)' if args.step else ''}")
     print(f"  projection preview {image.size[0] // 8}x{image.size[1] // 8}   {projection * 1e3:8.3f} ms = "
           f"{100 * projection / step:.3f} % of a step")
     print(f"  TAESD preview {image.size[0]}x{image.size[1]}      {taesd * 1e3:8.1f} ms = {100 * taesd / step:.2f} % of a step")

@@ -302,9 +302,9 @@ def test_throttle_keeps_a_slow_preview_under_two_percent_of_fast_steps():
     assert previewer.spent <= 0.02 * previewer.elapsed
     assert len(taesd) >= 4  # it still previews, about every 250 steps
     assert previewer.spent > 0.015 * previewer.elapsed  # and uses the budget rather than giving up
-    # before the first readable preview fits the budget, the projection (latent size) stands in, then no more
-    # (here late: this fake's calibration decode costs as much as a full one, so it used the budget up first)
-    assert shown[0][1] == (4, 4)
+    # the first step shows the projection at once (latent size); it stands in until a readable preview fits
+    # the budget, then no more
+    assert shown[0] == (0, (4, 4))
     first_taesd = shown.index(taesd[0])
     assert all(size == (4, 4) for _, size in shown[:first_taesd])
     assert all(size == (32, 32) for _, size in shown[first_taesd:])
@@ -366,7 +366,8 @@ def test_pipeline_runner_previews_with_taesd_from_vae_approx(tmp_path):
     request = GenerationRequest(prompt="a lighthouse", model="tiny", width=64, height=64, steps=2, seed=1)
     runner.run(SimpleNamespace(request=request), ctx)
     assert len(steps) == 2
-    assert [p.size for p in steps] == [(64, 64), (64, 64)]  # TAESD: full size, not the 8x8 projection
+    # the projection first (8x8, at once), then TAESD at full size
+    assert [p.size for p in steps] == [(8, 8), (64, 64)]
 
 
 def test_batch_makes_no_previews(tmp_path):

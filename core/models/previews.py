@@ -114,8 +114,8 @@ class Previewer:
     one only when the previews so far plus this one stay within ``budget`` of the time since ``start()``
     and ``min_interval`` has passed since the last, else returns None. The cost of the next TAESD preview is
     taken as the last one's, scaled by latent area; before the first it is measured once on a latent of a
-    quarter the area (cost grows linearly with area), and until a TAESD preview fits the budget the cheap
-    projection stands in. ``clock`` is injectable so the accounting can be tested without timing.
+    quarter the area (cost grows linearly with area). The first preview of a job is the cheap projection, and
+    it stands in until a TAESD preview fits the budget. ``clock`` is injectable so the accounting can be tested without timing.
     """
 
     def __init__(
@@ -210,11 +210,11 @@ class Previewer:
             return None
         area = int(x0.shape[-1]) * int(x0.shape[-2])
         if self.decoder is not None:
-            if self._cost_per_area is None:
+            # the first preview is the projection (instant feedback); the calibration waits for the next one
+            if self._cost_per_area is None and (self.made > 0 or self.family not in FORMATS):
                 self._calibrate(x0)
                 now = self.clock()
-            assert self._cost_per_area is not None
-            if self._affordable(self._cost_per_area * area, now):
+            if self._cost_per_area is not None and self._affordable(self._cost_per_area * area, now):
                 image, cost = self._timed(lambda: self._taesd(x0))
                 self._cost_per_area = cost / area
                 self._shown_taesd = True
