@@ -377,3 +377,18 @@ def test_batch_makes_no_previews(tmp_path):
 
     runner = pipeline_runner_factory(ModelRegistry([tmp_path]), [tmp_path])()
     assert runner.previews is False
+
+
+def test_a_failing_decoder_falls_back_to_the_projection_without_failing_the_job():
+    clock = FakeClock()
+
+    class Broken(TAESDDecoder):
+        def forward(self, x):
+            clock.advance(0.01)
+            raise RuntimeError("CUDA out of memory")
+
+    previewer = Previewer("sd15", Broken(DecoderConfig(4)).eval(), clock=clock)
+    shown = run_job(previewer, clock, steps=50, step_time=1.0)
+    assert len(shown) == 50 and all(size == (4, 4) for _, size in shown)  # projections throughout
+    assert previewer.decoder is None and "CUDA out of memory" in previewer.problem
+    assert previewer.spent <= 0.02 * previewer.elapsed

@@ -137,6 +137,7 @@ class Previewer:
         self.spent = 0.0  # seconds spent on previews (and the one calibration) since start()
         self.made = 0
         self.skipped = 0
+        self.problem: str | None = None  # why TAESD was given up on in this job, if it was
         self._cost_per_area: float | None = None  # seconds per latent pixel of a TAESD preview
         self._shown_taesd = False
         self._projection_cost = 0.0
@@ -197,9 +198,11 @@ class Previewer:
 
     def _timed(self, make: Callable[[], object]) -> tuple[object, float]:
         began = self.clock()
-        result = make()
-        cost = self.clock() - began
-        self.spent += cost
+        try:
+            result = make()
+        finally:
+            cost = self.clock() - began
+            self.spent += cost  # a failed attempt cost time too
         return result, cost
 
     def maybe_preview(self, x0: torch.Tensor):
@@ -208,20 +211,20 @@ class Previewer:
         if self._last is not None and now - self._last < self.min_interval:
             self.skipped += 1
             return None
-        area = int(x0.shape[-1]) * int(x0.shape[-2])
         if self.decoder is not None:
-            # the first preview is the projection (instant feedback); the calibration waits for the next one
-            if self._cost_per_area is None and (self.made > 0 or self.family not in FORMATS):
-                self._calibrate(x0)
-                now = self.clock()
-            if self._cost_per_area is not None and self._affordable(self._cost_per_area * area, now):
-                image, cost = self._timed(lambda: self._taesd(x0))
-                self._cost_per_area = cost / area
-                self._shown_taesd = True
-                return self._made(image)
-            if self._shown_taesd:  # a blurry projection between sharp previews would only flicker
-                self.skipped += 1
-                return None
+            try:
+                image = self._maybe_taesd(x0, now)
+            except Exception as e:  # out of memory, a latent the decoder does not fit: a preview never fails a job
+                self.problem = f"the {self.kind} preview failed ({type(e).__name__}: {e}); using the projection"
+                self.decoder = None
+                self._shown_taesd = False
+            else:
+                if image is not None:
+                    return self._made(image)
+                if self._shown_taesd:  # a blurry projection between sharp previews would only flicker
+                    self.skipped += 1
+                    return None
+            now = self.clock()
         if self.family not in FORMATS:
             self.skipped += 1
             return None
@@ -232,6 +235,19 @@ class Previewer:
         image, cost = self._timed(lambda: self._projection(x0))
         self._projection_cost = cost
         return self._made(image)
+
+    def _maybe_taesd(self, x0: torch.Tensor, now: float):
+        area = int(x0.shape[-1]) * int(x0.shape[-2])
+        # the first preview is the projection (instant feedback); the calibration waits for the next one
+        if self._cost_per_area is None and (self.made > 0 or self.family not in FORMATS):
+            self._calibrate(x0)
+            now = self.clock()
+        if self._cost_per_area is None or not self._affordable(self._cost_per_area * area, now):
+            return None
+        image, cost = self._timed(lambda: self._taesd(x0))
+        self._cost_per_area = cost / area
+        self._shown_taesd = True
+        return image
 
     def _made(self, image):
         self.made += 1
