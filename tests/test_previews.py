@@ -392,3 +392,15 @@ def test_a_failing_decoder_falls_back_to_the_projection_without_failing_the_job(
     assert len(shown) == 50 and all(size == (4, 4) for _, size in shown)  # projections throughout
     assert previewer.decoder is None and "CUDA out of memory" in previewer.problem
     assert previewer.spent <= 0.02 * previewer.elapsed
+
+
+@pytest.mark.parametrize("family,channels", [("sd15", 4), ("sdxl", 4), ("flux", 16)])
+def test_taesd_reads_the_model_space_latent_as_it_is(family, channels):
+    """TAESD's latent scale is 1 (README): x0 goes in unscaled, not divided back into the raw VAE space."""
+    from core.models.taesd import decode_images
+
+    decoder = random_decoder(channels, seed=5)
+    x0 = torch.randn(1, channels, 3, 4)
+    with torch.no_grad():
+        want = (decoder(x0).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(decode_images(decoder, x0, family), want)
