@@ -381,7 +381,8 @@ def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -
     """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace."""
     from core.runner import runner_factory
 
-    return runner_factory(models_dirs, registry=registry)
+    # nobody sees previews here, and a TAESD preview is not free
+    return runner_factory(models_dirs, registry=registry, previews=False)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from core.errors import DarkroomError
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
 from core.models.family import ModelFamily, resolve
-from core.models.latent_formats import preview_image
+from core.models.previews import PreviewDecoders
 from core.request import GenerationRequest
 from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
@@ -429,6 +429,8 @@ class PipelineRunner:
         self.device = pick_device(device)
         self.dtype = compute_dtype(self.device)
         self.previews = previews
+        # TAESD decoders from models/vae_approx when present, else the projection; throttled to 2 % of a job
+        self.preview_decoders = PreviewDecoders(lambda: self.registry.roots)
         self.cache = PromptCache()
         self.model: LoadedModel | None = None
 
@@ -467,11 +469,12 @@ class PipelineRunner:
         loaded = time.monotonic()
         ctx.set_activity("generating")
         first_step: list[float] = []
+        previewer = self.preview_decoders.previewer(model.family, model.device, model.dtype) if self.previews else None
 
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if not first_step:
                 first_step.append(time.monotonic() - loaded)
-            preview = preview_image(denoised[0], model.family) if self.previews else None
+            preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
         results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)

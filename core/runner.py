@@ -77,12 +77,13 @@ def make_runner(
 
 
 def runner_factory(
-    models_dirs: Sequence[Path | str] | None = None, *, registry: Any = None
+    models_dirs: Sequence[Path | str] | None = None, *, registry: Any = None, previews: bool = True
 ) -> Callable[[], JobRunner]:
     """A zero-argument factory for ``Worker(store, runner_factory(...))``: the runner is built on first use,
-    inside the worker thread."""
+    inside the worker thread. ``previews=False`` where nobody sees them (``--batch``): a TAESD preview is not
+    free."""
 
     def factory() -> JobRunner:
-        return make_runner(models_dirs, registry=registry)
+        return make_runner(models_dirs, registry=registry, previews=previews)
 
     return factory
