@@ -29,6 +29,7 @@ from core.sampling.schedules import get_sigmas
 from core.tensor_bytes import rgb_image
 
 if TYPE_CHECKING:
+    from core.accel.attention import AttentionDispatcher
     from core.models.checkpoint import LoadedCheckpoint
     from core.models.registry import ModelRegistry
     from core.store import Job
@@ -419,7 +420,9 @@ class PipelineRunner:
         registry: ModelRegistry | None = None,
         device: str | torch.device | None = None,
         previews: bool = True,
+        attention: str | AttentionDispatcher = "auto",
     ) -> None:
+        from core.accel.attention import AttentionDispatcher
         from core.accel.device import compute_dtype, pick_device
         from core.models.registry import ModelRegistry
 
@@ -427,6 +430,8 @@ class PipelineRunner:
         self.device = pick_device(device)
         self.dtype = compute_dtype(self.device)
         self.previews = previews
+        # One dispatcher per runner: its per-shape fallbacks last as long as the runner, its layer record a job.
+        self.attention = attention if isinstance(attention, AttentionDispatcher) else AttentionDispatcher(attention)
         self.cache = PromptCache()
         self.model: LoadedModel | None = None
 
@@ -474,7 +479,8 @@ class PipelineRunner:
             preview = preview_image(denoised[0], model.family) if self.previews else None
             ctx.step(step, total, preview)
 
-        results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
+        with self.attention.active(new_job=True):
+            results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
         finished = time.monotonic()
         timings = {
             "load": loaded - started,
