@@ -453,6 +453,9 @@ class DarkroomApp(App[int]):
 
 def _runner_factory(args: Any) -> Callable[[], Any]:
     """The runner is built inside the worker thread, so torch is never imported on the UI thread."""
+    from core.accel.attention_mode import resolve_mode
+
+    attention = resolve_mode(getattr(args, "attention", None))  # a bad $DARKROOM_ATTENTION stops us here
     fake = os.environ.get(FAKE_RUNNER_ENV)
     if fake:
         module_name, _, attr = fake.partition(":")
@@ -472,7 +475,7 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
                 f"Generation cannot run: the image pipeline (core.pipeline) is not available ({error})."
             ) from error
         try:
-            return pipeline.PipelineRunner(models_dirs=models_dirs)
+            return pipeline.PipelineRunner(models_dirs=models_dirs, attention=attention)
         except TypeError:
             return pipeline.PipelineRunner()
 
