@@ -160,3 +160,36 @@ def test_status_bar_shows_the_summary():
     assert "  attention: sage 14 / sdpa 2  float16  " in status_text(status).plain
     hostile = Status(0, device="cuda:0", attention_backend="sage\x1b[2J 1")
     assert "\x1b" not in status_text(hostile).plain
+
+
+def test_pipeline_runner_routes_every_network_through_its_dispatcher(tmp_path, monkeypatch):
+    """A real job on a tiny checkpoint: UNet, CLIP and VAE layers all reach the runner's dispatcher (a simulated
+    sm90 GPU with fake kernels; fp32 here, so xformers), the record resets per job, the image is SDPA's."""
+    import torch
+
+    from core.models.testing import write_random_checkpoint
+
+    kernels = FakeKernels(monkeypatch)
+    write_random_checkpoint(tmp_path / "tiny.safetensors", "sd15", "tiny", seed=0)
+    request = GenerationRequest(model="tiny", prompt="a lighthouse", sampler="euler", steps=2, seed=1,
+                                width=64, height=64)
+    job = SimpleNamespace(id=1, request=request)
+    ctx = SimpleNamespace(step=lambda *a, **k: None, set_activity=lambda text: None, is_cancelled=lambda: False)
+    gpu_like = AttentionDispatcher(probe=lambda device: DeviceInfo("cuda", (9, 0)))
+    runner = core.pipeline.PipelineRunner([tmp_path], attention=gpu_like, previews=False)
+    assert runner.attention is gpu_like
+    [got] = runner.run(job, ctx)
+    model = runner.model.checkpoint
+    text_layers = sum(type(m).__name__ == "CLIPAttention" for m in model.text_encoder.modules())
+    layers = (sum(type(m).__name__ == "CrossAttention" for m in model.unet.modules()) + text_layers
+              + sum(type(m).__name__ == "AttnBlock" for m in model.vae.decoder.modules()))
+    assert text_layers > 0 and gpu_like.summary() == f"xformers {layers}"
+    calls = kernels.used("xformers")
+    runner.run(job, ctx)  # a new record: the prompts come from the cache, so no text-encoder layer ran
+    assert gpu_like.summary() == f"xformers {layers - text_layers}" and kernels.used("xformers") > calls
+    runner.attention = AttentionDispatcher("sdpa")
+    [want] = runner.run(job, ctx)
+    assert runner.attention.summary() == f"sdpa {layers - text_layers} (forced sdpa)"
+    diff = (torch.tensor(list(got.image.getdata())) - torch.tensor(list(want.image.getdata()))).abs().max()
+    assert diff <= 1  # 8-bit pixels: the fake xformers computes in float32 like SDPA
+    assert attn.current_dispatcher() is None  # the context ends with the job
