@@ -238,6 +238,7 @@ class AttentionDispatcher:
         self._kernels: dict[str, Callable[..., torch.Tensor] | None] = {}
         self._devices: dict[torch.device, DeviceInfo] = {}
         self._plans: dict[CallShape, tuple[str, ...]] = {}
+        self._fast: dict[tuple, tuple[CallShape, tuple[str, ...]]] = {}  # per-call key -> (shape, what to try)
         self._failed: set[tuple[str, CallShape]] = set()
         self._told: set[Any] = set()
         self._lock = threading.Lock()  # the record and notes are read from the status thread
@@ -353,23 +354,29 @@ class AttentionDispatcher:
     ) -> torch.Tensor:
         b, n, inner = q.shape
         d = inner // heads
-        attn_mask = _combine(mask, bias, q.dtype)
-        shape = CallShape(q.device.type, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None)
-        qh, kh, vh = (t.unflatten(-1, (heads, t.shape[-1] // heads)) for t in (q, k, v))
+        attn_mask = _combine(mask, bias, q.dtype) if mask is not None or bias is not None else None
+        # Called for every layer of every step: the choice is looked up by a plain tuple (a few hundred ns).
+        key = (q.device, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None)
+        entry = self._fast.get(key)
+        if entry is None:
+            shape = CallShape(q.device.type, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None)
+            entry = self._fast[key] = (shape, tuple(x for x in self.plan(shape, q.device)
+                                                    if (x, shape) not in self._failed))
+        shape, order = entry
+        qh, kh, vh = (t.reshape(b, t.shape[1], heads, d) for t in (q, k, v))  # views of contiguous inputs
         used = "sdpa"
         out = None
-        for name in self.plan(shape, q.device):
+        for name in order:
             if name == "sdpa":
                 out = sdpa(qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)
                 break
-            if (name, shape) in self._failed:
-                continue
             try:
                 out = self._kernels[name](qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)  # type: ignore[misc]
             except _OOM:
                 raise
             except Exception as exc:  # unsupported arch or shape, build problem: never this shape again
                 self._failed.add((name, shape))
+                self._fast[key] = (shape, tuple(x for x in order if x != name))
                 self._tell(("failed", name, shape), f"attention: {name} failed on {shape.describe()} "
                            f"({type(exc).__name__}: {exc}); using the next backend for that shape from now on")
                 continue
@@ -414,7 +421,8 @@ def attention(
     dispatcher = _current.get()
     if dispatcher is not None:
         return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
-    b, n, _ = q.shape
-    qh, kh, vh = (t.unflatten(-1, (heads, t.shape[-1] // heads)) for t in (q, k, v))
-    out = sdpa(qh, kh, vh, causal=causal, mask=_combine(mask, bias, q.dtype), scale=scale)
+    b, n, inner = q.shape
+    qh, kh, vh = (t.reshape(b, t.shape[1], heads, inner // heads) for t in (q, k, v))
+    attn_mask = _combine(mask, bias, q.dtype) if mask is not None or bias is not None else None
+    out = sdpa(qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)
     return out.reshape(b, n, -1)
