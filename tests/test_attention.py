@@ -465,3 +465,26 @@ def test_the_context_does_not_leak_into_other_threads(monkeypatch):
         thread.join()
         assert attn.current_dispatcher() is d
     assert other == [None] and attn.current_dispatcher() is None
+
+
+def test_compiled_networks_trace_attention_without_graph_breaks(monkeypatch):
+    """torch.compile (item 4 of issue 13) must see one graph per network, not one break per attention layer:
+    Dynamo cannot trace ContextVar.get, so inside a compiled region the call is plain SDPA."""
+    import torch._dynamo as dynamo
+
+    from core.models.unet import CrossAttention
+
+    FakeKernels(monkeypatch)
+    layer = CrossAttention(64, 32, 8, 8).eval()
+    x, ctx = torch.randn(1, 16, 64), torch.randn(1, 7, 32)
+    d = AttentionDispatcher(probe=gpu())
+    dynamo.reset()
+    try:
+        with d.active(), torch.no_grad():
+            explained = dynamo.explain(layer)(x, ctx)
+            compiled = torch.compile(layer, backend="eager")(x, ctx)
+    finally:
+        dynamo.reset()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    with torch.no_grad():
+        assert torch.allclose(compiled, layer(x, ctx), atol=1e-6)

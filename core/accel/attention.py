@@ -2,7 +2,8 @@
 
 Networks call :func:`attention` with q, k, v shaped ``[batch, tokens, heads * head_dim]``. Inside
 ``with dispatcher.active():`` (the runner wraps each job in it) the call goes to that
-:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests) it is plain SDPA.
+:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests) and inside a
+``torch.compile`` region it is plain SDPA.
 
 The dispatcher chooses per call from the device (type and CUDA capability), dtype, head dim, sequence lengths,
 causal flag and mask, by the rules in :data:`KERNEL_RULES` (what each kernel's own code accepts). A kernel that
@@ -418,7 +419,9 @@ def attention(
     ``scale``: the logit scale (None: 1/sqrt(D); T5 uses 1). ``layer``: who is calling (the module itself, or a
     name), so the status line counts layers rather than calls.
     """
-    dispatcher = _current.get()
+    # Under torch.compile the call traces to SDPA, which inductor lowers to its own fused kernels: Dynamo cannot
+    # trace ContextVar.get (a graph break at every layer), and the kernels' Python wrappers would break it too.
+    dispatcher = None if torch.compiler.is_compiling() else _current.get()
     if dispatcher is not None:
         return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
     b, n, inner = q.shape
