@@ -267,6 +267,19 @@ def test_a_kernel_error_disables_that_shape_only(monkeypatch, caplog):
     assert d.notes == warnings
 
 
+def test_a_kernel_error_message_reaches_the_warning_without_control_characters(monkeypatch):
+    kernels = FakeKernels(monkeypatch, xformers=False)
+
+    def hostile(q):
+        raise RuntimeError("bad\x1b[2J\x1b]0;owned\x07 arch")
+
+    kernels.fail["sage"] = hostile
+    d = AttentionDispatcher(probe=gpu())
+    with d.active():
+        attn.attention(*qkv(8, 40, 16), 8)
+    assert len(d.notes) == 1 and "\x1b" not in d.notes[0] and "\x07" not in d.notes[0] and "bad" in d.notes[0]
+
+
 def test_a_sage_error_falls_to_xformers_for_that_shape(monkeypatch):
     kernels = FakeKernels(monkeypatch)
     kernels.fail["sage"] = lambda q: True

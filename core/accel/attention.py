@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from core.accel.attention_mode import BACKENDS, MODES, check_mode
+from core.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +297,10 @@ class AttentionDispatcher:
                 log.debug("attention backend %s unavailable: %s", name, exc)
                 if self.mode == name:
                     self._tell(("absent", name), f"attention: {name} was asked for but {self._rules[name].package} "
-                               f"cannot be imported ({exc}); using sdpa")
+                               f"cannot be imported ({visible(exc)}); using sdpa")
             except Exception as exc:  # installed but broken (wrong CUDA build, missing symbol, ...)
                 self._tell(("broken", name), f"attention: {self._rules[name].package} is installed but failed to "
-                           f"load ({type(exc).__name__}: {exc}); not using {name}")
+                           f"load ({type(exc).__name__}: {visible(exc)}); not using {name}")
             self._kernels[name] = kernel
         return self._kernels[name]
 
@@ -379,7 +380,8 @@ class AttentionDispatcher:
                 self._failed.add((name, shape))
                 self._fast[key] = (shape, tuple(x for x in order if x != name))
                 self._tell(("failed", name, shape), f"attention: {name} failed on {shape.describe()} "
-                           f"({type(exc).__name__}: {exc}); using the next backend for that shape from now on")
+                           f"({type(exc).__name__}: {visible(exc)}); using the next backend for that shape "
+                           "from now on")
                 continue
             used = name
             break
