@@ -43,6 +43,7 @@ class FakeKernels:
         self.calls: list[tuple[str, tuple[int, ...]]] = []
         self.fail: dict[str, object] = {}  # backend -> predicate(q) -> bool
         self.heads: int | None = None  # when set, the kernels check the heads axis is where their layout says
+        self.old_xformers = False  # when set, memory_efficient_attention takes no scale argument
         if sage:
             mod = types.ModuleType("sageattention")
             mod.sageattn = self.sageattn
@@ -90,7 +91,7 @@ class FakeKernels:
         out = out.to(q.dtype)
         return out.transpose(1, 2) if tensor_layout == "NHD" else out
 
-    def memory_efficient_attention(self, query, key, value, attn_bias=None, p=0.0, scale=None, **kw):
+    def memory_efficient_attention(self, query, key, value, attn_bias=None, p=0.0, **kw):
         # xformers: [B, M, H, K]; a bias tensor [B, H, Mq, Mk] in the query's dtype, rows 8-aligned in memory
         assert query.dim() == key.dim() == value.dim() == 4
         if self.heads is not None:
@@ -104,6 +105,8 @@ class FakeKernels:
             assert tuple(attn_bias.shape) == (b, h, m, key.shape[1]), attn_bias.shape
             assert attn_bias.stride(-2) % 8 == 0, "attn_bias is not correctly aligned"
             mask = attn_bias.float()
+        scale = kw.pop("scale", None)
+        assert not kw and (scale is None or not self.old_xformers), "xformers < 0.0.21 has no scale argument"
         self.calls.append(("xformers", tuple(query.shape)))
         self._maybe_fail("xformers", query)
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
@@ -235,6 +238,17 @@ def test_every_backend_matches_reference(monkeypatch, mode, case, dtype):
         expected = "sdpa"  # Sage takes no mask: the forced choice falls back
     assert d.layer_counts() == {expected: 1}
     assert kernels.used("sage") == (expected == "sage") and kernels.used("xformers") == (expected == "xformers")
+
+
+def test_old_xformers_without_a_scale_argument(monkeypatch):
+    kernels = FakeKernels(monkeypatch, sage=False)
+    kernels.old_xformers = True
+    d = AttentionDispatcher(probe=gpu())
+    with d.active():
+        attn.attention(*qkv(8, 40, 16), 8, layer="a")  # default scale: no argument passed
+        attn.attention(*qkv(8, 40, 16), 8, scale=1.0, layer="b")  # T5's scale: the kernel refuses, sdpa runs
+        attn.attention(*qkv(8, 40, 16), 8, layer="c")  # the same shape at the default scale still runs xformers
+    assert d.summary() == "xformers 2 / sdpa 1" and len(d.notes) == 1 and "own scale" in d.notes[0]
 
 
 def test_no_dispatcher_is_plain_sdpa(monkeypatch):

@@ -70,6 +70,7 @@ class CallShape:
     kv_len: int
     causal: bool = False
     masked: bool = False
+    scaled: bool = False  # a logit scale other than 1/sqrt(head_dim)
 
     def describe(self) -> str:
         parts = [f"{self.device} {str(self.dtype).removeprefix('torch.')}", f"{self.heads} heads x {self.head_dim}",
@@ -78,6 +79,8 @@ class CallShape:
             parts.append("causal")
         if self.masked:
             parts.append("masked")
+        if self.scaled:
+            parts.append("own scale")
         return ", ".join(parts)
 
 
@@ -188,6 +191,8 @@ def _load_xformers(importer: Callable[[str], Any]) -> Callable[..., torch.Tensor
         bias = lower_triangular() if causal else None
         if mask is not None:
             bias = _xformers_bias(mask, q, k.shape[1])
+        if scale is None:  # xformers before 0.0.21 has no scale argument
+            return kernel(q, k, v, attn_bias=bias)
         return kernel(q, k, v, attn_bias=bias, scale=scale)
 
     return run
@@ -358,10 +363,10 @@ class AttentionDispatcher:
         d = inner // heads
         attn_mask = _combine(mask, bias, q.dtype) if mask is not None or bias is not None else None
         # Called for every layer of every step: the choice is looked up by a plain tuple (a few hundred ns).
-        key = (q.device, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None)
+        key = (q.device, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None, scale is not None)
         entry = self._fast.get(key)
         if entry is None:
-            shape = CallShape(q.device.type, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None)
+            shape = CallShape(q.device.type, q.dtype, heads, d, n, k.shape[1], *key[6:])
             entry = self._fast[key] = (shape, tuple(x for x in self.plan(shape, q.device)
                                                     if (x, shape) not in self._failed))
         shape, order = entry
