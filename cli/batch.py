@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from core.accel.attention_mode import AttentionModeError
+from core.accel.attention_mode import resolve_mode as resolve_attention_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
@@ -377,12 +379,15 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
 # ---- the runner -------------------------------------------------------------------------------------------------
 
 
-def pipeline_runner_factory(registry: Any, models_dirs: Sequence[Path] | None) -> Callable[[], Any]:
-    """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace."""
+def pipeline_runner_factory(
+    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto"
+) -> Callable[[], Any]:
+    """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace.
+    ``attention``: its dispatcher's mode."""
     from core.runner import runner_factory
 
     # nobody sees previews here, and a TAESD preview is not free
-    return runner_factory(models_dirs, registry=registry, previews=False)
+    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -556,9 +561,11 @@ def run_batch(
     stderr: IO[str] | None = None,
     rich_progress: bool | None = None,
     resume: bool = False,
+    attention: str | None = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
-    ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring)."""
+    ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
+    ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
@@ -569,6 +576,11 @@ def run_batch(
 
     if resume and jobs_source == "-":
         error("--resume needs a jobs file: jobs read from stdin cannot be told apart from one run to the next")
+        return EXIT_USAGE
+    try:
+        attention_mode = resolve_attention_mode(attention)
+    except AttentionModeError as exc:
+        error(str(exc))
         return EXIT_USAGE
     try:
         jobs, label = load_jobs(jobs_source, stdin)
@@ -619,7 +631,7 @@ def run_batch(
         if importlib.util.find_spec("core.pipeline") is None:
             error("the generation pipeline (core/pipeline.py) is not part of this installation")
             return EXIT_JOB_FAILED
-        runner_factory = pipeline_runner_factory(registry, dirs)
+        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode)
 
     from core.store import JobStore, StoreError
     from core.worker import Worker

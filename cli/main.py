@@ -13,6 +13,7 @@ from collections.abc import Sequence
 EXIT_USAGE = 2
 # Same names as tui.widgets.image.PROTOCOLS, repeated so this module never imports the UI package.
 IMAGE_PROTOCOLS = ("auto", "tgp", "sixel", "halfcell", "unicode")
+ATTENTION_MODES = ("auto", "sage", "xformers", "sdpa")  # core.accel.attention_mode.MODES
 
 
 def _version() -> str:
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "else half-cells), tgp (kitty graphics protocol), sixel, halfcell (coloured half-block characters, "
         "works everywhere incl. tmux), unicode (block characters); default: $DARKROOM_IMAGE_PROTOCOL or auto",
     )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_MODES,
+        type=str.lower,
+        default=None,
+        help="attention kernel: auto (per layer: SageAttention, then xformers, then PyTorch SDPA, as each "
+        "can run it), or force one for debugging (a layer the forced kernel cannot run uses sdpa); "
+        "default: $DARKROOM_ATTENTION or auto",
+    )
     parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
     return parser
 
@@ -80,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_batch(
                 args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
-                resume=args.resume,
+                resume=args.resume, attention=args.attention,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):

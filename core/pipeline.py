@@ -33,6 +33,7 @@ from core.sampling.schedules import get_sigmas
 from core.tensor_bytes import rgb_image
 
 if TYPE_CHECKING:
+    from core.accel.attention import AttentionDispatcher
     from core.models.checkpoint import LoadedCheckpoint
     from core.models.registry import ModelRegistry
     from core.store import Job
@@ -421,7 +422,9 @@ class PipelineRunner:
         registry: ModelRegistry | None = None,
         device: str | torch.device | None = None,
         previews: bool = True,
+        attention: str | AttentionDispatcher = "auto",
     ) -> None:
+        from core.accel.attention import AttentionDispatcher
         from core.accel.device import compute_dtype, pick_device
         from core.models.registry import ModelRegistry
 
@@ -431,6 +434,8 @@ class PipelineRunner:
         self.previews = previews
         # TAESD decoders from models/vae_approx when present, else the projection; throttled to 2 % of a job
         self.preview_decoders = PreviewDecoders(lambda: self.registry.roots)
+        # One dispatcher per runner: its per-shape fallbacks last as long as the runner, its layer record a job.
+        self.attention = attention if isinstance(attention, AttentionDispatcher) else AttentionDispatcher(attention)
         self.cache = PromptCache()
         self.model: LoadedModel | None = None
 
@@ -477,7 +482,8 @@ class PipelineRunner:
             preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
-        results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
+        with self.attention.active(new_job=True):
+            results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
         finished = time.monotonic()
         timings = {
             "load": loaded - started,

@@ -64,6 +64,7 @@ def make_runner(
     registry: Any = None,
     device: Any = None,
     previews: bool = True,
+    attention: str = "auto",
 ) -> JobRunner:
     """The real pipeline runner (imports torch). ``registry`` wins over ``models_dirs`` when both are given."""
     try:
@@ -73,17 +74,21 @@ def make_runner(
             f"the generation pipeline (core.pipeline.PipelineRunner) is not available: {exc}"
         ) from None
     dirs = [Path(p) for p in models_dirs] if models_dirs else None
-    return PipelineRunner(dirs, registry=registry, device=device, previews=previews)
+    return PipelineRunner(dirs, registry=registry, device=device, previews=previews, attention=attention)
 
 
 def runner_factory(
-    models_dirs: Sequence[Path | str] | None = None, *, registry: Any = None, previews: bool = True
+    models_dirs: Sequence[Path | str] | None = None,
+    *,
+    registry: Any = None,
+    previews: bool = True,
+    attention: str = "auto",
 ) -> Callable[[], JobRunner]:
     """A zero-argument factory for ``Worker(store, runner_factory(...))``: the runner is built on first use,
     inside the worker thread. ``previews=False`` where nobody sees them (``--batch``): a TAESD preview is not
-    free."""
+    free. ``attention``: the mode of the runner's attention dispatcher (auto, sage, xformers, sdpa)."""
 
     def factory() -> JobRunner:
-        return make_runner(models_dirs, registry=registry, previews=previews)
+        return make_runner(models_dirs, registry=registry, previews=previews, attention=attention)
 
     return factory

@@ -94,7 +94,6 @@ def _default_runner_factory() -> JobRunner:
     return runner_factory()()
 
 
-
 def failure_log_path() -> Path:
     from core.paths import data_dir
 
@@ -515,11 +514,14 @@ class Worker:
             device = self._device
         used, peak, total = devices.memory_stats(device)
         dtype = getattr(runner, "dtype", None) or devices.compute_dtype(device)
-        try:
-            from core.accel.attention import active_backend
-
-            backend = active_backend()
-        except Exception:
+        # The runner's attention dispatcher says what each layer of the last job used ("sage 20 / sdpa 13");
+        # before any runner exists nothing has run yet; a runner without one runs plain SDPA.
+        dispatcher = getattr(runner, "attention", None)
+        if runner is None:
+            backend = "–"
+        elif hasattr(dispatcher, "summary"):
+            backend = dispatcher.summary()
+        else:
             backend = "sdpa"
         extra: dict[str, str] = {}
         if ctx is not None and ctx.last_step is not None:

@@ -50,7 +50,7 @@ def test_batch_run_never_imports_textual(tmp_path):
                 return [GeneratedImage(Image.new("RGB", (8, 8)), s, job.request) for s in job.request.image_seeds()]
 
         # the real entry point, with the pipeline factory swapped for the fake
-        cli.batch.pipeline_runner_factory = lambda registry, dirs: Fake
+        cli.batch.pipeline_runner_factory = lambda registry, dirs, *more: Fake
         import importlib.util
         real_find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: True if name == "core.pipeline" else real_find_spec(name, *a)

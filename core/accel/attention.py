@@ -1,119 +1,410 @@
-"""The one place that picks the attention backend.
+"""The one place that picks the attention backend: SageAttention, then xformers, then PyTorch SDPA.
 
-Order of preference: SageAttention, then xformers, then PyTorch's scaled_dot_product_attention (SDPA).
-Sage and xformers are CUDA-only optional extras; they are imported lazily, checked against the call
-(device, dtype, head dim) and, if a kernel raises, disabled for the rest of the process with a fall back to
-SDPA. ``active_backend()`` reports what actually ran last, for the status bar.
+Networks call :func:`attention` with q, k, v shaped ``[batch, tokens, heads * head_dim]``. Inside
+``with dispatcher.active():`` (the runner wraps each job in it) the call goes to that
+:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests) and inside a
+``torch.compile`` region it is plain SDPA.
 
-All networks call :func:`attention` with q, k, v shaped ``[batch, tokens, heads * head_dim]``.
+The dispatcher chooses per call from the device (type and CUDA capability), dtype, head dim, sequence lengths,
+causal flag and mask, by the rules in :data:`KERNEL_RULES` (what each kernel's own code accepts). A kernel that
+raises on a shape is never tried again for that shape (other shapes keep using it), with one warning naming the
+backend and the shape. Each layer's latest backend is recorded for the status line (``sage 20 / sdpa 13``).
+
+There is no process-wide state: one dispatcher per runner, found through a context variable, so two workers
+(or a test) never see each other's choices or failures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import logging
-import os
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from core.accel.attention_mode import BACKENDS, MODES, check_mode
+from core.text import visible
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sage", "xformers", "sdpa")
+__all__ = ["BACKENDS", "KERNEL_RULES", "MODES", "AttentionDispatcher", "CallShape", "DeviceInfo", "KernelRule",
+           "attention", "current_dispatcher", "probe_device", "sdpa"]
 
-_lock = threading.Lock()
-_loaded: dict[str, Callable | None] = {}
-_disabled: set[str] = set()
-_last_used = "sdpa"
-_forced: str | None = os.environ.get("DARKROOM_ATTENTION") or None
-
-
-def _import_kernel(name: str) -> Callable | None:
-    """Return the backend's kernel function, or None when its package is absent."""
-    if name in _loaded:
-        return _loaded[name]
-    kernel = None
-    try:
-        if name == "sage":
-            kernel = importlib.import_module("sageattention").sageattn
-        elif name == "xformers":
-            kernel = importlib.import_module("xformers.ops").memory_efficient_attention
-    except Exception as exc:  # ImportError, or a broken build raising anything at import
-        log.debug("attention backend %s unavailable: %s", name, exc)
-        kernel = None
-    _loaded[name] = kernel
-    return kernel
+_HALF = frozenset({torch.float16, torch.bfloat16})
+# torch >= 2.5 has torch.OutOfMemoryError; running out of memory is not a kernel incompatibility: it propagates
+# (the memory policy's retry needs to see it) and never disables a kernel.
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def force_backend(name: str | None) -> None:
-    """Prefer one backend (None = automatic). An unusable choice still falls back to SDPA."""
-    global _forced
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is unknown; valid: {', '.join(BACKENDS)}")
-    _forced = name
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the rules need to know about a device. ``capability``: CUDA (major, minor), None elsewhere."""
+
+    type: str
+    capability: tuple[int, int] | None = None
 
 
-def reset() -> None:
-    """Forget imports and failures (tests simulate packages appearing and disappearing)."""
-    global _last_used
-    with _lock:
-        _loaded.clear()
-        _disabled.clear()
-        _last_used = "sdpa"
+def probe_device(device: torch.device) -> DeviceInfo:
+    """The real probe (tests inject another to pretend to be a GPU while tensors stay on the CPU)."""
+    if device.type == "cuda":
+        return DeviceInfo("cuda", tuple(torch.cuda.get_device_capability(device)))  # type: ignore[arg-type]
+    return DeviceInfo(device.type)
 
 
-def available_backends(device: torch.device | str = "cuda") -> list[str]:
-    """Backends usable on ``device``, best first."""
-    device = torch.device(device)
-    names = []
-    for name in BACKENDS[:-1]:
-        if device.type == "cuda" and name not in _disabled and _import_kernel(name) is not None:
-            names.append(name)
-    names.append("sdpa")
-    return names
+@dataclass(frozen=True)
+class CallShape:
+    """Everything about one call that a kernel may accept or reject; also the key of the per-shape fallback."""
+
+    device: str
+    dtype: torch.dtype
+    heads: int
+    head_dim: int
+    q_len: int
+    kv_len: int
+    causal: bool = False
+    masked: bool = False
+    scaled: bool = False  # a logit scale other than 1/sqrt(head_dim)
+
+    def describe(self) -> str:
+        parts = [f"{self.device} {str(self.dtype).removeprefix('torch.')}", f"{self.heads} heads x {self.head_dim}",
+                 f"{self.q_len} x {self.kv_len} tokens"]
+        if self.causal:
+            parts.append("causal")
+        if self.masked:
+            parts.append("masked")
+        if self.scaled:
+            parts.append("own scale")
+        return ", ".join(parts)
 
 
-def active_backend() -> str:
-    """The backend used by the most recent attention call."""
-    return _last_used
+@dataclass(frozen=True)
+class KernelRule:
+    """What one kernel accepts, as its own code checks it. ``refusal`` says why a call is out, or None."""
+
+    name: str
+    package: str  # what to install, for messages
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    # Exact CUDA architectures the kernel dispatches on (None: any at or above min_capability).
+    capabilities: frozenset[tuple[int, int]] | None = None
+    min_capability: tuple[int, int] | None = None
+    dtype_min_capability: Mapping[torch.dtype, tuple[int, int]] = field(default_factory=dict)
+    max_head_dim: int | None = None
+    causal: bool = True
+    causal_needs_equal_lengths: bool = False
+    mask: bool = False
+
+    def refusal(self, shape: CallShape, device: DeviceInfo) -> str | None:
+        if device.type not in self.devices:
+            return f"it runs on {'/'.join(sorted(self.devices))} only, not {device.type}"
+        if shape.dtype not in self.dtypes:
+            names = "/".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            return f"it takes {names}, not {str(shape.dtype).removeprefix('torch.')}"
+        cap = device.capability
+        if cap is not None:
+            if self.capabilities is not None and cap not in self.capabilities:
+                archs = ", ".join(f"sm{a}{b}" for a, b in sorted(self.capabilities))
+                return f"it supports {archs}, not sm{cap[0]}{cap[1]}"
+            if self.min_capability is not None and cap < self.min_capability:
+                return f"it needs sm{self.min_capability[0]}{self.min_capability[1]} or newer"
+            need = self.dtype_min_capability.get(shape.dtype)
+            if need is not None and cap < need:
+                return f"{str(shape.dtype).removeprefix('torch.')} needs sm{need[0]}{need[1]} or newer"
+        if self.max_head_dim is not None and shape.head_dim > self.max_head_dim:
+            return f"head dim {shape.head_dim} is above its maximum {self.max_head_dim}"
+        if shape.causal and not self.causal:
+            return "it has no causal mode"
+        if shape.causal and self.causal_needs_equal_lengths and shape.q_len != shape.kv_len:
+            return "its causal mode needs as many queries as keys"
+        if shape.masked and not self.mask:
+            return "it takes no attention mask"
+        return None
 
 
-def _candidates(q: torch.Tensor, head_dim: int) -> list[str]:
-    order = list(BACKENDS)
-    if _forced in order:
-        order.remove(_forced)
-        order.insert(0, _forced)
-    usable = []
-    for name in order:
-        if name == "sdpa":
-            usable.append(name)
-            continue
-        if name in _disabled or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-            continue
-        if name == "sage" and head_dim > 128:  # Sage pads up to 128 and rejects larger heads
-            continue
-        if _import_kernel(name) is not None:
-            usable.append(name)
-    return usable
+KERNEL_RULES: dict[str, KernelRule] = {
+    # sageattention 2.x sageattn(): dispatches on sm80/86/89/90/120 and raises "Unsupported CUDA architecture"
+    # otherwise; asserts fp16/bf16; pads head dims to 64 or 128 and raises ValueError above 128; is_causal only
+    # "when qo_len == kv_len"; no mask argument; sm_scale for the scale.
+    "sage": KernelRule(
+        "sage", "sageattention", frozenset({"cuda"}), _HALF,
+        capabilities=frozenset({(8, 0), (8, 6), (8, 9), (9, 0), (12, 0)}),
+        max_head_dim=128, causal=True, causal_needs_equal_lengths=True, mask=False,
+    ),
+    # xformers memory_efficient_attention: the CUTLASS kernel runs fp32/fp16 from sm60 (P100), bf16 from sm80,
+    # any head dim; LowerTriangularMask for causal, a tensor attn_bias for masks; CPU tensors are refused.
+    "xformers": KernelRule(
+        "xformers", "xformers", frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        min_capability=(6, 0), dtype_min_capability={torch.bfloat16: (8, 0)},
+        causal=True, causal_needs_equal_lengths=True, mask=True,
+    ),
+}
 
 
-def _run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, inner = q.shape
-    d = inner // heads
-    if name == "sage":
-        # [B, N, H*D] -> [B, H, N, D] ("HND" layout)
-        qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        out = _loaded["sage"](qh, kh, vh, tensor_layout="HND", is_causal=False)
-        return out.transpose(1, 2).reshape(b, n, inner)
-    if name == "xformers":
-        # xformers takes [B, M, H, K]
-        qh, kh, vh = (t.reshape(b, -1, heads, d) for t in (q, k, v))
-        return _loaded["xformers"](qh, kh, vh).reshape(b, n, inner)
-    qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qh, kh, vh)
-    return out.transpose(1, 2).reshape(b, n, inner)
+# ---- the kernels, each called with q, k, v as [B, N, H, D] views of the networks' [B, N, H*D] ----------------
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    mask: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention on [B, N, H, D]; returns [B, N, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _load_sage(importer: Callable[[str], Any]) -> Callable[..., torch.Tensor]:
+    sageattn = importer("sageattention").sageattn
+
+    def run(q, k, v, *, causal, mask, scale):  # noqa: ANN001, ANN202 (mask is refused by the rule)
+        # NHD is [batch, tokens, heads, head_dim]: our views as they are, no transpose or copy.
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=causal, sm_scale=scale)
+
+    return run
+
+
+def _xformers_bias(mask: torch.Tensor, q: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """An additive [B, H, Nq, Nk] bias in q's dtype, its rows 8-aligned in memory as xformers requires."""
+    b, n, h, _ = q.shape
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    padded = torch.empty((b, h, n, math.ceil(kv_len / 8) * 8), dtype=q.dtype, device=q.device)
+    bias = padded[..., :kv_len]
+    bias.copy_(mask.to(q.dtype).expand(b, h, n, kv_len))
+    return bias
+
+
+def _load_xformers(importer: Callable[[str], Any]) -> Callable[..., torch.Tensor]:
+    ops = importer("xformers.ops")
+    kernel, lower_triangular = ops.memory_efficient_attention, ops.LowerTriangularMask
+
+    def run(q, k, v, *, causal, mask, scale):  # noqa: ANN001, ANN202
+        # xformers takes [B, M, H, K]: our views as they are.
+        bias = lower_triangular() if causal else None
+        if mask is not None:
+            bias = _xformers_bias(mask, q, k.shape[1])
+        if scale is None:  # xformers before 0.0.21 has no scale argument
+            return kernel(q, k, v, attn_bias=bias)
+        return kernel(q, k, v, attn_bias=bias, scale=scale)
+
+    return run
+
+
+_LOADERS: dict[str, Callable[[Callable[[str], Any]], Callable[..., torch.Tensor]]] = {
+    "sage": _load_sage,
+    "xformers": _load_xformers,
+}
+
+
+def _combine(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """One SDPA-style attn_mask from a boolean/additive ``mask`` and an additive ``bias``."""
+    if bias is not None:
+        bias = bias.to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    if bias is None:
+        return mask
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask + bias
+
+
+# ---- the dispatcher ------------------------------------------------------------------------------------------
+
+
+class AttentionDispatcher:
+    """Chooses and runs an attention kernel per call; remembers failures per shape and what each layer used.
+
+    ``mode``: "auto" (best usable), or one backend forced for debugging ("sdpa", "sage", "xformers"); a forced
+    kernel that cannot run a shape falls back to SDPA and says so once. ``probe`` and ``importer`` replace the
+    device probe and ``importlib.import_module`` (tests simulate GPUs and kernels with them).
+    """
+
+    def __init__(
+        self,
+        mode: str = "auto",
+        *,
+        probe: Callable[[torch.device], DeviceInfo] = probe_device,
+        importer: Callable[[str], Any] = importlib.import_module,
+        rules: Mapping[str, KernelRule] = KERNEL_RULES,
+    ) -> None:
+        self.mode = check_mode(mode)
+        self._probe = probe
+        self._importer = importer
+        self._rules = dict(rules)
+        self._kernels: dict[str, Callable[..., torch.Tensor] | None] = {}
+        self._devices: dict[torch.device, DeviceInfo] = {}
+        self._plans: dict[CallShape, tuple[str, ...]] = {}
+        self._fast: dict[tuple, tuple[CallShape, tuple[str, ...]]] = {}  # per-call key -> (shape, what to try)
+        self._failed: set[tuple[str, CallShape]] = set()
+        self._told: set[Any] = set()
+        self._lock = threading.Lock()  # the record and notes are read from the status thread
+        self._record: dict[Any, str] = {}
+        self.notes: list[str] = []  # each fallback warning once, for front ends to show
+
+    # -- context -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def active(self, *, new_job: bool = False) -> Iterator[AttentionDispatcher]:
+        """Route :func:`attention` calls in this thread (context) here; ``new_job`` clears the layer record."""
+        if new_job:
+            self.reset_record()
+        token = _current.set(self)
+        try:
+            yield self
+        finally:
+            _current.reset(token)
+
+    # -- the record --------------------------------------------------------------------------------------------
+
+    def reset_record(self) -> None:
+        with self._lock:
+            self._record.clear()
+
+    def layer_counts(self) -> dict[str, int]:
+        """Layers per backend (each layer counted under the backend it used last), best backend first."""
+        with self._lock:
+            used = list(self._record.values())
+        return {name: used.count(name) for name in BACKENDS if name in used}
+
+    def summary(self) -> str:
+        """For the status line: ``sage 20 / sdpa 13``; the mode before any layer ran; ``(forced X)`` if forced."""
+        counts = self.layer_counts()
+        text = " / ".join(f"{name} {n}" for name, n in counts.items()) if counts else self.mode
+        if self.mode != "auto" and counts:
+            text += f" (forced {self.mode})"
+        return text
+
+    # -- choosing ----------------------------------------------------------------------------------------------
+
+    def _device_info(self, device: torch.device) -> DeviceInfo:
+        info = self._devices.get(device)
+        if info is None:
+            info = self._devices[device] = self._probe(device)
+        return info
+
+    def _kernel(self, name: str) -> Callable[..., torch.Tensor] | None:
+        if name not in self._kernels:
+            kernel = None
+            try:
+                kernel = _LOADERS[name](self._importer)
+            except ImportError as exc:  # not installed: normal, say nothing unless it was asked for
+                log.debug("attention backend %s unavailable: %s", name, exc)
+                if self.mode == name:
+                    self._tell(("absent", name), f"attention: {name} was asked for but {self._rules[name].package} "
+                               f"cannot be imported ({visible(exc)}); using sdpa")
+            except Exception as exc:  # installed but broken (wrong CUDA build, missing symbol, ...)
+                self._tell(("broken", name), f"attention: {self._rules[name].package} is installed but failed to "
+                           f"load ({type(exc).__name__}: {visible(exc)}); not using {name}")
+            self._kernels[name] = kernel
+        return self._kernels[name]
+
+    def available(self, device: torch.device | str) -> list[str]:
+        """Backends whose package loads and whose rules accept ``device`` at all, best first."""
+        info = self._device_info(torch.device(device))
+        names = [name for name, rule in self._rules.items()
+                 if info.type in rule.devices and self._kernel(name) is not None]
+        return [*names, "sdpa"]
+
+    def plan(self, shape: CallShape, device: torch.device) -> tuple[str, ...]:
+        """Backends to try for ``shape``, in order; always ends with sdpa."""
+        order = self._plans.get(shape)
+        if order is not None:
+            return order
+        info = self._device_info(device)
+        wanted = [self.mode] if self.mode in self._rules else ([] if self.mode == "sdpa" else list(self._rules))
+        names = []
+        for name in wanted:
+            why = self._rules[name].refusal(shape, info)
+            if why is None and self._kernel(name) is not None:
+                names.append(name)
+            elif why is not None and self.mode == name:
+                self._tell(("refused", name, why), f"attention: forced {name} cannot run {shape.describe()} "
+                           f"({why}); using sdpa there")
+            else:
+                log.debug("attention: %s skipped for %s: %s", name, shape.describe(), why or "not available")
+        order = self._plans[shape] = (*names, "sdpa")
+        return order
+
+    def _tell(self, key: Any, message: str) -> None:
+        with self._lock:
+            if key in self._told:
+                return
+            self._told.add(key)
+            self.notes.append(message)
+        log.warning("%s", message)
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        heads: int,
+        *,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        scale: float | None = None,
+        layer: Any = None,
+    ) -> torch.Tensor:
+        b, n, inner = q.shape
+        d = inner // heads
+        attn_mask = _combine(mask, bias, q.dtype) if mask is not None or bias is not None else None
+        # Called for every layer of every step: the choice is looked up by a plain tuple (a few hundred ns).
+        key = (q.device, q.dtype, heads, d, n, k.shape[1], causal, attn_mask is not None, scale is not None)
+        entry = self._fast.get(key)
+        if entry is None:
+            shape = CallShape(q.device.type, q.dtype, heads, d, n, k.shape[1], *key[6:])
+            entry = self._fast[key] = (shape, tuple(x for x in self.plan(shape, q.device)
+                                                    if (x, shape) not in self._failed))
+        shape, order = entry
+        qh, kh, vh = (t.reshape(b, t.shape[1], heads, d) for t in (q, k, v))  # views of contiguous inputs
+        used = "sdpa"
+        out = None
+        for name in order:
+            if name == "sdpa":
+                out = sdpa(qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)
+                break
+            try:
+                out = self._kernels[name](qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)  # type: ignore[misc]
+            except _OOM:
+                raise
+            except Exception as exc:  # unsupported arch or shape, build problem: never this shape again
+                self._failed.add((name, shape))
+                self._fast[key] = (shape, tuple(x for x in order if x != name))
+                self._tell(("failed", name, shape), f"attention: {name} failed on {shape.describe()} "
+                           f"({type(exc).__name__}: {visible(exc)}); using the next backend for that shape "
+                           "from now on")
+                continue
+            used = name
+            break
+        key = layer if isinstance(layer, (str, int)) else (id(layer) if layer is not None else shape)
+        with self._lock:
+            self._record[key] = used
+        assert out is not None
+        return out.reshape(b, n, -1)
+
+
+_current: contextvars.ContextVar[AttentionDispatcher | None] = contextvars.ContextVar(
+    "darkroom_attention_dispatcher", default=None
+)
+
+
+def current_dispatcher() -> AttentionDispatcher | None:
+    """The dispatcher :func:`attention` uses here, or None (plain SDPA)."""
+    return _current.get()
 
 
 def attention(
@@ -123,34 +414,25 @@ def attention(
     heads: int,
     *,
     causal: bool = False,
+    mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
+    layer: Any = None,
 ) -> torch.Tensor:
-    """Multi-head attention over ``[B, N, heads*D]`` tensors; returns ``[B, N, heads*D]``.
+    """Multi-head attention over ``[B, N, heads*D]`` q and ``[B, M, heads*D]`` k, v; returns ``[B, N, heads*D]``.
 
-    ``causal=True`` (CLIP's text transformer), an additive ``bias`` broadcastable to ``[B, heads, N, M]``
-    (T5's relative positions) or a ``scale`` other than 1/sqrt(D) (T5 uses 1) always use SDPA: text encoders
-    are a tiny share of the work.
+    ``causal``: token i sees tokens <= i (CLIP). ``mask``: boolean (True = attend) or additive, broadcastable
+    to ``[B, heads, N, M]`` as for SDPA; ``bias``: an additive one (T5's relative positions), added to ``mask``.
+    ``scale``: the logit scale (None: 1/sqrt(D); T5 uses 1). ``layer``: who is calling (the module itself, or a
+    name), so the status line counts layers rather than calls.
     """
-    global _last_used
+    # Under torch.compile the call traces to SDPA, which inductor lowers to its own fused kernels: Dynamo cannot
+    # trace ContextVar.get (a graph break at every layer), and the kernels' Python wrappers would break it too.
+    dispatcher = None if torch.compiler.is_compiling() else _current.get()
+    if dispatcher is not None:
+        return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
     b, n, inner = q.shape
-    d = inner // heads
-    if causal or bias is not None or scale is not None:
-        qh, kh, vh = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        mask = None if bias is None else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale)
-        return out.transpose(1, 2).reshape(b, n, inner)
-    for name in _candidates(q, d):
-        if name == "sdpa":
-            _last_used = name
-            return _run(name, q, k, v, heads)
-        try:
-            out = _run(name, q, k, v, heads)
-        except Exception as exc:  # unsupported GPU arch, shape, build problem: fall back for good
-            log.warning("attention backend %s failed (%s); falling back", name, exc)
-            with _lock:
-                _disabled.add(name)
-            continue
-        _last_used = name
-        return out
-    raise AssertionError("unreachable: sdpa is always a candidate")
+    qh, kh, vh = (t.reshape(b, t.shape[1], heads, inner // heads) for t in (q, k, v))
+    attn_mask = _combine(mask, bias, q.dtype) if mask is not None or bias is not None else None
+    out = sdpa(qh, kh, vh, causal=causal, mask=attn_mask, scale=scale)
+    return out.reshape(b, n, -1)

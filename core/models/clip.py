@@ -148,7 +148,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Causal: token i only sees tokens <= i, which is why padding after EOS never changes earlier tokens.
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True, layer=self)
         return self.out_proj(out)
 
 

@@ -295,7 +295,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # [B, N|T, heads*dim_head]
-        out = attention_backend.attention(q, k, v, self.heads)
+        out = attention_backend.attention(q, k, v, self.heads, layer=self)
         return self.to_out[0](out)
 
 

@@ -180,7 +180,7 @@ class AttnBlock(nn.Module):
         # [B, C, H, W] -> [B, HW, C]. Contiguous matters: on CPU, SDPA only takes its fused (flash) kernel
         # for unit-stride channels and otherwise materialises the HW x HW scores (1 GB at a 128x128 latent).
         q, k, v = (proj(h).flatten(2).transpose(1, 2).contiguous() for proj in (self.q, self.k, self.v))
-        h = attention(q, k, v, heads=1)
+        h = attention(q, k, v, heads=1, layer=self)
         h = h.transpose(1, 2).reshape(b, c, height, width)
         return x + self.proj_out(h)
 

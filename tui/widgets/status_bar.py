@@ -33,7 +33,7 @@ def status_text(status: Status | None, progress: str = "") -> Text:
     # One line that never wraps: a wrapped status bar (height 1) showed only its first line.
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(f" {visible(status.device)} ", style="bold reverse")
-    text.append(f" {mem}  {visible(status.attention_backend)}  {visible(status.dtype)}  ")
+    text.append(f" {mem}  attention: {visible(status.attention_backend)}  {visible(status.dtype)}  ")
     text.append(f"model {visible(status.loaded_model or '–')}  ")
     text.append(f"queue {status.queue_length}{' (paused)' if status.paused else ''}  ")
     text.append(activity, style="bold")
