@@ -196,3 +196,25 @@ def test_batch_cli_matches_diffusers_for_eps_and_v_files(models_dir, tmp_path):
     assert min(scores) >= 40
     assert psnr(ours[1], v_as_eps_ref) < 30  # the prediction type really changes the image
     assert json.loads(Image.open(paths[2]).text["darkroom"])["prediction"] == "eps"
+
+
+def test_header_float_reader_matches_torch_and_refuses_what_it_cannot_read(tmp_path):
+    from core.errors import CheckpointError
+    from core.models.safetensors_header import read_floats, read_header
+    from core.models.safetensors_writer import save_tensors
+
+    values = torch.randn(320, generator=torch.Generator().manual_seed(0)) * 0.1
+    tensors = {d: values.to(getattr(torch, d)) for d in ("float16", "bfloat16", "float32", "float64")}
+    tensors["ids"] = torch.arange(4)
+    tensors["big"] = torch.zeros(300_000)
+    header = read_header(save_tensors(tensors, tmp_path / "t.safetensors"))
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        assert read_floats(header, name) == tensors[name].double().tolist(), name
+    with pytest.raises(CheckpointError, match="not a float tensor"):
+        read_floats(header, "ids")
+    with pytest.raises(CheckpointError, match="too large"):
+        read_floats(header, "big")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: header.tensors["float32"].start + 10])  # truncated since
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_floats(header, "float32")
