@@ -218,3 +218,15 @@ def test_header_float_reader_matches_torch_and_refuses_what_it_cannot_read(tmp_p
     (tmp_path / "t.safetensors").write_bytes(data[: header.tensors["float32"].start + 10])  # truncated since
     with pytest.raises(CheckpointError, match="truncated"):
         read_floats(header, "float32")
+
+
+def test_header_inspection_of_sd2_reads_its_bias_without_torch(models_dir):
+    """The UI thread's guess (inspect_header) reads the bias with the stdlib: torch stays unimported."""
+    code = (
+        "import sys; from core.models.detect import inspect_header; "
+        f"i = inspect_header({str(_file(models_dir, 'eps'))!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(i.family, i.prediction)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sd2", "eps"]
