@@ -115,6 +115,8 @@ def format_infotext(
         "VAE": _vae_label(request.vae) if request.vae else None,
         "Denoising strength": None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        # Our key (A1111 has none): only an override of the model's own prediction type is worth recording.
+        "Prediction": request.prediction if request.prediction != "auto" else None,
     }
     hires = request.hires
     if request.is_img2img:
@@ -281,6 +283,7 @@ _CONSUMED = {
     "Model",
     "VAE",
     "Clip skip",
+    "Prediction",
     "Denoising strength",
     "Hires upscale",
     "Hires steps",
@@ -351,6 +354,8 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         fields["height"] = _number(params, "Size-2", int)
     if "Clip skip" in params:
         fields["clip_skip"] = max(1, _number(params, "Clip skip", int))
+    if params.get("Prediction", "").strip() in ("eps", "v"):
+        fields["prediction"] = params["Prediction"].strip()
 
     has_hires = any(key in params for key in _UPSCALE_KEYS)
     strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None

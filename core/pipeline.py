@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.errors import DarkroomError
+from core.errors import DarkroomError, RequestError
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
 from core.models.family import ModelFamily, resolve
@@ -132,9 +132,21 @@ class LoadedModel:
         """What the network predicts: detection's finding, else the family's default (same names: eps, v)."""
         return getattr(self.checkpoint.info, "prediction", None) or self.spec.sampling.prediction
 
-    def denoiser(self) -> Any:
-        """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type."""
-        return self.spec.sampling.denoiser(self.checkpoint.unet, self.schedule, self.prediction)
+    def prediction_for(self, override: str = "auto") -> str:
+        """The prediction type a request runs with: its override (``prediction = "eps" | "v"``) or, for
+        ``"auto"``, the model's own. An override the family has no use for is a ``RequestError``."""
+        if override == "auto":
+            return self.prediction
+        allowed = self.spec.sampling.predictions
+        if override not in allowed:
+            valid = f"auto or {' or '.join(allowed)}" if allowed else f"auto ({self.spec.label} models are flow-matching)"
+            raise RequestError("prediction", override, f"{valid} for this {self.spec.label} model")
+        return override
+
+    def denoiser(self, prediction: str = "auto") -> Any:
+        """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type (or ``prediction``,
+        a request's override)."""
+        return self.spec.sampling.denoiser(self.checkpoint.unet, self.schedule, self.prediction_for(prediction))
 
 
 def load_model(
@@ -283,8 +295,10 @@ class _Progress:
             self.on_step(self.done, self.total, info.denoised)
 
 
-def _denoiser(model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int):
-    return CFGDenoiser(model.denoiser(), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
+def _denoiser(
+    model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto"
+):
+    return CFGDenoiser(model.denoiser(prediction), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
 
 
 def _run_sampler(
@@ -335,6 +349,7 @@ def generate(
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     cache = cache or PromptCache()
+    model.prediction_for(request.prediction)  # an override that does not apply fails before any work
     cond, uncond = encode_conditioning(model, request, cache)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
@@ -347,7 +362,7 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = _denoiser(model, cond, uncond, request.cfg, size)
+        denoiser = _denoiser(model, cond, uncond, request.cfg, size, request.prediction)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)

@@ -24,6 +24,9 @@ from core.sampling import SAMPLER_LABELS, SAMPLERS, SCHEDULE_LABELS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 UPSCALERS = ("latent", "image")
+# What the model predicts: "auto" takes the checkpoint's (detection: marker keys, SD2.x's bias guess); "eps" and
+# "v" override it for DDPM-trained families (SD1.x, SD2.x, SDXL), e.g. a v-prediction fine-tune detection misses.
+PREDICTIONS = ("auto", "eps", "v")
 IMG2IMG_DENOISE = 0.75  # img2img strength when a request gives none (A1111's and InvokeAI's default)
 # The largest img2img source accepted: 8192 x 8192 = 67 megapixels (twice the largest request side, below PIL's
 # own 89 MP bomb warning). Decoding one costs at most 256 MB as RGBA; anything bigger is refused at queue time,
@@ -173,6 +176,7 @@ class GenerationRequest:
     batch_size: int = 1
     batch_count: int = 1
     clip_skip: int = 1
+    prediction: str = "auto"
     init_image: str | None = None  # path of the img2img source image
     # img2img strength. None (not given) becomes IMG2IMG_DENOISE with an init image and 1.0 without one, on
     # construction: a built request always holds the number it runs with (stored, shown and recorded in the
@@ -199,6 +203,7 @@ class GenerationRequest:
         problems.check(_check_int, "batch_size", self.batch_size, 1, 16)
         problems.check(_check_int, "batch_count", self.batch_count, 1, 1000)
         problems.check(_check_int, "clip_skip", self.clip_skip, 1, 12)
+        problems.check(_check_choice, "prediction", self.prediction, PREDICTIONS)
         problems.check(_check_text, "init_image", self.init_image, True)
         problems.check(_check_float, "denoise", self.denoise, 0.0, 1.0)
         if self.hires is not None and not isinstance(self.hires, HiresFix):

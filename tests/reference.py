@@ -161,3 +161,76 @@ def psnr(a, b) -> float:
     y = np.asarray(b, dtype=np.float64)
     mse = float(((x - y) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+# ---- SD2.x ---------------------------------------------------------------------------------------------------
+
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+
+def reference_sd2_text_encoder(checkpoint: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """transformers' ``CLIPTextModel`` as diffusers builds SD2.x's encoder from a single file: one block short
+    of the file's (the penultimate layer, then the final norm, is the conditioning), through
+    ``convert_open_clip_checkpoint``; the file's last block, ``text_projection`` and ``logit_scale`` unused."""
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    from core.models.open_clip import OpenCLIPTextConfig
+
+    cfg = OpenCLIPTextConfig.from_state_dict(_component(checkpoint, OPEN_CLIP_PREFIX))
+    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{cfg.layers - 1}."
+    model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers - 1,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_positions,
+        hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.projection_dim,
+        eos_token_id=2,  # as stabilityai/stable-diffusion-2-1 text_encoder/config.json: pooled at argmax(ids)
+    ))
+    converted = convert_open_clip_checkpoint(
+        model, {k: v for k, v in checkpoint.items() if not k.startswith(last)}, prefix=OPEN_CLIP_PREFIX
+    )
+    converted.pop("text_projection.weight", None)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5.6 flattened it
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    model.load_state_dict(converted, strict=True)
+    return model.eval().to(dtype)
+
+
+def reference_sd2_tokenizer():
+    """The SD2.x tokenizer: CLIP's vocabulary, padded with "!" (id 0) as its special_tokens_map.json says."""
+    import transformers
+
+    return transformers.CLIPTokenizer(
+        str(CLIP_DATA / "vocab.json"), str(CLIP_DATA / "merges.txt"), model_max_length=77, pad_token="!"
+    )
+
+
+def reference_sd2_pipeline(path: str | Path, prediction: str, dtype=torch.float32):
+    """diffusers' ``StableDiffusionPipeline`` over an SD2.x single file, Euler with ``prediction_type``
+    ``"epsilon"`` or ``"v_prediction"``, the scheduler stabilityai/stable-diffusion-2-1 configures."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    unet_config = diffusers_unet_config(UNetConfig.from_state_dict(_component(checkpoint, UNET_PREFIX), family="sd2"))
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    vae_config = diffusers_vae_config(VAEConfig.from_state_dict(_component(checkpoint, VAE_PREFIX), family="sd2"))
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        timestep_spacing="linspace", steps_offset=1,
+        prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=reference_sd2_text_encoder(checkpoint, dtype),
+        tokenizer=reference_sd2_tokenizer(), unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

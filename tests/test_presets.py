@@ -19,7 +19,8 @@ from core.presets import (
 )
 from core.request import GenerationRequest, HiresFix
 
-BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires"}
+BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires",
+            "sd2-balanced", "sd2-base-balanced"}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,10 @@ def test_builtins_ship_as_package_data_and_load():
     assert problems == []
     found = by_name(presets)
     assert set(found) == BUILTINS
-    assert all(p.builtin and p.family == "sd15" and p.description for p in presets)
+    assert all(p.builtin and p.family == p.name.split("-")[0] and p.description for p in presets)
+    for name, size in (("sd2-balanced", 768), ("sd2-base-balanced", 512)):  # 768-v and 512-base models
+        assert found[name].fields | {"width": size, "height": size} == found["sd15-balanced"].fields | {
+            "width": size, "height": size}
     assert found["sd15-balanced"].fields == {
         "sampler": "dpmpp_2m", "schedule": "karras", "steps": 25, "cfg": 7.0, "width": 512, "height": 512,
     }
@@ -87,7 +91,7 @@ def test_bad_preset_files_are_reported_and_others_still_load(user_dir):
     assert "not valid TOML" in by_file[str(user_dir / "broken.toml")]
     assert "unknown key 'stepz'" in by_file[str(user_dir / "unknown.toml")]
     assert "'steps' = 500 is invalid: an integer from 1 to 150" in by_file[str(user_dir / "range.toml")]
-    assert "'family' must be one of sd15, sdxl, flux, got 'sd3'" in by_file[str(user_dir / "family.toml")]
+    assert "'family' must be one of sd15, sd2, sdxl, flux, got 'sd3'" in by_file[str(user_dir / "family.toml")]
     assert "key 'hires' must be a table" in by_file[str(user_dir / "hires.toml")]
     assert "unknown key 'hires.strength'" in by_file[str(user_dir / "hires-key.toml")]
     assert "already used by a built-in preset" in by_file[str(user_dir / "shadow.toml")]

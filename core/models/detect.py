@@ -219,10 +219,11 @@ def _family_info(
 def inspect_header(path: str | Path) -> CheckpointInfo:
     """Classify a ``.safetensors`` file from its header alone, without importing torch (for the UI thread).
 
-    The SD2.x v-prediction guess needs tensor data, so here it stays the documented default; the loader's
-    ``inspect_checkpoint`` refines it. Raises CheckpointError for files that are not valid safetensors.
+    The SD2.x v-prediction guess reads its one small bias vector with the stdlib (``read_floats``: a few
+    hundred bytes), so the UI knows a 512-base from a 768-v model; the loader's ``inspect_checkpoint`` reads
+    the same bias through torch. Raises CheckpointError for files that are not valid safetensors.
     """
-    from core.models.safetensors_header import read_header
+    from core.models.safetensors_header import read_floats, read_header
 
     header = read_header(path)
-    return detect(header.path, header.shapes, header.dtypes)
+    return detect(header.path, header.shapes, header.dtypes, read=lambda key: read_floats(header, key))

@@ -102,6 +102,7 @@ class DiscreteSampling:
     """
 
     prediction: str = "eps"  # what files of the family predict when nothing in the file says otherwise
+    predictions: tuple[str, ...] = ("eps", "v")  # what a request's ``prediction`` override may choose
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -135,6 +136,7 @@ class FlowSampling:
     """A rectified-flow model (Flux.1, SD3): ``x = (1 - sigma) x0 + sigma noise``, sigma in [0, 1]."""
 
     prediction: str = "flow"
+    predictions: tuple[str, ...] = ()  # nothing to override: flow models are trained one way
     shift: float = 1.0  # sigma shift of the schedule (resolution-dependent for Flux.1 dev)
     multiplier: float = 1.0  # timestep the network takes per unit of sigma (Flux 1, SD3 1000)
 
@@ -192,6 +194,7 @@ class ModelFamily:
     conditioner: str = ""  # "module:Class" turning prompts into Conditioning; empty: not runnable yet
     pixel_multiple: int = 8
     default_size: tuple[int, int] = (512, 512)
+    prediction_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # e.g. SD2.x eps: 512
     ays_levels: tuple[float, ...] | None = None  # Align Your Steps' 11 published sigmas, or None
     presets: tuple[str, ...] = ()  # built-in preset names (files ``presets/<name>.toml``) for this family
     takes_presets: bool = True  # whether a preset may declare ``family = <name>``
@@ -219,6 +222,10 @@ class ModelFamily:
 
     def has(self, role: str) -> bool:
         return any(c.role == role for c in self.components)
+
+    def default_size_for(self, prediction: str | None) -> tuple[int, int]:
+        """The size a model of this family with this prediction type was trained at (SD2.x: 768-v, 512 eps)."""
+        return self.prediction_sizes.get(prediction or "", self.default_size)
 
     @property
     def runnable(self) -> bool:

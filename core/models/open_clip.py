@@ -74,8 +74,12 @@ class OpenCLIPTextConfig:
         return presets[family]
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> OpenCLIPTextConfig:
-        """Read the configuration off OpenCLIP keys and shapes (keys relative to the component prefix)."""
+    def from_state_dict(
+        cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None
+    ) -> OpenCLIPTextConfig:
+        """Read the configuration off OpenCLIP keys and shapes (keys relative to the component prefix). Every
+        OpenCLIP text encoder shows its whole shape in its weights, so ``family`` (the loader passes it) changes
+        nothing."""
 
         def shape(key: str) -> tuple[int, ...]:
             if key not in shapes:

@@ -455,3 +455,32 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> Tensor
     if offsets[1] - offsets[0] != expected:
         raise bad(f"spans {offsets[1] - offsets[0]} bytes but shape {short_repr(shape)} of {code} needs {expected}")
     return TensorEntry(name, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+# ---- small tensors without torch ----------------------------------------------------------------------------
+
+MAX_FLOATS_BYTES = 1 << 20  # what read_floats reads at most: detection markers are a few hundred values
+_STRUCT = {"float16": "e", "float32": "f", "float64": "d"}
+
+
+def read_floats(header: SafetensorsHeader, key: str) -> list[float]:
+    """The values of one small floating-point tensor (F16, BF16, F32, F64) as Python floats, stdlib only: for
+    the few detection guesses that need tensor data on the UI thread (SD2.x's v-prediction bias)."""
+    entry = header.tensors[key]
+    if entry.dtype not in (*_STRUCT, "bfloat16"):
+        raise CheckpointError(header.path, f"tensor {short_repr(key)} is {entry.dtype}, not a float tensor")
+    if entry.nbytes > MAX_FLOATS_BYTES:
+        raise CheckpointError(header.path, f"tensor {short_repr(key)} is too large to read here ({entry.nbytes} bytes)")
+    with open_regular(header.path) as f:
+        try:
+            f.seek(entry.start)
+            raw = f.read(entry.nbytes)
+        except OSError as e:
+            raise CheckpointError(header.path, f"the file cannot be read ({e.strerror or e})") from None
+    if len(raw) != entry.nbytes:
+        raise CheckpointError(header.path, f"tensor {short_repr(key)} is cut short; the file is truncated")
+    if entry.dtype == "bfloat16":  # the top half of a float32
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return list(struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
+    code = _STRUCT[entry.dtype]
+    return list(struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw))

@@ -81,23 +81,53 @@ def _schedule_buffers(sampling, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in buffers.items()}
 
 
+def _prediction_marker(family: str, prediction: str | None):
+    """The family module's ``mark_prediction(tensors, prediction)``, which makes random weights look like a
+    model of that prediction type to detection (SD2.x's bias guess); None when nothing needs marking."""
+    import importlib
+
+    if prediction is None:
+        return None
+    spec = _families()[family]
+    mark = getattr(importlib.import_module(f"core.models.families.{family}"), "mark_prediction", None)
+    if mark is None:
+        if prediction != spec.sampling.prediction:
+            raise ValueError(f"family {family!r} files cannot be written to look like {prediction!r} models")
+        return None
+    return mark
+
+
 def iter_random_checkpoint(
-    family: str = "sd15", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16
+    family: str = "sd15",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    prediction: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of a random checkpoint, in file order."""
+    """(key, tensor) pairs of a random checkpoint, in file order. ``prediction`` ("eps", "v") makes it look
+    like a model of that type to detection where the family guesses from weights (SD2.x); None: the family's
+    default (SD2.x: v)."""
     layout = _layout(family)
     if size not in ("tiny", "full"):
         raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
+    mark = _prediction_marker(family, prediction or _families()[family].sampling.prediction)
     generator = torch.Generator().manual_seed(seed)
     for component in layout:
         module = _component(component, size)
         prefix = component.prefix
+        tensors = {}
         for key, value in module.state_dict().items():
             tensor_dtype = dtype if value.is_floating_point() else value.dtype
-            yield prefix + key, random_tensor(key, value.shape, generator, tensor_dtype)
+            tensors[prefix + key] = random_tensor(key, value.shape, generator, tensor_dtype)
+        if mark is not None and component.role == "unet":
+            mark(tensors, prediction or _families()[family].sampling.prediction)
+        yield from tensors.items()
         if component.network.endswith(":CLIPTextModel"):
             # Real SD1.x files carry CLIP's position_ids buffer; loaders must tolerate it.
             yield prefix + "text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None]
+        if component.network.endswith(":OpenCLIPTextModel"):
+            # Real SD2.x/SDXL files keep OpenCLIP's contrastive temperature (ln 100); loaders must skip it.
+            yield prefix + "logit_scale", torch.tensor(4.6052, dtype=dtype)
     sampling = _families()[family].sampling
     if sampling.schedule() is not None:
         yield from _schedule_buffers(sampling, dtype).items()
@@ -109,13 +139,15 @@ def write_random_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
+    prediction: str | None = None,
 ) -> Path:
-    """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout."""
+    """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout
+    (``prediction``: see ``iter_random_checkpoint``)."""
     from core.models.safetensors_writer import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = dict(iter_random_checkpoint(family, size, seed, dtype))
+    tensors = dict(iter_random_checkpoint(family, size, seed, dtype, prediction))
     return save_tensors(tensors, path, metadata={"format": "pt"})
 
 
