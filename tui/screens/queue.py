@@ -15,6 +15,15 @@ from core.text import visible
 from tui.screens.base import MainScreen
 
 COLUMNS = ("id", "state", "model", "prompt", "progress", "created", "time")
+
+
+def model_text(app: Any, model: str) -> Text:
+    """A job's model with its family (known once the Generate screen has scanned the models), dim."""
+    text = Text(visible(model))
+    family = (getattr(app, "model_families", None) or {}).get(model)
+    if family:
+        text.append(f" · {visible(family)}", style="dim")
+    return text
 ACTIVE = ("pending", "running")
 
 
@@ -106,7 +115,7 @@ class QueueScreen(MainScreen):
                 state.stylize("bold green")
             prompt = " ".join(visible(request.prompt).split())[:44]
             table.add_row(
-                str(job.id), state, Text(visible(request.model)), Text(prompt), done,
+                str(job.id), state, model_text(self.app, request.model), Text(prompt), done,
                 _clock(getattr(job, "created", None)), _elapsed(job), key=str(job.id),
             )
         if selected is not None and str(selected) in table.rows:
