@@ -339,8 +339,10 @@ class GenerateScreen(MainScreen):
                              else "sd15" if "width" not in settings and "height" not in settings else None)
         if wanted in names:
             select.value = wanted
-        elif names:
-            select.value = names[0]
+        elif names:  # the first model Darkroom can run, else the first of a known family, else the first
+            runnable = [n for n in names if getattr(family_spec(self.family_of(n)), "runnable", False)]
+            known = [n for n in names if self.family_of(n) is not None]
+            select.value = (runnable or known or names)[0]
         self._model_chosen()
         if error:
             self.app.notify(f"Could not scan the models folders: {error}", severity="error", markup=False)

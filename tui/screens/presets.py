@@ -145,7 +145,13 @@ class PresetsScreen(MainScreen):
         table.clear()
         description = self.query_one("#preset-description", Static)
         if preset is None:
-            description.update("No presets.")
+            hidden = len(self.all_presets) - len(self.presets)
+            family = self._model_family()
+            if hidden and family is not None:
+                description.update(f"No presets for {family_label(family)} models yet ({hidden} for other "
+                                   "families are hidden). Save the form's settings as one with s.")
+            else:
+                description.update("No presets.")
             return
         text = Text(visible(preset.name), style="bold")
         kind = "built-in" if preset.builtin else "user"
