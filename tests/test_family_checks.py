@@ -227,3 +227,55 @@ def test_batch_runs_jobs_that_fit(batch):
     """)
     assert code == 0, err
     assert len(Runner.seen) == 2
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------
+
+
+def test_the_darkroom_chunk_records_the_family_and_still_reads_back(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from core.metadata import find_job_images, read_family, read_request, save_image
+
+    request = GenerationRequest(model="sdxl/juggernautXL_v9", prompt="a cat", width=1024, height=1024, seed=5)
+    path = save_image(Image.new("RGB", (8, 8)), request, 5, tmp_path, family="sdxl", job_tag={"job": 1})
+    with Image.open(path) as img:
+        chunk = json.loads(img.text["darkroom"])
+        infotext = img.text["parameters"]
+    assert chunk["family"] == "sdxl"
+    assert read_family(path) == "sdxl"
+    assert read_request(path) == request  # the family key is no request field: dropped, not an error
+    assert [found[0] for found in find_job_images(tmp_path, {"job": 1}, 0, 2e9)] == [path]
+    # what A1111 writes for SDXL: the same keys as for SD1.x (its refiner keys come with the refiner)
+    assert "Size: 1024x1024, Model: juggernautXL_v9, Version: " in infotext
+    plain = save_image(Image.new("RGB", (8, 8)), request, 5, tmp_path)
+    assert read_family(plain) is None and read_request(plain) == request
+
+
+def test_the_worker_saves_the_runners_family(tmp_path):
+    import time
+
+    from PIL import Image
+
+    from core.metadata import read_family
+    from core.runner import GeneratedImage
+    from core.store import JobStore
+    from core.worker import Worker
+
+    class Runner:
+        def run(self, job, ctx):
+            request = job.request.with_resolved_seed()
+            return [GeneratedImage(Image.new("RGB", (8, 8)), request.seed, request, family="sdxl")]
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    worker = Worker(store, Runner(), output_dir=tmp_path / "out")
+    worker.submit(GenerationRequest(model="xl", seed=1))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not store.history() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop(finish_current=True, timeout=10)
+    assert read_family(store.history()[0].path) == "sdxl"
+    store.close()
