@@ -163,3 +163,16 @@ async def test_queue_and_history_show_the_family(tmp_path):
         from tui.screens.history import describe
 
         assert "family: SDXL" in describe(app.store.history()[0], app.model_families).plain
+
+
+async def test_a_folder_without_a_usable_checkpoint_says_what_each_file_is(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "detail-lora.safetensors", "lora")
+    (folder / "cut.safetensors").write_bytes(b"123")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]))
+    async with app.run_test(size=(120, 35)) as pilot:
+        await wait_for(pilot, lambda: "Found there" in screen_text(app), timeout=40)
+        text = screen_text(app)
+        assert "Found there, but none is a checkpoint Darkroom can use:" in text
+        assert "detail-lora: a LoRA, not a checkpoint" in text
+        assert "cut: the file is only 3 bytes long" in text

@@ -346,17 +346,32 @@ class GenerateScreen(MainScreen):
         self._model_chosen()
         if error:
             self.app.notify(f"Could not scan the models folders: {error}", severity="error", markup=False)
-        if not models:
+        unusable = self._unusable_models()
+        if not models or unusable is not None:
             from tui.screens.no_models import NoModelsScreen
 
             if rescan:
                 self.app.notify("Still no checkpoints in the folders listed.", severity="warning", timeout=4)
-            self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", []))))
+            self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", [])), unusable))
         elif rescan:
             self.app.notify(f"Found {len(models)} checkpoint{'s' * (len(models) != 1)}", timeout=3)
         if self._pending_image is not None:
             pending, self._pending_image = self._pending_image, None
             self.apply_image_request(*pending)
+
+    def _unusable_models(self) -> list[tuple[str, str]] | None:
+        """When every file listed was inspected and none is a checkpoint (only LoRAs, VAEs, broken files in
+        the checkpoint folders): each one's name and what it is; None otherwise (a .ckpt is not inspected and
+        may be fine)."""
+        if not self.models or len(self.model_infos) < len(self.models):
+            return None
+        out = []
+        for model in self.models:
+            info = self.model_infos[str(model.name)]
+            if info.is_family or info.label == "not inspected":
+                return None
+            out.append((str(model.name), info.problem or f"{info.label}, not a checkpoint"))
+        return out
 
     @work(thread=True, exclusive=True, group="presets")
     def load_presets(self) -> None:
