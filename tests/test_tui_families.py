@@ -33,7 +33,7 @@ def mixed_app(tmp_path, **kwargs):
 
 async def ready(pilot, app, model="base15"):
     screen = app.get_generate_screen()
-    await wait_for(pilot, lambda: screen._models_loaded and screen.presets)
+    await wait_for(pilot, lambda: screen._models_loaded and screen.presets, timeout=30)
     screen.query_one("#model", Select).value = model
     await pilot.pause()
     return screen
