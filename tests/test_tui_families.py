@@ -176,3 +176,19 @@ async def test_a_folder_without_a_usable_checkpoint_says_what_each_file_is(tmp_p
         assert "Found there, but none is a checkpoint Darkroom can use:" in text
         assert "detail-lora: a LoRA, not a checkpoint" in text
         assert "cut: the file is only 3 bytes long" in text
+
+
+async def test_a_preset_saved_from_the_form_records_the_models_family(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app, "xl")
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen.all_presets)
+        presets = app.screen
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"xl look")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "xl look" in [p.name for p in presets.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "xl look")
+        assert saved.family == "sdxl" and not saved.builtin

@@ -191,8 +191,12 @@ class PresetsScreen(MainScreen):
             if not answer:
                 return
             name, chosen = answer
-            try:  # saved for the form's model's family (its sizes and steps are that family's)
-                presets_module(self.app).save_user_preset(name, chosen, family=screen.model_family())
+            api = presets_module(self.app)
+            family = screen.model_family()  # its sizes and steps are that family's
+            if family not in api.preset_families():  # a family that takes no presets yet (SD2.x): none
+                family = None
+            try:
+                api.save_user_preset(name, chosen, family=family)
             except Exception as error:  # noqa: BLE001 - asked again, with the name and the ticks so far
                 ask(name, str(error), set(chosen))
                 return
