@@ -192,3 +192,15 @@ async def test_a_preset_saved_from_the_form_records_the_models_family(tmp_path):
         await wait_for(pilot, lambda: "xl look" in [p.name for p in presets.presets])
         saved = next(p for p in load_presets()[0] if p.name == "xl look")
         assert saved.family == "sdxl" and not saved.builtin
+
+
+async def test_the_command_palette_names_each_models_family_and_offers_fitting_presets(tmp_path):
+    from tui.commands import DarkroomCommands
+
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app, "xl")
+        commands = {title: help_text for title, _callback, help_text in DarkroomCommands(app.screen)._commands("")}
+        assert commands["Model: xl"] == "use this SDXL checkpoint"
+        assert commands["Model: base15"] == "use this SD1.x checkpoint"
+        assert not [title for title in commands if title.startswith("Preset: sd15-")]
