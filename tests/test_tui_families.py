@@ -204,3 +204,14 @@ async def test_the_command_palette_names_each_models_family_and_offers_fitting_p
         assert commands["Model: xl"] == "use this SDXL checkpoint"
         assert commands["Model: base15"] == "use this SD1.x checkpoint"
         assert not [title for title in commands if title.startswith("Preset: sd15-")]
+
+
+async def test_a_size_already_about_the_familys_area_is_kept(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#width", Input).value = "960"  # SDXL-sized by hand while an SD1.x model is chosen
+        screen.query_one("#height", Input).value = "1088"
+        screen.query_one("#model", Select).value = "xl"
+        await pilot.pause()
+        assert size(screen) == ("960", "1088")

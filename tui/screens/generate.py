@@ -416,8 +416,9 @@ class GenerateScreen(MainScreen):
 
     def _model_chosen(self) -> None:
         """A model was chosen: the size choices and presets follow its family, and the size too when the family
-        differs from the one the current size was chosen for (as InvokeAI does): the family's size with the
-        closest aspect ratio, so a 512x768 portrait for SD1.x becomes 832x1216 for SDXL."""
+        differs from the one the current size was chosen for and the size is not already within 20% of the
+        family's default area (as InvokeAI does): the family's size with the closest aspect ratio, so a
+        512x768 portrait for SD1.x becomes 832x1216 for SDXL."""
         family = self.model_family()
         spec = family_spec(family)
         self._set_preset_options()
@@ -433,6 +434,9 @@ class GenerateScreen(MainScreen):
             width, height = int(width_input.value), int(height_input.value)
         except ValueError:
             width, height = spec.default_size
+        default_area = spec.default_size[0] * spec.default_size[1]
+        if abs(width * height / default_area - 1) <= 0.2:  # already about the family's area (InvokeAI's test)
+            return
         new = refit_size(width, height, choices)
         if new != (width, height):
             width_input.value, height_input.value = str(new[0]), str(new[1])
