@@ -73,6 +73,7 @@ class BatchInputError(DarkroomError):
 class BatchJob:
     index: int  # 1-based, in file order
     request: GenerationRequest
+    preset: Any = None  # the core.presets.Preset the job named (directly or through [defaults]), if any
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -253,9 +254,10 @@ def _build_jobs(
         elif not isinstance(table, Mapping):
             report("", f"a job must be a table of request fields, not {table!r}")
         else:
-            request = _build_request(table, defaults, base, report)
+            used: dict[str, Any] = {}
+            request = _build_request(table, defaults, base, report, used)
             if request is not None and not here:
-                jobs.append(BatchJob(index, request))
+                jobs.append(BatchJob(index, request, used.get("preset")))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -265,10 +267,12 @@ def _build_jobs(
 
 
 def _build_request(
-    table: Mapping[str, Any], defaults: Mapping[str, Any], base: Path, report: Callable[[str, str], None]
+    table: Mapping[str, Any], defaults: Mapping[str, Any], base: Path, report: Callable[[str, str], None],
+    used: dict[str, Any] | None = None,
 ) -> GenerationRequest | None:
     """One job's request: request defaults < its ``from_image`` < ``[defaults]`` < its preset < its own fields.
-    Every problem goes to ``report(field, text)``; None when there was one."""
+    Every problem goes to ``report(field, text)``; None when there was one. ``used["preset"]`` gets the
+    preset applied (its family is checked against the model's before anything loads)."""
     from core.metadata import MetadataError
 
     layer = _job_fields(defaults)
@@ -292,6 +296,8 @@ def _build_request(
 
             # [defaults] < preset < job: the defaults go under the preset's own fields.
             found = find_preset(preset)
+            if used is not None:
+                used["preset"] = found
             found = dataclasses.replace(found, fields=_merge(layer, found.fields))
             fields = apply_preset(found, job_fields)
         else:
@@ -374,6 +380,34 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
             "Darkroom, A1111 and Forge write them, can be run)"
         ) from None
     return _build_jobs([("job 1", fields)], {}, source, path.parent)
+
+
+def _family_mismatches(
+    jobs: Sequence[BatchJob], checkpoints: Mapping[int, Path], registry: Any, label: str
+) -> list[str]:
+    """Every job whose preset or family-specific fields do not fit its model's family, read from the model's
+    header (torch-free, cached per file) before anything loads: one line per problem, naming the job, the
+    model and its family, and what would be valid. A file that cannot be inspected here (a .ckpt, a broken
+    header) is left to the loader, which says why when the job runs."""
+    from core.presets import family_mismatch, load_presets
+    from core.request import family_problems
+
+    lines: list[str] = []
+    presets = None
+    for job in jobs:
+        info = registry.inspect(checkpoints[job.index])
+        if not info.is_family:
+            continue
+        where = f"{label}: job {job.index}: model {job.request.model!r} ({info.label})"
+        if job.preset is not None:
+            if presets is None:
+                presets, _ = load_presets()
+            problem = family_mismatch(job.preset, info.family, presets)
+            if problem:  # the preset's own fields would only repeat it
+                lines.append(f"{where}: {problem}")
+                continue
+        lines.extend(f"{where}: {err}" for err in family_problems(job.request, info.family))
+    return lines
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------
@@ -618,14 +652,19 @@ def run_batch(
                 file=err,
                 flush=True,
             )
+    checkpoints: dict[int, Path] = {}
     for job in jobs:
         try:
-            registry.find_checkpoint(job.request.model)
+            checkpoints[job.index] = registry.find_checkpoint(job.request.model)
             if job.request.vae:
                 registry.find_vae(job.request.vae)
         except ModelNotFoundError as exc:
             error(f"{label}: job {job.index}: {exc}")
             return EXIT_MODEL
+    mismatches = _family_mismatches(jobs, checkpoints, registry, label)
+    if mismatches:
+        error("\n".join(mismatches))
+        return EXIT_USAGE
 
     if runner_factory is None:
         if importlib.util.find_spec("core.pipeline") is None:

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         "can run it), or force one for debugging (a layer the forced kernel cannot run uses sdpa); "
         "default: $DARKROOM_ATTENTION or auto",
     )
+    parser.add_argument(
+        "--list-models",
+        action="store_true",
+        help="list the checkpoints in the models folders with each one's family (SD1.x, SDXL, ...), variant, "
+        "dtype and size, read from the file headers, and exit",
+    )
     parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
     return parser
 
@@ -84,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on usage errors
     if args.resume and args.batch is None:
         parser.error("--resume goes with --batch JOBS (it runs the jobs of that file an earlier run did not finish)")
+    if args.list_models:
+        if args.batch is not None:
+            parser.error("--list-models lists the models and exits; run --batch JOBS separately")
+        from cli.list_models import list_models
+
+        return list_models(args.models_dir)
     if args.batch is not None:
         from cli.batch import EXIT_INTERRUPTED, run_batch
 

@@ -5,7 +5,8 @@ Every saved PNG carries two text chunks:
 - ``parameters``: the A1111 infotext (prompt, ``Negative prompt:`` line, parameter line), so A1111, Forge,
   Civitai and every other tool that reads A1111 metadata shows the settings;
 - ``darkroom``: the full ``GenerationRequest`` as JSON (with this image's seed), which is lossless and is what
-  ``read_request`` prefers.
+  ``read_request`` prefers, plus ``family`` (the model's family, ``"sdxl"``; ``read_family``), which is no
+  request field: readers drop it.
 
 Infotext format (the shared reference ``previews-and-metadata.md`` §4), written from its description:
 the parameter line is ``Key: value`` entries joined by ``", "`` in A1111's emission order; a value whose text
@@ -53,6 +54,7 @@ DEFAULT_VERSION = f"darkroom {_package_version()}"
 
 PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
 DARKROOM_KEY = "darkroom"  # our lossless request JSON
+DARKROOM_EXTRA_KEYS = ("family",)  # in the darkroom JSON beside the request fields, dropped when reading it
 JOB_KEY = "darkroom-job"  # which queued job saved the image: crash recovery matches it to its history
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
@@ -449,13 +451,17 @@ def _png_info(
     model_hash: str | None,
     extra: Mapping | None,
     job_tag: Mapping[str, Any] | None = None,
+    family: str | None = None,
 ):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     # add_text writes tEXt for Latin-1 text and iTXt (UTF-8) otherwise.
     info.add_text(PARAMETERS_KEY, format_infotext(request, seed, model_hash=model_hash, extra=extra))
-    info.add_text(DARKROOM_KEY, json.dumps(request.replace(seed=seed).to_dict(), ensure_ascii=False))
+    record = request.replace(seed=seed).to_dict()
+    if family:
+        record["family"] = family
+    info.add_text(DARKROOM_KEY, json.dumps(record, ensure_ascii=False))
     if job_tag is not None:
         info.add_text(JOB_KEY, json.dumps(dict(job_tag), sort_keys=True))
     return info
@@ -508,6 +514,7 @@ def save_image(
     extra: Mapping | None = None,
     now: _dt.datetime | None = None,
     job_tag: Mapping[str, Any] | None = None,
+    family: str | None = None,
 ) -> Path:
     """Save ``image`` (a PIL image) as ``output_dir/YYYY-MM-DD/NNNNN-<seed>.png`` and return the path.
 
@@ -525,7 +532,7 @@ def save_image(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MetadataError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
-    info = _png_info(request, seed, model_hash, extra, job_tag)
+    info = _png_info(request, seed, model_hash, extra, job_tag, family)
 
     fd, tmp = _create_temp(folder)
     claim: Path | None = None
@@ -661,8 +668,8 @@ def find_job_images(
             if texts.get(JOB_KEY) != wanted:
                 continue
             try:
-                request = GenerationRequest.from_dict(json.loads(texts[DARKROOM_KEY]))
-            except (KeyError, ValueError, TypeError, DarkroomError):
+                request = _darkroom_request(json.loads(texts[DARKROOM_KEY]))
+            except (KeyError, ValueError, TypeError, AttributeError, DarkroomError):
                 continue
             model_hash = parse_infotext(texts.get(PARAMETERS_KEY, "")).get("Model hash") or None
             found.append((Path(entry.path), request, request.seed, model_hash))
@@ -724,6 +731,21 @@ def _read_texts(path: Path) -> tuple[dict[str, str], str | None]:
     return texts, comment
 
 
+def _darkroom_request(data: Mapping[str, Any]) -> GenerationRequest:
+    """The request in a ``darkroom`` chunk's JSON (its ``family`` and other non-request keys dropped)."""
+    return GenerationRequest.from_dict({k: v for k, v in data.items() if k not in DARKROOM_EXTRA_KEYS})
+
+
+def read_family(path: Path | str) -> str | None:
+    """The model family an image's ``darkroom`` chunk records (``"sdxl"``), None when it records none."""
+    texts, _comment = _read_texts(Path(path))
+    try:
+        family = json.loads(texts.get(DARKROOM_KEY, "")).get("family")
+    except (ValueError, AttributeError):
+        return None
+    return family if isinstance(family, str) else None
+
+
 def read_request(path: Path | str, *, model_fallback: str | None = None) -> GenerationRequest:
     """The generation request stored in an image.
 
@@ -739,7 +761,7 @@ def read_request(path: Path | str, *, model_fallback: str | None = None) -> Gene
             data = None
         if isinstance(data, Mapping):
             try:
-                return GenerationRequest.from_dict(data)
+                return _darkroom_request(data)
             except DarkroomError as err:
                 # e.g. a field from a newer Darkroom: the A1111 text below still describes the image
                 if not texts.get(PARAMETERS_KEY, "").strip():

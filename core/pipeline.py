@@ -506,6 +506,7 @@ class PipelineRunner:
             "total": finished - started,
         }
         return [
-            GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings)
+            GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
+                           family=model.family)
             for image, seed in results
         ]

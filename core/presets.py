@@ -1,7 +1,8 @@
 """Presets: named TOML tables of partial request fields.
 
-A preset file holds ``name``, ``description``, an optional ``family`` (one of ``preset_families()``: sd15,
-sdxl, flux) and any ``GenerationRequest`` fields (``hires`` and ``extra`` as tables)::
+A preset file holds ``name``, ``description``, a ``family`` (one of ``preset_families()``: sd15, sdxl, flux;
+required in built-ins, optional in user presets, where none means "fits every model") and any
+``GenerationRequest`` fields (``hires`` and ``extra`` as tables)::
 
     name = "sd15-balanced"
     description = "DPM++ 2M Karras, 25 steps"
@@ -127,7 +128,34 @@ def _parse_preset(data: Mapping[str, Any], source: Path | None, builtin: bool) -
     families = preset_families()
     if family is not None and family not in families:
         raise PresetError(f"key 'family' must be one of {', '.join(families)}, got {family!r}")
+    if family is None and builtin:
+        raise PresetError(f"key 'family' is required in a built-in preset (one of {', '.join(families)})")
     return Preset(name.strip(), description, validate_fields(data), source, builtin, family)
+
+
+def fits(preset: Preset, family: str | None) -> bool:
+    """Whether ``preset`` suits a model of ``family`` (a preset without a family fits every model; an unknown
+    model family, None, is not judged)."""
+    return preset.family is None or family is None or preset.family == family
+
+
+def family_label(family: str | None) -> str:
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family or "")
+    return spec.label if spec is not None else str(family)
+
+
+def family_mismatch(preset: Preset, family: str | None, presets: list[Preset] | None = None) -> str | None:
+    """Why ``preset`` does not suit a model of ``family``, naming the presets that do; None when it fits."""
+    if fits(preset, family):
+        return None
+    if presets is None:
+        presets, _ = load_presets()
+    fitting = [p.name for p in presets if p.family == family]
+    label = family_label(family)
+    valid = f"presets for {label}: {', '.join(fitting)}" if fitting else f"there are no {label} presets yet"
+    return f"preset {preset.name!r} is for {family_label(preset.family)} models, and this model is {label} ({valid})"
 
 
 # ---- loading ------------------------------------------------------------------------------------------------

@@ -394,3 +394,51 @@ def prompt_syntax_warnings(*prompts: str) -> list[str]:
         warnings.append(f"{', '.join(edits)} in the prompt: prompt editing and alternation ([from:to:when], "
                         "[a|b]) are not supported yet, so they are read as down-weighted text")
     return warnings
+
+
+# ---- family-specific fields ---------------------------------------------------------------------------------
+
+
+def family_fields() -> dict[str, tuple[str, ...]]:
+    """Every family-specific request field -> the families that take it (``ModelFamily.request_fields``)."""
+    from core.models.families import FAMILIES
+
+    out: dict[str, tuple[str, ...]] = {}
+    for family in FAMILIES.values():
+        for name in family.request_fields:
+            out[name] = (*out.get(name, ()), family.name)
+    return out
+
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(GenerationRequest) if f.default is not dataclasses.MISSING
+}
+
+
+def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) -> list[RequestError]:
+    """The family-specific fields set in ``fields`` (a request, or a job's fields) that a model of ``family``
+    does not take, each as a RequestError naming the field, the model's family and the fields it does take.
+
+    A field is set when it differs from the request's default (``refiner = None`` is not set). A family name
+    that is not a registered family (a LoRA file given as the model) gives no problems here: loading says why.
+    """
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if spec is None:
+        return []
+    values = fields.to_dict() if isinstance(fields, GenerationRequest) else dict(fields)
+    problems: list[RequestError] = []
+    for name, owners in family_fields().items():
+        if name in spec.request_fields or name not in values:
+            continue
+        value = values[name]
+        if name in _DEFAULTS and value == _DEFAULTS[name]:
+            continue
+        takers = ", ".join(FAMILIES[o].label for o in owners)
+        own = ", ".join(spec.request_fields) or "none"
+        problems.append(RequestError(
+            name, value, f"only for {takers} models, and this model is {spec.label} "
+            f"({spec.label}'s family-specific fields: {own})"
+        ))
+    return problems

@@ -37,6 +37,7 @@ class GeneratedImage:
     request: GenerationRequest
     model_hash: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    family: str | None = None  # the model's family ("sd15", "sdxl"), recorded in the image's darkroom chunk
 
 
 class RunContext(Protocol):

@@ -96,9 +96,13 @@ class FakeRegistry:
         return [FakeModel(n, self.search_dirs[0] / n) for n in self.names]
 
 
-def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, **kwargs: Any) -> Any:
+def make_app(
+    tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, registry: Any = None, **kwargs: Any
+) -> Any:
     """A DarkroomApp on a fresh store under ``tmp_path`` with the fake runner and the half-block image widget
-    (deterministic; textual-image's TGP/Sixel widgets write to the real stdout and never go in tests)."""
+    (deterministic; textual-image's TGP/Sixel widgets write to the real stdout and never go in tests).
+    ``registry`` replaces the fake registry (a real ``ModelRegistry`` over header-only files of several
+    families, ``tests/family_files.py``)."""
     from core.store import JobStore
     from core.worker import Worker
     from tui.app import DarkroomApp
@@ -107,7 +111,7 @@ def make_app(tmp_path: Path, runner: Any = None, *, models: list[str] | None = N
     store = JobStore(tmp_path / "db.sqlite3")
     worker = Worker(store, runner if runner is not None else FakeRunner(), output_dir=tmp_path / "out",
                     status_interval=0.2)
-    return DarkroomApp(worker, FakeRegistry(models), image_class=HalfBlockImage,
+    return DarkroomApp(worker, registry or FakeRegistry(models), image_class=HalfBlockImage,
                        settings_file=tmp_path / "settings.json", **kwargs)
 
 

@@ -526,7 +526,7 @@ def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
     from core.worker import Worker
 
     models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
-    if os.environ.get(FAKE_RUNNER_ENV):
+    if os.environ.get(FAKE_RUNNER_ENV) and models_dirs is None:  # with --models-dir: the real listing
         registry = _fake_registry()
     else:
         from core.models.registry import ModelRegistry

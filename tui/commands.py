@@ -20,12 +20,14 @@ class DarkroomCommands(Provider):
         if generate is not None and generate.is_mounted:
             commands.append(("Open PNG: fill Generate from an image's parameters", self._open_png,
                              "A1111, Forge or Darkroom image (Ctrl+O on Generate)"))
-            for preset in generate.presets:
+            for preset in generate.fitting_presets():  # the ones that suit the chosen model's family
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
             for model in generate.models:
+                info = generate.model_infos.get(str(model.name))
+                kind = f"{visible(info.label)} checkpoint" if info is not None else "checkpoint"
                 commands.append((f"Model: {visible(model.name)}",
-                                 partial(self._choose_model, str(model.name)), "use this checkpoint"))
+                                 partial(self._choose_model, str(model.name)), f"use this {kind}"))
         if query.strip():
             commands.append((f"History: search {visible(query.strip())}",
                              partial(self._search_history, query.strip()), "show matching images"))

@@ -199,6 +199,11 @@ class ModelFamily:
     presets: tuple[str, ...] = ()  # built-in preset names (files ``presets/<name>.toml``) for this family
     takes_presets: bool = True  # whether a preset may declare ``family = <name>``
     lora_keys: str = ""  # later: "module:function" mapping LoRA key names onto this family's modules
+    # ``GenerationRequest`` fields that only some families take (SDXL's ``refiner``/``refiner_switch``, SD2's
+    # ``prediction``, Flux's ``guidance``). A field named by any family is family-specific: a request for a
+    # model of a family that does not name it must leave it at its default (``core.request.family_problems``).
+    request_fields: tuple[str, ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()  # the usual (width, height) choices; () derives them (size_choices)
 
     def __post_init__(self) -> None:
         roles = [c.role for c in self.components]
@@ -226,6 +231,23 @@ class ModelFamily:
     def default_size_for(self, prediction: str | None) -> tuple[int, int]:
         """The size a model of this family with this prediction type was trained at (SD2.x: 768-v, 512 eps)."""
         return self.prediction_sizes.get(prediction or "", self.default_size)
+
+    @property
+    def size_choices(self) -> tuple[tuple[int, int], ...]:
+        """The sizes the UI offers: ``sizes``, or buckets of the ``default_size`` area at the aspect ratios
+        SDXL was trained on (1:1, 9:7, 19:13, 7:4, 12:5 and their portraits), sides multiples of 64."""
+        if self.sizes:
+            return self.sizes
+        width, height = self.default_size
+        area = width * height
+        out: list[tuple[int, int]] = [(width, height)]
+        for w, h in ((9, 7), (19, 13), (7, 4), (12, 5)):
+            short = max(64, round((area * h / w) ** 0.5 / 64) * 64)
+            long = round(short * w / h / 64) * 64
+            for size in ((long, short), (short, long)):
+                if size not in out:
+                    out.append(size)
+        return tuple(out)
 
     @property
     def runnable(self) -> bool:

@@ -41,6 +41,61 @@ class ModelFile:
     size: int
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model file is, from its header alone (``ModelRegistry.inspect``)."""
+
+    family: str | None  # a family name (``core.models.families.FAMILIES``), another kind ("lora", "vae",
+    #                     "unknown"), or None when the file could not be inspected
+    label: str  # what users read: "SDXL", "SD1.x inpaint", "a LoRA", or a short reason ("not inspected")
+    variant: str | None = None
+    dtype: str | None = None  # the denoiser's dominant dtype ("float16", "bfloat16", "float8_e4m3fn")
+    problem: str | None = None  # why the file could not be inspected (one sentence)
+
+    @property
+    def is_family(self) -> bool:
+        from core.models.families import FAMILIES
+
+        return self.family in FAMILIES
+
+
+def inspect_file(path: Path) -> ModelInfo:
+    """Inspect one model file's header, torch-free (the UI thread's model scan may call it). A ``.ckpt``/``.pt``
+    is a pickle, which is not read to classify it; any unreadable file gives its reason in ``problem``."""
+    if path.suffix.lower() != ".safetensors":
+        return ModelInfo(None, "not inspected",
+                         problem=f"a {path.suffix} file is a pickle, not opened for a listing; its family shows "
+                         "when it loads")
+    from core.errors import DarkroomError
+    from core.models.detect import inspect_header
+
+    try:
+        info = inspect_header(path)
+    except DarkroomError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        return ModelInfo(None, "unreadable", problem=problem)
+    except Exception as exc:  # noqa: BLE001 - a hostile header must not break a listing: said, never raised
+        return ModelInfo(None, "unreadable", problem=f"{type(exc).__name__}: {exc}")
+    return ModelInfo(info.family, info.label, info.variant, info.dtype)
+
+
+_DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def short_dtype(dtype: str | None) -> str:
+    """``float16`` -> ``fp16``, ``float8_e4m3fn`` -> ``fp8 e4m3fn``, None -> ``-``."""
+    if not dtype:
+        return "-"
+    return _DTYPE_SHORT.get(dtype) or dtype.replace("float8_", "fp8 ")
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
 def _env_dirs() -> list[Path]:
     value = os.environ.get(MODELS_ENV, "")
     return [Path(part).expanduser() for part in value.split(os.pathsep) if part.strip()]
@@ -74,6 +129,8 @@ class ModelRegistry:
         self._shadowed: dict[str, list[ModelFile]] = {}  # same name as a listed file (other extension or root)
         # named like a model but not a regular file (FIFO, device, dangling link): never listed or opened
         self._unusable: dict[str, list[tuple[str, Path, str]]] = {}
+        # path -> ((mtime_ns, size), info): a rescan re-reads only the headers of files that changed
+        self._inspected: dict[str, tuple[tuple[int, int], ModelInfo]] = {}
 
     # ---- scanning ---------------------------------------------------------------------------------------
 
@@ -153,6 +210,23 @@ class ModelRegistry:
 
     def loras(self) -> list[ModelFile]:
         return list(self._scan()["lora"])
+
+    def inspect(self, model: ModelFile | Path | str) -> ModelInfo:
+        """The family (label, variant, dtype) of a model file from its header, cached by path, mtime and size
+        (so listing a large folder again reads nothing). Torch-free; a file header is read at most once per
+        change, but call it from a worker thread for a folder of many files."""
+        path = Path(model.path if isinstance(model, ModelFile) else model)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return ModelInfo(None, "unreadable", problem=exc.strerror or str(exc))
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._inspected.get(str(path))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        info = inspect_file(path)
+        self._inspected[str(path)] = (stamp, info)
+        return info
 
     @property
     def search_dirs(self) -> list[Path]:

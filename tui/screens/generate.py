@@ -25,6 +25,7 @@ from core.request import (
     UPSCALERS,
     GenerationRequest,
     HiresFix,
+    family_problems,
     prompt_syntax_warnings,
     resolve_init_image,
 )
@@ -82,6 +83,43 @@ def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
 
+def inspect_models(registry: Any, models: list[Any]) -> dict[str, Any]:
+    """Model name -> its ``ModelInfo`` (family from the header; the registry caches it per file). Runs in the
+    model-scan worker thread: a large folder's headers are never read on the UI thread."""
+    inspect = getattr(registry, "inspect", None)
+    if inspect is None:  # a registry without inspection (an older fake): no families shown
+        return {}
+    out: dict[str, Any] = {}
+    for model in models:
+        try:
+            out[str(model.name)] = inspect(model)
+        except Exception:  # noqa: BLE001 - a listing nicety: the model is still listed, without a family
+            continue
+    return out
+
+
+def family_spec(family: str | None) -> Any:
+    from core.models.families import FAMILIES
+
+    return FAMILIES.get(family or "")
+
+
+def model_option(name: str, info: Any) -> Text:
+    """A model as the picker lists it: its name, then its family (or why the file was not inspected), dim."""
+    text = Text(visible(name))
+    if info is not None:
+        text.append(f"  {visible(info.label)}", style="dim")
+    return text
+
+
+def refit_size(width: int, height: int, choices: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The family's size choice with the aspect ratio closest to ``width`` x ``height`` (the first on ties)."""
+    import math
+
+    ratio = math.log(width / height) if width > 0 and height > 0 else 0.0
+    return min(choices, key=lambda size: abs(math.log(size[0] / size[1]) - ratio))
+
+
 
 class FormSelect(Select):
     """The form's Select: tolerates the app quitting while the form is still being mounted.
@@ -124,6 +162,10 @@ class GenerateScreen(MainScreen):
         self._save_timer: Any = None
         self._init_image_note: str | None = None  # set by build_request when a relative path was resolved
         self._pending_image: tuple[Any, str, str | None] | None = None  # an image's settings, until models load
+        self.model_infos: dict[str, Any] = {}  # model name -> registry ModelInfo (family from the header)
+        # The family the width/height in the form were chosen for: choosing a model of another family moves the
+        # size to that family's (see _model_chosen). None: not known (left alone).
+        self._size_family: str | None = None
 
     def compose_body(self) -> ComposeResult:
         # The first frame holds only what the user needs at once: the prompts (focused), the Queue button and
@@ -274,35 +316,63 @@ class GenerateScreen(MainScreen):
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             models, vaes, error = [], [], str(exc)
-        self.call_from_worker_thread(self._models_ready, models, error, vaes, rescan)
+        infos = inspect_models(self.app.registry, models)
+        self.call_from_worker_thread(self._models_ready, models, error, vaes, rescan, infos)
 
     def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None,
-                      rescan: bool = False) -> None:
+                      rescan: bool = False, infos: dict[str, Any] | None = None) -> None:
         self.models = models
+        self.model_infos = dict(infos or {})
+        # name -> family label, for the screens that show a job's model (Queue, History)
+        self.app.model_families = {name: info.label for name, info in self.model_infos.items()
+                                   if getattr(info, "is_family", False)}
         self.vae_names = [str(v.name) for v in vaes or []]
         self._set_vae_options()
         self._models_loaded = True
         select = self.query_one("#model", Select)
         wanted = self.app.settings.get("model") if hasattr(self.app, "settings") else None
-        select.set_options([(Text(visible(m.name)), str(m.name)) for m in models])
+        select.set_options([(model_option(str(m.name), self.model_infos.get(str(m.name))), str(m.name))
+                            for m in models])
         names = [str(m.name) for m in models]
+        # The size in the form belongs to the saved model; a fresh form's 512x512 is SD1.x's.
+        settings = getattr(self.app, "settings", {}) or {}
+        self._size_family = (self.family_of(wanted) if wanted in names
+                             else "sd15" if "width" not in settings and "height" not in settings else None)
         if wanted in names:
             select.value = wanted
-        elif names:
-            select.value = names[0]
+        elif names:  # the first model Darkroom can run, else the first of a known family, else the first
+            runnable = [n for n in names if getattr(family_spec(self.family_of(n)), "runnable", False)]
+            known = [n for n in names if self.family_of(n) is not None]
+            select.value = (runnable or known or names)[0]
+        self._model_chosen()
         if error:
             self.app.notify(f"Could not scan the models folders: {error}", severity="error", markup=False)
-        if not models:
+        unusable = self._unusable_models()
+        if not models or unusable is not None:
             from tui.screens.no_models import NoModelsScreen
 
             if rescan:
                 self.app.notify("Still no checkpoints in the folders listed.", severity="warning", timeout=4)
-            self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", []))))
+            self.app.push_screen(NoModelsScreen(list(getattr(self.app.registry, "search_dirs", [])), unusable))
         elif rescan:
             self.app.notify(f"Found {len(models)} checkpoint{'s' * (len(models) != 1)}", timeout=3)
         if self._pending_image is not None:
             pending, self._pending_image = self._pending_image, None
             self.apply_image_request(*pending)
+
+    def _unusable_models(self) -> list[tuple[str, str]] | None:
+        """When every file listed was inspected and none is a checkpoint (only LoRAs, VAEs, broken files in
+        the checkpoint folders): each one's name and what it is; None otherwise (a .ckpt is not inspected and
+        may be fine)."""
+        if not self.models or len(self.model_infos) < len(self.models):
+            return None
+        out = []
+        for model in self.models:
+            info = self.model_infos[str(model.name)]
+            if info.is_family or info.label == "not inspected":
+                return None
+            out.append((str(model.name), info.problem or f"{info.label}, not a checkpoint"))
+        return out
 
     @work(thread=True, exclusive=True, group="presets")
     def load_presets(self) -> None:
@@ -314,10 +384,64 @@ class GenerateScreen(MainScreen):
 
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
-        options = [(Text(visible(p.name)), p.name) for p in presets]
-        self.query_one("#preset-picker", Select).set_options(options)
+        self._set_preset_options()
         for problem in problems or []:
             self.app.notify(str(problem), severity="warning", markup=False)
+
+    def fitting_presets(self) -> list[Any]:
+        """The presets that suit the chosen model's family (all of them while it is not known)."""
+        family = self.model_family()
+        return [p for p in self.presets if getattr(p, "family", None) in (None, family) or family is None]
+
+    def _set_preset_options(self) -> None:
+        options = [(Text(visible(p.name)), p.name) for p in self.fitting_presets()]
+        self.query_one("#preset-picker", Select).set_options(options)
+
+    # ---- the model's family ---------------------------------------------------------------------------------
+
+    def family_of(self, name: Any) -> str | None:
+        """The family (``sd15``, ``sdxl``, ...) of the model ``name`` from its header, None when not known."""
+        info = self.model_infos.get(name) if isinstance(name, str) else None
+        return info.family if info is not None and getattr(info, "is_family", False) else None
+
+    def model_family(self) -> str | None:
+        """The family of the model chosen in the form (None: no model, or one whose family is not known)."""
+        if not self._form_mounted:
+            return None
+        return self.family_of(self.query_one("#model", Select).value)
+
+    @on(Select.Changed, "#model")
+    def _model_select_changed(self) -> None:
+        if self._models_loaded:
+            self._model_chosen()
+
+    def _model_chosen(self) -> None:
+        """A model was chosen: the size choices and presets follow its family, and the size too when the family
+        differs from the one the current size was chosen for and the size is not already within 20% of the
+        family's default area (as InvokeAI does): the family's size with the closest aspect ratio, so a
+        512x768 portrait for SD1.x becomes 832x1216 for SDXL."""
+        family = self.model_family()
+        spec = family_spec(family)
+        self._set_preset_options()
+        choices = spec.size_choices if spec is not None else SIZE_PRESETS
+        self.query_one("#size-preset", Select).set_options([(f"{w}×{h}", f"{w}x{h}") for w, h in choices])
+        if spec is None or family == self._size_family:
+            return
+        before, self._size_family = self._size_family, family
+        if before is None:
+            return
+        width_input, height_input = self.query_one("#width", Input), self.query_one("#height", Input)
+        try:
+            width, height = int(width_input.value), int(height_input.value)
+        except ValueError:
+            width, height = spec.default_size
+        default_area = spec.default_size[0] * spec.default_size[1]
+        if abs(width * height / default_area - 1) <= 0.2:  # already about the family's area (InvokeAI's test)
+            return
+        new = refit_size(width, height, choices)
+        if new != (width, height):
+            width_input.value, height_input.value = str(new[0]), str(new[1])
+            self.app.notify(f"Size {width}×{height} → {new[0]}×{new[1]} for {spec.label}", timeout=3)
 
     def reload_presets(self) -> None:
         self.load_presets()
@@ -417,6 +541,8 @@ class GenerateScreen(MainScreen):
         if isinstance(model, str) and model:
             select = self.query_one("#model", Select)
             if any(str(m.name) == model for m in self.models):
+                if "width" in values or "height" in values:  # a history row's or an image's size is that model's
+                    self._size_family = self.family_of(model)
                 select.value = model
             elif self._models_loaded:
                 self.app.notify(f"Model {model} is not in the models folders", severity="warning",
@@ -516,6 +642,10 @@ class GenerateScreen(MainScreen):
             request = GenerationRequest.from_dict(values)
         except RequestError as error:
             errors.extend(error.errors)
+        else:  # the same family check as --batch: a field of another family (SDXL's refiner on SD1.x)
+            family = self.family_of(request.model)
+            if family is not None:
+                errors.extend(family_problems(request, family))
         if no_model or errors:
             order = list(FORM_LABELS)
             errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
@@ -625,6 +755,11 @@ class GenerateScreen(MainScreen):
             self.apply_preset(preset)
 
     def apply_preset(self, preset: Any) -> None:
+        family = self.model_family()
+        if family is not None and getattr(preset, "family", None) not in (None, family):
+            problem = presets_module(self.app).family_mismatch(preset, family, self.presets)
+            self.app.notify(f"Not applied: {problem}", severity="error", markup=False, timeout=6)
+            return
         values = dict(preset.fields)
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
         self.set_form_values(values)

@@ -39,9 +39,10 @@ def row_request(row: Any) -> GenerationRequest:
     return request if isinstance(request, GenerationRequest) else GenerationRequest.from_dict(request)
 
 
-def describe(row: Any) -> Text:
+def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     """Every parameter as plain text (prompts may contain [ ] and ( ): never markup; control characters in
-    them, in file names and values from the database or a PNG, made visible)."""
+    them, in file names and values from the database or a PNG, made visible). ``families`` (model name ->
+    family label, from the Generate screen's model scan) adds the model's family under it."""
     request = row_request(row)
     text = Text()
     text.append("Prompt\n", style="bold")
@@ -59,6 +60,9 @@ def describe(row: Any) -> Text:
             continue
         text.append(f"{name}: ", style="bold")
         text.append(f"{visible(value)}\n")
+        if name == "model" and families and families.get(value):
+            text.append("family: ", style="bold")
+            text.append(f"{visible(families[value])}\n")
     if field(row, "model_hash"):
         text.append("model hash: ", style="bold")
         text.append(f"{visible(field(row, 'model_hash'))}\n")
@@ -206,7 +210,7 @@ class HistoryScreen(MainScreen):
             thumb.display = False
             return
         try:
-            details.update(describe(row))
+            details.update(describe(row, getattr(self.app, "model_families", None)))
         except Exception as error:  # noqa: BLE001
             details.update(Text(visible(f"Unreadable row: {error}", multiline=True)))
         self.load_thumbnail(str(field(row, "path", "")), str(field(row, "id")))

@@ -14,7 +14,8 @@ from textual.widgets import Button, Footer, Static
 from core.text import visible
 
 
-def no_models_text(search_dirs: list[Path]) -> Text:
+def no_models_text(search_dirs: list[Path], unusable: list[tuple[str, str]] | None = None) -> Text:
+    """``unusable``: (name, what it is) of files found in the checkpoint folders that are no checkpoint."""
     text = Text()
     text.append("No models found\n\n", style="bold")
     text.append("Darkroom looked for checkpoints (.safetensors, .ckpt) in:\n")
@@ -22,6 +23,12 @@ def no_models_text(search_dirs: list[Path]) -> Text:
         text.append(f"  • {visible(folder)}\n")
     if not search_dirs:
         text.append("  (no folders configured)\n")
+    if unusable:
+        text.append("\nFound there, but none is a checkpoint Darkroom can use:\n")
+        for name, what in unusable[:8]:
+            text.append(f"  • {visible(name)}: {visible(what)}\n")
+        if len(unusable) > 8:
+            text.append(f"  … and {len(unusable) - 8} more\n")
     example = Path(search_dirs[0] if search_dirs else "models") / "v1-5-pruned-emaonly.safetensors"
     text.append(
         "\nTo add a model, do one of these, then press R to rescan:\n"
@@ -48,13 +55,14 @@ class NoModelsScreen(Screen):
     NoModelsScreen .actions { height: auto; margin: 1 0 0 0; }
     """
 
-    def __init__(self, search_dirs: list[Path]) -> None:
+    def __init__(self, search_dirs: list[Path], unusable: list[tuple[str, str]] | None = None) -> None:
         super().__init__()
         self.search_dirs = [Path(p) for p in search_dirs]
+        self.unusable = list(unusable or [])
 
     def compose(self) -> ComposeResult:
         with Vertical(id="no-models-box"):
-            yield Static(no_models_text(self.search_dirs), id="no-models-text")
+            yield Static(no_models_text(self.search_dirs, self.unusable), id="no-models-text")
             with Vertical(classes="actions"):
                 yield Button("Rescan (R)", variant="primary", id="rescan")
         yield Footer()

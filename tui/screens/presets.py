@@ -19,6 +19,13 @@ from tui.screens.generate import UI_ONLY_FIELDS, presets_module
 from tui.screens.save_preset import SavePresetScreen
 
 
+def family_label(family: str) -> str:
+    from tui.screens.generate import family_spec
+
+    spec = family_spec(family)
+    return spec.label if spec is not None else visible(family)
+
+
 class PresetsScreen(MainScreen):
     MODE = "presets"
     AUTO_FOCUS = "#preset-list"
@@ -39,12 +46,13 @@ class PresetsScreen(MainScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.presets: list[Any] = []
+        self.presets: list[Any] = []  # the presets listed: those that fit the Generate form's model
+        self.all_presets: list[Any] = []
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="presets-body"):
             with Vertical(id="preset-left", classes="narrow"):
-                yield Label("Presets", classes="pane-title")
+                yield Label("Presets", id="presets-title", classes="pane-title")
                 yield OptionList(id="preset-list")
             with Vertical(id="preset-detail"):
                 yield Static("", id="preset-description")
@@ -70,7 +78,37 @@ class PresetsScreen(MainScreen):
             presets, problems = [], [f"Could not load presets: {error}"]
         self.call_from_worker_thread(self._loaded, presets, problems, select)
 
+    def on_screen_resume(self) -> None:
+        if self.all_presets:  # the Generate form's model may have changed: list what fits it now
+            self._list(None)
+
     def _loaded(self, presets: list[Any], problems: list[Any], select: str | None) -> None:
+        self.all_presets = presets
+        self._list(select)
+        for problem in problems or []:
+            self.app.notify(str(problem), severity="warning", markup=False)
+        screen = self.app.get_generate_screen()
+        if screen is not None and screen.is_mounted:
+            screen.reload_presets()
+
+    def _model_family(self) -> str | None:
+        screen = self.app.get_generate_screen()
+        if screen is None or not screen.is_mounted:
+            return None
+        return screen.model_family()
+
+    def _list(self, select: str | None) -> None:
+        """List the presets that fit the Generate form's model's family (every preset while it is unknown)."""
+        family = self._model_family()
+        presets = [p for p in self.all_presets if family is None or getattr(p, "family", None) in (None, family)]
+        hidden = len(self.all_presets) - len(presets)
+        title = "Presets"
+        if family is not None:
+            from tui.screens.generate import family_spec
+
+            title = f"Presets for {family_spec(family).label}" + (f" ({hidden} hidden)" if hidden else "")
+        self.query_one("#presets-title", Label).update(title)
+        previous = select or (self.selected().name if self.selected() else None)
         self.presets = presets
         option_list = self.query_one(OptionList)
         previous = select or (self.selected().name if self.selected() else None)
@@ -78,16 +116,13 @@ class PresetsScreen(MainScreen):
         for preset in presets:
             label = Text(visible(preset.name))
             label.append("  built-in" if preset.builtin else "  user", style="dim")
+            if getattr(preset, "family", None):
+                label.append(f" · {family_label(preset.family)}", style="dim")
             option_list.add_option(Option(label, id=preset.name))
         names = [p.name for p in presets]
         if presets:
             option_list.highlighted = names.index(previous) if previous in names else 0
-        for problem in problems or []:
-            self.app.notify(str(problem), severity="warning", markup=False)
         self.show_selected()
-        screen = self.app.get_generate_screen()
-        if screen is not None and screen.is_mounted:
-            screen.reload_presets()
 
     def selected(self) -> Any:
         option_list = self.query_one(OptionList)
@@ -110,7 +145,13 @@ class PresetsScreen(MainScreen):
         table.clear()
         description = self.query_one("#preset-description", Static)
         if preset is None:
-            description.update("No presets.")
+            hidden = len(self.all_presets) - len(self.presets)
+            family = self._model_family()
+            if hidden and family is not None:
+                description.update(f"No presets for {family_label(family)} models yet ({hidden} for other "
+                                   "families are hidden). Save the form's settings as one with s.")
+            else:
+                description.update("No presets.")
             return
         text = Text(visible(preset.name), style="bold")
         kind = "built-in" if preset.builtin else "user"
@@ -150,8 +191,12 @@ class PresetsScreen(MainScreen):
             if not answer:
                 return
             name, chosen = answer
+            api = presets_module(self.app)
+            family = screen.model_family()  # its sizes and steps are that family's
+            if family not in api.preset_families():  # a family that takes no presets yet (SD2.x): none
+                family = None
             try:
-                presets_module(self.app).save_user_preset(name, chosen)
+                api.save_user_preset(name, chosen, family=family)
             except Exception as error:  # noqa: BLE001 - asked again, with the name and the ticks so far
                 ask(name, str(error), set(chosen))
                 return

@@ -21,6 +21,19 @@ COLUMNS = ("id", "state", "model", "seed", "size", "progress", "time", "created"
 NARROW_COLUMNS = ("id", "state", "model", "seed", "size", "progress", "prompt")
 FIXED_WIDTHS = {"id": 4, "state": 11, "seed": 10, "size": 9, "progress": 7, "time": 7, "created": 8}
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
+
+
+def model_text(app: Any, model: str, width: int) -> Text:
+    """A job's model, shortened to ``width``, with its family (known once the Generate screen has scanned the
+    models), dim."""
+    family = (getattr(app, "model_families", None) or {}).get(model)
+    suffix = f" · {visible(family)}" if family else ""
+    text = Text(short_model(visible(model), max(width - len(suffix), 4)))
+    if suffix:
+        text.append(suffix, style="dim")
+    return text
+
+
 ACTIVE = ("pending", "running")
 
 
@@ -200,7 +213,7 @@ class QueueScreen(MainScreen):
                 state.stylize("bold green")
             cells = {
                 "id": str(job.id), "state": state,
-                "model": Text(short_model(visible(request.model), widths["model"])),
+                "model": model_text(self.app, request.model, widths["model"]),
                 "seed": "random" if request.seed == -1 else str(request.seed),
                 "size": f"{request.width}×{request.height}", "progress": done,
                 "time": _elapsed(job), "created": _clock(getattr(job, "created", None)),

@@ -1,0 +1,41 @@
+"""Header-only model files of several families, for listings and pre-load checks (stdlib only, no torch).
+
+Detection needs only key names and shapes, so these files hold the families' marker keys with zero-size
+tensors: a valid safetensors header with no data. They list and inspect like the real files, and fail to load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+U = "model.diffusion_model."
+_UNET = {
+    U + "input_blocks.0.0.weight": (0, 4, 3, 3),
+    U + "input_blocks.0.0.bias": (0,),
+    U + "time_embed.0.weight": (0, 320),
+    U + "time_embed.0.bias": (0,),
+    U + "out.2.weight": (0, 320, 3, 3),
+    U + "out.2.bias": (0,),
+}
+_VAE = {"first_stage_model.decoder.conv_in.weight": (0, 4, 3, 3)}
+KEYS: dict[str, dict[str, tuple[int, ...]]] = {
+    "sd15": {**_UNET, U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (0, 768),
+             "cond_stage_model.transformer.text_model.final_layer_norm.weight": (0,), **_VAE},
+    "sd2": {**_UNET, U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (0, 1024),
+            "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (0, 1024), **_VAE},
+    "sdxl": {**_UNET, U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (0, 2048),
+             U + "label_emb.0.0.weight": (0, 2816), "conditioner.embedders.1.model.ln_final.weight": (0,), **_VAE},
+    "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},
+}
+
+
+def write_header_only(path: Path, family: str, dtype: str = "F16") -> Path:
+    """A ``.safetensors`` file whose header has ``family``'s marker keys (zero-size tensors, no data)."""
+    header = {key: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, 0]} for key, shape in KEYS[family].items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path

@@ -1,0 +1,217 @@
+"""Pilot tests: the TUI shows each model's family, and the size choices, presets and checks follow it.
+
+The models are header-only files of several families (``tests/family_files.py``) in a real ``ModelRegistry``:
+the header inspection the app runs in its model-scan worker is the real one; jobs run on the fake runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from textual.widgets import Input, OptionList, Select, TextArea
+
+from core.models.families import FAMILIES
+from core.models.registry import ModelRegistry
+from core.presets import load_presets
+from tests.family_files import write_header_only
+from tests.tui_fakes import make_app, screen_text, wait_for
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def mixed_app(tmp_path, **kwargs):
+    folder = tmp_path / "models"
+    write_header_only(folder / "base15.safetensors", "sd15")
+    write_header_only(folder / "xl.safetensors", "sdxl")
+    (folder / "broken.safetensors").write_bytes(b"12345")
+    return make_app(tmp_path, registry=ModelRegistry([folder]), **kwargs)
+
+
+async def ready(pilot, app, model="base15"):
+    screen = app.get_generate_screen()
+    await wait_for(pilot, lambda: screen._models_loaded and screen.presets, timeout=30)
+    screen.query_one("#model", Select).value = model
+    await pilot.pause()
+    return screen
+
+
+def size(screen):
+    return screen.query_one("#width", Input).value, screen.query_one("#height", Input).value
+
+
+def options(screen, select_id):
+    return [str(prompt) for prompt, value in screen.query_one(select_id, Select)._options if isinstance(value, str)]
+
+
+async def test_model_picker_shows_each_family_and_why_a_file_was_not_inspected(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        assert options(screen, "#model") == ["base15  SD1.x", "broken  unreadable", "xl  SDXL"]
+        assert app.model_families == {"base15": "SD1.x", "xl": "SDXL"}
+        assert "base15  SD1.x" in screen_text(app)
+
+
+async def test_size_follows_the_family_keeping_the_aspect_ratio(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        assert size(screen) == ("512", "512")
+        assert options(screen, "#size-preset")[:3] == ["512×512", "512×768", "768×512"]
+        screen.query_one("#model", Select).value = "xl"
+        await pilot.pause()
+        assert size(screen) == ("1024", "1024")
+        assert "1216×832" in options(screen, "#size-preset") and "512×768" not in options(screen, "#size-preset")
+        assert any(n.message == "Size 512×512 → 1024×1024 for SDXL" for n in app._notifications)
+        screen.query_one("#width", Input).value = "832"  # a portrait by hand
+        screen.query_one("#height", Input).value = "1216"
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        assert size(screen) == ("512", "768")
+        screen.query_one("#width", Input).value = "640"  # the same family keeps a hand-made size
+        screen.query_one("#model", Select).value = "broken"
+        await pilot.pause()
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        assert size(screen) == ("640", "768")
+
+
+async def test_a_history_rows_size_is_kept_with_its_model(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        app.load_into_generate({"model": "xl", "width": 896, "height": 1152})
+        await pilot.pause()
+        assert screen.query_one("#model", Select).value == "xl"
+        assert size(screen) == ("896", "1152")
+
+
+async def test_presets_offered_are_the_models_familys_and_another_familys_is_refused(tmp_path):
+    sd15_presets = sorted(p.name for p in load_presets()[0] if p.family == "sd15")
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        assert sorted(options(screen, "#preset-picker")) == sd15_presets
+        screen.query_one("#model", Select).value = "xl"
+        await pilot.pause()
+        assert not set(options(screen, "#preset-picker")) & set(sd15_presets)
+        steps = screen.query_one("#steps", Input).value
+        screen.apply_preset(next(p for p in screen.presets if p.name == "sd15-fast-ays"))
+        await pilot.pause()
+        assert screen.query_one("#steps", Input).value == steps  # nothing applied
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert errors and errors[-1].startswith(
+            "Not applied: preset 'sd15-fast-ays' is for SD1.x models, and this model is SDXL"
+        )
+
+
+async def test_presets_screen_lists_what_fits_the_model(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app, "xl")
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen.all_presets)
+        presets = app.screen
+        hidden = sum(p.family not in (None, "sdxl") for p in presets.all_presets)
+        assert all(p.family in (None, "sdxl") for p in presets.presets)
+        assert f"Presets for SDXL ({hidden} hidden)" in screen_text(app)
+        await pilot.press("f2")
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        assert "sd15-balanced" in [p.name for p in presets.presets]
+        assert "Presets for SD1.x" in screen_text(app)
+        assert len(presets.query_one(OptionList).options) == len(presets.presets)
+
+
+async def test_queueing_refuses_a_field_of_another_family(tmp_path, monkeypatch):
+    monkeypatch.setitem(FAMILIES, "sdxl", dataclasses.replace(FAMILIES["sdxl"], request_fields=("clip_skip",)))
+    app = mixed_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#prompt", TextArea).load_text("a cat")
+        screen._write_advanced_state({"clip_skip": "2"})
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert not app.store.list_jobs()
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert errors == ["Clip: clip_skip = 2 is invalid: only for SDXL models, and this model is SD1.x "
+                          "(SD1.x's family-specific fields: none)"]
+        screen.query_one("#model", Select).value = "xl"
+        await pilot.pause()
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert len(app.store.list_jobs()) == 1
+
+
+async def test_queue_and_history_show_the_family(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app, "xl")
+        screen.query_one("#prompt", TextArea).load_text("a cat")
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.history()) == 1)
+        await pilot.press("f4")
+        await pilot.pause()
+        assert "xl · SDXL" in screen_text(app)
+        from tui.screens.history import describe
+
+        assert "family: SDXL" in describe(app.store.history()[0], app.model_families).plain
+
+
+async def test_a_folder_without_a_usable_checkpoint_says_what_each_file_is(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "detail-lora.safetensors", "lora")
+    (folder / "cut.safetensors").write_bytes(b"123")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]))
+    async with app.run_test(size=(120, 35)) as pilot:
+        await wait_for(pilot, lambda: "Found there" in screen_text(app), timeout=40)
+        text = screen_text(app)
+        assert "Found there, but none is a checkpoint Darkroom can use:" in text
+        assert "detail-lora: a LoRA, not a checkpoint" in text
+        assert "cut: the file is only 3 bytes long" in text
+
+
+async def test_a_preset_saved_from_the_form_records_the_models_family(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app, "xl")
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen.all_presets)
+        presets = app.screen
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"xl look")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "xl look" in [p.name for p in presets.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "xl look")
+        assert saved.family == "sdxl" and not saved.builtin
+
+
+async def test_the_command_palette_names_each_models_family_and_offers_fitting_presets(tmp_path):
+    from tui.commands import DarkroomCommands
+
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app, "xl")
+        commands = {title: help_text for title, _callback, help_text in DarkroomCommands(app.screen)._commands("")}
+        assert commands["Model: xl"] == "use this SDXL checkpoint"
+        assert commands["Model: base15"] == "use this SD1.x checkpoint"
+        assert not [title for title in commands if title.startswith("Preset: sd15-")]
+
+
+async def test_a_size_already_about_the_familys_area_is_kept(tmp_path):
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#width", Input).value = "960"  # SDXL-sized by hand while an SD1.x model is chosen
+        screen.query_one("#height", Input).value = "1088"
+        screen.query_one("#model", Select).value = "xl"
+        await pilot.pause()
+        assert size(screen) == ("960", "1088")
