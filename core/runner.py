@@ -37,6 +37,7 @@ class GeneratedImage:
     request: GenerationRequest
     model_hash: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # more infotext fields (``Lora hashes``)
 
 
 class RunContext(Protocol):

@@ -453,7 +453,8 @@ class Worker:
             path = saved.get(item.seed)
             if path is None:
                 path = save_image(
-                    item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag
+                    item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag,
+                    extra=getattr(item, "extra", None) or None,
                 )
                 self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
             paths.append(str(path))

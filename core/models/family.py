@@ -195,7 +195,9 @@ class ModelFamily:
     ays_levels: tuple[float, ...] | None = None  # Align Your Steps' 11 published sigmas, or None
     presets: tuple[str, ...] = ()  # built-in preset names (files ``presets/<name>.toml``) for this family
     takes_presets: bool = True  # whether a preset may declare ``family = <name>``
-    lora_keys: str = ""  # later: "module:function" mapping LoRA key names onto this family's modules
+    # "module:function": (role -> our module names) -> {LoRA module name: core.lora.keymap.Target}; empty: this
+    # family takes no LoRAs yet. See core/lora/keymap.py.
+    lora_keys: str = ""
 
     def __post_init__(self) -> None:
         roles = [c.role for c in self.components]
