@@ -120,6 +120,8 @@ class LoraPatcher:
                 example = (report.unmatched_examples or [""])[0]
                 raise nothing_matched(lora.file.path, lora.ref.name, lora.file.total_keys, example, self.family.label)
             reports.append(report)
+        for contributions in plan.values():  # a fixed order: the same set gives the same bits, however listed
+            contributions.sort(key=lambda c: (c[0].file.identity, c[1].name, c[2]))
         return plan, reports
 
     @staticmethod
