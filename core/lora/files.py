@@ -71,6 +71,20 @@ class LoraModule:
             raise ValueError(f"its delta has shape {tuple(delta.shape)}, the layer's weight {tuple(shape)}")
         return delta.reshape(shape) * self.scale
 
+    def add_to(self, weight: torch.Tensor, multiplier: float) -> None:
+        """``weight += multiplier * delta`` in place (``weight``: a contiguous float32 tensor of the layer's
+        shape). A plain LoRA is one ``addmm_`` (no delta tensor, no extra passes over the weight)."""
+        t = self.tensors
+        if self.kind == "lora" and "mid" not in t:
+            up, down = t["up"], t["down"]
+            out, rank = up.shape[0], down.shape[0]
+            if up.numel() == out * rank and out * (down.numel() // rank) == weight.numel() and weight.shape[0] == out:
+                up = up.to(device=weight.device, dtype=torch.float32).reshape(out, rank)
+                down = down.to(device=weight.device, dtype=torch.float32).reshape(rank, -1)
+                weight.view(out, -1).addmm_(up, down, alpha=multiplier * self.scale)
+                return
+        weight += multiplier * self.delta(weight.shape, weight.device)
+
 
 def _lora(t: dict[str, torch.Tensor]) -> torch.Tensor:
     up, down = t["up"], t["down"]

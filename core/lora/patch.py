@@ -177,11 +177,7 @@ class LoraPatcher:
         merged = base.to(torch.float32, copy=True)
         for lora, module, multiplier, rows in contributions:
             try:
-                if rows is None:
-                    merged += multiplier * module.delta(merged.shape, merged.device)
-                else:
-                    part = merged[rows[0] : rows[1]]
-                    part += multiplier * module.delta(part.shape, merged.device)
+                module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
             except ValueError as exc:
                 raise LoraError(
                     f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
