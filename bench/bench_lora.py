@@ -10,7 +10,7 @@ Both LoRA sets are kohya LoRAs over every attention and feed-forward layer of th
 (rank ``--rank``); set B adds a LoCon over the ResBlock convs. ``--size full`` writes a full-size random SD1.5
 fp16 checkpoint (about 2.1 GB, removed afterwards; or pass ``--path``) and holds ``/tmp/darkroom-heavy.lock``.
 
-    .venv/bin/python bench/bench_lora.py [--size tiny|full] [--rank 16] [--repeats 5] [--latent 64]
+    .venv/bin/python bench/bench_lora.py [--size tiny|full] [--rank 16] [--repeats 5] [--latent 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,8 +52,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latent", type=int, default=64, help="latent side for the step timing (64 = 512 px)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (1 gives steadier numbers on a "
+                        "shared machine; 0: torch's default)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-lora-") as folder:
         folder = Path(folder)

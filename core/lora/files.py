@@ -13,6 +13,7 @@ Files are read through the checkpoint loader's sources: ``.safetensors`` memory-
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import OrderedDict
@@ -33,6 +34,7 @@ class LoraModule:
     tensors: dict[str, torch.Tensor]  # part -> tensor (see core.lora.names)
     alpha: float | None = None
     keys: int = 0  # file keys that make up this module (for the unmatched-keys count)
+    rs: bool = False  # rank-stabilised LoRA (PEFT use_rslora): scale alpha / sqrt(rank)
 
     @property
     def rank(self) -> int | None:
@@ -54,7 +56,7 @@ class LoraModule:
         rank = self.rank
         if rank is None or not self.alpha:
             return 1.0
-        return self.alpha / rank
+        return self.alpha / (math.sqrt(rank) if self.rs else rank)
 
     def delta(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """``scale * ΔW`` as float32 on ``device``, reshaped to ``shape`` (raises ValueError if it cannot be)."""
@@ -71,9 +73,10 @@ class LoraModule:
             raise ValueError(f"its delta has shape {tuple(delta.shape)}, the layer's weight {tuple(shape)}")
         return delta.reshape(shape) * self.scale
 
-    def add_to(self, weight: torch.Tensor, multiplier: float) -> None:
+    def add_to(self, weight: torch.Tensor, multiplier: float, start: torch.Tensor | None = None) -> None:
         """``weight += multiplier * delta`` in place (``weight``: a contiguous float32 tensor of the layer's
-        shape). A plain LoRA is one ``addmm_`` (no delta tensor, no extra passes over the weight)."""
+        shape), or ``weight = start + multiplier * delta`` when ``start`` is given. A plain LoRA is one
+        ``addmm`` (no delta tensor, one pass over the weight)."""
         t = self.tensors
         if self.kind == "lora" and "mid" not in t:
             up, down = t["up"], t["down"]
@@ -81,9 +84,17 @@ class LoraModule:
             if up.numel() == out * rank and out * (down.numel() // rank) == weight.numel() and weight.shape[0] == out:
                 up = up.to(device=weight.device, dtype=torch.float32).reshape(out, rank)
                 down = down.to(device=weight.device, dtype=torch.float32).reshape(rank, -1)
-                weight.view(out, -1).addmm_(up, down, alpha=multiplier * self.scale)
+                if start is None:
+                    weight.view(out, -1).addmm_(up, down, alpha=multiplier * self.scale)
+                else:
+                    torch.addmm(start.reshape(out, -1), up, down, alpha=multiplier * self.scale,
+                                out=weight.view(out, -1))
                 return
-        weight += multiplier * self.delta(weight.shape, weight.device)
+        delta = self.delta(weight.shape, weight.device)
+        if start is not None:
+            torch.add(start, delta, alpha=multiplier, out=weight)
+        else:
+            weight.add_(delta, alpha=multiplier)
 
 
 def _lora(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -191,10 +202,42 @@ def read_lora(path: str | Path) -> LoraFile:
             modules[name] = LoraModule(name, kind, tensors, alpha, keys=len(parts))
         family, evidence = lora_family(source.shapes)
         header = source.header if isinstance(source, SafetensorsSource) else None
+        if header is not None:
+            _apply_adapter_metadata(path, modules, header.metadata)
         digest = a1111_hash(path, header.metadata if header else None, header.data_start if header else None)
     finally:
         source.close()
     return LoraFile(path, modules, stray, family, evidence, digest, (str(path), st.st_size, st.st_mtime_ns), dora)
+
+
+def _apply_adapter_metadata(path: Path, modules: dict[str, LoraModule], metadata: dict[str, str]) -> None:
+    """PEFT files saved by diffusers (``save_lora_weights``) carry no ``.alpha`` keys: the adapter config is
+    JSON in the ``lora_adapter_metadata`` metadata entry, its keys prefixed by component (``unet.lora_alpha``,
+    ``text_encoder.use_rslora``, ``unet.alpha_pattern``), as diffusers reads it into peft's ``LoraConfig``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoraError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        return
+    for name, module in modules.items():
+        if module.alpha is not None or "." not in name:
+            continue
+        component, _, rest = name.partition(".")
+        alpha = config.get(f"{component}.lora_alpha")
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        if isinstance(patterns, dict):
+            # peft matches a pattern against the end of the module name (or a regex); the plain-suffix case
+            for pattern, value in patterns.items():
+                key = str(pattern).lstrip("^")
+                if rest == key or rest.endswith("." + key):
+                    alpha = value
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            module.alpha = float(alpha)
+            module.rs = bool(config.get(f"{component}.use_rslora", False))
 
 
 class LoraFileCache:

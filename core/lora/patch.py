@@ -174,10 +174,23 @@ class LoraPatcher:
                 f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')}: LoRAs on fp8/GGUF "
                 "weights must be applied at forward time, which is not supported yet; use a float16/bfloat16 model"
             )
-        merged = base.to(torch.float32, copy=True)
+        # A weight merged before holds a tensor of ours: the new merge is written into it (no allocation, no page
+        # faults); a fresh merge gets a new tensor. Float32 weights are computed in place, others through float32.
+        buffer = param.data if key in self._originals else None
+        if base.dtype == torch.float32:
+            merged = buffer if buffer is not None else torch.empty_like(base, memory_format=torch.contiguous_format)
+            start = base
+        else:
+            merged, start = base.to(torch.float32, copy=True), None
         for lora, module, multiplier, rows in contributions:
             try:
-                module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
+                if start is not None and rows is None:
+                    module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
+                else:
+                    if start is not None:
+                        merged.copy_(start)
+                    module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
+                start = None
             except ValueError as exc:
                 raise LoraError(
                     f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
@@ -186,7 +199,12 @@ class LoraPatcher:
         if key not in self._originals:
             # The same tensor object on the CPU (a mmap view stays a view, never written); a CPU copy on a GPU.
             self._originals[key] = base if base.device.type == "cpu" else base.to("cpu", copy=True)
-        param.data = merged.to(base.dtype)
+        if merged.dtype == base.dtype:
+            param.data = merged
+        elif buffer is not None:
+            buffer.copy_(merged)
+        else:
+            param.data = merged.to(base.dtype)
 
     def _restore(self, key: tuple[str, str]) -> None:
         param = self._parameter(key)
