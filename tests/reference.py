@@ -181,7 +181,7 @@ def merge_lora_reference(pipe, path: str | Path, unet_scale: float = 1.0, te_sca
     from diffusers.utils.peft_utils import get_peft_kwargs
 
     te_scale = unet_scale if te_scale is None else te_scale
-    state_dict, alphas = pipe.lora_state_dict(str(path))
+    state_dict, alphas, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True)
     for prefix, model, scale in (("unet", pipe.unet, unet_scale), ("text_encoder", pipe.text_encoder, te_scale)):
         sd = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
         if not sd:
@@ -193,10 +193,15 @@ def merge_lora_reference(pipe, path: str | Path, unet_scale: float = 1.0, te_sca
         rank = {f"^{k}": v.shape[1] for k, v in sd.items() if "lora_B" in k and v.ndim > 1}
         network_alphas = {k.removeprefix(prefix + "."): v for k, v in (alphas or {}).items()
                           if k.startswith(prefix + ".")} or None
-        kwargs = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=sd,
-                                 is_unet=prefix == "unet")
+        config = {k.removeprefix(prefix + "."): v for k, v in (metadata or {}).items() if k.startswith(prefix + ".")}
+        if config:  # a diffusers-saved adapter config: peft's LoraConfig kwargs (load_lora_adapter)
+            kwargs = {"rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, **config}
+        else:
+            kwargs = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=sd,
+                                     is_unet=prefix == "unet")
         assert not kwargs["rank_pattern"] and not kwargs["alpha_pattern"], "uniform rank and alpha expected"
-        factor = scale * kwargs["lora_alpha"] / kwargs["r"]
+        r = kwargs["r"]
+        factor = scale * kwargs["lora_alpha"] / (r**0.5 if kwargs.get("use_rslora") else r)
         flat_text = not any(k.startswith("text_model.") for k in model.state_dict())  # transformers >= 5.6
         with torch.no_grad():
             for key in [k for k in sd if k.endswith(".lora_A.weight")]:

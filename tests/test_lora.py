@@ -371,6 +371,48 @@ def _batch(models: Path, jobs: Path, tmp_path: Path) -> tuple[int, list[Path], s
 # ---- against diffusers ----------------------------------------------------------------------------------------
 
 
+def _diffusers_named(model) -> dict[str, torch.Tensor]:
+    """Our merged UNet and text encoder under diffusers/transformers names (diffusers' own converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from core.models.unet import UNetConfig
+    from tests.reference import UNET_PREFIX, diffusers_unet_config
+
+    unet = {UNET_PREFIX + k: v for k, v in model.checkpoint.unet.state_dict().items()}
+    config = diffusers_unet_config(UNetConfig.from_state_dict({k: v.shape for k, v in model.checkpoint.unet.state_dict().items()}))
+    out = {"unet." + k: v for k, v in convert_ldm_unet_checkpoint(unet, config).items()}
+    out.update({"text_encoder." + k.removeprefix("text_model."): v
+                for k, v in model.checkpoint.text_encoder.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("lora,te,unet", [
+    ("kohya", 0.8, 0.8),
+    ("peft_config", 0.5, 1.2),  # a diffusers-saved PEFT file: alpha and rsLoRA from its adapter metadata
+])
+def test_merged_weights_equal_diffusers_merged_weights(checkpoint, models, tmp_path, lora, te, unet):
+    path = models / "loras" / f"{lora}.safetensors"
+    if lora == "peft_config":
+        config = {"unet.r": 8, "unet.lora_alpha": 4, "unet.use_rslora": True, "text_encoder.r": 8,
+                  "text_encoder.lora_alpha": 16}
+        path = write_random_lora(tmp_path / "peft_config.safetensors", fmt="peft", rank=8, seed=9,
+                                 metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    ours = load_model(checkpoint, compute_hash=False)
+    activate(ours.loras, [LoraRef(lora, unet, te)], lambda name: path, LoraFileCache())
+    pipe = reference_pipeline(checkpoint)
+    plain = {**{"unet." + k: v.clone() for k, v in pipe.unet.state_dict().items()},
+             **{"text_encoder." + k.removeprefix("text_model."): v.clone()
+                for k, v in pipe.text_encoder.state_dict().items()}}
+    merge_lora_reference(pipe, path, unet, te)
+    expected = {**{"unet." + k: v for k, v in pipe.unet.state_dict().items()},
+                **{"text_encoder." + k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}}
+    got = _diffusers_named(ours)
+    changed = [k for k in expected if not torch.equal(expected[k], plain[k])]
+    assert len(changed) == ours.loras.merged_weights
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=1e-5, atol=1e-6), key
+
+
 def test_batch_with_kohya_and_peft_loras_matches_diffusers(models, checkpoint, tmp_path):
     """``darkroom --batch`` with a kohya LoRA (prompt tag) and a PEFT one (``loras`` field) against diffusers'
     pipeline from the same checkpoint with the same LoRA files merged at the same scales (10 Euler steps, as
