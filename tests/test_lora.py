@@ -394,7 +394,8 @@ def test_merged_weights_equal_diffusers_merged_weights(checkpoint, models, tmp_p
     path = models / "loras" / f"{lora}.safetensors"
     if lora == "peft_config":
         config = {"unet.r": 8, "unet.lora_alpha": 4, "unet.use_rslora": True, "text_encoder.r": 8,
-                  "text_encoder.lora_alpha": 16}
+                  "text_encoder.lora_alpha": 16, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                  "text_encoder.target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
         path = write_random_lora(tmp_path / "peft_config.safetensors", fmt="peft", rank=8, seed=9,
                                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     ours = load_model(checkpoint, compute_hash=False)
