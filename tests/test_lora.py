@@ -328,6 +328,16 @@ def test_dora_is_refused_by_name(model, tmp_path):
 # ---- hashes and infotext ------------------------------------------------------------------------------------
 
 
+def test_a_pt_lora_loads_through_the_weights_only_unpickler(model, tmp_path):
+    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1)
+    torch.save(tensors, tmp_path / "old.pt")
+    lora = read_lora(tmp_path / "old.pt")
+    assert len(lora.modules) == len(tensors) // 3 and lora.sha256 == hashlib.sha256(
+        (tmp_path / "old.pt").read_bytes()).hexdigest()  # A1111: a non-safetensors file hashes whole
+    activate(model.loras, [LoraRef("old")], lambda name: tmp_path / "old.pt", LoraFileCache())
+    assert model.loras.merged_weights == len(lora.modules)
+
+
 def test_the_lora_hash_follows_a1111(tmp_path, models):
     path = models / "loras" / "kohya.safetensors"
     data = path.read_bytes()
