@@ -652,13 +652,19 @@ def run_batch(
                 file=err,
                 flush=True,
             )
+    from core.lora import LoraError
+    from core.lora.check import check_lora
+
     checkpoints: dict[int, Path] = {}
     for job in jobs:
         try:
-            checkpoints[job.index] = registry.find_checkpoint(job.request.model)
+            checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
             if job.request.vae:
                 registry.find_vae(job.request.vae)
-        except ModelNotFoundError as exc:
+            for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
+                for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
+                    print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+        except (ModelNotFoundError, LoraError) as exc:
             error(f"{label}: job {job.index}: {exc}")
             return EXIT_MODEL
     mismatches = _family_mismatches(jobs, checkpoints, registry, label)

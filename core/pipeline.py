@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.errors import DarkroomError, RequestError
+from core.lora.tags import strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
 from core.models.family import ModelFamily, resolve
@@ -91,12 +92,17 @@ class LoadedModel:
     model_hash: str | None = None
     schedule: DiscreteSchedule | None = None  # None: the family's training schedule
     conditioner: Any = None  # None: the family's conditioner over the checkpoint's text encoders
+    loras: Any = None  # core.lora.patch.LoraPatcher: the LoRAs merged into the networks
 
     def __post_init__(self) -> None:
+        from core.lora.patch import LoraPatcher
+
         if self.schedule is None:
             self.schedule = self.spec.sampling.schedule()
         if self.conditioner is None:
             self.conditioner = resolve(self.spec.conditioner)(self.checkpoint.components)
+        if self.loras is None:
+            self.loras = LoraPatcher(self.checkpoint.components, self.spec)
 
     @property
     def family(self) -> str:
@@ -192,7 +198,8 @@ class PromptCache:
         """``settings`` may be a bare clip skip (the only SD1.x encoder setting)."""
         if isinstance(settings, int):
             settings = EncoderSettings(clip_skip=settings)
-        key = (model.key[0], settings, text)  # the checkpoint file: the VAE does not change the encoding
+        # the checkpoint file (the VAE does not change the encoding) and the LoRAs merged into its text encoders
+        key = (model.key[0], model.loras.text_signature, settings, text)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
@@ -211,10 +218,11 @@ class PromptCache:
 def encode_conditioning(
     model: LoadedModel, request: GenerationRequest, cache: PromptCache
 ) -> tuple[Conditioning, Conditioning]:
-    """(cond, uncond) with equal token length, so CFG runs both in one UNet call."""
+    """(cond, uncond) with equal token length, so CFG runs both in one UNet call. LoRA tags are not text: the
+    encoders see the prompts without them."""
     settings = EncoderSettings.from_request(request)
-    cond = cache.encode(model, request.prompt, settings)
-    uncond = cache.encode(model, request.negative_prompt, settings)
+    cond = cache.encode(model, strip_tags(request.prompt), settings)
+    uncond = cache.encode(model, strip_tags(request.negative_prompt), settings)
     if cond.tokens != uncond.tokens:
         cond, uncond = pad_to_same_length(cond, uncond, cache.encode(model, "", settings))
     return cond, uncond
@@ -348,6 +356,8 @@ def generate(
     """Run one resolved request; returns (image, seed) for every image of every batch."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
+    if request.lora_refs() != model.loras.requested:
+        raise ValueError("generate() needs the request's LoRAs merged first (core.lora.patch.activate)")
     cache = cache or PromptCache()
     model.prediction_for(request.prediction)  # an override that does not apply fails before any work
     cond, uncond = encode_conditioning(model, request, cache)
@@ -453,6 +463,9 @@ class PipelineRunner:
         self.attention = attention if isinstance(attention, AttentionDispatcher) else AttentionDispatcher(attention)
         self.cache = PromptCache()
         self.model: LoadedModel | None = None
+        from core.lora.files import LoraFileCache
+
+        self.lora_files = LoraFileCache()
 
     @property
     def loaded_model(self) -> str | None:
@@ -486,6 +499,7 @@ class PipelineRunner:
         request = job.request
         started = time.monotonic()
         model = self.ensure_model(request, ctx)
+        lora_extra = self.apply_loras(model, request, ctx)
         loaded = time.monotonic()
         ctx.set_activity("generating")
         first_step: list[float] = []
@@ -507,6 +521,22 @@ class PipelineRunner:
         }
         return [
             GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
-                           family=model.family)
+                           family=model.family, extra=lora_extra)
             for image, seed in results
         ]
+
+    def apply_loras(self, model: LoadedModel, request: GenerationRequest, ctx: RunContext | None = None) -> dict:
+        """Merge the request's LoRAs in place of the previous job's (only what changed is re-merged); returns
+        the infotext fields that record them (A1111's ``Lora hashes``)."""
+        from core.lora.patch import activate
+
+        refs = request.lora_refs()
+        if refs != model.loras.requested and ctx is not None:
+            ctx.set_activity(f"applying {len(refs)} LoRA{'s' if len(refs) != 1 else ''}" if refs else "removing LoRAs")
+        activate(model.loras, refs, self.registry.find_lora, self.lora_files, model=model.name)
+        if not model.loras.active:
+            return {}
+        hashes: dict[str, str] = {}
+        for active in model.loras.active:
+            hashes.setdefault(active.ref.label(), active.file.shorthash)
+        return {"Lora hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RequestError
+from core.lora.tags import LoraRef, TagError, prompt_loras, ref_from_value
 from core.sampling import SAMPLER_LABELS, SAMPLERS, SCHEDULE_LABELS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
@@ -183,6 +184,9 @@ class GenerationRequest:
     # PNG as such), and an explicit 1.0 for img2img stays 1.0.
     denoise: float | None = None
     hires: HiresFix | None = None
+    # LoRAs besides the prompt's <lora:name:weight> tags (batch files: [{name, weight, te_weight}]); a list of
+    # tables is turned into LoraRefs on construction.
+    loras: tuple[LoraRef, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
@@ -212,7 +216,31 @@ class GenerationRequest:
             )
         if not isinstance(self.extra, Mapping):
             problems.errors.append(RequestError("extra", self.extra, "a table of extra options"))
+        problems.check(self._check_loras)
         problems.raise_any()
+
+    def _check_loras(self) -> None:
+        entries = self.loras
+        if not isinstance(entries, (list, tuple)):
+            raise RequestError("loras", entries, "a list of tables with name, weight and optionally te_weight")
+        refs = []
+        for index, entry in enumerate(entries):
+            try:
+                refs.append(ref_from_value(index, entry))
+            except ValueError as exc:
+                raise RequestError(f"loras[{index}]", entry, str(exc)) from None
+        object.__setattr__(self, "loras", tuple(refs))
+        for name in ("prompt", "negative_prompt"):
+            try:
+                prompt_loras(getattr(self, name))
+            except TagError as exc:
+                raise RequestError(name, getattr(self, name), f"LoRA tags of the form <lora:name:weight>; {exc}") from None
+            except TypeError:  # not a string: reported by the prompt check
+                pass
+
+    def lora_refs(self) -> tuple[LoraRef, ...]:
+        """Every LoRA this request uses: the ``loras`` field, then the prompts' tags (in order)."""
+        return (*self.loras, *prompt_loras(self.prompt, self.negative_prompt))
 
     # ---- conversions -------------------------------------------------------------------------------------
 
@@ -220,6 +248,7 @@ class GenerationRequest:
         """Plain JSON-able dict; ``from_dict(to_dict())`` round-trips."""
         data = dataclasses.asdict(self)
         data["extra"] = dict(self.extra)
+        data["loras"] = [{k: v for k, v in entry.items() if v is not None} for entry in data["loras"]]
         return data
 
     @classmethod
@@ -374,7 +403,6 @@ def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "i
     return str(path.resolve())
 
 
-_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)  # A1111's LoRA prompt tags
 # A1111 prompt editing [from:to:when] / [to:when] and alternation [a|b]: a square group (not escaped) whose
 # text ends in ":number" or holds a "|".
 _PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?::\s*[\d.]+\s*|\|[^\[\]]*)\]")
@@ -385,10 +413,6 @@ def prompt_syntax_warnings(*prompts: str) -> list[str]:
     (``[]`` if there is none). The job still runs; these pieces are read as ordinary (weighted) text."""
     text = " ".join(prompts)
     warnings = []
-    tags = sorted(set(_EXTRA_NETWORK.findall(text)))
-    if tags:
-        warnings.append(f"{', '.join(tags)} in the prompt: LoRA tags are not supported yet, so they are encoded "
-                        "as plain prompt text")
     edits = sorted(set(_PROMPT_EDITING.findall(text)))
     if edits:
         warnings.append(f"{', '.join(edits)} in the prompt: prompt editing and alternation ([from:to:when], "

@@ -38,6 +38,7 @@ class GeneratedImage:
     model_hash: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     family: str | None = None  # the model's family ("sd15", "sdxl"), recorded in the image's darkroom chunk
+    extra: dict[str, str] = field(default_factory=dict)  # more infotext fields (``Lora hashes``)
 
 
 class RunContext(Protocol):

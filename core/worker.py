@@ -454,6 +454,7 @@ class Worker:
                 path = save_image(
                     item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag,
                     family=getattr(item, "family", None),
+                    extra=getattr(item, "extra", None) or None,
                 )
                 self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
             paths.append(str(path))

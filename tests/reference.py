@@ -234,3 +234,54 @@ def reference_sd2_pipeline(path: str | Path, prediction: str, dtype=torch.float3
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def merge_lora_reference(pipe, path: str | Path, unet_scale: float = 1.0, te_scale: float | None = None) -> None:
+    """Merge a LoRA file into a diffusers pipeline's UNet and text encoder the way ``load_lora_weights(path)``
+    followed by ``fuse_lora(lora_scale=...)`` does.
+
+    peft (the backend ``load_lora_weights`` requires) is not installed here, so its one step is written out:
+    diffusers converts the file's key names and alphas with its own functions (``lora_state_dict``, which
+    runs ``_convert_non_diffusers_lora_to_diffusers`` on kohya files; ``convert_unet_state_dict_to_peft`` /
+    ``convert_state_dict_to_peft``; ``get_peft_kwargs`` for rank and alpha), then PEFT's merge is
+    ``W += scale * lora_alpha / r * B @ A`` for each module (``tuners/lora/layer.py`` ``get_delta_weight``).
+    """
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    te_scale = unet_scale if te_scale is None else te_scale
+    state_dict, alphas, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True)
+    for prefix, model, scale in (("unet", pipe.unet, unet_scale), ("text_encoder", pipe.text_encoder, te_scale)):
+        sd = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        if not sd:
+            continue
+        if prefix == "unet":
+            sd = sd if "lora_A" in next(iter(sd)) else convert_unet_state_dict_to_peft(sd)
+        else:
+            sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+        rank = {f"^{k}": v.shape[1] for k, v in sd.items() if "lora_B" in k and v.ndim > 1}
+        network_alphas = {k.removeprefix(prefix + "."): v for k, v in (alphas or {}).items()
+                          if k.startswith(prefix + ".")} or None
+        config = {k.removeprefix(prefix + "."): v for k, v in (metadata or {}).items() if k.startswith(prefix + ".")}
+        if config:  # a diffusers-saved adapter config: peft's LoraConfig kwargs (load_lora_adapter)
+            kwargs = {"rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, **config}
+        else:
+            kwargs = get_peft_kwargs(rank, network_alpha_dict=network_alphas, peft_state_dict=sd,
+                                     is_unet=prefix == "unet")
+        assert not kwargs["rank_pattern"] and not kwargs["alpha_pattern"], "uniform rank and alpha expected"
+        r = kwargs["r"]
+        factor = scale * kwargs["lora_alpha"] / (r**0.5 if kwargs.get("use_rslora") else r)
+        flat_text = not any(k.startswith("text_model.") for k in model.state_dict())  # transformers >= 5.6
+        with torch.no_grad():
+            for key in [k for k in sd if k.endswith(".lora_A.weight")]:
+                name = key.removesuffix(".lora_A.weight")
+                if flat_text:
+                    name = name.removeprefix("text_model.")
+                weight = model.get_submodule(name).weight
+                a, b = sd[key].float(), sd[key.replace("lora_A", "lora_B")].float()
+                delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
+                weight += (factor * delta).to(weight.dtype)

@@ -18,6 +18,8 @@ SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J"
 TOML_EVIL = "\\u001b]0;pwned\\u0007\\u001b[2J"  # the same, written in a TOML string
 MODEL = f"ev{EVIL}\u202eil.safetensors"
 MODEL_SHOWN = f"ev{SHOWN}\\u202eil.safetensors"
+# controls without square brackets, for text inside a [from:to:when] group
+BARE_TOML_EVIL, BARE_SHOWN = "\\u001b7\\u0007", "\\x1b7\\x07"
 
 
 class FailingRunner(RecordingRunner):
@@ -58,7 +60,7 @@ def test_prompts_model_names_warnings_and_errors(batch, rich):
         f"""
         [[job]]
         model = "ev{TOML_EVIL}\\u202eil.safetensors"
-        prompt = "a fox {TOML_EVIL} <lora:x{TOML_EVIL}:1>"
+        prompt = "a fox {TOML_EVIL} [x{BARE_TOML_EVIL}:y:0.5]"
         steps = 1
         [[job]]
         model = "ev{TOML_EVIL}\\u202eil.safetensors"
@@ -76,7 +78,7 @@ def test_prompts_model_names_warnings_and_errors(batch, rich):
 
     assert shown(f'"a fox {SHOWN}')  # the started line's prompt
     assert shown(MODEL_SHOWN)  # its model
-    assert shown(f"<lora:x{SHOWN}:1> in the prompt")  # the warning quotes the prompt
+    assert shown(f"[x{BARE_SHOWN}:y:0.5] in the prompt")  # the warning quotes the prompt
     assert shown(f"{MODEL_SHOWN}: tensor model.{SHOWN}.weight has the wrong shape")  # the job's error
     assert len(out.splitlines()) == 1  # stdout: the first job's image path, untouched
 

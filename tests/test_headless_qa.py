@@ -529,19 +529,16 @@ def test_readme_jobs_example_parses(tmp_path, monkeypatch):
     assert second.hires is not None and second.hires.scale == 2.0
 
 
-def test_lora_tags_in_prompts_get_a_warning(batch):
+def test_lora_tags_name_a_lora_that_must_exist(batch):
     run, tmp_path = batch
     jobs = _write(
         tmp_path / "jobs.toml",
-        '[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "a cat <lora:detail:0.8>, <LORA:detail:0.8>"\n'
-        '[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "a cat (no tags)"\n',
+        '[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "a cat (no tags)"\n'
+        '[[job]]\nmodel = "fake"\nsteps = 1\nprompt = "a cat <lora:detail:0.8>, <LORA:detail:0.8>"\n',
     )
     code, out, err = run(jobs)
-    assert code == 0, err
-    assert len(out.splitlines()) == 2  # it still runs
-    warnings = [line for line in err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"darkroom: warning: {jobs}: job 1: <LORA:detail:0.8>")
-    assert "not supported yet" in warnings[0]
+    assert code == 3, err  # checked before any job runs
+    assert out == "" and "job 2: LoRA 'detail' not found: there is no LoRA folder" in err
 
 
 # ---- .json files: an array of jobs, or one pretty-printed job ---------------------------------------------------

@@ -22,8 +22,8 @@ def test_init_image_is_resolved_and_must_open_as_an_image(tmp_path):
 
 
 @pytest.mark.parametrize(("prompt", "found"), [
-    ("a cat, [red:blue:0.5] (word:1.2) <lora:x:1>", ["<lora:x:1>", "[red:blue:0.5]"]),
-    ("[dog|cat] <LYCO:y:0.5>", ["<LYCO:y:0.5>", "[dog|cat]"]),
+    ("a cat, [red:blue:0.5] (word:1.2) <lora:x:1>", ["[red:blue:0.5]"]),  # LoRA tags are applied now
+    ("[dog|cat] <LYCO:y:0.5>", ["[dog|cat]"]),
     ("[cat:0.3], [from::10]", ["[cat:0.3], [from::10]"]),
     ("[blurry], (a:1.2), \\[not:an:0.5] edit", []),  # weighting and escaped brackets are supported
 ])

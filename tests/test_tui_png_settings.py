@@ -68,7 +68,6 @@ def test_form_fill_from_an_a1111_infotext_says_what_was_filled_and_what_was_not(
     said = "; ".join(fill.not_used)
     assert "the VAE vae-ft-mse-840000-ema-pruned.safetensors named in the image is not in your models folders " \
            "(kept the built-in one)" in said
-    assert "<lora:detail:0.8> in the prompt: LoRA tags are not supported yet" in said
     assert "not used by Darkroom: Model hash, Version" in said
     assert "model sd15/dreamshaper_8.safetensors" in fill.filled
     assert "DPM++ 2M Karras, 28 steps, CFG 6.5, seed 1234 (locked), 512×768" in fill.filled
@@ -146,7 +145,7 @@ async def test_ctrl_o_fills_the_form_from_a_dropped_png_and_says_what_was_not_fi
         warning = next(m for m in messages(app, "warning") if m.startswith("Not filled: "))
         assert "the model dreamshaper_8 named in the image is not in your models folders " \
                "(kept fake-model.safetensors)" in warning
-        assert "LoRA tags are not supported yet" in warning
+        assert "LoRA" not in warning  # LoRA tags are applied now; the prompt keeps them
         await pilot.press("ctrl+j")  # what was filled queues as it is
         await wait_for(pilot, lambda: len(app.store.list_jobs()) == 1)
         job = app.store.list_jobs()[0].request

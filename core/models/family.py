@@ -198,7 +198,9 @@ class ModelFamily:
     ays_levels: tuple[float, ...] | None = None  # Align Your Steps' 11 published sigmas, or None
     presets: tuple[str, ...] = ()  # built-in preset names (files ``presets/<name>.toml``) for this family
     takes_presets: bool = True  # whether a preset may declare ``family = <name>``
-    lora_keys: str = ""  # later: "module:function" mapping LoRA key names onto this family's modules
+    # "module:function": (role -> our module names) -> {LoRA module name: core.lora.keymap.Target}; empty: this
+    # family takes no LoRAs yet. See core/lora/keymap.py.
+    lora_keys: str = ""
     # ``GenerationRequest`` fields that only some families take (SDXL's ``refiner``/``refiner_switch``, SD2's
     # ``prediction``, Flux's ``guidance``). A field named by any family is family-specific: a request for a
     # model of a family that does not name it must leave it at its default (``core.request.family_problems``).

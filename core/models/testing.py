@@ -286,3 +286,144 @@ def write_random_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --------------------------------------------------------------------------------------------------- LoRAs
+
+LORA_FORMATS = ("kohya", "kohya_ldm", "peft", "locon", "loha", "lokr")
+_ATTENTION_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                "mlp.fc2")
+_RESNET_CONVS = ("in_layers.2", "out_layers.3")
+
+
+def lora_layers(family: str = "sd15", size: str = "tiny", *, convs: bool = False,
+                unet: bool = True, text_encoder: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The layers a typical LoRA trains, as ``{our qualified module "role:name": (role, weight shape)}``:
+    the UNet's attention and feed-forward layers (and, with ``convs``, its ResBlock 3x3 convs as LoCon/LyCORIS
+    train them) and the text encoders' attention and MLP layers."""
+    layers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for component in _layout(family):
+        if component.role == "unet" and unet or component.role.startswith("text_encoder") and text_encoder:
+            module = _component(component, size)
+            for key, value in module.state_dict().items():
+                if not key.endswith(".weight"):
+                    continue
+                name = key[: -len(".weight")]
+                wanted = _CLIP_LAYERS if component.role != "unet" else _ATTENTION_LAYERS + (
+                    _RESNET_CONVS if convs else ())
+                if name.endswith(wanted) and "emb" not in name.rsplit(".", 1)[-1]:
+                    layers[f"{component.role}:{name}"] = (component.role, tuple(value.shape))
+    return layers
+
+
+def _lora_module_name(role: str, name: str, fmt: str, res_blocks: int) -> str:
+    from core.lora.keymap import ldm_unet_to_diffusers
+
+    if role == "unet" and fmt != "kohya_ldm":
+        name = ldm_unet_to_diffusers(name, res_blocks) or name  # kohya trains SD1.x on the diffusers UNet
+    if fmt == "peft":
+        return {"unet": "unet.", "text_encoder": "text_encoder."}[role] + name
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[role]
+    return prefix + name.replace(".", "_")
+
+
+def random_lora_state_dict(
+    family: str = "sd15",
+    size: str = "tiny",
+    fmt: str = "kohya",
+    *,
+    rank: int = 4,
+    alpha: float | None = 2.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    unet: bool = True,
+    text_encoder: bool = True,
+    tucker: bool = False,
+    strength: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """Random LoRA weights in one real file format (``LORA_FORMATS``):
+
+    - ``kohya``: ``lora_unet_<diffusers names>`` / ``lora_te_<HF CLIP names>`` with ``.lora_down.weight``,
+      ``.lora_up.weight`` and ``.alpha`` (what sd-scripts writes for SD1.x); ``kohya_ldm`` the same with LDM
+      block names (``lora_unet_input_blocks_1_1_proj_in``);
+    - ``peft``: diffusers/PEFT ``unet.<diffusers name>.lora_A.weight`` / ``.lora_B.weight``, no alpha;
+    - ``locon``: kohya names plus the ResBlock 3x3 convs (conv ``lora_down``; with ``tucker`` a ``lora_mid``
+      core and 1x1 ``lora_down``);
+    - ``loha``: ``hada_w1_a/b``, ``hada_w2_a/b`` (with ``tucker``, ``hada_t1/t2`` on the 3x3 convs);
+    - ``lokr``: ``lokr_w1`` full and ``lokr_w2_a/b`` factors (with ``tucker``, ``lokr_t2`` on the 3x3 convs).
+
+    ``strength`` sets the size of the delta against the layer's weights (about ``strength`` times as large).
+    """
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"LoRA format {fmt!r} is unknown; valid: {', '.join(LORA_FORMATS)}")
+    g = torch.Generator().manual_seed(seed)
+    convs = fmt in ("locon", "loha", "lokr")
+    layers = lora_layers(family, size, convs=convs, unet=unet, text_encoder=text_encoder)
+    unet_presets = next((c.presets[size] for c in _layout(family) if c.role == "unet"), {})
+    res_blocks = unet_presets.get("num_res_blocks", 2)  # diffusers' layers_per_block
+    out: dict[str, torch.Tensor] = {}
+
+    def rand(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * std).to(dtype)
+
+    for qualified, (role, shape) in layers.items():
+        name = _lora_module_name(role, qualified.split(":", 1)[1], fmt, res_blocks)
+        out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+        fan_in = in_dim * math.prod(kernel)
+        conv3 = kernel not in ((), (1, 1))
+        std = strength / math.sqrt(fan_in)  # the delta's entries, about strength x the weight's
+        r = min(rank, out_dim, in_dim)
+        if fmt in ("kohya", "kohya_ldm", "peft", "locon"):
+            down_name, up_name = (".lora_A.weight", ".lora_B.weight") if fmt == "peft" else (
+                ".lora_down.weight", ".lora_up.weight")
+            factor = math.sqrt(std / math.sqrt(r))
+            if conv3 and tucker:
+                out[name + down_name] = rand(r, in_dim, 1, 1, std=factor)
+                out[name + ".lora_mid.weight"] = rand(r, r, *kernel, std=1 / math.sqrt(r * math.prod(kernel)))
+            else:
+                out[name + down_name] = rand(r, in_dim, *kernel, std=factor)
+            out[name + up_name] = rand(out_dim, r, *((1, 1) if kernel else ()), std=factor)
+            if alpha is not None and fmt != "peft":
+                out[name + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        elif fmt == "loha":
+            factor = math.sqrt(math.sqrt(std) / math.sqrt(r))  # (a b) * (c d) has entries ~ std
+            if conv3 and tucker:
+                for i in (1, 2):
+                    out[f"{name}.hada_w{i}_a"] = rand(r, out_dim, std=factor)
+                    out[f"{name}.hada_w{i}_b"] = rand(r, in_dim, std=factor)
+                    out[f"{name}.hada_t{i}"] = rand(r, r, *kernel, std=1 / math.sqrt(r))
+            else:
+                for i in (1, 2):
+                    out[f"{name}.hada_w{i}_a"] = rand(out_dim, r, std=factor)
+                    out[f"{name}.hada_w{i}_b"] = rand(r, in_dim * math.prod(kernel), std=factor)
+            if alpha is not None:
+                out[name + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        else:  # lokr: w1 [a, c] full, w2 = w2_a @ w2_b [b, d(, kh, kw)], out = a*b, in = c*d
+            a = next(f for f in (4, 2, 1) if out_dim % f == 0)
+            c = next(f for f in (4, 2, 1) if in_dim % f == 0)
+            b, d = out_dim // a, in_dim // c
+            r2 = min(rank, b, d)
+            out[name + ".lokr_w1"] = rand(a, c, std=1.0)
+            factor = math.sqrt(std / math.sqrt(r2))
+            if conv3 and tucker:
+                out[name + ".lokr_w2_a"] = rand(r2, b, std=factor)
+                out[name + ".lokr_w2_b"] = rand(r2, d, std=factor)
+                out[name + ".lokr_t2"] = rand(r2, r2, *kernel, std=1 / math.sqrt(r2))
+            else:
+                out[name + ".lokr_w2_a"] = rand(b, r2, std=factor)
+                out[name + ".lokr_w2_b"] = rand(r2, d, *kernel, std=factor)
+            if alpha is not None:
+                out[name + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def write_random_lora(path: str | Path, family: str = "sd15", size: str = "tiny", fmt: str = "kohya",
+                      metadata: dict[str, str] | None = None, **options) -> Path:
+    """Write ``random_lora_state_dict(family, size, fmt, **options)`` as a ``.safetensors`` LoRA file."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_lora_state_dict(family, size, fmt, **options), path, metadata=metadata)

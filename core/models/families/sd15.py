@@ -7,6 +7,9 @@ norm groups; the tiny CLIP keeps the real vocabulary so the real tokenizer drive
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from core.lora import keymap
 from core.models.families import _ldm
 from core.models.family import LatentFormat, Match, ModelFamily, Shapes
 
@@ -43,6 +46,28 @@ def detect(shapes: Shapes) -> Match | None:
     return None
 
 
+# How LoRAs for SD1.x name our modules. kohya trains SD1.x on the diffusers UNet, so its files use diffusers
+# block names (lora_unet_down_blocks_0_attentions_0_proj_in); some tools write the LDM ones
+# (lora_unet_input_blocks_1_1_proj_in): both are accepted. The text encoder is HF CLIP under lora_te_.
+LORA_SPELLINGS = {
+    "unet": keymap.Spellings(
+        flat=("lora_unet_",),
+        dotted=("unet.", "diffusion_model.", "model.diffusion_model.", ""),
+        aliases=keymap.ldm_unet_aliases,
+    ),
+    "text_encoder": keymap.Spellings(
+        flat=("lora_te_",),
+        dotted=("text_encoder.", "cond_stage_model.transformer.", ""),
+    ),
+}
+
+
+def lora_keys(modules: Mapping[str, Sequence[str]]) -> dict[str, keymap.Target]:
+    """LoRA module name (kohya or PEFT spelling, LDM or diffusers block names) -> our module (see
+    ``core.lora.keymap``)."""
+    return keymap.table(modules, LORA_SPELLINGS)
+
+
 LATENT = LatentFormat("sd15", 4, SCALE, 0.0, RGB_FACTORS, (0.0, 0.0, 0.0))
 
 FAMILY = ModelFamily(
@@ -70,4 +95,5 @@ FAMILY = ModelFamily(
     sizes=((512, 512), (512, 768), (768, 512), (576, 448), (448, 576), (768, 768)),
     ays_levels=AYS_LEVELS,
     presets=("sd15-balanced", "sd15-fast-ays", "sd15-hires", "sd15-lcm-4step"),
+    lora_keys="core.models.families.sd15:lora_keys",
 )

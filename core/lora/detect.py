@@ -1,0 +1,52 @@
+"""Which model family a LoRA file was made for, from its key names and shapes (stdlib only).
+
+A LoRA patches layers of one family's networks; applied to another it either matches nothing or fails on a
+shape. The markers (shared/reference lora.md §3, families-2026.md): Flux transformers' ``double_blocks`` /
+``single_blocks`` (BFL names) or ``single_transformer_blocks`` (diffusers names); SDXL's two text encoders
+(``lora_te1_``/``lora_te2_``, ``text_encoder_2.``); otherwise the width of the text context the UNet's
+cross-attention reads, the input width of an ``attn2`` key/value projection: 768 SD1.x, 1024 SD2.x, 2048 SDXL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from core.lora import LoraError
+
+CONTEXT_FAMILIES = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+_ATTN2_KV = re.compile(r"attn2[._]to_[kv](?:[._]|$)")
+# the factor whose second dimension is the layer's input width, per format
+_INPUT_FACTORS = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".down.weight", ".hada_w1_b")
+
+
+def lora_family(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str | None, str]:
+    """(family name or None when the file does not say, the evidence in words)."""
+    keys = list(shapes)
+    for key in keys:
+        if "double_blocks" in key or "single_blocks" in key or "single_transformer_blocks" in key:
+            return "flux", f"Flux transformer key {key!r}"
+    for key in keys:
+        if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
+            return "sdxl", f"two text encoders ({key!r})"
+    for key in keys:
+        if _ATTN2_KV.search(key) and key.endswith(_INPUT_FACTORS):
+            shape = shapes[key]
+            if len(shape) >= 2 and shape[1] in CONTEXT_FAMILIES:
+                return CONTEXT_FAMILIES[shape[1]], f"cross-attention context width {shape[1]} ({key!r})"
+    return None, "no family markers"
+
+
+def family_mismatch(evidence_family: str | None, evidence: str, family: str, name: str, path: object,
+                    model: str) -> LoraError | None:
+    """The one error for a LoRA made for another family than the model's, or None."""
+    from core.models.families import FAMILIES
+
+    if evidence_family is None or evidence_family == family:
+        return None
+    theirs = FAMILIES[evidence_family].label if evidence_family in FAMILIES else evidence_family
+    ours = FAMILIES[family].label if family in FAMILIES else family
+    return LoraError(
+        f"{path}: LoRA {name!r} is a {theirs} LoRA ({evidence}), but the model {model!r} is {ours}; "
+        f"use a LoRA made for {ours}"
+    )

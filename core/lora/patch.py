@@ -1,0 +1,243 @@
+"""Merging LoRAs into a loaded model's weights, and taking them out again bit for bit.
+
+Merged weights run at full speed (no extra matmuls per step). Each touched weight is rebuilt from its
+original: ``W' = cast(float32(W0) + Σ m * scale * ΔW)``, so the order of LoRAs and the history of switches
+never matter, and the parameter's tensor is *replaced* (``param.data = W'``), never written into: our weights
+may be views of a memory-mapped file. The original tensor is kept (the same object on the CPU, a CPU copy for
+a GPU model) and put back when no LoRA touches the weight any more, so removing LoRAs restores every weight
+exactly. Switching sets re-merges only the weights whose contributions changed; the model is never reloaded.
+
+fp8 and GGUF weights would need the delta applied at forward time on the dequantised layer
+(``_needs_forward_time``): not implemented yet, refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.lora import LoraError
+from core.lora.check import nothing_matched, unmatched_warning
+from core.lora.detect import family_mismatch
+from core.lora.files import LoraFile, LoraFileCache
+from core.lora.keymap import Target, weight_modules
+from core.lora.tags import LoraRef
+from core.models.family import ModelFamily, resolve
+
+log = logging.getLogger(__name__)
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    """A LoRA file in use with the multipliers a request gave it."""
+
+    file: LoraFile
+    ref: LoraRef
+
+
+@dataclass
+class LoraReport:
+    """What applying one LoRA did: modules merged, keys that matched no layer (skipped, warned about)."""
+
+    lora: ActiveLora
+    matched: int = 0
+    unmatched_keys: int = 0
+    unmatched_examples: list[str] = field(default_factory=list)
+
+    def warning(self, model_label: str) -> str | None:
+        if not self.unmatched_keys:
+            return None
+        return unmatched_warning(self.lora.ref.name, self.unmatched_keys, self.lora.file.total_keys,
+                                 self.unmatched_examples, model_label)
+
+
+def _needs_forward_time(weight: torch.Tensor) -> bool:
+    """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
+    return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+class LoraPatcher:
+    """The LoRA state of one loaded model's networks (role -> module)."""
+
+    def __init__(self, components: Mapping[str, nn.Module], family: ModelFamily) -> None:
+        self.components = components
+        self.family = family
+        self._table: dict[str, Target] | None = None
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (role, parameter) -> original tensor
+        self._merged: dict[tuple[str, str], tuple] = {}  # (role, parameter) -> signature of what is merged in
+        self.active: tuple[ActiveLora, ...] = ()
+        self.requested: tuple[LoraRef, ...] = ()  # the refs of the request these LoRAs came from
+        self.text_signature: tuple = ()  # what changes prompt encodings: LoRAs merged into text encoders
+
+    @property
+    def table(self) -> dict[str, Target]:
+        if self._table is None:
+            if not self.family.lora_keys:
+                raise LoraError(f"LoRAs are not supported for {self.family.label} models yet")
+            modules = {role: weight_modules(dict(m.named_parameters())) for role, m in self.components.items()}
+            self._table = resolve(self.family.lora_keys)(modules)
+        return self._table
+
+    @property
+    def merged_weights(self) -> int:
+        return len(self._merged)
+
+    def _plan(self, loras: Sequence[ActiveLora]) -> tuple[dict[tuple[str, str], list], list[LoraReport]]:
+        plan: dict[tuple[str, str], list] = {}
+        reports = []
+        table = self.table if loras else {}
+        for lora in loras:
+            report = LoraReport(lora)
+            if lora.file.dora:
+                raise LoraError(
+                    f"{lora.file.path}: LoRA {lora.ref.name!r} is a DoRA (weight-decomposed LoRA: "
+                    f"{lora.file.dora[0]!r} has a magnitude vector); DoRA is not supported yet"
+                )
+            for name, module in lora.file.modules.items():
+                target = table.get(name)
+                if target is None:
+                    report.unmatched_keys += module.keys
+                    report.unmatched_examples.append(name)
+                    continue
+                multiplier = lora.ref.te if target.role.startswith("text_encoder") else lora.ref.unet
+                report.matched += 1
+                if multiplier == 0:
+                    continue
+                plan.setdefault((target.role, target.module + ".weight"), []).append(
+                    (lora, module, multiplier, target.rows)
+                )
+            report.unmatched_keys += len(lora.file.stray)
+            report.unmatched_examples.extend(lora.file.stray[:2])
+            if report.matched == 0:
+                example = (report.unmatched_examples or [""])[0]
+                raise nothing_matched(lora.file.path, lora.ref.name, lora.file.total_keys, example, self.family.label)
+            reports.append(report)
+        for contributions in plan.values():  # a fixed order: the same set gives the same bits, however listed
+            contributions.sort(key=lambda c: (c[0].file.identity, c[1].name, c[2]))
+        return plan, reports
+
+    @staticmethod
+    def _signature(contributions: list) -> tuple:
+        return tuple((lora.file.identity, module.name, multiplier, rows)
+                     for lora, module, multiplier, rows in contributions)
+
+    def apply(self, loras: Sequence[ActiveLora], requested: Sequence[LoraRef] = ()) -> list[LoraReport]:
+        """Make ``loras`` the merged set (empty: remove all). Returns one report per LoRA."""
+        plan, reports = self._plan(loras)
+        wanted = {key: self._signature(c) for key, c in plan.items()}
+        try:
+            for key in list(self._merged):
+                if key not in wanted:
+                    self._restore(key)
+            for key, contributions in plan.items():
+                if self._merged.get(key) != wanted[key]:
+                    self._merge(key, contributions)
+                    self._merged[key] = wanted[key]
+        except BaseException:
+            for key in list(self._originals):  # half a set is no set: back to the plain model
+                self._restore(key)
+            self.active, self.requested, self.text_signature = (), (), ()
+            raise
+        self.active = tuple(loras)
+        self.requested = tuple(requested)
+        self.text_signature = tuple(sorted(
+            (key, sig) for key, sig in wanted.items() if key[0].startswith("text_encoder")
+        ))
+        return reports
+
+    def remove_all(self) -> None:
+        self.apply(())
+
+    def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
+        role, name = key
+        return self.components[role].get_parameter(name)
+
+    def _original(self, key: tuple[str, str], param: nn.Parameter) -> torch.Tensor:
+        kept = self._originals.get(key)
+        if kept is None:
+            return param.data
+        return kept if kept.device == param.device else kept.to(param.device)
+
+    def _merge(self, key: tuple[str, str], contributions: list) -> None:
+        param = self._parameter(key)
+        base = self._original(key, param)
+        if _needs_forward_time(base):
+            raise LoraError(
+                f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')}: LoRAs on fp8/GGUF "
+                "weights must be applied at forward time, which is not supported yet; use a float16/bfloat16 model"
+            )
+        # A weight merged before holds a tensor of ours: the new merge is written into it (no allocation, no page
+        # faults); a fresh merge gets a new tensor. Float32 weights are computed in place, others through float32.
+        buffer = param.data if key in self._originals else None
+        if base.dtype == torch.float32:
+            merged = buffer if buffer is not None else torch.empty_like(base, memory_format=torch.contiguous_format)
+            start = base
+        else:
+            merged, start = base.to(torch.float32, copy=True), None
+        for lora, module, multiplier, rows in contributions:
+            try:
+                if start is not None and rows is None:
+                    module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
+                else:
+                    if start is not None:
+                        merged.copy_(start)
+                    module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
+                start = None
+            except ValueError as exc:
+                raise LoraError(
+                    f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
+                    f"{key[1]!r} ({exc}); the LoRA was made for another model"
+                ) from None
+        if key not in self._originals:
+            # The same tensor object on the CPU (a mmap view stays a view, never written); a CPU copy on a GPU.
+            self._originals[key] = base if base.device.type == "cpu" else base.to("cpu", copy=True)
+        if merged.dtype == base.dtype:
+            param.data = merged
+        elif buffer is not None:
+            buffer.copy_(merged)
+        else:
+            param.data = merged.to(base.dtype)
+
+    def _restore(self, key: tuple[str, str]) -> None:
+        param = self._parameter(key)
+        param.data = self._original(key, param)
+        self._originals.pop(key, None)
+        self._merged.pop(key, None)
+
+
+def activate(
+    patcher: LoraPatcher,
+    refs: Sequence[LoraRef],
+    find: Callable[[str], Path],
+    cache: LoraFileCache,
+    *,
+    model: str = "the model",
+) -> list[str]:
+    """Resolve ``refs`` (``find``: name -> file, e.g. ``ModelRegistry.find_lora``), read them (cached) and
+    merge them into the model in place of the current set. Returns the warnings (unmatched keys)."""
+    refs = tuple(refs)
+    if refs == patcher.requested and all(
+        a.file is cache.get(a.file.path) for a in patcher.active
+    ):
+        return []
+    actives = []
+    for ref in refs:
+        path = find(ref.name)
+        lora = cache.get(path)
+        error = family_mismatch(lora.family, lora.family_evidence, patcher.family.name, ref.name, path, model)
+        if error is not None:
+            raise error
+        actives.append(ActiveLora(lora, ref))
+    reports = patcher.apply(actives, refs)
+    warnings = [w for r in reports if (w := r.warning(patcher.family.label))]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings

@@ -1,0 +1,453 @@
+"""LoRAs: file formats, the SD1.x key map, merging and exact removal, tags and the request field, the prompt
+cache, infotext hashes, and ``darkroom --batch`` against diffusers on the same checkpoint and LoRA files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.errors import ModelNotFoundError, RequestError
+from core.lora import LoraError
+from core.lora.check import check_lora
+from core.lora.files import LoraFileCache, read_lora
+from core.lora.keymap import ldm_unet_to_diffusers
+from core.lora.patch import activate
+from core.lora.tags import LoraRef, prompt_loras, strip_tags
+from core.models.registry import ModelRegistry
+from core.models.safetensors_writer import save_tensors
+from core.models.testing import random_lora_state_dict, write_random_checkpoint, write_random_lora
+from core.pipeline import PipelineRunner, PromptCache, generate, load_model
+from core.request import GenerationRequest
+from tests.reference import merge_lora_reference, psnr, reference_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A models folder: a tiny fp32 SD1.x checkpoint and LoRAs of every format (nested, as people sort them)."""
+    root = tmp_path_factory.mktemp("models")
+    write_random_checkpoint(root / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0, dtype=torch.float32)
+    loras = root / "loras"
+    write_random_lora(loras / "kohya.safetensors", fmt="kohya", seed=1)
+    write_random_lora(loras / "styles" / "peft.safetensors", fmt="peft", seed=2, rank=8)
+    write_random_lora(loras / "kohya_ldm.safetensors", fmt="kohya_ldm", seed=1)  # same tensors as kohya
+    write_random_lora(loras / "unet_only.safetensors", fmt="kohya", seed=3, text_encoder=False)
+    write_random_lora(loras / "te_only.safetensors", fmt="kohya", seed=4, unet=False, strength=1.0)
+    for fmt in ("locon", "loha", "lokr"):
+        write_random_lora(loras / f"{fmt}.safetensors", fmt=fmt, seed=5)
+        write_random_lora(loras / f"{fmt}_tucker.safetensors", fmt=fmt, seed=6, tucker=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(models) -> Path:
+    return models / "checkpoints" / "tiny.safetensors"
+
+
+@pytest.fixture
+def model(checkpoint):
+    return load_model(checkpoint, compute_hash=False)
+
+
+def _find(models: Path):
+    return ModelRegistry([models]).find_lora
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"{role}.{k}": v for role, m in model.checkpoint.components.items() for k, v in m.state_dict().items()}
+
+
+def request(**changes) -> GenerationRequest:
+    base = GenerationRequest(model="tiny", prompt="a lighthouse at dusk", negative_prompt="blurry", steps=4,
+                             seed=42, width=64, height=64)
+    return base.replace(**changes)
+
+
+# ---- tags and the request field ---------------------------------------------------------------------------
+
+
+def test_tags_put_the_text_encoder_weight_first_and_are_removed_from_the_text():
+    prompt = "a cat <lora:detail> <lora:ink:0.6>, <LyCO:soft:0.2:0.9> <lora:x:te=0.5:unet=0.25:dyn=4>"
+    assert prompt_loras(prompt) == [
+        LoraRef("detail", 1.0), LoraRef("ink", 0.6), LoraRef("soft", weight=0.9, te_weight=0.2),
+        LoraRef("x", weight=0.25, te_weight=0.5),
+    ]
+    assert LoraRef("soft", weight=0.9, te_weight=0.2).te == 0.2
+    assert strip_tags(prompt) == "a cat  ,  "
+
+
+def test_request_loras_field_is_validated_and_round_trips():
+    req = GenerationRequest.from_dict({"model": "m", "prompt": "<lora:a:0.5>",
+                                       "loras": [{"name": "b", "weight": 0.7, "te_weight": 0.2}, {"name": "c"}]})
+    assert req.lora_refs() == (LoraRef("b", 0.7, 0.2), LoraRef("c", 1.0), LoraRef("a", 0.5))
+    again = GenerationRequest.from_dict(json.loads(json.dumps(req.to_dict())))
+    assert again == req and again.prompt == "<lora:a:0.5>"  # the prompt keeps its tags
+    with pytest.raises(RequestError, match=r"loras\[0\] .*'strength' is not a LoRA entry key"):
+        GenerationRequest.from_dict({"model": "m", "loras": [{"name": "b", "strength": 1}]})
+    with pytest.raises(RequestError, match=r"loras\[1\] .*weight: a number"):
+        GenerationRequest.from_dict({"model": "m", "loras": [{"name": "b"}, {"name": "c", "weight": "x"}]})
+    with pytest.raises(RequestError, match=r"prompt = .*<lora:a:strong>: 'strong' is not a number"):
+        GenerationRequest(model="m", prompt="<lora:a:strong>")
+
+
+# ---- the key map --------------------------------------------------------------------------------------------
+
+
+def test_ldm_block_names_map_to_the_diffusers_ones_kohya_uses():
+    # SD1.5 layout (2 res blocks per level), lora.md §3.1 table
+    assert ldm_unet_to_diffusers("input_blocks.1.1.proj_in", 2) == "down_blocks.0.attentions.0.proj_in"
+    assert ldm_unet_to_diffusers("input_blocks.1.0.in_layers.2", 2) == "down_blocks.0.resnets.0.conv1"
+    assert ldm_unet_to_diffusers("input_blocks.3.0.op", 2) == "down_blocks.0.downsamplers.0.conv"
+    assert ldm_unet_to_diffusers("middle_block.2.out_layers.3", 2) == "mid_block.resnets.1.conv2"
+    assert ldm_unet_to_diffusers("output_blocks.2.1.conv", 2) == "up_blocks.0.upsamplers.0.conv"
+    assert ldm_unet_to_diffusers("output_blocks.5.2.conv", 2) == "up_blocks.1.upsamplers.0.conv"
+    assert ldm_unet_to_diffusers("output_blocks.5.1.proj_in", 2) == "up_blocks.1.attentions.2.proj_in"
+    assert ldm_unet_to_diffusers("input_blocks.4.0.skip_connection", 2) == "down_blocks.1.resnets.0.conv_shortcut"
+
+
+def test_ldm_and_diffusers_named_kohya_files_merge_identically(model, models):
+    find, cache = _find(models), LoraFileCache()
+    activate(model.loras, [LoraRef("kohya", 0.8)], find, cache)
+    diffusers_named = _weights(model)
+    activate(model.loras, [LoraRef("kohya_ldm", 0.8)], find, cache)
+    ldm_named = _weights(model)
+    assert model.loras.merged_weights == len(read_lora(models / "loras" / "kohya.safetensors").modules)
+    assert all(torch.equal(diffusers_named[k], ldm_named[k]) for k in diffusers_named)
+
+
+# ---- deltas against hand-computed ones -----------------------------------------------------------------------
+
+
+def _hand_delta(t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """LoCon / LoHa / LoKr deltas written out index by index (lora.md §1-2), independently of core/lora."""
+    t = {k: v.double() for k, v in t.items()}
+    alpha = float(t["alpha"]) if "alpha" in t else None
+    if "lora_up.weight" in t:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        r = down.shape[0]
+        if "lora_mid.weight" in t:
+            mid = t["lora_mid.weight"]
+            d = torch.zeros(shape, dtype=torch.float64)
+            for a in range(r):
+                for b in range(r):
+                    d += up[:, a, 0, 0][:, None, None, None] * mid[a, b][None, None] * down[b, :, 0, 0][None, :, None, None]
+        else:
+            d = torch.zeros(shape, dtype=torch.float64)
+            for a in range(r):
+                d += (up[:, a].reshape(-1, 1, 1, 1) if len(shape) == 4 else up[:, a, None]) * down[a][None]
+        return d * (alpha / r if alpha else 1.0)
+    if "hada_w1_a" in t:
+        if "hada_t1" in t:
+            def factor(i):
+                core, wa, wb = t[f"hada_t{i}"], t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+                # R[o, n, y, x] = sum_a sum_b wa[a, o] core[a, b, y, x] wb[b, n]
+                return sum(wa[a][:, None, None, None] * core[a, b][None, None] * wb[b][None, :, None, None]
+                           for a in range(core.shape[0]) for b in range(core.shape[1]))
+            d, r = factor(1) * factor(2), t["hada_w1_b"].shape[0]
+        else:
+            d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+            r = t["hada_w1_b"].shape[0]
+        return d.reshape(shape) * (alpha / r if alpha else 1.0)
+    w1 = t["lokr_w1"]
+    if "lokr_t2" in t:
+        core, wa, wb = t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]
+        w2 = sum(wa[a][:, None, None, None] * core[a, b][None, None] * wb[b][None, :, None, None]
+                 for a in range(core.shape[0]) for b in range(core.shape[1]))
+        r = wb.shape[0]
+    else:
+        wb = t["lokr_w2_b"]
+        w2 = (t["lokr_w2_a"] @ wb.flatten(1)).reshape(t["lokr_w2_a"].shape[0], *wb.shape[1:])
+        r = wb.shape[0]
+    # Kronecker product by blocks: block (i, j) of size w2 is w1[i, j] * w2
+    a, c = w1.shape
+    b, dd = w2.shape[:2]
+    d = torch.zeros((a * b, c * dd, *w2.shape[2:]), dtype=torch.float64)
+    for i in range(a):
+        for j in range(c):
+            d[i * b : (i + 1) * b, j * dd : (j + 1) * dd] = w1[i, j] * w2
+    return d.reshape(shape) * (alpha / r if alpha else 1.0)
+
+
+@pytest.mark.parametrize("name", ["locon", "locon_tucker", "loha", "loha_tucker", "lokr", "lokr_tucker"])
+def test_lycoris_deltas_equal_hand_computed_ones(model, models, name):
+    path = models / "loras" / f"{name}.safetensors"
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    before = _weights(model)
+    activate(model.loras, [LoraRef(name, 0.7)], _find(models), LoraFileCache())
+    after = _weights(model)
+    checked = set()
+    for layer in ("unet.input_blocks.1.0.in_layers.2", "unet.output_blocks.0.0.out_layers.3",  # 3x3 convs
+                  "unet.input_blocks.1.1.proj_in",  # 1x1 conv
+                  "unet.middle_block.1.transformer_blocks.0.attn2.to_k", "text_encoder.text_model.encoder.layers.0.mlp.fc1"):
+        role, module = layer.split(".", 1)
+        lora_name = ("lora_unet_" + ldm_unet_to_diffusers(module, 1) if role == "unet" else "lora_te_" + module)
+        lora_name = lora_name.replace(".", "_")
+        parts = {k[len(lora_name) + 1 :]: v for k, v in raw.items() if k.startswith(lora_name + ".")}
+        assert parts, lora_name
+        key = f"{layer}.weight"
+        expected = 0.7 * _hand_delta(parts, tuple(before[key].shape))
+        assert torch.allclose((after[key].double() - before[key].double()), expected, rtol=1e-4, atol=1e-6), key
+        checked.add(len(before[key].shape))
+    assert checked == {2, 4}
+
+
+# ---- merge, switch, remove ----------------------------------------------------------------------------------
+
+
+def test_removing_loras_restores_every_weight_exactly_and_switching_remerges_only_what_changed(model, models):
+    find, cache = _find(models), LoraFileCache()
+    before = {k: v.clone() for k, v in _weights(model).items()}
+    pointers = {k: v.data_ptr() for k, v in _weights(model).items()}
+    activate(model.loras, [LoraRef("unet_only", 0.9)], find, cache)
+    unet_weights = model.loras.merged_weights
+    merges = []
+    original = model.loras._merge
+    model.loras._merge = lambda key, c: (merges.append(key), original(key, c))
+    activate(model.loras, [LoraRef("unet_only", 0.9), LoraRef("te_only", 1.0)], find, cache)
+    assert merges and all(role == "text_encoder" for role, _ in merges)  # the UNet kept its merge
+    assert model.loras.merged_weights == unet_weights + len(merges)
+    activate(model.loras, [LoraRef("peft", 0.5), LoraRef("locon_tucker", 1.2)], find, cache)
+    assert any(not torch.equal(before[k], v) for k, v in _weights(model).items())
+    activate(model.loras, [], find, cache)
+    after = _weights(model)
+    assert model.loras.merged_weights == 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(after[k].data_ptr() == pointers[k] for k in after)  # the original tensors themselves are back
+    assert cache.reads == 4  # each file read once
+
+
+def test_two_loras_add_their_deltas_in_any_order(model, models):
+    find, cache = _find(models), LoraFileCache()
+    before = _weights(model)
+    deltas = {}
+    for name, weight in (("kohya", 0.8), ("peft", -0.5)):
+        activate(model.loras, [LoraRef(name, weight)], find, cache)
+        deltas[name] = {k: v.double() - before[k].double() for k, v in _weights(model).items()}
+    activate(model.loras, [LoraRef("kohya", 0.8), LoraRef("peft", -0.5)], find, cache)
+    both = _weights(model)
+    activate(model.loras, [LoraRef("peft", -0.5), LoraRef("kohya", 0.8)], find, cache)
+    assert all(torch.equal(both[k], v) for k, v in _weights(model).items())  # rebuilt from the originals
+    key = "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    expected = before[key].double() + deltas["kohya"][key] + deltas["peft"][key]
+    assert torch.allclose(both[key].double(), expected, atol=1e-6)
+
+
+def test_a_fp16_model_merges_in_fp32_and_casts_back(checkpoint, models):
+    half = load_model(checkpoint, compute_hash=False, dtype=torch.float16)
+    before = _weights(half)
+    activate(half.loras, [LoraRef("kohya", 1.0)], _find(models), LoraFileCache())
+    lora = read_lora(models / "loras" / "kohya.safetensors")
+    key = "unet.input_blocks.1.1.transformer_blocks.0.attn2.to_v"
+    module = lora.modules["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"]
+    expected = (before[key + ".weight"].float() + module.delta(before[key + ".weight"].shape)).half()
+    assert _weights(half)[key + ".weight"].dtype == torch.float16
+    assert torch.equal(_weights(half)[key + ".weight"], expected)
+
+
+# ---- text-encoder LoRAs and the prompt cache ----------------------------------------------------------------
+
+
+def test_a_text_encoder_lora_changes_the_encoding_and_the_cache_keys_on_it(model, models):
+    find, cache, prompts = _find(models), LoraFileCache(), PromptCache()
+    plain = prompts.encode(model, "a lighthouse")
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    with_lora = prompts.encode(model, "a lighthouse")
+    assert prompts.misses == 2 and not torch.allclose(plain.context, with_lora.context, atol=1e-3)
+    activate(model.loras, [LoraRef("te_only", 1.0, te_weight=0.0)], find, cache)  # te weight 0: plain text
+    assert torch.equal(prompts.encode(model, "a lighthouse").context, plain.context) and prompts.hits == 1
+    activate(model.loras, [LoraRef("unet_only", 1.0)], find, cache)  # a UNet LoRA keeps the cached text
+    prompts.encode(model, "a lighthouse")
+    assert prompts.hits == 2 and prompts.misses == 2
+
+
+def test_generate_refuses_a_request_whose_loras_are_not_merged(model):
+    with pytest.raises(ValueError, match="LoRAs merged first"):
+        generate(model, request(prompt="a cat <lora:kohya:1>"))
+
+
+# ---- errors and warnings ------------------------------------------------------------------------------------
+
+
+def test_a_missing_lora_name_suggests_close_matches(models):
+    runner = PipelineRunner([models])
+    with pytest.raises(ModelNotFoundError, match="LoRA 'kohyaa' not found in .*close matches: kohya"):
+        runner.apply_loras(runner.ensure_model(request()), request(prompt="<lora:kohyaa:1>"))
+    assert runner.registry.find_lora("peft") == models / "loras" / "styles" / "peft.safetensors"  # recursive
+
+
+def test_a_lora_for_another_family_is_one_error_naming_both(model, models, tmp_path, checkpoint):
+    sdxl = save_tensors({
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
+    }, tmp_path / "xl.safetensors")
+    message = "LoRA 'xl' is a SDXL LoRA .*context width 2048.*but the model 'tiny' is SD1.x"
+    with pytest.raises(LoraError, match=message):
+        activate(model.loras, [LoraRef("xl")], lambda name: sdxl, LoraFileCache(), model="tiny")
+    with pytest.raises(LoraError, match=message):
+        check_lora(sdxl, checkpoint, "xl", "tiny")
+    assert model.loras.merged_weights == 0
+
+
+def test_unmatched_keys_are_counted_in_a_warning(model, models, tmp_path, checkpoint):
+    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1)
+    tensors["lora_unet_not_a_layer.lora_down.weight"] = torch.zeros(4, 8)
+    tensors["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(8, 4)
+    tensors["something_else"] = torch.zeros(1)
+    path = save_tensors(tensors, tmp_path / "extra.safetensors")
+    expected = f"LoRA 'extra': 3 of {len(tensors)} keys match no layer of the SD1.x model and were skipped"
+    warnings = activate(model.loras, [LoraRef("extra")], lambda name: path, LoraFileCache())
+    assert len(warnings) == 1 and warnings[0].startswith(expected)
+    assert check_lora(path, checkpoint, "extra", "tiny")[0].startswith(expected)
+    junk = save_tensors({"lora_unet_nothing.lora_down.weight": torch.zeros(4, 8),
+                         "lora_unet_nothing.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "junk.safetensors")
+    with pytest.raises(LoraError, match="none of LoRA 'junk''s 2 keys match a layer of this SD1.x model"):
+        activate(model.loras, [LoraRef("junk")], lambda name: junk, LoraFileCache())
+
+
+def test_dora_is_refused_by_name(model, tmp_path):
+    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1, text_encoder=False)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors[name + ".dora_scale"] = torch.ones(32, 1, 1, 1)
+    path = save_tensors(tensors, tmp_path / "dora.safetensors")
+    with pytest.raises(LoraError, match="is a DoRA .*not supported yet"):
+        activate(model.loras, [LoraRef("dora")], lambda n: path, LoraFileCache())
+
+
+# ---- hashes and infotext ------------------------------------------------------------------------------------
+
+
+def test_a_pt_lora_loads_through_the_weights_only_unpickler(model, tmp_path):
+    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1)
+    torch.save(tensors, tmp_path / "old.pt")
+    lora = read_lora(tmp_path / "old.pt")
+    assert len(lora.modules) == len(tensors) // 3 and lora.sha256 == hashlib.sha256(
+        (tmp_path / "old.pt").read_bytes()).hexdigest()  # A1111: a non-safetensors file hashes whole
+    activate(model.loras, [LoraRef("old")], lambda name: tmp_path / "old.pt", LoraFileCache())
+    assert model.loras.merged_weights == len(lora.modules)
+
+
+def test_the_lora_hash_follows_a1111(tmp_path, models):
+    path = models / "loras" / "kohya.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert read_lora(path).sha256 == hashlib.sha256(data[8 + n :]).hexdigest()  # tensor data only
+    stamped = write_random_lora(tmp_path / "stamped.safetensors", seed=1, metadata={"sshs_model_hash": "AB" * 32})
+    assert read_lora(stamped).shorthash == "ab" * 6
+
+
+def test_batch_records_lora_hashes_and_keeps_the_prompt_as_written(models, tmp_path):
+    from core.metadata import PARAMETERS_KEY
+
+    req = request(prompt="a cat <lora:kohya:0.5>", loras=[{"name": "unet_only", "weight": 0.3}], steps=1)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(req.to_dict()))
+    code, paths, err = _batch(models, jobs, tmp_path)
+    assert code == 0, err
+    text = Image.open(paths[0]).text[PARAMETERS_KEY]
+    assert text.startswith("a cat <lora:kohya:0.5>\n")
+    h = {name: read_lora(models / "loras" / f"{name}.safetensors").shorthash for name in ("kohya", "unet_only")}
+    assert f'Lora hashes: "unet_only: {h["unet_only"]}, kohya: {h["kohya"]}"' in text
+
+
+def test_batch_names_a_missing_or_wrong_family_lora_before_running(models, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(request(prompt="<lora:kohja:1>", steps=1).to_dict()))
+    code, _, err = _batch(models, jobs, tmp_path)
+    assert code == 3 and "job 1: LoRA 'kohja' not found" in err and "close matches: kohya" in err, err
+
+
+def _batch(models: Path, jobs: Path, tmp_path: Path) -> tuple[int, list[Path], str]:
+    env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"))
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--batch", str(jobs), "--models-dir", str(models),
+         "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    return done.returncode, [Path(line) for line in done.stdout.splitlines()], done.stderr
+
+
+# ---- against diffusers ----------------------------------------------------------------------------------------
+
+
+def _diffusers_named(model) -> dict[str, torch.Tensor]:
+    """Our merged UNet and text encoder under diffusers/transformers names (diffusers' own converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from core.models.unet import UNetConfig
+    from tests.reference import UNET_PREFIX, diffusers_unet_config
+
+    unet = {UNET_PREFIX + k: v for k, v in model.checkpoint.unet.state_dict().items()}
+    config = diffusers_unet_config(UNetConfig.from_state_dict({k: v.shape for k, v in model.checkpoint.unet.state_dict().items()}))
+    out = {"unet." + k: v for k, v in convert_ldm_unet_checkpoint(unet, config).items()}
+    out.update({"text_encoder." + k.removeprefix("text_model."): v
+                for k, v in model.checkpoint.text_encoder.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("lora,te,unet", [
+    ("kohya", 0.8, 0.8),
+    ("peft_config", 0.5, 1.2),  # a diffusers-saved PEFT file: alpha and rsLoRA from its adapter metadata
+])
+def test_merged_weights_equal_diffusers_merged_weights(checkpoint, models, tmp_path, lora, te, unet):
+    path = models / "loras" / f"{lora}.safetensors"
+    if lora == "peft_config":
+        config = {"unet.r": 8, "unet.lora_alpha": 4, "unet.use_rslora": True, "text_encoder.r": 8,
+                  "text_encoder.lora_alpha": 16, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                  "text_encoder.target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+        path = write_random_lora(tmp_path / "peft_config.safetensors", fmt="peft", rank=8, seed=9,
+                                 metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    ours = load_model(checkpoint, compute_hash=False)
+    activate(ours.loras, [LoraRef(lora, unet, te)], lambda name: path, LoraFileCache())
+    pipe = reference_pipeline(checkpoint)
+    plain = {**{"unet." + k: v.clone() for k, v in pipe.unet.state_dict().items()},
+             **{"text_encoder." + k.removeprefix("text_model."): v.clone()
+                for k, v in pipe.text_encoder.state_dict().items()}}
+    merge_lora_reference(pipe, path, unet, te)
+    expected = {**{"unet." + k: v for k, v in pipe.unet.state_dict().items()},
+                **{"text_encoder." + k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}}
+    got = _diffusers_named(ours)
+    changed = [k for k in expected if not torch.equal(expected[k], plain[k])]
+    assert len(changed) == ours.loras.merged_weights
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_batch_with_kohya_and_peft_loras_matches_diffusers(models, checkpoint, tmp_path):
+    """``darkroom --batch`` with a kohya LoRA (prompt tag) and a PEFT one (``loras`` field) against diffusers'
+    pipeline from the same checkpoint with the same LoRA files merged at the same scales (10 Euler steps, as
+    in test_pipeline's parity test)."""
+    kohya = request(steps=10, width=64, height=96, prompt="a lighthouse at dusk <lora:kohya:0.8>")
+    peft = request(steps=10, width=64, height=96, seed=7, loras=[{"name": "peft", "weight": 0.6}])
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r.to_dict()) for r in (kohya, peft)))
+    code, paths, err = _batch(models, jobs, tmp_path)
+    assert code == 0 and len(paths) == 2, err
+
+    results = []
+    for req, lora, scale in ((kohya, "kohya.safetensors", 0.8), (peft, "styles/peft.safetensors", 0.6)):
+        pipe = reference_pipeline(checkpoint)
+        plain = pipe(prompt=strip_tags(req.prompt), negative_prompt=req.negative_prompt, num_inference_steps=10,
+                     guidance_scale=req.cfg, generator=torch.Generator().manual_seed(req.seed), width=64,
+                     height=96).images[0]
+        merge_lora_reference(pipe, models / "loras" / lora, scale)
+        expected = pipe(prompt=strip_tags(req.prompt), negative_prompt=req.negative_prompt, num_inference_steps=10,
+                        guidance_scale=req.cfg, generator=torch.Generator().manual_seed(req.seed), width=64,
+                        height=96).images[0]
+        ours = Image.open(paths[len(results)]).convert("RGB")
+        results.append((psnr(ours, expected), psnr(ours, plain)))
+    print("PSNR with LoRA vs diffusers, vs diffusers without:", results)
+    for with_lora, without in results:
+        assert with_lora >= 40
+        assert without < with_lora - 5  # the LoRA visibly changed the image
