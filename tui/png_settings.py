@@ -2,7 +2,7 @@
 
 The image's parameters are read by ``core.metadata.read_request`` (Darkroom, A1111, Forge and EXIF infotext);
 this module only turns that request into form values and says, in words, what was filled and what was not:
-a model or VAE that is not in the models folders keeps the form's own, LoRA tags stay plain prompt text, a
+a model or VAE that is not in the models folders keeps the form's own, A1111 prompt syntax Darkroom does not apply yet is named, a
 sampler Darkroom does not have falls back to Euler.
 """
 
