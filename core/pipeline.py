@@ -207,6 +207,20 @@ def encode_conditioning(
     return cond, uncond
 
 
+def for_image(
+    model: LoadedModel, request: GenerationRequest, cond: Conditioning, uncond: Conditioning, width: int, height: int
+) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) with what the family conditions on besides the text for a ``width`` x ``height`` image
+    (SDXL's size vector ``y``); unchanged for families whose conditioner has no ``for_image``."""
+    finish = getattr(model.conditioner, "for_image", None)
+    if finish is None:
+        return cond, uncond
+    return (
+        finish(cond, request.prompt, width, height, negative=False),
+        finish(uncond, request.negative_prompt, width, height, negative=True),
+    )
+
+
 # ------------------------------------------------------------------------------------------ image helpers
 
 
@@ -334,7 +348,8 @@ def generate(
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     cache = cache or PromptCache()
-    cond, uncond = encode_conditioning(model, request, cache)
+    text_cond, text_uncond = encode_conditioning(model, request, cache)
+    cond, uncond = for_image(model, request, text_cond, text_uncond, request.width, request.height)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
     init_pixels = None
@@ -361,12 +376,25 @@ def generate(
             )
         _check_finite(model, latents, "sampling")
         if request.hires is not None:
-            latents = _hires_pass(model, request, denoiser, latents, batch_seeds, progress, is_cancelled)
+            hires_denoiser = denoiser
+            if getattr(model.conditioner, "for_image", None) is not None:
+                # SDXL conditions on the image size: the second pass gets its own (A1111 does the same).
+                w, h = hires_size(model, request)
+                hires_denoiser = _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h),
+                                           request.cfg, size)
+            latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
             _check_finite(model, latents, "sampling")
         pixels = decode(model, latents)
         _check_finite(model, pixels, "decoding")
         results.extend(zip(latents_to_images(pixels), batch_seeds))
     return results
+
+
+def hires_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
+    """Pixel size of the hires-fix pass: the scaled size rounded to the family's pixel multiple."""
+    multiple = model.spec.pixel_multiple
+    scale = request.hires.scale
+    return round(request.width * scale / multiple) * multiple, round(request.height * scale / multiple) * multiple
 
 
 def _hires_pass(
@@ -380,9 +408,7 @@ def _hires_pass(
 ) -> torch.Tensor:
     """Upscale the first pass (in latent space, or decode-resize-encode) and re-sample at hires.denoise."""
     hires = request.hires
-    multiple = model.spec.pixel_multiple
-    width = round(request.width * hires.scale / multiple) * multiple
-    height = round(request.height * hires.scale / multiple) * multiple
+    width, height = hires_size(model, request)
     # Fresh per-image streams from the same seeds, as A1111 does: at the new size the draw is a different field.
     noise = model.noise_sampler(seeds, width, height)
     if hires.upscaler == "latent":

@@ -39,6 +39,8 @@ def _ignorable(component: str, rel_key: str) -> bool:
     """Keys real files carry inside a component that no network needs."""
     if rel_key.endswith("position_ids"):  # CLIP's arange buffer, saved by older transformers versions
         return True
+    if rel_key == "logit_scale":  # OpenCLIP's contrastive temperature: not part of the text encoder
+        return True
     return component == "vae" and rel_key.startswith("loss.")  # training-time discriminator/LPIPS
 
 

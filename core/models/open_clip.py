@@ -74,8 +74,14 @@ class OpenCLIPTextConfig:
         return presets[family]
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> OpenCLIPTextConfig:
-        """Read the configuration off OpenCLIP keys and shapes (keys relative to the component prefix)."""
+    def from_state_dict(
+        cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None
+    ) -> OpenCLIPTextConfig:
+        """Read the configuration off OpenCLIP keys and shapes (keys relative to the component prefix).
+
+        ``family`` is accepted for the loader's contract; every OpenCLIP setting shows in the shapes (heads are
+        64 wide).
+        """
 
         def shape(key: str) -> tuple[int, ...]:
             if key not in shapes:

@@ -98,6 +98,9 @@ def iter_random_checkpoint(
         if component.network.endswith(":CLIPTextModel"):
             # Real SD1.x files carry CLIP's position_ids buffer; loaders must tolerate it.
             yield prefix + "text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None]
+        if component.network.endswith(":OpenCLIPTextModel"):
+            # Real SD2.x/SDXL files carry OpenCLIP's contrastive temperature (ln 100); loaders must ignore it.
+            yield prefix + "logit_scale", torch.tensor(4.6052, dtype=dtype)
     sampling = _families()[family].sampling
     if sampling.schedule() is not None:
         yield from _schedule_buffers(sampling, dtype).items()
