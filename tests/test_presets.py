@@ -19,7 +19,9 @@ from core.presets import (
 )
 from core.request import GenerationRequest, HiresFix
 
-BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires"}
+SD15_BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires"}
+SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"}
+BUILTINS = SD15_BUILTINS | SDXL_BUILTINS
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def test_builtins_ship_as_package_data_and_load():
     assert problems == []
     found = by_name(presets)
     assert set(found) == BUILTINS
-    assert all(p.builtin and p.family == "sd15" and p.description for p in presets)
+    assert all(p.builtin and p.family == p.name.split("-")[0] and p.description for p in presets)
     assert found["sd15-balanced"].fields == {
         "sampler": "dpmpp_2m", "schedule": "karras", "steps": 25, "cfg": 7.0, "width": 512, "height": 512,
     }
@@ -56,6 +58,9 @@ def test_builtins_ship_as_package_data_and_load():
     assert (lcm.fields["sampler"], lcm.fields["steps"], lcm.fields["cfg"]) == ("lcm", 4, 1.5)
     assert "LCM" in lcm.description and "LoRA" in lcm.description
     assert found["sd15-hires"].fields["hires"] == {"scale": 2.0, "upscaler": "latent", "steps": 0, "denoise": 0.5}
+    xl = found["sdxl-balanced"].fields
+    assert (xl["width"], xl["height"], found["sdxl-fast-ays"].fields["schedule"]) == (1024, 1024, "ays")
+    assert found["sdxl-hires"].fields["hires"]["scale"] == 1.5
     for preset in presets:  # every built-in makes a valid request
         GenerationRequest.from_dict(apply_preset(preset, {"model": "m.safetensors"}))
 

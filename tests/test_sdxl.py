@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks: one thread is faster than two fighting over a shared machine's cores (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
@@ -49,6 +59,11 @@ def checkpoint(models_dir) -> Path:
 @pytest.fixture(scope="module")
 def pair(checkpoint):
     return load_checkpoint(checkpoint, dtype=torch.float32), reference_sdxl_components(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return reference_sdxl_pipeline(checkpoint)
 
 
 def test_file_has_the_real_sdxl_key_names_and_is_detected_by_them(checkpoint):
@@ -108,11 +123,10 @@ def test_unet_and_vae_match_diffusers(pair):
         assert rel_err(ours.vae.encode(images, sample=False), expected) <= 1e-5
 
 
-def test_conditioner_matches_diffusers_encode_prompt(pair, checkpoint):
+def test_conditioner_matches_diffusers_encode_prompt(pair, pipe):
     """Context (CLIP-L + bigG penultimate states, 2048 wide at full size) and pooled vector of one chunk, and
     the size vector y as diffusers builds it (add_time_ids through add_time_proj)."""
     ours, ref = pair
-    pipe = reference_sdxl_pipeline(checkpoint)
     plain = "a lighthouse at dusk, oil painting"
     with torch.no_grad():
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
@@ -169,8 +183,7 @@ def test_size_vector_follows_the_image_size(pair):
     assert a.shape == (1, 176) and not torch.equal(a, b)
 
 
-def _diffusers_txt2img(checkpoint, req: GenerationRequest) -> Image.Image:
-    pipe = reference_sdxl_pipeline(checkpoint)
+def _diffusers_txt2img(pipe, req: GenerationRequest) -> Image.Image:
     return pipe(
         prompt=req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
         guidance_scale=req.cfg, generator=torch.Generator().manual_seed(req.seed),
@@ -178,7 +191,7 @@ def _diffusers_txt2img(checkpoint, req: GenerationRequest) -> Image.Image:
     ).images[0]
 
 
-def test_batch_cli_matches_diffusers_sdxl_pipeline(models_dir, checkpoint, tmp_path):
+def test_batch_cli_matches_diffusers_sdxl_pipeline(models_dir, pipe, tmp_path):
     """``darkroom --batch`` in a subprocess against ``StableDiffusionXLPipeline``, Euler, 10 steps (whole
     timesteps under "linspace" spacing, see test_pipeline). An empty negative prompt is passed to diffusers as
     ``None`` so its ``force_zeros_for_empty_prompt`` zeroes it, as A1111 and we do; a non-empty one is encoded
@@ -189,19 +202,23 @@ def test_batch_cli_matches_diffusers_sdxl_pipeline(models_dir, checkpoint, tmp_p
     jobs = [base, base.replace(negative_prompt="", seed=12)]
     job_file = tmp_path / "jobs.jsonl"
     job_file.write_text("\n".join(json.dumps(r.to_dict()) for r in jobs))
-    env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "--batch", str(job_file), "--models-dir", str(models_dir),
          "--output-dir", str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    print(f"darkroom --batch: {time.monotonic() - started:.1f} s")
     paths = [Path(line) for line in done.stdout.splitlines()]
     assert len(paths) == 2, done.stdout
     for path, req in zip(paths, jobs):
         ours = Image.open(path).convert("RGB")
         assert ours.size == (64, 96)
-        value = psnr(ours, _diffusers_txt2img(checkpoint, req))
+        started = time.monotonic()
+        value = psnr(ours, _diffusers_txt2img(pipe, req))
+        print(f"diffusers: {time.monotonic() - started:.1f} s")
         print(f"SDXL --batch vs StableDiffusionXLPipeline (negative {req.negative_prompt!r}): {value:.1f} dB")
         assert value >= 40
 
