@@ -258,12 +258,38 @@ def load_init_image(path: str, width: int, height: int) -> Image.Image:
     return image
 
 
-def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    vae = model.checkpoint.vae
+# VAEs (by file) whose float16 decode overflowed in this process: they decode in float32 from then on.
+_FP32_VAES: set[str] = set()
+
+
+def _vae_source(model: LoadedModel) -> str:
+    return str(model.checkpoint.vae_path or model.checkpoint.path)
+
+
+def _finite(values: torch.Tensor) -> bool:
+    return bool(torch.isfinite(values.sum(dtype=torch.float32)))  # see _check_finite
+
+
+def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         if latents.shape[-1] * latents.shape[-2] > TILED_DECODE_LATENT_PIXELS:
             return vae.decode_tiled(latents)
         return vae.decode(latents)
+
+
+def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Decode in the VAE's dtype; a float16 decode that overflows (NaN/inf: the original SDXL VAE does) is
+    redone in float32, and that VAE stays in float32 (A1111's automatic ``--no-half-vae``)."""
+    vae = model.checkpoint.vae
+    source = _vae_source(model)
+    if vae.dtype == torch.float16 and source in _FP32_VAES:
+        vae.to(torch.float32)
+    pixels = _decode(vae, latents)
+    if vae.dtype == torch.float16 and not _finite(pixels):
+        _FP32_VAES.add(source)
+        vae.to(torch.float32)
+        pixels = _decode(vae, latents)
+    return pixels
 
 
 def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler) -> torch.Tensor:
@@ -276,7 +302,7 @@ def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler)
     with torch.inference_mode():
         return torch.cat(
             [vae.encode(image[None], generator=gen) for image, gen in zip(images, noise.generators)]
-        )
+        ).to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
 # ------------------------------------------------------------------------------------------ sampling
