@@ -353,6 +353,44 @@ def _run_sampler(
         )
 
 
+class RefinerSwitch:
+    """The base model's guided denoiser, then the refiner's once the share ``switch`` of the denoising is done.
+
+    Decided per call by the timestep of sigma, as A1111 does by default ("completed ratio" ``(999 - t) / 1000
+    >= switch``) and diffusers' ``denoising_end``/``denoising_start`` (the refiner takes ``t < 1000 (1 -
+    switch)``): t <= 199 at 0.8. The sampler's own state (multistep history, the noise stream) carries on
+    across the switch, on the same latents and sigmas, as in A1111.
+    """
+
+    def __init__(self, base: Any, refiner: Any, schedule: DiscreteSchedule, switch: float) -> None:
+        self.base, self.refiner = base, refiner
+        self.schedule = schedule
+        self.refiner_from_t = 999 - round(switch * 1000)  # the refiner takes timesteps up to this one
+        self.refined = False  # whether the refiner has run (its VAE then decodes)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        top = sigma.max() if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
+        t = round(float(self.schedule.sigma_to_t(top.float().cpu())))
+        if t <= self.refiner_from_t:
+            self.refined = True
+            return self.refiner(x, sigma)
+        return self.base(x, sigma)
+
+
+class RefinerError(DarkroomError):
+    """The refiner cannot continue this model's latents."""
+
+
+def check_refiner(model: LoadedModel, refiner: LoadedModel) -> None:
+    """A refiner continues the base's latents, so it must work in the same latent space."""
+    a, b = model.spec.latent, refiner.spec.latent
+    if (a.channels, a.scale, a.shift) != (b.channels, b.scale, b.shift):
+        raise RefinerError(
+            f"refiner {refiner.name!r} is {refiner.spec.label}, whose latent space differs from "
+            f"{model.spec.label}'s; choose an SDXL refiner for an SDXL model"
+        )
+
+
 def steps_per_image_batch(request: GenerationRequest) -> int:
     """Sampler steps one batch of the job takes (first pass + hires pass), as counted for progress."""
     # Truncated schedules (denoise < 1) still run ``steps`` steps; denoise 0 runs none.
@@ -369,13 +407,28 @@ def generate(
     cache: PromptCache | None = None,
     on_step: StepCallback | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    refiner: LoadedModel | None = None,
 ) -> list[tuple[Image.Image, int]]:
-    """Run one resolved request; returns (image, seed) for every image of every batch."""
+    """Run one resolved request; returns (image, seed) for every image of every batch.
+
+    ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
+    denoising is done, and its VAE decodes when it did."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     cache = cache or PromptCache()
     text_cond, text_uncond = encode_conditioning(model, request, cache)
     cond, uncond = for_image(model, request, text_cond, text_uncond, request.width, request.height)
+    refiner_text = None
+    if refiner is not None:
+        check_refiner(model, refiner)
+        refiner_text = encode_conditioning(refiner, request, cache)
+
+    def guided(first: Any, width: int, height: int, size: int) -> Any:
+        """The CFG denoiser of ``first`` (the base's, for this image size), switching to the refiner's."""
+        if refiner_text is None:
+            return first
+        second = _denoiser(refiner, *for_image(refiner, request, *refiner_text, width, height), request.cfg, size)
+        return RefinerSwitch(first, second, model.schedule, request.refiner_switch)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
     init_pixels = None
@@ -387,7 +440,7 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = _denoiser(model, cond, uncond, request.cfg, size)
+        denoiser = guided(_denoiser(model, cond, uncond, request.cfg, size), request.width, request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
@@ -396,6 +449,7 @@ def generate(
             start = torch.zeros((size, *noise.shape), device=model.device, dtype=model.dtype)
             denoise = 1.0
         latents = start
+        ran = [denoiser]
         if denoise > 0:
             latents = _run_sampler(
                 model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
@@ -403,15 +457,19 @@ def generate(
         _check_finite(model, latents, "sampling")
         if request.hires is not None:
             hires_denoiser = denoiser
+            w, h = hires_size(model, request)
             if getattr(model.conditioner, "for_image", None) is not None:
                 # SDXL conditions on the image size: the second pass gets its own (A1111 does the same).
-                w, h = hires_size(model, request)
-                hires_denoiser = _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h),
-                                           request.cfg, size)
+                hires_denoiser = guided(
+                    _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h), request.cfg, size),
+                    w, h, size,
+                )
+            ran.append(hires_denoiser)
             latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
             _check_finite(model, latents, "sampling")
-        pixels = decode(model, latents)
-        _check_finite(model, pixels, "decoding")
+        last = refiner if refiner is not None and any(getattr(d, "refined", False) for d in ran) else model
+        pixels = decode(last, latents)
+        _check_finite(last, pixels, "decoding")
         results.extend(zip(latents_to_images(pixels), batch_seeds))
     return results
 
@@ -483,6 +541,7 @@ class PipelineRunner:
         self.previews = previews
         self.cache = PromptCache()
         self.model: LoadedModel | None = None
+        self.refiner: LoadedModel | None = None
 
     @property
     def loaded_model(self) -> str | None:
@@ -512,10 +571,29 @@ class PipelineRunner:
         self.dtype = self.model.dtype
         return self.model
 
+    def ensure_refiner(self, request: GenerationRequest, ctx: RunContext | None = None) -> LoadedModel | None:
+        """The request's refiner, loaded beside the model (with the request's VAE, as A1111 does); kept
+        loaded while jobs use the same one."""
+        if not request.refiner:
+            self.refiner = None
+            return None
+        path = self.registry.find_checkpoint(request.refiner)
+        vae_path = self.registry.find_vae(request.vae) if request.vae else None
+        key = (str(path), str(vae_path) if vae_path else None)
+        if self.refiner is not None and self.refiner.key == key:
+            return self.refiner
+        self.refiner = None
+        gc.collect()
+        if ctx is not None:
+            ctx.set_activity(f"loading refiner {path.name}")
+        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype)
+        return self.refiner
+
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
         request = job.request
         started = time.monotonic()
         model = self.ensure_model(request, ctx)
+        refiner = self.ensure_refiner(request, ctx)
         loaded = time.monotonic()
         ctx.set_activity("generating")
         first_step: list[float] = []
@@ -526,7 +604,9 @@ class PipelineRunner:
             preview = preview_image(denoised[0], model.family) if self.previews else None
             ctx.step(step, total, preview)
 
-        results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
+        results = generate(
+            model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
+        )
         finished = time.monotonic()
         timings = {
             "load": loaded - started,
