@@ -63,8 +63,8 @@ def _check_finite(model: LoadedModel, values: torch.Tensor, stage: str) -> None:
         return
     if stage == "decoding":
         cause = (
-            "the VAE produced NaN or infinite values while decoding; usually its weights are broken, or it "
-            "overflows in float16 (the original SDXL VAE does: use an fp16-fixed VAE or run it in float32)"
+            "the VAE produced NaN or infinite values while decoding (a float16 decode is retried in float32 "
+            "first, so this is not the SDXL VAE's float16 overflow); its weights are probably broken"
         )
     else:
         cause = (

@@ -231,3 +231,43 @@ def test_prompt_weighting_changes_the_image(checkpoint):
     a = generate(model, req)[0][0]
     b = generate(model, req.replace(prompt=PROMPT))[0][0]
     assert psnr(a, b) < 60
+
+
+CONFIGS = Path("/work/shared/data/model-configs/stabilityai")
+
+
+@pytest.mark.parametrize("family,repo", [("sdxl", "stable-diffusion-xl-base-1.0"),
+                                         ("sdxl_refiner", "stable-diffusion-xl-refiner-1.0")])
+def test_full_size_layouts_are_the_released_models(family, repo):
+    """testing.py's full-size files (built on meta here, no memory) have the released encoders' shapes."""
+    from core.models.families import get_family
+
+    folder = CONFIGS / repo
+    if not folder.is_dir():
+        pytest.skip("shared model configs not available")
+    spec = get_family(family)
+    # the refiner's diffusers repo (as copied here) keeps its one encoder, bigG, in text_encoder/
+    subs = {"text_encoder_2": "text_encoder"} if family == "sdxl_refiner" else {r: r for r in
+                                                                                ("text_encoder", "text_encoder_2")}
+    for role, sub in subs.items():
+        component = spec.component(role)
+        real = json.loads((folder / sub / "config.json").read_text())
+        cfg = component.config_class()(**component.presets["full"])
+        assert (cfg.width, cfg.layers, cfg.intermediate, cfg.max_positions, cfg.vocab_size) == (
+            real["hidden_size"], real["num_hidden_layers"], real["intermediate_size"],
+            real["max_position_embeddings"], real["vocab_size"],
+        )
+        assert cfg.heads == real["num_attention_heads"]
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        shapes = {c.prefix + k: tuple(v.shape) for c in spec.components
+                  for k, v in c.network_class()(c.config_class()(**c.presets["full"])).state_dict().items()}
+    assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (
+        unet["block_out_channels"][0] * 4, unet["projection_class_embeddings_input_dim"]
+    )
+    big_g = spec.component("text_encoder_2").prefix
+    assert shapes[big_g + "transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert shapes[big_g + "text_projection"] == (1280, 1280)
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    # the released fp16 files: 6.94 GB (base), 6.08 GB (refiner)
+    assert params == pytest.approx(3.47e9 if family == "sdxl" else 3.04e9, rel=0.01)
