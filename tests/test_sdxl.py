@@ -271,3 +271,24 @@ def test_full_size_layouts_are_the_released_models(family, repo):
     params = sum(torch.Size(s).numel() for s in shapes.values())
     # the released fp16 files: 6.94 GB (base), 6.08 GB (refiner)
     assert params == pytest.approx(3.47e9 if family == "sdxl" else 3.04e9, rel=0.01)
+
+
+def test_hires_pass_is_conditioned_on_its_own_size(checkpoint, monkeypatch):
+    """A1111 builds the second pass's SDXL conditioning for the upscaled size."""
+    from core.pipeline import generate
+    from core.request import HiresFix
+
+    model = load_model(checkpoint, compute_hash=False)
+    sizes = []
+    original = type(model.conditioner).for_image
+
+    def spy(self, cond, text, width, height, *, negative):
+        sizes.append((width, height, negative))
+        return original(self, cond, text, width, height, negative=negative)
+
+    monkeypatch.setattr(type(model.conditioner), "for_image", spy)
+    req = GenerationRequest(model="xl", prompt="a lighthouse", steps=1, seed=3, width=64, height=64,
+                            hires=HiresFix(scale=1.5, upscaler="latent", steps=1, denoise=0.5))
+    (image, _), = generate(model, req)
+    assert image.size == (96, 96)
+    assert sizes == [(64, 64, False), (64, 64, True), (96, 96, False), (96, 96, True)]
