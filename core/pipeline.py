@@ -586,7 +586,8 @@ class PipelineRunner:
         gc.collect()
         if ctx is not None:
             ctx.set_activity(f"loading refiner {path.name}")
-        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype)
+        # no hash: the infotext names the refiner by file name only
+        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False)
         return self.refiner
 
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
