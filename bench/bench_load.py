@@ -1,13 +1,14 @@
 """Checkpoint load time and memory against simply reading the file.
 
-Writes a full-size random SD1.5 fp16 checkpoint (about 2.13 GB) unless ``--path`` names one, then alternates
+Writes a full-size random fp16 checkpoint of ``--family`` (SD1.5 about 2.13 GB, SDXL 6.94 GB) unless
+``--path`` names one, then alternates
 (a) reading every byte in 16 MB chunks and (b) ``load_checkpoint`` (lazy: weights are mapped, not read) and
 (c) ``load_checkpoint`` plus touching every page of every weight (the real cost of having the weights in RAM).
 The page cache cannot be dropped without root, so every run reads from a warm cache: the ratios compare our
 overhead with the cheapest possible read, not disk speed. Peak RSS comes from fresh child processes that only
 import torch and load. Holds ``/tmp/darkroom-heavy.lock`` while running (run it plainly, not under ``flock``).
 
-    .venv/bin/python bench/bench_load.py [--path model.safetensors] [--repeats 3]
+    .venv/bin/python bench/bench_load.py [--family sdxl] [--path model.safetensors] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 loaded = load_checkpoint(sys.argv[2])
 if sys.argv[3] == "touch":
-    for m in (loaded.unet, loaded.text_encoder, loaded.vae):
+    for m in loaded.components.values():
         for p in m.parameters():
             p.view(-1)[:: max(1, 4096 // p.element_size())].sum()
 seconds = time.perf_counter() - t
@@ -52,7 +53,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from core.models.testing import write_random_checkpoint
-write_random_checkpoint(sys.argv[2], "sd15", "full", seed=0, dtype=torch.float16)
+write_random_checkpoint(sys.argv[2], sys.argv[3], "full", seed=0, dtype=torch.float16)
 """
 
 
@@ -68,7 +69,7 @@ def raw_read(path: Path) -> float:
 
 def touch_all(loaded) -> None:
     """Fault in every page of every weight (one element per 4 KB page is enough)."""
-    for module in (loaded.unet, loaded.text_encoder, loaded.vae):
+    for module in loaded.components.values():
         for p in module.parameters():
             p.view(-1)[:: max(1, 4096 // p.element_size())].sum()
 
@@ -83,18 +84,22 @@ def child(path: Path, mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--path", type=Path, help="an existing checkpoint (default: write a random SD1.5 fp16)"
+        "--path", type=Path, help="an existing checkpoint (default: write a random fp16 one of --family)"
     )
+    parser.add_argument("--family", default="sd15", help="family of the random checkpoint (sd15, sdxl)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    with heavy_lock(), scratch_checkpoint(args.path, write_in_child) as path:
+    def write(path: Path) -> None:
+        write_in_child(path, args.family)
+
+    with heavy_lock(), scratch_checkpoint(args.path, write, args.family) as path:
         measure(path, args.repeats)
 
 
-def write_in_child(path: Path) -> None:
+def write_in_child(path: Path, family: str = "sd15") -> None:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", WRITE, str(ROOT), str(path)], check=True)
+    subprocess.run([sys.executable, "-c", WRITE, str(ROOT), str(path), family], check=True)
     print(f"wrote {path} in {time.perf_counter() - t:.1f} s")
 
 

@@ -20,14 +20,14 @@ def heavy_lock() -> Iterator[None]:
 
 
 @contextmanager
-def scratch_checkpoint(path: Path | None, write: Callable[[Path], None]) -> Iterator[Path]:
-    """``path`` when given; otherwise a full-size random SD1.5 fp16 file written by ``write`` to a temp
-    folder that is removed afterwards (about 2 GB)."""
+def scratch_checkpoint(path: Path | None, write: Callable[[Path], None], family: str = "sd15") -> Iterator[Path]:
+    """``path`` when given; otherwise a full-size random fp16 file of ``family`` written by ``write`` to a temp
+    folder that is removed afterwards (about 2 GB for SD1.5, 6.9 GB for SDXL)."""
     if path is not None:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as folder:
-        path = Path(folder) / "sd15-full-fp16.safetensors"
-        print(f"writing a full-size random SD1.5 checkpoint to {path} ...", flush=True)
+        path = Path(folder) / f"{family}-full-fp16.safetensors"
+        print(f"writing a full-size random {family} checkpoint to {path} ...", flush=True)
         write(path)
         yield path

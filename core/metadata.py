@@ -133,6 +133,10 @@ def format_infotext(
         if request.is_img2img:
             # A1111 has no img2img + hires; keep the second strength under our own key.
             params["Hires denoising strength"] = hires.denoise
+    if request.refiner:
+        # A1111 (modules/processing_scripts/refiner.py): "Refiner: <checkpoint>, Refiner switch at: 0.8"
+        params["Refiner"] = _model_label(request.refiner)
+        params["Refiner switch at"] = request.refiner_switch
     for key, value in (extra or {}).items():
         # A new key goes last; a built-in key we left empty (e.g. "Model hash") is filled in its own position.
         # The values we computed from the request win, so ``extra`` cannot contradict the request.
@@ -291,7 +295,10 @@ _CONSUMED = {
     "Hires steps",
     "Hires upscaler",
     "Hires denoising strength",
+    "Refiner",
+    "Refiner switch at",
 }
+_SHORT_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 writes the refiner as "name [0123456789]"
 
 
 def _number(params: Mapping[str, str], key: str, kind: type) -> Any:
@@ -358,6 +365,10 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         fields["clip_skip"] = max(1, _number(params, "Clip skip", int))
     if params.get("Prediction", "").strip() in ("eps", "v"):
         fields["prediction"] = params["Prediction"].strip()
+    if params.get("Refiner"):
+        fields["refiner"] = _SHORT_HASH.sub("", params["Refiner"])
+        if "Refiner switch at" in params:
+            fields["refiner_switch"] = _number(params, "Refiner switch at", float)
 
     has_hires = any(key in params for key in _UPSCALE_KEYS)
     strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None

@@ -65,8 +65,8 @@ def _check_finite(model: LoadedModel, values: torch.Tensor, stage: str) -> None:
         return
     if stage == "decoding":
         cause = (
-            "the VAE produced NaN or infinite values while decoding; usually its weights are broken, or it "
-            "overflows in float16 (the original SDXL VAE does: use an fp16-fixed VAE or run it in float32)"
+            "the VAE produced NaN or infinite values while decoding (a float16 decode is retried in float32 "
+            "first, so this is not the SDXL VAE's float16 overflow); its weights are probably broken"
         )
     else:
         cause = (
@@ -228,6 +228,20 @@ def encode_conditioning(
     return cond, uncond
 
 
+def for_image(
+    model: LoadedModel, request: GenerationRequest, cond: Conditioning, uncond: Conditioning, width: int, height: int
+) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) with what the family conditions on besides the text for a ``width`` x ``height`` image
+    (SDXL's size vector ``y``); unchanged for families whose conditioner has no ``for_image``."""
+    finish = getattr(model.conditioner, "for_image", None)
+    if finish is None:
+        return cond, uncond
+    return (
+        finish(cond, request.prompt, width, height, negative=False),
+        finish(uncond, request.negative_prompt, width, height, negative=True),
+    )
+
+
 # ------------------------------------------------------------------------------------------ image helpers
 
 
@@ -265,12 +279,38 @@ def load_init_image(path: str, width: int, height: int) -> Image.Image:
     return image
 
 
-def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    vae = model.checkpoint.vae
+# VAEs (by file) whose float16 decode overflowed in this process: they decode in float32 from then on.
+_FP32_VAES: set[str] = set()
+
+
+def _vae_source(model: LoadedModel) -> str:
+    return str(model.checkpoint.vae_path or model.checkpoint.path)
+
+
+def _finite(values: torch.Tensor) -> bool:
+    return bool(torch.isfinite(values.sum(dtype=torch.float32)))  # see _check_finite
+
+
+def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         if latents.shape[-1] * latents.shape[-2] > TILED_DECODE_LATENT_PIXELS:
             return vae.decode_tiled(latents)
         return vae.decode(latents)
+
+
+def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Decode in the VAE's dtype; a float16 decode that overflows (NaN/inf: the original SDXL VAE does) is
+    redone in float32, and that VAE stays in float32 (A1111's automatic ``--no-half-vae``)."""
+    vae = model.checkpoint.vae
+    source = _vae_source(model)
+    if vae.dtype == torch.float16 and source in _FP32_VAES:
+        vae.to(torch.float32)
+    pixels = _decode(vae, latents)
+    if vae.dtype == torch.float16 and not _finite(pixels):
+        _FP32_VAES.add(source)
+        vae.to(torch.float32)
+        pixels = _decode(vae, latents)
+    return pixels
 
 
 def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler) -> torch.Tensor:
@@ -283,7 +323,7 @@ def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler)
     with torch.inference_mode():
         return torch.cat(
             [vae.encode(image[None], generator=gen) for image, gen in zip(images, noise.generators)]
-        )
+        ).to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -336,6 +376,44 @@ def _run_sampler(
         )
 
 
+class RefinerSwitch:
+    """The base model's guided denoiser, then the refiner's once the share ``switch`` of the denoising is done.
+
+    Decided per call by the timestep of sigma, as A1111 does by default ("completed ratio" ``(999 - t) / 1000
+    >= switch``) and diffusers' ``denoising_end``/``denoising_start`` (the refiner takes ``t < 1000 (1 -
+    switch)``): t <= 199 at 0.8. The sampler's own state (multistep history, the noise stream) carries on
+    across the switch, on the same latents and sigmas, as in A1111.
+    """
+
+    def __init__(self, base: Any, refiner: Any, schedule: DiscreteSchedule, switch: float) -> None:
+        self.base, self.refiner = base, refiner
+        self.schedule = schedule
+        self.refiner_from_t = 999 - round(switch * 1000)  # the refiner takes timesteps up to this one
+        self.refined = False  # whether the refiner has run (its VAE then decodes)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        top = sigma.max() if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
+        t = round(float(self.schedule.sigma_to_t(top.float().cpu())))
+        if t <= self.refiner_from_t:
+            self.refined = True
+            return self.refiner(x, sigma)
+        return self.base(x, sigma)
+
+
+class RefinerError(DarkroomError):
+    """The refiner cannot continue this model's latents."""
+
+
+def check_refiner(model: LoadedModel, refiner: LoadedModel) -> None:
+    """A refiner continues the base's latents, so it must work in the same latent space."""
+    a, b = model.spec.latent, refiner.spec.latent
+    if (a.channels, a.scale, a.shift) != (b.channels, b.scale, b.shift):
+        raise RefinerError(
+            f"refiner {refiner.name!r} is {refiner.spec.label}, whose latent space differs from "
+            f"{model.spec.label}'s; choose an SDXL refiner for an SDXL model"
+        )
+
+
 def steps_per_image_batch(request: GenerationRequest) -> int:
     """Sampler steps one batch of the job takes (first pass + hires pass), as counted for progress."""
     # Truncated schedules (denoise < 1) still run ``steps`` steps; denoise 0 runs none.
@@ -352,15 +430,31 @@ def generate(
     cache: PromptCache | None = None,
     on_step: StepCallback | None = None,
     is_cancelled: Callable[[], bool] | None = None,
+    refiner: LoadedModel | None = None,
 ) -> list[tuple[Image.Image, int]]:
-    """Run one resolved request; returns (image, seed) for every image of every batch."""
+    """Run one resolved request; returns (image, seed) for every image of every batch.
+
+    ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
+    denoising is done, and its VAE decodes when it did."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     if request.lora_refs() != model.loras.requested:
         raise ValueError("generate() needs the request's LoRAs merged first (core.lora.patch.activate)")
     cache = cache or PromptCache()
     model.prediction_for(request.prediction)  # an override that does not apply fails before any work
-    cond, uncond = encode_conditioning(model, request, cache)
+    text_cond, text_uncond = encode_conditioning(model, request, cache)
+    cond, uncond = for_image(model, request, text_cond, text_uncond, request.width, request.height)
+    refiner_text = None
+    if refiner is not None:
+        check_refiner(model, refiner)
+        refiner_text = encode_conditioning(refiner, request, cache)
+
+    def guided(first: Any, width: int, height: int, size: int) -> Any:
+        """The CFG denoiser of ``first`` (the base's, for this image size), switching to the refiner's."""
+        if refiner_text is None:
+            return first
+        second = _denoiser(refiner, *for_image(refiner, request, *refiner_text, width, height), request.cfg, size)
+        return RefinerSwitch(first, second, model.schedule, request.refiner_switch)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
     init_pixels = None
@@ -372,7 +466,8 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = _denoiser(model, cond, uncond, request.cfg, size, request.prediction)
+        denoiser = guided(_denoiser(model, cond, uncond, request.cfg, size, request.prediction), request.width,
+                          request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
@@ -381,18 +476,36 @@ def generate(
             start = torch.zeros((size, *noise.shape), device=model.device, dtype=model.dtype)
             denoise = 1.0
         latents = start
+        ran = [denoiser]
         if denoise > 0:
             latents = _run_sampler(
                 model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
             )
         _check_finite(model, latents, "sampling")
         if request.hires is not None:
-            latents = _hires_pass(model, request, denoiser, latents, batch_seeds, progress, is_cancelled)
+            hires_denoiser = denoiser
+            w, h = hires_size(model, request)
+            if getattr(model.conditioner, "for_image", None) is not None:
+                # SDXL conditions on the image size: the second pass gets its own (A1111 does the same).
+                hires_denoiser = guided(
+                    _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h), request.cfg, size),
+                    w, h, size,
+                )
+            ran.append(hires_denoiser)
+            latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
             _check_finite(model, latents, "sampling")
-        pixels = decode(model, latents)
-        _check_finite(model, pixels, "decoding")
+        last = refiner if refiner is not None and any(getattr(d, "refined", False) for d in ran) else model
+        pixels = decode(last, latents)
+        _check_finite(last, pixels, "decoding")
         results.extend(zip(latents_to_images(pixels), batch_seeds))
     return results
+
+
+def hires_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
+    """Pixel size of the hires-fix pass: the scaled size rounded to the family's pixel multiple."""
+    multiple = model.spec.pixel_multiple
+    scale = request.hires.scale
+    return round(request.width * scale / multiple) * multiple, round(request.height * scale / multiple) * multiple
 
 
 def _hires_pass(
@@ -406,9 +519,7 @@ def _hires_pass(
 ) -> torch.Tensor:
     """Upscale the first pass (in latent space, or decode-resize-encode) and re-sample at hires.denoise."""
     hires = request.hires
-    multiple = model.spec.pixel_multiple
-    width = round(request.width * hires.scale / multiple) * multiple
-    height = round(request.height * hires.scale / multiple) * multiple
+    width, height = hires_size(model, request)
     # Fresh per-image streams from the same seeds, as A1111 does: at the new size the draw is a different field.
     noise = model.noise_sampler(seeds, width, height)
     if hires.upscaler == "latent":
@@ -466,6 +577,7 @@ class PipelineRunner:
         from core.lora.files import LoraFileCache
 
         self.lora_files = LoraFileCache()
+        self.refiner: LoadedModel | None = None
 
     @property
     def loaded_model(self) -> str | None:
@@ -495,11 +607,31 @@ class PipelineRunner:
         self.dtype = self.model.dtype
         return self.model
 
+    def ensure_refiner(self, request: GenerationRequest, ctx: RunContext | None = None) -> LoadedModel | None:
+        """The request's refiner, loaded beside the model (with the request's VAE, as A1111 does); kept
+        loaded while jobs use the same one."""
+        if not request.refiner:
+            self.refiner = None
+            return None
+        path = self.registry.find_checkpoint(request.refiner)
+        vae_path = self.registry.find_vae(request.vae) if request.vae else None
+        key = (str(path), str(vae_path) if vae_path else None)
+        if self.refiner is not None and self.refiner.key == key:
+            return self.refiner
+        self.refiner = None
+        gc.collect()
+        if ctx is not None:
+            ctx.set_activity(f"loading refiner {path.name}")
+        # no hash: the infotext names the refiner by file name only
+        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False)
+        return self.refiner
+
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
         request = job.request
         started = time.monotonic()
         model = self.ensure_model(request, ctx)
         lora_extra = self.apply_loras(model, request, ctx)
+        refiner = self.ensure_refiner(request, ctx)
         loaded = time.monotonic()
         ctx.set_activity("generating")
         first_step: list[float] = []
@@ -512,7 +644,9 @@ class PipelineRunner:
             ctx.step(step, total, preview)
 
         with self.attention.active(new_job=True):
-            results = generate(model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled)
+            results = generate(
+                model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
+            )
         finished = time.monotonic()
         timings = {
             "load": loaded - started,

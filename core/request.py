@@ -33,6 +33,7 @@ IMG2IMG_DENOISE = 0.75  # img2img strength when a request gives none (A1111's an
 # own 89 MP bomb warning). Decoding one costs at most 256 MB as RGBA; anything bigger is refused at queue time,
 # before it costs gigabytes. Accepted images are scaled to the request's size when the job loads them.
 MAX_INIT_IMAGE_PIXELS = 8192 * 8192
+REFINER_SWITCH = 0.8  # A1111's "Switch at" default
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -187,6 +188,10 @@ class GenerationRequest:
     # LoRAs besides the prompt's <lora:name:weight> tags (batch files: [{name, weight, te_weight}]); a list of
     # tables is turned into LoraRefs on construction.
     loras: tuple[LoraRef, ...] = ()
+    # SDXL refiner (A1111's): a second checkpoint that takes over the same latents and sigmas once the share
+    # ``refiner_switch`` of the denoising (by timestep, as A1111 and diffusers' denoising_end) is done.
+    refiner: str | None = None
+    refiner_switch: float = REFINER_SWITCH
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
@@ -210,6 +215,8 @@ class GenerationRequest:
         problems.check(_check_choice, "prediction", self.prediction, PREDICTIONS)
         problems.check(_check_text, "init_image", self.init_image, True)
         problems.check(_check_float, "denoise", self.denoise, 0.0, 1.0)
+        problems.check(_check_text, "refiner", self.refiner, True)
+        problems.check(_check_float, "refiner_switch", self.refiner_switch, 0.01, 1.0)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             problems.errors.append(
                 RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
@@ -289,7 +296,7 @@ class GenerationRequest:
         elif hires is not None and not isinstance(hires, HiresFix):
             errors.append(RequestError("hires", hires, "a table with scale, upscaler, steps, denoise"))
             values["hires"] = None
-        for key in ("cfg", "denoise"):
+        for key in ("cfg", "denoise", "refiner_switch"):
             if isinstance(values.get(key), int) and not isinstance(values[key], bool):
                 values[key] = float(values[key])
         try:

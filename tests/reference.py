@@ -285,3 +285,115 @@ def merge_lora_reference(pipe, path: str | Path, unet_scale: float = 1.0, te_sca
                 a, b = sd[key].float(), sd[key.replace("lora_A", "lora_B")].float()
                 delta = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
                 weight += (factor * delta).to(weight.dtype)
+
+# ------------------------------------------------------------------------------------------------ SDXL
+
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIG_G_PREFIX = "conditioner.embedders.1.model."
+REFINER_BIG_G_PREFIX = "conditioner.embedders.0.model."
+
+
+def _tokenizer(pad: str):
+    import transformers
+
+    return transformers.CLIPTokenizer(
+        str(CLIP_DATA / "vocab.json"), str(CLIP_DATA / "merges.txt"), model_max_length=77, pad_token=pad
+    )
+
+
+def _big_g_reference(checkpoint: dict[str, torch.Tensor], prefix: str):
+    """transformers' ``CLIPTextModelWithProjection`` loaded through diffusers' OpenCLIP converter."""
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    from core.models.open_clip import OpenCLIPTextConfig
+
+    cfg = OpenCLIPTextConfig.from_state_dict(_component(checkpoint, prefix))
+    model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_positions,
+        hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.projection_dim,
+        eos_token_id=2,  # as the real text_encoder_2 config: pooled output at argmax(ids)
+    ))
+    model.load_state_dict(convert_open_clip_checkpoint(model, checkpoint, prefix=prefix), strict=True)
+    return model.eval()
+
+
+def sdxl_time_embed_dim(unet_cfg: UNetConfig, pooled_dim: int, count: int) -> int:
+    return (unet_cfg.adm_in_channels - pooled_dim) // count
+
+
+def reference_sdxl_components(path: str | Path, dtype: torch.dtype = torch.float32, *, refiner: bool = False) -> dict:
+    """diffusers UNet + VAE and transformers CLIP-L / bigG (+ tokenizers) from one SDXL (or refiner) file."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    big_g = _big_g_reference(checkpoint, REFINER_BIG_G_PREFIX if refiner else SDXL_BIG_G_PREFIX)
+
+    unet_cfg = UNetConfig.from_state_dict(_component(checkpoint, UNET_PREFIX))
+    time_dim = sdxl_time_embed_dim(unet_cfg, big_g.config.projection_dim, 5 if refiner else 6)
+    unet_config = diffusers_unet_config(unet_cfg, sdxl_time_embed_dim=time_dim)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+
+    vae_cfg = VAEConfig.from_state_dict(_component(checkpoint, VAE_PREFIX), family="sdxl")
+    vae_config = diffusers_vae_config(vae_cfg)
+    vae = AutoencoderKL(**vae_config, force_upcast=False)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+
+    parts = {
+        "unet": unet.eval().to(dtype),
+        "vae": vae.eval().to(dtype),
+        "text_encoder_2": big_g.to(dtype),
+        "tokenizer_2": _tokenizer("!"),  # tokenizer_2/special_tokens_map.json: pad_token "!"
+    }
+    if refiner:
+        return parts
+    clip_cfg = CLIPTextConfig.from_state_dict(_component(checkpoint, SDXL_CLIP_L_PREFIX), family="sdxl")
+    clip_l = transformers.CLIPTextModel(transformers_clip_config(clip_cfg))
+    converted = convert_ldm_clip_checkpoint(checkpoint, remove_prefix=SDXL_CLIP_L_PREFIX)
+    converted = {k: v for k, v in converted.items() if k.startswith("text_model.")}
+    converted.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in clip_l.state_dict()):  # transformers >= 5.6
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    clip_l.load_state_dict(converted, strict=True)
+    return parts | {"text_encoder": clip_l.eval().to(dtype), "tokenizer": _tokenizer("<|endoftext|>")}
+
+
+def euler_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        timestep_spacing="linspace", steps_offset=1,
+    )
+
+
+def reference_sdxl_pipeline(path: str | Path, *, dtype=torch.float32):
+    """diffusers' ``StableDiffusionXLPipeline`` over the same weights, Euler, ``force_zeros_for_empty_prompt``
+    on (its default for SDXL base, and what A1111 does for an empty negative prompt)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        **reference_sdxl_components(path, dtype), scheduler=euler_scheduler(), force_zeros_for_empty_prompt=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_refiner_pipeline(path: str | Path, *, dtype=torch.float32):
+    """diffusers' ``StableDiffusionXLImg2ImgPipeline`` for a refiner file (bigG only, aesthetic score)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        **reference_sdxl_components(path, dtype, refiner=True), text_encoder=None, tokenizer=None,
+        scheduler=euler_scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -656,8 +656,6 @@ def test_other_kinds_detection(name, shapes, family, variant):
 
 
 REJECTIONS = [
-    ("sdxl", SDXL, "is an SDXL checkpoint; SDXL support is not available yet (supported: SD1.x, SD2.x)"),
-    ("refiner", SDXL_REFINER, "is an SDXL refiner checkpoint; SDXL refiner support is not available yet"),
     ("flux", FLUX, "is a Flux.1 checkpoint; Flux.1 support is not available yet"),
     ("flux-bfl", FLUX_BARE, "is a Flux.1 checkpoint (transformer only); Flux.1 support is not available yet"),
     ("sd3", SD3, "is an SD3 checkpoint; SD3 support"),

@@ -19,8 +19,10 @@ from core.presets import (
 )
 from core.request import GenerationRequest, HiresFix
 
-BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires",
-            "sd2-balanced", "sd2-base-balanced"}
+SD15_BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires"}
+SD2_BUILTINS = {"sd2-balanced", "sd2-base-balanced"}
+SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"}
+BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS
 
 
 @pytest.fixture(autouse=True)
@@ -60,6 +62,9 @@ def test_builtins_ship_as_package_data_and_load():
     assert (lcm.fields["sampler"], lcm.fields["steps"], lcm.fields["cfg"]) == ("lcm", 4, 1.5)
     assert "LCM" in lcm.description and "LoRA" in lcm.description
     assert found["sd15-hires"].fields["hires"] == {"scale": 2.0, "upscaler": "latent", "steps": 0, "denoise": 0.5}
+    xl = found["sdxl-balanced"].fields
+    assert (xl["width"], xl["height"], found["sdxl-fast-ays"].fields["schedule"]) == (1024, 1024, "ays")
+    assert found["sdxl-hires"].fields["hires"]["scale"] == 1.5
     for preset in presets:  # every built-in makes a valid request
         GenerationRequest.from_dict(apply_preset(preset, {"model": "m.safetensors"}))
 

@@ -95,5 +95,6 @@ FAMILY = ModelFamily(
     sizes=((512, 512), (512, 768), (768, 512), (576, 448), (448, 576), (768, 768)),
     ays_levels=AYS_LEVELS,
     presets=("sd15-balanced", "sd15-fast-ays", "sd15-hires", "sd15-lcm-4step"),
+    request_fields=("prediction",),
     lora_keys="core.models.families.sd15:lora_keys",
 )

@@ -119,4 +119,5 @@ FAMILY = ModelFamily(
     prediction_sizes={"eps": (512, 512)},
     ays_levels=sd15.AYS_LEVELS,  # no published SD2.x levels; same noise schedule as SD1.x
     presets=("sd2-balanced", "sd2-base-balanced"),
+    request_fields=("prediction",),
 )

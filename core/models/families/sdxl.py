@@ -1,13 +1,28 @@
 """SDXL base: CLIP ViT-L and OpenCLIP bigG text encoders, size conditioning, 1024 px, VAE scale 0.13025.
 
-Recognised, not runnable yet: the UNet and VAE configurations exist; the bigG encoder and the conditioner
-are to come (issue 10 item 4).
+Configurations: stabilityai/stable-diffusion-xl-base-1.0 ``unet``/``text_encoder``/``text_encoder_2``/``vae``
+config.json. The conditioner (``core.models.sdxl_conditioner``) concatenates both encoders' penultimate
+states (768 + 1280 = 2048) and builds the UNet's ``y``: bigG's projected pooled vector and six Fourier
+features (original size, crop top-left, target size). The tiny configurations keep the wiring: CLIP-L 32
+wide, bigG 128 wide (two 64-wide heads), context 160, 8-dim Fourier features (y = 128 + 6 x 8 = 176).
 """
 
 from __future__ import annotations
 
 from core.models.families import _ldm
 from core.models.family import Component, LatentFormat, Match, ModelFamily, Shapes
+
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+BIG_G_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP = ("core.models.open_clip:OpenCLIPTextConfig", "core.models.open_clip:OpenCLIPTextModel")
+BIG_G_TINY = {"width": 128, "layers": 3, "intermediate": 160, "projection_dim": 128}
+CLIP_L_TINY = {"width": 32, "layers": 2, "heads": 2, "intermediate": 37}
+
+
+def big_g(prefix: str) -> Component:
+    """OpenCLIP ViT-bigG/14 (1280 wide, 32 blocks, projection 1280) with OpenCLIP's own key names."""
+    return Component("text_encoder_2", prefix, *OPEN_CLIP, presets={"full": {}, "tiny": BIG_G_TINY})
+
 
 RGB_FACTORS = (
     (0.3651, 0.4232, 0.4341),
@@ -28,7 +43,7 @@ def detect(shapes: Shapes) -> Match | None:
     variant = _ldm.ldm_variant(shapes)
     if variant is None:
         return None
-    if _ldm.UNET_PREFIX + "label_emb.0.0.weight" in shapes or "conditioner.embedders.1.model.ln_final.weight" in shapes:
+    if _ldm.UNET_PREFIX + "label_emb.0.0.weight" in shapes or BIG_G_PREFIX + "ln_final.weight" in shapes:
         return Match(variant)
     return None
 
@@ -46,15 +61,19 @@ FAMILY = ModelFamily(
              "context_dim": 2048, **HEADS,
              "adm_in_channels": 2816},  # pooled bigG 1280 + 6 x 256 Fourier size/crop features
             {"model_channels": 64, "channel_mult": (1, 2), "num_res_blocks": 1, "transformer_depth": (0, 2),
-             "transformer_depth_middle": 2, "context_dim": 32, **HEADS, "adm_in_channels": 48},
+             "transformer_depth_middle": 2, "context_dim": 160, **HEADS, "adm_in_channels": 176},
         ),
-        Component("text_encoder", "conditioner.embedders.0.transformer."),
-        Component("text_encoder_2", "conditioner.embedders.1.model."),
+        # openai/clip-vit-large-patch14 as in SD1.x (HF names under text_model.; no text_projection in the file)
+        _ldm.clip("text_encoder", CLIP_L_PREFIX, {}, CLIP_L_TINY),
+        big_g(BIG_G_PREFIX),
         _ldm.vae(LATENT),
     ),
     detect=detect,
     detect_priority=30,
     latent=LATENT,
     default_size=(1024, 1024),
+    conditioner="core.models.sdxl_conditioner:SDXLConditioner",
     ays_levels=AYS_LEVELS,
+    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"),
+    request_fields=("prediction", "refiner", "refiner_switch"),
 )
