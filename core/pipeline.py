@@ -199,7 +199,8 @@ class PromptCache:
         if isinstance(settings, int):
             settings = EncoderSettings(clip_skip=settings)
         # the checkpoint file (the VAE does not change the encoding) and the LoRAs merged into its text encoders
-        key = (model.key[0], model.loras.text_signature, settings, text)
+        loras = getattr(model, "loras", None)  # None: a model without the LoRA machinery (test stand-ins)
+        key = (model.key[0], loras.text_signature if loras is not None else (), settings, text)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
