@@ -1,7 +1,7 @@
 """Raw bytes of CPU tensors and uint8 images without numpy.
 
 numpy is not a runtime dependency (the test extra brings it in through diffusers, a user's install does not),
-so ``Tensor.numpy()``, ``Image.fromarray`` and ``safetensors.torch.save_file`` (which builds numpy arrays)
+so ``Tensor.numpy``, ``Image.fromarray`` and ``safetensors.torch.save_file`` (which builds numpy arrays)
 cannot be used by anything that runs for a user. These helpers hand PIL and files the tensor's memory directly.
 """
 
