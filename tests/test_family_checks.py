@@ -38,7 +38,7 @@ def test_a_field_of_another_family_is_named_with_the_family_and_what_is_valid(sd
     (problem,) = family_problems(request, "sd15")
     assert problem.field == "clip_skip"
     assert str(problem) == ("clip_skip = 2 is invalid: only for SDXL models, and this model is SD1.x "
-                            "(SD1.x's family-specific fields: none)")
+                            "(SD1.x's family-specific fields: prediction)")
     assert family_problems(request, "sdxl") == []  # its own family takes it
     assert family_problems(GenerationRequest(model="m"), "sd15") == []  # left at its default: not set
     assert family_problems({"clip_skip": 3}, "sd15")[0].value == 3  # a job's raw fields work too
@@ -212,7 +212,7 @@ def test_batch_refuses_a_field_of_another_family(batch, sdxl_takes_clip_skip, tm
     assert err.strip().splitlines() == [
         f"darkroom: error: {tmp_path / 'jobs.toml'}: job 2: model 'base15' (SD1.x): "
         "clip_skip = 2 is invalid: only for SDXL models, and this model is SD1.x (SD1.x's family-specific "
-        "fields: none)"
+        "fields: prediction)"
     ]
 
 

@@ -141,7 +141,7 @@ async def test_queueing_refuses_a_field_of_another_family(tmp_path, monkeypatch)
         assert not app.store.list_jobs()
         errors = [n.message for n in app._notifications if n.severity == "error"]
         assert errors == ["Clip: clip_skip = 2 is invalid: only for SDXL models, and this model is SD1.x "
-                          "(SD1.x's family-specific fields: none)"]
+                          "(SD1.x's family-specific fields: prediction)"]
         screen.query_one("#model", Select).value = "xl"
         await pilot.pause()
         await pilot.press("ctrl+j")
