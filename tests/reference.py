@@ -6,6 +6,7 @@ diffusers' own single-file converters, so a wrong key layout in our files or loa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -151,6 +152,22 @@ def reference_pipeline(path: str | Path, scheduler=None, *, img2img: bool = Fals
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of ``a`` against the reference ``b`` (fp32 norms)."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Tiny networks run faster on one thread than on two fighting over a shared machine's cores (10x here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def psnr(a, b) -> float:

@@ -24,24 +24,23 @@ from core.pipeline import load_model
 from core.request import GenerationRequest
 
 pytest.importorskip("diffusers")
-from tests.reference import psnr, reference_sdxl_components, reference_sdxl_pipeline  # noqa: E402
+from tests.reference import (  # noqa: E402
+    psnr,
+    reference_sdxl_components,
+    reference_sdxl_pipeline,
+    rel_err,
+    torch_threads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a (lighthouse:1.3) at dusk, oil painting"
 NEGATIVE = "blurry, lowres"
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny networks: one thread is faster than two fighting over a shared machine's cores (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from tests.reference import (  # noqa: E402
     reference_refiner_pipeline,
     reference_sdxl_components,
     reference_sdxl_pipeline,
+    rel_err,
+    torch_threads,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +39,10 @@ PROMPT = "a lighthouse at dusk, oil painting"
 NEGATIVE = "blurry, lowres"
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
