@@ -97,12 +97,14 @@ class FakeRegistry:
 
 
 def make_app(
-    tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, registry: Any = None, **kwargs: Any
+    tmp_path: Path, runner: Any = None, *, models: list[str] | None = None, registry: Any = None,
+    prebuild_screens: bool = False, **kwargs: Any
 ) -> Any:
     """A DarkroomApp on a fresh store under ``tmp_path`` with the fake runner and the half-block image widget
     (deterministic; textual-image's TGP/Sixel widgets write to the real stdout and never go in tests).
     ``registry`` replaces the fake registry (a real ``ModelRegistry`` over header-only files of several
-    families, ``tests/family_files.py``)."""
+    families, ``tests/family_files.py``). The screens not shown at start are built in the background only with
+    ``prebuild_screens`` (tests/test_tui_switch.py): elsewhere it would add their build to every test."""
     from core.store import JobStore
     from core.worker import Worker
     from tui.app import DarkroomApp
@@ -111,8 +113,10 @@ def make_app(
     store = JobStore(tmp_path / "db.sqlite3")
     worker = Worker(store, runner if runner is not None else FakeRunner(), output_dir=tmp_path / "out",
                     status_interval=0.2)
-    return DarkroomApp(worker, registry or FakeRegistry(models), image_class=HalfBlockImage,
-                       settings_file=tmp_path / "settings.json", **kwargs)
+    app = DarkroomApp(worker, registry or FakeRegistry(models), image_class=HalfBlockImage,
+                      settings_file=tmp_path / "settings.json", **kwargs)
+    app.prebuild_screens = prebuild_screens
+    return app
 
 
 async def wait_for(pilot: Any, predicate: Any, timeout: float = 10.0) -> None:

@@ -139,6 +139,12 @@ def _lazy_screen(module: str, name: str) -> Callable[[], Any]:
     return make
 
 
+# The screens not shown at start are built in the background this long after start, one every
+# PREBUILD_BETWEEN_S: after the first frame and the worker's start, so neither is delayed.
+PREBUILD_AFTER_S = 1.5
+PREBUILD_BETWEEN_S = 0.3
+
+
 class DarkroomApp(App[int]):
     # The Generate screen's rules load with the app's: a screen's own CSS_PATH re-parses the whole stylesheet
     # when the screen mounts, before the first frame.
@@ -227,6 +233,7 @@ class DarkroomApp(App[int]):
         self._frozen_modules = len(sys.modules)
         self._frozen_model: str | None = None
         self._stop_lock = threading.Lock()
+        self.prebuild_screens = True  # see _prebuild_next_screen
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -238,6 +245,26 @@ class DarkroomApp(App[int]):
         # Start the worker after the first frame: its threads import torch, which would compete for the GIL
         # with the first paint.
         self.call_after_refresh(self._start_worker)
+        if self.prebuild_screens:
+            self.set_timer(PREBUILD_AFTER_S, self._prebuild_next_screen)
+
+    def _prebuild_next_screen(self) -> None:
+        """Build one not yet visited screen (Presets, Queue, History) in the background, then the next.
+
+        A screen's first visit imports its module, parses its stylesheet and builds its widgets: 0.5-1.5 s
+        during a job (bench/bench_tui.py --switch-rounds), against well under 100 ms for a later visit. Done
+        here, one screen per turn with keys handled in between, the first F-key is as fast as the later ones.
+        Textual builds a mode's screen only when it is entered; ``_init_mode`` is the step of ``switch_mode``
+        that does it without making the screen current (skipped, lazy as before, if Textual lacks it).
+        """
+        init_mode = getattr(self, "_init_mode", None)
+        if init_mode is None or self._exit or not self.is_running:
+            return
+        for mode in self.MODES:
+            if mode not in self._screen_stacks and mode != self.current_mode:
+                init_mode(mode)
+                self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
+                return
 
     def _freeze_new_modules(self) -> None:
         """The worker's threads import torch and the pipeline's modules after startup, then load models: long-

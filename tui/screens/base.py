@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer
 
+from tui.widgets.footer import StableFooter
 from tui.widgets.screen_tabs import ScreenTabs
 from tui.widgets.status_bar import StatusBar
 
@@ -29,10 +30,17 @@ class MainScreen(Screen):
             yield from self.compose_body()
         yield StatusBar(id="status-bar")
         if not self.DEFER_FOOTER:
-            yield Footer()
+            yield StableFooter()
 
     def compose_body(self) -> ComposeResult:
         yield from ()
+
+    def on_screen_resume(self, event: events.ScreenResume) -> None:
+        # Textual re-applies the stylesheet to every widget of a screen it switches to, in case something
+        # changed while it was away. Nothing here can: a widget whose classes change while its screen is
+        # suspended gets its styles then, and a changed stylesheet is re-applied by switch_mode itself. On the
+        # Generate form that pass was the largest part of an F-key switch (bench/bench_tui.py).
+        event.refresh_styles = False
 
     def quitting(self) -> bool:
         """The screen is being removed or the app is exiting: its widgets may be half torn down."""

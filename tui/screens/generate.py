@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Collapsible, Footer, Label, Select, Switch
+from textual.widgets import Button, Checkbox, Collapsible, Label, Select, Switch
 
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
@@ -32,6 +32,7 @@ from core.request import (
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from core.text import visible
 from tui.screens.base import MainScreen
+from tui.widgets.footer import StableFooter
 from tui.widgets.preview import PreviewPane
 from tui.widgets.safe_input import Input, TextArea
 
@@ -268,8 +269,8 @@ class GenerateScreen(MainScreen):
         """
         if self.quitting():
             return
-        if not self.query(Footer):
-            await self.mount(Footer())
+        if not self.query(StableFooter):
+            await self.mount(StableFooter())
             if self.quitting():
                 return
             self.refresh_bindings()  # the footer draws the keys when the bindings signal fires

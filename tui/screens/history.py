@@ -125,6 +125,8 @@ class HistoryScreen(MainScreen):
                     yield Static("No image selected.", id="details-text")
 
     def on_mount(self) -> None:
+        if self.quitting():  # built in the background (DarkroomApp._prebuild_next_screen) as the app quits
+            return
         table = self.query_one("#history-table", DataTable)
         table.add_column("created", key="created")
         table.add_column("seed", key="seed")

@@ -9,9 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Static
+from textual.widgets import Button, Static
 
 from core.text import visible
+from tui.widgets.footer import StableFooter
 
 
 def no_models_text(search_dirs: list[Path], unusable: list[tuple[str, str]] | None = None) -> Text:
@@ -65,7 +66,7 @@ class NoModelsScreen(Screen):
             yield Static(no_models_text(self.search_dirs, self.unusable), id="no-models-text")
             with Vertical(classes="actions"):
                 yield Button("Rescan (R)", variant="primary", id="rescan")
-        yield Footer()
+        yield StableFooter()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "rescan":

@@ -48,6 +48,7 @@ class PresetsScreen(MainScreen):
         super().__init__()
         self.presets: list[Any] = []  # the presets listed: those that fit the Generate form's model
         self.all_presets: list[Any] = []
+        self._listed_family: str | None = None  # the family the list was last built for
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="presets-body"):
@@ -65,6 +66,8 @@ class PresetsScreen(MainScreen):
                     yield Button("Delete", variant="error", id="delete", compact=True)
 
     def on_mount(self) -> None:
+        if self.quitting():  # built in the background (DarkroomApp._prebuild_next_screen) as the app quits
+            return
         table = self.query_one("#preset-fields", DataTable)
         table.add_column("field", key="field")
         table.add_column("value", key="value")
@@ -79,7 +82,9 @@ class PresetsScreen(MainScreen):
         self.call_from_worker_thread(self._loaded, presets, problems, select)
 
     def on_screen_resume(self) -> None:
-        if self.all_presets:  # the Generate form's model may have changed: list what fits it now
+        # The Generate form's model may have changed: list what fits it now. Rebuilding the list costs a
+        # frame's worth of work, so only when the family differs from the one listed.
+        if self.all_presets and self._model_family() != self._listed_family:
             self._list(None)
 
     def _loaded(self, presets: list[Any], problems: list[Any], select: str | None) -> None:
@@ -100,6 +105,7 @@ class PresetsScreen(MainScreen):
     def _list(self, select: str | None) -> None:
         """List the presets that fit the Generate form's model's family (every preset while it is unknown)."""
         family = self._model_family()
+        self._listed_family = family
         presets = [p for p in self.all_presets if family is None or getattr(p, "family", None) in (None, family)]
         hidden = len(self.all_presets) - len(presets)
         title = "Presets"

@@ -141,6 +141,8 @@ class QueueScreen(MainScreen):
         yield Static("", id="job-detail")
 
     def on_mount(self) -> None:
+        if self.quitting():  # built in the background (DarkroomApp._prebuild_next_screen) as the app quits
+            return
         self._set_columns()
         self.app.job_events.subscribe(self, self._on_job_event)
         self.app.job_progress.subscribe(self, self._on_progress)

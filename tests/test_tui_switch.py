@@ -1,0 +1,90 @@
+"""What an F-key screen switch costs: no footer rebuild, no stylesheet pass, no screen built on the first visit.
+
+The latency itself is measured by ``bench/bench_tui.py --switch-rounds`` (timings never go in tests); these
+tests pin the three mechanisms that took it from 150-1000 ms to under 100 ms, so they cannot silently go.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from textual.screen import Screen
+
+from core.request import GenerationRequest
+from tests.tui_fakes import FakeRunner, make_app, wait_for
+from tui.widgets.footer import StableFooter
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def footer_keys(screen: Screen) -> list:
+    return list(screen.query_one(StableFooter).children)
+
+
+async def visit_every_screen(pilot) -> None:
+    for key in ("f4", "f5", "f3", "f2"):
+        await pilot.press(key)
+        await pilot.pause()
+
+
+async def test_screens_not_shown_at_start_are_built_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
+    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
+    app = make_app(tmp_path, prebuild_screens=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+
+        def built_all() -> bool:
+            try:
+                return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
+            except KeyError:  # a mode whose screen does not exist yet
+                return False
+
+        await wait_for(pilot, built_all, timeout=30)
+        assert app.current_mode == "generate"  # built, not shown
+        built = {mode: app.get_screen_stack(mode)[0] for mode in app.MODES}
+        await pilot.press("f4")
+        await pilot.pause()
+        assert app.screen is built["queue"]  # the first visit shows the screen built before, not a new one
+        assert app.screen.focused is not None
+
+
+async def test_switching_back_keeps_the_footer_and_skips_the_style_pass(tmp_path, monkeypatch):
+    gate = threading.Event()
+    app = make_app(tmp_path, FakeRunner(gate=gate))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await visit_every_screen(pilot)
+        generate = app.screen
+        keys = footer_keys(generate)
+        assert keys, "the footer shows the screen's keys"
+
+        passes: list[Screen] = []
+        original = Screen.update_node_styles
+
+        def counted(self, animate: bool = True) -> None:
+            passes.append(self)
+            original(self, animate)
+
+        monkeypatch.setattr(Screen, "update_node_styles", counted)
+        await visit_every_screen(pilot)
+        assert app.screen is generate
+        assert footer_keys(generate) == keys  # the same widgets: nothing was rebuilt
+        assert passes == []  # Textual's default re-applies the stylesheet to every widget on each switch
+        monkeypatch.undo()
+
+        # ... but when the keys change (Ctrl+S "Stop job" shows only while a job runs), it is rebuilt.
+        def labels() -> list[str]:
+            return [str(key.description) for key in footer_keys(app.screen)]
+
+        assert "Stop job" not in labels()
+        app.submit(GenerationRequest(model="fake-model.safetensors", prompt="p", steps=3, seed=1))
+        await wait_for(pilot, lambda: app.running_job is not None)
+        app.screen.refresh_bindings()
+        await wait_for(pilot, lambda: "Stop job" in labels())
+        gate.set()
+        await wait_for(pilot, lambda: app.running_job is None)
+        app.screen.refresh_bindings()
+        await wait_for(pilot, lambda: "Stop job" not in labels())
