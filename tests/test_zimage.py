@@ -21,6 +21,12 @@ from diffusers.loaders.single_file_utils import convert_z_image_transformer_chec
 TRANSFORMER_CONFIG = Path("/work/shared/data/model-configs/Tongyi-MAI/Z-Image-Turbo/transformer/config.json")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run several times faster on one thread than on two contended ones."""
+    with torch_threads(1):
+        yield
+
 def reference_model(cfg: ZImageConfig):
     return diffusers.ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=cfg.in_channels, dim=cfg.dim, n_layers=cfg.n_layers,
@@ -62,7 +68,7 @@ def test_matches_diffusers_on_a_ragged_batch(pair) -> None:
     x = torch.randn(2, 16, 8, 12, generator=g)
     t = torch.tensor([0.3, 0.8])
     caps = [torch.randn(7, 32, generator=g), torch.randn(45, 32, generator=g)]
-    with torch.no_grad(), torch_threads(1):
+    with torch.no_grad():
         want = reference_forward(ref, x, t, caps)
         got = ours(x, t, caps)
         assert got.shape == x.shape and want.std() > 0.1
@@ -79,7 +85,7 @@ def test_matches_diffusers_on_a_square_image_with_a_batched_caption_tensor(pair)
     x = torch.randn(1, 16, 16, 16, generator=g)  # 64 tokens: no image padding
     caps = torch.randn(1, 32, 32, generator=g)  # exactly 32: no caption padding
     t = torch.tensor([0.0])
-    with torch.no_grad(), torch_threads(1):
+    with torch.no_grad():
         assert rel_err(ours(x, t, caps), reference_forward(ref, x, t, list(caps))) <= 1e-5
 
 
