@@ -216,7 +216,10 @@ class Qwen3Model(nn.Module):
 
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Weights always come from a file: an uninitialised table skips normal_(), which on the meta device (how
+        # the loader builds models) goes through torch's decompositions and costs seconds on first use.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = Qwen3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
