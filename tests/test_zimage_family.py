@@ -3,9 +3,11 @@ the family is registered, recognised and not runnable yet."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from core.models.checkpoint import inspect_checkpoint
+from core.errors import CheckpointError
+from core.models.checkpoint import inspect_checkpoint, load_checkpoint
 from core.models.detect import detect
 from core.models.families import FAMILIES
 from core.models.qwen3 import Qwen3, Qwen3Config
@@ -64,3 +66,9 @@ def test_lumina2_flux_and_sd3_are_not_zimage(tmp_path) -> None:
     # a hostile header: the caption embedder with a truncated shape is no Z-Image
     broken = tiny_shapes() | {"cap_embedder.1.weight": ()}
     assert detect("broken.safetensors", broken, {}).family != "zimage"
+
+
+def test_loading_says_what_the_file_is(tmp_path) -> None:
+    path = write_random_zimage(tmp_path / "z_image_turbo_bf16.safetensors", "tiny")
+    with pytest.raises(CheckpointError, match=r"a Z-Image checkpoint \(transformer only\); Z-Image support is not"):
+        load_checkpoint(path)
