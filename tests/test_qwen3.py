@@ -113,6 +113,10 @@ def test_every_hidden_state_matches_transformers_with_padding(tiny_pair) -> None
         assert rel_err(unmasked, want_unmasked) <= 1e-5
     with pytest.raises(ValueError, match="hidden state 4 does not exist"):
         ours(ids, mask, layers=(4,))
+    with pytest.raises(ValueError, match="no hidden states"):
+        ours(ids, mask, layers=())
+    with pytest.raises(ValueError, match="does not match input_ids"):
+        ours(ids, mask[:, :5])
 
 
 @pytest.fixture(scope="module")

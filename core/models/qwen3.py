@@ -239,6 +239,8 @@ class Qwen3(nn.Module):
 
     def _indices(self, layers: Sequence[int]) -> list[int]:
         count = self.config.num_hidden_layers + 1
+        if not layers:
+            raise ValueError("Qwen3 was asked for no hidden states; name at least one layer")
         out = []
         for i in layers:
             if not -count <= i < count:
