@@ -204,6 +204,56 @@ def write_random_t5(
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_tensors(random_t5_state_dict(size, seed, dtype), path)
 
+
+def random_qwen3_state_dict(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Random Qwen3 weights under ``Qwen3ForCausalLM`` names without ``lm_head`` (``model.embed_tokens.weight``,
+    ``model.layers.N...``, ``model.norm.weight``); ``size``: tiny, 4b, 8b."""
+    from core.models.qwen3 import Qwen3, Qwen3Config
+
+    with torch.device("meta"):
+        module = Qwen3(Qwen3Config.preset(size))
+    return random_state_dict(module, seed=seed, dtype=dtype)
+
+
+def write_random_qwen3(
+    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """A text-encoder file in the layout of ComfyUI's ``qwen_3_4b.safetensors`` / ``qwen_3_8b*.safetensors``:
+    398 tensors for the 36-layer models (``model.`` prefix, no ``lm_head``), bf16 by default."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_qwen3_state_dict(size, seed, dtype), path)
+
+
+def random_zimage_state_dict(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Random Z-Image transformer weights in ComfyUI's layout (no prefix, fused ``attention.qkv``)."""
+    from core.models.zimage import ZImageConfig, ZImageTransformer
+
+    with torch.device("meta"):
+        module = ZImageTransformer(ZImageConfig.preset(size))
+    weights = random_state_dict(module, seed=seed, dtype=dtype)
+    for key in ("x_pad_token", "cap_pad_token"):  # learned tokens of O(1) entries, like real activations
+        weights[key] = torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return weights
+
+
+def write_random_zimage(
+    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """A diffusion-model file in the layout of ComfyUI's ``z_image_turbo_bf16.safetensors``: 453 tensors at full
+    size, bf16 by default, no ``model.diffusion_model.`` prefix (loaders accept both)."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_zimage_state_dict(size, seed, dtype), path)
+
 # ------------------------------------------------------------------------------------- quantised weights
 
 # Byte offsets of the float16 scale fields (d, dmin, m) inside one block of each GGML type.

@@ -1,0 +1,74 @@
+"""Z-Image files are recognised by their keys (never by name) and told apart from Flux.1, SD3 and Lumina 2;
+the family is registered, recognised and not runnable yet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.errors import CheckpointError
+from core.models.checkpoint import inspect_checkpoint, load_checkpoint
+from core.models.detect import detect
+from core.models.families import FAMILIES
+from core.models.qwen3 import Qwen3, Qwen3Config
+from core.models.testing import write_random_flux_transformer, write_random_zimage
+from core.models.zimage import ZImageConfig, ZImageTransformer
+
+FAMILY = FAMILIES["zimage"]
+
+
+def shapes_of(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def tiny_shapes(prefix: str = "") -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return shapes_of(ZImageTransformer(ZImageConfig.preset("tiny")), prefix)
+
+
+def test_family_presets_are_the_modules_presets_and_it_is_not_runnable_yet() -> None:
+    unet, text_encoder = FAMILY.component("unet"), FAMILY.component("text_encoder")
+    for size in ("tiny", "full"):
+        assert unet.config_class()(**unet.presets[size]) == ZImageConfig.preset(size)
+    assert text_encoder.config_class()(**text_encoder.presets["tiny"]) == Qwen3Config.preset("tiny")
+    assert text_encoder.config_class()(**text_encoder.presets["full"]) == Qwen3Config.preset("4b")
+    assert FAMILY.latent.scale == 0.3611 and FAMILY.latent.shift == 0.1159 and FAMILY.latent.channels == 16
+    assert not FAMILY.runnable
+
+
+def test_split_diffusion_model_file_is_zimage(tmp_path) -> None:
+    info = inspect_checkpoint(write_random_zimage(tmp_path / "renamed.safetensors", "tiny"))
+    assert (info.family, info.prefixes, info.prediction) == ("zimage", {"unet": ""}, "flow")
+    assert "transformer only" in info.notes
+
+
+def test_all_in_one_checkpoint_is_zimage_with_its_components() -> None:
+    with torch.device("meta"):
+        te = shapes_of(Qwen3(Qwen3Config.preset("tiny")), "text_encoders.qwen3_4b.transformer.")
+    vae = {"vae.encoder.conv_in.weight": (32, 3, 3, 3), "vae.decoder.conv_in.weight": (512, 16, 3, 3)}
+    info = detect("aio.safetensors", tiny_shapes("model.diffusion_model.") | te | vae, {})
+    assert info.family == "zimage" and info.prediction == "flow"
+    assert info.prefixes == {"unet": "model.diffusion_model.", "text_encoder": "text_encoders.qwen3_4b.transformer.",
+                             "vae": "vae."}
+
+
+def test_lumina2_flux_and_sd3_are_not_zimage(tmp_path) -> None:
+    # Lumina 2 (NextDiT): caption embedder too, but the modulation Linear sits after a SiLU (adaLN_modulation.1)
+    lumina = {k.replace("adaLN_modulation.0.", "adaLN_modulation.1."): v for k, v in tiny_shapes().items()}
+    lumina["cap_embedder.1.weight"] = (2304, 2304)
+    assert detect("lumina2.safetensors", lumina, {}).family != "zimage"
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in lumina.items()}
+    assert detect("lumina2_aio.safetensors", prefixed, {}).family != "zimage"
+    assert inspect_checkpoint(write_random_flux_transformer(tmp_path / "flux.safetensors")).family == "flux"
+    sd3 = {f"model.diffusion_model.k{i}": (1,) for i in range(6)}
+    sd3["model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"] = (192, 64)
+    assert detect("sd3.safetensors", sd3, {}).family == "sd3"
+    # a hostile header: the caption embedder with a truncated shape is no Z-Image
+    broken = tiny_shapes() | {"cap_embedder.1.weight": ()}
+    assert detect("broken.safetensors", broken, {}).family != "zimage"
+
+
+def test_loading_says_what_the_file_is(tmp_path) -> None:
+    path = write_random_zimage(tmp_path / "z_image_turbo_bf16.safetensors", "tiny")
+    with pytest.raises(CheckpointError, match=r"a Z-Image checkpoint \(transformer only\); Z-Image support is not"):
+        load_checkpoint(path)
