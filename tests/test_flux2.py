@@ -396,3 +396,53 @@ def test_shift_grows_with_size_and_rejects_bad_input() -> None:
         flux2_sigmas(0, 256)
     with pytest.raises(DarkroomError, match="image size"):
         flux2_sigmas(4, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# detection (recognised, not runnable yet)
+
+
+def _shapes(variant: str, size: str = "full", prefix: str = "") -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Flux2(Flux2Config.preset(size, variant))
+    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["klein-4b", "klein-9b", "dev"])
+def test_detected_by_keys_and_told_apart_from_flux1(variant: str) -> None:
+    from core.models.detect import detect
+
+    bare = detect("any-name.safetensors", _shapes(variant), {})
+    assert (bare.family, bare.variant, bare.prefixes) == ("flux2", variant, {"unet": ""})
+    combined = detect("flux1-dev.safetensors", _shapes(variant, prefix="model.diffusion_model."), {})
+    assert (combined.family, combined.variant, combined.prediction) == ("flux2", variant, "flow")
+    assert "double_blocks.0.img_attn.norm.key_norm.scale" in _shapes(variant)  # Flux.1's marker is there too
+
+
+def test_other_families_are_not_flux2() -> None:
+    from core.models.detect import detect
+    from core.models.flux import Flux, FluxConfig
+
+    with torch.device("meta"):
+        flux1 = {k: tuple(v.shape) for k, v in Flux(FluxConfig.preset("flux", "tiny", "schnell")).state_dict().items()}
+    assert detect("flux-2-klein-4b.safetensors", flux1, {}).family == "flux"
+    u = "model.diffusion_model."
+    zimage = {u + "cap_embedder.1.weight": (3840, 2560), u + "layers.0.adaLN_modulation.0.weight": (15360, 256),
+              u + "noise_refiner.0.attention.k_norm.weight": (128,), u + "x_pad_token": (1, 3840),
+              u + "cap_pad_token": (1, 3840), u + "final_layer.linear.weight": (64, 3840)}
+    assert detect("flux2.safetensors", zimage, {}).family != "flux2"
+    sd3 = {u + f"joint_blocks.{i}.context_block.attn.qkv.weight": (4608, 1536) for i in range(6)}
+    assert detect("flux2.safetensors", sd3, {}).family == "sd3"
+    vae_shapes = {k: tuple(v.shape) for k, v in random_flux2_vae_state_dict().items()}
+    assert (detect("ae.safetensors", vae_shapes, {}).family, detect("ae.safetensors", vae_shapes, {}).variant) == (
+        "vae", "flux2")
+
+
+def test_flux2_file_is_rejected_as_recognised_not_runnable(tmp_path) -> None:
+    from core.models.checkpoint import load_checkpoint
+    from core.models.families import FAMILIES
+
+    assert not FAMILIES["flux2"].runnable
+    path = write_random_flux2_transformer(tmp_path / "model.safetensors", prefix="model.diffusion_model.")
+    with pytest.raises(CheckpointError, match="is a FLUX.2 checkpoint; FLUX.2 support is not available yet"):
+        load_checkpoint(path)
