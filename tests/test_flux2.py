@@ -236,6 +236,27 @@ def test_written_file_loads_with_assign_and_checks_inputs(tmp_path) -> None:
         dev(**{**inputs(dev.config, 1, 2, 2, 3), "guidance": None})
 
 
+def test_fp16_streams_are_clipped_like_diffusers() -> None:
+    """In fp16 a residual that passes 65504 saturates instead of becoming inf (diffusers clips the text stream
+    after each double block and the joint stream after each single block)."""
+    from core.models.flux import rope_frequencies
+    from core.models.flux2 import DoubleStreamBlock, SingleStreamBlock
+
+    cfg = Flux2Config.preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the blocks' default init
+    double, single = DoubleStreamBlock(cfg).half(), SingleStreamBlock(cfg).half()
+    img = torch.randn(1, 4, cfg.hidden_size, generator=g).half()
+    txt = (6e4 + 100 * torch.randn(1, 3, cfg.hidden_size, generator=g)).half()  # near fp16's largest value
+    zero, big = torch.zeros(1, 1, cfg.hidden_size).half(), torch.full((1, 1, cfg.hidden_size), 3e4).half()
+    pe = rope_frequencies(torch.cat([txt_ids(3), img_ids(2, 2)], 1), cfg.axes_dim, cfg.theta)
+    with torch.no_grad():
+        _, txt_out = double(img, txt, (zero,) * 6, (zero, zero, zero, zero, zero, big), pe)
+        joint = single(torch.cat([txt, img], 1), (zero, zero, big), pe)
+    for out in (txt_out, joint):
+        assert torch.isfinite(out).all() and out.abs().max() == 65504
+
+
 def test_attention_goes_through_the_picker(monkeypatch: pytest.MonkeyPatch) -> None:
     import core.accel.attention as attention_mod
 

@@ -259,6 +259,8 @@ class DoubleStreamBlock(nn.Module):
         img = img + i_gate2 * self.img_mlp((1 + i_scale2) * _layer_norm(img) + i_shift2)
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2 * self.txt_mlp((1 + t_scale2) * _layer_norm(txt) + t_shift2)
+        if txt.dtype == torch.float16:  # the text stream outgrows fp16 in real weights (diffusers clips alike)
+            txt = txt.clamp(-65504, 65504)
         return img, txt
 
 
@@ -285,7 +287,8 @@ class SingleStreamBlock(nn.Module):
         q, k, v = qkv.view(b, n, 3, self.num_heads, -1).unbind(2)  # each [B, N, H, head_dim]
         q, k = self.norm(q, k, v)
         attn = joint_attention(q, k, v, pe)
-        return x + gate * self.linear2(torch.cat((attn, self.gate(mlp)), dim=2))
+        x = x + gate * self.linear2(torch.cat((attn, self.gate(mlp)), dim=2))
+        return x.clamp(-65504, 65504) if x.dtype == torch.float16 else x
 
 
 # --------------------------------------------------------------------------------------------------------------
