@@ -8,6 +8,7 @@ weights (diffusers' through its FLUX.2 single-file converter / LDM VAE converter
 ``/tmp/darkroom-heavy.lock`` while measuring:
 
     .venv/bin/python bench/bench_flux2.py [--double 1] [--single 2] [--tokens 256] [--threads 1] [--reps 3]
+                                          [--skip-vae | --skip-transformer]
 
 Prints per-forward wall and CPU medians and the ratios ours/diffusers (with ``--threads 1`` CPU time is the
 steadier measure on a shared machine).
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per model (default 3)")
     parser.add_argument("--skip-vae", action="store_true", help="transformer only")
+    parser.add_argument("--skip-transformer", action="store_true", help="VAE only")
     args = parser.parse_args()
 
     if args.threads:
@@ -115,17 +117,17 @@ def main() -> None:
         f"tokens; VAE {args.image}x{args.image}"
     )
     t0 = time.perf_counter()
-    ours, ref = build_transformers(cfg)
     g = torch.Generator().manual_seed(0)
-    img = torch.randn(1, side * side, 128, generator=g)
-    txt = torch.randn(1, args.text, cfg.context_in_dim, generator=g)
-    iids, tids, t = img_ids(side, side), txt_ids(args.text), torch.tensor([0.7])
-    pairs = {
-        "transformer": (
+    pairs = {}
+    if not args.skip_transformer:
+        ours, ref = build_transformers(cfg)
+        img = torch.randn(1, side * side, 128, generator=g)
+        txt = torch.randn(1, args.text, cfg.context_in_dim, generator=g)
+        iids, tids, t = img_ids(side, side), txt_ids(args.text), torch.tensor([0.7])
+        pairs["transformer"] = (
             lambda: ours(img, iids, txt, tids, t),
             lambda: ref(img, txt, t, iids, tids, None, return_dict=False)[0],
         )
-    }
     if not args.skip_vae:
         ours_vae, ref_vae = build_vaes()
         image = torch.rand(1, 3, args.image, args.image, generator=g) * 2 - 1
