@@ -132,7 +132,7 @@ def detect(
     vae_prefix = _vae_prefix(shapes)
     if vae_prefix is not None:
         latent = shapes.get(vae_prefix + "decoder.conv_in.weight", (0, 0))[1]
-        variant = {4: "sd", 16: "flux"}.get(latent, f"{latent}ch")
+        variant = {4: "sd", 16: "flux", 32: "flux2"}.get(latent, f"{latent}ch")
         return info("vae", variant, {"vae": vae_prefix}, prediction=None)
     if any(k.startswith(("text_model.encoder.layers.", "encoder.block.0.layer.0.")) for k in keys) or any(
         k.startswith(("transformer.resblocks.", "model.transformer.resblocks.")) for k in keys

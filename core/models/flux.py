@@ -252,10 +252,10 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, bias: bool = True) -> None:
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim)
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -289,12 +289,12 @@ class QKNorm(nn.Module):
 class SelfAttention(nn.Module):
     """The weights of one stream's attention; the joint attention itself runs in the block."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, L, hidden] -> normalised q, k and v, each [B, L, H, D]."""
@@ -307,10 +307,10 @@ class SelfAttention(nn.Module):
 class Modulation(nn.Module):
     """adaLN from the conditioning vector: (shift, scale, gate) once (single) or twice (double blocks)."""
 
-    def __init__(self, dim: int, double: bool) -> None:
+    def __init__(self, dim: int, double: bool, bias: bool = True) -> None:
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim)
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
     def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
         # [B, hidden] -> multiplier tensors [B, 1, hidden], broadcast over tokens
@@ -394,11 +394,13 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, cfg: FluxConfig) -> None:
+    """Output head; ``cfg`` needs ``hidden_size`` and ``out_channels`` (FLUX.2's config has them too)."""
+
+    def __init__(self, cfg: FluxConfig, bias: bool = True) -> None:
         super().__init__()
         dim = cfg.hidden_size
-        self.linear = nn.Linear(dim, cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, cfg.out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=bias))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first

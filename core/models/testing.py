@@ -205,6 +205,69 @@ def write_random_t5(
     return save_tensors(random_t5_state_dict(size, seed, dtype), path)
 
 
+def random_flux2_transformer_state_dict(
+    variant: str = "klein-4b", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Random FLUX.2 transformer weights under BFL's names (no prefix, no biases), in the module's key order."""
+    from core.models.flux2 import Flux2, Flux2Config
+
+    with torch.device("meta"):
+        module = Flux2(Flux2Config.preset(size, variant))
+    return random_state_dict(module, seed=seed, dtype=dtype)
+
+
+def write_random_flux2_transformer(
+    path: str | Path,
+    variant: str = "klein-4b",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    prefix: str = "",
+) -> Path:
+    """A diffusion-model file in the layout of BFL's ``flux-2-klein-4b.safetensors`` (and the Comfy-Org
+    repackage): transformer keys with no prefix, bf16 by default; ``prefix="model.diffusion_model."`` gives
+    the combined-file layout."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = random_flux2_transformer_state_dict(variant, size, seed, dtype)
+    return save_tensors({prefix + k: v for k, v in weights.items()}, path)
+
+
+def random_flux2_vae_state_dict(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random FLUX.2 VAE weights under the LDM names of ``flux2-vae.safetensors`` (quant convs inside the
+    encoder/decoder, ``bn.*`` statistics), with a positive running variance as a real file has."""
+    from core.models.flux2_vae import Flux2AutoencoderKL, Flux2VAEConfig
+
+    with torch.device("meta"):
+        module = Flux2AutoencoderKL(Flux2VAEConfig.preset(size))
+    weights = random_state_dict(module, seed=seed, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    channels = weights["bn.running_mean"].shape[0]
+    # real statistics: means of O(0.1..1), variances of O(1) (never <= 0: decode multiplies by sqrt(var + eps))
+    weights["bn.running_mean"] = (0.5 * torch.randn(channels, generator=generator)).to(dtype)
+    weights["bn.running_var"] = torch.exp(0.5 * torch.randn(channels, generator=generator)).to(dtype)
+    weights["bn.num_batches_tracked"] = torch.tensor(1000, dtype=torch.int64)
+    return weights
+
+
+def write_random_flux2_vae(
+    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A VAE file in the layout of ``flux2-vae.safetensors`` (LDM names, no prefix, fp32 + the int64
+    ``bn.num_batches_tracked``)."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(random_flux2_vae_state_dict(size, seed, dtype), path)
+
+
+
+
 def random_qwen3_state_dict(
     size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:

@@ -86,44 +86,54 @@ class VAEConfig:
         first family in the registry with this many latent channels (4: SD1.x, 16: Flux.1).
         """
         shapes = {k: tuple(v) for k, v in shapes.items()}
-        if "encoder.conv_in.weight" not in shapes and "decoder.up_blocks.0.resnets.0.norm1.weight" in shapes:
-            raise CheckpointError("VAE weights", "they use diffusers names, not the LDM single-file layout")
-        for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"):
-            if key not in shapes:
-                raise CheckpointError("VAE weights", f"key {key} is missing, so this is not an LDM-layout VAE")
-        ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-        z_channels = shapes["decoder.conv_in.weight"][1]
-        out_channels = shapes["decoder.conv_out.weight"][0]
-        levels = 0
-        while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
-            levels += 1
-        blocks = 0
-        while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
-            blocks += 1
-        if levels == 0 or blocks == 0:
-            raise CheckpointError("VAE weights", "no encoder.down.0.block.0 found, so this is not an LDM-layout VAE")
-        widths = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
-        if any(width % ch or width % _NORM_GROUPS for width in widths):
-            raise CheckpointError(
-                "VAE weights", f"their widths {widths} are not multiples of both {ch} and {_NORM_GROUPS}"
-            )
-        ch_mult = tuple(width // ch for width in widths)
+        geometry = ldm_geometry(shapes)
+        z_channels = geometry["z_channels"]
         fmt = _latent_format(family, z_channels)
         if fmt.channels != z_channels:
             raise CheckpointError(
                 "VAE weights", f"they have {z_channels} latent channels but {family} uses {fmt.channels}"
             )
         return cls(
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=blocks,
-            z_channels=z_channels,
-            in_channels=in_channels,
-            out_channels=out_channels,
+            **geometry,
             use_quant_conv="quant_conv.weight" in shapes,
             scaling_factor=fmt.scale,
             shift_factor=fmt.shift,
         )
+
+
+def ldm_geometry(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Widths, levels, res blocks and channel counts of an LDM-named encoder + decoder, read off the shapes
+    (``VAEConfig`` fields; the FLUX.2 VAE reads its geometry the same way). Raises ``CheckpointError``."""
+    if "encoder.conv_in.weight" not in shapes and "decoder.up_blocks.0.resnets.0.norm1.weight" in shapes:
+        raise CheckpointError("VAE weights", "they use diffusers names, not the LDM single-file layout")
+    for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"):
+        if key not in shapes:
+            raise CheckpointError("VAE weights", f"key {key} is missing, so this is not an LDM-layout VAE")
+    ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+    z_channels = shapes["decoder.conv_in.weight"][1]
+    out_channels = shapes["decoder.conv_out.weight"][0]
+    levels = 0
+    while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
+        levels += 1
+    blocks = 0
+    while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
+        blocks += 1
+    if levels == 0 or blocks == 0:
+        raise CheckpointError("VAE weights", "no encoder.down.0.block.0 found, so this is not an LDM-layout VAE")
+    widths = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
+    if any(width % ch or width % _NORM_GROUPS for width in widths):
+        raise CheckpointError(
+            "VAE weights", f"their widths {widths} are not multiples of both {ch} and {_NORM_GROUPS}"
+        )
+    ch_mult = tuple(width // ch for width in widths)
+    return {
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": blocks,
+        "z_channels": z_channels,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+    }
 
 
 def _latent_format(family: str | None, z_channels: int) -> Any:

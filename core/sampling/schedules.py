@@ -185,3 +185,36 @@ def lcm_sigmas(schedule: DiscreteSchedule, steps: int, original_steps: int = 50)
     grid = [(i + 1) * k - 1 for i in range(original_steps)][::-1]
     picks = torch.floor(torch.linspace(0, original_steps, steps + 1, dtype=torch.float64)[:-1]).long()
     return _finish(schedule.sigmas[[grid[int(i)] for i in picks]])
+
+
+# ---- FLUX.2 [klein] (flow matching; diffusers Flux2KleinPipeline, BFL flux2 sampling.get_schedule) -----------
+
+
+def flux2_empirical_mu(image_seq_len: int, steps: int) -> float:
+    """The time shift mu FLUX.2 uses for ``image_seq_len`` latent tokens ((H/16) * (W/16)) and ``steps`` steps.
+
+    BFL's fit: mu is linear in the step count between two lines fitted in the token count (at 10 and at 200
+    steps); above 4300 tokens (about 1050x1050 px) only the 200-step line is used.
+    """
+    a1, b1 = 8.73809524e-05, 1.89833333  # mu at 10 steps = a1 * tokens + b1
+    a2, b2 = 0.00016927, 0.45666666  # mu at 200 steps
+    m_200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(m_200)
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    intercept = m_200 - 200.0 * slope
+    return float(slope * steps + intercept)
+
+
+def flux2_sigmas(steps: int, image_seq_len: int) -> torch.Tensor:
+    """FLUX.2's ``steps + 1`` flow sigmas ending in 0: t_i = 1 - i/steps, exponentially time-shifted by
+    :func:`flux2_empirical_mu`, sigma = e^mu / (e^mu + 1/t - 1) (diffusers' FlowMatchEulerDiscreteScheduler with
+    use_dynamic_shifting and time_shift_type "exponential", which Flux2KleinPipeline sets up)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RequestError("steps", steps, "a whole number of at least 1")
+    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
+        raise RequestError("image size", image_seq_len, "a positive number of 16x16-pixel latent tokens")
+    shift = math.exp(flux2_empirical_mu(image_seq_len, steps))
+    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    return _finish(shift / (shift + (1.0 / t - 1.0)))
