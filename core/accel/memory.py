@@ -519,6 +519,17 @@ class Placement:
     def on_device(self, name: str) -> bool:
         return name in self._on
 
+    def resident_bytes(self) -> int:
+        """Bytes of the registered networks' tensors now on the device (free to a job: they can move)."""
+        seen: set[int] = set()
+        total = 0
+        for module in self._components.values():
+            for t in self._tensors(module):
+                if t.device == self.device and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total if self.active else 0
+
     # -- moving --------------------------------------------------------------------------------------------
     @staticmethod
     def _tensors(module: nn.Module) -> list[torch.Tensor]:
