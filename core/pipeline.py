@@ -745,11 +745,12 @@ class PipelineRunner:
         holds on the device count as free: it can move them), or what the memory mode forces."""
         from core.accel.memory import choose_plan, estimate_job, free_memory
 
+        device = self.placement.device  # the runner's device (a test's stand-in places nothing)
         estimate = estimate_job(model, request, refiner)
-        free = free_memory(self.device)
+        free = free_memory(device)
         if free is not None:
             free += self.placement.resident_bytes()
-        return choose_plan(estimate, free, self.memory_mode, self.device), estimate
+        return choose_plan(estimate, free, self.memory_mode, device), estimate
 
     def run_with_memory_plan(
         self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, ctx: RunContext,
@@ -759,6 +760,9 @@ class PipelineRunner:
         retries once with the next plan (offload, tiled VAE), else fails this job with what would fit."""
         from core.accel.memory import escalate, free_cached, is_out_of_memory
 
+        for loaded in (model, refiner):
+            if loaded is not None:
+                self.placement.register(placement_key(loaded), loaded.checkpoint.components)
         plan, estimate = self.plan_memory(model, request, refiner)
         for retry in (False, True):
             self.memory_plan = plan
@@ -772,7 +776,7 @@ class PipelineRunner:
                     raise
             # outside the except block: the traceback (and the tensors its frames hold) is gone
             free_cached(self.device)
-            following = escalate(plan, estimate, self.device) if not retry else None
+            following = escalate(plan, estimate, self.placement.device) if not retry else None
             if following is None:
                 break
             plan = following
@@ -787,7 +791,7 @@ class PipelineRunner:
 
         from core.accel.memory import GiB, estimate_job, free_memory, what_would_fit
 
-        free = free_memory(self.device)
+        free = free_memory(self.placement.device)
 
         def estimate_for(width: int, height: int, batch: int) -> Any:
             sized = dataclasses.replace(request, width=width, height=height, batch_size=batch)
@@ -798,7 +802,7 @@ class PipelineRunner:
         tried = plan.describe() or "everything on the device"
         room = f", {free / GiB:.1f} GB free" if free is not None else ""
         images = f" with {request.batch_size} images per batch" if request.batch_size > 1 else ""
-        return (f"out of memory on {self.device} at {request.width}x{request.height}{images} (estimated "
+        return (f"out of memory on {self.placement.device} at {request.width}x{request.height}{images} (estimated "
                 f"{plan.need / GiB:.1f} GB{room}), also after retrying with {tried.split(' (')[0]}; what would "
                 f"fit: {advice}")
 

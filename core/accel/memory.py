@@ -462,19 +462,33 @@ def what_would_fit(
 
 @dataclass
 class _Home:
-    """Where a tensor lives when it is not on the device, and the device copy we made of it."""
+    """A tensor's own object (kept on the CPU while a device copy stands in for it) and that copy's identity,
+    to tell whether it was changed on the device (a LoRA merge writes into it or replaces it)."""
 
-    tensor: torch.Tensor
-    placed: int  # data_ptr of the copy on the device (a LoRA merge replaces it: then it is copied back)
+    original: torch.Tensor
+    placed: torch.Tensor
+    data_ptr: int
+    version: int
+
+
+def _slots(module: nn.Module) -> Iterator[tuple[nn.Module, dict, str]]:
+    """Every (owner, its _parameters or _buffers dict, name) of ``module`` and its submodules."""
+    for owner in module.modules():
+        for slots in (owner._parameters, owner._buffers):
+            for name, tensor in slots.items():
+                if tensor is not None:
+                    yield owner, slots, name
 
 
 @dataclass
 class Placement:
     """Moves networks between the CPU (``home``) and ``device`` as the job's plan says.
 
-    Moving in keeps each parameter's CPU tensor and swaps ``param.data`` for a device copy; moving out swaps
-    the CPU tensor back (nothing is copied back unless the weight was replaced on the device, as a LoRA merge
-    does). Components are named ``"<model key>/<role>"``; a model registers once per load.
+    Moving in puts a device copy in place of each parameter and buffer (the CPU object is kept); moving out
+    puts the CPU object back, so nothing is copied back unless the weight changed on the device (a LoRA merge,
+    an fp32 upcast of the VAE): then its new value is copied into the CPU object first. Components are named
+    ``"<model key>/<role>"``. Swapping objects rather than ``param.data`` works for any device pair, so tests
+    use the ``meta`` device as the GPU; the LoRA patcher finds parameters by name, so it follows the swap.
     """
 
     device: torch.device
@@ -486,7 +500,7 @@ class Placement:
         self.device = torch.device(self.device)
         self.home = torch.device(self.home)
         self._components: dict[str, nn.Module] = {}
-        self._homes: dict[int, tuple[torch.Tensor, _Home]] = {}
+        self._homes: dict[tuple[int, int, str], _Home] = {}  # (id(owner), id(slots), name)
         self._on: set[str] = set()
         self._hooks: list[Any] = []
 
@@ -497,20 +511,25 @@ class Placement:
 
     # -- registration --------------------------------------------------------------------------------------
     def register(self, key: str, components: Mapping[str, nn.Module]) -> None:
-        for name in [n for n in self._components if n.startswith(f"{key}/")]:
-            self._components.pop(name)
-            self._on.discard(name)
+        """(Re)name ``components`` (role -> network) of model ``key``; a network replaced under a role (another
+        VAE) drops the old one's records."""
         for role, module in components.items():
-            self._components[f"{key}/{role}"] = module
+            name = f"{key}/{role}"
+            old = self._components.get(name)
+            if old is not None and old is not module:
+                for owner, slots, slot in _slots(old):
+                    self._homes.pop((id(owner), id(slots), slot), None)
+                self._on.discard(name)
+            self._components[name] = module
 
     def forget(self, key: str) -> None:
-        """A model that is unloaded: drop references (its tensors go with it)."""
+        """A model that is unloaded: drop every reference to it (its tensors go with it)."""
+        self._remove_hooks()
         for name in [n for n in self._components if n.startswith(f"{key}/")]:
             module = self._components.pop(name)
             self._on.discard(name)
-            for t in self._tensors(module):
-                self._homes.pop(id(t), None)
-        self._remove_hooks()
+            for owner, slots, slot in _slots(module):
+                self._homes.pop((id(owner), id(slots), slot), None)
 
     def names(self, key: str, roles: Iterable[str]) -> list[str]:
         wanted = tuple(roles)
@@ -521,43 +540,43 @@ class Placement:
 
     def resident_bytes(self) -> int:
         """Bytes of the registered networks' tensors now on the device (free to a job: they can move)."""
-        seen: set[int] = set()
+        if not self.active:
+            return 0
         total = 0
         for module in self._components.values():
-            for t in self._tensors(module):
-                if t.device == self.device and id(t) not in seen:
-                    seen.add(id(t))
+            for _owner, slots, name in _slots(module):
+                t = slots[name]
+                if t.device == self.device:
                     total += t.numel() * t.element_size()
-        return total if self.active else 0
+        return total
 
     # -- moving --------------------------------------------------------------------------------------------
-    @staticmethod
-    def _tensors(module: nn.Module) -> list[torch.Tensor]:
-        return [*module.parameters(), *module.buffers()]
-
     def _move_in(self, module: nn.Module) -> None:
-        with torch.inference_mode(False):
-            for t in self._tensors(module):
-                if t.device == self.device:
+        with torch.inference_mode(False), torch.no_grad():
+            for owner, slots, name in _slots(module):
+                original = slots[name]
+                if original.device == self.device:
                     continue
-                home = t.data
-                copy = home.to(self.device)
-                t.data = copy
-                self._homes[id(t)] = (t, _Home(home, copy.data_ptr()))
+                copy = original.detach().to(self.device)
+                placed = nn.Parameter(copy, requires_grad=False) if isinstance(original, nn.Parameter) else copy
+                slots[name] = placed
+                self._homes[(id(owner), id(slots), name)] = _Home(original, placed, copy.data_ptr(), placed._version)
 
     def _move_out(self, module: nn.Module) -> None:
-        with torch.inference_mode(False):
-            for t in self._tensors(module):
-                entry = self._homes.pop(id(t), None)
-                if entry is None:
-                    if t.device != self.home:  # placed before we managed it (load_model on the device)
-                        t.data = t.data.to(self.home)
+        with torch.inference_mode(False), torch.no_grad():
+            for owner, slots, name in _slots(module):
+                current = slots[name]
+                home = self._homes.pop((id(owner), id(slots), name), None)
+                if home is None:
+                    if current.device != self.home:  # put on the device before we managed it (a new VAE)
+                        moved = current.detach().to(self.home)
+                        slots[name] = nn.Parameter(moved, requires_grad=False) if isinstance(current, nn.Parameter) else moved
                     continue
-                _, home = entry
-                if t.data_ptr() == home.placed and t.dtype == home.tensor.dtype:
-                    t.data = home.tensor
-                else:  # replaced on the device (a LoRA merge, an fp32 upcast): that is the weight now
-                    t.data = t.data.to(self.home)
+                unchanged = (current is home.placed and current.data_ptr() == home.data_ptr
+                             and current._version == home.version)
+                if not unchanged:  # changed on the device: that is the weight now
+                    home.original.data = current.detach().to(self.home)
+                slots[name] = home.original
 
     def move_in(self, name: str) -> None:
         if not self.active or name in self._on:
@@ -570,7 +589,7 @@ class Placement:
         if not self.active:
             return
         module = self._components[name]
-        if name not in self._on and not any(t.device != self.home for t in self._tensors(module)):
+        if name not in self._on and not any(slots[n].device != self.home for _, slots, n in _slots(module)):
             return
         self._move_out(module)
         self._on.discard(name)
@@ -600,12 +619,13 @@ class Placement:
         blocks, resident = offload_blocks(network)
         for module in resident:
             self._move_in(module)
-        with torch.inference_mode(False):
-            for t in [*network._parameters.values(), *network._buffers.values()]:  # the root's own tensors
-                if t is not None and t.device != self.device:
-                    home = t.data
-                    t.data = home.to(self.device)
-                    self._homes[id(t)] = (t, _Home(home, t.data_ptr()))
+        for slots in (network._parameters, network._buffers):  # the network's own tensors (not in a child)
+            for slot, tensor in list(slots.items()):
+                if tensor is not None and tensor.device != self.device:
+                    copy = tensor.detach().to(self.device)
+                    placed = nn.Parameter(copy, requires_grad=False) if isinstance(tensor, nn.Parameter) else copy
+                    slots[slot] = placed
+                    self._homes[(id(network), id(slots), slot)] = _Home(tensor, placed, copy.data_ptr(), placed._version)
         for block in blocks:
             self._hooks.append(block.register_forward_pre_hook(lambda m, args: self._move_in(m)))
             self._hooks.append(block.register_forward_hook(lambda m, args, out: self._move_out(m)))
