@@ -1,7 +1,7 @@
 """Calibrate the activation formulas of ``core.accel.memory`` against measured peaks on the CPU.
 
 Each family's real architecture (its full config) with the width scaled down, at two sizes and two batches;
-the peak of live activation bytes of one forward is measured with ``LiveTensorBytes`` (a dispatch mode that
+the peak of live activation bytes of one forward is measured with ``LiveTensorBytes`` (a torch function mode that
 counts every tensor created while it is alive) and divided by the formula's scale
 ``batch * width * positions * bytes``. A constant that stays the same across sizes and batches means the
 formula is right for that architecture and carries to the full width (every activation is linear in both);

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from core.models.quant.layers import module_bytes
@@ -93,12 +93,14 @@ def free_memory(device: torch.device | str) -> int | None:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-class LiveTensorBytes(TorchDispatchMode):
+class LiveTensorBytes(TorchFunctionMode):
     """Counts the bytes of tensors created inside the mode while they are alive, and the peak: the activation
     memory of a forward, measured the same on any device (the CPU has no allocator statistics).
 
     Each storage is counted once (views share it); a view of a tensor made outside (a weight's ``.t()``) is
-    not an allocation. Used to calibrate the activation formulas (``bench/bench_memory.py``) and by tests.
+    not an allocation. It sees what torch functions return (the scratch memory inside one kernel is not seen);
+    a function mode rather than a dispatch mode, which would import ``torch._dynamo`` (10 s on a busy CPU).
+    Used to calibrate the activation formulas (``bench/bench_memory.py``) and by tests.
     """
 
     def __init__(self) -> None:
@@ -106,31 +108,35 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, live tensors]
+        self._refs: dict[int, weakref.ref] = {}  # keeps the callbacks' weakrefs alive
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs: set[int] | None = None
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t, inputs)
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0:
+                continue
+            entry = self._storages.get(ptr)
+            if entry is None:
+                if inputs is None:
+                    inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                              if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+                if ptr in inputs:
+                    continue  # a view of (or in-place op on) a tensor made outside the mode
+                entry = self._storages[ptr] = [storage.nbytes(), 0]
+                self.live += entry[0]
+                self.peak = max(self.peak, self.live)
+            entry[1] += 1
+            ref = weakref.ref(t, lambda ref, ptr=ptr: self._release(ref, ptr))
+            self._refs[id(ref)] = ref
         return out
 
-    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0:
-            return
-        entry = self._storages.get(ptr)
-        if entry is None:
-            if ptr in inputs:
-                return  # a view of (or in-place op on) a tensor made outside the mode
-            entry = self._storages[ptr] = [storage.nbytes(), 0]
-            self.live += entry[0]
-            self.peak = max(self.peak, self.live)
-        entry[1] += 1
-        weakref.finalize(t, self._release, ptr)
-
-    def _release(self, ptr: int) -> None:
+    def _release(self, ref: weakref.ref, ptr: int) -> None:
+        self._refs.pop(id(ref), None)
         entry = self._storages.get(ptr)
         if entry is None:
             return
