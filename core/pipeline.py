@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -376,9 +377,11 @@ def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler)
     same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both.
     """
     vae = model.checkpoint.vae
+    tile = _vae_tile(model)  # the memory plan's: large images encode in tiles too
     with on_device(model, "vae"), torch.inference_mode():
         return torch.cat(
-            [vae.encode(image[None], generator=gen) for image, gen in zip(images, noise.generators)]
+            [vae.encode(image[None], generator=gen, **({"tile": tile} if tile else {}))
+             for image, gen in zip(images, noise.generators)]
         ).to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
@@ -763,7 +766,14 @@ class PipelineRunner:
         for loaded in (model, refiner):
             if loaded is not None:
                 self.placement.register(placement_key(loaded), loaded.checkpoint.components)
-        plan, estimate = self.plan_memory(model, request, refiner)
+        try:
+            plan, estimate = self.plan_memory(model, request, refiner)
+        except Exception as exc:  # noqa: BLE001 - a network the estimate does not know never fails the job
+            from core.accel.memory import MemoryPlan
+
+            warnings.warn(f"memory estimate unavailable ({type(exc).__name__}: {exc}); everything stays on the "
+                          "device", stacklevel=2)
+            plan, estimate = MemoryPlan(mode=self.memory_mode, reason="no estimate"), None
         for retry in (False, True):
             self.memory_plan = plan
             described = plan.describe()
@@ -776,7 +786,7 @@ class PipelineRunner:
                     raise
             # outside the except block: the traceback (and the tensors its frames hold) is gone
             free_cached(self.device)
-            following = escalate(plan, estimate, self.placement.device) if not retry else None
+            following = escalate(plan, estimate, self.placement.device) if not retry and estimate else None
             if following is None:
                 break
             plan = following
@@ -797,8 +807,11 @@ class PipelineRunner:
             sized = dataclasses.replace(request, width=width, height=height, batch_size=batch)
             return estimate_job(model, sized, refiner)
 
-        advice = what_would_fit(estimate_for, request.width, request.height, request.batch_size,
-                                model.spec.pixel_multiple, free, self.memory_mode)
+        try:
+            advice = what_would_fit(estimate_for, request.width, request.height, request.batch_size,
+                                    model.spec.pixel_multiple, free, self.memory_mode)
+        except Exception:  # noqa: BLE001 - no estimate for this model: the general advice
+            advice = "a smaller size, fewer images per batch, or --lowvram"
         tried = plan.describe() or "everything on the device"
         room = f", {free / GiB:.1f} GB free" if free is not None else ""
         images = f" with {request.batch_size} images per batch" if request.batch_size > 1 else ""

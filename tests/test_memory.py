@@ -387,3 +387,27 @@ def test_tiled_decode_chosen_by_the_estimate_equals_untiled():
     plain = _decode(vae, latents)
     assert tiled.shape == plain.shape == (1, 3, 256, 256)
     assert psnr(tiled, plain) >= 35
+
+
+def test_tiled_encode_equals_untiled():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.preset("sd15", "tiny")).eval()
+    images = torch.rand(1, 3, 256, 256) * 2 - 1
+    with torch.inference_mode():
+        plain = vae.encode(images, sample=False)
+        tiled = vae.encode(images, sample=False, tile=24)
+    assert tiled.shape == plain.shape == (1, 4, 32, 32)
+    assert psnr(tiled / tiled.abs().max(), plain / tiled.abs().max()) >= 35
+
+
+def test_batch_log_shows_a_memory_plan_that_is_not_the_default():
+    import io
+
+    from cli.batch import _PlainProgress
+
+    err = io.StringIO()
+    progress = _PlainProgress(err, 2)
+    progress.activity(1, "generating")
+    progress.activity(1, "generating · memory: model offload (est. 9.1 GB > 7.8 GB free)")
+    progress.activity(1, "generating · memory: model offload (est. 9.1 GB > 7.8 GB free)")  # once
+    assert err.getvalue().splitlines() == ["[1/2] generating · memory: model offload (est. 9.1 GB > 7.8 GB free)"]

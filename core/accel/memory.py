@@ -59,7 +59,7 @@ def use_channels_last(device: torch.device | str, network: nn.Module) -> bool:
     """channels_last (NHWC) is cuDNN's fast layout for the UNets' convolutions on CUDA (diffusers and fal
     measure 1.3x on SD1.5 with compile); transformers (Flux) have no convolutions to gain from it, and on the
     CPU oneDNN already reorders, so it is left as is there."""
-    return torch.device(device).type == "cuda" and hasattr(network.config, "model_channels")
+    return torch.device(device).type == "cuda" and hasattr(getattr(network, "config", None), "model_channels")
 
 
 # ------------------------------------------------------------------------------------------------ free memory
@@ -186,7 +186,7 @@ def denoiser_activations(
     network: nn.Module, family: str, latent_hw: tuple[int, int], batch: int, element: int, text_tokens: int = 77
 ) -> int:
     """Peak activation bytes of one denoiser call on ``batch`` latents (CFG: twice the images)."""
-    cfg = network.config
+    cfg = getattr(network, "config", None)
     h, w = latent_hw
     if hasattr(cfg, "model_channels"):  # a UNet
         return int(_activation("unet", family) * batch * cfg.model_channels * h * w * element)
@@ -198,13 +198,15 @@ def denoiser_activations(
 
 def vae_activations(vae: nn.Module, image_hw: tuple[int, int], batch: int, element: int, stage: str) -> int:
     """Peak activation bytes of a VAE decode (``stage="vae_decode"``) or encode of ``batch`` images."""
-    cfg = vae.config
+    cfg = getattr(vae, "config", None)
+    if not hasattr(cfg, "ch"):
+        return 0
     width = cfg.ch * cfg.ch_mult[0]
     return int(_activation(stage) * batch * width * image_hw[0] * image_hw[1] * element)
 
 
 def text_activations(encoder: nn.Module, element: int, tokens: int = 77) -> int:
-    cfg = encoder.config
+    cfg = getattr(encoder, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "width", None) or getattr(cfg, "d_model", 768)
     return int(_activation("text") * hidden * tokens * element)
 
