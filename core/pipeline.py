@@ -792,10 +792,11 @@ class PipelineRunner:
             plan = following
         self.placement.release_all()
         free_cached(self.device)
-        raise OutOfMemoryJobError(self._oom_message(model, request, refiner, plan))
+        raise OutOfMemoryJobError(self._oom_message(model, request, refiner, plan, retried=retry))
 
     def _oom_message(
-        self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, plan: Any
+        self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, plan: Any,
+        retried: bool = True,
     ) -> str:
         import dataclasses
 
@@ -812,12 +813,12 @@ class PipelineRunner:
                                     model.spec.pixel_multiple, free, self.memory_mode)
         except Exception:  # noqa: BLE001 - no estimate for this model: the general advice
             advice = "a smaller size, fewer images per batch, or --lowvram"
-        tried = plan.describe() or "everything on the device"
+        tried = plan.describe().split(" (")[0] or "everything on the device"
+        tried = f"also after retrying with {tried}" if retried else f"with {tried} (nothing left to retry with)"
         room = f", {free / GiB:.1f} GB free" if free is not None else ""
         images = f" with {request.batch_size} images per batch" if request.batch_size > 1 else ""
         return (f"out of memory on {self.placement.device} at {request.width}x{request.height}{images} (estimated "
-                f"{plan.need / GiB:.1f} GB{room}), also after retrying with {tried.split(' (')[0]}; what would "
-                f"fit: {advice}")
+                f"{plan.need / GiB:.1f} GB{room}), {tried}; what would fit: {advice}")
 
     def apply_loras(self, model: LoadedModel, request: GenerationRequest, ctx: RunContext | None = None) -> dict:
         """Merge the request's LoRAs in place of the previous job's (only what changed is re-merged); returns

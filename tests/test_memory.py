@@ -411,3 +411,16 @@ def test_batch_log_shows_a_memory_plan_that_is_not_the_default():
     progress.activity(1, "generating · memory: model offload (est. 9.1 GB > 7.8 GB free)")
     progress.activity(1, "generating · memory: model offload (est. 9.1 GB > 7.8 GB free)")  # once
     assert err.getvalue().splitlines() == ["[1/2] generating · memory: model offload (est. 9.1 GB > 7.8 GB free)"]
+
+
+def test_lowvram_flag_and_setting_reach_the_runner(monkeypatch):
+    from cli.main import build_parser
+    from tui.app import FAKE_RUNNER_ENV, _runner_factory
+
+    monkeypatch.delenv(FAKE_RUNNER_ENV, raising=False)
+    monkeypatch.delenv("DARKROOM_MEMORY", raising=False)
+    args = build_parser().parse_args(["--lowvram"])
+    assert args.lowvram and not build_parser().parse_args([]).lowvram
+    assert _runner_factory(args)().memory_mode == "lowvram"
+    monkeypatch.setenv("DARKROOM_MEMORY", "sequential")
+    assert _runner_factory(build_parser().parse_args([]))().memory_mode == "sequential"
