@@ -267,7 +267,8 @@ class Estimate:
             resident = self.denoiser_weights + self.refiner_weights + self.vae_weights
             return resident + max(text, self.denoise, self.vae_stage(tile))
         if offload == "model":
-            return max(text, max(self.denoiser_weights, self.refiner_weights) + self.denoise, vae)
+            # a refiner samples in the same loop as the base: both denoisers are on the device then
+            return max(text, self.denoiser_weights + self.refiner_weights + self.denoise, vae)
         return max(text, self.resident_weights + 2 * self.largest_block + self.denoise, vae)
 
 
