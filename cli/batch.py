@@ -51,6 +51,8 @@ from typing import IO, Any
 
 from core.accel.attention_mode import AttentionModeError
 from core.accel.attention_mode import resolve_mode as resolve_attention_mode
+from core.accel.memory_mode import MemoryModeError
+from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
@@ -414,14 +416,14 @@ def _family_mismatches(
 
 
 def pipeline_runner_factory(
-    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto"
+    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto", memory: str = "auto"
 ) -> Callable[[], Any]:
     """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace.
-    ``attention``: its dispatcher's mode."""
+    ``attention``: its dispatcher's mode; ``memory``: its memory mode (``core.accel.memory_mode``)."""
     from core.runner import runner_factory
 
     # nobody sees previews here, and a TAESD preview is not free
-    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention)
+    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention, memory=memory)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -459,7 +461,8 @@ class _PlainProgress:
 
     def activity(self, n: int, text: str) -> None:
         # Long silent phases (loading a checkpoint) get a line; routine ones do not.
-        if text.startswith("loading") and text != self._last_activity:
+        # A memory plan other than the default ("generating · memory: model offload (est. ...)") gets one too.
+        if (text.startswith("loading") or "memory:" in text) and text != self._last_activity:
             self._say(f"[{n}/{self.total}] {text}")
         self._last_activity = text
 
@@ -596,10 +599,12 @@ def run_batch(
     rich_progress: bool | None = None,
     resume: bool = False,
     attention: str | None = None,
+    lowvram: bool = False,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
-    ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto)."""
+    ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto); ``lowvram`` forces
+    model offload at least (else ``$DARKROOM_MEMORY``, else auto: chosen per job from its memory estimate)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
@@ -614,6 +619,11 @@ def run_batch(
     try:
         attention_mode = resolve_attention_mode(attention)
     except AttentionModeError as exc:
+        error(str(exc))
+        return EXIT_USAGE
+    try:
+        memory_mode = resolve_memory_mode(lowvram)
+    except MemoryModeError as exc:
         error(str(exc))
         return EXIT_USAGE
     try:
@@ -676,7 +686,7 @@ def run_batch(
         if importlib.util.find_spec("core.pipeline") is None:
             error("the generation pipeline (core/pipeline.py) is not part of this installation")
             return EXIT_JOB_FAILED
-        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode)
+        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, memory_mode)
 
     from core.store import JobStore, StoreError
     from core.worker import Worker

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default: $DARKROOM_ATTENTION or auto",
     )
     parser.add_argument(
+        "--lowvram",
+        action="store_true",
+        help="for GPUs with little memory: each network on the GPU only while it runs (model offload), or "
+        "the denoiser block by block when even that does not fit; default: $DARKROOM_MEMORY (auto, gpu, "
+        "lowvram, sequential) or auto, which offloads only when a job's memory estimate exceeds the free VRAM",
+    )
+    parser.add_argument(
         "--list-models",
         action="store_true",
         help="list the checkpoints in the models folders with each one's family (SD1.x, SDXL, ...), variant, "
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_batch(
                 args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
-                resume=args.resume, attention=args.attention,
+                resume=args.resume, attention=args.attention, lowvram=args.lowvram,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):

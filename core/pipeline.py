@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,10 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step 1-based over th
 
 class InitImageError(DarkroomError):
     """The img2img source image cannot be used."""
+
+
+class OutOfMemoryJobError(DarkroomError):
+    """A job ran out of memory, also after the retry with offload and tiling; the message says what fits."""
 
 
 class NonFiniteOutputError(DarkroomError):
@@ -93,6 +99,7 @@ class LoadedModel:
     schedule: DiscreteSchedule | None = None  # None: the family's training schedule
     conditioner: Any = None  # None: the family's conditioner over the checkpoint's text encoders
     loras: Any = None  # core.lora.patch.LoraPatcher: the LoRAs merged into the networks
+    placement: Any = None  # core.accel.memory.Placement: moves the networks as the job's memory plan says
 
     def __post_init__(self) -> None:
         from core.lora.patch import LoraPatcher
@@ -162,16 +169,22 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     compute_hash: bool = True,
+    resident: bool = True,
 ) -> LoadedModel:
-    """Load a checkpoint for sampling. ``dtype=None`` picks the device's compute dtype (fp32 on CPU)."""
+    """Load a checkpoint for sampling. ``dtype=None`` picks the device's compute dtype (fp32 on CPU).
+    ``resident=False`` leaves the networks in CPU memory (at the compute dtype) for a ``Placement`` to move."""
     from core.accel.device import compute_dtype
+    from core.accel.memory import use_channels_last, vae_dtype
     from core.models.checkpoint import load_checkpoint, model_hash
 
     device = torch.device(device)
     checkpoint = load_checkpoint(path, vae_path=vae_path, device="cpu", dtype=None)
     dtype = dtype or compute_dtype(device, checkpoint.dtype)
-    for module in checkpoint.components.values():
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    target = device if resident else torch.device("cpu")
+    for role, module in checkpoint.components.items():
+        module.to(device=target, dtype=vae_dtype(dtype) if role == "vae" else dtype).eval().requires_grad_(False)
+        if role == "unet" and use_channels_last(device, module):
+            module.to(memory_format=torch.channels_last)
     return LoadedModel(
         checkpoint=checkpoint,
         device=device,
@@ -206,7 +219,12 @@ class PromptCache:
             self.hits += 1
             return self._entries[key]
         self.misses += 1
-        cond = model.conditioner.encode(text, settings)
+        placement = getattr(model, "placement", None)
+        if placement is None:
+            cond = model.conditioner.encode(text, settings)
+        else:  # the text encoders come to the device only when a prompt is not cached
+            with placement.use(placement_key(model), (TEXT_PREFIX,)):
+                cond = model.conditioner.encode(text, settings)
         self._entries[key] = cond
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -214,6 +232,33 @@ class PromptCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+TEXT_PREFIX = "text_encoder"  # core.accel.memory.TEXT_PREFIX: the text encoders' roles
+
+
+def placement_key(model: LoadedModel) -> str:
+    """The name a model's networks have in its ``Placement`` (one per loaded model)."""
+    return f"{model.name}@{id(model):x}"
+
+
+@contextmanager
+def on_device(model: LoadedModel | None, *roles: str) -> Iterator[None]:
+    """The networks ``roles`` of ``model`` on its device for a stage (a no-op without a placement)."""
+    placement = getattr(model, "placement", None)
+    if placement is None:
+        yield
+        return
+    with placement.use(placement_key(model), roles):
+        yield
+
+
+def release_text_encoders(*models: LoadedModel | None) -> None:
+    """Text encoders leave the GPU after encoding (to CPU RAM); a prompt not yet cached brings them back."""
+    for model in models:
+        placement = getattr(model, "placement", None)
+        if placement is not None:
+            placement.release(placement_key(model), (TEXT_PREFIX,))
 
 
 def encode_conditioning(
@@ -292,25 +337,36 @@ def _finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum(dtype=torch.float32)))  # see _check_finite
 
 
-def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def _decode(vae: torch.nn.Module, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """``tile`` (latent pixels, from the job's memory plan) tiles the decode; without one, images above
+    ``TILED_DECODE_LATENT_PIXELS`` tile at the VAE's default tile."""
     with torch.inference_mode():
+        if tile is not None:
+            return vae.decode_tiled(latents, tile=tile, overlap=min(16, tile // 4))
         if latents.shape[-1] * latents.shape[-2] > TILED_DECODE_LATENT_PIXELS:
             return vae.decode_tiled(latents)
         return vae.decode(latents)
 
 
+def _vae_tile(model: LoadedModel) -> int | None:
+    placement = getattr(model, "placement", None)
+    return placement.plan.vae_tile if placement is not None else None
+
+
 def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """Decode in the VAE's dtype; a float16 decode that overflows (NaN/inf: the original SDXL VAE does) is
     redone in float32, and that VAE stays in float32 (A1111's automatic ``--no-half-vae``)."""
-    vae = model.checkpoint.vae
-    source = _vae_source(model)
-    if vae.dtype == torch.float16 and source in _FP32_VAES:
-        vae.to(torch.float32)
-    pixels = _decode(vae, latents)
-    if vae.dtype == torch.float16 and not _finite(pixels):
-        _FP32_VAES.add(source)
-        vae.to(torch.float32)
-        pixels = _decode(vae, latents)
+    with on_device(model, "vae"):
+        vae = model.checkpoint.vae
+        tile = _vae_tile(model)
+        source = _vae_source(model)
+        if vae.dtype == torch.float16 and source in _FP32_VAES:
+            vae.to(torch.float32)
+        pixels = _decode(vae, latents, tile)
+        if vae.dtype == torch.float16 and not _finite(pixels):
+            _FP32_VAES.add(source)
+            vae.to(torch.float32)
+            pixels = _decode(vae, latents, tile)
     return pixels
 
 
@@ -321,9 +377,11 @@ def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler)
     same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both.
     """
     vae = model.checkpoint.vae
-    with torch.inference_mode():
+    tile = _vae_tile(model)  # the memory plan's: large images encode in tiles too
+    with on_device(model, "vae"), torch.inference_mode():
         return torch.cat(
-            [vae.encode(image[None], generator=gen) for image, gen in zip(images, noise.generators)]
+            [vae.encode(image[None], generator=gen, **({"tile": tile} if tile else {}))
+             for image, gen in zip(images, noise.generators)]
         ).to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
@@ -386,8 +444,11 @@ class RefinerSwitch:
     across the switch, on the same latents and sigmas, as in A1111.
     """
 
-    def __init__(self, base: Any, refiner: Any, schedule: DiscreteSchedule, switch: float) -> None:
+    def __init__(
+        self, base: Any, refiner: Any, schedule: DiscreteSchedule, switch: float, refiner_model: Any = None
+    ) -> None:
         self.base, self.refiner = base, refiner
+        self.refiner_model = refiner_model  # the LoadedModel behind ``refiner`` (its networks must be on the device)
         self.schedule = schedule
         self.refiner_from_t = 999 - round(switch * 1000)  # the refiner takes timesteps up to this one
         self.refined = False  # whether the refiner has run (its VAE then decodes)
@@ -449,13 +510,14 @@ def generate(
     if refiner is not None:
         check_refiner(model, refiner)
         refiner_text = encode_conditioning(refiner, request, cache)
+    release_text_encoders(model, refiner)
 
     def guided(first: Any, width: int, height: int, size: int) -> Any:
         """The CFG denoiser of ``first`` (the base's, for this image size), switching to the refiner's."""
         if refiner_text is None:
             return first
         second = _denoiser(refiner, *for_image(refiner, request, *refiner_text, width, height), request.cfg, size)
-        return RefinerSwitch(first, second, model.schedule, request.refiner_switch)
+        return RefinerSwitch(first, second, model.schedule, request.refiner_switch, refiner)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
     init_pixels = None
@@ -479,9 +541,10 @@ def generate(
         latents = start
         ran = [denoiser]
         if denoise > 0:
-            latents = _run_sampler(
-                model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
-            )
+            with on_device(model, "unet"), on_device(refiner, "unet"):
+                latents = _run_sampler(
+                    model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
+                )
         _check_finite(model, latents, "sampling")
         if request.hires is not None:
             hires_denoiser = denoiser
@@ -533,17 +596,18 @@ def _hires_pass(
         upscaled = encode_images(model, pixels, noise)
     if hires.denoise <= 0:
         return upscaled
-    return _run_sampler(
-        model,
-        request,
-        denoiser,
-        upscaled,
-        noise,
-        hires.steps or request.steps,
-        hires.denoise,
-        progress,
-        is_cancelled,
-    )
+    with on_device(model, "unet"), on_device(getattr(denoiser, "refiner_model", None), "unet"):
+        return _run_sampler(
+            model,
+            request,
+            denoiser,
+            upscaled,
+            noise,
+            hires.steps or request.steps,
+            hires.denoise,
+            progress,
+            is_cancelled,
+        )
 
 
 # ------------------------------------------------------------------------------------------ worker runner
@@ -560,9 +624,12 @@ class PipelineRunner:
         device: str | torch.device | None = None,
         previews: bool = True,
         attention: str | AttentionDispatcher = "auto",
+        memory: str = "auto",
     ) -> None:
         from core.accel.attention import AttentionDispatcher
         from core.accel.device import compute_dtype, pick_device
+        from core.accel.memory import Placement
+        from core.accel.memory_mode import check_mode
         from core.models.registry import ModelRegistry
 
         self.registry = registry or ModelRegistry(models_dirs)
@@ -579,6 +646,11 @@ class PipelineRunner:
 
         self.lora_files = LoraFileCache()
         self.refiner: LoadedModel | None = None
+        # The memory policy (core.accel.memory): a plan per job from its estimate, or forced by ``memory``
+        # (auto, gpu, lowvram, sequential: core.accel.memory_mode); the placement moves the networks for it.
+        self.memory_mode = check_mode(memory, "memory")
+        self.placement = Placement(self.device)
+        self.memory_plan: Any = None  # the last job's MemoryPlan (its describe() is shown when not default)
 
     @property
     def loaded_model(self) -> str | None:
@@ -597,6 +669,7 @@ class PipelineRunner:
             self.model.replace_vae(vae_path)
             return self.model
         if self.model is not None:  # free the old checkpoint before the new one takes memory
+            self.placement.forget(placement_key(self.model))
             self.model = None
             self.cache.clear()
             gc.collect()
@@ -604,7 +677,9 @@ class PipelineRunner:
                 torch.cuda.empty_cache()
         if ctx is not None:
             ctx.set_activity(f"loading {path.name}")
-        self.model = load_model(path, vae_path=vae_path, device=self.device)
+        # On a GPU the networks load into CPU memory; the job's plan moves them (all of them, for most jobs)
+        self.model = load_model(path, vae_path=vae_path, device=self.device, resident=not self.placement.active)
+        self.model.placement = self.placement
         self.dtype = self.model.dtype
         return self.model
 
@@ -612,6 +687,8 @@ class PipelineRunner:
         """The request's refiner, loaded beside the model (with the request's VAE, as A1111 does); kept
         loaded while jobs use the same one."""
         if not request.refiner:
+            if self.refiner is not None:
+                self.placement.forget(placement_key(self.refiner))
             self.refiner = None
             return None
         path = self.registry.find_checkpoint(request.refiner)
@@ -619,12 +696,16 @@ class PipelineRunner:
         key = (str(path), str(vae_path) if vae_path else None)
         if self.refiner is not None and self.refiner.key == key:
             return self.refiner
+        if self.refiner is not None:
+            self.placement.forget(placement_key(self.refiner))
         self.refiner = None
         gc.collect()
         if ctx is not None:
             ctx.set_activity(f"loading refiner {path.name}")
         # no hash: the infotext names the refiner by file name only
-        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False)
+        self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False,
+                                  resident=not self.placement.active)
+        self.refiner.placement = self.placement
         return self.refiner
 
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
@@ -634,7 +715,6 @@ class PipelineRunner:
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
         loaded = time.monotonic()
-        ctx.set_activity("generating")
         first_step: list[float] = []
         previewer = self.preview_decoders.previewer(model.family, model.device, model.dtype) if self.previews else None
 
@@ -644,10 +724,13 @@ class PipelineRunner:
             preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
-        with self.attention.active(new_job=True):
-            results = generate(
-                model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
-            )
+        def attempt() -> list[tuple[Image.Image, int]]:
+            with self.attention.active(new_job=True):
+                return generate(
+                    model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
+                )
+
+        results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)
         finished = time.monotonic()
         timings = {
             "load": loaded - started,
@@ -659,6 +742,83 @@ class PipelineRunner:
                            family=model.family, extra=lora_extra)
             for image, seed in results
         ]
+
+    def plan_memory(self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None = None) -> Any:
+        """The job's memory plan: its estimate against the device's free memory (the networks the placement
+        holds on the device count as free: it can move them), or what the memory mode forces."""
+        from core.accel.memory import choose_plan, estimate_job, free_memory
+
+        device = self.placement.device  # the runner's device (a test's stand-in places nothing)
+        estimate = estimate_job(model, request, refiner)
+        free = free_memory(device)
+        if free is not None:
+            free += self.placement.resident_bytes()
+        return choose_plan(estimate, free, self.memory_mode, device), estimate
+
+    def run_with_memory_plan(
+        self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, ctx: RunContext,
+        attempt: Callable[[], list[tuple[Image.Image, int]]],
+    ) -> list[tuple[Image.Image, int]]:
+        """Run ``attempt`` under the job's memory plan; out of memory frees what the failed try held and
+        retries once with the next plan (offload, tiled VAE), else fails this job with what would fit."""
+        from core.accel.memory import escalate, free_cached, is_out_of_memory
+
+        for loaded in (model, refiner):
+            if loaded is not None:
+                self.placement.register(placement_key(loaded), loaded.checkpoint.components)
+        try:
+            plan, estimate = self.plan_memory(model, request, refiner)
+        except Exception as exc:  # noqa: BLE001 - a network the estimate does not know never fails the job
+            from core.accel.memory import MemoryPlan
+
+            warnings.warn(f"memory estimate unavailable ({type(exc).__name__}: {exc}); everything stays on the "
+                          "device", stacklevel=2)
+            plan, estimate = MemoryPlan(mode=self.memory_mode, reason="no estimate"), None
+        for retry in (False, True):
+            self.memory_plan = plan
+            described = plan.describe()
+            ctx.set_activity(f"generating · memory: {described}" if described else "generating")
+            try:
+                self.placement.prepare(plan)
+                return attempt()
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
+                if not is_out_of_memory(exc):
+                    raise
+            # outside the except block: the traceback (and the tensors its frames hold) is gone
+            free_cached(self.device)
+            following = escalate(plan, estimate, self.placement.device) if not retry and estimate else None
+            if following is None:
+                break
+            plan = following
+        self.placement.release_all()
+        free_cached(self.device)
+        raise OutOfMemoryJobError(self._oom_message(model, request, refiner, plan, retried=retry))
+
+    def _oom_message(
+        self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, plan: Any,
+        retried: bool = True,
+    ) -> str:
+        import dataclasses
+
+        from core.accel.memory import GiB, estimate_job, free_memory, what_would_fit
+
+        free = free_memory(self.placement.device)
+
+        def estimate_for(width: int, height: int, batch: int) -> Any:
+            sized = dataclasses.replace(request, width=width, height=height, batch_size=batch)
+            return estimate_job(model, sized, refiner)
+
+        try:
+            advice = what_would_fit(estimate_for, request.width, request.height, request.batch_size,
+                                    model.spec.pixel_multiple, free, self.memory_mode)
+        except Exception:  # noqa: BLE001 - no estimate for this model: the general advice
+            advice = "a smaller size, fewer images per batch, or --lowvram"
+        tried = plan.describe().split(" (")[0] or "everything on the device"
+        tried = f"also after retrying with {tried}" if retried else f"with {tried} (nothing left to retry with)"
+        room = f", {free / GiB:.1f} GB free" if free is not None else ""
+        images = f" with {request.batch_size} images per batch" if request.batch_size > 1 else ""
+        return (f"out of memory on {self.placement.device} at {request.width}x{request.height}{images} (estimated "
+                f"{plan.need / GiB:.1f} GB{room}), {tried}; what would fit: {advice}")
 
     def apply_loras(self, model: LoadedModel, request: GenerationRequest, ctx: RunContext | None = None) -> dict:
         """Merge the request's LoRAs in place of the previous job's (only what changed is re-merged); returns

@@ -52,7 +52,7 @@ def test_overflowing_fp16_decode_is_redone_in_fp32_and_remembered(checkpoint, mo
     reference = _overflowing(checkpoint, torch.float32).checkpoint.vae
     calls = []
     original = pipeline._decode
-    monkeypatch.setattr(pipeline, "_decode", lambda vae, z: calls.append(vae.dtype) or original(vae, z))
+    monkeypatch.setattr(pipeline, "_decode", lambda vae, z, tile=None: calls.append(vae.dtype) or original(vae, z, tile))
 
     pixels = decode(model, _latents())
     assert calls == [torch.float16, torch.float32]

@@ -504,7 +504,9 @@ def test_compute_dtype(monkeypatch):
     assert devices.compute_dtype("cpu", torch.bfloat16) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert devices.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
-    assert devices.compute_dtype("cuda", torch.float32) == torch.float16
+    # bf16 wherever the GPU has it natively, whatever the checkpoint stores (core.accel.memory's policy)
+    assert devices.compute_dtype("cuda", torch.float32) == torch.bfloat16
+    assert devices.compute_dtype("cuda", torch.float16) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert devices.compute_dtype("cuda", torch.bfloat16) == torch.float16
     assert devices.compute_dtype("mps", torch.float32) == torch.float16

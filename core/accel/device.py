@@ -95,17 +95,26 @@ def memory_stats(device: torch.device | str) -> tuple[int, int, int]:
     return used, max(used, _peak_rss()), _system_memory()
 
 
-def compute_dtype(device: torch.device | str, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The dtype to run the networks in.
+def _native_bf16() -> bool:
+    """Whether the current CUDA GPU computes in bf16 natively (Ampere, sm80, and later); older GPUs only
+    emulate it, slower than fp16."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
 
-    CUDA: bf16 when the checkpoint is bf16 and the GPU supports it, else fp16 (fp16 compute is universal on
-    CUDA and halves memory). MPS: fp16. CPU: fp32, because half-precision matmul on CPU is slow or missing.
+
+def compute_dtype(device: torch.device | str, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to run the networks in (the precision half of ``core.accel.memory``'s policy).
+
+    CUDA: bf16 where the GPU has native bf16 (fp32's range: no fp16 overflow in the UNet or the VAE, and the
+    speed of fp16), else fp16 (universal on CUDA, half the memory of fp32), whatever the checkpoint stores.
+    MPS: fp16. CPU: fp32, because half-precision matmul on CPU is slow or missing. ``checkpoint_dtype`` is
+    kept for callers that pass it; the choice no longer depends on it.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        if checkpoint_dtype == torch.bfloat16 and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
+        return torch.bfloat16 if _native_bf16() else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32

@@ -359,16 +359,47 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar
 
+    def encode_moments_tiled(
+        self, images: torch.Tensor, tile: int, overlap: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_moments`` in overlapping pieces of ``tile`` latent pixels (``tile * 8`` image pixels), each
+        piece's moments feathered into the others as ``decode_tiled`` does: memory is one piece's encode."""
+        self._check(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
+        f = self.config.downscale
+        b, _, height, width = images.shape
+        h, w = height // f, width // f
+        ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+        if len(ys) == 1 and len(xs) == 1:
+            return self.encode_moments(images)
+        th, tw = min(tile, h), min(tile, w)
+        c = self.config.z_channels
+        mean = torch.zeros(b, c, h, w, dtype=torch.float32, device=self.device)
+        logvar = torch.zeros_like(mean)
+        total = torch.zeros(h, w, dtype=torch.float32, device=self.device)
+        for y in ys:
+            wy = _feather(th, overlap, y > 0, y + th < h)
+            for x in xs:
+                mask = (wy[:, None] * _feather(tw, overlap, x > 0, x + tw < w)[None, :]).to(self.device)
+                m, lv = self.encode_moments(images[:, :, y * f : (y + th) * f, x * f : (x + tw) * f])
+                mean[:, :, y : y + th, x : x + tw].addcmul_(m.float(), mask)
+                logvar[:, :, y : y + th, x : x + tw].addcmul_(lv.float(), mask)
+                total[y : y + th, x : x + tw].add_(mask)
+        return mean.div_(total).to(self.dtype), logvar.div_(total).to(self.dtype)
+
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+        tile: int | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] -> model-space latents ``(z - shift) * scale``.
 
         ``sample=True`` draws z = mean + std * noise (noise from ``generator``, drawn in fp32 on the
         generator's device, so a seed gives the same latent on any device and dtype); ``sample=False``
-        returns the mean.
+        returns the mean. ``tile`` (latent pixels) encodes in feathered tiles (``encode_moments_tiled``).
         """
-        mean, logvar = self.encode_moments(images)
+        if tile is not None:
+            mean, logvar = self.encode_moments_tiled(images, tile, overlap=min(8, tile // 4))
+        else:
+            mean, logvar = self.encode_moments(images)
         z = mean
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
