@@ -86,6 +86,13 @@ PARTS: dict[str, PartKind] = {
 }
 
 
+# GGUF ``general.architecture`` values accepted for a family's diffusion model (by family name) or a part kind.
+GGUF_ARCHITECTURES: dict[str, frozenset[str]] = {
+    "flux": frozenset({"flux"}),
+    "t5xxl": frozenset({"t5", "t5encoder"}),
+}
+
+
 @dataclass(frozen=True)
 class PartMatch:
     kind: str  # a PARTS key
