@@ -316,6 +316,11 @@ class ModelRegistry:
         empty_roots = [r for r in self.roots if not any(_is_within(f, r) for f in every)]
         return list(self._dirs.get(kind, [])) + empty_roots
 
+    def part_dirs(self, kind: str) -> list[Path]:
+        """Where files of one kind are looked for: its folders found, else those it would be found in."""
+        self._scan()
+        return list(self._dirs.get(kind, [])) or self._expected_dirs(kind)
+
     def _expected_dirs(self, kind: str) -> list[Path]:
         """Where a root's folders of one kind are looked for: in its ``models/`` folder when it has one."""
         out: list[Path] = []
