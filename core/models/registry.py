@@ -133,7 +133,7 @@ def _with_parts(base: ModelInfo, info: object, shapes: dict, dtypes: dict) -> Mo
 
 
 def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] in "18" else "a ") + noun
+    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] == "8" else "a ") + noun
 
 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

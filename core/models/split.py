@@ -67,7 +67,7 @@ class PartSet:
 
 
 def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] in "18" else "a ") + noun
+    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] == "8" else "a ") + noun
 
 
 def _part_components(spec: ModelFamily) -> list[Component]:
