@@ -301,3 +301,64 @@ def test_gguf_of_another_part_is_one_message(comfy):
         load_components(spec, {"unet": (files["gguf_t5"], "")})
     with pytest.raises(CheckpointError, match="cannot be loaded from a GGUF file"):
         part_prefix(files["gguf_t5"], spec, spec.component("text_encoder"))
+
+
+# ---- batch and pipeline ---------------------------------------------------------------------------------------
+
+
+def test_batch_refuses_a_job_whose_part_is_missing_before_anything_loads(tmp_path, monkeypatch):
+    import textwrap
+
+    from tests.batch_harness import RecordingRunner, batch_runner
+
+    run = batch_runner(tmp_path, monkeypatch, RecordingRunner)
+    testing.write_random_flux_split_set(tmp_path, parts=("clip_l", "vae"))
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(textwrap.dedent("""
+        [[job]]
+        model = "flux1-dev"
+        steps = 1
+    """))
+    code, _, err = run(str(jobs))
+    assert code == 3 and RecordingRunner.seen == []
+    assert "jobs.toml: job 1: Flux.1 needs a T5-XXL text encoder: none in " in err
+    jobs.write_text('[[job]]\nmodel = "flux1-dev"\nsteps = 1\ntext_encoders = ["nope"]\n')
+    code, _, err = run(str(jobs))
+    assert code == 3 and "text encoder 'nope' not found" in err
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.activities: list[str] = []
+
+    def set_activity(self, text: str) -> None:
+        self.activities.append(text)
+
+
+def test_pipeline_loads_the_set_once_and_reloads_when_a_part_changes(comfy, monkeypatch):
+    import core.pipeline as pipeline
+
+    root, files = comfy
+    loads = []
+
+    class Loaded:
+        def __init__(self, path, vae_path, parts):
+            self.key = (str(path), str(vae_path), tuple(f"{r}={p}" for r, p in sorted(parts.items())))
+            self.dtype = torch.float32
+
+    def fake_load(path, *, vae_path=None, device=None, parts=None, **_):
+        loads.append((path, vae_path, parts))
+        return Loaded(path, vae_path, parts)
+
+    monkeypatch.setattr(pipeline, "load_model", fake_load)
+    runner = pipeline.PipelineRunner(registry=ModelRegistry([root]), device="cpu", previews=False)
+    ctx = _Ctx()
+    request = GenerationRequest(model="flux1-dev", text_encoders=("t5xxl_fp16",))
+    runner.ensure_model(request, ctx)
+    runner.ensure_model(request, ctx)
+    assert loads == [(files["model"], files["vae"], {"text_encoder": files["clip_l"], "text_encoder_2": files["t5xxl"]})]
+    assert ctx.activities == ["loading flux1-dev.safetensors; using text encoder clip_l.safetensors and VAE "
+                              "ae.safetensors (picked from the models folders by type)"]
+    assert runner.parts.infotext()["Text encoders"] == "clip_l.safetensors, t5xxl_fp16.safetensors"
+    runner.ensure_model(request.replace(text_encoders=("t5-v1_1-xxl-encoder-Q8_0",)), ctx)
+    assert len(loads) == 2 and loads[1][2]["text_encoder_2"] == files["gguf_t5"]
