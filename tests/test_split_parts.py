@@ -362,3 +362,35 @@ def test_pipeline_loads_the_set_once_and_reloads_when_a_part_changes(comfy, monk
     assert runner.parts.infotext()["Text encoders"] == "clip_l.safetensors, t5xxl_fp16.safetensors"
     runner.ensure_model(request.replace(text_encoders=("t5-v1_1-xxl-encoder-Q8_0",)), ctx)
     assert len(loads) == 2 and loads[1][2]["text_encoder_2"] == files["gguf_t5"]
+
+
+# ---- the stdlib GGUF header reader (registry listings) -------------------------------------------------------
+
+
+def test_stdlib_gguf_header_reads_what_gguf_reads(comfy):
+    from core.models.checkpoint import GGUFSource
+    from core.models.gguf_header import read_gguf_header
+
+    for name in ("gguf_model", "gguf_t5"):
+        header, source = read_gguf_header(comfy[1][name]), GGUFSource(comfy[1][name])
+        assert (header.shapes, header.dtypes) == (source.shapes, source.dtypes)
+        assert header.architecture == source.file.architecture
+
+
+def test_stdlib_gguf_header_refuses_hostile_headers(tmp_path):
+    import struct
+
+    from core.models.gguf_header import read_gguf_header
+    from tests.test_gguf_file import _field, _header
+
+    cases = [_header(version=1), b"GGUF\x03\x00", _header(n_tensors=2**63, n_fields=0), _header(n_fields=2**62),
+             _header(fields=_field(b"general.x", 9, struct.pack("<IQ", 5, 2**61))),
+             _header(fields=_field(b"tok", 9, struct.pack("<IQ", 8, 2**40))),
+             _header(fields=_field(b"k", 8, struct.pack("<Q", 2**60) + b"abc")), b"GGU", b"NOTAGGUF"]
+    for i, data in enumerate(cases):
+        path = tmp_path / f"hostile{i}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError):
+            read_gguf_header(path)
+        info = ModelRegistry([tmp_path]).inspect(path)
+        assert info.family is None and info.problem, info
