@@ -394,3 +394,22 @@ def test_stdlib_gguf_header_refuses_hostile_headers(tmp_path):
             read_gguf_header(path)
         info = ModelRegistry([tmp_path]).inspect(path)
         assert info.family is None and info.problem, info
+
+
+def test_qwen3_gguf_names_are_the_checkpoint_names():
+    """llama.cpp's Qwen3 tensor names, mapped, are transformers' Qwen3ForCausalLM keys (ComfyUI's qwen_3_4b
+    layout), so a Qwen3 text encoder GGUF loads into the same network as the .safetensors."""
+    import gguf
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from core.models.gguf_header import state_name
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        expected = set(Qwen3ForCausalLM(config).state_dict())
+    names = set()
+    for template in (gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3]):
+        if template != "rope_freqs":
+            names |= {template.format(bid=b) + ".weight" for b in range(2)} if "{bid}" in template else {template + ".weight"}
+    assert {state_name(n, "qwen3") for n in names} == expected

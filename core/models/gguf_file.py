@@ -29,10 +29,10 @@ from core.models.gguf_header import (
     IMAGE_ARCHITECTURES,
     T5_ARCHITECTURES,
     T5_NAME_MAP,
+    state_name,
     t5_name,
 )
 from core.models.gguf_header import damaged as _damaged
-from core.models.gguf_header import strip_diffusion_prefix as _strip_prefix
 from core.models.quant.ggml import GGML_TYPE_NAMES, SUPPORTED_GGUF_TYPES, UNQUANTIZED, qtype_size
 from core.models.quant.layers import QuantizedTensor
 from core.models.safetensors_header import short_repr
@@ -175,11 +175,9 @@ class GGUFFile:
         return QuantizedTensor(raw, info.qtype, info.shape)  # raw keeps the stored (rows, bytes per row) shape
 
     def state_names(self) -> dict[str, str]:
-        """file tensor name -> the name in the original checkpoint layout our networks load: T5 files get the
+        """file tensor name -> the name in the original checkpoint layout our networks load: T5 and Qwen3 files get the
         Hugging Face names, diffusion models lose a ``model.diffusion_model.`` prefix."""
-        if self.architecture in T5_ARCHITECTURES:
-            return {name: t5_name(name) for name in self.tensors}
-        return {name: _strip_prefix(name) for name in self.tensors}
+        return {name: state_name(name, self.architecture) for name in self.tensors}
 
     def items(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         for name in self.tensors:

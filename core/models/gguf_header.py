@@ -47,6 +47,31 @@ T5_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
     ("ffn_norm", "layer.1.layer_norm"),
 )
+# llama.cpp's decoder names -> Hugging Face's (Qwen3ForCausalLM, as ComfyUI's qwen_3_4b.safetensors stores them;
+# ComfyUI-GGUF's LLAMA_SD_MAP, substring replacements in this order). Qwen files need no RoPE row un-permuting
+# (only arch "llama" would, which is not mapped here).
+LLAMA_NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("blk.", "model.layers."),
+    ("attn_norm", "input_layernorm"),
+    ("attn_q_norm.", "self_attn.q_norm."),
+    ("attn_k_norm.", "self_attn.k_norm."),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output.weight", "lm_head.weight"),
+)
+# general.architecture -> the name map of its text-encoder files (image models keep checkpoint names)
+NAME_MAPS: dict[str, tuple[tuple[str, str], ...]] = {
+    **dict.fromkeys(T5_ARCHITECTURES, T5_NAME_MAP),
+    "qwen3": LLAMA_NAME_MAP,
+}
 DIFFUSION_PREFIXES = ("model.diffusion_model.",)
 
 # GGML type id -> name, for the types Darkroom can read (core.models.quant.ggml.GGML_TYPES has the same ids).
@@ -63,10 +88,14 @@ _STRING, _ARRAY = 8, 9
 _ORIG_SHAPE = "comfy.gguf.orig_shape."
 
 
-def t5_name(name: str) -> str:
-    for old, new in T5_NAME_MAP:
+def mapped_name(name: str, mapping: tuple[tuple[str, str], ...]) -> str:
+    for old, new in mapping:
         name = name.replace(old, new)
     return name
+
+
+def t5_name(name: str) -> str:
+    return mapped_name(name, T5_NAME_MAP)
 
 
 def strip_diffusion_prefix(name: str) -> str:
@@ -78,7 +107,8 @@ def strip_diffusion_prefix(name: str) -> str:
 
 def state_name(name: str, architecture: str | None) -> str:
     """A GGUF tensor name -> its name in the checkpoint layout our networks load."""
-    return t5_name(name) if architecture in T5_ARCHITECTURES else strip_diffusion_prefix(name)
+    mapping = NAME_MAPS.get(architecture or "")
+    return mapped_name(name, mapping) if mapping else strip_diffusion_prefix(name)
 
 
 def damaged(path: Path, detail: str) -> CheckpointError:

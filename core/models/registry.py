@@ -42,7 +42,7 @@ KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "checkpoint": (*MODEL_EXTENSIONS, ".gguf"),
     "vae": MODEL_EXTENSIONS,
     "lora": MODEL_EXTENSIONS,
-    "text_encoder": (".safetensors", ".gguf", ".ckpt", ".pt"),
+    "text_encoder": (".safetensors", ".gguf"),
 }
 KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder"}
 

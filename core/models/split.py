@@ -107,15 +107,18 @@ def resolve_parts(
     wanted = ", ".join(PARTS[c.part].label for c in takes) or "none"
     for index, name in enumerate(text_encoders):
         path = registry.find_text_encoder(name)  # type: ignore[attr-defined]
-        kind = registry.inspect(path).part  # type: ignore[attr-defined]
+        found = registry.inspect(path)  # type: ignore[attr-defined]
+        kind = found.part
         role = next((c.role for c in takes if c.part == kind and c.role not in parts), None)
         if role is None:
-            what = PARTS[kind].label if kind in PARTS else registry.inspect(path).label  # type: ignore[attr-defined]
-            if any(c.part == kind for c in takes):
-                valid = f"{path.name} is {_a(what)}, and {spec.label} takes one, named before it"
+            if found.problem:
+                valid = f"{path.name} cannot be recognised as a text encoder {spec.label} takes ({wanted}): " \
+                        f"{found.problem}"
+            elif any(c.part == kind for c in takes):
+                valid = f"{path.name} is {_a(PARTS[kind].label)}, and {spec.label} takes one, named before it"
             else:
-                valid = f"{path.name} is {what if kind not in PARTS else _a(what)}, not a text encoder " \
-                        f"{spec.label} takes ({wanted})"
+                what = _a(PARTS[kind].label) if kind in PARTS else found.label
+                valid = f"{path.name} is {what}, not a text encoder {spec.label} takes ({wanted})"
             raise RequestError(f"text_encoders[{index}]", name, valid)
         parts[role] = path
     if not info.split:
