@@ -413,3 +413,32 @@ def test_qwen3_gguf_names_are_the_checkpoint_names():
         if template != "rope_freqs":
             names |= {template.format(bid=b) + ".weight" for b in range(2)} if "{bid}" in template else {template + ".weight"}
     assert {state_name(n, "qwen3") for n in names} == expected
+
+
+def test_an_fp8_sd_checkpoint_stays_packed_and_generates(tmp_path):
+    """The packed layers are generic: an fp8 SD1.x checkpoint (UNet convs and linears, CLIP, VAE) keeps its
+    weights at one byte each and generates; a LoRA on it is one clear message."""
+    import math
+
+    from core.lora import LoraError
+    from core.lora.files import LoraFileCache
+    from core.lora.patch import activate
+    from core.lora.tags import LoraRef
+    from core.models.quant import QuantizedConv2d
+    from core.models.safetensors_header import read_header
+    from core.pipeline import generate, load_model
+
+    fp8 = testing.write_random_checkpoint(tmp_path / "fp8.safetensors", "sd15", dtype=torch.float8_e4m3fn)
+    packed = load_model(fp8, compute_hash=False)  # computes in fp32 on the CPU
+    unet = packed.checkpoint.unet
+    assert isinstance(unet.input_blocks[0][0], QuantizedConv2d)
+    shapes = read_header(fp8).shapes
+    matrices = sum(math.prod(s) for k, s in shapes.items() if k.startswith("model.diffusion_model.") and len(s) > 1)
+    vectors = sum(math.prod(s) for k, s in shapes.items() if k.startswith("model.diffusion_model.") and len(s) == 1)
+    assert module_bytes(unet) == matrices + 4 * vectors  # one byte a weight; biases and norms in fp32
+    request = GenerationRequest(model="fp8", prompt="a lighthouse", steps=2, width=64, height=64, seed=1)
+    image = generate(packed, request)[0][0]
+    assert image.size == (64, 64) and len(set(image.getdata())) > 1
+    lora = testing.write_random_lora(tmp_path / "detail.safetensors", "sd15")
+    with pytest.raises(LoraError, match="is stored packed \\(fp8/GGUF\\): LoRAs on such weights"):
+        activate(packed.loras, [LoraRef("detail")], lambda name: lora, LoraFileCache())

@@ -470,7 +470,7 @@ def _load_component(
 
     target = _target_dtype([rel_to_key[r] for r in expected], source, dtype)
     if any(_is_packed(source.dtypes.get(rel_to_key[r])) for r in expected):
-        return _load_packed(source, module, label, {**rel_to_key, **aux}, target, device)
+        return _load_packed(source, module, label, {**{r: rel_to_key[r] for r in expected}, **aux}, target, device)
     tensors: dict[str, torch.Tensor] = {}
     for rel in expected:
         t = source.get(rel_to_key[rel])

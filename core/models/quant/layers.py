@@ -271,6 +271,11 @@ def assign_weights(
         else:
             plain[key] = value
 
+    for key in [k for k in packed if not k.endswith("weight")]:
+        # a packed bias or gain (fp8 files rarely store them so) is an ordinary tensor: plain before any layer
+        # is wrapped, so the wrapper finds its bias
+        value = packed.pop(key)
+        plain[key] = value.to(dtype) if isinstance(value, torch.Tensor) else value.dequantize(dtype)
     swapped: list[str] = []
     for key, value in packed.items():
         layer_name, _, leaf = key.rpartition(".")
