@@ -37,6 +37,7 @@ from core.errors import CheckpointError
 from core.models.detect import OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
 from core.models.families import FAMILIES, get_family, runnable
 from core.models.family import Component, ModelFamily
+from core.models.parts import with_article as _a
 from core.models.safetensors_header import open_regular, read_header, short_repr, sniff
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -297,9 +298,6 @@ def _reject(info: CheckpointInfo) -> CheckpointError:
         "(model.diffusion_model.input_blocks.0.0.weight, double_blocks.*, joint_blocks.*) are present",
     )
 
-
-def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun.startswith(("SD", "SDXL")) else "a ") + noun
 
 
 def _is_packed(dtype: str | None) -> bool:

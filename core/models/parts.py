@@ -108,6 +108,11 @@ def detect_part(shapes: Shapes) -> PartMatch | None:
     return None
 
 
+def with_article(noun: str) -> str:
+    """``"a T5-XXL text encoder"``, ``"an SDXL checkpoint"``, ``"an 8-bit ..."`` (messages name parts so)."""
+    return ("an " if noun[:1].upper() in "AEIOU" or noun.startswith(("SD", "SDXL", "8")) else "a ") + noun
+
+
 # ------------------------------------------------------------------------------------------ quantisation
 
 _LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8",

@@ -120,6 +120,7 @@ def _with_parts(base: ModelInfo, info: object, shapes: dict, dtypes: dict) -> Mo
 
     from core.models.families import FAMILIES
     from core.models.parts import PARTS, detect_part, quant_label
+    from core.models.parts import with_article as _a
 
     prefixes = getattr(info, "prefixes", {}) or {}
     if base.family in FAMILIES:
@@ -131,9 +132,6 @@ def _with_parts(base: ModelInfo, info: object, shapes: dict, dtypes: dict) -> Mo
     label = PARTS[match.kind].label
     return replace(base, label=f"{_a(label)}", quant=quant_label(shapes, dtypes, match.prefix), part=match.kind)
 
-
-def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] == "8" else "a ") + noun
 
 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

@@ -19,6 +19,7 @@ from core.errors import ModelNotFoundError, RequestError
 from core.models.families import FAMILIES
 from core.models.family import Component, ModelFamily
 from core.models.parts import PARTS
+from core.models.parts import with_article as _a
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,6 @@ class PartSet:
             out["VAE"] = self.vae.name
         return out
 
-
-def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun[:1] == "8" else "a ") + noun
 
 
 def _part_components(spec: ModelFamily) -> list[Component]:
