@@ -138,6 +138,9 @@ def test_parts_picked_by_type_and_said(comfy):
     other = resolve_parts(registry, files["model"], ["t5xxl_fp16"], vae="ae")
     assert other.key == parts.key and other.picked == ("text_encoder",)
     assert resolve_parts(registry, files["model"], ["t5-v1_1-xxl-encoder-Q8_0"]).key != parts.key
+    # of two T5s, the one stored like the diffusion model: fp16 beside a bf16 model, GGUF beside a GGUF model
+    assert resolve_parts(registry, files["model"]).parts["text_encoder_2"] == files["t5xxl"]
+    assert resolve_parts(registry, files["gguf_model"]).parts["text_encoder_2"] == files["gguf_t5"]
 
 
 def test_each_missing_part_is_one_message(tmp_path):

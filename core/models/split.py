@@ -130,11 +130,21 @@ def resolve_parts(
         if not found:
             missing.append(component)
             continue
-        parts[component.role] = Path(found[0].path)
+        # of several, one stored like the diffusion model (a GGUF model with a GGUF T5, fp8 with fp8), by name
+        storage = _storage(info.quant)
+        best = min(found, key=lambda m: _storage(registry.inspect(m).quant) != storage)  # type: ignore[attr-defined]
+        parts[component.role] = Path(best.path)
         picked.append(component.role)
     if missing:
         raise ModelNotFoundError(_missing_message(spec, registry, missing))
     return PartSet(model, spec.name, _ordered(spec, parts), tuple(picked))
+
+
+def _storage(quant: str | None) -> str:
+    """GGUF block quantisation, fp8, or a plain float type."""
+    if quant and quant[:1] in "QI":
+        return "gguf"
+    return "fp8" if quant and quant.startswith("fp8") else "float"
 
 
 def _ordered(spec: ModelFamily, parts: dict[str, Path]) -> dict[str, Path]:
