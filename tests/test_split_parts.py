@@ -445,3 +445,17 @@ def test_an_fp8_sd_checkpoint_stays_packed_and_generates(tmp_path):
     lora = testing.write_random_lora(tmp_path / "detail.safetensors", "sd15")
     with pytest.raises(LoraError, match="is stored packed \\(fp8/GGUF\\): LoRAs on such weights"):
         activate(packed.loras, [LoraRef("detail")], lambda name: lora, LoraFileCache())
+
+
+def test_t5_part_with_the_tied_embedding_copy_and_decoder_keys(tmp_path):
+    """Some T5 exports keep ``encoder.embed_tokens.weight`` (tied to ``shared``) and even the decoder: the part
+    loads from the encoder's keys alone."""
+    spec = hooked_flux()
+    t5 = testing.random_t5_state_dict(seed=3, dtype=torch.float32)
+    plain = save_tensors(t5, tmp_path / "t5.safetensors")
+    extra = {**t5, "encoder.embed_tokens.weight": t5["shared.weight"], "decoder.final_layer_norm.weight": torch.ones(32)}
+    full = save_tensors(extra, tmp_path / "t5-full.safetensors")
+    ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(4))
+    outputs = [load_components(spec, {"text_encoder_2": (p, part_prefix(p, spec, spec.component("text_encoder_2")))},
+                               dtype=torch.float32)["text_encoder_2"](ids) for p in (plain, full)]
+    assert torch.equal(*outputs)
