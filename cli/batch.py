@@ -664,17 +664,18 @@ def run_batch(
             )
     from core.lora import LoraError
     from core.lora.check import check_lora
+    from core.models.split import resolve_parts
 
     checkpoints: dict[int, Path] = {}
     for job in jobs:
         try:
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
-            if job.request.vae:
-                registry.find_vae(job.request.vae)
+            # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
+            resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
             for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
                     print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
-        except (ModelNotFoundError, LoraError) as exc:
+        except (ModelNotFoundError, LoraError, RequestError) as exc:
             error(f"{label}: job {job.index}: {exc}")
             return EXIT_MODEL
     mismatches = _family_mismatches(jobs, checkpoints, registry, label)

@@ -1,4 +1,6 @@
-"""``darkroom --list-models``: every checkpoint in the models folders with its family, variant, dtype and size.
+"""``darkroom --list-models``: every checkpoint (and diffusion model) in the models folders with its family,
+variant, quantisation (bf16, fp16, fp8, Q8_0, Q4_K, ...) and size, then the text encoders and VAEs found beside
+them, each with the kind its keys show.
 
 Families come from each file's header (``core.models.detect``, torch-free); a file that cannot be inspected
 says why in the last column. Never imports Textual or torch.
@@ -16,11 +18,13 @@ from core.text import visible
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_MODEL = 3
-HEADER = ("name", "family", "variant", "dtype", "size", "note")
+HEADER = ("name", "family", "variant", "quant", "size", "note")
+PART_HEADER = ("part", "kind", "quant", "size", "note")
 
 
 def model_rows(registry: object) -> list[tuple[str, ...]]:
-    """One row per checkpoint: name, family label, variant, dtype, size, note (why it was not inspected)."""
+    """One row per checkpoint: name, family label, variant, quantisation, size, note (why it was not inspected,
+    or that the file is a diffusion model alone, whose text encoders and VAE are separate files)."""
     from core.models.families import FAMILIES
     from core.models.registry import human_size, short_dtype
 
@@ -30,14 +34,39 @@ def model_rows(registry: object) -> list[tuple[str, ...]]:
         if info.family in FAMILIES:
             spec = FAMILIES[info.family]
             family, note = spec.label, "" if spec.runnable else "recognised; generating with it is not supported yet"
+            if info.split:
+                note = "; ".join(n for n in ("diffusion model only (text encoders and VAE are separate files)", note) if n)
         elif info.family is not None:
             family, note = "-", f"{info.label}, not a checkpoint"
         else:
             family, note = "?", f"{info.label}: {info.problem}"
         variant = info.variant if info.family in FAMILIES else None
-        rows.append((visible(model.name), family, variant or "-", short_dtype(info.dtype),
+        rows.append((visible(model.name), family, variant or "-", info.quant or short_dtype(info.dtype),
                      human_size(model.size), visible(note)))
     return rows
+
+
+def part_rows(registry: object) -> list[tuple[str, ...]]:
+    """One row per text encoder and VAE file: name (``text_encoders/t5xxl_fp16``), the kind its keys show,
+    quantisation, size, note."""
+    from core.models.registry import human_size
+
+    rows = []
+    for folder, files in (("text_encoders", registry.text_encoders()), ("vae", registry.vaes())):  # type: ignore[attr-defined]
+        for model in files:
+            info = registry.inspect(model)  # type: ignore[attr-defined]
+            kind = info.label if info.part else "-"
+            note = "" if info.part else f"{info.label}: {info.problem}" if info.problem else f"{info.label}, not a known part"
+            rows.append((visible(f"{folder}/{model.name}"), visible(kind), info.quant or "-", human_size(model.size),
+                         visible(note)))
+    return rows
+
+
+def _table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
 
 
 def list_models(
@@ -59,8 +88,9 @@ def list_models(
         searched = ", ".join(visible(d) for d in registry.kind_search_dirs("checkpoint")) or "(no folders)"
         print(f"darkroom: no checkpoints found in {searched} (pass --models-dir or set DARKROOM_MODELS)", file=err)
         return EXIT_MODEL
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER) - 1)]
-    for row in [HEADER, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+    _table([HEADER, *rows], out)
+    parts = part_rows(registry)
+    if parts:
+        print(file=out)
+        _table([PART_HEADER, *parts], out)
     return EXIT_OK

@@ -115,6 +115,8 @@ def format_infotext(
         "Model hash": model_hash,
         "Model": _model_label(request.model),
         "VAE": _vae_label(request.vae) if request.vae else None,
+        # Our key (Forge writes "Module 1: ae, Module 2: clip_l, ..."): the text encoders of a split model
+        "Text encoders": ", ".join(_vae_label(t) for t in request.text_encoders) or None,
         "Denoising strength": None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         # Our key (A1111 has none): only an override of the model's own prediction type is worth recording.
@@ -288,6 +290,7 @@ _CONSUMED = {
     "Size-2",
     "Model",
     "VAE",
+    "Text encoders",
     "Clip skip",
     "Prediction",
     "Denoising strength",
@@ -335,6 +338,8 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
     fields["model"] = model
     if params.get("VAE"):
         fields["vae"] = params["VAE"]
+    if params.get("Text encoders"):
+        fields["text_encoders"] = [t.strip() for t in params["Text encoders"].split(",") if t.strip()]
 
     sampler, schedule = None, None
     if "Sampler" in params:

@@ -120,9 +120,12 @@ class LoadedModel:
         return get_family(self.checkpoint.family)
 
     @property
-    def key(self) -> tuple[str, str | None]:
+    def key(self) -> tuple[str, str | None, tuple[str, ...]]:
+        """(model file, VAE file, the other part files): the identity of what is loaded."""
         vae = self.checkpoint.vae_path
-        return (str(self.checkpoint.path), str(vae) if vae else None)
+        parts = getattr(self.checkpoint, "parts", {}) or {}
+        return (str(self.checkpoint.path), str(vae) if vae else None,
+                tuple(f"{role}={p}" for role, p in sorted(parts.items()) if role != "vae"))
 
     def noise_sampler(self, seeds: list[int], width: int, height: int) -> NoiseSampler:
         """Per-image seeded noise for latents of an image of ``width`` x ``height`` pixels."""
@@ -170,15 +173,17 @@ def load_model(
     dtype: torch.dtype | None = None,
     compute_hash: bool = True,
     resident: bool = True,
+    parts: dict[str, Path] | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint for sampling. ``dtype=None`` picks the device's compute dtype (fp32 on CPU).
-    ``resident=False`` leaves the networks in CPU memory (at the compute dtype) for a ``Placement`` to move."""
+    """Load a checkpoint for sampling (``parts``: role -> file for components kept in separate files).
+    ``dtype=None`` picks the device's compute dtype (fp32 on CPU). ``resident=False`` leaves the networks in
+    CPU memory (at the compute dtype) for a ``Placement`` to move."""
     from core.accel.device import compute_dtype
     from core.accel.memory import use_channels_last, vae_dtype
     from core.models.checkpoint import load_checkpoint, model_hash
 
     device = torch.device(device)
-    checkpoint = load_checkpoint(path, vae_path=vae_path, device="cpu", dtype=None)
+    checkpoint = load_checkpoint(path, vae_path=vae_path, parts=parts, device="cpu", dtype=None)
     dtype = dtype or compute_dtype(device, checkpoint.dtype)
     target = device if resident else torch.device("cpu")
     for role, module in checkpoint.components.items():
@@ -211,9 +216,10 @@ class PromptCache:
         """``settings`` may be a bare clip skip (the only SD1.x encoder setting)."""
         if isinstance(settings, int):
             settings = EncoderSettings(clip_skip=settings)
-        # the checkpoint file (the VAE does not change the encoding) and the LoRAs merged into its text encoders
+        # the checkpoint and text encoder files (the VAE does not change the encoding) and the LoRAs merged into
+        # its text encoders
         loras = getattr(model, "loras", None)  # None: a model without the LoRA machinery (test stand-ins)
-        key = (model.key[0], loras.text_signature if loras is not None else (), settings, text)
+        key = (model.key[0::2], loras.text_signature if loras is not None else (), settings, text)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
@@ -651,18 +657,27 @@ class PipelineRunner:
         self.memory_mode = check_mode(memory, "memory")
         self.placement = Placement(self.device)
         self.memory_plan: Any = None  # the last job's MemoryPlan (its describe() is shown when not default)
+        from core.models.split import PartSet
+
+        self.parts = PartSet(Path(), None)  # the files of the model the last job used
 
     @property
     def loaded_model(self) -> str | None:
         return self.model.name if self.model else None
 
     def ensure_model(self, request: GenerationRequest, ctx: RunContext | None = None) -> LoadedModel:
+        from core.models.split import resolve_parts
+
         path = self.registry.find_checkpoint(request.model)
-        vae_path = self.registry.find_vae(request.vae) if request.vae else None
-        key = (str(path), str(vae_path) if vae_path else None)
+        # the text encoders and VAE: named by the job, or picked from the folders for a diffusion model kept alone
+        self.parts = resolve_parts(self.registry, path, request.text_encoders, request.vae)
+        vae_path = self.parts.vae
+        encoders = self.parts.text_encoders
+        key = (str(path), str(vae_path) if vae_path else None,
+               tuple(f"{role}={p}" for role, p in sorted(encoders.items())))
         if self.model is not None and self.model.key == key:
             return self.model
-        if self.model is not None and self.model.key[0] == key[0]:
+        if self.model is not None and self.model.key[0::2] == key[0::2]:
             # same checkpoint, other VAE: the UNet, text encoder and cached prompts stay as they are
             if ctx is not None:
                 ctx.set_activity(f"loading VAE {(vae_path or path).name}")
@@ -676,9 +691,11 @@ class PipelineRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         if ctx is not None:
-            ctx.set_activity(f"loading {path.name}")
+            picked = self.parts.picked_message()
+            ctx.set_activity(f"loading {path.name}" + (f"; {picked}" if picked else ""))
         # On a GPU the networks load into CPU memory; the job's plan moves them (all of them, for most jobs)
-        self.model = load_model(path, vae_path=vae_path, device=self.device, resident=not self.placement.active)
+        self.model = load_model(path, vae_path=vae_path, device=self.device, resident=not self.placement.active,
+                                parts=encoders)
         self.model.placement = self.placement
         self.dtype = self.model.dtype
         return self.model
@@ -693,7 +710,7 @@ class PipelineRunner:
             return None
         path = self.registry.find_checkpoint(request.refiner)
         vae_path = self.registry.find_vae(request.vae) if request.vae else None
-        key = (str(path), str(vae_path) if vae_path else None)
+        key = (str(path), str(vae_path) if vae_path else None, ())
         if self.refiner is not None and self.refiner.key == key:
             return self.refiner
         if self.refiner is not None:
@@ -739,7 +756,7 @@ class PipelineRunner:
         }
         return [
             GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
-                           family=model.family, extra=lora_extra)
+                           family=model.family, extra={**self.parts.infotext(), **lora_extra})
             for image, seed in results
         ]
 

@@ -119,6 +119,26 @@ def _check_model(value: Any) -> None:
         raise RequestError("model", value, "the name or path of a checkpoint file")
 
 
+MAX_TEXT_ENCODERS = 4
+
+
+def _check_text_encoders(value: Any) -> None:
+    shape = "a list of text encoder file names or paths, e.g. ['clip_l', 't5xxl_fp16']"
+    if isinstance(value, str):
+        raise RequestError("text_encoders", value, f"{shape} (a list, even for one: [{value!r}])")
+    if not isinstance(value, (list, tuple)):
+        raise RequestError("text_encoders", value, shape)
+    if len(value) > MAX_TEXT_ENCODERS:
+        raise RequestError("text_encoders", list(value), f"at most {MAX_TEXT_ENCODERS} text encoders")
+    seen: set[str] = set()
+    for index, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            raise RequestError(f"text_encoders[{index}]", name, "the name or path of a text encoder file")
+        if name in seen:
+            raise RequestError(f"text_encoders[{index}]", name, "a text encoder not already in the list")
+        seen.add(name)
+
+
 def _check_size(name: str, value: Any) -> None:
     _check_int(name, value, 64, 4096)
     if value % 8:
@@ -168,6 +188,9 @@ class GenerationRequest:
     prompt: str = ""
     negative_prompt: str = ""
     vae: str | None = None
+    # Text encoder files beside a diffusion model kept as separate files (models/text_encoders, models/clip);
+    # empty: picked from the folders by type (core.models.split). A list is made a tuple on construction.
+    text_encoders: tuple[str, ...] = ()
     sampler: str = "euler"
     schedule: str = "normal"
     steps: int = 20
@@ -202,6 +225,9 @@ class GenerationRequest:
         problems.check(_check_prompt, "prompt", self.prompt)
         problems.check(_check_prompt, "negative_prompt", self.negative_prompt)
         problems.check(_check_text, "vae", self.vae, True)
+        problems.check(_check_text_encoders, self.text_encoders)
+        if isinstance(self.text_encoders, list):
+            object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
         problems.check(_check_choice, "sampler", self.sampler, SAMPLERS)
         problems.check(_check_choice, "schedule", self.schedule, SCHEDULES)
         problems.check(_check_int, "steps", self.steps, 1, 150)

@@ -128,7 +128,7 @@ def test_list_models_prints_family_variant_dtype_size_and_why_not(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     assert list_models([_mixed_folder(tmp_path)], out, err) == 0
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == ["name", "family", "variant", "dtype", "size", "note"]
+    assert lines[0].split() == ["name", "family", "variant", "quant", "size", "note"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert rows["dreamshaper"].split()[1:4] == ["SD1.x", "base", "fp16"]
     assert rows["xl/juggernaut"].split()[1:4] == ["SDXL", "base", "bf16"]

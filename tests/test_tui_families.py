@@ -51,9 +51,9 @@ async def test_model_picker_shows_each_family_and_why_a_file_was_not_inspected(t
     app = mixed_app(tmp_path)
     async with app.run_test(size=(120, 35)) as pilot:
         screen = await ready(pilot, app)
-        assert options(screen, "#model") == ["base15  SD1.x", "broken  unreadable", "xl  SDXL"]
+        assert options(screen, "#model") == ["base15  SD1.x fp16", "broken  unreadable", "xl  SDXL fp16"]
         assert app.model_families == {"base15": "SD1.x", "xl": "SDXL"}
-        assert "base15  SD1.x" in screen_text(app)
+        assert "base15  SD1.x fp16" in screen_text(app)
 
 
 async def test_size_follows_the_family_keeping_the_aspect_ratio(tmp_path):

@@ -82,7 +82,11 @@ class LoraPatcher:
         if self._table is None:
             if not self.family.lora_keys:
                 raise LoraError(f"LoRAs are not supported for {self.family.label} models yet")
-            modules = {role: weight_modules(dict(m.named_parameters())) for role, m in self.components.items()}
+            from core.models.quant.layers import packed_state
+
+            # packed (fp8/GGUF) layers hold no weight parameter but are layers a LoRA targets all the same
+            modules = {role: weight_modules([*dict(m.named_parameters()), *packed_state(m)])
+                       for role, m in self.components.items()}
             self._table = resolve(self.family.lora_keys)(modules)
         return self._table
 
@@ -158,7 +162,13 @@ class LoraPatcher:
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
         role, name = key
-        return self.components[role].get_parameter(name)
+        try:
+            return self.components[role].get_parameter(name)
+        except AttributeError:  # a packed (fp8/GGUF) layer: its weight is rebuilt per call, not a parameter
+            raise LoraError(
+                f"{role} weight {name!r} is stored packed (fp8/GGUF): LoRAs on such weights must be applied at "
+                "forward time, which is not supported yet; use a float16/bfloat16 model"
+            ) from None
 
     def _original(self, key: tuple[str, str], param: nn.Parameter) -> torch.Tensor:
         kept = self._originals.get(key)

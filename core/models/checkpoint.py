@@ -7,6 +7,12 @@ the file at the file's dtype (no fp32 copy, no second copy at all until a page i
 
 What is loaded comes from the file's family (``core/models/families/``): its components, their prefixes and
 their config and network classes. A family whose components all name a network loads here unchanged.
+
+Each component is loaded from a (file, prefix) of its own (``load_components``): a combined checkpoint is the
+case where every component comes from one file; a diffusion model kept alone (BFL's ``flux1-dev``, ComfyUI's
+``diffusion_models``) takes its text encoders and VAE from part files (``parts``: role -> file, each checked to
+be the kind of part the component names, ``core.models.parts``). Weights stored packed (fp8, GGUF block
+quantisations) stay packed: their layers dequantise at forward time (``core.models.quant``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from core.errors import CheckpointError
 from core.models.detect import OTHER_KINDS, VAE_PARTS, CheckpointInfo, detect, dominant_dtype
 from core.models.families import FAMILIES, get_family, runnable
 from core.models.family import Component, ModelFamily
+from core.models.parts import with_article as _a
 from core.models.safetensors_header import open_regular, read_header, short_repr, sniff
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -93,6 +100,31 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         self._handle = None  # tensors already handed out keep their own reference to the mapping
+
+
+class GGUFSource(TensorSource):
+    """A GGUF file under the names of the checkpoint layout our networks load (``GGUFFile.state_names``)."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        from core.models.gguf_file import GGUFFile
+
+        self.path = path
+        self.file = GGUFFile(path)
+        names = self.file.state_names()
+        self._names = {state: name for name, state in names.items()}
+        self.shapes = {names[k]: v for k, v in self.file.shapes.items()}
+        self.dtypes = {names[k]: v for k, v in self.file.dtypes.items()}
+
+    def get(self, key: str) -> Any:
+        return self.file.get(self._names[key])
+
+    def check_architecture(self, allowed: frozenset[str], what: str) -> None:
+        self.file.check_architecture(allowed, what)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class PickleSource(TensorSource):
@@ -158,6 +190,8 @@ def open_source(path: str | Path) -> TensorSource:
         except OSError as e:
             raise CheckpointError(path, f"the file cannot be read ({e.strerror or e})") from None
     # By content first, extension second: renamed files are common.
+    if head[:4] == b"GGUF":
+        return GGUFSource(path)
     if head[8:9] == b"{":
         return SafetensorsSource(path)
     if head.startswith(b"PK\x03\x04") or (
@@ -211,6 +245,7 @@ class LoadedCheckpoint:
     info: CheckpointInfo
     path: Path
     vae_path: Path | None = None
+    parts: dict[str, Path] = field(default_factory=dict)  # role -> the part file it came from (not ``path``)
 
     @property
     def unet(self) -> nn.Module:
@@ -264,13 +299,22 @@ def _reject(info: CheckpointInfo) -> CheckpointError:
     )
 
 
-def _a(noun: str) -> str:
-    return ("an " if noun[:1].upper() in "AEIOU" or noun.startswith(("SD", "SDXL")) else "a ") + noun
+
+def _is_packed(dtype: str | None) -> bool:
+    """Stored as fp8 or a GGUF block quantisation (the source's dtype names: ``float8_e4m3fn``, ``Q4_K``)."""
+    from core.models.quant.ggml import GGML_TYPES, UNQUANTIZED
+
+    return bool(dtype) and (dtype.startswith("float8") or (dtype in GGML_TYPES and dtype not in UNQUANTIZED))
 
 
 def _target_dtype(keys: list[str], source: TensorSource, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
+    # A packed file's plain tensors (GGUF keeps embedders in F16/BF16, norms in F32) say the compute dtype.
+    plain = [k for k in keys if not _is_packed(source.dtypes.get(k))]
+    matrices = [k for k in plain if len(source.shapes[k]) >= 2]
+    if len(plain) < len(keys) and (matrices or plain):
+        keys = matrices or plain
     name = dominant_dtype(keys, source.dtypes) or "float32"
     target = getattr(torch, name)
     # fp8 files are a storage format; compute needs a real float type.
@@ -352,6 +396,8 @@ def _load_component(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> nn.Module:
+    from core.models.quant import is_quant_aux_key
+
     path = source.path
     label = f"{family.label} {component.label}"
     rel_to_key = {k[len(prefix) :]: k for k in keys}
@@ -362,12 +408,20 @@ def _load_component(
     ):
         # Very old SD1.x files saved CLIPTextModel without its text_model. level.
         rel_to_key = {"text_model." + r: k for r, k in rel_to_key.items()}
+    if component.network.endswith(":T5EncoderModel"):
+        from core.models.t5 import t5_key_map
+
+        # the tied copy encoder.embed_tokens some exports keep, decoder.* of encoder-decoder files
+        rel_to_key = {ours: rel_to_key[theirs] for ours, theirs in t5_key_map(rel_to_key).items()}
+    # fp8 scales and markers are consumed with their weights (quant.assign_weights), not network keys
+    aux = {r: k for r, k in rel_to_key.items() if is_quant_aux_key(r)}
+    rel_to_key = {r: k for r, k in rel_to_key.items() if r not in aux}
     shapes = {r: source.shapes[k] for r, k in rel_to_key.items()}
 
     config_cls, model_cls = component.config_class(), component.network_class()
     try:
         # The family supplies what the weights cannot show (the VAE's scale, the attention head layout).
-        config = config_cls.from_state_dict(shapes, family=family.name)
+        config = _config_from(config_cls, shapes, family.name)
     except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError, CheckpointError) as e:
         if isinstance(e, CheckpointError):
             detail = e.problem
@@ -413,6 +467,8 @@ def _load_component(
             )
 
     target = _target_dtype([rel_to_key[r] for r in expected], source, dtype)
+    if any(_is_packed(source.dtypes.get(rel_to_key[r])) for r in expected):
+        return _load_packed(source, module, label, {**{r: rel_to_key[r] for r in expected}, **aux}, target, device)
     tensors: dict[str, torch.Tensor] = {}
     for rel in expected:
         t = source.get(rel_to_key[rel])
@@ -432,6 +488,41 @@ def _load_component(
     module.eval().requires_grad_(False)
     leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftover:  # a network bug (a parameter missing from state_dict()), not a bad file
+        raise RuntimeError(f"{label}: tensors left on the meta device after loading: {leftover[:3]}")
+    return module
+
+
+def _config_from(config_cls: Any, shapes: dict[str, tuple[int, ...]], family: str) -> Any:
+    """``config_cls.from_state_dict(shapes, family=...)``; configs whose weights say everything (T5, Flux) take
+    no ``family``."""
+    import inspect
+
+    if "family" in inspect.signature(config_cls.from_state_dict).parameters:
+        return config_cls.from_state_dict(shapes, family=family)
+    return config_cls.from_state_dict(shapes)
+
+
+def _load_packed(
+    source: TensorSource,
+    module: nn.Module,
+    label: str,
+    rel_to_key: dict[str, str],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """Assign a component with fp8 or GGUF-quantised weights: those layers keep their packed bytes (views of the
+    file on the CPU) and dequantise per call; every other tensor is converted to ``dtype``."""
+    from core.models.quant import assign_weights
+
+    tensors = {rel: source.get(key) for rel, key in rel_to_key.items()}
+    try:
+        assign_weights(module, tensors, dtype=dtype, device=device)
+    except ValueError as e:
+        raise CheckpointError(source.path, f"the {label} weights cannot be used: {e}") from None
+    module.to(device)
+    module.eval().requires_grad_(False)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
         raise RuntimeError(f"{label}: tensors left on the meta device after loading: {leftover[:3]}")
     return module
 
@@ -489,57 +580,146 @@ def load_vae(
     return _load_vae_file(Path(path), family=family, device=torch.device(device), dtype=dtype)
 
 
+def _owners(prefixes: Mapping[str, str], keys: list[str]) -> dict[str, list[str]]:
+    """role -> the keys whose longest matching prefix is that role's (one file holding several components)."""
+    out: dict[str, list[str]] = {role: [] for role in prefixes}
+    for key in keys:
+        best, best_len = None, -1
+        for role, prefix in prefixes.items():
+            if key.startswith(prefix) and len(prefix) > best_len:
+                best, best_len = role, len(prefix)
+        if best is not None:
+            out[best].append(key)
+    return out
+
+
+def _check_gguf(source: TensorSource, family: ModelFamily, component: Component) -> None:
+    from core.models.parts import GGUF_ARCHITECTURES, PARTS
+
+    if not isinstance(source, GGUFSource):
+        return
+    key = component.part if component.role != family.denoiser.role else family.name
+    what = PARTS[key].label if key in PARTS else f"{family.label} diffusion model"
+    allowed = GGUF_ARCHITECTURES.get(key)
+    if allowed is None:
+        raise CheckpointError(source.path, f"the {family.label} {component.label} cannot be loaded from a GGUF file "
+                              "(GGUF is read for diffusion models and T5 text encoders); use its .safetensors file")
+    source.check_architecture(allowed, _a(what))
+
+
+def load_components(
+    family: ModelFamily,
+    sources: Mapping[str, tuple[str | Path, str]],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, nn.Module]:
+    """Load ``family``'s components named in ``sources`` (role -> (file, key prefix)), each from its own file.
+
+    A combined checkpoint gives every role the same file (each component takes the keys of its prefix, the
+    longest prefix winning); a split set gives each its part file (prefix usually ``""``). Each file is opened
+    once. Raises CheckpointError naming the file for every problem."""
+    device = torch.device(device)
+    by_file: dict[Path, dict[str, str]] = {}
+    for role, (path, prefix) in sources.items():
+        by_file.setdefault(Path(path), {})[role] = prefix
+    modules: dict[str, nn.Module] = {}
+    for path, prefixes in by_file.items():
+        with _opened(path) as source:
+            owned = _owners(prefixes, list(source.shapes))
+            for component in family.components:
+                role = component.role
+                if role not in prefixes:
+                    continue
+                _check_gguf(source, family, component)
+                keys = owned[role]
+                if role == "vae":
+                    keys = [k for k in keys if k[len(prefixes[role]) :].startswith(VAE_PARTS)]
+                if not keys:
+                    raise CheckpointError(
+                        path, f"the file has no {family.label} {component.label} (no {prefixes[role]}* keys)"
+                    )
+                modules[role] = _load_component(
+                    source, family=family, component=component, prefix=prefixes[role], keys=keys, device=device,
+                    dtype=dtype,
+                )
+    return {c.role: modules[c.role] for c in family.components if c.role in modules}
+
+
+def part_prefix(path: str | Path, family: ModelFamily, component: Component) -> str:
+    """The key prefix of ``component`` in the part file ``path``, after checking by its keys that the file is the
+    kind of part the component needs (``Component.part``); CheckpointError naming the file otherwise."""
+    from core.models.parts import PARTS, detect_part
+
+    path = Path(path)
+    wanted = PARTS.get(component.part)
+    if wanted is None:
+        raise CheckpointError(
+            path, f"the {family.label} {component.label} is loaded from the checkpoint itself, not a separate file"
+        )
+    with _opened(path) as source:
+        _check_gguf(source, family, component)
+        match = detect_part(source.shapes)
+        if match is not None and match.kind == component.part:
+            return match.prefix
+        what = _a(PARTS[match.kind].label) if match is not None else _detect(source).label
+    raise CheckpointError(path, f"this is {what}, not the {wanted.label} {family.label} needs as its {component.label}")
+
+
 def load_checkpoint(
     path: str | Path,
     *,
     vae_path: str | Path | None = None,
+    parts: Mapping[str, str | Path] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LoadedCheckpoint:
-    """Load a single-file checkpoint's UNet, text encoder and VAE; ``vae_path`` replaces the built-in VAE.
+    """Load a checkpoint's UNet (or transformer), text encoders and VAE; ``vae_path`` replaces the built-in VAE
+    and ``parts`` (role -> file) loads components from separate files: a diffusion model kept alone needs one
+    for each of its other components (``core.models.split.resolve_parts`` picks them).
 
-    ``dtype=None`` keeps each component at the dtype stored in the file; otherwise tensors are converted one
-    at a time as they are read. Raises CheckpointError for every problem with the files.
+    ``dtype=None`` keeps each component at the dtype stored in the file (packed fp8/GGUF weights stay packed);
+    otherwise tensors are converted one at a time as they are read. Raises CheckpointError for every problem
+    with the files.
     """
     path = Path(path)
     device = torch.device(device)
+    parts = {role: Path(p) for role, p in (parts or {}).items()}
     with _opened(path) as source:
         info = _detect(source)
-        family = FAMILIES.get(info.family)
-        if family is None or not family.runnable or info.prefixes.get("unet") != family.denoiser.prefix:
-            raise _reject(info)
-        modules: dict[str, nn.Module] = {}
-        for component in family.components:
-            role = component.role
-            if role == "vae" and vae_path is not None:
-                continue
-            if role not in info.component_keys:
-                hint = "; pass a separate VAE file" if role == "vae" else ""
-                raise CheckpointError(
-                    path, f"the checkpoint has no {component.label} (no {component.prefix}* keys){hint}"
-                )
-            keys = info.component_keys[role]
-            if role == "vae":
-                keys = _vae_keys(source, info.prefixes["vae"])
-            modules[role] = _load_component(
-                source,
-                family=family,
-                component=component,
-                prefix=info.prefixes[role],
-                keys=keys,
-                device=device,
-                dtype=dtype,
+    family = FAMILIES.get(info.family)
+    bare = info.prefixes.get("unet") == ""  # the denoiser alone (BFL's flux1-dev, ComfyUI diffusion_models)
+    if family is None or not family.runnable or (info.prefixes.get("unet") != family.denoiser.prefix and not bare):
+        raise _reject(info)
+    sources: dict[str, tuple[Path, str]] = {}
+    for component in family.components:
+        role = component.role
+        if role == "vae" and vae_path is not None:
+            continue
+        if role in parts:
+            sources[role] = (parts[role], part_prefix(parts[role], family, component))
+        elif role in info.component_keys:
+            sources[role] = (path, info.prefixes[role])
+        elif bare:
+            raise CheckpointError(
+                path, f"this file holds only the {family.label} diffusion model; its {component.label} must come "
+                "from a separate file (text_encoders or vae)"
             )
+        else:
+            hint = "; pass a separate VAE file" if role == "vae" else ""
+            raise CheckpointError(path, f"the checkpoint has no {component.label} (no {component.prefix}* keys){hint}")
+    modules = load_components(family, sources, device=device, dtype=dtype)
     if vae_path is not None:
         modules["vae"] = _load_vae_file(Path(vae_path), family=info.family, device=device, dtype=dtype)
     unet_dtype = next(t.dtype for t in modules["unet"].parameters() if t.is_floating_point())
     return LoadedCheckpoint(
-        components=modules,
+        components={c.role: modules[c.role] for c in family.components},
         family=info.family,
         dtype=unet_dtype,
         info=info,
         path=path,
         vae_path=Path(vae_path) if vae_path is not None else None,
+        parts={role: p for role, p in parts.items() if role != "vae" or vae_path is None},
     )
 
 
@@ -600,6 +780,7 @@ __all__ = [
     "file_sha256",
     "inspect_checkpoint",
     "load_checkpoint",
+    "load_components",
     "model_hash",
     "open_source",
 ]

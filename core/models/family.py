@@ -53,6 +53,9 @@ class Component:
     network: str = ""
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     folders: tuple[str, ...] = ()  # model-registry kinds a standalone file of it is found in ("vae")
+    # The kind of separate file it can come from (``core.models.parts.PARTS``: "t5xxl", "clip_l", "flux_vae");
+    # a family whose denoiser ships alone (Flux, Z-Image) loads the other components from such files.
+    part: str = ""
 
     @property
     def label(self) -> str:

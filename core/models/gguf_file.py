@@ -23,40 +23,25 @@ from typing import Any
 import torch
 
 from core.errors import CheckpointError
+from core.models.gguf_header import (
+    COMPAT_ARCHITECTURES,
+    GGUF_MAGIC,
+    IMAGE_ARCHITECTURES,
+    T5_ARCHITECTURES,
+    T5_NAME_MAP,
+    state_name,
+    t5_name,
+)
+from core.models.gguf_header import damaged as _damaged
 from core.models.quant.ggml import GGML_TYPE_NAMES, SUPPORTED_GGUF_TYPES, UNQUANTIZED, qtype_size
 from core.models.quant.layers import QuantizedTensor
 from core.models.safetensors_header import short_repr
 
-GGUF_MAGIC = b"GGUF"
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-# general.architecture values (ComfyUI-GGUF's lists): image models, and text models llama.cpp writes.
-IMAGE_ARCHITECTURES = frozenset(
-    {"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2", "qwen_image"}
-)
-T5_ARCHITECTURES = frozenset({"t5", "t5encoder"})
-# stable-diffusion.cpp writes no architecture; ComfyUI-GGUF's converter once wrote "pig"/"cow".
-COMPAT_ARCHITECTURES = frozenset({"", "pig", "cow"})
-
-# llama.cpp's T5 tensor names -> Hugging Face T5EncoderModel names (substring replacements, in this order;
-# ComfyUI-GGUF's T5_SD_MAP).
-T5_NAME_MAP: tuple[tuple[str, str], ...] = (
-    ("enc.", "encoder."),
-    (".blk.", ".block."),
-    ("token_embd", "shared"),
-    ("output_norm", "final_layer_norm"),
-    ("attn_q", "layer.0.SelfAttention.q"),
-    ("attn_k", "layer.0.SelfAttention.k"),
-    ("attn_v", "layer.0.SelfAttention.v"),
-    ("attn_o", "layer.0.SelfAttention.o"),
-    ("attn_norm", "layer.0.layer_norm"),
-    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
-    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
-    ("ffn_down", "layer.1.DenseReluDense.wo"),
-    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
-    ("ffn_norm", "layer.1.layer_norm"),
-)
-DIFFUSION_PREFIXES = ("model.diffusion_model.",)
+# The names and the stdlib header reader live in core.models.gguf_header (the registry reads headers without
+# torch); re-exported here for the loader's callers.
+__all__ = ["GGUFFile", "GGUFTensorInfo", "IMAGE_ARCHITECTURES", "T5_ARCHITECTURES", "COMPAT_ARCHITECTURES",
+           "GGUF_MAGIC", "T5_NAME_MAP", "t5_name"]
 
 
 @dataclass(frozen=True)
@@ -67,9 +52,6 @@ class GGUFTensorInfo:
     nbytes: int
     index: int  # position in GGUFReader.tensors
 
-
-def _damaged(path: Path, detail: str) -> CheckpointError:
-    return CheckpointError(path, f"the GGUF file is damaged or truncated ({detail}); re-download or re-convert it")
 
 
 class GGUFFile:
@@ -193,11 +175,9 @@ class GGUFFile:
         return QuantizedTensor(raw, info.qtype, info.shape)  # raw keeps the stored (rows, bytes per row) shape
 
     def state_names(self) -> dict[str, str]:
-        """file tensor name -> the name in the original checkpoint layout our networks load: T5 files get the
+        """file tensor name -> the name in the original checkpoint layout our networks load: T5 and Qwen3 files get the
         Hugging Face names, diffusion models lose a ``model.diffusion_model.`` prefix."""
-        if self.architecture in T5_ARCHITECTURES:
-            return {name: t5_name(name) for name in self.tensors}
-        return {name: _strip_prefix(name) for name in self.tensors}
+        return {name: state_name(name, self.architecture) for name in self.tensors}
 
     def items(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         for name in self.tensors:
@@ -214,17 +194,6 @@ class GGUFFile:
         self.close()
 
 
-def t5_name(name: str) -> str:
-    for old, new in T5_NAME_MAP:
-        name = name.replace(old, new)
-    return name
-
-
-def _strip_prefix(name: str) -> str:
-    for prefix in DIFFUSION_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
 
 
 def _field_value(field: Any, part: int) -> Any:

@@ -2,8 +2,9 @@
 
 Each root may be:
 - an app folder holding ``models/`` (``~/ComfyUI``, ``~/stable-diffusion-webui``);
-- a ``models`` folder itself (``~/ComfyUI/models``): ComfyUI ``checkpoints``/``vae``/``loras``, A1111 and Forge
-  ``Stable-diffusion``/``VAE``/``Lora``;
+- a ``models`` folder itself (``~/ComfyUI/models``): ComfyUI ``checkpoints``/``vae``/``loras`` (and, for models
+  kept as separate files, ``diffusion_models`` or ``unet`` and ``text_encoders`` or ``clip``), A1111 and Forge
+  ``Stable-diffusion``/``VAE``/``Lora`` (Forge: ``text_encoder``);
 - a folder of checkpoints (none of the above sub-folders in it).
 
 Files are found recursively; names are paths relative to their kind's folder without the extension, with ``/``
@@ -26,12 +27,24 @@ from core.models.safetensors_header import file_kind
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")  # in order of preference
 MODELS_ENV = "DARKROOM_MODELS"
 
-# kind -> sub-folder names used by ComfyUI, A1111/Forge (and the LyCORIS extension for LoRAs)
+# kind -> sub-folder names used by ComfyUI, A1111/Forge (and the LyCORIS extension for LoRAs). A diffusion model
+# kept apart from its text encoders and VAE (ComfyUI's diffusion_models/unet) is listed and named like a
+# checkpoint: a job's ``model`` names either.
 KIND_FOLDERS: dict[str, tuple[str, ...]] = {
-    "checkpoint": ("checkpoints", "Stable-diffusion"),
+    "checkpoint": ("checkpoints", "Stable-diffusion", "diffusion_models", "unet"),
     "vae": ("vae", "VAE"),
     "lora": ("loras", "Lora", "LyCORIS"),
+    "text_encoder": ("text_encoders", "clip", "text_encoder"),
 }
+_A1111_FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "text_encoder": "text_encoder"}
+# GGUF quantisations exist for diffusion models and text encoders (ComfyUI-GGUF, stable-diffusion.cpp)
+KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "checkpoint": (*MODEL_EXTENSIONS, ".gguf"),
+    "vae": MODEL_EXTENSIONS,
+    "lora": MODEL_EXTENSIONS,
+    "text_encoder": (".safetensors", ".gguf"),
+}
+KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,9 @@ class ModelInfo:
     variant: str | None = None
     dtype: str | None = None  # the denoiser's dominant dtype ("float16", "bfloat16", "float8_e4m3fn")
     problem: str | None = None  # why the file could not be inspected (one sentence)
+    quant: str | None = None  # how its weights are stored: "bf16", "fp16", "fp8", "Q8_0", "Q4_K", ...
+    part: str | None = None  # a separate part's kind (core.models.parts.PARTS: "t5xxl", "clip_l", "flux_vae")
+    split: bool = False  # a family's denoiser alone: its text encoders and VAE come from other files
 
     @property
     def is_family(self) -> bool:
@@ -62,21 +78,60 @@ class ModelInfo:
 def inspect_file(path: Path) -> ModelInfo:
     """Inspect one model file's header, torch-free (the UI thread's model scan may call it). A ``.ckpt``/``.pt``
     is a pickle, which is not read to classify it; any unreadable file gives its reason in ``problem``."""
-    if path.suffix.lower() != ".safetensors":
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".gguf"):
         return ModelInfo(None, "not inspected",
                          problem=f"a {path.suffix} file is a pickle, not opened for a listing; its family shows "
                          "when it loads")
     from core.errors import DarkroomError
-    from core.models.detect import inspect_header
+    from core.models.detect import detect
 
     try:
-        info = inspect_header(path)
+        if suffix == ".gguf":
+            from core.models.gguf_header import read_gguf_header
+
+            gguf = read_gguf_header(path)
+            if gguf.unsupported:
+                name, type_id = next(iter(gguf.unsupported.items()))
+                return ModelInfo(None, "unreadable", problem=f"tensor {name!r} is stored as GGML type id {type_id}, "
+                                 "which Darkroom cannot dequantise")
+            shapes, dtypes, read, fmt = gguf.shapes, gguf.dtypes, None, "gguf"
+        else:
+            from core.models.safetensors_header import read_floats, read_header
+
+            header = read_header(path)
+            shapes, dtypes, fmt = header.shapes, header.dtypes, "safetensors"
+
+            def read(key: str) -> object:
+                return read_floats(header, key)
+
+        info = detect(path, shapes, dtypes, read=read, fmt=fmt)
     except DarkroomError as exc:
         problem = getattr(exc, "problem", None) or str(exc)
         return ModelInfo(None, "unreadable", problem=problem)
     except Exception as exc:  # noqa: BLE001 - a hostile header must not break a listing: said, never raised
         return ModelInfo(None, "unreadable", problem=f"{type(exc).__name__}: {exc}")
-    return ModelInfo(info.family, info.label, info.variant, info.dtype)
+    return _with_parts(ModelInfo(info.family, info.label, info.variant, info.dtype), info, shapes, dtypes)
+
+
+def _with_parts(base: ModelInfo, info: object, shapes: dict, dtypes: dict) -> ModelInfo:
+    """``base`` with its quantisation label, and the part kind of a text encoder or VAE file."""
+    from dataclasses import replace
+
+    from core.models.families import FAMILIES
+    from core.models.parts import PARTS, detect_part, quant_label
+    from core.models.parts import with_article as _a
+
+    prefixes = getattr(info, "prefixes", {}) or {}
+    if base.family in FAMILIES:
+        prefix = prefixes.get("unet", "")
+        return replace(base, quant=quant_label(shapes, dtypes, prefix), split=prefix == "")
+    match = detect_part(shapes) if base.family in ("text_encoder", "vae") else None
+    if match is None:
+        return replace(base, quant=quant_label(shapes, dtypes))
+    label = PARTS[match.kind].label
+    return replace(base, label=f"{_a(label)}", quant=quant_label(shapes, dtypes, match.prefix), part=match.kind)
+
 
 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -169,8 +224,9 @@ class ModelRegistry:
             skip = {os.path.realpath(f) for k, fs in self._dirs.items() if k != kind for f in fs}
             for folder in folders:
                 seen_here: dict[str, tuple[int, ModelFile]] = {}
-                for path in _walk(folder, skip):
-                    rank = MODEL_EXTENSIONS.index(path.suffix.lower())
+                extensions = KIND_EXTENSIONS[kind]
+                for path in _walk(folder, skip, extensions):
+                    rank = extensions.index(path.suffix.lower())
                     name = path.relative_to(folder).with_suffix("").as_posix()
                     problem = not_a_regular_file(path)
                     if problem is not None:  # opening a FIFO would wait forever; a device never ends
@@ -211,6 +267,17 @@ class ModelRegistry:
     def loras(self) -> list[ModelFile]:
         return list(self._scan()["lora"])
 
+    def text_encoders(self) -> list[ModelFile]:
+        return list(self._scan()["text_encoder"])
+
+    def parts_of(self, kind: str) -> list[ModelFile]:
+        """The files of one part kind (``core.models.parts.PARTS``: "t5xxl", "flux_vae", ...) in its folders,
+        by name, recognised by their keys (headers are read once per file change)."""
+        from core.models.parts import PARTS
+
+        part = PARTS[kind]
+        return [m for m in self._scan()[part.folder] if self.inspect(m).part == kind]
+
     def inspect(self, model: ModelFile | Path | str) -> ModelInfo:
         """The family (label, variant, dtype) of a model file from its header, cached by path, mtime and size
         (so listing a large folder again reads nothing). Torch-free; a file header is read at most once per
@@ -247,6 +314,11 @@ class ModelRegistry:
         empty_roots = [r for r in self.roots if not any(_is_within(f, r) for f in every)]
         return list(self._dirs.get(kind, [])) + empty_roots
 
+    def part_dirs(self, kind: str) -> list[Path]:
+        """Where files of one kind are looked for: its folders found, else those it would be found in."""
+        self._scan()
+        return list(self._dirs.get(kind, [])) or self._expected_dirs(kind)
+
     def _expected_dirs(self, kind: str) -> list[Path]:
         """Where a root's folders of one kind are looked for: in its ``models/`` folder when it has one."""
         out: list[Path] = []
@@ -260,9 +332,10 @@ class ModelRegistry:
         """The folder to create for ``kind`` in the first root: the A1111 name (``VAE``, ``Lora``) beside an
         A1111 ``Stable-diffusion`` folder, otherwise the ComfyUI one (``vae``, ``loras``)."""
         for folder in self._dirs.get("checkpoint", []):
-            for index, name in enumerate(KIND_FOLDERS["checkpoint"]):
-                if folder.name == name:
-                    return folder.parent / KIND_FOLDERS[kind][index]
+            if folder.name == _A1111_FOLDERS["checkpoint"]:
+                return folder.parent / _A1111_FOLDERS[kind]
+            if folder.name in KIND_FOLDERS["checkpoint"]:
+                return folder.parent / KIND_FOLDERS[kind][0]
         root = next(r for r in self.roots if r.is_dir())
         base = root / "models" if (root / "models").is_dir() else root
         return base / KIND_FOLDERS[kind][0]
@@ -278,10 +351,14 @@ class ModelRegistry:
     def find_lora(self, name_or_path: str | Path) -> Path:
         return self._find("lora", name_or_path)
 
+    def find_text_encoder(self, name_or_path: str | Path) -> Path:
+        return self._find("text_encoder", name_or_path)
+
     def _find(self, kind: str, name_or_path: str | Path) -> Path:
         """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""
         value = str(name_or_path).strip()
-        label = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA"}[kind]
+        label = KIND_LABELS[kind]
+        extensions = KIND_EXTENSIONS[kind]
         if not value:
             raise ModelNotFoundError(f"no {label} given (empty name)")
         candidate = Path(value).expanduser()
@@ -299,7 +376,7 @@ class ModelRegistry:
         if name in by_name:
             return _absolute(by_name[name].path)
         stem, ext = os.path.splitext(name)
-        if ext.lower() in MODEL_EXTENSIONS:
+        if ext.lower() in extensions:
             every = files + self._shadowed.get(kind, [])
             exact = [m for m in every if m.name == stem and m.path.suffix.lower() == ext.lower()]
             match = exact or [m for m in files if m.name == stem]
@@ -332,7 +409,7 @@ class ModelRegistry:
                 looked = ", ".join(str(d) for d in expected)
                 return (
                     f"{label} {value!r} not found: there is no {label} folder (looked for {looked}); "
-                    f"put {label} files ({', '.join(MODEL_EXTENSIONS)}) in {self._suggested_dir(kind)}, "
+                    f"put {label} files ({', '.join(KIND_EXTENSIONS[kind])}) in {self._suggested_dir(kind)}, "
                     f"or give the {label} file's path"
                 )
         if not files:
@@ -370,7 +447,9 @@ def not_a_regular_file(path: Path) -> str | None:
     return f"it is {kind}, not a model file (a model must be a regular file)"
 
 
-def _walk(folder: Path, skip: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+def _walk(
+    folder: Path, skip: set[str] | frozenset[str] = frozenset(), extensions: tuple[str, ...] = MODEL_EXTENSIONS
+) -> list[Path]:
     """Model files under ``folder``, recursively, skipping hidden files and folders and the folders whose real
     paths are in ``skip``; follows symlinks."""
     out: list[Path] = []
@@ -385,7 +464,7 @@ def _walk(folder: Path, skip: set[str] | frozenset[str] = frozenset()) -> list[P
         for filename in filenames:
             if filename.startswith("."):
                 continue
-            if os.path.splitext(filename)[1].lower() in MODEL_EXTENSIONS:
+            if os.path.splitext(filename)[1].lower() in extensions:
                 out.append(Path(dirpath) / filename)
     return out
 

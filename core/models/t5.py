@@ -238,7 +238,7 @@ class T5EncoderModel(nn.Module):
         self.encoder = T5Stack(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = self.shared.weight.dtype
+        dtype = self.encoder.final_layer_norm.weight.dtype  # not shared.weight: a packed table would be rebuilt
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"T5 runs in bfloat16 or float32, not {str(dtype).removeprefix('torch.')} (its activations "

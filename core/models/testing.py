@@ -401,6 +401,71 @@ def write_random_gguf(
     return path
 
 
+# ------------------------------------------------------------------------------------------ split files
+
+
+def random_clip_l_state_dict(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Random CLIP ViT-L/14 text weights under Hugging Face names with ``text_projection`` (ComfyUI's
+    ``clip_l.safetensors``; tiny: SD1.x's tiny CLIP-L, 32 wide, which the tiny Flux transformer takes)."""
+    from dataclasses import replace
+
+    from core.models.clip import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.preset("sd15", size)
+    with torch.device("meta"):
+        module = CLIPTextModel(replace(config, projection_dim=config.width))
+    return random_state_dict(module, seed=seed, dtype=dtype)
+
+
+def random_vae_state_dict(
+    family: str = "flux", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random LDM-named VAE weights (``encoder.*``, ``decoder.*``) of ``family``'s VAE, e.g. BFL's
+    ``ae.safetensors`` for ``"flux"``."""
+    component = _families()[family].component("vae")
+    return random_state_dict(_component(component, size), seed=seed, dtype=dtype)
+
+
+SPLIT_LAYOUTS = {  # where ComfyUI and Forge keep each part of a split model (under models/)
+    "comfyui": {"diffusion_model": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"},
+    "comfyui-legacy": {"diffusion_model": "unet", "text_encoder": "clip", "vae": "vae"},
+    "forge": {"diffusion_model": "Stable-diffusion", "text_encoder": "text_encoder", "vae": "VAE"},
+}
+
+
+def write_random_flux_split_set(
+    root: str | Path,
+    layout: str = "comfyui",
+    *,
+    variant: str = "dev",
+    size: str = "tiny",
+    seed: int = 0,
+    t5_dtype: torch.dtype = torch.float16,
+    parts: tuple[str, ...] = ("clip_l", "t5xxl", "vae"),
+) -> dict[str, Path]:
+    """A Flux.1 set as users keep it under ``root/models``: ``flux1-<variant>.safetensors`` (BFL layout, bf16),
+    ``clip_l.safetensors``, ``t5xxl_fp16.safetensors`` (or ``t5xxl_fp8_e4m3fn`` for an fp8 ``t5_dtype``) and
+    ``ae.safetensors``, in ``layout``'s folders (``SPLIT_LAYOUTS``); ``parts`` leaves some out. Returns name ->
+    path ("model", "clip_l", "t5xxl", "vae")."""
+    from core.models.safetensors_writer import save_tensors
+
+    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    out = {"model": write_random_flux_transformer(folders["diffusion_model"] / f"flux1-{variant}.safetensors",
+                                                  variant, size, seed)}
+    if "clip_l" in parts:
+        out["clip_l"] = save_tensors(random_clip_l_state_dict(size, seed + 1), folders["text_encoder"] / "clip_l.safetensors")
+    if "t5xxl" in parts:
+        name = "t5xxl_fp8_e4m3fn" if t5_dtype.itemsize == 1 else "t5xxl_fp16"
+        t5 = {k: v.to(t5_dtype) if v.dim() >= 2 else v.to(torch.float16)  # norms stay fp16 in fp8 files
+              for k, v in random_t5_state_dict(size, seed + 2, torch.float32).items()}
+        out["t5xxl"] = save_tensors(t5, folders["text_encoder"] / f"{name}.safetensors")
+    if "vae" in parts:
+        out["vae"] = save_tensors(random_vae_state_dict("flux", size, seed + 3), folders["vae"] / "ae.safetensors")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- LoRAs
 
 LORA_FORMATS = ("kohya", "kohya_ldm", "peft", "locon", "loha", "lokr")

@@ -106,10 +106,12 @@ def family_spec(family: str | None) -> Any:
 
 
 def model_option(name: str, info: Any) -> Text:
-    """A model as the picker lists it: its name, then its family (or why the file was not inspected), dim."""
+    """A model as the picker lists it: its name, then its family and quantisation (or why the file was not
+    inspected), dim."""
     text = Text(visible(name))
     if info is not None:
-        text.append(f"  {visible(info.label)}", style="dim")
+        quant = getattr(info, "quant", None) if getattr(info, "is_family", False) else None
+        text.append(f"  {visible(info.label)}" + (f" {visible(quant)}" if quant else ""), style="dim")
     return text
 
 

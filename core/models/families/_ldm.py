@@ -57,4 +57,5 @@ def vae(latent: LatentFormat, *, prefix: str = VAE_PREFIX, quant_conv: bool = Tr
         "shift_factor": latent.shift,
     }
     tiny = {**full, "ch": 32, "ch_mult": (1, 1, 2, 2), "num_res_blocks": 1}
-    return Component("vae", prefix, *VAE, presets={"full": full, "tiny": tiny}, folders=("vae",))
+    part = {4: "sd_vae", 16: "flux_vae"}.get(latent.channels, "")
+    return Component("vae", prefix, *VAE, presets={"full": full, "tiny": tiny}, folders=("vae",), part=part)

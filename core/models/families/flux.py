@@ -58,8 +58,8 @@ FAMILY = ModelFamily(
     order=50,
     components=(
         Component("unet", _ldm.UNET_PREFIX),
-        Component("text_encoder", "text_encoders.clip_l.transformer."),
-        Component("text_encoder_2", "text_encoders.t5xxl.transformer."),
+        Component("text_encoder", "text_encoders.clip_l.transformer.", part="clip_l"),
+        Component("text_encoder_2", "text_encoders.t5xxl.transformer.", part="t5xxl"),
         _ldm.vae(LATENT, prefix="vae.", quant_conv=False),
     ),
     detect=detect,

@@ -119,6 +119,15 @@ class _Packed(nn.Module):
         self.compute_dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        # ``module.to(dtype)`` casts floating tensors only, so the packed bytes stay as they are; the dtype the
+        # weight is rebuilt in (embeddings: their output dtype) follows the cast like any parameter would.
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
     @property
     def packed(self) -> QuantizedTensor:
         return QuantizedTensor(self.weight_raw, self.qtype, self.weight_shape, self.weight_scale)
@@ -262,6 +271,11 @@ def assign_weights(
         else:
             plain[key] = value
 
+    for key in [k for k in packed if not k.endswith("weight")]:
+        # a packed bias or gain (fp8 files rarely store them so) is an ordinary tensor: plain before any layer
+        # is wrapped, so the wrapper finds its bias
+        value = packed.pop(key)
+        plain[key] = value.to(dtype) if isinstance(value, torch.Tensor) else value.dequantize(dtype)
     swapped: list[str] = []
     for key, value in packed.items():
         layer_name, _, leaf = key.rpartition(".")
