@@ -220,12 +220,16 @@ def is_plain(prompt: str) -> bool:
     return not found
 
 
+_LOOKS_LIKE_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?::\s*[\d.]+\s*|\|[^\[\]]*)\]?")
+
+
 def unreadable_groups(prompt: str) -> list[str]:
-    """``[...]`` groups that look like editing or alternation in a prompt the grammar cannot read (so A1111
-    and Darkroom use them as text); ``[]`` when the prompt parses."""
-    if parse(prompt) is not None:
-        return []
-    return sorted(set(re.findall(r"(?<!\\)\[[^\[\]]*(?::\s*[\d.]+\s*|\|[^\[\]]*)\]?", prompt)))
+    """``[...]`` groups that look like editing or alternation but are used as text (A1111 does the same): an
+    unclosed one, one the grammar does not take (``[a:b:c:3]``), or any in a prompt it cannot read at all."""
+    candidates = set(_LOOKS_LIKE_EDITING.findall(prompt))
+    if parse(prompt) is None:
+        return sorted(candidates)
+    return sorted(group for group in candidates if is_plain(group))
 
 
 class ConditioningSchedule:
