@@ -30,6 +30,10 @@ earlier run (stopped by Ctrl-C, a kill, a crash, a failure or the database). A j
 file's absolute path, its place in the file and its fields are unchanged. A job already done is skipped and its
 image paths are printed on stdout as if it had run, so a script still gets every path; a job stopped midway
 through saving its images makes only the ones it lacks. This module never imports Textual.
+
+``--enhance`` (every job) or a job's ``enhance = true``: a local Ollama-compatible LLM rewrites the prompt just
+before the job is queued (``core.enhance``; ``--enhance-url`` / ``--enhance-model``); the image records both
+prompts. When it fails, one warning line says why and the job runs with its own prompt.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class BatchJob:
     index: int  # 1-based, in file order
     request: GenerationRequest
     preset: Any = None  # the core.presets.Preset the job named (directly or through [defaults]), if any
+    enhance: bool = False  # the job's ``enhance = true``: a local LLM rewrites its prompt before it is queued
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def _job_fields(table: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k not in _NOT_FIELDS}
 
 
-_NOT_FIELDS = ("preset", "from_image")  # job keys that name where fields come from, not request fields
+_NOT_FIELDS = ("preset", "from_image", "enhance")  # job keys that are not request fields
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF....WEBP)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -256,8 +261,11 @@ def _build_jobs(
         else:
             used: dict[str, Any] = {}
             request = _build_request(table, defaults, base, report, used)
+            enhance = table.get("enhance", defaults.get("enhance", False))
+            if not isinstance(enhance, bool):
+                report("enhance", f"enhance = {enhance!r} is invalid: true or false")
             if request is not None and not here:
-                jobs.append(BatchJob(index, request, used.get("preset")))
+                jobs.append(BatchJob(index, request, used.get("preset"), enhance))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -548,6 +556,8 @@ def _queue_jobs(
     number: dict[int, int],
     failed: set[int],
     progress: _PlainProgress,
+    enhance: Any = None,
+    enhance_all: bool = False,
 ) -> Any:
     """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
     images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
@@ -579,7 +589,15 @@ def _queue_jobs(
         if before is not None:
             number[worker.retry(before.id)] = job.index
         else:
-            number[worker.submit(job.request, source_key=key)] = job.index
+            request = job.request
+            if enhance is not None and (enhance_all or job.enhance):  # the key stays the file's own job
+                from core.enhance import enhance_request
+
+                progress.message(f"[{job.index}/{progress.total}] enhancing the prompt ({enhance.model})")
+                request, problem = enhance_request(request, enhance)
+                if problem:
+                    progress.message(f"darkroom: warning: job {job.index}: {problem}")
+            number[worker.submit(request, source_key=key)] = job.index
         yield job, None
 
 
@@ -596,6 +614,8 @@ def run_batch(
     rich_progress: bool | None = None,
     resume: bool = False,
     attention: str | None = None,
+    enhance: bool = False,
+    enhance_settings: Any = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
@@ -714,7 +734,13 @@ def run_batch(
 
     failed: set[int] = set()
     try:
-        for job, skipped_paths in _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress):
+        enhancer = None
+        if enhance or any(job.enhance for job in jobs):
+            from core.enhance import EnhanceSettings
+
+            enhancer = enhance_settings or EnhanceSettings.from_env()
+        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance)
+        for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
                 emit_paths(skipped_paths)
