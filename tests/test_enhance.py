@@ -141,3 +141,31 @@ def test_cli_flags_reach_the_settings(monkeypatch):
     args = build_parser().parse_args(["--batch", "jobs.toml", "--enhance", "--enhance-url", "http://127.0.0.1:9"])
     assert args.enhance and _enhance_settings(args) == EnhanceSettings("http://127.0.0.1:9", "env-model")
     assert _enhance_settings(build_parser().parse_args([])).url == "http://127.0.0.1:11434"
+
+
+async def test_tui_enhances_in_a_worker_and_queues_the_result(tmp_path, monkeypatch, server):
+    from textual.widgets import Select, TextArea
+
+    from tests.tui_fakes import FakeRunner, make_app, wait_for
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    FakeOllama.mode, FakeOllama.bodies = "slow", []  # answers after 1 s: the UI keeps running meanwhile
+    app = make_app(tmp_path, FakeRunner(gate=threading.Event()))
+    async with app.run_test(size=(140, 45)) as pilot:
+        app.settings.update(enhance_prompts=True, enhance_url=server, enhance_model="tiny-llm")
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
+        screen.query_one("#prompt", TextArea).load_text("a lighthouse")
+        started = time.monotonic()
+        await pilot.press("ctrl+j")
+        assert time.monotonic() - started < 0.9 and not app.store.list_jobs()  # not waiting on the LLM
+        await wait_for(pilot, lambda: len(app.store.list_jobs()) == 1)
+        job = app.store.list_jobs()[0]
+        assert job.request.prompt == "a lighthouse, golden hour light, wide shot, 35 mm film"
+        assert job.request.extra["original_prompt"] == "a lighthouse"
+        app.settings["enhance_url"] = f"http://127.0.0.1:{closed_port()}"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.list_jobs()) == 2)
+        assert sorted(j.request.prompt for j in app.store.list_jobs())[0] == "a lighthouse"
+        warnings = [n.message for n in app._notifications if n.severity == "warning"]
+        assert any("cannot be reached" in w and "runs with its prompt as written" in w for w in warnings)
