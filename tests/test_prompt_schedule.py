@@ -218,3 +218,35 @@ def test_and_needs_a_family_with_cfg(model, monkeypatch):
     with pytest.raises(RequestError, match="no classifier-free guidance to compose AND parts"):
         prompt_parts(model, req)
     assert prompt_parts(model, request(prompt="a cat:1.5")) == [("a cat:1.5", 1.0)]  # no weights either
+
+
+def _text_schedule(prompt: str, steps: int) -> ConditioningSchedule:
+    """A schedule whose conditioning for text t is a context full of ``ord(t[0])`` (the negative: -1)."""
+    entries = prompt_schedule(prompt, steps)
+    items = [(t, _cond(float(ord(t[0])))) for _, t in entries]
+    return ConditioningSchedule([([e for e, _ in entries], items, 1.0)], ((steps,), [("", _cond(-1.0))]),
+                                lambda conds, uncond: ([c for _, c in conds], uncond[1]))
+
+
+def test_second_order_samplers_count_model_calls_and_a_refiner_carries_the_count_on():
+    from core.pipeline import RefinerSwitch
+    from core.sampling.denoisers import DiscreteSchedule
+
+    inner = Recorder()
+    heun_steps = 3
+    denoiser = CFGDenoiser(inner, _text_schedule("[a|b]", schedule_steps("heun", heun_steps)), None, cfg=2.0)
+    sample("heun", denoiser, torch.zeros(1, 1, 1, 1), [3.0, 2.0, 1.0, 0.0])
+    assert len(inner.seen) == 5  # two calls per step, one for the last (Euler) step
+    assert [chr(int(seen[0])) for seen in inner.seen] == ["a", "a", "b", "a", "b"]
+
+    schedule = DiscreteSchedule()
+    base_inner, refiner_inner = Recorder(), Recorder()
+    base = CFGDenoiser(base_inner, _text_schedule("[a|b|c|d]", 4), None, cfg=2.0)
+    refiner = CFGDenoiser(refiner_inner, _text_schedule("[a|b|c|d]", 4), None, cfg=2.0)
+    switch = RefinerSwitch(base, refiner, schedule, 0.5)
+    x = torch.zeros(1, 1, 1, 1)
+    for t in (900, 700, 300, 100):  # the refiner takes t <= 499
+        switch(x, float(schedule.t_to_sigma(t)))
+    # calls 0-1 on the base (a, a), calls 2-3 on the refiner continue the schedule (b, c), not restart it
+    assert [chr(int(s[0])) for s in base_inner.seen] == ["a", "a"]
+    assert [chr(int(s[0])) for s in refiner_inner.seen] == ["b", "c"]
