@@ -21,6 +21,7 @@ from core.pipeline import PromptCache, generate, load_model, prompt_parts
 from core.request import GenerationRequest, HiresFix
 from core.sampling.denoisers import CFGDenoiser
 from core.sampling.samplers import sample
+from tests.reference import torch_threads
 
 # (prompt, steps, hires_steps) -> A1111's schedule [(end_at_step, text)] (its documented examples, and cases
 # checked against its grammar).
@@ -129,6 +130,12 @@ def test_cfg_denoiser_picks_each_calls_conditioning_and_composes_and_parts():
 
 
 # ---- through the pipeline ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
