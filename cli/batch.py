@@ -30,6 +30,15 @@ earlier run (stopped by Ctrl-C, a kill, a crash, a failure or the database). A j
 file's absolute path, its place in the file and its fields are unchanged. A job already done is skipped and its
 image paths are printed on stdout as if it had run, so a script still gets every path; a job stopped midway
 through saving its images makes only the ones it lacks. This module never imports Textual.
+
+``--enhance`` (every job) or a job's ``enhance = true``: a local Ollama-compatible LLM rewrites the prompt just
+before the job is queued (``core.enhance``; ``--enhance-url`` / ``--enhance-model``); the image records both
+prompts. When it fails, one warning line says why and the job runs with its own prompt.
+
+X/Y/Z grids (``core.grid``): a top-level ``[grid]`` table (every job), or a job's ``grid`` table, with up to
+three axes, e.g. ``x = {field = "cfg", values = [5, 7]}``; ``grid = false`` turns an inherited one off. Every
+combination is an ordinary job (numbered in run order, z then y then x); once all of a grid's cells are done
+its labelled grid image is saved in ``grids/`` of the output folder and its path printed after the cells'.
 """
 
 from __future__ import annotations
@@ -76,6 +85,8 @@ class BatchJob:
     index: int  # 1-based, in file order
     request: GenerationRequest
     preset: Any = None  # the core.presets.Preset the job named (directly or through [defaults]), if any
+    enhance: bool = False  # the job's ``enhance = true``: a local LLM rewrites its prompt before it is queued
+    grid: Any = None  # (grid id, core.grid axes) for a cell of an X/Y/Z grid
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -113,10 +124,11 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
             raise BatchInputError(f"{label}: not valid TOML: {exc}") from None
         except RecursionError:
             raise BatchInputError(_too_deep(label)) from None
-        unknown = sorted(set(data) - {"job", "defaults"})
+        unknown = sorted(set(data) - {"job", "defaults", "grid"})
         if unknown:
             raise BatchInputError(
-                f"{label}: unknown top-level key {unknown[0]!r}; valid: [[job]] tables and one [defaults] table"
+                f"{label}: unknown top-level key {unknown[0]!r}; valid: [[job]] tables, one [defaults] table "
+                "and one [grid] table"
             )
         jobs = data.get("job", [])
         if not isinstance(jobs, list):
@@ -124,6 +136,10 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         defaults = data.get("defaults", {})
         if not isinstance(defaults, Mapping):
             raise BatchInputError(f"{label}: 'defaults' must be a [defaults] table")
+        if "grid" in data:
+            if "grid" in defaults:
+                raise BatchInputError(f"{label}: a [grid] table and a grid in [defaults]: keep one")
+            defaults = {**defaults, "grid": data["grid"]}
         return [(f"job {i}", job) for i, job in enumerate(jobs, 1)], dict(defaults)
     try:  # a .json file holding one (pretty-printed) object or an array of them
         whole = json.loads(text)
@@ -192,7 +208,7 @@ def _job_fields(table: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if k == "hires" and v is False else v) for k, v in table.items() if k not in _NOT_FIELDS}
 
 
-_NOT_FIELDS = ("preset", "from_image")  # job keys that name where fields come from, not request fields
+_NOT_FIELDS = ("preset", "from_image", "enhance", "grid")  # job keys that are not request fields
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF....WEBP)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -240,7 +256,7 @@ def _build_jobs(
     jobs = []
     problems: list[str] = []
     invalid = 0
-    for index, (name, table) in enumerate(tables, 1):
+    for name, table in tables:
         here: list[str] = []
 
         def report(field: str, text: str, table: Any = table, here: list[str] = here, name: str = name) -> None:
@@ -258,8 +274,23 @@ def _build_jobs(
         else:
             used: dict[str, Any] = {}
             request = _build_request(table, defaults, base, report, used)
-            if request is not None and not here:
-                jobs.append(BatchJob(index, request, used.get("preset")))
+            enhance = table.get("enhance", defaults.get("enhance", False))
+            if not isinstance(enhance, bool):
+                report("enhance", f"enhance = {enhance!r} is invalid: true or false")
+            grid = table.get("grid", defaults.get("grid", False))
+            cells: list[tuple[GenerationRequest, Any]] = [(request, None)] if request is not None else []
+            if grid is not False and request is not None:
+                from core.grid import expand, parse_axes
+
+                try:
+                    axes = parse_axes(grid)
+                    grid_id = f"{label}: {name}"
+                    cells = [(cell, (grid_id, axes)) for cell in expand(request, axes, grid_id)]
+                except RequestError as exc:
+                    report("grid", str(exc))
+            if not here:
+                for cell, grid_of in cells:  # cells of a grid are ordinary jobs, numbered in run order
+                    jobs.append(BatchJob(len(jobs) + 1, cell, used.get("preset"), enhance, grid_of))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -551,6 +582,8 @@ def _queue_jobs(
     number: dict[int, int],
     failed: set[int],
     progress: _PlainProgress,
+    enhance: Any = None,
+    enhance_all: bool = False,
 ) -> Any:
     """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
     images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
@@ -582,8 +615,51 @@ def _queue_jobs(
         if before is not None:
             number[worker.retry(before.id)] = job.index
         else:
-            number[worker.submit(job.request, source_key=key)] = job.index
+            request = job.request
+            if enhance is not None and (enhance_all or job.enhance):  # the key stays the file's own job
+                from core.enhance import enhance_request
+
+                progress.message(f"[{job.index}/{progress.total}] enhancing the prompt ({enhance.model})")
+                request, problem = enhance_request(request, enhance)
+                if problem:
+                    progress.message(f"darkroom: warning: job {job.index}: {problem}")
+            number[worker.submit(request, source_key=key)] = job.index
         yield job, None
+
+
+def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any) -> list[str]:
+    """Save the labelled image of every grid whose cells all finished; returns each grid's path, or a
+    ``darkroom: warning:`` line for a grid with missing cells (no grid image then)."""
+    from PIL import Image
+
+    from core.grid import grid_image
+
+    groups: dict[str, list[BatchJob]] = {}
+    for job in jobs:
+        if job.grid is not None:
+            groups.setdefault(job.grid[0], []).append(job)
+    results = []
+    for number, (grid_id, cells) in enumerate(groups.items(), 1):
+        missing = [job.index for job in cells if not paths_of.get(job.index)]
+        if missing:
+            results.append(f"darkroom: warning: {grid_id}: no grid image ({len(missing)} of its {len(cells)} "
+                           "cells have no image)")
+            continue
+        axes = cells[0].grid[1]
+        images = {}
+        for job in cells:
+            where = job.request.extra["grid"]
+            with Image.open(paths_of[job.index][0]) as opened:
+                images[(where.get("x", 0), where.get("y", 0), where.get("z", 0))] = opened.convert("RGB")
+        grid, _ = grid_image(images, axes)
+        folder = Path(output_dir) / "grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{number}.png"
+        temp = path.with_suffix(".tmp")
+        grid.save(temp, format="PNG")
+        os.replace(temp, path)
+        results.append(str(path))
+    return results
 
 
 def run_batch(
@@ -600,6 +676,8 @@ def run_batch(
     resume: bool = False,
     attention: str | None = None,
     lowvram: bool = False,
+    enhance: bool = False,
+    enhance_settings: Any = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
@@ -724,11 +802,19 @@ def run_batch(
                     stdout_ok = False  # `| head`: keep generating, stop printing
 
     failed: set[int] = set()
+    paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
     try:
-        for job, skipped_paths in _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress):
+        enhancer = None
+        if enhance or any(job.enhance for job in jobs):
+            from core.enhance import EnhanceSettings
+
+            enhancer = enhance_settings or EnhanceSettings.from_env()
+        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance)
+        for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
                 emit_paths(skipped_paths)
+                paths_of[job.index] = list(skipped_paths)
     except StoreError as exc:
         progress.close()
         error(str(exc))
@@ -776,6 +862,7 @@ def run_batch(
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)
                 emit_paths(event.paths)
+                paths_of[n] = list(event.paths)
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
                 failed.add(event.job_id)
@@ -848,6 +935,11 @@ def run_batch(
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()
+    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir):
+        if problem_or_path.startswith("darkroom: "):
+            print(visible(problem_or_path), file=err, flush=True)
+        else:
+            emit_paths([problem_or_path])
     done = len(jobs) - len(failed)
     print(f"darkroom: {done} of {len(jobs)} job(s) succeeded", file=err, flush=True)
     if model_failed:

@@ -88,8 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the checkpoints in the models folders with each one's family (SD1.x, SDXL, ...), variant, "
         "dtype and size, read from the file headers, and exit",
     )
+    parser.add_argument(
+        "--enhance",
+        action="store_true",
+        help="with --batch: a local Ollama-compatible LLM rewrites each job's prompt into a detailed one before "
+        "it is queued (the image records both; if it cannot be reached the job runs with its own prompt)",
+    )
+    parser.add_argument("--enhance-url", metavar="URL", default=None,
+                        help="the prompt enhancer's address (default: $DARKROOM_ENHANCE_URL or http://127.0.0.1:11434)")
+    parser.add_argument("--enhance-model", metavar="NAME", default=None,
+                        help="the model the enhancer runs (default: $DARKROOM_ENHANCE_MODEL or llama3.2)")
     parser.add_argument("--version", action="version", version=f"darkroom {_version()}")
     return parser
+
+
+def _enhance_settings(args: argparse.Namespace):
+    from core.enhance import EnhanceSettings
+
+    return EnhanceSettings.from_env(args.enhance_url, args.enhance_model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_batch(
                 args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
-                resume=args.resume, attention=args.attention, lowvram=args.lowvram,
+                resume=args.resume, attention=args.attention, lowvram=args.lowvram, enhance=args.enhance,
+                enhance_settings=_enhance_settings(args),
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):

@@ -139,6 +139,9 @@ def format_infotext(
         # A1111 (modules/processing_scripts/refiner.py): "Refiner: <checkpoint>, Refiner switch at: 0.8"
         params["Refiner"] = _model_label(request.refiner)
         params["Refiner switch at"] = request.refiner_switch
+    original = request.extra.get("original_prompt")
+    if isinstance(original, str) and original != request.prompt:
+        params["Original prompt"] = original  # our key: the prompt as written before a local LLM enhanced it
     for key, value in (extra or {}).items():
         # A new key goes last; a built-in key we left empty (e.g. "Model hash") is filled in its own position.
         # The values we computed from the request win, so ``extra`` cannot contradict the request.

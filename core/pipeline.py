@@ -25,8 +25,9 @@ from core.errors import DarkroomError, RequestError
 from core.lora.tags import strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
-from core.models.family import ModelFamily, resolve
+from core.models.family import DiscreteSampling, ModelFamily, resolve
 from core.models.previews import PreviewDecoders
+from core.models.prompt_schedule import ConditioningSchedule, prompt_schedule, schedule_steps, split_and
 from core.request import GenerationRequest
 from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
@@ -294,6 +295,53 @@ def for_image(
     )
 
 
+def prompt_parts(model: LoadedModel, request: GenerationRequest) -> list[tuple[str, float]]:
+    """The positive prompt's ``AND`` parts with their weights (LoRA tags removed). Only families with
+    classifier-free guidance compose them; for others an ``AND`` is a ``RequestError``."""
+    text = strip_tags(request.prompt)
+    parts = split_and(text)
+    if isinstance(model.spec.sampling, DiscreteSampling):
+        return parts
+    if len(parts) > 1:
+        raise RequestError("prompt", request.prompt, f"a prompt without AND: {model.spec.label} models have no "
+                           "classifier-free guidance to compose AND parts with (SD1.x, SD2.x and SDXL do)")
+    return [(text, 1.0)]
+
+
+def prompt_conditioning(
+    model: LoadedModel, request: GenerationRequest, cache: PromptCache, width: int, height: int, *, hires: bool = False
+) -> ConditioningSchedule:
+    """The request's prompts per denoiser call of the first pass (or, ``hires``, of the hires pass) as A1111
+    schedules them: prompt editing, alternation and ``AND`` parts (``core.models.prompt_schedule``). Each
+    distinct text is encoded once through ``cache``; each call's selection is padded to one length and given
+    the family's image-size extras (``for_image``) once."""
+    settings = EncoderSettings.from_request(request)
+    steps = schedule_steps(request.sampler, request.steps)
+    hires_steps = schedule_steps(request.sampler, request.hires.steps or request.steps) if hires else None
+
+    def encoded(text: str) -> tuple[list[int], list[tuple[str, Conditioning]]]:
+        schedule = prompt_schedule(text, steps, hires_steps)
+        return [end for end, _ in schedule], [(t, cache.encode(model, t, settings)) for _, t in schedule]
+
+    positive = [(*encoded(text), weight) for text, weight in prompt_parts(model, request)]
+    negative = encoded(strip_tags(request.negative_prompt))
+    finish_image = getattr(model.conditioner, "for_image", None)
+
+    def finish(conds: list, uncond: tuple) -> tuple[list[Conditioning], Conditioning]:
+        selected = [*conds, uncond]
+        tokens = max(c.tokens for _, c in selected)
+        empty = cache.encode(model, "", settings) if any(c.tokens != tokens for _, c in selected) else None
+        out = []
+        for index, (text, c) in enumerate(selected):
+            c = c.pad_to(tokens, empty) if empty is not None else c
+            if finish_image is not None:
+                c = finish_image(c, text, width, height, negative=index == len(conds))
+            out.append(c)
+        return out[:-1], out[-1]
+
+    return ConditioningSchedule(positive, negative, finish)
+
+
 # ------------------------------------------------------------------------------------------ image helpers
 
 
@@ -411,6 +459,8 @@ class _Progress:
 def _denoiser(
     model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto"
 ):
+    if isinstance(cond, ConditioningSchedule):  # the denoiser expands each call's selection to the batch
+        return CFGDenoiser(model.denoiser(prediction), cond=cond, uncond=None, cfg=cfg)
     return CFGDenoiser(model.denoiser(prediction), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
 
 
@@ -458,14 +508,19 @@ class RefinerSwitch:
         self.schedule = schedule
         self.refiner_from_t = 999 - round(switch * 1000)  # the refiner takes timesteps up to this one
         self.refined = False  # whether the refiner has run (its VAE then decodes)
+        self.step = 0  # calls so far: the refiner's prompt schedule carries on where the base's stopped
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         top = sigma.max() if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
         t = round(float(self.schedule.sigma_to_t(top.float().cpu())))
+        chosen = self.base
         if t <= self.refiner_from_t:
             self.refined = True
-            return self.refiner(x, sigma)
-        return self.base(x, sigma)
+            chosen = self.refiner
+        if hasattr(chosen, "step"):
+            chosen.step = self.step
+        self.step += 1
+        return chosen(x, sigma)
 
 
 class RefinerError(DarkroomError):
@@ -510,19 +565,27 @@ def generate(
         raise ValueError("generate() needs the request's LoRAs merged first (core.lora.patch.activate)")
     cache = cache or PromptCache()
     model.prediction_for(request.prediction)  # an override that does not apply fails before any work
-    text_cond, text_uncond = encode_conditioning(model, request, cache)
-    cond, uncond = for_image(model, request, text_cond, text_uncond, request.width, request.height)
-    refiner_text = None
+    # A1111 prompt editing/alternation/AND: each pass schedules the conditioning over its own steps.
+    conds = prompt_conditioning(model, request, cache, request.width, request.height)
+    hires_conds = None
+    if request.hires is not None:  # SDXL conditions on the image size: the second pass gets its own (as A1111)
+        hires_conds = prompt_conditioning(model, request, cache, *hires_size(model, request), hires=True)
+    refiner_conds: dict[bool, Any] = {}  # hires pass? -> the refiner's conditioning schedule
     if refiner is not None:
         check_refiner(model, refiner)
-        refiner_text = encode_conditioning(refiner, request, cache)
+        # Encoded now, while the text encoders are on the device: they leave it before sampling.
+        refiner_conds[False] = prompt_conditioning(refiner, request, cache, request.width, request.height)
+        if request.hires is not None:
+            refiner_conds[True] = prompt_conditioning(
+                refiner, request, cache, *hires_size(model, request), hires=True
+            )
     release_text_encoders(model, refiner)
 
-    def guided(first: Any, width: int, height: int, size: int) -> Any:
+    def guided(first: Any, width: int, height: int, size: int, hires: bool = False) -> Any:
         """The CFG denoiser of ``first`` (the base's, for this image size), switching to the refiner's."""
-        if refiner_text is None:
+        if refiner is None:
             return first
-        second = _denoiser(refiner, *for_image(refiner, request, *refiner_text, width, height), request.cfg, size)
+        second = _denoiser(refiner, refiner_conds[hires], None, request.cfg, size)
         return RefinerSwitch(first, second, model.schedule, request.refiner_switch, refiner)
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
@@ -535,7 +598,7 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = guided(_denoiser(model, cond, uncond, request.cfg, size, request.prediction), request.width,
+        denoiser = guided(_denoiser(model, conds, None, request.cfg, size, request.prediction), request.width,
                           request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
@@ -553,14 +616,10 @@ def generate(
                 )
         _check_finite(model, latents, "sampling")
         if request.hires is not None:
-            hires_denoiser = denoiser
             w, h = hires_size(model, request)
-            if getattr(model.conditioner, "for_image", None) is not None:
-                # SDXL conditions on the image size: the second pass gets its own (A1111 does the same).
-                hires_denoiser = guided(
-                    _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h), request.cfg, size),
-                    w, h, size,
-                )
+            hires_denoiser = guided(
+                _denoiser(model, hires_conds, None, request.cfg, size, request.prediction), w, h, size, hires=True
+            )
             ran.append(hires_denoiser)
             latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
             _check_finite(model, latents, "sampling")

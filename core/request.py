@@ -436,20 +436,18 @@ def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "i
     return str(path.resolve())
 
 
-# A1111 prompt editing [from:to:when] / [to:when] and alternation [a|b]: a square group (not escaped) whose
-# text ends in ":number" or holds a "|".
-_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?::\s*[\d.]+\s*|\|[^\[\]]*)\]")
-
-
 def prompt_syntax_warnings(*prompts: str) -> list[str]:
-    """One sentence for each kind of A1111 prompt syntax Darkroom does not apply yet, naming what was found
-    (``[]`` if there is none). The job still runs; these pieces are read as ordinary (weighted) text."""
-    text = " ".join(prompts)
+    """One sentence for each prompt whose A1111 prompt editing or alternation (``[from:to:when]``, ``[a|b]``)
+    cannot be read, naming the groups (``[]`` if there is none): the grammar fails on the whole prompt (an
+    unclosed bracket, a ``|`` outside ``[...]``), so A1111 and Darkroom use it as plain (weighted) text."""
+    from core.models.prompt_schedule import unreadable_groups
+
     warnings = []
-    edits = sorted(set(_PROMPT_EDITING.findall(text)))
-    if edits:
-        warnings.append(f"{', '.join(edits)} in the prompt: prompt editing and alternation ([from:to:when], "
-                        "[a|b]) are not supported yet, so they are read as down-weighted text")
+    for prompt in prompts:
+        groups = unreadable_groups(prompt)
+        if groups:
+            warnings.append(f"{', '.join(groups)} in the prompt: not read as prompt editing or alternation (check "
+                            "for an unclosed bracket or a '|' outside [a|b]), so it is used as text")
     return warnings
 
 

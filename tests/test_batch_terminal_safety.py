@@ -60,7 +60,7 @@ def test_prompts_model_names_warnings_and_errors(batch, rich):
         f"""
         [[job]]
         model = "ev{TOML_EVIL}\\u202eil.safetensors"
-        prompt = "a fox {TOML_EVIL} [x{BARE_TOML_EVIL}:y:0.5]"
+        prompt = "a fox {TOML_EVIL} [x{BARE_TOML_EVIL}:y:0.5"
         steps = 1
         [[job]]
         model = "ev{TOML_EVIL}\\u202eil.safetensors"
@@ -78,7 +78,7 @@ def test_prompts_model_names_warnings_and_errors(batch, rich):
 
     assert shown(f'"a fox {SHOWN}')  # the started line's prompt
     assert shown(MODEL_SHOWN)  # its model
-    assert shown(f"[x{BARE_SHOWN}:y:0.5] in the prompt")  # the warning quotes the prompt
+    assert shown(f"[x{BARE_SHOWN}:y:0.5 in the prompt")  # the warning (an unclosed edit) quotes the prompt
     assert shown(f"{MODEL_SHOWN}: tensor model.{SHOWN}.weight has the wrong shape")  # the job's error
     assert len(out.splitlines()) == 1  # stdout: the first job's image path, untouched
 

@@ -59,16 +59,21 @@ async def test_no_model_chosen_is_named_and_settings_keep_saving(tmp_path):
         assert "no model yet" in app.settings_file.read_text()
 
 
-async def test_prompt_syntax_not_applied_yet_is_a_warning_and_the_job_still_queues(tmp_path):
+async def test_prompt_editing_queues_without_a_warning_and_unreadable_syntax_warns(tmp_path):
     app = make_app(tmp_path, FakeRunner(gate=threading.Event()))
     async with app.run_test(size=(140, 45)) as pilot:
         screen = await ready(pilot, app)
-        screen.query_one("#prompt", TextArea).load_text("a cat, [red:blue:0.5]")
+        screen.query_one("#prompt", TextArea).load_text("a cat, [red:blue:0.5] [dog|cat] AND a hat:0.5")
         await pilot.press("ctrl+j")
         await pilot.pause()
         assert len(app.store.list_jobs()) == 1
+        assert not [n.message for n in app._notifications if n.severity == "warning"]
+        screen.query_one("#prompt", TextArea).load_text("a cat, [red:blue:0.5")
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert len(app.store.list_jobs()) == 2
         warnings = [n.message for n in app._notifications if n.severity == "warning"]
-        assert any(w.startswith("[red:blue:0.5] in the prompt: prompt editing") for w in warnings), warnings
+        assert any(w.startswith("[red:blue:0.5 in the prompt: not read as prompt editing") for w in warnings), warnings
 
 
 async def test_seed_lock_says_its_state_in_words(tmp_path):

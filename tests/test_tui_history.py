@@ -143,3 +143,21 @@ async def test_down_or_escape_leaves_the_search_box_for_the_list(tmp_path):
             assert app.focused is screen.query_one("#history-search")
             await pilot.press(key)
             assert app.focused is table
+
+
+async def test_a_grid_is_one_entry_that_opens_into_its_cells(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        cells = [request(f"a cat, cfg {c}", 3, cfg=c, extra={"grid": {"id": "jobs.toml: job 1", "x": i}})
+                 for i, c in enumerate((5.0, 6.0, 7.0))]
+        screen = await with_history(pilot, app, request("alone", 1), *cells)
+        table = screen.query_one("#history-table")
+        await wait_for(pilot, lambda: table.row_count == 2)
+        grid_row = table.get_row("grid:jobs.toml: job 1")
+        assert str(grid_row[1]) == "3 cells" and str(grid_row[2]).startswith("▸ X/Y/Z grid: a cat, cfg 7")
+        table.focus()
+        table.move_cursor(row=table.get_row_index("grid:jobs.toml: job 1"))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: table.row_count == 4)
+        await pilot.press("enter")  # on one of its cells: closes it again
+        await wait_for(pilot, lambda: table.row_count == 2)

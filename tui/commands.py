@@ -28,6 +28,9 @@ class DarkroomCommands(Provider):
                 kind = f"{visible(info.label)} checkpoint" if info is not None else "checkpoint"
                 commands.append((f"Model: {visible(model.name)}",
                                  partial(self._choose_model, str(model.name)), f"use this {kind}"))
+        enhancing = app.settings.get("enhance_prompts") is True
+        commands.append((f"Prompt enhancement: turn {'off' if enhancing else 'on'}", self._toggle_enhance,
+                         "a local Ollama-compatible LLM rewrites each prompt before it is queued"))
         if query.strip():
             commands.append((f"History: search {visible(query.strip())}",
                              partial(self._search_history, query.strip()), "show matching images"))
@@ -43,6 +46,16 @@ class DarkroomCommands(Provider):
             score = 1.0 if title.startswith("History: search") else matcher.match(title)
             if score > 0:
                 yield Hit(score, matcher.highlight(escape(title)), callback, text=title, help=escape(help_text))
+
+    def _toggle_enhance(self) -> None:
+        from core.enhance import EnhanceSettings
+
+        app: Any = self.app
+        app.settings["enhance_prompts"] = on = app.settings.get("enhance_prompts") is not True
+        app.save_form_settings()
+        settings = EnhanceSettings.from_env(app.settings.get("enhance_url"), app.settings.get("enhance_model"))
+        where = f"model {settings.model} at {settings.url} (settings: enhance_url, enhance_model)"
+        app.notify(f"Prompt enhancement {'on: ' + where if on else 'off'}", markup=False, timeout=6)
 
     def _apply_preset(self, preset: Any) -> None:
         app: Any = self.app

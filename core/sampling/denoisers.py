@@ -184,6 +184,10 @@ class CFGDenoiser:
     network keywords. ``cfg == 1`` runs only the conditional
     half. Guidance on x0 equals guidance on eps because x0 = x - sigma eps is affine with the same x.
 
+    ``cond`` may instead be a ``core.models.prompt_schedule.ConditioningSchedule`` (``uncond`` then unused):
+    A1111 prompt editing/alternation picks the conditioning per call (``step`` counts calls from 0), and
+    ``AND`` parts guide together: ``D = D_u + cfg * sum_i w_i (D_i - D_u)`` in one call on ``(n + 1) B``.
+
     ``guidance_rescale`` (phi) is applied to the noise prediction ``eps = (x - D) / sigma`` — exactly
     diffusers' ``rescale_noise_cfg`` for epsilon models (for v models diffusers rescales v instead).
     """
@@ -197,22 +201,50 @@ class CFGDenoiser:
         guidance_rescale: float = 0.0,
     ) -> None:
         self.inner = denoiser
-        self.cond = _kwargs(cond)
-        self.uncond = None if uncond is None else _kwargs(uncond)
         self.cfg = float(cfg)
         self.guidance_rescale = float(guidance_rescale)
         self.schedule = getattr(denoiser, "schedule", None)
         self.calls = 0  # network forward calls, for tests and stats
+        self.step = 0  # index of the next call in a prompt schedule (A1111 counts calls, not sampler steps)
+        # A core.models.prompt_schedule.ConditioningSchedule: the conditioning changes between calls.
+        self.scheduled = cond if hasattr(cond, "at") else None
+        self._batches: dict[Any, tuple[tuple[float, ...], dict[str, Any], dict[str, Any] | None]] = {}
+        if self.scheduled is not None:
+            return
+        self.cond = _kwargs(cond)
+        self.uncond = None if uncond is None else _kwargs(uncond)
         # concatenated once: the conditioning is the same at every step
         self._both = None if uncond is None or self.cfg == 1.0 else _batched(cond, uncond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         self.calls += 1
-        if self.cfg == 1.0 or self.uncond is None:
-            return self.inner(x, sigma, **self.cond)
+        call, self.step = self.step, self.step + 1
+        if self.scheduled is None:
+            return self._guide(x, sigma, (1.0,), self.cond, self._both)
+        key, parts, uncond = self.scheduled.at(call)
+        if key not in self._batches:  # a new selection (at a schedule switch): batch it once
+            batch = x.shape[0]
+            conds = [cond.expand(batch) for cond, _ in parts]
+            weights = tuple(weight for _, weight in parts)
+            plain = weights == (1.0,) and self.cfg == 1.0
+            both = None if plain else type(conds[0]).cat([*conds, uncond.expand(batch)]).model_kwargs()
+            self._batches[key] = (weights, conds[0].model_kwargs(), both)
+        return self._guide(x, sigma, *self._batches[key])
+
+    def _guide(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, weights: tuple[float, ...], single: dict, both: dict | None
+    ) -> torch.Tensor:
+        """``D_u + cfg * sum_i w_i (D_i - D_u)`` over one network call on ``[cond_1; ...; cond_n; uncond]``
+        (A1111's composable diffusion; one part of weight 1 is plain CFG). ``both`` None: ``single`` only."""
+        if both is None:
+            return self.inner(x, sigma, **single)
         s = _sigma_column(sigma, x)
-        both = self.inner(torch.cat([x, x]), torch.cat([s, s]), **self._both)
-        d_cond, d_uncond = both.chunk(2)
+        k = len(weights) + 1
+        *d_conds, d_uncond = self.inner(torch.cat([x] * k), torch.cat([s] * k), **both).chunk(k)
+        if weights == (1.0,):
+            d_cond = d_conds[0]
+        else:
+            d_cond = d_uncond + sum(w * (d - d_uncond) for w, d in zip(weights, d_conds))
         guided = d_uncond + self.cfg * (d_cond - d_uncond)
         if self.guidance_rescale > 0.0:
             sc = _bcast(s, x)

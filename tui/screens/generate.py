@@ -685,8 +685,11 @@ class GenerateScreen(MainScreen):
         except DarkroomError as error:
             self.app.notify(str(error), severity="error", markup=False)
             return
-        job_id = self.app.submit(request)
-        if job_id is None:
+        if self.app.settings.get("enhance_prompts") is True:
+            self.app.notify("Enhancing the prompt with the local LLM; the job is queued when it answers.",
+                            timeout=4)
+            self.enhance_and_queue(request)
+        elif self.app.submit(request) is None:
             return
         if self._init_image_note:  # the field now shows the path that was used (and is saved as such)
             self._write_advanced_state({"init_image": request.init_image})
@@ -697,6 +700,21 @@ class GenerateScreen(MainScreen):
         self.app.save_form_settings()
         if not self.query_one("#seed-lock", Checkbox).value and request.seed != -1:
             self.action_dice()
+
+    @work(thread=True, group="enhance")
+    def enhance_and_queue(self, request: GenerationRequest) -> None:
+        """The local LLM rewrites the prompt in a worker thread (it takes seconds), then the job is queued on
+        the UI thread; when it fails the job is queued with its prompt as written and one warning says why."""
+        from core.enhance import EnhanceSettings, enhance_request
+
+        settings = EnhanceSettings.from_env(self.app.settings.get("enhance_url"), self.app.settings.get("enhance_model"))
+        enhanced, problem = enhance_request(request, settings)
+        self.app.call_from_thread(self._queue_enhanced, enhanced, problem)
+
+    def _queue_enhanced(self, request: GenerationRequest, problem: str | None) -> None:
+        if problem:
+            self.app.notify(problem, severity="warning", markup=False, timeout=8)
+        self.app.submit(request)
 
     def action_dice(self) -> None:
         if not self._form_mounted:

@@ -39,6 +39,15 @@ def row_request(row: Any) -> GenerationRequest:
     return request if isinstance(request, GenerationRequest) else GenerationRequest.from_dict(request)
 
 
+def _grid_id(row: Any) -> str | None:
+    """The X/Y/Z grid a history row's image is a cell of (``core.grid``), or None."""
+    try:
+        grid = row_request(row).extra.get("grid")
+    except Exception:  # noqa: BLE001 - a bad stored row is no grid cell
+        return None
+    return str(grid["id"]) if isinstance(grid, dict) and "id" in grid else None
+
+
 def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     """Every parameter as plain text (prompts may contain [ ] and ( ): never markup; control characters in
     them, in file names and values from the database or a PNG, made visible). ``families`` (model name ->
@@ -109,6 +118,7 @@ class HistoryScreen(MainScreen):
         super().__init__()
         self.rows: dict[str, Any] = {}
         self.search = ""
+        self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -167,13 +177,13 @@ class HistoryScreen(MainScreen):
         except Exception as error:  # noqa: BLE001
             self.app.notify(f"Could not read the history: {error}", severity="error", markup=False)
             return
-        if rows and [str(field(row, "id")) for row in rows] == list(self.rows) and table.row_count == len(rows):
+        entries = self._entries(rows)
+        if rows and list(entries) == list(self.rows) and table.row_count == len(entries):
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
         table.clear()
         self.rows = {}
-        for row in rows:
-            key = str(field(row, "id"))
+        for key, (row, cells) in entries.items():
             self.rows[key] = row
             try:
                 prompt = " ".join(visible(row_request(row).prompt).split())[:70]
@@ -181,10 +191,42 @@ class HistoryScreen(MainScreen):
                 prompt = "(unreadable request)"
             created = format_time(field(row, "created"))
             seed = visible(field(row, "seed", ""))
+            if cells:
+                seed, prompt = f"{cells} cells", f"▸ X/Y/Z grid: {prompt}"
             table.add_row(Text(visible(created)), Text(seed), Text(prompt), key=key)
         if selected in self.rows:
             table.move_cursor(row=table.get_row_index(selected))
         self.show_selected()
+
+    def _entries(self, rows: list[Any]) -> dict[str, tuple[Any, int]]:
+        """Table key -> (row, cells): the cells of an X/Y/Z grid (``extra["grid"]``) are one entry, keyed
+        ``grid:<id>`` and shown by its newest cell, unless the grid is open; other rows are their own."""
+        grids: dict[str, int] = {}
+        for row in rows:
+            if (grid := _grid_id(row)) is not None:
+                grids[grid] = grids.get(grid, 0) + 1
+        entries: dict[str, tuple[Any, int]] = {}
+        for row in rows:
+            grid = _grid_id(row)
+            if grid is not None and grids[grid] > 1 and grid not in self.open_grids:
+                entries.setdefault(f"grid:{grid}", (row, grids[grid]))
+            else:
+                entries[str(field(row, "id"))] = (row, 0)
+        return entries
+
+    @on(DataTable.RowSelected, "#history-table")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a grid's entry opens it into its cells; Enter on an open grid's cell closes it again."""
+        key = event.row_key.value or ""
+        row = self.rows.get(key)
+        grid = key[5:] if key.startswith("grid:") else (_grid_id(row) if row is not None else None)
+        if grid is None:
+            return
+        if grid in self.open_grids:
+            self.open_grids.discard(grid)
+        else:
+            self.open_grids.add(grid)
+        self.refresh_history()
 
     def selected_key(self) -> str | None:
         table = self.query_one("#history-table", DataTable)
