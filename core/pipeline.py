@@ -25,7 +25,7 @@ from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_
 from core.models.families import get_family
 from core.models.family import ModelFamily, resolve
 from core.models.previews import PreviewDecoders
-from core.request import GenerationRequest
+from core.request import GenerationRequest, sampler_problem
 from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
 from core.sampling.noise import NoiseSampler
@@ -149,10 +149,29 @@ class LoadedModel:
             raise RequestError("prediction", override, f"{valid} for this {self.spec.label} model")
         return override
 
-    def denoiser(self, prediction: str = "auto") -> Any:
+    def denoiser(self, prediction: str = "auto", guidance: float | None = None) -> Any:
         """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type (or ``prediction``,
-        a request's override)."""
-        return self.spec.sampling.denoiser(self.checkpoint.unet, self.schedule, self.prediction_for(prediction))
+        a request's override); ``guidance``: the distilled guidance of a model that takes one."""
+        return self.spec.sampling.denoiser(
+            self.checkpoint.unet, self.schedule, self.prediction_for(prediction), guidance=guidance
+        )
+
+    def guidance_for(self, requested: float | None) -> float | None:
+        """The distilled guidance a request runs with: its ``guidance``, else the family's default (Flux.1 dev
+        3.5); None for a model without a guidance embedding (schnell ignores the field)."""
+        default = getattr(self.spec.sampling, "guidance", None)
+        if default is None or not getattr(getattr(self.checkpoint.unet, "config", None), "guidance_embed", False):
+            return None
+        return default if requested is None else float(requested)
+
+    def sigma_schedule(self, latents: torch.Tensor) -> Any:
+        """What the sigmas are drawn from: the training schedule, or for a flow model the schedule of this
+        latent size (Flux.1 dev shifts by the packed 2x2 token count, as ``FluxPipeline``'s image_seq_len)."""
+        if self.schedule is not None:
+            return self.schedule
+        height, width = latents.shape[-2:]
+        variant = getattr(self.checkpoint.info, "variant", "")
+        return self.spec.sampling.flow_schedule(variant, (height // 2) * (width // 2))
 
 
 def load_model(
@@ -345,9 +364,12 @@ class _Progress:
 
 
 def _denoiser(
-    model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto"
+    model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto",
+    guidance: float | None = None,
 ):
-    return CFGDenoiser(model.denoiser(prediction), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
+    return CFGDenoiser(
+        model.denoiser(prediction, guidance), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg
+    )
 
 
 def _run_sampler(
@@ -363,7 +385,8 @@ def _run_sampler(
 ) -> torch.Tensor:
     """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma, the family's way, and
     sample to x0."""
-    sigmas = get_sigmas(request.schedule, model.schedule, steps, denoise, model.family).to(model.device)
+    schedule = model.sigma_schedule(start)
+    sigmas = get_sigmas(request.schedule, schedule, steps, denoise, model.family).to(model.device)
     x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
     with torch.inference_mode():
         return sample(
@@ -443,6 +466,10 @@ def generate(
         raise ValueError("generate() needs the request's LoRAs merged first (core.lora.patch.activate)")
     cache = cache or PromptCache()
     model.prediction_for(request.prediction)  # an override that does not apply fails before any work
+    problem = sampler_problem(request.sampler, model.family)
+    if problem is not None:
+        raise problem
+    guidance = model.guidance_for(request.guidance)
     text_cond, text_uncond = encode_conditioning(model, request, cache)
     cond, uncond = for_image(model, request, text_cond, text_uncond, request.width, request.height)
     refiner_text = None
@@ -467,8 +494,8 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = guided(_denoiser(model, cond, uncond, request.cfg, size, request.prediction), request.width,
-                          request.height, size)
+        denoiser = guided(_denoiser(model, cond, uncond, request.cfg, size, request.prediction, guidance),
+                          request.width, request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
@@ -489,7 +516,8 @@ def generate(
             if getattr(model.conditioner, "for_image", None) is not None:
                 # SDXL conditions on the image size: the second pass gets its own (A1111 does the same).
                 hires_denoiser = guided(
-                    _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h), request.cfg, size),
+                    _denoiser(model, *for_image(model, request, text_cond, text_uncond, w, h), request.cfg, size,
+                              request.prediction, guidance),
                     w, h, size,
                 )
             ran.append(hires_denoiser)
@@ -649,6 +677,9 @@ class PipelineRunner:
                 model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
             )
         finished = time.monotonic()
+        guidance = model.guidance_for(request.guidance)
+        if guidance is not None:  # Forge's key; recorded when the model used it, default or not
+            lora_extra = {"Distilled CFG Scale": guidance, **lora_extra}
         timings = {
             "load": loaded - started,
             "first_step": first_step[0] if first_step else 0.0,
