@@ -253,6 +253,7 @@ class ModelFamily:
     # leaves the field at the general default gets this value (``core.request.with_family_defaults``).
     request_defaults: Mapping[str, Any] = field(default_factory=dict)
     prompt_weights: bool = True  # whether the conditioner applies A1111 emphasis (Flux: read and ignored)
+    ignored_fields: tuple[str, ...] = ()  # general request fields a model of this family does not use (UI hides them)
 
     def __post_init__(self) -> None:
         roles = [c.role for c in self.components]

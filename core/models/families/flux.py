@@ -96,5 +96,6 @@ FAMILY = ModelFamily(
     presets=("flux-dev", "flux-schnell"),
     request_fields=("guidance",),
     request_defaults={"cfg": 1.0},
-    prompt_weights=False,  # distilled guidance does the guiding: no negative pass (Forge's CFG 1)
+    prompt_weights=False,
+    ignored_fields=("clip_skip",),  # T5 and CLIP-L's pooled output: no clip skip (as Forge)  # distilled guidance does the guiding: no negative pass (Forge's CFG 1)
 )
