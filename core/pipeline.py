@@ -239,9 +239,12 @@ def encode_conditioning(
     model: LoadedModel, request: GenerationRequest, cache: PromptCache
 ) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) with equal token length, so CFG runs both in one UNet call. LoRA tags are not text: the
-    encoders see the prompts without them."""
+    encoders see the prompts without them. CFG 1 has no negative pass (Flux's default), so the negative prompt is
+    not encoded then (uncond is cond: T5-XXL runs once per prompt, not twice)."""
     settings = EncoderSettings.from_request(request)
     cond = cache.encode(model, strip_tags(request.prompt), settings)
+    if request.cfg == 1.0:
+        return cond, cond
     uncond = cache.encode(model, strip_tags(request.negative_prompt), settings)
     if cond.tokens != uncond.tokens:
         cond, uncond = pad_to_same_length(cond, uncond, cache.encode(model, "", settings))

@@ -184,6 +184,33 @@ def _cpu_only(original):
 # ---- guidance, cfg and the infotext -------------------------------------------------------------------------
 
 
+def test_cfg_1_encodes_no_negative_prompt(models):
+    model = models["schnell"]
+    runs = model.conditioner.t5_runs
+    request = GenerationRequest(model="x", prompt="a red barn", negative_prompt="fog", steps=1, cfg=1.0, seed=1,
+                                width=64, height=64)
+    generate(model, request, cache=PromptCache())
+    assert model.conditioner.t5_runs == runs + 1  # the prompt only: no negative pass, nothing to encode for it
+    generate(model, request.replace(cfg=2.0), cache=PromptCache())
+    assert model.conditioner.t5_runs == runs + 3
+
+
+def test_img2img_and_hires_run_on_flow_sigmas(models, tmp_path):
+    """The hires pass gets the schedule of its own size (dev's shift follows the token count); img2img
+    truncates the flow schedule like any other."""
+    from core.request import HiresFix
+
+    model = models["dev"]
+    assert model.sigma_schedule(torch.zeros(1, 16, 8, 8)).mu != model.sigma_schedule(torch.zeros(1, 16, 16, 16)).mu
+    request = GenerationRequest(model="x", prompt="a red barn", steps=2, cfg=1.0, seed=1, width=64, height=64,
+                                hires=HiresFix(scale=1.5, steps=2, denoise=0.5))
+    (image, _seed), = generate(model, request)
+    assert image.size == (96, 96)
+    image.save(tmp_path / "init.png")
+    (image, _seed), = generate(model, request.replace(hires=None, init_image=str(tmp_path / "init.png")))
+    assert image.size == (64, 64)
+
+
 def test_guidance_field_defaults_infotext_and_read_back(models):
     request = GenerationRequest(model="flux-dev", prompt=PROMPT, guidance=4)
     assert request.guidance == 4.0 and isinstance(request.guidance, int | float)
