@@ -446,9 +446,9 @@ class GenerateScreen(MainScreen):
         if spec is None or family == self._size_family:
             return
         before, self._size_family = self._size_family, family
+        self._refit_defaults(family_spec(before), spec)
         if before is None:
             return
-        self._refit_defaults(family_spec(before), spec)
         width_input, height_input = self.query_one("#width", Input), self.query_one("#height", Input)
         try:
             width, height = int(width_input.value), int(height_input.value)
