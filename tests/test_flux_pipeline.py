@@ -124,6 +124,20 @@ def test_ancestral_samplers_are_refused_for_flux_with_what_is_valid(models):
         generate(models["dev"], request)
 
 
+def test_a_combined_file_with_t5s_tied_embedding_copy_loads(tmp_path):
+    """transformers' T5EncoderModel.state_dict() also holds encoder.embed_tokens.weight (tied to shared.weight);
+    a combined file saved from it carries both."""
+    from core.models.checkpoint import load_checkpoint
+    from core.models.safetensors_writer import save_tensors
+    from core.models.testing import iter_random_checkpoint
+
+    tensors = dict(iter_random_checkpoint("flux", "tiny", seed=1))
+    shared = tensors["text_encoders.t5xxl.transformer.shared.weight"]
+    tensors["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"] = shared.clone()
+    loaded = load_checkpoint(save_tensors(tensors, tmp_path / "tied.safetensors"), dtype=torch.float32)
+    assert torch.equal(loaded.components["text_encoder_2"].shared.weight, shared.float())
+
+
 # ---- the conditioner ----------------------------------------------------------------------------------------
 
 

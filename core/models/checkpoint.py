@@ -41,6 +41,8 @@ def _ignorable(component: str, rel_key: str) -> bool:
         return True
     if component.startswith("text_encoder") and rel_key == "logit_scale":  # OpenCLIP's contrastive temperature
         return True
+    if component.startswith("text_encoder") and rel_key == "encoder.embed_tokens.weight":
+        return True  # T5's tied copy of shared.weight, which transformers' state_dict() also writes
     return component == "vae" and rel_key.startswith("loss.")  # training-time discriminator/LPIPS
 
 
