@@ -468,6 +468,10 @@ def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) 
     sampler = sampler_problem(values.get("sampler", "euler"), family)
     if sampler is not None:
         problems.append(sampler)
+    for side in ("width", "height"):  # Flux: 8x VAE then 2x2 patches, so multiples of 16
+        value = values.get(side)
+        if isinstance(value, int) and not isinstance(value, bool) and value % spec.pixel_multiple:
+            problems.append(RequestError(side, value, f"a multiple of {spec.pixel_multiple} for {spec.label} models"))
     for name, owners in family_fields().items():
         if name in spec.request_fields or name not in values:
             continue

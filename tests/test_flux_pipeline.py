@@ -119,6 +119,9 @@ def test_ancestral_samplers_are_refused_for_flux_with_what_is_valid(models):
     assert len(problems) == 1 and problems[0].field == "sampler"
     assert "euler, heun" in str(problems[0]) and "Flux.1" in str(problems[0])
     assert family_problems({"sampler": "euler_ancestral"}, "sdxl") == []
+    sizes = family_problems({"width": 72, "height": 64}, "flux")
+    assert [(p.field, str(p)) for p in sizes] == [("width", "width = 72 is invalid: a multiple of 16 for Flux.1 models")]
+    assert family_problems({"width": 72}, "sd15") == []
     request = GenerationRequest(model="x", sampler="dpmpp_2m_sde", steps=1, seed=1, width=64, height=64, cfg=1.0)
     with pytest.raises(RequestError, match="dpmpp_2m_sde"):
         generate(models["dev"], request)
