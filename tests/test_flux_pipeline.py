@@ -60,16 +60,19 @@ def models(models_dir):
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 @pytest.mark.parametrize("width,height,steps", [(1024, 1024, 4), (512, 512, 4), (768, 1344, 20), (64, 64, 3)])
 def test_flow_sigmas_match_flux_pipeline_scheduler(variant, width, height, steps):
+    import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from core.models.families import get_family
 
     tokens = (height // 16) * (width // 16)
     scheduler = flux_scheduler(variant)
     mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
-    scheduler.set_timesteps(sigmas=[1.0 - i * (1.0 - 1.0 / steps) / (steps - 1) for i in range(steps)], mu=mu)
-    from core.models.families import get_family
-
-    ours = get_sigmas("normal", get_family("flux").sampling.flow_schedule(variant, tokens), steps)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # what FluxPipeline passes
+    schedule = get_family("flux").sampling.flow_schedule(variant, tokens)
+    ours = get_sigmas("normal", schedule, steps)
     assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6), (ours, scheduler.sigmas)
+    assert torch.equal(get_sigmas("simple", schedule, steps), ours)
     assert DynamicShift().mu(tokens) == mu
     if variant == "schnell" and steps == 4:
         assert ours.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]  # sampling.md's golden values
