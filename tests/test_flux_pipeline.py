@@ -130,9 +130,10 @@ def test_ancestral_samplers_are_refused_for_flux_with_what_is_valid(models):
         generate(models["dev"], request)
 
 
-def test_a_combined_file_with_t5s_tied_embedding_copy_loads(tmp_path):
-    """transformers' T5EncoderModel.state_dict() also holds encoder.embed_tokens.weight (tied to shared.weight);
-    a combined file saved from it carries both."""
+def test_a_combined_file_with_t5s_tied_copy_and_a_clip_projection_loads_and_ignores_it(tmp_path):
+    """transformers' T5EncoderModel.state_dict() also holds encoder.embed_tokens.weight (tied to shared.weight),
+    and some CLIP-L exports keep text_projection: such a combined file loads, and vector_in still gets the
+    unprojected pooled output."""
     from core.models.checkpoint import load_checkpoint
     from core.models.safetensors_writer import save_tensors
     from core.models.testing import iter_random_checkpoint
@@ -140,8 +141,14 @@ def test_a_combined_file_with_t5s_tied_embedding_copy_loads(tmp_path):
     tensors = dict(iter_random_checkpoint("flux", "tiny", seed=1))
     shared = tensors["text_encoders.t5xxl.transformer.shared.weight"]
     tensors["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"] = shared.clone()
-    loaded = load_checkpoint(save_tensors(tensors, tmp_path / "tied.safetensors"), dtype=torch.float32)
+    plain = load_checkpoint(save_tensors(tensors, tmp_path / "plain.safetensors"), dtype=torch.float32)
+    tensors["text_encoders.clip_l.transformer.text_projection.weight"] = torch.randn(16, 32).half()
+    loaded = load_checkpoint(save_tensors(tensors, tmp_path / "extras.safetensors"), dtype=torch.float32)
     assert torch.equal(loaded.components["text_encoder_2"].shared.weight, shared.float())
+    assert loaded.components["text_encoder"].config.projection_dim == 16
+    with_projection = FluxConditioner(loaded.components).encode(PROMPT, EncoderSettings())
+    without = FluxConditioner(plain.components).encode(PROMPT, EncoderSettings())
+    assert with_projection.pooled.shape == (1, 32) and torch.equal(with_projection.pooled, without.pooled)
 
 
 # ---- the conditioner ----------------------------------------------------------------------------------------
