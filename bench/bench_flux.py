@@ -7,6 +7,7 @@ model has 19 + 38), 1024 image tokens (a 512x512 image) + 512 text tokens (dev's
 Holds ``/tmp/darkroom-heavy.lock`` while measuring (run it plainly, not under ``flock``):
 
     .venv/bin/python bench/bench_flux.py [--double 2] [--single 4] [--threads 1] [--reps 3]
+    .venv/bin/python bench/bench_flux.py --job     # peak RSS and time of one tiny Flux job, nothing else
 
 Prints per-forward wall and CPU times, the ratios ours/diffusers (median and best; with ``--threads 1`` CPU time
 is the steadier measure on a shared machine) and achieved GFLOP/s against a large fp32 matmul.
@@ -79,13 +80,43 @@ def build_models(cfg: FluxConfig) -> tuple[Flux, FluxTransformer2DModel]:
     return ours.eval(), ref.eval()
 
 
+def tiny_job() -> None:
+    """One txt2img job on a tiny combined Flux.1 dev file through the pipeline (64x64, 4 steps, T5 at 512
+    tokens): the process's peak RSS before loading and after the job (``ru_maxrss``, Linux KiB)."""
+    import resource
+    import tempfile
+
+    from core.models.testing import write_random_flux_checkpoint
+    from core.pipeline import generate, load_model
+    from core.request import GenerationRequest
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_random_flux_checkpoint(Path(folder) / "flux-dev.safetensors", "dev")
+        base = peak_mb()
+        t0 = time.perf_counter()
+        model = load_model(path, compute_hash=False)
+        request = GenerationRequest(model=str(path), prompt="a lighthouse", steps=4, cfg=1.0, seed=1, width=64,
+                                    height=64)
+        generate(model, request)
+        wall = time.perf_counter() - t0
+    print(f"tiny Flux.1 dev job (64x64, 4 steps): {wall:.2f} s load+generate; peak RSS {peak_mb():.0f} MB "
+          f"(+{peak_mb() - base:.0f} MB over the {base:.0f} MB after imports)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--double", type=int, default=2, help="double-stream blocks (default 2)")
     parser.add_argument("--single", type=int, default=4, help="single-stream blocks (default 4)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--reps", type=int, default=3, help="timed forwards per model (default 3)")
+    parser.add_argument("--job", action="store_true", help="only the peak RSS of one tiny Flux job")
     args = parser.parse_args()
+    if args.job:
+        tiny_job()
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

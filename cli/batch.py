@@ -87,6 +87,7 @@ class BatchJob:
     preset: Any = None  # the core.presets.Preset the job named (directly or through [defaults]), if any
     enhance: bool = False  # the job's ``enhance = true``: a local LLM rewrites its prompt before it is queued
     grid: Any = None  # (grid id, core.grid axes) for a cell of an X/Y/Z grid
+    given: frozenset[str] = frozenset()  # the request fields the file set (job, [defaults], preset, from_image)
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -290,7 +291,8 @@ def _build_jobs(
                     report("grid", str(exc))
             if not here:
                 for cell, grid_of in cells:  # cells of a grid are ordinary jobs, numbered in run order
-                    jobs.append(BatchJob(len(jobs) + 1, cell, used.get("preset"), enhance, grid_of))
+                    jobs.append(BatchJob(len(jobs) + 1, cell, used.get("preset"), enhance, grid_of,
+                                         used.get("given", frozenset())))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -344,6 +346,8 @@ def _build_request(
     except RequestError as exc:  # a bad init_image: the other fields are still checked
         errors.extend(exc.errors)
         resolved = fields
+    if used is not None:
+        used["given"] = frozenset(resolved)
     try:
         request = GenerationRequest.from_dict(resolved)
     except RequestError as exc:
@@ -441,6 +445,24 @@ def _family_mismatches(
                 continue
         lines.extend(f"{where}: {err}" for err in family_problems(job.request, info.family))
     return lines
+
+
+def _apply_family(
+    jobs: Sequence[BatchJob], checkpoints: Mapping[int, Path], registry: Any, label: str, err: IO[str]
+) -> list[BatchJob]:
+    """Each job with its model family's own defaults for the fields the file left out (Flux: cfg 1), and a
+    warning for what the family does differently from what the prompt asks (Flux ignores A1111 weights)."""
+    from core.request import family_warnings, with_family_defaults
+
+    out = []
+    for job in jobs:
+        info = registry.inspect(checkpoints[job.index])
+        if info.is_family:
+            for warning in family_warnings(job.request, info.family):
+                print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+            job = dataclasses.replace(job, request=with_family_defaults(job.request, info.family, job.given))
+        out.append(job)
+    return out
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------
@@ -760,6 +782,7 @@ def run_batch(
     if mismatches:
         error("\n".join(mismatches))
         return EXIT_USAGE
+    jobs = _apply_family(jobs, checkpoints, registry, label, err)
 
     if runner_factory is None:
         if importlib.util.find_spec("core.pipeline") is None:

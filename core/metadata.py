@@ -110,6 +110,8 @@ def format_infotext(
         "Sampler": SAMPLER_LABELS[request.sampler],
         "Schedule type": SCHEDULE_LABELS[request.schedule],
         "CFG scale": request.cfg,
+        # Forge's key for Flux.1 dev's distilled guidance; the runner fills in the default the model used.
+        "Distilled CFG Scale": request.guidance,
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
@@ -288,6 +290,7 @@ _CONSUMED = {
     "Sampler",
     "Schedule type",
     "CFG scale",
+    "Distilled CFG Scale",
     "Seed",
     "Size-1",
     "Size-2",
@@ -364,6 +367,8 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         fields["steps"] = _number(params, "Steps", int)
     if "CFG scale" in params:
         fields["cfg"] = _number(params, "CFG scale", float)
+    if "Distilled CFG Scale" in params:
+        fields["guidance"] = _number(params, "Distilled CFG Scale", float)
     if "Seed" in params:
         fields["seed"] = _number(params, "Seed", int)
     if "Size-1" in params and "Size-2" in params:

@@ -28,7 +28,7 @@ from core.models.families import get_family
 from core.models.family import DiscreteSampling, ModelFamily, resolve
 from core.models.previews import PreviewDecoders
 from core.models.prompt_schedule import ConditioningSchedule, prompt_schedule, schedule_steps, split_and
-from core.request import GenerationRequest
+from core.request import GenerationRequest, sampler_problem
 from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
 from core.sampling.noise import NoiseSampler
@@ -160,10 +160,29 @@ class LoadedModel:
             raise RequestError("prediction", override, f"{valid} for this {self.spec.label} model")
         return override
 
-    def denoiser(self, prediction: str = "auto") -> Any:
+    def denoiser(self, prediction: str = "auto", guidance: float | None = None) -> Any:
         """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type (or ``prediction``,
-        a request's override)."""
-        return self.spec.sampling.denoiser(self.checkpoint.unet, self.schedule, self.prediction_for(prediction))
+        a request's override); ``guidance``: the distilled guidance of a model that takes one."""
+        return self.spec.sampling.denoiser(
+            self.checkpoint.unet, self.schedule, self.prediction_for(prediction), guidance=guidance
+        )
+
+    def guidance_for(self, requested: float | None) -> float | None:
+        """The distilled guidance a request runs with: its ``guidance``, else the family's default (Flux.1 dev
+        3.5); None for a model without a guidance embedding (schnell ignores the field)."""
+        default = getattr(self.spec.sampling, "guidance", None)
+        if default is None or not getattr(getattr(self.checkpoint.unet, "config", None), "guidance_embed", False):
+            return None
+        return default if requested is None else float(requested)
+
+    def sigma_schedule(self, latents: torch.Tensor) -> Any:
+        """What the sigmas are drawn from: the training schedule, or for a flow model the schedule of this
+        latent size (Flux.1 dev shifts by the packed 2x2 token count, as ``FluxPipeline``'s image_seq_len)."""
+        if self.schedule is not None:
+            return self.schedule
+        height, width = latents.shape[-2:]
+        variant = getattr(self.checkpoint.info, "variant", "")
+        return self.spec.sampling.flow_schedule(variant, (height // 2) * (width // 2))
 
 
 def load_model(
@@ -272,9 +291,12 @@ def encode_conditioning(
     model: LoadedModel, request: GenerationRequest, cache: PromptCache
 ) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) with equal token length, so CFG runs both in one UNet call. LoRA tags are not text: the
-    encoders see the prompts without them."""
+    encoders see the prompts without them. CFG 1 has no negative pass (Flux's default), so the negative prompt is
+    not encoded then (uncond is cond: T5-XXL runs once per prompt, not twice)."""
     settings = EncoderSettings.from_request(request)
     cond = cache.encode(model, strip_tags(request.prompt), settings)
+    if request.cfg == 1.0:
+        return cond, cond
     uncond = cache.encode(model, strip_tags(request.negative_prompt), settings)
     if cond.tokens != uncond.tokens:
         cond, uncond = pad_to_same_length(cond, uncond, cache.encode(model, "", settings))
@@ -324,7 +346,12 @@ def prompt_conditioning(
         return [end for end, _ in schedule], [(t, cache.encode(model, t, settings)) for _, t in schedule]
 
     positive = [(*encoded(text), weight) for text, weight in prompt_parts(model, request)]
-    negative = encoded(strip_tags(request.negative_prompt))
+    if request.cfg == 1.0 and len(positive) == 1 and positive[0][2] == 1.0:
+        # CFG 1 without AND has no negative pass (Flux's default): the negative prompt is not encoded, so
+        # T5-XXL runs once per prompt, not twice. The schedule's negative is then never used.
+        negative = positive[0][:2]
+    else:
+        negative = encoded(strip_tags(request.negative_prompt))
     finish_image = getattr(model.conditioner, "for_image", None)
 
     def finish(conds: list, uncond: tuple) -> tuple[list[Conditioning], Conditioning]:
@@ -457,11 +484,13 @@ class _Progress:
 
 
 def _denoiser(
-    model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto"
+    model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto",
+    guidance: float | None = None,
 ):
+    inner = model.denoiser(prediction, guidance)
     if isinstance(cond, ConditioningSchedule):  # the denoiser expands each call's selection to the batch
-        return CFGDenoiser(model.denoiser(prediction), cond=cond, uncond=None, cfg=cfg)
-    return CFGDenoiser(model.denoiser(prediction), cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
+        return CFGDenoiser(inner, cond=cond, uncond=None, cfg=cfg)
+    return CFGDenoiser(inner, cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
 
 
 def _run_sampler(
@@ -477,7 +506,8 @@ def _run_sampler(
 ) -> torch.Tensor:
     """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma, the family's way, and
     sample to x0."""
-    sigmas = get_sigmas(request.schedule, model.schedule, steps, denoise, model.family).to(model.device)
+    schedule = model.sigma_schedule(start)
+    sigmas = get_sigmas(request.schedule, schedule, steps, denoise, model.family).to(model.device)
     x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
     with torch.inference_mode():
         return sample(
@@ -565,6 +595,10 @@ def generate(
         raise ValueError("generate() needs the request's LoRAs merged first (core.lora.patch.activate)")
     cache = cache or PromptCache()
     model.prediction_for(request.prediction)  # an override that does not apply fails before any work
+    problem = sampler_problem(request.sampler, model.family)
+    if problem is not None:
+        raise problem
+    guidance = model.guidance_for(request.guidance)
     # A1111 prompt editing/alternation/AND: each pass schedules the conditioning over its own steps.
     conds = prompt_conditioning(model, request, cache, request.width, request.height)
     hires_conds = None
@@ -598,8 +632,8 @@ def generate(
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = guided(_denoiser(model, conds, None, request.cfg, size, request.prediction), request.width,
-                          request.height, size)
+        denoiser = guided(_denoiser(model, conds, None, request.cfg, size, request.prediction, guidance),
+                          request.width, request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         if init_pixels is not None:
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
@@ -618,7 +652,8 @@ def generate(
         if request.hires is not None:
             w, h = hires_size(model, request)
             hires_denoiser = guided(
-                _denoiser(model, hires_conds, None, request.cfg, size, request.prediction), w, h, size, hires=True
+                _denoiser(model, hires_conds, None, request.cfg, size, request.prediction, guidance), w, h, size,
+                hires=True,
             )
             ran.append(hires_denoiser)
             latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
@@ -808,6 +843,9 @@ class PipelineRunner:
 
         results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)
         finished = time.monotonic()
+        guidance = model.guidance_for(request.guidance)
+        if guidance is not None:  # Forge's key; recorded when the model used it, default or not
+            lora_extra = {"Distilled CFG Scale": guidance, **lora_extra}
         timings = {
             "load": loaded - started,
             "first_step": first_step[0] if first_step else 0.0,

@@ -215,6 +215,9 @@ class GenerationRequest:
     # ``refiner_switch`` of the denoising (by timestep, as A1111 and diffusers' denoising_end) is done.
     refiner: str | None = None
     refiner_switch: float = REFINER_SWITCH
+    # Flux.1 dev's distilled guidance (Forge's "Distilled CFG Scale"), fed to the model's guidance embedding;
+    # None: the family's default (3.5). Schnell has no guidance embedding and ignores it.
+    guidance: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
@@ -243,6 +246,8 @@ class GenerationRequest:
         problems.check(_check_float, "denoise", self.denoise, 0.0, 1.0)
         problems.check(_check_text, "refiner", self.refiner, True)
         problems.check(_check_float, "refiner_switch", self.refiner_switch, 0.01, 1.0)
+        if self.guidance is not None:
+            problems.check(_check_float, "guidance", self.guidance, 0.0, 30.0)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             problems.errors.append(
                 RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
@@ -322,7 +327,7 @@ class GenerationRequest:
         elif hires is not None and not isinstance(hires, HiresFix):
             errors.append(RequestError("hires", hires, "a table with scale, upscaler, steps, denoise"))
             values["hires"] = None
-        for key in ("cfg", "denoise", "refiner_switch"):
+        for key in ("cfg", "denoise", "refiner_switch", "guidance"):
             if isinstance(values.get(key), int) and not isinstance(values[key], bool):
                 values[key] = float(values[key])
         try:
@@ -484,6 +489,13 @@ def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) 
         return []
     values = fields.to_dict() if isinstance(fields, GenerationRequest) else dict(fields)
     problems: list[RequestError] = []
+    sampler = sampler_problem(values.get("sampler", "euler"), family)
+    if sampler is not None:
+        problems.append(sampler)
+    for side in ("width", "height"):  # Flux: 8x VAE then 2x2 patches, so multiples of 16
+        value = values.get(side)
+        if isinstance(value, int) and not isinstance(value, bool) and value % spec.pixel_multiple:
+            problems.append(RequestError(side, value, f"a multiple of {spec.pixel_multiple} for {spec.label} models"))
     for name, owners in family_fields().items():
         if name in spec.request_fields or name not in values:
             continue
@@ -497,3 +509,55 @@ def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) 
             f"({spec.label}'s family-specific fields: {own})"
         ))
     return problems
+
+
+def sampler_problem(sampler: str, family: str) -> RequestError | None:
+    """A ``RequestError`` when ``family``'s sampling cannot run ``sampler`` (a flow model and a sampler that
+    adds variance-exploding noise: ancestral, SDE, LCM), naming the samplers it takes; else None."""
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    allowed = getattr(getattr(spec, "sampling", None), "samplers", ())
+    if spec is None or not allowed or sampler in allowed:
+        return None
+    return RequestError(
+        "sampler", sampler, f"one of {', '.join(allowed)} for {spec.label} models (flow matching: the ancestral, "
+        "SDE and LCM samplers add noise the way of DDPM models, which a flow model's sigmas do not follow)"
+    )
+
+
+# A1111 emphasis: an unescaped ( or [ (weighting, "(word:1.2)", "[word]") or the BREAK keyword.
+_EMPHASIS = re.compile(r"(?<!\\)[(\[]|\bBREAK\b")
+
+
+def family_warnings(request: GenerationRequest, family: str) -> list[str]:
+    """What a model of ``family`` does differently from what the request's text asks (one sentence each; the job
+    still runs): Flux reads A1111 weights and ignores them, as Forge does."""
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if spec is None or spec.prompt_weights:
+        return []
+    from core.lora.tags import strip_tags
+
+    if not any(_EMPHASIS.search(strip_tags(p)) for p in (request.prompt, request.negative_prompt)):
+        return []
+    return [f"{spec.label} models take plain text: the A1111 weights in the prompt ((word:1.2), [word], BREAK) "
+            "are ignored, their words are kept"]
+
+
+def with_family_defaults(request: GenerationRequest, family: str, given: Any = None) -> GenerationRequest:
+    """``request`` with ``family``'s own defaults (``ModelFamily.request_defaults``, Flux: cfg 1) for the
+    fields that ``given`` (the fields a job or form set; None: none known) does not name and the request leaves
+    at the general default."""
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if spec is None or not spec.request_defaults:
+        return request
+    given = set(given or ())
+    changes = {
+        name: value for name, value in spec.request_defaults.items()
+        if name not in given and getattr(request, name) == _DEFAULTS.get(name)
+    }
+    return request.replace(**changes) if changes else request

@@ -27,6 +27,12 @@ KEYS: dict[str, dict[str, tuple[int, ...]]] = {
             "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (0, 1024), **_VAE},
     "sdxl": {**_UNET, U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (0, 2048),
              U + "label_emb.0.0.weight": (0, 2816), "conditioner.embedders.1.model.ln_final.weight": (0,), **_VAE},
+    "flux": {U + "double_blocks.0.img_attn.norm.key_norm.scale": (0,), U + "img_in.weight": (0, 64),
+             U + "guidance_in.in_layer.weight": (0, 256), U + "txt_in.weight": (0, 4096),
+             U + "time_in.in_layer.weight": (0, 256), U + "vector_in.in_layer.weight": (0, 768),
+             "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (0,),
+             "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (0,),
+             "vae.decoder.conv_in.weight": (0, 16, 3, 3)},
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},
 }
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.models.clip import CLIPTextConfig
+from core.models.flux import FluxConfig
 from core.models.unet import UNetConfig
 from core.models.vae import VAEConfig
 
@@ -411,6 +412,132 @@ def reference_refiner_pipeline(path: str | Path, *, dtype=torch.float32):
     pipe = StableDiffusionXLImg2ImgPipeline(
         **reference_sdxl_components(path, dtype, refiner=True), text_encoder=None, tokenizer=None,
         scheduler=euler_scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------ Flux.1
+
+FLUX_PREFIX = "model.diffusion_model."
+FLUX_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+FLUX_T5_PREFIX = "text_encoders.t5xxl.transformer."
+FLUX_VAE_PREFIX = "vae."
+T5_TOKENIZER = Path("/work/shared/data/tokenizers/t5")
+FLUX_CONFIGS = Path("/work/shared/data/model-configs/black-forest-labs")
+
+
+def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
+    """diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` on ``checkpoint``.
+
+    The converter hard-codes FLUX.1's width (``inner_dim = 3072``, ``mlp_ratio = 4.0``) only to split the single
+    blocks' fused linear1; for the tiny models we run diffusers' own source with those two constants set to the
+    model's, and check that nothing else had to change.
+    """
+    import inspect
+
+    from diffusers.loaders import single_file_utils
+
+    fn = single_file_utils.convert_flux_transformer_checkpoint_to_diffusers
+    if (cfg.hidden_size, cfg.mlp_ratio) == (3072, 4.0):
+        return fn(dict(checkpoint))
+    source = inspect.getsource(fn)
+    for old, new in (
+        ("inner_dim = 3072", f"inner_dim = {cfg.hidden_size}"),
+        ("mlp_ratio = 4.0", f"mlp_ratio = {cfg.mlp_ratio!r}"),
+    ):
+        assert source.count(old) == 1, f"diffusers' Flux converter changed: {old!r} not found once"
+        source = source.replace(old, new)
+    namespace = dict(vars(single_file_utils))
+    exec(compile(source, single_file_utils.__file__, "exec"), namespace)
+    return namespace[fn.__name__](dict(checkpoint))
+
+
+def diffusers_flux_config(cfg: FluxConfig) -> dict:
+    return {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim,
+        "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed,
+        "axes_dims_rope": cfg.axes_dim,
+    }
+
+
+def transformers_t5_config(cfg):
+    import transformers
+
+    return transformers.T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
+
+
+def flux_scheduler(variant: str):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-<variant>'s scheduler_config.json."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = FLUX_CONFIGS / f"FLUX.1-{variant}" / "scheduler" / "scheduler_config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def reference_flux_pipeline(path: str | Path, variant: str, dtype: torch.dtype = torch.float32):
+    """diffusers' ``FluxPipeline`` over a combined Flux file: ``FluxTransformer2DModel`` through
+    ``convert_flux_transformer_checkpoint_to_diffusers``, transformers' ``T5EncoderModel`` and ``CLIPTextModel``,
+    the 16-channel ``AutoencoderKL`` through ``convert_ldm_vae_checkpoint``, the real FLUX.1 tokenizers."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+
+    from core.models.t5 import T5Config
+
+    checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+
+    transformer_sd = {k[len(FLUX_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(FLUX_PREFIX)}
+    cfg = FluxConfig.from_state_dict({k: tuple(v.shape) for k, v in transformer_sd.items()})
+    transformer = FluxTransformer2DModel(**diffusers_flux_config(cfg))
+    transformer.load_state_dict(bfl_to_diffusers(transformer_sd, cfg), strict=True)
+
+    vae_cfg = VAEConfig.from_state_dict(_component(checkpoint, FLUX_VAE_PREFIX), family="flux")
+    vae_config = diffusers_vae_config(vae_cfg)
+    vae = AutoencoderKL(**vae_config, force_upcast=False)
+    vae_sd = {"first_stage_model." + k[len(FLUX_VAE_PREFIX):]: v for k, v in checkpoint.items()
+              if k.startswith(FLUX_VAE_PREFIX)}
+    vae.load_state_dict(convert_ldm_vae_checkpoint(vae_sd, vae_config), strict=True)
+
+    clip_cfg = CLIPTextConfig.from_state_dict(_component(checkpoint, FLUX_CLIP_L_PREFIX), family="flux")
+    clip_l = transformers.CLIPTextModel(transformers_clip_config(clip_cfg))
+    converted = convert_ldm_clip_checkpoint(checkpoint, remove_prefix=FLUX_CLIP_L_PREFIX)
+    converted = {k: v for k, v in converted.items() if k.startswith("text_model.")}
+    converted.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in clip_l.state_dict()):  # transformers >= 5.6
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    clip_l.load_state_dict(converted, strict=True)
+
+    t5_sd = {k[len(FLUX_T5_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(FLUX_T5_PREFIX)}
+    t5 = transformers.T5EncoderModel(transformers_t5_config(T5Config.from_state_dict(
+        {k: tuple(v.shape) for k, v in t5_sd.items()})))
+    missing, unexpected = t5.load_state_dict(t5_sd, strict=False)  # embed_tokens is tied to shared
+    assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight"}, (missing, unexpected)
+
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(variant),
+        vae=vae.eval().to(dtype),
+        text_encoder=clip_l.eval().to(dtype),
+        tokenizer=_tokenizer("<|endoftext|>"),
+        text_encoder_2=t5.eval().to(dtype),
+        tokenizer_2=transformers.T5TokenizerFast.from_pretrained(str(T5_TOKENIZER)),
+        transformer=transformer.eval().to(dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

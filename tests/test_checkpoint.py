@@ -656,8 +656,9 @@ def test_other_kinds_detection(name, shapes, family, variant):
 
 
 REJECTIONS = [
-    ("flux", FLUX, "is a Flux.1 checkpoint; Flux.1 support is not available yet"),
-    ("flux-bfl", FLUX_BARE, "is a Flux.1 checkpoint (transformer only); Flux.1 support is not available yet"),
+    # loadable now: a damaged (truncated) combined file names the key it lacks
+    ("flux", FLUX, "weights lack 'double_blocks.0.img_attn.norm.query_norm.scale'"),
+    ("flux-bfl", FLUX_BARE, "is a Flux.1 transformer alone (no text encoders or VAE in the file)"),
     ("sd3", SD3, "is an SD3 checkpoint; SD3 support"),
     ("lora", OTHER_CASES[0][1], "is a LoRA, not a checkpoint; put it in the loras folder"),
     ("diffusers", OTHER_CASES[3][1], "diffusers-format unet file"),

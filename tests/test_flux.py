@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 from pathlib import Path
 
@@ -30,46 +29,12 @@ from core.models.testing import (
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel  # noqa: E402
-from diffusers.loaders import single_file_utils  # noqa: E402
+from diffusers.loaders import single_file_utils  # noqa: E402,F401
+
+from tests.reference import bfl_to_diffusers  # noqa: E402
+from tests.reference import diffusers_flux_config as diffusers_config  # noqa: E402
 
 CONFIGS = Path("/work/shared/data/model-configs/black-forest-labs")
-
-
-def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
-    """diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` on ``checkpoint``.
-
-    The converter hard-codes FLUX.1's width (``inner_dim = 3072``, ``mlp_ratio = 4.0``) only to split the single
-    blocks' fused linear1; for the tiny models we run diffusers' own source with those two constants set to the
-    model's, and check that nothing else had to change.
-    """
-    fn = single_file_utils.convert_flux_transformer_checkpoint_to_diffusers
-    if (cfg.hidden_size, cfg.mlp_ratio) == (3072, 4.0):
-        return fn(dict(checkpoint))
-    source = inspect.getsource(fn)
-    for old, new in (
-        ("inner_dim = 3072", f"inner_dim = {cfg.hidden_size}"),
-        ("mlp_ratio = 4.0", f"mlp_ratio = {cfg.mlp_ratio!r}"),
-    ):
-        assert source.count(old) == 1, f"diffusers' Flux converter changed: {old!r} not found once"
-        source = source.replace(old, new)
-    namespace = dict(vars(single_file_utils))
-    exec(compile(source, single_file_utils.__file__, "exec"), namespace)
-    return namespace[fn.__name__](dict(checkpoint))
-
-
-def diffusers_config(cfg: FluxConfig) -> dict:
-    return {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim,
-        "pooled_projection_dim": cfg.vec_in_dim,
-        "guidance_embeds": cfg.guidance_embed,
-        "axes_dims_rope": cfg.axes_dim,
-    }
 
 
 def build_pair(cfg: FluxConfig, seed: int = 0) -> tuple[Flux, FluxTransformer2DModel]:

@@ -22,7 +22,8 @@ from core.request import GenerationRequest, HiresFix
 SD15_BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-lcm-4step", "sd15-hires"}
 SD2_BUILTINS = {"sd2-balanced", "sd2-base-balanced"}
 SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"}
-BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS
+FLUX_BUILTINS = {"flux-dev", "flux-schnell"}
+BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS | FLUX_BUILTINS
 
 
 @pytest.fixture(autouse=True)

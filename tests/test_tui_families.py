@@ -215,3 +215,30 @@ async def test_a_size_already_about_the_familys_area_is_kept(tmp_path):
         screen.query_one("#model", Select).value = "xl"
         await pilot.pause()
         assert size(screen) == ("960", "1088")
+
+
+async def test_flux_shows_guidance_hides_clip_skip_and_takes_cfg_1(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "base15.safetensors", "sd15")
+    write_header_only(folder / "fluxdev.safetensors", "flux")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]), start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen._advanced_mounted, timeout=30)
+        assert not screen.query_one("#guidance-row").display and screen.query_one("#clip-row").display
+        screen.query_one("#model", Select).value = "fluxdev"
+        await pilot.pause()
+        assert screen.query_one("#guidance-row").display and not screen.query_one("#clip-row").display
+        assert screen.query_one("#cfg", Input).value == "1.0"
+        assert any(n.message == "CFG 7 → 1 for Flux.1" for n in app._notifications)
+        screen.query_one("#prompt", TextArea).load_text("a (lighthouse:1.2)")
+        screen.query_one("#guidance", Input).value = "4"
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        (job,) = app.store.list_jobs()
+        assert (job.request.guidance, job.request.cfg) == (4.0, 1.0)
+        assert any("ignored" in n.message and n.severity == "warning" for n in app._notifications)
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        assert not screen.query_one("#guidance-row").display and screen.query_one("#cfg", Input).value == "7.0"
+        assert screen.build_request().guidance is None  # a hidden field is not sent

@@ -48,6 +48,8 @@ def _ignorable(component: str, rel_key: str) -> bool:
         return True
     if component.startswith("text_encoder") and rel_key == "logit_scale":  # OpenCLIP's contrastive temperature
         return True
+    if component.startswith("text_encoder") and rel_key == "encoder.embed_tokens.weight":
+        return True  # T5's tied copy of shared.weight, which transformers' state_dict() also writes
     return component == "vae" and rel_key.startswith("loss.")  # training-time discriminator/LPIPS
 
 
@@ -287,7 +289,14 @@ def _reject(info: CheckpointInfo) -> CheckpointError:
         )
     if fam in FAMILIES:
         label = FAMILIES[fam].label
-        what = f"{label} checkpoint" + (" (transformer only)" if info.prefixes.get("unet") == "" else "")
+        bare = info.prefixes.get("unet") == ""
+        if bare and FAMILIES[fam].runnable:
+            return CheckpointError(
+                path,
+                f"this is {_a(label)} transformer alone (no text encoders or VAE in the file); use a combined "
+                f"single-file {label} checkpoint (diffusion model, text encoders and VAE in one file)",
+            )
+        what = f"{label} checkpoint" + (" (transformer only)" if bare else "")
         return CheckpointError(
             path,
             f"this is {_a(what)}; {label} support is not available yet (supported: {supported_labels()})",

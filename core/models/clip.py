@@ -259,14 +259,20 @@ class CLIPTextModel(nn.Module):
         hidden, _ = self._run(input_ids, clip_skip, keep_last=False)
         return self.text_model.final_layer_norm(hidden) if final_norm else hidden
 
-    def encode(self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True) -> CLIPTextOutput:
-        """Hidden states as ``forward`` plus the pooled vector, which always comes from the last layer."""
+    def encode(
+        self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True, project: bool = True
+    ) -> CLIPTextOutput:
+        """Hidden states as ``forward`` plus the pooled vector, which always comes from the last layer.
+
+        ``project=False`` keeps the pooled vector at the encoder's width even when the file carries a
+        ``text_projection`` (Flux feeds ``vector_in`` transformers' ``CLIPTextModel`` pooler output, unprojected).
+        """
         hidden, last = self._run(input_ids, clip_skip, keep_last=True)
         norm = self.text_model.final_layer_norm
         last = norm(last)
         # EOS has the highest id in the vocabulary, so argmax finds it (what HF does for eos_token_id == 2).
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         pooled = last[rows, input_ids.argmax(dim=-1)]
-        if self.config.projection_dim is not None:
+        if project and self.config.projection_dim is not None:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(norm(hidden) if final_norm else hidden, pooled)

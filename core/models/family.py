@@ -123,8 +123,11 @@ class DiscreteSampling:
     def timestep(self, schedule: Any, sigma: Any) -> Any:
         return schedule.sigma_to_t(sigma)
 
-    def denoiser(self, network: Any, schedule: Any, prediction: str) -> Any:
-        """``network`` wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type."""
+    samplers: tuple[str, ...] = ()  # the samplers this sampling takes; () = every one
+
+    def denoiser(self, network: Any, schedule: Any, prediction: str, guidance: float | None = None) -> Any:
+        """``network`` wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type (``guidance``:
+        distilled guidance, which DDPM models do not take)."""
         from core.errors import RequestError
         from core.sampling.denoisers import EpsDenoiser, VDenoiser
 
@@ -135,16 +138,55 @@ class DiscreteSampling:
 
 
 @dataclass(frozen=True)
+class DynamicShift:
+    """Resolution-dependent shift of a flow schedule (diffusers' ``use_dynamic_shifting``, BFL's
+    ``get_schedule(shift=True)``): ``mu`` grows linearly with the image's token count from ``base_shift`` at
+    ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len`` (and beyond, extrapolated), and each time t
+    becomes ``e^mu / (e^mu + 1/t - 1)``. FLUX.1-dev scheduler_config.json: 0.5, 1.15, 256, 4096."""
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+    def mu(self, image_tokens: int) -> float:
+        """diffusers' ``calculate_shift`` (same operations, same order, so the same float)."""
+        m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        b = self.base_shift - m * self.base_seq_len
+        return image_tokens * m + b
+
+
+@dataclass(frozen=True)
 class FlowSampling:
-    """A rectified-flow model (Flux.1, SD3): ``x = (1 - sigma) x0 + sigma noise``, sigma in [0, 1]."""
+    """A rectified-flow model (Flux.1, SD3): ``x = (1 - sigma) x0 + sigma noise``, sigma in [0, 1].
+
+    The sampler sees the flow time as sigma: the flow ODE ``dx/dt = v = (x - x0) / t`` has the same form as the
+    variance-exploding one, so every deterministic sampler runs unchanged on flow sigmas (``samplers``); the
+    ones that add noise assume ``x0 + sigma noise`` and are refused. ``adapter`` (``"module:Class"``) wraps the
+    network into ``(latents, t, **cond) -> velocity`` (Flux: 2x2 patches and positions).
+    """
 
     prediction: str = "flow"
     predictions: tuple[str, ...] = ()  # nothing to override: flow models are trained one way
-    shift: float = 1.0  # sigma shift of the schedule (resolution-dependent for Flux.1 dev)
+    shift: float = 1.0  # static sigma shift s: t' = s t / (1 + (s - 1) t) (when no dynamic shift applies)
     multiplier: float = 1.0  # timestep the network takes per unit of sigma (Flux 1, SD3 1000)
+    dynamic_shift: DynamicShift | None = None  # resolution-dependent shift (Flux.1 dev)
+    static_variants: tuple[str, ...] = ()  # variants trained without the dynamic shift (Flux.1 schnell)
+    adapter: str = ""  # "module:Class" wrapping the network for the denoiser; empty: the network itself
+    guidance: float | None = None  # distilled guidance a model with a guidance embedding gets by default
+    samplers: tuple[str, ...] = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc")
 
     def schedule(self) -> Any:
-        return None
+        return None  # depends on the image size: see ``flow_schedule``
+
+    def flow_schedule(self, variant: str, image_tokens: int) -> Any:
+        """The sigma table (``core.sampling.schedules.FlowSchedule``) of a ``variant`` model for an image of
+        ``image_tokens`` (packed) tokens."""
+        from core.sampling.schedules import FlowSchedule
+
+        if self.dynamic_shift is not None and variant not in self.static_variants:
+            return FlowSchedule(mu=self.dynamic_shift.mu(image_tokens))
+        return FlowSchedule(shift=self.shift)
 
     def noise(self, x0: Any, noise: Any, sigma: Any) -> Any:
         return x0 * (1 - sigma) + noise * sigma
@@ -152,10 +194,11 @@ class FlowSampling:
     def timestep(self, schedule: Any, sigma: Any) -> Any:
         return sigma * self.multiplier
 
-    def denoiser(self, network: Any, schedule: Any, prediction: str) -> Any:
+    def denoiser(self, network: Any, schedule: Any, prediction: str, guidance: float | None = None) -> Any:
         from core.sampling.denoisers import FlowDenoiser
 
-        return FlowDenoiser(network, time_scale=self.multiplier)
+        model = resolve(self.adapter)(network) if self.adapter else network
+        return FlowDenoiser(model, time_scale=self.multiplier, guidance=guidance)
 
 
 Sampling = DiscreteSampling | FlowSampling
@@ -209,6 +252,11 @@ class ModelFamily:
     # model of a family that does not name it must leave it at its default (``core.request.family_problems``).
     request_fields: tuple[str, ...] = ()
     sizes: tuple[tuple[int, int], ...] = ()  # the usual (width, height) choices; () derives them (size_choices)
+    # Request fields whose general default does not suit the family (Flux: ``cfg`` 1): a job or form that
+    # leaves the field at the general default gets this value (``core.request.with_family_defaults``).
+    request_defaults: Mapping[str, Any] = field(default_factory=dict)
+    prompt_weights: bool = True  # whether the conditioner applies A1111 emphasis (Flux: read and ignored)
+    ignored_fields: tuple[str, ...] = ()  # general request fields a model of this family does not use (UI hides them)
 
     def __post_init__(self) -> None:
         roles = [c.role for c in self.components]

@@ -111,8 +111,9 @@ class FluxConfig:
         return cfg
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
-        """Read the configuration off BFL-named keys and shapes (without ``model.diffusion_model.``).
+    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None) -> FluxConfig:
+        """Read the configuration off BFL-named keys and shapes (without ``model.diffusion_model.``); everything
+        the config holds shows in the weights, so ``family`` (the loader passes it) changes nothing.
 
         Head width is the width of the QK-norm scales, so pruned or resized variants load; the RoPE split of the
         head is not in the weights: 128-wide heads use BFL's (16, 56, 56), others the same proportions.
@@ -490,3 +491,37 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = block(x, vec, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)
+
+
+class LatentFlux:
+    """The transformer seen from the sampler: ``(x [B, 16, h, w], t [B], context, y, guidance) -> velocity``.
+
+    Packs the latents into 2x2 patches with their (0, row, column) positions, gives the T5 states positions 0,
+    feeds the distilled ``guidance`` only to a model that has ``guidance_in`` (dev; schnell ignores it) and
+    unpacks the prediction, as ``FluxPipeline`` does around ``FluxTransformer2DModel``.
+    """
+
+    def __init__(self, network: Flux) -> None:
+        self.network = network
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        context: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _, _, h, w = x.shape
+        guidance = guidance if self.network.config.guidance_embed else None
+        out = self.network(
+            pack_latents(x),
+            img_ids(h, w, device=x.device),
+            context,
+            txt_ids(context.shape[1], device=x.device),
+            t,
+            y,
+            guidance,
+        )
+        return unpack_latents(out, h, w).to(x.dtype)

@@ -67,8 +67,9 @@ class T5Config:
         raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
 
     @classmethod
-    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]]) -> T5Config:
-        """Read the configuration off HF-named T5 keys and shapes (prefix removed; see :func:`t5_key_map`).
+    def from_state_dict(cls, shapes: Mapping[str, tuple[int, ...]], family: str | None = None) -> T5Config:
+        """Read the configuration off HF-named T5 keys and shapes (prefix removed; see :func:`t5_key_map`);
+        ``family`` (the loader passes it) changes nothing: every field shows in the weights.
 
         Raises ``ValueError`` naming the missing key; the loader adds the file name.
         """

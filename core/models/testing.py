@@ -151,6 +151,27 @@ def write_random_checkpoint(
     return save_tensors(tensors, path, metadata={"format": "pt"})
 
 
+def write_random_flux_checkpoint(
+    path: str | Path,
+    variant: str = "dev",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """A combined Flux.1 file as ComfyUI saves one (``model.diffusion_model.*``, ``text_encoders.clip_l.transformer.*``,
+    ``text_encoders.t5xxl.transformer.*``, ``vae.*``); ``variant`` "schnell" leaves out ``guidance_in``."""
+    from core.models.flux import VARIANTS
+    from core.models.safetensors_writer import save_tensors
+
+    if variant not in VARIANTS:
+        raise ValueError(f"Flux variant {variant!r} is unknown; valid: {', '.join(VARIANTS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop = "model.diffusion_model.guidance_in." if variant == "schnell" else None
+    tensors = {k: v for k, v in iter_random_checkpoint("flux", size, seed, dtype) if not (drop and k.startswith(drop))}
+    return save_tensors(tensors, path, metadata={"format": "pt"})
+
+
 def random_flux_transformer_state_dict(
     variant: str = "dev", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:

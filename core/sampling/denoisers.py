@@ -130,18 +130,23 @@ class FlowDenoiser:
 
     Here sigma is the flow time t in [0, 1], so ``x0 = x - t * v`` and Euler over the sigmas is the flow's
     Euler step ``x + (t_next - t) v``. The network is called as ``model(x, t * time_scale, **cond)``
-    (Flux takes t in [0, 1]: time_scale 1). Only first-order deterministic samplers (euler, heun, dpmpp_2m
-    without noise) are meaningful here; ancestral/SDE noise assumes the variance-exploding form.
+    (Flux takes t in [0, 1]: time_scale 1), plus ``guidance=[g] * B`` when a distilled guidance is given
+    (Flux.1 dev's ``guidance_in``). The flow ODE ``dx/dt = (x - x0) / t`` has the variance-exploding form, so
+    the deterministic samplers (euler, heun, dpmpp_2m, ...) solve it as they are; ancestral/SDE noise assumes
+    ``x0 + sigma noise`` and is refused for flow models (``FlowSampling.samplers``).
     """
 
-    def __init__(self, model: Model, time_scale: float = 1.0) -> None:
+    def __init__(self, model: Model, time_scale: float = 1.0, guidance: float | None = None) -> None:
         self.model = model
         self.time_scale = time_scale
+        self.guidance = guidance
         self.schedule = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         s = _sigma_column(sigma, x)
         t = (s * self.time_scale).to(device=x.device, dtype=torch.float32)
+        if self.guidance is not None:
+            cond = {**cond, "guidance": torch.full((x.shape[0],), float(self.guidance), device=x.device)}
         v = self.model(x, t, **cond)
         return x - v * _bcast(s, x)
 

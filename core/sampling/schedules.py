@@ -24,6 +24,50 @@ from core.sampling.denoisers import DiscreteSchedule
 ScheduleFn = Callable[[DiscreteSchedule, int], torch.Tensor]
 
 
+class FlowSchedule:
+    """A rectified-flow model's sigmas (flow times in (0, 1]) in the shape of a ``DiscreteSchedule``.
+
+    The training table is 1000 times ``t = i / 1000`` (i = 1..1000) through the shift, ascending: with
+    ``mu`` (Flux.1 dev's resolution-dependent shift) ``t' = e^mu / (e^mu + 1/t - 1)``, else the static
+    ``t' = s t / (1 + (s - 1) t)``. The table schedules (karras, exponential, beta, sgm_uniform, ddim_uniform)
+    then run on it as ComfyUI does for Flux; ``normal`` and ``simple`` are the reference schedule,
+    ``t = linspace(1, 1/n, n)`` then 0, shifted, exactly as diffusers' ``FluxPipeline`` with
+    ``FlowMatchEulerDiscreteScheduler`` computes it (and BFL's ``get_schedule``).
+    """
+
+    num_timesteps = 1000
+
+    def __init__(self, mu: float | None = None, shift: float = 1.0) -> None:
+        self.mu = mu
+        self.shift = shift
+        self.sigmas = self.warp(torch.arange(1, self.num_timesteps + 1, dtype=torch.float64) / self.num_timesteps)
+
+    def warp(self, t: torch.Tensor) -> torch.Tensor:
+        """Unshifted flow times -> the model's sigmas (float64)."""
+        t = t.to(torch.float64)
+        if self.mu is not None:
+            e = math.exp(self.mu)
+            return e / (e + (1.0 / t - 1.0))
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        tt = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        return self.warp((tt + 1.0) / self.num_timesteps)
+
+    def reference(self, steps: int) -> torch.Tensor:
+        """diffusers' Flux sigmas: ``np.linspace(1, 1/n, n)`` in float32, shifted in float32, then 0."""
+        t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).to(torch.float32)
+        return _finish(self.warp(t.to(torch.float64)).to(torch.float32))
+
+
 def _finish(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas.to(torch.float64), sigmas.new_zeros(1, dtype=torch.float64)]).to(torch.float32)
 
@@ -149,6 +193,8 @@ SCHEDULE_FUNCTIONS: dict[str, ScheduleFn] = {
 
 
 def _full(name: str, schedule: DiscreteSchedule, steps: int, family: str) -> torch.Tensor:
+    if isinstance(schedule, FlowSchedule) and name in ("normal", "simple"):
+        return schedule.reference(steps)
     if name == "ays":
         return ays_levels(family, steps)
     return SCHEDULE_FUNCTIONS[name](schedule, steps)

@@ -25,7 +25,9 @@ from core.request import (
     UPSCALERS,
     GenerationRequest,
     HiresFix,
+    family_fields,
     family_problems,
+    family_warnings,
     prompt_syntax_warnings,
     resolve_init_image,
 )
@@ -56,7 +58,12 @@ FORM_LABELS = {
     "height": "Size (height)", "batch_size": "Batch (images)", "batch_count": "Batch (batches)", "vae": "VAE",
     "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "hires.scale": "Hires scale",
     "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
+    "guidance": "Guidance",
 }
+# Rows shown only for the families that use their field: field -> row id. ``guidance`` (Flux.1 dev's distilled
+# guidance) shows for a family that names it in ``request_fields``; a field in a family's ``ignored_fields``
+# (Flux ignores clip skip) is hidden for it.
+FAMILY_ROWS = {"guidance": "guidance-row", "clip_skip": "clip-row"}
 # UI-only entries of form_values() (kept in the last-used settings, never sent or saved into presets).
 UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
@@ -191,6 +198,13 @@ class GenerateScreen(MainScreen):
         def row(*widgets: Widget) -> Horizontal:
             return Horizontal(*widgets, classes="row")
 
+        guidance_row = Horizontal(
+            Label("Guidance", classes="field-label"),
+            Input("", type="number", id="guidance", classes="short", compact=True, placeholder="3.5",
+                  tooltip="distilled guidance (Flux.1 dev); empty: the model's default"),
+            classes="row", id="guidance-row",
+        )
+        guidance_row.display = False  # until a model of a family that takes it is chosen
         return [
             [FormSelect([], prompt="model", id="model", allow_blank=True, compact=True),
              FormSelect([], prompt="apply a preset…", id="preset-picker", allow_blank=True, compact=True)],
@@ -205,7 +219,8 @@ class GenerateScreen(MainScreen):
              row(Label("Seed", classes="field-label"),
                  Input("-1", type="integer", id="seed", classes="seed", compact=True),
                  Button("dice", id="dice", classes="icon", tooltip="Random seed (Ctrl+R)", compact=True),
-                 Checkbox("lock", id="seed-lock", tooltip="Keep this seed after queueing (Ctrl+L)", compact=True))],
+                 Checkbox("lock", id="seed-lock", tooltip="Keep this seed after queueing (Ctrl+L)", compact=True)),
+             guidance_row],
             [row(Label("Size", classes="field-label"),
                  Input("512", type="integer", id="width", classes="short", compact=True),
                  Label("×", classes="times"),
@@ -228,9 +243,10 @@ class GenerateScreen(MainScreen):
             row(Label("VAE", classes="field-label"),
                 FormSelect([("built-in", BUILTIN_VAE)], id="vae", allow_blank=False, value=BUILTIN_VAE, compact=True,
                        tooltip="VAE used to decode (built-in: the checkpoint's own)")),
-            row(Label("Clip", classes="field-label"),
-                Input("1", type="integer", id="clip_skip", classes="short", compact=True,
-                      tooltip="clip skip: 1 = last CLIP layer, 2 = the one before, …")),
+            Horizontal(Label("Clip", classes="field-label"),
+                       Input("1", type="integer", id="clip_skip", classes="short", compact=True,
+                             tooltip="clip skip: 1 = last CLIP layer, 2 = the one before, …"),
+                       classes="row", id="clip-row"),
             row(Label("Init", classes="field-label"),
                 Input("", id="init_image", placeholder="img2img: path of a source image", compact=True,
                       classes="path")),
@@ -297,6 +313,7 @@ class GenerateScreen(MainScreen):
             self.call_after_refresh(self._mount_next_chunk)
             return
         self._form_mounted = True
+        self._show_family_rows(family_spec(self.model_family()))
         pending, self._pending_values = self._pending_values, {}
         if pending:
             self.set_form_values(pending)
@@ -425,12 +442,14 @@ class GenerateScreen(MainScreen):
         512x768 portrait for SD1.x becomes 832x1216 for SDXL."""
         family = self.model_family()
         spec = family_spec(family)
+        self._show_family_rows(spec)
         self._set_preset_options()
         choices = spec.size_choices if spec is not None else SIZE_PRESETS
         self.query_one("#size-preset", Select).set_options([(f"{w}×{h}", f"{w}x{h}") for w, h in choices])
         if spec is None or family == self._size_family:
             return
         before, self._size_family = self._size_family, family
+        self._refit_defaults(family_spec(before), spec)
         if before is None:
             return
         width_input, height_input = self.query_one("#width", Input), self.query_one("#height", Input)
@@ -445,6 +464,35 @@ class GenerateScreen(MainScreen):
         if new != (width, height):
             width_input.value, height_input.value = str(new[0]), str(new[1])
             self.app.notify(f"Size {width}×{height} → {new[0]}×{new[1]} for {spec.label}", timeout=3)
+
+    def _show_family_rows(self, spec: Any) -> None:
+        """Show the rows of the fields the chosen model's family uses, hide the others (no family known: the
+        general form, without the family-specific rows)."""
+        specific = family_fields()
+        for name, row_id in FAMILY_ROWS.items():
+            if name in specific:  # shown for the families that take it
+                shown = spec is not None and name in spec.request_fields
+            else:  # shown unless the family ignores it
+                shown = spec is None or name not in spec.ignored_fields
+            for row in self.query(f"#{row_id}"):  # the advanced rows mount last
+                row.display = shown
+
+    def _refit_defaults(self, before: Any, spec: Any) -> None:
+        """Fields the new family has its own default for (Flux: CFG 1) move to it when they sit at the general
+        default, and back when leaving such a family with the field still at its default; says so."""
+        for name, value in spec.request_defaults.items():
+            if name in NUMBER_FIELDS and self._number(name) == DEFAULTS[name]:
+                self.query_one(f"#{name}", Input).value = str(value)
+                self.app.notify(f"{FORM_LABELS[name]} {DEFAULTS[name]:g} → {value:g} for {spec.label}", timeout=3)
+        for name, value in (before.request_defaults.items() if before is not None else ()):
+            if name in NUMBER_FIELDS and name not in spec.request_defaults and self._number(name) == value:
+                self.query_one(f"#{name}", Input).value = str(DEFAULTS[name])
+
+    def _number(self, name: str) -> Any:
+        try:
+            return NUMBER_FIELDS[name](self.query_one(f"#{name}", Input).value.strip())
+        except ValueError:
+            return None
 
     def reload_presets(self) -> None:
         self.load_presets()
@@ -504,6 +552,15 @@ class GenerateScreen(MainScreen):
                 values[name] = kind(raw)
             except ValueError:
                 values[name] = raw
+        guidance = self.query_one("#guidance", Input)
+        raw = guidance.value.strip()
+        if not self.query_one("#guidance-row").display:
+            values["guidance"] = None  # the chosen model takes no distilled guidance
+        else:
+            try:
+                values["guidance"] = float(raw) if raw else None
+            except ValueError:
+                values["guidance"] = raw
         values["seed_lock"] = self.query_one("#seed-lock", Checkbox).value
         state = self._advanced_state()
         vae = state["vae"]
@@ -553,6 +610,8 @@ class GenerateScreen(MainScreen):
         for name in NUMBER_FIELDS:
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 self.query_one(f"#{name}", Input).value = str(values[name])
+        if "guidance" in values and not isinstance(values["guidance"], bool):
+            self.query_one("#guidance", Input).value = "" if values["guidance"] is None else str(values["guidance"])
         if isinstance(values.get("seed_lock"), bool):
             self.query_one("#seed-lock", Checkbox).value = values["seed_lock"]
         self._set_advanced_values(values)
@@ -694,7 +753,9 @@ class GenerateScreen(MainScreen):
         if self._init_image_note:  # the field now shows the path that was used (and is saved as such)
             self._write_advanced_state({"init_image": request.init_image})
             self.app.notify(self._init_image_note, markup=False, timeout=6)
-        for warning in prompt_syntax_warnings(request.prompt, request.negative_prompt):
+        family = self.family_of(request.model)
+        for warning in [*prompt_syntax_warnings(request.prompt, request.negative_prompt),
+                        *(family_warnings(request, family) if family else [])]:
             self.app.notify(warning, severity="warning", markup=False, timeout=8)
         self.app.settings.update(self.form_values())
         self.app.save_form_settings()
