@@ -656,9 +656,9 @@ def test_other_kinds_detection(name, shapes, family, variant):
 
 
 REJECTIONS = [
-    # loadable now: a damaged (truncated) combined file names the key it lacks
-    ("flux", FLUX, "weights lack 'double_blocks.0.img_attn.norm.query_norm.scale'"),
-    ("flux-bfl", FLUX_BARE, "is a Flux.1 transformer alone (no text encoders or VAE in the file)"),
+    # loadable now: a combined file that lacks a part names it
+    ("flux", FLUX, "the checkpoint has no second text encoder (no text_encoders.t5xxl.transformer.* keys)"),
+    ("flux-bfl", FLUX_BARE, "holds only the Flux.1 diffusion model; its text encoder must come from a separate file"),
     ("sd3", SD3, "is an SD3 checkpoint; SD3 support"),
     ("lora", OTHER_CASES[0][1], "is a LoRA, not a checkpoint; put it in the loras folder"),
     ("diffusers", OTHER_CASES[3][1], "diffusers-format unet file"),
