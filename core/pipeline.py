@@ -8,6 +8,7 @@ caches prompt encodings, and reports every step with a cheap x0 preview.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.accel import feature_cache
+from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
 from core.lora.tags import strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
     from core.models.checkpoint import LoadedCheckpoint
     from core.models.registry import ModelRegistry
     from core.store import Job
+
+log = logging.getLogger(__name__)
 
 # Above this many latent pixels the VAE decodes in overlapping tiles (1024x1024 images and up), which
 # bounds memory with no visible seams.
@@ -365,7 +370,8 @@ def _run_sampler(
     sample to x0."""
     sigmas = get_sigmas(request.schedule, model.schedule, steps, denoise, model.family).to(model.device)
     x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
-    with torch.inference_mode():
+    # the request's DeepCache / first-block cache, fresh for this pass (nothing is carried between images)
+    with torch.inference_mode(), feature_cache.for_pass(request):
         return sample(
             request.sampler,
             denoiser,
@@ -634,6 +640,8 @@ class PipelineRunner:
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
         loaded = time.monotonic()
+        for warning in cache_warnings(request, model.spec):
+            log.warning("job %s: %s", getattr(job, "id", "?"), warning)
         ctx.set_activity("generating")
         first_step: list[float] = []
         previewer = self.preview_decoders.previewer(model.family, model.device, model.dtype) if self.previews else None
