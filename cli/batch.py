@@ -652,8 +652,10 @@ def run_batch(
                 file=err,
                 flush=True,
             )
+    from core.accel import cache_options
     from core.lora import LoraError
     from core.lora.check import check_lora
+    from core.models.families import get_family
 
     checkpoints: dict[int, Path] = {}
     for job in jobs:
@@ -663,6 +665,11 @@ def run_batch(
                 registry.find_vae(job.request.vae)
             for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
+                    print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+            if cache_options.requested(job.request):  # a cache that cannot help this model/run says so
+                info = registry.inspect(checkpoint)
+                family = get_family(info.family) if info.is_family else None
+                for warning in cache_options.cache_warnings(job.request, family):
                     print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         except (ModelNotFoundError, LoraError) as exc:
             error(f"{label}: job {job.index}: {exc}")

@@ -234,3 +234,49 @@ def test_cache_warnings_where_a_cache_does_not_apply():
     hookless = cache_warnings(GenerationRequest(model="m", deepcache_interval=3, steps=20), sd3)
     assert len(hookless) == 1 and "does not apply to" in hookless[0]
     assert cache_warnings(GenerationRequest(model="m", steps=4), sd15) == []
+
+
+def test_built_in_cache_presets_turn_their_cache_on():
+    from core.presets import apply_preset
+
+    deep = GenerationRequest.from_dict(apply_preset("sd15-fast-deepcache", {"model": "m"}))
+    assert (deep.deepcache_interval, deep.deepcache_branch, deep.fbcache_threshold) == (3, 0, 0.0)
+    first = GenerationRequest.from_dict(apply_preset("sdxl-fast-fbcache", {"model": "m"}))
+    assert first.fbcache_threshold == 0.2 and first.deepcache_interval == 1
+    assert cache_warnings(deep, get_family("sd15")) == [] and cache_warnings(first, get_family("sdxl")) == []
+
+
+def test_batch_warns_when_a_cache_cannot_help(tmp_path, monkeypatch):
+    from tests.batch_harness import RecordingRunner, batch_runner
+
+    run = batch_runner(tmp_path, monkeypatch, RecordingRunner)
+    code, _, err = run("-", stdin='{"model": "fake", "steps": 4, "deepcache_interval": 3, "seed": 1}\n')
+    assert code == 0
+    assert "warning:" in err and "DeepCache with 4 steps" in err
+    assert RecordingRunner.seen[0].deepcache_interval == 3
+    code, _, err = run("-", stdin='{"model": "fake", "steps": 20, "deepcache_interval": 3, "seed": 1}\n')
+    assert code == 0 and "DeepCache" not in err
+
+
+def test_generate_runs_the_requests_cache_on_the_cfg_batch_and_fresh_per_image(tmp_path, monkeypatch):
+    from core.models.testing import write_random_checkpoint
+    from core.pipeline import generate, load_model
+
+    path = tmp_path / "tiny.safetensors"
+    write_random_checkpoint(path, "sd15", "tiny", seed=0)
+    model = load_model(path, compute_hash=False)
+    made: list[FeatureCache] = []
+    real = FeatureCache.__init__
+
+    def spy(self, settings):
+        real(self, settings)
+        made.append(self)
+
+    monkeypatch.setattr(FeatureCache, "__init__", spy)
+    base = GenerationRequest(model="tiny", prompt="a cat", steps=6, seed=3, width=64, height=64, batch_count=2)
+    (plain, _), (plain2, _) = generate(model, base)
+    assert made == []
+    (cached, _), (cached2, _) = generate(model, base.replace(deepcache_interval=3))
+    # one cache per image (pass), each 2 full calls and 4 shallow ones on the batch-2 [cond; uncond] call
+    assert [(c.stats.full, c.stats.shallow) for c in made] == [(2, 4), (2, 4)]
+    assert cached.tobytes() != plain.tobytes() and cached2.tobytes() != plain2.tobytes()
