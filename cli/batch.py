@@ -51,6 +51,8 @@ from typing import IO, Any
 
 from core.accel.attention_mode import AttentionModeError
 from core.accel.attention_mode import resolve_mode as resolve_attention_mode
+from core.accel.compile_mode import CompileModeError
+from core.accel.compile_mode import resolve_mode as resolve_compile_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
 from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
@@ -414,14 +416,14 @@ def _family_mismatches(
 
 
 def pipeline_runner_factory(
-    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto"
+    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto", compile: str = "off"
 ) -> Callable[[], Any]:
     """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace.
     ``attention``: its dispatcher's mode."""
     from core.runner import runner_factory
 
     # nobody sees previews here, and a TAESD preview is not free
-    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention)
+    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention, compile=compile)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -596,10 +598,12 @@ def run_batch(
     rich_progress: bool | None = None,
     resume: bool = False,
     attention: str | None = None,
+    compile: str | None = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
-    ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto)."""
+    ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto); ``compile`` is the
+    denoiser's compile mode (None: ``$DARKROOM_COMPILE``, else off)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
@@ -613,7 +617,8 @@ def run_batch(
         return EXIT_USAGE
     try:
         attention_mode = resolve_attention_mode(attention)
-    except AttentionModeError as exc:
+        compile_mode = resolve_compile_mode(compile)
+    except (AttentionModeError, CompileModeError) as exc:
         error(str(exc))
         return EXIT_USAGE
     try:
@@ -683,7 +688,7 @@ def run_batch(
         if importlib.util.find_spec("core.pipeline") is None:
             error("the generation pipeline (core/pipeline.py) is not part of this installation")
             return EXIT_JOB_FAILED
-        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode)
+        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, compile_mode)
 
     from core.store import JobStore, StoreError
     from core.worker import Worker

@@ -566,8 +566,10 @@ class PipelineRunner:
         device: str | torch.device | None = None,
         previews: bool = True,
         attention: str | AttentionDispatcher = "auto",
+        compile: str = "off",
     ) -> None:
         from core.accel.attention import AttentionDispatcher
+        from core.accel.compile import DenoiserCompiler
         from core.accel.device import compute_dtype, pick_device
         from core.models.registry import ModelRegistry
 
@@ -580,6 +582,8 @@ class PipelineRunner:
         # One dispatcher per runner: its per-shape fallbacks last as long as the runner, its layer record a job.
         self.attention = attention if isinstance(attention, AttentionDispatcher) else AttentionDispatcher(attention)
         self.cache = PromptCache()
+        # --compile: each loaded denoiser's blocks compiled once; the compiled code stays while the model does
+        self.compiler = DenoiserCompiler(compile, self.device)
         self.model: LoadedModel | None = None
         from core.lora.files import LoraFileCache
 
@@ -639,6 +643,11 @@ class PipelineRunner:
         model = self.ensure_model(request, ctx)
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
+        if self.compiler.enabled:
+            for loaded_model in (model, refiner):
+                if loaded_model is not None:
+                    self.compiler.prepare(loaded_model.checkpoint.unet)
+        compiles = self.compiler.compiles
         loaded = time.monotonic()
         for warning in cache_warnings(request, model.spec):
             log.warning("job %s: %s", getattr(job, "id", "?"), warning)
@@ -662,6 +671,8 @@ class PipelineRunner:
             "first_step": first_step[0] if first_step else 0.0,
             "total": finished - started,
         }
+        if self.compiler.enabled:
+            timings["compiles"] = float(self.compiler.compiles - compiles)  # graphs built in this job
         return [
             GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
                            family=model.family, extra=lora_extra)

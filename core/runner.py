@@ -67,6 +67,7 @@ def make_runner(
     device: Any = None,
     previews: bool = True,
     attention: str = "auto",
+    compile: str = "off",
 ) -> JobRunner:
     """The real pipeline runner (imports torch). ``registry`` wins over ``models_dirs`` when both are given."""
     try:
@@ -76,7 +77,8 @@ def make_runner(
             f"the generation pipeline (core.pipeline.PipelineRunner) is not available: {exc}"
         ) from None
     dirs = [Path(p) for p in models_dirs] if models_dirs else None
-    return PipelineRunner(dirs, registry=registry, device=device, previews=previews, attention=attention)
+    return PipelineRunner(dirs, registry=registry, device=device, previews=previews, attention=attention,
+                          compile=compile)
 
 
 def runner_factory(
@@ -85,12 +87,14 @@ def runner_factory(
     registry: Any = None,
     previews: bool = True,
     attention: str = "auto",
+    compile: str = "off",
 ) -> Callable[[], JobRunner]:
     """A zero-argument factory for ``Worker(store, runner_factory(...))``: the runner is built on first use,
     inside the worker thread. ``previews=False`` where nobody sees them (``--batch``): a TAESD preview is not
-    free. ``attention``: the mode of the runner's attention dispatcher (auto, sage, xformers, sdpa)."""
+    free. ``attention``: the mode of the runner's attention dispatcher (auto, sage, xformers, sdpa); ``compile``:
+    how the denoiser is compiled (``core.accel.compile_mode``: off, auto, torch, stable-fast)."""
 
     def factory() -> JobRunner:
-        return make_runner(models_dirs, registry=registry, previews=previews, attention=attention)
+        return make_runner(models_dirs, registry=registry, previews=previews, attention=attention, compile=compile)
 
     return factory
