@@ -139,11 +139,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="an SD1.5 checkpoint (default: write random full-size)")
     parser.add_argument("--decode", action="store_true", help="PSNR on decoded 8-bit images, not latents")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights: checks the script in seconds")
+    parser.add_argument("--only", help="comma-separated setting labels to run (besides AYS 10, the base)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
     candidates = QUICK_CANDIDATES if args.quick else CANDIDATES
     techniques = QUICK_TECHNIQUES if args.quick else TECHNIQUES
+    if args.only:
+        wanted = {label.strip() for label in args.only.split(",")} | {"AYS 10"}
+        candidates = [c for c in CANDIDATES if c.label in wanted]
+        techniques = [t for t in TECHNIQUES if t.label in wanted]
 
     with heavy_lock(), scratch_checkpoint(
         args.checkpoint, lambda p: write_random_checkpoint(p, "sd15", "tiny" if args.tiny else "full", seed=0)
