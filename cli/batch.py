@@ -60,6 +60,8 @@ from typing import IO, Any
 
 from core.accel.attention_mode import AttentionModeError
 from core.accel.attention_mode import resolve_mode as resolve_attention_mode
+from core.accel.compile_mode import CompileModeError
+from core.accel.compile_mode import resolve_mode as resolve_compile_mode
 from core.accel.memory_mode import MemoryModeError
 from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
@@ -469,14 +471,16 @@ def _apply_family(
 
 
 def pipeline_runner_factory(
-    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto", memory: str = "auto"
+    registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto", memory: str = "auto",
+    compile: str = "off",
 ) -> Callable[[], Any]:
     """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace.
     ``attention``: its dispatcher's mode; ``memory``: its memory mode (``core.accel.memory_mode``)."""
     from core.runner import runner_factory
 
     # nobody sees previews here, and a TAESD preview is not free
-    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention, memory=memory)
+    return runner_factory(models_dirs, registry=registry, previews=False, attention=attention, memory=memory,
+                          compile=compile)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -700,11 +704,13 @@ def run_batch(
     lowvram: bool = False,
     enhance: bool = False,
     enhance_settings: Any = None,
+    compile: str | None = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
     ``attention`` forces an attention kernel (None: ``$DARKROOM_ATTENTION``, else auto); ``lowvram`` forces
-    model offload at least (else ``$DARKROOM_MEMORY``, else auto: chosen per job from its memory estimate)."""
+    model offload at least (else ``$DARKROOM_MEMORY``, else auto: chosen per job from its memory estimate);
+    ``compile`` is the denoiser's compile mode (None: ``$DARKROOM_COMPILE``, else off)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
 
@@ -718,7 +724,8 @@ def run_batch(
         return EXIT_USAGE
     try:
         attention_mode = resolve_attention_mode(attention)
-    except AttentionModeError as exc:
+        compile_mode = resolve_compile_mode(compile)
+    except (AttentionModeError, CompileModeError) as exc:
         error(str(exc))
         return EXIT_USAGE
     try:
@@ -762,8 +769,10 @@ def run_batch(
                 file=err,
                 flush=True,
             )
+    from core.accel import cache_options
     from core.lora import LoraError
     from core.lora.check import check_lora
+    from core.models.families import get_family
     from core.models.split import resolve_parts
 
     checkpoints: dict[int, Path] = {}
@@ -774,6 +783,11 @@ def run_batch(
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
             for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
+                    print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+            if cache_options.requested(job.request):  # a cache that cannot help this model/run says so
+                info = registry.inspect(checkpoint)
+                family = get_family(info.family) if info.is_family else None
+                for warning in cache_options.cache_warnings(job.request, family):
                     print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         except (ModelNotFoundError, LoraError, RequestError) as exc:
             error(f"{label}: job {job.index}: {exc}")
@@ -788,7 +802,7 @@ def run_batch(
         if importlib.util.find_spec("core.pipeline") is None:
             error("the generation pipeline (core/pipeline.py) is not part of this installation")
             return EXIT_JOB_FAILED
-        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, memory_mode)
+        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, memory_mode, compile_mode)
 
     from core.store import JobStore, StoreError
     from core.worker import Worker

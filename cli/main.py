@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "lowvram, sequential) or auto, which offloads only when a job's memory estimate exceeds the free VRAM",
     )
     parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="MODE",
+        help="compile the denoiser once per model and image size: auto (the bare flag: Stable-Fast when "
+        "installed on an NVIDIA GPU, else torch.compile, with CUDA graphs on CUDA), torch, stable-fast, off; "
+        "the first job of each size pays the compile time; default: $DARKROOM_COMPILE or off",
+    )
+    parser.add_argument(
         "--list-models",
         action="store_true",
         help="list the checkpoints in the models folders with each one's family (SD1.x, SDXL, ...), variant, "
@@ -126,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_batch(
                 args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
                 resume=args.resume, attention=args.attention, lowvram=args.lowvram, enhance=args.enhance,
-                enhance_settings=_enhance_settings(args),
+                enhance_settings=_enhance_settings(args), compile=args.compile,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):

@@ -144,6 +144,12 @@ def format_infotext(
     original = request.extra.get("original_prompt")
     if isinstance(original, str) and original != request.prompt:
         params["Original prompt"] = original  # our key: the prompt as written before a local LLM enhanced it
+    # Our keys (A1111 has no feature caches): written only when a cache is on.
+    if request.deepcache_interval > 1:
+        params["DeepCache interval"] = request.deepcache_interval
+        params["DeepCache branch"] = request.deepcache_branch
+    if request.fbcache_threshold > 0:
+        params["First block cache threshold"] = request.fbcache_threshold
     for key, value in (extra or {}).items():
         # A new key goes last; a built-in key we left empty (e.g. "Model hash") is filled in its own position.
         # The values we computed from the request win, so ``extra`` cannot contradict the request.
@@ -306,6 +312,9 @@ _CONSUMED = {
     "Hires denoising strength",
     "Refiner",
     "Refiner switch at",
+    "DeepCache interval",
+    "DeepCache branch",
+    "First block cache threshold",
 }
 _SHORT_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 writes the refiner as "name [0123456789]"
 
@@ -382,6 +391,13 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         fields["refiner"] = _SHORT_HASH.sub("", params["Refiner"])
         if "Refiner switch at" in params:
             fields["refiner_switch"] = _number(params, "Refiner switch at", float)
+    for key, name, kind in (
+        ("DeepCache interval", "deepcache_interval", int),
+        ("DeepCache branch", "deepcache_branch", int),
+        ("First block cache threshold", "fbcache_threshold", float),
+    ):
+        if key in params:
+            fields[name] = _number(params, key, kind)
 
     has_hires = any(key in params for key in _UPSCALE_KEYS)
     strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None

@@ -8,6 +8,7 @@ caches prompt encodings, and reports every step with a cheap x0 preview.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 import warnings
 from collections import OrderedDict
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.accel import feature_cache
+from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
 from core.lora.tags import strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
     from core.models.checkpoint import LoadedCheckpoint
     from core.models.registry import ModelRegistry
     from core.store import Job
+
+log = logging.getLogger(__name__)
 
 # Above this many latent pixels the VAE decodes in overlapping tiles (1024x1024 images and up), which
 # bounds memory with no visible seams.
@@ -509,7 +514,8 @@ def _run_sampler(
     schedule = model.sigma_schedule(start)
     sigmas = get_sigmas(request.schedule, schedule, steps, denoise, model.family).to(model.device)
     x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
-    with torch.inference_mode():
+    # the request's DeepCache / first-block cache, fresh for this pass (nothing is carried between images)
+    with torch.inference_mode(), feature_cache.for_pass(request):
         return sample(
             request.sampler,
             denoiser,
@@ -725,8 +731,10 @@ class PipelineRunner:
         previews: bool = True,
         attention: str | AttentionDispatcher = "auto",
         memory: str = "auto",
+        compile: str = "off",
     ) -> None:
         from core.accel.attention import AttentionDispatcher
+        from core.accel.compile import DenoiserCompiler
         from core.accel.device import compute_dtype, pick_device
         from core.accel.memory import Placement
         from core.accel.memory_mode import check_mode
@@ -741,6 +749,8 @@ class PipelineRunner:
         # One dispatcher per runner: its per-shape fallbacks last as long as the runner, its layer record a job.
         self.attention = attention if isinstance(attention, AttentionDispatcher) else AttentionDispatcher(attention)
         self.cache = PromptCache()
+        # --compile: each loaded denoiser's blocks compiled once; the compiled code stays while the model does
+        self.compiler = DenoiserCompiler(compile, self.device)
         self.model: LoadedModel | None = None
         from core.lora.files import LoraFileCache
 
@@ -825,7 +835,14 @@ class PipelineRunner:
         model = self.ensure_model(request, ctx)
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
+        if self.compiler.enabled:
+            for loaded_model in (model, refiner):
+                if loaded_model is not None:
+                    self.compiler.prepare(loaded_model.checkpoint.unet)
+        compiles = self.compiler.compiles
         loaded = time.monotonic()
+        for warning in cache_warnings(request, model.spec):
+            log.warning("job %s: %s", getattr(job, "id", "?"), warning)
         first_step: list[float] = []
         previewer = self.preview_decoders.previewer(model.family, model.device, model.dtype) if self.previews else None
 
@@ -851,6 +868,8 @@ class PipelineRunner:
             "first_step": first_step[0] if first_step else 0.0,
             "total": finished - started,
         }
+        if self.compiler.enabled:
+            timings["compiles"] = float(self.compiler.compiles - compiles)  # graphs built in this job
         return [
             GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
                            family=model.family, extra={**self.parts.infotext(), **lora_extra})

@@ -218,6 +218,13 @@ class GenerationRequest:
     # Flux.1 dev's distilled guidance (Forge's "Distilled CFG Scale"), fed to the model's guidance embedding;
     # None: the family's default (3.5). Schnell has no guidance embedding and ignores it.
     guidance: float | None = None
+    # Feature caches (core/accel/feature_cache.py, sampling.md sections 6-7). DeepCache: a full UNet pass every
+    # ``deepcache_interval`` network calls (1 = off), the calls between run only the shallow branch
+    # ``deepcache_branch`` (0 = cheapest); first-block cache: skip the rest of the network while the first
+    # block's residual changes relatively less than ``fbcache_threshold`` (0 = off).
+    deepcache_interval: int = 1
+    deepcache_branch: int = 0
+    fbcache_threshold: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
@@ -248,6 +255,7 @@ class GenerationRequest:
         problems.check(_check_float, "refiner_switch", self.refiner_switch, 0.01, 1.0)
         if self.guidance is not None:
             problems.check(_check_float, "guidance", self.guidance, 0.0, 30.0)
+        problems.check(self._check_caches)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             problems.errors.append(
                 RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
@@ -275,6 +283,23 @@ class GenerationRequest:
                 raise RequestError(name, getattr(self, name), f"LoRA tags of the form <lora:name:weight>; {exc}") from None
             except TypeError:  # not a string: reported by the prompt check
                 pass
+
+    def _check_caches(self) -> None:
+        from core.accel.cache_options import MAX_DEEPCACHE_BRANCH, MAX_DEEPCACHE_INTERVAL
+
+        problems = _Problems()
+        problems.check(
+            _check_int, "deepcache_interval", self.deepcache_interval, 1, MAX_DEEPCACHE_INTERVAL
+        )
+        problems.check(_check_int, "deepcache_branch", self.deepcache_branch, 0, MAX_DEEPCACHE_BRANCH)
+        problems.check(_check_float, "fbcache_threshold", self.fbcache_threshold, 0.0, 1.0)
+        if not problems.errors and self.deepcache_interval > 1 and self.fbcache_threshold > 0:
+            problems.errors.append(RequestError(
+                "fbcache_threshold", self.fbcache_threshold,
+                f"0 while DeepCache is on (deepcache_interval = {self.deepcache_interval}); the two caches skip "
+                "the same blocks, so choose one (deepcache_interval = 1 turns DeepCache off)",
+            ))
+        problems.raise_any()
 
     def lora_refs(self) -> tuple[LoraRef, ...]:
         """Every LoRA this request uses: the ``loras`` field, then the prompts' tags (in order)."""
@@ -327,7 +352,7 @@ class GenerationRequest:
         elif hires is not None and not isinstance(hires, HiresFix):
             errors.append(RequestError("hires", hires, "a table with scale, upscaler, steps, denoise"))
             values["hires"] = None
-        for key in ("cfg", "denoise", "refiner_switch", "guidance"):
+        for key in ("cfg", "denoise", "refiner_switch", "guidance", "fbcache_threshold"):
             if isinstance(values.get(key), int) and not isinstance(values[key], bool):
                 values[key] = float(values[key])
         try:

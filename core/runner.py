@@ -68,6 +68,7 @@ def make_runner(
     previews: bool = True,
     attention: str = "auto",
     memory: str = "auto",
+    compile: str = "off",
 ) -> JobRunner:
     """The real pipeline runner (imports torch). ``registry`` wins over ``models_dirs`` when both are given."""
     try:
@@ -78,7 +79,7 @@ def make_runner(
         ) from None
     dirs = [Path(p) for p in models_dirs] if models_dirs else None
     return PipelineRunner(dirs, registry=registry, device=device, previews=previews, attention=attention,
-                          memory=memory)
+                          memory=memory, compile=compile)
 
 
 def runner_factory(
@@ -88,13 +89,16 @@ def runner_factory(
     previews: bool = True,
     attention: str = "auto",
     memory: str = "auto",
+    compile: str = "off",
 ) -> Callable[[], JobRunner]:
     """A zero-argument factory for ``Worker(store, runner_factory(...))``: the runner is built on first use,
     inside the worker thread. ``previews=False`` where nobody sees them (``--batch``): a TAESD preview is not
     free. ``attention``: the mode of the runner's attention dispatcher (auto, sage, xformers, sdpa); ``memory``:
-    its memory mode (auto, gpu, lowvram, sequential: ``core.accel.memory_mode``)."""
+    its memory mode (auto, gpu, lowvram, sequential: ``core.accel.memory_mode``); ``compile``: how the denoiser
+    is compiled (``core.accel.compile_mode``: off, auto, torch, stable-fast)."""
 
     def factory() -> JobRunner:
-        return make_runner(models_dirs, registry=registry, previews=previews, attention=attention, memory=memory)
+        return make_runner(models_dirs, registry=registry, previews=previews, attention=attention, memory=memory,
+                           compile=compile)
 
     return factory

@@ -168,3 +168,19 @@ async def test_save_dialog_ticks_are_readable_without_colours(tmp_path):
         app.screen.query_one("#keep-prompt", Checkbox).value = True
         await pilot.pause()
         assert "▐X▌ prompt: " in screen_text(app)
+
+
+async def test_a_cache_preset_reaches_the_request_and_the_next_preset_turns_it_off(tmp_path):
+    builtin = {p.name: p for p in load_presets()[0] if p.builtin}
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        generate = app.get_generate_screen()
+        await wait_for(pilot, lambda: generate.query_one("#model", Select).value == "fake-model.safetensors")
+        generate.apply_preset(builtin["sd15-fast-deepcache"])
+        await pilot.pause()
+        request = generate.build_request()
+        assert (request.deepcache_interval, request.deepcache_branch) == (3, 0)
+        assert "deepcache_interval: 3" in screen_text(app)  # the form says what it sends besides its fields
+        generate.apply_preset(builtin["sd15-fast-ays"])
+        await pilot.pause()
+        assert generate.build_request().deepcache_interval == 1

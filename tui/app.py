@@ -518,10 +518,12 @@ class DarkroomApp(App[int]):
 def _runner_factory(args: Any) -> Callable[[], Any]:
     """The runner is built inside the worker thread, so torch is never imported on the UI thread."""
     from core.accel.attention_mode import resolve_mode
+    from core.accel.compile_mode import resolve_mode as resolve_compile
     from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 
     attention = resolve_mode(getattr(args, "attention", None))  # a bad $DARKROOM_ATTENTION stops us here
     memory = resolve_memory_mode(bool(getattr(args, "lowvram", False)))  # and a bad $DARKROOM_MEMORY
+    compile_mode = resolve_compile(getattr(args, "compile", None))
     fake = os.environ.get(FAKE_RUNNER_ENV)
     if fake:
         module_name, _, attr = fake.partition(":")
@@ -534,7 +536,7 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
     from core.runner import runner_factory
 
     models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
-    return runner_factory(models_dirs, attention=attention, memory=memory)
+    return runner_factory(models_dirs, attention=attention, memory=memory, compile=compile_mode)
 
 
 def _fake_registry() -> Any:

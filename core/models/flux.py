@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.accel import attention as attention_backend
+from core.accel import feature_cache
 
 TIME_EMBED_DIM = 256  # width of the sinusoidal timestep / guidance embedding fed to time_in / guidance_in
 VARIANTS = ("dev", "schnell")
@@ -485,12 +486,21 @@ class Flux(nn.Module):
         ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # [B|1, S + L, 3]
         pe = rope_frequencies(ids, self.config.axes_dim, self.config.theta)
 
-        for block in self.double_blocks:
+        cache = feature_cache.current()  # first-block cache of the running pass, if any
+        img, txt = cache.flux(self, img, txt, vec, pe) if cache is not None else self.blocks(img, txt, vec, pe)
+        return self.final_layer(img, vec)
+
+    def blocks(
+        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Double-stream blocks from ``start``, then the single-stream blocks -> (img, txt) hidden states."""
+        for block in self.double_blocks[start:]:
             img, txt = block(img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)  # [B, S + L, hidden]
         for block in self.single_blocks:
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        s = txt.shape[1]
+        return x[:, s:], x[:, :s]
 
 
 class LatentFlux:

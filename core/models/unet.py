@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.accel import attention as attention_backend
+from core.accel import feature_cache
 
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -478,16 +479,36 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.to(x.dtype))
         context = context.to(x.dtype)
 
-        h = x
-        skips = []
-        for block in self.input_blocks:
+        cache = feature_cache.current()  # DeepCache / first-block cache of the running pass, if any
+        h = cache.unet(self, x, emb, context) if cache is not None else self.blocks(x, emb, context)
+        norm, _, conv = self.out
+        return conv(F.silu(norm(h)))
+
+    def blocks(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        start: int = 0,
+        skips: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Input, middle and output blocks (all but ``out``). ``start`` > 0 resumes the down path at that input
+        block with ``skips`` the outputs of the blocks before it (the last one is its input)."""
+        skips = list(skips or [])
+        h = skips[-1] if start else x
+        for block in self.input_blocks[start:]:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            # The upsampler must land on the size of the skip the next block concatenates.
-            size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, size)
-        norm, _, conv = self.out
-        return conv(F.silu(norm(h)))
+        for index in range(len(self.output_blocks)):
+            h = self.up_block(index, h, skips, emb, context)
+        return h
+
+    def up_block(
+        self, index: int, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """Output block ``index`` on ``h`` and the skip it takes (popped from ``skips``)."""
+        h = torch.cat([h, skips.pop()], dim=1)
+        # The upsampler must land on the size of the skip the next block concatenates.
+        size = tuple(skips[-1].shape[-2:]) if skips else None
+        return self.output_blocks[index](h, emb, context, size)

@@ -49,6 +49,8 @@ NUMBER_FIELDS = {
 # Advanced section: request fields (clip skip, img2img strength) and hires-fix fields as Inputs.
 ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float}
 HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
+# Request fields the form has no widget for but keeps and sends (from presets, history, an image's parameters).
+KEPT_FIELDS = ("deepcache_interval", "deepcache_branch", "fbcache_threshold")
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
                "init_image", "denoise", "hires")
 # What each request field is called in the form, for error messages (in form order).
@@ -617,6 +619,9 @@ class GenerateScreen(MainScreen):
         self._set_advanced_values(values)
         if "extra" in values:
             self.hidden_fields["extra"] = values["extra"]
+        for name in KEPT_FIELDS:
+            if name in values:
+                self.hidden_fields[name] = values[name]
         self._show_hidden_fields()
 
     def _set_advanced_values(self, values: dict[str, Any]) -> None:
@@ -844,6 +849,8 @@ class GenerateScreen(MainScreen):
             return
         values = dict(preset.fields)
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
+        for name in KEPT_FIELDS:  # ... and one without a feature cache turns that off
+            values.setdefault(name, DEFAULTS[name])
         self.set_form_values(values)
         self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
 

@@ -74,6 +74,6 @@ FAMILY = ModelFamily(
     default_size=(1024, 1024),
     conditioner="core.models.sdxl_conditioner:SDXLConditioner",
     ays_levels=AYS_LEVELS,
-    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"),
+    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hires"),
     request_fields=("prediction", "refiner", "refiner_switch"),
 )

@@ -1,0 +1,273 @@
+"""Equal quality in a quarter of the time: Darkroom's fastest settings against diffusers' default, SD1.5.
+
+    .venv/bin/python bench/bench_quarter.py [--quick] [--seeds 3] [--size 256] [--threads 1] [--checkpoint F]
+
+On full-size random SD1.5 weights (``core.models.testing``, the released configs), per seed:
+
+1. a 50-step reference: diffusers' ``StableDiffusionPipeline`` with DPM++ 2M Karras, CFG 7;
+2. diffusers' default (DPM++ 2M Karras, 20 steps, CFG 7), timed, and its PSNR against the reference;
+3. Darkroom's candidates, cheapest first (AYS schedules, DeepCache, first-block cache, fewer steps), each timed
+   the same way in the same run, with its PSNR; the fastest whose mean PSNR reaches diffusers' wins, and the
+   time ratio Darkroom / diffusers is printed (goal <= 0.25);
+4. each technique alone on Darkroom's AYS 10-step base (DeepCache interval 2/3/5, first-block-cache thresholds,
+   channels_last, torch.compile; compile is left out of --quick, its first job spends minutes compiling), with
+   its speedup and PSNR cost, and the preview cost (projection and a random-weight TAESD) against a step.
+
+Every run starts from the same initial noise (Darkroom's seeded ``NoiseSampler``, handed to diffusers as
+``latents``), prompts are encoded inside the timed region on both sides, and the VAE decode is left out of both
+(it is the same network either way; its cost is printed once). PSNR is measured on the latents, peak = the
+reference's range, which is what the decoded image inherits; ``--decode`` measures it on decoded 8-bit images
+instead (one VAE decode per run). Times are process CPU seconds (all threads), so other load on a shared
+machine does not move the ratio; wall seconds are printed beside them. ``--quick``: 1 seed, fewer settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import heavy_lock, scratch_checkpoint  # noqa: E402
+from core.accel import feature_cache  # noqa: E402
+from core.models.testing import write_random_checkpoint  # noqa: E402
+from core.pipeline import PromptCache, _denoiser, encode_conditioning, load_model  # noqa: E402
+from core.request import GenerationRequest  # noqa: E402
+from core.sampling.samplers import sample  # noqa: E402
+from core.sampling.schedules import get_sigmas  # noqa: E402
+
+PROMPT = "a photograph of a lighthouse on a cliff at sunset, dramatic sky, highly detailed"
+NEGATIVE = "blurry, low quality"
+CFG = 7.0
+
+
+@dataclass
+class Setting:
+    label: str
+    fields: dict
+    channels_last: bool = False
+    compile: bool = False
+
+
+# Darkroom's candidates for "fastest at diffusers' quality", cheapest first (DeepCache at 10 steps: 4 full passes).
+CANDIDATES = [
+    Setting("AYS 10 + DeepCache 3", {"schedule": "ays", "steps": 10, "deepcache_interval": 3}),
+    Setting("AYS 10 + DeepCache 2", {"schedule": "ays", "steps": 10, "deepcache_interval": 2}),
+    Setting("AYS 10 + first-block 0.1", {"schedule": "ays", "steps": 10, "fbcache_threshold": 0.1}),
+    Setting("AYS 10", {"schedule": "ays", "steps": 10}),
+    Setting("Karras 15 + DeepCache 3", {"schedule": "karras", "steps": 15, "deepcache_interval": 3}),
+    Setting("Karras 20 + DeepCache 3", {"schedule": "karras", "steps": 20, "deepcache_interval": 3}),
+    Setting("Karras 20 + DeepCache 2", {"schedule": "karras", "steps": 20, "deepcache_interval": 2}),
+    Setting("Karras 20 (diffusers' settings)", {"schedule": "karras", "steps": 20}),
+]
+QUICK = ("AYS 10 + DeepCache 3", "AYS 10", "Karras 20 + DeepCache 3", "Karras 20 + DeepCache 2")
+QUICK_CANDIDATES = [c for c in CANDIDATES if c.label in QUICK]
+BASE = {"schedule": "ays", "steps": 10}
+TECHNIQUES = [
+    Setting("DeepCache N=2", {**BASE, "deepcache_interval": 2}),
+    Setting("DeepCache N=3", {**BASE, "deepcache_interval": 3}),
+    Setting("DeepCache N=5", {**BASE, "deepcache_interval": 5}),
+    Setting("first-block 0.05", {**BASE, "fbcache_threshold": 0.05}),
+    Setting("first-block 0.1", {**BASE, "fbcache_threshold": 0.1}),
+    Setting("first-block 0.2", {**BASE, "fbcache_threshold": 0.2}),
+    Setting("channels_last", dict(BASE), channels_last=True),
+    Setting("torch.compile (inductor)", dict(BASE), compile=True),
+]
+QUICK_TECHNIQUES = [t for t in TECHNIQUES if t.label in ("DeepCache N=3", "DeepCache N=5", "first-block 0.1")]
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float | None = None) -> float:
+    mse = float(((a.float() - ref.float()) ** 2).mean())
+    peak = float(ref.max() - ref.min()) if peak is None else peak
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
+
+
+def diffusers_pipe(path: Path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from tests.reference import reference_pipeline
+
+    # diffusers' StableDiffusionPipeline default scheduler config, with Karras sigmas (A1111's "DPM++ 2M Karras")
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, use_karras_sigmas=True,
+    )
+    return reference_pipeline(path, scheduler)
+
+
+def run_diffusers(pipe, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, Timer]:
+    with Timer() as timer, torch.inference_mode():
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=CFG,
+                   latents=noise.clone(), output_type="latent").images
+    return out, timer
+
+
+def run_darkroom(model, request: GenerationRequest, noise_sampler, on_step=None) -> tuple[torch.Tensor, Timer]:
+    with Timer() as timer, torch.inference_mode():
+        cond, uncond = encode_conditioning(model, request, PromptCache())  # fresh: encoding is timed
+        denoiser = _denoiser(model, cond, uncond, request.cfg, 1)
+        sigmas = get_sigmas(request.schedule, model.schedule, request.steps, 1.0, model.family)
+        x = noise_sampler.initial() * sigmas[0]
+        with feature_cache.for_pass(request):
+            out = sample(request.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler,
+                         callback=(lambda info: on_step(info.denoised)) if on_step else None)
+    return out, timer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer settings")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds to average over (default 3, quick 1)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--ref-steps", type=int, default=50, help="steps of the reference image (default 50)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier CPU times)")
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.5 checkpoint (default: write random full-size)")
+    parser.add_argument("--decode", action="store_true", help="PSNR on decoded 8-bit images, not latents")
+    parser.add_argument("--tiny", action="store_true", help="tiny random weights: checks the script in seconds")
+    parser.add_argument("--only", help="comma-separated setting labels to run (besides AYS 10, the base)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
+    candidates = QUICK_CANDIDATES if args.quick else CANDIDATES
+    techniques = QUICK_TECHNIQUES if args.quick else TECHNIQUES
+    if args.only:
+        wanted = {label.strip() for label in args.only.split(",")} | {"AYS 10"}
+        candidates = [c for c in CANDIDATES if c.label in wanted]
+        techniques = [t for t in TECHNIQUES if t.label in wanted]
+
+    with heavy_lock(), scratch_checkpoint(
+        args.checkpoint, lambda p: write_random_checkpoint(p, "sd15", "tiny" if args.tiny else "full", seed=0)
+    ) as path:
+        model = load_model(path, compute_hash=False)
+        pipe = diffusers_pipe(path)
+        base = GenerationRequest(model="bench", prompt=PROMPT, negative_prompt=NEGATIVE, sampler="dpmpp_2m",
+                                 schedule="karras", steps=20, cfg=CFG, seed=1, width=args.size, height=args.size)
+
+        def finish(latents: torch.Tensor) -> torch.Tensor:
+            if not args.decode:
+                return latents
+            from core.pipeline import decode
+
+            pixels = decode(model, latents)
+            return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+
+        def quality(latents: torch.Tensor, ref: torch.Tensor) -> float:
+            return psnr(finish(latents), ref, 255.0 if args.decode else None)
+
+        print(f"SD1.5 {'tiny' if args.tiny else 'full-size'} random weights, {args.size}x{args.size}, CFG {CFG}, seeds {seeds}, "
+              f"{args.threads} thread(s), PSNR on {'decoded images' if args.decode else 'latents'}", flush=True)
+        rows: dict[str, list[tuple[float, float, float]]] = {}  # label -> [(psnr, cpu s, wall s)] per seed
+
+        def record(label: str, value: float, timer: Timer) -> None:
+            rows.setdefault(label, []).append((value, timer.cpu, timer.wall))
+            print(f"  {label:34s} PSNR {value:6.2f} dB  cpu {timer.cpu:7.1f} s  wall {timer.wall:7.1f} s", flush=True)
+
+        for seed in seeds:
+            print(f"seed {seed}", flush=True)
+            initial = model.noise_sampler([seed], args.size, args.size).initial()  # each run's starting noise
+            ref_latents, timer = run_diffusers(pipe, initial, args.ref_steps)
+            ref = finish(ref_latents)
+            print(f"  reference: diffusers {args.ref_steps} steps, cpu {timer.cpu:.1f} s", flush=True)
+            out, timer = run_diffusers(pipe, initial, 20)
+            record("diffusers DPM++ 2M Karras 20", quality(out, ref), timer)
+            done: dict[tuple, tuple[float, Timer]] = {}  # a technique row with a candidate's settings reuses its run
+            for setting in candidates + techniques:
+                key = (tuple(sorted(setting.fields.items())), setting.channels_last, setting.compile)
+                if key in done:
+                    record(setting.label, *done[key])
+                    continue
+                request = base.replace(seed=seed, **setting.fields)
+                unet = model.checkpoint.unet
+                if setting.channels_last:
+                    unet.to(memory_format=torch.channels_last)
+                if setting.compile:
+                    from core.accel.compile import DenoiserCompiler
+
+                    compiler = DenoiserCompiler("torch", model.device)
+                    compiler.prepare(unet)
+                    with Timer() as warm:
+                        run_darkroom(model, request, model.noise_sampler([seed], args.size, args.size))
+                    print(f"  (compile, first job: cpu {warm.cpu:.0f} s, {compiler.compiles} graphs)", flush=True)
+                try:
+                    out, timer = run_darkroom(model, request, model.noise_sampler([seed], args.size, args.size))
+                finally:
+                    if setting.channels_last:
+                        unet.to(memory_format=torch.contiguous_format)
+                    if setting.compile:  # back to eager for the other rows (and the next seed compiles again)
+                        for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks):
+                            block._compiled_call_impl = None
+                        unet._darkroom_compiled = None
+                done[key] = (quality(out, ref), timer)
+                record(setting.label, *done[key])
+
+            # preview cost against one step of the base request
+            from core.models.previews import Previewer
+            from core.models.taesd import DecoderConfig, TAESDDecoder
+            from core.models.testing import random_state_dict
+
+            decoder = TAESDDecoder(DecoderConfig(4))
+            decoder.load_state_dict(random_state_dict(decoder, seed=0))
+            decoder = decoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+            steps = rows["AYS 10"][-1]
+            step_cpu = steps[1] / BASE["steps"]
+            for kind, previewer in (("projection", Previewer("sd15")), ("TAESD (random weights)",
+                                                                      Previewer("sd15", decoder))):
+                with Timer() as timer, torch.inference_mode():
+                    for _ in range(3):
+                        previewer.preview(out[:1])
+                print(f"  preview {kind:24s} cpu {timer.cpu / 3 * 1e3:7.1f} ms = {100 * timer.cpu / 3 / step_cpu:.2f} % "
+                      "of a step (unthrottled; the Previewer keeps previews under 2 % of a job)", flush=True)
+            if seed == seeds[0]:
+                with Timer() as timer, torch.inference_mode():
+                    from core.pipeline import decode
+
+                    decode(model, out)
+                print(f"  VAE decode (not in the times above, same for both): cpu {timer.cpu:.1f} s", flush=True)
+
+        def mean(label: str, index: int) -> float:
+            return sum(r[index] for r in rows[label]) / len(rows[label])
+
+        ref_label = "diffusers DPM++ 2M Karras 20"
+        target, ref_cpu, ref_wall = mean(ref_label, 0), mean(ref_label, 1), mean(ref_label, 2)
+        print(f"\nmean over {len(seeds)} seed(s): diffusers default PSNR {target:.2f} dB, cpu {ref_cpu:.1f} s")
+        print(f"{'setting':34s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
+        passing = []
+        for label in rows:
+            if label == ref_label:
+                continue
+            value, cpu, wall = mean(label, 0), mean(label, 1), mean(label, 2)
+            ok = value >= target
+            if ok and any(s.label == label for s in candidates):
+                passing.append((cpu, label))
+            print(f"{label:34s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
+                  f"{'yes' if ok else 'no'}")
+        base_cpu, base_psnr = mean("AYS 10", 1), mean("AYS 10", 0)
+        print("\neach technique alone on AYS 10 steps (speedup, PSNR change against AYS 10):")
+        for t in techniques:
+            if t.label in rows:
+                print(f"  {t.label:30s} {base_cpu / mean(t.label, 1):5.2f}x  {mean(t.label, 0) - base_psnr:+6.2f} dB")
+        if passing:
+            cpu, label = min(passing)
+            print(f"\nfastest Darkroom setting at diffusers' quality: {label}: {cpu / ref_cpu:.2f} x diffusers' time "
+                  f"(goal <= 0.25)")
+        else:
+            print("\nno Darkroom candidate reached diffusers' PSNR")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Compiling the denoiser: ``torch.compile`` per block (CUDA graphs on CUDA), or Stable-Fast when installed.
+
+The network is compiled by regions, each repeated block on its own (the UNet's input, middle and output
+blocks; Flux's double- and single-stream blocks), as diffusers' regional compilation does: a block compiles in
+seconds instead of the whole graph in minutes, identical blocks share the compiled code, and the feature caches
+(:mod:`core.accel.feature_cache`), which choose per step which blocks run, stay plain Python around them.
+
+Compiled code lives on the network's modules, so it lasts as long as the model stays loaded: the second job
+of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph, which CUDA
+graphs need). ``compiles`` counts the graphs this compiler's backend built.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from core.accel.compile_mode import check_mode
+
+log = logging.getLogger(__name__)
+
+_MARK = "_darkroom_compiled"  # attribute on a compiled network: the mode it was compiled with
+
+
+def regions(network: nn.Module) -> list[nn.Module]:
+    """The blocks of ``network`` compiled one by one (the whole network when it has no known block lists)."""
+    if hasattr(network, "input_blocks"):  # core.models.unet.UNetModel
+        return [*network.input_blocks, network.middle_block, *network.output_blocks]
+    if hasattr(network, "double_blocks"):  # core.models.flux.Flux
+        return [*network.double_blocks, *network.single_blocks]
+    return [network]
+
+
+def stable_fast_available() -> bool:
+    return importlib.util.find_spec("sfast") is not None
+
+
+class DenoiserCompiler:
+    """Compiles each network handed to :meth:`prepare` once, by the session's mode (``core.accel.compile_mode``).
+
+    ``backend`` replaces inductor (tests use ``"aot_eager"`` or a callable); ``notes`` holds each fallback
+    message once, for front ends to show.
+    """
+
+    def __init__(self, mode: str = "off", device: torch.device | str = "cpu", backend: str | Callable | None = None):
+        self.mode = check_mode(mode)
+        self.device = torch.device(device)
+        self.backend = backend
+        self.compiles = 0
+        self.notes: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            log.warning("%s", message)
+
+    def _counted(self, inner: Callable) -> Callable:
+        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            self.compiles += 1
+            return inner(gm, example_inputs)
+
+        return backend
+
+    def _torch_backend(self) -> Callable:
+        if callable(self.backend):
+            return self._counted(self.backend)
+        if self.backend is not None:
+            return self._counted(torch._dynamo.lookup_backend(self.backend))
+        from torch._inductor.compile_fx import compile_fx
+
+        if self.device.type == "cuda":
+            # mode="reduce-overhead": the job's shapes are static, so CUDA graphs replay each block's kernels
+            return self._counted(functools.partial(compile_fx, config_patches={"triton.cudagraphs": True}))
+        return self._counted(compile_fx)
+
+    def _stable_fast(self, network: nn.Module) -> bool:
+        """Stable-Fast's UNet compiler on ``network``; False (after one note) where it cannot run."""
+        if self.device.type != "cuda":
+            self._note("stable-fast needs an NVIDIA GPU; compiling with torch.compile instead")
+            return False
+        if not stable_fast_available():
+            self._note("stable-fast is not installed (pip install stable-fast); compiling with torch.compile instead")
+            return False
+        try:
+            from sfast.compilers.diffusion_pipeline_compiler import CompilationConfig, compile_unet
+
+            config = CompilationConfig.Default()
+            config.enable_cuda_graph = True
+            compile_unet(network, config)
+        except Exception as exc:  # noqa: BLE001 - an optional extra that fails in any way: torch.compile instead
+            self._note(f"stable-fast could not compile the denoiser ({exc}); compiling with torch.compile instead")
+            return False
+        return True
+
+    def prepare(self, network: nn.Module) -> nn.Module:
+        """Compile ``network``'s blocks in place (once; a network already compiled is left as it is)."""
+        if not self.enabled or getattr(network, _MARK, None):
+            return network
+        mode = self.mode
+        if mode == "auto":
+            mode = "stable-fast" if self.device.type == "cuda" and stable_fast_available() else "torch"
+        if mode == "stable-fast" and self._stable_fast(network):
+            setattr(network, _MARK, "stable-fast")
+            return network
+        backend = self._torch_backend()
+        blocks = regions(network)
+        # Blocks of one class share one code object, and dynamo keeps at most ``recompile_limit`` graphs per
+        # code object (8) before it falls back to eager: SD1.5 has about 20 distinct blocks, times the sizes used.
+        limit = max(torch._dynamo.config.recompile_limit, 16 * len(blocks))
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+        for block in blocks:
+            block.compile(backend=backend, dynamic=False)
+        setattr(network, _MARK, "torch")
+        return network
+
+    def describe(self, network: nn.Module | None = None) -> str:
+        """What runs: ``off``, ``torch`` or ``stable-fast`` (for the status line and the bench)."""
+        return getattr(network, _MARK, None) or ("off" if not self.enabled else self.mode)

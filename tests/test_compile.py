@@ -1,0 +1,138 @@
+"""Compiling the denoiser (core/accel/compile.py): compiled output equals eager, a second job compiles
+nothing, Stable-Fast falls back with one message, and the --compile / $DARKROOM_COMPILE choice.
+
+The mechanism is proven with dynamo's ``eager`` backend (the graphs inductor would get, without inductor's
+minutes of C++ compilation on this CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from core.accel.compile import DenoiserCompiler, regions
+from core.accel.compile_mode import CompileModeError, check_mode, resolve_mode
+from core.models.testing import random_state_dict
+from core.models.unet import UNetConfig, UNetModel
+from tests.reference import rel_err, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _tiny_unet(seed: int) -> UNetModel:
+    # one resolution level (5 blocks to capture, not 9): dynamo's tracing is what costs time here
+    cfg = dataclasses.replace(UNetConfig.preset("sd15", "tiny"), channel_mult=(1,), transformer_depth=(1,))
+    with torch.device("meta"):
+        meta = UNetModel(cfg)
+    model = UNetModel(cfg)
+    model.load_state_dict(random_state_dict(meta, seed=seed), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _job(unet: UNetModel, steps: int = 2) -> torch.Tensor:
+    """A stand-in for one job's denoiser calls: a CFG batch at a fixed size, a few timesteps."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 7, unet.config.context_dim, generator=g)
+    with torch.inference_mode():
+        for step in range(steps):
+            x = unet(x, torch.full((2,), 900.0 - 300 * step), context)
+    return x
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A tiny UNet compiled with dynamo's ``eager`` backend (the graphs, captured once, are what is tested),
+    its compiler, and the output of one job before and after compiling."""
+    unet = _tiny_unet(1)
+    eager = _job(unet)
+    compiler = DenoiserCompiler("torch", backend="eager")
+    assert compiler.prepare(unet) is unet and compiler.describe(unet) == "torch"
+    return unet, compiler, eager, _job(unet)
+
+
+def test_compiled_unet_equals_eager_and_the_second_job_compiles_nothing(compiled):
+    unet, compiler, eager, first = compiled
+    built = compiler.compiles
+    assert built >= len(unet.output_blocks)  # the blocks were captured as graphs ...
+    assert rel_err(first, eager) < 1e-5  # ... that compute what eager did
+    compiler.prepare(unet)  # the next job's prepare leaves a compiled network alone
+    second = _job(unet)
+    assert compiler.compiles == built  # same model, same shape: nothing recompiled
+    assert torch.equal(second, first)
+
+
+def test_feature_caches_run_around_the_compiled_blocks(compiled):
+    from core.accel.feature_cache import CacheSettings, FeatureCache
+
+    unet, compiler, _, _ = compiled
+    eager_unet = _tiny_unet(1)
+    results = []
+    for net in (eager_unet, unet):
+        cache = FeatureCache(CacheSettings(deepcache_interval=3))
+        with cache.active():
+            results.append(_job(net, steps=3))
+        assert (cache.stats.full, cache.stats.shallow) == (1, 2)
+    assert rel_err(results[1], results[0]) < 1e-5
+    assert compiler.compiles > 0
+
+
+def test_regions_are_the_blocks():
+    unet = _tiny_unet(3)
+    blocks = regions(unet)
+    assert len(blocks) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
+    assert regions(torch.nn.Linear(2, 2))[0].__class__ is torch.nn.Linear
+
+
+def test_off_compiles_nothing_and_stable_fast_falls_back_with_one_message(monkeypatch):
+    unet = _tiny_unet(4)
+    off = DenoiserCompiler("off")
+    off.prepare(unet)
+    assert off.describe(unet) == "off" and getattr(unet, "_darkroom_compiled", None) is None
+    import core.accel.compile as compile_module
+
+    monkeypatch.setattr(compile_module, "stable_fast_available", lambda: False)
+    compiler = DenoiserCompiler("stable-fast", device="cpu", backend="eager")
+    compiler.prepare(unet)
+    compiler.prepare(_tiny_unet(5))
+    assert compiler.describe(unet) == "torch"
+    assert compiler.notes == ["stable-fast needs an NVIDIA GPU; compiling with torch.compile instead"]
+    cuda = DenoiserCompiler("stable-fast", device="cuda", backend="eager")
+    cuda.prepare(_tiny_unet(6))  # compiles lazily: nothing runs on CUDA here
+    assert cuda.notes == ["stable-fast is not installed (pip install stable-fast); compiling with torch.compile instead"]
+
+
+def test_compile_mode_choice():
+    assert check_mode(" Torch ") == "torch" and check_mode("inductor") == "torch"
+    assert check_mode("sfast") == "stable-fast" and check_mode("on") == "auto"
+    assert resolve_mode(None, {}) == "off"
+    assert resolve_mode(None, {"DARKROOM_COMPILE": "auto"}) == "auto"
+    assert resolve_mode("torch", {"DARKROOM_COMPILE": "off"}) == "torch"
+    with pytest.raises(CompileModeError, match=r"\$DARKROOM_COMPILE = 'fast' is not a compile mode; valid: off"):
+        resolve_mode(None, {"DARKROOM_COMPILE": "fast"})
+
+
+def test_the_compile_setting_reaches_the_runner(tmp_path):
+    import io
+
+    from cli.batch import EXIT_USAGE, run_batch
+    from cli.main import build_parser
+    from core.runner import make_runner
+
+    parser = build_parser()
+    assert parser.parse_args(["--compile"]).compile == "auto"
+    assert parser.parse_args(["--compile", "torch"]).compile == "torch"
+    assert parser.parse_args([]).compile is None
+    runner = make_runner([tmp_path], device="cpu", compile="torch")
+    assert runner.compiler.mode == "torch" and runner.compiler.enabled
+    assert not make_runner([tmp_path], device="cpu").compiler.enabled
+    err = io.StringIO()
+    code = run_batch("-", stdin=io.StringIO(""), stdout=io.StringIO(), stderr=err, compile="fast",
+                     db_path=tmp_path / "db.sqlite3")
+    assert code == EXIT_USAGE
+    assert "--compile = 'fast' is not a compile mode; valid: off, auto, torch, stable-fast" in err.getvalue()
