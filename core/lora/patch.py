@@ -24,7 +24,7 @@ from torch import nn
 from core.lora import LoraError
 from core.lora.check import nothing_matched, unmatched_warning
 from core.lora.detect import family_mismatch
-from core.lora.files import LoraFile, LoraFileCache
+from core.lora.files import LoraFile, LoraFileCache, LoraModule
 from core.lora.keymap import Target, weight_modules
 from core.lora.tags import LoraRef
 from core.models.family import ModelFamily, resolve
@@ -62,6 +62,22 @@ class LoraReport:
 def _needs_forward_time(weight: torch.Tensor) -> bool:
     """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, target: Target) -> None:
+    """``weight`` rows ``target.rows`` (blocks of the input width) += the module's delta, its two halves
+    exchanged when ``target.swap_halves``."""
+    if target.rows is not None:
+        width = weight.shape[1]
+        start, stop = target.rows
+        weight = weight[start * width : None if stop is None else stop * width]
+    if not target.swap_halves:
+        module.add_to(weight, multiplier)
+        return
+    delta = module.delta(weight.shape, weight.device)
+    half = weight.shape[0] // 2
+    weight[:half].add_(delta[half:], alpha=multiplier)
+    weight[half:].add_(delta[:half], alpha=multiplier)
 
 
 class LoraPatcher:
@@ -111,9 +127,7 @@ class LoraPatcher:
                 report.matched += 1
                 if multiplier == 0:
                     continue
-                plan.setdefault((target.role, target.module + ".weight"), []).append(
-                    (lora, module, multiplier, target.rows)
-                )
+                plan.setdefault((target.role, target.weight), []).append((lora, module, multiplier, target))
             report.unmatched_keys += len(lora.file.stray)
             report.unmatched_examples.extend(lora.file.stray[:2])
             if report.matched == 0:
@@ -126,8 +140,8 @@ class LoraPatcher:
 
     @staticmethod
     def _signature(contributions: list) -> tuple:
-        return tuple((lora.file.identity, module.name, multiplier, rows)
-                     for lora, module, multiplier, rows in contributions)
+        return tuple((lora.file.identity, module.name, multiplier, target.rows, target.swap_halves)
+                     for lora, module, multiplier, target in contributions)
 
     def apply(self, loras: Sequence[ActiveLora], requested: Sequence[LoraRef] = ()) -> list[LoraReport]:
         """Make ``loras`` the merged set (empty: remove all). Returns one report per LoRA."""
@@ -182,14 +196,15 @@ class LoraPatcher:
             start = base
         else:
             merged, start = base.to(torch.float32, copy=True), None
-        for lora, module, multiplier, rows in contributions:
+        for lora, module, multiplier, target in contributions:
             try:
-                if start is not None and rows is None:
+                plain = target.rows is None and not target.swap_halves
+                if start is not None and plain:
                     module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
                 else:
                     if start is not None:
                         merged.copy_(start)
-                    module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
+                    _add_to_part(module, merged, multiplier, target)
                 start = None
             except ValueError as exc:
                 raise LoraError(

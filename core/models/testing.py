@@ -307,6 +307,9 @@ def lora_layers(family: str = "sd15", size: str = "tiny", *, convs: bool = False
     for component in _layout(family):
         if component.role == "unet" and unet or component.role.startswith("text_encoder") and text_encoder:
             module = _component(component, size)
+            if any(".resblocks." in k for k in module.state_dict()):  # OpenCLIP (bigG): LoRAs use HF names
+                layers.update(_open_clip_lora_layers(component.role, module))
+                continue
             for key, value in module.state_dict().items():
                 if not key.endswith(".weight"):
                     continue
@@ -318,14 +321,37 @@ def lora_layers(family: str = "sd15", size: str = "tiny", *, convs: bool = False
     return layers
 
 
-def _lora_module_name(role: str, name: str, fmt: str, res_blocks: int) -> str:
+def _open_clip_lora_layers(role: str, module: torch.nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """An OpenCLIP text tower's attention and MLP layers under the Hugging Face names LoRAs give them."""
+    layers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, value in module.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] != ["transformer", "resblocks"]:
+            continue
+        hf = f"{role}:text_model.encoder.layers.{parts[2]}."
+        rest = ".".join(parts[3:])
+        if rest == "attn.in_proj_weight":
+            width = value.shape[1]
+            for p in "qkv":
+                layers[f"{hf}self_attn.{p}_proj"] = (role, (width, width))
+        elif rest in ("attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+            name = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                    "mlp.c_proj.weight": "mlp.fc2"}[rest]
+            layers[hf + name] = (role, tuple(value.shape))
+    return layers
+
+
+def _lora_module_name(role: str, name: str, fmt: str, res_blocks: int, family: str = "sd15") -> str:
     from core.lora.keymap import ldm_unet_to_diffusers
 
-    if role == "unet" and fmt != "kohya_ldm":
-        name = ldm_unet_to_diffusers(name, res_blocks) or name  # kohya trains SD1.x on the diffusers UNet
+    # kohya trains SD1.x on the diffusers UNet, SDXL on its LDM one; PEFT files always use diffusers names
+    diffusers_names = fmt == "peft" or (fmt != "kohya_ldm" and family != "sdxl")
+    if role == "unet" and diffusers_names:
+        name = ldm_unet_to_diffusers(name, res_blocks) or name
     if fmt == "peft":
-        return {"unet": "unet.", "text_encoder": "text_encoder."}[role] + name
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[role]
+        return {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}[role] + name
+    te = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_", "lora_te2_")
+    prefix = {"unet": "lora_unet_", "text_encoder": te[0], "text_encoder_2": te[1]}[role]
     return prefix + name.replace(".", "_")
 
 
@@ -347,7 +373,8 @@ def random_lora_state_dict(
 
     - ``kohya``: ``lora_unet_<diffusers names>`` / ``lora_te_<HF CLIP names>`` with ``.lora_down.weight``,
       ``.lora_up.weight`` and ``.alpha`` (what sd-scripts writes for SD1.x); ``kohya_ldm`` the same with LDM
-      block names (``lora_unet_input_blocks_1_1_proj_in``);
+      block names (``lora_unet_input_blocks_1_1_proj_in``). For SDXL both write LDM block names and
+      ``lora_te1_``/``lora_te2_`` (bigG in HF names), as sd-scripts does;
     - ``peft``: diffusers/PEFT ``unet.<diffusers name>.lora_A.weight`` / ``.lora_B.weight``, no alpha;
     - ``locon``: kohya names plus the ResBlock 3x3 convs (conv ``lora_down``; with ``tucker`` a ``lora_mid``
       core and 1x1 ``lora_down``);
@@ -369,7 +396,7 @@ def random_lora_state_dict(
         return (torch.randn(shape, generator=g) * std).to(dtype)
 
     for qualified, (role, shape) in layers.items():
-        name = _lora_module_name(role, qualified.split(":", 1)[1], fmt, res_blocks)
+        name = _lora_module_name(role, qualified.split(":", 1)[1], fmt, res_blocks, family)
         out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
         fan_in = in_dim * math.prod(kernel)
         conv3 = kernel not in ((), (1, 1))
