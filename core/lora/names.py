@@ -7,6 +7,7 @@ Stdlib only, so the batch runner can check a LoRA against a checkpoint from the 
 | kohya LoRA / LoCon | ``.lora_down.weight``, ``.lora_up.weight``, ``.lora_mid.weight`` (Tucker core), ``.alpha`` |
 | PEFT / diffusers | ``.lora_A.weight``, ``.lora_B.weight`` (``.lora_A.default.weight``, bare ``.lora_A``) |
 | old diffusers | ``.processor.to_q_lora.down.weight``, ``.lora_linear_layer.up.weight``, ``.lora.down.weight`` |
+| XLabs (Flux) | ``.processor.qkv_lora1.down.weight``, ``.up.weight`` |
 | LyCORIS LoHa | ``.hada_w1_a``, ``.hada_w1_b``, ``.hada_w2_a``, ``.hada_w2_b``, ``.hada_t1``, ``.hada_t2`` |
 | LyCORIS LoKr | ``.lokr_w1`` or ``.lokr_w1_a``/``_b``, ``.lokr_w2`` or ``.lokr_w2_a``/``_b``, ``.lokr_t2`` |
 | full diff | ``.diff`` (weight), ``.diff_b`` (bias) |
@@ -34,6 +35,8 @@ SUFFIXES: tuple[tuple[str, str], ...] = tuple(sorted({
     "_lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down",
     ".lora_linear_layer.up.weight": "up",
+    ".down.weight": "down",  # XLabs Flux: "double_blocks.0.processor.qkv_lora1.down.weight"
+    ".up.weight": "up",
     ".alpha": "alpha",
     ".hada_w1_a": "hada_w1_a",
     ".hada_w1_b": "hada_w1_b",

@@ -454,3 +454,62 @@ def write_random_lora(path: str | Path, family: str = "sd15", size: str = "tiny"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_tensors(random_lora_state_dict(family, size, fmt, **options), path, metadata=metadata)
+
+
+FLUX_LORA_FORMATS = ("kohya", "bfl", "diffusers", "xlabs")
+
+
+def random_flux_lora_state_dict(
+    fmt: str = "kohya", size: str = "tiny", *, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
+    dtype: torch.dtype = torch.float32, strength: float = 0.3, diffusers_names: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random Flux.1 LoRA weights in one trainer's naming (``FLUX_LORA_FORMATS``), on every Linear layer:
+
+    - ``kohya``: ``lora_unet_<BFL name with _>.lora_down/lora_up.weight`` + ``.alpha`` (fused qkv / linear1;
+      the final layer's alpha is its rank, since diffusers drops that alpha instead of applying it);
+    - ``bfl``: ``diffusion_model.<BFL name>.lora_A/lora_B.weight`` (ComfyUI / BFL naming), no alpha;
+    - ``diffusers``: ``transformer.<diffusers name>.lora_A/lora_B.weight`` on the layers ``diffusers_names``
+      lists (name -> weight shape, e.g. a ``FluxTransformer2DModel``'s), no alpha;
+    - ``xlabs``: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.down/up.weight`` and single blocks'
+      ``processor.qkv_lora`` (what XLabs' trainer writes), no alpha.
+    """
+    from core.models.flux import Flux, FluxConfig
+
+    if fmt not in FLUX_LORA_FORMATS:
+        raise ValueError(f"Flux LoRA format {fmt!r} is unknown; valid: {', '.join(FLUX_LORA_FORMATS)}")
+    cfg = FluxConfig.preset("flux", size, "dev")
+    with torch.device("meta"):
+        module = Flux(cfg)
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in module.state_dict().items()
+              if k.endswith(".weight") and v.ndim == 2}
+    d = cfg.hidden_size
+    if fmt == "diffusers":
+        if diffusers_names is None:
+            raise ValueError("the diffusers format needs diffusers_names (module name -> weight shape)")
+        shapes = dict(diffusers_names)
+    elif fmt == "xlabs":
+        shapes = {}
+        for n in range(cfg.depth):
+            for i in (1, 2):
+                shapes[f"double_blocks.{n}.processor.qkv_lora{i}"] = (3 * d, d)
+                shapes[f"double_blocks.{n}.processor.proj_lora{i}"] = (d, d)
+        for n in range(cfg.depth_single_blocks):
+            shapes[f"single_blocks.{n}.processor.qkv_lora"] = (3 * d, d)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, (out_dim, in_dim) in shapes.items():
+        r = min(rank, out_dim, in_dim)
+        factor = math.sqrt(strength / math.sqrt(in_dim) / math.sqrt(r))
+        down = (torch.randn(r, in_dim, generator=g) * factor).to(dtype)
+        up = (torch.randn(out_dim, r, generator=g) * factor).to(dtype)
+        if fmt == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = down, up
+            if alpha is not None:
+                out[key + ".alpha"] = torch.tensor(float(r if name.startswith("final_layer") else alpha), dtype=dtype)
+        elif fmt == "xlabs":
+            out[name + ".down.weight"], out[name + ".up.weight"] = down, up
+        else:
+            key = ("diffusion_model." if fmt == "bfl" else "transformer.") + name
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = down, up
+    return out

@@ -69,4 +69,5 @@ FAMILY = ModelFamily(
     sampling=FlowSampling(),
     pixel_multiple=16,  # 8x VAE, then 2x2 patches
     default_size=(1024, 1024),
+    lora_keys="core.lora.flux_keys:lora_keys",
 )
