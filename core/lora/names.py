@@ -53,9 +53,10 @@ SUFFIXES: tuple[tuple[str, str], ...] = tuple(sorted({
     ".lokr_t2": "lokr_t2",
     ".diff": "diff",
     ".diff_b": "diff_b",
-    ".dora_scale": "dora",
-    ".lora_magnitude_vector": "dora",
-    ".lora_magnitude_vector.default": "dora",
+    ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.default": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
 }.items(), key=lambda kv: -len(kv[0])))
 
 # old diffusers attention-processor LoRAs: ".processor.to_q_lora" patches ".to_q" (UNet) / ".q_proj" (CLIP)
@@ -102,10 +103,9 @@ def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str
 
 
 def module_kind(parts: Iterable[str]) -> str | None:
-    """lora | loha | lokr | full | dora, or None when the parts make no complete module."""
+    """lora | loha | lokr | full, or None when the parts make no complete module (a DoRA magnitude rides
+    on the module's factors: ``dora_scale`` / ``magnitude`` parts)."""
     parts = set(parts)
-    if "dora" in parts:
-        return "dora"
     if {"down", "up"} <= parts:
         return "lora"
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:

@@ -74,6 +74,8 @@ def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, ta
     if not target.swap_halves:
         module.add_to(weight, multiplier)
         return
+    if module.dora:
+        raise ValueError("a DoRA magnitude on a layer stored in another row order is not supported")
     delta = module.delta(weight.shape, weight.device)
     half = weight.shape[0] // 2
     weight[:half].add_(delta[half:], alpha=multiplier)
@@ -112,11 +114,6 @@ class LoraPatcher:
         table = self.table if loras else {}
         for lora in loras:
             report = LoraReport(lora)
-            if lora.file.dora:
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} is a DoRA (weight-decomposed LoRA: "
-                    f"{lora.file.dora[0]!r} has a magnitude vector); DoRA is not supported yet"
-                )
             for name, module in lora.file.modules.items():
                 target = table.get(name)
                 if target is None:
@@ -237,7 +234,8 @@ def activate(
     model: str = "the model",
 ) -> list[str]:
     """Resolve ``refs`` (``find``: name -> file, e.g. ``ModelRegistry.find_lora``), read them (cached) and
-    merge them into the model in place of the current set. Returns the warnings (unmatched keys)."""
+    merge them into the model in place of the current set. Returns the warnings: at most one, counting
+    each LoRA's keys that matched no layer."""
     refs = tuple(refs)
     if refs == patcher.requested and all(
         a.file is cache.get(a.file.path) for a in patcher.active
@@ -252,7 +250,9 @@ def activate(
             raise error
         actives.append(ActiveLora(lora, ref))
     reports = patcher.apply(actives, refs)
-    warnings = [w for r in reports if (w := r.warning(patcher.family.label))]
-    for warning in warnings:
-        log.warning("%s", warning)
-    return warnings
+    parts = [w for r in reports if (w := r.warning(patcher.family.label))]
+    if not parts:
+        return []
+    warning = "; ".join(parts)  # one warning for the set, each LoRA's count in it
+    log.warning("%s", warning)
+    return [warning]
