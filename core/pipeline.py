@@ -200,7 +200,10 @@ class PromptCache:
             settings = EncoderSettings(clip_skip=settings)
         # the checkpoint file (the VAE does not change the encoding) and the LoRAs merged into its text encoders
         loras = getattr(model, "loras", None)  # None: a model without the LoRA machinery (test stand-ins)
-        key = (model.key[0], loras.text_signature if loras is not None else (), settings, text)
+        # and the textual-inversion files the text names (an edited or added embedding changes the encoding)
+        embeddings = getattr(model.conditioner, "embeddings", None)
+        key = (model.key[0], loras.text_signature if loras is not None else (),
+               embeddings.signature(text) if embeddings is not None else (), settings, text)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
@@ -578,6 +581,10 @@ class PipelineRunner:
         from core.lora.files import LoraFileCache
 
         self.lora_files = LoraFileCache()
+        from core.models.embeddings import EmbeddingLibrary
+
+        # textual inversions in models/embeddings, read when a prompt names them
+        self.embeddings = EmbeddingLibrary(lambda: [(m.name, m.path) for m in self.registry.embeddings()])
         self.refiner: LoadedModel | None = None
 
     @property
@@ -605,6 +612,7 @@ class PipelineRunner:
         if ctx is not None:
             ctx.set_activity(f"loading {path.name}")
         self.model = load_model(path, vae_path=vae_path, device=self.device)
+        self.model.conditioner.embeddings = self.embeddings
         self.dtype = self.model.dtype
         return self.model
 
@@ -625,6 +633,7 @@ class PipelineRunner:
             ctx.set_activity(f"loading refiner {path.name}")
         # no hash: the infotext names the refiner by file name only
         self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False)
+        self.refiner.conditioner.embeddings = self.embeddings
         return self.refiner
 
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:

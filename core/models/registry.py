@@ -31,6 +31,7 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("checkpoints", "Stable-diffusion"),
     "vae": ("vae", "VAE"),
     "lora": ("loras", "Lora", "LyCORIS"),
+    "embedding": ("embeddings",),  # textual inversion (A1111: <webui>/embeddings, ComfyUI: models/embeddings)
 }
 
 
@@ -211,6 +212,9 @@ class ModelRegistry:
     def loras(self) -> list[ModelFile]:
         return list(self._scan()["lora"])
 
+    def embeddings(self) -> list[ModelFile]:
+        return list(self._scan()["embedding"])
+
     def inspect(self, model: ModelFile | Path | str) -> ModelInfo:
         """The family (label, variant, dtype) of a model file from its header, cached by path, mtime and size
         (so listing a large folder again reads nothing). Torch-free; a file header is read at most once per
@@ -281,7 +285,7 @@ class ModelRegistry:
     def _find(self, kind: str, name_or_path: str | Path) -> Path:
         """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""
         value = str(name_or_path).strip()
-        label = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA"}[kind]
+        label = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "embedding": "embedding"}[kind]
         if not value:
             raise ModelNotFoundError(f"no {label} given (empty name)")
         candidate = Path(value).expanduser()
