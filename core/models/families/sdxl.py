@@ -102,7 +102,7 @@ FAMILY = ModelFamily(
     default_size=(1024, 1024),
     conditioner="core.models.sdxl_conditioner:SDXLConditioner",
     ays_levels=AYS_LEVELS,
-    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-hires"),
+    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-hires", "sdxl-lcm-lora", "sdxl-lightning-4step"),
     request_fields=("prediction", "refiner", "refiner_switch"),
     lora_keys="core.models.families.sdxl:lora_keys",
 )
