@@ -228,6 +228,22 @@ def test_removing_loras_restores_every_weight_exactly_and_switching_remerges_onl
     assert cache.reads == 4  # each file read once
 
 
+def test_switching_reuses_merge_buffers_and_removing_all_frees_them(model, models):
+    """A weight a new set no longer patches gives its buffer to the next one of the same shape (a fresh
+    tensor would page-fault on every write); with no LoRA left no spare is kept."""
+    find, cache = _find(models), LoraFileCache()
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    te_buffers = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("text_encoder")}
+    plain = {k: v.data_ptr() for k, v in _weights(model).items()}
+    activate(model.loras, [LoraRef("te_only", 1.0, te_weight=0.0), LoraRef("kohya", 0.5, te_weight=0.0)], find, cache)
+    reused = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("unet")} & te_buffers
+    assert reused  # UNet weights of the text encoder's shapes took its freed buffers
+    assert model.loras._spares or len(reused) == len(te_buffers)
+    activate(model.loras, [], find, cache)
+    assert model.loras._spares == {} and model.loras.merged_weights == 0
+    assert all(v.data_ptr() == plain[k] for k, v in _weights(model).items() if k.startswith("unet"))
+
+
 def test_two_loras_add_their_deltas_in_any_order(model, models):
     find, cache = _find(models), LoraFileCache()
     before = _weights(model)
