@@ -35,6 +35,18 @@ class LoraModule:
     alpha: float | None = None
     keys: int = 0  # file keys that make up this module (for the unmatched-keys count)
     rs: bool = False  # rank-stabilised LoRA (PEFT use_rslora): scale alpha / sqrt(rank)
+    # float32 (up [out, r], down [r, in*k]) per device: switching back to this LoRA converts nothing again
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain LoRA's factors as float32 matrices on ``device`` (cached)."""
+        hit = self._factors.get(device)
+        if hit is None:
+            up, down = self.tensors["up"], self.tensors["down"]
+            rank = down.shape[0]
+            hit = self._factors[device] = (up.to(device=device, dtype=torch.float32).reshape(up.shape[0], -1),
+                                           down.to(device=device, dtype=torch.float32).reshape(rank, -1))
+        return hit
 
     @property
     def rank(self) -> int | None:
@@ -92,8 +104,7 @@ class LoraModule:
             up, down = t["up"], t["down"]
             out, rank = up.shape[0], down.shape[0]
             if up.numel() == out * rank and out * (down.numel() // rank) == weight.numel() and weight.shape[0] == out:
-                up = up.to(device=weight.device, dtype=torch.float32).reshape(out, rank)
-                down = down.to(device=weight.device, dtype=torch.float32).reshape(rank, -1)
+                up, down = self.factors(weight.device)
                 if start is None:
                     weight.view(out, -1).addmm_(up, down, alpha=multiplier * self.scale)
                 else:

@@ -85,8 +85,7 @@ def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -
         if up.shape[0] != out or up.numel() != out * rank or down.numel() // rank != flat.shape[1]:
             raise ValueError(f"its delta is [{up.shape[0]}, {down.numel() // rank}], the layer's weight "
                              f"{tuple(base.shape)}")
-        factors.append((up.to(base.device, torch.float32).reshape(out, rank),
-                        down.to(base.device, torch.float32).reshape(rank, -1), multiplier * module.scale))
+        factors.append((*module.factors(base.device), multiplier * module.scale))
     rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
     for start in range(0, out, rows):
         stop = min(out, start + rows)
@@ -126,6 +125,7 @@ class LoraPatcher:
         # merge buffers of weights no longer patched, by (shape, dtype, device): the next switch writes into
         # them instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
         self._spares: dict[tuple, list[torch.Tensor]] = {}
+        self._params: dict[tuple[str, str], nn.Parameter] = {}
         self.active: tuple[ActiveLora, ...] = ()
         self.requested: tuple[LoraRef, ...] = ()  # the refs of the request these LoRAs came from
         self.text_signature: tuple = ()  # what changes prompt encodings: LoRAs merged into text encoders
@@ -223,8 +223,12 @@ class LoraPatcher:
         return torch.empty_like(base, memory_format=torch.contiguous_format)
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
-        role, name = key
-        return self.components[role].get_parameter(name)
+        # the Parameter objects stay (merging replaces their .data): looked up once, not per switch
+        param = self._params.get(key)
+        if param is None:
+            role, name = key
+            param = self._params[key] = self.components[role].get_parameter(name)
+        return param
 
     def _original(self, key: tuple[str, str], param: nn.Parameter) -> torch.Tensor:
         kept = self._originals.get(key)
