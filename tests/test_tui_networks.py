@@ -24,7 +24,7 @@ class NetworkRegistry(FakeRegistry):
         return [FakeModel("easynegative", Path("/models/embeddings/easynegative.pt"))]
 
 
-async def test_picker_lists_loras_and_embeddings_and_inserts_them_into_the_prompt(tmp_path):
+async def test_picker_inserts_loras_and_embeddings_and_the_running_job_shows_its_loras(tmp_path):
     app = make_app(tmp_path, registry=NetworkRegistry())
     async with app.run_test(size=(140, 45)) as pilot:
         screen = app.get_generate_screen()
@@ -51,12 +51,7 @@ async def test_picker_lists_loras_and_embeddings_and_inserts_them_into_the_promp
         await wait_for(pilot, lambda: app.screen is screen)
         assert prompt.text == "a harbour at night <lora:ink:1> easynegative"
 
-
-async def test_the_running_job_shows_its_loras(tmp_path):
-    app = make_app(tmp_path, registry=NetworkRegistry())
-    async with app.run_test(size=(140, 45)) as pilot:
-        screen = app.get_generate_screen()
-        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
-        screen.query_one("#prompt", TextArea).load_text("a cat <lora:ink:0.8> <lora:detail:0.5:1.2>")
+        # the running job's LoRAs in the preview title
+        prompt.load_text("a cat <lora:ink:0.8> <lora:detail:0.5:1.2>")
         await pilot.press("ctrl+j")
         await wait_for(pilot, lambda: "[LoRAs: ink 0.8, detail 0.5/1.2]" in screen_text(app))
