@@ -51,6 +51,13 @@ async def test_picker_inserts_loras_and_embeddings_and_the_running_job_shows_its
         await wait_for(pilot, lambda: app.screen is screen)
         assert prompt.text == "a harbour at night <lora:ink:1> easynegative"
 
+        # a preset's LoRA (the LCM-LoRA) becomes a tag in the prompt, once
+        from core.presets import find_preset
+
+        for _ in range(2):
+            screen.apply_preset(find_preset("sd15-lcm-lora"))
+            await pilot.pause()
+        assert prompt.text == "a harbour at night <lora:ink:1> easynegative <lora:lcm-lora-sdv1-5:1>"
         # the running job's LoRAs in the preview title
         prompt.load_text("a cat <lora:ink:0.8> <lora:detail:0.5:1.2>")
         await pilot.press("ctrl+j")

@@ -764,7 +764,27 @@ class GenerateScreen(MainScreen):
         values = dict(preset.fields)
         values.setdefault("hires", None)  # a preset without hires-fix turns it off
         self.set_form_values(values)
+        self._add_preset_loras(values.get("loras") or ())
         self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
+
+    def _add_preset_loras(self, entries: Any) -> None:
+        """A preset's LoRAs (the LCM-LoRA of an LCM preset) become tags in the prompt, where the user sees and
+        edits them; one already there is left as written."""
+        from tui.screens.networks import lora_tag
+
+        prompt = self.query_one("#prompt", TextArea)
+        text = prompt.text
+        for entry in entries:
+            name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+            if not name or f"<lora:{name.lower()}:" in text.lower() or f"<lora:{name.lower()}>" in text.lower():
+                continue
+            te = entry.get("te_weight")
+            tag = lora_tag(name, float(entry.get("weight", 1.0)))
+            if te is not None:
+                tag = f"<lora:{name}:{float(te):g}:{float(entry.get('weight', 1.0)):g}>"
+            text = f"{text.rstrip()} {tag}" if text.strip() else tag
+        if text != prompt.text:
+            prompt.load_text(text)
 
     # ---- settings from an image (A1111's PNG Info) ---------------------------------------------------------
 
