@@ -244,7 +244,10 @@ class PromptCache:
         # the checkpoint and text encoder files (the VAE does not change the encoding) and the LoRAs merged into
         # its text encoders
         loras = getattr(model, "loras", None)  # None: a model without the LoRA machinery (test stand-ins)
-        key = (model.key[0::2], loras.text_signature if loras is not None else (), settings, text)
+        # and the textual-inversion files the text names (an edited or added embedding changes the encoding)
+        embeddings = getattr(model.conditioner, "embeddings", None)
+        key = (model.key[0::2], loras.text_signature if loras is not None else (),
+               embeddings.signature(text) if embeddings is not None else (), settings, text)
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
@@ -755,6 +758,10 @@ class PipelineRunner:
         from core.lora.files import LoraFileCache
 
         self.lora_files = LoraFileCache()
+        from core.models.embeddings import EmbeddingLibrary
+
+        # textual inversions in models/embeddings, read when a prompt names them
+        self.embeddings = EmbeddingLibrary(lambda: [(m.name, m.path) for m in self.registry.embeddings()])
         self.refiner: LoadedModel | None = None
         # The memory policy (core.accel.memory): a plan per job from its estimate, or forced by ``memory``
         # (auto, gpu, lowvram, sequential: core.accel.memory_mode); the placement moves the networks for it.
@@ -801,6 +808,7 @@ class PipelineRunner:
         self.model = load_model(path, vae_path=vae_path, device=self.device, resident=not self.placement.active,
                                 parts=encoders)
         self.model.placement = self.placement
+        self.model.conditioner.embeddings = self.embeddings
         self.dtype = self.model.dtype
         return self.model
 
@@ -827,6 +835,7 @@ class PipelineRunner:
         self.refiner = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype, compute_hash=False,
                                   resident=not self.placement.active)
         self.refiner.placement = self.placement
+        self.refiner.conditioner.embeddings = self.embeddings
         return self.refiner
 
     def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:

@@ -63,6 +63,9 @@ def _type_problem(key: str, value: Any, hint: Any) -> str | None:
         ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif hint is str:
         ok, wanted = isinstance(value, str), "a string"
+    elif key == "loras":  # the request checks each entry (name, weight, te_weight)
+        ok, wanted = isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value), (
+            "a list of tables with name, weight and optionally te_weight")
     elif hint is HiresFix:
         ok, wanted = isinstance(value, Mapping), "a table (scale, upscaler, steps, denoise)"
     else:  # Mapping[str, Any]
@@ -97,6 +100,8 @@ def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
                     value[sub] = float(sub_value)
         elif key == "extra":
             value = dict(value)
+        elif key == "loras":
+            value = [dict(v) for v in value]
         elif _REQUEST_TYPES[key] is float:
             value = float(value)
         out[key] = value
@@ -290,7 +295,7 @@ def apply_preset(preset_or_name: Preset | str, job: Mapping[str, Any]) -> dict[s
     """Request fields for ``job`` with the preset applied: request defaults < preset < job.
 
     ``hires`` and ``extra`` tables are merged key by key (a job may change just ``hires.denoise``); a job's
-    ``hires = None`` turns hires-fix off. A ``preset`` key in the job is dropped. The result feeds
+    ``hires = None`` turns hires-fix off; a job's ``loras`` are added to the preset's. A ``preset`` key in the job is dropped. The result feeds
     ``GenerationRequest.from_dict``.
     """
     preset = find_preset(preset_or_name) if isinstance(preset_or_name, str) else preset_or_name
@@ -303,11 +308,19 @@ def apply_preset(preset_or_name: Preset | str, job: Mapping[str, Any]) -> dict[s
             old = merged.get(key)
             if key in ("hires", "extra") and isinstance(value, dict) and isinstance(old, dict):
                 merged[key] = {**old, **value}
+            elif key == "loras" and old and value is not None:
+                # a job's LoRAs join the preset's (an LCM-LoRA preset keeps its LoRA); the same name: the job's
+                named = {_lora_name(v) for v in value}
+                merged[key] = [v for v in old if _lora_name(v) not in named] + list(value)
             else:
                 merged[key] = value
     if isinstance(merged.get("hires"), dict):
         merged["hires"] = {**dataclasses.asdict(HiresFix()), **merged["hires"]}
     return merged
+
+
+def _lora_name(entry: Any) -> Any:
+    return entry.get("name") if isinstance(entry, Mapping) else getattr(entry, "name", entry)
 
 
 # ---- user presets -------------------------------------------------------------------------------------------

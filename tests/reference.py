@@ -272,8 +272,13 @@ def merge_lora_reference(pipe, path: str | Path, unet_scale: float = 1.0, te_sca
     from diffusers.utils.peft_utils import get_peft_kwargs
 
     te_scale = unet_scale if te_scale is None else te_scale
-    state_dict, alphas, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True)
-    for prefix, model, scale in (("unet", pipe.unet, unet_scale), ("text_encoder", pipe.text_encoder, te_scale)):
+    # load_lora_weights passes the UNet's config: it maps SDXL's LDM block names (kohya) onto diffusers' ones
+    state_dict, alphas, metadata = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config,
+                                                        return_lora_metadata=True)
+    parts = [("unet", pipe.unet, unet_scale), ("text_encoder", pipe.text_encoder, te_scale)]
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        parts.append(("text_encoder_2", pipe.text_encoder_2, te_scale))
+    for prefix, model, scale in parts:
         sd = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
         if not sd:
             continue

@@ -228,6 +228,22 @@ def test_removing_loras_restores_every_weight_exactly_and_switching_remerges_onl
     assert cache.reads == 4  # each file read once
 
 
+def test_switching_reuses_merge_buffers_and_removing_all_frees_them(model, models):
+    """A weight a new set no longer patches gives its buffer to the next one of the same shape (a fresh
+    tensor would page-fault on every write); with no LoRA left no spare is kept."""
+    find, cache = _find(models), LoraFileCache()
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    te_buffers = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("text_encoder")}
+    plain = {k: v.data_ptr() for k, v in _weights(model).items()}
+    activate(model.loras, [LoraRef("te_only", 1.0, te_weight=0.0), LoraRef("kohya", 0.5, te_weight=0.0)], find, cache)
+    reused = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("unet")} & te_buffers
+    assert reused  # UNet weights of the text encoder's shapes took its freed buffers
+    assert model.loras._spares or len(reused) == len(te_buffers)
+    activate(model.loras, [], find, cache)
+    assert model.loras._spares == {} and model.loras.merged_weights == 0
+    assert all(v.data_ptr() == plain[k] for k, v in _weights(model).items() if k.startswith("unet"))
+
+
 def test_two_loras_add_their_deltas_in_any_order(model, models):
     find, cache = _find(models), LoraFileCache()
     before = _weights(model)
@@ -316,13 +332,50 @@ def test_unmatched_keys_are_counted_in_a_warning(model, models, tmp_path, checkp
         activate(model.loras, [LoraRef("junk")], lambda name: junk, LoraFileCache())
 
 
-def test_dora_is_refused_by_name(model, tmp_path):
-    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1, text_encoder=False)
-    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    tensors[name + ".dora_scale"] = torch.ones(32, 1, 1, 1)
-    path = save_tensors(tensors, tmp_path / "dora.safetensors")
-    with pytest.raises(LoraError, match="is a DoRA .*not supported yet"):
-        activate(model.loras, [LoraRef("dora")], lambda n: path, LoraFileCache())
+def test_dora_magnitudes_are_applied_as_lycoris_and_peft_define_them(model, tmp_path):
+    """kohya/LyCORIS ``dora_scale`` on the output axis ([out, 1, 1, 1], a 1x1 conv) and on the input axis
+    ([1, in], a linear), PEFT ``lora_magnitude_vector`` [out]: merged weights against the formulas of
+    lora.md §2.3 written out in float64 (the user's weight 0.6 on the ratio for LyCORIS, inside V for PEFT)."""
+    before = _weights(model)
+    conv = ("lora_unet_down_blocks_0_attentions_0_proj_in", "unet.input_blocks.1.1.proj_in.weight")
+    linear = ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+              "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight")
+    kohya = random_lora_state_dict("sd15", "tiny", "kohya", seed=1, text_encoder=False)
+    g = torch.Generator().manual_seed(0)
+    kohya[conv[0] + ".dora_scale"] = (torch.rand(32, 1, 1, 1, generator=g) + 0.5).half()
+    kohya[linear[0] + ".dora_scale"] = (torch.rand(1, 32, generator=g) + 0.5).half()
+    peft = random_lora_state_dict("sd15", "tiny", "peft", seed=2, text_encoder=False)
+    peft_name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    peft[peft_name + ".lora_magnitude_vector"] = torch.rand(32, generator=g) + 0.5
+
+    def lycoris(t, name, key, m):
+        w = before[key].double()
+        up, down = t[name + ".lora_up.weight"].double(), t[name + ".lora_down.weight"].double()
+        v = w + float(t[name + ".alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+        scale = t[name + ".dora_scale"].double()
+        axis = 0 if scale.shape[0] != 1 else 1
+        norm = v.transpose(0, axis).flatten(1).norm(dim=1)
+        shape = [1] * v.ndim
+        shape[axis] = -1
+        ratio = scale.reshape(shape) / (norm.reshape(shape) + torch.finfo(torch.float32).eps)
+        return v * (m * (ratio - 1) + 1)
+
+    path = save_tensors(kohya, tmp_path / "dora.safetensors")
+    assert set(read_lora(path).dora) == {conv[0], linear[0]}
+    activate(model.loras, [LoraRef("dora", 0.6)], lambda n: path, LoraFileCache())
+    after = _weights(model)
+    for name, key in (conv, linear):
+        assert torch.allclose(after[key].double(), lycoris(kohya, name, key, 0.6), rtol=1e-5, atol=1e-6), key
+
+    path = save_tensors(peft, tmp_path / "dora_peft.safetensors")
+    activate(model.loras, [LoraRef("dora_peft", 0.6)], lambda n: path, LoraFileCache())
+    key = linear[1]
+    a, b = peft[peft_name + ".lora_A.weight"].double(), peft[peft_name + ".lora_B.weight"].double()
+    v = before[key].double() + 0.6 * (b @ a)
+    expected = peft[peft_name + ".lora_magnitude_vector"].double()[:, None] * v / v.norm(dim=1, keepdim=True)
+    assert torch.allclose(_weights(model)[key].double(), expected, rtol=1e-5, atol=1e-6)
+    activate(model.loras, [], lambda n: path, LoraFileCache())
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())  # removed exactly, as any LoRA
 
 
 # ---- hashes and infotext ------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from core.presets import (
 )
 from core.request import GenerationRequest, HiresFix
 
-SD15_BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-fast-deepcache", "sd15-lcm-4step", "sd15-hires"}
+SD15_BUILTINS = {"sd15-balanced", "sd15-fast-ays", "sd15-fast-deepcache", "sd15-lcm-4step", "sd15-hires",
+                 "sd15-lcm-lora"}
 SD2_BUILTINS = {"sd2-balanced", "sd2-base-balanced"}
-SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hires"}
+SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hires", "sdxl-lcm-lora",
+                 "sdxl-lightning-4step"}
 FLUX_BUILTINS = {"flux-dev", "flux-schnell"}
 BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS | FLUX_BUILTINS
 

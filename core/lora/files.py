@@ -35,6 +35,18 @@ class LoraModule:
     alpha: float | None = None
     keys: int = 0  # file keys that make up this module (for the unmatched-keys count)
     rs: bool = False  # rank-stabilised LoRA (PEFT use_rslora): scale alpha / sqrt(rank)
+    # float32 (up [out, r], down [r, in*k]) per device: switching back to this LoRA converts nothing again
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain LoRA's factors as float32 matrices on ``device`` (cached)."""
+        hit = self._factors.get(device)
+        if hit is None:
+            up, down = self.tensors["up"], self.tensors["down"]
+            rank = down.shape[0]
+            hit = self._factors[device] = (up.to(device=device, dtype=torch.float32).reshape(up.shape[0], -1),
+                                           down.to(device=device, dtype=torch.float32).reshape(rank, -1))
+        return hit
 
     @property
     def rank(self) -> int | None:
@@ -49,6 +61,11 @@ class LoraModule:
             if "lokr_w2_b" in t:
                 return t["lokr_w2_b"].shape[0]
         return None
+
+    @property
+    def dora(self) -> str | None:
+        """``dora_scale`` (kohya/LyCORIS) or ``magnitude`` (PEFT ``lora_magnitude_vector``) for a DoRA module."""
+        return next((p for p in ("dora_scale", "magnitude") if p in self.tensors), None)
 
     @property
     def scale(self) -> float:
@@ -78,12 +95,16 @@ class LoraModule:
         shape), or ``weight = start + multiplier * delta`` when ``start`` is given. A plain LoRA is one
         ``addmm`` (no delta tensor, one pass over the weight)."""
         t = self.tensors
+        if self.dora:
+            if start is not None:
+                weight.copy_(start)
+            self._add_dora_to(weight, multiplier)
+            return
         if self.kind == "lora" and "mid" not in t:
             up, down = t["up"], t["down"]
             out, rank = up.shape[0], down.shape[0]
             if up.numel() == out * rank and out * (down.numel() // rank) == weight.numel() and weight.shape[0] == out:
-                up = up.to(device=weight.device, dtype=torch.float32).reshape(out, rank)
-                down = down.to(device=weight.device, dtype=torch.float32).reshape(rank, -1)
+                up, down = self.factors(weight.device)
                 if start is None:
                     weight.view(out, -1).addmm_(up, down, alpha=multiplier * self.scale)
                 else:
@@ -95,6 +116,35 @@ class LoraModule:
             torch.add(start, delta, alpha=multiplier, out=weight)
         else:
             weight.add_(delta, alpha=multiplier)
+
+
+    def _add_dora_to(self, weight: torch.Tensor, multiplier: float) -> None:
+        """DoRA (lora.md §2.3), in place on ``weight`` (float32, the layer's shape).
+
+        kohya / LyCORIS ``dora_scale``: ``V = W + scale * ΔW`` (the whole delta), ``ratio = dora_scale /
+        (||V|| + eps)`` with the norm over every axis but the output one (``dora_scale [out, 1, ...]``) or
+        the input one (``[1, in, ...]``), the user's weight applied to the ratio as ``m * (ratio - 1) + 1``,
+        ``W' = V * ratio`` (LyCORIS ``apply_weight_decompose``). PEFT ``lora_magnitude_vector [out]``:
+        ``V = W + m * scale * ΔW``, ``W' = magnitude * V / ||V||`` per output row (peft ``DoraLinearLayer``).
+        """
+        magnitude = self.tensors[self.dora].to(device=weight.device, dtype=torch.float32)
+        peft = self.dora == "magnitude"
+        weight.add_(self.delta(weight.shape, weight.device), alpha=multiplier if peft else 1.0)
+        on_input = (not peft and magnitude.ndim >= 2 and magnitude.shape[0] == 1 and weight.shape[0] != 1
+                    and magnitude.shape[1] == weight.shape[1])
+        keep = 1 if on_input else 0
+        dims = tuple(d for d in range(weight.ndim) if d != keep)
+        norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+        if magnitude.numel() != norm.numel():
+            raise ValueError(f"its DoRA magnitude has shape {tuple(magnitude.shape)}, the layer's weight "
+                             f"{tuple(weight.shape)}")
+        if peft:
+            weight.mul_(magnitude.reshape(norm.shape) / norm)
+            return
+        ratio = magnitude.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
+        if multiplier != 1:
+            ratio = multiplier * (ratio - 1) + 1
+        weight.mul_(ratio)
 
 
 def _lora(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +193,7 @@ class LoraFile:
     family_evidence: str
     sha256: str  # A1111's LoRA hash (see ``a1111_hash``)
     identity: tuple = ()  # (path, size, mtime_ns): which version of the file was read
-    dora: list[str] = field(default_factory=list)  # modules with DoRA magnitudes (refused when used)
+    dora: list[str] = field(default_factory=list)  # modules with DoRA magnitudes
 
     @property
     def name(self) -> str:
@@ -189,7 +239,7 @@ def read_lora(path: str | Path) -> LoraFile:
             if kind is None:  # e.g. an ".alpha" without its factors
                 stray.extend(parts.values())
                 continue
-            if kind == "dora":
+            if "dora_scale" in parts or "magnitude" in parts:
                 dora.append(name)
             tensors = {part: source.get(key) for part, key in parts.items() if part not in ("alpha",)}
             alpha = None

@@ -26,12 +26,25 @@ from typing import NamedTuple
 
 
 class Target(NamedTuple):
-    """Where a LoRA module lands: our network ``role``, the module's qualified name in it, and optionally the
-    row range of its weight (a split LoRA on a fused layer)."""
+    """Where a LoRA module lands: our network ``role``, the module's qualified name in it, and for a split LoRA
+    on a fused layer the row range it patches.
+
+    ``rows`` counts in blocks of the weight's input width ``D`` (the names alone fix it, no shapes needed):
+    ``(1, 2)`` is rows ``[D, 2D)`` (``to_k`` of a fused ``[3D, D]`` qkv), ``(3, None)`` from ``3D`` to the end
+    (Flux's ``proj_mlp`` inside ``linear1``). ``parameter`` is the weight's attribute (OpenCLIP's packed
+    ``attn.in_proj_weight``); ``swap_halves``: the LoRA's output rows are the layer's two halves in the other
+    order (diffusers' Flux ``norm_out.linear`` is ``[scale, shift]``, BFL's ``[shift, scale]``)."""
 
     role: str
     module: str
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, int | None] | None = None
+    parameter: str = "weight"
+    swap_halves: bool = False
+
+    @property
+    def weight(self) -> str:
+        """The parameter's qualified name in the role's network."""
+        return f"{self.module}.{self.parameter}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,9 @@ class Spellings:
     dotted: tuple[str, ...] = ()
     aliases: Callable[[Sequence[str]], Mapping[str, Sequence[str]]] | None = None
     extra: Mapping[str, str] = field(default_factory=dict)  # LoRA name -> our name, for odd spellings
+    # (role, our names) -> {another naming's module name: Target}, for layers that are not one module of ours
+    # (split q/k/v onto a fused weight); each name is spelled with the prefixes above
+    targets: Callable[[str, Sequence[str]], Mapping[str, Target]] | None = None
 
 
 def table(modules: Mapping[str, Sequence[str]], spellings: Mapping[str, Spellings]) -> dict[str, Target]:
@@ -60,6 +76,12 @@ def table(modules: Mapping[str, Sequence[str]], spellings: Mapping[str, Spelling
                     out.setdefault(prefix + flat, target)
                 for prefix in spell.dotted:
                     out.setdefault(prefix + alias, target)
+        for other, target in (spell.targets(role, names) if spell.targets else {}).items():
+            flat = other.replace(".", "_")
+            for prefix in spell.flat:
+                out.setdefault(prefix + flat, target)
+            for prefix in spell.dotted:
+                out.setdefault(prefix + other, target)
         known = set(names)
         for lora_name, ours in spell.extra.items():
             if ours in known:
@@ -146,6 +168,32 @@ def ldm_unet_aliases(names: Sequence[str]) -> dict[str, list[str]]:
         alias = ldm_unet_to_diffusers(name, res_blocks)
         if alias:
             out[name] = [alias]
+    return out
+
+
+# ------------------------------------------------------------------------------------ OpenCLIP text tower
+
+_OPEN_CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)$")
+_OPEN_CLIP_HF = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def open_clip_hf_targets(role: str, names: Sequence[str]) -> dict[str, Target]:
+    """An OpenCLIP text tower (SDXL's bigG) under the Hugging Face ``CLIPTextModel`` names its LoRAs use
+    (kohya ``lora_te2_``, diffusers ``text_encoder_2.``): ``self_attn.{q,k,v}_proj`` are the row blocks of
+    the packed ``attn.in_proj_weight``, ``out_proj``/``fc1``/``fc2`` are ``attn.out_proj``/``mlp.c_fc``/
+    ``mlp.c_proj``."""
+    out: dict[str, Target] = {}
+    for name in names:
+        m = _OPEN_CLIP_BLOCK.match(name)
+        if not m:
+            continue
+        layer, part = m.groups()
+        hf = f"text_model.encoder.layers.{layer}."
+        out[hf + _OPEN_CLIP_HF[part]] = Target(role, name)
+        if part == "attn.out_proj":
+            for i, p in enumerate("qkv"):
+                out[f"{hf}self_attn.{p}_proj"] = Target(role, f"transformer.resblocks.{layer}.attn", (i, i + 1),
+                                                        "in_proj_weight")
     return out
 
 

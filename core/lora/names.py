@@ -7,6 +7,7 @@ Stdlib only, so the batch runner can check a LoRA against a checkpoint from the 
 | kohya LoRA / LoCon | ``.lora_down.weight``, ``.lora_up.weight``, ``.lora_mid.weight`` (Tucker core), ``.alpha`` |
 | PEFT / diffusers | ``.lora_A.weight``, ``.lora_B.weight`` (``.lora_A.default.weight``, bare ``.lora_A``) |
 | old diffusers | ``.processor.to_q_lora.down.weight``, ``.lora_linear_layer.up.weight``, ``.lora.down.weight`` |
+| XLabs (Flux) | ``.processor.qkv_lora1.down.weight``, ``.up.weight`` |
 | LyCORIS LoHa | ``.hada_w1_a``, ``.hada_w1_b``, ``.hada_w2_a``, ``.hada_w2_b``, ``.hada_t1``, ``.hada_t2`` |
 | LyCORIS LoKr | ``.lokr_w1`` or ``.lokr_w1_a``/``_b``, ``.lokr_w2`` or ``.lokr_w2_a``/``_b``, ``.lokr_t2`` |
 | full diff | ``.diff`` (weight), ``.diff_b`` (bias) |
@@ -34,6 +35,8 @@ SUFFIXES: tuple[tuple[str, str], ...] = tuple(sorted({
     "_lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down",
     ".lora_linear_layer.up.weight": "up",
+    ".down.weight": "down",  # XLabs Flux: "double_blocks.0.processor.qkv_lora1.down.weight"
+    ".up.weight": "up",
     ".alpha": "alpha",
     ".hada_w1_a": "hada_w1_a",
     ".hada_w1_b": "hada_w1_b",
@@ -50,9 +53,10 @@ SUFFIXES: tuple[tuple[str, str], ...] = tuple(sorted({
     ".lokr_t2": "lokr_t2",
     ".diff": "diff",
     ".diff_b": "diff_b",
-    ".dora_scale": "dora",
-    ".lora_magnitude_vector": "dora",
-    ".lora_magnitude_vector.default": "dora",
+    ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.default": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
 }.items(), key=lambda kv: -len(kv[0])))
 
 # old diffusers attention-processor LoRAs: ".processor.to_q_lora" patches ".to_q" (UNet) / ".q_proj" (CLIP)
@@ -99,10 +103,9 @@ def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str
 
 
 def module_kind(parts: Iterable[str]) -> str | None:
-    """lora | loha | lokr | full | dora, or None when the parts make no complete module."""
+    """lora | loha | lokr | full, or None when the parts make no complete module (a DoRA magnitude rides
+    on the module's factors: ``dora_scale`` / ``magnitude`` parts)."""
     parts = set(parts)
-    if "dora" in parts:
-        return "dora"
     if {"down", "up"} <= parts:
         return "lora"
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:

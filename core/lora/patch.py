@@ -24,7 +24,7 @@ from torch import nn
 from core.lora import LoraError
 from core.lora.check import nothing_matched, unmatched_warning
 from core.lora.detect import family_mismatch
-from core.lora.files import LoraFile, LoraFileCache
+from core.lora.files import LoraFile, LoraFileCache, LoraModule
 from core.lora.keymap import Target, weight_modules
 from core.lora.tags import LoraRef
 from core.models.family import ModelFamily, resolve
@@ -64,6 +64,55 @@ def _needs_forward_time(weight: torch.Tensor) -> bool:
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
 
 
+_BLOCK_ELEMENTS = 1 << 20  # float32 rows per block of a 16-bit merge: 4 MB, stays in cache
+
+
+def _blockwise(contributions: list) -> bool:
+    """Every contribution is a plain LoRA (up @ down) on the whole weight: mergeable in row blocks."""
+    return all(module.kind == "lora" and "mid" not in module.tensors and not module.dora and target.rows is None
+               and not target.swap_halves for _, module, _, target in contributions)
+
+
+def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -> None:
+    """``buffer = cast(float32(base) + Σ m * scale * up @ down)`` a block of rows at a time: the same bits as
+    the whole-weight float32 merge, without a weight-sized float32 temporary."""
+    out = base.shape[0]
+    flat_base, flat = base.reshape(out, -1), buffer.view(out, -1)
+    factors = []
+    for _, module, multiplier, _ in contributions:
+        up, down = module.tensors["up"], module.tensors["down"]
+        rank = down.shape[0]
+        if up.shape[0] != out or up.numel() != out * rank or down.numel() // rank != flat.shape[1]:
+            raise ValueError(f"its delta is [{up.shape[0]}, {down.numel() // rank}], the layer's weight "
+                             f"{tuple(base.shape)}")
+        factors.append((*module.factors(base.device), multiplier * module.scale))
+    rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
+    for start in range(0, out, rows):
+        stop = min(out, start + rows)
+        block = flat_base[start:stop].float()
+        for up, down, alpha in factors:
+            block.addmm_(up[start:stop], down, alpha=alpha)
+        flat[start:stop].copy_(block)
+
+
+def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, target: Target) -> None:
+    """``weight`` rows ``target.rows`` (blocks of the input width) += the module's delta, its two halves
+    exchanged when ``target.swap_halves``."""
+    if target.rows is not None:
+        width = weight.shape[1]
+        start, stop = target.rows
+        weight = weight[start * width : None if stop is None else stop * width]
+    if not target.swap_halves:
+        module.add_to(weight, multiplier)
+        return
+    if module.dora:
+        raise ValueError("a DoRA magnitude on a layer stored in another row order is not supported")
+    delta = module.delta(weight.shape, weight.device)
+    half = weight.shape[0] // 2
+    weight[:half].add_(delta[half:], alpha=multiplier)
+    weight[half:].add_(delta[:half], alpha=multiplier)
+
+
 class LoraPatcher:
     """The LoRA state of one loaded model's networks (role -> module)."""
 
@@ -73,6 +122,10 @@ class LoraPatcher:
         self._table: dict[str, Target] | None = None
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (role, parameter) -> original tensor
         self._merged: dict[tuple[str, str], tuple] = {}  # (role, parameter) -> signature of what is merged in
+        # merge buffers of weights no longer patched, by (shape, dtype, device): the next switch writes into
+        # them instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
+        self._spares: dict[tuple, list[torch.Tensor]] = {}
+        self._params: dict[tuple[str, str], nn.Parameter] = {}
         self.active: tuple[ActiveLora, ...] = ()
         self.requested: tuple[LoraRef, ...] = ()  # the refs of the request these LoRAs came from
         self.text_signature: tuple = ()  # what changes prompt encodings: LoRAs merged into text encoders
@@ -100,11 +153,6 @@ class LoraPatcher:
         table = self.table if loras else {}
         for lora in loras:
             report = LoraReport(lora)
-            if lora.file.dora:
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} is a DoRA (weight-decomposed LoRA: "
-                    f"{lora.file.dora[0]!r} has a magnitude vector); DoRA is not supported yet"
-                )
             for name, module in lora.file.modules.items():
                 target = table.get(name)
                 if target is None:
@@ -115,9 +163,7 @@ class LoraPatcher:
                 report.matched += 1
                 if multiplier == 0:
                     continue
-                plan.setdefault((target.role, target.module + ".weight"), []).append(
-                    (lora, module, multiplier, target.rows)
-                )
+                plan.setdefault((target.role, target.weight), []).append((lora, module, multiplier, target))
             report.unmatched_keys += len(lora.file.stray)
             report.unmatched_examples.extend(lora.file.stray[:2])
             if report.matched == 0:
@@ -130,8 +176,8 @@ class LoraPatcher:
 
     @staticmethod
     def _signature(contributions: list) -> tuple:
-        return tuple((lora.file.identity, module.name, multiplier, rows)
-                     for lora, module, multiplier, rows in contributions)
+        return tuple((lora.file.identity, module.name, multiplier, target.rows, target.swap_halves)
+                     for lora, module, multiplier, target in contributions)
 
     def apply(self, loras: Sequence[ActiveLora], requested: Sequence[LoraRef] = ()) -> list[LoraReport]:
         """Make ``loras`` the merged set (empty: remove all). Returns one report per LoRA."""
@@ -148,8 +194,10 @@ class LoraPatcher:
         except BaseException:
             for key in list(self._originals):  # half a set is no set: back to the plain model
                 self._restore(key)
+            self._spares.clear()
             self.active, self.requested, self.text_signature = (), (), ()
             raise
+        self._trim_spares()
         self.active = tuple(loras)
         self.requested = tuple(requested)
         self.text_signature = tuple(sorted(
@@ -160,15 +208,37 @@ class LoraPatcher:
     def remove_all(self) -> None:
         self.apply(())
 
+    def _trim_spares(self) -> None:
+        """Spare buffers take at most as much memory as the weights merged now (none once no LoRA is)."""
+        budget = sum(self._parameter(key).data.nbytes for key in self._originals)
+        kept = 0
+        for spares in self._spares.values():
+            for index, tensor in enumerate(spares):
+                kept += tensor.nbytes
+                if kept > budget:
+                    del spares[index:]
+                    break
+        self._spares = {k: v for k, v in self._spares.items() if v}
+
+    def _buffer(self, base: torch.Tensor) -> torch.Tensor:
+        spares = self._spares.get((tuple(base.shape), base.dtype, base.device))
+        if spares:
+            return spares.pop()
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
-        role, name = key
-        try:
-            return self.components[role].get_parameter(name)
-        except AttributeError:  # a packed (fp8/GGUF) layer: its weight is rebuilt per call, not a parameter
-            raise LoraError(
-                f"{role} weight {name!r} is stored packed (fp8/GGUF): LoRAs on such weights must be applied at "
-                "forward time, which is not supported yet; use a float16/bfloat16 model"
-            ) from None
+        # the Parameter objects stay (merging replaces their .data): looked up once, not per switch
+        param = self._params.get(key)
+        if param is None:
+            role, name = key
+            try:
+                param = self._params[key] = self.components[role].get_parameter(name)
+            except AttributeError:  # a packed (fp8/GGUF) layer: its weight is rebuilt per call, not a parameter
+                raise LoraError(
+                    f"{role} weight {name!r} is stored packed (fp8/GGUF): LoRAs on such weights must be applied "
+                    "at forward time, which is not supported yet; use a float16/bfloat16 model"
+                ) from None
+        return param
 
     def _original(self, key: tuple[str, str], param: nn.Parameter) -> torch.Tensor:
         kept = self._originals.get(key)
@@ -185,39 +255,60 @@ class LoraPatcher:
                 "weights must be applied at forward time, which is not supported yet; use a float16/bfloat16 model"
             )
         # A weight merged before holds a tensor of ours: the new merge is written into it (no allocation, no page
-        # faults); a fresh merge gets a new tensor. Float32 weights are computed in place, others through float32.
-        buffer = param.data if key in self._originals else None
+        # faults); a fresh merge takes a spare buffer or a new tensor. Float32 weights are computed in place;
+        # plain LoRAs on 16-bit weights in row blocks through float32; others through a float32 copy.
+        buffer = param.data if key in self._originals else self._buffer(base)
+        if base.dtype != torch.float32 and _blockwise(contributions):
+            try:
+                _merge_rows(buffer, base, contributions)
+            except ValueError as exc:
+                lora, module = contributions[0][:2]
+                raise LoraError(
+                    f"{lora.file.path}: LoRA {lora.ref.name!r} does not fit the model's {key[1]!r} ({exc}); the "
+                    "LoRA was made for another model"
+                ) from None
+            self._keep_original(key, base)
+            param.data = buffer
+            return
         if base.dtype == torch.float32:
-            merged = buffer if buffer is not None else torch.empty_like(base, memory_format=torch.contiguous_format)
-            start = base
+            merged, start = buffer, base
         else:
             merged, start = base.to(torch.float32, copy=True), None
-        for lora, module, multiplier, rows in contributions:
+        for lora, module, multiplier, target in contributions:
             try:
-                if start is not None and rows is None:
+                plain = target.rows is None and not target.swap_halves
+                if start is not None and plain:
                     module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
                 else:
                     if start is not None:
                         merged.copy_(start)
-                    module.add_to(merged if rows is None else merged[rows[0] : rows[1]], multiplier)
+                    _add_to_part(module, merged, multiplier, target)
                 start = None
             except ValueError as exc:
                 raise LoraError(
                     f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
                     f"{key[1]!r} ({exc}); the LoRA was made for another model"
                 ) from None
-        if key not in self._originals:
-            # The same tensor object on the CPU (a mmap view stays a view, never written); a CPU copy on a GPU.
-            self._originals[key] = base if base.device.type == "cpu" else base.to("cpu", copy=True)
-        if merged.dtype == base.dtype:
-            param.data = merged
-        elif buffer is not None:
+        self._keep_original(key, base)
+        if merged is not buffer:
             buffer.copy_(merged)
-        else:
-            param.data = merged.to(base.dtype)
+        param.data = buffer
+
+    def _keep_original(self, key: tuple[str, str], base: torch.Tensor) -> None:
+        if key not in self._originals:
+            # The same tensor object on the CPU (a mmap view stays a view, never written); a CPU copy on a GPU,
+            # pinned so putting it back is one fast transfer.
+            if base.device.type == "cpu":
+                self._originals[key] = base
+            else:
+                kept = torch.empty(base.shape, dtype=base.dtype, pin_memory=torch.cuda.is_available())
+                self._originals[key] = kept.copy_(base)
 
     def _restore(self, key: tuple[str, str]) -> None:
         param = self._parameter(key)
+        if key in self._originals:
+            ours = param.data
+            self._spares.setdefault((tuple(ours.shape), ours.dtype, ours.device), []).append(ours)
         param.data = self._original(key, param)
         self._originals.pop(key, None)
         self._merged.pop(key, None)
@@ -232,7 +323,8 @@ def activate(
     model: str = "the model",
 ) -> list[str]:
     """Resolve ``refs`` (``find``: name -> file, e.g. ``ModelRegistry.find_lora``), read them (cached) and
-    merge them into the model in place of the current set. Returns the warnings (unmatched keys)."""
+    merge them into the model in place of the current set. Returns the warnings: at most one, counting
+    each LoRA's keys that matched no layer."""
     refs = tuple(refs)
     if refs == patcher.requested and all(
         a.file is cache.get(a.file.path) for a in patcher.active
@@ -247,7 +339,9 @@ def activate(
             raise error
         actives.append(ActiveLora(lora, ref))
     reports = patcher.apply(actives, refs)
-    warnings = [w for r in reports if (w := r.warning(patcher.family.label))]
-    for warning in warnings:
-        log.warning("%s", warning)
-    return warnings
+    parts = [w for r in reports if (w := r.warning(patcher.family.label))]
+    if not parts:
+        return []
+    warning = "; ".join(parts)  # one warning for the set, each LoRA's count in it
+    log.warning("%s", warning)
+    return [warning]

@@ -144,6 +144,21 @@ class PickleSource(TensorSource):
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A .ckpt/.pt state dict through the weights-only unpickler; never runs code from the file."""
+    obj = unpickle(path)
+    for _ in range(2):  # Lightning files nest weights under "state_dict"
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"the file holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(path, "the file is a PyTorch pickle but contains no tensors")
+    return tensors
+
+
+def unpickle(path: Path) -> object:
+    """A .ckpt/.pt file's object (dicts, lists, tensors, numbers, strings) through the weights-only
+    unpickler; never runs code from the file. Raises ``CheckpointError`` naming what is wrong."""
     try:
         try:
             if path.name.endswith(".safetensors"):
@@ -172,15 +187,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             path, f"the file is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it is corrupt"
         ) from None
-    for _ in range(2):  # Lightning files nest weights under "state_dict"
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(path, f"the file holds a {type(obj).__name__}, not a state dict of tensors")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(path, "the file is a PyTorch pickle but contains no tensors")
-    return tensors
+    return obj
 
 
 def open_source(path: str | Path) -> TensorSource:

@@ -40,10 +40,13 @@ def layer_from_end(clip_skip: int, layers: int) -> int:
 @torch.no_grad()
 def encode_chunks(model: OpenCLIPTextModel, chunks: list[PromptChunk], clip_skip: int = 1) -> torch.Tensor:
     """Encode weighted chunks in one batch and concatenate them: ``[1, 77 * len(chunks), width]``."""
+    from core.models.embeddings import token_fixes
+
     param = model.token_embedding.weight
     ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=param.device)
     weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)
-    hidden = model(ids, layer_from_end=layer_from_end(clip_skip, model.config.layers), final_norm=True)
+    with token_fixes(model.token_embedding, chunks):
+        hidden = model(ids, layer_from_end=layer_from_end(clip_skip, model.config.layers), final_norm=True)
     z = apply_emphasis(hidden, weights)
     return z.reshape(1, -1, z.shape[-1])
 
@@ -56,7 +59,12 @@ class OpenCLIPConditioner:
         self.tokenizer = get_tokenizer(PAD_ID)
         self.comma_backtrack = comma_backtrack
 
+    embeddings = None  # core.models.embeddings.EmbeddingLibrary: textual inversions named in prompts
+
     def encode(self, text: str, settings: EncoderSettings) -> Conditioning:
-        chunks = build_chunks(self.tokenizer, text, self.comma_backtrack)
+        from core.models.embeddings import prompt_table
+
+        table = prompt_table(self.embeddings, text, self.tokenizer, "", self.text_encoder.config.width)
+        chunks = build_chunks(self.tokenizer, text, self.comma_backtrack, table)
         with torch.inference_mode():
             return Conditioning(encode_chunks(self.text_encoder, chunks, settings.clip_skip))

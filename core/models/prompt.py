@@ -47,6 +47,7 @@ _SPECIAL = set("\\()[]:")
 class PromptChunk(NamedTuple):
     tokens: tuple[int, ...]  # 77 ids: BOS, up to 75 prompt tokens, EOS, padding
     weights: tuple[float, ...]  # 77 multipliers (1.0 for BOS, EOS and padding)
+    fixes: tuple = ()  # (position in the 77, vectors [n, width]): textual-inversion embeddings placed there
 
 
 def parse_prompt(text: str) -> list[list[tuple[str, float]]]:
@@ -133,26 +134,46 @@ def _is_float(s: str) -> bool:
 
 
 def build_chunks(
-    tokenizer: CLIPTokenizer, prompt: str, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: CLIPTokenizer, prompt: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings: Mapping | None = None
 ) -> list[PromptChunk]:
-    """Tokenise a prompt into weighted 77-token chunks (see the module docstring)."""
+    """Tokenise a prompt into weighted 77-token chunks (see the module docstring). ``embeddings``
+    (``core.models.embeddings.token_table``): names whose tokens become textual-inversion vectors."""
+    from core.models.embeddings import PLACEHOLDER, match
+
     comma = tokenizer.encoder[",</w>"]
     chunks: list[PromptChunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, torch.Tensor]] = []  # (index in ``tokens``, vectors)
     last_comma = -1  # index in ``tokens`` of the latest comma, -1 if none in this chunk
 
     def close() -> None:
-        nonlocal tokens, weights, last_comma
+        nonlocal tokens, weights, fixes, last_comma
         ids = tokenizer.window(tokens)
-        chunks.append(PromptChunk(tuple(ids), tuple([1.0, *weights] + [1.0] * (len(ids) - 1 - len(weights)))))
-        tokens, weights, last_comma = [], [], -1
+        chunks.append(PromptChunk(tuple(ids), tuple([1.0, *weights] + [1.0] * (len(ids) - 1 - len(weights))),
+                                  tuple((at + 1, vectors) for at, vectors in fixes)))  # +1: after BOS
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for index, segment in enumerate(parse_prompt(prompt)):
         if index:  # BREAK
             close()
         for text, weight in segment:
-            for token in tokenizer.encode(text):
+            ids = tokenizer.encode(text)
+            at = 0
+            while at < len(ids):
+                found = match(embeddings, ids, at)
+                if found is not None:  # an embedding's name: its vectors, kept within one chunk (A1111)
+                    length, vectors = found
+                    count = min(vectors.shape[0], CHUNK_TOKENS)
+                    if len(tokens) + count > CHUNK_TOKENS:
+                        close()
+                    fixes.append((len(tokens), vectors[:count]))
+                    tokens.extend([PLACEHOLDER] * count)
+                    weights.extend([weight] * count)
+                    at += length
+                    continue
+                token = ids[at]
+                at += 1
                 if token == comma:
                     last_comma = len(tokens)
                 elif (
@@ -163,9 +184,11 @@ def build_chunks(
                     # Keep the phrase after the last comma whole: move it into the next chunk.
                     keep = last_comma + 1
                     moved_tokens, moved_weights = tokens[keep:], weights[keep:]
+                    moved_fixes = [(i - keep, v) for i, v in fixes if i >= keep]
                     tokens, weights = tokens[:keep], weights[:keep]
+                    fixes = [(i, v) for i, v in fixes if i < keep]
                     close()
-                    tokens, weights = moved_tokens, moved_weights
+                    tokens, weights, fixes = moved_tokens, moved_weights, moved_fixes
                 if len(tokens) == CHUNK_TOKENS:
                     close()
                 tokens.append(token)
@@ -193,10 +216,13 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_chunks(model: CLIPTextModel, chunks: list[PromptChunk], clip_skip: int = 1) -> torch.Tensor:
     """Encode chunks in one batch and concatenate them: ``[1, 77 * len(chunks), width]``."""
-    param = model.text_model.embeddings.token_embedding.weight
-    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=param.device)
+    from core.models.embeddings import token_fixes
+
+    lookup = model.text_model.embeddings.token_embedding
+    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=lookup.weight.device)
     weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)
-    z = apply_emphasis(model(ids, clip_skip=clip_skip), weights)  # [k, 77, D]
+    with token_fixes(lookup, chunks):
+        z = apply_emphasis(model(ids, clip_skip=clip_skip), weights)  # [k, 77, D]
     return z.reshape(1, -1, z.shape[-1])
 
 
@@ -256,12 +282,18 @@ class CLIPConditioner:
     leaves out.
     """
 
+    embeddings = None  # core.models.embeddings.EmbeddingLibrary: textual inversions named in prompts
+
     def __init__(self, components: Mapping[str, torch.nn.Module], comma_backtrack: int = COMMA_BACKTRACK) -> None:
         self.text_encoder = components["text_encoder"]
         self.tokenizer = get_tokenizer()
         self.comma_backtrack = comma_backtrack
 
     def encode(self, text: str, settings: EncoderSettings) -> Conditioning:
+        from core.models.embeddings import prompt_table
+
+        table = prompt_table(self.embeddings, text, self.tokenizer, "clip_l", self.text_encoder.config.width)
+        chunks = build_chunks(self.tokenizer, text, self.comma_backtrack, table)
         with torch.inference_mode():
-            context = encode_prompt(self.text_encoder, self.tokenizer, text, settings.clip_skip, self.comma_backtrack)
+            context = encode_chunks(self.text_encoder, chunks, settings.clip_skip)
         return Conditioning(context)

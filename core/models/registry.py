@@ -35,16 +35,20 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ("vae", "VAE"),
     "lora": ("loras", "Lora", "LyCORIS"),
     "text_encoder": ("text_encoders", "clip", "text_encoder"),
+    "embedding": ("embeddings",),  # textual inversion (A1111: <webui>/embeddings, ComfyUI: models/embeddings)
 }
-_A1111_FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "text_encoder": "text_encoder"}
+_A1111_FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "text_encoder": "text_encoder",
+                  "embedding": "embeddings"}
 # GGUF quantisations exist for diffusion models and text encoders (ComfyUI-GGUF, stable-diffusion.cpp)
 KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "checkpoint": (*MODEL_EXTENSIONS, ".gguf"),
     "vae": MODEL_EXTENSIONS,
     "lora": MODEL_EXTENSIONS,
     "text_encoder": (".safetensors", ".gguf"),
+    "embedding": MODEL_EXTENSIONS,
 }
-KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder"}
+KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder",
+               "embedding": "embedding"}
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,8 @@ class ModelRegistry:
 
         part = PARTS[kind]
         return [m for m in self._scan()[part.folder] if self.inspect(m).part == kind]
+    def embeddings(self) -> list[ModelFile]:
+        return list(self._scan()["embedding"])
 
     def inspect(self, model: ModelFile | Path | str) -> ModelInfo:
         """The family (label, variant, dtype) of a model file from its header, cached by path, mtime and size

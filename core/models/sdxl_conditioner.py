@@ -67,6 +67,7 @@ class _SDXLBase:
     """What the base and the refiner conditioners share: chunking, bigG, the ``y`` vector."""
 
     features = 6  # Fourier features after the pooled vector
+    embeddings = None  # core.models.embeddings.EmbeddingLibrary: textual inversions named in prompts
 
     def __init__(self, components: Mapping[str, torch.nn.Module], comma_backtrack: int = COMMA_BACKTRACK) -> None:
         self.big_g = components["text_encoder_2"]
@@ -76,9 +77,13 @@ class _SDXLBase:
 
     def _big_g(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted penultimate states ``[k, 77, 1280]``, pooled vector of the first chunk ``[1, 1280]``)."""
-        chunks = build_chunks(self.tokenizer_g, text, self.comma_backtrack)
+        from core.models.embeddings import prompt_table, token_fixes
+
+        table = prompt_table(self.embeddings, text, self.tokenizer_g, "clip_g", self.big_g.config.width)
+        chunks = build_chunks(self.tokenizer_g, text, self.comma_backtrack, table)
         ids, weights = _ids(chunks, self.big_g.token_embedding.weight.device)
-        out = self.big_g.encode(ids, layer_from_end=2, final_norm=False)
+        with token_fixes(self.big_g.token_embedding, chunks):
+            out = self.big_g.encode(ids, layer_from_end=2, final_norm=False)
         return apply_emphasis(out.hidden, weights), out.pooled[:1]
 
     def _numbers(self, width: int, height: int, negative: bool) -> list[float]:
@@ -105,11 +110,16 @@ class SDXLConditioner(_SDXLBase):
         self.tokenizer_l = get_tokenizer(pad_id=EOS_ID)
 
     def encode(self, text: str, settings: EncoderSettings) -> Conditioning:
+        from core.models.embeddings import prompt_table, token_fixes
+
         with torch.inference_mode():
-            chunks = build_chunks(self.tokenizer_l, text, self.comma_backtrack)
-            ids, weights = _ids(chunks, self.clip_l.text_model.embeddings.token_embedding.weight.device)
+            table = prompt_table(self.embeddings, text, self.tokenizer_l, "clip_l", self.clip_l.config.width)
+            chunks = build_chunks(self.tokenizer_l, text, self.comma_backtrack, table)
+            lookup = self.clip_l.text_model.embeddings.token_embedding
+            ids, weights = _ids(chunks, lookup.weight.device)
             # A1111 clip skip 2 = the penultimate layer; SGM takes it without the final norm.
-            z_l = apply_emphasis(self.clip_l(ids, clip_skip=2, final_norm=False), weights)
+            with token_fixes(lookup, chunks):
+                z_l = apply_emphasis(self.clip_l(ids, clip_skip=2, final_norm=False), weights)
             z_g, pooled = self._big_g(text)
             if z_l.shape[0] != z_g.shape[0]:  # the tokenizers differ only in padding: never
                 raise RuntimeError(f"CLIP-L made {z_l.shape[0]} chunks of this prompt but bigG {z_g.shape[0]}")

@@ -506,6 +506,9 @@ def lora_layers(family: str = "sd15", size: str = "tiny", *, convs: bool = False
     for component in _layout(family):
         if component.role == "unet" and unet or component.role.startswith("text_encoder") and text_encoder:
             module = _component(component, size)
+            if any(".resblocks." in k for k in module.state_dict()):  # OpenCLIP (bigG): LoRAs use HF names
+                layers.update(_open_clip_lora_layers(component.role, module))
+                continue
             for key, value in module.state_dict().items():
                 if not key.endswith(".weight"):
                     continue
@@ -517,14 +520,37 @@ def lora_layers(family: str = "sd15", size: str = "tiny", *, convs: bool = False
     return layers
 
 
-def _lora_module_name(role: str, name: str, fmt: str, res_blocks: int) -> str:
+def _open_clip_lora_layers(role: str, module: torch.nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """An OpenCLIP text tower's attention and MLP layers under the Hugging Face names LoRAs give them."""
+    layers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, value in module.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] != ["transformer", "resblocks"]:
+            continue
+        hf = f"{role}:text_model.encoder.layers.{parts[2]}."
+        rest = ".".join(parts[3:])
+        if rest == "attn.in_proj_weight":
+            width = value.shape[1]
+            for p in "qkv":
+                layers[f"{hf}self_attn.{p}_proj"] = (role, (width, width))
+        elif rest in ("attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+            name = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                    "mlp.c_proj.weight": "mlp.fc2"}[rest]
+            layers[hf + name] = (role, tuple(value.shape))
+    return layers
+
+
+def _lora_module_name(role: str, name: str, fmt: str, res_blocks: int, family: str = "sd15") -> str:
     from core.lora.keymap import ldm_unet_to_diffusers
 
-    if role == "unet" and fmt != "kohya_ldm":
-        name = ldm_unet_to_diffusers(name, res_blocks) or name  # kohya trains SD1.x on the diffusers UNet
+    # kohya trains SD1.x on the diffusers UNet, SDXL on its LDM one; PEFT files always use diffusers names
+    diffusers_names = fmt == "peft" or (fmt != "kohya_ldm" and family != "sdxl")
+    if role == "unet" and diffusers_names:
+        name = ldm_unet_to_diffusers(name, res_blocks) or name
     if fmt == "peft":
-        return {"unet": "unet.", "text_encoder": "text_encoder."}[role] + name
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[role]
+        return {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}[role] + name
+    te = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_", "lora_te2_")
+    prefix = {"unet": "lora_unet_", "text_encoder": te[0], "text_encoder_2": te[1]}[role]
     return prefix + name.replace(".", "_")
 
 
@@ -546,7 +572,8 @@ def random_lora_state_dict(
 
     - ``kohya``: ``lora_unet_<diffusers names>`` / ``lora_te_<HF CLIP names>`` with ``.lora_down.weight``,
       ``.lora_up.weight`` and ``.alpha`` (what sd-scripts writes for SD1.x); ``kohya_ldm`` the same with LDM
-      block names (``lora_unet_input_blocks_1_1_proj_in``);
+      block names (``lora_unet_input_blocks_1_1_proj_in``). For SDXL both write LDM block names and
+      ``lora_te1_``/``lora_te2_`` (bigG in HF names), as sd-scripts does;
     - ``peft``: diffusers/PEFT ``unet.<diffusers name>.lora_A.weight`` / ``.lora_B.weight``, no alpha;
     - ``locon``: kohya names plus the ResBlock 3x3 convs (conv ``lora_down``; with ``tucker`` a ``lora_mid``
       core and 1x1 ``lora_down``);
@@ -568,7 +595,7 @@ def random_lora_state_dict(
         return (torch.randn(shape, generator=g) * std).to(dtype)
 
     for qualified, (role, shape) in layers.items():
-        name = _lora_module_name(role, qualified.split(":", 1)[1], fmt, res_blocks)
+        name = _lora_module_name(role, qualified.split(":", 1)[1], fmt, res_blocks, family)
         out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
         fan_in = in_dim * math.prod(kernel)
         conv3 = kernel not in ((), (1, 1))
@@ -626,3 +653,62 @@ def write_random_lora(path: str | Path, family: str = "sd15", size: str = "tiny"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_tensors(random_lora_state_dict(family, size, fmt, **options), path, metadata=metadata)
+
+
+FLUX_LORA_FORMATS = ("kohya", "bfl", "diffusers", "xlabs")
+
+
+def random_flux_lora_state_dict(
+    fmt: str = "kohya", size: str = "tiny", *, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
+    dtype: torch.dtype = torch.float32, strength: float = 0.3, diffusers_names: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random Flux.1 LoRA weights in one trainer's naming (``FLUX_LORA_FORMATS``), on every Linear layer:
+
+    - ``kohya``: ``lora_unet_<BFL name with _>.lora_down/lora_up.weight`` + ``.alpha`` (fused qkv / linear1;
+      the final layer's alpha is its rank, since diffusers drops that alpha instead of applying it);
+    - ``bfl``: ``diffusion_model.<BFL name>.lora_A/lora_B.weight`` (ComfyUI / BFL naming), no alpha;
+    - ``diffusers``: ``transformer.<diffusers name>.lora_A/lora_B.weight`` on the layers ``diffusers_names``
+      lists (name -> weight shape, e.g. a ``FluxTransformer2DModel``'s), no alpha;
+    - ``xlabs``: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.down/up.weight`` and single blocks'
+      ``processor.qkv_lora`` (what XLabs' trainer writes), no alpha.
+    """
+    from core.models.flux import Flux, FluxConfig
+
+    if fmt not in FLUX_LORA_FORMATS:
+        raise ValueError(f"Flux LoRA format {fmt!r} is unknown; valid: {', '.join(FLUX_LORA_FORMATS)}")
+    cfg = FluxConfig.preset("flux", size, "dev")
+    with torch.device("meta"):
+        module = Flux(cfg)
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in module.state_dict().items()
+              if k.endswith(".weight") and v.ndim == 2}
+    d = cfg.hidden_size
+    if fmt == "diffusers":
+        if diffusers_names is None:
+            raise ValueError("the diffusers format needs diffusers_names (module name -> weight shape)")
+        shapes = dict(diffusers_names)
+    elif fmt == "xlabs":
+        shapes = {}
+        for n in range(cfg.depth):
+            for i in (1, 2):
+                shapes[f"double_blocks.{n}.processor.qkv_lora{i}"] = (3 * d, d)
+                shapes[f"double_blocks.{n}.processor.proj_lora{i}"] = (d, d)
+        for n in range(cfg.depth_single_blocks):
+            shapes[f"single_blocks.{n}.processor.qkv_lora"] = (3 * d, d)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, (out_dim, in_dim) in shapes.items():
+        r = min(rank, out_dim, in_dim)
+        factor = math.sqrt(strength / math.sqrt(in_dim) / math.sqrt(r))
+        down = (torch.randn(r, in_dim, generator=g) * factor).to(dtype)
+        up = (torch.randn(out_dim, r, generator=g) * factor).to(dtype)
+        if fmt == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = down, up
+            if alpha is not None:
+                out[key + ".alpha"] = torch.tensor(float(r if name.startswith("final_layer") else alpha), dtype=dtype)
+        elif fmt == "xlabs":
+            out[name + ".down.weight"], out[name + ".up.weight"] = down, up
+        else:
+            key = ("diffusion_model." if fmt == "bfl" else "transformer.") + name
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = down, up
+    return out

@@ -153,6 +153,7 @@ class GenerateScreen(MainScreen):
         Binding("ctrl+r", "dice", "Random seed"),
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
         Binding("ctrl+o", "open_png", "Open PNG"),
+        Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
     ]
 
     def __init__(self) -> None:
@@ -186,7 +187,7 @@ class GenerateScreen(MainScreen):
         # (see _mount_next_chunk) so no single slice blocks the UI for long.
         with Horizontal(id="generate-body"):
             with VerticalScroll(id="form"):
-                yield Label("Prompt")
+                yield Label("Prompt  (Ctrl+N: LoRAs, embeddings)")
                 yield TextArea(id="prompt", soft_wrap=True, show_line_numbers=False)
                 yield Label("Negative prompt")
                 yield TextArea(id="negative_prompt", soft_wrap=True, show_line_numbers=False)
@@ -852,9 +853,45 @@ class GenerateScreen(MainScreen):
         for name in KEPT_FIELDS:  # ... and one without a feature cache turns that off
             values.setdefault(name, DEFAULTS[name])
         self.set_form_values(values)
+        self._add_preset_loras(values.get("loras") or ())
         self.app.notify(f"Applied preset {preset.name}", markup=False, timeout=2)
 
+    def _add_preset_loras(self, entries: Any) -> None:
+        """A preset's LoRAs (the LCM-LoRA of an LCM preset) become tags in the prompt, where the user sees and
+        edits them; one already there is left as written."""
+        from tui.screens.networks import lora_tag
+
+        prompt = self.query_one("#prompt", TextArea)
+        text = prompt.text
+        for entry in entries:
+            name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+            if not name or f"<lora:{name.lower()}:" in text.lower() or f"<lora:{name.lower()}>" in text.lower():
+                continue
+            te = entry.get("te_weight")
+            tag = lora_tag(name, float(entry.get("weight", 1.0)))
+            if te is not None:
+                tag = f"<lora:{name}:{float(te):g}:{float(entry.get('weight', 1.0)):g}>"
+            text = f"{text.rstrip()} {tag}" if text.strip() else tag
+        if text != prompt.text:
+            prompt.load_text(text)
+
     # ---- settings from an image (A1111's PNG Info) ---------------------------------------------------------
+
+    def action_networks(self) -> None:
+        """The LoRA / embedding picker; what it returns goes into the prompt at the cursor."""
+        from tui.screens.networks import NetworksScreen
+
+        self.app.push_screen(NetworksScreen(self.app.registry), self._insert_network)
+
+    def _insert_network(self, text: str | None) -> None:
+        if not text:
+            return
+        prompt = self.query_one("#prompt", TextArea)
+        row, column = prompt.cursor_location
+        line = prompt.document.get_line(row)
+        before = line[:column]
+        prompt.insert((" " if before and not before.endswith((" ", ",")) else "") + text)
+        prompt.focus()
 
     def action_open_png(self, value: str = "", problem: str = "") -> None:
         """Ask for an image (typed, pasted, or dropped on the terminal) and fill the form from its parameters."""
@@ -930,6 +967,7 @@ class GenerateScreen(MainScreen):
             return
         if isinstance(event, JobStarted):
             self.preview.start_job(event.job_id, event.request.prompt)
+            self.preview.show_loras(event.request.lora_refs())
         elif isinstance(event, JobFinished) and event.job_id == self.preview.job_id:
             self.preview.finish(f"done in {event.elapsed:.1f}s · seeds {', '.join(map(str, event.seeds))}")
             if event.paths:

@@ -78,9 +78,21 @@ class PreviewPane(Vertical):
         self.job_id = job_id
         title = Text(f"Job #{job_id}: ")
         title.append(visible(prompt[:200]) or "(empty prompt)")
+        self._job_title = title
         self.query_one("#preview-title", Label).update(title, layout=False)
         self.query_one("#preview-stats", Label).update("starting…", layout=False)
         self.query_one(ProgressBar).update(total=1, progress=0)
+
+    def show_loras(self, refs: Any) -> None:
+        """The running job's LoRAs after its title ("LoRAs: name 0.8, other 0.5/1"; te weight first when it
+        differs, as in the tag)."""
+        if not refs:
+            return
+        shown = ", ".join(f"{ref.name} {ref.te:g}/{ref.unet:g}" if ref.te != ref.unet else f"{ref.name} {ref.unet:g}"
+                          for ref in refs)
+        text = Text(f"[LoRAs: {visible(shown)}] ", style="bold")  # first: a long prompt is cut at the end
+        text.append_text(getattr(self, "_job_title", Text("")))
+        self.query_one("#preview-title", Label).update(text, layout=False)
 
     def show_last(self, prompt: str, image: Any) -> None:
         """The newest image from an earlier session, before any job of this one has started."""

@@ -99,4 +99,5 @@ FAMILY = ModelFamily(
     request_defaults={"cfg": 1.0},
     prompt_weights=False,
     ignored_fields=("clip_skip",),  # T5 and CLIP-L's pooled output: no clip skip (as Forge)  # distilled guidance does the guiding: no negative pass (Forge's CFG 1)
+    lora_keys="core.lora.flux_keys:lora_keys",
 )

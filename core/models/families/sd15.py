@@ -94,7 +94,7 @@ FAMILY = ModelFamily(
     # 512-based, as A1111 users pick them (portrait 512x768 is SD1.5's usual), and 768x768 for fine-tunes
     sizes=((512, 512), (512, 768), (768, 512), (576, 448), (448, 576), (768, 768)),
     ays_levels=AYS_LEVELS,
-    presets=("sd15-balanced", "sd15-fast-ays", "sd15-fast-deepcache", "sd15-hires", "sd15-lcm-4step"),
+    presets=("sd15-balanced", "sd15-fast-ays", "sd15-fast-deepcache", "sd15-hires", "sd15-lcm-4step", "sd15-lcm-lora"),
     request_fields=("prediction",),
     lora_keys="core.models.families.sd15:lora_keys",
 )

@@ -9,6 +9,9 @@ wide, bigG 128 wide (two 64-wide heads), context 160, 8-dim Fourier features (y 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from core.lora import keymap
 from core.models.families import _ldm
 from core.models.family import Component, LatentFormat, Match, ModelFamily, Shapes
 
@@ -48,6 +51,31 @@ def detect(shapes: Shapes) -> Match | None:
     return None
 
 
+# How LoRAs for SDXL name our modules. kohya trains SDXL on its LDM UNet, so its files use LDM block names
+# (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q); other trainers and diffusers/PEFT files use the
+# diffusers ones (unet.down_blocks.1.attentions.0...): both are accepted. CLIP-L is lora_te1_ / text_encoder.,
+# bigG lora_te2_ / text_encoder_2. in Hugging Face names, whose q/k/v land on OpenCLIP's packed in_proj.
+LORA_SPELLINGS = {
+    "unet": keymap.Spellings(
+        flat=("lora_unet_",),
+        dotted=("unet.", "diffusion_model.", "model.diffusion_model.", ""),
+        aliases=keymap.ldm_unet_aliases,
+    ),
+    "text_encoder": keymap.Spellings(flat=("lora_te1_",), dotted=("text_encoder.", CLIP_L_PREFIX)),
+    "text_encoder_2": keymap.Spellings(
+        flat=("lora_te2_",),
+        dotted=("text_encoder_2.", BIG_G_PREFIX),
+        targets=keymap.open_clip_hf_targets,
+    ),
+}
+
+
+def lora_keys(modules: Mapping[str, Sequence[str]]) -> dict[str, keymap.Target]:
+    """LoRA module name (kohya or PEFT spelling, LDM or diffusers block names, HF or OpenCLIP text encoder
+    names) -> our module (see ``core.lora.keymap``)."""
+    return keymap.table(modules, LORA_SPELLINGS)
+
+
 LATENT = LatentFormat("sdxl", 4, SCALE, 0.0, RGB_FACTORS, RGB_BIAS)
 HEADS = {"num_heads": None, "head_dim": 64, "use_linear_in_transformer": True}
 
@@ -74,6 +102,8 @@ FAMILY = ModelFamily(
     default_size=(1024, 1024),
     conditioner="core.models.sdxl_conditioner:SDXLConditioner",
     ays_levels=AYS_LEVELS,
-    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hires"),
+    presets=("sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hires", "sdxl-lcm-lora",
+             "sdxl-lightning-4step"),
     request_fields=("prediction", "refiner", "refiner_switch"),
+    lora_keys="core.models.families.sdxl:lora_keys",
 )
