@@ -62,9 +62,12 @@ def test_every_front_end_factory_delegates_to_make_runner(monkeypatch):
     assert tui.app._runner_factory(SimpleNamespace(models_dir=["tui-models"]))() == "runner"
     assert core.worker._default_runner_factory() == "runner"
     assert made == [
-        ([Path("m")], {"registry": registry, "previews": False, "attention": "auto", "memory": "auto"}),  # batch: nobody sees previews
-        ([Path("tui-models")], {"registry": None, "previews": True, "attention": "auto", "memory": "auto"}),
-        (None, {"registry": None, "previews": True, "attention": "auto", "memory": "auto"}),
+        ([Path("m")], {"registry": registry, "previews": False, "attention": "auto", "memory": "auto",
+          "compile": "off"}),  # batch: nobody sees previews
+        ([Path("tui-models")], {"registry": None, "previews": True, "attention": "auto", "memory": "auto",
+          "compile": "off"}),
+        (None, {"registry": None, "previews": True, "attention": "auto", "memory": "auto",
+          "compile": "off"}),
     ]
 
 

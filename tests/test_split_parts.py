@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,6 +350,7 @@ def test_pipeline_loads_the_set_once_and_reloads_when_a_part_changes(comfy, monk
             self.key = (str(path), str(vae_path), tuple(f"{r}={p}" for r, p in sorted(parts.items())))
             self.dtype = torch.float32
             self.name = Path(path).name  # the memory placement names a model by it
+            self.conditioner = SimpleNamespace()  # the runner hands it the embedding library
 
     def fake_load(path, *, vae_path=None, device=None, parts=None, **_):
         loads.append((path, vae_path, parts))

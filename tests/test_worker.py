@@ -485,8 +485,12 @@ def test_memory_stats_cuda_uses_torch_counters(monkeypatch):
 def test_memory_stats_cpu_is_process_rss():
     import os
 
+    import mmap
+
     before, _, _ = devices.memory_stats("cpu")
-    block = bytearray(64 * 2**20)  # touch 64 MiB so RSS must grow by about that much
+    # Touch 64 MiB of fresh anonymous pages so RSS must grow by about that much (a bytearray may reuse
+    # resident memory the allocator kept from earlier tests).
+    block = mmap.mmap(-1, 64 * 2**20)
     for i in range(0, len(block), 4096):
         block[i] = 1
     used, peak, total = devices.memory_stats("cpu")
@@ -496,7 +500,7 @@ def test_memory_stats_cpu_is_process_rss():
     assert abs(used - rss) < 16 * 2**20
     assert peak >= used
     assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    del block
+    block.close()
 
 
 def test_compute_dtype(monkeypatch):

@@ -158,18 +158,19 @@ class LiveTensorBytes(TorchFunctionMode):
 # Calibration (bench/bench_memory.py, CPU, fp32, LiveTensorBytes): each family's real architecture (its full
 # config) with the width scaled down (UNet model_channels 64 / 32 for SDXL, VAE ch 32, Flux hidden 256 with 2+4
 # blocks) at two sizes and two batches; measured peak / (batch * width * positions * bytes) was the same to
-# 0.1 % across them (sd15 and sd2 25.0, sdxl 15.3, VAE decode 6.0 and encode 5.0, Flux 21.5), so the formula
+# 0.1 % across them (sd15 and sd2 27.0, sdxl 16.3, VAE decode 6.0 and encode 5.0, Flux 22.6, re-measured once the
+# feature-cache hooks were in the networks), so the formula
 # is linear as assumed and the constant carries to the full width; below, those ratios rounded up. The CPU's
 # SDPA never materialises attention scores and neither do the CUDA kernels (flash / memory-efficient, Sage,
 # xformers), so there is no tokens^2 term. What the CPU cannot show (allocator slack, cuDNN workspaces) is the
 # SAFETY_* headroom; bench/gpu_check.py prints estimate against measured peak on a GPU.
 _ACTIVATION = {
-    "unet:sd15": 26.0,  # x model_channels x latent h*w: the skips of 12 input blocks + a GEGLU at the top level
-    "unet:sd2": 26.0,
-    "unet:sdxl": 16.0,  # no attention at the top level; 10-deep transformers at 1/4 of the positions
-    "unet:sdxl_refiner": 16.0,
-    "unet:default": 26.0,
-    "flux": 22.0,  # x hidden x (image + text tokens): the single blocks' fused qkv + MLP projection
+    "unet:sd15": 28.0,  # x model_channels x latent h*w: the skips of 12 input blocks + a GEGLU at the top level
+    "unet:sd2": 28.0,
+    "unet:sdxl": 17.0,  # no attention at the top level; 10-deep transformers at 1/4 of the positions
+    "unet:sdxl_refiner": 17.0,
+    "unet:default": 28.0,
+    "flux": 23.5,  # x hidden x (image + text tokens): the single blocks' fused qkv + MLP projection
     "vae_decode": 6.5,  # x decoder top width (ch * ch_mult[0]) x image H*W: two full-size maps + the upsample
     "vae_encode": 5.5,
     "text": 40.0,  # x hidden x tokens (77 per chunk): small next to the weights (not measured)
