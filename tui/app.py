@@ -260,6 +260,10 @@ class DarkroomApp(App[int]):
         init_mode = getattr(self, "_init_mode", None)
         if init_mode is None or self._exit or not self.is_running:
             return
+        generate = self.generate_screen
+        if generate is not None and not generate.settled:  # the form and its model list come first
+            self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
+            return
         for mode in self.MODES:
             if mode not in self._screen_stacks and mode != self.current_mode:
                 init_mode(mode)

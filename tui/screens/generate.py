@@ -327,6 +327,12 @@ class GenerateScreen(MainScreen):
         self.load_presets()
         self.load_last_image()
 
+    @property
+    def settled(self) -> bool:
+        """The whole form is mounted and the model list is in: what the app waits for before building the other
+        screens in the background (DarkroomApp._prebuild_next_screen)."""
+        return bool(self._form_ready and self._models_loaded)
+
     # ---- background loading (file system scans stay off the UI thread) ------------------------------------
 
     @work(thread=True, exclusive=True, group="models")
