@@ -84,6 +84,7 @@ class JobContext:
         self.check_cancelled()
         self.last_step = (step, total)
         self._worker._emit(JobStep(self.job_id, step, total, self.elapsed, preview, image_index))
+        self._worker._give_way()
 
     def set_activity(self, text: str) -> None:
         """What the worker is doing now, e.g. ``"loading model.safetensors"`` (sent as a Status)."""
@@ -99,6 +100,10 @@ def failure_log_path() -> Path:
 
     return data_dir() / "logs" / "worker.log"
 
+
+# The longest a job waits between two steps for the UI (Worker.give_way): a screen switch paints in well under
+# this, and a job is never held longer by one key.
+MAX_GIVE_WAY_S = 0.3
 
 _log_lock = threading.Lock()
 
@@ -147,6 +152,7 @@ class Worker:
         self._loop_done = threading.Event()
         self._finish_current = False
         self._paused = False
+        self._give_way_until = 0.0  # monotonic time until which the job waits between steps (give_way)
         self._current: JobContext | None = None
         self._activity = "idle"
         self._device: Any = None
@@ -240,6 +246,23 @@ class Worker:
             self._emit(JobCancelled(job_id))
         self._status_dirty.set()
         return True
+
+    def give_way(self, seconds: float) -> None:
+        """The UI is about to do a burst of work (an F-key screen switch): the running job waits at its next
+        step boundary until ``seconds`` from now have passed (at most ``MAX_GIVE_WAY_S``).
+
+        Sampling holds the GIL for most of each step (many small torch calls), so a UI thread competing with
+        it gets about half the interpreter and a 100 ms repaint takes 200+; waiting a fraction of a second
+        at one step boundary costs the job that much once and lets the repaint run at full speed. Any thread.
+        """
+        until = time.monotonic() + min(max(seconds, 0.0), MAX_GIVE_WAY_S)
+        self._give_way_until = max(self._give_way_until, until)
+
+    def _give_way(self) -> None:
+        """On the worker thread, between steps: sleep (releasing the GIL) while a ``give_way`` lasts."""
+        remaining = self._give_way_until - time.monotonic()
+        if remaining > 0:
+            time.sleep(min(remaining, MAX_GIVE_WAY_S))
 
     def pause(self) -> None:
         """Hold before the next job (the running one finishes)."""

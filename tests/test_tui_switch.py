@@ -6,19 +6,25 @@ tests pin the three mechanisms that took it from 150-1000 ms to under 100 ms, so
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
 from textual.screen import Screen
 
 from core.request import GenerationRequest
-from tests.tui_fakes import FakeRunner, make_app, wait_for
+from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
 from tui.widgets.footer import StableFooter
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+def cells(app) -> str:
+    """The screen's text with its colours, the process's RAM figures (status bar) left out."""
+    return re.sub(r"RAM \S+ peak \S+", "RAM", screen_text(app, styles=True))
 
 
 def footer_keys(screen: Screen) -> list:
@@ -50,6 +56,17 @@ async def test_screens_not_shown_at_start_are_built_in_the_background(tmp_path, 
         await pilot.pause()
         assert app.screen is built["queue"]  # the first visit shows the screen built before, not a new one
         assert app.screen.focused is not None
+        prebuilt = cells(app)
+
+    # ... and looks exactly as the same screen built on its first visit (every cell's text and colours):
+    # building it in the background skips a stylesheet pass Textual would otherwise make.
+    lazy = make_app(tmp_path / "lazy")
+    async with lazy.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: type(lazy.screen).__name__ == "QueueScreen")
+        await pilot.pause(0.3)
+        assert cells(lazy) == prebuilt
 
 
 async def test_switching_back_keeps_the_footer_and_skips_the_style_pass(tmp_path, monkeypatch):

@@ -431,6 +431,9 @@ def test_step_raises_cancel_error_directly():
         def _set_activity(self, text):
             pass
 
+        def _give_way(self):
+            pass
+
     dummy = Dummy()
     ctx = JobContext(dummy, 1)  # type: ignore[arg-type]
     ctx.step(1, 2)
@@ -438,6 +441,26 @@ def test_step_raises_cancel_error_directly():
     ctx._cancel.set()
     with pytest.raises(JobCancelledError):
         ctx.step(2, 2)
+
+
+def test_give_way_holds_the_job_at_its_next_step_boundary(env, monkeypatch):
+    """An F-key switch asks the running job to step aside (Worker.give_way): its next step boundary sleeps,
+    releasing the GIL, until the deadline, never longer than MAX_GIVE_WAY_S; without a request it does not."""
+    import core.worker as worker_module
+
+    make, _, _ = env
+    worker, _ = make()
+    slept: list[float] = []
+    monkeypatch.setattr(worker_module.time, "sleep", slept.append)
+    ctx = JobContext(worker, 1)
+    ctx.step(1, 3)
+    assert slept == []
+    worker.give_way(0.2)
+    ctx.step(2, 3)
+    assert len(slept) == 1 and 0 < slept[0] <= 0.2
+    worker.give_way(60)  # a caller cannot hold a job for long
+    ctx.step(3, 3)
+    assert 0 < slept[-1] <= worker_module.MAX_GIVE_WAY_S
 
 
 # ---- core.accel.device ----------------------------------------------------------------------------------------
@@ -483,9 +506,8 @@ def test_memory_stats_cuda_uses_torch_counters(monkeypatch):
 
 
 def test_memory_stats_cpu_is_process_rss():
-    import os
-
     import mmap
+    import os
 
     before, _, _ = devices.memory_stats("cpu")
     # Touch 64 MiB of fresh anonymous pages so RSS must grow by about that much (a bytearray may reuse

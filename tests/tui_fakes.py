@@ -137,8 +137,9 @@ async def wait_for(pilot: Any, predicate: Any, timeout: float = 10.0) -> None:
         await pilot.pause(0.02)
 
 
-def screen_text(app: Any) -> str:
-    """What the terminal shows now, as plain text (same compositor output ``export_screenshot`` draws)."""
+def screen_text(app: Any, styles: bool = False) -> str:
+    """What the terminal shows now, as plain text (same compositor output ``export_screenshot`` draws);
+    ``styles``: with the ANSI colours and attributes of every cell."""
     import io
 
     from rich.console import Console
@@ -147,4 +148,4 @@ def screen_text(app: Any) -> str:
     console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True,
                       color_system="truecolor", record=True, legacy_windows=False, safe_box=False)
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
-    return console.export_text()
+    return console.export_text(styles=styles)

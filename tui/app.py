@@ -143,6 +143,8 @@ def _lazy_screen(module: str, name: str) -> Callable[[], Any]:
 # PREBUILD_BETWEEN_S: after the first frame and the worker's start, so neither is delayed.
 PREBUILD_AFTER_S = 1.5
 PREBUILD_BETWEEN_S = 0.3
+# How long a running job waits at its next step boundary when the user switches screens (Worker.give_way).
+SWITCH_GIVE_WAY_S = 0.25
 
 
 class DarkroomApp(App[int]):
@@ -266,7 +268,19 @@ class DarkroomApp(App[int]):
             return
         for mode in self.MODES:
             if mode not in self._screen_stacks and mode != self.current_mode:
-                init_mode(mode)
+                # A new screen counts as "CSS out of date" (-1), and _init_mode then re-applies the whole
+                # stylesheet to the *current* screen (a 0.5 s stall here, measured) while the new screen keeps
+                # its stale count, so its first visit does it again. The new screen's own CSS is loaded and
+                # applied as its widgets mount, so both are redundant: mark the app's CSS as seen for the call
+                # and the new screen as up to date after it.
+                seen = self._css_update_count
+                self._css_update_count = -1
+                try:
+                    init_mode(mode)
+                finally:
+                    self._css_update_count = seen
+                for screen in self._screen_stacks.get(mode, []):
+                    screen._css_update_count = seen
                 self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
                 return
 
@@ -350,6 +364,10 @@ class DarkroomApp(App[int]):
                        timeout=timeout, markup=markup)
 
     def switch_mode(self, mode: str) -> Any:
+        if mode != self.current_mode:
+            # The repaint that follows is the UI's biggest burst of work; a running job steps aside for it
+            # (it otherwise holds the GIL for most of each step: 200+ ms switches instead of < 100).
+            self.worker.give_way(SWITCH_GIVE_WAY_S)
         self._switching_mode = True
         try:
             return super().switch_mode(mode)
