@@ -242,3 +242,23 @@ async def test_flux_shows_guidance_hides_clip_skip_and_takes_cfg_1(tmp_path):
         await pilot.pause()
         assert not screen.query_one("#guidance-row").display and screen.query_one("#cfg", Input).value == "7.0"
         assert screen.build_request().guidance is None  # a hidden field is not sent
+
+
+async def test_a_first_start_takes_the_first_models_family_size_and_shows_the_whole_guidance_label(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "fluxdev.safetensors", "flux")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]), start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._models_loaded, timeout=30)
+        await pilot.pause()
+        assert size(screen) == ("1024", "1024")  # no saved size: Flux.1's own, not the general 512
+        assert "Guidance 3.5" in screen_text(app)  # the label is not cut to "Guidanc"
+    # a size the user left last time is kept
+    (tmp_path / "settings.json").write_text('{"width": 768, "height": 1344, "model": "fluxdev"}')
+    again = make_app(tmp_path, registry=ModelRegistry([folder]), start_worker=False)
+    async with again.run_test(size=(120, 40)) as pilot:
+        screen = again.get_generate_screen()
+        await wait_for(pilot, lambda: screen._models_loaded, timeout=30)
+        await pilot.pause()
+        assert size(screen) == ("768", "1344")

@@ -179,6 +179,7 @@ class GenerateScreen(MainScreen):
         # The family the width/height in the form were chosen for: choosing a model of another family moves the
         # size to that family's (see _model_chosen). None: not known (left alone).
         self._size_family: str | None = None
+        self._size_restored = False  # the form's size came from the saved settings (set on mount)
 
     def compose_body(self) -> ComposeResult:
         # The first frame holds only what the user needs at once: the prompts (focused), the Queue button and
@@ -276,6 +277,7 @@ class GenerateScreen(MainScreen):
         self.app.generate_screen = self
         settings = dict(getattr(self.app, "settings", {}) or {})
         self._pending_values = settings
+        self._size_restored = "width" in settings or "height" in settings  # else the first model's family decides
         for name in ("prompt", "negative_prompt"):  # the prompts are in the first frame: fill them now
             if isinstance(settings.get(name), str):
                 self.query_one(f"#{name}", TextArea).load_text(settings[name])
@@ -459,9 +461,11 @@ class GenerateScreen(MainScreen):
             return
         before, self._size_family = self._size_family, family
         self._refit_defaults(family_spec(before), spec)
-        if before is None:
-            return
         width_input, height_input = self.query_one("#width", Input), self.query_one("#height", Input)
+        if before is None:
+            if not self._size_restored:  # a first start: the family's own size
+                width_input.value, height_input.value = (str(v) for v in spec.default_size)
+            return  # else the size the user left last time
         try:
             width, height = int(width_input.value), int(height_input.value)
         except ValueError:
