@@ -52,6 +52,15 @@ def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, dtype
     return t.to(dtype)
 
 
+def _save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a random file the writers below made: its folder is created first, as a test's models tree."""
+    from core.models.safetensors_writer import save_tensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(tensors, path, metadata=metadata)
+
+
 def random_state_dict(
     module: torch.nn.Module, *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
@@ -143,12 +152,8 @@ def write_random_checkpoint(
 ) -> Path:
     """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout
     (``prediction``: see ``iter_random_checkpoint``)."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(iter_random_checkpoint(family, size, seed, dtype, prediction))
-    return save_tensors(tensors, path, metadata={"format": "pt"})
+    return _save(tensors, path, metadata={"format": "pt"})
 
 
 def write_random_flux_checkpoint(
@@ -161,15 +166,12 @@ def write_random_flux_checkpoint(
     """A combined Flux.1 file as ComfyUI saves one (``model.diffusion_model.*``, ``text_encoders.clip_l.transformer.*``,
     ``text_encoders.t5xxl.transformer.*``, ``vae.*``); ``variant`` "schnell" leaves out ``guidance_in``."""
     from core.models.flux import VARIANTS
-    from core.models.safetensors_writer import save_tensors
 
     if variant not in VARIANTS:
         raise ValueError(f"Flux variant {variant!r} is unknown; valid: {', '.join(VARIANTS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     drop = "model.diffusion_model.guidance_in." if variant == "schnell" else None
     tensors = {k: v for k, v in iter_random_checkpoint("flux", size, seed, dtype) if not (drop and k.startswith(drop))}
-    return save_tensors(tensors, path, metadata={"format": "pt"})
+    return _save(tensors, path, metadata={"format": "pt"})
 
 
 def random_flux_transformer_state_dict(
@@ -192,11 +194,7 @@ def write_random_flux_transformer(
 ) -> Path:
     """A diffusion-model file in the layout of BFL's ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors``:
     transformer keys with no prefix, bf16 by default (what BFL ships)."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_flux_transformer_state_dict(variant, size, seed, dtype), path)
+    return _save(random_flux_transformer_state_dict(variant, size, seed, dtype), path)
 
 
 def random_t5_state_dict(
@@ -219,11 +217,7 @@ def write_random_t5(
 ) -> Path:
     """A text-encoder file in the layout of ComfyUI's ``t5xxl_fp16.safetensors`` (no prefix, fp16 by default):
     ``shared.weight``, ``encoder.block.N.layer.{0,1}...``, ``encoder.final_layer_norm.weight``."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_t5_state_dict(size, seed, dtype), path)
+    return _save(random_t5_state_dict(size, seed, dtype), path)
 
 
 def random_flux2_transformer_state_dict(
@@ -248,12 +242,8 @@ def write_random_flux2_transformer(
     """A diffusion-model file in the layout of BFL's ``flux-2-klein-4b.safetensors`` (and the Comfy-Org
     repackage): transformer keys with no prefix, bf16 by default; ``prefix="model.diffusion_model."`` gives
     the combined-file layout."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = random_flux2_transformer_state_dict(variant, size, seed, dtype)
-    return save_tensors({prefix + k: v for k, v in weights.items()}, path)
+    return _save({prefix + k: v for k, v in weights.items()}, path)
 
 
 def random_flux2_vae_state_dict(
@@ -280,13 +270,7 @@ def write_random_flux2_vae(
 ) -> Path:
     """A VAE file in the layout of ``flux2-vae.safetensors`` (LDM names, no prefix, fp32 + the int64
     ``bn.num_batches_tracked``)."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_flux2_vae_state_dict(size, seed, dtype), path)
-
-
+    return _save(random_flux2_vae_state_dict(size, seed, dtype), path)
 
 
 def random_qwen3_state_dict(
@@ -306,11 +290,7 @@ def write_random_qwen3(
 ) -> Path:
     """A text-encoder file in the layout of ComfyUI's ``qwen_3_4b.safetensors`` / ``qwen_3_8b*.safetensors``:
     398 tensors for the 36-layer models (``model.`` prefix, no ``lm_head``), bf16 by default."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_qwen3_state_dict(size, seed, dtype), path)
+    return _save(random_qwen3_state_dict(size, seed, dtype), path)
 
 
 def random_zimage_state_dict(
@@ -332,11 +312,7 @@ def write_random_zimage(
 ) -> Path:
     """A diffusion-model file in the layout of ComfyUI's ``z_image_turbo_bf16.safetensors``: 453 tensors at full
     size, bf16 by default, no ``model.diffusion_model.`` prefix (loaders accept both)."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_zimage_state_dict(size, seed, dtype), path)
+    return _save(random_zimage_state_dict(size, seed, dtype), path)
 
 # ------------------------------------------------------------------------------------- quantised weights
 
@@ -648,11 +624,7 @@ def random_lora_state_dict(
 def write_random_lora(path: str | Path, family: str = "sd15", size: str = "tiny", fmt: str = "kohya",
                       metadata: dict[str, str] | None = None, **options) -> Path:
     """Write ``random_lora_state_dict(family, size, fmt, **options)`` as a ``.safetensors`` LoRA file."""
-    from core.models.safetensors_writer import save_tensors
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_tensors(random_lora_state_dict(family, size, fmt, **options), path, metadata=metadata)
+    return _save(random_lora_state_dict(family, size, fmt, **options), path, metadata=metadata)
 
 
 FLUX_LORA_FORMATS = ("kohya", "bfl", "diffusers", "xlabs")
