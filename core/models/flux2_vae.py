@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from core.errors import CheckpointError, RequestError
+from core.errors import CheckpointError
 from core.models import vae
 
 PATCH = 2  # 2x2 patchify after the 8x VAE: 16 image pixels per latent cell along each side
@@ -166,12 +166,6 @@ class Flux2AutoencoderKL(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
 
-    def _check(self, x: torch.Tensor, channels: int, multiple: int, what: str) -> None:
-        if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % multiple or x.shape[3] % multiple:
-            raise RequestError(
-                what, tuple(x.shape), f"[batch, {channels}, height, width] with height and width multiples of {multiple}"
-            )
-
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
         std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.batch_norm_eps).to(like.device, like.dtype)
@@ -179,7 +173,7 @@ class Flux2AutoencoderKL(nn.Module):
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] ``[B, 3, H, W]`` -> raw 32-channel mean and log-variance ``[B, 32, H/8, W/8]``."""
-        self._check(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
+        vae.check_shape(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
         mean, logvar = self.encoder(images.to(device=self.device, dtype=self.dtype)).chunk(2, dim=1)
         return mean, logvar
 
@@ -202,7 +196,7 @@ class Flux2AutoencoderKL(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents ``[B, 128, h, w]`` -> images ``[B, 3, 16h, 16w]``, nominally in [-1, 1] (unclamped)."""
-        self._check(latents, self.config.latent_channels, 1, "VAE latent shape")
+        vae.check_shape(latents, self.config.latent_channels, 1, "VAE latent shape")
         z = latents.to(device=self.device, dtype=self.dtype)
         bn_mean, bn_std = self._stats(z)
         return self.decoder(unpatchify(z * bn_std + bn_mean))

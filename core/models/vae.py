@@ -321,6 +321,15 @@ def _feather(size: int, ramp: int, ramp_start: bool, ramp_end: bool) -> torch.Te
     return w
 
 
+def check_shape(x: torch.Tensor, channels: int, multiple: int, what: str) -> None:
+    """``x`` must be ``[batch, channels, height, width]`` with both sides multiples of ``multiple``: one
+    message naming ``what`` otherwise (images into an encoder, latents into a decoder)."""
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % multiple or x.shape[3] % multiple:
+        raise RequestError(
+            what, tuple(x.shape), f"[batch, {channels}, height, width] with height and width multiples of {multiple}"
+        )
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -342,17 +351,9 @@ class AutoencoderKL(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
 
-    def _check(self, x: torch.Tensor, channels: int, multiple: int, what: str) -> None:
-        if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % multiple or x.shape[3] % multiple:
-            raise RequestError(
-                what,
-                tuple(x.shape),
-                f"[batch, {channels}, height, width] with height and width multiples of {multiple}",
-            )
-
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] ``[B, 3, H, W]`` -> raw latent mean and log-variance ``[B, C, H/8, W/8]``."""
-        self._check(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
+        check_shape(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
         moments = self.encoder(images.to(device=self.device, dtype=self.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -364,7 +365,7 @@ class AutoencoderKL(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_moments`` in overlapping pieces of ``tile`` latent pixels (``tile * 8`` image pixels), each
         piece's moments feathered into the others as ``decode_tiled`` does: memory is one piece's encode."""
-        self._check(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
+        check_shape(images, self.config.in_channels, self.config.downscale, "VAE input image shape")
         f = self.config.downscale
         b, _, height, width = images.shape
         h, w = height // f, width // f
@@ -410,7 +411,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents ``[B, C, h, w]`` -> images ``[B, 3, 8h, 8w]``, nominally in [-1, 1] (unclamped)."""
-        self._check(latents, self.config.z_channels, 1, "VAE latent shape")
+        check_shape(latents, self.config.z_channels, 1, "VAE latent shape")
         z = latents.to(device=self.device, dtype=self.dtype) / self.config.scaling_factor + self.config.shift_factor
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
@@ -430,7 +431,7 @@ class AutoencoderKL(nn.Module):
             raise RequestError("VAE tile size", tile, "a positive number of latent pixels")
         if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
             raise RequestError("VAE tile overlap", overlap, f"a whole number from 0 to {tile - 1} (below the tile size)")
-        self._check(latents, self.config.z_channels, 1, "VAE latent shape")
+        check_shape(latents, self.config.z_channels, 1, "VAE latent shape")
         b, _, h, w = latents.shape
         ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
         if len(ys) == 1 and len(xs) == 1:
