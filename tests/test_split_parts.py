@@ -462,3 +462,31 @@ def test_t5_part_with_the_tied_embedding_copy_and_decoder_keys(tmp_path):
     outputs = [load_components(spec, {"text_encoder_2": (p, part_prefix(p, spec, spec.component("text_encoder_2")))},
                                dtype=torch.float32)["text_encoder_2"](ids) for p in (plain, full)]
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kind", "prefix"),
+    [
+        ({"model.layers.0.self_attn.q_norm.weight": (128,), "model.embed_tokens.weight": (151936, 2560)}, "qwen3_4b", ""),
+        ({"model.layers.0.self_attn.q_norm.weight": (128,), "model.embed_tokens.weight": (151936, 4096)}, "qwen3_8b", ""),
+        ({"text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_norm.weight": (128,),
+          "text_encoders.qwen3_4b.transformer.model.embed_tokens.weight": (151936, 2560)},
+         "qwen3_4b", "text_encoders.qwen3_4b.transformer."),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 32, 3, 3),
+          "bn.running_mean": (128,)}, "flux2_vae", ""),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 16, 3, 3)}, "flux_vae", ""),
+    ],
+)
+def test_2026_part_kinds_detected_by_keys(shapes, kind, prefix):
+    from core.models.parts import detect_part
+
+    match = detect_part(shapes)
+    assert (match.kind, match.prefix) == (kind, prefix)
+
+
+def test_qwen2_text_encoder_is_not_a_qwen3_part():
+    from core.models.parts import detect_part
+
+    # Qwen2.5 (Qwen-Image's encoder) has the same names but no per-head q_norm
+    assert detect_part({"model.layers.0.self_attn.q_proj.weight": (2048, 2048),
+                        "model.embed_tokens.weight": (151936, 2048)}) is None

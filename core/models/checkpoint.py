@@ -619,7 +619,7 @@ def _check_gguf(source: TensorSource, family: ModelFamily, component: Component)
     allowed = GGUF_ARCHITECTURES.get(key)
     if allowed is None:
         raise CheckpointError(source.path, f"the {family.label} {component.label} cannot be loaded from a GGUF file "
-                              "(GGUF is read for diffusion models and T5 text encoders); use its .safetensors file")
+                              "(GGUF is read for diffusion models and T5 and Qwen3 text encoders); use its .safetensors file")
     source.check_architecture(allowed, _a(what))
 
 

@@ -23,6 +23,7 @@ _T5_MARKERS = ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.
 _CLIP_MARKER = "text_model.encoder.layers.0.self_attn.q_proj.weight"
 _CLIP_EMBED = "text_model.embeddings.token_embedding.weight"
 _VAE_MARKERS = ("encoder.conv_in.weight", "decoder.conv_in.weight")
+_QWEN3_MARKERS = ("model.layers.0.self_attn.q_norm.weight", "model.embed_tokens.weight")  # Qwen2.5 has no q_norm
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,29 @@ def _vae(channels: int) -> Callable[[Shapes], str | None]:
     return detect
 
 
+def _qwen3(hidden_test: Callable[[int], bool]) -> Callable[[Shapes], str | None]:
+    """HF ``Qwen3ForCausalLM`` names (``model.layers.N...``; ComfyUI's ``qwen_3_4b.safetensors``), alone or inside
+    an all-in-one checkpoint; the width tells 4B (2560) from 8B (4096)."""
+
+    def detect(shapes: Shapes) -> str | None:
+        prefix = _first_prefix(
+            shapes, ("", "text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_8b.transformer."), _QWEN3_MARKERS
+        )
+        if prefix is None:
+            return None
+        width = (*shapes.get(prefix + "model.embed_tokens.weight", ()), 0, 0)[1]
+        return prefix if hidden_test(width) else None
+
+    return detect
+
+
+def _flux2_vae(shapes: Shapes) -> str | None:
+    """The FLUX.2 autoencoder (``flux2-vae.safetensors``): LDM names plus the batch-norm statistics of its
+    patchified 128-channel latent space, which no other VAE has."""
+    prefix = _first_prefix(shapes, ("", "vae."), (*_VAE_MARKERS, "bn.running_mean"))
+    return prefix
+
+
 PARTS: dict[str, PartKind] = {
     p.name: p
     for p in (
@@ -80,6 +104,13 @@ PARTS: dict[str, PartKind] = {
         # CLIP ViT-L/14 text tower with Hugging Face names (ComfyUI's clip_l.safetensors); 1280 wide is bigG
         PartKind("clip_l", "CLIP-L text encoder", "text_encoder", ("clip_l.safetensors",),
                  _clip(lambda width: width != 1280)),
+        # Qwen3-8B is FLUX.2 klein 9B's; every smaller width is read as the 4B's place (tiny test models too)
+        PartKind("qwen3_4b", "Qwen3-4B text encoder", "text_encoder", ("qwen_3_4b.safetensors",),
+                 _qwen3(lambda width: width != 4096)),
+        PartKind("qwen3_8b", "Qwen3-8B text encoder", "text_encoder",
+                 ("qwen_3_8b.safetensors", "qwen_3_8b_fp8mixed.safetensors"), _qwen3(lambda width: width == 4096)),
+        # before the 16- and 4-channel kinds: a FLUX.2 VAE is an LDM VAE too (32 channels), told apart by bn.*
+        PartKind("flux2_vae", "FLUX.2 VAE", "vae", ("flux2-vae.safetensors",), _flux2_vae),
         PartKind("flux_vae", "16-channel Flux.1 VAE", "vae", ("ae.safetensors",), _vae(16)),
         PartKind("sd_vae", "4-channel SD VAE", "vae", ("vae-ft-mse-840000-ema-pruned.safetensors",), _vae(4)),
     )
@@ -90,6 +121,8 @@ PARTS: dict[str, PartKind] = {
 GGUF_ARCHITECTURES: dict[str, frozenset[str]] = {
     "flux": frozenset({"flux"}),
     "t5xxl": frozenset({"t5", "t5encoder"}),
+    "qwen3_4b": frozenset({"qwen3"}),
+    "qwen3_8b": frozenset({"qwen3"}),
 }
 
 
