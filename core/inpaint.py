@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.errors import DarkroomError
-from core.request import GenerationRequest
+from core.request import GenerationRequest, mask_size_note
 from core.tensor_bytes import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,8 @@ def load_mask(path: str, init_size: tuple[int, int] | None = None) -> tuple[Imag
         image = image.convert("RGBA")
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") else None
     gray = alpha if alpha is not None and alpha.getextrema() != (255, 255) else image.convert("L")
-    warnings = []
-    if init_size is not None and gray.size != tuple(init_size):
-        warnings.append(f"mask {path} is {gray.width}x{gray.height} but the init image is "
-                        f"{init_size[0]}x{init_size[1]}: the mask is scaled to it")
-    return binary(gray), warnings
+    note = mask_size_note(path, gray.size, init_size) if init_size is not None else None
+    return binary(gray), [note] if note else []
 
 
 def binary(mask: Image.Image) -> Image.Image:

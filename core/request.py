@@ -568,6 +568,29 @@ def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "i
     return str(path.resolve())
 
 
+def mask_size_note(path: str, mask_size: tuple[int, int], init_size: tuple[int, int]) -> str | None:
+    """The warning for a mask whose size is not its init image's (it is scaled to it), or None."""
+    if tuple(mask_size) == tuple(init_size):
+        return None
+    return (f"mask {path} is {mask_size[0]}x{mask_size[1]} but the init image is {init_size[0]}x{init_size[1]}: "
+            "the mask is scaled to the image")
+
+
+def mask_warnings(request: GenerationRequest) -> list[str]:
+    """What to say before an inpainting job runs (a mask of another size than its init image), from the files'
+    headers."""
+    if request.mask is None or request.init_image is None:
+        return []
+    from PIL import Image
+
+    try:
+        with Image.open(request.mask) as mask, Image.open(request.init_image) as init:
+            note = mask_size_note(request.mask, mask.size, init.size)
+    except (OSError, ValueError):  # an unreadable file fails the job with its own message
+        return []
+    return [note] if note else []
+
+
 def prompt_syntax_warnings(*prompts: str) -> list[str]:
     """One sentence for each prompt whose A1111 prompt editing or alternation (``[from:to:when]``, ``[a|b]``)
     cannot be read, naming the groups (``[]`` if there is none): the grammar fails on the whole prompt (an
