@@ -106,8 +106,9 @@ def gaussian_blur(values: torch.Tensor, sigma: float) -> torch.Tensor:
         pad = size // 2
         mode = "reflect" if pad < out.shape[dim] else "replicate"
         padding = (pad, pad, 0, 0) if dim == 3 else (0, 0, pad, pad)
-        shape = (channels, 1, 1, size) if dim == 3 else (channels, 1, size, 1)
-        out = F.conv2d(F.pad(out, padding, mode=mode), kernel.view(shape).expand(shape).contiguous(), groups=channels)
+        shape = (1, 1, 1, size) if dim == 3 else (1, 1, size, 1)
+        weight = kernel.view(shape).expand(channels, -1, -1, -1).to(out)
+        out = F.conv2d(F.pad(out, padding, mode=mode), weight, groups=channels)
     return out
 
 
