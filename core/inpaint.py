@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.errors import DarkroomError
-from core.request import GenerationRequest, mask_size_note
+from core.masks import binary, load_mask
+from core.request import GenerationRequest
 from core.tensor_bytes import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -40,42 +40,7 @@ log = logging.getLogger(__name__)
 MASK_INPUT_CHANNELS = 9  # latent 4 + mask 1 + masked-image latent 4: SD1.5 / SDXL inpainting UNets
 
 
-class MaskError(DarkroomError):
-    """The mask image cannot be used."""
-
-
-# ------------------------------------------------------------------------------------------ mask images
-
-
-def load_mask(path: str, init_size: tuple[int, int] | None = None) -> tuple[Image.Image, list[str]]:
-    """The mask file as a binary ``L`` image (255 = repaint) and warnings (a size that differs from the init
-    image's, ``init_size``). An image with a varying alpha channel is an alpha-only mask (Gradio's sketch:
-    opaque strokes repaint); otherwise its grey level counts."""
-    import warnings as _warnings
-
-    try:
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-    except FileNotFoundError:
-        raise MaskError(f"mask {path!r} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MaskError(f"mask {path!r} is too large to decode safely ({exc})") from None
-    except OSError as exc:
-        raise MaskError(f"mask {path!r} is not a readable image ({exc})") from None
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") else None
-    gray = alpha if alpha is not None and alpha.getextrema() != (255, 255) else image.convert("L")
-    note = mask_size_note(path, gray.size, init_size) if init_size is not None else None
-    return binary(gray), [note] if note else []
-
-
-def binary(mask: Image.Image) -> Image.Image:
-    """A1111's rounding: above 128 is 255, the rest 0."""
-    return mask.convert("L").point(lambda v: 255 if v > 128 else 0)
+# ------------------------------------------------------------------------------------------ mask tensors
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

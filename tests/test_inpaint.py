@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from core import inpaint
 from core.errors import RequestError
+from core.masks import load_mask, mask_preview
 from core.metadata import format_infotext, infotext_to_request, read_request, save_image
 from core.models.testing import write_random_checkpoint
 from core.pipeline import (
@@ -87,7 +88,7 @@ def test_nine_channel_checkpoint_matches_diffusers_inpaint_pipeline(files):
                    generator=torch.Generator().manual_seed(5), height=64, width=64).images[0]
         assert psnr(ours, ref) >= 40
         # the composite keeps the unmasked pixels of the original (mask_blur 0: exactly)
-        final = generate(model, request.replace(steps=2))[0][0]
+        final = generate(model, request.replace(steps=1))[0][0]
     original = Image.open(files["init"]).convert("RGB")
     assert final.getpixel((2, 60)) == original.getpixel((2, 60))
     assert psnr(final.crop((16, 8, 48, 40)), original.crop((16, 8, 48, 40))) < 30
@@ -210,18 +211,23 @@ def test_alpha_only_and_rgb_masks_and_a_size_warning(tmp_path):
     alpha = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     ImageDraw.Draw(alpha).rectangle((0, 0, 15, 31), fill=(0, 0, 0, 255))  # black but opaque: repaint
     alpha.save(tmp_path / "alpha.png")
-    mask, notes = inpaint.load_mask(str(tmp_path / "alpha.png"), (32, 32))
+    mask, notes = load_mask(str(tmp_path / "alpha.png"), (32, 32))
     assert mask.getpixel((4, 4)) == 255 and mask.getpixel((28, 4)) == 0 and notes == []
     rgb = Image.new("RGB", (16, 16), (0, 0, 0))
     ImageDraw.Draw(rgb).rectangle((8, 0, 15, 15), fill=(255, 255, 255))
     rgb.save(tmp_path / "rgb.png")
-    mask, notes = inpaint.load_mask(str(tmp_path / "rgb.png"), (32, 32))
+    mask, notes = load_mask(str(tmp_path / "rgb.png"), (32, 32))
     assert mask.getpixel((12, 4)) == 255 and mask.getpixel((2, 4)) == 0
     assert notes == ["mask " + str(tmp_path / "rgb.png") + " is 16x16 but the init image is 32x32: "
                      "the mask is scaled to the image"]
     Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
     request = GenerationRequest(model="m", init_image=str(tmp_path / "init.png"), mask=str(tmp_path / "rgb.png"))
     assert mask_warnings(request) == notes
+    # the form's preview: the init image, red where it is repainted (the mask scaled to it)
+    preview = mask_preview(str(tmp_path / "init.png"), str(tmp_path / "rgb.png"))
+    assert preview.size == (32, 32) and preview.getpixel((4, 4)) == (0, 0, 0)
+    assert preview.getpixel((28, 4)) == (127, 20, 20)
+    assert mask_preview(str(tmp_path / "init.png"), str(tmp_path / "rgb.png"), invert=True).getpixel((28, 4)) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("fields, message", [
