@@ -281,3 +281,22 @@ def test_batch_jobs_take_mask_paths_relative_to_the_jobs_file(files, tmp_path):
     assert parsed.request.outpaint == Outpaint(left=16)
     with pytest.raises(Exception, match="mask"):
         parse_jobs(text.replace('"m.png"', '"missing.png"'), "jobs.toml", base_dir=tmp_path)
+
+
+def test_sdxl_inpainting_checkpoint_runs_only_masked(files):
+    """An SDXL inpainting file (9-channel UNet, by keys) samples the crop with its size conditioning and pastes
+    it back: outside the crop the original stays."""
+    path = write_random_checkpoint(files["root"] / "sdxl-inpainting.safetensors", "sdxl", "tiny", seed=6,
+                                   inpaint=True)
+    request = job(files, steps=2, inpaint_area="only_masked", only_masked_padding=0, mask_blur=0,
+                  mask=str(files["root"] / "corner.png"))
+    corner = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(corner).rectangle((0, 0, 15, 15), fill=255)
+    corner.save(files["root"] / "corner.png")
+    with torch_threads(1):
+        model = load_model(path, compute_hash=False)
+        assert model.checkpoint.info.variant == "inpaint" and inpaint.takes_mask_input(model.checkpoint.unet)
+        image = generate(model, request)[0][0]
+    original = Image.open(files["init"]).convert("RGB")
+    assert image.size == (64, 64) and image.getpixel((40, 40)) == original.getpixel((40, 40))
+    assert psnr(image.crop((0, 0, 16, 16)), original.crop((0, 0, 16, 16))) < 30
