@@ -39,3 +39,15 @@ async def test_mask_fields_reach_the_request_and_the_mask_is_previewed(tmp_path)
         assert (request.mask, request.mask_blur, request.inpaint_area) == (str(mask), 9, "only_masked")
     details = describe({"request": request, "seed": 1, "path": "x.png", "created": 0}).plain
     assert f"mask: {mask}" in details and "mask_blur: 9" in details and "inpaint_area: only_masked" in details
+
+
+def test_queue_details_name_the_mask_and_the_outpainting():
+    from types import SimpleNamespace
+
+    from core.request import GenerationRequest
+    from tui.screens.queue import job_parameters
+
+    request = GenerationRequest(model="m", init_image="/in.png", mask="/mask.png", mask_blur=6,
+                                inpaint_area="only_masked", outpaint={"left": 64})
+    text = job_parameters(SimpleNamespace(request=request, created=0, started=None, finished=None)).plain
+    assert "mask /mask.png (blur 6, only masked)" in text and "outpaint left 64, right 0, top 0, bottom 0" in text
