@@ -51,3 +51,23 @@ def test_queue_details_name_the_mask_and_the_outpainting():
                                 inpaint_area="only_masked", outpaint={"left": 64})
     text = job_parameters(SimpleNamespace(request=request, created=0, started=None, finished=None)).plain
     assert "mask /mask.png (blur 6, only masked)" in text and "outpaint left 64, right 0, top 0, bottom 0" in text
+
+
+def test_form_fill_drops_a_mask_that_is_gone_and_one_without_its_image(tmp_path):
+    from core.request import GenerationRequest
+    from tui.png_settings import form_fill
+
+    source, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 8)).save(source)
+    Image.new("L", (8, 8), 255).save(mask)
+    request = GenerationRequest(model="m", init_image=str(source), mask=str(mask), outpaint={"top": 8}, seed=3)
+
+    def fill():
+        return form_fill(request, models=["m"], vaes=[], current_model="m", current_vae=None)
+
+    assert fill().values["mask"] == str(mask) and f"mask {mask}" in fill().filled
+    mask.unlink()
+    assert fill().values["mask"] is None
+    assert f"the mask {mask} is not there any more (img2img of the whole image)" in fill().not_used
+    source.unlink()
+    assert (fill().values["mask"], fill().values["outpaint"], fill().values["init_image"]) == (None, None, None)
