@@ -22,6 +22,7 @@ What an A1111/Forge user expects, in A1111's order (``modules/processing.py``, r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +194,11 @@ class InpaintJob:
     def latent_mask(self, height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
         """The blurred mask at the latent size ``[1, 1, h, w]`` (area average): the latent noise mask."""
         return F.interpolate(self.work_mask, size=(height, width), mode="area").to(device=device, dtype=dtype)
+
+    def work_request(self, request: GenerationRequest) -> GenerationRequest:
+        """The request the passes run: at the work size. The padding is in that size now, so the outpaint table
+        goes (validated again, it would count twice)."""
+        return dataclasses.replace(request, width=self.width, height=self.height, outpaint=None)
 
     def finish(self, images: list[Image.Image]) -> list[Image.Image]:
         """The generated work images put back into the canvas (A1111's overlay)."""

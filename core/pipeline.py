@@ -7,7 +7,6 @@ caches prompt encodings, and reports every step with a cheap x0 preview.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import time
@@ -625,8 +624,7 @@ def generate(
             for warning in inpainting.warnings:
                 log.warning("%s", warning)
             init = inpainting.work_image  # the job samples at its size (outpainted; the crop at the job's size)
-            # (the padding is in the new size now: checked again, the outpaint table would count twice)
-            request = dataclasses.replace(request, width=inpainting.width, height=inpainting.height, outpaint=None)
+            request = inpainting.work_request(request)
     # A1111 prompt editing/alternation/AND: each pass schedules the conditioning over its own steps.
     conds = prompt_conditioning(model, request, cache, request.width, request.height)
     hires_conds = None

@@ -300,3 +300,11 @@ def test_sdxl_inpainting_checkpoint_runs_only_masked(files):
     original = Image.open(files["init"]).convert("RGB")
     assert image.size == (64, 64) and image.getpixel((40, 40)) == original.getpixel((40, 40))
     assert psnr(image.crop((0, 0, 16, 16)), original.crop((0, 0, 16, 16))) < 30
+
+
+def test_outpainting_up_to_the_largest_size(files):
+    """64 + 2 x 2016 = 4096 wide: the work request (its size now holds the padding) is still a valid request."""
+    request = job(files, mask=None, outpaint={"left": 2016, "right": 2016}, mask_blur=0)
+    prepared = inpaint.prepare(request, Image.open(files["init"]).convert("RGB"), (64, 64), 8)
+    work = prepared.work_request(request)
+    assert (work.width, work.height, work.outpaint, work.init_image) == (4096, 64, None, request.init_image)
