@@ -68,6 +68,12 @@ _FIELD_ALIASES = {
     "checkpoint": "model",
     "ckpt": "model",
     "image": "init_image",
+    # A1111's img2img API names for the inpainting fields
+    "mask_image": "mask",
+    "inpainting_fill": "masked_content",
+    "inpaint_full_res": "inpaint_area",
+    "inpaint_full_res_padding": "only_masked_padding",
+    "inpainting_mask_invert": "invert_mask",
 }
 
 

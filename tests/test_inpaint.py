@@ -240,6 +240,7 @@ def test_alpha_only_and_rgb_masks_and_a_size_warning(tmp_path):
     ({"init_image": "i.png", "outpaint": {"left": -1}}, "outpaint.left = -1 is invalid: an integer from 0"),
     ({"init_image": "i.png", "width": 4000, "outpaint": {"left": 200}}, "at most 4096 pixels of width"),
     ({"init_image": "i.png", "mask": "m.png", "hires": {"scale": 2.0}}, "no hires fix when inpainting"),
+    ({"init_image": "i.png", "inpainting_fill": 1}, "not a request field; did you mean 'masked_content'?"),
 ])
 def test_inpaint_fields_are_validated(fields, message):
     with pytest.raises(RequestError) as caught:
