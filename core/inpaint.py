@@ -11,9 +11,10 @@ What an A1111/Forge user expects, in A1111's order (``modules/processing.py``, r
    resolution. "Whole picture": the whole (padded) image is.
 4. ``masked_content``: "fill" replaces the masked pixels by colours spread in from around them before
    encoding; "latent noise" / "latent nothing" replace the masked latents by seeded noise / zeros.
-5. Sampling (normal checkpoints): at every step the unmasked area of the input is the init latent noised to
-   the current sigma, and of the output the init latent (ComfyUI's ``KSamplerX0Inpaint``; A1111 blends the
-   output); the final latents are blended once more. Dedicated inpainting checkpoints (a 9-channel UNet)
+5. Sampling (normal checkpoints): the blurred mask at the latent size, rounded (A1111's default), is the latent
+   noise mask: at every step the unmasked area of the input is the init latent noised to the current sigma, and
+   of the output the init latent (ComfyUI's ``KSamplerX0Inpaint``; A1111 blends the output); the final latents
+   are blended once more. Dedicated inpainting checkpoints (a 9-channel UNet)
    instead take ``[latents, mask, masked-image latents]`` as their input, as diffusers'
    ``StableDiffusionInpaintPipeline`` does, and sample freely.
 6. The decoded image (scaled back into the crop for "only masked") is composited over the original through the
@@ -192,8 +193,10 @@ class InpaintJob:
     warnings: tuple[str, ...] = ()
 
     def latent_mask(self, height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-        """The blurred mask at the latent size ``[1, 1, h, w]`` (area average): the latent noise mask."""
-        return F.interpolate(self.work_mask, size=(height, width), mode="area").to(device=device, dtype=dtype)
+        """The latent noise mask ``[1, 1, h, w]``: the blurred mask scaled to the latent size (area average), then
+        rounded as A1111 does by default ("mask_round"); the blur's soft edge is the pixel composite's."""
+        small = F.interpolate(self.work_mask, size=(height, width), mode="area").round()
+        return small.to(device=device, dtype=dtype)
 
     def work_request(self, request: GenerationRequest) -> GenerationRequest:
         """The request the passes run: at the work size. The padding is in that size now, so the outpaint table

@@ -110,7 +110,7 @@ def test_latent_noise_mask_matches_a_hand_written_blend(files, normal_model):
         x0 = encode_images(model, pixels, noise)
         n = noise.initial()
         mask = inpaint.gaussian_blur(inpaint.to_tensor(Image.open(files["mask"]).convert("L")), 2.0).clamp(0, 1)
-        m = F.interpolate(mask, size=(8, 8), mode="area")
+        m = F.interpolate(mask, size=(8, 8), mode="area").round()  # A1111 rounds the latent mask
         guided = _denoiser(model, prompt_conditioning(model, request, PromptCache(), 64, 64), None, 7.0, 1)
         sigmas = get_sigmas("normal", model.schedule, 3, 0.8, "sd15")
         x = x0 + n * sigmas[0]
