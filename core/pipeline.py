@@ -713,7 +713,6 @@ def _inpaint_inputs(
     size, height, width = start.shape[0], start.shape[-2], start.shape[-1]
     noise = inpaint.FirstDraw(noise)
     work_mask = job.work_mask if job is not None else torch.ones((1, 1, request.height, request.width))
-    latent_mask = None
     if job is not None:
         start = inpaint.masked_content(
             start, job.latent_mask(height, width, model.device, model.dtype), request.masked_content, seeds)
@@ -725,7 +724,7 @@ def _inpaint_inputs(
     masked_latents = encode_images(model, masked, noise.inner)
     cond_mask = inpaint.conditioning_mask(work_mask, height, width).to(device=model.device, dtype=model.dtype)
     extra = torch.cat([cond_mask.expand(size, -1, -1, -1), masked_latents], dim=1)
-    return noise, inpaint.MaskedImageInput(model.checkpoint.unet, extra), latent_mask, start
+    return noise, inpaint.MaskedImageInput(model.checkpoint.unet, extra), None, start  # no latent blend, as diffusers
 
 
 def hires_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
