@@ -309,3 +309,11 @@ def test_outpainting_up_to_the_largest_size(files):
     prepared = inpaint.prepare(request, Image.open(files["init"]).convert("RGB"), (64, 64), 8)
     work = prepared.work_request(request)
     assert (work.width, work.height, work.outpaint, work.init_image) == (4096, 64, None, request.init_image)
+
+
+def test_the_memory_estimate_counts_the_outpainted_size(files, normal_model):
+    from core.accel.memory import estimate_job
+
+    plain = estimate_job(normal_model, job(files, mask=None, outpaint=None))
+    wider = estimate_job(normal_model, job(files, mask=None, outpaint={"left": 64}))
+    assert (plain.latent_hw, wider.latent_hw) == ((8, 8), (8, 16)) and wider.denoise > plain.denoise
