@@ -66,7 +66,7 @@ from core.accel.memory_mode import MemoryModeError
 from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
-from core.request import GenerationRequest, prompt_syntax_warnings, resolve_init_image
+from core.request import GenerationRequest, mask_warnings, prompt_syntax_warnings, resolve_init_image
 from core.text import visible
 
 EXIT_OK = 0
@@ -197,6 +197,9 @@ def _resolve_paths(fields: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if isinstance(value, str) and value.startswith(_RELATIVE_PREFIXES):
             # absolute without following symlinks: a linked checkpoint keeps its name in the metadata
             fields = {**fields, key: os.path.abspath(base_dir / value)}
+    mask = fields.get("mask")  # an inpainting mask: a path, checked like the init image (`mask = ""`: none)
+    if isinstance(mask, str):
+        fields = {**fields, "mask": resolve_init_image(mask, base_dir, field="mask") if mask.strip() else None}
     init = fields.get("init_image")
     if isinstance(init, str) and not init.strip():  # `init_image = ""` (TOML has no null): txt2img
         return {**fields, "init_image": None}
@@ -759,7 +762,8 @@ def run_batch(
 
     registry = ModelRegistry(dirs)
     for job in jobs:
-        for warning in prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt):
+        for warning in [*prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt),
+                        *mask_warnings(job.request)]:
             print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength

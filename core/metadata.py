@@ -90,6 +90,10 @@ def _vae_label(vae: str) -> str:
 
 
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "image": "Lanczos"}
+# A1111's inpainting values ("Masked content", "Inpaint area"; "original" and "Whole picture" are not written)
+MASKED_CONTENT_LABELS = {"original": "original", "fill": "fill", "latent_noise": "latent noise",
+                         "latent_nothing": "latent nothing"}
+INPAINT_AREA_LABELS = {"whole": "Whole picture", "only_masked": "Only masked"}
 
 
 def format_infotext(
@@ -124,6 +128,17 @@ def format_infotext(
         # Our key (A1111 has none): only an override of the model's own prediction type is worth recording.
         "Prediction": request.prediction if request.prediction != "auto" else None,
     }
+    if request.is_inpaint:  # A1111's keys, in the order it sets them
+        params["Mask mode"] = "Inpaint not masked" if request.invert_mask else None
+        params["Mask blur"] = request.mask_blur or None
+        if request.inpaint_area == "only_masked":
+            params["Inpaint area"] = INPAINT_AREA_LABELS["only_masked"]
+            params["Masked area padding"] = request.only_masked_padding
+        if request.masked_content != "original":
+            params["Masked content"] = MASKED_CONTENT_LABELS[request.masked_content]
+        o = request.outpaint
+        if o is not None:  # our key (A1111's outpainting scripts record none); kept in extra when read back
+            params["Outpaint"] = f"left {o.left}, right {o.right}, top {o.top}, bottom {o.bottom}"
     hires = request.hires
     if request.is_img2img:
         params["Denoising strength"] = request.denoise
@@ -315,6 +330,11 @@ _CONSUMED = {
     "DeepCache interval",
     "DeepCache branch",
     "First block cache threshold",
+    "Mask mode",
+    "Mask blur",
+    "Inpaint area",
+    "Masked area padding",
+    "Masked content",
 }
 _SHORT_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,}\]$")  # A1111 writes the refiner as "name [0123456789]"
 
@@ -399,6 +419,7 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         if key in params:
             fields[name] = _number(params, key, kind)
 
+    _inpaint_fields(params, fields, extra)
     has_hires = any(key in params for key in _UPSCALE_KEYS)
     strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None
     if has_hires:
@@ -435,6 +456,25 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
             extra[key] = value
     fields["extra"] = extra
     return GenerationRequest(**fields)
+
+
+def _inpaint_fields(params: Mapping[str, str], fields: dict[str, Any], extra: dict[str, Any]) -> None:
+    """A1111's inpainting keys -> request fields (the mask file itself is not in an infotext); a value we do not
+    know stays in ``extra`` under its key."""
+    if "Mask blur" in params:
+        fields["mask_blur"] = _number(params, "Mask blur", int)
+    if "Masked area padding" in params:
+        fields["only_masked_padding"] = _number(params, "Masked area padding", int)
+    for key, name, labels in (("Inpaint area", "inpaint_area", INPAINT_AREA_LABELS),
+                              ("Masked content", "masked_content", MASKED_CONTENT_LABELS)):
+        if key in params:
+            found = next((ours for ours, label in labels.items() if _norm(label) == _norm(params[key])), None)
+            if found is None:
+                extra[key] = params[key]
+            else:
+                fields[name] = found
+    if "Mask mode" in params:
+        fields["invert_mask"] = _norm(params["Mask mode"]) == "inpaint not masked"
 
 
 # ---- saving -------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core import inpaint
 from core.accel import feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
@@ -165,11 +166,12 @@ class LoadedModel:
             raise RequestError("prediction", override, f"{valid} for this {self.spec.label} model")
         return override
 
-    def denoiser(self, prediction: str = "auto", guidance: float | None = None) -> Any:
+    def denoiser(self, prediction: str = "auto", guidance: float | None = None, network: Any = None) -> Any:
         """The UNet wrapped as ``denoise(x, sigma, **cond) -> x0`` for its prediction type (or ``prediction``,
-        a request's override); ``guidance``: the distilled guidance of a model that takes one."""
+        a request's override); ``guidance``: the distilled guidance of a model that takes one; ``network``: a
+        stand-in for the UNet (an inpainting UNet with its extra input, ``core.inpaint.MaskedImageInput``)."""
         return self.spec.sampling.denoiser(
-            self.checkpoint.unet, self.schedule, self.prediction_for(prediction), guidance=guidance
+            network or self.checkpoint.unet, self.schedule, self.prediction_for(prediction), guidance=guidance
         )
 
     def guidance_for(self, requested: float | None) -> float | None:
@@ -393,14 +395,16 @@ def image_to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype
     return (data.to(device=device, dtype=torch.float32) / 127.5 - 1.0).to(dtype)
 
 
-def load_init_image(path: str, width: int, height: int) -> Image.Image:
-    """Open the img2img source and resize it to the request's size (Lanczos)."""
+def load_init_image(path: str, width: int, height: int, with_size: bool = False) -> Any:
+    """Open the img2img source and resize it to the request's size (Lanczos); ``with_size``: (image, the
+    file's own size)."""
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # changed since it was queued
             with Image.open(path) as opened:
+                size = opened.size
                 opened.draft("RGB", (width, height))  # a big JPEG decodes at a reduced scale still >= the size
                 image = opened.convert("RGB")
     except FileNotFoundError:
@@ -411,7 +415,7 @@ def load_init_image(path: str, width: int, height: int) -> Image.Image:
         raise InitImageError(f"init_image {path!r} is not a readable image ({exc})") from None
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    return image
+    return (image, size) if with_size else image
 
 
 # VAEs (by file) whose float16 decode overflowed in this process: they decode in float32 from then on.
@@ -493,9 +497,9 @@ class _Progress:
 
 def _denoiser(
     model: LoadedModel, cond: Conditioning, uncond: Conditioning, cfg: float, batch: int, prediction: str = "auto",
-    guidance: float | None = None,
+    guidance: float | None = None, network: Any = None,
 ):
-    inner = model.denoiser(prediction, guidance)
+    inner = model.denoiser(prediction, guidance, network)
     if isinstance(cond, ConditioningSchedule):  # the denoiser expands each call's selection to the batch
         return CFGDenoiser(inner, cond=cond, uncond=None, cfg=cfg)
     return CFGDenoiser(inner, cond=cond.expand(batch), uncond=uncond.expand(batch), cfg=cfg)
@@ -593,11 +597,13 @@ def generate(
     on_step: StepCallback | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     refiner: LoadedModel | None = None,
+    composite: bool = True,
 ) -> list[tuple[Image.Image, int]]:
     """Run one resolved request; returns (image, seed) for every image of every batch.
 
     ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
-    denoising is done, and its VAE decodes when it did."""
+    denoising is done, and its VAE decodes when it did. Inpainting (``core.inpaint``) pastes the result into
+    the original through the blurred mask; ``composite=False`` returns the decoded work images as they are."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     if request.lora_refs() != model.loras.requested:
@@ -608,6 +614,17 @@ def generate(
     if problem is not None:
         raise problem
     guidance = model.guidance_for(request.guidance)
+    init = None
+    inpainting = None  # core.inpaint.InpaintJob: what is sampled and how it goes back into the image
+    if request.is_img2img:
+        init, init_size = load_init_image(request.init_image, request.width, request.height, with_size=True)
+        if request.is_inpaint:
+            inpainting = inpaint.prepare(request, init, init_size, model.spec.pixel_multiple)
+        if inpainting is not None:
+            for warning in inpainting.warnings:
+                log.warning("%s", warning)
+            init = inpainting.work_image  # the job samples at its size (outpainted; the crop at the job's size)
+            request = inpainting.work_request(request)
     # A1111 prompt editing/alternation/AND: each pass schedules the conditioning over its own steps.
     conds = prompt_conditioning(model, request, cache, request.width, request.height)
     hires_conds = None
@@ -633,23 +650,29 @@ def generate(
     seeds = request.image_seeds()
     progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
     init_pixels = None
-    if request.is_img2img:
-        init = load_init_image(request.init_image, request.width, request.height)
+    if init is not None:
         init_pixels = image_to_tensor(init, model.device, model.dtype)
+    mask_input = inpaint.takes_mask_input(model.checkpoint.unet)  # a 9-channel inpainting UNet
 
     results: list[tuple[Image.Image, int]] = []
     for batch_index in range(request.batch_count):
         batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
         size = len(batch_seeds)
-        denoiser = guided(_denoiser(model, conds, None, request.cfg, size, request.prediction, guidance),
-                          request.width, request.height, size)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
-        if init_pixels is not None:
+        # An inpainting UNet at full strength never sees the init latents (diffusers encodes none either)
+        if init_pixels is not None and not (mask_input and request.denoise >= 1.0):
             start = encode_images(model, init_pixels.expand(size, -1, -1, -1), noise)
-            denoise = request.denoise
         else:
             start = torch.zeros((size, *noise.shape), device=model.device, dtype=model.dtype)
-            denoise = 1.0
+        denoise = request.denoise if init_pixels is not None else 1.0
+        network, latent_mask = None, None
+        if mask_input or inpainting is not None:
+            noise, network, latent_mask, start = _inpaint_inputs(
+                model, request, inpainting, init_pixels, start, noise, batch_seeds, mask_input)
+        denoiser = guided(_denoiser(model, conds, None, request.cfg, size, request.prediction, guidance, network),
+                          request.width, request.height, size)
+        if latent_mask is not None:  # a normal checkpoint: the latent noise mask keeps the unmasked area
+            denoiser = inpaint.LatentMaskDenoiser(denoiser, start, noise.first, latent_mask, model.spec.sampling.noise)
         latents = start
         ran = [denoiser]
         if denoise > 0:
@@ -658,6 +681,8 @@ def generate(
                     model, request, denoiser, start, noise, request.steps, denoise, progress, is_cancelled
                 )
         _check_finite(model, latents, "sampling")
+        if latent_mask is not None:
+            latents = inpaint.blend(latents, start, latent_mask)
         if request.hires is not None:
             w, h = hires_size(model, request)
             hires_denoiser = guided(
@@ -670,8 +695,36 @@ def generate(
         last = refiner if refiner is not None and any(getattr(d, "refined", False) for d in ran) else model
         pixels = decode(last, latents)
         _check_finite(last, pixels, "decoding")
-        results.extend(zip(latents_to_images(pixels), batch_seeds))
+        images = latents_to_images(pixels)
+        if inpainting is not None and composite:
+            images = inpainting.finish(images)
+        results.extend(zip(images, batch_seeds))
     return results
+
+
+def _inpaint_inputs(
+    model: LoadedModel, request: GenerationRequest, job: inpaint.InpaintJob | None, init_pixels: torch.Tensor | None,
+    start: torch.Tensor, noise: NoiseSampler, seeds: list[int], mask_input: bool,
+) -> tuple[inpaint.FirstDraw, Any, torch.Tensor | None, torch.Tensor]:
+    """(noise sampler, network, latent noise mask, start latents) of one batch of an inpainting job, or of any
+    job on an inpainting UNet. The starting noise is drawn first; then (inpainting UNet) the masked image is
+    encoded from the same per-image streams, diffusers' order. An inpainting UNet without a mask repaints
+    everything (A1111: mask 1, a grey masked image)."""
+    size, height, width = start.shape[0], start.shape[-2], start.shape[-1]
+    noise = inpaint.FirstDraw(noise)
+    work_mask = job.work_mask if job is not None else torch.ones((1, 1, request.height, request.width))
+    if job is not None:
+        start = inpaint.masked_content(
+            start, job.latent_mask(height, width, model.device, model.dtype), request.masked_content, seeds)
+    if not mask_input:
+        return noise, None, job.latent_mask(height, width, model.device, model.dtype), start
+    pixels = init_pixels if init_pixels is not None else torch.zeros(
+        (1, 3, request.height, request.width), device=model.device, dtype=model.dtype)
+    masked = inpaint.masked_pixels(pixels, work_mask).expand(size, -1, -1, -1)
+    masked_latents = encode_images(model, masked, noise.inner)
+    cond_mask = inpaint.conditioning_mask(work_mask, height, width).to(device=model.device, dtype=model.dtype)
+    extra = torch.cat([cond_mask.expand(size, -1, -1, -1), masked_latents], dim=1)
+    return noise, inpaint.MaskedImageInput(model.checkpoint.unet, extra), None, start  # no latent blend, as diffusers
 
 
 def hires_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:

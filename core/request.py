@@ -34,6 +34,13 @@ IMG2IMG_DENOISE = 0.75  # img2img strength when a request gives none (A1111's an
 # before it costs gigabytes. Accepted images are scaled to the request's size when the job loads them.
 MAX_INIT_IMAGE_PIXELS = 8192 * 8192
 REFINER_SWITCH = 0.8  # A1111's "Switch at" default
+# Inpainting (A1111's img2img inpaint tab; core/inpaint.py does the work): what fills the masked area before
+# sampling, and whether the whole picture or a crop around the mask is worked on.
+MASKED_CONTENT = ("original", "fill", "latent_noise", "latent_nothing")
+INPAINT_AREAS = ("whole", "only_masked")
+MASK_BLUR = 4  # A1111's default (px)
+ONLY_MASKED_PADDING = 32  # A1111's "Only masked padding, pixels" default
+MAX_OUTPAINT = 2048  # pixels added on one side at most
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -61,6 +68,12 @@ _FIELD_ALIASES = {
     "checkpoint": "model",
     "ckpt": "model",
     "image": "init_image",
+    # A1111's img2img API names for the inpainting fields
+    "mask_image": "mask",
+    "inpainting_fill": "masked_content",
+    "inpaint_full_res": "inpaint_area",
+    "inpaint_full_res_padding": "only_masked_padding",
+    "inpainting_mask_invert": "invert_mask",
 }
 
 
@@ -181,6 +194,46 @@ class HiresFix:
 
 
 @dataclass(frozen=True)
+class Outpaint:
+    """Pixels added on each side of the init image (after it is scaled to the request's size); the new area is
+    masked for inpainting. The pipeline adds what rounds the new size to the family's pixel multiple."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    def __post_init__(self) -> None:
+        problems = _Problems()
+        for side in ("left", "right", "top", "bottom"):
+            problems.check(_check_int, f"outpaint.{side}", getattr(self, side), 0, MAX_OUTPAINT)
+        problems.raise_any()
+
+    @property
+    def any(self) -> bool:
+        return bool(self.left or self.right or self.top or self.bottom)
+
+
+def _outpaint_value(value: Any) -> Outpaint | None:
+    """``outpaint`` as given (a table of sides, an Outpaint, None) -> an Outpaint, or a RequestError."""
+    if value is None or isinstance(value, Outpaint):
+        return value
+    shape = "a table of pixels per side, e.g. {left = 128, right = 0, top = 0, bottom = 64}"
+    if not isinstance(value, Mapping):
+        raise RequestError("outpaint", value, shape)
+    known = {f.name for f in dataclasses.fields(Outpaint)}
+    unknown = sorted(set(value) - known, key=str)
+    if unknown:
+        raise RequestError(f"outpaint.{unknown[0]}", value[unknown[0]], f"not a side; {shape}")
+    return Outpaint(**value)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RequestError(name, value, "true or false")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one generation job needs. ``seed = -1`` means random; the queue records the resolved seed."""
 
@@ -225,6 +278,17 @@ class GenerationRequest:
     deepcache_interval: int = 1
     deepcache_branch: int = 0
     fbcache_threshold: float = 0.0
+    # Inpainting (with init_image; core/inpaint.py): ``mask`` is an image path, white = repaint (an alpha-only
+    # mask: opaque = repaint), blurred by ``mask_blur`` px; ``inpaint_area`` "only_masked" works on the mask's
+    # bounding box plus ``only_masked_padding`` px at the job's size and pastes it back. ``outpaint`` pads the
+    # image (a table of pixels per side) and masks the new area.
+    mask: str | None = None
+    mask_blur: int = MASK_BLUR
+    inpaint_area: str = "whole"
+    only_masked_padding: int = ONLY_MASKED_PADDING
+    masked_content: str = "original"
+    invert_mask: bool = False
+    outpaint: Outpaint | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
 
     def __post_init__(self) -> None:
@@ -256,6 +320,7 @@ class GenerationRequest:
         if self.guidance is not None:
             problems.check(_check_float, "guidance", self.guidance, 0.0, 30.0)
         problems.check(self._check_caches)
+        problems.check(self._check_inpaint)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             problems.errors.append(
                 RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
@@ -300,6 +365,49 @@ class GenerationRequest:
                 "the same blocks, so choose one (deepcache_interval = 1 turns DeepCache off)",
             ))
         problems.raise_any()
+
+    def _check_inpaint(self) -> None:
+        problems = _Problems()
+        problems.check(_check_text, "mask", self.mask, True)
+        problems.check(_check_int, "mask_blur", self.mask_blur, 0, 64)
+        problems.check(_check_choice, "inpaint_area", self.inpaint_area, INPAINT_AREAS)
+        problems.check(_check_int, "only_masked_padding", self.only_masked_padding, 0, 256)
+        problems.check(_check_choice, "masked_content", self.masked_content, MASKED_CONTENT)
+        problems.check(_check_bool, "invert_mask", self.invert_mask)
+        try:
+            object.__setattr__(self, "outpaint", _outpaint_value(self.outpaint))
+        except RequestError as error:
+            problems.errors.extend(error.errors)
+            object.__setattr__(self, "outpaint", None)
+        if self.outpaint is not None and not self.outpaint.any:
+            object.__setattr__(self, "outpaint", None)  # nothing to add: no outpainting
+        for name in ("mask", "outpaint"):
+            value = getattr(self, name)
+            if value is not None and self.init_image is None and not problems.errors:
+                problems.errors.append(RequestError(
+                    name, dataclasses.asdict(value) if name == "outpaint" else value,
+                    f"used with an init_image (the image to {'inpaint' if name == 'mask' else 'extend'}); "
+                    "set init_image too",
+                ))
+        if self.outpaint is not None and not problems.errors:
+            o = self.outpaint
+            for side, size, added in (("width", self.width, o.left + o.right), ("height", self.height, o.top + o.bottom)):
+                if isinstance(size, int) and size + added > 4096:
+                    problems.errors.append(RequestError(
+                        "outpaint", dataclasses.asdict(o),
+                        f"at most 4096 pixels of {side} in all; {size} + {added} is {size + added}",
+                    ))
+        if self.hires is not None and (self.mask is not None or self.outpaint is not None) and not problems.errors:
+            problems.errors.append(RequestError(
+                "hires", self.hires, "no hires fix when inpainting or outpainting (A1111 has none either; "
+                "inpaint_area = \"only_masked\" works on the masked region at the job's full size)",
+            ))
+        problems.raise_any()
+
+    @property
+    def is_inpaint(self) -> bool:
+        """A mask or outpainting: the job repaints part of its init image."""
+        return self.init_image is not None and (self.mask is not None or self.outpaint is not None)
 
     def lora_refs(self) -> tuple[LoraRef, ...]:
         """Every LoRA this request uses: the ``loras`` field, then the prompts' tags (in order)."""
@@ -464,6 +572,29 @@ def resolve_init_image(value: str, base_dir: Path | None = None, field: str = "i
             field, value, f"an image file that decodes completely; {shown} is truncated or damaged ({exc})"
         ) from None
     return str(path.resolve())
+
+
+def mask_size_note(path: str, mask_size: tuple[int, int], init_size: tuple[int, int]) -> str | None:
+    """The warning for a mask whose size is not its init image's (it is scaled to it), or None."""
+    if tuple(mask_size) == tuple(init_size):
+        return None
+    return (f"mask {path} is {mask_size[0]}x{mask_size[1]} but the init image is {init_size[0]}x{init_size[1]}: "
+            "the mask is scaled to the image")
+
+
+def mask_warnings(request: GenerationRequest) -> list[str]:
+    """What to say before an inpainting job runs (a mask of another size than its init image), from the files'
+    headers."""
+    if request.mask is None or request.init_image is None:
+        return []
+    from PIL import Image
+
+    try:
+        with Image.open(request.mask) as mask, Image.open(request.init_image) as init:
+            note = mask_size_note(request.mask, mask.size, init.size)
+    except (OSError, ValueError):  # an unreadable file fails the job with its own message
+        return []
+    return [note] if note else []
 
 
 def prompt_syntax_warnings(*prompts: str) -> list[str]:

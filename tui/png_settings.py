@@ -124,6 +124,14 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
         else:
             values["init_image"] = None
             not_used.append(f"the init image {request.init_image} is not there any more (txt2img)")
+        if request.mask is not None and values["init_image"] is not None and Path(request.mask).is_file():
+            filled.append(f"mask {request.mask}")
+        elif request.mask is not None:  # no mask without its image: the form would refuse to queue it
+            values["mask"] = None
+            if values["init_image"] is not None:
+                not_used.append(f"the mask {request.mask} is not there any more (img2img of the whole image)")
+        if request.outpaint is not None and values["init_image"] is None:
+            values["outpaint"] = None
     if request.hires is not None:
         filled.append(f"hires fix ×{request.hires.scale:g} ({request.hires.upscaler}, "
                       f"denoise {request.hires.denoise:g})")

@@ -292,6 +292,10 @@ def estimate_job(model: Any, request: Any, refiner: Any = None) -> Estimate:
         multiple = model.spec.pixel_multiple
         scale = request.hires.scale
         sizes.append((round(request.width * scale / multiple) * multiple, round(request.height * scale / multiple) * multiple))
+    if getattr(request, "outpaint", None) is not None and getattr(request, "inpaint_area", "whole") == "whole":
+        from core.inpaint import padded_size  # outpainting samples the padded image
+
+        sizes.append(padded_size(request, model.spec.pixel_multiple))
     width, height = max(sizes, key=lambda s: s[0] * s[1])
     latent_hw = (height // downscale, width // downscale)
     batch = request.batch_size

@@ -33,10 +33,10 @@ def _layout(family: str) -> list:
     return list(f.components)
 
 
-def _component(component, size: str) -> torch.nn.Module:
+def _component(component, size: str, **overrides) -> torch.nn.Module:
     """Build the component on the meta device (no memory) so only its key names and shapes are used."""
     with torch.device("meta"):
-        config = component.config_class()(**component.presets[size])
+        config = component.config_class()(**{**component.presets[size], **overrides})
         return component.network_class()(config)
 
 
@@ -112,17 +112,18 @@ def iter_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     prediction: str | None = None,
+    inpaint: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) pairs of a random checkpoint, in file order. ``prediction`` ("eps", "v") makes it look
     like a model of that type to detection where the family guesses from weights (SD2.x); None: the family's
-    default (SD2.x: v)."""
+    default (SD2.x: v). ``inpaint``: a dedicated inpainting checkpoint (a UNet of 9 input channels)."""
     layout = _layout(family)
     if size not in ("tiny", "full"):
         raise ValueError(f"size {size!r} is invalid; valid: tiny, full")
     mark = _prediction_marker(family, prediction or _families()[family].sampling.prediction)
     generator = torch.Generator().manual_seed(seed)
     for component in layout:
-        module = _component(component, size)
+        module = _component(component, size, **({"in_channels": 9} if inpaint and component.role == "unet" else {}))
         prefix = component.prefix
         tensors = {}
         for key, value in module.state_dict().items():
@@ -149,10 +150,11 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     prediction: str | None = None,
+    inpaint: bool = False,
 ) -> Path:
     """Write a single-file ``.safetensors`` checkpoint with random weights in the family's real layout
-    (``prediction``: see ``iter_random_checkpoint``)."""
-    tensors = dict(iter_random_checkpoint(family, size, seed, dtype, prediction))
+    (``prediction``, ``inpaint``: see ``iter_random_checkpoint``)."""
+    tensors = dict(iter_random_checkpoint(family, size, seed, dtype, prediction, inpaint))
     return _save(tensors, path, metadata={"format": "pt"})
 
 

@@ -21,6 +21,7 @@ from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
     IMG2IMG_DENOISE,
+    INPAINT_AREAS,
     MAX_SEED,
     UPSCALERS,
     GenerationRequest,
@@ -47,18 +48,21 @@ NUMBER_FIELDS = {
     "steps": int, "cfg": float, "seed": int, "width": int, "height": int, "batch_size": int, "batch_count": int,
 }
 # Advanced section: request fields (clip skip, img2img strength) and hires-fix fields as Inputs.
-ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float}
+ADVANCED_NUMBER_FIELDS = {"clip_skip": int, "denoise": float, "mask_blur": int}
 HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
 # Request fields the form has no widget for but keeps and sends (from presets, history, an image's parameters).
-KEPT_FIELDS = ("deepcache_interval", "deepcache_branch", "fbcache_threshold")
+KEPT_FIELDS = ("deepcache_interval", "deepcache_branch", "fbcache_threshold",
+               "only_masked_padding", "masked_content", "invert_mask", "outpaint")
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
-               "init_image", "denoise", "hires")
+               "init_image", "denoise", "mask", "mask_blur", "inpaint_area", "hires")
+INPAINT_AREA_CHOICES = [("whole picture", "whole"), ("only masked", "only_masked")]
 # What each request field is called in the form, for error messages (in form order).
 FORM_LABELS = {
     "model": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler": "Sampler",
     "schedule": "Schedule", "steps": "Steps", "cfg": "CFG", "seed": "Seed", "width": "Size (width)",
     "height": "Size (height)", "batch_size": "Batch (images)", "batch_count": "Batch (batches)", "vae": "VAE",
-    "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "hires.scale": "Hires scale",
+    "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "mask": "Mask", "mask_blur": "Mask blur",
+    "inpaint_area": "Mask area", "hires.scale": "Hires scale",
     "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
     "guidance": "Guidance",
 }
@@ -73,6 +77,7 @@ HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
     "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
+    "mask": "", "mask_blur": str(DEFAULTS["mask_blur"]), "inpaint_area": DEFAULTS["inpaint_area"],
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
 }
@@ -236,7 +241,7 @@ class GenerateScreen(MainScreen):
                        compact=True),
                  Label("×", classes="times"),
                  Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True))],
-            [Collapsible(title="Advanced: VAE, clip skip, img2img, hires fix", id="advanced")],
+            [Collapsible(title="Advanced: VAE, clip skip, img2img, inpaint, hires fix", id="advanced")],
         ]
 
     def _advanced_rows(self) -> list[Widget]:
@@ -257,6 +262,16 @@ class GenerateScreen(MainScreen):
             row(Label("Denoise", classes="field-label"),
                 Input(str(IMG2IMG_DENOISE), type="number", id="denoise", classes="short", compact=True,
                       tooltip="img2img strength: 0 keeps the image, 1 ignores it")),
+            row(Label("Mask", classes="field-label"),
+                Input("", id="mask", placeholder="inpaint: mask image (white = repaint)", compact=True,
+                      classes="path")),
+            row(Label("Blur", classes="field-label"),
+                Input(str(DEFAULTS["mask_blur"]), type="integer", id="mask_blur", classes="short", compact=True,
+                      tooltip="mask blur in pixels (A1111's default 4)"),
+                Label("Area", classes="field-label"),
+                FormSelect(INPAINT_AREA_CHOICES, id="inpaint_area", allow_blank=False,
+                           value=DEFAULTS["inpaint_area"], compact=True,
+                           tooltip="only masked: the masked region at the full size, pasted back")),
             row(Label("Hires", classes="field-label"),
                 Switch(False, id="hires-enabled", tooltip="second pass at a larger size"),
                 Label("off", id="hires-state", classes="switch-state"),
@@ -585,6 +600,9 @@ class GenerateScreen(MainScreen):
             except ValueError:
                 values[name] = raw
         values["init_image"] = str(state["init_image"]).strip() or None
+        values["mask"] = str(state["mask"]).strip() or None
+        if isinstance(state["inpaint_area"], str):
+            values["inpaint_area"] = state["inpaint_area"]
         if state["hires-enabled"]:
             hires: dict[str, Any] = {"upscaler": state["hires-upscaler"]}
             for name, kind in HIRES_NUMBER_FIELDS.items():
@@ -646,6 +664,10 @@ class GenerateScreen(MainScreen):
                 state[name] = str(values[name])
         if "init_image" in values and (values["init_image"] is None or isinstance(values["init_image"], str)):
             state["init_image"] = values["init_image"] or ""
+        if "mask" in values and (values["mask"] is None or isinstance(values["mask"], str)):
+            state["mask"] = values["mask"] or ""
+        if values.get("inpaint_area") in INPAINT_AREAS:
+            state["inpaint_area"] = values["inpaint_area"]
         if "hires" in values:
             hires = values["hires"]
             if isinstance(hires, HiresFix):
@@ -665,7 +687,7 @@ class GenerateScreen(MainScreen):
         if isinstance(values.get("advanced_open"), bool):
             advanced.collapsed = not values["advanced_open"]
         # Show the section when a preset or history row sets something in it, so no setting is invisible.
-        if values.get("hires") or values.get("init_image") or values.get("vae") or (
+        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or (
             isinstance(values.get("clip_skip"), int) and values["clip_skip"] != DEFAULTS["clip_skip"]
         ):
             advanced.collapsed = False
@@ -710,6 +732,11 @@ class GenerateScreen(MainScreen):
             parse(values, "denoise", "denoise", float)
             try:
                 values["init_image"] = self._resolve_init_image(init_image)
+            except RequestError as error:
+                errors.append(error)
+        if values.get("mask") is not None and init_image is not None:  # without one: the request says why
+            try:
+                values["mask"] = resolve_init_image(values["mask"], Path(os.getcwd()), field="mask")
             except RequestError as error:
                 errors.append(error)
         if values["hires"] is not None:
@@ -820,6 +847,35 @@ class GenerateScreen(MainScreen):
     def _write_settings(self) -> None:
         self._save_timer = None
         self.app.save_form_settings()
+
+    @on(Input.Changed, "#mask, #init_image")
+    def _mask_changed(self) -> None:
+        """A mask and its init image that both open are previewed (the area to repaint tinted red) where the
+        images are shown, unless a job is running there."""
+        if not self._form_ready or self.preview.running:
+            return
+        state = self._advanced_state()
+        init, mask = str(state["init_image"]).strip(), str(state["mask"]).strip()
+        if init and mask:
+            self.preview_mask(init, mask, bool(self.hidden_fields.get("invert_mask")))
+
+    @work(thread=True, exclusive=True, group="mask-preview")
+    def preview_mask(self, init: str, mask: str, invert: bool = False) -> None:
+        from core.masks import mask_preview
+
+        base = Path(os.getcwd())
+        try:
+            paths = [str(p if p.is_absolute() else base / p) for p in (Path(init).expanduser(), Path(mask).expanduser())]
+            if not all(Path(p).is_file() for p in paths):
+                return
+            image = mask_preview(*paths, invert=invert)
+        except Exception:  # noqa: BLE001 - a half-typed path or an unreadable file: nothing to preview yet
+            return
+        self.app.call_from_thread(self._show_mask_preview, Path(mask).name, image)
+
+    def _show_mask_preview(self, name: str, image: Any) -> None:
+        if not self.preview.running:
+            self.preview.show_mask(name, image)
 
     @on(Button.Pressed, "#queue")
     def _queue_pressed(self) -> None:

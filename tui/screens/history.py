@@ -62,11 +62,15 @@ def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     text.append("\n")
     data = request.to_dict()
     data["seed"] = field(row, "seed", request.seed)
+    inpainting = ("mask", "mask_blur", "inpaint_area", "only_masked_padding", "masked_content", "invert_mask",
+                  "outpaint") if request.is_inpaint else ()
     for name in ("model", "sampler", "schedule", "steps", "cfg", "seed", "width", "height", "batch_size",
-                 "batch_count", "clip_skip", "vae", "denoise", "init_image", "hires"):
+                 "batch_count", "clip_skip", "vae", "denoise", "init_image", *inpainting, "hires"):
         value = data.get(name)
         if value is None:
             continue
+        if name == "outpaint":  # "left 64, right 0, top 0, bottom 0"
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         text.append(f"{name}: ", style="bold")
         text.append(f"{visible(value)}\n")
         if name == "model" and families and families.get(value):

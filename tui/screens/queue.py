@@ -97,6 +97,13 @@ def job_parameters(job: Any) -> Text:
         extras.append(f"clip skip {request.clip_skip}")
     if request.init_image:
         extras.append(f"init {visible(request.init_image)} (denoise {request.denoise:g})")
+    if request.is_inpaint:
+        if request.mask:
+            area = "only masked" if request.inpaint_area == "only_masked" else "whole picture"
+            extras.append(f"mask {visible(request.mask)} (blur {request.mask_blur}, {area})")
+        if request.outpaint is not None:
+            o = request.outpaint
+            extras.append(f"outpaint left {o.left}, right {o.right}, top {o.top}, bottom {o.bottom}")
     if request.hires is not None:
         hires = request.hires
         extras.append(f"hires ×{hires.scale:g} {hires.upscaler}, {hires.steps or request.steps} steps, "

@@ -18,7 +18,7 @@ from core.text import visible
 from tui.widgets.safe_input import Input
 
 # Left out unless ticked: they describe one picture, not a way of making pictures.
-LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image")
+LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image", "mask", "outpaint")
 
 
 def _shown(value: Any, width: int = 24) -> str:

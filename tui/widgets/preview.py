@@ -74,8 +74,11 @@ class PreviewPane(Vertical):
     def _on_image_error(self, error: Exception) -> None:
         self.app.notify(f"Could not draw the preview: {error}", severity="warning", markup=False)
 
+    running = False  # a job's steps are being shown (start_job .. finish)
+
     def start_job(self, job_id: int, prompt: str) -> None:
         self.job_id = job_id
+        self.running = True
         title = Text(f"Job #{job_id}: ")
         title.append(visible(prompt[:200]) or "(empty prompt)")
         self._job_title = title
@@ -102,6 +105,14 @@ class PreviewPane(Vertical):
         self.query_one("#preview-stats", Label).update("from the history (F5)", layout=False)
         self.show_image(image)
 
+    def show_mask(self, name: str, image: Any) -> None:
+        """The init image with the mask's area tinted (the Generate form's inpainting fields)."""
+        title = Text("Mask: ")
+        title.append(visible(name))
+        self.query_one("#preview-title", Label).update(title, layout=False)
+        self.query_one("#preview-stats", Label).update("red: the area to repaint", layout=False)
+        self.show_image(image)
+
     def show_step(self, job_id: int, step: int, total: int, elapsed: float, preview: Any = None) -> None:
         if job_id != self.job_id:
             self.job_id = job_id
@@ -118,6 +129,7 @@ class PreviewPane(Vertical):
         self.frames_drawn += 1
 
     def finish(self, text: str) -> None:
+        self.running = False
         self.query_one("#preview-stats", Label).update(Text(visible(text)), layout=False)
         bar = self.query_one(ProgressBar)
         if bar.total:
