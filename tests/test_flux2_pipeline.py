@@ -1,0 +1,260 @@
+"""FLUX.2 [klein] end to end: ``darkroom --batch`` on a Comfy-Org split set (BFL transformer, ``qwen_3_4b``,
+``flux2-vae`` in their folders, parts auto-picked) against diffusers' ``Flux2KleinPipeline`` built from the same
+weights (distilled at the family defaults; base-style CFG 2 against the empty prompt), the same set as one
+all-in-one file, BFL's fp8 layout and a GGUF Q8_0 transformer; the schedule the pipeline computes, img2img and
+hires fix in the 128-channel latent space, the tiled VAE, the preview factors, the LoRA key map against diffusers'
+converter, and the part a variant takes."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cli.batch import run_batch
+from core.errors import CheckpointError
+from core.metadata import read_request
+from core.models import testing
+from core.models.families import get_family
+from core.models.safetensors_writer import save_tensors
+from core.pipeline import generate, load_model
+from core.request import GenerationRequest
+from core.sampling.noise import NoiseSampler
+from core.sampling.schedules import flux2_sigmas, get_sigmas
+from tests.reference import psnr, rel_err, torch_threads
+
+pytest.importorskip("diffusers")
+import transformers  # noqa: E402
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_flux2_transformer_checkpoint_to_diffusers,
+    convert_ldm_vae_checkpoint,
+)
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline  # noqa: E402
+
+PROMPT = "a red fox in fresh snow, morning light"
+CONFIGS = Path("/work/shared/data/model-configs/black-forest-labs/FLUX.2-klein-4B")
+TOKENIZER = Path("/work/shared/data/tokenizers/qwen3")
+PREFIXES = {"model": "model.diffusion_model.", "qwen3": "text_encoders.qwen3_4b.transformer.", "vae": "vae."}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ComfyUI")
+    files = testing.write_random_flux2_split_set(root, seed=5)
+    models = root / "models"
+    combined = {PREFIXES[name] + k: v for name in PREFIXES for k, v in load_file(files[name]).items()}
+    (models / "checkpoints").mkdir()
+    files["combined"] = save_tensors(combined, models / "checkpoints" / "flux-2-klein-4b-aio.safetensors")
+    # BFL's fp8 file of the same weights (another folder: the Forge layout), and a GGUF Q8_0 (arch "flux")
+    files["fp8"] = testing.write_random_flux2_split_set(root, "forge", seed=5, transformer_dtype=torch.float8_e4m3fn,
+                                                        parts=())["model"]
+    weights = {k: v.float() for k, v in load_file(files["model"]).items()}
+    types = {k: "Q8_0" for k, v in weights.items() if v.dim() == 2 and v.shape[-1] % 32 == 0}
+    files["gguf"] = testing.write_random_gguf(models / "unet" / "flux-2-klein-4b-Q8_0.gguf", weights, types)
+    files["root"] = models
+    return files
+
+
+def reference_pipeline(files: dict[str, Path], is_distilled: bool) -> Flux2KleinPipeline:
+    """Flux2KleinPipeline over the split files: the transformer through diffusers' single-file converter,
+    transformers' Qwen3ForCausalLM, AutoencoderKLFlux2 through the LDM converter (quant convs moved to the top
+    level, bn.* kept), the shipped scheduler config and the real Qwen3 tokenizer; all fp32."""
+    from core.models.flux2 import Flux2Config
+    from core.models.flux2_vae import Flux2VAEConfig
+    from core.models.qwen3 import Qwen3Config
+
+    bfl = {k: v.float() for k, v in load_file(files["model"]).items()}
+    cfg = Flux2Config.from_state_dict({k: tuple(v.shape) for k, v in bfl.items()})
+    transformer = Flux2Transformer2DModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim, mlp_ratio=cfg.mlp_ratio, axes_dims_rope=cfg.axes_dim,
+        rope_theta=cfg.theta, guidance_embeds=False)
+    transformer.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(bfl), strict=True)
+
+    qwen = {k: v.float() for k, v in load_file(files["qwen3"]).items()}
+    q = Qwen3Config.from_state_dict({k: tuple(v.shape) for k, v in qwen.items()})
+    text_encoder = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+        num_hidden_layers=q.num_hidden_layers, num_attention_heads=q.num_attention_heads,
+        num_key_value_heads=q.num_key_value_heads, head_dim=q.head_dim, rms_norm_eps=q.rms_norm_eps,
+        rope_theta=q.rope_theta, max_position_embeddings=40960, tie_word_embeddings=True))
+    missing, unexpected = text_encoder.load_state_dict(qwen, strict=False)  # lm_head is tied to the embedding
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+
+    vae_sd = load_file(files["vae"])
+    vc = Flux2VAEConfig.from_state_dict({k: tuple(v.shape) for k, v in vae_sd.items()})
+    vae = AutoencoderKLFlux2(block_out_channels=[vc.ch * m for m in vc.ch_mult],
+                             decoder_block_out_channels=[vc.decoder_ch * m for m in vc.ch_mult],
+                             layers_per_block=vc.num_res_blocks, latent_channels=vc.z_channels)
+    ldm = {k.replace("encoder.quant_conv.", "quant_conv.").replace("decoder.post_quant_conv.", "post_quant_conv."): v
+           for k, v in vae_sd.items()}
+    converted = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    converted.update({k: v for k, v in vae_sd.items() if k.startswith("bn.")})
+    vae.load_state_dict(converted, strict=True)
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(),
+                              tokenizer=transformers.AutoTokenizer.from_pretrained(str(TOKENIZER)),
+                              transformer=transformer.eval(), is_distilled=is_distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(files, req: GenerationRequest) -> Image.Image:
+    """The pipeline fed our starting noise (NoiseSampler: per-image CPU generator, [128, h/16, w/16])."""
+    noise = NoiseSampler([req.seed], (128, req.height // 16, req.width // 16)).initial()
+    pipe = reference_pipeline(files, is_distilled=req.cfg <= 1)
+    return pipe(prompt=req.prompt, height=req.height, width=req.width, num_inference_steps=req.steps,
+                guidance_scale=req.cfg, latents=noise).images[0]
+
+
+def _run(files, tmp_path, monkeypatch, jobs: list[dict]) -> tuple[list[Path], str]:
+    job_file = tmp_path / "jobs.jsonl"
+    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DARKROOM_MODELS", str(files["root"]))
+    code = run_batch(str(job_file), models_dirs=[files["root"]], output_dir=tmp_path / "out",
+                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
+    assert code == 0, err.getvalue()
+    return [Path(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+def test_batch_from_split_files_matches_flux2_klein_pipeline(files, tmp_path, monkeypatch):
+    """Distilled at the family's defaults (4 steps, cfg 1: one forward), base-style CFG 2 against the empty prompt
+    (the pipeline's negative), each >= 40 dB of Flux2KleinPipeline; the all-in-one file gives the split set's image
+    bit for bit; BFL's fp8 and a GGUF Q8_0 transformer stay close to it."""
+    base = {"prompt": PROMPT, "seed": 17, "width": 64, "height": 64}
+    jobs = [{"model": "flux-2-klein-4b", **base},
+            {"model": "flux-2-klein-4b", **base, "cfg": 2.0, "steps": 3, "width": 80, "seed": 18},
+            {"model": "flux-2-klein-4b-aio", **base},
+            {"model": "flux-2-klein-4b-fp8", **base},
+            {"model": "flux-2-klein-4b-Q8_0", **base}]
+    paths, said = _run(files, tmp_path, monkeypatch, jobs)
+    assert len(paths) == 5
+    assert "qwen_3_4b.safetensors" in said and "flux2-vae.safetensors" in said, said
+    images = [Image.open(p).convert("RGB") for p in paths]
+    for path, image, job in zip(paths[:2], images, jobs):
+        req = read_request(path)
+        assert (req.steps, req.cfg) == ((4, 1.0) if "cfg" not in job else (3, 2.0))  # klein's defaults
+        assert image.size == (job["width"], job["height"])
+        assert max(hi - lo for lo, hi in image.getextrema()) > 50  # an image, not a flat field
+        value = psnr(image, reference_image(files, req))
+        print(f"FLUX.2 klein --batch vs Flux2KleinPipeline (cfg {req.cfg}): {value:.1f} dB")
+        assert value >= 40
+        info = Image.open(path).text["parameters"]
+        assert "qwen_3_4b" in info and "flux2-vae" in info and "Distilled CFG Scale" not in info, info
+    assert images[2].tobytes() == images[0].tobytes()  # the same weights in one file or three
+    for name, image in (("fp8", images[3]), ("Q8_0", images[4])):
+        value = psnr(image, images[0])
+        print(f"FLUX.2 klein {name} transformer vs bf16: {value:.1f} dB")
+        assert value >= 30
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return load_model(files["model"], parts={"text_encoder": files["qwen3"], "vae": files["vae"]}, compute_hash=False)
+
+
+def test_schedule_is_the_pipelines_for_the_image_and_step_count(model):
+    for steps, latent in ((4, (1, 128, 64, 64)), (50, (1, 128, 64, 64)), (4, (1, 128, 4, 5)), (8, (1, 128, 80, 80))):
+        tokens = latent[2] * latent[3]
+        schedule = model.sigma_schedule(torch.zeros(latent), steps)
+        torch.testing.assert_close(get_sigmas("simple", schedule, steps), flux2_sigmas(steps, tokens),
+                                   rtol=0, atol=1e-6)
+    # 1024x1024, 4 steps: families-2026.md's values from diffusers' scheduler
+    sigmas = get_sigmas("simple", model.sigma_schedule(torch.zeros(1, 128, 64, 64), 4), 4)
+    assert torch.allclose(sigmas, torch.tensor([1.0, 0.967384, 0.908144, 0.7672, 0.0]), atol=1e-5)
+
+
+def test_img2img_hires_and_tiled_vae_in_the_128_channel_space(model, tmp_path):
+    from core.request import HiresFix
+
+    request = GenerationRequest(model="x", prompt=PROMPT, steps=2, cfg=1.0, seed=3, width=64, height=64,
+                                hires=HiresFix(scale=1.5, steps=2, denoise=0.5))
+    (image, _), = generate(model, request)
+    assert image.size == (96, 96)
+    image.save(tmp_path / "init.png")
+    (image, _), = generate(model, request.replace(hires=None, init_image=str(tmp_path / "init.png"), denoise=0.6))
+    assert image.size == (64, 64)
+    vae = model.checkpoint.vae
+    pixels = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        z = vae.encode(pixels, sample=False)
+        # random weights and pixels: GroupNorm statistics per tile differ more than a real VAE's on a photo
+        tiled = vae.decode_tiled(z, tile=6, overlap=2)
+        assert tiled.shape == (1, 3, 96, 128)
+        assert rel_err(vae.encode(pixels, sample=False, tile=4), z) < 0.3
+        assert rel_err(tiled, vae.decode(z)) < 0.5
+        assert torch.equal(vae.encode(pixels, sample=False, tile=16), z)
+        assert torch.equal(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z))  # one tile: the plain decode
+
+
+def test_preview_is_comfyuis_32_channel_fit_at_cell_resolution():
+    from core.models.families.flux2 import _RGB_32, RGB_BIAS
+    from core.models.flux2_vae import unpatchify
+    from core.models.latent_formats import latent_to_rgb
+
+    x = torch.randn(128, 6, 5, generator=torch.Generator().manual_seed(2))
+    full = unpatchify(x[None])[0].movedim(0, -1) @ torch.tensor(_RGB_32) + torch.tensor(RGB_BIAS)  # [12, 10, 3]
+    cells = full.reshape(6, 2, 5, 2, 3).mean(dim=(1, 3))
+    want = cells.clamp(-1, 1).add(1).mul(127.5)
+    assert (latent_to_rgb(x, "flux2").float() - want).abs().max() <= 0.51
+
+
+def test_lora_names_land_where_diffusers_converter_puts_the_weights():
+    """Every diffusers Flux2Transformer2DModel linear, under ``transformer.``, maps to the rows of our layer that
+    diffusers' own BFL -> diffusers converter copies into it (split qkv, final shift/scale swap)."""
+    from core.lora.flux2_keys import lora_keys
+    from core.models.flux2 import Flux2, Flux2Config
+
+    cfg = Flux2Config.preset("tiny")
+    with torch.device("meta"):
+        ours = Flux2(cfg)
+    bfl = testing.random_state_dict(ours, seed=1)
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    names = [n for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)]
+    keys = lora_keys({"unet": names})
+    diffusers_linears = [k.removesuffix(".weight") for k, v in converted.items() if v.dim() == 2]
+    assert len(diffusers_linears) == 2 + 2 + 3 + 1 + 1 + 2 * 12 + 2 * 2  # top, time, modulations, blocks, out
+    for name in diffusers_linears:
+        target = keys["transformer." + name]
+        weight = bfl[target.weight]
+        if target.rows is not None:
+            d = weight.shape[1]
+            start, stop = target.rows
+            weight = weight[start * d : None if stop is None else stop * d]
+        if target.swap_halves:
+            weight = torch.cat(weight.chunk(2)[::-1])
+        assert torch.equal(weight, converted[name + ".weight"]), name
+    for bfl_name in names:  # ComfyUI / BFL and kohya spellings
+        assert keys["diffusion_model." + bfl_name].module == bfl_name
+        assert keys["lora_unet_" + bfl_name.replace(".", "_")].module == bfl_name
+
+
+def test_the_text_encoder_a_variant_takes_and_a_mismatch_named(files, model):
+    from core.models.flux2_conditioner import Flux2KleinConditioner
+    from core.models.qwen3 import Qwen3, Qwen3Config
+    from core.models.split import _part_components
+
+    spec = get_family("flux2")
+    kinds = {v: [c.part for c in _part_components(spec, v)] for v in ("klein-4b", "klein-9b", "d64")}
+    assert kinds == {"klein-4b": ["qwen3_4b", "flux2_vae"], "klein-9b": ["qwen3_8b", "flux2_vae"],
+                     "d64": ["qwen3_4b", "flux2_vae"]}
+    wide = Qwen3(Qwen3Config(**{**spec.component("text_encoder").presets["tiny"], "hidden_size": 48}))
+    with pytest.raises(CheckpointError, match="Qwen3 48 wide.*144 features.*reads 96"):
+        Flux2KleinConditioner({**model.checkpoint.components, "text_encoder": wide})
