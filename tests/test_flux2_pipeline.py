@@ -258,3 +258,12 @@ def test_the_text_encoder_a_variant_takes_and_a_mismatch_named(files, model):
     wide = Qwen3(Qwen3Config(**{**spec.component("text_encoder").presets["tiny"], "hidden_size": 48}))
     with pytest.raises(CheckpointError, match="Qwen3 48 wide.*144 features.*reads 96"):
         Flux2KleinConditioner({**model.checkpoint.components, "text_encoder": wide})
+
+
+def test_memory_estimate_counts_one_token_per_latent_cell(model):
+    from core.accel.memory import denoiser_activations
+
+    dit = model.checkpoint.unet
+    # a 1024x1024 image: Flux.1's 128x128 latent in 2x2 patches and FLUX.2's 64x64 cells are both 4096 tokens
+    assert denoiser_activations(dit, "flux2", (64, 64), 1, 4) == denoiser_activations(dit, "flux", (128, 128), 1, 4)
+    assert denoiser_activations(dit, "flux2", (64, 64), 1, 4) > 3 * denoiser_activations(dit, "flux", (64, 64), 1, 4)
