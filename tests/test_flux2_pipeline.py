@@ -114,10 +114,11 @@ def reference_pipeline(files: dict[str, Path], is_distilled: bool) -> Flux2Klein
     return pipe
 
 
-def reference_image(files, req: GenerationRequest) -> Image.Image:
-    """The pipeline fed our starting noise (NoiseSampler: per-image CPU generator, [128, h/16, w/16])."""
+def reference_image(pipe: Flux2KleinPipeline, req: GenerationRequest) -> Image.Image:
+    """The pipeline fed our starting noise (NoiseSampler: per-image CPU generator, [128, h/16, w/16]); a distilled
+    model for cfg 1 (one forward), a base one (CFG against the empty prompt) above."""
     noise = NoiseSampler([req.seed], (128, req.height // 16, req.width // 16)).initial()
-    pipe = reference_pipeline(files, is_distilled=req.cfg <= 1)
+    pipe.register_to_config(is_distilled=req.cfg <= 1)
     return pipe(prompt=req.prompt, height=req.height, width=req.width, num_inference_steps=req.steps,
                 guidance_scale=req.cfg, latents=noise).images[0]
 
@@ -148,12 +149,13 @@ def test_batch_from_split_files_matches_flux2_klein_pipeline(files, tmp_path, mo
     assert len(paths) == 5
     assert "qwen_3_4b.safetensors" in said and "flux2-vae.safetensors" in said, said
     images = [Image.open(p).convert("RGB") for p in paths]
+    pipe = reference_pipeline(files, is_distilled=True)
     for path, image, job in zip(paths[:2], images, jobs):
         req = read_request(path)
         assert (req.steps, req.cfg) == ((4, 1.0) if "cfg" not in job else (3, 2.0))  # klein's defaults
         assert image.size == (job["width"], job["height"])
         assert max(hi - lo for lo, hi in image.getextrema()) > 50  # an image, not a flat field
-        value = psnr(image, reference_image(files, req))
+        value = psnr(image, reference_image(pipe, req))
         print(f"FLUX.2 klein --batch vs Flux2KleinPipeline (cfg {req.cfg}): {value:.1f} dB")
         assert value >= 40
         info = Image.open(path).text["parameters"]
@@ -267,3 +269,28 @@ def test_memory_estimate_counts_one_token_per_latent_cell(model):
     # a 1024x1024 image: Flux.1's 128x128 latent in 2x2 patches and FLUX.2's 64x64 cells are both 4096 tokens
     assert denoiser_activations(dit, "flux2", (64, 64), 1, 4) == denoiser_activations(dit, "flux", (128, 128), 1, 4)
     assert denoiser_activations(dit, "flux2", (64, 64), 1, 4) > 3 * denoiser_activations(dit, "flux", (64, 64), 1, 4)
+
+
+def test_klein_9b_picks_qwen3_8b_and_4b_picks_qwen3_4b(tmp_path):
+    """By the variant's part kind (``Component.variant_parts``), with both encoders in the folder: a stand-in
+    registry gives the headers' answers (a real 9B set is 35 GB)."""
+    from core.models.registry import ModelFile, ModelInfo
+    from core.models.split import resolve_parts
+
+    files = {kind: ModelFile(name, tmp_path / f"{name}.safetensors", 1) for kind, name in
+             (("qwen3_4b", "qwen_3_4b"), ("qwen3_8b", "qwen_3_8b"), ("flux2_vae", "flux2-vae"))}
+
+    class Registry:
+        variant = ""
+
+        def inspect(self, model):
+            return ModelInfo("flux2", "FLUX.2", self.variant, "bfloat16", quant="bf16", split=True)
+
+        def parts_of(self, kind):
+            return [files[kind]] if kind in files else []
+
+    registry = Registry()
+    for variant, encoder in (("klein-9b", "qwen_3_8b"), ("klein-4b", "qwen_3_4b")):
+        registry.variant = variant
+        parts = resolve_parts(registry, tmp_path / "model.safetensors")
+        assert (parts.parts["text_encoder"].stem, parts.vae.stem) == (encoder, "flux2-vae"), variant
