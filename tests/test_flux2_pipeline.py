@@ -294,3 +294,71 @@ def test_klein_9b_picks_qwen3_8b_and_4b_picks_qwen3_4b(tmp_path):
         registry.variant = variant
         parts = resolve_parts(registry, tmp_path / "model.safetensors")
         assert (parts.parts["text_encoder"].stem, parts.vae.stem) == (encoder, "flux2-vae"), variant
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "ai-toolkit"])
+def test_a_lora_merges_as_diffusers_flux2_loader_reads_it(tmp_path, fmt):
+    """A FLUX.2 LoRA (kohya ``lora_unet_*`` with alphas, or ai-toolkit's ``diffusion_model.*`` PEFT factors) merged
+    into our transformer through the family's key map equals diffusers' ``Flux2LoraLoaderMixin.lora_state_dict``
+    reading merged into diffusers' layers (compared through diffusers' BFL -> diffusers converter)."""
+    from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
+
+    from core.lora.files import LoraFileCache
+    from core.lora.patch import LoraPatcher, activate
+    from core.lora.tags import LoraRef
+    from core.models.flux2 import Flux2, Flux2Config
+
+    cfg = Flux2Config.preset("tiny")
+    module = Flux2(cfg)
+    module.load_state_dict(testing.random_state_dict(module, seed=3))
+    base = {k: v.clone() for k, v in module.state_dict().items()}
+    layers = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.qkv", "double_blocks.0.txt_attn.proj",
+              "double_blocks.1.img_mlp.0", "single_blocks.1.linear1", "single_blocks.0.linear2", "img_in",
+              "final_layer.linear")
+    g, rank = torch.Generator().manual_seed(4), 4
+    tensors: dict[str, torch.Tensor] = {}
+    for name in layers:
+        out_f, in_f = base[name + ".weight"].shape
+        down, up = torch.randn(rank, in_f, generator=g) * 0.1, torch.randn(out_f, rank, generator=g) * 0.1
+        if fmt == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors |= {key + ".lora_down.weight": down, key + ".lora_up.weight": up, key + ".alpha": torch.tensor(2.0)}
+        else:
+            key = "diffusion_model." + name
+            tensors |= {key + ".lora_A.weight": down, key + ".lora_B.weight": up}
+    path = save_tensors(tensors, tmp_path / "klein_lora.safetensors")
+    patcher = LoraPatcher({"unet": module}, get_family("flux2"))
+    warnings = activate(patcher, [LoraRef("klein_lora", 0.8)], lambda name: path, LoraFileCache())
+    assert warnings == []
+    ours = convert_flux2_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in module.state_dict().items()})
+
+    state_dict = Flux2LoraLoaderMixin.lora_state_dict(dict(tensors))
+    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict
+    expected = convert_flux2_transformer_checkpoint_to_diffusers(dict(base))
+    for key in [k for k in state_dict if k.endswith(".lora_A.weight")]:
+        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        a, b = state_dict[key].double(), state_dict[key.replace("lora_A", "lora_B")].double()
+        expected[name + ".weight"] = (expected[name + ".weight"].double() + 0.8 * (b @ a)).float()
+    changed = {k for k in expected if not torch.equal(ours[k], convert_flux2_transformer_checkpoint_to_diffusers(
+        dict(base))[k])}
+    assert len(changed) >= len(layers) + 4  # both qkv LoRAs patch three diffusers layers each
+    for key in expected:
+        torch.testing.assert_close(ours[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_flux1_and_flux2_loras_are_told_apart_by_names_and_widths():
+    from core.lora.detect import lora_family
+
+    def kohya(layer: str, out_f: int, in_f: int) -> dict[str, tuple[int, ...]]:
+        key = "lora_unet_" + layer.replace(".", "_")
+        return {key + ".lora_down.weight": (16, in_f), key + ".lora_up.weight": (out_f, 16), key + ".alpha": ()}
+
+    qkv = kohya("double_blocks.0.img_attn.qkv", 9216, 3072)
+    klein4 = {**qkv, **kohya("single_blocks.0.linear1", 27648, 3072), **kohya("single_blocks.0.linear2", 3072, 12288)}
+    flux1 = {**qkv, **kohya("single_blocks.0.linear1", 21504, 3072), **kohya("single_blocks.0.linear2", 3072, 15360)}
+    assert lora_family(klein4)[0] == "flux2" and lora_family(flux1)[0] == "flux"
+    assert lora_family(kohya("double_blocks.0.img_attn.qkv", 12288, 4096))[0] == "flux2"  # klein 9B's width
+    assert lora_family(qkv)[0] == "flux"  # 3072-wide attention alone: Flux.1, the common case
+    assert lora_family({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight": (4, 64)})[0] \
+        == "flux2"
+    assert lora_family({**klein4, **kohya("double_blocks.0.img_mod.lin", 18432, 3072)})[0] == "flux"
