@@ -362,3 +362,16 @@ def test_flux1_and_flux2_loras_are_told_apart_by_names_and_widths():
     assert lora_family({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight": (4, 64)})[0] \
         == "flux2"
     assert lora_family({**klein4, **kohya("double_blocks.0.img_mod.lin", 18432, 3072)})[0] == "flux"
+
+
+def test_an_all_in_one_9b_file_names_its_encoder_after_qwen3_8b():
+    from core.models.detect import detect
+    from core.models.flux2 import Flux2, Flux2Config
+
+    with torch.device("meta"):
+        dit = {"model.diffusion_model." + k: tuple(v.shape)
+               for k, v in Flux2(Flux2Config.preset("tiny", "klein-9b")).state_dict().items()}
+    for prefix in ("text_encoders.qwen3_8b.transformer.", "text_encoders.qwen3_4b.transformer."):
+        qwen = {prefix + "model.embed_tokens.weight": (151936, 32), prefix + "model.layers.0.self_attn.q_norm.weight": (16,)}
+        info = detect("klein.safetensors", {**dit, **qwen, "vae.bn.running_mean": (128,)}, {})
+        assert (info.family, info.prefixes["text_encoder"]) == ("flux2", prefix)
