@@ -375,3 +375,14 @@ def test_an_all_in_one_9b_file_names_its_encoder_after_qwen3_8b():
         qwen = {prefix + "model.embed_tokens.weight": (151936, 32), prefix + "model.layers.0.self_attn.q_norm.weight": (16,)}
         info = detect("klein.safetensors", {**dit, **qwen, "vae.bn.running_mean": (128,)}, {})
         assert (info.family, info.prefixes["text_encoder"]) == ("flux2", prefix)
+
+
+def test_a_vae_swap_takes_the_flux2_vae_and_refuses_flux1s(files, tmp_path):
+    from core.models.checkpoint import load_vae
+    from core.models.flux2_vae import Flux2AutoencoderKL
+
+    vae = load_vae(files["vae"], family="flux2")
+    assert isinstance(vae, Flux2AutoencoderKL) and torch.equal(vae.bn.running_var, load_file(files["vae"])["bn.running_var"])
+    flux1 = save_tensors(testing.random_vae_state_dict("flux"), tmp_path / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="16 latent channels but FLUX.2 needs a 32-channel VAE"):
+        load_vae(flux1, family="flux2")
