@@ -37,7 +37,7 @@ from core.runner import GeneratedImage, RunContext
 from core.sampling.denoisers import CFGDenoiser, DiscreteSchedule
 from core.sampling.noise import NoiseSampler
 from core.sampling.samplers import StepInfo, sample
-from core.sampling.schedules import get_sigmas
+from core.sampling.schedules import get_sigmas, schedule_length
 from core.tensor_bytes import rgb_image
 
 if TYPE_CHECKING:
@@ -182,14 +182,16 @@ class LoadedModel:
             return None
         return default if requested is None else float(requested)
 
-    def sigma_schedule(self, latents: torch.Tensor) -> Any:
+    def sigma_schedule(self, latents: torch.Tensor, steps: int | None = None) -> Any:
         """What the sigmas are drawn from: the training schedule, or for a flow model the schedule of this
-        latent size (Flux.1 dev shifts by the packed 2x2 token count, as ``FluxPipeline``'s image_seq_len)."""
+        latent size (Flux.1 dev shifts by the packed 2x2 token count, as ``FluxPipeline``'s image_seq_len;
+        FLUX.2 by its 1x1 token count and the schedule's ``steps``)."""
         if self.schedule is not None:
             return self.schedule
         height, width = latents.shape[-2:]
         variant = getattr(self.checkpoint.info, "variant", "")
-        return self.spec.sampling.flow_schedule(variant, (height // 2) * (width // 2))
+        patch = getattr(self.spec.sampling, "patch", 2)
+        return self.spec.sampling.flow_schedule(variant, (height // patch) * (width // patch), steps)
 
 
 def load_model(
@@ -518,7 +520,7 @@ def _run_sampler(
 ) -> torch.Tensor:
     """Noise ``start`` (latents, or zeros for txt2img) to the schedule's first sigma, the family's way, and
     sample to x0."""
-    schedule = model.sigma_schedule(start)
+    schedule = model.sigma_schedule(start, schedule_length(steps, denoise))
     sigmas = get_sigmas(request.schedule, schedule, steps, denoise, model.family).to(model.device)
     x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
     # the request's DeepCache / first-block cache, fresh for this pass (nothing is carried between images)

@@ -33,6 +33,11 @@ KEYS: dict[str, dict[str, tuple[int, ...]]] = {
              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (0,),
              "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (0,),
              "vae.decoder.conv_in.weight": (0, 16, 3, 3)},
+    "flux2": {U + "single_stream_modulation.lin.weight": (0, 3072), U + "img_in.weight": (3072, 0),
+              U + "double_blocks.0.img_attn.norm.key_norm.scale": (0,), U + "txt_in.weight": (0, 7680),
+              U + "time_in.in_layer.weight": (0, 256), U + "final_layer.linear.weight": (128, 0),
+              "text_encoders.qwen3_4b.transformer.model.embed_tokens.weight": (0, 2560),
+              "vae.decoder.conv_in.weight": (0, 32, 3, 3), "vae.bn.running_mean": (0,)},
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},
 }
 

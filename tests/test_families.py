@@ -27,7 +27,7 @@ def _ids(fams: list[ModelFamily]) -> list[str]:
 
 def test_registry_lists_every_known_family_in_order():
     assert list(families.FAMILIES) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux", "flux2", "sd3", "zimage"]
-    assert _ids(RUNNABLE) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux"]
+    assert _ids(RUNNABLE) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux", "flux2"]
     with pytest.raises(RequestError, match="sd15, sd2"):
         families.get_family("sd9")
 
@@ -43,7 +43,8 @@ def test_every_family_module_fills_the_contract(family):
     if family.latent is not None:
         fmt = family.latent
         assert fmt.family == family.name and fmt.channels == len(fmt.rgb_factors) and len(fmt.rgb_bias) == 3
-        assert fmt.scale > 0 and fmt.downscale == 8
+        # 8x VAEs; FLUX.2's model space is its 8x latent patchified 2x2 (4x the channels, 16x down)
+        assert fmt.scale > 0 and fmt.downscale == 8 * round((fmt.channels // fmt.raw_channels) ** 0.5)
     if family.ays_levels is not None:
         levels = family.ays_levels
         assert len(levels) == 11 and all(a > b for a, b in zip(levels, levels[1:]))
@@ -56,8 +57,9 @@ def test_every_family_module_fills_the_contract(family):
         for size in SIZES:
             config = c.config_class()(**c.presets[size])
             if c.role == "vae":
-                assert (config.z_channels, config.scaling_factor, config.shift_factor) == (
-                    family.latent.channels, family.latent.scale, family.latent.shift
+                assert (config.z_channels, getattr(config, "scaling_factor", 1.0),
+                        getattr(config, "shift_factor", 0.0)) == (
+                    family.latent.raw_channels, family.latent.scale, family.latent.shift
                 )
 
 

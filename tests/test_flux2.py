@@ -420,7 +420,7 @@ def test_shift_grows_with_size_and_rejects_bad_input() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# detection (recognised, not runnable yet)
+# detection
 
 
 def _shapes(variant: str, size: str = "full", prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -459,11 +459,11 @@ def test_other_families_are_not_flux2() -> None:
         "vae", "flux2")
 
 
-def test_flux2_file_is_rejected_as_recognised_not_runnable(tmp_path) -> None:
+def test_flux2_transformer_alone_names_the_parts_it_needs(tmp_path) -> None:
     from core.models.checkpoint import load_checkpoint
     from core.models.families import FAMILIES
 
-    assert not FAMILIES["flux2"].runnable
-    path = write_random_flux2_transformer(tmp_path / "model.safetensors", prefix="model.diffusion_model.")
-    with pytest.raises(CheckpointError, match="is a FLUX.2 checkpoint; FLUX.2 support is not available yet"):
+    assert FAMILIES["flux2"].runnable
+    path = write_random_flux2_transformer(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="only the FLUX.2 diffusion model; its text encoder must come from a"):
         load_checkpoint(path)

@@ -341,8 +341,8 @@ def test_projection_when_no_decoder_is_there(tmp_path):
 
 
 def test_family_without_projection_or_decoder_gives_no_preview(tmp_path):
-    previewer = PreviewDecoders([tmp_path]).previewer("flux2")
-    assert previewer.maybe_preview(torch.randn(1, 128, 4, 4)) is None
+    previewer = PreviewDecoders([tmp_path]).previewer("sd3")  # recognised, no latent format of its own
+    assert previewer.maybe_preview(torch.randn(1, 16, 4, 4)) is None
 
 
 # ------------------------------------------------------------------------------------------ pipeline

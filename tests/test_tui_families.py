@@ -244,6 +244,21 @@ async def test_flux_shows_guidance_hides_clip_skip_and_takes_cfg_1(tmp_path):
         assert screen.build_request().guidance is None  # a hidden field is not sent
 
 
+async def test_flux2_klein_takes_its_4_steps_cfg_1_and_hides_guidance_and_clip_skip(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "base15.safetensors", "sd15")
+    write_header_only(folder / "klein.safetensors", "flux2")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]), start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen._advanced_mounted, timeout=30)
+        screen.query_one("#model", Select).value = "klein"
+        await pilot.pause()
+        assert not screen.query_one("#guidance-row").display and not screen.query_one("#clip-row").display
+        assert (screen.query_one("#cfg", Input).value, screen.query_one("#steps", Input).value) == ("1.0", "4")
+        assert size(screen) == ("1024", "1024")
+
+
 async def test_a_first_start_takes_the_first_models_family_size_and_shows_the_whole_guidance_label(tmp_path):
     folder = tmp_path / "models"
     write_header_only(folder / "fluxdev.safetensors", "flux")

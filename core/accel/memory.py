@@ -191,8 +191,11 @@ def denoiser_activations(
     h, w = latent_hw
     if hasattr(cfg, "model_channels"):  # a UNet
         return int(_activation("unet", family) * batch * cfg.model_channels * h * w * element)
-    if hasattr(cfg, "hidden_size"):  # a DiT (Flux: 2x2 patches)
-        tokens = (h // 2) * (w // 2) + text_tokens
+    if hasattr(cfg, "hidden_size"):  # a DiT (Flux: 2x2 patches; FLUX.2's latent is one token per cell)
+        from core.models.families import FAMILIES
+
+        patch = getattr(FAMILIES[family].sampling, "patch", 2) if family in FAMILIES else 2
+        tokens = (h // patch) * (w // patch) + text_tokens
         return int(_activation("flux") * batch * cfg.hidden_size * tokens * element)
     return 0
 

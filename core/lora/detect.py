@@ -25,7 +25,7 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str | None, str]
     keys = list(shapes)
     for key in keys:
         if "double_blocks" in key or "single_blocks" in key or "single_transformer_blocks" in key:
-            return "flux", f"Flux transformer key {key!r}"
+            return _flux_generation(shapes, key)
     for key in keys:
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
             return "sdxl", f"two text encoders ({key!r})"
@@ -35,6 +35,40 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str | None, str]
             if len(shape) >= 2 and shape[1] in CONTEXT_FAMILIES:
                 return CONTEXT_FAMILIES[shape[1]], f"cross-attention context width {shape[1]} ({key!r})"
     return None, "no family markers"
+
+
+# Names only one generation has (flattened kohya spellings contain the same substrings): FLUX.2's shared
+# modulations and diffusers' fused single-block / SwiGLU names; Flux.1's per-block modulation, CLIP vector, GELU MLP.
+_FLUX2_NAMES = ("stream_modulation", "to_qkv_mlp_proj", "linear_in", "linear_out")
+_FLUX1_NAMES = ("img_mod", "txt_mod", "modulation", "vector_in", "proj_mlp", "net.0.proj", "net_0_proj",
+                "text_embedder", "norm1")
+_SINGLE_LINEAR2 = re.compile(r"single_blocks[._](\d+)[._]linear2")
+_SINGLE_LINEAR1 = re.compile(r"single_blocks[._](\d+)[._]linear1")
+
+
+def _flux_generation(shapes: Mapping[str, tuple[int, ...]], marker: str) -> tuple[str, str]:
+    """Flux.1 or FLUX.2, for a LoRA with BFL or diffusers transformer names (``marker``: the first such key).
+
+    By names where one generation has them, else by widths: a single block's ``linear2`` reads attention + MLP,
+    ``D + 4D`` in Flux.1 (GELU MLP) and ``D + 3D`` in FLUX.2 (SwiGLU, ratio 3), ``D`` being ``linear1``'s input;
+    a transformer wider than Flux.1's 3072 (klein 9B 4096) is FLUX.2. Flux.1 when nothing tells."""
+    for key in shapes:
+        if any(m in key for m in _FLUX2_NAMES):
+            return "flux2", f"FLUX.2 transformer key {key!r}"
+    for key in shapes:
+        if any(m in key for m in _FLUX1_NAMES):
+            return "flux", f"Flux.1 transformer key {key!r}"
+    inputs = {key: shape[1] for key, shape in shapes.items() if key.endswith(_INPUT_FACTORS) and len(shape) >= 2}
+    hidden = next((w for k, w in inputs.items() if _SINGLE_LINEAR1.search(k)), None)
+    mlp_in = next((w for k, w in inputs.items() if _SINGLE_LINEAR2.search(k)), None)
+    if hidden and mlp_in:
+        if mlp_in == 4 * hidden:
+            return "flux2", f"FLUX.2 single block widths ({hidden} -> linear2 from {mlp_in})"
+        return "flux", f"Flux.1 single block widths ({hidden} -> linear2 from {mlp_in})"
+    widths = {w for k, w in inputs.items() if "img_attn" in k or "linear1" in k}
+    if widths and min(widths) > 3072:
+        return "flux2", f"FLUX.2 transformer width {min(widths)} ({marker!r})"
+    return "flux", f"Flux transformer key {marker!r}"
 
 
 def family_mismatch(evidence_family: str | None, evidence: str, family: str, name: str, path: object,

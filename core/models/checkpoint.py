@@ -25,7 +25,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -570,7 +570,7 @@ def _load_vae_file(
                 f"this is {info.label}, not a VAE (expected encoder.*/decoder.* or first_stage_model.* keys)",
             )
         latent = (*source.shapes.get(prefix + "decoder.conv_in.weight", ()), 0, 0)[1]
-        channels = spec.latent.channels if spec.latent else latent
+        channels = spec.latent.raw_channels if spec.latent else latent
         if latent != channels:
             raise CheckpointError(
                 vae_path, f"this VAE has {latent} latent channels but {spec.label} needs a {channels}-channel VAE"
@@ -713,7 +713,8 @@ def load_checkpoint(
         if role == "vae" and vae_path is not None:
             continue
         if role in parts:
-            sources[role] = (parts[role], part_prefix(parts[role], family, component))
+            kind = replace(component, part=component.part_for(info.variant))  # the part this variant takes
+            sources[role] = (parts[role], part_prefix(parts[role], family, kind))
         elif role in info.component_keys:
             sources[role] = (path, info.prefixes[role])
         elif bare:

@@ -31,7 +31,7 @@ OTHER_KINDS = {
     "unknown": "an unknown model",
 }
 
-VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn.*: FLUX.2's latent statistics
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,9 @@ def detect(
         latent = shapes.get(vae_prefix + "decoder.conv_in.weight", (0, 0))[1]
         variant = {4: "sd", 16: "flux", 32: "flux2"}.get(latent, f"{latent}ch")
         return info("vae", variant, {"vae": vae_prefix}, prediction=None)
-    if any(k.startswith(("text_model.encoder.layers.", "encoder.block.0.layer.0.")) for k in keys) or any(
+    # CLIP, T5, and Qwen3 (``model.layers.*``: ComfyUI's qwen_3_4b) text encoders
+    if any(k.startswith(("text_model.encoder.layers.", "encoder.block.0.layer.0.", "model.layers.0.self_attn."))
+           for k in keys) or any(
         k.startswith(("transformer.resblocks.", "model.transformer.resblocks.")) for k in keys
     ):
         return info("text_encoder", "base", {}, prediction=None)

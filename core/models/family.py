@@ -56,6 +56,9 @@ class Component:
     # The kind of separate file it can come from (``core.models.parts.PARTS``: "t5xxl", "clip_l", "flux_vae");
     # a family whose denoiser ships alone (Flux, Z-Image) loads the other components from such files.
     part: str = ""
+    # variant -> the part kind a model of that variant takes instead of ``part`` (FLUX.2 klein 9B reads
+    # Qwen3-8B where the 4B reads Qwen3-4B: the transformer's text width is 3 x the encoder's)
+    variant_parts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -64,6 +67,10 @@ class Component:
     @property
     def loadable(self) -> bool:
         return bool(self.config and self.network)
+
+    def part_for(self, variant: str | None) -> str:
+        """The kind of part file a model of ``variant`` takes for this component."""
+        return self.variant_parts.get(variant or "", self.part)
 
     def config_class(self) -> Any:
         return resolve(self.config)
@@ -86,6 +93,14 @@ class LatentFormat:
     rgb_factors: tuple[tuple[float, float, float], ...]  # [channels][R, G, B]
     rgb_bias: tuple[float, float, float]
     downscale: int = 8
+    # channels of the VAE's own latent when the model space is a rearrangement of it (FLUX.2: 32 channels
+    # patchified 2x2 into 128); 0: the same as ``channels``
+    vae_channels: int = 0
+
+    @property
+    def raw_channels(self) -> int:
+        """Latent channels the VAE's decoder takes (``decoder.conv_in``)."""
+        return self.vae_channels or self.channels
 
     def to_model_space(self, z: Any) -> Any:
         """Raw VAE latent -> the space the denoiser (and the preview) works in."""
@@ -149,11 +164,25 @@ class DynamicShift:
     base_seq_len: int = 256
     max_seq_len: int = 4096
 
-    def mu(self, image_tokens: int) -> float:
-        """diffusers' ``calculate_shift`` (same operations, same order, so the same float)."""
+    def mu(self, image_tokens: int, steps: int | None = None) -> float:
+        """diffusers' ``calculate_shift`` (same operations, same order, so the same float); ``steps`` unused."""
         m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
         b = self.base_shift - m * self.base_seq_len
         return image_tokens * m + b
+
+
+@dataclass(frozen=True)
+class EmpiricalShift:
+    """FLUX.2's time shift: ``mu`` fitted to the token count AND the step count (BFL's
+    ``compute_empirical_mu``, which ``Flux2KleinPipeline`` passes to its scheduler), applied as
+    ``e^mu / (e^mu + 1/t - 1)`` like ``DynamicShift``. See ``core.sampling.schedules.flux2_empirical_mu``."""
+
+    default_steps: int = 50  # the pipeline's num_inference_steps, for a schedule asked for without steps
+
+    def mu(self, image_tokens: int, steps: int | None = None) -> float:
+        from core.sampling.schedules import flux2_empirical_mu
+
+        return flux2_empirical_mu(image_tokens, steps or self.default_steps)
 
 
 @dataclass(frozen=True)
@@ -170,7 +199,8 @@ class FlowSampling:
     predictions: tuple[str, ...] = ()  # nothing to override: flow models are trained one way
     shift: float = 1.0  # static sigma shift s: t' = s t / (1 + (s - 1) t) (when no dynamic shift applies)
     multiplier: float = 1.0  # timestep the network takes per unit of sigma (Flux 1, SD3 1000)
-    dynamic_shift: DynamicShift | None = None  # resolution-dependent shift (Flux.1 dev)
+    dynamic_shift: DynamicShift | EmpiricalShift | None = None  # resolution-dependent shift (Flux.1 dev, FLUX.2)
+    patch: int = 2  # latent pixels per transformer token along each side (Flux.1 2x2; FLUX.2's latent is 1)
     static_variants: tuple[str, ...] = ()  # variants trained without the dynamic shift (Flux.1 schnell)
     adapter: str = ""  # "module:Class" wrapping the network for the denoiser; empty: the network itself
     guidance: float | None = None  # distilled guidance a model with a guidance embedding gets by default
@@ -179,13 +209,14 @@ class FlowSampling:
     def schedule(self) -> Any:
         return None  # depends on the image size: see ``flow_schedule``
 
-    def flow_schedule(self, variant: str, image_tokens: int) -> Any:
+    def flow_schedule(self, variant: str, image_tokens: int, steps: int | None = None) -> Any:
         """The sigma table (``core.sampling.schedules.FlowSchedule``) of a ``variant`` model for an image of
-        ``image_tokens`` (packed) tokens."""
+        ``image_tokens`` (packed) tokens sampled over a schedule of ``steps`` steps (FLUX.2's shift depends on
+        it)."""
         from core.sampling.schedules import FlowSchedule
 
         if self.dynamic_shift is not None and variant not in self.static_variants:
-            return FlowSchedule(mu=self.dynamic_shift.mu(image_tokens))
+            return FlowSchedule(mu=self.dynamic_shift.mu(image_tokens, steps))
         return FlowSchedule(shift=self.shift)
 
     def noise(self, x0: Any, noise: Any, sigma: Any) -> Any:

@@ -364,3 +364,27 @@ class Flux2(nn.Module):
         for block in self.single_blocks:
             x = block(x, single_mod, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)
+
+
+class LatentFlux2:
+    """The transformer seen from the sampler: ``(x [B, 128, h, w], t [B], context) -> velocity [B, 128, h, w]``.
+
+    The model-space latent is already one token per cell (the VAE patchified it), so packing is a reshape; the
+    image gets (0, row, column, 0) positions and the Qwen3 features (0, 0, 0, i), as ``Flux2KleinPipeline``
+    prepares them around ``Flux2Transformer2DModel``. ``guidance`` reaches only a model with a guidance embedding
+    (dev); klein has none.
+    """
+
+    def __init__(self, network: Flux2) -> None:
+        self.network = network
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, guidance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, _, h, w = x.shape
+        guidance = guidance if self.network.config.guidance_embed else None
+        out = self.network(
+            pack_latents(x), img_ids(h, w, b, device=x.device), context,
+            txt_ids(context.shape[1], b, device=x.device), t, guidance,
+        )
+        return unpack_latents(out, h, w).to(x.dtype)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -177,13 +178,26 @@ class Flux2AutoencoderKL(nn.Module):
         mean, logvar = self.encoder(images.to(device=self.device, dtype=self.dtype)).chunk(2, dim=1)
         return mean, logvar
 
+    def _tiling_view(self, config: dict) -> SimpleNamespace:
+        """What ``vae.AutoencoderKL``'s tiled encode/decode read off their VAE, for this one (one tiling code)."""
+        return SimpleNamespace(config=SimpleNamespace(**config), device=self.device, dtype=self.dtype,
+                               encode_moments=self.encode_moments, decode=self.decode)
+
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+        tile: int | None = None,
     ) -> torch.Tensor:
         """Images -> normalised patchified latents. ``sample`` as ``vae.AutoencoderKL.encode`` (noise drawn in
         fp32 on the generator's device); ``sample=False`` takes the mean, as Flux2KleinPipeline does for
-        reference images."""
-        mean, logvar = self.encode_moments(images)
+        reference images. ``tile`` (model-space latent cells) encodes in feathered tiles."""
+        if tile is not None:
+            cfg = self.config
+            view = self._tiling_view({"in_channels": cfg.in_channels, "downscale": cfg.downscale // PATCH,
+                                      "z_channels": cfg.z_channels})
+            mean, logvar = vae.AutoencoderKL.encode_moments_tiled(  # in 8x cells: twice the tile
+                view, images, PATCH * tile, overlap=PATCH * min(8, tile // 4))  # type: ignore[arg-type]
+        else:
+            mean, logvar = self.encode_moments(images)
         z = mean
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -200,3 +214,9 @@ class Flux2AutoencoderKL(nn.Module):
         z = latents.to(device=self.device, dtype=self.dtype)
         bn_mean, bn_std = self._stats(z)
         return self.decoder(unpatchify(z * bn_std + bn_mean))
+
+    def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """``decode`` in feathered ``tile`` x ``tile`` pieces of model-space cells (``vae.AutoencoderKL.decode_tiled``)."""
+        view = self._tiling_view({"z_channels": self.config.latent_channels, "downscale": self.config.downscale,
+                                  "out_channels": self.config.out_channels})
+        return vae.AutoencoderKL.decode_tiled(view, latents, tile, overlap)  # type: ignore[arg-type]

@@ -120,6 +120,7 @@ PARTS: dict[str, PartKind] = {
 # GGUF ``general.architecture`` values accepted for a family's diffusion model (by family name) or a part kind.
 GGUF_ARCHITECTURES: dict[str, frozenset[str]] = {
     "flux": frozenset({"flux"}),
+    "flux2": frozenset({"flux"}),  # city96's converter writes FLUX.2 as "flux" too (told apart by keys)
     "t5xxl": frozenset({"t5", "t5encoder"}),
     "qwen3_4b": frozenset({"qwen3"}),
     "qwen3_8b": frozenset({"qwen3"}),

@@ -12,7 +12,7 @@ to put there. Torch-free: the batch runner checks every job with it before anyth
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from core.errors import ModelNotFoundError, RequestError
@@ -68,8 +68,11 @@ class PartSet:
 
 
 
-def _part_components(spec: ModelFamily) -> list[Component]:
-    return [c for c in spec.components if c is not spec.denoiser and c.part in PARTS]
+def _part_components(spec: ModelFamily, variant: str | None = None) -> list[Component]:
+    """The components a ``variant`` model of ``spec`` may take from part files, each with its kind for that
+    variant in ``part`` (FLUX.2 klein 9B: Qwen3-8B)."""
+    out = [replace(c, part=c.part_for(variant)) for c in spec.components if c is not spec.denoiser]
+    return [c for c in out if c.part in PARTS]
 
 
 def _missing_message(spec: ModelFamily, registry: object, missing: list[Component]) -> str:
@@ -101,7 +104,7 @@ def resolve_parts(
     spec = FAMILIES.get(info.family) if info.family else None
     if spec is None:
         return PartSet(model, None, parts)  # not a model Darkroom knows: loading says what it is
-    takes = [c for c in _part_components(spec) if PARTS[c.part].folder == "text_encoder"]
+    takes = [c for c in _part_components(spec, info.variant) if PARTS[c.part].folder == "text_encoder"]
     wanted = ", ".join(PARTS[c.part].label for c in takes) or "none"
     for index, name in enumerate(text_encoders):
         path = registry.find_text_encoder(name)  # type: ignore[attr-defined]
@@ -123,7 +126,7 @@ def resolve_parts(
         return PartSet(model, spec.name, _ordered(spec, parts))
     picked: list[str] = []
     missing: list[Component] = []
-    for component in _part_components(spec):
+    for component in _part_components(spec, info.variant):
         if component.role in parts:
             continue
         found = registry.parts_of(component.part)  # type: ignore[attr-defined]

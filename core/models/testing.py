@@ -42,7 +42,9 @@ def _component(component, size: str, **overrides) -> torch.nn.Module:
 
 def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Weights with a sane scale so activations stay O(1) through a deep random network."""
-    if key.endswith(".weight") and len(shape) == 1 or key.endswith(".scale"):
+    if key.endswith("running_var"):  # a batch norm's stored variance (FLUX.2 VAE): positive, O(1)
+        t = torch.exp(0.5 * torch.randn(shape, generator=generator))
+    elif key.endswith(".weight") and len(shape) == 1 or key.endswith(".scale"):
         t = 1.0 + 0.1 * torch.randn(shape, generator=generator)  # norm gains
     elif key.endswith(".bias") or len(shape) <= 1:
         t = 0.05 * torch.randn(shape, generator=generator)
@@ -462,6 +464,62 @@ def write_random_flux_split_set(
         out["t5xxl"] = save_tensors(t5, folders["text_encoder"] / f"{name}.safetensors")
     if "vae" in parts:
         out["vae"] = save_tensors(random_vae_state_dict("flux", size, seed + 3), folders["vae"] / "ae.safetensors")
+    return out
+
+
+def write_random_flux2_split_set(
+    root: str | Path,
+    layout: str = "comfyui",
+    *,
+    variant: str = "klein-4b",
+    size: str = "tiny",
+    seed: int = 0,
+    transformer_dtype: torch.dtype = torch.bfloat16,
+    parts: tuple[str, ...] = ("qwen3", "vae"),
+) -> dict[str, Path]:
+    """A FLUX.2 [klein] set as the Comfy-Org repackage lays it out under ``root/models``:
+    ``flux-2-klein-<4b|9b>.safetensors`` (BFL names, bf16; an fp8 ``transformer_dtype`` writes BFL's
+    ``-fp8`` file with ``weight_scale``/``input_scale`` per quantised linear), ``qwen_3_4b.safetensors`` (8B for
+    9B; HF names, bf16) and ``flux2-vae.safetensors`` (fp32), in ``layout``'s folders (``SPLIT_LAYOUTS``);
+    ``parts`` leaves some out. Returns name -> path ("model", "qwen3", "vae")."""
+    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    spec = _families()["flux2"]
+    weights = random_flux2_transformer_state_dict(variant, size, seed, torch.float32)
+    name = f"flux-2-{variant}"
+    if transformer_dtype.itemsize == 1:
+        name += "-fp8"
+        weights = _fp8_with_scales(weights, transformer_dtype)
+    else:
+        weights = {k: v.to(transformer_dtype) for k, v in weights.items()}
+    out = {"model": _save(weights, folders["diffusion_model"] / f"{name}.safetensors")}
+    if "qwen3" in parts:
+        from core.models.qwen3 import Qwen3, Qwen3Config
+
+        eight = variant == "klein-9b"
+        config = (Qwen3Config(**spec.component("text_encoder").presets["tiny"]) if size == "tiny"
+                  else Qwen3Config.preset("8b" if eight else "4b"))
+        with torch.device("meta"):
+            module = Qwen3(config)
+        out["qwen3"] = _save(random_state_dict(module, seed=seed + 1, dtype=torch.bfloat16),
+                             folders["text_encoder"] / f"qwen_3_{'8b' if eight else '4b'}.safetensors")
+    if "vae" in parts:
+        out["vae"] = write_random_flux2_vae(folders["vae"] / "flux2-vae.safetensors", size, seed + 2)
+    return out
+
+
+def _fp8_with_scales(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """BFL's fp8 layout: each 2-D weight as ``dtype`` scaled to its range (``weight_scale = max|W| / 448``, an fp32
+    scalar beside it) with the static activation scale ``input_scale``; norms stay bf16."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if value.dim() == 2:
+            scale = value.abs().max().float() / torch.finfo(dtype).max
+            out[key] = (value / scale).to(dtype)
+            layer = key.removesuffix(".weight")
+            out[layer + ".weight_scale"] = scale.reshape(())
+            out[layer + ".input_scale"] = torch.tensor(1.0)
+        else:
+            out[key] = value.to(torch.bfloat16)
     return out
 
 

@@ -218,8 +218,13 @@ def get_sigmas(
         return torch.zeros(1)
     if denoise >= 1.0:
         return _full(name, schedule, steps, family)
-    total = max(int(steps / denoise), steps)
+    total = schedule_length(steps, denoise)
     return _full(name, schedule, total, family)[-(steps + 1) :].clone()
+
+
+def schedule_length(steps: int, denoise: float = 1.0) -> int:
+    """How many steps the full schedule has whose last ``steps`` an img2img pass at ``denoise`` runs."""
+    return steps if denoise >= 1.0 else max(int(steps / denoise), steps)
 
 
 def lcm_sigmas(schedule: DiscreteSchedule, steps: int, original_steps: int = 50) -> torch.Tensor:
