@@ -45,6 +45,13 @@ class UpscalerUnavailableError(UpscalerError):
     """spandrel (or a torchvision that works with this torch) is not installed."""
 
 
+def display_name(name: str) -> str:
+    """An upscaler as A1111 names it: the file name without folder or extension (``4x-UltraSharp``)."""
+    base = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in UPSCALER_EXTENSIONS else base
+
+
 def is_model_upscaler(name: str | None) -> bool:
     """True for a hires-fix ``upscaler`` that names a model file (not ``latent`` / ``image``)."""
     return bool(name) and name not in BUILTIN
@@ -163,6 +170,22 @@ def load_upscaler(path: Path | str, *, device: Any = "cpu", dtype: Any = None, n
     chosen = _dtype_for(descriptor, device, dtype or torch.float32)
     descriptor.to(device).to(chosen).eval()
     return LoadedUpscaler(name or path.stem, path, descriptor, device, chosen)
+
+
+# Keys of a source's infotext that its request does not hold, carried into the upscaled image's (model hash,
+# LoRA hashes, ...); the ones the request writes itself, and the previous upscale's, are not.
+_NOT_CARRIED = ("Prompt", "Negative prompt", "Version", "Postprocess upscale by", "Postprocess upscaler")
+
+
+def source_infotext_keys(image: Any) -> dict[str, str]:
+    """The infotext keys of an open PIL image (its ``parameters`` text) to carry into its upscaled copy."""
+    text = getattr(image, "info", {}).get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    from core.metadata import parse_infotext
+
+    params = parse_infotext(text)
+    return {k: v for k, v in params.items() if k not in _NOT_CARRIED and not k.endswith(("-1", "-2"))}
 
 
 # ------------------------------------------------------------------------------------------------ tiling
