@@ -186,3 +186,24 @@ def test_missing_spandrel_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "spandrel", None)  # as if it were not installed
     with pytest.raises(UpscalerUnavailableError, match=r"pip install 'darkroom\[upscale\]'"):
         import_spandrel()
+
+
+def test_list_models_lists_the_upscalers_and_what_they_need(models, tmp_path, monkeypatch):
+    import importlib.util
+    import io
+
+    from cli.list_models import list_models
+    from core.models.testing import write_random_checkpoint
+
+    write_random_checkpoint(tmp_path / "checkpoints" / "tiny.safetensors", "sd15", "tiny")
+    out = io.StringIO()
+    assert list_models([tmp_path, models], out, io.StringIO()) == 0
+    table = out.getvalue().split("\n\nupscaler")[1].splitlines()
+    assert table[0].split() == ["format", "size", "note"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["2x-Tiny"][1] == "pth" and rows["4x-Tiny"][1] == "safetensors" and len(rows) == 4
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "spandrel" else real(name, *a))
+    out = io.StringIO()
+    list_models([tmp_path, models], out, io.StringIO())
+    assert "needs spandrel: pip install 'darkroom[upscale]'" in out.getvalue().split("\n\nupscaler")[1]
