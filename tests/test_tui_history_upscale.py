@@ -57,3 +57,16 @@ async def test_upscale_key_queues_an_upscale_job_of_the_selected_image(tmp_path)
         assert job.upscale.upscaler == "4x-UltraSharp" and job.upscale.image == source.path
         assert (job.prompt, job.seed, job.model) == ("a red fox", source.seed, "fake-model.safetensors")
 
+
+
+def test_use_settings_keeps_a_hires_upscaler_model_only_when_it_is_installed():
+    from core.request import HiresFix
+    from tui.png_settings import form_fill
+
+    request = GenerationRequest(model="fake-model", prompt="p", hires=HiresFix(2.0, "4x-UltraSharp", 0, 0.4))
+    here = form_fill(request, models=["fake-model"], vaes=[], current_model=None, current_vae=None,
+                     upscalers=["4x-UltraSharp"])
+    assert here.values["hires"]["upscaler"] == "4x-UltraSharp" and "hires fix ×2 (4x-UltraSharp" in " ".join(here.filled)
+    gone = form_fill(request, models=["fake-model"], vaes=[], current_model=None, current_vae=None)
+    assert gone.values["hires"]["upscaler"] == "latent"
+    assert "the hires upscaler 4x-UltraSharp is not in your models folders (latent used)" in gone.not_used

@@ -71,7 +71,7 @@ def match_name(wanted: str, names: Sequence[str]) -> str | None:
 
 
 def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequence[str],
-              current_model: str | None, current_vae: str | None) -> FormFill:
+              current_model: str | None, current_vae: str | None, upscalers: Sequence[str] = ()) -> FormFill:
     """The Generate form's values for ``request`` read from an image (its seed is the image's own)."""
     values: dict[str, Any] = request.to_dict()
     # How many images to make is the form's business, not the picture's; unmapped infotext entries (Version,
@@ -125,7 +125,15 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
             values["init_image"] = None
             not_used.append(f"the init image {request.init_image} is not there any more (txt2img)")
     if request.hires is not None:
-        filled.append(f"hires fix ×{request.hires.scale:g} ({request.hires.upscaler}, "
+        upscaler = request.hires.upscaler
+        if upscaler not in ("latent", "image"):  # an upscaler model (4x-UltraSharp): is it here?
+            found = match_name(upscaler, upscalers)
+            if found is None:
+                not_used.append(f"the hires upscaler {upscaler} is not in your models folders (latent used)")
+                upscaler = "latent"
+            values["hires"] = {**values["hires"], "upscaler": found or upscaler}
+            upscaler = found or upscaler
+        filled.append(f"hires fix ×{request.hires.scale:g} ({upscaler}, "
                       f"denoise {request.hires.denoise:g})")
         if "Hires upscaler" in extra:
             not_used.append(f"hires upscaler {extra.pop('Hires upscaler')} is not available "
