@@ -157,3 +157,31 @@ def test_the_runner_says_what_to_install_when_spandrel_does_not_import(models, m
     monkeypatch.setitem(sys.modules, "spandrel", None)
     with pytest.raises(UpscalerUnavailableError, match=r"model upscalers need spandrel.*pip install 'darkroom"):
         runner.ensure_upscaler("4x-Tiny")
+
+
+def test_hires_upscaler_infotext_both_ways_and_request_checks():
+    from core.errors import RequestError
+    from core.metadata import format_infotext
+    from core.request import Upscale
+
+    hires = GenerationRequest(model="m", prompt="p", hires=HiresFix(2.0, "sub/4x-UltraSharp.pth", 0, 0.4))
+    assert "Hires upscaler: 4x-UltraSharp," in format_infotext(hires, 1)
+    line = "p\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Model: m, Denoising strength: 0.4, Hires upscale: 2"
+    for label, upscaler, kept in (("4x-UltraSharp", "4x-UltraSharp", None), ("Latent (nearest)", "latent", True),
+                                  ("Lanczos", "image", None), ("Nearest", "image", True), ("None", "image", True)):
+        request = infotext_to_request(f"{line}, Hires upscaler: {label}")
+        assert request.hires.upscaler == upscaler and (request.extra.get("Hires upscaler") == label) == bool(kept)
+    for value, hint in (("Latent", "did you mean 'latent'?"), ("imge", "did you mean 'image'?"), ("", "latent, image or")):
+        with pytest.raises(RequestError, match=hint):
+            HiresFix(upscaler=value)
+    with pytest.raises(RequestError, match="upscale.image"):
+        GenerationRequest.from_dict({"upscale": {"upscaler": "4x-UltraSharp"}})
+    with pytest.raises(RequestError, match="upscale.scale"):
+        Upscale("4x-UltraSharp", "x.png", 0.5)
+    with pytest.raises(RequestError, match="upscale.upscaler = 'latent' is invalid: the name of an upscaler model"):
+        Upscale("latent", "x.png")
+    with pytest.raises(RequestError, match="model"):  # only an upscale job may leave the model out
+        GenerationRequest.from_dict({"prompt": "p"})
+    job = GenerationRequest.from_dict({"upscale": {"upscaler": "4x-UltraSharp", "image": "x.png", "scale": 2}})
+    assert job.model == "" and job.upscale == Upscale("4x-UltraSharp", "x.png", 2.0)
+    assert GenerationRequest.from_dict(job.to_dict()) == job
