@@ -70,3 +70,16 @@ def test_use_settings_keeps_a_hires_upscaler_model_only_when_it_is_installed():
     gone = form_fill(request, models=["fake-model"], vaes=[], current_model=None, current_vae=None)
     assert gone.values["hires"]["upscaler"] == "latent"
     assert "the hires upscaler 4x-UltraSharp is not in your models folders (latent used)" in gone.not_used
+
+
+def test_queue_details_say_what_an_upscale_job_does_with_names_made_visible():
+    from types import SimpleNamespace
+
+    from core.request import HiresFix, Upscale
+    from tui.screens.queue import job_parameters
+
+    request = GenerationRequest(model="", upscale=Upscale("4x-Ultra\x1b[2JSharp", "/out/00001-7.png", 2.0),
+                                hires=HiresFix(2.0, "4x\x1b[31m", 0, 0.5))
+    text = job_parameters(SimpleNamespace(request=request, created=0, started=None, finished=None)).plain
+    assert text.startswith("upscale /out/00001-7.png with 4x-Ultra\\x1b[2JSharp ×2\n")
+    assert "hires ×2 4x\\x1b[31m" in text and "\x1b" not in text
