@@ -789,7 +789,7 @@ class PipelineRunner:
         from core.upscale import UpscalerCache
 
         # the last upscaler model a job used (hires fix or an upscale job), kept loaded between jobs
-        self.upscalers = UpscalerCache(self.registry.find_upscaler, self.device, self.dtype)
+        self.upscalers = UpscalerCache(lambda name: self.registry.find_upscaler(name), self.device, self.dtype)
 
     @property
     def loaded_model(self) -> str | None:

@@ -70,6 +70,11 @@ def test_use_settings_keeps_a_hires_upscaler_model_only_when_it_is_installed():
     gone = form_fill(request, models=["fake-model"], vaes=[], current_model=None, current_vae=None)
     assert gone.values["hires"]["upscaler"] == "latent"
     assert "the hires upscaler 4x-UltraSharp is not in your models folders (latent used)" in gone.not_used
+    from core.request import Upscale
+
+    upscaled = form_fill(request.replace(upscale=Upscale("4x-UltraSharp", "/out/1.png")), models=["fake-model"],
+                         vaes=[], current_model=None, current_vae=None, upscalers=["4x-UltraSharp"])
+    assert "upscale" not in upscaled.values and any("upscaled with 4x-UltraSharp" in n for n in upscaled.not_used)
 
 
 def test_queue_details_say_what_an_upscale_job_does_with_names_made_visible():

@@ -78,6 +78,7 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     # Model hash, ...) describe the old image and are not sent with new jobs.
     for name in ("batch_size", "batch_count", "extra"):
         values.pop(name)
+    upscale = values.pop("upscale", None)  # an upscaled image: the form makes its source, not the upscale
     extra = dict(request.extra)
     fill = FormFill(values)
     filled, not_used = fill.filled, fill.not_used
@@ -141,6 +142,9 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     else:
         filled.append("no hires fix")
 
+    if upscale:
+        not_used.append(f"the image is its source upscaled with {upscale['upscaler']}: the source's settings were "
+                        "filled (History's u upscales again)")
     not_used.extend(prompt_syntax_warnings(request.prompt, request.negative_prompt))
     extra = {k: v for k, v in extra.items() if v not in (None, "")}
     if extra:
