@@ -207,3 +207,19 @@ def test_list_models_lists_the_upscalers_and_what_they_need(models, tmp_path, mo
     out = io.StringIO()
     list_models([tmp_path, models], out, io.StringIO())
     assert "needs spandrel: pip install 'darkroom[upscale]'" in out.getvalue().split("\n\nupscaler")[1]
+
+
+def test_precision_follows_what_the_architecture_supports():
+    from types import SimpleNamespace
+
+    from core.upscale import _dtype_for
+
+    both = SimpleNamespace(supports_half=True, supports_bfloat16=True)
+    half_only = SimpleNamespace(supports_half=True, supports_bfloat16=False)
+    neither = SimpleNamespace(supports_half=False, supports_bfloat16=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _dtype_for(both, cuda, torch.bfloat16) == torch.bfloat16
+    assert _dtype_for(half_only, cuda, torch.bfloat16) == torch.float16  # bf16 refused: half still saves memory
+    assert _dtype_for(half_only, cuda, torch.float16) == torch.float16
+    assert _dtype_for(neither, cuda, torch.float16) == torch.float32
+    assert _dtype_for(both, cpu, torch.bfloat16) == torch.float32  # the CPU runs float32
