@@ -5,8 +5,8 @@
    upscaler's share is at its largest), both in this process, median of ``--reps``.
 2. Peak memory of the upscaler's 4x pass over a ``--side`` x ``--side`` image, untiled (spandrel's own call) vs
    tiled (``--tile``, ``--overlap``): live tensor bytes (``core.accel.memory.LiveTensorBytes``, the activations
-   the same on any device) and each run's peak RSS in a fresh subprocess (``ru_maxrss``; tracemalloc does not
-   see torch's allocations).
+   the same on any device) and each run's peak RSS in a fresh subprocess (Linux VmHWM, reset just before the
+   pass; tracemalloc does not see torch's allocations).
 
     .venv/bin/python bench/bench_upscale.py [--side 256] [--tile 96] [--overlap 32] [--filters 32] [--blocks 4]
         [--steps 4] [--size 128] [--reps 2] [--threads 0] [--checkpoint PATH]
@@ -83,7 +83,29 @@ def hires_times(args: argparse.Namespace, upscaler_path: Path, folder: Path) -> 
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS since the last ``_reset_peak`` (Linux VmHWM), else since the start (``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _reset_peak() -> None:
+    """Make VmHWM the current RSS, so the peak is the pass's own, not the imports' (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def one_pass(path: Path, side: int, tile: int | None, overlap: int) -> dict:
@@ -93,7 +115,11 @@ def one_pass(path: Path, side: int, tile: int | None, overlap: int) -> dict:
 
     upscaler = load_upscaler(path)
     image = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(0))
-    before = _peak_rss_mb()
+    import gc
+
+    gc.collect()
+    _reset_peak()
+    before = _rss_mb()
     t0 = time.perf_counter()
     with LiveTensorBytes() as live:
         if tile is None:
