@@ -711,9 +711,14 @@ def _hires_pass(
     else:
         images = latents_to_images(decode(model, latents))
         if upscaler is not None:
+            from core.sampling import Cancelled
             from core.upscale import upscale_image
 
-            resized = [upscale_image(upscaler, img, width, height) for img in images]
+            def between_tiles(done: int, total: int) -> None:  # a large upscale stops at the next tile
+                if is_cancelled is not None and is_cancelled():
+                    raise Cancelled(f"cancelled while upscaling, after tile {done} of {total}")
+
+            resized = [upscale_image(upscaler, img, width, height, on_tile=between_tiles) for img in images]
         else:
             resized = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
         pixels = torch.cat([image_to_tensor(img, model.device, model.dtype) for img in resized])

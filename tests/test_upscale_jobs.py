@@ -185,3 +185,19 @@ def test_hires_upscaler_infotext_both_ways_and_request_checks():
     job = GenerationRequest.from_dict({"upscale": {"upscaler": "4x-UltraSharp", "image": "x.png", "scale": 2}})
     assert job.model == "" and job.upscale == Upscale("4x-UltraSharp", "x.png", 2.0)
     assert GenerationRequest.from_dict(job.to_dict()) == job
+
+
+def test_cancel_during_the_hires_upscale_stops_at_the_next_tile(models):
+    from core.sampling import Cancelled
+
+    model = load_model(models / "checkpoints" / "tiny.safetensors", compute_hash=False)
+    upscaler = load_upscaler(models / "upscale_models" / "4x-Tiny.safetensors")
+    upscaler.tile = 64  # the 64x64 first pass is one tile: cancelled right after it, before the hires pass
+    def is_cancelled() -> bool:
+        return upscaler.tiles_run > 0
+
+    request = GenerationRequest(model="tiny", prompt="p", seed=1, steps=1, width=64, height=64,
+                                hires=HiresFix(2.0, "4x-Tiny", 1, 0.5))
+    with pytest.raises(Cancelled, match="while upscaling, after tile 1 of 1"):
+        generate(model, request, upscaler=upscaler, is_cancelled=is_cancelled)
+    assert upscaler.tiles_run == 1
