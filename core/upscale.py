@@ -243,16 +243,27 @@ def run_tiled(
     xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
     tw, th = min(tile, width), min(tile, height)
     out = torch.zeros((channels, height * scale, width * scale), dtype=torch.float32)
-    weight = torch.zeros((1, height * scale, width * scale), dtype=torch.float32)
-    total, done = len(xs) * len(ys), 0
+    # A tile's weight is wy (x) wx, so the weights' sum over the grid is (sum of wy) (x) (sum of wx): two vectors,
+    # not a second full-size buffer.
+    sum_y, sum_x = torch.zeros(height * scale), torch.zeros(width * scale)
+    wys, wxs = [], []
     for j, y in enumerate(ys):
         above = (ys[j - 1] + th - y) * scale if j > 0 else 0
         below = (y + th - ys[j + 1]) * scale if j + 1 < len(ys) else 0
-        wy = _ramp(th * scale, above, below)
+        wys.append(_ramp(th * scale, above, below))
+        sum_y[y * scale:(y + th) * scale] += wys[-1]
+    for i, x in enumerate(xs):
+        left = (xs[i - 1] + tw - x) * scale if i > 0 else 0
+        right = (x + tw - xs[i + 1]) * scale if i + 1 < len(xs) else 0
+        wxs.append(_ramp(tw * scale, left, right))
+        sum_x[x * scale:(x + tw) * scale] += wxs[-1]
+    if float(sum_y.min()) <= 0 or float(sum_x.min()) <= 0:  # every output pixel must have a tile that counts
+        raise AssertionError(f"tiling {width}x{height} by {tile} with overlap {overlap} leaves pixels unweighted")
+    total, done = len(xs) * len(ys), 0
+    for j, y in enumerate(ys):
+        wy = wys[j]
         for i, x in enumerate(xs):
-            left = (xs[i - 1] + tw - x) * scale if i > 0 else 0
-            right = (x + tw - xs[i + 1]) * scale if i + 1 < len(xs) else 0
-            wx = _ramp(tw * scale, left, right)
+            wx = wxs[i]
             piece = image[:, :, y:y + th, x:x + tw].to(device=device or image.device, dtype=dtype or image.dtype)
             with torch.inference_mode():
                 result = model(piece)
@@ -263,11 +274,12 @@ def run_tiled(
             w = wy[:, None] * wx[None, :]
             ys_, xs_ = slice(y * scale, (y + th) * scale), slice(x * scale, (x + tw) * scale)
             out[:, ys_, xs_] += result * w
-            weight[:, ys_, xs_] += w
             done += 1
             if on_tile is not None:
                 on_tile(done, total)
-    return (out / weight)[None]
+    out /= sum_y[:, None]  # in place: a 4x upscale's output is the largest buffer here
+    out /= sum_x[None, :]
+    return out[None]
 
 
 def choose_tile(upscaler: LoadedUpscaler, free: int | None = None) -> int:

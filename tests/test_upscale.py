@@ -223,3 +223,14 @@ def test_precision_follows_what_the_architecture_supports():
     assert _dtype_for(half_only, cuda, torch.float16) == torch.float16
     assert _dtype_for(neither, cuda, torch.float16) == torch.float32
     assert _dtype_for(both, cpu, torch.bfloat16) == torch.float32  # the CPU runs float32
+
+
+@pytest.mark.parametrize(("width", "height", "tile", "overlap"),
+                         [(64, 80, 48, 24), (65, 33, 32, 8), (100, 7, 16, 15), (40, 40, 64, 16), (97, 61, 20, 6)])
+def test_the_blend_weights_sum_to_one_for_any_grid(width, height, tile, overlap):
+    """A pointwise 'upscaler' (nearest 2x, no receptive field) comes out of any tiling exactly as it went in."""
+    def nearest(t):
+        return t.repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+    image = torch.rand((1, 3, height, width), generator=torch.Generator().manual_seed(width))
+    torch.testing.assert_close(run_tiled(nearest, image, 2, tile, overlap), nearest(image), rtol=0, atol=2e-6)
