@@ -835,9 +835,10 @@ def run_batch(
                 hires.upscaler if hires is not None and is_model_upscaler(hires.upscaler) else None)
             if upscaler is not None:  # found, and spandrel there to run it, before any job runs
                 registry.find_upscaler(upscaler)
-                if importlib.util.find_spec("spandrel") is None:
-                    raise ModelNotFoundError(f"upscaler {upscaler!r} needs spandrel, which is not installed; "
-                                             f"install it with {INSTALL_HINT}")
+                missing = [m for m in ("spandrel", "torchvision") if importlib.util.find_spec(m) is None]
+                if missing:  # (a torchvision built for another torch shows only when the job imports it)
+                    raise ModelNotFoundError(f"upscaler {upscaler!r} needs spandrel, and {' and '.join(missing)} "
+                                             f"is not installed; install it with {INSTALL_HINT}")
             if job.request.is_upscale:
                 continue  # nothing is sampled: the source's checkpoint need not be here
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
