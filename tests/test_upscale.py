@@ -29,7 +29,7 @@ from core.upscale import (
     upscale_tensor,
 )
 from tests.reference import torch_threads
-from tests.spandrel_env import use_spandrel
+from tests.spandrel_env import spandrel_imported
 
 # (folder, file, layout, scale, options): old-arch ESRGAN (4x-UltraSharp's layout) in ComfyUI's folder, a 2x one
 # as a .pth in A1111's, Real-ESRGAN x4plus (basicsr names under params_ema) and x2plus (pixel-unshuffle)
@@ -50,7 +50,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def spandrel():
-    return use_spandrel()
+    with spandrel_imported() as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from core.pipeline import decode, encode_images, generate, latents_to_images, lo
 from core.request import GenerationRequest, HiresFix
 from core.upscale import UpscalerUnavailableError, load_upscaler, upscale_image
 from tests.reference import torch_threads
-from tests.spandrel_env import use_spandrel
+from tests.spandrel_env import spandrel_imported
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,8 +29,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    use_spandrel()
+def spandrel():
+    with spandrel_imported() as module:
+        yield module
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, spandrel) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_random_checkpoint(root / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
     write_random_esrgan(root / "upscale_models" / "4x-Tiny.safetensors", "esrgan", 4, filters=8)
