@@ -837,8 +837,8 @@ def run_batch(
                 registry.find_upscaler(upscaler)
                 missing = [m for m in ("spandrel", "torchvision") if importlib.util.find_spec(m) is None]
                 if missing:  # (a torchvision built for another torch shows only when the job imports it)
-                    raise ModelNotFoundError(f"upscaler {upscaler!r} needs spandrel, and {' and '.join(missing)} "
-                                             f"is not installed; install it with {INSTALL_HINT}")
+                    raise ModelNotFoundError(f"upscaler {upscaler!r} needs spandrel and torchvision, and "
+                                             f"{' and '.join(missing)} is not installed; install it with {INSTALL_HINT}")
             if job.request.is_upscale:
                 continue  # nothing is sampled: the source's checkpoint need not be here
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
