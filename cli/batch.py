@@ -35,6 +35,13 @@ through saving its images makes only the ones it lacks. This module never import
 before the job is queued (``core.enhance``; ``--enhance-url`` / ``--enhance-model``); the image records both
 prompts. When it fails, one warning line says why and the job runs with its own prompt.
 
+Model upscalers (``core.upscale``, the optional ``upscale`` extra): ``hires = { upscaler = "4x-UltraSharp" }``
+upscales the first pass with the model before the hires pass; a job with ``init_image = "x.png"`` and
+``upscale = "4x-UltraSharp"`` (or ``upscale = { upscaler = "...", scale = 2 }``; scale 0 = the model's own) samples
+nothing and saves the image upscaled, with the source's parameters (when it records any) and A1111's
+``Postprocess upscale by`` / ``Postprocess upscaler``; ``upscale = { upscaler, image, scale }`` names the image
+itself. Upscalers are found, and spandrel checked, before any job runs.
+
 X/Y/Z grids (``core.grid``): a top-level ``[grid]`` table (every job), or a job's ``grid`` table, with up to
 three axes, e.g. ``x = {field = "cfg", values = [5, 7]}``; ``grid = false`` turns an inherited one off. Every
 combination is an ordinary job (numbered in run order, z then y then x); once all of a grid's cells are done
@@ -238,6 +245,38 @@ def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
     return fields
 
 
+def _upscale_job(
+    table: Mapping[str, Any], defaults: Mapping[str, Any], base: Path
+) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+    """An upscale job's table with ``upscale`` made a full table (``upscale = "name"`` and the job's
+    ``init_image`` as its image, resolved and checked now), and the parameters its source image records (None when
+    the job names its model or a from_image; empty for a photo). Other tables pass unchanged."""
+    value = table.get("upscale", defaults.get("upscale"))
+    if value is None or value is False:
+        return ({k: v for k, v in table.items() if k != "upscale"} if value is False else table), None
+    up = {"upscaler": value} if isinstance(value, str) else dict(value) if isinstance(value, Mapping) else None
+    if up is None:
+        return table, None  # the request says what an upscale is
+    table = dict(table)
+    if not up.get("image"):  # the source given as the job's init_image
+        up["image"] = table.pop("init_image", None) or defaults.get("init_image")
+        if "init_image" in defaults:
+            table["init_image"] = ""  # the defaults' init_image was the source, not an img2img input
+    if not isinstance(up["image"], str) or not up["image"].strip():
+        raise RequestError("upscale.image", up["image"], "the image to upscale (upscale.image, or the job's "
+                           "init_image)")
+    up["image"] = resolve_init_image(up["image"], base, field="upscale.image")
+    table["upscale"] = up
+    if any(key in table or key in defaults for key in ("model", "from_image")):
+        return table, None
+    from core.metadata import MetadataError
+
+    try:
+        return table, _image_fields(up["image"], base)
+    except MetadataError:
+        return table, {}
+
+
 def parse_jobs(
     text: str, label: str, fmt: str | None = None, base_dir: Path | str | None = None
 ) -> list[BatchJob]:
@@ -316,6 +355,13 @@ def _build_request(
     from core.metadata import MetadataError
 
     layer = _job_fields(defaults)
+    try:
+        table, source = _upscale_job(table, defaults, base)
+    except RequestError as exc:
+        report("upscale", str(exc))
+        return None
+    if source:  # an upscale job carries its source's parameters into the upscaled PNG (A1111's Extras do too)
+        layer = _merge(source, layer)
     image = table.get("from_image", defaults.get("from_image"))
     if image is not None:
         try:  # the image stands in for the request defaults: all the rest of the file goes over it
@@ -437,6 +483,8 @@ def _family_mismatches(
     lines: list[str] = []
     presets = None
     for job in jobs:
+        if job.index not in checkpoints:  # an upscale job samples nothing
+            continue
         info = registry.inspect(checkpoints[job.index])
         if not info.is_family:
             continue
@@ -461,8 +509,8 @@ def _apply_family(
 
     out = []
     for job in jobs:
-        info = registry.inspect(checkpoints[job.index])
-        if info.is_family:
+        info = registry.inspect(checkpoints[job.index]) if job.index in checkpoints else None
+        if info is not None and info.is_family:
             for warning in family_warnings(job.request, info.family):
                 print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
             job = dataclasses.replace(job, request=with_family_defaults(job.request, info.family, job.given))
@@ -516,7 +564,10 @@ class _PlainProgress:
         self._say(text)
 
     def started(self, n: int, request: GenerationRequest) -> None:
-        self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {_shown(request.prompt)}")
+        if request.upscale is not None:
+            self._say(f"[{n}/{self.total}] started: upscale {request.upscale.image} with {request.upscale.upscaler}")
+        else:
+            self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {_shown(request.prompt)}")
         self._last_step = 0.0
 
     def activity(self, n: int, text: str) -> None:
@@ -778,10 +829,22 @@ def run_batch(
     from core.lora.check import check_lora
     from core.models.families import get_family
     from core.models.split import resolve_parts
+    from core.upscale import INSTALL_HINT, is_model_upscaler
 
     checkpoints: dict[int, Path] = {}
     for job in jobs:
         try:
+            hires = job.request.hires
+            upscaler = job.request.upscale.upscaler if job.request.is_upscale else (
+                hires.upscaler if hires is not None and is_model_upscaler(hires.upscaler) else None)
+            if upscaler is not None:  # found, and spandrel there to run it, before any job runs
+                registry.find_upscaler(upscaler)
+                missing = [m for m in ("spandrel", "torchvision") if importlib.util.find_spec(m) is None]
+                if missing:  # (a torchvision built for another torch shows only when the job imports it)
+                    raise ModelNotFoundError(f"upscaler {upscaler!r} needs spandrel and torchvision, and "
+                                             f"{' and '.join(missing)} is not installed; install it with {INSTALL_HINT}")
+            if job.request.is_upscale:
+                continue  # nothing is sampled: the source's checkpoint need not be here
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)

@@ -1,6 +1,6 @@
 """``darkroom --list-models``: every checkpoint (and diffusion model) in the models folders with its family,
 variant, quantisation (bf16, fp16, fp8, Q8_0, Q4_K, ...) and size, then the text encoders and VAEs found beside
-them, each with the kind its keys show.
+them, each with the kind its keys show, then the upscaler models.
 
 Families come from each file's header (``core.models.detect``, torch-free); a file that cannot be inspected
 says why in the last column. Never imports Textual or torch.
@@ -62,6 +62,24 @@ def part_rows(registry: object) -> list[tuple[str, ...]]:
     return rows
 
 
+UPSCALER_HEADER = ("upscaler", "format", "size", "note")
+
+
+def upscaler_rows(registry: object) -> list[tuple[str, ...]]:
+    """One row per upscaler model file (``upscale_models``, ``ESRGAN``, ``RealESRGAN``): name, file format, size,
+    and what to install when spandrel, which runs them, is not there. Its architecture shows when it loads (spandrel
+    reads it off the weights, which needs torch)."""
+    import importlib.util
+
+    from core.models.registry import human_size
+    from core.upscale import INSTALL_HINT
+
+    missing = importlib.util.find_spec("spandrel") is None
+    note = f"needs spandrel: {INSTALL_HINT}" if missing else ""
+    return [(visible(m.name), m.path.suffix.lower().lstrip("."), human_size(m.size), note)
+            for m in registry.upscalers()]  # type: ignore[attr-defined]
+
+
 def _table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -93,4 +111,8 @@ def list_models(
     if parts:
         print(file=out)
         _table([PART_HEADER, *parts], out)
+    upscalers = upscaler_rows(registry)
+    if upscalers:
+        print(file=out)
+        _table([UPSCALER_HEADER, *upscalers], out)
     return EXIT_OK

@@ -128,7 +128,11 @@ def format_infotext(
         # Our key (A1111 has none): only an override of the model's own prediction type is worth recording.
         "Prediction": request.prediction if request.prediction != "auto" else None,
     }
-    if request.is_inpaint:  # A1111's keys, in the order it sets them
+    # An upscale job of an image that had no parameters: only what the upscale did (``extra``) is true of it.
+    generated = getattr(request, "upscale", None) is None or bool(request.model)
+    if not generated:
+        params = {}
+    if request.is_inpaint and generated:  # A1111's keys, in the order it sets them
         params["Mask mode"] = "Inpaint not masked" if request.invert_mask else None
         params["Mask blur"] = request.mask_blur or None
         if request.inpaint_area == "only_masked":
@@ -139,8 +143,8 @@ def format_infotext(
         o = request.outpaint
         if o is not None:  # our key (A1111's outpainting scripts record none); kept in extra when read back
             params["Outpaint"] = f"left {o.left}, right {o.right}, top {o.top}, bottom {o.bottom}"
-    hires = request.hires
-    if request.is_img2img:
+    hires = request.hires if generated else None
+    if request.is_img2img and generated:
         params["Denoising strength"] = request.denoise
     elif hires is not None:
         # A1111's txt2img writes the second pass's strength as "Denoising strength".
@@ -148,11 +152,12 @@ def format_infotext(
     if hires is not None:
         params["Hires upscale"] = hires.scale
         params["Hires steps"] = hires.steps or None  # 0 = same as the first pass, which A1111 leaves out
-        params["Hires upscaler"] = HIRES_UPSCALER_LABELS[hires.upscaler]
+        # an upscaler model by its name, as A1111 lists it (the file name without extension: "4x-UltraSharp")
+        params["Hires upscaler"] = HIRES_UPSCALER_LABELS.get(hires.upscaler) or _model_label(hires.upscaler)
         if request.is_img2img:
             # A1111 has no img2img + hires; keep the second strength under our own key.
             params["Hires denoising strength"] = hires.denoise
-    if request.refiner:
+    if request.refiner and generated:
         # A1111 (modules/processing_scripts/refiner.py): "Refiner: <checkpoint>, Refiner switch at: 0.8"
         params["Refiner"] = _model_label(request.refiner)
         params["Refiner switch at"] = request.refiner_switch
@@ -355,6 +360,21 @@ def _number(params: Mapping[str, str], key: str, kind: type) -> Any:
         raise MetadataError(f"infotext entry {key!r} is {value!r}, which is not a number") from None
 
 
+# A1111's upscalers that are no model file: its latent modes, and plain resizes (Lanczos is our "image")
+_PLAIN_RESIZES = ("none", "lanczos", "nearest")
+
+
+def _hires_upscaler(label: str) -> str:
+    """An infotext's ``Hires upscaler`` as a request's: ``Latent*`` -> latent, a plain resize -> image, any other
+    name is an upscaler model's (``4x-UltraSharp``), looked up in the models folders when the job runs."""
+    text = label.strip()
+    if text.lower().startswith("latent"):
+        return "latent"
+    if not text or text.lower() in _PLAIN_RESIZES:
+        return "image"
+    return text
+
+
 def infotext_to_request(text: str, *, model_fallback: str | None = None) -> GenerationRequest:
     """Turn an A1111 infotext back into a request.
 
@@ -432,8 +452,8 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
             hires["steps"] = _number(params, "Hires steps", int)
         upscaler = params.get("Hires upscaler")
         if upscaler is not None:
-            hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
-            if upscaler not in HIRES_UPSCALER_LABELS.values():
+            hires["upscaler"] = _hires_upscaler(upscaler)
+            if upscaler not in HIRES_UPSCALER_LABELS.values() and hires["upscaler"] in HIRES_UPSCALER_LABELS:
                 extra["Hires upscaler"] = upscaler
         if "Hires denoising strength" in params:
             hires["denoise"] = _number(params, "Hires denoising strength", float)

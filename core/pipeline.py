@@ -600,12 +600,14 @@ def generate(
     is_cancelled: Callable[[], bool] | None = None,
     refiner: LoadedModel | None = None,
     composite: bool = True,
+    upscaler: Any = None,
 ) -> list[tuple[Image.Image, int]]:
     """Run one resolved request; returns (image, seed) for every image of every batch.
 
     ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
     denoising is done, and its VAE decodes when it did. Inpainting (``core.inpaint``) pastes the result into
-    the original through the blurred mask; ``composite=False`` returns the decoded work images as they are."""
+    the original through the blurred mask; ``composite=False`` returns the decoded work images as they are.
+    ``upscaler``: the loaded upscaler model a hires fix names (``core.upscale.LoadedUpscaler``)."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     if request.lora_refs() != model.loras.requested:
@@ -615,6 +617,10 @@ def generate(
     problem = sampler_problem(request.sampler, model.family)
     if problem is not None:
         raise problem
+    from core.upscale import is_model_upscaler
+
+    if request.hires is not None and is_model_upscaler(request.hires.upscaler) and upscaler is None:
+        raise ValueError("generate() needs the hires fix's upscaler model loaded (core.upscale.load_upscaler)")
     guidance = model.guidance_for(request.guidance)
     init = None
     inpainting = None  # core.inpaint.InpaintJob: what is sampled and how it goes back into the image
@@ -692,7 +698,8 @@ def generate(
                 hires=True,
             )
             ran.append(hires_denoiser)
-            latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled)
+            latents = _hires_pass(model, request, hires_denoiser, latents, batch_seeds, progress, is_cancelled,
+                                  upscaler)
             _check_finite(model, latents, "sampling")
         last = refiner if refiner is not None and any(getattr(d, "refined", False) for d in ran) else model
         pixels = decode(last, latents)
@@ -744,8 +751,11 @@ def _hires_pass(
     seeds: list[int],
     progress: _Progress,
     is_cancelled: Callable[[], bool] | None,
+    upscaler: Any = None,
 ) -> torch.Tensor:
-    """Upscale the first pass (in latent space, or decode-resize-encode) and re-sample at hires.denoise."""
+    """Upscale the first pass (in latent space, or decode-resize-encode; with an upscaler model, decode, the
+    model's tiled upscale, a Lanczos resize to the hires size, as A1111 does, and encode) and re-sample at
+    hires.denoise."""
     hires = request.hires
     width, height = hires_size(model, request)
     # Fresh per-image streams from the same seeds, as A1111 does: at the new size the draw is a different field.
@@ -755,7 +765,17 @@ def _hires_pass(
         upscaled = upscaled.to(latents.dtype)
     else:
         images = latents_to_images(decode(model, latents))
-        resized = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
+        if upscaler is not None:
+            from core.sampling import Cancelled
+            from core.upscale import upscale_image
+
+            def between_tiles(done: int, total: int) -> None:  # a large upscale stops at the next tile
+                if is_cancelled is not None and is_cancelled():
+                    raise Cancelled(f"cancelled while upscaling, after tile {done} of {total}")
+
+            resized = [upscale_image(upscaler, img, width, height, on_tile=between_tiles) for img in images]
+        else:
+            resized = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
         pixels = torch.cat([image_to_tensor(img, model.device, model.dtype) for img in resized])
         upscaled = encode_images(model, pixels, noise)
     if hires.denoise <= 0:
@@ -826,6 +846,10 @@ class PipelineRunner:
         from core.models.split import PartSet
 
         self.parts = PartSet(Path(), None)  # the files of the model the last job used
+        from core.upscale import UpscalerCache
+
+        # the last upscaler model a job used (hires fix or an upscale job), kept loaded between jobs
+        self.upscalers = UpscalerCache(lambda name: self.registry.find_upscaler(name), self.device, self.dtype)
 
     @property
     def loaded_model(self) -> str | None:
@@ -893,9 +917,56 @@ class PipelineRunner:
         self.refiner.conditioner.embeddings = self.embeddings
         return self.refiner
 
-    def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
+    def ensure_upscaler(self, name: str, ctx: RunContext | None = None) -> Any:
+        """The upscaler model ``name`` on the device, in the compute dtype where its architecture has it."""
+        from core.upscale import import_spandrel
+
+        import_spandrel()  # missing: one message saying what to install, before anything loads
+        path = self.registry.find_upscaler(name)
+        current = self.upscalers.loaded
+        if ctx is not None and (current is None or current.path != path):
+            ctx.set_activity(f"loading upscaler {path.name}")
+        self.upscalers.device = self.device
+        return self.upscalers.get(name, self.dtype)
+
+    def run_upscale(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
+        """A standalone upscale job: ``upscale.image`` through its upscaler model, nothing sampled; the image
+        records the request (the source's parameters, and the source infotext's own keys such as its model hash)
+        and A1111's ``Postprocess upscale by`` / ``Postprocess upscaler``."""
+        from core.upscale import display_name, source_infotext_keys, upscale_image
+
         request = job.request
         started = time.monotonic()
+        upscaler = self.ensure_upscaler(request.upscale.upscaler, ctx)
+        loaded = time.monotonic()
+        path = request.upscale.image
+        try:
+            with Image.open(path) as opened:
+                source = opened.convert("RGB")
+                carried = source_infotext_keys(opened)
+        except (OSError, ValueError) as exc:
+            raise InitImageError(f"upscale.image {path!r} is not a readable image ({exc})") from None
+        factor = request.upscale.scale or upscaler.scale
+        width, height = round(source.width * factor), round(source.height * factor)
+        ctx.set_activity(f"upscaling {source.width}x{source.height} -> {width}x{height} with {upscaler.label}")
+        image = upscale_image(upscaler, source, width, height, on_tile=lambda done, total: ctx.step(done, total))
+        finished = time.monotonic()
+        extra = {**carried, "Postprocess upscale by": factor,
+                 "Postprocess upscaler": display_name(request.upscale.upscaler)}
+        timings = {"load": loaded - started, "first_step": 0.0, "total": finished - started}
+        return [GeneratedImage(image=image, seed=request.seed, request=request, timings=timings, extra=extra,
+                               model_hash=carried.pop("Model hash", None))]
+
+    def run(self, job: Job, ctx: RunContext) -> list[GeneratedImage]:
+        request = job.request
+        if request.upscale is not None:
+            return self.run_upscale(job, ctx)
+        started = time.monotonic()
+        from core.upscale import is_model_upscaler
+
+        upscaler = None
+        if request.hires is not None and is_model_upscaler(request.hires.upscaler):
+            upscaler = self.ensure_upscaler(request.hires.upscaler, ctx)
         model = self.ensure_model(request, ctx)
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
@@ -919,7 +990,8 @@ class PipelineRunner:
         def attempt() -> list[tuple[Image.Image, int]]:
             with self.attention.active(new_job=True):
                 return generate(
-                    model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner
+                    model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner,
+                    upscaler=upscaler,
                 )
 
         results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)

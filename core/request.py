@@ -175,19 +175,73 @@ class _Problems:
             raise RequestError.combine(self.errors)
 
 
+def _check_upscaler(name: str, value: Any, builtin: tuple[str, ...] = UPSCALERS) -> None:
+    """``builtin`` names, or the name of an upscaler model file (found in the models folders when the job is
+    checked); a near miss of a built-in name ("Latent", "laten") is taken as a typo of it."""
+    model = "the name of an upscaler model (models/upscale_models, models/ESRGAN)"
+    valid = f"{', '.join(builtin)} or {model}" if builtin else model
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(name, value, valid)
+    if value in builtin:
+        return
+    guess = suggest(value, builtin)
+    if guess is not None or value in UPSCALERS:
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        raise RequestError(name, value, valid + hint)
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """A standalone upscale job (A1111's Extras tab): ``image`` upscaled by an upscaler model, nothing sampled.
+    The request's other fields are the source image's parameters, carried into the saved PNG unchanged."""
+
+    upscaler: str
+    image: str = ""  # the image to upscale (an absolute path once a front end resolved it)
+    scale: float = 0.0  # 0: the model's own factor; else the source's size times this (Lanczos after the model)
+
+    def __post_init__(self) -> None:
+        problems = _Problems()
+        problems.check(_check_upscaler, "upscale.upscaler", self.upscaler, ())
+        if not isinstance(self.image, str) or not self.image.strip():
+            problems.errors.append(RequestError("upscale.image", self.image, "the path of the image to upscale"))
+        if self.scale != 0:
+            problems.check(_check_float, "upscale.scale", self.scale, 1.0, 8.0)
+        problems.raise_any()
+
+
+def _upscale_from(value: Any) -> Upscale:
+    """``{upscaler = "4x-UltraSharp", image = "x.png", scale = 2}`` -> ``Upscale``."""
+    if isinstance(value, Upscale):
+        return value
+    if not isinstance(value, Mapping):
+        raise RequestError("upscale", value, "a table with upscaler, image and optionally scale")
+    known = {f.name for f in dataclasses.fields(Upscale)}
+    unknown = sorted(set(value) - known, key=str)
+    if unknown:
+        raise RequestError(f"upscale.{unknown[0]}", value[unknown[0]],
+                           "not an upscale field; known: upscaler, image, scale")
+    if "upscaler" not in value:
+        raise RequestError("upscale.upscaler", None, "the name of an upscaler model (required)")
+    scale = value.get("scale", 0.0)
+    scale = float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale
+    return Upscale(value["upscaler"], value.get("image", ""), scale)
+
+
 @dataclass(frozen=True)
 class HiresFix:
     """Second pass at a larger size: upscale the first pass, then re-sample at ``denoise``."""
 
     scale: float = 2.0
-    upscaler: str = "latent"  # "latent": upscale latents; "image": decode, resize (Lanczos), re-encode
+    # "latent": upscale latents; "image": decode, resize (Lanczos), re-encode; any other name: an upscaler model
+    # (models/upscale_models, ESRGAN, RealESRGAN: core/upscale.py) upscales the decoded image, then Lanczos to size
+    upscaler: str = "latent"
     steps: int = 0  # 0 = as many as the first pass
     denoise: float = 0.5
 
     def __post_init__(self) -> None:
         problems = _Problems()
         problems.check(_check_float, "hires.scale", self.scale, 1.0, 4.0)
-        problems.check(_check_choice, "hires.upscaler", self.upscaler, UPSCALERS)
+        problems.check(_check_upscaler, "hires.upscaler", self.upscaler)
         problems.check(_check_int, "hires.steps", self.steps, 0, 150)
         problems.check(_check_float, "hires.denoise", self.denoise, 0.0, 1.0)
         problems.raise_any()
@@ -290,12 +344,18 @@ class GenerationRequest:
     invert_mask: bool = False
     outpaint: Outpaint | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
+    # A standalone upscale job: ``upscale.image`` upscaled by a model, nothing sampled (``Upscale``; a table is made
+    # one on construction). ``model`` may then be empty: the source had no parameters to carry.
+    upscale: Upscale | None = None
 
     def __post_init__(self) -> None:
         if self.denoise is None:
             object.__setattr__(self, "denoise", IMG2IMG_DENOISE if self.init_image is not None else 1.0)
         problems = _Problems()  # every bad field is reported, not only the first
-        problems.check(_check_model, self.model)
+        if self.upscale is not None:
+            problems.check(self._check_upscale)
+        if not (self.upscale is not None and self.model == ""):
+            problems.check(_check_model, self.model)
         problems.check(_check_prompt, "prompt", self.prompt)
         problems.check(_check_prompt, "negative_prompt", self.negative_prompt)
         problems.check(_check_text, "vae", self.vae, True)
@@ -329,6 +389,14 @@ class GenerationRequest:
             problems.errors.append(RequestError("extra", self.extra, "a table of extra options"))
         problems.check(self._check_loras)
         problems.raise_any()
+
+    def _check_upscale(self) -> None:
+        object.__setattr__(self, "upscale", _upscale_from(self.upscale))
+
+    @property
+    def is_upscale(self) -> bool:
+        """A standalone upscale job (no sampling)."""
+        return self.upscale is not None
 
     def _check_loras(self) -> None:
         entries = self.loras
@@ -440,6 +508,8 @@ class GenerationRequest:
                 str(key), data[key], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
             ))
         values = {k: v for k, v in data.items() if k in known}
+        if "model" not in values and values.get("upscale") is not None:
+            values["model"] = ""  # an upscale job of an image without parameters: no checkpoint to name
         if "model" not in values:
             errors.append(RequestError("model", None, "the name or path of a checkpoint file (required)"))
             values["model"] = "(none)"  # a stand-in, so the other fields are still checked

@@ -34,4 +34,10 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "darkroom: installing dependencies${extra:+ [$extra]}" >&2
 "${pip[@]}" install -e "$root${extra:+[$extra]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+if [ "$extra" = "test" ]; then
+    # The upscaler tests need spandrel (the `upscale` extra) but not the torchvision it declares: a PyPI torchvision
+    # does not import beside a CPU torch build, and one that matches would pull a CUDA torch in. The tests put a
+    # stand-in torchvision on the path when no real one imports (tests/spandrel_env.py).
+    "${pip[@]}" install --no-deps "spandrel>=0.4" einops
+fi
 echo "$want" > "$stamp"

@@ -71,13 +71,14 @@ def match_name(wanted: str, names: Sequence[str]) -> str | None:
 
 
 def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequence[str],
-              current_model: str | None, current_vae: str | None) -> FormFill:
+              current_model: str | None, current_vae: str | None, upscalers: Sequence[str] = ()) -> FormFill:
     """The Generate form's values for ``request`` read from an image (its seed is the image's own)."""
     values: dict[str, Any] = request.to_dict()
     # How many images to make is the form's business, not the picture's; unmapped infotext entries (Version,
     # Model hash, ...) describe the old image and are not sent with new jobs.
     for name in ("batch_size", "batch_count", "extra"):
         values.pop(name)
+    upscale = values.pop("upscale", None)  # an upscaled image: the form makes its source, not the upscale
     extra = dict(request.extra)
     fill = FormFill(values)
     filled, not_used = fill.filled, fill.not_used
@@ -133,7 +134,15 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
         if request.outpaint is not None and values["init_image"] is None:
             values["outpaint"] = None
     if request.hires is not None:
-        filled.append(f"hires fix ×{request.hires.scale:g} ({request.hires.upscaler}, "
+        upscaler = request.hires.upscaler
+        if upscaler not in ("latent", "image"):  # an upscaler model (4x-UltraSharp): is it here?
+            found = match_name(upscaler, upscalers)
+            if found is None:
+                not_used.append(f"the hires upscaler {upscaler} is not in your models folders (latent used)")
+                upscaler = "latent"
+            values["hires"] = {**values["hires"], "upscaler": found or upscaler}
+            upscaler = found or upscaler
+        filled.append(f"hires fix ×{request.hires.scale:g} ({upscaler}, "
                       f"denoise {request.hires.denoise:g})")
         if "Hires upscaler" in extra:
             not_used.append(f"hires upscaler {extra.pop('Hires upscaler')} is not available "
@@ -141,6 +150,9 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     else:
         filled.append("no hires fix")
 
+    if upscale:
+        not_used.append(f"the image is its source upscaled with {upscale['upscaler']}: the source's settings were "
+                        "filled (History's u upscales again)")
     not_used.extend(prompt_syntax_warnings(request.prompt, request.negative_prompt))
     extra = {k: v for k, v in extra.items() if v not in (None, "")}
     if extra:

@@ -4,7 +4,8 @@ Each root may be:
 - an app folder holding ``models/`` (``~/ComfyUI``, ``~/stable-diffusion-webui``);
 - a ``models`` folder itself (``~/ComfyUI/models``): ComfyUI ``checkpoints``/``vae``/``loras`` (and, for models
   kept as separate files, ``diffusion_models`` or ``unet`` and ``text_encoders`` or ``clip``), A1111 and Forge
-  ``Stable-diffusion``/``VAE``/``Lora`` (Forge: ``text_encoder``);
+  ``Stable-diffusion``/``VAE``/``Lora`` (Forge: ``text_encoder``); model upscalers in ComfyUI ``upscale_models`` or
+  A1111 ``ESRGAN``/``RealESRGAN``;
 - a folder of checkpoints (none of the above sub-folders in it).
 
 Files are found recursively; names are paths relative to their kind's folder without the extension, with ``/``
@@ -36,9 +37,10 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "lora": ("loras", "Lora", "LyCORIS"),
     "text_encoder": ("text_encoders", "clip", "text_encoder"),
     "embedding": ("embeddings",),  # textual inversion (A1111: <webui>/embeddings, ComfyUI: models/embeddings)
+    "upscaler": ("upscale_models", "ESRGAN", "RealESRGAN"),  # ComfyUI; A1111 (core/upscale.py runs them)
 }
 _A1111_FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "text_encoder": "text_encoder",
-                  "embedding": "embeddings"}
+                  "embedding": "embeddings", "upscaler": "ESRGAN"}
 # GGUF quantisations exist for diffusion models and text encoders (ComfyUI-GGUF, stable-diffusion.cpp)
 KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "checkpoint": (*MODEL_EXTENSIONS, ".gguf"),
@@ -46,9 +48,10 @@ KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "lora": MODEL_EXTENSIONS,
     "text_encoder": (".safetensors", ".gguf"),
     "embedding": MODEL_EXTENSIONS,
+    "upscaler": (".safetensors", ".pth", ".pt"),  # read as weights only (never pickle code)
 }
 KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder",
-               "embedding": "embedding"}
+               "embedding": "embedding", "upscaler": "upscaler"}
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,10 @@ class ModelRegistry:
     def embeddings(self) -> list[ModelFile]:
         return list(self._scan()["embedding"])
 
+    def upscalers(self) -> list[ModelFile]:
+        """Model upscalers (ESRGAN, Real-ESRGAN, SwinIR, ...) in ``upscale_models`` / ``ESRGAN`` / ``RealESRGAN``."""
+        return list(self._scan()["upscaler"])
+
     def inspect(self, model: ModelFile | Path | str) -> ModelInfo:
         """The family (label, variant, dtype) of a model file from its header, cached by path, mtime and size
         (so listing a large folder again reads nothing). Torch-free; a file header is read at most once per
@@ -359,6 +366,9 @@ class ModelRegistry:
 
     def find_text_encoder(self, name_or_path: str | Path) -> Path:
         return self._find("text_encoder", name_or_path)
+
+    def find_upscaler(self, name_or_path: str | Path) -> Path:
+        return self._find("upscaler", name_or_path)
 
     def _find(self, kind: str, name_or_path: str | Path) -> Path:
         """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""

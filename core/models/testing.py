@@ -744,3 +744,74 @@ def random_flux_lora_state_dict(
             key = ("diffusion_model." if fmt == "bfl" else "transformer.") + name
             out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = down, up
     return out
+
+
+# ---- model upscalers (ESRGAN family, as spandrel detects them) --------------------------------------------------
+
+ESRGAN_LAYOUTS = ("esrgan", "realesrgan")
+
+
+def random_esrgan_state_dict(
+    layout: str = "esrgan", scale: int = 4, filters: int = 16, blocks: int = 1, *, growth: int = 32,
+    unshuffle: bool = False, seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random RRDBNet weights, keys written out here: ``esrgan`` is the old-arch ESRGAN layout (``model.0``,
+    ``model.1.sub.N.RDBk.convj.0``, upsample convs at ``model.3``, ``model.6``, ...) of 4x-UltraSharp and the other
+    community models; ``realesrgan`` is basicsr's (Real-ESRGAN x4plus: ``conv_first``, ``body.N.rdbk.convj``,
+    ``conv_body``, ``conv_up1``/``conv_up2``, ``conv_hr``, ``conv_last``; always two 2x upsamplers, and
+    ``unshuffle`` makes it x2plus: a 2x pixel-unshuffle in front, 12 input channels). ``growth`` is the dense blocks'
+    growth channels (32 in every released model; spandrel assumes it)."""
+    if layout not in ESRGAN_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: one of {', '.join(ESRGAN_LAYOUTS)}")
+    g = torch.Generator().manual_seed(seed)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(key: str, out_ch: int, in_ch: int) -> None:
+        shapes[key + ".weight"] = (out_ch, in_ch, 3, 3)
+        shapes[key + ".bias"] = (out_ch,)
+
+    in_ch = 12 if unshuffle else 3
+    if layout == "esrgan":
+        ups = int(math.log2(scale))
+        conv("model.0", filters, in_ch)
+        for b in range(blocks):
+            for r in (1, 2, 3):
+                for j in range(1, 6):
+                    conv(f"model.1.sub.{b}.RDB{r}.conv{j}.0", filters if j == 5 else growth, filters + (j - 1) * growth)
+        conv(f"model.1.sub.{blocks}", filters, filters)
+        for u in range(ups):
+            conv(f"model.{3 * u + 3}", filters, filters)
+        conv(f"model.{3 * ups + 2}", filters, filters)
+        conv(f"model.{3 * ups + 4}", 3, filters)
+    else:
+        conv("conv_first", filters, in_ch)
+        for b in range(blocks):
+            for r in (1, 2, 3):
+                for j in range(1, 6):
+                    conv(f"body.{b}.rdb{r}.conv{j}", filters if j == 5 else growth, filters + (j - 1) * growth)
+        conv("conv_body", filters, filters)
+        conv("conv_up1", filters, filters)
+        conv("conv_up2", filters, filters)
+        conv("conv_hr", filters, filters)
+        conv("conv_last", 3, filters)
+    last = list(shapes)[-2:]  # the output conv: images around mid-grey varying by ~0.15, <1 % clamped away
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith(".bias"):
+            out[key] = torch.full(shape, 0.5) if key in last else 0.02 * torch.randn(shape, generator=g)
+        else:  # He-like scale through the trunk (LeakyReLU halves the variance); smaller at the output
+            gain = 0.3 if key in last else 1.4
+            out[key] = torch.randn(shape, generator=g) * (gain / math.sqrt(math.prod(shape[1:])))
+    return out
+
+
+def write_random_esrgan(path: str | Path, layout: str = "esrgan", scale: int = 4, **options) -> Path:
+    """A random ESRGAN-family upscaler file (``.safetensors``, or ``.pth`` written by ``torch.save`` as plain
+    tensors, which ``torch.load(weights_only=True)`` reads)."""
+    tensors = random_esrgan_state_dict(layout, scale, **options)
+    path = Path(path)
+    if path.suffix.lower() in (".pth", ".pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params_ema": tensors} if layout == "realesrgan" else tensors, path)
+        return path
+    return _save(tensors, path)

@@ -279,7 +279,8 @@ class GenerateScreen(MainScreen):
                 Input(str(HIRES_DEFAULTS["scale"]), type="number", id="hires-scale", classes="short", compact=True),
                 FormSelect([(u, u) for u in UPSCALERS], id="hires-upscaler", allow_blank=False,
                        value=HIRES_DEFAULTS["upscaler"], compact=True,
-                       tooltip="latent: upscale latents; image: decode, resize, re-encode")),
+                       tooltip="latent: upscale latents; image: decode, resize, re-encode; an upscaler model: "
+                       "decode, upscale with it, resize, re-encode")),
             row(Label("Steps", classes="field-label"),
                 Input(str(HIRES_DEFAULTS["steps"]), type="integer", id="hires-steps", classes="short", compact=True,
                       tooltip="0 = as many as the first pass"),
@@ -359,14 +360,18 @@ class GenerateScreen(MainScreen):
                 self.app.registry.refresh()
             models = list(self.app.registry.checkpoints())
             vaes = list(self.app.registry.vaes()) if hasattr(self.app.registry, "vaes") else []
+            upscalers = [str(m.name) for m in self.app.registry.upscalers()] if hasattr(
+                self.app.registry, "upscalers") else []
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
-            models, vaes, error = [], [], str(exc)
+            models, vaes, upscalers, error = [], [], [], str(exc)
         infos = inspect_models(self.app.registry, models)
-        self.call_from_worker_thread(self._models_ready, models, error, vaes, rescan, infos)
+        self.call_from_worker_thread(self._models_ready, models, error, vaes, rescan, infos, upscalers)
 
     def _models_ready(self, models: list[Any], error: str | None, vaes: list[Any] | None = None,
-                      rescan: bool = False, infos: dict[str, Any] | None = None) -> None:
+                      rescan: bool = False, infos: dict[str, Any] | None = None,
+                      upscalers: list[str] | None = None) -> None:
+        self._set_upscaler_options(upscalers or [])
         self.models = models
         self.model_infos = dict(infos or {})
         # name -> family label, for the screens that show a job's model (Queue, History)
@@ -405,6 +410,14 @@ class GenerateScreen(MainScreen):
         if self._pending_image is not None:
             pending, self._pending_image = self._pending_image, None
             self.apply_image_request(*pending)
+
+    def _set_upscaler_options(self, names: list[str]) -> None:
+        """The hires upscalers: latent, image, then the upscaler models found (models/upscale_models, ESRGAN)."""
+        self.upscaler_names = names
+        select = self.query_one("#hires-upscaler", Select)
+        current = select.value
+        select.set_options([(u, u) for u in UPSCALERS] + [(n, n) for n in names])
+        select.value = current if current in (*UPSCALERS, *names) else HIRES_DEFAULTS["upscaler"]
 
     def _unusable_models(self) -> list[tuple[str, str]] | None:
         """When every file listed was inspected and none is a checkpoint (only LoRAs, VAEs, broken files in
@@ -678,7 +691,7 @@ class GenerateScreen(MainScreen):
                 for name in HIRES_NUMBER_FIELDS:
                     if hires.get(name) is not None and not isinstance(hires[name], bool):
                         state[f"hires-{name}"] = str(hires[name])
-                if hires.get("upscaler") in UPSCALERS:
+                if hires.get("upscaler") in (*UPSCALERS, *getattr(self, "upscaler_names", ())):
                     state["hires-upscaler"] = hires["upscaler"]
             elif hires is None:
                 state["hires-enabled"] = False
@@ -1006,7 +1019,8 @@ class GenerateScreen(MainScreen):
             return
         current = self.form_values()
         fill = form_fill(request, models=[str(m.name) for m in self.models], vaes=self.vae_names,
-                         current_model=current.get("model"), current_vae=current.get("vae"))
+                         current_model=current.get("model"), current_vae=current.get("vae"),
+                         upscalers=getattr(self, "upscaler_names", ()))
         self.set_form_values(fill.values)
         self.app.settings.update(self.form_values())
         self.app.notify(f"Filled from {source}: " + "; ".join(fill.filled), markup=False, timeout=10)

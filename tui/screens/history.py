@@ -65,7 +65,7 @@ def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     inpainting = ("mask", "mask_blur", "inpaint_area", "only_masked_padding", "masked_content", "invert_mask",
                   "outpaint") if request.is_inpaint else ()
     for name in ("model", "sampler", "schedule", "steps", "cfg", "seed", "width", "height", "batch_size",
-                 "batch_count", "clip_skip", "vae", "denoise", "init_image", *inpainting, "hires"):
+                 "batch_count", "clip_skip", "vae", "denoise", "init_image", *inpainting, "hires", "upscale"):
         value = data.get(name)
         if value is None:
             continue
@@ -104,6 +104,7 @@ class HistoryScreen(MainScreen):
         Binding("c", "copy_prompt", "Copy prompt"),
         Binding("s", "copy_seed", "Copy seed"),
         Binding("o", "show_path", "Path"),
+        Binding("u", "upscale", "Upscale"),
         Binding("x,delete", "delete", "Delete"),
     ]
     DEFAULT_CSS = """
@@ -340,6 +341,56 @@ class HistoryScreen(MainScreen):
             return
         self.app.switch_mode("generate")
         screen.apply_image_request(request, source, note)
+
+    def action_upscale(self) -> None:
+        """Upscale this image with an upscaler model (A1111's Extras tab): asks which one (the models in
+        upscale_models / ESRGAN / RealESRGAN), then queues an upscale job that carries the image's parameters."""
+        row = self._with_row()
+        if row is not None:
+            self.list_upscalers(row)
+
+    @work(thread=True, exclusive=True, group="upscalers")
+    def list_upscalers(self, row: Any) -> None:
+        registry = self.app.registry
+        try:
+            names = [m.name for m in registry.upscalers()] if hasattr(registry, "upscalers") else []
+        except Exception as error:  # noqa: BLE001 - an unreadable models folder: said, never raised
+            self.app.call_from_thread(self.app.notify, f"Cannot list the upscalers: {error}", severity="error",
+                                      markup=False)
+            return
+        self.call_from_worker_thread(self._ask_upscaler, row, names)
+
+    def _ask_upscaler(self, row: Any, names: list[str]) -> None:
+        from core.request import Upscale
+        from tui.screens.dialogs import TextPromptScreen
+
+        if not names:
+            self.app.notify("No upscaler models found: put ESRGAN, Real-ESRGAN, SwinIR, DAT or HAT files "
+                            "(.safetensors, .pth) in models/upscale_models or models/ESRGAN", severity="warning",
+                            markup=False)
+            return
+        path = Path(str(field(row, "path", "")))
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        question = f"Upscale {path.name} with which upscaler model?\n({shown})"
+
+        def chosen(answer: str | None) -> None:
+            if not answer:
+                return
+            if answer not in names:
+                try:
+                    self.app.registry.find_upscaler(answer)  # a close match or a path; else says what there is
+                except Exception as error:  # noqa: BLE001 - ModelNotFoundError: its message is the answer
+                    self.app.notify(str(error), severity="error", markup=False)
+                    return
+            try:
+                request = row_request(row).replace(seed=int(field(row, "seed")), batch_size=1, batch_count=1,
+                                                   upscale=Upscale(answer, image=str(path)))
+            except Exception as error:  # noqa: BLE001 - a stored row that is no longer a valid request
+                self.app.notify(f"Cannot upscale this image: {error}", severity="error", markup=False)
+                return
+            self.app.submit(request)
+
+        self.app.push_screen(TextPromptScreen(question, names[0]), chosen)
 
     def action_copy_prompt(self) -> None:
         row = self._with_row()

@@ -106,10 +106,13 @@ def job_parameters(job: Any) -> Text:
             extras.append(f"outpaint left {o.left}, right {o.right}, top {o.top}, bottom {o.bottom}")
     if request.hires is not None:
         hires = request.hires
-        extras.append(f"hires ×{hires.scale:g} {hires.upscaler}, {hires.steps or request.steps} steps, "
+        extras.append(f"hires ×{hires.scale:g} {visible(hires.upscaler)}, {hires.steps or request.steps} steps, "
                       f"denoise {hires.denoise:g}")
     if extras:
         lines.append(" · ".join(extras))
+    if request.upscale is not None:  # an upscale job: nothing above is run, it is the source's record
+        scale = f" ×{request.upscale.scale:g}" if request.upscale.scale else ""
+        lines.insert(0, f"upscale {visible(request.upscale.image)} with {visible(request.upscale.upscaler)}{scale}")
     times = [f"created {_clock(job.created)}"]
     if job.started:
         times.append(f"started {_clock(job.started)}")
