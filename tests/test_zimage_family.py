@@ -1,5 +1,5 @@
 """Z-Image files are recognised by their keys (never by name) and told apart from Flux.1, SD3 and Lumina 2;
-the family is registered, recognised and not runnable yet."""
+the family is registered and runnable, its text encoder and VAE coming from Qwen3-4B and Flux.1 VAE part files."""
 
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ def tiny_shapes(prefix: str = "") -> dict[str, tuple[int, ...]]:
         return shapes_of(ZImageTransformer(ZImageConfig.preset("tiny")), prefix)
 
 
-def test_family_presets_are_the_modules_presets_and_it_is_not_runnable_yet() -> None:
+def test_family_presets_are_the_modules_presets_and_it_is_runnable_from_parts() -> None:
     unet, text_encoder = FAMILY.component("unet"), FAMILY.component("text_encoder")
     for size in ("tiny", "full"):
         assert unet.config_class()(**unet.presets[size]) == ZImageConfig.preset(size)
     assert text_encoder.config_class()(**text_encoder.presets["tiny"]) == Qwen3Config.preset("tiny")
     assert text_encoder.config_class()(**text_encoder.presets["full"]) == Qwen3Config.preset("4b")
     assert FAMILY.latent.scale == 0.3611 and FAMILY.latent.shift == 0.1159 and FAMILY.latent.channels == 16
-    assert not FAMILY.runnable
+    assert FAMILY.runnable
+    assert (text_encoder.part, FAMILY.component("vae").part) == ("qwen3_4b", "flux_vae")
 
 
 def test_split_diffusion_model_file_is_zimage(tmp_path) -> None:
@@ -68,7 +69,8 @@ def test_lumina2_flux_and_sd3_are_not_zimage(tmp_path) -> None:
     assert detect("broken.safetensors", broken, {}).family != "zimage"
 
 
-def test_loading_says_what_the_file_is(tmp_path) -> None:
+def test_loading_the_diffusion_model_alone_names_the_parts_it_needs(tmp_path) -> None:
     path = write_random_zimage(tmp_path / "z_image_turbo_bf16.safetensors", "tiny")
-    with pytest.raises(CheckpointError, match=r"a Z-Image checkpoint \(transformer only\); Z-Image support is not"):
+    with pytest.raises(CheckpointError, match=r"only the Z-Image diffusion model; its text encoder must come from a "
+                       "separate file"):
         load_checkpoint(path)

@@ -120,6 +120,7 @@ PARTS: dict[str, PartKind] = {
 # GGUF ``general.architecture`` values accepted for a family's diffusion model (by family name) or a part kind.
 GGUF_ARCHITECTURES: dict[str, frozenset[str]] = {
     "flux": frozenset({"flux"}),
+    "zimage": frozenset({"lumina2"}),  # ComfyUI-GGUF files Z-Image under Lumina 2, its NextDiT lineage
     "t5xxl": frozenset({"t5", "t5encoder"}),
     "qwen3_4b": frozenset({"qwen3"}),
     "qwen3_8b": frozenset({"qwen3"}),
