@@ -33,6 +33,9 @@ KEYS: dict[str, dict[str, tuple[int, ...]]] = {
              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (0,),
              "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (0,),
              "vae.decoder.conv_in.weight": (0, 16, 3, 3)},
+    # ComfyUI's split diffusion model z_image_turbo_bf16.safetensors (no prefix)
+    "zimage": {"cap_embedder.1.weight": (0, 2560), "layers.0.adaLN_modulation.0.weight": (0, 256),
+               "x_embedder.weight": (0, 64)},
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},
 }
 

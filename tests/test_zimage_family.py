@@ -74,3 +74,36 @@ def test_loading_the_diffusion_model_alone_names_the_parts_it_needs(tmp_path) ->
     with pytest.raises(CheckpointError, match=r"only the Z-Image diffusion model; its text encoder must come from a "
                        "separate file"):
         load_checkpoint(path)
+
+
+def test_previews_are_flux1s(tmp_path) -> None:
+    """Z-Image's latents are Flux.1's (its ae.safetensors): the latent2rgb preview is Flux.1's table, and TAEF1
+    (ComfyUI's models/vae_approx/taef1_decoder) decodes its previews."""
+    from core.models.latent_formats import latent_to_rgb
+    from core.models.previews import find_preview_decoder
+
+    x0 = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(latent_to_rgb(x0, "zimage"), latent_to_rgb(x0, "flux"))
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    (folder / "taef1_decoder.pth").write_bytes(b"")
+    (folder / "taesd_decoder.pth").write_bytes(b"")
+    assert find_preview_decoder([tmp_path], "zimage") == folder / "taef1_decoder.pth"
+
+
+def test_the_memory_estimate_holds_for_the_dit() -> None:
+    """The calibrated constant (bench/bench_memory.py) bounds a forward at a width and size it did not see, with
+    the 512 caption tokens the estimate allows for, batch 2 (a CFG call)."""
+    import dataclasses
+
+    from core.accel import memory
+    from core.accel.memory import LiveTensorBytes
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ZImageConfig.preset("tiny"), dim=128, n_heads=2, ffn_dim=341, axes_dims=(16, 24, 24))
+    net = ZImageTransformer(cfg).eval()
+    x, caps = torch.randn(2, 16, 12, 12), [torch.randn(512, cfg.cap_feat_dim) for _ in range(2)]
+    with torch.inference_mode(), LiveTensorBytes() as meter:
+        net(x, torch.full((2,), 0.5), caps)
+    estimate = memory.denoiser_activations(net, "zimage", (12, 12), 2, 4)
+    assert meter.peak <= estimate <= 1.15 * meter.peak

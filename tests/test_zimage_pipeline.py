@@ -180,6 +180,7 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
     assert "Qwen3-4B-Q8_0.gguf" in said  # for the GGUF DiT: the GGUF text encoder
     info = Image.open(turbo).text["parameters"]
     assert "qwen_3_4b.safetensors" in info and "Steps: 8" in info and "CFG scale: 1" in info, info
+    assert "Shift: 3" in info and "Distilled CFG Scale" not in info  # Forge Neo's key for the flow shift
     assert set(infotext_to_request(info).text_encoders) == {"qwen_3_4b.safetensors"}
 
     pipe = reference_pipeline(models_dir)
