@@ -2,7 +2,7 @@
 VAE in their own folders, parts auto-picked) against diffusers' ``ZImagePipeline`` built from the same weights (same
 seed, steps and noise; Turbo's defaults and Base's CFG with a negative prompt), the all-in-one checkpoint giving the
 split set's image bit for bit, and a GGUF DiT (architecture ``lumina2``) with a GGUF Qwen3 (llama.cpp names)
-staying close to it. Plus the shift-3 sigmas against the shipped scheduler config and the conditioner's ragged
+and an fp8 DiT staying close to it. Plus the shift-3 sigmas against the shipped scheduler config and the conditioner's ragged
 caption lengths through CFG."""
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def models_dir(tmp_path_factory) -> Path:
     # the DiT as ComfyUI-GGUF writes it (architecture lumina2, ComfyUI names) and Qwen3 as llama.cpp does
     dit = {k: v.float() for k, v in load_file(files["model"]).items()}
     testing.write_random_gguf(root / "models" / "unet" / "z_image_turbo-Q8_0.gguf", dit, _q8(dit), arch="lumina2")
+    # and as ComfyUI's fp8 repackage (matrices float8_e4m3fn, norms and biases bf16)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in load_file(files["model"]).items()}
+    save_tensors(fp8, root / "models" / "diffusion_models" / "z_image_turbo_fp8_e4m3fn.safetensors")
     qwen = {}
     for key, value in load_file(files["qwen3_4b"]).items():
         name = key
@@ -156,7 +159,7 @@ def test_turbo_defaults_and_the_presets():
 
 def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path, monkeypatch):
     """One ``darkroom --batch``: Turbo's defaults on the split set (steps and cfg left out: 8, 1), the z-image-base
-    preset (CFG 6 and a negative prompt, 3 steps here, not square), the all-in-one file, and the GGUF pair."""
+    preset (CFG 6 and a negative prompt, 3 steps here, not square), the all-in-one file, the GGUF pair, fp8."""
     job = {"prompt": PROMPT, "seed": 11, "width": 64, "height": 64}
     jobs = [
         {"model": "z_image_turbo_bf16", **job},
@@ -164,6 +167,7 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
          "steps": 3, "seed": 12, "width": 80, "height": 64},
         {"model": "z_image_turbo_aio", **job},
         {"model": "z_image_turbo-Q8_0", **job},
+        {"model": "z_image_turbo_fp8_e4m3fn", **job, "text_encoders": ["qwen_3_4b.safetensors"]},
     ]
     job_file = tmp_path / "jobs.jsonl"
     job_file.write_text("\n".join(json.dumps(j) for j in jobs))
@@ -173,7 +177,7 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
     code = run_batch(str(job_file), models_dirs=[models_dir], output_dir=tmp_path / "out",
                      db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
     assert code == 0, err.getvalue()
-    turbo, base, aio, gguf = (Path(line) for line in out.getvalue().splitlines())
+    turbo, base, aio, gguf, fp8 = (Path(line) for line in out.getvalue().splitlines())
 
     said = err.getvalue()
     assert "qwen_3_4b.safetensors" in said and "ae.safetensors" in said, said  # auto-picked, said
@@ -199,6 +203,9 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
     assert Image.open(aio).convert("RGB").tobytes() == a.tobytes()  # the same weights, from three files or one
     value = psnr(Image.open(gguf).convert("RGB"), a)
     print(f"Z-Image Q8_0 DiT + Q8_0 Qwen3 vs bf16: {value:.1f} dB")
+    assert value >= 30
+    value = psnr(Image.open(fp8).convert("RGB"), a)
+    print(f"Z-Image fp8 DiT vs bf16: {value:.1f} dB")
     assert value >= 30
 
 
