@@ -100,7 +100,7 @@ def test_the_memory_estimate_holds_for_the_dit() -> None:
     from core.accel.memory import LiveTensorBytes
 
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ZImageConfig.preset("tiny"), dim=128, n_heads=2, ffn_dim=341, axes_dims=(16, 24, 24))
+    cfg = dataclasses.replace(ZImageConfig.preset("tiny"), n_heads=2, axes_dims=(8, 12, 12))
     net = ZImageTransformer(cfg).eval()
     x, caps = torch.randn(2, 16, 12, 12), [torch.randn(512, cfg.cap_feat_dim) for _ in range(2)]
     with torch.inference_mode(), LiveTensorBytes() as meter:
