@@ -209,13 +209,19 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
     assert value >= 30
 
 
-def test_cfg_batches_captions_of_different_lengths(models_dir):
+@pytest.fixture(scope="module")
+def aio(models_dir):
+    from core.pipeline import load_model
+
+    return load_model(models_dir / "checkpoints" / "z_image_turbo_aio.safetensors", compute_hash=False)
+
+
+def test_cfg_batches_captions_of_different_lengths(aio):
     """The prompt and the negative prompt have their own lengths; one [cond; uncond] call gives each image what
     it gets alone (the padding to 512 is cut off before the DiT)."""
     from core.models.conditioning import Conditioning
-    from core.pipeline import load_model
 
-    model = load_model(models_dir / "checkpoints" / "z_image_turbo_aio.safetensors", compute_hash=False)
+    model = aio
     cond = model.conditioner.encode(PROMPT, EncoderSettings())
     uncond = model.conditioner.encode("", EncoderSettings())
     assert cond.context.shape == (1, 512, 32) and int(cond.extras["cap_lens"]) > int(uncond.extras["cap_lens"])
@@ -228,3 +234,22 @@ def test_cfg_batches_captions_of_different_lengths(models_dir):
         alone = [denoiser(x[i : i + 1], sigma[:1], **c.model_kwargs()) for i, c in enumerate((cond, uncond))]
     assert torch.allclose(both, torch.cat(alone), atol=1e-5)
     assert not torch.allclose(alone[0], denoiser(x[:1], sigma[:1], **uncond.model_kwargs()), atol=1e-3)
+
+
+def test_qwen3_leaves_the_gpu_after_encoding_and_a_repeated_prompt_is_free(aio, monkeypatch):
+    """The memory policy for a 4B text encoder: on the device only while encoding, back on the CPU afterwards (a
+    simulated GPU), and not run at all for a prompt the cache has."""
+    from core.pipeline import PromptCache
+    from tests.test_flux_pipeline import _cpu_only
+
+    model = aio
+    conditioner = model.conditioner
+    moves: list[str] = []
+    monkeypatch.setattr(conditioner, "device", torch.device("cuda"))
+    monkeypatch.setattr(conditioner.qwen, "to", lambda *a, **k: moves.append(str(a[0])) or conditioner.qwen)
+    monkeypatch.setattr(torch.Tensor, "to", _cpu_only(torch.Tensor.to))
+    cache, runs = PromptCache(), conditioner.runs
+    cache.encode(model, "a quiet harbour", EncoderSettings())
+    assert moves == ["cuda", "cpu"]
+    cache.encode(model, "a quiet harbour", EncoderSettings())
+    assert conditioner.runs == runs + 1 and cache.hits == 1 and moves == ["cuda", "cpu"]
