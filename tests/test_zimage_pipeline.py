@@ -253,3 +253,17 @@ def test_qwen3_leaves_the_gpu_after_encoding_and_a_repeated_prompt_is_free(aio, 
     assert moves == ["cuda", "cpu"]
     cache.encode(model, "a quiet harbour", EncoderSettings())
     assert conditioner.runs == runs + 1 and cache.hits == 1 and moves == ["cuda", "cpu"]
+
+
+def test_a_qwen3_file_with_its_lm_head_is_the_same_text_encoder(aio, models_dir, tmp_path):
+    """A Qwen3ForCausalLM export that kept ``lm_head.weight`` (logits, which no encoder uses) loads as the same
+    text encoder: the prompt's features are those of ComfyUI's file without it."""
+    from core.pipeline import load_model
+
+    qwen = load_file(models_dir / "text_encoders" / "qwen_3_4b.safetensors")
+    qwen["lm_head.weight"] = qwen["model.embed_tokens.weight"].clone()
+    path = save_tensors(qwen, tmp_path / "Qwen3-4B-causal-lm.safetensors")
+    model = load_model(models_dir / "diffusion_models" / "z_image_turbo_bf16.safetensors", compute_hash=False,
+                       parts={"text_encoder": path, "vae": models_dir / "vae" / "ae.safetensors"})
+    got, want = (m.conditioner.encode(PROMPT, EncoderSettings()) for m in (model, aio))
+    assert torch.equal(got.context, want.context) and torch.equal(got.extras["cap_lens"], want.extras["cap_lens"])
