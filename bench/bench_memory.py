@@ -81,6 +81,20 @@ def flux_ratios() -> list[float]:
     return ratios
 
 
+def zimage_ratios() -> list[float]:
+    from core.models.zimage import ZImageConfig, ZImageTransformer
+
+    cfg = dataclasses.replace(ZImageConfig(), dim=256, n_heads=2, ffn_dim=int(256 / 3 * 8), n_layers=2,
+                              n_refiner_layers=1, cap_feat_dim=64)
+    net = ZImageTransformer(cfg).eval()
+    ratios = []
+    for hw, b, txt in ((16, 1, 32), (32, 1, 32), (16, 2, 32)):
+        x, caps = torch.randn(b, 16, hw, hw), [torch.randn(txt, 64) for _ in range(b)]
+        tokens = (hw // 2) * (hw // 2) + txt
+        ratios.append(peak(lambda: net(x, torch.full((b,), 0.5), caps)) / (b * cfg.dim * tokens * 4))  # noqa: B023
+    return ratios
+
+
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -92,6 +106,7 @@ def main() -> None:
         ("vae_decode", vae_ratios("vae_decode")),
         ("vae_encode", vae_ratios("vae_encode")),
         ("flux", flux_ratios()),
+        ("zimage", zimage_ratios()),
     ]
     print("stage        measured peak / scale (3 sizes/batches)   spread   constant in core.accel.memory")
     for name, ratios in rows:

@@ -29,7 +29,7 @@ from core.errors import DarkroomError, RequestError
 from core.lora.tags import strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
-from core.models.family import DiscreteSampling, ModelFamily, resolve
+from core.models.family import DiscreteSampling, FlowSampling, ModelFamily, resolve
 from core.models.previews import PreviewDecoders
 from core.models.prompt_schedule import ConditioningSchedule, prompt_schedule, schedule_steps, split_and
 from core.request import GenerationRequest, sampler_problem
@@ -289,6 +289,17 @@ def on_device(model: LoadedModel | None, *roles: str) -> Iterator[None]:
         return
     with placement.use(placement_key(model), roles):
         yield
+
+
+def static_shift(model: LoadedModel) -> float | None:
+    """The static sigma shift a flow model samples with (Z-Image 3.0), or None (no shift, a dynamic one, DDPM)."""
+    sampling = model.spec.sampling
+    if not isinstance(sampling, FlowSampling):
+        return None
+    variant = getattr(model.checkpoint.info, "variant", "")
+    if sampling.dynamic_shift is not None and variant not in sampling.static_variants:
+        return None
+    return sampling.shift if sampling.shift != 1.0 else None
 
 
 def release_text_encoders(*models: LoadedModel | None) -> None:
@@ -999,6 +1010,9 @@ class PipelineRunner:
         guidance = model.guidance_for(request.guidance)
         if guidance is not None:  # Forge's key; recorded when the model used it, default or not
             lora_extra = {"Distilled CFG Scale": guidance, **lora_extra}
+        shift = static_shift(model)
+        if shift is not None:  # Forge Neo's key for a flow model's sigma shift (Z-Image: 3)
+            lora_extra = {"Shift": shift, **lora_extra}
         timings = {
             "load": loaded - started,
             "first_step": first_step[0] if first_step else 0.0,

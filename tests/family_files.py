@@ -38,6 +38,9 @@ KEYS: dict[str, dict[str, tuple[int, ...]]] = {
               U + "time_in.in_layer.weight": (0, 256), U + "final_layer.linear.weight": (128, 0),
               "text_encoders.qwen3_4b.transformer.model.embed_tokens.weight": (0, 2560),
               "vae.decoder.conv_in.weight": (0, 32, 3, 3), "vae.bn.running_mean": (0,)},
+    # ComfyUI's split diffusion model z_image_turbo_bf16.safetensors (no prefix)
+    "zimage": {"cap_embedder.1.weight": (0, 2560), "layers.0.adaLN_modulation.0.weight": (0, 256),
+               "x_embedder.weight": (0, 64)},
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},
 }
 

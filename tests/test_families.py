@@ -27,7 +27,7 @@ def _ids(fams: list[ModelFamily]) -> list[str]:
 
 def test_registry_lists_every_known_family_in_order():
     assert list(families.FAMILIES) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux", "flux2", "sd3", "zimage"]
-    assert _ids(RUNNABLE) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux", "flux2"]
+    assert _ids(RUNNABLE) == ["sd15", "sd2", "sdxl", "sdxl_refiner", "flux", "flux2", "zimage"]
     with pytest.raises(RequestError, match="sd15, sd2"):
         families.get_family("sd9")
 

@@ -26,7 +26,8 @@ SDXL_BUILTINS = {"sdxl-balanced", "sdxl-fast-ays", "sdxl-fast-fbcache", "sdxl-hi
                  "sdxl-lightning-4step"}
 FLUX_BUILTINS = {"flux-dev", "flux-schnell"}
 FLUX2_BUILTINS = {"flux2-klein", "flux2-klein-base"}
-BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS | FLUX_BUILTINS | FLUX2_BUILTINS
+ZIMAGE_BUILTINS = {"z-image-turbo", "z-image-base"}
+BUILTINS = SD15_BUILTINS | SD2_BUILTINS | SDXL_BUILTINS | FLUX_BUILTINS | FLUX2_BUILTINS | ZIMAGE_BUILTINS
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,9 @@ def test_builtins_ship_as_package_data_and_load():
     assert problems == []
     found = by_name(presets)
     assert set(found) == BUILTINS
-    assert all(p.builtin and p.family == p.name.split("-")[0] and p.description for p in presets)
+    # named after the family (Z-Image's as its users write it: z-image-turbo)
+    assert all(p.builtin and p.family == p.name.replace("z-image", "zimage").split("-")[0] and p.description
+               for p in presets)
     for name, size in (("sd2-balanced", 768), ("sd2-base-balanced", 512)):  # 768-v and 512-base models
         assert found[name].fields | {"width": size, "height": size} == found["sd15-balanced"].fields | {
             "width": size, "height": size}
@@ -100,7 +103,7 @@ def test_bad_preset_files_are_reported_and_others_still_load(user_dir):
     assert "not valid TOML" in by_file[str(user_dir / "broken.toml")]
     assert "unknown key 'stepz'" in by_file[str(user_dir / "unknown.toml")]
     assert "'steps' = 500 is invalid: an integer from 1 to 150" in by_file[str(user_dir / "range.toml")]
-    assert "'family' must be one of sd15, sd2, sdxl, flux, flux2, got 'sd3'" in by_file[str(user_dir / "family.toml")]
+    assert "'family' must be one of sd15, sd2, sdxl, flux, flux2, zimage, got 'sd3'" in by_file[str(user_dir / "family.toml")]
     assert "key 'hires' must be a table" in by_file[str(user_dir / "hires.toml")]
     assert "unknown key 'hires.strength'" in by_file[str(user_dir / "hires-key.toml")]
     assert "already used by a built-in preset" in by_file[str(user_dir / "shadow.toml")]

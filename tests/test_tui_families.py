@@ -277,3 +277,21 @@ async def test_a_first_start_takes_the_first_models_family_size_and_shows_the_wh
         await wait_for(pilot, lambda: screen._models_loaded, timeout=30)
         await pilot.pause()
         assert size(screen) == ("768", "1344")
+
+
+async def test_zimage_is_named_takes_turbos_defaults_and_its_presets(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "checkpoints" / "base15.safetensors", "sd15")
+    write_header_only(folder / "diffusion_models" / "z_image_turbo_bf16.safetensors", "zimage", dtype="BF16")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]), start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await ready(pilot, app)
+        await wait_for(pilot, lambda: screen._advanced_mounted, timeout=30)
+        assert "z_image_turbo_bf16  Z-Image bf16" in options(screen, "#model")
+        screen.query_one("#model", Select).value = "z_image_turbo_bf16"
+        await pilot.pause()
+        assert app.model_families["z_image_turbo_bf16"] == "Z-Image"
+        assert (screen.query_one("#cfg", Input).value, screen.query_one("#steps", Input).value) == ("1.0", "8")
+        assert not screen.query_one("#clip-row").display and not screen.query_one("#guidance-row").display
+        assert sorted(options(screen, "#preset-picker")) == ["z-image-base", "z-image-turbo"]
+        assert size(screen) == ("1024", "1024")

@@ -171,6 +171,7 @@ _ACTIVATION = {
     "unet:sdxl_refiner": 17.0,
     "unet:default": 28.0,
     "flux": 23.5,  # x hidden x (image + text tokens): the single blocks' fused qkv + MLP projection
+    "zimage": 15.0,  # x dim x (image + caption tokens): 14.3 measured; the SwiGLU's two 8/3-wide halves
     "vae_decode": 6.5,  # x decoder top width (ch * ch_mult[0]) x image H*W: two full-size maps + the upsample
     "vae_encode": 5.5,
     "text": 40.0,  # x hidden x tokens (77 per chunk): small next to the weights (not measured)
@@ -191,6 +192,9 @@ def denoiser_activations(
     h, w = latent_hw
     if hasattr(cfg, "model_channels"):  # a UNet
         return int(_activation("unet", family) * batch * cfg.model_channels * h * w * element)
+    if hasattr(cfg, "cap_feat_dim"):  # Z-Image: 2x2 patches and up to 512 caption tokens, each padded to 32
+        tokens = -(-(h // 2) * (w // 2) // 32) * 32 + 512
+        return int(_activation("zimage") * batch * cfg.dim * tokens * element)
     if hasattr(cfg, "hidden_size"):  # a DiT (Flux: 2x2 patches; FLUX.2's latent is one token per cell)
         from core.models.families import FAMILIES
 

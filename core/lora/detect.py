@@ -3,7 +3,8 @@
 A LoRA patches layers of one family's networks; applied to another it either matches nothing or fails on a
 shape. The markers (shared/reference lora.md §3, families-2026.md): Flux transformers' ``double_blocks`` /
 ``single_blocks`` (BFL names) or ``single_transformer_blocks`` (diffusers names); SDXL's two text encoders
-(``lora_te1_``/``lora_te2_``, ``text_encoder_2.``); otherwise the width of the text context the UNet's
+(``lora_te1_``/``lora_te2_``, ``text_encoder_2.``); Z-Image's numbered ``layers`` / ``noise_refiner`` /
+``context_refiner`` blocks with ``attention`` / ``feed_forward`` / ``adaLN_modulation`` (kohya or dotted); otherwise the width of the text context the UNet's
 cross-attention reads, the input width of an ``attn2`` key/value projection: 768 SD1.x, 1024 SD2.x, 2048 SDXL.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from core.lora import LoraError
 
 CONTEXT_FAMILIES = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+_ZIMAGE = re.compile(r"(?:^|[._])(?:layers|noise_refiner|context_refiner)[._]\d+[._](?:attention|feed_forward|adaLN_modulation)")
 _ATTN2_KV = re.compile(r"attn2[._]to_[kv](?:[._]|$)")
 # the factor whose second dimension is the layer's input width, per format
 _INPUT_FACTORS = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".down.weight", ".hada_w1_b")
@@ -26,6 +28,9 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str | None, str]
     for key in keys:
         if "double_blocks" in key or "single_blocks" in key or "single_transformer_blocks" in key:
             return _flux_generation(shapes, key)
+    for key in keys:
+        if _ZIMAGE.search(key):
+            return "zimage", f"Z-Image transformer key {key!r}"
     for key in keys:
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
             return "sdxl", f"two text encoders ({key!r})"

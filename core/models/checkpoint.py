@@ -429,6 +429,13 @@ def _load_component(
 
         # the tied copy encoder.embed_tokens some exports keep, decoder.* of encoder-decoder files
         rel_to_key = {ours: rel_to_key[theirs] for ours, theirs in t5_key_map(rel_to_key).items()}
+    if component.network.endswith(":Qwen3"):
+        from core.models.qwen3 import qwen3_key_map
+
+        # with or without the model. prefix (Qwen3ForCausalLM / Qwen3Model), lm_head (logits) left out
+        rel_to_key = {ours: rel_to_key[theirs] for ours, theirs in qwen3_key_map(rel_to_key).items()}
+    if component.network.endswith(":ZImageTransformer"):
+        rel_to_key.pop("norm_final.weight", None)  # unused by Z-Image, kept by some Lumina-derived exports
     # fp8 scales and markers are consumed with their weights (quant.assign_weights), not network keys
     aux = {r: k for r, k in rel_to_key.items() if is_quant_aux_key(r)}
     rel_to_key = {r: k for r, k in rel_to_key.items() if r not in aux}

@@ -138,7 +138,7 @@ def detect(
     if any(k.startswith(("text_model.encoder.layers.", "encoder.block.0.layer.0.", "model.layers.0.self_attn."))
            for k in keys) or any(
         k.startswith(("transformer.resblocks.", "model.transformer.resblocks.")) for k in keys
-    ):
+    ) or "model.embed_tokens.weight" in shapes:  # a decoder LM used as a text encoder (Qwen3: Z-Image, FLUX.2)
         return info("text_encoder", "base", {}, prediction=None)
     return info("unknown", "base", {}, prediction=None)
 

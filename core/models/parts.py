@@ -121,6 +121,7 @@ PARTS: dict[str, PartKind] = {
 GGUF_ARCHITECTURES: dict[str, frozenset[str]] = {
     "flux": frozenset({"flux"}),
     "flux2": frozenset({"flux"}),  # city96's converter writes FLUX.2 as "flux" too (told apart by keys)
+    "zimage": frozenset({"lumina2"}),  # ComfyUI-GGUF files Z-Image under Lumina 2, its NextDiT lineage
     "t5xxl": frozenset({"t5", "t5encoder"}),
     "qwen3_4b": frozenset({"qwen3"}),
     "qwen3_8b": frozenset({"qwen3"}),

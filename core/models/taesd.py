@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 # Which published decoder serves which family, and the latent channels it reads.
-TAESD_NAMES: dict[str, str] = {"sd15": "taesd", "sd2": "taesd", "sdxl": "taesdxl", "flux": "taef1", "flux2": "taef2"}
+TAESD_NAMES: dict[str, str] = {"sd15": "taesd", "sd2": "taesd", "sdxl": "taesdxl", "flux": "taef1", "flux2": "taef2",
+                               "zimage": "taef1"}  # Z-Image decodes with Flux.1's VAE: its latents are Flux.1's
 LATENT_CHANNELS: dict[str, int] = {"taesd": 4, "taesdxl": 4, "taef1": 16, "taef2": 32}
 
 _BLOCKS = (3, 4, 5, 8, 9, 10, 13, 14, 15, 18)

@@ -523,6 +523,28 @@ def _fp8_with_scales(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
+def write_random_zimage_split_set(
+    root: str | Path,
+    layout: str = "comfyui",
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    parts: tuple[str, ...] = ("qwen3_4b", "vae"),
+) -> dict[str, Path]:
+    """A Z-Image set as ComfyUI users keep it under ``root/models``: ``z_image_turbo_bf16.safetensors`` (ComfyUI
+    layout, bf16), ``qwen_3_4b.safetensors`` (Hugging Face names, bf16) and Flux.1's ``ae.safetensors``, in
+    ``layout``'s folders (``SPLIT_LAYOUTS``); ``parts`` leaves some out. Returns name -> path ("model",
+    "qwen3_4b", "vae")."""
+    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    out = {"model": write_random_zimage(folders["diffusion_model"] / "z_image_turbo_bf16.safetensors", size, seed)}
+    if "qwen3_4b" in parts:
+        out["qwen3_4b"] = write_random_qwen3(folders["text_encoder"] / "qwen_3_4b.safetensors",
+                                             "tiny" if size == "tiny" else "4b", seed + 1)
+    if "vae" in parts:
+        out["vae"] = _save(random_vae_state_dict("flux", size, seed + 3), folders["vae"] / "ae.safetensors")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- LoRAs
 
 LORA_FORMATS = ("kohya", "kohya_ldm", "peft", "locon", "loha", "lokr")

@@ -361,3 +361,22 @@ class ZImageTransformer(nn.Module):
 
         out = self.final_layer(tokens[:, :n_img], vec)  # [B, h*w, 4C]
         return out.view(b, h, w, PATCH, PATCH, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+
+
+class LatentZImage:
+    """The transformer seen from the sampler: ``(x [B, 16, h, w], sigma [B], context, cap_lens) -> velocity``.
+
+    ``ZImagePipeline`` around ``ZImageTransformer2DModel``: the DiT's timestep is ``1 - sigma`` (0 = pure noise)
+    and its output the negative velocity; each caption is cut back to its real length (``cap_lens``, see
+    ``core.models.zimage_conditioner``), so a [cond; uncond] batch is the reference's ragged list.
+    """
+
+    def __init__(self, network: ZImageTransformer) -> None:
+        self.network = network
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
+        lengths = [int(n) for n in cap_lens.tolist()]
+        if len(lengths) != x.shape[0]:
+            raise ValueError(f"Z-Image got {len(lengths)} caption lengths for {x.shape[0]} latents")
+        captions = [context[i, :n] for i, n in enumerate(lengths)]
+        return (-self.network(x, 1.0 - t, captions)).to(x.dtype)
