@@ -267,3 +267,26 @@ def test_a_qwen3_file_with_its_lm_head_is_the_same_text_encoder(aio, models_dir,
                        parts={"text_encoder": path, "vae": models_dir / "vae" / "ae.safetensors"})
     got, want = (m.conditioner.encode(PROMPT, EncoderSettings()) for m in (model, aio))
     assert torch.equal(got.context, want.context) and torch.equal(got.extras["cap_lens"], want.extras["cap_lens"])
+
+
+def test_a_prompt_past_512_qwen3_tokens_is_said_to_be_cut(caplog):
+    import logging
+
+    from core.models.conditioning import EncoderSettings
+    from core.models.qwen3 import Qwen3, Qwen3Config
+    from core.models.qwen3_conditioner import Qwen3Conditioner
+
+    class Probe(Qwen3Conditioner):
+        template = "zimage"
+
+        def features(self, input_ids, attention_mask):
+            return torch.zeros(1, int(attention_mask.sum()), 4)
+
+    qwen = Qwen3(Qwen3Config.preset("tiny"))
+    conditioner = Probe({"text_encoder": qwen, "unet": torch.nn.Linear(1, 1)})
+    with caplog.at_level(logging.WARNING, logger="core.models.qwen3_conditioner"):
+        conditioner.encode("a red fox", EncoderSettings())
+        assert conditioner.truncated == 0 and not caplog.records
+        conditioner.encode(" ".join(["fox"] * 600), EncoderSettings())
+    assert conditioner.truncated > 0
+    assert "Qwen3 tokens longer than the 512" in caplog.records[-1].getMessage()

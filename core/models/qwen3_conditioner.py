@@ -13,6 +13,7 @@ does. It runs in bf16 or fp32, never fp16 (``core.models.qwen3.compute_dtype``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,8 @@ from core.models import qwen3_tokenizer
 from core.models.conditioning import Conditioning, EncoderSettings
 from core.models.flux_conditioner import plain_prompt
 from core.models.qwen3 import COMPUTE_DTYPES, compute_dtype
+
+log = logging.getLogger(__name__)
 
 
 class Qwen3Conditioner:
@@ -37,9 +40,7 @@ class Qwen3Conditioner:
         if qwen_dtype not in COMPUTE_DTYPES:  # fp16 on a GPU, or packed weights: compute in bf16/fp32
             self.qwen.to(compute_dtype(qwen_dtype))
         self.runs = 0  # Qwen3 forward passes, for tests and stats
-        # tokens cut off the last prompt encoded (the template counts towards 512); the core never prints, so the
-        # job reports it through its warnings
-        self.truncated = 0
+        self.truncated = 0  # tokens cut off the last prompt encoded (the template counts towards the 512)
         self._offload()
 
     def _offload(self) -> None:
@@ -57,6 +58,9 @@ class Qwen3Conditioner:
     def encode(self, text: str, settings: EncoderSettings) -> Conditioning:
         tokens = qwen3_tokenizer.tokenize(plain_prompt(text), self.template, self.max_length)
         self.truncated = tokens.truncated[0]
+        if self.truncated:  # said once per prompt: the prompt cache keeps the encoding
+            log.warning("the prompt is %d Qwen3 tokens longer than the %d this model reads; its end is cut off",
+                        self.truncated, self.max_length)
         with torch.inference_mode():
             self.qwen.to(self.device)
             try:
