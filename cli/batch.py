@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import queue as queue_mod
 import signal
@@ -547,6 +548,22 @@ def _shown(prompt: str, limit: int = 60) -> str:
     return f'"{text}"'
 
 
+class _CoreWarnings(logging.Handler):
+    """What the core logs at WARNING while a job runs (a prompt cut at the text encoder's length, an inpainting
+    mask scaled, a cache that does not apply) as ``darkroom: warning:`` lines among the progress lines; without
+    it Python would print the bare message. Called on the worker thread."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.say(f"darkroom: warning: {record.getMessage()}")
+        except Exception:  # noqa: BLE001 - a closed stream must not fail the job that warned
+            self.handleError(record)
+
+
 class _PlainProgress:
     """One line per event, steps at most once a second: readable in logs and CI."""
 
@@ -555,6 +572,8 @@ class _PlainProgress:
         self.total = total_jobs
         self._last_step = 0.0
         self._last_activity = ""
+        self._warnings = _CoreWarnings(self._say)
+        logging.getLogger("core").addHandler(self._warnings)
 
     def _say(self, text: str) -> None:
         # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
@@ -593,7 +612,7 @@ class _PlainProgress:
         self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
 
     def close(self) -> None:
-        pass
+        logging.getLogger("core").removeHandler(self._warnings)
 
 
 class _RichProgress(_PlainProgress):
@@ -648,6 +667,7 @@ class _RichProgress(_PlainProgress):
         super().skipped(n, count)
 
     def close(self) -> None:
+        super().close()
         self.progress.stop()
 
 

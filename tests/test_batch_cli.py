@@ -403,3 +403,26 @@ def test_a_symlinked_model_given_as_a_relative_path_keeps_its_name(setup):
 
     with Image.open(paths_of(out)[0]) as image:
         assert parse_infotext(image.text["parameters"])["Model"] == "dreamy"  # A1111's Model entry
+
+
+class WarningRunner(RecordingRunner):
+    """Logs a core warning mid-job, with a control character in it, as a pipeline stage would."""
+
+    def before_steps(self, job) -> None:
+        import logging
+
+        logging.getLogger("core.pipeline").warning("the mask was scaled to \x1b[2J%s", "64x64")
+
+
+def test_core_warnings_during_a_job_are_darkroom_warning_lines(tmp_path, monkeypatch):
+    import logging
+
+    run = batch_runner(tmp_path, monkeypatch, WarningRunner)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "a cat"\nsteps = 1\n')
+    code, out, err = run(str(jobs))
+    assert code == 0, err
+    assert "darkroom: warning: the mask was scaled to \\x1b[2J64x64" in err
+    assert "\x1b" not in err
+    # the handler goes with the run: later core warnings are not written into a closed run's stream
+    assert not [h for h in logging.getLogger("core").handlers if type(h).__name__ == "_CoreWarnings"]
