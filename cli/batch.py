@@ -54,7 +54,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import logging
 import os
 import queue as queue_mod
 import signal
@@ -73,7 +72,16 @@ from core.accel.compile_mode import resolve_mode as resolve_compile_mode
 from core.accel.memory_mode import MemoryModeError
 from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
-from core.events import JobCancelled, JobFailed, JobFinished, JobStarted, JobStep, Status, WorkerStopped
+from core.events import (
+    JobCancelled,
+    JobFailed,
+    JobFinished,
+    JobStarted,
+    JobStep,
+    JobWarning,
+    Status,
+    WorkerStopped,
+)
 from core.request import GenerationRequest, mask_warnings, prompt_syntax_warnings, resolve_init_image
 from core.text import visible
 
@@ -548,22 +556,6 @@ def _shown(prompt: str, limit: int = 60) -> str:
     return f'"{text}"'
 
 
-class _CoreWarnings(logging.Handler):
-    """What the core logs at WARNING while a job runs (a prompt cut at the text encoder's length, an inpainting
-    mask scaled, a cache that does not apply) as ``darkroom: warning:`` lines among the progress lines; without
-    it Python would print the bare message. Called on the worker thread."""
-
-    def __init__(self, say: Callable[[str], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.say = say
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.say(f"darkroom: warning: {record.getMessage()}")
-        except Exception:  # noqa: BLE001 - a closed stream must not fail the job that warned
-            self.handleError(record)
-
-
 class _PlainProgress:
     """One line per event, steps at most once a second: readable in logs and CI."""
 
@@ -572,8 +564,6 @@ class _PlainProgress:
         self.total = total_jobs
         self._last_step = 0.0
         self._last_activity = ""
-        self._warnings = _CoreWarnings(self._say)
-        logging.getLogger("core").addHandler(self._warnings)
 
     def _say(self, text: str) -> None:
         # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
@@ -611,8 +601,11 @@ class _PlainProgress:
     def skipped(self, n: int, count: int) -> None:
         self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
 
+    def warning(self, n: int, text: str) -> None:
+        self._say(f"darkroom: warning: job {n}: {text}")
+
     def close(self) -> None:
-        logging.getLogger("core").removeHandler(self._warnings)
+        pass
 
 
 class _RichProgress(_PlainProgress):
@@ -667,7 +660,6 @@ class _RichProgress(_PlainProgress):
         super().skipped(n, count)
 
     def close(self) -> None:
-        super().close()
         self.progress.stop()
 
 
@@ -982,6 +974,8 @@ def run_batch(
                 progress.started(n, event.request)
             elif isinstance(event, JobStep):
                 progress.step(n, event.step, event.total)
+            elif isinstance(event, JobWarning):
+                progress.warning(n, event.text)
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)

@@ -52,6 +52,14 @@ class JobFailed(Event):
 
 
 @dataclass(frozen=True)
+class JobWarning(Event):
+    """Something the running job does differently from what was asked (a prompt cut at the text encoder's
+    length, a mask scaled): the core's ``logging`` warnings from the job's thread, one sentence each."""
+
+    text: str  # may quote user text or file names: shown with control characters made visible, never as markup
+
+
+@dataclass(frozen=True)
 class JobCancelled(Event):
     pass
 

@@ -16,6 +16,7 @@ The running job stays marked running; the next start's crash recovery (``core.re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -24,7 +25,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from core.events import (
     JobQueued,
     JobStarted,
     JobStep,
+    JobWarning,
     Status,
     WorkerStopped,
 )
@@ -118,6 +120,45 @@ def _log_failure(job_id: int, exc: BaseException) -> None:
             f.write(f"--- {_dt.datetime.now().isoformat(timespec='seconds')} job {job_id}\n{text}\n")
     except OSError:
         log.exception("job %s failed and the failure log could not be written", job_id)
+
+
+class _JobWarnings(logging.Handler):
+    """The core's warnings logged on the job's own thread, as ``JobWarning`` events for the front ends (which
+    show them as they show any job text); other threads' records and other levels are not the job's."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.emit_text = emit
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno == logging.WARNING and record.thread == self.thread
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filter(record):
+            return super().handle(record)
+        # not the job's: where it went without this handler (Python's last resort, when nothing is configured)
+        last = logging.lastResort
+        if last is not None and not logging.getLogger().handlers and record.levelno >= last.level:
+            last.handle(record)
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.emit_text(record.getMessage())
+        except Exception:  # noqa: BLE001 - a subscriber's failure is logged by _emit; never fail the job for it
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _job_warnings(emit: Callable[[str], None]) -> Iterator[None]:
+    handler = _JobWarnings(emit)
+    core = logging.getLogger("core")
+    core.addHandler(handler)
+    try:
+        yield
+    finally:
+        core.removeHandler(handler)
 
 
 class Worker:
@@ -420,7 +461,8 @@ class Worker:
             runner = self._get_runner()
             ctx.check_cancelled()
             self._set_activity("generating")
-            images = runner.run(job, ctx)
+            with _job_warnings(lambda text: self._emit(JobWarning(job.id, text))):
+                images = runner.run(job, ctx)
             self._set_activity("saving")
             paths, seeds = self._save(job, images)
             self.store.finish(job.id)

@@ -159,6 +159,26 @@ async def test_failed_job_is_a_notification_and_app_keeps_running(tmp_path):
         assert app.is_running
 
 
+class WarningRunner(FakeRunner):
+    def run(self, job, ctx):
+        import logging
+
+        logging.getLogger("core.pipeline").warning("the mask [b]was[/b] scaled \x1b]0;owned\x07")
+        return super().run(job, ctx)
+
+
+async def test_a_job_warning_is_a_notification_shown_literally(tmp_path):
+    app = make_app(tmp_path, WarningRunner())
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "1"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: any(n.severity == "warning" for n in app._notifications))
+        (note,) = [n for n in app._notifications if n.severity == "warning"]
+        assert note.message.startswith("Job #1: the mask [b]was[/b] scaled \\x1b]0;owned")
+        assert "\x1b" not in note.message and "\x07" not in note.message and not note.markup
+
+
 async def test_markup_in_prompt_is_shown_literally(tmp_path):
     prompt = "[red]x[/red] (a:1.2) [b]"
     app = make_app(tmp_path)

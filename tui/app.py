@@ -34,6 +34,7 @@ from core.events import (
     JobQueued,
     JobStarted,
     JobStep,
+    JobWarning,
     Status,
     WorkerStopped,
 )
@@ -438,6 +439,9 @@ class DarkroomApp(App[int]):
             elif isinstance(event, JobFailed):
                 self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False,
                             timeout=8)
+        elif isinstance(event, JobWarning):
+            # the text can quote a prompt or a file name: notify shows control characters, and no markup here
+            self.notify(f"Job #{event.job_id}: {event.text}", severity="warning", markup=False, timeout=6)
         elif isinstance(event, JobQueued):
             pass
         screen = self.get_generate_screen()
