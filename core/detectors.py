@@ -98,6 +98,16 @@ def detector_problem(name: str, registry: Any = None) -> str | None:
     return None
 
 
+def request_problems(request: Any, registry: Any = None) -> list[str]:
+    """``detector_problem`` for each of a request's ``detailer`` entries, naming the entry."""
+    out = []
+    for index, entry in enumerate(getattr(request, "detailer", ())):
+        problem = detector_problem(entry.model, registry)
+        if problem is not None:
+            out.append(f"detailer[{index}].model: {problem}")
+    return out
+
+
 def load_detector(name: str, registry: Any = None) -> Detector:
     """The detector ``name`` (see the module's docstring), or a ``DetectorError`` saying what is missing."""
     if name in _REGISTERED:

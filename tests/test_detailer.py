@@ -1,0 +1,236 @@
+"""The face/detail pass (core/detailer.py, core/detectors.py, core/detailer_args.py), with a simulated detector
+(neither mediapipe nor ultralytics is installed here): only the detected regions change, each region is exactly
+the inpainting job run by hand on the first-pass image with that mask, the confidence threshold and mask steps,
+the missing-package messages, field validation, the ADetailer infotext keys and ``--batch`` end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core import detectors, inpaint
+from core.detailer import dilate_erode, region_masks, region_prompts, select, shift
+from core.detailer_args import Detailer
+from core.detectors import Detection, DetectorError, detector_problem, load_detector
+from core.errors import RequestError
+from core.metadata import format_infotext, infotext_to_request, read_request
+from core.models.registry import ModelRegistry
+from core.models.testing import write_random_checkpoint
+from core.pipeline import generate, load_model
+from core.request import GenerationRequest
+from tests.reference import torch_threads
+
+PROMPT, NEGATIVE = "a portrait of a woman in a garden", "blurry"
+FACE = (8.0, 8.0, 23.0, 23.0)  # above the threshold below
+FAINT = (40.0, 36.0, 55.0, 51.0)  # score 0.2: filtered out at confidence 0.5
+HAND = (36.0, 6.0, 51.0, 21.0)
+
+
+def simulated(image: Image.Image, confidence: float) -> list[Detection]:
+    return [Detection(FACE, 0.9), Detection(FAINT, 0.2)]
+
+
+def two_hands(image: Image.Image, confidence: float) -> list[Detection]:
+    return [Detection(HAND, 0.8), Detection(FAINT, 0.7)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def simulated_detectors():
+    detectors.register("sim_face", lambda: simulated)
+    detectors.register("sim_hands", lambda: two_hands)
+    with torch_threads(1):
+        yield
+    detectors.unregister("sim_face")
+    detectors.unregister("sim_hands")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("detailer")
+    models = root / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    ckpt = write_random_checkpoint(models / "checkpoints" / "tiny-sd15.safetensors", "sd15", "tiny", seed=4)
+    return {"root": root, "models": models, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return load_model(files["ckpt"], compute_hash=False)
+
+
+def base(**changes) -> GenerationRequest:
+    fields = dict(model="tiny-sd15", prompt=PROMPT, negative_prompt=NEGATIVE, steps=2, cfg=7.0, seed=5, width=64,
+                  height=64)
+    return GenerationRequest(**{**fields, **changes})
+
+
+FACE_PASS = {"model": "sim_face", "confidence": 0.5, "denoise": 0.6, "mask_blur": 4, "dilate_erode": 4}
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    first = generate(model, base())[0][0]
+    steps: list[tuple[int, int]] = []
+    detailed = generate(model, base(detailer=[FACE_PASS]), on_step=lambda s, t, x: steps.append((s, t)))[0][0]
+    return first, detailed, steps
+
+
+def test_the_pass_changes_only_the_detected_region(runs):
+    first, detailed, steps = runs
+    [mask] = region_masks(simulated(first, 0.5), Detailer(**FACE_PASS), first.size)
+    # the box (corners included) dilated by a 4 px square anchored at its centre: one px before, two after
+    assert inpaint.mask_bbox(inpaint.to_tensor(mask)) == (7, 7, 26, 26)
+    blurred = inpaint.gaussian_blur(inpaint.to_tensor(mask), 4.0)[0, 0]
+    a = inpaint.to_tensor(first)[0]
+    b = inpaint.to_tensor(detailed)[0]
+    outside = blurred == 0
+    assert bool(outside.any()) and torch.equal(a[:, outside], b[:, outside])  # the first pass's pixels
+    inside = inpaint.to_tensor(mask)[0, 0] > 0
+    assert (a[:, inside] - b[:, inside]).abs().max() > 0.05  # repainted
+    # the faint box (score 0.2 < 0.5) was not touched at all
+    assert torch.equal(a[:, 36:52, 40:56], b[:, 36:52, 40:56])
+    # the region's steps follow the first pass's: 2 + 2 (previews allowed, one image out)
+    assert [s for s, _ in steps] == [1, 2, 3, 4] and steps[-1][1] == 4
+
+
+def test_the_region_is_the_inpainting_job_run_by_hand(runs, model, tmp_path):
+    first, detailed, _ = runs
+    [mask] = region_masks(simulated(first, 0.5), Detailer(**FACE_PASS), first.size)
+    first.save(tmp_path / "first.png")
+    mask.save(tmp_path / "mask.png")
+    by_hand = base(init_image=str(tmp_path / "first.png"), mask=str(tmp_path / "mask.png"), denoise=0.6,
+                   mask_blur=4, inpaint_area="only_masked", only_masked_padding=32)
+    assert generate(model, by_hand)[0][0].tobytes() == detailed.tobytes()
+
+
+def test_regions_run_one_after_another_with_their_own_prompts_and_seeds(model, runs, tmp_path):
+    first = runs[0]
+    entry = {"model": "sim_hands", "prompt": "a left hand [SEP] [PROMPT], detailed", "denoise": 0.5,
+             "mask_blur": 2, "dilate_erode": 0, "inpaint_padding": 8, "steps": 1, "cfg": 5.0}
+    detailed = generate(model, base(detailer=[entry]))[0][0]
+    image = first
+    for j, (box, prompt) in enumerate(((HAND, "a left hand"), (FAINT, f"{PROMPT}, detailed"))):
+        [mask] = region_masks([Detection(box, 1.0)], Detailer(model="x", dilate_erode=0), first.size)
+        image.save(tmp_path / f"in{j}.png")
+        mask.save(tmp_path / f"m{j}.png")
+        hand = base(prompt=prompt, init_image=str(tmp_path / f"in{j}.png"), mask=str(tmp_path / f"m{j}.png"),
+                    denoise=0.5, mask_blur=2, inpaint_area="only_masked", only_masked_padding=8, steps=1, cfg=5.0,
+                    seed=5 + j)
+        image = generate(model, hand)[0][0]
+    assert image.tobytes() == detailed.tobytes()
+
+
+def test_selection_and_mask_steps():
+    d = Detailer(model="x", confidence=0.5, mask_min_ratio=0.01, mask_k_largest=2)
+    found = [Detection((0, 0, 10, 10), 0.9), Detection((0, 0, 2, 2), 0.9), Detection((0, 0, 30, 30), 0.4),
+             Detection((0, 0, 20, 20), 0.6), Detection((0, 0, 5, 5), 0.95)]
+    # 0.4 is below the threshold, 2x2 below 1% of 64x64; of the rest the two largest, by ascending area
+    assert [x.box for x in select(found, d, (64, 64))] == [(0, 0, 10, 10), (0, 0, 20, 20)]
+    one = torch.zeros((1, 1, 8, 8))
+    one[..., 3, 3] = 1
+    assert torch.nonzero(shift(one, 2, 1)[0, 0]).tolist() == [[2, 5]]  # 2 right, 1 up
+    assert int(dilate_erode(one, 3).sum()) == 9 and int(dilate_erode(dilate_erode(one, 3), -3).sum()) == 1
+    merged = region_masks(found[:2], Detailer(model="x", dilate_erode=0, mask_merge_invert="merge_and_invert"),
+                          (16, 16))
+    assert len(merged) == 1 and merged[0].getpixel((5, 5)) == 0 and merged[0].getpixel((12, 12)) == 255
+    assert region_prompts("", "job") == ["job"]
+    assert region_prompts("a [SEP][PROMPT] b", "job") == ["a", "job b"]
+
+
+def test_missing_packages_say_what_to_install(monkeypatch, files, tmp_path):
+    monkeypatch.setattr(detectors, "_installed", lambda package: False)
+    problem = detector_problem("mediapipe_face_full")
+    assert problem == ("detector 'mediapipe_face_full' needs the mediapipe package: pip install 'darkroom[detailer]'")
+    assert "pip install ultralytics" in detector_problem("face_yolov8n.pt")
+    with pytest.raises(DetectorError, match="pip install ultralytics"):
+        load_detector("hand_yolov8n.pt")
+    assert "mediapipe_face_full, mediapipe_face_short" in detector_problem("mediapipe_face_mesh")
+    assert detector_problem("sim_face") is None  # a registered detector needs nothing
+    # with ultralytics installed: the YOLO file is looked for in models/adetailer and models/ultralytics
+    monkeypatch.setattr(detectors, "_installed", lambda package: True)
+    registry = ModelRegistry([files["models"]])
+    assert "face_yolov8n.pt" in detector_problem("face_yolov8n.pt", registry)
+    (files["models"] / "ultralytics" / "bbox").mkdir(parents=True, exist_ok=True)
+    (files["models"] / "ultralytics" / "bbox" / "face_yolov8n.pt").write_bytes(b"not read here")
+    registry = ModelRegistry([files["models"]])
+    assert detector_problem("face_yolov8n.pt", registry) is None
+    assert [m.name for m in registry.detectors()] == ["bbox/face_yolov8n"]
+
+
+def test_fields_are_validated_with_one_message_each():
+    with pytest.raises(RequestError) as caught:
+        GenerationRequest.from_dict({"model": "m", "detailer": [
+            {"model": "face_yolov8n.pt", "confidence": 1.5, "ad_denoising_strength": 0.3},
+            {"model": "hand_yolov8n.pt", "mask_merge_invert": "Merge", "inpaint_width": 100}]})
+    text = str(caught.value)
+    assert "detailer[0].ad_denoising_strength = 0.3 is invalid: not a detailer field; did you mean 'denoise'?" in text
+    assert "detailer[0].confidence = 1.5 is invalid: a number from 0.0 to 1.0" in text
+    assert "detailer[1].mask_merge_invert = 'Merge' is invalid: one of none, merge, merge_and_invert" in text
+    assert "detailer[1].inpaint_width = 100 is invalid: 0 (the job's) or a multiple of 8" in text
+    with pytest.raises(RequestError, match="at most 2 detail passes"):
+        GenerationRequest(model="m", detailer=[{"model": "a"}] * 3)
+    with pytest.raises(RequestError, match=r"detailer\[0\]\.model = None"):
+        GenerationRequest(model="m", detailer=[{"prompt": "face"}])
+
+
+def test_infotext_has_adetailers_keys_and_reads_back(tmp_path):
+    request = base(detailer=[
+        {"model": "face_yolov8n.pt", "prompt": "detailed face, smile", "confidence": 0.35, "mask_k_largest": 1},
+        {"model": "hand_yolov8n.pt", "inpaint_only_masked": False, "steps": 12, "cfg": 4.5,
+         "mask_merge_invert": "merge"}])
+    text = format_infotext(request, 5)
+    assert ('ADetailer model: face_yolov8n.pt, ADetailer prompt: "detailed face, smile", ADetailer confidence: '
+            "0.35, ADetailer mask only top k largest: 1, ADetailer dilate erode: 4, ADetailer mask blur: 4, "
+            "ADetailer denoising strength: 0.4, ADetailer inpaint only masked: True, ADetailer inpaint padding: 32, "
+            "ADetailer model 2nd: hand_yolov8n.pt") in text
+    assert ("ADetailer mask merge invert 2nd: Merge, ADetailer mask blur 2nd: 4, ADetailer denoising strength 2nd: "
+            "0.4, ADetailer inpaint only masked 2nd: False, ADetailer use separate steps 2nd: True, ADetailer steps "
+            "2nd: 12, ADetailer use separate CFG scale 2nd: True, ADetailer CFG scale 2nd: 4.5") in text
+    back = infotext_to_request(text)
+    assert back.detailer == request.detailer
+    assert not any(key.startswith("ADetailer") for key in back.extra)
+    assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    # an A1111 image's ADetailer keys (with its version key, kept in extra)
+    a1111 = (f"{PROMPT}\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512, Model: m, ADetailer model: "
+             "mediapipe_face_full, ADetailer confidence: 0.3, ADetailer dilate erode: 4, ADetailer mask blur: 4, "
+             "ADetailer denoising strength: 0.4, ADetailer inpaint only masked: True, ADetailer inpaint padding: "
+             "32, ADetailer version: 24.11.1")
+    read = infotext_to_request(a1111)
+    assert read.detailer == (Detailer(model="mediapipe_face_full"),) and read.extra["ADetailer version"] == "24.11.1"
+
+
+def test_batch_runs_the_pass_end_to_end_and_refuses_a_missing_package(files, runs, tmp_path, monkeypatch):
+    from cli.batch import run_batch
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    job = {"model": "tiny-sd15", "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 2, "seed": 5, "width": 64,
+           "height": 64, "detailer": [FACE_PASS]}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(job))
+
+    def run() -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(str(jobs), models_dirs=[files["models"]], output_dir=tmp_path / "out",
+                         db_path=tmp_path / "db.sqlite3", stdout=out, stderr=err, rich_progress=False)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = run()
+    assert code == 0, err
+    [path] = out.splitlines()
+    assert Image.open(path).convert("RGB").tobytes() == runs[1].tobytes()
+    assert "ADetailer model: sim_face" in Image.open(path).text["parameters"]
+    assert read_request(path).detailer == (Detailer(**FACE_PASS),)
+
+    job["detailer"] = [{"model": "face_yolov8n.pt"}]
+    jobs.write_text(json.dumps(job))
+    monkeypatch.setattr(detectors, "_installed", lambda package: False)
+    code, out, err = run()
+    assert code == 2 and out == ""
+    assert "job 1: detailer[0].model: detector 'face_yolov8n.pt' is a YOLO model, which needs the ultralytics " \
+           "package: pip install ultralytics" in err
+    assert "Traceback" not in err
