@@ -17,6 +17,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Collapsible, Label, Select, Switch
 
+from core.detailer_args import Detailer
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
@@ -64,7 +65,7 @@ FORM_LABELS = {
     "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "mask": "Mask", "mask_blur": "Mask blur",
     "inpaint_area": "Mask area", "hires.scale": "Hires scale",
     "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
-    "guidance": "Guidance",
+    "guidance": "Guidance", "detailer[0].model": "Detailer", "detailer[0].denoise": "Detailer denoise",
 }
 # Rows shown only for the families that use their field: field -> row id. ``guidance`` (Flux.1 dev's distilled
 # guidance) shows for a family that names it in ``request_fields``; a field in a family's ``ignored_fields``
@@ -74,12 +75,14 @@ FAMILY_ROWS = {"guidance": "guidance-row", "clip_skip": "clip-row"}
 UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
+DETAILER_DEFAULTS = Detailer(model="-")  # the face/detail pass (ADetailer's first tab): model and denoise here
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
     "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
     "mask": "", "mask_blur": str(DEFAULTS["mask_blur"]), "inpaint_area": DEFAULTS["inpaint_area"],
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
+    "detailer-model": "", "detailer-denoise": str(DETAILER_DEFAULTS.denoise),
 }
 
 
@@ -170,6 +173,7 @@ class GenerateScreen(MainScreen):
         # The advanced fields' widget values ("#id" -> value), kept here until those widgets are mounted.
         self._advanced_mounted = False
         self._advanced_pending: dict[str, Any] = dict(ADVANCED_WIDGET_DEFAULTS)
+        self._detailer_rest: list[dict[str, Any]] = []  # the detailer entries as last filled in (history, preset)
         self.presets: list[Any] = []
         self._models_loaded = False
         self._form_mounted = False  # every form widget mounted (the first frame has only the prompts)
@@ -286,6 +290,12 @@ class GenerateScreen(MainScreen):
                 Label("Denoise", classes="field-label"),
                 Input(str(HIRES_DEFAULTS["denoise"]), type="number", id="hires-denoise", classes="short",
                       compact=True)),
+            row(Label("Detailer", classes="field-label"),
+                Input("", id="detailer-model", compact=True, classes="path",
+                      placeholder="face pass: detector (face_yolov8n.pt, mediapipe_face_full); empty = off"),
+                Label("Denoise", classes="field-label"),
+                Input(str(DETAILER_DEFAULTS.denoise), type="number", id="detailer-denoise", classes="short",
+                      compact=True, tooltip="the detected regions' inpainting strength (ADetailer's 0.4)")),
         ]
 
     def on_mount(self) -> None:
@@ -614,6 +624,17 @@ class GenerateScreen(MainScreen):
             values["hires"] = hires
         else:
             values["hires"] = None
+        detector = str(state["detailer-model"]).strip()
+        rest = [dict(entry) for entry in self._detailer_rest]  # a history row's other detailer settings stay
+        if detector:
+            raw = str(state["detailer-denoise"]).strip()
+            try:
+                denoise: Any = float(raw)
+            except ValueError:
+                denoise = raw
+            values["detailer"] = [{**(rest[0] if rest else {}), "model": detector, "denoise": denoise}, *rest[1:]]
+        else:
+            values["detailer"] = []
         values["advanced_open"] = not self.query_one("#advanced", Collapsible).collapsed
         return values
 
@@ -682,12 +703,20 @@ class GenerateScreen(MainScreen):
                     state["hires-upscaler"] = hires["upscaler"]
             elif hires is None:
                 state["hires-enabled"] = False
+        if isinstance(values.get("detailer"), (list, tuple)):
+            entries = [dataclasses.asdict(e) if isinstance(e, Detailer) else dict(e)
+                       for e in values["detailer"] if isinstance(e, (Detailer, dict))]
+            self._detailer_rest = entries
+            state["detailer-model"] = str(entries[0].get("model", "")) if entries else ""
+            if entries and isinstance(entries[0].get("denoise"), (int, float)):
+                state["detailer-denoise"] = str(entries[0]["denoise"])
         self._write_advanced_state(state)
         advanced = self.query_one("#advanced", Collapsible)
         if isinstance(values.get("advanced_open"), bool):
             advanced.collapsed = not values["advanced_open"]
         # Show the section when a preset or history row sets something in it, so no setting is invisible.
-        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or (
+        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or values.get(
+            "detailer") or (
             isinstance(values.get("clip_skip"), int) and values["clip_skip"] != DEFAULTS["clip_skip"]
         ):
             advanced.collapsed = False
@@ -751,6 +780,12 @@ class GenerateScreen(MainScreen):
             family = self.family_of(request.model)
             if family is not None:
                 errors.extend(family_problems(request, family))
+            from core.detectors import detector_problem
+
+            for index, entry in enumerate(request.detailer):  # a detector package to install, said now
+                problem = detector_problem(entry.model)
+                if problem is not None:
+                    errors.append(RequestError(f"detailer[{index}].model", entry.model, problem))
         if no_model or errors:
             order = list(FORM_LABELS)
             errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
