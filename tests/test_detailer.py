@@ -234,3 +234,16 @@ def test_batch_runs_the_pass_end_to_end_and_refuses_a_missing_package(files, run
     assert "job 1: detailer[0].model: detector 'face_yolov8n.pt' is a YOLO model, which needs the ultralytics " \
            "package: pip install ultralytics" in err
     assert "Traceback" not in err
+
+
+def test_list_models_lists_the_detectors(files, tmp_path, monkeypatch):
+    from cli.list_models import list_models
+
+    (files["models"] / "adetailer").mkdir(exist_ok=True)
+    (files["models"] / "adetailer" / "hand_yolov8n.pt").write_bytes(b"\0" * 2048)
+    monkeypatch.setattr(detectors, "_installed", lambda package: False)
+    out, err = io.StringIO(), io.StringIO()
+    assert list_models([files["models"]], out, err) == 0, err.getvalue()
+    [line] = [line for line in out.getvalue().splitlines() if "hand_yolov8n" in line]
+    assert line.startswith("detectors/hand_yolov8n") and "YOLO detector" in line
+    assert line.endswith("needs ultralytics: pip install ultralytics")
