@@ -162,6 +162,15 @@ def _suggest(key: str) -> str | None:
     return close[0] if close else None
 
 
+def summary(detailers: tuple[Detailer, ...]) -> str:
+    """One line for the queue and History: each pass's detector with its strength (and its prompt when set)."""
+    parts = []
+    for d in detailers:
+        text = f"{d.model} (denoise {d.denoise:g}"
+        parts.append(text + (f", prompt {d.prompt!r})" if d.prompt else ")"))
+    return "; ".join(parts)
+
+
 # ---- infotext (ADetailer's keys; the second tab's end in " 2nd") ----------------------------------------------
 
 # (our field, ADetailer's infotext name, written unless it equals this value; None: always written)

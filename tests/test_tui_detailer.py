@@ -42,3 +42,18 @@ async def test_detailer_field_reaches_the_request_and_a_missing_package_is_said(
             assert screen.build_request().detailer == ()
     finally:
         detectors.unregister("sim_face")
+
+
+def test_queue_and_history_name_the_detail_passes():
+    from types import SimpleNamespace
+
+    from core.request import GenerationRequest
+    from tui.screens.history import describe
+    from tui.screens.queue import job_parameters
+
+    request = GenerationRequest(model="m", detailer=[{"model": "face_yolov8n.pt", "prompt": "a smile"},
+                                                     {"model": "hand_yolov8n.pt", "denoise": 0.3}])
+    said = "face_yolov8n.pt (denoise 0.4, prompt 'a smile'); hand_yolov8n.pt (denoise 0.3)"
+    queued = job_parameters(SimpleNamespace(request=request, created=0, started=None, finished=None)).plain
+    assert f"detailer {said}" in queued
+    assert f"detailer: {said}" in describe({"request": request, "seed": 1, "path": "x.png", "created": 0}).plain
