@@ -247,3 +247,19 @@ def test_list_models_lists_the_detectors(files, tmp_path, monkeypatch):
     [line] = [line for line in out.getvalue().splitlines() if "hand_yolov8n" in line]
     assert line.startswith("detectors/hand_yolov8n") and "YOLO detector" in line
     assert line.endswith("needs ultralytics: pip install ultralytics")
+
+
+def test_presets_and_toml_jobs_take_the_field(tmp_path):
+    from cli.batch import parse_jobs
+    from core.presets import PresetError, validate_fields
+
+    fields = validate_fields({"detailer": [{"model": "face_yolov8n.pt", "denoise": 0.3}]})
+    assert GenerationRequest.from_dict({"model": "m", **fields}).detailer == (
+        Detailer(model="face_yolov8n.pt", denoise=0.3),)
+    with pytest.raises(PresetError, match=r"detailer\[0\]\.denoise"):
+        validate_fields({"detailer": [{"model": "face_yolov8n.pt", "denoise": 3}]})
+    text = ('[[job]]\nmodel = "m"\nprompt = "a"\n[[job.detailer]]\nmodel = "face_yolov8n.pt"\nprompt = "a face"\n'
+            '[[job.detailer]]\nmodel = "hand_yolov8n.pt"\nconfidence = 0.5\n')
+    [parsed] = parse_jobs(text, "jobs.toml", base_dir=tmp_path)
+    assert [(d.model, d.prompt, d.confidence) for d in parsed.request.detailer] == [
+        ("face_yolov8n.pt", "a face", 0.3), ("hand_yolov8n.pt", "", 0.5)]

@@ -634,7 +634,7 @@ class GenerateScreen(MainScreen):
                 denoise = raw
             values["detailer"] = [{**(rest[0] if rest else {}), "model": detector, "denoise": denoise}, *rest[1:]]
         else:
-            values["detailer"] = []
+            values["detailer"] = None  # off (None: left out of a saved preset, like an unset VAE)
         values["advanced_open"] = not self.query_one("#advanced", Collapsible).collapsed
         return values
 
