@@ -57,3 +57,14 @@ def test_queue_and_history_name_the_detail_passes():
     queued = job_parameters(SimpleNamespace(request=request, created=0, started=None, finished=None)).plain
     assert f"detailer {said}" in queued
     assert f"detailer: {said}" in describe({"request": request, "seed": 1, "path": "x.png", "created": 0}).plain
+
+
+def test_an_images_detail_passes_fill_the_form():
+    from core.metadata import infotext_to_request
+    from tui.png_settings import form_fill
+
+    request = infotext_to_request("a\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Model: m, ADetailer model: "
+                                  "face_yolov8n.pt, ADetailer denoising strength: 0.35")
+    fill = form_fill(request, models=["m"], vaes=[], current_model="m", current_vae=None)
+    assert fill.values["detailer"][0]["model"] == "face_yolov8n.pt"
+    assert "detailer face_yolov8n.pt (denoise 0.35)" in fill.filled
