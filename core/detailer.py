@@ -125,9 +125,14 @@ def region_prompts(text: str, job_prompt: str) -> list[str]:
     return [job_prompt if not p else p.replace("[PROMPT]", job_prompt) for p in prompts]
 
 
-def region_request(request: GenerationRequest, d: Detailer, prompt: str, negative: str, seed: int
-                   ) -> GenerationRequest:
-    """The inpainting job of one region (the image and mask are handed to ``generate`` as images)."""
+def region_request(request: GenerationRequest, d: Detailer, prompt: str, negative: str, seed: int,
+                   multiple: int = 8) -> GenerationRequest:
+    """The inpainting job of one region (the image and mask are handed to ``generate`` as images); an
+    ``inpaint_width`` / ``inpaint_height`` is rounded up to the family's pixel ``multiple`` (Flux: 16)."""
+
+    def size(value: int, job: int) -> int:
+        return -(-value // multiple) * multiple if value else job
+
     return dataclasses.replace(
         request,
         prompt=strip_tags(prompt), negative_prompt=strip_tags(negative), loras=request.lora_refs(),
@@ -135,7 +140,7 @@ def region_request(request: GenerationRequest, d: Detailer, prompt: str, negativ
         inpaint_area="only_masked" if d.inpaint_only_masked else "whole", only_masked_padding=d.inpaint_padding,
         masked_content="original", invert_mask=False, outpaint=None, hires=None, refiner=None, detailer=(),
         steps=d.steps or request.steps, cfg=request.cfg if d.cfg is None else d.cfg,
-        width=d.inpaint_width or request.width, height=d.inpaint_height or request.height,
+        width=size(d.inpaint_width, request.width), height=size(d.inpaint_height, request.height),
         batch_size=1, batch_count=1, seed=seed,
     )
 
@@ -166,7 +171,8 @@ def detail_image(
             prompt, negative = prompts[min(j, len(prompts) - 1)], negatives[min(j, len(negatives) - 1)]
             if _SKIP.match(prompt):
                 continue
-            region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1))
+            region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1),
+                                    getattr(getattr(model, "spec", None), "pixel_multiple", 8))
             offset = first_step + done
 
             def step(s: int, total: int, x0: torch.Tensor, offset: int = offset) -> None:

@@ -263,3 +263,15 @@ def test_presets_and_toml_jobs_take_the_field(tmp_path):
     [parsed] = parse_jobs(text, "jobs.toml", base_dir=tmp_path)
     assert [(d.model, d.prompt, d.confidence) for d in parsed.request.detailer] == [
         ("face_yolov8n.pt", "a face", 0.3), ("hand_yolov8n.pt", "", 0.5)]
+
+
+def test_a_region_job_takes_the_pass_settings_and_the_familys_size_multiple():
+    from core.detailer import region_request
+
+    job = base(prompt="<lora:detail:0.5> a portrait", batch_size=2, cfg=6.0)
+    d = Detailer(model="x", inpaint_width=72, steps=3, denoise=0.3, inpaint_only_masked=False)
+    region = region_request(job, d, "<lora:other:1> a face", "", 9, multiple=16)
+    assert (region.width, region.height, region.steps, region.cfg, region.denoise) == (80, 64, 3, 6.0, 0.3)
+    assert (region.inpaint_area, region.batch_size, region.seed, region.detailer) == ("whole", 1, 9, ())
+    # the job's LoRAs stay merged for the pass; a tag in the detail prompt is removed, not applied
+    assert region.prompt == " a face" and region.lora_refs() == job.lora_refs()
