@@ -68,3 +68,15 @@ def test_an_images_detail_passes_fill_the_form():
     fill = form_fill(request, models=["m"], vaes=[], current_model="m", current_vae=None)
     assert fill.values["detailer"][0]["model"] == "face_yolov8n.pt"
     assert "detailer face_yolov8n.pt (denoise 0.35)" in fill.filled
+
+
+def test_the_detailer_field_completes_the_detectors_found():
+    import asyncio
+
+    from tui.screens.generate import NamesSuggester
+
+    names = ["mediapipe_face_full", "mediapipe_face_short", "face_yolov8n.pt"]
+    suggester = NamesSuggester(lambda: names)
+    assert asyncio.run(suggester.get_suggestion("face")) == "face_yolov8n.pt"
+    assert asyncio.run(suggester.get_suggestion("mediapipe_face_s")) == "mediapipe_face_short"
+    assert asyncio.run(suggester.get_suggestion("hand")) is None

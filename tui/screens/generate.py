@@ -14,10 +14,12 @@ from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.suggester import Suggester
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Collapsible, Label, Select, Switch
 
 from core.detailer_args import Detailer
+from core.detectors import MEDIAPIPE_MODELS
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
@@ -97,6 +99,17 @@ def _parse(name: str, raw: Any, kind: type) -> Any:
         raise RequestError(name, raw, valid) from None
 
 
+class NamesSuggester(Suggester):
+    """Completes a field from a list that changes (the detectors found by the model scan)."""
+
+    def __init__(self, names: Any) -> None:
+        super().__init__(use_cache=False, case_sensitive=False)
+        self.names = names  # () -> the current names
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return next((n for n in self.names() if n.lower().startswith(value) and n.lower() != value), None)
+
+
 def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
@@ -170,6 +183,7 @@ class GenerateScreen(MainScreen):
         self.hidden_fields: dict[str, Any] = {}
         self.models: list[Any] = []
         self.vae_names: list[str] = []
+        self.detector_names: list[str] = list(MEDIAPIPE_MODELS)  # + YOLO files, from the model scan
         # The advanced fields' widget values ("#id" -> value), kept here until those widgets are mounted.
         self._advanced_mounted = False
         self._advanced_pending: dict[str, Any] = dict(ADVANCED_WIDGET_DEFAULTS)
@@ -292,6 +306,7 @@ class GenerateScreen(MainScreen):
                       compact=True)),
             row(Label("Detailer", classes="field-label"),
                 Input("", id="detailer-model", compact=True, classes="path",
+                      suggester=NamesSuggester(lambda: self.detector_names),
                       placeholder="face pass: detector (face_yolov8n.pt, mediapipe_face_full); empty = off"),
                 Label("Denoise", classes="field-label"),
                 Input(str(DETAILER_DEFAULTS.denoise), type="number", id="detailer-denoise", classes="short",
@@ -369,6 +384,9 @@ class GenerateScreen(MainScreen):
                 self.app.registry.refresh()
             models = list(self.app.registry.checkpoints())
             vaes = list(self.app.registry.vaes()) if hasattr(self.app.registry, "vaes") else []
+            found = list(self.app.registry.detectors()) if hasattr(self.app.registry, "detectors") else []
+            # the detail pass's detectors for the Detailer field's completion: mediapipe's and the YOLO files
+            self.detector_names = [*MEDIAPIPE_MODELS, *(Path(m.path).name for m in found)]
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             models, vaes, error = [], [], str(exc)
