@@ -275,3 +275,65 @@ def test_a_region_job_takes_the_pass_settings_and_the_familys_size_multiple():
     assert (region.inpaint_area, region.batch_size, region.seed, region.detailer) == ("whole", 1, 9, ())
     # the job's LoRAs stay merged for the pass; a tag in the detail prompt is removed, not applied
     assert region.prompt == " a face" and region.lora_refs() == job.lora_refs()
+
+
+def test_the_mediapipe_and_ultralytics_adapters_against_stand_in_packages(monkeypatch, files):
+    """Neither package is installed here: stand-ins with their APIs' shapes (mediapipe's FaceDetection with
+    relative boxes, ultralytics' YOLO results with xyxy boxes, scores and segmentation masks) check the
+    adapters' conversions."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    calls: dict = {}
+
+    class FaceDetection:
+        def __init__(self, model_selection: int, min_detection_confidence: float) -> None:
+            calls["mediapipe"] = (model_selection, min_detection_confidence)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def process(self, array):
+            calls["array"] = array.shape
+            box = SimpleNamespace(xmin=0.25, ymin=0.5, width=0.25, height=0.25)
+            return SimpleNamespace(detections=[SimpleNamespace(
+                location_data=SimpleNamespace(relative_bounding_box=box), score=[0.8])])
+
+    mediapipe = types.ModuleType("mediapipe")
+    mediapipe.solutions = SimpleNamespace(face_detection=SimpleNamespace(FaceDetection=FaceDetection))
+
+    class YOLO:
+        def __init__(self, path: str) -> None:
+            calls["yolo"] = path
+
+        def __call__(self, image, conf, verbose):
+            calls["conf"] = conf
+            data = torch.zeros((1, 16, 16))
+            data[0, 4:8, 8:12] = 1
+            return [SimpleNamespace(boxes=SimpleNamespace(xyxy=torch.tensor([[16.0, 8.0, 24.0, 16.0]]),
+                                                          conf=torch.tensor([0.7])),
+                                    masks=SimpleNamespace(data=data))]
+
+    ultralytics = types.ModuleType("ultralytics")
+    ultralytics.YOLO = YOLO
+    monkeypatch.setitem(sys.modules, "mediapipe", mediapipe)
+    monkeypatch.setitem(sys.modules, "ultralytics", ultralytics)
+    monkeypatch.setattr(detectors, "_installed", lambda package: True)
+    monkeypatch.setattr(detectors, "_YOLO", {})  # the stand-in model is not kept past this test
+    image = Image.new("RGB", (64, 32))
+
+    [face] = load_detector("mediapipe_face_short")(image, 0.4)
+    assert calls["mediapipe"] == (0, 0.4) and calls["array"] == (32, 64, 3)
+    assert face.box == (16.0, 16.0, 32.0, 24.0) and face.score == 0.8 and face.mask is None
+
+    (files["models"] / "adetailer").mkdir(exist_ok=True)
+    (files["models"] / "adetailer" / "person_yolov8n-seg.pt").write_bytes(b"ultralytics' own")
+    [person] = load_detector("person_yolov8n-seg.pt", ModelRegistry([files["models"]]))(image, 0.25)
+    assert calls["yolo"].endswith("person_yolov8n-seg.pt") and calls["conf"] == 0.25
+    assert person.box == (16.0, 8.0, 24.0, 16.0) and person.score == pytest.approx(0.7)
+    assert person.mask.size == (64, 32)  # the 16x16 mask scaled to the image: columns 32-47, rows 8-15
+    assert inpaint.mask_bbox(inpaint.to_tensor(person.mask)) == (32, 8, 48, 16)
