@@ -5,7 +5,9 @@ A detector is a callable ``detect(image, confidence) -> list[Detection]``. Which
 
 - a detector registered with ``register`` (tests register simulated ones; nothing else needs to change);
 - ``mediapipe_face_full`` / ``mediapipe_face_short``: mediapipe's face detector (its full-range and short-range
-  models ship inside the ``mediapipe`` package, ADetailer's names): ``pip install 'darkroom[detailer]'``;
+  models ship inside the ``mediapipe`` package, ADetailer's names), ``mediapipe_face_mesh`` /
+  ``mediapipe_face_mesh_eyes_only``: its face mesh (the landmarks' convex hull is the mask):
+  ``pip install 'darkroom[detailer]'``;
 - anything else is a YOLO detection (or segmentation) model file such as ``face_yolov8n.pt`` /
   ``hand_yolov8n.pt`` in ``models/adetailer`` or ``models/ultralytics`` (``ModelRegistry.find_detector``), run by
   the ``ultralytics`` package (``pip install ultralytics``). Such a ``.pt`` file is a pickle, and ultralytics
@@ -28,8 +30,10 @@ from PIL import Image
 
 from core.errors import DarkroomError
 
-# ADetailer's mediapipe names -> FaceDetection's model_selection (1: full range, 5 m; 0: short range, 2 m)
-MEDIAPIPE_MODELS = {"mediapipe_face_full": 1, "mediapipe_face_short": 0}
+# ADetailer's mediapipe names: FaceDetection's model_selection (1: full range, 5 m; 0: short range, 2 m), and
+# FaceMesh's landmarks (the face's outline, or the eyes' alone) as the region's mask
+MEDIAPIPE_MODELS = {"mediapipe_face_full": 1, "mediapipe_face_short": 0, "mediapipe_face_mesh": "mesh",
+                    "mediapipe_face_mesh_eyes_only": "eyes"}
 INSTALL_MEDIAPIPE = "pip install 'darkroom[detailer]'"
 INSTALL_ULTRALYTICS = "pip install ultralytics"
 
@@ -116,7 +120,8 @@ def load_detector(name: str, registry: Any = None) -> Detector:
     if problem is not None:
         raise DetectorError(problem)
     if _is_mediapipe(name):
-        return _mediapipe_detector(MEDIAPIPE_MODELS[name])
+        kind = MEDIAPIPE_MODELS[name]
+        return _mediapipe_mesh(kind == "eyes") if isinstance(kind, str) else _mediapipe_detector(kind)
     path = registry.find_detector(name) if registry is not None else Path(name)
     return _yolo_detector(Path(path))
 
@@ -138,6 +143,52 @@ def _mediapipe_detector(selection: int) -> Detector:
             x2 = min(box.xmin + box.width, 1.0) * width
             y2 = min(box.ymin + box.height, 1.0) * height
             out.append(Detection((x1, y1, x2, y2), float(found.score[0])))
+        return out
+
+    return detect
+
+
+def convex_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The convex hull of ``points`` (Andrew's monotone chain), counter-clockwise."""
+    pts = sorted(set(points))
+    if len(pts) <= 2:
+        return pts
+
+    def half(seq: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return half(pts) + half(pts[::-1])
+
+
+def _mediapipe_mesh(eyes_only: bool) -> Detector:
+    def detect(image: Image.Image, confidence: float) -> list[Detection]:
+        import mediapipe as mp
+        import numpy as np  # mediapipe's own dependency (it takes arrays); imported only where mediapipe is
+        from PIL import ImageDraw
+
+        mesh = mp.solutions.face_mesh
+        width, height = image.size
+        with mesh.FaceMesh(static_image_mode=True, max_num_faces=20, min_detection_confidence=confidence) as faces:
+            result = faces.process(np.asarray(image.convert("RGB")))
+        groups = ([sorted({i for edge in mesh.FACEMESH_LEFT_EYE for i in edge}),
+                   sorted({i for edge in mesh.FACEMESH_RIGHT_EYE for i in edge})] if eyes_only else [None])
+        out = []
+        for face in result.multi_face_landmarks or []:
+            points = [(p.x * width, p.y * height) for p in face.landmark]
+            mask = Image.new("L", image.size, 0)
+            draw = ImageDraw.Draw(mask)
+            for group in groups:
+                chosen = points if group is None else [points[i] for i in group]
+                draw.polygon(convex_hull(chosen), fill=255)
+            box = mask.getbbox()
+            if box is not None:  # no score in a mesh: its detection passed min_detection_confidence
+                out.append(Detection(tuple(float(v) for v in box), 1.0, mask))
         return out
 
     return detect

@@ -149,7 +149,7 @@ def test_missing_packages_say_what_to_install(monkeypatch, files, tmp_path):
     assert "pip install ultralytics" in detector_problem("face_yolov8n.pt")
     with pytest.raises(DetectorError, match="pip install ultralytics"):
         load_detector("hand_yolov8n.pt")
-    assert "mediapipe_face_full, mediapipe_face_short" in detector_problem("mediapipe_face_mesh")
+    assert "mediapipe_face_full, mediapipe_face_short, mediapipe_face_mesh" in detector_problem("mediapipe_hands")
     assert detector_problem("sim_face") is None  # a registered detector needs nothing
     # with ultralytics installed: the YOLO file is looked for in models/adetailer and models/ultralytics
     monkeypatch.setattr(detectors, "_installed", lambda package: True)
@@ -303,8 +303,20 @@ def test_the_mediapipe_and_ultralytics_adapters_against_stand_in_packages(monkey
             return SimpleNamespace(detections=[SimpleNamespace(
                 location_data=SimpleNamespace(relative_bounding_box=box), score=[0.8])])
 
+    class FaceMesh(FaceDetection):
+        def __init__(self, static_image_mode: bool, max_num_faces: int, min_detection_confidence: float) -> None:
+            calls["mesh"] = (static_image_mode, min_detection_confidence)
+
+        def process(self, array):  # a diamond of four landmarks (0-3) and two "eyes" (4-5, 6-7) inside it
+            rel = [(0.5, 0.25), (0.75, 0.5), (0.5, 0.75), (0.25, 0.5), (0.375, 0.375), (0.4375, 0.4375),
+                   (0.5625, 0.375), (0.625, 0.4375), (0.5, 0.5)]
+            return SimpleNamespace(multi_face_landmarks=[
+                SimpleNamespace(landmark=[SimpleNamespace(x=x, y=y) for x, y in rel])])
+
+    mesh = SimpleNamespace(FaceMesh=FaceMesh, FACEMESH_LEFT_EYE={(4, 5)}, FACEMESH_RIGHT_EYE={(6, 7)})
     mediapipe = types.ModuleType("mediapipe")
-    mediapipe.solutions = SimpleNamespace(face_detection=SimpleNamespace(FaceDetection=FaceDetection))
+    mediapipe.solutions = SimpleNamespace(face_detection=SimpleNamespace(FaceDetection=FaceDetection),
+                                          face_mesh=mesh)
 
     class YOLO:
         def __init__(self, path: str) -> None:
@@ -329,6 +341,13 @@ def test_the_mediapipe_and_ultralytics_adapters_against_stand_in_packages(monkey
     [face] = load_detector("mediapipe_face_short")(image, 0.4)
     assert calls["mediapipe"] == (0, 0.4) and calls["array"] == (32, 64, 3)
     assert face.box == (16.0, 16.0, 32.0, 24.0) and face.score == 0.8 and face.mask is None
+
+    square = Image.new("RGB", (64, 64))
+    [outline] = load_detector("mediapipe_face_mesh")(square, 0.3)
+    assert calls["mesh"] == (True, 0.3) and outline.box == (16.0, 16.0, 49.0, 49.0)  # the hull, filled
+    assert outline.mask.getpixel((32, 32)) == 255 and outline.mask.getpixel((18, 18)) == 0  # a diamond
+    [eyes] = load_detector("mediapipe_face_mesh_eyes_only")(square, 0.3)
+    assert eyes.box == (24.0, 24.0, 41.0, 29.0) and eyes.mask.getpixel((32, 26)) == 0  # two eyes, apart
 
     (files["models"] / "adetailer").mkdir(exist_ok=True)
     (files["models"] / "adetailer" / "person_yolov8n-seg.pt").write_bytes(b"ultralytics' own")
