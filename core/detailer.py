@@ -5,7 +5,8 @@ After the first pass (and the hires fix), on each final image, for each ``detail
 1. detect on the image as it is now (the previous tab's result): ``core.detectors`` (boxes, scores, masks);
 2. keep the regions scoring at least ``confidence`` whose box area is between ``mask_min_ratio`` and
    ``mask_max_ratio`` of the image, then (``mask_k_largest``) the k largest, in ADetailer's order (the
-   detector's, the k largest by ascending area);
+   detector's, the k largest by ascending area); an inpainting job (whole picture) keeps only the regions that
+   touch its own mask, as ADetailer does;
 3. each region's mask (the segmentation mask, else its box filled), shifted by ``x_offset`` / ``y_offset``
    (right / up; pixels shifted out are gone, where ADetailer wraps them round), dilated (``dilate_erode`` > 0)
    or eroded (< 0) by a square of that side, regions left empty dropped, then merged / merged and inverted;
@@ -115,6 +116,18 @@ def region_masks(detections: list[Detection], d: Detailer, size: tuple[int, int]
     return [to_image(m) for m in masks]
 
 
+def inside_job_mask(masks: list[Image.Image], mask_path: str) -> list[Image.Image]:
+    """An inpainting job's (whole picture) regions that touch its own mask, as ADetailer keeps them: the pass
+    does not repaint what the job was told to keep."""
+    from core.masks import binary, load_mask
+
+    job_mask, _ = load_mask(mask_path)
+    if masks and job_mask.size != masks[0].size:
+        job_mask = binary(job_mask.resize(masks[0].size, Image.Resampling.LANCZOS))
+    keep = to_tensor(job_mask) > 0.5
+    return [m for m in masks if bool((keep & (to_tensor(m) > 0.5)).any())]
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 
@@ -162,9 +175,12 @@ def detail_image(
     for index, d in enumerate(request.detailer):
         detections = find(d.model)(image, d.confidence)
         masks = region_masks(detections, d, image.size)
+        if request.is_inpaint and request.mask and request.inpaint_area == "whole" and request.outpaint is None:
+            masks = inside_job_mask(masks, request.mask)
         if not masks:
             log.info("detailer[%d] (%s): nothing detected", index, d.model)
             continue
+        log.info("detailer[%d] (%s): %d region%s", index, d.model, len(masks), "" if len(masks) == 1 else "s")
         prompts = region_prompts(d.prompt, request.prompt)
         negatives = region_prompts(d.negative_prompt, request.negative_prompt)
         for j, mask in enumerate(masks):

@@ -356,3 +356,15 @@ def test_the_mediapipe_and_ultralytics_adapters_against_stand_in_packages(monkey
     assert person.box == (16.0, 8.0, 24.0, 16.0) and person.score == pytest.approx(0.7)
     assert person.mask.size == (64, 32)  # the 16x16 mask scaled to the image: columns 32-47, rows 8-15
     assert inpaint.mask_bbox(inpaint.to_tensor(person.mask)) == (32, 8, 48, 16)
+
+
+def test_an_inpainting_job_keeps_only_the_regions_touching_its_mask(tmp_path):
+    from core.detailer import inside_job_mask
+
+    job_mask = Image.new("L", (32, 32), 0)
+    job_mask.paste(255, (0, 0, 8, 8))
+    job_mask.save(tmp_path / "mask.png")
+    touching, apart = Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 0)
+    touching.paste(255, (10, 10, 20, 20))  # in the scaled mask's 16x16 corner
+    apart.paste(255, (40, 40, 50, 50))
+    assert inside_job_mask([touching, apart], str(tmp_path / "mask.png")) == [touching]
