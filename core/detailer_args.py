@@ -34,7 +34,8 @@ def _float(name: str, value: Any, low: float, high: float) -> None:
 
 @dataclass(frozen=True)
 class Detailer:
-    """One detail pass (one ADetailer tab); ``where`` names it in messages (``detailer[0]``)."""
+    """One detail pass (one ADetailer tab). Its values are checked by ``problems(where)``, ``where`` naming the
+    entry in messages (``detailer[0]``): the request reports them with its other fields."""
 
     model: str
     prompt: str = ""
