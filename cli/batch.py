@@ -872,6 +872,11 @@ def run_batch(
             error(f"{label}: job {job.index}: {exc}")
             return EXIT_MODEL
     mismatches = _family_mismatches(jobs, checkpoints, registry, label)
+    from core.detectors import request_problems as detector_problems
+
+    # the detail pass's detectors: a package to install or a YOLO file to add is said before anything loads
+    mismatches += [f"{label}: job {job.index}: {problem}" for job in jobs
+                   for problem in detector_problems(job.request, registry)]
     if mismatches:
         error("\n".join(mismatches))
         return EXIT_USAGE

@@ -1,6 +1,6 @@
 """``darkroom --list-models``: every checkpoint (and diffusion model) in the models folders with its family,
 variant, quantisation (bf16, fp16, fp8, Q8_0, Q4_K, ...) and size, then the text encoders and VAEs found beside
-them, each with the kind its keys show, then the upscaler models.
+them, each with the kind its keys show, then the upscaler models and the detail pass's YOLO detectors.
 
 Families come from each file's header (``core.models.detect``, torch-free); a file that cannot be inspected
 says why in the last column. Never imports Textual or torch.
@@ -59,6 +59,7 @@ def part_rows(registry: object) -> list[tuple[str, ...]]:
             note = "" if info.part else f"{info.label}: {info.problem}" if info.problem else f"{info.label}, not a known part"
             rows.append((visible(f"{folder}/{model.name}"), visible(kind), info.quant or "-", human_size(model.size),
                          visible(note)))
+    rows.extend(detector_rows(registry))
     return rows
 
 
@@ -78,6 +79,17 @@ def upscaler_rows(registry: object) -> list[tuple[str, ...]]:
     note = f"needs spandrel: {INSTALL_HINT}" if missing else ""
     return [(visible(m.name), m.path.suffix.lower().lstrip("."), human_size(m.size), note)
             for m in registry.upscalers()]  # type: ignore[attr-defined]
+
+
+def detector_rows(registry: object) -> list[tuple[str, ...]]:
+    """One row per YOLO detection model of the detail pass (``models/adetailer``, ``models/ultralytics``): a
+    pickle only ultralytics opens, so nothing is read from it here; the note says when ultralytics is missing."""
+    from core.detectors import INSTALL_ULTRALYTICS, _installed
+    from core.models.registry import human_size
+
+    files = registry.detectors() if hasattr(registry, "detectors") else []  # type: ignore[attr-defined]
+    note = "" if not files or _installed("ultralytics") else f"needs ultralytics: {INSTALL_ULTRALYTICS}"
+    return [(visible(f"detectors/{m.name}"), "YOLO detector", "-", human_size(m.size), note) for m in files]
 
 
 def _table(rows: list[tuple[str, ...]], out: IO[str]) -> None:

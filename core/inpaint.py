@@ -217,19 +217,22 @@ class InpaintJob:
 
 
 def prepare(request: GenerationRequest, init: Image.Image, init_size: tuple[int, int] | None,
-            multiple: int) -> InpaintJob | None:
-    """The job's images for ``request`` (``init``: its init image at the request's size; ``init_size``: the
-    file's own size, which the mask should have). None for "only masked" with an empty mask: then A1111 does
-    plain img2img, and so does this (with a warning)."""
+            multiple: int, mask_image: Image.Image | None = None) -> InpaintJob | None:
+    """The job's images for ``request`` (``init``: its init image, at the request's size from a file;
+    ``init_size``: the file's own size, which the mask should have; ``mask_image``: the mask itself instead of
+    the request's file, the detail pass's). "Only masked" works at the request's size (the detail pass's
+    image may be larger). None for "only masked" with an empty mask: then A1111 does plain img2img, and so
+    does this (with a warning)."""
     width, height = request.width, request.height
     warnings: list[str] = []
-    if request.mask is not None:
+    if mask_image is None and request.mask is not None:
         mask_image, warnings = load_mask(request.mask, init_size)
-        if mask_image.size != (width, height):
-            mask_image = binary(mask_image.resize((width, height), Image.Resampling.LANCZOS))
-        mask = to_tensor(mask_image)
+    if mask_image is not None:
+        if mask_image.size != init.size:
+            mask_image = binary(mask_image.resize(init.size, Image.Resampling.LANCZOS))
+        mask = to_tensor(binary(mask_image))
     else:
-        mask = torch.zeros((1, 1, height, width))
+        mask = torch.zeros((1, 1, init.height, init.width))
     if request.invert_mask:
         mask = 1 - mask
     padding = outpaint_padding(request, multiple)

@@ -34,6 +34,8 @@ from importlib import metadata as _importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from core.detailer_args import from_infotext as detailer_from_infotext
+from core.detailer_args import infotext_params
 from core.errors import DarkroomError
 from core.request import GenerationRequest, HiresFix
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
@@ -170,6 +172,7 @@ def format_infotext(
         params["DeepCache branch"] = request.deepcache_branch
     if request.fbcache_threshold > 0:
         params["First block cache threshold"] = request.fbcache_threshold
+    params.update(infotext_params(request.detailer))  # ADetailer's keys (" 2nd" for the second pass)
     for key, value in (extra or {}).items():
         # A new key goes last; a built-in key we left empty (e.g. "Model hash") is filled in its own position.
         # The values we computed from the request win, so ``extra`` cannot contradict the request.
@@ -440,6 +443,9 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
             fields[name] = _number(params, key, kind)
 
     _inpaint_fields(params, fields, extra)
+    detailer_tables, detailer_keys = detailer_from_infotext(params)
+    if detailer_tables:
+        fields["detailer"] = detailer_tables
     has_hires = any(key in params for key in _UPSCALE_KEYS)
     strength = _number(params, "Denoising strength", float) if "Denoising strength" in params else None
     if has_hires:
@@ -466,7 +472,7 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
         fields["denoise"] = strength
 
     for key, value in params.items():
-        if key in _CONSUMED:
+        if key in _CONSUMED or key in detailer_keys:
             continue
         if key.endswith("-1") and key[:-2] + "-2" in params:
             extra[key[:-2]] = f"{value}x{params[key[:-2] + '-2']}"

@@ -612,13 +612,19 @@ def generate(
     refiner: LoadedModel | None = None,
     composite: bool = True,
     upscaler: Any = None,
+    init: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    detector: Callable[[str], Any] | None = None,
 ) -> list[tuple[Image.Image, int]]:
     """Run one resolved request; returns (image, seed) for every image of every batch.
 
     ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
     denoising is done, and its VAE decodes when it did. Inpainting (``core.inpaint``) pastes the result into
     the original through the blurred mask; ``composite=False`` returns the decoded work images as they are.
-    ``upscaler``: the loaded upscaler model a hires fix names (``core.upscale.LoadedUpscaler``)."""
+    ``upscaler``: the loaded upscaler model a hires fix names (``core.upscale.LoadedUpscaler``).
+    ``init`` / ``mask``: the init image and mask themselves (the detail pass's regions; the request's paths are
+    then labels). The request's ``detailer`` passes (``core.detailer``) run last, on each final image, with
+    ``detector(name)`` (``core.detectors.load_detector`` by default) finding the detectors."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     if request.lora_refs() != model.loras.requested:
@@ -633,12 +639,16 @@ def generate(
     if request.hires is not None and is_model_upscaler(request.hires.upscaler) and upscaler is None:
         raise ValueError("generate() needs the hires fix's upscaler model loaded (core.upscale.load_upscaler)")
     guidance = model.guidance_for(request.guidance)
-    init = None
+    job_request = request
+    init = init if request.is_img2img else None
     inpainting = None  # core.inpaint.InpaintJob: what is sampled and how it goes back into the image
     if request.is_img2img:
-        init, init_size = load_init_image(request.init_image, request.width, request.height, with_size=True)
+        if init is None:
+            init, init_size = load_init_image(request.init_image, request.width, request.height, with_size=True)
+        else:
+            init, init_size = init.convert("RGB"), init.size
         if request.is_inpaint:
-            inpainting = inpaint.prepare(request, init, init_size, model.spec.pixel_multiple)
+            inpainting = inpaint.prepare(request, init, init_size, model.spec.pixel_multiple, mask_image=mask)
         if inpainting is not None:
             for warning in inpainting.warnings:
                 log.warning("%s", warning)
@@ -719,6 +729,15 @@ def generate(
         if inpainting is not None and composite:
             images = inpainting.finish(images)
         results.extend(zip(images, batch_seeds))
+    if job_request.detailer and composite:  # the face/detail passes, on each final image
+        from core.detailer import detail_image
+
+        first = progress.total
+        for index, (image, seed) in enumerate(results):
+            image, ran = detail_image(model, job_request, image, seed, generate=generate, detector=detector,
+                                      on_step=on_step, first_step=first, cache=cache, is_cancelled=is_cancelled)
+            results[index] = (image, seed)
+            first += ran
     return results
 
 
@@ -1003,6 +1022,7 @@ class PipelineRunner:
                 return generate(
                     model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner,
                     upscaler=upscaler,
+                    detector=self.detector,
                 )
 
         results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)
@@ -1025,6 +1045,12 @@ class PipelineRunner:
                            family=model.family, extra={**self.parts.infotext(), **lora_extra})
             for image, seed in results
         ]
+
+    def detector(self, name: str) -> Any:
+        """The detail pass's detector ``name`` (``core.detectors``; YOLO files from this runner's folders)."""
+        from core.detectors import load_detector
+
+        return load_detector(name, self.registry)
 
     def plan_memory(self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None = None) -> Any:
         """The job's memory plan: its estimate against the device's free memory (the networks the placement

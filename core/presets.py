@@ -66,6 +66,9 @@ def _type_problem(key: str, value: Any, hint: Any) -> str | None:
     elif key == "loras":  # the request checks each entry (name, weight, te_weight)
         ok, wanted = isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value), (
             "a list of tables with name, weight and optionally te_weight")
+    elif key == "detailer":  # the request checks each entry (core.detailer_args)
+        ok, wanted = isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value), (
+            "a list of tables (the detail passes: model, denoise, ...)")
     elif hint is HiresFix:
         ok, wanted = isinstance(value, Mapping), "a table (scale, upscaler, steps, denoise)"
     else:  # Mapping[str, Any]
@@ -100,7 +103,7 @@ def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
                     value[sub] = float(sub_value)
         elif key == "extra":
             value = dict(value)
-        elif key == "loras":
+        elif key in ("loras", "detailer"):
             value = [dict(v) for v in value]
         elif _REQUEST_TYPES[key] is float:
             value = float(value)

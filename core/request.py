@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.detailer_args import Detailer, detailers_value
 from core.errors import RequestError
 from core.lora.tags import LoraRef, TagError, prompt_loras, ref_from_value
 from core.sampling import SAMPLER_LABELS, SAMPLERS, SCHEDULE_LABELS, SCHEDULES
@@ -343,6 +344,9 @@ class GenerationRequest:
     masked_content: str = "original"
     invert_mask: bool = False
     outpaint: Outpaint | None = None
+    # Face/detail passes (ADetailer's tabs, core/detailer.py): up to two tables of core.detailer_args.Detailer
+    # fields; a list of tables becomes a tuple of Detailers on construction.
+    detailer: tuple[Detailer, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. accel options)
     # A standalone upscale job: ``upscale.image`` upscaled by a model, nothing sampled (``Upscale``; a table is made
     # one on construction). ``model`` may then be empty: the source had no parameters to carry.
@@ -381,6 +385,9 @@ class GenerationRequest:
             problems.check(_check_float, "guidance", self.guidance, 0.0, 30.0)
         problems.check(self._check_caches)
         problems.check(self._check_inpaint)
+        detailers, detailer_errors = detailers_value(self.detailer)
+        object.__setattr__(self, "detailer", detailers)
+        problems.errors.extend(detailer_errors)
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             problems.errors.append(
                 RequestError("hires", self.hires, "a HiresFix table (scale, upscaler, steps, denoise)")
@@ -539,7 +546,7 @@ class GenerationRequest:
             errors.extend(error.errors)
         if unknown or errors:
             order = {name: i for i, name in enumerate(f.name for f in dataclasses.fields(cls))}
-            errors.sort(key=lambda e: order.get(e.field.split(".")[0], len(order)))
+            errors.sort(key=lambda e: order.get(e.field.split(".")[0].split("[")[0], len(order)))
             raise RequestError.combine(unknown + errors)
         return request
 

@@ -106,6 +106,10 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     values["seed_lock"] = True  # the image's own seed: reproduce it until the user rolls a new one
     if request.clip_skip > 1:
         filled.append(f"clip skip {request.clip_skip}")
+    if request.detailer:
+        from core.detailer_args import summary
+
+        filled.append(f"detailer {summary(request.detailer)}")
 
     if request.vae is None:
         filled.append("built-in VAE")

@@ -38,9 +38,11 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("text_encoders", "clip", "text_encoder"),
     "embedding": ("embeddings",),  # textual inversion (A1111: <webui>/embeddings, ComfyUI: models/embeddings)
     "upscaler": ("upscale_models", "ESRGAN", "RealESRGAN"),  # ComfyUI; A1111 (core/upscale.py runs them)
+    # the detail pass's YOLO detectors (ADetailer: models/adetailer; ComfyUI Impact Pack: models/ultralytics/bbox)
+    "detector": ("adetailer", "ultralytics"),
 }
 _A1111_FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "lora": "Lora", "text_encoder": "text_encoder",
-                  "embedding": "embeddings", "upscaler": "ESRGAN"}
+                  "embedding": "embeddings", "upscaler": "ESRGAN", "detector": "adetailer"}
 # GGUF quantisations exist for diffusion models and text encoders (ComfyUI-GGUF, stable-diffusion.cpp)
 KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "checkpoint": (*MODEL_EXTENSIONS, ".gguf"),
@@ -49,9 +51,10 @@ KIND_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "text_encoder": (".safetensors", ".gguf"),
     "embedding": MODEL_EXTENSIONS,
     "upscaler": (".safetensors", ".pth", ".pt"),  # read as weights only (never pickle code)
+    "detector": (".pt",),  # ultralytics' own pickles: only ultralytics loads them (core/detectors.py)
 }
 KIND_LABELS = {"checkpoint": "checkpoint", "vae": "VAE", "lora": "LoRA", "text_encoder": "text encoder",
-               "embedding": "embedding", "upscaler": "upscaler"}
+               "embedding": "embedding", "upscaler": "upscaler", "detector": "detector model"}
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,13 @@ class ModelRegistry:
 
     def find_lora(self, name_or_path: str | Path) -> Path:
         return self._find("lora", name_or_path)
+
+    def detectors(self) -> list[ModelFile]:
+        """The detail pass's YOLO detection models (``.pt``) in ``models/adetailer`` / ``models/ultralytics``."""
+        return self._scan()["detector"]
+
+    def find_detector(self, name_or_path: str | Path) -> Path:
+        return self._find("detector", name_or_path)
 
     def find_text_encoder(self, name_or_path: str | Path) -> Path:
         return self._find("text_encoder", name_or_path)

@@ -14,9 +14,12 @@ from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.suggester import Suggester
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Collapsible, Label, Select, Switch
 
+from core.detailer_args import Detailer
+from core.detectors import MEDIAPIPE_MODELS
 from core.errors import DarkroomError, RequestError
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
@@ -64,7 +67,7 @@ FORM_LABELS = {
     "clip_skip": "Clip", "init_image": "Init", "denoise": "Denoise", "mask": "Mask", "mask_blur": "Mask blur",
     "inpaint_area": "Mask area", "hires.scale": "Hires scale",
     "hires.upscaler": "Hires upscaler", "hires.steps": "Hires steps", "hires.denoise": "Hires denoise",
-    "guidance": "Guidance",
+    "guidance": "Guidance", "detailer[0].model": "Detailer", "detailer[0].denoise": "Detailer denoise",
 }
 # Rows shown only for the families that use their field: field -> row id. ``guidance`` (Flux.1 dev's distilled
 # guidance) shows for a family that names it in ``request_fields``; a field in a family's ``ignored_fields``
@@ -74,12 +77,14 @@ FAMILY_ROWS = {"guidance": "guidance-row", "clip_skip": "clip-row"}
 UI_ONLY_FIELDS = ("seed_lock", "advanced_open")
 DEFAULTS = GenerationRequest(model="none").to_dict()
 HIRES_DEFAULTS = dataclasses.asdict(HiresFix())
+DETAILER_DEFAULTS = Detailer(model="-")  # the face/detail pass (ADetailer's first tab): model and denoise here
 BUILTIN_VAE = ""  # Select value of "the checkpoint's own VAE" (request.vae = None)
 ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
     "vae": BUILTIN_VAE, "clip_skip": str(DEFAULTS["clip_skip"]), "init_image": "", "denoise": str(IMG2IMG_DENOISE),
     "mask": "", "mask_blur": str(DEFAULTS["mask_blur"]), "inpaint_area": DEFAULTS["inpaint_area"],
     "hires-enabled": False, "hires-scale": str(HIRES_DEFAULTS["scale"]), "hires-upscaler": HIRES_DEFAULTS["upscaler"],
     "hires-steps": str(HIRES_DEFAULTS["steps"]), "hires-denoise": str(HIRES_DEFAULTS["denoise"]),
+    "detailer-model": "", "detailer-denoise": str(DETAILER_DEFAULTS.denoise),
 }
 
 
@@ -92,6 +97,17 @@ def _parse(name: str, raw: Any, kind: type) -> Any:
     except ValueError:
         valid = "an integer" if kind is int else "a number"
         raise RequestError(name, raw, valid) from None
+
+
+class NamesSuggester(Suggester):
+    """Completes a field from a list that changes (the detectors found by the model scan)."""
+
+    def __init__(self, names: Any) -> None:
+        super().__init__(use_cache=False, case_sensitive=False)
+        self.names = names  # () -> the current names
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return next((n for n in self.names() if n.lower().startswith(value) and n.lower() != value), None)
 
 
 def presets_module(app: Any) -> Any:
@@ -167,9 +183,11 @@ class GenerateScreen(MainScreen):
         self.hidden_fields: dict[str, Any] = {}
         self.models: list[Any] = []
         self.vae_names: list[str] = []
+        self.detector_names: list[str] = list(MEDIAPIPE_MODELS)  # + YOLO files, from the model scan
         # The advanced fields' widget values ("#id" -> value), kept here until those widgets are mounted.
         self._advanced_mounted = False
         self._advanced_pending: dict[str, Any] = dict(ADVANCED_WIDGET_DEFAULTS)
+        self._detailer_rest: list[dict[str, Any]] = []  # the detailer entries as last filled in (history, preset)
         self.presets: list[Any] = []
         self._models_loaded = False
         self._form_mounted = False  # every form widget mounted (the first frame has only the prompts)
@@ -287,6 +305,13 @@ class GenerateScreen(MainScreen):
                 Label("Denoise", classes="field-label"),
                 Input(str(HIRES_DEFAULTS["denoise"]), type="number", id="hires-denoise", classes="short",
                       compact=True)),
+            row(Label("Detailer", classes="field-label"),
+                Input("", id="detailer-model", compact=True, classes="path",
+                      suggester=NamesSuggester(lambda: self.detector_names),
+                      placeholder="face pass: detector (face_yolov8n.pt, mediapipe_face_full); empty = off"),
+                Label("Denoise", classes="field-label"),
+                Input(str(DETAILER_DEFAULTS.denoise), type="number", id="detailer-denoise", classes="short",
+                      compact=True, tooltip="the detected regions' inpainting strength (ADetailer's 0.4)")),
         ]
 
     def on_mount(self) -> None:
@@ -362,6 +387,9 @@ class GenerateScreen(MainScreen):
             vaes = list(self.app.registry.vaes()) if hasattr(self.app.registry, "vaes") else []
             upscalers = [str(m.name) for m in self.app.registry.upscalers()] if hasattr(
                 self.app.registry, "upscalers") else []
+            found = list(self.app.registry.detectors()) if hasattr(self.app.registry, "detectors") else []
+            # the detail pass's detectors for the Detailer field's completion: mediapipe's and the YOLO files
+            self.detector_names = [*MEDIAPIPE_MODELS, *(Path(m.path).name for m in found)]
             error = None
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             models, vaes, upscalers, error = [], [], [], str(exc)
@@ -627,6 +655,17 @@ class GenerateScreen(MainScreen):
             values["hires"] = hires
         else:
             values["hires"] = None
+        detector = str(state["detailer-model"]).strip()
+        rest = [dict(entry) for entry in self._detailer_rest]  # a history row's other detailer settings stay
+        if detector:
+            raw = str(state["detailer-denoise"]).strip()
+            try:
+                denoise: Any = float(raw)
+            except ValueError:
+                denoise = raw
+            values["detailer"] = [{**(rest[0] if rest else {}), "model": detector, "denoise": denoise}, *rest[1:]]
+        else:
+            values["detailer"] = None  # off (None: left out of a saved preset, like an unset VAE)
         values["advanced_open"] = not self.query_one("#advanced", Collapsible).collapsed
         return values
 
@@ -695,12 +734,20 @@ class GenerateScreen(MainScreen):
                     state["hires-upscaler"] = hires["upscaler"]
             elif hires is None:
                 state["hires-enabled"] = False
+        if isinstance(values.get("detailer"), (list, tuple)):
+            entries = [dataclasses.asdict(e) if isinstance(e, Detailer) else dict(e)
+                       for e in values["detailer"] if isinstance(e, (Detailer, dict))]
+            self._detailer_rest = entries
+            state["detailer-model"] = str(entries[0].get("model", "")) if entries else ""
+            if entries and isinstance(entries[0].get("denoise"), (int, float)):
+                state["detailer-denoise"] = str(entries[0]["denoise"])
         self._write_advanced_state(state)
         advanced = self.query_one("#advanced", Collapsible)
         if isinstance(values.get("advanced_open"), bool):
             advanced.collapsed = not values["advanced_open"]
         # Show the section when a preset or history row sets something in it, so no setting is invisible.
-        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or (
+        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or values.get(
+            "detailer") or (
             isinstance(values.get("clip_skip"), int) and values["clip_skip"] != DEFAULTS["clip_skip"]
         ):
             advanced.collapsed = False
@@ -764,6 +811,12 @@ class GenerateScreen(MainScreen):
             family = self.family_of(request.model)
             if family is not None:
                 errors.extend(family_problems(request, family))
+            from core.detectors import detector_problem
+
+            for index, entry in enumerate(request.detailer):  # a detector package to install, said now
+                problem = detector_problem(entry.model)
+                if problem is not None:
+                    errors.append(RequestError(f"detailer[{index}].model", entry.model, problem))
         if no_model or errors:
             order = list(FORM_LABELS)
             errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))

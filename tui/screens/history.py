@@ -76,6 +76,11 @@ def describe(row: Any, families: dict[str, str] | None = None) -> Text:
         if name == "model" and families and families.get(value):
             text.append("family: ", style="bold")
             text.append(f"{visible(families[value])}\n")
+    if request.detailer:
+        from core.detailer_args import summary
+
+        text.append("detailer: ", style="bold")
+        text.append(f"{visible(summary(request.detailer))}\n")
     if field(row, "model_hash"):
         text.append("model hash: ", style="bold")
         text.append(f"{visible(field(row, 'model_hash'))}\n")

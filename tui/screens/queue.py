@@ -108,6 +108,10 @@ def job_parameters(job: Any) -> Text:
         hires = request.hires
         extras.append(f"hires ×{hires.scale:g} {visible(hires.upscaler)}, {hires.steps or request.steps} steps, "
                       f"denoise {hires.denoise:g}")
+    if request.detailer:
+        from core.detailer_args import summary
+
+        extras.append(f"detailer {visible(summary(request.detailer))}")
     if extras:
         lines.append(" · ".join(extras))
     if request.upscale is not None:  # an upscale job: nothing above is run, it is the source's record
