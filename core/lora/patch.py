@@ -6,6 +6,9 @@ never matter, and the parameter's tensor is *replaced* (``param.data = W'``), ne
 may be views of a memory-mapped file. The original tensor is kept (the same object on the CPU, a CPU copy for
 a GPU model) and put back when no LoRA touches the weight any more, so removing LoRAs restores every weight
 exactly. Switching sets re-merges only the weights whose contributions changed; the model is never reloaded.
+A merge buffer a switch takes off a weight is kept with what it holds (within the memory the current or the
+previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those tensors back without computing
+anything; a new set reuses the oldest kept buffers of the same shapes.
 
 fp8 and GGUF weights (the packed layers of ``core.models.quant``, which dequantise per call) take the LoRA at
 forward time instead (``ForwardDelta``): the layer's ``weight_patch`` adds the same contributions to its float32
@@ -16,6 +19,7 @@ clears the hook (the packed bytes are never written). Both kinds go through the 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,16 @@ class ForwardDelta:
             _add_to_part(module, weight, multiplier, target)
 
 
+def _may_allocate(like: torch.Tensor) -> bool:
+    """Whether a switch may take new memory for a merge buffer to keep the previous one: on the CPU yes (the
+    kept buffers stay within the merged weights' size, ``_trim_spares``); on a GPU while a quarter of its
+    memory stays free after it, so keeping merges never crowds out the activations."""
+    if like.device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(like.device)
+    return free - like.nbytes > total // 4
+
+
 def _needs_forward_time(weight: torch.Tensor) -> bool:
     """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
@@ -97,8 +111,9 @@ def _blockwise(contributions: list) -> bool:
 
 
 def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -> None:
-    """``buffer = cast(float32(base) + Σ m * scale * up @ down)`` a block of rows at a time: the same bits as
-    the whole-weight float32 merge, without a weight-sized float32 temporary."""
+    """``buffer = cast(float32(base) + Σ m * scale * up @ down)`` a block of rows at a time: for 16-bit weights
+    without a weight-sized float32 temporary, and for several LoRAs on one weight in one pass over memory (each
+    block takes every LoRA while it is in cache, instead of one pass over the whole weight per LoRA)."""
     out = base.shape[0]
     flat_base, flat = base.reshape(out, -1), buffer.view(out, -1)
     factors = []
@@ -112,10 +127,16 @@ def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -
     rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
     for start in range(0, out, rows):
         stop = min(out, start + rows)
-        block = flat_base[start:stop].float()
-        for up, down, alpha in factors:
+        if base.dtype == torch.float32:  # straight into the buffer: base + the first LoRA, then the others
+            block = flat[start:stop]
+            (up, down, alpha), rest = factors[0], factors[1:]
+            torch.addmm(flat_base[start:stop], up[start:stop], down, alpha=alpha, out=block)
+        else:
+            block, rest = flat_base[start:stop].float(), factors
+        for up, down, alpha in rest:
             block.addmm_(up[start:stop], down, alpha=alpha)
-        flat[start:stop].copy_(block)
+        if block.data_ptr() != flat[start:stop].data_ptr():
+            flat[start:stop].copy_(block)
 
 
 def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, target: Target) -> None:
@@ -145,9 +166,12 @@ class LoraPatcher:
         self._table: dict[str, Target] | None = None
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (role, parameter) -> original tensor
         self._merged: dict[tuple[str, str], tuple] = {}  # (role, parameter) -> signature of what is merged in
-        # merge buffers of weights no longer patched, by (shape, dtype, device): the next switch writes into
-        # them instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
-        self._spares: dict[tuple, list[torch.Tensor]] = {}
+        # merge buffers taken off their weights, by (shape, dtype, device), each under (weight, signature of what
+        # it holds), oldest first: a switch back to that merge puts it back as it is; a new merge writes into the
+        # oldest instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
+        self._spares: dict[tuple, OrderedDict[tuple, torch.Tensor]] = {}
+        self._retired: set[int] = set()  # ids of the buffers taken off in this apply: not reused by it
+        self._merged_bytes = 0  # what the merged weights took after the last apply
         self._params: dict[tuple[str, str], nn.Parameter] = {}
         self._layers: dict[tuple[str, str], nn.Module | None] = {}  # (role, parameter) -> its packed layer, if any
         self._hooked: set[tuple[str, str]] = set()  # packed weights with a ForwardDelta attached
@@ -214,7 +238,7 @@ class LoraPatcher:
                     self._restore(key)
             for key, contributions in plan.items():
                 if self._merged.get(key) != wanted[key]:
-                    self._merge(key, contributions)
+                    self._merge(key, contributions, wanted[key])
                     self._merged[key] = wanted[key]
         except BaseException:
             for key in [*self._originals, *self._hooked]:  # half a set is no set: back to the plain model
@@ -222,6 +246,8 @@ class LoraPatcher:
             self._spares.clear()
             self.active, self.requested, self.text_signature = (), (), ()
             raise
+        finally:
+            self._retired.clear()
         self._trim_spares()
         self.active = tuple(loras)
         self.requested = tuple(requested)
@@ -234,21 +260,29 @@ class LoraPatcher:
         self.apply(())
 
     def _trim_spares(self) -> None:
-        """Spare buffers take at most as much memory as the weights merged now (none once no LoRA is)."""
-        budget = sum(self._parameter(key).data.nbytes for key in self._originals)
-        kept = 0
-        for spares in self._spares.values():
-            for index, tensor in enumerate(spares):
-                kept += tensor.nbytes
-                if kept > budget:
-                    del spares[index:]
-                    break
+        """Kept buffers take at most as much memory as the weights merged now or, if more, by the set before
+        (so that set comes back whole), and none once no LoRA is merged; the oldest go first."""
+        merged = sum(self._parameter(key).data.nbytes for key in self._originals)
+        budget, self._merged_bytes = (max(merged, self._merged_bytes) if merged else 0), merged
+        held = sum(t.nbytes for group in self._spares.values() for t in group.values())
+        for group in self._spares.values():
+            while group and held > budget:
+                held -= group.popitem(last=False)[1].nbytes
         self._spares = {k: v for k, v in self._spares.items() if v}
 
+    def _retire(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
+        """Keep a merge buffer taken off ``key`` with the signature of what it holds."""
+        group = self._spares.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), OrderedDict())
+        group[(key, self._merged.get(key))] = tensor
+        self._retired.add(id(tensor))
+
     def _buffer(self, base: torch.Tensor) -> torch.Tensor:
-        spares = self._spares.get((tuple(base.shape), base.dtype, base.device))
-        if spares:
-            return spares.pop()
+        """The oldest kept buffer of ``base``'s shape not taken off in this switch (those may be wanted back by
+        the next one), else a new tensor."""
+        group = self._spares.get((tuple(base.shape), base.dtype, base.device))
+        for tag, tensor in (group or {}).items():
+            if id(tensor) not in self._retired or not _may_allocate(base):
+                return group.pop(tag)  # type: ignore[union-attr]
         return torch.empty_like(base, memory_format=torch.contiguous_format)
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
@@ -297,7 +331,7 @@ class LoraPatcher:
             return param.data
         return kept if kept.device == param.device else kept.to(param.device)
 
-    def _merge(self, key: tuple[str, str], contributions: list) -> None:
+    def _merge(self, key: tuple[str, str], contributions: list, signature: tuple = ()) -> None:
         layer = self._packed(key)
         if layer is not None:
             self._hook(key, layer, contributions)
@@ -309,11 +343,20 @@ class LoraPatcher:
                 f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')} outside a packed layer: "
                 "a LoRA cannot be merged into it; use a float16/bfloat16 model"
             )
-        # A weight merged before holds a tensor of ours: the new merge is written into it (no allocation, no page
-        # faults); a fresh merge takes a spare buffer or a new tensor. Float32 weights are computed in place;
-        # plain LoRAs on 16-bit weights in row blocks through float32; others through a float32 copy.
-        buffer = param.data if key in self._originals else self._buffer(base)
-        if base.dtype != torch.float32 and _blockwise(contributions):
+        group = self._spares.get((tuple(base.shape), base.dtype, base.device))
+        kept = group.pop((key, signature), None) if group and signature else None
+        if key in self._originals:  # the weight holds a merge of ours: kept, a switch back may want it
+            self._retire(key, param.data)
+        if kept is not None:  # this very merge, kept from an earlier set: the same bits, nothing to compute
+            self._keep_original(key, base)
+            param.data = kept
+            return
+        # A kept buffer (or a new tensor) takes the merge. Float32 weights are computed straight into it (several
+        # LoRAs in row blocks, one pass); plain LoRAs on 16-bit weights in row blocks through float32; others
+        # through a float32 copy.
+        buffer = self._buffer(base)
+        single = base.dtype == torch.float32 and len(contributions) == 1
+        if not single and _blockwise(contributions):
             try:
                 _merge_rows(buffer, base, contributions)
             except ValueError as exc:
@@ -367,8 +410,7 @@ class LoraPatcher:
             return
         param = self._parameter(key)
         if key in self._originals:
-            ours = param.data
-            self._spares.setdefault((tuple(ours.shape), ours.dtype, ours.device), []).append(ours)
+            self._retire(key, param.data)
         param.data = self._original(key, param)
         self._originals.pop(key, None)
         self._merged.pop(key, None)
