@@ -256,6 +256,31 @@ def test_switching_back_puts_the_kept_merges_back_and_removing_all_frees_them(mo
     assert all(v.data_ptr() == plain[k] for k, v in _weights(model).items())
 
 
+def test_on_a_full_gpu_a_switch_merges_in_place_instead_of_keeping_the_previous_set(model, models, monkeypatch):
+    """Kept merges take new memory only while a quarter of a GPU's stays free (simulated: mem_get_info); else a
+    switch writes the new merge into the buffer it takes off, as before, and removal is still exact."""
+    from types import SimpleNamespace
+
+    from core.lora import patch
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), nbytes=1 << 30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 << 30, 16 << 30))
+    assert patch._may_allocate(cuda) and patch._may_allocate(torch.zeros(1))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 << 30, 16 << 30))
+    assert not patch._may_allocate(cuda)
+
+    find, cache = _find(models), LoraFileCache()
+    plain = {k: v.clone() for k, v in _weights(model).items()}
+    monkeypatch.setattr(patch, "_may_allocate", lambda like: False)
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    first = {k: v.data_ptr() for k, v in _weights(model).items() if not torch.equal(v, plain[k])}
+    activate(model.loras, [LoraRef("te_only", 0.5)], find, cache)
+    second = {k: v.data_ptr() for k, v in _weights(model).items() if not torch.equal(v, plain[k])}
+    assert first and second == first  # the same buffers, rewritten
+    activate(model.loras, [], find, cache)
+    assert all(torch.equal(v, plain[k]) for k, v in _weights(model).items())
+
+
 def test_two_loras_add_their_deltas_in_any_order(model, models):
     find, cache = _find(models), LoraFileCache()
     before = _weights(model)

@@ -200,7 +200,7 @@ def test_batch_with_kohya_and_diffusers_flux_loras_matches_flux_pipeline(tmp_pat
                                                               diffusers_names=linear),
                                   root / "loras" / "flux_peft.safetensors"),
     }
-    job = {"model": "flux-dev", "steps": 4, "seed": 11, "width": 64, "height": 64}
+    job = {"model": "flux-dev", "steps": 3, "seed": 11, "width": 64, "height": 64}
     jobs = [{**job, "prompt": PROMPT + " <lora:flux_kohya:0.8>"},
             {**job, "prompt": PROMPT, "loras": [{"name": "flux_peft", "weight": 1.0, "te_weight": 0.5}]}]
     job_file = tmp_path / "jobs.jsonl"
