@@ -65,9 +65,47 @@ class LoraReport:
                                  self.unmatched_examples, model_label)
 
 
+class _Misfit(Exception):
+    """(lora, module, ValueError): a contribution whose delta does not fit the weight."""
+
+
+def merge_into(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -> None:
+    """``buffer = cast(float32(base) + Σ m * scale * ΔW)`` (``buffer`` may be ``base`` itself: in place).
+
+    Float32 weights are computed straight into the buffer (several plain LoRAs in row blocks, one pass);
+    plain LoRAs on 16-bit weights in row blocks through float32; anything else (LoHa, LoKr, full diffs, DoRA,
+    row ranges of a fused layer) through a float32 copy. Raises ``_Misfit`` for a delta that does not fit."""
+    single = base.dtype == torch.float32 and len(contributions) == 1
+    if not single and _blockwise(contributions):
+        try:
+            _merge_rows(buffer, base, contributions)
+        except ValueError as exc:
+            raise _Misfit(*contributions[0][:2], exc) from None
+        return
+    if base.dtype == torch.float32:
+        merged, start = buffer, base
+    else:
+        merged, start = base.to(torch.float32, copy=True), None
+    for lora, module, multiplier, target in contributions:
+        try:
+            plain = target.rows is None and not target.swap_halves
+            if start is not None and plain:
+                module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
+            else:
+                if start is not None and start is not merged:
+                    merged.copy_(start)
+                _add_to_part(module, merged, multiplier, target)
+            start = None
+        except ValueError as exc:
+            raise _Misfit(lora, module, exc) from None
+    if merged is not buffer:
+        buffer.copy_(merged)
+
+
 class ForwardDelta:
-    """The LoRA contributions of one packed (fp8/GGUF) layer, added in place to its float32 dequantised weight
-    on every call (``_Packed.weight_patch``), with the ops and order a merge into a float32 weight uses.
+    """The LoRA contributions of one packed (fp8/GGUF) layer, added in place to its dequantised weight on every
+    call (``_Packed.weight_patch``) by ``merge_into``, as a merge into the dequantised weight would add them:
+    the layer computes with the weight of the dequantised model with the LoRAs merged, bit for bit.
 
     Why on the weight and not as ``x @ down.T @ up.T`` beside the layer: the weight is dequantised into a
     temporary on every call anyway, so the delta is one ``addmm`` into it, ``out * in * r`` multiply-adds, and
@@ -82,8 +120,7 @@ class ForwardDelta:
         self.contributions = contributions
 
     def __call__(self, weight: torch.Tensor) -> None:
-        for _, module, multiplier, target in self.contributions:
-            _add_to_part(module, weight, multiplier, target)
+        merge_into(weight, weight, self.contributions)
 
 
 def _may_allocate(like: torch.Tensor) -> bool:
@@ -317,7 +354,7 @@ class LoraPatcher:
         for lora, module, multiplier, target in contributions:
             try:
                 _add_to_part(module, probe, multiplier, target)
-            except (ValueError, RuntimeError) as exc:
+            except (ValueError, RuntimeError) as exc:  # a meta tensor's shape errors are RuntimeErrors
                 raise LoraError(
                     f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
                     f"{key[1]!r} ({exc}); the LoRA was made for another model"
@@ -351,45 +388,16 @@ class LoraPatcher:
             self._keep_original(key, base)
             param.data = kept
             return
-        # A kept buffer (or a new tensor) takes the merge. Float32 weights are computed straight into it (several
-        # LoRAs in row blocks, one pass); plain LoRAs on 16-bit weights in row blocks through float32; others
-        # through a float32 copy.
-        buffer = self._buffer(base)
-        single = base.dtype == torch.float32 and len(contributions) == 1
-        if not single and _blockwise(contributions):
-            try:
-                _merge_rows(buffer, base, contributions)
-            except ValueError as exc:
-                lora, module = contributions[0][:2]
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} does not fit the model's {key[1]!r} ({exc}); the "
-                    "LoRA was made for another model"
-                ) from None
-            self._keep_original(key, base)
-            param.data = buffer
-            return
-        if base.dtype == torch.float32:
-            merged, start = buffer, base
-        else:
-            merged, start = base.to(torch.float32, copy=True), None
-        for lora, module, multiplier, target in contributions:
-            try:
-                plain = target.rows is None and not target.swap_halves
-                if start is not None and plain:
-                    module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
-                else:
-                    if start is not None:
-                        merged.copy_(start)
-                    _add_to_part(module, merged, multiplier, target)
-                start = None
-            except ValueError as exc:
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
-                    f"{key[1]!r} ({exc}); the LoRA was made for another model"
-                ) from None
+        buffer = self._buffer(base)  # a kept buffer or a new tensor takes the merge
+        try:
+            merge_into(buffer, base, contributions)
+        except _Misfit as misfit:
+            lora, module, exc = misfit.args
+            raise LoraError(
+                f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
+                f"{key[1]!r} ({exc}); the LoRA was made for another model"
+            ) from None
         self._keep_original(key, base)
-        if merged is not buffer:
-            buffer.copy_(merged)
         param.data = buffer
 
     def _keep_original(self, key: tuple[str, str], base: torch.Tensor) -> None:

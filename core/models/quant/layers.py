@@ -110,9 +110,8 @@ class _Packed(nn.Module):
     or tests, not for the hot path).
 
     ``weight_patch`` is how a LoRA reaches a packed weight (``core.lora.patch`` sets and clears it; the packed
-    bytes never change): a callable that adds its delta in place to the float32 dequantised weight on every
-    call, before the cast to the compute dtype, so the layer computes with exactly the weight a merge into the
-    float32 dequantised weight would give."""
+    bytes never change): a callable that adds its delta in place to the weight dequantised for the call, so the
+    layer computes with exactly the weight the dequantised layer with the LoRA merged would have."""
 
     weight_raw: torch.Tensor
     weight_patch: Callable[[torch.Tensor], None] | None = None
@@ -143,11 +142,12 @@ class _Packed(nn.Module):
         return self.dequantized_weight(self.compute_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.weight_patch is None:
-            return _decode(self.weight_raw, self.qtype, self.weight_shape, dtype, self.weight_scale)
-        weight = _decode(self.weight_raw, self.qtype, self.weight_shape, torch.float32, self.weight_scale)
-        self.weight_patch(weight)
-        return weight if dtype == torch.float32 else weight.to(dtype)
+        weight = _decode(self.weight_raw, self.qtype, self.weight_shape, dtype, self.weight_scale)
+        if self.weight_patch is not None:
+            if weight.untyped_storage().data_ptr() == self.weight_raw.untyped_storage().data_ptr():
+                weight = weight.clone()  # GGUF F32/F16/BF16 in their own dtype decode to a view of the bytes
+            self.weight_patch(weight)
+        return weight
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
