@@ -7,13 +7,14 @@ may be views of a memory-mapped file. The original tensor is kept (the same obje
 a GPU model) and put back when no LoRA touches the weight any more, so removing LoRAs restores every weight
 exactly. Switching sets re-merges only the weights whose contributions changed; the model is never reloaded.
 A merge buffer a switch takes off a weight is kept with what it holds (within the memory the current or the
-previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those tensors back without computing
-anything; a new set reuses the oldest kept buffers of the same shapes.
+previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those
+tensors back without computing anything; a new set reuses the oldest kept buffers of the same shapes.
 
 fp8 and GGUF weights (the packed layers of ``core.models.quant``, which dequantise per call) take the LoRA at
-forward time instead (``ForwardDelta``): the layer's ``weight_patch`` adds the same contributions to its float32
-dequantised weight on every call, so the layer computes with the weight a merge would give; removing the set
-clears the hook (the packed bytes are never written). Both kinds go through the same ``apply``.
+forward time instead (``ForwardDelta``): the layer's ``weight_patch`` merges the same contributions into the
+weight it dequantises for each call (``merge_into``, as a merge into the dequantised weight would), so the layer
+computes with the merged weight; removing the set clears the hook (the packed bytes are never written). Both
+kinds go through the same ``apply``.
 """
 
 from __future__ import annotations
@@ -374,20 +375,24 @@ class LoraPatcher:
             self._hook(key, layer, contributions)
             return
         param = self._parameter(key)
+        current = param.data
+        group = self._spares.get((tuple(current.shape), current.dtype, current.device))
+        kept = group.pop((key, signature), None) if group and signature else None
+        if kept is not None:  # this very merge, kept from an earlier set: the same bits, nothing to compute
+            if key in self._originals:
+                self._retire(key, current)  # the merge it replaces is kept in turn
+            else:
+                self._keep_original(key, current)
+            param.data = kept
+            return
         base = self._original(key, param)
         if _needs_forward_time(base):  # packed storage outside a layer we wrap: nothing dequantises it per call
             raise LoraError(
                 f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')} outside a packed layer: "
                 "a LoRA cannot be merged into it; use a float16/bfloat16 model"
             )
-        group = self._spares.get((tuple(base.shape), base.dtype, base.device))
-        kept = group.pop((key, signature), None) if group and signature else None
         if key in self._originals:  # the weight holds a merge of ours: kept, a switch back may want it
-            self._retire(key, param.data)
-        if kept is not None:  # this very merge, kept from an earlier set: the same bits, nothing to compute
-            self._keep_original(key, base)
-            param.data = kept
-            return
+            self._retire(key, current)
         buffer = self._buffer(base)  # a kept buffer or a new tensor takes the merge
         try:
             merge_into(buffer, base, contributions)
