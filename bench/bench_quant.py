@@ -83,10 +83,13 @@ def lora_patches(model: nn.Module, rank: int) -> dict[nn.Module, object]:
     return out
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def main() -> None:
@@ -97,7 +100,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK",
                         help="also time a rank-RANK LoRA applied at forward time on the packed variants")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (steadier than wall time on a shared machine)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     variants = ["bf16", "fp8", "Q8_0", "Q4_K"]
@@ -133,7 +140,8 @@ def main() -> None:
     base_time = statistics.median(forward["bf16"])
     n_weights = sum(o * i for o, i in SHAPES)
     print(f"Linear stack {' -> '.join(f'{i}x{o}' for o, i in SHAPES)} ({n_weights / 1e6:.1f} M weights), "
-          f"compute {args.dtype}, {args.tokens} tokens, {args.threads} thread(s), median of {args.reps}")
+          f"compute {args.dtype}, {args.tokens} tokens, {args.threads} thread(s), median of {args.reps}, "
+          f"{args.clock} time")
     print(f"{'weights':8} {'bytes held':>12} {'vs bf16':>8} {'forward ms':>11} {'vs bf16':>8} {'dequant ms':>11}")
     for v in variants:
         held = module_bytes(models[v])
