@@ -189,9 +189,10 @@ def test_batch_with_kohya_and_diffusers_flux_loras_matches_flux_pipeline(tmp_pat
         random_flux_transformer_state_dict("dev", "tiny", dtype=torch.float32), CFG).items()
         if k.endswith(".weight") and v.ndim == 2}
     (root / "loras").mkdir()
-    # sd-scripts' default: the double and single blocks (diffusers 0.42's kohya converter leaves img_in, txt_in,
-    # time_in, vector_in, guidance_in and final_layer without the "transformer." prefix, so load_lora_weights
-    # drops them; we apply them, as ComfyUI does) and CLIP-L
+    # sd-scripts' default: the double and single blocks, and CLIP-L. (diffusers 0.42's kohya converter returns
+    # img_in, txt_in, time_in, vector_in, guidance_in and final_layer without the "transformer." prefix, and
+    # load_lora_adapter keeps only prefixed keys, so load_lora_weights would drop them; we apply them, as
+    # ComfyUI does, and test_each_naming_merges_as_diffusers_reads_it checks them against the converter.)
     kohya = {k: v for k, v in random_flux_lora_state_dict("kohya", seed=11, strength=0.5, text_encoder=True).items()
              if k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"))}
     files = {
