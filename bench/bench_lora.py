@@ -2,7 +2,9 @@
 
 1. Switching: time to change the merged LoRA set between two jobs (A -> B -> A ..., the files already parsed,
    as the runner's file cache has them after first use) against a full checkpoint load (``load_model``, what
-   switching would cost if the model were reloaded). Goal: <= 0.1x.
+   switching would cost if the model were reloaded). Goal: <= 0.1x. Switching back to the previous set puts
+   its kept merges back; "new set" times a set not merged before (A's weight changed each time), which
+   computes every touched weight again.
 2. Steps: one UNet call (CFG batch of 2) with a LoRA set merged against the plain model, alternating.
    Goal: 1.0x (merged weights are plain weights).
 
@@ -88,6 +90,9 @@ def main() -> None:
             order = iter(["B", "A"] * args.repeats)
             switch = median_time(lambda: activate(model.loras, sets[next(order)], find, cache), 2 * args.repeats)
             merged_weights = model.loras.merged_weights
+            weights = iter([0.7 - 0.05 * i for i in range(2 * args.repeats)])
+            fresh = median_time(lambda: activate(model.loras, [LoraRef("a", next(weights))], find, cache),
+                                2 * args.repeats)
 
             unet = model.checkpoint.unet
             cfg = unet.config
@@ -113,6 +118,7 @@ def main() -> None:
     print(f"  checkpoint load            {load * 1000:9.1f} ms")
     print(f"  first LoRA set (reads file) {first * 1000:8.1f} ms")
     print(f"  switch A <-> B             {switch * 1000:9.1f} ms   = {switch / load:.3f}x a load (goal <= 0.1x)")
+    print(f"  switch to a new set        {fresh * 1000:9.1f} ms   = {fresh / load:.3f}x a load")
     p, w = statistics.median(plain), statistics.median(with_lora)
     print(f"  UNet step {args.latent}x{args.latent} x2    {p * 1000:9.1f} ms plain, {w * 1000:.1f} ms with LoRAs"
           f"   = {w / p:.3f}x (goal 1.0x)")

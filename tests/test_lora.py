@@ -214,7 +214,7 @@ def test_removing_loras_restores_every_weight_exactly_and_switching_remerges_onl
     unet_weights = model.loras.merged_weights
     merges = []
     original = model.loras._merge
-    model.loras._merge = lambda key, c: (merges.append(key), original(key, c))
+    model.loras._merge = lambda key, c, sig: (merges.append(key), original(key, c, sig))
     activate(model.loras, [LoraRef("unet_only", 0.9), LoraRef("te_only", 1.0)], find, cache)
     assert merges and all(role == "text_encoder" for role, _ in merges)  # the UNet kept its merge
     assert model.loras.merged_weights == unet_weights + len(merges)
@@ -228,20 +228,57 @@ def test_removing_loras_restores_every_weight_exactly_and_switching_remerges_onl
     assert cache.reads == 4  # each file read once
 
 
-def test_switching_reuses_merge_buffers_and_removing_all_frees_them(model, models):
-    """A weight a new set no longer patches gives its buffer to the next one of the same shape (a fresh
-    tensor would page-fault on every write); with no LoRA left no spare is kept."""
+def test_switching_back_puts_the_kept_merges_back_and_removing_all_frees_them(model, models, monkeypatch):
+    """A merge buffer a switch takes off its weight is kept with what it holds: switching back to the previous
+    set puts the same tensors back, nothing computed, and a third set writes into the oldest kept buffers
+    (fresh memory would page-fault on every write) instead of allocating; with no LoRA left nothing is kept."""
+    from core.lora.files import LoraModule
+
     find, cache = _find(models), LoraFileCache()
-    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
-    te_buffers = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("text_encoder")}
     plain = {k: v.data_ptr() for k, v in _weights(model).items()}
-    activate(model.loras, [LoraRef("te_only", 1.0, te_weight=0.0), LoraRef("kohya", 0.5, te_weight=0.0)], find, cache)
-    reused = {v.data_ptr() for k, v in _weights(model).items() if k.startswith("unet")} & te_buffers
-    assert reused  # UNet weights of the text encoder's shapes took its freed buffers
-    assert model.loras._spares or len(reused) == len(te_buffers)
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    first = {k: (v.data_ptr(), v.clone()) for k, v in _weights(model).items() if v.data_ptr() != plain[k]}
+    activate(model.loras, [LoraRef("kohya", 0.5)], find, cache)  # the same text-encoder weights and the UNet's
+    second = {k: v.data_ptr() for k, v in _weights(model).items() if v.data_ptr() != plain[k]}
+    assert first and not set(second.values()) & {ptr for ptr, _ in first.values()}  # te_only's merges kept
+    computed = []
+    original = LoraModule.add_to
+    monkeypatch.setattr(LoraModule, "add_to", lambda self, *a, **k: (computed.append(self.name), original(self, *a, **k)))
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    after = _weights(model)
+    assert computed == [] and all(after[k].data_ptr() == ptr and torch.equal(after[k], v) for k, (ptr, v) in first.items())
+    assert all(after[k].data_ptr() == plain[k] for k in after if k not in first)
+    activate(model.loras, [LoraRef("peft", 0.5)], find, cache)
+    third = {v.data_ptr() for k, v in _weights(model).items() if v.data_ptr() != plain[k]}
+    assert computed and third & set(second.values())  # kohya's kept buffers took the new merges
     activate(model.loras, [], find, cache)
     assert model.loras._spares == {} and model.loras.merged_weights == 0
-    assert all(v.data_ptr() == plain[k] for k, v in _weights(model).items() if k.startswith("unet"))
+    assert all(v.data_ptr() == plain[k] for k, v in _weights(model).items())
+
+
+def test_on_a_full_gpu_a_switch_merges_in_place_instead_of_keeping_the_previous_set(model, models, monkeypatch):
+    """Kept merges take new memory only while a quarter of a GPU's stays free (simulated: mem_get_info); else a
+    switch writes the new merge into the buffer it takes off, as before, and removal is still exact."""
+    from types import SimpleNamespace
+
+    from core.lora import patch
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), nbytes=1 << 30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 << 30, 16 << 30))
+    assert patch._may_allocate(cuda) and patch._may_allocate(torch.zeros(1))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 << 30, 16 << 30))
+    assert not patch._may_allocate(cuda)
+
+    find, cache = _find(models), LoraFileCache()
+    plain = {k: v.clone() for k, v in _weights(model).items()}
+    monkeypatch.setattr(patch, "_may_allocate", lambda like: False)
+    activate(model.loras, [LoraRef("te_only", 1.0)], find, cache)
+    first = {k: v.data_ptr() for k, v in _weights(model).items() if not torch.equal(v, plain[k])}
+    activate(model.loras, [LoraRef("te_only", 0.5)], find, cache)
+    second = {k: v.data_ptr() for k, v in _weights(model).items() if not torch.equal(v, plain[k])}
+    assert first and second == first  # the same buffers, rewritten
+    activate(model.loras, [], find, cache)
+    assert all(torch.equal(v, plain[k]) for k, v in _weights(model).items())
 
 
 def test_two_loras_add_their_deltas_in_any_order(model, models):

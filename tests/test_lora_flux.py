@@ -136,3 +136,105 @@ def test_a_flux_lora_is_checked_against_a_flux_checkpoint_from_the_headers(tmp_p
     path = save_tensors(random_flux_lora_state_dict("kohya", seed=4), tmp_path / "k.safetensors")
     assert read_lora(path).family == "flux"
     assert check_lora(path, checkpoint, "k", "flux1-dev") == []
+
+
+# ---- the proof: darkroom --batch with Flux LoRAs against FluxPipeline ----------------------------------------
+
+
+def _merge_into_flux_pipeline(pipe, path, unet: float, te: float) -> None:
+    """What ``FluxPipeline.load_lora_weights(path)`` then ``fuse_lora`` at ``unet`` (transformer) and ``te``
+    (CLIP-L) does, peft's step written out (peft is not installed here; as ``merge_lora_reference``): diffusers'
+    ``lora_state_dict`` converts the file (kohya: alpha / r baked into the factors), the text encoder's keys go
+    through ``convert_state_dict_to_peft``, and each layer gets ``W += scale * B @ A``."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    with _tiny_kohya_split():
+        state_dict, alphas = pipe.lora_state_dict(str(path), return_alphas=True)
+    assert not alphas  # both formats here: no alphas left to apply (baked by the kohya converter, none in PEFT)
+    transformer = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
+    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+        {k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}))
+    assert transformer and text and len(transformer) + len(text) == len(state_dict)
+    flat_text = not any(k.startswith("text_model.") for k in pipe.text_encoder.state_dict())  # transformers >= 5.6
+    with torch.no_grad():
+        for model, sd, scale in ((pipe.transformer, transformer, unet), (pipe.text_encoder, text, te)):
+            for key in [k for k in sd if k.endswith(".lora_A.weight")]:
+                name = key.removesuffix(".lora_A.weight")
+                if flat_text and model is pipe.text_encoder:
+                    name = name.removeprefix("text_model.")
+                weight = model.get_submodule(name).weight
+                weight += scale * (sd[key.replace("lora_A", "lora_B")].float() @ sd[key].float())
+
+
+def test_batch_with_kohya_and_diffusers_flux_loras_matches_flux_pipeline(tmp_path, monkeypatch):
+    """``darkroom --batch``: a kohya Flux LoRA (``lora_unet_*`` + CLIP-L ``lora_te1_*``, prompt tag) and a
+    diffusers/PEFT one (``transformer.*`` + ``text_encoder.*``, ``loras`` field with its own text-encoder
+    weight) against diffusers' ``FluxPipeline`` with the same files merged at the same scales, PSNR >= 40 dB."""
+    import io
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from cli.batch import run_batch
+    from core.lora.tags import strip_tags
+    from core.metadata import read_request
+    from core.models.testing import write_random_flux_checkpoint
+    from tests.reference import psnr, reference_flux_pipeline, torch_threads
+    from tests.test_flux_pipeline import PROMPT, _reference_image
+
+    root = tmp_path / "models"
+    checkpoint = write_random_flux_checkpoint(root / "checkpoints" / "flux-dev.safetensors", "dev", seed=3)
+    linear = {k.removesuffix(".weight"): tuple(v.shape) for k, v in bfl_to_diffusers(
+        random_flux_transformer_state_dict("dev", "tiny", dtype=torch.float32), CFG).items()
+        if k.endswith(".weight") and v.ndim == 2}
+    (root / "loras").mkdir()
+    # sd-scripts' default: the double and single blocks, and CLIP-L. (diffusers 0.42's kohya converter returns
+    # img_in, txt_in, time_in, vector_in, guidance_in and final_layer without the "transformer." prefix, and
+    # load_lora_adapter keeps only prefixed keys, so load_lora_weights would drop them; we apply them, as
+    # ComfyUI does, and test_each_naming_merges_as_diffusers_reads_it checks them against the converter.)
+    kohya = {k: v for k, v in random_flux_lora_state_dict("kohya", seed=11, strength=0.5, text_encoder=True).items()
+             if k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"))}
+    files = {
+        "flux_kohya": save_tensors(kohya, root / "loras" / "flux_kohya.safetensors"),
+        "flux_peft": save_tensors(random_flux_lora_state_dict("diffusers", seed=12, strength=0.5, text_encoder=True,
+                                                              diffusers_names=linear),
+                                  root / "loras" / "flux_peft.safetensors"),
+    }
+    job = {"model": "flux-dev", "steps": 3, "seed": 11, "width": 64, "height": 64}
+    jobs = [{**job, "prompt": PROMPT + " <lora:flux_kohya:0.8>"},
+            {**job, "prompt": PROMPT, "loras": [{"name": "flux_peft", "weight": 1.0, "te_weight": 0.5}]}]
+    job_file = tmp_path / "jobs.jsonl"
+    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DARKROOM_MODELS", str(root))
+    with torch_threads(1):
+        code = run_batch(str(job_file), models_dirs=[root], output_dir=tmp_path / "out", db_path=tmp_path / "jobs.db",
+                         stdout=out, stderr=err, rich_progress=False)
+        assert code == 0, err.getvalue()
+        paths = [Path(line) for line in out.getvalue().splitlines()]
+        assert len(paths) == 2 and "match no layer" not in err.getvalue(), err.getvalue()
+
+        pipe = reference_flux_pipeline(checkpoint, "dev")
+        plain_weights = {role: {k: v.clone() for k, v in getattr(pipe, role).state_dict().items()}
+                         for role in ("transformer", "text_encoder")}
+        req = read_request(paths[0])
+        req = req.replace(prompt=strip_tags(req.prompt), guidance=None)
+        plain = _reference_image(pipe, req, "dev")
+        for path, (name, unet, te) in zip(paths, (("flux_kohya", 0.8, 0.8), ("flux_peft", 1.0, 0.5))):
+            for role, state in plain_weights.items():
+                getattr(pipe, role).load_state_dict(state)
+            _merge_into_flux_pipeline(pipe, files[name], unet, te)
+            expected = _reference_image(pipe, req, "dev")
+            ours = Image.open(path).convert("RGB")
+            with_lora, without = psnr(ours, expected), psnr(ours, plain)
+            print(f"Flux.1 --batch with LoRA {name} vs FluxPipeline with it: {with_lora:.1f} dB (without: {without:.1f})")
+            assert with_lora >= 40
+            assert without < with_lora - 5  # the LoRA visibly changed the image
+        for role, state in plain_weights.items():
+            getattr(pipe, role).load_state_dict(state)
+        _merge_into_flux_pipeline(pipe, files["flux_peft"], 1.0, 0.0)
+        transformer_only = psnr(ours, _reference_image(pipe, req, "dev"))
+        print(f"... against FluxPipeline with the transformer part only: {transformer_only:.1f} dB")
+        assert transformer_only < with_lora - 5  # the text-encoder LoRA is applied, at its own weight

@@ -423,10 +423,9 @@ def test_qwen3_gguf_names_are_the_checkpoint_names():
 
 def test_an_fp8_sd_checkpoint_stays_packed_and_generates(tmp_path):
     """The packed layers are generic: an fp8 SD1.x checkpoint (UNet convs and linears, CLIP, VAE) keeps its
-    weights at one byte each and generates; a LoRA on it is one clear message."""
+    weights at one byte each and generates; a LoRA (convs and linears) applies at forward time and comes off."""
     import math
 
-    from core.lora import LoraError
     from core.lora.files import LoraFileCache
     from core.lora.patch import activate
     from core.lora.tags import LoraRef
@@ -445,9 +444,14 @@ def test_an_fp8_sd_checkpoint_stays_packed_and_generates(tmp_path):
     request = GenerationRequest(model="fp8", prompt="a lighthouse", steps=1, cfg=1.0, width=64, height=64, seed=1)
     image = generate(packed, request)[0][0]
     assert image.size == (64, 64) and len(set(image.getdata())) > 1
-    lora = testing.write_random_lora(tmp_path / "detail.safetensors", "sd15")
-    with pytest.raises(LoraError, match="is stored packed \\(fp8/GGUF\\): LoRAs on such weights"):
-        activate(packed.loras, [LoraRef("detail")], lambda name: lora, LoraFileCache())
+    lora = testing.write_random_lora(tmp_path / "detail.safetensors", "sd15", fmt="locon", strength=1.0)
+    raw = unet.input_blocks[1][0].in_layers[2].weight_raw.clone()
+    assert activate(packed.loras, [LoraRef("detail")], lambda name: lora, LoraFileCache()) == []
+    assert packed.loras.merged_weights > 0
+    assert generate(packed, request.replace(prompt="a lighthouse <lora:detail>"))[0][0].tobytes() != image.tobytes()
+    activate(packed.loras, [], lambda name: lora, LoraFileCache())
+    assert all(getattr(m, "weight_patch", None) is None for m in unet.modules())  # off (tests/test_lora_packed.py)
+    assert torch.equal(unet.input_blocks[1][0].in_layers[2].weight_raw, raw)
 
 
 def test_t5_part_with_the_tied_embedding_copy_and_decoder_keys(tmp_path):

@@ -6,14 +6,21 @@ never matter, and the parameter's tensor is *replaced* (``param.data = W'``), ne
 may be views of a memory-mapped file. The original tensor is kept (the same object on the CPU, a CPU copy for
 a GPU model) and put back when no LoRA touches the weight any more, so removing LoRAs restores every weight
 exactly. Switching sets re-merges only the weights whose contributions changed; the model is never reloaded.
+A merge buffer a switch takes off a weight is kept with what it holds (within the memory the current or the
+previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those
+tensors back without computing anything; a new set reuses the oldest kept buffers of the same shapes.
 
-fp8 and GGUF weights would need the delta applied at forward time on the dequantised layer
-(``_needs_forward_time``): not implemented yet, refused with a clear error.
+fp8 and GGUF weights (the packed layers of ``core.models.quant``, which dequantise per call) take the LoRA at
+forward time instead (``ForwardDelta``): the layer's ``weight_patch`` merges the same contributions into the
+weight it dequantises for each call (``merge_into``, as a merge into the dequantised weight would), so the layer
+computes with the merged weight; removing the set clears the hook (the packed bytes are never written). Both
+kinds go through the same ``apply``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +66,74 @@ class LoraReport:
                                  self.unmatched_examples, model_label)
 
 
+class _Misfit(Exception):
+    """(lora, module, ValueError): a contribution whose delta does not fit the weight."""
+
+
+def merge_into(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -> None:
+    """``buffer = cast(float32(base) + Σ m * scale * ΔW)`` (``buffer`` may be ``base`` itself: in place).
+
+    Float32 weights are computed straight into the buffer (several plain LoRAs in row blocks, one pass);
+    plain LoRAs on 16-bit weights in row blocks through float32; anything else (LoHa, LoKr, full diffs, DoRA,
+    row ranges of a fused layer) through a float32 copy. Raises ``_Misfit`` for a delta that does not fit."""
+    single = base.dtype == torch.float32 and len(contributions) == 1
+    if not single and _blockwise(contributions):
+        try:
+            _merge_rows(buffer, base, contributions)
+        except ValueError as exc:
+            raise _Misfit(*contributions[0][:2], exc) from None
+        return
+    if base.dtype == torch.float32:
+        merged, start = buffer, base
+    else:
+        merged, start = base.to(torch.float32, copy=True), None
+    for lora, module, multiplier, target in contributions:
+        try:
+            plain = target.rows is None and not target.swap_halves
+            if start is not None and plain:
+                module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
+            else:
+                if start is not None and start is not merged:
+                    merged.copy_(start)
+                _add_to_part(module, merged, multiplier, target)
+            start = None
+        except ValueError as exc:
+            raise _Misfit(lora, module, exc) from None
+    if merged is not buffer:
+        buffer.copy_(merged)
+
+
+class ForwardDelta:
+    """The LoRA contributions of one packed (fp8/GGUF) layer, added in place to its dequantised weight on every
+    call (``_Packed.weight_patch``) by ``merge_into``, as a merge into the dequantised weight would add them:
+    the layer computes with the weight of the dequantised model with the LoRAs merged, bit for bit.
+
+    Why on the weight and not as ``x @ down.T @ up.T`` beside the layer: the weight is dequantised into a
+    temporary on every call anyway, so the delta is one ``addmm`` into it, ``out * in * r`` multiply-adds, and
+    the result is the merged weight exactly (split q/k/v rows, swapped halves, LoHa/LoKr/full deltas and DoRA
+    come for free). The side path costs ``tokens * (in + out) * r``, more once ``tokens > out * in / (in + out)``
+    (1536 for Flux's 3072-wide layers, which see 4096 + 512 tokens at 1024 px, twice that with CFG), does not
+    reproduce the merge's rounding and cannot express DoRA."""
+
+    __slots__ = ("contributions",)
+
+    def __init__(self, contributions: list) -> None:
+        self.contributions = contributions
+
+    def __call__(self, weight: torch.Tensor) -> None:
+        merge_into(weight, weight, self.contributions)
+
+
+def _may_allocate(like: torch.Tensor) -> bool:
+    """Whether a switch may take new memory for a merge buffer to keep the previous one: on the CPU yes (the
+    kept buffers stay within the merged weights' size, ``_trim_spares``); on a GPU while a quarter of its
+    memory stays free after it, so keeping merges never crowds out the activations."""
+    if like.device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(like.device)
+    return free - like.nbytes > total // 4
+
+
 def _needs_forward_time(weight: torch.Tensor) -> bool:
     """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
@@ -74,8 +149,9 @@ def _blockwise(contributions: list) -> bool:
 
 
 def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -> None:
-    """``buffer = cast(float32(base) + Σ m * scale * up @ down)`` a block of rows at a time: the same bits as
-    the whole-weight float32 merge, without a weight-sized float32 temporary."""
+    """``buffer = cast(float32(base) + Σ m * scale * up @ down)`` a block of rows at a time: for 16-bit weights
+    without a weight-sized float32 temporary, and for several LoRAs on one weight in one pass over memory (each
+    block takes every LoRA while it is in cache, instead of one pass over the whole weight per LoRA)."""
     out = base.shape[0]
     flat_base, flat = base.reshape(out, -1), buffer.view(out, -1)
     factors = []
@@ -89,10 +165,16 @@ def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -
     rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
     for start in range(0, out, rows):
         stop = min(out, start + rows)
-        block = flat_base[start:stop].float()
-        for up, down, alpha in factors:
+        if base.dtype == torch.float32:  # straight into the buffer: base + the first LoRA, then the others
+            block = flat[start:stop]
+            (up, down, alpha), rest = factors[0], factors[1:]
+            torch.addmm(flat_base[start:stop], up[start:stop], down, alpha=alpha, out=block)
+        else:
+            block, rest = flat_base[start:stop].float(), factors
+        for up, down, alpha in rest:
             block.addmm_(up[start:stop], down, alpha=alpha)
-        flat[start:stop].copy_(block)
+        if block.data_ptr() != flat[start:stop].data_ptr():
+            flat[start:stop].copy_(block)
 
 
 def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, target: Target) -> None:
@@ -122,10 +204,15 @@ class LoraPatcher:
         self._table: dict[str, Target] | None = None
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (role, parameter) -> original tensor
         self._merged: dict[tuple[str, str], tuple] = {}  # (role, parameter) -> signature of what is merged in
-        # merge buffers of weights no longer patched, by (shape, dtype, device): the next switch writes into
-        # them instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
-        self._spares: dict[tuple, list[torch.Tensor]] = {}
+        # merge buffers taken off their weights, by (shape, dtype, device), each under (weight, signature of what
+        # it holds), oldest first: a switch back to that merge puts it back as it is; a new merge writes into the
+        # oldest instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
+        self._spares: dict[tuple, OrderedDict[tuple, torch.Tensor]] = {}
+        self._retired: set[int] = set()  # ids of the buffers taken off in this apply: not reused by it
+        self._merged_bytes = 0  # what the merged weights took after the last apply
         self._params: dict[tuple[str, str], nn.Parameter] = {}
+        self._layers: dict[tuple[str, str], nn.Module | None] = {}  # (role, parameter) -> its packed layer, if any
+        self._hooked: set[tuple[str, str]] = set()  # packed weights with a ForwardDelta attached
         self.active: tuple[ActiveLora, ...] = ()
         self.requested: tuple[LoraRef, ...] = ()  # the refs of the request these LoRAs came from
         self.text_signature: tuple = ()  # what changes prompt encodings: LoRAs merged into text encoders
@@ -189,14 +276,16 @@ class LoraPatcher:
                     self._restore(key)
             for key, contributions in plan.items():
                 if self._merged.get(key) != wanted[key]:
-                    self._merge(key, contributions)
+                    self._merge(key, contributions, wanted[key])
                     self._merged[key] = wanted[key]
         except BaseException:
-            for key in list(self._originals):  # half a set is no set: back to the plain model
+            for key in [*self._originals, *self._hooked]:  # half a set is no set: back to the plain model
                 self._restore(key)
             self._spares.clear()
             self.active, self.requested, self.text_signature = (), (), ()
             raise
+        finally:
+            self._retired.clear()
         self._trim_spares()
         self.active = tuple(loras)
         self.requested = tuple(requested)
@@ -209,21 +298,29 @@ class LoraPatcher:
         self.apply(())
 
     def _trim_spares(self) -> None:
-        """Spare buffers take at most as much memory as the weights merged now (none once no LoRA is)."""
-        budget = sum(self._parameter(key).data.nbytes for key in self._originals)
-        kept = 0
-        for spares in self._spares.values():
-            for index, tensor in enumerate(spares):
-                kept += tensor.nbytes
-                if kept > budget:
-                    del spares[index:]
-                    break
+        """Kept buffers take at most as much memory as the weights merged now or, if more, by the set before
+        (so that set comes back whole), and none once no LoRA is merged; the oldest go first."""
+        merged = sum(self._parameter(key).data.nbytes for key in self._originals)
+        budget, self._merged_bytes = (max(merged, self._merged_bytes) if merged else 0), merged
+        held = sum(t.nbytes for group in self._spares.values() for t in group.values())
+        for group in self._spares.values():
+            while group and held > budget:
+                held -= group.popitem(last=False)[1].nbytes
         self._spares = {k: v for k, v in self._spares.items() if v}
 
+    def _retire(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
+        """Keep a merge buffer taken off ``key`` with the signature of what it holds."""
+        group = self._spares.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), OrderedDict())
+        group[(key, self._merged.get(key))] = tensor
+        self._retired.add(id(tensor))
+
     def _buffer(self, base: torch.Tensor) -> torch.Tensor:
-        spares = self._spares.get((tuple(base.shape), base.dtype, base.device))
-        if spares:
-            return spares.pop()
+        """The oldest kept buffer of ``base``'s shape not taken off in this switch (those may be wanted back by
+        the next one), else a new tensor."""
+        group = self._spares.get((tuple(base.shape), base.dtype, base.device))
+        for tag, tensor in (group or {}).items():
+            if id(tensor) not in self._retired or not _may_allocate(base):
+                return group.pop(tag)  # type: ignore[union-attr]
         return torch.empty_like(base, memory_format=torch.contiguous_format)
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
@@ -233,12 +330,38 @@ class LoraPatcher:
             role, name = key
             try:
                 param = self._params[key] = self.components[role].get_parameter(name)
-            except AttributeError:  # a packed (fp8/GGUF) layer: its weight is rebuilt per call, not a parameter
-                raise LoraError(
-                    f"{role} weight {name!r} is stored packed (fp8/GGUF): LoRAs on such weights must be applied "
-                    "at forward time, which is not supported yet; use a float16/bfloat16 model"
-                ) from None
+            except AttributeError:
+                raise LoraError(f"{role} has no weight {name!r} a LoRA can patch") from None
         return param
+
+    def _packed(self, key: tuple[str, str]) -> nn.Module | None:
+        """The packed (fp8/GGUF) layer whose weight ``key`` is, or None for an ordinary parameter."""
+        if key not in self._layers:
+            from core.models.quant.layers import _Packed
+
+            role, name = key
+            module_name, _, leaf = name.rpartition(".")
+            try:
+                layer = self.components[role].get_submodule(module_name)
+            except AttributeError:
+                layer = None
+            self._layers[key] = layer if leaf == "weight" and isinstance(layer, _Packed) else None
+        return self._layers[key]
+
+    def _hook(self, key: tuple[str, str], layer: nn.Module, contributions: list) -> None:
+        """Attach the contributions to a packed layer, checked against its shape first on the meta device (no
+        memory, no arithmetic), so a LoRA that does not fit fails here, not in the middle of a job."""
+        probe = torch.empty(layer.weight_shape, dtype=torch.float32, device="meta")
+        for lora, module, multiplier, target in contributions:
+            try:
+                _add_to_part(module, probe, multiplier, target)
+            except (ValueError, RuntimeError) as exc:  # a meta tensor's shape errors are RuntimeErrors
+                raise LoraError(
+                    f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
+                    f"{key[1]!r} ({exc}); the LoRA was made for another model"
+                ) from None
+        layer.weight_patch = ForwardDelta(list(contributions))
+        self._hooked.add(key)
 
     def _original(self, key: tuple[str, str], param: nn.Parameter) -> torch.Tensor:
         kept = self._originals.get(key)
@@ -246,52 +369,40 @@ class LoraPatcher:
             return param.data
         return kept if kept.device == param.device else kept.to(param.device)
 
-    def _merge(self, key: tuple[str, str], contributions: list) -> None:
-        param = self._parameter(key)
-        base = self._original(key, param)
-        if _needs_forward_time(base):
-            raise LoraError(
-                f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')}: LoRAs on fp8/GGUF "
-                "weights must be applied at forward time, which is not supported yet; use a float16/bfloat16 model"
-            )
-        # A weight merged before holds a tensor of ours: the new merge is written into it (no allocation, no page
-        # faults); a fresh merge takes a spare buffer or a new tensor. Float32 weights are computed in place;
-        # plain LoRAs on 16-bit weights in row blocks through float32; others through a float32 copy.
-        buffer = param.data if key in self._originals else self._buffer(base)
-        if base.dtype != torch.float32 and _blockwise(contributions):
-            try:
-                _merge_rows(buffer, base, contributions)
-            except ValueError as exc:
-                lora, module = contributions[0][:2]
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} does not fit the model's {key[1]!r} ({exc}); the "
-                    "LoRA was made for another model"
-                ) from None
-            self._keep_original(key, base)
-            param.data = buffer
+    def _merge(self, key: tuple[str, str], contributions: list, signature: tuple = ()) -> None:
+        layer = self._packed(key)
+        if layer is not None:
+            self._hook(key, layer, contributions)
             return
-        if base.dtype == torch.float32:
-            merged, start = buffer, base
-        else:
-            merged, start = base.to(torch.float32, copy=True), None
-        for lora, module, multiplier, target in contributions:
-            try:
-                plain = target.rows is None and not target.swap_halves
-                if start is not None and plain:
-                    module.add_to(merged, multiplier, start=start)  # merged = start + delta, one pass
-                else:
-                    if start is not None:
-                        merged.copy_(start)
-                    _add_to_part(module, merged, multiplier, target)
-                start = None
-            except ValueError as exc:
-                raise LoraError(
-                    f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
-                    f"{key[1]!r} ({exc}); the LoRA was made for another model"
-                ) from None
+        param = self._parameter(key)
+        current = param.data
+        group = self._spares.get((tuple(current.shape), current.dtype, current.device))
+        kept = group.pop((key, signature), None) if group and signature else None
+        if kept is not None:  # this very merge, kept from an earlier set: the same bits, nothing to compute
+            if key in self._originals:
+                self._retire(key, current)  # the merge it replaces is kept in turn
+            else:
+                self._keep_original(key, current)
+            param.data = kept
+            return
+        base = self._original(key, param)
+        if _needs_forward_time(base):  # packed storage outside a layer we wrap: nothing dequantises it per call
+            raise LoraError(
+                f"{key[0]} weight {key[1]!r} is {str(base.dtype).removeprefix('torch.')} outside a packed layer: "
+                "a LoRA cannot be merged into it; use a float16/bfloat16 model"
+            )
+        if key in self._originals:  # the weight holds a merge of ours: kept, a switch back may want it
+            self._retire(key, current)
+        buffer = self._buffer(base)  # a kept buffer or a new tensor takes the merge
+        try:
+            merge_into(buffer, base, contributions)
+        except _Misfit as misfit:
+            lora, module, exc = misfit.args
+            raise LoraError(
+                f"{lora.file.path}: LoRA {lora.ref.name!r} module {module.name!r} does not fit the model's "
+                f"{key[1]!r} ({exc}); the LoRA was made for another model"
+            ) from None
         self._keep_original(key, base)
-        if merged is not buffer:
-            buffer.copy_(merged)
         param.data = buffer
 
     def _keep_original(self, key: tuple[str, str], base: torch.Tensor) -> None:
@@ -305,10 +416,14 @@ class LoraPatcher:
                 self._originals[key] = kept.copy_(base)
 
     def _restore(self, key: tuple[str, str]) -> None:
+        if key in self._hooked:
+            self._packed(key).weight_patch = None  # type: ignore[union-attr]
+            self._hooked.discard(key)
+            self._merged.pop(key, None)
+            return
         param = self._parameter(key)
         if key in self._originals:
-            ours = param.data
-            self._spares.setdefault((tuple(ours.shape), ours.dtype, ours.device), []).append(ours)
+            self._retire(key, param.data)
         param.data = self._original(key, param)
         self._originals.pop(key, None)
         self._merged.pop(key, None)

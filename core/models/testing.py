@@ -715,6 +715,7 @@ FLUX_LORA_FORMATS = ("kohya", "bfl", "diffusers", "xlabs")
 def random_flux_lora_state_dict(
     fmt: str = "kohya", size: str = "tiny", *, rank: int = 4, alpha: float | None = 2.0, seed: int = 0,
     dtype: torch.dtype = torch.float32, strength: float = 0.3, diffusers_names: dict[str, tuple[int, ...]] | None = None,
+    text_encoder: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Random Flux.1 LoRA weights in one trainer's naming (``FLUX_LORA_FORMATS``), on every Linear layer:
 
@@ -725,6 +726,9 @@ def random_flux_lora_state_dict(
       lists (name -> weight shape, e.g. a ``FluxTransformer2DModel``'s), no alpha;
     - ``xlabs``: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.down/up.weight`` and single blocks'
       ``processor.qkv_lora`` (what XLabs' trainer writes), no alpha.
+
+    ``text_encoder`` adds CLIP-L's attention and MLP layers (kohya ``lora_te1_text_model_encoder_layers_N_*``
+    with alphas, diffusers ``text_encoder.text_model.encoder.layers.N.*``; kohya and diffusers formats only).
     """
     from core.models.flux import Flux, FluxConfig
 
@@ -748,22 +752,28 @@ def random_flux_lora_state_dict(
                 shapes[f"double_blocks.{n}.processor.proj_lora{i}"] = (d, d)
         for n in range(cfg.depth_single_blocks):
             shapes[f"single_blocks.{n}.processor.qkv_lora"] = (3 * d, d)
+    if text_encoder and fmt not in ("kohya", "diffusers"):
+        raise ValueError(f"text-encoder layers are written for the kohya and diffusers formats, not {fmt!r}")
+    clip = {f"te:{k.split(':', 1)[1]}": v[1] for k, v in
+            lora_layers("flux", size, unet=False).items()} if text_encoder else {}
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, (out_dim, in_dim) in shapes.items():
+    for name, (out_dim, in_dim) in {**shapes, **clip}.items():
         r = min(rank, out_dim, in_dim)
         factor = math.sqrt(strength / math.sqrt(in_dim) / math.sqrt(r))
         down = (torch.randn(r, in_dim, generator=g) * factor).to(dtype)
         up = (torch.randn(out_dim, r, generator=g) * factor).to(dtype)
+        te = name.startswith("te:")
+        name = name.removeprefix("te:")
         if fmt == "kohya":
-            key = "lora_unet_" + name.replace(".", "_")
+            key = ("lora_te1_" if te else "lora_unet_") + name.replace(".", "_")
             out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = down, up
             if alpha is not None:
                 out[key + ".alpha"] = torch.tensor(float(r if name.startswith("final_layer") else alpha), dtype=dtype)
         elif fmt == "xlabs":
             out[name + ".down.weight"], out[name + ".up.weight"] = down, up
         else:
-            key = ("diffusion_model." if fmt == "bfl" else "transformer.") + name
+            key = ("diffusion_model." if fmt == "bfl" else "text_encoder." if te else "transformer.") + name
             out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = down, up
     return out
 

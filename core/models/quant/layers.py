@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -106,10 +106,15 @@ def _decode(
 
 class _Packed(nn.Module):
     """Shared parts of the wrappers: the packed bytes as the buffer ``weight_raw`` (moves with ``.to()``, never
-    cast by it) and ``weight``, a read-only property that dequantises (a full-size temporary: for inspection,
-    LoRA merging or tests, not for the hot path)."""
+    cast by it) and ``weight``, a read-only property that dequantises (a full-size temporary: for inspection
+    or tests, not for the hot path).
+
+    ``weight_patch`` is how a LoRA reaches a packed weight (``core.lora.patch`` sets and clears it; the packed
+    bytes never change): a callable that adds its delta in place to the weight dequantised for the call, so the
+    layer computes with exactly the weight the dequantised layer with the LoRA merged would have."""
 
     weight_raw: torch.Tensor
+    weight_patch: Callable[[torch.Tensor], None] | None = None
 
     def _init_packed(self, packed: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.register_buffer("weight_raw", packed.raw)
@@ -137,7 +142,12 @@ class _Packed(nn.Module):
         return self.dequantized_weight(self.compute_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return _decode(self.weight_raw, self.qtype, self.weight_shape, dtype, self.weight_scale)
+        weight = _decode(self.weight_raw, self.qtype, self.weight_shape, dtype, self.weight_scale)
+        if self.weight_patch is not None:
+            if weight.untyped_storage().data_ptr() == self.weight_raw.untyped_storage().data_ptr():
+                weight = weight.clone()  # GGUF F32/F16/BF16 in their own dtype decode to a view of the bytes
+            self.weight_patch(weight)
+        return weight
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
@@ -198,6 +208,8 @@ class QuantizedEmbedding(_Packed):
         self._init_packed(packed, None, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight_patch is not None:  # a LoRA on the table: the whole patched table, then the lookup
+            return F.embedding(ids, self.dequantized_weight(self.compute_dtype))
         rows = self.weight_raw.reshape(self.num_embeddings, -1)[ids.reshape(-1)]
         shape = (rows.shape[0], self.embedding_dim)
         out = _decode(rows, self.qtype, shape, self.compute_dtype, self.weight_scale)
