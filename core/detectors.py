@@ -24,11 +24,12 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from core.errors import DarkroomError
+
+if TYPE_CHECKING:  # the TUI imports this module for its names before the first paint, which needs no PIL
+    from PIL import Image
 
 # ADetailer's mediapipe names: FaceDetection's model_selection (1: full range, 5 m; 0: short range, 2 m), and
 # FaceMesh's landmarks (the face's outline, or the eyes' alone) as the region's mask
@@ -53,7 +54,7 @@ class Detection:
     mask: Image.Image | None = None
 
 
-Detector = Callable[[Image.Image, float], list[Detection]]
+Detector = Callable[["Image.Image", float], list[Detection]]
 
 _REGISTERED: dict[str, Callable[[], Detector]] = {}
 
@@ -170,7 +171,7 @@ def _mediapipe_mesh(eyes_only: bool) -> Detector:
     def detect(image: Image.Image, confidence: float) -> list[Detection]:
         import mediapipe as mp
         import numpy as np  # mediapipe's own dependency (it takes arrays); imported only where mediapipe is
-        from PIL import ImageDraw
+        from PIL import Image, ImageDraw
 
         mesh = mp.solutions.face_mesh
         width, height = image.size
