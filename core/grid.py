@@ -130,7 +130,8 @@ def parse_axes(value: Any) -> dict[str, GridAxis]:
     for axis in axes.values():
         cells *= len(axis.values)
     if cells > MAX_CELLS:
-        raise RequestError("grid", value, f"at most {MAX_CELLS} cells ({cells} asked for)")
+        sizes = " x ".join(f"{len(axis.values)} {name}" for name, axis in axes.items())
+        raise RequestError("grid", f"{sizes} = {cells} cells", f"at most {MAX_CELLS} cells")
     return axes
 
 

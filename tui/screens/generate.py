@@ -175,6 +175,7 @@ class GenerateScreen(MainScreen):
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
         Binding("ctrl+o", "open_png", "Open PNG"),
         Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
+        Binding("ctrl+g", "grid", "X/Y/Z grid"),
     ]
 
     def __init__(self) -> None:
@@ -1014,6 +1015,26 @@ class GenerateScreen(MainScreen):
         from tui.screens.networks import NetworksScreen
 
         self.app.push_screen(NetworksScreen(self.app.registry), self._insert_network)
+
+    def action_grid(self) -> None:
+        """The X/Y/Z grid dialog over the request the queue key would submit (its seed fixed once, as A1111
+        does, so the cells differ only in the axes' fields); every cell is queued as a job."""
+        from tui.screens.grid import GridScreen
+
+        if not self._form_ready:
+            self.app.notify("The form is still loading; try again in a moment.", timeout=2)
+            return
+        try:
+            request = self.build_request().with_resolved_seed()
+        except DarkroomError as error:
+            self.app.notify(str(error), severity="error", markup=False)
+            return
+
+        def chosen(result: Any) -> None:
+            if result is not None:
+                self.app.grids.queue(request, *result)
+
+        self.app.push_screen(GridScreen(request, self.app.grids.new_id()), chosen)
 
     def _insert_network(self, text: str | None) -> None:
         if not text:

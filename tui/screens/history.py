@@ -48,6 +48,14 @@ def _grid_id(row: Any) -> str | None:
     return str(grid["id"]) if isinstance(grid, dict) and "id" in grid else None
 
 
+def _is_grid_image(row: Any) -> bool:
+    """The row is an X/Y/Z grid's labelled image (``core.grid.save_grid``), not one of its cells."""
+    try:
+        return row_request(row).extra.get("grid", {}).get("image") is True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     """Every parameter as plain text (prompts may contain [ ] and ( ): never markup; control characters in
     them, in file names and values from the database or a PNG, made visible). ``families`` (model name ->
@@ -210,16 +218,21 @@ class HistoryScreen(MainScreen):
 
     def _entries(self, rows: list[Any]) -> dict[str, tuple[Any, int]]:
         """Table key -> (row, cells): the cells of an X/Y/Z grid (``extra["grid"]``) are one entry, keyed
-        ``grid:<id>`` and shown by its newest cell, unless the grid is open; other rows are their own."""
+        ``grid:<id>`` and shown by its grid image once saved (else its newest cell), unless the grid is open;
+        other rows are their own."""
         grids: dict[str, int] = {}
+        images: dict[str, Any] = {}
         for row in rows:
             if (grid := _grid_id(row)) is not None:
-                grids[grid] = grids.get(grid, 0) + 1
+                if _is_grid_image(row):
+                    images.setdefault(grid, row)
+                else:
+                    grids[grid] = grids.get(grid, 0) + 1
         entries: dict[str, tuple[Any, int]] = {}
         for row in rows:
             grid = _grid_id(row)
-            if grid is not None and grids[grid] > 1 and grid not in self.open_grids:
-                entries.setdefault(f"grid:{grid}", (row, grids[grid]))
+            if grid is not None and (grids.get(grid, 0) > 1 or grid in images) and grid not in self.open_grids:
+                entries.setdefault(f"grid:{grid}", (images.get(grid, row), max(grids.get(grid, 0), 1)))
             else:
                 entries[str(field(row, "id"))] = (row, 0)
         return entries
@@ -267,7 +280,7 @@ class HistoryScreen(MainScreen):
             details.update(describe(row, getattr(self.app, "model_families", None)))
         except Exception as error:  # noqa: BLE001
             details.update(Text(visible(f"Unreadable row: {error}", multiline=True)))
-        self.load_thumbnail(str(field(row, "path", "")), str(field(row, "id")))
+        self.load_thumbnail(str(field(row, "path", "")), self.selected_key() or "")  # a grid's key too
 
     @work(thread=True, exclusive=True, group="thumbnail")
     def load_thumbnail(self, path: str, key: str) -> None:
