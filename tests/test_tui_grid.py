@@ -53,6 +53,9 @@ async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(
         await pilot.pause()
         assert "grid = '3 x x 1000 y = 3000 cells' is invalid: at most 1000 cells" in screen_text(app)
         assert not app.store.list_jobs()
+        dialog.query_one("#grid-y-field", Select).clear()  # values with no field: said, not dropped
+        await pilot.pause()
+        assert "grid.y.field = '' is invalid: a field for these values: Seed, Steps, CFG Scale" in screen_text(app)
 
         dialog.query_one("#grid-x-field", Select).value = "cfg"
         dialog.query_one("#grid-x-values", Input).value = "4-7 (+3)"

@@ -175,7 +175,7 @@ class GenerateScreen(MainScreen):
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
         Binding("ctrl+o", "open_png", "Open PNG"),
         Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
-        Binding("ctrl+g", "grid", "X/Y/Z grid"),
+        Binding("ctrl+g", "grid", "Grid"),  # X/Y/Z: "^g X/Y/Z grid" pushed Quit out at 80 columns
     ]
 
     def __init__(self) -> None:

@@ -72,8 +72,10 @@ class GridScreen(ModalScreen[tuple[dict, list[GenerationRequest]] | None]):
         for name in AXES:
             field = self.query_one(f"#grid-{name}-field", Select).value
             text = self.query_one(f"#grid-{name}-values", Input).value
-            if not isinstance(field, str) or not text.strip():
+            if not text.strip():
                 continue
+            if not isinstance(field, str):
+                raise RequestError(f"grid.{name}.field", "", "a field for these values: " + ", ".join(FIELDS.values()))
             axes[name] = {"field": field, "values": parse_values(str(field), text, f"grid.{name}")}
         return axes
 
