@@ -28,6 +28,7 @@ async def open_dialog(pilot, app, prompt="a red cat"):
     screen.query_one("#steps", Input).value = "2"
     await pilot.pause()
     form_request = screen.build_request()
+    await wait_for(pilot, lambda: "^g X/Y/Z grid" in screen_text(app).splitlines()[-1])  # 120 columns: in the footer
     await pilot.press("ctrl+g")
     await wait_for(pilot, lambda: isinstance(app.screen, GridScreen))
     return screen, app.screen, form_request
