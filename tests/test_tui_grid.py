@@ -96,5 +96,9 @@ async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(
         assert history.selected_row().path == grid_row.path  # the entry shows (and names) the grid image
         await wait_for(pilot, lambda: history.query_one("#thumb").display)
         table.focus()
+        await pilot.press("g")  # "again" on the grid image: that job's image is no second grid image
+        await wait_for(pilot, lambda: len(app.store.history()) == 6)
+        await wait_for(pilot, lambda: str(table.get_row(f"grid:{grid_id}")[1]) == "5 cells")
+        assert history.selected_row().path == grid_row.path
         await pilot.press("enter")  # opens into the grid image and its cells
-        await wait_for(pilot, lambda: table.row_count == 5)
+        await wait_for(pilot, lambda: table.row_count == 6)

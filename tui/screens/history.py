@@ -49,7 +49,10 @@ def _grid_id(row: Any) -> str | None:
 
 
 def _is_grid_image(row: Any) -> bool:
-    """The row is an X/Y/Z grid's labelled image (``core.grid.save_grid``), not one of its cells."""
+    """The row is an X/Y/Z grid's labelled image (``core.grid.save_grid``, recorded with no job), not one of its
+    cells (nor an image a job re-made from it: History's "again" queues its request)."""
+    if field(row, "job_id") is not None:
+        return False
     try:
         return row_request(row).extra.get("grid", {}).get("image") is True
     except Exception:  # noqa: BLE001
@@ -137,6 +140,7 @@ class HistoryScreen(MainScreen):
         self.rows: dict[str, Any] = {}
         self.search = ""
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
+        self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -196,11 +200,14 @@ class HistoryScreen(MainScreen):
             self.app.notify(f"Could not read the history: {error}", severity="error", markup=False)
             return
         entries = self._entries(rows)
-        if rows and list(entries) == list(self.rows) and table.row_count == len(entries):
+        # a grid's entry changes with its cell count and its image while its key stays
+        shown = [(key, field(row, "id"), cells) for key, (row, cells) in entries.items()]
+        if rows and shown == self._shown and table.row_count == len(entries):
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
         table.clear()
         self.rows = {}
+        self._shown = shown
         for key, (row, cells) in entries.items():
             self.rows[key] = row
             try:
