@@ -102,3 +102,8 @@ async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(
         assert history.selected_row().path == grid_row.path
         await pilot.press("enter")  # opens into the grid image and its cells
         await wait_for(pilot, lambda: table.row_count == 6)
+
+        from tests.test_tui_commands import palette
+
+        await palette(pilot, "X/Y/Z grid")  # the command palette opens the dialog on Generate too
+        await wait_for(pilot, lambda: isinstance(app.screen, GridScreen) and app.current_mode == "generate")
