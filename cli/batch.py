@@ -719,37 +719,27 @@ def _queue_jobs(
         yield job, None
 
 
-def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any) -> list[str]:
-    """Save the labelled image of every grid whose cells all finished; returns each grid's path, or a
+def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any,
+                store: Any = None) -> list[str]:
+    """Save the labelled image of every grid whose cells all finished (``core.grid.save_grid``, in ``grids/``
+    of the output folder, recorded in ``store``'s history); returns each grid's path, or a
     ``darkroom: warning:`` line for a grid with missing cells (no grid image then)."""
-    from PIL import Image
-
-    from core.grid import grid_image
+    from core.grid import save_grid
 
     groups: dict[str, list[BatchJob]] = {}
     for job in jobs:
         if job.grid is not None:
             groups.setdefault(job.grid[0], []).append(job)
     results = []
-    for number, (grid_id, cells) in enumerate(groups.items(), 1):
+    for grid_id, cells in groups.items():
         missing = [job.index for job in cells if not paths_of.get(job.index)]
         if missing:
             results.append(f"darkroom: warning: {grid_id}: no grid image ({len(missing)} of its {len(cells)} "
                            "cells have no image)")
             continue
-        axes = cells[0].grid[1]
-        images = {}
-        for job in cells:
-            where = job.request.extra["grid"]
-            with Image.open(paths_of[job.index][0]) as opened:
-                images[(where.get("x", 0), where.get("y", 0), where.get("z", 0))] = opened.convert("RGB")
-        grid, _ = grid_image(images, axes)
-        folder = Path(output_dir) / "grids"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{number}.png"
-        temp = path.with_suffix(".tmp")
-        grid.save(temp, format="PNG")
-        os.replace(temp, path)
+        images = [(job.request.extra["grid"], paths_of[job.index][0]) for job in cells]
+        # the first cell's request stands for the grid (A1111's grid infotext is its first image's)
+        path = save_grid(images, cells[0].grid[1], cells[0].request, grid_id, Path(output_dir) / "grids", store)
         results.append(str(path))
     return results
 
@@ -1058,7 +1048,7 @@ def run_batch(
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()
-    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir):
+    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store):
         if problem_or_path.startswith("darkroom: "):
             print(visible(problem_or_path), file=err, flush=True)
         else:

@@ -10,9 +10,12 @@ above the columns, y labels left of the rows, and one block per z value side by 
 
 from __future__ import annotations
 
+import csv
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -33,6 +36,57 @@ FIELDS = {
 AXES = ("x", "y", "z")
 _VALUE_ONLY = ("sampler", "model", "prompt_sr")
 MAX_CELLS = 1000
+
+
+_NUMBER = r"[+-]?\d+(?:\.\d*)?"
+# A1111's ranges: ``1-5`` (step 1), ``20-40 (+10)`` / ``10-1 (-3)`` (step), ``1-10 [4]`` (that many values)
+_RANGE_RE = re.compile(rf"^({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*([+-]\s*\d+(?:\.\d*)?)\s*\)|\[\s*(\d+)\s*\])?$")
+_NUMERIC = {"seed": int, "steps": int, "cfg": float}
+_NUMBERS_VALID = "numbers, or ranges as 1-5, 20-40 (+10), 10-1 (-3) or 1-10 [4]"
+
+
+def _range(item: str, kind: type, where: str) -> list[Any]:
+    match = _RANGE_RE.match(item)
+    if match is None:
+        try:
+            return [kind(item)]
+        except ValueError:
+            raise RequestError(where, item, _NUMBERS_VALID) from None
+    start, end = float(match.group(1)), float(match.group(2))
+    if kind is int and not (start.is_integer() and end.is_integer()):
+        raise RequestError(where, item, "whole numbers: " + _NUMBERS_VALID)
+    if match.group(4) is not None:  # [count]: evenly spaced from start to end
+        count = int(match.group(4))
+        if not 1 <= count <= MAX_CELLS:
+            raise RequestError(where, item, f"a count from 1 to {MAX_CELLS} in [ ]")
+        values = [start + (end - start) * i / (count - 1) for i in range(count)] if count > 1 else [start]
+        return [int(round(v)) if kind is int else round(v, 6) for v in values]
+    step = float(match.group(3).replace(" ", "")) if match.group(3) else (1.0 if end >= start else -1.0)
+    if step == 0 or (end - start) * step < 0 or (kind is int and not step.is_integer()):
+        raise RequestError(where, item, "a step that goes from the first number towards the second")
+    count = int((end - start) / step + 1e-9) + 1
+    if count > MAX_CELLS:
+        raise RequestError(where, item, f"at most {MAX_CELLS} values")
+    return [int(start + i * step) if kind is int else round(start + i * step, 6) for i in range(count)]
+
+
+def parse_values(field: str, text: str, where: str = "grid.x") -> list[Any]:
+    """A1111's comma-separated axis values: texts (quoted with " when they hold a comma) for sampler,
+    schedule, model and Prompt S/R; numbers or ranges (``1-5``, ``20-40 (+10)``, ``1-10 [4]``) for seed,
+    steps and cfg. Empty items are skipped."""
+    items = [item.strip() for row in csv.reader([text], skipinitialspace=True) for item in row]
+    items = [item for item in items if item]
+    if not items:
+        raise RequestError(where, text, "one or more values separated by commas")
+    kind = _NUMERIC.get(field)
+    if kind is None:
+        return items
+    values: list[Any] = []
+    for item in items:
+        values.extend(_range(item, kind, where))
+        if len(values) > MAX_CELLS:
+            raise RequestError(where, text, f"at most {MAX_CELLS} values")
+    return values
 
 
 @dataclass(frozen=True)
@@ -76,7 +130,8 @@ def parse_axes(value: Any) -> dict[str, GridAxis]:
     for axis in axes.values():
         cells *= len(axis.values)
     if cells > MAX_CELLS:
-        raise RequestError("grid", value, f"at most {MAX_CELLS} cells ({cells} asked for)")
+        sizes = " x ".join(f"{len(axis.values)} {name}" for name, axis in axes.items())
+        raise RequestError("grid", f"{sizes} = {cells} cells", f"at most {MAX_CELLS} cells")
     return axes
 
 
@@ -169,3 +224,35 @@ def grid_image(
 def cells_of(paths: Sequence[tuple[dict, str]]) -> dict[tuple[int, int, int], str]:
     """``(grid position, image path)`` pairs -> path by (x, y, z)."""
     return {(pos.get("x", 0), pos.get("y", 0), pos.get("z", 0)): path for pos, path in paths}
+
+
+def axes_table(axes: Mapping[str, GridAxis]) -> dict[str, dict[str, Any]]:
+    """The axes as ``parse_axes`` reads them (what a grid image records)."""
+    return {name: {"field": axis.field, "values": list(axis.values)} for name, axis in axes.items()}
+
+
+def save_grid(
+    cells: Sequence[tuple[dict, str]], axes: Mapping[str, GridAxis], request: GenerationRequest, grid_id: str,
+    output_dir: Path | str, store: Any = None,
+) -> Path:
+    """Draw the grid of ``cells`` (``(grid position, image path)`` pairs) and save it atomically with
+    ``core.metadata.save_image`` in ``output_dir``: the PNG carries ``request`` (the grid's base request) with
+    ``extra["grid"]`` = ``{id, image: True, axes}`` and A1111's ``Script: X/Y/Z plot, X Type, X Values``
+    infotext. ``store``: the image is also recorded in its history (shown as the grid's entry)."""
+    from core.metadata import save_image
+
+    images = {}
+    for key, path in cells_of(cells).items():
+        with Image.open(path) as opened:
+            images[key] = opened.convert("RGB")
+    grid, _ = grid_image(images, axes)
+    record = request.replace(extra={**request.extra, "grid": {"id": grid_id, "image": True,
+                                                              "axes": axes_table(axes)}})
+    infotext: dict[str, str] = {"Script": "X/Y/Z plot"}
+    for name, axis in axes.items():
+        infotext[f"{name.upper()} Type"] = FIELDS[axis.field]
+        infotext[f"{name.upper()} Values"] = ", ".join(str(v) for v in axis.values)
+    path = save_image(grid, record, record.seed, Path(output_dir), extra=infotext)
+    if store is not None:
+        store.add_history(None, path, record, record.seed)
+    return path

@@ -78,7 +78,7 @@ def test_batch_grid_cells_equal_the_same_jobs_run_one_by_one(tmp_path, monkeypat
     code, out, err = run(str(jobs))
     assert code == 0, err
     paths = out.split()
-    assert len(paths) == 5 and "/grids/grid-" in paths[-1]
+    assert len(paths) == 5 and "/grids/" in paths[-1]
     grid = Image.open(paths[-1]).convert("RGB")
     one_by_one = tmp_path / "singles.jsonl"  # the same four jobs, no grid
     one_by_one.write_text("".join(json.dumps({"model": "fake", "prompt": p, "seed": 3, "steps": 2, "cfg": c}) + "\n"
@@ -104,3 +104,54 @@ def test_a_job_turns_the_grid_off_and_bad_grids_stop_the_run(tmp_path, monkeypat
                     'grid = {x = {field = "steps", values = [0]}}\n')
     code, out, err = run(str(jobs))
     assert code == 2 and "job 2: grid.x (steps) = 0 is invalid" in err and not ColourRunner.seen
+
+
+@pytest.mark.parametrize(("field", "text", "values"), [
+    ("steps", "1-5", [1, 2, 3, 4, 5]),
+    ("steps", "20-40 (+10), 4", [20, 30, 40, 4]),
+    ("seed", "10-1 (-3)", [10, 7, 4, 1]),
+    ("seed", "-1, 7", [-1, 7]),  # a negative number is no range
+    ("cfg", "1-3 (+0.5)", [1.0, 1.5, 2.0, 2.5, 3.0]),
+    ("cfg", "1-10 [4]", [1.0, 4.0, 7.0, 10.0]),
+    ("sampler", 'euler, "dpmpp_2m, karras",, heun', ["euler", "dpmpp_2m, karras", "heun"]),
+])
+def test_axis_values_take_a1111_ranges(field, text, values):
+    from core.grid import parse_values
+
+    assert parse_values(field, text) == values
+
+
+@pytest.mark.parametrize(("field", "text", "message"), [
+    ("steps", "4, many", r"grid.y = 'many' is invalid: numbers, or ranges as 1-5"),
+    ("steps", "1.5-3", r"grid.y = '1.5-3' is invalid: whole numbers"),
+    ("seed", "5-1 (+1)", r"grid.y = '5-1 \(\+1\)' is invalid: a step that goes from the first"),
+    ("seed", "1-100000", r"at most 1000 values"),
+    ("cfg", " , ", r"grid.y = ' , ' is invalid: one or more values"),
+])
+def test_bad_axis_values_name_the_axis(field, text, message):
+    from core.grid import parse_values
+
+    with pytest.raises(RequestError, match=message):
+        parse_values(field, text, "grid.y")
+
+
+def test_saved_grid_carries_the_base_request_and_the_axes(tmp_path):
+    from core.grid import save_grid
+    from core.metadata import read_request
+    from core.store import JobStore
+
+    axes = parse_axes({"x": {"field": "cfg", "values": [5, 7]}})
+    cells = []
+    for i in range(2):
+        Image.new("RGB", (8, 8), (90 * i, 0, 0)).save(tmp_path / f"c{i}.png")
+        cells.append(({"id": "g", "x": i}, str(tmp_path / f"c{i}.png")))
+    store = JobStore(tmp_path / "db.sqlite3")
+    path = save_grid(cells, axes, base(), "g", tmp_path / "out", store)
+    assert path.parent.parent == tmp_path / "out" and not list(path.parent.glob(".tmp-*"))
+    with Image.open(path) as saved:
+        assert "Script: X/Y/Z plot, X Type: CFG Scale, X Values: \"5, 7\"" in saved.text["parameters"]
+    again = read_request(path)
+    assert again.prompt == "a red cat" and again.extra["grid"] == {
+        "id": "g", "image": True, "axes": {"x": {"field": "cfg", "values": [5, 7]}}}
+    (row,) = store.history()
+    assert row.path == str(path) and row.request.extra["grid"]["image"] is True

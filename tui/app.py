@@ -41,6 +41,7 @@ from core.events import (
 from core.text import visible
 from tui.commands import DarkroomCommands
 from tui.config import load_settings, save_settings
+from tui.grids import GridTracker
 from tui.screens.generate import GenerateScreen
 from tui.widgets.preview import format_progress
 
@@ -228,6 +229,7 @@ class DarkroomApp(App[int]):
         self.running_job: int | None = None
         self.generate_screen: GenerateScreen | None = None
         self.pending_history_search: str | None = None
+        self.grids = GridTracker(self)  # X/Y/Z grids queued here, until their grid image is saved
         self.preview_messages_posted = 0
         self.progress_messages_handled = 0
         self._unsubscribe: Callable[[], None] | None = None
@@ -433,6 +435,7 @@ class DarkroomApp(App[int]):
                 self.running_job = None
                 self.progress_line = ""
                 self.refresh_bindings()
+            self.grids.job_ended(event)
             if isinstance(event, JobFinished):
                 count = len(event.paths)
                 self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)

@@ -20,6 +20,8 @@ class DarkroomCommands(Provider):
         if generate is not None and generate.is_mounted:
             commands.append(("Open PNG: fill Generate from an image's parameters", self._open_png,
                              "A1111, Forge or Darkroom image (Ctrl+O on Generate)"))
+            commands.append(("X/Y/Z grid: queue every combination of up to three fields", self._grid,
+                             "the form's job over lists of seeds, steps, CFG, samplers, models... (Ctrl+G)"))
             for preset in generate.fitting_presets():  # the ones that suit the chosen model's family
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
@@ -66,6 +68,11 @@ class DarkroomCommands(Provider):
         app: Any = self.app
         app.switch_mode("generate")
         app.get_generate_screen().action_open_png()
+
+    def _grid(self) -> None:
+        app: Any = self.app
+        app.switch_mode("generate")
+        app.get_generate_screen().action_grid()
 
     def _choose_model(self, name: str) -> None:
         app: Any = self.app

@@ -175,6 +175,10 @@ class GenerateScreen(MainScreen):
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
         Binding("ctrl+o", "open_png", "Open PNG"),
         Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
+        # The X/Y/Z grid: in the footer from GRID_IN_FOOTER columns (at 80 it would push Quit out); the key
+        # answers at any width through the second, hidden binding.
+        Binding("ctrl+g", "grid", "X/Y/Z grid"),
+        Binding("ctrl+g", "grid('key')", "X/Y/Z grid", show=False),
     ]
 
     def __init__(self) -> None:
@@ -1014,6 +1018,38 @@ class GenerateScreen(MainScreen):
         from tui.screens.networks import NetworksScreen
 
         self.app.push_screen(NetworksScreen(self.app.registry), self._insert_network)
+
+    GRID_IN_FOOTER = 100
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "grid" and not parameters:
+            return self.app.size.width >= self.GRID_IN_FOOTER
+        return True
+
+    def on_resize(self, event: events.Resize) -> None:
+        if (event.size.width >= self.GRID_IN_FOOTER) != getattr(self, "_grid_in_footer", None):
+            self._grid_in_footer = event.size.width >= self.GRID_IN_FOOTER
+            self.refresh_bindings()
+
+    def action_grid(self, _key: str = "") -> None:
+        """The X/Y/Z grid dialog over the request the queue key would submit (its seed fixed once, as A1111
+        does, so the cells differ only in the axes' fields); every cell is queued as a job."""
+        from tui.screens.grid import GridScreen
+
+        if not self._form_ready:
+            self.app.notify("The form is still loading; try again in a moment.", timeout=2)
+            return
+        try:
+            request = self.build_request().with_resolved_seed()
+        except DarkroomError as error:
+            self.app.notify(str(error), severity="error", markup=False)
+            return
+
+        def chosen(result: Any) -> None:
+            if result is not None:
+                self.app.grids.queue(request, *result)
+
+        self.app.push_screen(GridScreen(request, self.app.grids.new_id()), chosen)
 
     def _insert_network(self, text: str | None) -> None:
         if not text:

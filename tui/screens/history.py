@@ -48,6 +48,17 @@ def _grid_id(row: Any) -> str | None:
     return str(grid["id"]) if isinstance(grid, dict) and "id" in grid else None
 
 
+def _is_grid_image(row: Any) -> bool:
+    """The row is an X/Y/Z grid's labelled image (``core.grid.save_grid``, recorded with no job), not one of its
+    cells (nor an image a job re-made from it: History's "again" queues its request)."""
+    if field(row, "job_id") is not None:
+        return False
+    try:
+        return row_request(row).extra.get("grid", {}).get("image") is True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def describe(row: Any, families: dict[str, str] | None = None) -> Text:
     """Every parameter as plain text (prompts may contain [ ] and ( ): never markup; control characters in
     them, in file names and values from the database or a PNG, made visible). ``families`` (model name ->
@@ -129,6 +140,7 @@ class HistoryScreen(MainScreen):
         self.rows: dict[str, Any] = {}
         self.search = ""
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
+        self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -188,11 +200,14 @@ class HistoryScreen(MainScreen):
             self.app.notify(f"Could not read the history: {error}", severity="error", markup=False)
             return
         entries = self._entries(rows)
-        if rows and list(entries) == list(self.rows) and table.row_count == len(entries):
+        # a grid's entry changes with its cell count and its image while its key stays
+        shown = [(key, field(row, "id"), cells) for key, (row, cells) in entries.items()]
+        if rows and shown == self._shown and table.row_count == len(entries):
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
         table.clear()
         self.rows = {}
+        self._shown = shown
         for key, (row, cells) in entries.items():
             self.rows[key] = row
             try:
@@ -210,16 +225,21 @@ class HistoryScreen(MainScreen):
 
     def _entries(self, rows: list[Any]) -> dict[str, tuple[Any, int]]:
         """Table key -> (row, cells): the cells of an X/Y/Z grid (``extra["grid"]``) are one entry, keyed
-        ``grid:<id>`` and shown by its newest cell, unless the grid is open; other rows are their own."""
+        ``grid:<id>`` and shown by its grid image once saved (else its newest cell), unless the grid is open;
+        other rows are their own."""
         grids: dict[str, int] = {}
+        images: dict[str, Any] = {}
         for row in rows:
             if (grid := _grid_id(row)) is not None:
-                grids[grid] = grids.get(grid, 0) + 1
+                if _is_grid_image(row):
+                    images.setdefault(grid, row)
+                else:
+                    grids[grid] = grids.get(grid, 0) + 1
         entries: dict[str, tuple[Any, int]] = {}
         for row in rows:
             grid = _grid_id(row)
-            if grid is not None and grids[grid] > 1 and grid not in self.open_grids:
-                entries.setdefault(f"grid:{grid}", (row, grids[grid]))
+            if grid is not None and (grids.get(grid, 0) > 1 or grid in images) and grid not in self.open_grids:
+                entries.setdefault(f"grid:{grid}", (images.get(grid, row), max(grids.get(grid, 0), 1)))
             else:
                 entries[str(field(row, "id"))] = (row, 0)
         return entries
@@ -267,7 +287,7 @@ class HistoryScreen(MainScreen):
             details.update(describe(row, getattr(self.app, "model_families", None)))
         except Exception as error:  # noqa: BLE001
             details.update(Text(visible(f"Unreadable row: {error}", multiline=True)))
-        self.load_thumbnail(str(field(row, "path", "")), str(field(row, "id")))
+        self.load_thumbnail(str(field(row, "path", "")), self.selected_key() or "")  # a grid's key too
 
     @work(thread=True, exclusive=True, group="thumbnail")
     def load_thumbnail(self, path: str, key: str) -> None:

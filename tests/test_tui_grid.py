@@ -1,0 +1,109 @@
+"""Pilot tests of the X/Y/Z grid dialog (Ctrl+G on Generate): the cells it queues, the message for bad values,
+and the grid image saved once every cell is done, shown as the grid's History entry."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from PIL import Image
+from textual.widgets import Select, TextArea
+
+from core.grid import expand, grid_image, parse_axes
+from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
+from tui.screens.grid import GridScreen
+from tui.widgets.safe_input import Input
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+
+
+async def open_dialog(pilot, app, prompt="a red cat"):
+    screen = app.get_generate_screen()
+    await wait_for(pilot, lambda: screen._form_ready and screen.query_one("#model", Select).value)
+    screen.query_one("#prompt", TextArea).load_text(prompt)
+    screen.query_one("#seed", Input).value = "42"
+    screen.query_one("#steps", Input).value = "2"
+    await pilot.pause()
+    form_request = screen.build_request()
+    await wait_for(pilot, lambda: "^g X/Y/Z grid" in screen_text(app).splitlines()[-1])  # 120 columns: in the footer
+    await pilot.press("ctrl+g")
+    await wait_for(pilot, lambda: isinstance(app.screen, GridScreen))
+    return screen, app.screen, form_request
+
+
+async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(tmp_path):
+    """Bad values: one message naming the axis, nothing queued; good ones: the cells core.grid.expand gives of
+    the queue key's request, and once they are done the grid image, which History shows as the grid's entry."""
+    gate = threading.Event()  # the cells wait until the queued jobs are checked
+    app = make_app(tmp_path, FakeRunner(gate=gate))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen, dialog, form_request = await open_dialog(pilot, app)
+        dialog.query_one("#grid-x-values", Input).value = "1-3"
+        dialog.query_one("#grid-y-field", Select).value = "steps"
+        dialog.query_one("#grid-y-values", Input).value = "4, 999"
+        await pilot.pause()
+        assert "grid.y (steps) = 999 is invalid: an integer from 1 to 150" in screen_text(app)
+        await pilot.press("ctrl+j")
+        await pilot.pause()
+        assert isinstance(app.screen, GridScreen) and not app.store.list_jobs()
+        assert any("grid.y (steps) = 999" in n.message for n in app._notifications)
+        dialog.query_one("#grid-y-values", Input).value = "1-1000"  # 3 x 1000 cells
+        await pilot.pause()
+        assert "grid = '3 x x 1000 y = 3000 cells' is invalid: at most 1000 cells" in screen_text(app)
+        assert not app.store.list_jobs()
+        dialog.query_one("#grid-y-field", Select).clear()  # values with no field: said, not dropped
+        await pilot.pause()
+        assert "grid.y.field = '' is invalid: a field for these values: Seed, Steps, CFG Scale" in screen_text(app)
+
+        dialog.query_one("#grid-x-field", Select).value = "cfg"
+        dialog.query_one("#grid-x-values", Input).value = "4-7 (+3)"
+        dialog.query_one("#grid-y-field", Select).value = "prompt_sr"
+        dialog.query_one("#grid-y-values", Input).value = "red, blue"
+        await pilot.pause()
+        assert "4 cells" in screen_text(app)
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: app.screen is screen)
+
+        axes = parse_axes({"x": {"field": "cfg", "values": [4.0, 7.0]},
+                           "y": {"field": "prompt_sr", "values": ["red", "blue"]}})
+        jobs = app.store.list_jobs()
+        grid_id = jobs[0].request.extra["grid"]["id"]
+        assert [job.request for job in jobs] == expand(form_request, axes, grid_id)  # the queue key's request
+        assert [(j.request.cfg, j.request.prompt) for j in jobs] == [
+            (4.0, "a red cat"), (7.0, "a red cat"), (4.0, "a blue cat"), (7.0, "a blue cat")]
+
+        gate.set()
+        await wait_for(pilot, lambda: any(row.request.extra["grid"].get("image") for row in app.store.history()),
+                       timeout=20)
+        rows = app.store.history()
+        (grid_row,) = [row for row in rows if row.request.extra["grid"].get("image")]
+        cells = {(r.request.extra["grid"]["x"], r.request.extra["grid"]["y"], 0): Image.open(r.path).convert("RGB")
+                 for r in rows if r is not grid_row}
+        expected, _ = grid_image(cells, axes)
+        with Image.open(grid_row.path) as saved:
+            assert saved.convert("RGB").tobytes() == expected.tobytes()
+            assert "X Type: CFG Scale, X Values: \"4.0, 7.0\", Y Type: Prompt S/R" in saved.text["parameters"]
+        assert grid_row.request.seed == 42 and grid_row.request.extra["grid"]["axes"]["y"]["values"] == ["red", "blue"]
+
+        await pilot.press("f5")
+        history = app.screen
+        table = history.query_one("#history-table")
+        await wait_for(pilot, lambda: table.row_count == 1)
+        assert str(table.get_row(f"grid:{grid_id}")[1]) == "4 cells"
+        assert history.selected_row().path == grid_row.path  # the entry shows (and names) the grid image
+        await wait_for(pilot, lambda: history.query_one("#thumb").display)
+        table.focus()
+        await pilot.press("g")  # "again" on the grid image: that job's image is no second grid image
+        await wait_for(pilot, lambda: len(app.store.history()) == 6)
+        await wait_for(pilot, lambda: str(table.get_row(f"grid:{grid_id}")[1]) == "5 cells")
+        assert history.selected_row().path == grid_row.path
+        await pilot.press("enter")  # opens into the grid image and its cells
+        await wait_for(pilot, lambda: table.row_count == 6)
+
+        from tests.test_tui_commands import palette
+
+        await palette(pilot, "X/Y/Z grid")  # the command palette opens the dialog on Generate too
+        await wait_for(pilot, lambda: isinstance(app.screen, GridScreen) and app.current_mode == "generate")
