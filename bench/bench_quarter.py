@@ -61,12 +61,18 @@ CANDIDATES = [
     Setting("AYS 10 + DeepCache 2", {"schedule": "ays", "steps": 10, "deepcache_interval": 2}),
     Setting("AYS 10 + first-block 0.1", {"schedule": "ays", "steps": 10, "fbcache_threshold": 0.1}),
     Setting("AYS 10", {"schedule": "ays", "steps": 10}),
+    Setting("DPM++ 2M Karras 10", {"schedule": "karras", "steps": 10}),
+    Setting("iPNDM Karras 10", {"sampler": "ipndm", "schedule": "karras", "steps": 10}),
+    Setting("LMS (iPNDM-v) Karras 10", {"sampler": "lms", "schedule": "karras", "steps": 10}),
+    Setting("Karras 20 + DeepCache 3 branch 2", {"schedule": "karras", "steps": 20, "deepcache_interval": 3,
+                                                 "deepcache_branch": 2}),
     Setting("Karras 15 + DeepCache 3", {"schedule": "karras", "steps": 15, "deepcache_interval": 3}),
     Setting("Karras 20 + DeepCache 3", {"schedule": "karras", "steps": 20, "deepcache_interval": 3}),
     Setting("Karras 20 + DeepCache 2", {"schedule": "karras", "steps": 20, "deepcache_interval": 2}),
     Setting("Karras 20 (diffusers' settings)", {"schedule": "karras", "steps": 20}),
 ]
-QUICK = ("AYS 10 + DeepCache 3", "AYS 10", "Karras 20 + DeepCache 3", "Karras 20 + DeepCache 2")
+QUICK = ("AYS 10", "DPM++ 2M Karras 10", "iPNDM Karras 10", "Karras 20 + DeepCache 3",
+         "Karras 20 + DeepCache 3 branch 2", "Karras 20 + DeepCache 2")
 QUICK_CANDIDATES = [c for c in CANDIDATES if c.label in QUICK]
 BASE = {"schedule": "ays", "steps": 10}
 TECHNIQUES = [
@@ -175,7 +181,7 @@ def main() -> None:
 
         def record(label: str, value: float, timer: Timer) -> None:
             rows.setdefault(label, []).append((value, timer.cpu, timer.wall))
-            print(f"  {label:34s} PSNR {value:6.2f} dB  cpu {timer.cpu:7.1f} s  wall {timer.wall:7.1f} s", flush=True)
+            print(f"  {label:40s} PSNR {value:6.2f} dB  cpu {timer.cpu:7.1f} s  wall {timer.wall:7.1f} s", flush=True)
 
         for seed in seeds:
             print(f"seed {seed}", flush=True)
@@ -245,7 +251,7 @@ def main() -> None:
         ref_label = "diffusers DPM++ 2M Karras 20"
         target, ref_cpu, ref_wall = mean(ref_label, 0), mean(ref_label, 1), mean(ref_label, 2)
         print(f"\nmean over {len(seeds)} seed(s): diffusers default PSNR {target:.2f} dB, cpu {ref_cpu:.1f} s")
-        print(f"{'setting':34s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
+        print(f"{'setting':40s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
         passing = []
         for label in rows:
             if label == ref_label:
@@ -254,7 +260,7 @@ def main() -> None:
             ok = value >= target
             if ok and any(s.label == label for s in candidates):
                 passing.append((cpu, label))
-            print(f"{label:34s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
+            print(f"{label:40s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
                   f"{'yes' if ok else 'no'}")
         base_cpu, base_psnr = mean("AYS 10", 1), mean("AYS 10", 0)
         print("\neach technique alone on AYS 10 steps (speedup, PSNR change against AYS 10):")
