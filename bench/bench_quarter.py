@@ -22,14 +22,16 @@ instead (one VAE decode per run). Times are process CPU seconds (all threads), s
 machine moves the ratio less than it moves wall time (not to nothing: compare rows of one run only); wall seconds
 are printed beside them. ``--quick``: 1 seed, fewer settings.
 
-Measured (``--quick --size 128``, random full-size SD1.5, seed 1, 1 thread, side by side): diffusers 20 steps
-45.35 dB in 49.9 cpu s; Darkroom with its settings 45.39 dB at 0.93x (an earlier 0.57x came from a diffusers
-time taken under heavier load: process CPU time still grows when the cores are shared). At Karras 10 steps
-(0.42-0.45x) DPM++ 2M 37.8 dB, iPNDM 36.6; scratch runs, same PSNR (deterministic): UniPC order 3 36.3, LMS
-(= iPNDM-v; = DEIS in rho) 35.4, DPM++ 3M (eta 0) 34.3, iPNDM on exponential sigmas 32.4, AYS 10 29.6. Karras 20
-with DeepCache 3: 33.6 dB (0.37x), DeepCache 3 branch 2: 35.0, DeepCache 2: 38.1 (0.53x). channels_last made
-CPU steps 1.8x slower. Against a 2M reference the higher-order solvers lose to 2M, and every cut of steps or
-network work costs far more PSNR than the 20-step run's: the best at diffusers' quality is its own settings.
+Measured (``--quick --size 128``, random full-size SD1.5, seed 1, 1 thread, three runs side by side on a shared
+machine): diffusers 20 steps 45.35 dB; Darkroom with its settings 45.39 dB at 0.76-1.00x (last run, diffusers
+timed before and after: 1.00x; the 0.57x noted before came from a diffusers time taken under heavier load,
+process CPU time still grows when the cores are shared). At Karras 10 steps (0.39-0.45x) DPM++ 2M 37.8 dB,
+iPNDM 36.6; scratch runs, same PSNR (deterministic): UniPC order 3 36.3, LMS (= iPNDM-v; DEIS in rho is the
+same integral) 35.4, DPM++ 3M (eta 0) 34.3, iPNDM on exponential sigmas 32.4, AYS 10 29.6. Karras 20 with
+DeepCache 3: 33.6 dB (0.32-0.42x), DeepCache 3 branch 2: 35.0 (0.41x), DeepCache 2: 38.1 (0.44-0.53x).
+channels_last made CPU steps 1.8x slower. Against a 2M reference the higher-order solvers lose to 2M, and every
+cut of steps or network work costs far more PSNR than the 20-step run's: the best at diffusers' quality is
+its own settings, at about diffusers' time per step (the same network in fp32 on the same CPU kernels).
 """
 
 from __future__ import annotations
