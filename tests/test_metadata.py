@@ -204,6 +204,8 @@ def test_infotext_to_request_reference_example():
         ("DPM++ 2M", ", Schedule type: Align Your Steps", ("dpmpp_2m", "ays")),
         ("UniPC", ", Schedule type: SGM Uniform", ("uni_pc", "sgm_uniform")),
         ("LCM", ", Schedule type: Uniform", ("lcm", "normal")),
+        ("IPNDM", ", Schedule type: Karras", ("ipndm", "karras")),  # Forge / ComfyUI ids ipndm, ipndm_v
+        ("IPNDM_V", "", ("ipndm_v", "normal")),
     ],
 )
 def test_sampler_and_schedule_labels(sampler, schedule_entry, expected):

@@ -72,6 +72,36 @@ def test_higher_order_multistep_samplers():
     assert final_error("dpmpp_3m_sde", 64) < 0.5 * final_error("dpmpp_2m", 64)
 
 
+def test_ipndm_order_on_uneven_steps_and_ipndm_v_is_lms():
+    """iPNDM's fixed weights assume equal steps in sigma; on log-uniform sigmas (steps shrinking by a constant
+    ratio) that leaves a second-order method, still more accurate than 2M. iPNDM-v is LMS (variable steps)."""
+    assert slope("ipndm") < -1.8
+    assert final_error("ipndm", 32) < 0.8 * final_error("dpmpp_2m", 32)
+    assert final_error("ipndm_v", 32) == final_error("lms", 32)
+
+
+def test_ipndm_weights_are_exact_for_a_cubic_derivative():
+    """On equal sigma steps, 4th-order Adams-Bashforth integrates a cubic-in-sigma derivative exactly once
+    its history is full: a denoiser with (x - D) / sigma = p(sigma) makes x(sigma) = x0 + P(sigma)."""
+    p = [0.3, -0.2, 0.05, 0.01]  # p(sigma) = sum p_k sigma^k
+
+    def den(x, sigma):
+        return x - sigma * sum(c * sigma**k for k, c in enumerate(p))
+
+    def big_p(sigma):
+        return sum(c * sigma ** (k + 1) / (k + 1) for k, c in enumerate(p))
+
+    sigmas = torch.linspace(8.0, 1.0, 8, dtype=torch.float64)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    steps = []
+    out = sample("ipndm", den, x, sigmas, callback=lambda info: steps.append(info.x))
+    # steps 4.. (full history) add exactly P(s_next) - P(s) to the error left by the warm-up steps
+    err3 = float(steps[3][0, 0, 0, 0]) - (big_p(float(sigmas[4])) - big_p(8.0))
+    err_end = float(out[0, 0, 0, 0]) - (big_p(1.0) - big_p(8.0))
+    assert err_end == pytest.approx(err3, abs=1e-9)
+    assert abs(err3) > 1e-3  # the warm-up (orders 1-3) is not exact: the check above is not vacuous
+
+
 def test_full_solve_to_zero_approaches_the_exact_sample():
     """With the final step to sigma 0 (karras schedule), the error still falls with the step count."""
     from core.sampling.denoisers import DiscreteSchedule

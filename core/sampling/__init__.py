@@ -24,6 +24,8 @@ SAMPLER_LABELS: dict[str, str] = {
     "dpm_2": "DPM2",
     "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS",
+    "ipndm": "IPNDM",
+    "ipndm_v": "IPNDM_V",
     "dpmpp_2s_ancestral": "DPM++ 2S a",
     "dpmpp_sde": "DPM++ SDE",
     "dpmpp_2m": "DPM++ 2M",
