@@ -80,6 +80,20 @@ def test_registry_finds_upscalers_in_comfyui_and_a1111_folders(registry, models)
     assert registry.checkpoints() == []  # an upscaler is never listed as a checkpoint
 
 
+def test_a1111_upscaler_names_find_their_files(tmp_path):
+    """An A1111 image's ``Hires upscaler: R-ESRGAN 4x+`` is its RealESRGAN_x4plus.pth; without the file, the
+    message says which file to put where."""
+    from core.errors import ModelNotFoundError
+
+    folder = tmp_path / "models" / "ESRGAN"
+    folder.mkdir(parents=True)
+    (folder / "RealESRGAN_x4plus.pth").write_bytes(b"")
+    registry = ModelRegistry([tmp_path / "models"])
+    assert registry.find_upscaler("R-ESRGAN 4x+") == folder / "RealESRGAN_x4plus.pth"
+    with pytest.raises(ModelNotFoundError, match=r"A1111's name for RealESRGAN_x2plus\.pth: put that file in"):
+        registry.find_upscaler("R-ESRGAN 2x+")
+
+
 @pytest.mark.parametrize("name", sorted(SCALES))
 def test_each_layout_loads_as_spandrel_loads_it(registry, spandrel, image, name):
     """Our weights-only reading + load_from_state_dict gives spandrel's own model (its file loader) exactly."""

@@ -378,7 +378,19 @@ class ModelRegistry:
         return self._find("text_encoder", name_or_path)
 
     def find_upscaler(self, name_or_path: str | Path) -> Path:
-        return self._find("upscaler", name_or_path)
+        """An upscaler by file name, or by the name A1111 lists a downloaded one under (``R-ESRGAN 4x+`` is its
+        ``RealESRGAN_x4plus.pth``), as an A1111 image's ``Hires upscaler`` names it."""
+        try:
+            return self._find("upscaler", name_or_path)
+        except ModelNotFoundError as exc:
+            file = A1111_UPSCALER_FILES.get(str(name_or_path).strip())
+            if file is None:
+                raise
+            try:
+                return self._find("upscaler", file)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(f"{exc}; {str(name_or_path).strip()!r} is A1111's name for {file}.pth: "
+                                         f"put that file in {self._suggested_dir('upscaler')}") from None
 
     def _find(self, kind: str, name_or_path: str | Path) -> Path:
         """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""
@@ -501,6 +513,19 @@ def _is_within(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+# A1111's names for the upscaler models it downloads itself (modules/realesrgan_model.py, esrgan_model.py): the
+# file each stands for, so an A1111 image's "Hires upscaler: R-ESRGAN 4x+" finds RealESRGAN_x4plus.pth.
+A1111_UPSCALER_FILES = {
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+    "ESRGAN_4x": "ESRGAN_4x",
+}
 
 
 def _absolute(path: Path) -> Path:
