@@ -60,9 +60,12 @@ class Component:
     # Qwen3-8B where the 4B reads Qwen3-4B: the transformer's text width is 3 x the encoder's)
     variant_parts: Mapping[str, str] = field(default_factory=dict)
 
+    # What messages call it when the role's name would mislead (a Flux or Z-Image "unet" is a transformer)
+    title: str = ""
+
     @property
     def label(self) -> str:
-        return ROLE_LABELS.get(self.role, self.role)
+        return self.title or ROLE_LABELS.get(self.role, self.role)
 
     @property
     def loadable(self) -> bool:

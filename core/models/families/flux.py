@@ -76,7 +76,7 @@ FAMILY = ModelFamily(
     order=50,
     components=(
         Component("unet", _ldm.UNET_PREFIX, "core.models.flux:FluxConfig", "core.models.flux:Flux",
-                  presets={"full": {}, "tiny": TRANSFORMER_TINY}),
+                  presets={"full": {}, "tiny": TRANSFORMER_TINY}, title="transformer"),
         Component("text_encoder", CLIP_L_PREFIX, *_ldm.CLIP, presets={"full": {}, "tiny": CLIP_L_TINY},
                   part="clip_l"),  # openai/clip-vit-large-patch14
         Component("text_encoder_2", T5XXL_PREFIX, "core.models.t5:T5Config", "core.models.t5:T5EncoderModel",

@@ -97,7 +97,7 @@ FAMILY = ModelFamily(
     order=55,
     components=(
         Component("unet", _ldm.UNET_PREFIX, "core.models.flux2:Flux2Config", "core.models.flux2:Flux2",
-                  presets={"full": {}, "tiny": TRANSFORMER_TINY}),  # full: klein 4B
+                  presets={"full": {}, "tiny": TRANSFORMER_TINY}, title="transformer"),  # full: klein 4B
         Component("text_encoder", TEXT_ENCODER_PREFIX, "core.models.qwen3:Qwen3Config", "core.models.qwen3:Qwen3",
                   presets={"full": {}, "tiny": QWEN3_TINY}, part="qwen3_4b",
                   variant_parts={"klein-9b": "qwen3_8b"}),  # Qwen3-4B; klein 9B: Qwen3-8B

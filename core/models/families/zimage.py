@@ -66,6 +66,7 @@ FAMILY = ModelFamily(
                 "tiny": {"dim": 64, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "ffn_dim": 170,
                          "cap_feat_dim": 32, "axes_dims": (4, 6, 6)},
             },
+            title="transformer",
         ),
         Component(
             "text_encoder", TEXT_ENCODER_PREFIX, "core.models.qwen3:Qwen3Config", "core.models.qwen3:Qwen3",
