@@ -41,6 +41,9 @@ async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(
     app = make_app(tmp_path, FakeRunner(gate=gate))
     async with app.run_test(size=(120, 40)) as pilot:
         screen, dialog, form_request = await open_dialog(pilot, app)
+        # an empty dialog says what to type, not that something is invalid, and cannot queue
+        assert "type values for at least one axis" in screen_text(app) and "invalid" not in screen_text(app)
+        assert dialog.query_one("#grid-queue").disabled
         dialog.query_one("#grid-x-values", Input).value = "1-3"
         dialog.query_one("#grid-y-field", Select).value = "steps"
         dialog.query_one("#grid-y-values", Input).value = "4, 999"

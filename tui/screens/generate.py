@@ -263,7 +263,7 @@ class GenerateScreen(MainScreen):
                        compact=True),
                  Label("×", classes="times"),
                  Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True))],
-            [Collapsible(title="Advanced: VAE, clip skip, img2img, inpaint, hires fix", id="advanced")],
+            [Collapsible(title="Advanced: img2img, inpaint, hires, VAE", id="advanced")],
         ]
 
     def _advanced_rows(self) -> list[Widget]:

@@ -85,8 +85,12 @@ class GridScreen(ModalScreen[tuple[dict, list[GenerationRequest]] | None]):
         self.result, self.problem = None, ""
         try:
             table = self.axes()
-            if not table:
-                raise RequestError("grid", "", "a field and values on at least one axis")
+            if not table:  # nothing typed yet is no mistake: say what to do, not that it is invalid
+                self.problem = "type values for at least one axis (X, Y, Z)"
+                status.update(Text(self.problem))
+                status.set_class(False, "-error")
+                self.query_one("#grid-queue", Button).disabled = True
+                return False
             axes = parse_axes(table)
             cells = expand(self.request, axes, self.grid_id)
         except RequestError as error:
