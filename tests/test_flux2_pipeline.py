@@ -386,3 +386,18 @@ def test_a_vae_swap_takes_the_flux2_vae_and_refuses_flux1s(files, tmp_path):
     flux1 = save_tensors(testing.random_vae_state_dict("flux"), tmp_path / "ae.safetensors")
     with pytest.raises(CheckpointError, match="16 latent channels but FLUX.2 needs a 32-channel VAE"):
         load_vae(flux1, family="flux2")
+
+
+def test_a_qwen3_too_shallow_for_klein_is_one_message_naming_the_layers():
+    """klein reads the states after layers 9, 18 and 27: a Qwen3 with fewer layers (a wrong or cut-down file) is a
+    CheckpointError naming them, not an internal error from inside the encoder."""
+    from core.models.families.flux2 import QWEN3_TINY, TRANSFORMER_TINY
+    from core.models.flux2 import Flux2, Flux2Config
+    from core.models.flux2_conditioner import Flux2KleinConditioner
+    from core.models.qwen3 import Qwen3, Qwen3Config
+
+    with torch.device("meta"):
+        transformer = Flux2(Flux2Config(**TRANSFORMER_TINY))
+        shallow = Qwen3(Qwen3Config(**{**QWEN3_TINY, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match=r"a Qwen3 of 3 layers, but klein reads the states after layers 9, 18, 27"):
+        Flux2KleinConditioner({"unet": transformer, "text_encoder": shallow})

@@ -34,6 +34,13 @@ class Flux2KleinConditioner(Qwen3Conditioner):
                 f"features, but this transformer reads {reads} (klein 4B takes Qwen3-4B, 2560 wide; klein 9B "
                 "Qwen3-8B, 4096 wide; FLUX.2 dev's Mistral text encoder is not supported)",
             )
+        layers = components["text_encoder"].config.num_hidden_layers
+        if layers < max(KLEIN_LAYERS):
+            raise CheckpointError(
+                "the FLUX.2 text encoder",
+                f"it is a Qwen3 of {layers} layers, but klein reads the states after layers "
+                f"{', '.join(map(str, KLEIN_LAYERS))} (Qwen3-4B and -8B have 36); use the qwen_3_4b / qwen_3_8b file",
+            )
         super().__init__(components)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
