@@ -198,13 +198,7 @@ class Flux2AutoencoderKL(nn.Module):
                 view, images, PATCH * tile, overlap=PATCH * min(8, tile // 4))  # type: ignore[arg-type]
         else:
             mean, logvar = self.encode_moments(images)
-        z = mean
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise_device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
-            z = mean + std * noise.to(device=mean.device, dtype=mean.dtype)
-        z = patchify(z)
+        z = patchify(vae.sample_posterior(mean, logvar, generator) if sample else mean)
         bn_mean, bn_std = self._stats(z)
         return (z - bn_mean) / bn_std
 

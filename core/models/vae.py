@@ -330,6 +330,15 @@ def check_shape(x: torch.Tensor, channels: int, multiple: int, what: str) -> Non
         )
 
 
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z = mean + std * noise of the encoder's diagonal Gaussian (diffusers' clamp of the log-variance); the noise
+    is drawn in fp32 on the generator's device, so a seed gives the same latent on any device and dtype."""
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise_device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
+    return mean + std * noise.to(device=mean.device, dtype=mean.dtype)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -401,12 +410,7 @@ class AutoencoderKL(nn.Module):
             mean, logvar = self.encode_moments_tiled(images, tile, overlap=min(8, tile // 4))
         else:
             mean, logvar = self.encode_moments(images)
-        z = mean
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise_device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=torch.float32)
-            z = mean + std * noise.to(device=mean.device, dtype=mean.dtype)
+        z = sample_posterior(mean, logvar, generator) if sample else mean
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
