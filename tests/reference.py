@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from core.models.clip import CLIPTextConfig
 from core.models.flux import FluxConfig
+from core.models.flux2 import Flux2Config
 from core.models.unet import UNetConfig
 from core.models.vae import VAEConfig
 
@@ -470,6 +471,23 @@ def diffusers_flux_config(cfg: FluxConfig) -> dict:
         "pooled_projection_dim": cfg.vec_in_dim,
         "guidance_embeds": cfg.guidance_embed,
         "axes_dims_rope": cfg.axes_dim,
+    }
+
+
+def diffusers_flux2_config(cfg: Flux2Config) -> dict:
+    """``Flux2Transformer2DModel`` keyword arguments for our config (the same network)."""
+    return {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single_blocks,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_in_dim,
+        "mlp_ratio": cfg.mlp_ratio,
+        "axes_dims_rope": cfg.axes_dim,
+        "rope_theta": cfg.theta,
+        "guidance_embeds": cfg.guidance_embed,
     }
 
 

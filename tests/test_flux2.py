@@ -23,7 +23,7 @@ from core.models.testing import (
     write_random_flux2_vae,
 )
 from core.sampling.schedules import flux2_empirical_mu, flux2_sigmas
-from tests.reference import rel_err, torch_threads
+from tests.reference import diffusers_flux2_config, rel_err, torch_threads
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel  # noqa: E402
@@ -47,29 +47,13 @@ def one_thread():
 # transformer
 
 
-def diffusers_config(cfg: Flux2Config) -> dict:
-    return {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim,
-        "mlp_ratio": cfg.mlp_ratio,
-        "axes_dims_rope": cfg.axes_dim,
-        "rope_theta": cfg.theta,
-        "guidance_embeds": cfg.guidance_embed,
-    }
-
-
 def build_pair(cfg: Flux2Config, seed: int = 0) -> tuple[Flux2, Flux2Transformer2DModel]:
     with torch.device("meta"):
         meta = Flux2(cfg)
     bfl = random_state_dict(meta, seed=seed)
     ours = Flux2(cfg)
     ours.load_state_dict(bfl, strict=True)
-    ref = Flux2Transformer2DModel(**diffusers_config(cfg))
+    ref = Flux2Transformer2DModel(**diffusers_flux2_config(cfg))
     # diffusers' own single-file converter (BFL -> diffusers names, qkv split, final shift/scale swapped)
     ref.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl)), strict=True)
     return ours.eval(), ref.eval()
@@ -163,7 +147,7 @@ def test_modulation_is_shared_and_there_are_no_biases() -> None:
 def test_full_preset_is_the_shipped_config(variant: str, folder: str) -> None:
     real = json.loads((CONFIGS / folder / "transformer" / "config.json").read_text())
     cfg = Flux2Config.preset("full", variant)
-    ours_cfg = diffusers_config(cfg)
+    ours_cfg = diffusers_flux2_config(cfg)
     for key, value in ours_cfg.items():
         want = real[key] if real.get(key) is not None else real["in_channels"]  # out_channels: null = in
         assert (list(value) if isinstance(value, tuple) else value) == want, key

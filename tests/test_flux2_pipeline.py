@@ -7,7 +7,6 @@ converter, and the part a variant takes."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cli.batch import run_batch
 from core.errors import CheckpointError
 from core.metadata import read_request
 from core.models import testing
@@ -26,7 +24,8 @@ from core.pipeline import generate, load_model
 from core.request import GenerationRequest
 from core.sampling.noise import NoiseSampler
 from core.sampling.schedules import flux2_sigmas, get_sigmas
-from tests.reference import psnr, rel_err, torch_threads
+from tests.batch_harness import run_jobs
+from tests.reference import diffusers_flux2_config, psnr, rel_err, torch_threads
 
 pytest.importorskip("diffusers")
 import transformers  # noqa: E402
@@ -77,11 +76,7 @@ def reference_pipeline(files: dict[str, Path], is_distilled: bool) -> Flux2Klein
 
     bfl = {k: v.float() for k, v in load_file(files["model"]).items()}
     cfg = Flux2Config.from_state_dict({k: tuple(v.shape) for k, v in bfl.items()})
-    transformer = Flux2Transformer2DModel(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim, mlp_ratio=cfg.mlp_ratio, axes_dims_rope=cfg.axes_dim,
-        rope_theta=cfg.theta, guidance_embeds=False)
+    transformer = Flux2Transformer2DModel(**diffusers_flux2_config(cfg))  # klein: guidance_embed False
     transformer.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(bfl), strict=True)
 
     qwen = {k: v.float() for k, v in load_file(files["qwen3"]).items()}
@@ -124,15 +119,7 @@ def reference_image(pipe: Flux2KleinPipeline, req: GenerationRequest) -> Image.I
 
 
 def _run(files, tmp_path, monkeypatch, jobs: list[dict]) -> tuple[list[Path], str]:
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(files["root"]))
-    code = run_batch(str(job_file), models_dirs=[files["root"]], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
-    assert code == 0, err.getvalue()
-    return [Path(line) for line in out.getvalue().splitlines()], err.getvalue()
+    return run_jobs(jobs, files["root"], tmp_path, monkeypatch)
 
 
 def test_batch_from_split_files_matches_flux2_klein_pipeline(files, tmp_path, monkeypatch):

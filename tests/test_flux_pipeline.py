@@ -6,15 +6,12 @@ the request field ``guidance`` through the infotext."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from cli.batch import run_batch
 from core.errors import RequestError
 from core.metadata import format_infotext, infotext_to_request, read_request
 from core.models.conditioning import EncoderSettings
@@ -29,6 +26,7 @@ from core.sampling.samplers import sample
 from core.sampling.schedules import FlowSchedule, get_sigmas
 
 pytest.importorskip("diffusers")
+from tests.batch_harness import run_jobs
 from tests.reference import flux_scheduler, psnr, reference_flux_pipeline, torch_threads  # noqa: E402
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -279,17 +277,8 @@ def test_batch_cli_matches_diffusers_flux_pipeline(models_dir, tmp_path, monkeyp
          "sampler": "euler", "schedule": "simple", "steps": 3, "seed": 12, "width": 80, "height": 64},
         {"model": "flux-schnell", "prompt": PROMPT, "steps": 4, "seed": 13, "width": 64, "height": 64},
     ]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(models_dir))  # run_batch sets it; restored after the test
-    # in process (the subprocess start-up is what test_sdxl's --batch test already covers), the real pipeline
-    code = run_batch(str(job_file), models_dirs=[models_dir], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
-    assert code == 0, err.getvalue()
-    paths = [Path(line) for line in out.getvalue().splitlines()]
-    assert len(paths) == 3, out.getvalue()
+    paths, err = run_jobs(jobs, models_dir, tmp_path, monkeypatch)
+    assert len(paths) == 3, paths
     pipes = {v: reference_flux_pipeline(models_dir / "checkpoints" / f"flux-{v}.safetensors", v)
              for v in ("dev", "schnell")}
     for path, job in zip(paths, jobs):

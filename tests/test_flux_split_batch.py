@@ -5,17 +5,15 @@ and recorded in the image; a GGUF Q8_0 copy of the transformer, dequantised per 
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cli.batch import run_batch
 from core.metadata import infotext_to_request, read_request
 from core.models import testing
 from core.models.safetensors_writer import save_tensors
+from tests.batch_harness import run_jobs
 from tests.reference import psnr, torch_threads
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -49,18 +47,9 @@ def models_dir(tmp_path_factory) -> Path:
 def test_split_set_generates_what_the_combined_file_does(models_dir, tmp_path, monkeypatch):
     job = {"prompt": PROMPT, "steps": 3, "seed": 21, "width": 64, "height": 64}
     jobs = [{"model": "flux1-dev", **job}, {"model": "flux1-dev-combined", **job}, {"model": "flux1-dev-Q8_0", **job}]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(models_dir))
-    code = run_batch(str(job_file), models_dirs=[models_dir], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
-    assert code == 0, err.getvalue()
-    split, combined, gguf = (Path(line) for line in out.getvalue().splitlines())
+    (split, combined, gguf), said = run_jobs(jobs, models_dir, tmp_path, monkeypatch)
 
     # Auto-picked by detected type, said on stderr, recorded in the image (so it reproduces).
-    said = err.getvalue()
     assert "clip_l.safetensors" in said and "t5xxl_fp16.safetensors" in said, said
     info = Image.open(split).text["parameters"]
     assert "clip_l" in info and "t5xxl_fp16" in info, info

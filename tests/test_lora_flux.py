@@ -170,16 +170,13 @@ def test_batch_with_kohya_and_diffusers_flux_loras_matches_flux_pipeline(tmp_pat
     """``darkroom --batch``: a kohya Flux LoRA (``lora_unet_*`` + CLIP-L ``lora_te1_*``, prompt tag) and a
     diffusers/PEFT one (``transformer.*`` + ``text_encoder.*``, ``loras`` field with its own text-encoder
     weight) against diffusers' ``FluxPipeline`` with the same files merged at the same scales, PSNR >= 40 dB."""
-    import io
-    import json
-    from pathlib import Path
 
     from PIL import Image
 
-    from cli.batch import run_batch
     from core.lora.tags import strip_tags
     from core.metadata import read_request
     from core.models.testing import write_random_flux_checkpoint
+    from tests.batch_harness import run_jobs
     from tests.reference import psnr, reference_flux_pipeline, torch_threads
     from tests.test_flux_pipeline import PROMPT, _reference_image
 
@@ -204,17 +201,9 @@ def test_batch_with_kohya_and_diffusers_flux_loras_matches_flux_pipeline(tmp_pat
     job = {"model": "flux-dev", "steps": 3, "seed": 11, "width": 64, "height": 64}
     jobs = [{**job, "prompt": PROMPT + " <lora:flux_kohya:0.8>"},
             {**job, "prompt": PROMPT, "loras": [{"name": "flux_peft", "weight": 1.0, "te_weight": 0.5}]}]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(root))
     with torch_threads(1):
-        code = run_batch(str(job_file), models_dirs=[root], output_dir=tmp_path / "out", db_path=tmp_path / "jobs.db",
-                         stdout=out, stderr=err, rich_progress=False)
-        assert code == 0, err.getvalue()
-        paths = [Path(line) for line in out.getvalue().splitlines()]
-        assert len(paths) == 2 and "match no layer" not in err.getvalue(), err.getvalue()
+        paths, said = run_jobs(jobs, root, tmp_path, monkeypatch)
+        assert len(paths) == 2 and "match no layer" not in said, said
 
         pipe = reference_flux_pipeline(checkpoint, "dev")
         plain_weights = {role: {k: v.clone() for k, v in getattr(pipe, role).state_dict().items()}

@@ -5,8 +5,6 @@ LoRA on a GGUF Q8_0 transformer."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from core.models.flux import Flux, FluxConfig
 from core.models.quant import QuantizedLinear, QuantizedTensor, assign_weights
 from core.models.safetensors_writer import save_tensors
 from core.models.testing import random_flux_lora_state_dict, random_flux_transformer_state_dict
+from tests.batch_harness import run_jobs
 from tests.reference import psnr, torch_threads
 
 CFG = FluxConfig.preset("flux", "tiny", "dev")
@@ -206,7 +205,6 @@ def test_batch_runs_a_flux_lora_on_a_gguf_transformer(tmp_path, monkeypatch):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from cli.batch import run_batch
     from core.models import testing
 
     root = tmp_path / "ComfyUI"
@@ -220,16 +218,9 @@ def test_batch_runs_a_flux_lora_on_a_gguf_transformer(tmp_path, monkeypatch):
     job = {"prompt": "a lighthouse at dusk <lora:style:1>", "steps": 2, "seed": 21, "width": 64, "height": 64}
     jobs = [{"model": "flux1-dev-Q8_0", **job}, {"model": "flux1-dev", **job},
             {"model": "flux1-dev-Q8_0", **job, "prompt": "a lighthouse at dusk"}]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(root / "models"))
-    code = run_batch(str(job_file), models_dirs=[root / "models"], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
-    assert code == 0, err.getvalue()
-    gguf_lora, bf16_lora, gguf_plain = (Image.open(line).convert("RGB") for line in out.getvalue().splitlines())
+    paths, _ = run_jobs(jobs, root / "models", tmp_path, monkeypatch)
+    gguf_lora, bf16_lora, gguf_plain = (Image.open(p).convert("RGB") for p in paths)
     near, without = psnr(gguf_lora, bf16_lora), psnr(gguf_lora, gguf_plain)
     print(f"Flux.1 Q8_0 + LoRA vs bf16 + LoRA: {near:.1f} dB; vs Q8_0 without the LoRA: {without:.1f} dB")
     assert near >= 30 and without < near - 5
-    assert "Lora hashes" in Image.open(out.getvalue().splitlines()[0]).text["parameters"]
+    assert "Lora hashes" in Image.open(paths[0]).text["parameters"]

@@ -7,7 +7,6 @@ caption lengths through CFG."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cli.batch import run_batch
 from core.metadata import infotext_to_request, read_request
 from core.models import testing
 from core.models.conditioning import EncoderSettings
@@ -24,6 +22,7 @@ from core.models.safetensors_writer import save_tensors
 from core.request import GenerationRequest, with_family_defaults
 from core.sampling.noise import NoiseSampler
 from core.sampling.schedules import get_sigmas
+from tests.batch_harness import run_jobs
 from tests.reference import diffusers_vae_config, psnr, torch_threads
 
 diffusers = pytest.importorskip("diffusers")
@@ -169,17 +168,8 @@ def test_batch_cli_from_split_files_matches_zimage_pipeline(models_dir, tmp_path
         {"model": "z_image_turbo-Q8_0", **job},
         {"model": "z_image_turbo_fp8_e4m3fn", **job, "text_encoders": ["qwen_3_4b.safetensors"]},
     ]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DARKROOM_MODELS", str(models_dir))
-    code = run_batch(str(job_file), models_dirs=[models_dir], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
-    assert code == 0, err.getvalue()
-    turbo, base, aio, gguf, fp8 = (Path(line) for line in out.getvalue().splitlines())
+    (turbo, base, aio, gguf, fp8), said = run_jobs(jobs, models_dir, tmp_path, monkeypatch)
 
-    said = err.getvalue()
     assert "qwen_3_4b.safetensors" in said and "ae.safetensors" in said, said  # auto-picked, said
     assert "Qwen3-4B-Q8_0.gguf" in said  # for the GGUF DiT: the GGUF text encoder
     info = Image.open(turbo).text["parameters"]
