@@ -216,21 +216,26 @@ def test_y_is_required_exactly_for_sdxl() -> None:
         sd15(x, t, torch.randn(1, 7, 32), torch.zeros(1, 48))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stride,h,w", [(1, 4, 4), (1, 3, 5), (2, 8, 8), (2, 7, 9)])
-def test_wide_conv_im2col_path_equals_conv(stride: int, h: int, w: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The unfold+matmul route taken for wide convs on few positions computes the same conv."""
+def test_wide_conv_im2col_path_equals_conv(
+    stride: int, h: int, w: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unfold+matmul route taken for wide convs on few positions computes the same conv (bf16: the
+    precision ``--precision auto`` picks on a CPU with AMX)."""
     from core.models.unet import conv2d
 
     unfold, used = torch.nn.functional.unfold, []
     monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: used.append(1) or unfold(*a, **k))
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(1024, 16, 3, stride=stride, padding=1)
-    x = torch.randn(2, 1024, h, w)
+    conv = torch.nn.Conv2d(1024, 16, 3, stride=stride, padding=1).to(dtype)
+    x = torch.randn(2, 1024, h, w, dtype=dtype)
     with torch.no_grad():
-        got, want = conv2d(conv, x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1)
+        got = conv2d(conv, x)
+        want = torch.nn.functional.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride, 1)
     assert used, "the im2col route was not taken"
-    assert got.shape == want.shape
-    assert rel_err(got, want) <= 1e-5
+    assert got.shape == want.shape and got.dtype == dtype
+    assert rel_err(got.float(), want) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_config_rejects_widths_that_do_not_split_into_heads() -> None:

@@ -208,9 +208,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, computed as im2col + one matmul for wide convs over few positions on the CPU.
 
-    Measured (bench/bench_unet.py, fp32, oneDNN in torch 2.13): a 1280-channel 3x3 conv on 2x8x8 or 2x4x4
-    positions runs 1.3-2.5x faster as unfold + matmul, while at 640 channels or 512+ positions the library conv
+    Measured (bench/bench_unet.py, oneDNN in torch 2.13): a 1280-channel 3x3 conv on 2x8x8 or 2x4x4 positions
+    runs 1.3-2.5x faster as unfold + matmul in fp32, while at 640 channels or 512+ positions the library conv
     wins. SD1.5 spends its two lowest levels in exactly that regime; the result is the same to fp32 rounding.
+    The batch is folded into the matmul's columns: one [C_out, K] x [K, B*P] product, so the weight is never
+    broadcast over the batch (a batched matmul copies it per call; in bf16 that copy cost more than the convs).
     """
     b, c, h, w = x.shape
     kh, kw = conv.kernel_size
@@ -219,11 +221,12 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if x.device.type != "cpu" or c < 1024 or b * ho * wo > 128 or conv.groups != 1 or kh * kw == 1:
         return conv(x)
-    cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # [B, C*kh*kw, Ho*Wo]
-    out = torch.matmul(conv.weight.flatten(1), cols)  # [B, C_out, Ho*Wo]
+    cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # [B, K=C*kh*kw, P=Ho*Wo]
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], b * ho * wo)  # [K, B*P]
+    out = (conv.weight.flatten(1) @ cols).view(-1, b, ho * wo).transpose(0, 1)  # [B, C_out, P]
     if conv.bias is not None:
         out = out + conv.bias[:, None]
-    return out.view(b, -1, ho, wo)
+    return out.reshape(b, -1, ho, wo)
 
 
 class ResBlock(nn.Module):
