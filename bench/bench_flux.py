@@ -97,7 +97,7 @@ def tiny_job() -> None:
         path = write_random_flux_checkpoint(Path(folder) / "flux-dev.safetensors", "dev")
         base = peak_mb()
         t0 = time.perf_counter()
-        model = load_model(path, compute_hash=False)
+        model = load_model(path, compute_hash=False, dtype=torch.float32)
         request = GenerationRequest(model=str(path), prompt="a lighthouse", steps=4, cfg=1.0, seed=1, width=64,
                                     height=64)
         generate(model, request)

@@ -118,7 +118,7 @@ def first_step(width: int, reps: int) -> None:
     model_path = _save(random_state_dict(dit, seed=1, dtype=torch.bfloat16), root / "flux-2-klein.safetensors")
     parts = {"text_encoder": _save(random_state_dict(qwen, seed=2, dtype=torch.bfloat16), root / "qwen3.safetensors"),
              "vae": write_random_flux2_vae(root / "flux2-vae.safetensors")}
-    model = load_model(model_path, parts=parts, compute_hash=False)
+    model = load_model(model_path, parts=parts, compute_hash=False, dtype=torch.float32)
     encoder_bytes = sum(p.numel() * p.element_size() for p in model.conditioner.qwen.parameters())
     cache = PromptCache()
     times: dict[str, list[float]] = {"new prompt": [], "repeated prompt": []}

@@ -77,8 +77,8 @@ def main() -> None:
                                             rank=args.rank, seed=3, text_encoder=False),
             }
             sets = {"A": [LoraRef("a", 0.8)], "B": [LoraRef("b", 0.6), LoraRef("b_conv", 0.5)]}
-            load = median_time(lambda: load_model(checkpoint, compute_hash=False), max(1, args.repeats // 2))
-            model = load_model(checkpoint, compute_hash=False)
+            load = median_time(lambda: load_model(checkpoint, compute_hash=False, dtype=torch.float32), max(1, args.repeats // 2))
+            model = load_model(checkpoint, compute_hash=False, dtype=torch.float32)
             cache = LoraFileCache()
 
             def find(name: str) -> Path:

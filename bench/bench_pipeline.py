@@ -52,7 +52,7 @@ def main() -> None:
 def measure(path: Path, args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
-    model = load_model(path, compute_hash=False)
+    model = load_model(path, compute_hash=False, dtype=torch.float32)
     print(f"our load: {time.perf_counter() - started:.1f} s", flush=True)
     started = time.perf_counter()
     pipe = reference_pipeline(path)

@@ -64,7 +64,7 @@ def hires_times(args: argparse.Namespace, upscaler_path: Path, folder: Path) -> 
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = write_random_checkpoint(folder / "tiny.safetensors", "sd15", "tiny")
-    model = load_model(checkpoint, compute_hash=False)
+    model = load_model(checkpoint, compute_hash=False, dtype=torch.float32)
     upscaler = load_upscaler(upscaler_path)
     base = GenerationRequest(model="m", prompt="a lighthouse at dusk", seed=1, steps=args.steps,
                              width=args.size, height=args.size)

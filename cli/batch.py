@@ -71,6 +71,8 @@ from core.accel.compile_mode import CompileModeError
 from core.accel.compile_mode import resolve_mode as resolve_compile_mode
 from core.accel.memory_mode import MemoryModeError
 from core.accel.memory_mode import resolve_mode as resolve_memory_mode
+from core.accel.precision_mode import PrecisionModeError
+from core.accel.precision_mode import resolve_mode as resolve_precision_mode
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import (
     JobCancelled,
@@ -532,15 +534,16 @@ def _apply_family(
 
 def pipeline_runner_factory(
     registry: Any, models_dirs: Sequence[Path] | None, attention: str = "auto", memory: str = "auto",
-    compile: str = "off",
+    compile: str = "off", precision: str = "auto",
 ) -> Callable[[], Any]:
     """The real pipeline's factory (``core.runner``), built inside the worker thread; a seam tests replace.
-    ``attention``: its dispatcher's mode; ``memory``: its memory mode (``core.accel.memory_mode``)."""
+    ``attention``: its dispatcher's mode; ``memory``: its memory mode (``core.accel.memory_mode``);
+    ``precision``: the networks' dtype (``core.accel.precision_mode``)."""
     from core.runner import runner_factory
 
     # nobody sees previews here, and a TAESD preview is not free
     return runner_factory(models_dirs, registry=registry, previews=False, attention=attention, memory=memory,
-                          compile=compile)
+                          compile=compile, precision=precision)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -761,6 +764,7 @@ def run_batch(
     enhance: bool = False,
     enhance_settings: Any = None,
     compile: str | None = None,
+    precision: str | None = None,
 ) -> int:
     """Run every job in ``jobs_source``; returns the exit code. ``runner_factory`` replaces the pipeline;
     ``resume`` skips the jobs an earlier run of the same file finished (see the module docstring);
@@ -781,7 +785,8 @@ def run_batch(
     try:
         attention_mode = resolve_attention_mode(attention)
         compile_mode = resolve_compile_mode(compile)
-    except (AttentionModeError, CompileModeError) as exc:
+        precision_mode = resolve_precision_mode(precision)
+    except (AttentionModeError, CompileModeError, PrecisionModeError) as exc:
         error(str(exc))
         return EXIT_USAGE
     try:
@@ -876,7 +881,8 @@ def run_batch(
         if importlib.util.find_spec("core.pipeline") is None:
             error("the generation pipeline (core/pipeline.py) is not part of this installation")
             return EXIT_JOB_FAILED
-        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, memory_mode, compile_mode)
+        runner_factory = pipeline_runner_factory(registry, dirs, attention_mode, memory_mode, compile_mode,
+                                                 precision_mode)
 
     from core.store import JobStore, StoreError
     from core.worker import Worker

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the first job of each size pays the compile time; default: $DARKROOM_COMPILE or off",
     )
     parser.add_argument(
+        "--precision",
+        default=None,
+        metavar="DTYPE",
+        help="the networks' precision: auto (bf16 on GPUs with native bf16, else fp16; on a CPU bf16 where it "
+        "has AMX, else fp32), fp32, bf16, fp16; default: $DARKROOM_PRECISION or auto",
+    )
+    parser.add_argument(
         "--list-models",
         action="store_true",
         help="list the checkpoints in the models folders with each one's family (SD1.x, SDXL, ...), variant, "
@@ -137,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.batch, models_dirs=args.models_dir, output_dir=args.output_dir, db_path=args.db,
                 resume=args.resume, attention=args.attention, lowvram=args.lowvram, enhance=args.enhance,
                 enhance_settings=_enhance_settings(args), compile=args.compile,
+                precision=args.precision,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):

@@ -205,7 +205,8 @@ def load_model(
     parts: dict[str, Path] | None = None,
 ) -> LoadedModel:
     """Load a checkpoint for sampling (``parts``: role -> file for components kept in separate files).
-    ``dtype=None`` picks the device's compute dtype (fp32 on CPU). ``resident=False`` leaves the networks in
+    ``dtype=None`` picks the device's compute dtype (``core.accel.device.compute_dtype``: on a CPU, bf16 with
+    AMX, else fp32). ``resident=False`` leaves the networks in
     CPU memory (at the compute dtype) for a ``Placement`` to move."""
     from core.accel.device import compute_dtype
     from core.accel.memory import use_channels_last, vae_dtype
@@ -840,17 +841,20 @@ class PipelineRunner:
         attention: str | AttentionDispatcher = "auto",
         memory: str = "auto",
         compile: str = "off",
+        precision: str = "auto",
     ) -> None:
         from core.accel.attention import AttentionDispatcher
         from core.accel.compile import DenoiserCompiler
         from core.accel.device import compute_dtype, pick_device
         from core.accel.memory import Placement
         from core.accel.memory_mode import check_mode
+        from core.accel.precision_mode import check_mode as check_precision
         from core.models.registry import ModelRegistry
 
         self.registry = registry or ModelRegistry(models_dirs)
         self.device = pick_device(device)
-        self.dtype = compute_dtype(self.device)
+        # auto, fp32, bf16, fp16 (core.accel.precision_mode): every network of every job runs in this dtype
+        self.dtype = compute_dtype(self.device, precision=check_precision(precision))
         self.previews = previews
         # TAESD decoders from models/vae_approx when present, else the projection; throttled to 2 % of a job
         self.preview_decoders = PreviewDecoders(lambda: self.registry.roots)
@@ -914,8 +918,8 @@ class PipelineRunner:
             picked = self.parts.picked_message()
             ctx.set_activity(f"loading {path.name}" + (f"; {picked}" if picked else ""))
         # On a GPU the networks load into CPU memory; the job's plan moves them (all of them, for most jobs)
-        self.model = load_model(path, vae_path=vae_path, device=self.device, resident=not self.placement.active,
-                                parts=encoders)
+        self.model = load_model(path, vae_path=vae_path, device=self.device, dtype=self.dtype,
+                                resident=not self.placement.active, parts=encoders)
         self.model.placement = self.placement
         self.model.conditioner.embeddings = self.embeddings
         self.dtype = self.model.dtype

@@ -69,6 +69,7 @@ def make_runner(
     attention: str = "auto",
     memory: str = "auto",
     compile: str = "off",
+    precision: str = "auto",
 ) -> JobRunner:
     """The real pipeline runner (imports torch). ``registry`` wins over ``models_dirs`` when both are given."""
     try:
@@ -79,7 +80,7 @@ def make_runner(
         ) from None
     dirs = [Path(p) for p in models_dirs] if models_dirs else None
     return PipelineRunner(dirs, registry=registry, device=device, previews=previews, attention=attention,
-                          memory=memory, compile=compile)
+                          memory=memory, compile=compile, precision=precision)
 
 
 def runner_factory(
@@ -90,15 +91,17 @@ def runner_factory(
     attention: str = "auto",
     memory: str = "auto",
     compile: str = "off",
+    precision: str = "auto",
 ) -> Callable[[], JobRunner]:
     """A zero-argument factory for ``Worker(store, runner_factory(...))``: the runner is built on first use,
     inside the worker thread. ``previews=False`` where nobody sees them (``--batch``): a TAESD preview is not
     free. ``attention``: the mode of the runner's attention dispatcher (auto, sage, xformers, sdpa); ``memory``:
     its memory mode (auto, gpu, lowvram, sequential: ``core.accel.memory_mode``); ``compile``: how the denoiser
-    is compiled (``core.accel.compile_mode``: off, auto, torch, stable-fast)."""
+    is compiled (``core.accel.compile_mode``: off, auto, torch, stable-fast); ``precision``: the networks' dtype
+    (``core.accel.precision_mode``: auto, fp32, bf16, fp16)."""
 
     def factory() -> JobRunner:
         return make_runner(models_dirs, registry=registry, previews=previews, attention=attention, memory=memory,
-                           compile=compile)
+                           compile=compile, precision=precision)
 
     return factory

@@ -59,15 +59,16 @@ def test_every_front_end_factory_delegates_to_make_runner(monkeypatch):
     registry = object()
     assert cli.batch.pipeline_runner_factory(registry, [Path("m")])() == "runner"
     monkeypatch.delenv(tui.app.FAKE_RUNNER_ENV, raising=False)
+    monkeypatch.delenv("DARKROOM_PRECISION")  # tests/conftest.py's fp32 pin: the TUI resolves auto
     assert tui.app._runner_factory(SimpleNamespace(models_dir=["tui-models"]))() == "runner"
     assert core.worker._default_runner_factory() == "runner"
     assert made == [
         ([Path("m")], {"registry": registry, "previews": False, "attention": "auto", "memory": "auto",
-          "compile": "off"}),  # batch: nobody sees previews
+          "compile": "off", "precision": "auto"}),  # batch: nobody sees previews
         ([Path("tui-models")], {"registry": None, "previews": True, "attention": "auto", "memory": "auto",
-          "compile": "off"}),
+          "compile": "off", "precision": "auto"}),
         (None, {"registry": None, "previews": True, "attention": "auto", "memory": "auto",
-          "compile": "off"}),
+          "compile": "off", "precision": "auto"}),
     ]
 
 

@@ -549,10 +549,12 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
     from core.accel.attention_mode import resolve_mode
     from core.accel.compile_mode import resolve_mode as resolve_compile
     from core.accel.memory_mode import resolve_mode as resolve_memory_mode
+    from core.accel.precision_mode import resolve_mode as resolve_precision
 
     attention = resolve_mode(getattr(args, "attention", None))  # a bad $DARKROOM_ATTENTION stops us here
     memory = resolve_memory_mode(bool(getattr(args, "lowvram", False)))  # and a bad $DARKROOM_MEMORY
     compile_mode = resolve_compile(getattr(args, "compile", None))
+    precision = resolve_precision(getattr(args, "precision", None))
     fake = os.environ.get(FAKE_RUNNER_ENV)
     if fake:
         module_name, _, attr = fake.partition(":")
@@ -565,7 +567,8 @@ def _runner_factory(args: Any) -> Callable[[], Any]:
     from core.runner import runner_factory
 
     models_dirs = [Path(p) for p in (getattr(args, "models_dir", None) or [])] or None
-    return runner_factory(models_dirs, attention=attention, memory=memory, compile=compile_mode)
+    return runner_factory(models_dirs, attention=attention, memory=memory, compile=compile_mode,
+                          precision=precision)
 
 
 def _fake_registry() -> Any:

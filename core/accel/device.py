@@ -104,20 +104,38 @@ def _native_bf16() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-def compute_dtype(device: torch.device | str, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+def cpu_native_bf16() -> bool:
+    """Whether this CPU has AMX tiles, where oneDNN's bf16 convolutions and matmuls beat fp32 by 2x and more
+    (an SD1.5 UNet forward 1.9-2.2x, bench/bench_quarter.py). CPUs with only AVX-512 BF16 are left on fp32:
+    not measured."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe
+        return False
+
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(
+    device: torch.device | str, checkpoint_dtype: torch.dtype | None = None, precision: str = "auto"
+) -> torch.dtype:
     """The dtype to run the networks in (the precision half of ``core.accel.memory``'s policy).
 
-    CUDA: bf16 where the GPU has native bf16 (fp32's range: no fp16 overflow in the UNet or the VAE, and the
-    speed of fp16), else fp16 (universal on CUDA, half the memory of fp32), whatever the checkpoint stores.
-    MPS: fp16. CPU: fp32, because half-precision matmul on CPU is slow or missing. ``checkpoint_dtype`` is
-    kept for callers that pass it; the choice no longer depends on it.
+    ``precision`` (``core.accel.precision_mode``): fp32, bf16 or fp16 as asked, whatever the device. ``auto``:
+    on CUDA, bf16 where the GPU has native bf16 (fp32's range: no fp16 overflow in the UNet or the VAE, and the
+    speed of fp16), else fp16 (universal on CUDA, half the memory of fp32); on MPS fp16; on the CPU bf16 where it
+    has AMX (:func:`cpu_native_bf16`), else fp32, because half-precision matmul is slow there without it.
+    ``checkpoint_dtype`` is kept for callers that pass it; the choice does not depend on it.
     """
+    if precision != "auto":
+        return _PRECISION_DTYPES[precision]
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if _native_bf16() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -2,7 +2,8 @@
 
 One place decides, per job, from an estimate of the job's memory against what the device has free:
 
-- **precision** (``core.accel.device.compute_dtype``: bf16 on GPUs with native bf16, else fp16, fp32 on the CPU),
+- **precision** (``core.accel.device.compute_dtype``: bf16 on GPUs with native bf16, else fp16; on the CPU bf16
+  with AMX, else fp32),
   the VAE's dtype (:func:`vae_dtype`) and whether the denoiser's convolutions use channels_last
   (:func:`use_channels_last`);
 - **an estimate** (:func:`estimate_job`): the bytes of every network the job uses (``module_bytes``) plus the

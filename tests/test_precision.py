@@ -1,0 +1,129 @@
+"""The precision policy: ``--precision`` / ``$DARKROOM_PRECISION``, bf16 on CPUs with AMX, and a real job in bf16.
+
+The rest of the suite runs as on a CPU without AMX (tests/conftest.py); these tests undo that where needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import core.accel.device as devices
+from cli.batch import EXIT_USAGE, run_batch
+from cli.main import build_parser
+from core.accel.precision_mode import PrecisionModeError, check_mode, resolve_mode
+from core.models.testing import write_random_checkpoint
+from core.runner import make_runner
+
+
+def test_precision_choice_is_checked_and_normalised():
+    assert check_mode(" BF16 ") == "bf16" and check_mode("float32") == "fp32" and check_mode("half") == "fp16"
+    assert resolve_mode(None, {}) == "auto"
+    assert resolve_mode(None, {"DARKROOM_PRECISION": "bfloat16"}) == "bf16"
+    assert resolve_mode("fp32", {"DARKROOM_PRECISION": "bf16"}) == "fp32"  # the command line wins
+    with pytest.raises(PrecisionModeError, match=r"\$DARKROOM_PRECISION = 'int8' is not a precision; valid: auto, "
+                       r"fp32, bf16, fp16"):
+        resolve_mode(None, {"DARKROOM_PRECISION": "int8"})
+
+
+def test_auto_is_bf16_on_a_cpu_with_amx_and_fp32_without(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: True)
+    assert devices.compute_dtype("cpu") == torch.bfloat16
+    assert devices.compute_dtype("cpu", precision="fp32") == torch.float32
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: False)
+    assert devices.compute_dtype("cpu") == torch.float32
+    assert devices.compute_dtype("cpu", precision="bf16") == torch.bfloat16
+    assert devices.compute_dtype("cpu", precision="fp16") == torch.float16
+    # a forced choice holds on a GPU too; auto keeps the GPU rule (bf16 where native, else fp16)
+    monkeypatch.setattr(devices, "_native_bf16", lambda: False)
+    assert devices.compute_dtype("cuda") == torch.float16
+    assert devices.compute_dtype("cuda", precision="bf16") == torch.bfloat16
+    assert devices.compute_dtype("cuda", precision="fp32") == torch.float32
+
+
+def test_the_amx_probe_reads_torch(monkeypatch):
+    """``cpu_native_bf16`` is torch's AMX probe (the conftest stand-in replaced it for the other tests)."""
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert devices.cpu_native_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert devices.cpu_native_bf16() is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert devices.cpu_native_bf16() is False  # a torch without the probe: fp32, as before
+
+
+def test_the_precision_setting_reaches_the_runner(tmp_path, monkeypatch):
+    parser = build_parser()
+    assert parser.parse_args(["--precision", "bf16"]).precision == "bf16"
+    assert parser.parse_args([]).precision is None
+    assert make_runner([tmp_path], device="cpu", precision="bf16").dtype == torch.bfloat16
+    assert make_runner([tmp_path], device="cpu", precision="fp32").dtype == torch.float32
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: True)
+    assert make_runner([tmp_path], device="cpu").dtype == torch.bfloat16  # auto on an AMX CPU
+    err = io.StringIO()
+    code = run_batch("-", stdin=io.StringIO(""), stdout=io.StringIO(), stderr=err, precision="fp8",
+                     db_path=tmp_path / "db.sqlite3")
+    assert code == EXIT_USAGE
+    assert "--precision = 'fp8' is not a precision; valid: auto, fp32, bf16, fp16" in err.getvalue()
+
+
+def _batch_image(tmp_path, models, precision: str) -> np.ndarray:
+    jobs = tmp_path / f"jobs-{precision}.jsonl"
+    jobs.write_text(json.dumps({"model": "tiny", "prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 3,
+                                "seed": 7, "width": 64, "height": 64, "cfg": 5.0}))
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / f"out-{precision}",
+                     db_path=tmp_path / f"{precision}.db", stdout=out, stderr=err, rich_progress=False,
+                     precision=precision)
+    assert code == 0, err.getvalue()
+    return np.asarray(Image.open(out.getvalue().split()[0]).convert("RGB"), dtype=np.float64)
+
+
+def test_a_job_in_bf16_on_the_cpu_makes_the_fp32_image_to_bf16_rounding(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"
+    write_random_checkpoint(models / "tiny.safetensors", "sd15", "tiny", seed=0)
+    full, half = _batch_image(tmp_path, models, "fp32"), _batch_image(tmp_path, models, "bf16")
+    mse = float(((full - half) ** 2).mean())
+    assert mse > 0, "the bf16 run computed in fp32"
+    assert 10 * np.log10(255**2 / mse) > 30  # the same picture, to bf16 rounding
+
+
+def test_every_kind_of_job_runs_in_bf16_on_the_cpu(tmp_path, monkeypatch):
+    """The paths the fp32 suite never runs in half precision (img2img, masks, hires, LoRA, the Flux
+    transformer): with ``--precision auto`` on an AMX CPU they all run in bf16, so a dtype mix-up is a crash."""
+    from core.models.testing import write_random_flux_split_set, write_random_lora
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"
+    write_random_checkpoint(models / "checkpoints" / "sd15.safetensors", "sd15", "tiny", seed=0)
+    write_random_lora(models / "loras" / "style.safetensors", "sd15", "tiny")
+    write_random_flux_split_set(tmp_path, "comfyui")
+    Image.new("RGB", (64, 64), (120, 80, 200)).save(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    base = {"prompt": "a lighthouse", "steps": 2, "seed": 3, "width": 64, "height": 64}
+    img = {"init_image": str(tmp_path / "init.png")}
+    jobs = [
+        {**base, "model": "sd15", "prompt": "a lighthouse <lora:style:0.8>", "negative_prompt": "blurry"},
+        {**base, "model": "sd15", **img},
+        {**base, "model": "sd15", **img, "mask": str(tmp_path / "mask.png"), "inpaint_area": "only_masked",
+         "masked_content": "latent_noise"},
+        {**base, "model": "sd15", "hires": {"scale": 1.5}, "sampler": "dpmpp_2m", "schedule": "karras"},
+        {**base, "model": "flux1-dev", "cfg": 1.0, **img},
+    ]
+    job_file = tmp_path / "jobs.jsonl"
+    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(job_file), models_dirs=[models], output_dir=tmp_path / "out", db_path=tmp_path / "db",
+                     stdout=out, stderr=err, rich_progress=False, precision="bf16")
+    assert code == 0, err.getvalue()
+    images = [np.asarray(Image.open(p)) for p in out.getvalue().split()]
+    assert [im.shape[:2] for im in images] == [(64, 64)] * 3 + [(96, 96), (64, 64)]
+    assert all(im.std() > 1 for im in images)  # pictures, not a flat fill from a NaN or a dropped pass
