@@ -512,7 +512,7 @@ def _family_mismatches(
 
 
 def _apply_family(
-    jobs: Sequence[BatchJob], checkpoints: Mapping[int, Path], registry: Any, label: str, err: IO[str]
+    jobs: Sequence[BatchJob], checkpoints: Mapping[int, Path], registry: Any, warn: Callable[[int, str], None]
 ) -> list[BatchJob]:
     """Each job with its model family's own defaults for the fields the file left out (Flux: cfg 1), and a
     warning for what the family does differently from what the prompt asks (Flux ignores A1111 weights)."""
@@ -523,7 +523,7 @@ def _apply_family(
         info = registry.inspect(checkpoints[job.index]) if job.index in checkpoints else None
         if info is not None and info.is_family:
             for warning in family_warnings(job.request, info.family):
-                print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+                warn(job.index, warning)
             job = dataclasses.replace(job, request=with_family_defaults(job.request, info.family, job.given))
         out.append(job)
     return out
@@ -819,10 +819,16 @@ def run_batch(
     from core.models.registry import ModelRegistry
 
     registry = ModelRegistry(dirs)
+    announced: dict[int, set[str]] = {}  # each job's warnings said before it runs: the run does not repeat them
+
+    def warn(index: int, text: str) -> None:
+        announced.setdefault(index, set()).add(text)
+        print(visible(f"darkroom: warning: {label}: job {index}: {text}"), file=err, flush=True)
+
     for job in jobs:
         for warning in [*prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt),
                         *mask_warnings(job.request)]:
-            print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+            warn(job.index, warning)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             print(
@@ -857,12 +863,12 @@ def run_batch(
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
             for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
-                    print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+                    warn(job.index, warning)
             if cache_options.requested(job.request):  # a cache that cannot help this model/run says so
                 info = registry.inspect(checkpoint)
                 family = get_family(info.family) if info.is_family else None
                 for warning in cache_options.cache_warnings(job.request, family):
-                    print(visible(f"darkroom: warning: {label}: job {job.index}: {warning}"), file=err, flush=True)
+                    warn(job.index, warning)
         except (ModelNotFoundError, LoraError, RequestError) as exc:
             error(f"{label}: job {job.index}: {exc}")
             return EXIT_MODEL
@@ -875,7 +881,7 @@ def run_batch(
     if mismatches:
         error("\n".join(mismatches))
         return EXIT_USAGE
-    jobs = _apply_family(jobs, checkpoints, registry, label, err)
+    jobs = _apply_family(jobs, checkpoints, registry, warn)
 
     if runner_factory is None:
         if importlib.util.find_spec("core.pipeline") is None:
@@ -976,7 +982,8 @@ def run_batch(
             elif isinstance(event, JobStep):
                 progress.step(n, event.step, event.total)
             elif isinstance(event, JobWarning):
-                progress.warning(n, event.text)
+                if event.text not in announced.get(n, ()):
+                    progress.warning(n, event.text)
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)

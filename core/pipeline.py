@@ -1011,7 +1011,7 @@ class PipelineRunner:
         compiles = self.compiler.compiles
         loaded = time.monotonic()
         for warning in cache_warnings(request, model.spec):
-            log.warning("job %s: %s", getattr(job, "id", "?"), warning)
+            log.warning("%s", warning)  # the job's JobWarning: front ends say which job
         first_step: list[float] = []
         previewer = self.preview_decoders.previewer(model.family, model.device, model.dtype) if self.previews else None
 

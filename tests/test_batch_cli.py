@@ -426,3 +426,25 @@ def test_core_warnings_during_a_job_are_darkroom_warning_lines(tmp_path, monkeyp
     assert "\x1b" not in err
     # the worker's handler goes with the job: nothing of it stays on the core's logger
     assert not logging.getLogger("core").handlers
+
+
+class CacheWarningRunner(RecordingRunner):
+    """Logs the few-step cache warning while the job runs, as the pipeline does for every job."""
+
+    def before_steps(self, job) -> None:
+        import logging
+
+        from core.accel.cache_options import cache_warnings
+
+        for warning in cache_warnings(job.request):
+            logging.getLogger("core.pipeline").warning("%s", warning)
+
+
+def test_a_warning_said_before_the_run_is_not_repeated_by_the_run(tmp_path, monkeypatch):
+    run = batch_runner(tmp_path, monkeypatch, CacheWarningRunner)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "a cat"\nsteps = 3\ndeepcache_interval = 2\n')
+    code, out, err = run(str(jobs))
+    assert code == 0, err
+    assert err.count("DeepCache with 3 steps") == 1, err
+    assert f"darkroom: warning: {jobs}: job 1: DeepCache with 3 steps" in err
