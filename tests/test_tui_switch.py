@@ -10,6 +10,7 @@ import re
 import threading
 
 import pytest
+from textual.app import App
 from textual.screen import Screen
 
 from core.request import GenerationRequest
@@ -105,3 +106,31 @@ async def test_switching_back_keeps_the_footer_and_skips_the_style_pass(tmp_path
         await wait_for(pilot, lambda: app.running_job is None)
         app.screen.refresh_bindings()
         await wait_for(pilot, lambda: "Stop job" not in labels())
+
+
+async def test_no_stylesheet_pass_on_any_first_visit(tmp_path, monkeypatch):
+    """Also not on the first switch back to the screen shown at start (its styles are counted once it has
+    painted: Textual's start-up pass ran before it mounted)."""
+    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
+    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
+    app = make_app(tmp_path, prebuild_screens=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+
+        def built_all() -> bool:
+            try:
+                return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
+            except KeyError:
+                return False
+
+        await wait_for(pilot, built_all, timeout=30)
+        passes: list[str] = []
+        original = App.refresh_css
+
+        def counted(self, animate: bool = True) -> None:
+            passes.append(type(self.screen).__name__)
+            original(self, animate)
+
+        monkeypatch.setattr(App, "refresh_css", counted)
+        await visit_every_screen(pilot)
+        assert type(app.screen).__name__ == "GenerateScreen"
+        assert passes == []
