@@ -256,7 +256,8 @@ class DarkroomApp(App[int]):
             self.set_timer(PREBUILD_AFTER_S, self._prebuild_next_screen)
 
     def _prebuild_next_screen(self) -> None:
-        """Build one not yet visited screen (Presets, Queue, History) in the background, then the next.
+        """Build one not yet visited screen (Presets, Queue, History) in the background, in the next turn draw
+        it off screen (_lay_out_in_background), then go on with the next screen.
 
         A screen's first visit imports its module, parses its stylesheet and builds its widgets: 0.5-1.5 s
         during a job (bench/bench_tui.py --switch-rounds), against well under 100 ms for a later visit. Done
