@@ -9,6 +9,13 @@
    measures how late it is woken (wall), and how much CPU the UI thread burnt in that gap (excludes other
    processes taking the core on a shared machine). Goal < 50 ms. Measured on the second of two identical jobs. Jobs use 64x64 previews (an SD1.5 latent preview) every
    step and a 512x512 final image.
+3. With ``--switch-rounds N``: F-key to paint (F4 F5 F3 F2, seen by capture-pane polling) while a job runs, the
+   first visit of each screen apart from the later ones; ``--baseline DIR`` measures another checkout
+   alternately. Measured on the shared 2-core box (heavy steal), this checkout vs the commit before it:
+   fake runner (3 runs) first visits median 103 ms (29-225, n=12) vs 152 (69-489), later 63 (40-193, n=60) vs
+   73 (34-177); real SD1.5 at 256 px (2 runs) first 137 (68-293, n=8) vs 246 (120-981), later 92 (46-181,
+   n=32) vs 89 (32-207). The app's own part (key event to frame written) is a median ~40 ms with the real
+   pipeline; most of the rest is tmux taking in the frame while sampling's threads hold both cores.
 
     .venv/bin/python bench/bench_tui.py [--runs 5] [--steps 40] [--delay 0.05] [--terminals kitty,sixel,plain]
 """

@@ -10,7 +10,9 @@ import re
 import threading
 
 import pytest
+from textual.app import App
 from textual.screen import Screen
+from textual.widget import Widget
 
 from core.request import GenerationRequest
 from tests.tui_fakes import FakeRunner, make_app, screen_text, wait_for
@@ -105,3 +107,67 @@ async def test_switching_back_keeps_the_footer_and_skips_the_style_pass(tmp_path
         await wait_for(pilot, lambda: app.running_job is None)
         app.screen.refresh_bindings()
         await wait_for(pilot, lambda: "Stop job" not in labels())
+
+
+async def test_no_stylesheet_pass_on_any_first_visit(tmp_path, monkeypatch):
+    """Also not on the first switch back to the screen shown at start (its styles are counted once it has
+    painted: Textual's start-up pass ran before it mounted)."""
+    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
+    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
+    app = make_app(tmp_path, prebuild_screens=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+
+        def built_all() -> bool:
+            try:
+                return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
+            except KeyError:
+                return False
+
+        await wait_for(pilot, built_all, timeout=30)
+        passes: list[str] = []
+        original = App.refresh_css
+
+        def counted(self, animate: bool = True) -> None:
+            passes.append(type(self.screen).__name__)
+            original(self, animate)
+
+        monkeypatch.setattr(App, "refresh_css", counted)
+        await visit_every_screen(pilot)
+        assert type(app.screen).__name__ == "GenerateScreen"
+        assert passes == []
+
+
+async def test_screens_built_in_the_background_are_drawn_before_their_first_visit(tmp_path, monkeypatch):
+    """Their widgets' lines are rendered off screen once the screens are built, so the first visit draws from
+    the same caches as a later one: it renders lines of no widget that a later visit does not render too
+    (without it: every container, the tabs, the footer's keys, ...)."""
+    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
+    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
+    app = make_app(tmp_path, prebuild_screens=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app._laid_out >= {"presets", "queue", "history"}, timeout=30)
+        await pilot.pause(0.3)
+        history = app.get_screen_stack("history")[0]
+        rendered: list[str] = []
+        for cls in {type(widget) for widget in history.walk_children()} | {Widget}:
+            for klass in cls.__mro__:
+                if "render_line" in vars(klass) and klass.__module__.startswith(("textual", "tui")):
+                    original = vars(klass)["render_line"]
+
+                    def counted(self, y, _original=original):  # noqa: ANN001, ANN202
+                        rendered.append(type(self).__name__)
+                        return _original(self, y)
+
+                    monkeypatch.setattr(klass, "render_line", counted)
+
+        async def visit_history() -> set[str]:
+            rendered.clear()
+            await pilot.press("f5")
+            await pilot.pause()
+            assert app.screen is history
+            return set(rendered) - {"StatusBar"}  # it redraws itself once a second
+
+        first = await visit_history()
+        await pilot.press("f2")
+        await pilot.pause(0.3)
+        assert first <= await visit_history()

@@ -239,6 +239,7 @@ class DarkroomApp(App[int]):
         self._frozen_model: str | None = None
         self._stop_lock = threading.Lock()
         self.prebuild_screens = True  # see _prebuild_next_screen
+        self._laid_out: set[str] = set()  # modes whose prebuilt screen was laid out (_lay_out_in_background)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -250,11 +251,13 @@ class DarkroomApp(App[int]):
         # Start the worker after the first frame: its threads import torch, which would compete for the GIL
         # with the first paint.
         self.call_after_refresh(self._start_worker)
+        self.call_after_refresh(self._first_screen_styled)
         if self.prebuild_screens:
             self.set_timer(PREBUILD_AFTER_S, self._prebuild_next_screen)
 
     def _prebuild_next_screen(self) -> None:
-        """Build one not yet visited screen (Presets, Queue, History) in the background, then the next.
+        """Build one not yet visited screen (Presets, Queue, History) in the background, in the next turn draw
+        it off screen (_lay_out_in_background), then go on with the next screen.
 
         A screen's first visit imports its module, parses its stylesheet and builds its widgets: 0.5-1.5 s
         during a job (bench/bench_tui.py --switch-rounds), against well under 100 ms for a later visit. Done
@@ -269,7 +272,17 @@ class DarkroomApp(App[int]):
         if generate is not None and not generate.settled:  # the form and its model list come first
             self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
             return
+        waiting = False  # a screen built in an earlier turn that has not finished mounting
         for mode in self.MODES:
+            stack = self._screen_stacks.get(mode)
+            if stack and mode != self.current_mode and mode not in self._laid_out:
+                if not stack[0].is_mounted:
+                    waiting = True
+                    continue
+                self._laid_out.add(mode)
+                self._lay_out_in_background(stack[0])
+                self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
+                return
             if mode not in self._screen_stacks and mode != self.current_mode:
                 # A new screen counts as "CSS out of date" (-1), and _init_mode then re-applies the whole
                 # stylesheet to the *current* screen (a 0.5 s stall here, measured) while the new screen keeps
@@ -286,6 +299,33 @@ class DarkroomApp(App[int]):
                     screen._css_update_count = seen
                 self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
                 return
+        if waiting:
+            self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
+
+    def _lay_out_in_background(self, screen: Any) -> None:
+        """Give a screen built in the background its layout and draw its widgets once, off screen.
+
+        Textual renders only the current screen, so a prebuilt screen's first visit rendered every line of
+        every widget for the first time: 2-3x a later visit, which finds most lines cached (bench/bench_tui.py).
+        ``_refresh_layout`` is the step a visit runs (it arranges the widgets as they are now: the screen's
+        data may have arrived since it was built); the compositor's update rendered here is discarded, only the
+        current screen is ever displayed.
+        """
+        if self._exit or not screen.is_attached:
+            return
+        screen._refresh_layout(self.size)
+        screen._compositor.render_update(full=True)
+
+    def _first_screen_styled(self) -> None:
+        """Textual's start-up stylesheet pass runs before the first screen has mounted, so that screen keeps
+        the "never styled" count (-1) and the first switch back to it (F2 after visiting another screen)
+        re-parsed and re-applied the whole stylesheet: 450 ms during a job, the slowest F-key of all
+        (bench/bench_tui.py). Its widgets were styled as they mounted, after that pass (as the screens built in
+        _prebuild_next_screen are): mark it up to date. A theme change since then has its own pass queued,
+        which still runs and counts again."""
+        screen = self.screen
+        if screen.is_mounted and screen._css_update_count == -1:
+            screen._css_update_count = self._css_update_count
 
     def _freeze_new_modules(self) -> None:
         """The worker's threads import torch and the pipeline's modules after startup, then load models: long-
