@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import logging
+import os
 import sys
 import threading
 import time
@@ -122,6 +123,20 @@ def _log_failure(job_id: int, exc: BaseException) -> None:
         log.exception("job %s failed and the failure log could not be written", job_id)
 
 
+def lower_thread_priority(step: int = 5) -> bool:
+    """Lower the calling thread's scheduling priority by ``step`` nice levels. Linux keeps a nice value per
+    thread and a new thread starts with its creator's, so the threads this one starts later (torch's intra-op
+    pool is made by the first thread that runs a parallel op) inherit it. False where it cannot be done."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 class _JobWarnings(logging.Handler):
     """The core's warnings logged on the job's own thread, as ``JobWarning`` events for the front ends (which
     show them as they show any job text); other threads' records and other levels are not the job's."""
@@ -173,8 +188,13 @@ class Worker:
         queue: str = "default",
         private_queue: bool = False,
         status_interval: float = 1.0,
+        yield_cpu: bool = False,
     ) -> None:
         self.store = store
+        # Interactive front ends (the TUI): the job thread, and the CPU threads torch starts from it, yield the
+        # CPU to the UI thread and the terminal, so a key is answered at once while a CPU job keeps every core
+        # busy; idle cores still go to the job, so it runs as fast when nobody types.
+        self.yield_cpu = yield_cpu
         self.queue = queue
         # A private queue (a batch run's) is this process's alone: its pending jobs are marked as owned, so
         # they become interrupted (and retryable elsewhere) once this process is gone.
@@ -382,6 +402,8 @@ class Worker:
         self._emit(WorkerStopped(ctx.job_id if ctx else None, str(exc)))
 
     def _job_loop(self) -> None:
+        if self.yield_cpu:
+            lower_thread_priority()
         try:
             try:
                 from core.recovery import recover

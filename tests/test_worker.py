@@ -537,3 +537,33 @@ def test_compute_dtype(monkeypatch):
     assert devices.compute_dtype("cuda", torch.bfloat16) == torch.float16
     assert devices.compute_dtype("mps", torch.float32) == torch.float16
     assert devices.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+class NiceRecorder(FakeRunner):
+    """Records the scheduling priority of the job thread and of a thread it starts (as torch starts its
+    intra-op pool from the first thread that runs a parallel op)."""
+
+    def run(self, job, ctx: JobContext) -> list[GeneratedImage]:
+        self.nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen = []
+        pool = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        pool.start()
+        pool.join()
+        self.pool_nice = seen[0]
+        return super().run(job, ctx)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or not os.uname().sysname == "Linux", reason="per-thread nice")
+@pytest.mark.parametrize("yield_cpu", [True, False])
+def test_an_interactive_worker_yields_the_cpu_to_the_ui(env, yield_cpu):
+    make, store, tmp_path = env
+    ui = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    runner = NiceRecorder()
+    w, rec = make(runner, yield_cpu=yield_cpu)
+    w.start()
+    finished(rec, w.submit(req()))
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ui  # the UI thread keeps its priority
+    if yield_cpu and ui < 19:
+        assert runner.nice > ui and runner.pool_nice == runner.nice
+    else:
+        assert runner.nice == ui and runner.pool_nice == ui

@@ -637,7 +637,7 @@ def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
         registry = ModelRegistry(models_dirs)
     store = JobStore(getattr(args, "db", None))
     output_dir = getattr(args, "output_dir", None) or default_output_dir()
-    worker = Worker(store, _runner_factory(args), output_dir=output_dir)
+    worker = Worker(store, _runner_factory(args), output_dir=output_dir, yield_cpu=True)
     return DarkroomApp(worker, registry, image_class=image_class)
 
 
