@@ -7,8 +7,9 @@ On full-size random SD1.5 weights (``core.models.testing``, the released configs
 1. a 50-step reference: diffusers' ``StableDiffusionPipeline`` with DPM++ 2M Karras, CFG 7;
 2. diffusers' default (DPM++ 2M Karras, 20 steps, CFG 7), timed before and after Darkroom's rows (the mean is
    the ratio's denominator), and its PSNR against the reference;
-3. Darkroom's candidates, cheapest first (AYS schedules, DeepCache, first-block cache, fewer steps), each timed
-   the same way in the same run, with its PSNR; the fastest whose mean PSNR reaches diffusers' wins, and the
+3. Darkroom's candidates, cheapest first (AYS schedules, DeepCache, first-block cache, fewer steps), at its
+   default precision (``--precision auto``: bf16 on a CPU with AMX) and one in fp32 (diffusers' numbers), each
+   timed the same way in the same run, with its PSNR; the fastest whose mean PSNR reaches diffusers' wins, and the
    time ratio Darkroom / diffusers is printed (goal <= 0.25);
 4. each technique alone on Darkroom's AYS 10-step base (DeepCache interval 2/3/5, first-block-cache thresholds,
    channels_last, torch.compile; compile is left out of --quick, its first job spends minutes compiling), with
@@ -22,16 +23,20 @@ instead (one VAE decode per run). Times are process CPU seconds (all threads), s
 machine moves the ratio less than it moves wall time (not to nothing: compare rows of one run only); wall seconds
 are printed beside them. ``--quick``: 1 seed, fewer settings.
 
-Measured (``--quick --size 128``, random full-size SD1.5, seed 1, 1 thread, three runs side by side on a shared
-machine): diffusers 20 steps 45.35 dB; Darkroom with its settings 45.39 dB at 0.76-1.00x (last run, diffusers
-timed before and after: 1.00x; the 0.57x noted before came from a diffusers time taken under heavier load,
-process CPU time still grows when the cores are shared). At Karras 10 steps (0.39-0.45x) DPM++ 2M 37.8 dB,
-iPNDM 36.6; scratch runs, same PSNR (deterministic): UniPC order 3 36.3, LMS (= iPNDM-v; DEIS in rho is the
-same integral) 35.4, DPM++ 3M (eta 0) 34.3, iPNDM on exponential sigmas 32.4, AYS 10 29.6. Karras 20 with
-DeepCache 3: 33.6 dB (0.32-0.42x), DeepCache 3 branch 2: 35.0 (0.41x), DeepCache 2: 38.1 (0.44-0.53x).
-channels_last made CPU steps 1.8x slower. Against a 2M reference the higher-order solvers lose to 2M, and every
-cut of steps or network work costs far more PSNR than the 20-step run's: the best at diffusers' quality is
-its own settings, at about diffusers' time per step (the same network in fp32 on the same CPU kernels).
+Measured (``--quick --size 256``, random full-size SD1.5, seed 1, 1 thread, this AMX Xeon, where Darkroom's
+``--precision auto`` is bf16): diffusers 20 steps 43.60 dB at 102.6 CPU s (mean of its runs before and after);
+Darkroom with diffusers' settings in fp32 43.64 dB at 0.98x (the same network in fp32 on the same kernels); in
+bf16 (auto) Karras 20 42.94 dB at 0.43x, Karras 22 42.83 at 0.48x, **Karras 24 44.01 dB at 0.52x: the fastest
+at diffusers' quality** (goal <= 0.25 not met). bf16 alone: 2.13x on AYS 10, -0.03 dB; on a Karras 20 run it
+costs ~0.7 dB against the reference (at 128 px, bf16 only in the last 5 of 20 steps costs nothing, only in the
+first 5 0.2 dB: the error comes from the middle steps), which four more steps win back (Karras 22 does not).
+Every cut of steps or network work costs far more than that: Karras 16 41.6 dB (0.34x), DPM++ 2M Karras 10 36.4
+(0.22x), Karras 20 + DeepCache 2 36.3 (0.26x), AYS 10 28.8 (0.23x); DeepCache N=3 alone 1.99x at -2.3 dB;
+first-block 0.1 never skips a block here (0.98x). Earlier runs at 128 px (fp32): iPNDM Karras 10 36.6 dB,
+UniPC order 3 36.3, LMS (= iPNDM-v) 35.4, DPM++ 3M (eta 0) 34.3: against a 2M reference the higher-order
+solvers lose to 2M. channels_last: 1.8x slower in fp32 on this CPU; in bf16 0.8x at 256 px, 1.2x at 512 px.
+Previews: projection 0.02 % of a step, a random-weight TAESD 16.8 % unthrottled (the Previewer throttles it to
+< 2 % of the job); the VAE decode (outside both times) 6.9 s.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Setting:
     fields: dict
     channels_last: bool = False
     compile: bool = False
+    precision: str = "auto"  # Darkroom's default: bf16 on a CPU with AMX, else fp32 (core.accel.device)
 
 
 # Darkroom's candidates for "fastest at diffusers' quality", cheapest first (DeepCache at 10 steps: 4 full passes).
@@ -82,23 +88,30 @@ CANDIDATES = [
     Setting("Karras 15 + DeepCache 3", {"schedule": "karras", "steps": 15, "deepcache_interval": 3}),
     Setting("Karras 20 + DeepCache 3", {"schedule": "karras", "steps": 20, "deepcache_interval": 3}),
     Setting("Karras 20 + DeepCache 2", {"schedule": "karras", "steps": 20, "deepcache_interval": 2}),
+    Setting("Karras 16", {"schedule": "karras", "steps": 16}),
     Setting("Karras 20 (diffusers' settings)", {"schedule": "karras", "steps": 20}),
+    Setting("Karras 22", {"schedule": "karras", "steps": 22}),
+    Setting("Karras 24", {"schedule": "karras", "steps": 24}),
+    Setting("Karras 20 fp32 (diffusers' numbers)", {"schedule": "karras", "steps": 20}, precision="fp32"),
 ]
-QUICK = ("AYS 10", "DPM++ 2M Karras 10", "iPNDM Karras 10", "Karras 20 + DeepCache 3",
-         "Karras 20 + DeepCache 3 branch 2", "Karras 20 + DeepCache 2", "Karras 20 (diffusers' settings)")
+QUICK = ("AYS 10", "DPM++ 2M Karras 10", "Karras 20 + DeepCache 2", "Karras 16", "Karras 20 (diffusers' settings)",
+         "Karras 22", "Karras 24", "Karras 20 fp32 (diffusers' numbers)")
 QUICK_CANDIDATES = [c for c in CANDIDATES if c.label in QUICK]
 BASE = {"schedule": "ays", "steps": 10}
 TECHNIQUES = [
-    Setting("DeepCache N=2", {**BASE, "deepcache_interval": 2}),
-    Setting("DeepCache N=3", {**BASE, "deepcache_interval": 3}),
-    Setting("DeepCache N=5", {**BASE, "deepcache_interval": 5}),
-    Setting("first-block 0.05", {**BASE, "fbcache_threshold": 0.05}),
-    Setting("first-block 0.1", {**BASE, "fbcache_threshold": 0.1}),
-    Setting("first-block 0.2", {**BASE, "fbcache_threshold": 0.2}),
-    Setting("channels_last", dict(BASE), channels_last=True),
-    Setting("torch.compile (inductor)", dict(BASE), compile=True),
+    Setting("AYS 10 fp32", dict(BASE), precision="fp32"),  # the base the techniques are measured against
+    Setting("bf16 (auto on an AMX CPU)", dict(BASE), precision="bf16"),
+    Setting("DeepCache N=2", {**BASE, "deepcache_interval": 2}, precision="fp32"),
+    Setting("DeepCache N=3", {**BASE, "deepcache_interval": 3}, precision="fp32"),
+    Setting("DeepCache N=5", {**BASE, "deepcache_interval": 5}, precision="fp32"),
+    Setting("first-block 0.05", {**BASE, "fbcache_threshold": 0.05}, precision="fp32"),
+    Setting("first-block 0.1", {**BASE, "fbcache_threshold": 0.1}, precision="fp32"),
+    Setting("first-block 0.2", {**BASE, "fbcache_threshold": 0.2}, precision="fp32"),
+    Setting("channels_last", dict(BASE), channels_last=True, precision="fp32"),
+    Setting("torch.compile (inductor)", dict(BASE), compile=True, precision="fp32"),
 ]
-QUICK_TECHNIQUES = [t for t in TECHNIQUES if t.label in ("DeepCache N=3", "DeepCache N=5", "first-block 0.1")]
+QUICK_TECHNIQUES = [t for t in TECHNIQUES if t.label in ("AYS 10 fp32", "bf16 (auto on an AMX CPU)",
+                                                         "DeepCache N=3", "first-block 0.1")]
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float | None = None) -> float:
@@ -165,14 +178,22 @@ def main() -> None:
     candidates = QUICK_CANDIDATES if args.quick else CANDIDATES
     techniques = QUICK_TECHNIQUES if args.quick else TECHNIQUES
     if args.only:
-        wanted = {label.strip() for label in args.only.split(",")} | {"AYS 10"}
+        wanted = {label.strip() for label in args.only.split(",")} | {"AYS 10", "AYS 10 fp32"}
         candidates = [c for c in CANDIDATES if c.label in wanted]
         techniques = [t for t in TECHNIQUES if t.label in wanted]
 
     with heavy_lock(), scratch_checkpoint(
         args.checkpoint, lambda p: write_random_checkpoint(p, "sd15", "tiny" if args.tiny else "full", seed=0)
     ) as path:
-        model = load_model(path, compute_hash=False)
+        from core.accel.device import compute_dtype
+
+        auto = compute_dtype("cpu")  # what --precision auto runs here
+        models = {"fp32": load_model(path, compute_hash=False, dtype=torch.float32)}
+        models["auto"] = models["fp32"] if auto == torch.float32 else load_model(path, compute_hash=False, dtype=auto)
+        if any(s.precision == "bf16" for s in candidates + techniques):
+            models["bf16"] = models["auto"] if auto == torch.bfloat16 else load_model(
+                path, compute_hash=False, dtype=torch.bfloat16)
+        model = models["fp32"]
         pipe = diffusers_pipe(path)
         base = GenerationRequest(model="bench", prompt=PROMPT, negative_prompt=NEGATIVE, sampler="dpmpp_2m",
                                  schedule="karras", steps=20, cfg=CFG, seed=1, width=args.size, height=args.size)
@@ -189,7 +210,8 @@ def main() -> None:
             return psnr(finish(latents), ref, 255.0 if args.decode else None)
 
         print(f"SD1.5 {'tiny' if args.tiny else 'full-size'} random weights, {args.size}x{args.size}, CFG {CFG}, seeds {seeds}, "
-              f"{args.threads} thread(s), PSNR on {'decoded images' if args.decode else 'latents'}", flush=True)
+              f"{args.threads} thread(s), PSNR on {'decoded images' if args.decode else 'latents'}; Darkroom's "
+              f"precision auto = {str(auto).removeprefix('torch.')} here", flush=True)
         rows: dict[str, list[tuple[float, float, float]]] = {}  # label -> [(psnr, cpu s, wall s)] per seed
 
         def record(label: str, value: float, timer: Timer) -> None:
@@ -206,7 +228,8 @@ def main() -> None:
             record("diffusers DPM++ 2M Karras 20", quality(out, ref), timer)
             done: dict[tuple, tuple[float, Timer]] = {}  # a technique row with a candidate's settings reuses its run
             for setting in candidates + techniques:
-                key = (tuple(sorted(setting.fields.items())), setting.channels_last, setting.compile)
+                model = models[setting.precision]
+                key = (tuple(sorted(setting.fields.items())), setting.channels_last, setting.compile, model.dtype)
                 if key in done:
                     record(setting.label, *done[key])
                     continue
@@ -247,6 +270,7 @@ def main() -> None:
             decoder = TAESDDecoder(DecoderConfig(4))
             decoder.load_state_dict(random_state_dict(decoder, seed=0))
             decoder = decoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+            model = models["fp32"]
             steps = rows["AYS 10"][-1]
             step_cpu = steps[1] / BASE["steps"]
             for kind, previewer in (("projection", Previewer("sd15")), ("TAESD (random weights)",
@@ -280,9 +304,9 @@ def main() -> None:
                 passing.append((cpu, label))
             print(f"{label:40s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
                   f"{'yes' if ok else 'no'}")
-        base_cpu, base_psnr = mean("AYS 10", 1), mean("AYS 10", 0)
-        print("\neach technique alone on AYS 10 steps (speedup, PSNR change against AYS 10):")
-        for t in techniques:
+        base_cpu, base_psnr = mean("AYS 10 fp32", 1), mean("AYS 10 fp32", 0)
+        print("\neach technique alone on AYS 10 steps in fp32 (speedup, PSNR change against it):")
+        for t in techniques[1:]:
             if t.label in rows:
                 print(f"  {t.label:30s} {base_cpu / mean(t.label, 1):5.2f}x  {mean(t.label, 0) - base_psnr:+6.2f} dB")
         if passing:

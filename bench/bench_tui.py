@@ -16,6 +16,10 @@
    73 (34-177); real SD1.5 at 256 px (2 runs) first 137 (68-293, n=8) vs 246 (120-981), later 92 (46-181,
    n=32) vs 89 (32-207). The app's own part (key event to frame written) is a median ~40 ms with the real
    pipeline; most of the rest is tmux taking in the frame while sampling's threads hold both cores.
+   Then the TUI's job thread (and torch's threads) 5 nice levels down, measured on the idle box against the
+   commit before (``--baseline``): real full-size SD1.5 at 256 px first visits median 52 ms (max 86, n=4) vs
+   78 (max 159), later 43 (max 129, n=16) vs 51 (max 138); real tiny SD1.5 (sampling holds the GIL), 2 runs:
+   first 70 (n=8) vs 94, later 78 (max 319, n=40) vs 88 (max 299); fake runner, 2 runs: first 62, later 55.
 
     .venv/bin/python bench/bench_tui.py [--runs 5] [--steps 40] [--delay 0.05] [--terminals kitty,sixel,plain]
 """
