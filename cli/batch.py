@@ -692,6 +692,13 @@ def _queue_jobs(
     if resume:
         recover(worker.store, worker.output_dir)  # a job killed after its last image was saved is done
         earlier = worker.store.jobs_by_source(keys.values())
+    # An X/Y/Z grid's cells share one seed, as A1111's and the TUI's grids do: a -1 is drawn once per grid, or
+    # taken from the cells an earlier run of this file made, so that a resumed grid stays one seed.
+    grid_seeds: dict[str, int] = {}
+    for job in jobs:
+        made = earlier.get(keys.get(job.index, "")) if job.grid is not None else None
+        if made is not None and made.request.seed != -1:
+            grid_seeds.setdefault(job.grid[0], made.request.seed)
     for job in jobs:
         key = keys.get(job.index)
         before = earlier.get(key) if key else None
@@ -711,6 +718,8 @@ def _queue_jobs(
             number[worker.retry(before.id)] = job.index
         else:
             request = job.request
+            if job.grid is not None and request.seed == -1:
+                request = request.replace(seed=grid_seeds.setdefault(job.grid[0], request.with_resolved_seed().seed))
             if enhance is not None and (enhance_all or job.enhance):  # the key stays the file's own job
                 from core.enhance import enhance_request
 

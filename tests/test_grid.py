@@ -155,3 +155,17 @@ def test_saved_grid_carries_the_base_request_and_the_axes(tmp_path):
         "id": "g", "image": True, "axes": {"x": {"field": "cfg", "values": [5, 7]}}}
     (row,) = store.history()
     assert row.path == str(path) and row.request.extra["grid"]["image"] is True
+
+
+def test_batch_grid_cells_share_one_seed_when_the_job_leaves_it_random(tmp_path, monkeypatch):
+    """As A1111's X/Y/Z and the TUI's grid: a -1 seed is drawn once per grid, so the cells differ only in the
+    axes' fields; two grids draw their own."""
+    run = batch_runner(tmp_path, monkeypatch, RecordingRunner)
+    jobs = tmp_path / "grid.toml"
+    jobs.write_text('[grid]\nx = {field = "cfg", values = [5, 6, 7]}\n\n[[job]]\nmodel = "fake"\nprompt = "a"\n'
+                    'steps = 1\n\n[[job]]\nmodel = "fake"\nprompt = "b"\nsteps = 1\n')
+    code, out, err = run(str(jobs))
+    assert code == 0, err
+    seeds = [r.seed for r in RecordingRunner.seen]
+    assert [r.cfg for r in RecordingRunner.seen] == [5.0, 6.0, 7.0] * 2
+    assert len(set(seeds[:3])) == 1 and len(set(seeds[3:])) == 1 and -1 not in seeds
