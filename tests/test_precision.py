@@ -127,3 +127,18 @@ def test_every_kind_of_job_runs_in_bf16_on_the_cpu(tmp_path, monkeypatch):
     images = [np.asarray(Image.open(p)) for p in out.getvalue().split()]
     assert [im.shape[:2] for im in images] == [(64, 64)] * 3 + [(96, 96), (64, 64)]
     assert all(im.std() > 1 for im in images)  # pictures, not a flat fill from a NaN or a dropped pass
+
+
+def test_the_tui_builds_its_worker_with_the_precision_and_yielding_the_cpu(tmp_path, monkeypatch):
+    from tui.app import FAKE_RUNNER_ENV, create_app
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path))
+    monkeypatch.delenv(FAKE_RUNNER_ENV, raising=False)
+    args = build_parser().parse_args(["--precision", "bf16", "--db", str(tmp_path / "db"), "--models-dir",
+                                      str(tmp_path)])
+    app = create_app(args)
+    try:
+        assert app.worker._get_runner().dtype == torch.bfloat16
+        assert app.worker.yield_cpu  # the job thread gives the UI and the terminal the CPU first
+    finally:
+        app.worker.store.close()
