@@ -79,3 +79,11 @@ def run_jobs(jobs: list[dict], models_dir: Path, tmp_path: Path, monkeypatch: py
                      db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
     assert code == 0, err.getvalue()
     return [Path(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child process a test sends Ctrl-C: a shell starts background commands (``cmd &``)
+    with SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt in it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,7 +22,7 @@ import pytest
 from cli.batch import run_batch
 from core.errors import CheckpointError
 from core.store import JobStore
-from tests.batch_harness import RecordingRunner, batch_runner
+from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
     cmd = _script(tmp_path)
     cmd[2] = str(jobs)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path)
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), preexec_fn=default_sigint
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()

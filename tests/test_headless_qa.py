@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cli.batch import run_batch
-from tests.batch_harness import RecordingRunner, batch_runner
+from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
 
 
 @pytest.fixture
@@ -429,7 +429,8 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     cmd = [sys.executable, str(script), jobs, str(tmp_path / "models"), str(tmp_path / "out"), str(db), timeout]
     env = dict(os.environ, DARKROOM_HOME=str(tmp_path / "home"))
     env.pop("DARKROOM_MODELS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
