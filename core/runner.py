@@ -104,4 +104,5 @@ def runner_factory(
         return make_runner(models_dirs, registry=registry, previews=previews, attention=attention, memory=memory,
                            compile=compile, precision=precision)
 
+    factory.precision = precision  # the worker's status names the dtype before the runner is built
     return factory

@@ -602,7 +602,9 @@ class Worker:
                 self._device = devices.pick_device()
             device = self._device
         used, peak, total = devices.memory_stats(device)
-        dtype = getattr(runner, "dtype", None) or devices.compute_dtype(device)
+        # before the runner exists: the dtype its precision will pick (the factory carries it)
+        dtype = getattr(runner, "dtype", None) or devices.compute_dtype(
+            device, precision=getattr(self._runner_spec, "precision", "auto"))
         # The runner's attention dispatcher says what each layer of the last job used ("sage 20 / sdpa 13");
         # before any runner exists nothing has run yet; a runner without one runs plain SDPA.
         dispatcher = getattr(runner, "attention", None)

@@ -567,3 +567,14 @@ def test_an_interactive_worker_yields_the_cpu_to_the_ui(env, yield_cpu):
         assert runner.nice > ui and runner.pool_nice == runner.nice
     else:
         assert runner.nice == ui and runner.pool_nice == ui
+
+
+def test_idle_status_names_the_dtype_the_runner_will_use(env):
+    """Before any job builds the runner, the status bar's dtype is the one ``--precision`` picks."""
+    from core.runner import runner_factory
+
+    make, _, tmp_path = env
+    w, rec = make(runner_factory([tmp_path], precision="bf16"), status_interval=60.0)
+    w.start()
+    status = rec.wait(lambda: [s for s in rec.of(Status) if s.device != "…"], "a full status")[0]
+    assert status.dtype == "bfloat16" and w._runner is None
