@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from core.lora.keymap import Spellings, Target, table
+from core.lora.keymap import Spellings, Target, table, transformer_spellings
 
 _DOUBLE = re.compile(r"^double_blocks\.(\d+)\.(.+)$")
 _SINGLE = re.compile(r"^single_blocks\.(\d+)\.(.+)$")
@@ -90,11 +90,7 @@ def diffusers_targets(role: str, names: Sequence[str]) -> dict[str, Target]:
 
 
 LORA_SPELLINGS = {
-    "unet": Spellings(
-        flat=("lora_unet_", "lora_transformer_", "lycoris_"),
-        dotted=("diffusion_model.", "model.diffusion_model.", "transformer.", ""),
-        targets=diffusers_targets,
-    ),
+    "unet": transformer_spellings(diffusers_targets),
     # CLIP-L in Hugging Face names (kohya lora_te1_, diffusers text_encoder.)
     "text_encoder": Spellings(flat=("lora_te1_", "lora_te_"), dotted=("text_encoder.",)),
 }

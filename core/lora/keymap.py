@@ -62,6 +62,17 @@ class Spellings:
     targets: Callable[[str, Sequence[str]], Mapping[str, Target]] | None = None
 
 
+def transformer_spellings(targets: Callable[[str, Sequence[str]], Mapping[str, Target]]) -> Spellings:
+    """How every trainer prefixes a diffusion transformer's modules (Flux.1, FLUX.2, Z-Image): kohya / musubi
+    ``lora_unet_``, OneTrainer ``lora_transformer_``, LyCORIS ``lycoris_``; ComfyUI / BFL ``diffusion_model.``,
+    diffusers / PEFT ``transformer.``, bare names. ``targets``: the family's diffusers names."""
+    return Spellings(
+        flat=("lora_unet_", "lora_transformer_", "lycoris_"),
+        dotted=("diffusion_model.", "model.diffusion_model.", "transformer.", ""),
+        targets=targets,
+    )
+
+
 def table(modules: Mapping[str, Sequence[str]], spellings: Mapping[str, Spellings]) -> dict[str, Target]:
     """Every spelling of every module of every role in ``spellings`` -> its ``Target``."""
     out: dict[str, Target] = {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from core.lora.keymap import Spellings, Target, table
+from core.lora.keymap import Target, table, transformer_spellings
 
 _ATTENTION = re.compile(r"^((?:layers|noise_refiner|context_refiner)\.\d+\.attention)\.(qkv|out)$")
 _TOP = {"x_embedder": "all_x_embedder.2-1", "final_layer.linear": "all_final_layer.2-1.linear",
@@ -47,11 +47,7 @@ def diffusers_targets(role: str, names: Sequence[str]) -> dict[str, Target]:
 
 
 LORA_SPELLINGS = {
-    "unet": Spellings(
-        flat=("lora_unet_", "lora_transformer_", "lycoris_"),
-        dotted=("diffusion_model.", "model.diffusion_model.", "transformer.", ""),
-        targets=diffusers_targets,
-    ),
+    "unet": transformer_spellings(diffusers_targets),
 }
 
 
