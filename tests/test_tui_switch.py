@@ -39,19 +39,24 @@ async def visit_every_screen(pilot) -> None:
         await pilot.pause()
 
 
-async def test_screens_not_shown_at_start_are_built_in_the_background(tmp_path, monkeypatch):
+@pytest.fixture
+def fast_prebuild(monkeypatch):
+    """The background build starts and goes on within tenths of a second."""
     monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
     monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
+
+
+def all_screens_built(app) -> bool:
+    try:
+        return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
+    except KeyError:  # a mode whose screen does not exist yet
+        return False
+
+
+async def test_screens_not_shown_at_start_are_built_in_the_background(tmp_path, fast_prebuild):
     app = make_app(tmp_path, prebuild_screens=True)
     async with app.run_test(size=(120, 40)) as pilot:
-
-        def built_all() -> bool:
-            try:
-                return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
-            except KeyError:  # a mode whose screen does not exist yet
-                return False
-
-        await wait_for(pilot, built_all, timeout=30)
+        await wait_for(pilot, lambda: all_screens_built(app), timeout=30)
         assert app.current_mode == "generate"  # built, not shown
         built = {mode: app.get_screen_stack(mode)[0] for mode in app.MODES}
         await pilot.press("f4")
@@ -109,21 +114,12 @@ async def test_switching_back_keeps_the_footer_and_skips_the_style_pass(tmp_path
         await wait_for(pilot, lambda: "Stop job" not in labels())
 
 
-async def test_no_stylesheet_pass_on_any_first_visit(tmp_path, monkeypatch):
+async def test_no_stylesheet_pass_on_any_first_visit(tmp_path, monkeypatch, fast_prebuild):
     """Also not on the first switch back to the screen shown at start (its styles are counted once it has
     painted: Textual's start-up pass ran before it mounted)."""
-    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
-    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
     app = make_app(tmp_path, prebuild_screens=True)
     async with app.run_test(size=(120, 40)) as pilot:
-
-        def built_all() -> bool:
-            try:
-                return all(app.get_screen_stack(mode)[0].is_mounted for mode in app.MODES)
-            except KeyError:
-                return False
-
-        await wait_for(pilot, built_all, timeout=30)
+        await wait_for(pilot, lambda: all_screens_built(app), timeout=30)
         passes: list[str] = []
         original = App.refresh_css
 
@@ -137,12 +133,11 @@ async def test_no_stylesheet_pass_on_any_first_visit(tmp_path, monkeypatch):
         assert passes == []
 
 
-async def test_screens_built_in_the_background_are_drawn_before_their_first_visit(tmp_path, monkeypatch):
+async def test_screens_built_in_the_background_are_drawn_before_their_first_visit(tmp_path, monkeypatch,
+                                                                                 fast_prebuild):
     """Their widgets' lines are rendered off screen once the screens are built, so the first visit draws from
     the same caches as a later one: it renders lines of no widget that a later visit does not render too
     (without it: every container, the tabs, the footer's keys, ...)."""
-    monkeypatch.setattr("tui.app.PREBUILD_AFTER_S", 0.05)
-    monkeypatch.setattr("tui.app.PREBUILD_BETWEEN_S", 0.05)
     app = make_app(tmp_path, prebuild_screens=True)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app._laid_out >= {"presets", "queue", "history"}, timeout=30)
