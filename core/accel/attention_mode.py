@@ -6,9 +6,9 @@ dispatcher itself lives in :mod:`core.accel.attention`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
+from core.accel.choice import resolve_choice
 from core.errors import DarkroomError
 
 BACKENDS = ("sage", "xformers", "sdpa")  # best first
@@ -30,8 +30,4 @@ def check_mode(value: str, source: str = "attention") -> str:
 
 def resolve_mode(value: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The mode to run with: ``value`` (the command line) when given, else ``$DARKROOM_ATTENTION``, else auto."""
-    if value:
-        return check_mode(value, "--attention")
-    env = os.environ if env is None else env
-    from_env = env.get(ENV_VAR, "").strip()
-    return check_mode(from_env, f"${ENV_VAR}") if from_env else "auto"
+    return resolve_choice(value, "--attention", ENV_VAR, check_mode, "auto", env)

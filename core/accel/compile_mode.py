@@ -13,9 +13,9 @@ is :mod:`core.accel.compile`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
+from core.accel.choice import resolve_choice
 from core.errors import DarkroomError
 
 MODES = ("off", "auto", "torch", "stable-fast")
@@ -39,8 +39,4 @@ def check_mode(value: str, source: str = "compile") -> str:
 
 def resolve_mode(value: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The mode to run with: ``value`` (the command line) when given, else ``$DARKROOM_COMPILE``, else off."""
-    if value:
-        return check_mode(value, "--compile")
-    env = os.environ if env is None else env
-    from_env = env.get(ENV_VAR, "").strip()
-    return check_mode(from_env, f"${ENV_VAR}") if from_env else "off"
+    return resolve_choice(value, "--compile", ENV_VAR, check_mode, "off", env)

@@ -13,9 +13,9 @@ in :mod:`core.accel.memory`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
+from core.accel.choice import resolve_choice
 from core.errors import DarkroomError
 
 MODES = ("auto", "gpu", "lowvram", "sequential")
@@ -35,8 +35,4 @@ def check_mode(value: str, source: str = "memory") -> str:
 
 def resolve_mode(lowvram: bool = False, env: Mapping[str, str] | None = None) -> str:
     """``lowvram`` (the ``--lowvram`` flag) wins; else ``$DARKROOM_MEMORY``; else auto."""
-    if lowvram:
-        return "lowvram"
-    env = os.environ if env is None else env
-    from_env = env.get(ENV_VAR, "").strip()
-    return check_mode(from_env, f"${ENV_VAR}") if from_env else "auto"
+    return "lowvram" if lowvram else resolve_choice(None, "--lowvram", ENV_VAR, check_mode, "auto", env)

@@ -13,9 +13,9 @@ parameter: it is not recorded in the request or the image. The policy itself is
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
+from core.accel.choice import resolve_choice
 from core.errors import DarkroomError
 
 MODES = ("auto", "fp32", "bf16", "fp16")
@@ -40,8 +40,4 @@ def check_mode(value: str, source: str = "precision") -> str:
 def resolve_mode(value: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The precision to run with: ``value`` (the command line) when given, else ``$DARKROOM_PRECISION``,
     else auto."""
-    if value:
-        return check_mode(value, "--precision")
-    env = os.environ if env is None else env
-    from_env = env.get(ENV_VAR, "").strip()
-    return check_mode(from_env, f"${ENV_VAR}") if from_env else "auto"
+    return resolve_choice(value, "--precision", ENV_VAR, check_mode, "auto", env)
