@@ -840,12 +840,8 @@ def run_batch(
             warn(job.index, warning)
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
-            print(
-                f"darkroom: warning: {visible(label)}: job {job.index}: denoise = {job.request.denoise} has no "
-                "effect without init_image (the hires-fix strength is hires.denoise)",
-                file=err,
-                flush=True,
-            )
+            warn(job.index, f"denoise = {job.request.denoise} has no effect without init_image (the hires-fix "
+                 "strength is hires.denoise)")
     from core.accel import cache_options
     from core.lora import LoraError
     from core.lora.check import check_lora
