@@ -64,10 +64,12 @@ def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[R
     return run
 
 
-def run_jobs(jobs: list[dict], models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Path], str]:
+def run_jobs(jobs: list[dict], models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             **options) -> tuple[list[Path], str]:
     """``jobs`` through the real pipeline in ``run_batch`` (in process; the subprocess start-up is what
-    test_sdxl's --batch test covers), one JSONL file, ``models_dir`` the models folder; asserts the run
-    succeeded. Returns the images written, in job order, and stderr."""
+    test_sdxl's --batch test covers), one JSONL file, ``models_dir`` the models folder, ``options`` more of
+    ``run_batch``'s arguments (``precision=``); asserts the run succeeded. Returns the images written, in job
+    order, and stderr."""
     import json
 
     job_file = tmp_path / "jobs.jsonl"
@@ -76,7 +78,7 @@ def run_jobs(jobs: list[dict], models_dir: Path, tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DARKROOM_MODELS", str(models_dir))  # run_batch sets it; restored after the test
     code = run_batch(str(job_file), models_dirs=[models_dir], output_dir=tmp_path / "out",
-                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False)
+                     db_path=tmp_path / "jobs.db", stdout=out, stderr=err, rich_progress=False, **options)
     assert code == 0, err.getvalue()
     return [Path(line) for line in out.getvalue().splitlines()], err.getvalue()
 

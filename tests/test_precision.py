@@ -6,7 +6,6 @@ The rest of the suite runs as on a CPU without AMX (tests/conftest.py); these te
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from cli.main import build_parser
 from core.accel.precision_mode import PrecisionModeError, check_mode, resolve_mode
 from core.models.testing import write_random_checkpoint
 from core.runner import make_runner
+from tests.batch_harness import run_jobs
 
 
 def test_precision_choice_is_checked_and_normalised():
@@ -72,23 +72,18 @@ def test_the_precision_setting_reaches_the_runner(tmp_path, monkeypatch):
     assert "--precision = 'fp8' is not a precision; valid: auto, fp32, bf16, fp16" in err.getvalue()
 
 
-def _batch_image(tmp_path, models, precision: str) -> np.ndarray:
-    jobs = tmp_path / f"jobs-{precision}.jsonl"
-    jobs.write_text(json.dumps({"model": "tiny", "prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 3,
-                                "seed": 7, "width": 64, "height": 64, "cfg": 5.0}))
-    out, err = io.StringIO(), io.StringIO()
-    code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / f"out-{precision}",
-                     db_path=tmp_path / f"{precision}.db", stdout=out, stderr=err, rich_progress=False,
-                     precision=precision)
-    assert code == 0, err.getvalue()
-    return np.asarray(Image.open(out.getvalue().split()[0]).convert("RGB"), dtype=np.float64)
+def _batch_image(tmp_path, models, monkeypatch, precision: str) -> np.ndarray:
+    job = {"model": "tiny", "prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 3, "seed": 7, "width": 64,
+           "height": 64, "cfg": 5.0}
+    (tmp_path / precision).mkdir()
+    (path,), _ = run_jobs([job], models, tmp_path / precision, monkeypatch, precision=precision)
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
 
 def test_a_job_in_bf16_on_the_cpu_makes_the_fp32_image_to_bf16_rounding(tmp_path, monkeypatch):
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
     models = tmp_path / "models"
     write_random_checkpoint(models / "tiny.safetensors", "sd15", "tiny", seed=0)
-    full, half = _batch_image(tmp_path, models, "fp32"), _batch_image(tmp_path, models, "bf16")
+    full, half = (_batch_image(tmp_path, models, monkeypatch, precision) for precision in ("fp32", "bf16"))
     mse = float(((full - half) ** 2).mean())
     assert mse > 0, "the bf16 run computed in fp32"
     assert 10 * np.log10(255**2 / mse) > 30  # the same picture, to bf16 rounding
@@ -99,7 +94,6 @@ def test_every_kind_of_job_runs_in_bf16_on_the_cpu(tmp_path, monkeypatch):
     transformer): with ``--precision auto`` on an AMX CPU they all run in bf16, so a dtype mix-up is a crash."""
     from core.models.testing import write_random_flux_split_set, write_random_lora
 
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
     models = tmp_path / "models"
     write_random_checkpoint(models / "checkpoints" / "sd15.safetensors", "sd15", "tiny", seed=0)
     write_random_lora(models / "loras" / "style.safetensors", "sd15", "tiny")
@@ -118,13 +112,8 @@ def test_every_kind_of_job_runs_in_bf16_on_the_cpu(tmp_path, monkeypatch):
         {**base, "model": "sd15", "hires": {"scale": 1.5}, "sampler": "dpmpp_2m", "schedule": "karras"},
         {**base, "model": "flux1-dev", "cfg": 1.0, **img},
     ]
-    job_file = tmp_path / "jobs.jsonl"
-    job_file.write_text("\n".join(json.dumps(j) for j in jobs))
-    out, err = io.StringIO(), io.StringIO()
-    code = run_batch(str(job_file), models_dirs=[models], output_dir=tmp_path / "out", db_path=tmp_path / "db",
-                     stdout=out, stderr=err, rich_progress=False, precision="bf16")
-    assert code == 0, err.getvalue()
-    images = [np.asarray(Image.open(p)) for p in out.getvalue().split()]
+    paths, _ = run_jobs(jobs, models, tmp_path, monkeypatch, precision="bf16")
+    images = [np.asarray(Image.open(p)) for p in paths]
     assert [im.shape[:2] for im in images] == [(64, 64)] * 3 + [(96, 96), (64, 64)]
     assert all(im.std() > 1 for im in images)  # pictures, not a flat fill from a NaN or a dropped pass
 
