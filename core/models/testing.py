@@ -434,6 +434,11 @@ SPLIT_LAYOUTS = {  # where ComfyUI and Forge keep each part of a split model (un
 }
 
 
+def _split_folders(root: str | Path, layout: str) -> dict[str, Path]:
+    """Part kind -> its folder under ``root/models`` in ``layout`` (``SPLIT_LAYOUTS``: comfyui, forge, ...)."""
+    return {kind: Path(root) / "models" / folder for kind, folder in SPLIT_LAYOUTS[layout].items()}
+
+
 def write_random_flux_split_set(
     root: str | Path,
     layout: str = "comfyui",
@@ -450,7 +455,7 @@ def write_random_flux_split_set(
     path ("model", "clip_l", "t5xxl", "vae")."""
     from core.models.safetensors_writer import save_tensors
 
-    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    folders = _split_folders(root, layout)
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     out = {"model": write_random_flux_transformer(folders["diffusion_model"] / f"flux1-{variant}.safetensors",
@@ -482,7 +487,7 @@ def write_random_flux2_split_set(
     ``-fp8`` file with ``weight_scale``/``input_scale`` per quantised linear), ``qwen_3_4b.safetensors`` (8B for
     9B; HF names, bf16) and ``flux2-vae.safetensors`` (fp32), in ``layout``'s folders (``SPLIT_LAYOUTS``);
     ``parts`` leaves some out. Returns name -> path ("model", "qwen3", "vae")."""
-    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    folders = _split_folders(root, layout)
     spec = _families()["flux2"]
     weights = random_flux2_transformer_state_dict(variant, size, seed, torch.float32)
     name = f"flux-2-{variant}"
@@ -535,7 +540,7 @@ def write_random_zimage_split_set(
     layout, bf16), ``qwen_3_4b.safetensors`` (Hugging Face names, bf16) and Flux.1's ``ae.safetensors``, in
     ``layout``'s folders (``SPLIT_LAYOUTS``); ``parts`` leaves some out. Returns name -> path ("model",
     "qwen3_4b", "vae")."""
-    folders = {k: Path(root) / "models" / v for k, v in SPLIT_LAYOUTS[layout].items()}
+    folders = _split_folders(root, layout)
     out = {"model": write_random_zimage(folders["diffusion_model"] / "z_image_turbo_bf16.safetensors", size, seed)}
     if "qwen3_4b" in parts:
         out["qwen3_4b"] = write_random_qwen3(folders["text_encoder"] / "qwen_3_4b.safetensors",
