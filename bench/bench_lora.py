@@ -30,21 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import heavy_lock, scratch_checkpoint  # noqa: E402
+from bench.common import heavy_lock, median_time, scratch_checkpoint  # noqa: E402
 from core.lora.files import LoraFileCache  # noqa: E402
 from core.lora.patch import activate  # noqa: E402
 from core.lora.tags import LoraRef  # noqa: E402
 from core.models.testing import write_random_checkpoint, write_random_lora  # noqa: E402
 from core.pipeline import load_model  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,7 +68,7 @@ def main() -> None:
                                             rank=args.rank, seed=3, text_encoder=False),
             }
             sets = {"A": [LoraRef("a", 0.8)], "B": [LoraRef("b", 0.6), LoraRef("b_conv", 0.5)]}
-            load = median_time(lambda: load_model(checkpoint, compute_hash=False, dtype=torch.float32), max(1, args.repeats // 2))
+            load = median_time(lambda: load_model(checkpoint, compute_hash=False, dtype=torch.float32), max(1, args.repeats // 2), warm_up=False)
             model = load_model(checkpoint, compute_hash=False, dtype=torch.float32)
             cache = LoraFileCache()
 
@@ -88,11 +79,11 @@ def main() -> None:
             activate(model.loras, sets["A"], find, cache)
             first = time.perf_counter() - t  # includes reading and hashing the file
             order = iter(["B", "A"] * args.repeats)
-            switch = median_time(lambda: activate(model.loras, sets[next(order)], find, cache), 2 * args.repeats)
+            switch = median_time(lambda: activate(model.loras, sets[next(order)], find, cache), 2 * args.repeats, warm_up=False)
             merged_weights = model.loras.merged_weights
             weights = iter([0.7 - 0.05 * i for i in range(2 * args.repeats)])
             fresh = median_time(lambda: activate(model.loras, [LoraRef("a", next(weights))], find, cache),
-                                2 * args.repeats)
+                                2 * args.repeats, warm_up=False)
 
             unet = model.checkpoint.unet
             cfg = unet.config
@@ -109,9 +100,9 @@ def main() -> None:
             plain, with_lora = [], []
             for _ in range(args.repeats):
                 activate(model.loras, [], find, cache)
-                plain.append(median_time(step, 1))
+                plain.append(median_time(step, 1, warm_up=False))
                 activate(model.loras, sets["B"], find, cache)
-                with_lora.append(median_time(step, 1))
+                with_lora.append(median_time(step, 1, warm_up=False))
             activate(model.loras, [], find, cache)
 
     print(f"SD1.5 {args.size}, {model.dtype}, LoRA rank {args.rank}, {merged_weights} weights merged in set A->B")

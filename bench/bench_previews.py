@@ -14,31 +14,19 @@ cost is the same: no data-dependent work). Holds ``/tmp/darkroom-heavy.lock`` wh
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import heavy_lock  # noqa: E402
+from bench.common import heavy_lock, median_time  # noqa: E402
 from core.models.latent_formats import preview_image  # noqa: E402
 from core.models.previews import Previewer, load_preview_decoder  # noqa: E402
 from core.models.taesd import DecoderConfig, TAESDDecoder, decode_preview  # noqa: E402
 from core.models.testing import random_state_dict  # noqa: E402
 from core.models.unet import UNetConfig, UNetModel  # noqa: E402
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import heavy_lock  # noqa: E402
+from bench.common import heavy_lock, median_time  # noqa: E402
 
 
 def _spandrel_path() -> None:
@@ -43,16 +42,6 @@ def _spandrel_path() -> None:
         for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
             del sys.modules[name]
         sys.path.insert(0, str(ROOT / "tests" / "stubs"))
-
-
-def _median(fn, reps: int) -> float:
-    fn()  # warm-up (first-call allocations, oneDNN kernels)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def hires_times(args: argparse.Namespace, upscaler_path: Path, folder: Path) -> None:
@@ -70,10 +59,10 @@ def hires_times(args: argparse.Namespace, upscaler_path: Path, folder: Path) -> 
                              width=args.size, height=args.size)
     latent = base.replace(hires=HiresFix(2.0, "latent", args.steps, 0.5))
     by_model = base.replace(hires=HiresFix(2.0, "4x-bench", args.steps, 0.5))
-    t_latent = _median(lambda: generate(model, latent), args.reps)
-    t_model = _median(lambda: generate(model, by_model, upscaler=upscaler), args.reps)
+    t_latent = median_time(lambda: generate(model, latent), args.reps)
+    t_model = median_time(lambda: generate(model, by_model, upscaler=upscaler), args.reps)
     first = generate(model, base)[0][0]
-    t_up = _median(lambda: upscale_image(upscaler, first, 2 * args.size, 2 * args.size), args.reps)
+    t_up = median_time(lambda: upscale_image(upscaler, first, 2 * args.size, 2 * args.size), args.reps)
     print(f"hires fix 2x, {args.size} -> {2 * args.size} px, {args.steps} + {args.steps} steps "
           f"({'tiny random SD1.5' if args.checkpoint is None else args.checkpoint.name}; ESRGAN {args.filters} "
           f"filters, {args.blocks} blocks):")

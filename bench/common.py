@@ -1,9 +1,12 @@
-"""What the benchmarks share: the machine-wide lock for heavy runs and a scratch full-size checkpoint."""
+"""What the benchmarks share: the machine-wide lock for heavy runs, a scratch full-size checkpoint and a median
+timer."""
 
 from __future__ import annotations
 
 import fcntl
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,3 +34,16 @@ def scratch_checkpoint(path: Path | None, write: Callable[[Path], None], family:
         print(f"writing a full-size random {family} checkpoint to {path} ...", flush=True)
         write(path)
         yield path
+
+
+def median_time(fn: Callable[[], object], reps: int, warm_up: bool = True) -> float:
+    """Median wall seconds of ``reps`` calls of ``fn``, after one untimed call (first-call allocations, oneDNN
+    kernels) unless ``warm_up`` is False."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
