@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import heavy_lock, scratch_checkpoint  # noqa: E402
+from bench.common import heavy_lock, scratch_checkpoint, smooth_time_checkpoint  # noqa: E402
 from core.accel import feature_cache  # noqa: E402
 from core.models.testing import write_random_checkpoint  # noqa: E402
-from core.pipeline import PromptCache, _denoiser, encode_conditioning, load_model  # noqa: E402
+from core.pipeline import PromptCache, _denoiser, encode_conditioning, for_image, load_model  # noqa: E402
 from core.request import GenerationRequest  # noqa: E402
 from core.sampling.samplers import sample  # noqa: E402
 from core.sampling.schedules import get_sigmas  # noqa: E402
@@ -95,6 +96,11 @@ CANDIDATES = [
     Setting("Karras 22", {"schedule": "karras", "steps": 22}),
     Setting("Karras 24", {"schedule": "karras", "steps": 24}),
     Setting("Karras 20 fp32 (diffusers' numbers)", {"schedule": "karras", "steps": 20}, precision="fp32"),
+    # first-block cache skips whole steps only where the network is smooth in t (see --smooth-time)
+    Setting("Karras 24 + first-block 0.1", {"schedule": "karras", "steps": 24, "fbcache_threshold": 0.1}),
+    Setting("Karras 30 + first-block 0.1", {"schedule": "karras", "steps": 30, "fbcache_threshold": 0.1}),
+    Setting("Karras 24 fp32 + first-block 0.05", {"schedule": "karras", "steps": 24, "fbcache_threshold": 0.05},
+            precision="fp32"),
 ]
 QUICK = ("AYS 10", "DPM++ 2M Karras 10", "Karras 20 + DeepCache 2", "Karras 16", "Karras 20 (diffusers' settings)",
          "Karras 22", "Karras 24", "Karras 20 fp32 (diffusers' numbers)")
@@ -154,6 +160,7 @@ def run_diffusers(pipe, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, 
 def run_darkroom(model, request: GenerationRequest, noise_sampler, on_step=None) -> tuple[torch.Tensor, Timer]:
     with Timer() as timer, torch.inference_mode():
         cond, uncond = encode_conditioning(model, request, PromptCache())  # fresh: encoding is timed
+        cond, uncond = for_image(model, request, cond, uncond, request.width, request.height)  # SDXL's size vector
         denoiser = _denoiser(model, cond, uncond, request.cfg, 1)
         sigmas = get_sigmas(request.schedule, model.schedule, request.steps, 1.0, model.family)
         x = noise_sampler.initial() * sigmas[0]
@@ -161,6 +168,21 @@ def run_darkroom(model, request: GenerationRequest, noise_sampler, on_step=None)
             out = sample(request.sampler, denoiser, x, sigmas, noise_sampler=noise_sampler,
                          callback=(lambda info: on_step(info.denoised)) if on_step else None)
     return out, timer
+
+
+def print_time_roughness(model, size: int) -> None:
+    """How much the UNet's output moves when only t does: a trained denoiser moves little between neighbouring
+    timesteps, which is what fewer steps and feature caches rely on."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size // 8, size // 8, generator=generator).to(model.dtype)
+    unet = model.checkpoint.unet
+    context = torch.randn(1, 77, unet.config.context_dim, generator=generator).to(model.dtype)
+    with torch.inference_mode():
+        outputs = {t: unet(x, torch.tensor([float(t)]), context).float() for t in (500, 501, 505, 700)}
+    changes = ", ".join(
+        f"{t}: {100 * ((outputs[t] - outputs[500]).norm() / outputs[500].norm()).item():.1f} %" for t in (501, 505, 700)
+    )
+    print(f"UNet output change from t=500 (same x and context) to t={changes}", flush=True)
 
 
 def main() -> None:
@@ -174,6 +196,9 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="PSNR on decoded 8-bit images, not latents")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights: checks the script in seconds")
     parser.add_argument("--only", help="comma-separated setting labels to run (besides AYS 10, the base)")
+    parser.add_argument("--smooth-time", action="store_true",
+                        help="taper the random timestep-MLP weights so the network is smooth in t, as a trained "
+                             "denoiser is (bench.common.smooth_time_checkpoint); both sides load the same file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
@@ -186,7 +211,9 @@ def main() -> None:
 
     with heavy_lock(), scratch_checkpoint(
         args.checkpoint, lambda p: write_random_checkpoint(p, "sd15", "tiny" if args.tiny else "full", seed=0)
-    ) as path:
+    ) as path, tempfile.TemporaryDirectory(prefix="darkroom-bench-") as scratch:
+        if args.smooth_time:
+            path = smooth_time_checkpoint(path, Path(scratch) / "smooth-time.safetensors")
         from core.accel.device import compute_dtype
 
         auto = compute_dtype("cpu")  # what --precision auto runs here
@@ -214,6 +241,7 @@ def main() -> None:
         print(f"SD1.5 {'tiny' if args.tiny else 'full-size'} random weights, {args.size}x{args.size}, CFG {CFG}, seeds {seeds}, "
               f"{args.threads} thread(s), PSNR on {'decoded images' if args.decode else 'latents'}; Darkroom's "
               f"precision auto = {str(auto).removeprefix('torch.')} here", flush=True)
+        print_time_roughness(model, args.size)
         rows: dict[str, list[tuple[float, float, float]]] = {}  # label -> [(psnr, cpu s, wall s)] per seed
 
         def record(label: str, value: float, timer: Timer) -> None:

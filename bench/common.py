@@ -24,14 +24,14 @@ def heavy_lock() -> Iterator[None]:
 
 @contextmanager
 def scratch_checkpoint(path: Path | None, write: Callable[[Path], None], family: str = "sd15") -> Iterator[Path]:
-    """``path`` when given; otherwise a full-size random fp16 file of ``family`` written by ``write`` to a temp
+    """``path`` when given; otherwise a random fp16 file of ``family`` written by ``write`` to a temp
     folder that is removed afterwards (about 2 GB for SD1.5, 6.9 GB for SDXL)."""
     if path is not None:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as folder:
         path = Path(folder) / f"{family}-full-fp16.safetensors"
-        print(f"writing a full-size random {family} checkpoint to {path} ...", flush=True)
+        print(f"writing a random {family} checkpoint to {path} ...", flush=True)
         write(path)
         yield path
 
@@ -47,3 +47,31 @@ def median_time(fn: Callable[[], object], reps: int, warm_up: bool = True) -> fl
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+TIME_EMBED_KEY = "model.diffusion_model.time_embed.0.weight"  # [4 * model_channels, model_channels], LDM layout
+
+
+def smooth_time_checkpoint(source: Path, target: Path, period: float = 1000.0) -> Path:
+    """Copy an LDM-layout checkpoint with its timestep MLP's input weights tapered so the network is smooth in t.
+
+    A trained denoiser approximates E[x0 | x_t], a smooth function of the noise level; i.i.d. random weights read
+    every frequency of the sinusoidal timestep embedding alike, down to a period of 2 pi timesteps, so their output
+    is close to white noise in t (measured on random full-size SD1.5: 9 % change from t=500 to 501, 26 % to 505,
+    no closer at 700). Each embedding column is scaled by exp(-(f * period / 2 pi)^2), f its frequency in radians
+    per timestep, which damps periods shorter than ``period`` timesteps, and the matrix is rescaled to its old
+    norm. Every other weight, and the layout, stay as they were.
+    """
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    weight = tensors[TIME_EMBED_KEY].float()
+    half = weight.shape[1] // 2  # cosines, then sines (core.models.unet.timestep_embedding)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half).repeat(2)
+    tapered = weight * torch.exp(-(freqs * period / (2 * math.pi)) ** 2)
+    tensors[TIME_EMBED_KEY] = (tapered * (weight.norm() / tapered.norm())).to(tensors[TIME_EMBED_KEY].dtype)
+    save_file(tensors, str(target), metadata={"format": "pt"})
+    return target
