@@ -15,8 +15,9 @@ Measured (``--size 256 --threads 2``, full-size random SDXL, seed 1, this AMX Xe
 ``--precision auto`` is bf16): diffusers 20 steps 52.17 dB at 290.9 CPU s (mean of its runs before and after;
 the 50-step reference took 675.7). Darkroom with diffusers' settings in fp32: 51.73 dB at 0.92x. In bf16 every
 row is 3x cheaper per step (Karras 20 0.35x, Karras 16 0.30x, Karras 10 0.20x), but bf16 sits at 42-43 dB here
-(Karras 20 42.43, Karras 24 42.76): the 2.6 B random weights amplify bf16's rounding about ten times more than
-SD1.5's 0.86 B do, so **no candidate reaches diffusers' PSNR in bf16 and the fastest that does is fp32 at 0.92x**
+(Karras 20 42.43, Karras 24 42.76). Per forward bf16 moves the SDXL UNet's output 2.2 % (the rounding of its
+weights alone 1.5 %), about what it does to SD1.5's (1.8 %), but over 20 steps at CFG 7 the random SDXL's
+trajectory turns that into a 10 dB loss where SD1.5's loses 0.7, so **no candidate reaches diffusers' PSNR in bf16 and the fastest that does is fp32 at 0.92x**
 (goal <= 0.25 not met). First-block 0.1 on Karras 24 skips a little (0.42x against 0.45x) at no PSNR cost;
 DeepCache 2 on Karras 20 costs 1.2 dB against bf16 Karras 20.
 """
