@@ -99,6 +99,11 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_source_key ON jobs (source_key)",
         "CREATE INDEX history_job ON history (job_id)",
     ],
+    # 2 -> 3: the TUI's X/Y/Z grids until their grid image is saved, so one whose cells end after a restart
+    # still gets its image (its cells are ordinary jobs carrying ``extra["grid"]["id"]``)
+    [
+        "CREATE TABLE grids (id TEXT PRIMARY KEY, axes TEXT NOT NULL, request TEXT NOT NULL, created REAL NOT NULL)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -782,6 +787,41 @@ class JobStore:
         """Forget one history row (the image file is left on disk)."""
         with self._write() as conn:
             return conn.execute("DELETE FROM history WHERE id = ?", (history_id,)).rowcount > 0
+
+
+    # ---- X/Y/Z grids awaiting their grid image -------------------------------------------------------------
+
+    @_db_call
+    def add_grid(self, grid_id: str, axes: Mapping[str, Any], request: GenerationRequest) -> None:
+        """Record a grid before its cells are queued: ``axes`` as ``core.grid.axes_table`` writes them,
+        ``request`` the one its cells vary (what the grid image records)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO grids (id, axes, request, created) VALUES (?, ?, ?, ?)",
+                (grid_id, json.dumps(dict(axes), sort_keys=True), _request_json(request), time.time()),
+            )
+
+    @_db_call
+    def open_grids(self) -> list[tuple[str, dict[str, Any], GenerationRequest]]:
+        """The grids whose image is not saved yet, oldest first: ``(id, axes, request)``."""
+        rows = self._conn().execute("SELECT * FROM grids ORDER BY created, id").fetchall()
+        return _parse_rows(
+            rows, lambda row: (row["id"], json.loads(row["axes"]), GenerationRequest.from_dict(json.loads(row["request"])))
+        )
+
+    @_db_call
+    def grid_cells(self, grid_id: str) -> list[Job]:
+        """Every job queued as a cell of ``grid_id`` (retries included), oldest first."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE json_extract(request, '$.extra.grid.id') = ? ORDER BY id", (grid_id,)
+        ).fetchall()
+        return _parse_rows(rows, _job_from_row)
+
+    @_db_call
+    def close_grid(self, grid_id: str) -> bool:
+        """Forget an open grid; True for the one caller that closed it (so two apps never both save it)."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM grids WHERE id = ?", (grid_id,)).rowcount > 0
 
 
 class _Transaction:

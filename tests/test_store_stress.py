@@ -281,7 +281,8 @@ def test_a_version_1_database_is_upgraded_with_its_jobs_and_history(tmp_path):
     conn.commit()
     conn.close()
     with JobStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.open_grids() == []
         job = store.get_job(1)
         assert job.request.prompt == "old" and job.output_dir is None and job.source_key is None
         assert [h.path for h in store.job_history(1)] == ["a.png"]

@@ -110,3 +110,73 @@ async def test_dialog_queues_every_cell_and_the_grid_image_is_the_history_entry(
 
         await palette(pilot, "X/Y/Z grid")  # the command palette opens the dialog on Generate too
         await wait_for(pilot, lambda: isinstance(app.screen, GridScreen) and app.current_mode == "generate")
+
+
+async def queue_cfg_grid(pilot, app, values="4, 7"):
+    """Queue a one-axis CFG grid from the dialog; returns its grid id."""
+    screen, dialog, _ = await open_dialog(pilot, app)
+    dialog.query_one("#grid-x-field", Select).value = "cfg"
+    dialog.query_one("#grid-x-values", Input).value = values
+    await pilot.pause()
+    await pilot.press("ctrl+j")
+    await wait_for(pilot, lambda: app.screen is screen)
+    return app.store.list_jobs()[0].request.extra["grid"]["id"]
+
+
+def grid_images(store):
+    return [row for row in store.history() if row.request.extra.get("grid", {}).get("image")]
+
+
+async def test_a_grid_left_at_quit_is_finished_by_the_next_start_and_a_retried_cell_completes_it(tmp_path):
+    """Quit while a cell runs: that cell is interrupted, the other stays queued and the grid stays open in the
+    store. The next start runs the queued cell, says the grid waits for the interrupted one, and retrying that
+    job saves the grid image with both cells."""
+    runner = FakeRunner(gate=threading.Event())  # never opened: the first cell runs until the app quits
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(120, 40)) as pilot:
+        grid_id = await queue_cfg_grid(pilot, app)
+        await wait_for(pilot, lambda: runner.started.is_set())
+    store = app.store
+    assert [grid for grid, _, _ in store.open_grids()] == [grid_id]
+    assert sorted(job.state for job in store.grid_cells(grid_id)) == ["interrupted", "pending"]
+    interrupted = next(job.id for job in store.grid_cells(grid_id) if job.state == "interrupted")
+
+    app = make_app(tmp_path, FakeRunner())  # the same database and output folder
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: any("no grid image yet: 1 of its 2 cells" in n.message
+                                          for n in app._notifications))
+        assert not grid_images(app.store) and [g for g, _, _ in app.store.open_grids()] == [grid_id]
+        retried = app.worker.retry(interrupted)
+        await wait_for(pilot, lambda: grid_images(app.store), timeout=20)
+        (grid_row,) = grid_images(app.store)
+        assert app.store.open_grids() == []
+        cells = {job.request.extra["grid"]["x"]: job.id for job in app.store.grid_cells(grid_id)
+                 if job.state == "done"}
+        assert sorted(cells) == [0, 1] and retried in cells.values()
+        axes = parse_axes({"x": {"field": "cfg", "values": [4.0, 7.0]}})
+        expected, _ = grid_image({(x, 0, 0): Image.open(app.store.job_history(job_id)[0].path).convert("RGB")
+                                  for x, job_id in cells.items()}, axes)
+        with Image.open(grid_row.path) as saved:
+            assert saved.convert("RGB").tobytes() == expected.tobytes()
+        assert grid_row.request.seed == 42 and grid_row.request.extra["grid"]["id"] == grid_id
+
+
+async def test_a_grid_whose_cells_all_ended_before_a_kill_gets_its_image_at_the_next_start(tmp_path, monkeypatch):
+    """The app is killed after the last cell's image was saved and before the grid image was: the next start
+    saves the grid image, once."""
+    from tui.grids import GridTracker
+
+    app = make_app(tmp_path, FakeRunner())
+    with monkeypatch.context() as patch:
+        patch.setattr(GridTracker, "_finish", lambda self, grid: None)  # killed before the grid image
+        async with app.run_test(size=(120, 40)) as pilot:
+            grid_id = await queue_cfg_grid(pilot, app, "4, 7, 9")
+            await wait_for(pilot, lambda: len(app.store.history()) == 3, timeout=20)
+    assert not grid_images(app.store) and [g for g, _, _ in app.store.open_grids()] == [grid_id]
+
+    app = make_app(tmp_path, FakeRunner())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: grid_images(app.store), timeout=20)
+        await pilot.pause(0.3)
+        assert len(grid_images(app.store)) == 1 and app.store.open_grids() == []
+        assert grid_images(app.store)[0].request.extra["grid"]["axes"]["x"]["values"] == [4.0, 7.0, 9.0]

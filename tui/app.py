@@ -351,6 +351,10 @@ class DarkroomApp(App[int]):
         self._frozen_modules = len(sys.modules)
         if self.start_worker and not self._stopped:
             try:
+                self.grids.restore()  # before any cell can end: grids an earlier run left without their image
+            except Exception as error:  # noqa: BLE001 - the database failed: the queue still runs
+                self.notify(f"Could not read the open X/Y/Z grids: {error}", severity="error", markup=False)
+            try:
                 if self.settings.get("queue_paused") is True:  # paused when the app was last left
                     self.worker.pause()
                     self.notify("The queue is paused, as you left it: p on the Queue screen (F4) resumes it",
@@ -486,7 +490,7 @@ class DarkroomApp(App[int]):
             # the text can quote a prompt or a file name: notify shows control characters, and no markup here
             self.notify(f"Job #{event.job_id}: {event.text}", severity="warning", markup=False, timeout=6)
         elif isinstance(event, JobQueued):
-            pass
+            self.grids.job_queued(event)
         screen = self.get_generate_screen()
         if screen is not None and screen.is_mounted:
             screen.show_event(event)
