@@ -143,7 +143,7 @@ async def test_a_grid_left_at_quit_is_finished_by_the_next_start_and_a_retried_c
 
     app = make_app(tmp_path, FakeRunner())  # the same database and output folder
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: any("no grid image yet: 1 of its 2 cells" in n.message
+        await wait_for(pilot, lambda: any("no grid image yet: 1 of its 2 cells has no image; retrying it" in n.message
                                           for n in app._notifications))
         assert not grid_images(app.store) and [g for g, _, _ in app.store.open_grids()] == [grid_id]
         retried = app.worker.retry(interrupted)

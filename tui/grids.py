@@ -132,9 +132,10 @@ class GridTracker:
         if any(job_id in self.of_job for job_id in grid.cells):
             return  # cells still to run
         if grid.lost:  # kept: a retry of the lost cells finishes the grid
-            self.app.notify(f"X/Y/Z grid: no grid image yet: {len(grid.lost)} of its {len(grid.cells)} cells have "
-                            "no image; retrying them on the Queue screen (F4) finishes it",
-                            severity="warning", timeout=8)
+            lost = len(grid.lost)
+            self.app.notify(f"X/Y/Z grid: no grid image yet: {lost} of its {len(grid.cells)} cells "
+                            f"{'has' if lost == 1 else 'have'} no image; retrying {'it' if lost == 1 else 'them'} "
+                            "on the Queue screen (F4) finishes the grid", severity="warning", timeout=8)
             return
         self._finish(grid)
 
