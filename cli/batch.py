@@ -73,6 +73,7 @@ from core.accel.memory_mode import MemoryModeError
 from core.accel.memory_mode import resolve_mode as resolve_memory_mode
 from core.accel.precision_mode import PrecisionModeError
 from core.accel.precision_mode import resolve_mode as resolve_precision_mode
+from core.detailer_args import detail_loras
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import (
     JobCancelled,
@@ -866,7 +867,8 @@ def run_batch(
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
-            for ref in job.request.lora_refs():  # found, and made for the checkpoint's family, before any job runs
+            # found, and made for the checkpoint's family, before any job runs (the detail prompts' tags too)
+            for ref in {ref.name: ref for ref in (*job.request.lora_refs(), *detail_loras(job.request.detailer))}.values():
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
                     warn(job.index, warning)
             if cache_options.requested(job.request):  # a cache that cannot help this model/run says so

@@ -18,8 +18,11 @@ After the first pass (and the hires fix), on each final image, for each ``detail
    and model, ``steps`` / ``cfg`` when set, and seed = the image's seed + the region's index (ADetailer's
    default). Each region's result is the next region's image.
 
-The job's LoRAs stay merged for the pass; LoRA tags in a detail prompt are removed, not applied (switching
-LoRAs per region would re-merge weights mid-job).
+LoRAs: a detail prompt without LoRA tags keeps the job's LoRAs merged. One with tags (``<lora:face:0.7>``)
+runs its regions with those LoRAs and the job's ``loras`` list, in place of the job prompt's tags, as
+ADetailer's prompts do (A1111 activates the LoRAs of each pass's own prompt); ``use_loras`` (the runner's
+``core.lora.patch.activate``) merges them for the region, only what changed, and the job's set is merged back
+after the pass.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,8 +39,9 @@ from PIL import Image, ImageDraw
 
 from core.detailer_args import Detailer
 from core.detectors import Detection, Detector, load_detector
+from core.errors import RequestError
 from core.inpaint import to_image, to_tensor
-from core.lora.tags import strip_tags
+from core.lora.tags import LoraRef, prompt_loras, strip_tags
 from core.request import MAX_SEED, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -141,14 +145,17 @@ def region_prompts(text: str, job_prompt: str) -> list[str]:
 def region_request(request: GenerationRequest, d: Detailer, prompt: str, negative: str, seed: int,
                    multiple: int = 8) -> GenerationRequest:
     """The inpainting job of one region (the image and mask are handed to ``generate`` as images); an
-    ``inpaint_width`` / ``inpaint_height`` is rounded up to the family's pixel ``multiple`` (Flux: 16)."""
+    ``inpaint_width`` / ``inpaint_height`` is rounded up to the family's pixel ``multiple`` (Flux: 16). Its
+    LoRAs: the region prompts' tags with the job's ``loras`` list, else (no tags) all of the job's."""
 
     def size(value: int, job: int) -> int:
         return -(-value // multiple) * multiple if value else job
 
+    tags = prompt_loras(prompt, negative)
     return dataclasses.replace(
         request,
-        prompt=strip_tags(prompt), negative_prompt=strip_tags(negative), loras=request.lora_refs(),
+        prompt=strip_tags(prompt), negative_prompt=strip_tags(negative),
+        loras=(*request.loras, *tags) if tags else request.lora_refs(),
         init_image=REGION_LABEL, mask=REGION_LABEL, denoise=d.denoise, mask_blur=d.mask_blur,
         inpaint_area="only_masked" if d.inpaint_only_masked else "whole", only_masked_padding=d.inpaint_padding,
         masked_content="original", invert_mask=False, outpaint=None, hires=None, refiner=None, detailer=(),
@@ -164,37 +171,61 @@ def region_request(request: GenerationRequest, d: Detailer, prompt: str, negativ
 def detail_image(
     model: Any, request: GenerationRequest, image: Image.Image, seed: int, *,
     generate: Callable[..., list[tuple[Image.Image, int]]], detector: Callable[[str], Detector] | None = None,
-    on_step: Callable[[int, int, torch.Tensor], None] | None = None, first_step: int = 0, **kwargs: Any,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None, first_step: int = 0,
+    use_loras: Callable[[Sequence[LoraRef]], Any] | None = None, **kwargs: Any,
 ) -> tuple[Image.Image, int]:
     """``image`` (made with ``seed``) after every detail pass of ``request``; (the image, steps run).
     ``generate``: ``core.pipeline.generate``; ``detector(name)``: the detector of a name (default
     ``core.detectors.load_detector`` without a model registry); ``on_step`` gets steps counted on from
-    ``first_step``."""
+    ``first_step``; ``use_loras(refs)`` merges a region's LoRAs when its prompt's tags change them."""
     find = detector or load_detector
     done = 0
-    for index, d in enumerate(request.detailer):
-        detections = find(d.model)(image, d.confidence)
-        masks = region_masks(detections, d, image.size)
-        if request.is_inpaint and request.mask and request.inpaint_area == "whole" and request.outpaint is None:
-            masks = inside_job_mask(masks, request.mask)
-        if not masks:
-            log.info("detailer[%d] (%s): nothing detected", index, d.model)
+    try:
+        for index, d in enumerate(request.detailer):
+            image, ran = _one_pass(model, request, image, seed, index, d, find, generate, on_step, first_step + done,
+                                   use_loras, kwargs)
+            done += ran
+    finally:
+        loras = getattr(model, "loras", None)
+        if use_loras is not None and loras is not None and loras.requested != request.lora_refs():
+            use_loras(request.lora_refs())  # the job's own set again, for its other images
+    return image, done
+
+
+def _one_pass(model: Any, request: GenerationRequest, image: Image.Image, seed: int, index: int, d: Detailer,
+              find: Callable[[str], Detector], generate: Callable[..., list[tuple[Image.Image, int]]],
+              on_step: Callable[[int, int, torch.Tensor], None] | None, first_step: int,
+              use_loras: Callable[[Sequence[LoraRef]], Any] | None, kwargs: dict[str, Any]) -> tuple[Image.Image, int]:
+    """One ``detailer`` entry on ``image``: (the image, steps run)."""
+    detections = find(d.model)(image, d.confidence)
+    masks = region_masks(detections, d, image.size)
+    if request.is_inpaint and request.mask and request.inpaint_area == "whole" and request.outpaint is None:
+        masks = inside_job_mask(masks, request.mask)
+    if not masks:
+        log.info("detailer[%d] (%s): nothing detected", index, d.model)
+        return image, 0
+    log.info("detailer[%d] (%s): %d region%s", index, d.model, len(masks), "" if len(masks) == 1 else "s")
+    prompts = region_prompts(d.prompt, request.prompt)
+    negatives = region_prompts(d.negative_prompt, request.negative_prompt)
+    done = 0
+    for j, mask in enumerate(masks):
+        prompt, negative = prompts[min(j, len(prompts) - 1)], negatives[min(j, len(negatives) - 1)]
+        if _SKIP.match(prompt):
             continue
-        log.info("detailer[%d] (%s): %d region%s", index, d.model, len(masks), "" if len(masks) == 1 else "s")
-        prompts = region_prompts(d.prompt, request.prompt)
-        negatives = region_prompts(d.negative_prompt, request.negative_prompt)
-        for j, mask in enumerate(masks):
-            prompt, negative = prompts[min(j, len(prompts) - 1)], negatives[min(j, len(negatives) - 1)]
-            if _SKIP.match(prompt):
-                continue
-            region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1),
-                                    getattr(getattr(model, "spec", None), "pixel_multiple", 8))
-            offset = first_step + done
+        region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1),
+                                getattr(getattr(model, "spec", None), "pixel_multiple", 8))
+        loras = getattr(model, "loras", None)
+        if loras is not None and region.lora_refs() != loras.requested:
+            if use_loras is None:
+                raise RequestError(f"detailer[{index}].prompt", d.prompt,
+                                   "LoRA tags only where the job runs with a model registry to find them")
+            use_loras(region.lora_refs())
+        offset = first_step + done
 
-            def step(s: int, total: int, x0: torch.Tensor, offset: int = offset) -> None:
-                if on_step is not None:
-                    on_step(offset + s, offset + total, x0)
+        def step(s: int, total: int, x0: torch.Tensor, offset: int = offset) -> None:
+            if on_step is not None:
+                on_step(offset + s, offset + total, x0)
 
-            image = generate(model, region, init=image, mask=mask, on_step=step, **kwargs)[0][0]
-            done += region.steps if region.denoise > 0 else 0
+        image = generate(model, region, init=image, mask=mask, on_step=step, use_loras=use_loras, **kwargs)[0][0]
+        done += region.steps if region.denoise > 0 else 0
     return image, done

@@ -11,11 +11,14 @@ steps and CFG; 0 / None = the job's). ``core.detailer`` runs it; ``core.detector
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import RequestError
+
+if TYPE_CHECKING:
+    from core.lora.tags import LoraRef
 
 MAX_DETAILERS = 2  # ADetailer's default number of tabs ("Max models" 2)
 MERGE_INVERT = ("none", "merge", "merge_and_invert")
@@ -282,3 +285,10 @@ def _read(name: str, raw: str) -> Any:
         return int(float(raw)) if float(raw).is_integer() else None
     except ValueError:
         return None
+
+
+def detail_loras(detailers: Sequence[Detailer]) -> list[LoraRef]:
+    """The LoRAs the tags in the detail prompts name (front ends check they exist before queueing)."""
+    from core.lora.tags import prompt_loras
+
+    return [ref for d in detailers for ref in prompt_loras(d.prompt, d.negative_prompt)]

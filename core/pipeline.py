@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from core import inpaint
 from core.accel import feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
-from core.lora.tags import strip_tags
+from core.lora.tags import LoraRef, strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
 from core.models.family import DiscreteSampling, FlowSampling, ModelFamily, resolve
@@ -616,6 +616,7 @@ def generate(
     init: Image.Image | None = None,
     mask: Image.Image | None = None,
     detector: Callable[[str], Any] | None = None,
+    use_loras: Callable[[Sequence[LoraRef]], Any] | None = None,
 ) -> list[tuple[Image.Image, int]]:
     """Run one resolved request; returns (image, seed) for every image of every batch.
 
@@ -625,7 +626,8 @@ def generate(
     ``upscaler``: the loaded upscaler model a hires fix names (``core.upscale.LoadedUpscaler``).
     ``init`` / ``mask``: the init image and mask themselves (the detail pass's regions; the request's paths are
     then labels). The request's ``detailer`` passes (``core.detailer``) run last, on each final image, with
-    ``detector(name)`` (``core.detectors.load_detector`` by default) finding the detectors."""
+    ``detector(name)`` (``core.detectors.load_detector`` by default) finding the detectors, and ``use_loras(refs)``
+    (``core.lora.patch.activate`` over the registry) merging a detail prompt's LoRA tags."""
     if request.seed < 0:
         raise ValueError("generate() needs a resolved seed (GenerationRequest.with_resolved_seed)")
     if request.lora_refs() != model.loras.requested:
@@ -736,7 +738,8 @@ def generate(
         first = progress.total
         for index, (image, seed) in enumerate(results):
             image, ran = detail_image(model, job_request, image, seed, generate=generate, detector=detector,
-                                      on_step=on_step, first_step=first, cache=cache, is_cancelled=is_cancelled)
+                                      on_step=on_step, first_step=first, cache=cache, is_cancelled=is_cancelled,
+                                      use_loras=use_loras)
             results[index] = (image, seed)
             first += ran
     return results
@@ -1027,6 +1030,7 @@ class PipelineRunner:
                     model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner,
                     upscaler=upscaler,
                     detector=self.detector,
+                    use_loras=lambda refs: self.activate_loras(model, refs),
                 )
 
         results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)
@@ -1133,15 +1137,20 @@ class PipelineRunner:
         return (f"out of memory on {self.placement.device} at {request.width}x{request.height}{images} (estimated "
                 f"{plan.need / GiB:.1f} GB{room}), {tried}; what would fit: {advice}")
 
+    def activate_loras(self, model: LoadedModel, refs: Sequence[LoraRef]) -> None:
+        """Merge ``refs`` in place of the current set (a detail prompt's LoRA tags, mid-job)."""
+        from core.lora.patch import activate
+
+        activate(model.loras, refs, self.registry.find_lora, self.lora_files, model=model.name)
+
     def apply_loras(self, model: LoadedModel, request: GenerationRequest, ctx: RunContext | None = None) -> dict:
         """Merge the request's LoRAs in place of the previous job's (only what changed is re-merged); returns
         the infotext fields that record them (A1111's ``Lora hashes``)."""
-        from core.lora.patch import activate
 
         refs = request.lora_refs()
         if refs != model.loras.requested and ctx is not None:
             ctx.set_activity(f"applying {len(refs)} LoRA{'s' if len(refs) != 1 else ''}" if refs else "removing LoRAs")
-        activate(model.loras, refs, self.registry.find_lora, self.lora_files, model=model.name)
+        self.activate_loras(model, refs)
         if not model.loras.active:
             return {}
         hashes: dict[str, str] = {}

@@ -18,6 +18,7 @@ from core.detailer import dilate_erode, region_masks, region_prompts, select, sh
 from core.detailer_args import Detailer
 from core.detectors import Detection, DetectorError, detector_problem, load_detector
 from core.errors import RequestError
+from core.lora.tags import LoraRef
 from core.metadata import format_infotext, infotext_to_request, read_request
 from core.models.registry import ModelRegistry
 from core.models.testing import write_random_checkpoint
@@ -236,6 +237,44 @@ def test_batch_runs_the_pass_end_to_end_and_refuses_a_missing_package(files, run
     assert "Traceback" not in err
 
 
+def test_batch_merges_a_detail_prompts_lora_and_names_a_missing_one(files, model, tmp_path, monkeypatch):
+    """Through the runner: the registry finds the detail prompt's LoRA in loras/ and the image is the pass
+    with it merged; a LoRA that is not there fails that job with a message naming it."""
+    from cli.batch import EXIT_MODEL, run_batch
+    from core.lora.files import LoraFileCache
+    from core.lora.patch import activate
+    from core.models.testing import write_random_lora
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / files["ckpt"].name).symlink_to(files["ckpt"])
+    lora_file = write_random_lora(models / "loras" / "face.safetensors", seed=7, strength=1.0)
+    entry = {**FACE_PASS, "prompt": "<lora:face:1> a detailed face"}
+    job = {"model": "tiny-sd15", "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 2, "seed": 5, "width": 64,
+           "height": 64, "detailer": [entry]}
+    jobs = tmp_path / "jobs.jsonl"
+
+    def run(*entries) -> tuple[int, str, str]:
+        jobs.write_text("\n".join(json.dumps({**job, "detailer": [e]}) for e in entries))
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out",
+                         db_path=tmp_path / "db.sqlite3", stdout=out, stderr=err, rich_progress=False)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = run(entry)
+    assert code == 0, err
+    [path] = out.splitlines()
+    files_cache = LoraFileCache()
+    expected = generate(model, base(detailer=[entry]),
+                        use_loras=lambda refs: activate(model.loras, refs, lambda name: lora_file, files_cache))[0][0]
+    assert Image.open(path).convert("RGB").tobytes() == expected.tobytes()
+    # a detail prompt's missing LoRA is found before any job runs, as a job prompt's is
+    code, out, err = run(entry, {**entry, "prompt": "<lora:nosuch:1> a face"})
+    assert code == EXIT_MODEL and out == "" and "Traceback" not in err
+    assert "job 2: LoRA 'nosuch' not found in" in err and "started" not in err
+
+
 def test_list_models_lists_the_detectors(files, tmp_path, monkeypatch):
     from cli.list_models import list_models
 
@@ -273,8 +312,51 @@ def test_a_region_job_takes_the_pass_settings_and_the_familys_size_multiple():
     region = region_request(job, d, "<lora:other:1> a face", "", 9, multiple=16)
     assert (region.width, region.height, region.steps, region.cfg, region.denoise) == (80, 64, 3, 6.0, 0.3)
     assert (region.inpaint_area, region.batch_size, region.seed, region.detailer) == ("whole", 1, 9, ())
-    # the job's LoRAs stay merged for the pass; a tag in the detail prompt is removed, not applied
-    assert region.prompt == " a face" and region.lora_refs() == job.lora_refs()
+    # a detail prompt's tags are its regions' LoRAs, with the job's loras list, in place of the job prompt's
+    listed = LoraRef("listed", 0.8, 0.8)
+    region = region_request(job.replace(loras=(listed,)), d, "<lora:other:1> a face", "", 9, multiple=16)
+    assert region.prompt == " a face" and region.lora_refs() == (listed, LoraRef("other", 1.0))
+    # one without tags keeps every LoRA of the job
+    region = region_request(job.replace(loras=(listed,)), d, "a face", "", 9)
+    assert region.lora_refs() == (listed, LoraRef("detail", 0.5))
+
+
+def test_a_detail_prompts_lora_tag_is_merged_for_its_region_and_the_jobs_set_merged_back(model, runs, tmp_path):
+    """``<lora:face:1>`` in the detail prompt: the region is the inpainting job run by hand with that LoRA merged
+    (and differs from the same pass without it); afterwards the job's (empty) set is merged again."""
+    from core.lora.files import LoraFileCache
+    from core.lora.patch import activate
+    from core.models.testing import write_random_lora
+
+    lora_file = write_random_lora(tmp_path / "face.safetensors", seed=7, strength=1.0)
+    files = LoraFileCache()
+
+    def use_loras(refs):
+        activate(model.loras, refs, lambda name: lora_file, files)
+
+    used = []
+    entry = {**FACE_PASS, "prompt": "<lora:face:1> a detailed face"}
+    detailed = generate(model, base(detailer=[entry]), use_loras=lambda refs: (used.append(tuple(refs)),
+                                                                               use_loras(refs)))[0][0]
+    face = LoraRef("face", 1.0)
+    assert used == [(face,), ()] and model.loras.requested == ()
+    first = runs[0]
+    [mask] = region_masks(simulated(first, 0.5), Detailer(**FACE_PASS), first.size)
+    first.save(tmp_path / "first.png")
+    mask.save(tmp_path / "mask.png")
+    by_hand = base(prompt=" a detailed face", loras=(face,), init_image=str(tmp_path / "first.png"),
+                   mask=str(tmp_path / "mask.png"), denoise=0.6, mask_blur=4, inpaint_area="only_masked",
+                   only_masked_padding=32)
+    use_loras(by_hand.lora_refs())
+    try:
+        assert generate(model, by_hand)[0][0].tobytes() == detailed.tobytes()
+    finally:
+        use_loras(())
+    without = generate(model, base(detailer=[{**entry, "prompt": "a detailed face"}]))[0][0]
+    assert without.tobytes() != detailed.tobytes()
+    # without a way to merge LoRAs (a bare generate() call), the tag is one clear error, not ignored
+    with pytest.raises(RequestError, match=r"detailer\[0\]\.prompt"):
+        generate(model, base(detailer=[entry]))
 
 
 def test_the_mediapipe_and_ultralytics_adapters_against_stand_in_packages(monkeypatch, files):
