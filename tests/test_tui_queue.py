@@ -170,6 +170,12 @@ async def test_running_jobs_time_keeps_counting(tmp_path):
         # table's refresh can lag a step or two, so wait for the change instead of reading after N steps
         await wait_for(pilot, lambda: state(app, job) == "running"
                        and str(screen.table.get_cell(str(job), "time")) != first)
+        # the selected job's detail pane counts with the table's clock, not only when the table is read again
+        detail = screen.query_one("#job-detail")
+        await wait_for(pilot, lambda: state(app, job) == "running"
+                       and f"running {screen.table.get_cell(str(job), 'time')}" in str(detail.render()))
+        shown = str(screen.table.get_cell(str(job), "time"))
+        await wait_for(pilot, lambda: state(app, job) == "running" and shown not in str(detail.render()))
         app.worker.cancel(job)
 
 

@@ -194,6 +194,8 @@ class QueueScreen(MainScreen):
             job = getattr(self, "jobs", {}).get(progress.job_id)
             if job is not None and "time" in table.columns:
                 table.update_cell(key, "time", _elapsed(job))  # the running job's clock keeps counting
+            if job is not None and self.selected_job_id() == progress.job_id:
+                self.show_detail()  # its "running Ns" counts with the table's clock
 
     @property
     def table(self) -> DataTable:
