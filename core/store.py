@@ -788,7 +788,6 @@ class JobStore:
         with self._write() as conn:
             return conn.execute("DELETE FROM history WHERE id = ?", (history_id,)).rowcount > 0
 
-
     # ---- X/Y/Z grids awaiting their grid image -------------------------------------------------------------
 
     @_db_call
@@ -811,7 +810,7 @@ class JobStore:
 
     @_db_call
     def grid_cells(self, grid_id: str) -> list[Job]:
-        """Every job queued as a cell of ``grid_id`` (retries included), oldest first."""
+        """Every job queued as a cell of ``grid_id`` (a cell queued again too), oldest first."""
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE json_extract(request, '$.extra.grid.id') = ? ORDER BY id", (grid_id,)
         ).fetchall()
@@ -819,7 +818,7 @@ class JobStore:
 
     @_db_call
     def close_grid(self, grid_id: str) -> bool:
-        """Forget an open grid; True for the one caller that closed it (so two apps never both save it)."""
+        """Forget a grid (its image is saved, or it cannot get one); False when it was not open."""
         with self._write() as conn:
             return conn.execute("DELETE FROM grids WHERE id = ?", (grid_id,)).rowcount > 0
 

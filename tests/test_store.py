@@ -371,3 +371,27 @@ def test_unreadable_stored_request_is_failed_not_fatal(store):
     assert store.claim_next().id == good
     row = sqlite3.connect(store.path).execute("SELECT state, error FROM jobs WHERE id = ?", (bad,)).fetchone()
     assert row[0] == "failed" and "sampler_from_the_future" in row[1]
+
+
+def test_grids_stay_open_until_closed_and_find_their_cells_and_retries(tmp_path):
+    """The TUI's grid records (tui/grids.py): open until closed, across a reopen; a grid's cells are the jobs whose
+    request carries its id, oldest first (a cell queued again comes last)."""
+    base = GenerationRequest(model="m.safetensors", prompt="p", seed=3)
+    axes = {"x": {"field": "cfg", "values": [4.0, 7.0]}}
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        store.add_grid("g1", axes, base)
+        ids = [store.add_job(base.replace(cfg=cfg, extra={"grid": {"id": "g1", "x": x}}))
+               for x, cfg in enumerate((4.0, 7.0))]
+        store.add_job(base.replace(extra={"grid": {"id": "other", "x": 0}}))
+        store.add_job(base)
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert store.open_grids() == [("g1", axes, base)]
+        assert [job.id for job in store.grid_cells("g1")] == ids
+        job = store.claim_next()
+        store.fail(job.id, "boom")
+        assert store.retry(job.id) == job.id == ids[0]  # in place: still the cell's job, pending again
+        assert [(j.id, j.state) for j in store.grid_cells("g1")] == [(ids[0], "pending"), (ids[1], "pending")]
+        again = store.add_job(job.request)  # the same cell queued anew: the newest job of that place
+        assert [j.id for j in store.grid_cells("g1")] == [*ids, again]
+        assert store.close_grid("g1") and not store.close_grid("g1")
+        assert store.open_grids() == [] and store.grid_cells("nothing") == []

@@ -81,7 +81,7 @@ class GridTracker:
 
     def restore(self) -> None:
         """Take up the grids an earlier run left open (UI thread, before the worker starts): the newest job of
-        each cell (a retried cell has several) that is still to run is awaited; a grid whose cells all have
+        each cell (one queued again has several) that is still to run is awaited; a grid whose cells all have
         their image is finished now."""
         from core.grid import parse_axes
 
@@ -91,7 +91,7 @@ class GridTracker:
             except Exception:  # noqa: BLE001 - written by another version: nothing to draw it with
                 self.app.store.close_grid(grid_id)
                 continue
-            for job in self.app.store.grid_cells(grid_id):  # oldest first: a retry replaces its cell's job
+            for job in self.app.store.grid_cells(grid_id):  # oldest first: a newer job takes over its place
                 grid.replace_cell(job.id, dict(job.request.extra["grid"]))
                 if job.state in ("pending", "running"):
                     self.of_job[job.id] = grid_id
@@ -108,7 +108,7 @@ class GridTracker:
                 self._finish(grid)
 
     def job_queued(self, event: Event) -> None:
-        """A JobQueued event (UI thread): a retry of a waiting grid's cell becomes that cell's job."""
+        """A JobQueued event (UI thread): a waiting grid's cell queued again (a retry) becomes that cell's job."""
         if not isinstance(event, JobQueued) or event.job_id in self.of_job:
             return  # not queued, or a cell ``queue`` registered itself
         cell = event.request.extra.get("grid")
