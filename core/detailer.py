@@ -180,52 +180,40 @@ def detail_image(
     ``first_step``; ``use_loras(refs)`` merges a region's LoRAs when its prompt's tags change them."""
     find = detector or load_detector
     done = 0
+    loras = getattr(model, "loras", None)  # the LoRAs merged into the model (core.lora.patch.LoraPatcher)
     try:
         for index, d in enumerate(request.detailer):
-            image, ran = _one_pass(model, request, image, seed, index, d, find, generate, on_step, first_step + done,
-                                   use_loras, kwargs)
-            done += ran
+            detections = find(d.model)(image, d.confidence)
+            masks = region_masks(detections, d, image.size)
+            if request.is_inpaint and request.mask and request.inpaint_area == "whole" and request.outpaint is None:
+                masks = inside_job_mask(masks, request.mask)
+            if not masks:
+                log.info("detailer[%d] (%s): nothing detected", index, d.model)
+                continue
+            log.info("detailer[%d] (%s): %d region%s", index, d.model, len(masks), "" if len(masks) == 1 else "s")
+            prompts = region_prompts(d.prompt, request.prompt)
+            negatives = region_prompts(d.negative_prompt, request.negative_prompt)
+            for j, mask in enumerate(masks):
+                prompt, negative = prompts[min(j, len(prompts) - 1)], negatives[min(j, len(negatives) - 1)]
+                if _SKIP.match(prompt):
+                    continue
+                region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1),
+                                        getattr(getattr(model, "spec", None), "pixel_multiple", 8))
+                if loras is not None and region.lora_refs() != loras.requested:
+                    if use_loras is None:
+                        raise RequestError(f"detailer[{index}].prompt", d.prompt,
+                                           "LoRA tags only where the job runs with a model registry to find them")
+                    use_loras(region.lora_refs())
+                offset = first_step + done
+
+                def step(s: int, total: int, x0: torch.Tensor, offset: int = offset) -> None:
+                    if on_step is not None:
+                        on_step(offset + s, offset + total, x0)
+
+                image = generate(model, region, init=image, mask=mask, on_step=step, use_loras=use_loras,
+                                 **kwargs)[0][0]
+                done += region.steps if region.denoise > 0 else 0
     finally:
-        loras = getattr(model, "loras", None)
         if use_loras is not None and loras is not None and loras.requested != request.lora_refs():
             use_loras(request.lora_refs())  # the job's own set again, for its other images
-    return image, done
-
-
-def _one_pass(model: Any, request: GenerationRequest, image: Image.Image, seed: int, index: int, d: Detailer,
-              find: Callable[[str], Detector], generate: Callable[..., list[tuple[Image.Image, int]]],
-              on_step: Callable[[int, int, torch.Tensor], None] | None, first_step: int,
-              use_loras: Callable[[Sequence[LoraRef]], Any] | None, kwargs: dict[str, Any]) -> tuple[Image.Image, int]:
-    """One ``detailer`` entry on ``image``: (the image, steps run)."""
-    detections = find(d.model)(image, d.confidence)
-    masks = region_masks(detections, d, image.size)
-    if request.is_inpaint and request.mask and request.inpaint_area == "whole" and request.outpaint is None:
-        masks = inside_job_mask(masks, request.mask)
-    if not masks:
-        log.info("detailer[%d] (%s): nothing detected", index, d.model)
-        return image, 0
-    log.info("detailer[%d] (%s): %d region%s", index, d.model, len(masks), "" if len(masks) == 1 else "s")
-    prompts = region_prompts(d.prompt, request.prompt)
-    negatives = region_prompts(d.negative_prompt, request.negative_prompt)
-    done = 0
-    for j, mask in enumerate(masks):
-        prompt, negative = prompts[min(j, len(prompts) - 1)], negatives[min(j, len(negatives) - 1)]
-        if _SKIP.match(prompt):
-            continue
-        region = region_request(request, d, prompt, negative, (seed + j) % (MAX_SEED + 1),
-                                getattr(getattr(model, "spec", None), "pixel_multiple", 8))
-        loras = getattr(model, "loras", None)
-        if loras is not None and region.lora_refs() != loras.requested:
-            if use_loras is None:
-                raise RequestError(f"detailer[{index}].prompt", d.prompt,
-                                   "LoRA tags only where the job runs with a model registry to find them")
-            use_loras(region.lora_refs())
-        offset = first_step + done
-
-        def step(s: int, total: int, x0: torch.Tensor, offset: int = offset) -> None:
-            if on_step is not None:
-                on_step(offset + s, offset + total, x0)
-
-        image = generate(model, region, init=image, mask=mask, on_step=step, use_loras=use_loras, **kwargs)[0][0]
-        done += region.steps if region.denoise > 0 else 0
     return image, done
