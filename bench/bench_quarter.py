@@ -133,6 +133,41 @@ QUICK_TECHNIQUES = [t for t in TECHNIQUES if t.label in ("AYS 10 fp32", "bf16 (a
                                                          "DeepCache N=3", "first-block 0.1")]
 
 
+REF_LABEL = "diffusers DPM++ 2M Karras 20"
+Rows = dict[str, list[tuple[float, float, float]]]  # label -> [(PSNR, cpu s, wall s)], one per seed
+
+
+def mean(rows: Rows, label: str, index: int) -> float:
+    return sum(r[index] for r in rows[label]) / len(rows[label])
+
+
+def print_comparison(rows: Rows, seeds: int, candidates: set[str]) -> list[tuple[float, str]]:
+    """Every row's mean PSNR and time against diffusers' default; returns (cpu s, label) of the ``candidates``
+    that reach its PSNR."""
+    target, ref_cpu, ref_wall = mean(rows, REF_LABEL, 0), mean(rows, REF_LABEL, 1), mean(rows, REF_LABEL, 2)
+    print(f"\nmean over {seeds} seed(s): diffusers default PSNR {target:.2f} dB, cpu {ref_cpu:.1f} s")
+    print(f"{'setting':40s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
+    passing = []
+    for label in rows:
+        if label == REF_LABEL:
+            continue
+        value, cpu, wall = mean(rows, label, 0), mean(rows, label, 1), mean(rows, label, 2)
+        if value >= target and label in candidates:
+            passing.append((cpu, label))
+        print(f"{label:40s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
+              f"{'yes' if value >= target else 'no'}")
+    return passing
+
+
+def print_fastest(rows: Rows, passing: list[tuple[float, str]]) -> None:
+    if passing:
+        cpu, label = min(passing)
+        print(f"\nfastest Darkroom setting at diffusers' quality: {label}: {cpu / mean(rows, REF_LABEL, 1):.2f} x "
+              "diffusers' time (goal <= 0.25)")
+    else:
+        print("\nno Darkroom candidate reached diffusers' PSNR")
+
+
 def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float | None = None) -> float:
     mse = float(((a.float() - ref.float()) ** 2).mean())
     peak = float(ref.max() - ref.min()) if peak is None else peak
@@ -253,7 +288,7 @@ def main() -> None:
               f"{args.threads} thread(s), PSNR on {'decoded images' if args.decode else 'latents'}; Darkroom's "
               f"precision auto = {str(auto).removeprefix('torch.')} here", flush=True)
         print_time_roughness(model, args.size)
-        rows: dict[str, list[tuple[float, float, float]]] = {}  # label -> [(psnr, cpu s, wall s)] per seed
+        rows: Rows = {}
 
         def record(label: str, value: float, timer: Timer) -> None:
             rows.setdefault(label, []).append((value, timer.cpu, timer.wall))
@@ -266,7 +301,7 @@ def main() -> None:
             ref = finish(ref_latents)
             print(f"  reference: diffusers {args.ref_steps} steps, cpu {timer.cpu:.1f} s", flush=True)
             out, timer = run_diffusers(pipe, initial, 20)
-            record("diffusers DPM++ 2M Karras 20", quality(out, ref), timer)
+            record(REF_LABEL, quality(out, ref), timer)
             done: dict[tuple, tuple[float, Timer]] = {}  # a technique row with a candidate's settings reuses its run
             for setting in candidates + techniques:
                 model = models[setting.precision]
@@ -301,7 +336,7 @@ def main() -> None:
             # diffusers again after Darkroom's rows: its mean over both runs is the ratio's denominator, so load
             # that changes during the run (shared machine) weighs on both sides alike
             out, timer = run_diffusers(pipe, initial, 20)
-            record("diffusers DPM++ 2M Karras 20", quality(out, ref), timer)
+            record(REF_LABEL, quality(out, ref), timer)
 
             # preview cost against one step of the base request
             from core.models.previews import Previewer
@@ -328,35 +363,14 @@ def main() -> None:
                     decode(model, out)
                 print(f"  VAE decode (not in the times above, same for both): cpu {timer.cpu:.1f} s", flush=True)
 
-        def mean(label: str, index: int) -> float:
-            return sum(r[index] for r in rows[label]) / len(rows[label])
-
-        ref_label = "diffusers DPM++ 2M Karras 20"
-        target, ref_cpu, ref_wall = mean(ref_label, 0), mean(ref_label, 1), mean(ref_label, 2)
-        print(f"\nmean over {len(seeds)} seed(s): diffusers default PSNR {target:.2f} dB, cpu {ref_cpu:.1f} s")
-        print(f"{'setting':40s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
-        passing = []
-        for label in rows:
-            if label == ref_label:
-                continue
-            value, cpu, wall = mean(label, 0), mean(label, 1), mean(label, 2)
-            ok = value >= target
-            if ok and any(s.label == label for s in candidates):
-                passing.append((cpu, label))
-            print(f"{label:40s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
-                  f"{'yes' if ok else 'no'}")
-        base_cpu, base_psnr = mean("AYS 10 fp32", 1), mean("AYS 10 fp32", 0)
+        passing = print_comparison(rows, len(seeds), {s.label for s in candidates})
+        base_cpu, base_psnr = mean(rows, "AYS 10 fp32", 1), mean(rows, "AYS 10 fp32", 0)
         print("\neach technique alone on AYS 10 steps in fp32 (speedup, PSNR change against it):")
         for t in techniques[1:]:
             if t.label in rows:
-                print(f"  {t.label:30s} {base_cpu / mean(t.label, 1):5.2f}x  {mean(t.label, 0) - base_psnr:+6.2f} dB")
-        if passing:
-            cpu, label = min(passing)
-            print(f"\nfastest Darkroom setting at diffusers' quality: {label}: {cpu / ref_cpu:.2f} x diffusers' time "
-                  f"(goal <= 0.25)")
-        else:
-            print("\nno Darkroom candidate reached diffusers' PSNR")
-
+                print(f"  {t.label:30s} {base_cpu / mean(rows, t.label, 1):5.2f}x  "
+                      f"{mean(rows, t.label, 0) - base_psnr:+6.2f} dB")
+        print_fastest(rows, passing)
 
 if __name__ == "__main__":
     main()

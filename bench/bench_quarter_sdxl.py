@@ -33,19 +33,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_quarter import REF_LABEL, Rows, Setting, print_comparison, print_fastest  # noqa: E402
 from bench.common import heavy_lock, scratch_checkpoint, smooth_time_checkpoint  # noqa: E402
 
-REF_LABEL = "diffusers DPM++ 2M Karras 20"
-# (label, request fields, precision); cheapest first. The fp32 row checks that both sides compute the same image.
+KARRAS = {"schedule": "karras"}
+# cheapest first; the fp32 row checks that both sides compute the same image
 CANDIDATES = [
-    ("AYS 10", {"schedule": "ays", "steps": 10}, "auto"),
-    ("DPM++ 2M Karras 10", {"schedule": "karras", "steps": 10}, "auto"),
-    ("Karras 20 + DeepCache 2", {"schedule": "karras", "steps": 20, "deepcache_interval": 2}, "auto"),
-    ("Karras 16", {"schedule": "karras", "steps": 16}, "auto"),
-    ("Karras 20 (diffusers' settings)", {"schedule": "karras", "steps": 20}, "auto"),
-    ("Karras 24", {"schedule": "karras", "steps": 24}, "auto"),
-    ("Karras 24 + first-block 0.1", {"schedule": "karras", "steps": 24, "fbcache_threshold": 0.1}, "auto"),
-    ("Karras 20 fp32 (diffusers' numbers)", {"schedule": "karras", "steps": 20}, "fp32"),
+    Setting("AYS 10", {"schedule": "ays", "steps": 10}),
+    Setting("DPM++ 2M Karras 10", {**KARRAS, "steps": 10}),
+    Setting("Karras 20 + DeepCache 2", {**KARRAS, "steps": 20, "deepcache_interval": 2}),
+    Setting("Karras 16", {**KARRAS, "steps": 16}),
+    Setting("Karras 20 (diffusers' settings)", {**KARRAS, "steps": 20}),
+    Setting("Karras 24", {**KARRAS, "steps": 24}),
+    Setting("Karras 24 + first-block 0.1", {**KARRAS, "steps": 24, "fbcache_threshold": 0.1}),
+    Setting("Karras 20 fp32 (diffusers' numbers)", {**KARRAS, "steps": 20}, precision="fp32"),
 ]
 
 
@@ -89,7 +90,7 @@ def darkroom_child(path: Path, size: int, seeds: list[int], precision: str, labe
     print(f"  Darkroom SDXL in {str(dtype).removeprefix('torch.')}", flush=True)
     base = GenerationRequest(model="bench", prompt=PROMPT, negative_prompt=NEGATIVE, sampler="dpmpp_2m",
                              schedule="karras", steps=20, cfg=CFG, seed=1, width=size, height=size)
-    fields = {label: f for label, f, _ in CANDIDATES}
+    fields = {c.label: c.fields for c in CANDIDATES}
     results = {}
     for seed in seeds:
         for label in labels:
@@ -133,8 +134,7 @@ def main() -> None:
             darkroom_child(args.checkpoint, args.size, seeds, args.precision, args.labels.split("|"), args.out)
         return
 
-    wanted = [label for label, _, _ in CANDIDATES
-              if not args.only or label in {x.strip() for x in args.only.split(",")}]
+    wanted = [c.label for c in CANDIDATES if not args.only or c.label in {x.strip() for x in args.only.split(",")}]
 
     def write(path: Path) -> None:
         from core.models.testing import write_random_checkpoint
@@ -152,7 +152,7 @@ def main() -> None:
         run_child([*common, "--child", "diffusers", "--steps", f"{args.ref_steps},20", "--out", str(files["before"])],
                   args.threads)
         for precision in ("auto", "fp32"):
-            labels = [label for label, _, p in CANDIDATES if p == precision and label in wanted]
+            labels = [c.label for c in CANDIDATES if c.precision == precision and c.label in wanted]
             if labels:
                 run_child([*common, "--child", "darkroom", "--precision", precision, "--labels", "|".join(labels),
                            "--out", str(files[precision])], args.threads)
@@ -163,7 +163,7 @@ def main() -> None:
         from bench.bench_quarter import psnr
 
         results = {name: torch.load(file) for name, file in files.items() if file.exists()}
-        rows: dict[str, list[tuple[float, float, float]]] = {}
+        rows: Rows = {}
         for seed in seeds:
             ref = results["before"][(seed, args.ref_steps)][0]
             for name in ("before", "after"):
@@ -174,28 +174,8 @@ def main() -> None:
                     if s == seed:
                         rows.setdefault(label, []).append((psnr(latents, ref), cpu, wall))
 
-    def mean(label: str, index: int) -> float:
-        return sum(r[index] for r in rows[label]) / len(rows[label])
-
-    target, ref_cpu, ref_wall = mean(REF_LABEL, 0), mean(REF_LABEL, 1), mean(REF_LABEL, 2)
-    print(f"\nmean over {len(seeds)} seed(s): diffusers default PSNR {target:.2f} dB, cpu {ref_cpu:.1f} s")
-    print(f"{'setting':40s} {'PSNR dB':>8s} {'cpu s':>8s} {'ratio':>6s} {'wall ratio':>10s}  reaches diffusers?")
-    passing = []
-    for label in rows:
-        if label == REF_LABEL:
-            continue
-        value, cpu, wall = mean(label, 0), mean(label, 1), mean(label, 2)
-        if value >= target:
-            passing.append((cpu, label))
-        print(f"{label:40s} {value:8.2f} {cpu:8.1f} {cpu / ref_cpu:6.2f} {wall / ref_wall:10.2f}  "
-              f"{'yes' if value >= target else 'no'}")
-    if passing:
-        cpu, label = min(passing)
-        print(f"\nfastest Darkroom setting at diffusers' quality: {label}: {cpu / ref_cpu:.2f} x diffusers' time "
-              "(goal <= 0.25)")
-    else:
-        print("\nno Darkroom candidate reached diffusers' PSNR")
-
+    passing = print_comparison(rows, len(seeds), set(wanted))
+    print_fastest(rows, passing)
 
 if __name__ == "__main__":
     main()
