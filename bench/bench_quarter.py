@@ -43,10 +43,11 @@ because the timestep MLP reads every frequency of the sinusoidal embedding alike
 timesteps; a trained denoiser approximates E[x0 | x_t], which is smooth in the noise level. So a 20-step run
 matches the 50-step reference only where their timesteps alias alike, and a feature cache reuses features that
 have moved by a quarter. ``--smooth-time`` tapers those weights (``bench.common.smooth_time_checkpoint``: 0.1 %,
-0.3 %, 12 %); then (``--quick --size 128``) the caches act as published (first-block 0.1 on AYS 10: 3.0x at -0.19
-dB; DeepCache N=3 1.9x at -2.3 dB), but diffusers' 20 steps reach 51.73 dB, above what bf16 weights allow (their
-rounding alone moves the UNet output 1.1 %, all of bf16 1.8 %: Karras 20 47.07 dB, Karras 24 48.69), and only
-fp32 at diffusers' 20 steps reaches it (51.82 dB, 0.79x). Either way the bar is a numerical one, tens of dB, not
+0.3 %, 12 %); then (256 px, seed 1) the caches act as published (first-block 0.1 on AYS 10: 2.59x at -0.26 dB;
+DeepCache N=3 1.92x at -2.42 dB; at 128 px 3.0x / 1.9x), but diffusers' 20 steps reach 50.37 dB, above what bf16
+weights allow (their rounding alone moves the UNet output 1.1 %, all of bf16 1.8 %: Karras 20 46.14 dB at 0.26x,
+Karras 24 47.61), first-block cache on top of them loses more (Karras 24 fp32 + first-block 0.05: 43.35 dB), and
+only fp32 at diffusers' 20 steps reaches it (50.44 dB, 0.91x; at 128 px 51.82 against 51.73, 0.79x). Either way the bar is a numerical one, tens of dB, not
 the perceptual one the published step and cache savings are measured at.
 Previews: projection 0.02 % of a step, a random-weight TAESD 16.8 % unthrottled (the Previewer throttles it to
 < 2 % of the job); the VAE decode (outside both times) 6.9 s.
