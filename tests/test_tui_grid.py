@@ -161,6 +161,34 @@ async def test_a_grid_left_at_quit_is_finished_by_the_next_start_and_a_retried_c
         assert grid_row.request.seed == 42 and grid_row.request.extra["grid"]["id"] == grid_id
 
 
+async def test_a_cell_left_running_by_a_killed_app_is_recovered_and_the_grid_waits_for_its_retry(tmp_path):
+    """Killed outright while a cell runs (its job stays running in the database): the next start's crash recovery
+    marks it interrupted without an event, and the grid still learns it (the restored cell's state is read),
+    says it waits for that cell, and a retry saves the grid image."""
+    import sqlite3
+    import time
+
+    runner = FakeRunner(gate=threading.Event())
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(120, 40)) as pilot:
+        grid_id = await queue_cfg_grid(pilot, app)
+        await wait_for(pilot, lambda: runner.started.is_set())
+    killed = next(job.id for job in app.store.grid_cells(grid_id) if job.state == "interrupted")
+    with sqlite3.connect(tmp_path / "db.sqlite3") as conn:  # as a kill -9 leaves it: running, its owner silent
+        conn.execute("UPDATE jobs SET state = 'running', finished = NULL, error = NULL, heartbeat = ? WHERE id = ?",
+                     (time.time() - 3600, killed))
+    app.store.close()
+
+    app = make_app(tmp_path, FakeRunner())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: any("no grid image yet: 1 of its 2 cells has no image" in n.message
+                                          for n in app._notifications), timeout=20)
+        assert app.store.get_job(killed).state == "interrupted" and not grid_images(app.store)
+        app.worker.retry(killed)
+        await wait_for(pilot, lambda: grid_images(app.store), timeout=20)
+        assert app.store.open_grids() == [] and not app.grids.elsewhere
+
+
 async def test_a_grid_whose_cells_all_ended_before_a_kill_gets_its_image_at_the_next_start(tmp_path, monkeypatch):
     """The app is killed after the last cell's image was saved and before the grid image was: the next start
     saves the grid image, once."""

@@ -17,6 +17,8 @@ from typing import Any
 from core.events import Event, JobCancelled, JobFailed, JobFinished, JobQueued
 from core.request import GenerationRequest
 
+ELSEWHERE_CHECK_S = 2.0  # how often the state of a restored cell run by another process is read
+
 
 def _position(cell: Mapping[str, Any]) -> tuple:
     """A cell's place in its grid from its ``extra["grid"]``."""
@@ -48,6 +50,7 @@ class GridTracker:
         self.app = app
         self.pending: dict[str, PendingGrid] = {}
         self.of_job: dict[int, str] = {}  # the cells still to end -> their grid
+        self.elsewhere: set[int] = set()  # of those, the ones running in another (or a killed) process at restore
 
     @staticmethod
     def new_id() -> str:
@@ -95,6 +98,8 @@ class GridTracker:
                 grid.replace_cell(job.id, dict(job.request.extra["grid"]))
                 if job.state in ("pending", "running"):
                     self.of_job[job.id] = grid_id
+                    if job.state == "running":  # not this app's worker, which has not started yet
+                        self.elsewhere.add(job.id)
                 elif job.state == "done" and (images := self.app.store.job_history(job.id)):
                     grid.paths[job.id] = images[0].path
                 else:
@@ -106,6 +111,9 @@ class GridTracker:
                 self._drop(grid)
             elif not any(job_id in self.of_job for job_id in grid.cells) and not grid.lost:
                 self._finish(grid)
+        self.elsewhere &= set(self.of_job)  # a running job whose cell was queued again is the retry's
+        if self.elsewhere:
+            self.app.set_timer(ELSEWHERE_CHECK_S, self.check_elsewhere)
 
     def job_queued(self, event: Event) -> None:
         """A JobQueued event (UI thread): a waiting grid's cell queued again (a retry) becomes that cell's job."""
@@ -117,19 +125,38 @@ class GridTracker:
             return
         grid.replace_cell(event.job_id, dict(cell))
         self.of_job[event.job_id] = grid.grid_id
+        self.elsewhere.discard(event.job_id)  # queued here again: its end is this worker's event
 
     def job_ended(self, event: Event) -> None:
         """A JobFinished, JobFailed or JobCancelled event (UI thread)."""
-        if not isinstance(event, JobFinished | JobFailed | JobCancelled) or event.job_id not in self.of_job:
+        if isinstance(event, JobFinished | JobFailed | JobCancelled):
+            self._cell_ended(event.job_id, event.paths[0] if isinstance(event, JobFinished) and event.paths else None)
+
+    def check_elsewhere(self) -> None:
+        """Timer (UI thread): the restored cells another process was running (or was killed running) end without
+        an event here, so their state is read: crash recovery makes a killed one interrupted, or done."""
+        for job_id in list(self.elsewhere):
+            job = self.app.store.get_job(job_id)
+            if job is not None and job.state in ("pending", "running"):
+                continue
+            self.elsewhere.discard(job_id)
+            images = self.app.store.job_history(job_id) if job is not None and job.state == "done" else []
+            self._cell_ended(job_id, images[0].path if images else None)
+        if self.elsewhere:
+            self.app.set_timer(ELSEWHERE_CHECK_S, self.check_elsewhere)
+
+    def _cell_ended(self, job_id: int, path: str | None) -> None:
+        """A cell's job ended, with its first image or none."""
+        if job_id not in self.of_job:
             return
-        grid = self.pending[self.of_job.pop(event.job_id)]
-        if event.job_id not in grid.cells:
+        grid = self.pending[self.of_job.pop(job_id)]
+        if job_id not in grid.cells:
             return  # its cell was queued again meanwhile: the retry decides
-        if isinstance(event, JobFinished) and event.paths:
-            grid.paths[event.job_id] = event.paths[0]
+        if path is not None:
+            grid.paths[job_id] = path
         else:
-            grid.lost.add(event.job_id)
-        if any(job_id in self.of_job for job_id in grid.cells):
+            grid.lost.add(job_id)
+        if any(other in self.of_job for other in grid.cells):
             return  # cells still to run
         if grid.lost:  # kept: a retry of the lost cells finishes the grid
             lost = len(grid.lost)
