@@ -100,12 +100,12 @@ class GridTracker:
                     self.of_job[job.id] = grid_id
                     if job.state == "running":  # not this app's worker, which has not started yet
                         self.elsewhere.add(job.id)
-                elif job.state == "done" and (images := self.app.store.job_history(job.id)):
-                    grid.paths[job.id] = images[0].path
+                elif (path := self._first_image(job)) is not None:
+                    grid.paths[job.id] = path
                 else:
                     grid.lost.add(job.id)
             for job_id in [j for j in self.of_job if self.of_job[j] == grid_id and j not in grid.cells]:
-                del self.of_job[job_id]  # a retried job still pending: its cell now waits on the retry
+                del self.of_job[job_id]  # an older job of a cell queued again: the cell waits on the newer one
             self.pending[grid_id] = grid
             if not grid.cells:
                 self._drop(grid)
@@ -140,10 +140,14 @@ class GridTracker:
             if job is not None and job.state in ("pending", "running"):
                 continue
             self.elsewhere.discard(job_id)
-            images = self.app.store.job_history(job_id) if job is not None and job.state == "done" else []
-            self._cell_ended(job_id, images[0].path if images else None)
+            self._cell_ended(job_id, self._first_image(job))
         if self.elsewhere:
             self.app.set_timer(ELSEWHERE_CHECK_S, self.check_elsewhere)
+
+    def _first_image(self, job: Any) -> str | None:
+        """An ended cell's first image: a done job's first recorded one, else (or none recorded) None."""
+        images = self.app.store.job_history(job.id) if job is not None and job.state == "done" else []
+        return images[0].path if images else None
 
     def _cell_ended(self, job_id: int, path: str | None) -> None:
         """A cell's job ended, with its first image or none."""
