@@ -1146,7 +1146,6 @@ class PipelineRunner:
     def apply_loras(self, model: LoadedModel, request: GenerationRequest, ctx: RunContext | None = None) -> dict:
         """Merge the request's LoRAs in place of the previous job's (only what changed is re-merged); returns
         the infotext fields that record them (A1111's ``Lora hashes``)."""
-
         refs = request.lora_refs()
         if refs != model.loras.requested and ctx is not None:
             ctx.set_activity(f"applying {len(refs)} LoRA{'s' if len(refs) != 1 else ''}" if refs else "removing LoRAs")
