@@ -161,3 +161,19 @@ async def test_a_grid_is_one_entry_that_opens_into_its_cells(tmp_path):
         await wait_for(pilot, lambda: table.row_count == 4)
         await pilot.press("enter")  # on one of its cells: closes it again
         await wait_for(pilot, lambda: table.row_count == 2)
+
+
+async def test_the_cursor_follows_new_images_from_the_newest_and_stays_on_an_older_one(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await with_history(pilot, app, request("first", 1), request("second", 2))
+        table = screen.query_one("#history-table")
+        assert table.cursor_row == 0 and "second" in str(screen.query_one("#details-text").render())
+        app.submit(request("third", 3))  # on the newest: the cursor moves to the new image
+        await wait_for(pilot, lambda: table.row_count == 3)
+        assert table.cursor_row == 0 and "third" in str(screen.query_one("#details-text").render())
+        await pilot.press("down", "down")  # on an older image: it stays there
+        app.submit(request("fourth", 4))
+        await wait_for(pilot, lambda: table.row_count == 4)
+        assert str(table.get_row_at(table.cursor_row)[2]) == "first"
+        assert "first" in str(screen.query_one("#details-text").render())

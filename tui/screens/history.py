@@ -205,6 +205,9 @@ class HistoryScreen(MainScreen):
         if rows and shown == self._shown and table.row_count == len(entries):
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
+        # On the newest entry (or none yet), the cursor follows new images in as they arrive, as a log's tail
+        # does; on an older one it stays on that image.
+        follow_newest = selected is None or not self._shown or selected == self._shown[0][0]
         table.clear()
         self.rows = {}
         self._shown = shown
@@ -219,7 +222,7 @@ class HistoryScreen(MainScreen):
             if cells:
                 seed, prompt = f"{cells} cells", f"▸ X/Y/Z grid: {prompt}"
             table.add_row(Text(visible(created)), Text(seed), Text(prompt), key=key)
-        if selected in self.rows:
+        if selected in self.rows and not follow_newest:
             table.move_cursor(row=table.get_row_index(selected))
         self.show_selected()
 
