@@ -49,6 +49,10 @@ weights allow (their rounding alone moves the UNet output 1.1 %, all of bf16 1.8
 Karras 24 47.61), first-block cache on top of them loses more (Karras 24 fp32 + first-block 0.05: 43.35 dB), and
 only fp32 at diffusers' 20 steps reaches it (50.44 dB, 0.91x; at 128 px 51.82 against 51.73, 0.79x). Either way the bar is a numerical one, tens of dB, not
 the perceptual one the published step and cache savings are measured at.
+bf16 speed on this VM is not steady: one thread's 1024^3 bf16 matmul ran at 300, 740 and 990 GFLOP/s in three runs
+a few seconds apart (fp32: 103-116), so bf16 ratios move between runs; compare rows of one run only. oneDNN
+weights packed once per layer (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``) made the bf16 linears
+1.2-1.6x faster alone but the whole 256 px UNet forward only 1.05x, so they are not used.
 Previews: projection 0.02 % of a step, a random-weight TAESD 16.8 % unthrottled (the Previewer throttles it to
 < 2 % of the job); the VAE decode (outside both times) 6.9 s.
 """
