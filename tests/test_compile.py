@@ -136,3 +136,26 @@ def test_the_compile_setting_reaches_the_runner(tmp_path):
                      db_path=tmp_path / "db.sqlite3")
     assert code == EXIT_USAGE
     assert "--compile = 'fast' is not a compile mode; valid: off, auto, torch, stable-fast" in err.getvalue()
+
+
+def test_blocks_compile_without_cuda_graphs_on_cuda(monkeypatch):
+    """CUDA graph trees start a new generation at each call into a compiled region, which invalidates the
+    tensors one block hands the next: ``g(f(x))`` fails on a GPU (pytorch/pytorch#152887). The per-block
+    regions must go to inductor with CUDA graphs off, even where $TORCHINDUCTOR_CUDAGRAPHS turns them on."""
+    import sys
+    import types
+
+    patches = []
+    fake = types.ModuleType("torch._inductor.compile_fx")
+
+    def compile_fx(gm, example_inputs, config_patches=None):  # noqa: ANN001, ANN202
+        patches.append(config_patches)
+        return gm.forward
+
+    fake.compile_fx = compile_fx
+    monkeypatch.setitem(sys.modules, "torch._inductor.compile_fx", fake)
+    for device in ("cuda", "cpu"):
+        compiler = DenoiserCompiler("torch", device=device)
+        compiled = compiler._torch_backend()(torch.fx.symbolic_trace(torch.nn.Identity()), [])
+        assert compiled(torch.ones(1)).item() == 1.0 and compiler.compiles == 1
+    assert patches == [{"triton.cudagraphs": False}] * 2

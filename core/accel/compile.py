@@ -1,4 +1,4 @@
-"""Compiling the denoiser: ``torch.compile`` per block (CUDA graphs on CUDA), or Stable-Fast when installed.
+"""Compiling the denoiser: ``torch.compile`` per block (inductor, no CUDA graphs), or Stable-Fast when installed.
 
 The network is compiled by regions, each repeated block on its own (the UNet's input, middle and output
 blocks; Flux's double- and single-stream blocks), as diffusers' regional compilation does: a block compiles in
@@ -6,8 +6,14 @@ seconds instead of the whole graph in minutes, identical blocks share the compil
 (:mod:`core.accel.feature_cache`), which choose per step which blocks run, stay plain Python around them.
 
 Compiled code lives on the network's modules, so it lasts as long as the model stays loaded: the second job
-of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph, which CUDA
-graphs need). ``compiles`` counts the graphs this compiler's backend built.
+of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph).
+``compiles`` counts the graphs this compiler's backend built.
+
+No CUDA graphs (``mode="reduce-overhead"``): inductor's CUDA graph trees start a new generation at every call
+into a compiled region from eager code, and freeing the previous generation's outputs invalidates the tensors
+one block hands the next (and the UNet's skips): ``g(f(x))`` with both compiled fails with "accessing tensor
+output of CUDAGraphs that has been overwritten by a subsequent run" (pytorch/pytorch#152887, #160281, open).
+Per-block regions are what the feature caches need, so the blocks compile without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -77,10 +83,8 @@ class DenoiserCompiler:
             return self._counted(torch._dynamo.lookup_backend(self.backend))
         from torch._inductor.compile_fx import compile_fx
 
-        if self.device.type == "cuda":
-            # mode="reduce-overhead": the job's shapes are static, so CUDA graphs replay each block's kernels
-            return self._counted(functools.partial(compile_fx, config_patches={"triton.cudagraphs": True}))
-        return self._counted(compile_fx)
+        # cudagraphs off even where $TORCHINDUCTOR_CUDAGRAPHS turns them on: they break on chained regions (module doc)
+        return self._counted(functools.partial(compile_fx, config_patches={"triton.cudagraphs": False}))
 
     def _stable_fast(self, network: nn.Module) -> bool:
         """Stable-Fast's UNet compiler on ``network``; False (after one note) where it cannot run."""
