@@ -159,3 +159,25 @@ def test_blocks_compile_without_cuda_graphs_on_cuda(monkeypatch):
         compiled = compiler._torch_backend()(torch.fx.symbolic_trace(torch.nn.Identity()), [])
         assert compiled(torch.ones(1)).item() == 1.0 and compiler.compiles == 1
     assert patches == [{"triton.cudagraphs": False}] * 2
+
+
+def test_recompile_limits_are_raised_under_the_names_older_torch_has(monkeypatch):
+    """torch before pytorch#143709 (Dec 2024; Darkroom declares torch>=2.2) names the limits
+    ``cache_size_limit`` / ``accumulated_cache_size_limit`` and has no ``recompile_limit``."""
+    class OldConfig:  # the real config without the new names (torch.compile reads the rest of it)
+        def __init__(self) -> None:
+            self.cache_size_limit, self.accumulated_cache_size_limit = 8, 256
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            if name in ("recompile_limit", "accumulated_recompile_limit"):
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    real = torch._dynamo.config
+    old = OldConfig()
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    unet = _tiny_unet(7)
+    DenoiserCompiler("torch", backend=lambda gm, inputs: gm.forward).prepare(unet)  # compiles lazily
+    assert old.cache_size_limit == 16 * len(regions(unet))
+    assert old.accumulated_cache_size_limit == 4 * old.cache_size_limit
+    assert not hasattr(old, "recompile_limit")

@@ -42,6 +42,19 @@ def regions(network: nn.Module) -> list[nn.Module]:
     return [network]
 
 
+def _raise_recompile_limits(per_code: int) -> None:
+    """Blocks of one class share one code object, and dynamo keeps at most ``recompile_limit`` graphs per code
+    object (8) before it falls back to eager: SD1.5 has about 20 distinct blocks, times the sizes used. The
+    limits were ``cache_size_limit`` / ``accumulated_cache_size_limit`` before pytorch#143709 (Dec 2024), and
+    torch>=2.2 is what Darkroom declares."""
+    config = torch._dynamo.config
+    per, total = (("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit")
+                  else ("cache_size_limit", "accumulated_cache_size_limit"))
+    limit = max(getattr(config, per), per_code)
+    setattr(config, per, limit)
+    setattr(config, total, max(getattr(config, total), 4 * limit))
+
+
 def stable_fast_available() -> bool:
     return importlib.util.find_spec("sfast") is not None
 
@@ -117,11 +130,7 @@ class DenoiserCompiler:
             return network
         backend = self._torch_backend()
         blocks = regions(network)
-        # Blocks of one class share one code object, and dynamo keeps at most ``recompile_limit`` graphs per
-        # code object (8) before it falls back to eager: SD1.5 has about 20 distinct blocks, times the sizes used.
-        limit = max(torch._dynamo.config.recompile_limit, 16 * len(blocks))
-        torch._dynamo.config.recompile_limit = limit
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+        _raise_recompile_limits(16 * len(blocks))
         for block in blocks:
             block.compile(backend=backend, dynamic=False)
         setattr(network, _MARK, "torch")
