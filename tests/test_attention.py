@@ -45,6 +45,9 @@ class FakeKernels:
         self.fail: dict[str, object] = {}  # backend -> predicate(q) -> bool
         self.heads: int | None = None  # when set, the kernels check the heads axis is where their layout says
         self.old_xformers = False  # when set, memory_efficient_attention takes no scale argument
+        # when set, the kernels' results are invisible to torch.jit.trace, as Triton launches and C++ extension
+        # calls are: the output enters a trace as a constant
+        self.opaque = False
         self.sage_version = sage_version
         if sage:
             mod = types.ModuleType("sageattention")
@@ -120,7 +123,8 @@ class FakeKernels:
         self._maybe_fail("xformers", query)
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-        return out.transpose(1, 2).to(query.dtype)
+        out = out.transpose(1, 2).to(query.dtype)
+        return torch.tensor(out.tolist(), dtype=out.dtype) if self.opaque else out
 
     def used(self, name: str) -> int:
         return sum(1 for n, _ in self.calls if n == name)
@@ -543,3 +547,25 @@ def test_compiled_networks_trace_attention_without_graph_breaks(monkeypatch):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     with torch.no_grad():
         assert torch.allclose(compiled, layer(x, ctx), atol=1e-6)
+
+
+def test_traced_networks_record_sdpa_not_a_kernel_the_tracer_cannot_see(monkeypatch):
+    """Stable-Fast compiles the denoiser with torch.jit.trace, which cannot see inside SageAttention's
+    Triton/CUDA kernels or xformers' (their output would enter the trace as a constant, or as the buffer
+    allocated for it): under tracing the call must be plain SDPA, as under torch.compile."""
+    import warnings
+
+    from core.models.unet import CrossAttention
+
+    kernels = FakeKernels(monkeypatch)
+    kernels.opaque = True
+    layer = CrossAttention(64, 32, 8, 8).eval()
+    x, ctx, later = torch.randn(1, 16, 64), torch.randn(1, 7, 32), torch.randn(1, 16, 64)
+    d = AttentionDispatcher(probe=gpu())
+    with d.active(), torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(layer, (x, ctx), check_trace=False)
+        assert kernels.calls == []  # the trace ran SDPA
+        assert torch.allclose(traced(later, ctx), layer(later, ctx), atol=1e-5)  # eager: the (fake) kernel
+    assert kernels.used("xformers") == 1

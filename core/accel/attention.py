@@ -2,8 +2,8 @@
 
 Networks call :func:`attention` with q, k, v shaped ``[batch, tokens, heads * head_dim]``. Inside
 ``with dispatcher.active():`` (the runner wraps each job in it) the call goes to that
-:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests) and inside a
-``torch.compile`` region it is plain SDPA.
+:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests), inside a
+``torch.compile`` region and under ``torch.jit.trace`` (Stable-Fast) it is plain SDPA.
 
 The dispatcher chooses per call from the device (type and CUDA capability), dtype, head dim, sequence lengths,
 causal flag and mask, by the rules in :data:`KERNEL_RULES` (what each kernel's own code accepts). A kernel that
@@ -450,7 +450,9 @@ def attention(
     """
     # Under torch.compile the call traces to SDPA, which inductor lowers to its own fused kernels: Dynamo cannot
     # trace ContextVar.get (a graph break at every layer), and the kernels' Python wrappers would break it too.
-    dispatcher = None if torch.compiler.is_compiling() else _current.get()
+    # Under torch.jit.trace (Stable-Fast) likewise: the tracer cannot see into Triton or C++ extension kernels,
+    # whose output would be recorded as a constant.
+    dispatcher = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else _current.get()
     if dispatcher is not None:
         return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
     b, n, inner = q.shape
