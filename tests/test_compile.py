@@ -181,3 +181,29 @@ def test_recompile_limits_are_raised_under_the_names_older_torch_has(monkeypatch
     assert old.cache_size_limit == 16 * len(regions(unet))
     assert old.accumulated_cache_size_limit == 4 * old.cache_size_limit
     assert not hasattr(old, "recompile_limit")
+
+
+def test_stable_fast_compiles_without_a_cuda_graph(monkeypatch):
+    """A CUDA graph replays the weights' addresses of its capture; a LoRA switch (``param.data = buffer``) and
+    the offload plans (other tensors put in place) move them, so stable-fast must not capture one."""
+    import sys
+    import types
+
+    import core.accel.compile as compile_module
+
+    compiled = []
+    sfast = types.ModuleType("sfast.compilers.diffusion_pipeline_compiler")
+
+    class CompilationConfig:
+        class Default:  # stable-fast's defaults, as far as they matter here
+            enable_jit = True
+            enable_cuda_graph = False
+
+    sfast.CompilationConfig = CompilationConfig
+    sfast.compile_unet = lambda network, config: compiled.append((network, config.enable_cuda_graph))
+    monkeypatch.setitem(sys.modules, "sfast.compilers.diffusion_pipeline_compiler", sfast)
+    monkeypatch.setattr(compile_module, "stable_fast_available", lambda: True)
+    unet = _tiny_unet(8)
+    compiler = DenoiserCompiler("auto", device="cuda")
+    compiler.prepare(unet)
+    assert compiler.describe(unet) == "stable-fast" and compiled == [(unet, False)]

@@ -111,7 +111,11 @@ class DenoiserCompiler:
             from sfast.compilers.diffusion_pipeline_compiler import CompilationConfig, compile_unet
 
             config = CompilationConfig.Default()
-            config.enable_cuda_graph = True
+            # No CUDA graph: a captured graph replays the weights' addresses of its capture, and both a LoRA
+            # switch (core.lora.patch assigns merged buffers: ``param.data = buffer``) and the memory plan's
+            # offload (core.accel.memory.Placement puts other tensors in place) give the weights new ones; the
+            # graph would go on reading the old (stale or freed) memory.
+            config.enable_cuda_graph = False
             compile_unet(network, config)
         except Exception as exc:  # noqa: BLE001 - an optional extra that fails in any way: torch.compile instead
             self._note(f"stable-fast could not compile the denoiser ({exc}); compiling with torch.compile instead")
