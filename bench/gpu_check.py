@@ -80,15 +80,16 @@ class StepClock:
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else float("nan")
 
 
-@contextlib.contextmanager
-def forced_dtype(dtype: torch.dtype):
-    """Load models in ``dtype`` whatever the device's default (the runner has no dtype setting)."""
-    original = devices.compute_dtype
-    devices.compute_dtype = lambda device, checkpoint_dtype=None: dtype
-    try:
-        yield
-    finally:
-        devices.compute_dtype = original
+def darkroom_runner(root: Path, device: torch.device, precision: str, **options: Any) -> PipelineRunner:
+    """A runner whose networks run in ``precision`` (fp16/bf16) whatever the device's default (auto: bf16 on
+    Ampere and later), as ``--precision`` sets it."""
+    return PipelineRunner([root], previews=False, device=str(device), precision=precision, **options)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 rows only where the GPU computes bf16 natively (sm80+): torch >= 2.4's is_bf16_supported() is also
+    True where it is emulated (Turing), slowly, which would spend the time budget on nothing useful."""
+    return device.type != "cuda" or devices._native_bf16()
 
 
 def peak_reset(device: torch.device) -> None:
@@ -173,15 +174,14 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
         write_random_checkpoint(root / "checkpoints" / f"{family}.safetensors", family, size, dtype=torch.float16)
         lines.append(f"  (random {size} checkpoint written in {time.monotonic() - started:.0f} s)")
         request = request_for(family, width, height, steps)
-        precisions = [p for p in DTYPES if p != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported()]
+        precisions = [p for p in DTYPES if p != "bf16" or native_bf16(device)]
         best: dict[str, float] = {}
         for precision in precisions:
             if left() < 30:
                 lines.append(f"  darkroom  {precision}: skipped (time budget)")
                 continue
-            runner = PipelineRunner([root], previews=False, device=str(device))
-            with forced_dtype(DTYPES[precision]):
-                runner.ensure_model(request)
+            runner = darkroom_runner(root, device, precision)
+            runner.ensure_model(request)
             backends = [b for b in ("sage", "xformers", "sdpa") if b in runner.attention.available(device)]
             for backend in backends:
                 if left() < 20:
@@ -206,7 +206,7 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
                 if left() < (60 if family == "sd15" else 150):
                     lines.append(row("darkroom", "auto", precision, "compile", "skipped (time budget)"))
                 else:
-                    compiled = PipelineRunner([root], previews=False, device=str(device), compile="auto")
+                    compiled = darkroom_runner(root, device, precision, compile="auto")
                     compiled.model = runner.model  # the same loaded weights
                     first = run_darkroom(compiled, request, device)  # compiles
                     result = run_darkroom(compiled, request, device)

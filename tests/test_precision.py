@@ -131,3 +131,16 @@ def test_the_tui_builds_its_worker_with_the_precision_and_yielding_the_cpu(tmp_p
         assert app.worker.yield_cpu  # the job thread gives the UI and the terminal the CPU first
     finally:
         app.worker.store.close()
+
+
+def test_the_gpu_check_loads_each_precision_it_measures(tmp_path):
+    """bench/gpu_check.py's fp16 and bf16 rows must run in that dtype: it used to patch compute_dtype around
+    ensure_model, which the runner no longer calls there (it passes the dtype it chose when built), so on an
+    Ampere GPU both rows ran in bf16."""
+    from bench import gpu_check
+
+    write_random_checkpoint(tmp_path / "checkpoints" / "tiny.safetensors", "sd15", "tiny")
+    for precision, dtype in gpu_check.DTYPES.items():
+        runner = gpu_check.darkroom_runner(tmp_path, torch.device("cpu"), precision)
+        model = runner.ensure_model(gpu_check.request_for("tiny", 64, 64, 2))
+        assert model.dtype == dtype and next(model.checkpoint.unet.parameters()).dtype == dtype
