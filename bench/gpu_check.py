@@ -89,7 +89,7 @@ def darkroom_runner(root: Path, device: torch.device, precision: str, **options:
 def native_bf16(device: torch.device) -> bool:
     """bf16 rows only where the GPU computes bf16 natively (sm80+): torch >= 2.4's is_bf16_supported() is also
     True where it is emulated (Turing), slowly, which would spend the time budget on nothing useful."""
-    return device.type != "cuda" or devices._native_bf16()
+    return device.type != "cuda" or devices._native_bf16(device)
 
 
 def peak_reset(device: torch.device) -> None:

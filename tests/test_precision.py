@@ -40,7 +40,7 @@ def test_auto_is_bf16_on_a_cpu_with_amx_and_fp32_without(monkeypatch):
     assert devices.compute_dtype("cpu", precision="bf16") == torch.bfloat16
     assert devices.compute_dtype("cpu", precision="fp16") == torch.float16
     # a forced choice holds on a GPU too; auto keeps the GPU rule (bf16 where native, else fp16)
-    monkeypatch.setattr(devices, "_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "_native_bf16", lambda device=None: False)
     assert devices.compute_dtype("cuda") == torch.float16
     assert devices.compute_dtype("cuda", precision="bf16") == torch.bfloat16
     assert devices.compute_dtype("cuda", precision="fp32") == torch.float32
