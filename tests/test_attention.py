@@ -569,3 +569,13 @@ def test_traced_networks_record_sdpa_not_a_kernel_the_tracer_cannot_see(monkeypa
         assert kernels.calls == []  # the trace ran SDPA
         assert torch.allclose(traced(later, ctx), layer(later, ctx), atol=1e-5)  # eager: the (fake) kernel
     assert kernels.used("xformers") == 1
+
+
+def test_the_compiling_probe_of_a_torch_without_torch_compiler_is_compiling():
+    """torch.compiler.is_compiling arrived in torch 2.3: on 2.2 (what Darkroom declares) every attention call
+    raised AttributeError; the probe falls back to torch._utils.is_compiling there."""
+    import types
+
+    old_torch_compiler = types.SimpleNamespace(compile=torch.compile)
+    assert attn._compiling_probe(old_torch_compiler) is torch._utils.is_compiling
+    assert attn._compiling_probe() is torch.compiler.is_compiling and attn._is_compiling() is False

@@ -43,6 +43,14 @@ _HALF = frozenset({torch.float16, torch.bfloat16})
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+def _compiling_probe(compiler: Any = torch.compiler, utils: Any = torch._utils) -> Callable[[], bool]:
+    """torch.compiler.is_compiling arrived in torch 2.3; Darkroom declares torch>=2.2, which has torch._utils'."""
+    return getattr(compiler, "is_compiling", None) or utils.is_compiling
+
+
+_is_compiling = _compiling_probe()
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """What the rules need to know about a device. ``capability``: CUDA (major, minor), None elsewhere."""
@@ -452,7 +460,7 @@ def attention(
     # trace ContextVar.get (a graph break at every layer), and the kernels' Python wrappers would break it too.
     # Under torch.jit.trace (Stable-Fast) likewise: the tracer cannot see into Triton or C++ extension kernels,
     # whose output would be recorded as a constant.
-    dispatcher = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else _current.get()
+    dispatcher = None if _is_compiling() or torch.jit.is_tracing() else _current.get()
     if dispatcher is not None:
         return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
     b, n, inner = q.shape
