@@ -80,15 +80,16 @@ class StepClock:
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else float("nan")
 
 
-@contextlib.contextmanager
-def forced_dtype(dtype: torch.dtype):
-    """Load models in ``dtype`` whatever the device's default (the runner has no dtype setting)."""
-    original = devices.compute_dtype
-    devices.compute_dtype = lambda device, checkpoint_dtype=None: dtype
-    try:
-        yield
-    finally:
-        devices.compute_dtype = original
+def darkroom_runner(root: Path, device: torch.device, precision: str, **options: Any) -> PipelineRunner:
+    """A runner whose networks run in ``precision`` (fp16/bf16) whatever the device's default (auto: bf16 on
+    Ampere and later), as ``--precision`` sets it."""
+    return PipelineRunner([root], previews=False, device=str(device), precision=precision, **options)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 rows only where the GPU computes bf16 natively (sm80+): torch >= 2.4's is_bf16_supported() is also
+    True where it is emulated (Turing), slowly, which would spend the time budget on nothing useful."""
+    return device.type != "cuda" or devices._native_bf16(device)
 
 
 def peak_reset(device: torch.device) -> None:
@@ -128,7 +129,9 @@ def run_darkroom(runner: PipelineRunner, request: GenerationRequest, device: tor
             "plan": plan.describe() if plan is not None else ""}
 
 
-def run_diffusers(pipe: Any, family: str, request: GenerationRequest, device: torch.device) -> dict:
+def run_diffusers(pipe: Any, family: str, request: GenerationRequest, device: torch.device,
+                  dtype: torch.dtype) -> dict:
+    pipe.to(device, dtype)
     times: list[float] = []
 
     def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -148,6 +151,27 @@ def run_diffusers(pipe: Any, family: str, request: GenerationRequest, device: to
             "attention": "sdpa (diffusers default)", "estimate": 0, "plan": ""}
 
 
+class Printed(list):
+    """The report's lines, each printed as it is added: what was measured before the 8-minute limit stays."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+
+def measured(device: torch.device, run: Any, *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, **kwargs)``, or why it failed: a kernel, compiler or memory this machine lacks costs that
+    row, not the rest of the check."""
+    try:
+        return run(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of one configuration is reported in its row
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        text = str(exc).strip().splitlines()
+        return f"failed ({type(exc).__name__}: {text[0][:160] if text else ''})"
+
+
 def row(who: str, attention: str, precision: str, extra: str, result: dict | str) -> str:
     head = f"  {who:9} {attention:9} {precision:5} {extra:22}"
     if isinstance(result, str):
@@ -160,8 +184,9 @@ def row(who: str, attention: str, precision: str, extra: str, result: dict | str
 
 def check_family(family: str, width: int, height: int, steps: int, size: str, device: torch.device,
                  args: argparse.Namespace, deadline: float) -> list[str]:
-    lines = [f"{family} {width}x{height}, batch 1, CFG 7, Euler, {steps} steps "
-             f"(it/s over steps {WARMUP_STEPS}..{steps}; peak = max allocated, weights included)"]
+    lines = Printed()
+    lines.append(f"{family} {width}x{height}, batch 1, CFG 7, Euler, {steps} steps "
+                 f"(it/s over steps {WARMUP_STEPS}..{steps}; peak = max allocated, weights included)")
     fields, options = request_fields(), runner_options()
 
     def left() -> float:
@@ -173,24 +198,27 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
         write_random_checkpoint(root / "checkpoints" / f"{family}.safetensors", family, size, dtype=torch.float16)
         lines.append(f"  (random {size} checkpoint written in {time.monotonic() - started:.0f} s)")
         request = request_for(family, width, height, steps)
-        precisions = [p for p in DTYPES if p != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported()]
+        precisions = [p for p in DTYPES if p != "bf16" or native_bf16(device)]
         best: dict[str, float] = {}
         for precision in precisions:
             if left() < 30:
                 lines.append(f"  darkroom  {precision}: skipped (time budget)")
                 continue
-            runner = PipelineRunner([root], previews=False, device=str(device))
-            with forced_dtype(DTYPES[precision]):
-                runner.ensure_model(request)
+            runner = darkroom_runner(root, device, precision)
+            loaded = measured(device, runner.ensure_model, request)
+            if isinstance(loaded, str):
+                lines.append(row("darkroom", "-", precision, "load", loaded))
+                continue
             backends = [b for b in ("sage", "xformers", "sdpa") if b in runner.attention.available(device)]
             for backend in backends:
                 if left() < 20:
                     lines.append(row("darkroom", backend, precision, "eager", "skipped (time budget)"))
                     continue
                 runner.attention = AttentionDispatcher(backend)
-                run_darkroom(runner, request, device) if args.warm else None
-                result = run_darkroom(runner, request, device)
-                best[precision] = max(best.get(precision, 0.0), result["its"])
+                measured(device, run_darkroom, runner, request, device) if args.warm else None
+                result = measured(device, run_darkroom, runner, request, device)
+                if isinstance(result, dict):
+                    best[precision] = max(best.get(precision, 0.0), result["its"])
                 lines.append(row("darkroom", backend, precision, "eager", result))
             runner.attention = AttentionDispatcher("auto")
             caches = {k: v for k, v in {**CACHE_FIELDS.get(family, {}), **FBCACHE_FIELD}.items() if k in fields}
@@ -199,22 +227,27 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
                     lines.append(row("darkroom", "auto", precision, f"{name}={value}", "skipped (time budget)"))
                     continue
                 lines.append(row("darkroom", "auto", precision, f"{name}={value}",
-                                 run_darkroom(runner, request.replace(**{name: value}), device)))
+                                 measured(device, run_darkroom, runner, request.replace(**{name: value}), device)))
             if not caches:
                 lines.append(row("darkroom", "auto", precision, "feature cache", "not in this build"))
             if "compile" in options:
                 if left() < (60 if family == "sd15" else 150):
                     lines.append(row("darkroom", "auto", precision, "compile", "skipped (time budget)"))
                 else:
-                    compiled = PipelineRunner([root], previews=False, device=str(device), compile="auto")
+                    compiled = darkroom_runner(root, device, precision, compile="auto")
                     compiled.model = runner.model  # the same loaded weights
-                    first = run_darkroom(compiled, request, device)  # compiles
-                    result = run_darkroom(compiled, request, device)
-                    lines.append(row("darkroom", "auto", precision, f"compile (1st job {first['wall']:.0f} s)", result))
-                    for name, value in list(caches.items())[:1]:
-                        if left() > 20:
-                            lines.append(row("darkroom", "auto", precision, f"compile + {name}={value}",
-                                             run_darkroom(compiled, request.replace(**{name: value}), device)))
+                    first = measured(device, run_darkroom, compiled, request, device)  # compiles
+                    if isinstance(first, str):
+                        lines.append(row("darkroom", "auto", precision, "compile", first))
+                    else:
+                        result = measured(device, run_darkroom, compiled, request, device)
+                        lines.append(row("darkroom", "auto", precision, f"compile (1st job {first['wall']:.0f} s)",
+                                         result))
+                        for name, value in list(caches.items())[:1]:
+                            if left() > 20:
+                                cached = request.replace(**{name: value})
+                                lines.append(row("darkroom", "auto", precision, f"compile + {name}={value}",
+                                                 measured(device, run_darkroom, compiled, cached, device)))
                     del compiled
             else:
                 lines.append(row("darkroom", "auto", precision, "compile", "not in this build"))
@@ -233,15 +266,18 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
             lines.append("  diffusers: skipped (time budget)")
             return lines
         path = root / "checkpoints" / f"{family}.safetensors"
-        pipe = (reference_sdxl_pipeline if family == "sdxl" else reference_pipeline)(path, dtype=torch.float16)
+        build = reference_sdxl_pipeline if family == "sdxl" else reference_pipeline
+        pipe = measured(device, build, path, dtype=torch.float16)
+        if isinstance(pipe, str):
+            lines.append(row("diffusers", "sdpa", "", "load", pipe))
+            return lines
         for precision in precisions:
             if left() < 15:
                 lines.append(row("diffusers", "sdpa", precision, "", "skipped (time budget)"))
                 continue
-            pipe.to(device, DTYPES[precision])
-            result = run_diffusers(pipe, family, request, device)
+            result = measured(device, run_diffusers, pipe, family, request, device, DTYPES[precision])
             lines.append(row("diffusers", "sdpa", precision, "", result))
-            if precision in best and result["its"] > 0:
+            if precision in best and isinstance(result, dict) and result["its"] > 0:
                 lines.append(f"  -> darkroom's best eager / diffusers, {precision}: {best[precision] / result['its']:.2f}x")
         del pipe
         gc.collect()
@@ -282,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if deadline - time.monotonic() < 60:
             print(f"{family}: skipped (time budget)", flush=True)
             continue
-        for line in check_family(family, width, height, steps, size, device, args, deadline):
-            print(line, flush=True)
+        check_family(family, width, height, steps, size, device, args, deadline)  # prints as it goes
     print(f"gpu_check: done in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 

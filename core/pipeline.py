@@ -477,19 +477,36 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
+def _encode(vae: torch.nn.Module, images: torch.Tensor, generators: Sequence[torch.Generator],
+            tile: int | None) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([vae.encode(image[None], generator=gen, **({"tile": tile} if tile else {}))
+                          for image, gen in zip(images, generators)])
+
+
 def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler) -> torch.Tensor:
     """VAE-encode each image, sampling its posterior with that image's own seeded generator.
 
     The posterior draw comes first in each image's stream, then the starting noise, then step noise; the
-    same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both.
+    same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both. The
+    original SDXL VAE overflows in float16 encoding too (diffusers#7188; diffusers upcasts it for img2img): a
+    float16 encode giving NaN/inf is redone in float32 from the same generator states, as ``decode`` does.
     """
     vae = model.checkpoint.vae
     tile = _vae_tile(model)  # the memory plan's: large images encode in tiles too
-    with on_device(model, "vae"), torch.inference_mode():
-        return torch.cat(
-            [vae.encode(image[None], generator=gen, **({"tile": tile} if tile else {}))
-             for image, gen in zip(images, noise.generators)]
-        ).to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
+    source = _vae_source(model)
+    with on_device(model, "vae"):
+        if vae.dtype == torch.float16 and source in _FP32_VAES:
+            vae.to(torch.float32)
+        states = [gen.get_state() for gen in noise.generators] if vae.dtype == torch.float16 else None
+        latents = _encode(vae, images, noise.generators, tile)
+        if states is not None and not _finite(latents):
+            _FP32_VAES.add(source)
+            vae.to(torch.float32)
+            for gen, state in zip(noise.generators, states):
+                gen.set_state(state)
+            latents = _encode(vae, images, noise.generators, tile)
+    return latents.to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -39,14 +39,21 @@ def reference(q, k, v, heads, *, causal=False, mask=None, scale=None):
 class FakeKernels:
     """Installs fake ``sageattention`` and ``xformers.ops`` modules; records calls; can fail on chosen shapes."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, sage: bool = True, xformers: bool = True) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, sage: bool = True, xformers: bool = True,
+                 sage_version: int = 2) -> None:
         self.calls: list[tuple[str, tuple[int, ...]]] = []
         self.fail: dict[str, object] = {}  # backend -> predicate(q) -> bool
         self.heads: int | None = None  # when set, the kernels check the heads axis is where their layout says
         self.old_xformers = False  # when set, memory_efficient_attention takes no scale argument
+        # when set, the kernels' results are invisible to torch.jit.trace, as Triton launches and C++ extension
+        # calls are: the output enters a trace as a constant
+        self.opaque = False
+        self.sage_version = sage_version
         if sage:
             mod = types.ModuleType("sageattention")
             mod.sageattn = self.sageattn
+            if sage_version >= 2:  # 2.x exports its per-architecture kernels beside sageattn
+                mod.sageattn_qk_int8_pv_fp16_cuda = self.sageattn
             monkeypatch.setitem(sys.modules, "sageattention", mod)
         else:
             monkeypatch.setitem(sys.modules, "sageattention", None)  # import raises ModuleNotFoundError
@@ -72,6 +79,11 @@ class FakeKernels:
             raise RuntimeError(f"{name}: simulated kernel error")
 
     def sageattn(self, q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **kw):
+        if self.sage_version == 1:  # what sageattention 1.0.6 checks, and its smooth_k in place
+            assert q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            assert q.shape[-1] in (64, 96, 128), "headdim should be in [64, 96, 128]."
+            k -= k.mean(dim=1 if tensor_layout == "NHD" else 2, keepdim=True)
+            q, k, v = (t.to(torch.float16) if t.dtype == torch.float32 else t for t in (q, k, v))
         # what sageattention 2.x checks itself
         assert tensor_layout in ("HND", "NHD") and q.dim() == k.dim() == v.dim() == 4
         assert q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
@@ -111,7 +123,8 @@ class FakeKernels:
         self._maybe_fail("xformers", query)
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-        return out.transpose(1, 2).to(query.dtype)
+        out = out.transpose(1, 2).to(query.dtype)
+        return torch.tensor(out.tolist(), dtype=out.dtype) if self.opaque else out
 
     def used(self, name: str) -> int:
         return sum(1 for n, _ in self.calls if n == name)
@@ -148,6 +161,24 @@ def test_sd15_head_dims_sage_skips_160(monkeypatch):
     assert d.plan(shape(160), CPU) == ("xformers", "sdpa")  # Sage raises above 128
 
 
+def test_sageattention_1_takes_only_head_dims_64_96_128(monkeypatch, caplog):
+    """``pip install sageattention`` gets 1.0.6, which asserts head dim 64/96/128 (no padding): SD1.5's 40 and
+    80 go to the next backend without a failed call or a warning; 64 (SD2, SDXL) and 128 (Flux) use it."""
+    kernels = FakeKernels(monkeypatch, sage_version=1)
+    d = AttentionDispatcher(probe=gpu((7, 5)))  # 1.x is Triton only: no architecture list of its own
+    assert d.plan(shape(40), CPU) == ("xformers", "sdpa")
+    assert d.plan(shape(80), CPU) == ("xformers", "sdpa")
+    assert d.plan(shape(64), CPU) == ("sage", "xformers", "sdpa")
+    assert d.plan(shape(128, dtype=torch.bfloat16), CPU) == ("sage", "sdpa")  # xformers' bf16 needs sm80
+    with caplog.at_level(logging.WARNING), d.active():
+        for head_dim in (40, 80, 64):
+            q, k, v = qkv(8, head_dim, 64)
+            out = attn.attention(q, k, v, 8)
+            assert (out.double() - reference(q, k, v, 8)).abs().max() < 2e-2
+    assert [c[1][-1] for c in kernels.calls] == [40, 80, 64]  # xformers, xformers, sage
+    assert kernels.used("sage") == 1 and not caplog.records and not d.notes
+
+
 def test_sage_only_installed(monkeypatch):
     FakeKernels(monkeypatch, xformers=False)
     d = AttentionDispatcher(probe=gpu((8, 9)))
@@ -167,6 +198,7 @@ def test_sage_only_installed(monkeypatch):
         (gpu((7, 5)), shape(64, dtype=torch.bfloat16), ("sdpa",)),  # xformers' bf16 needs sm80
         (gpu((5, 2)), shape(64), ("sdpa",)),  # older than xformers' sm60
         (gpu((12, 0)), shape(128, dtype=torch.bfloat16), ("sage", "xformers", "sdpa")),
+        (gpu((12, 1)), shape(64), ("sage", "xformers", "sdpa")),  # sageattention 2.2 dispatches sm121 (GB10)
         (gpu((8, 6)), shape(64, causal=True), ("sage", "xformers", "sdpa")),
         (gpu((8, 6)), shape(64, 77, 80, causal=True), ("sdpa",)),  # causal kernels need q_len == kv_len
         (gpu((8, 6)), shape(64, masked=True), ("xformers", "sdpa")),  # Sage takes no mask
@@ -515,3 +547,35 @@ def test_compiled_networks_trace_attention_without_graph_breaks(monkeypatch):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     with torch.no_grad():
         assert torch.allclose(compiled, layer(x, ctx), atol=1e-6)
+
+
+def test_traced_networks_record_sdpa_not_a_kernel_the_tracer_cannot_see(monkeypatch):
+    """Stable-Fast compiles the denoiser with torch.jit.trace, which cannot see inside SageAttention's
+    Triton/CUDA kernels or xformers' (their output would enter the trace as a constant, or as the buffer
+    allocated for it): under tracing the call must be plain SDPA, as under torch.compile."""
+    import warnings
+
+    from core.models.unet import CrossAttention
+
+    kernels = FakeKernels(monkeypatch)
+    kernels.opaque = True
+    layer = CrossAttention(64, 32, 8, 8).eval()
+    x, ctx, later = torch.randn(1, 16, 64), torch.randn(1, 7, 32), torch.randn(1, 16, 64)
+    d = AttentionDispatcher(probe=gpu())
+    with d.active(), torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(layer, (x, ctx), check_trace=False)
+        assert kernels.calls == []  # the trace ran SDPA
+        assert torch.allclose(traced(later, ctx), layer(later, ctx), atol=1e-5)  # eager: the (fake) kernel
+    assert kernels.used("xformers") == 1
+
+
+def test_the_compiling_probe_of_a_torch_without_torch_compiler_is_compiling():
+    """torch.compiler.is_compiling arrived in torch 2.3: on 2.2 (what Darkroom declares) every attention call
+    raised AttributeError; the probe falls back to torch._utils.is_compiling there."""
+    import types
+
+    old_torch_compiler = types.SimpleNamespace(compile=torch.compile)
+    assert attn._compiling_probe(old_torch_compiler) is torch._utils.is_compiling
+    assert attn._compiling_probe() is torch.compiler.is_compiling and attn._is_compiling() is False

@@ -136,3 +136,74 @@ def test_the_compile_setting_reaches_the_runner(tmp_path):
                      db_path=tmp_path / "db.sqlite3")
     assert code == EXIT_USAGE
     assert "--compile = 'fast' is not a compile mode; valid: off, auto, torch, stable-fast" in err.getvalue()
+
+
+def test_blocks_compile_without_cuda_graphs_on_cuda(monkeypatch):
+    """CUDA graph trees start a new generation at each call into a compiled region, which invalidates the
+    tensors one block hands the next: ``g(f(x))`` fails on a GPU (pytorch/pytorch#152887). The per-block
+    regions must go to inductor with CUDA graphs off, even where $TORCHINDUCTOR_CUDAGRAPHS turns them on."""
+    import sys
+    import types
+
+    patches = []
+    fake = types.ModuleType("torch._inductor.compile_fx")
+
+    def compile_fx(gm, example_inputs, config_patches=None):  # noqa: ANN001, ANN202
+        patches.append(config_patches)
+        return gm.forward
+
+    fake.compile_fx = compile_fx
+    monkeypatch.setitem(sys.modules, "torch._inductor.compile_fx", fake)
+    for device in ("cuda", "cpu"):
+        compiler = DenoiserCompiler("torch", device=device)
+        compiled = compiler._torch_backend()(torch.fx.symbolic_trace(torch.nn.Identity()), [])
+        assert compiled(torch.ones(1)).item() == 1.0 and compiler.compiles == 1
+    assert patches == [{"triton.cudagraphs": False}] * 2
+
+
+def test_recompile_limits_are_raised_under_the_names_older_torch_has(monkeypatch):
+    """torch before pytorch#143709 (Dec 2024; Darkroom declares torch>=2.2) names the limits
+    ``cache_size_limit`` / ``accumulated_cache_size_limit`` and has no ``recompile_limit``."""
+    class OldConfig:  # the real config without the new names (torch.compile reads the rest of it)
+        def __init__(self) -> None:
+            self.cache_size_limit, self.accumulated_cache_size_limit = 8, 256
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            if name in ("recompile_limit", "accumulated_recompile_limit"):
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    real = torch._dynamo.config
+    old = OldConfig()
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    unet = _tiny_unet(7)
+    DenoiserCompiler("torch", backend=lambda gm, inputs: gm.forward).prepare(unet)  # compiles lazily
+    assert old.cache_size_limit == 16 * len(regions(unet))
+    assert old.accumulated_cache_size_limit == 4 * old.cache_size_limit
+    assert not hasattr(old, "recompile_limit")
+
+
+def test_stable_fast_compiles_without_a_cuda_graph(monkeypatch):
+    """A CUDA graph replays the weights' addresses of its capture; a LoRA switch (``param.data = buffer``) and
+    the offload plans (other tensors put in place) move them, so stable-fast must not capture one."""
+    import sys
+    import types
+
+    import core.accel.compile as compile_module
+
+    compiled = []
+    sfast = types.ModuleType("sfast.compilers.diffusion_pipeline_compiler")
+
+    class CompilationConfig:
+        class Default:  # stable-fast's defaults, as far as they matter here
+            enable_jit = True
+            enable_cuda_graph = False
+
+    sfast.CompilationConfig = CompilationConfig
+    sfast.compile_unet = lambda network, config: compiled.append((network, config.enable_cuda_graph))
+    monkeypatch.setitem(sys.modules, "sfast.compilers.diffusion_pipeline_compiler", sfast)
+    monkeypatch.setattr(compile_module, "stable_fast_available", lambda: True)
+    unet = _tiny_unet(8)
+    compiler = DenoiserCompiler("auto", device="cuda")
+    compiler.prepare(unet)
+    assert compiler.describe(unet) == "stable-fast" and compiled == [(unet, False)]

@@ -541,3 +541,22 @@ def test_batch_with_kohya_and_peft_loras_matches_diffusers(models, checkpoint, t
     for with_lora, without in results:
         assert with_lora >= 40
         assert without < with_lora - 5  # the LoRA visibly changed the image
+
+
+def test_a_switch_reaches_the_parameters_the_placement_put_in(model, models, checkpoint):
+    """On a GPU the memory plan's Placement puts a device copy, another Parameter object, in each slot of a
+    network it moves in (and the CPU one back when it moves it out): a LoRA switch while the network is there
+    must merge into the copy it runs with, not into the object it replaced (simulated on the CPU by putting
+    clones in the slots, as Placement._move_in does)."""
+    find, cache = _find(models), LoraFileCache()
+    activate(model.loras, [LoraRef("unet_only", 0.9)], find, cache)
+    for module in model.checkpoint.components.values():
+        for owner in module.modules():
+            for name, param in owner._parameters.items():
+                if param is not None:
+                    owner._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+    activate(model.loras, [LoraRef("peft", 0.5)], find, cache)
+    expected = load_model(checkpoint, compute_hash=False)
+    activate(expected.loras, [LoraRef("peft", 0.5)], find, cache)
+    want, got = _weights(expected), _weights(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -172,6 +172,10 @@ def test_escalation_after_out_of_memory():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    # cuBLAS / cuDNN running out of device memory for their handles and workspaces, as torch reports it
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"))
 
 
 # ------------------------------------------------------------------------------------------ placement (meta = GPU)
@@ -424,3 +428,26 @@ def test_lowvram_flag_and_setting_reach_the_runner(monkeypatch):
     assert _runner_factory(args)().memory_mode == "lowvram"
     monkeypatch.setenv("DARKROOM_MEMORY", "sequential")
     assert _runner_factory(build_parser().parse_args([]))().memory_mode == "sequential"
+
+
+def test_bf16_is_probed_on_the_gpu_the_runner_uses(monkeypatch):
+    """torch.cuda.is_bf16_supported() reads the current device: with ``--device cuda:1`` beside a GPU of another
+    generation the dtype must follow cuda:1 (here a Turing card 0 and an Ampere card 1)."""
+    import contextlib
+
+    native = {0: False, 1: True}
+    current = [0]
+
+    @contextlib.contextmanager
+    def on(index):
+        previous, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native[current[0]])
+    assert devices.compute_dtype("cuda:1") == torch.bfloat16
+    assert devices.compute_dtype("cuda:0") == torch.float16
+    assert devices.compute_dtype("cuda") == torch.float16 and current == [0]  # no index: the current device

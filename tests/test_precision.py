@@ -40,7 +40,7 @@ def test_auto_is_bf16_on_a_cpu_with_amx_and_fp32_without(monkeypatch):
     assert devices.compute_dtype("cpu", precision="bf16") == torch.bfloat16
     assert devices.compute_dtype("cpu", precision="fp16") == torch.float16
     # a forced choice holds on a GPU too; auto keeps the GPU rule (bf16 where native, else fp16)
-    monkeypatch.setattr(devices, "_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "_native_bf16", lambda device=None: False)
     assert devices.compute_dtype("cuda") == torch.float16
     assert devices.compute_dtype("cuda", precision="bf16") == torch.bfloat16
     assert devices.compute_dtype("cuda", precision="fp32") == torch.float32
@@ -131,3 +131,16 @@ def test_the_tui_builds_its_worker_with_the_precision_and_yielding_the_cpu(tmp_p
         assert app.worker.yield_cpu  # the job thread gives the UI and the terminal the CPU first
     finally:
         app.worker.store.close()
+
+
+def test_the_gpu_check_loads_each_precision_it_measures(tmp_path):
+    """bench/gpu_check.py's fp16 and bf16 rows must run in that dtype: it used to patch compute_dtype around
+    ensure_model, which the runner no longer calls there (it passes the dtype it chose when built), so on an
+    Ampere GPU both rows ran in bf16."""
+    from bench import gpu_check
+
+    write_random_checkpoint(tmp_path / "checkpoints" / "tiny.safetensors", "sd15", "tiny")
+    for precision, dtype in gpu_check.DTYPES.items():
+        runner = gpu_check.darkroom_runner(tmp_path, torch.device("cpu"), precision)
+        model = runner.ensure_model(gpu_check.request_for("tiny", 64, 64, 2))
+        assert model.dtype == dtype and next(model.checkpoint.unet.parameters()).dtype == dtype

@@ -11,8 +11,9 @@ import torch
 
 import core.pipeline as pipeline
 from core.models.testing import write_random_checkpoint
-from core.pipeline import NonFiniteOutputError, decode, generate, load_model
+from core.pipeline import NonFiniteOutputError, decode, encode_images, generate, load_model
 from core.request import GenerationRequest
+from core.sampling.noise import NoiseSampler
 
 BLOW_UP = 2.0**15  # a power of two: the scaled weights are exact in fp16 and fp32 alike
 
@@ -27,10 +28,10 @@ def fresh_memory(monkeypatch):
     monkeypatch.setattr(pipeline, "_FP32_VAES", set())
 
 
-def _overflowing(checkpoint, dtype=torch.float16):
+def _overflowing(checkpoint, dtype=torch.float16, part="decoder"):
     model = load_model(checkpoint, dtype=dtype, compute_hash=False)
     with torch.no_grad():
-        model.checkpoint.vae.decoder.conv_in.weight.mul_(BLOW_UP)
+        getattr(model.checkpoint.vae, part).conv_in.weight.mul_(BLOW_UP)
     return model
 
 
@@ -91,3 +92,19 @@ def test_a_vae_broken_in_fp32_too_still_fails_the_job(checkpoint):
     with pytest.raises(NonFiniteOutputError, match="VAE produced NaN"):
         generate(model, request)
     assert model.checkpoint.vae.dtype == torch.float32  # it was retried in fp32 before giving up
+
+
+def test_overflowing_fp16_encode_is_redone_in_fp32_from_the_same_noise(checkpoint):
+    """The SDXL VAE's encoder overflows in fp16 too (diffusers#7188): img2img, hires fix and inpainting got NaN
+    latents and failed as if the weights were broken. Redone in fp32, each image's posterior draw is the one
+    an fp32 encode makes from its seed."""
+    model = _overflowing(checkpoint, part="encoder")
+    reference = _overflowing(checkpoint, torch.float32, part="encoder").checkpoint.vae
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = encode_images(model, images.half(), NoiseSampler([5, 6], (4, 8, 8)))
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
+    assert model.checkpoint.vae.dtype == torch.float32
+    with torch.inference_mode():
+        expected = torch.cat([reference.encode(image[None].half().float(), generator=torch.Generator().manual_seed(s))
+                              for image, s in zip(images, (5, 6))])
+    assert torch.allclose(latents.float(), expected, atol=2e-3)

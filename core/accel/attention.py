@@ -2,8 +2,8 @@
 
 Networks call :func:`attention` with q, k, v shaped ``[batch, tokens, heads * head_dim]``. Inside
 ``with dispatcher.active():`` (the runner wraps each job in it) the call goes to that
-:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests) and inside a
-``torch.compile`` region it is plain SDPA.
+:class:`AttentionDispatcher`; outside one (networks used on their own, parity tests), inside a
+``torch.compile`` region and under ``torch.jit.trace`` (Stable-Fast) it is plain SDPA.
 
 The dispatcher chooses per call from the device (type and CUDA capability), dtype, head dim, sequence lengths,
 causal flag and mask, by the rules in :data:`KERNEL_RULES` (what each kernel's own code accepts). A kernel that
@@ -34,13 +34,21 @@ from core.text import visible
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "KERNEL_RULES", "MODES", "AttentionDispatcher", "CallShape", "DeviceInfo", "KernelRule",
+__all__ = ["BACKENDS", "KERNEL_RULES", "MODES", "SAGE1_RULE", "AttentionDispatcher", "CallShape", "DeviceInfo", "KernelRule",
            "attention", "current_dispatcher", "probe_device", "sdpa"]
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
 # torch >= 2.5 has torch.OutOfMemoryError; running out of memory is not a kernel incompatibility: it propagates
 # (the memory policy's retry needs to see it) and never disables a kernel.
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _compiling_probe(compiler: Any = torch.compiler, utils: Any = torch._utils) -> Callable[[], bool]:
+    """torch.compiler.is_compiling arrived in torch 2.3; Darkroom declares torch>=2.2, which has torch._utils'."""
+    return getattr(compiler, "is_compiling", None) or utils.is_compiling
+
+
+_is_compiling = _compiling_probe()
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class KernelRule:
     min_capability: tuple[int, int] | None = None
     dtype_min_capability: Mapping[torch.dtype, tuple[int, int]] = field(default_factory=dict)
     max_head_dim: int | None = None
+    head_dims: frozenset[int] | None = None  # the only head dims it takes (None: any up to max_head_dim)
     causal: bool = True
     causal_needs_equal_lengths: bool = False
     mask: bool = False
@@ -119,6 +128,8 @@ class KernelRule:
                 return f"{str(shape.dtype).removeprefix('torch.')} needs sm{need[0]}{need[1]} or newer"
         if self.max_head_dim is not None and shape.head_dim > self.max_head_dim:
             return f"head dim {shape.head_dim} is above its maximum {self.max_head_dim}"
+        if self.head_dims is not None and shape.head_dim not in self.head_dims:
+            return f"it takes head dims {'/'.join(map(str, sorted(self.head_dims)))}, not {shape.head_dim}"
         if shape.causal and not self.causal:
             return "it has no causal mode"
         if shape.causal and self.causal_needs_equal_lengths and shape.q_len != shape.kv_len:
@@ -129,12 +140,13 @@ class KernelRule:
 
 
 KERNEL_RULES: dict[str, KernelRule] = {
-    # sageattention 2.x sageattn(): dispatches on sm80/86/89/90/120 and raises "Unsupported CUDA architecture"
-    # otherwise; asserts fp16/bf16; pads head dims to 64 or 128 and raises ValueError above 128; is_causal only
-    # "when qo_len == kv_len"; no mask argument; sm_scale for the scale.
+    # sageattention 2.x sageattn() (thu-ml/SageAttention sageattention/core.py): dispatches on
+    # sm80/86/89/90/120/121 and raises "Unsupported CUDA architecture" otherwise; asserts fp16/bf16; pads head
+    # dims to 64 or 128 and raises ValueError above 128; is_causal only "when qo_len == kv_len"; no mask
+    # argument; sm_scale for the scale. 1.x is SAGE1_RULE.
     "sage": KernelRule(
         "sage", "sageattention", frozenset({"cuda"}), _HALF,
-        capabilities=frozenset({(8, 0), (8, 6), (8, 9), (9, 0), (12, 0)}),
+        capabilities=frozenset({(8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)}),
         max_head_dim=128, causal=True, causal_needs_equal_lengths=True, mask=False,
     ),
     # xformers memory_efficient_attention: the CUTLASS kernel runs fp32/fp16 from sm60 (P100), bf16 from sm80,
@@ -145,6 +157,16 @@ KERNEL_RULES: dict[str, KernelRule] = {
         causal=True, causal_needs_equal_lengths=True, mask=True,
     ),
 }
+
+
+# sageattention 1.x (1.0.6 is what ``pip install sageattention`` gets; 2.x is built from source): Triton only,
+# no architecture switch; ``assert headdim in [64, 96, 128]`` with no padding (SD1.5's 40/80 are out); the same
+# sageattn(q, k, v, tensor_layout, is_causal, sm_scale) call. (It also subtracts k's mean from k in place: the
+# networks' k is a fresh projection each call, so nothing reads it afterwards.)
+SAGE1_RULE = KernelRule(
+    "sage", "sageattention", frozenset({"cuda"}), _HALF, head_dims=frozenset({64, 96, 128}),
+    causal=True, causal_needs_equal_lengths=True, mask=False,
+)
 
 
 # ---- the kernels, each called with q, k, v as [B, N, H, D] views of the networks' [B, N, H*D] ----------------
@@ -162,12 +184,16 @@ def sdpa(
 
 
 def _load_sage(importer: Callable[[str], Any]) -> Callable[..., torch.Tensor]:
-    sageattn = importer("sageattention").sageattn
+    module = importer("sageattention")
+    sageattn = module.sageattn
 
     def run(q, k, v, *, causal, mask, scale):  # noqa: ANN001, ANN202 (mask is refused by the rule)
         # NHD is [batch, tokens, heads, head_dim]: our views as they are, no transpose or copy.
         return sageattn(q, k, v, tensor_layout="NHD", is_causal=causal, sm_scale=scale)
 
+    # 2.x has the per-architecture CUDA kernels beside sageattn(); 1.x has only the Triton one
+    if not hasattr(module, "sageattn_qk_int8_pv_fp16_cuda"):
+        run.rule = SAGE1_RULE  # type: ignore[attr-defined]
     return run
 
 
@@ -306,6 +332,9 @@ class AttentionDispatcher:
             except Exception as exc:  # installed but broken (wrong CUDA build, missing symbol, ...)
                 self._tell(("broken", name), f"attention: {self._rules[name].package} is installed but failed to "
                            f"load ({type(exc).__name__}: {visible(exc)}); not using {name}")
+            rule = getattr(kernel, "rule", None)
+            if rule is not None:  # the installed version accepts other calls than the default rule says
+                self._rules[name] = rule
             self._kernels[name] = kernel
         return self._kernels[name]
 
@@ -325,10 +354,11 @@ class AttentionDispatcher:
         wanted = [self.mode] if self.mode in self._rules else ([] if self.mode == "sdpa" else list(self._rules))
         names = []
         for name in wanted:
+            kernel = self._kernel(name)  # first: loading it settles which version's rule applies
             why = self._rules[name].refusal(shape, info)
-            if why is None and self._kernel(name) is not None:
+            if why is None and kernel is not None:
                 names.append(name)
-            elif why is not None and self.mode == name:
+            elif why is not None and kernel is not None and self.mode == name:
                 self._tell(("refused", name, why), f"attention: forced {name} cannot run {shape.describe()} "
                            f"({why}); using sdpa there")
             else:
@@ -428,7 +458,9 @@ def attention(
     """
     # Under torch.compile the call traces to SDPA, which inductor lowers to its own fused kernels: Dynamo cannot
     # trace ContextVar.get (a graph break at every layer), and the kernels' Python wrappers would break it too.
-    dispatcher = None if torch.compiler.is_compiling() else _current.get()
+    # Under torch.jit.trace (Stable-Fast) likewise: the tracer cannot see into Triton or C++ extension kernels,
+    # whose output would be recorded as a constant.
+    dispatcher = None if _is_compiling() or torch.jit.is_tracing() else _current.get()
     if dispatcher is not None:
         return dispatcher(q, k, v, heads, causal=causal, mask=mask, bias=bias, scale=scale, layer=layer)
     b, n, inner = q.shape

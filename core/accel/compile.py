@@ -1,4 +1,4 @@
-"""Compiling the denoiser: ``torch.compile`` per block (CUDA graphs on CUDA), or Stable-Fast when installed.
+"""Compiling the denoiser: ``torch.compile`` per block (inductor, no CUDA graphs), or Stable-Fast when installed.
 
 The network is compiled by regions, each repeated block on its own (the UNet's input, middle and output
 blocks; Flux's double- and single-stream blocks), as diffusers' regional compilation does: a block compiles in
@@ -6,8 +6,14 @@ seconds instead of the whole graph in minutes, identical blocks share the compil
 (:mod:`core.accel.feature_cache`), which choose per step which blocks run, stay plain Python around them.
 
 Compiled code lives on the network's modules, so it lasts as long as the model stays loaded: the second job
-of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph, which CUDA
-graphs need). ``compiles`` counts the graphs this compiler's backend built.
+of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph).
+``compiles`` counts the graphs this compiler's backend built.
+
+No CUDA graphs (``mode="reduce-overhead"``): inductor's CUDA graph trees start a new generation at every call
+into a compiled region from eager code, and freeing the previous generation's outputs invalidates the tensors
+one block hands the next (and the UNet's skips): ``g(f(x))`` with both compiled fails with "accessing tensor
+output of CUDAGraphs that has been overwritten by a subsequent run" (pytorch/pytorch#152887, #160281, open).
+Per-block regions are what the feature caches need, so the blocks compile without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -34,6 +40,19 @@ def regions(network: nn.Module) -> list[nn.Module]:
     if hasattr(network, "double_blocks"):  # core.models.flux.Flux
         return [*network.double_blocks, *network.single_blocks]
     return [network]
+
+
+def _raise_recompile_limits(per_code: int) -> None:
+    """Blocks of one class share one code object, and dynamo keeps at most ``recompile_limit`` graphs per code
+    object (8) before it falls back to eager: SD1.5 has about 20 distinct blocks, times the sizes used. The
+    limits were ``cache_size_limit`` / ``accumulated_cache_size_limit`` before pytorch#143709 (Dec 2024), and
+    torch>=2.2 is what Darkroom declares."""
+    config = torch._dynamo.config
+    per, total = (("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit")
+                  else ("cache_size_limit", "accumulated_cache_size_limit"))
+    limit = max(getattr(config, per), per_code)
+    setattr(config, per, limit)
+    setattr(config, total, max(getattr(config, total), 4 * limit))
 
 
 def stable_fast_available() -> bool:
@@ -77,10 +96,8 @@ class DenoiserCompiler:
             return self._counted(torch._dynamo.lookup_backend(self.backend))
         from torch._inductor.compile_fx import compile_fx
 
-        if self.device.type == "cuda":
-            # mode="reduce-overhead": the job's shapes are static, so CUDA graphs replay each block's kernels
-            return self._counted(functools.partial(compile_fx, config_patches={"triton.cudagraphs": True}))
-        return self._counted(compile_fx)
+        # cudagraphs off even where $TORCHINDUCTOR_CUDAGRAPHS turns them on: they break on chained regions (module doc)
+        return self._counted(functools.partial(compile_fx, config_patches={"triton.cudagraphs": False}))
 
     def _stable_fast(self, network: nn.Module) -> bool:
         """Stable-Fast's UNet compiler on ``network``; False (after one note) where it cannot run."""
@@ -94,7 +111,11 @@ class DenoiserCompiler:
             from sfast.compilers.diffusion_pipeline_compiler import CompilationConfig, compile_unet
 
             config = CompilationConfig.Default()
-            config.enable_cuda_graph = True
+            # No CUDA graph: a captured graph replays the weights' addresses of its capture, and both a LoRA
+            # switch (core.lora.patch assigns merged buffers: ``param.data = buffer``) and the memory plan's
+            # offload (core.accel.memory.Placement puts other tensors in place) give the weights new ones; the
+            # graph would go on reading the old (stale or freed) memory.
+            config.enable_cuda_graph = False
             compile_unet(network, config)
         except Exception as exc:  # noqa: BLE001 - an optional extra that fails in any way: torch.compile instead
             self._note(f"stable-fast could not compile the denoiser ({exc}); compiling with torch.compile instead")
@@ -113,11 +134,7 @@ class DenoiserCompiler:
             return network
         backend = self._torch_backend()
         blocks = regions(network)
-        # Blocks of one class share one code object, and dynamo keeps at most ``recompile_limit`` graphs per
-        # code object (8) before it falls back to eager: SD1.5 has about 20 distinct blocks, times the sizes used.
-        limit = max(torch._dynamo.config.recompile_limit, 16 * len(blocks))
-        torch._dynamo.config.recompile_limit = limit
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+        _raise_recompile_limits(16 * len(blocks))
         for block in blocks:
             block.compile(backend=backend, dynamic=False)
         setattr(network, _MARK, "torch")

@@ -6,8 +6,8 @@ is :mod:`core.accel.compile`.
 
 - ``off``: eager PyTorch (the default: compiling costs seconds to minutes on the first job of each size).
 - ``auto``: Stable-Fast when it is installed and the device is CUDA, else ``torch``.
-- ``torch``: ``torch.compile`` (inductor) of the denoiser's blocks, once per model and shape; on CUDA with
-  CUDA graphs (``mode="reduce-overhead"``), as the shapes of a job are static.
+- ``torch``: ``torch.compile`` (inductor) of the denoiser's blocks, once per model and shape; without CUDA
+  graphs, which break on per-block regions (``core.accel.compile``).
 - ``stable-fast``: ``sfast`` (NVIDIA only); falls back to ``torch`` with one message when it cannot run.
 """
 

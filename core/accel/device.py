@@ -95,9 +95,13 @@ def memory_stats(device: torch.device | str) -> tuple[int, int, int]:
     return used, max(used, _peak_rss()), _system_memory()
 
 
-def _native_bf16() -> bool:
-    """Whether the current CUDA GPU computes in bf16 natively (Ampere, sm80, and later); older GPUs only
-    emulate it, slower than fp16."""
+def _native_bf16(device: torch.device | None = None) -> bool:
+    """Whether the CUDA GPU ``device`` (None or no index: the current one) computes in bf16 natively (Ampere,
+    sm80, and later); older GPUs only emulate it, slower than fp16. torch's probe reads the current device, so
+    another one (``--device cuda:1`` beside a GPU of another generation) is made current for it."""
+    if device is not None and device.index is not None:
+        with torch.cuda.device(device.index):
+            return _native_bf16()
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # a torch without the keyword
@@ -132,7 +136,7 @@ def compute_dtype(
         return _PRECISION_DTYPES[precision]
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if _native_bf16() else torch.float16
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_native_bf16() else torch.float32

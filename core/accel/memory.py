@@ -435,13 +435,20 @@ def escalate(plan: MemoryPlan, estimate: Estimate, device: torch.device | str = 
 _OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
 
 
+# cuBLAS and cuDNN allocate their handles and workspaces outside torch's allocator, and report running out of
+# device memory with their own status (``CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate``)
+_LIBRARY_OOM = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or the RuntimeErrors that mean the same (CUDA/MPS/CPU allocators)."""
+    """torch's OutOfMemoryError, or the RuntimeErrors that mean the same (CUDA/MPS/CPU allocators, cuBLAS and
+    cuDNN)."""
     if _OOM_TYPES and isinstance(exc, _OOM_TYPES):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text.lower() or "can't allocate memory" in text or "MPS backend out of memory" in text
+        or any(status in text for status in _LIBRARY_OOM)
     )
 
 

@@ -210,7 +210,7 @@ class LoraPatcher:
         self._spares: dict[tuple, OrderedDict[tuple, torch.Tensor]] = {}
         self._retired: set[int] = set()  # ids of the buffers taken off in this apply: not reused by it
         self._merged_bytes = 0  # what the merged weights took after the last apply
-        self._params: dict[tuple[str, str], nn.Parameter] = {}
+        self._params: dict[tuple[str, str], tuple[dict, str]] = {}  # (role, parameter) -> its owner's slot
         self._layers: dict[tuple[str, str], nn.Module | None] = {}  # (role, parameter) -> its packed layer, if any
         self._hooked: set[tuple[str, str]] = set()  # packed weights with a ForwardDelta attached
         self.active: tuple[ActiveLora, ...] = ()
@@ -324,15 +324,20 @@ class LoraPatcher:
         return torch.empty_like(base, memory_format=torch.contiguous_format)
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
-        # the Parameter objects stay (merging replaces their .data): looked up once, not per switch
-        param = self._params.get(key)
-        if param is None:
+        # The owner's slot is looked up once, not per switch, and read each time: merging replaces a Parameter's
+        # .data, but the memory plan's Placement (core.accel.memory) puts another Parameter object in the slot
+        # when it moves the network to the GPU and back, and a merge must reach the one the network runs with.
+        slot = self._params.get(key)
+        if slot is None:
             role, name = key
             try:
-                param = self._params[key] = self.components[role].get_parameter(name)
+                self.components[role].get_parameter(name)
             except AttributeError:
                 raise LoraError(f"{role} has no weight {name!r} a LoRA can patch") from None
-        return param
+            path, _, leaf = name.rpartition(".")
+            slot = self._params[key] = (self.components[role].get_submodule(path)._parameters, leaf)
+        slots, leaf = slot
+        return slots[leaf]
 
     def _packed(self, key: tuple[str, str]) -> nn.Module | None:
         """The packed (fp8/GGUF) layer whose weight ``key`` is, or None for an ordinary parameter."""
