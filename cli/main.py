@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="auto",
         default=None,
         metavar="MODE",
-        help="compile the denoiser once per model and image size: auto (the bare flag: Stable-Fast when "
-        "installed on an NVIDIA GPU, else torch.compile, with CUDA graphs on CUDA), torch, stable-fast, off; "
+        help="compile the denoiser once per model and image size: auto or torch (the bare flag: torch.compile "
+        "of each block), stable-fast (when installed, NVIDIA GPUs, not with --lowvram or offload), off; "
         "the first job of each size pays the compile time; default: $DARKROOM_COMPILE or off",
     )
     parser.add_argument(

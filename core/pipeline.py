@@ -1112,6 +1112,10 @@ class PipelineRunner:
             self.memory_plan = plan
             described = plan.describe()
             ctx.set_activity(f"generating · memory: {described}" if described else "generating")
+            for loaded in (model, refiner):
+                conflict = loaded and self.compiler.offload_conflict(loaded.checkpoint.unet, plan.offload)
+                if conflict:
+                    raise DarkroomError(conflict)
             try:
                 self.placement.prepare(plan)
                 return attempt()

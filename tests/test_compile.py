@@ -204,6 +204,14 @@ def test_stable_fast_compiles_without_a_cuda_graph(monkeypatch):
     monkeypatch.setitem(sys.modules, "sfast.compilers.diffusion_pipeline_compiler", sfast)
     monkeypatch.setattr(compile_module, "stable_fast_available", lambda: True)
     unet = _tiny_unet(8)
-    compiler = DenoiserCompiler("auto", device="cuda")
+    auto = DenoiserCompiler("auto", device="cuda")
+    assert auto.prepare(_tiny_unet(8)) is not None and compiled == []  # auto is torch.compile, even with sfast
+    compiler = DenoiserCompiler("stable-fast", device="cuda")
     compiler.prepare(unet)
     assert compiler.describe(unet) == "stable-fast" and compiled == [(unet, False)]
+    # the trace keeps its weights: a plan that offloads the denoiser is refused for it, and only for it
+    assert compiler.offload_conflict(unet, "none") is None
+    assert compiler.offload_conflict(_tiny_unet(8), "model") is None
+    message = compiler.offload_conflict(unet, "sequential")
+    assert message.startswith("--compile stable-fast cannot run this job: its memory plan needs sequential offload")
+    assert "--compile torch" in message

@@ -376,6 +376,26 @@ def test_out_of_memory_retries_once_with_offload_then_fails_with_advice(runner, 
         runner.run_with_memory_plan(model, job().request, None, Ctx(), other)
 
 
+def test_a_stable_fast_denoiser_fails_a_job_that_must_offload_it_with_one_message(runner, monkeypatch):
+    """Stable-Fast's trace keeps the weights of trace time; the offload plans put device copies in their
+    place, so such a job must fail with a message, not run on the swapped-out weights."""
+    from core.accel.compile import _MARK
+    from core.errors import DarkroomError
+
+    model = runner.ensure_model(job().request)
+    estimate = memory.estimate_job(model, job().request)
+    free = int((estimate.need("model") + estimate.need("none")) / 2 * memory.SAFETY_FACTOR) + memory.SAFETY_BYTES
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)  # only model offload fits
+    monkeypatch.setattr(model.checkpoint.unet, _MARK, "stable-fast", raising=False)
+    ran = []
+    with pytest.raises(DarkroomError, match="^--compile stable-fast cannot run this job: its memory plan needs "
+                                            "model offload"):
+        runner.run_with_memory_plan(model, job().request, None, Ctx(), lambda: ran.append(1))
+    assert ran == []
+    monkeypatch.setattr(memory, "free_memory", lambda device: 64 * GB)  # it fits: the job runs
+    assert runner.run_with_memory_plan(model, job().request, None, Ctx(), lambda: ["ok"]) == ["ok"]
+
+
 def test_tiled_decode_chosen_by_the_estimate_equals_untiled():
     """The estimate says the untiled decode does not fit: the plan's tile decodes what untiled decodes, up to
     the tiles' own GroupNorm statistics (a random-weight VAE differs more across tiles than a trained one)."""

@@ -128,7 +128,9 @@ class DenoiserCompiler:
             return network
         mode = self.mode
         if mode == "auto":
-            mode = "stable-fast" if self.device.type == "cuda" and stable_fast_available() else "torch"
+            # Stable-Fast only when asked for by name: its traced network keeps the weights it was traced with,
+            # so it cannot follow the offload plans (``offload_conflict``); torch.compile follows them
+            mode = "torch"
         if mode == "stable-fast" and self._stable_fast(network):
             setattr(network, _MARK, "stable-fast")
             return network
@@ -139,6 +141,18 @@ class DenoiserCompiler:
             block.compile(backend=backend, dynamic=False)
         setattr(network, _MARK, "torch")
         return network
+
+    def offload_conflict(self, network: nn.Module, offload: str) -> str | None:
+        """Why ``network`` cannot run under a memory plan with ``offload`` ("model"/"sequential"), or None.
+
+        Stable-Fast's ``torch.jit.trace`` keeps the Parameter objects of trace time, while the plan's Placement
+        (core.accel.memory) puts device copies in their place for each stage: the traced network would go on
+        reading the copies of its trace (stale after a LoRA switch) and free nothing on the GPU."""
+        if offload == "none" or getattr(network, _MARK, None) != "stable-fast":
+            return None
+        return (f"--compile stable-fast cannot run this job: its memory plan needs {offload} offload, and the "
+                "network Stable-Fast traced keeps its weights where they were traced; use --compile torch (it "
+                "follows the offload), or a smaller size or batch that fits on the GPU")
 
     def describe(self, network: nn.Module | None = None) -> str:
         """What runs: ``off``, ``torch`` or ``stable-fast`` (for the status line and the bench)."""

@@ -5,10 +5,12 @@ not the picture (to float rounding), so it is not recorded in the request or the
 is :mod:`core.accel.compile`.
 
 - ``off``: eager PyTorch (the default: compiling costs seconds to minutes on the first job of each size).
-- ``auto``: Stable-Fast when it is installed and the device is CUDA, else ``torch``.
+- ``auto``: ``torch`` (the bare ``--compile``).
 - ``torch``: ``torch.compile`` (inductor) of the denoiser's blocks, once per model and shape; without CUDA
   graphs, which break on per-block regions (``core.accel.compile``).
-- ``stable-fast``: ``sfast`` (NVIDIA only); falls back to ``torch`` with one message when it cannot run.
+- ``stable-fast``: ``sfast`` (NVIDIA only), only when asked for by name; falls back to ``torch`` with one
+  message when it cannot run, and a job whose memory plan offloads the denoiser fails with a message saying
+  so (the traced network keeps its weights where they were traced).
 """
 
 from __future__ import annotations
