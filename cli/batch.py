@@ -430,7 +430,11 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         stream = stdin or sys.stdin
         if stream.isatty():  # typed by hand (or `-` by mistake): say why nothing happens
             print("darkroom: reading jobs from stdin; end with Ctrl-D (Ctrl-Z Enter on Windows)", file=sys.stderr)
-        text = stream.read()
+        try:  # decoded here, as a file is: a stdin that decodes strictly (a UTF-8 locale) would raise mid-read
+            raw = getattr(stream, "buffer", None)
+            text = raw.read().decode("utf-8") if raw is not None else stream.read()
+        except UnicodeDecodeError:
+            raise BatchInputError(f"<stdin>: {_NOT_TEXT}") from None
         return parse_jobs(text, "<stdin>"), "<stdin>"
     path = Path(source)
     if _is_image(path):
@@ -442,12 +446,13 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     except IsADirectoryError:
         raise BatchInputError(f"{source}: is a folder; give a .toml, .jsonl or .json jobs file") from None
     except UnicodeDecodeError:
-        raise BatchInputError(
-            f"{source}: not a text file (expected TOML or JSON Lines in UTF-8); is it the right file?"
-        ) from None
+        raise BatchInputError(f"{source}: {_NOT_TEXT}") from None
     except OSError as exc:
         raise BatchInputError(f"{source}: cannot read the jobs file ({exc.strerror or exc})") from None
     return parse_jobs(text, source, base_dir=path.parent), source
+
+
+_NOT_TEXT = "not a text file (expected TOML or JSON Lines in UTF-8); is it the right file?"
 
 
 def _is_image(path: Path) -> bool:

@@ -1,0 +1,50 @@
+"""``darkroom --batch`` as a scripting user drives it: what comes in on stdin, the output folder, grids and
+``--resume``, and the files a job reads (init images as cameras and editors write them)."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import pytest
+
+from cli.batch import run_batch
+from tests.batch_harness import RecordingRunner, batch_runner
+
+
+class Runner(RecordingRunner):
+    seen: list = []
+
+
+@pytest.fixture
+def batch(tmp_path, monkeypatch):
+    run = batch_runner(tmp_path, monkeypatch, Runner)
+
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return str(path)
+
+    return run, write, tmp_path
+
+
+class _BytesStdin(io.TextIOWrapper):
+    """stdin as Python opens it in a UTF-8 locale (``en_US.UTF-8``): strict decoding, so a byte that is no
+    UTF-8 raises while it is read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="strict")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", b'[[job]]\nprompt = "caf\xe9"\n'])
+def test_stdin_that_is_no_utf8_text_is_one_message_not_a_traceback(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    err = io.StringIO()
+    code = run_batch("-", stdin=_BytesStdin(data), stdout=io.StringIO(), stderr=err, models_dirs=[tmp_path],
+                     db_path=tmp_path / "db", runner_factory=Runner)
+    assert code == 2
+    assert err.getvalue() == ("darkroom: error: <stdin>: not a text file (expected TOML or JSON Lines in UTF-8); "
+                              "is it the right file?\n")
