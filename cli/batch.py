@@ -828,6 +828,9 @@ def run_batch(
             why = "it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc)
             error(f"--output-dir {out_dir}: cannot create the folder ({why})")
             return EXIT_USAGE
+        if not os.access(out_dir, os.W_OK | os.X_OK):  # a read-only mount or another user's folder
+            error(f"--output-dir {out_dir}: the folder cannot be written to")
+            return EXIT_USAGE
     if dirs:
         # A pipeline that builds its own registry finds the same folders.
         os.environ["DARKROOM_MODELS"] = os.pathsep.join(str(d) for d in dirs)

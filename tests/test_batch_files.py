@@ -48,3 +48,19 @@ def test_stdin_that_is_no_utf8_text_is_one_message_not_a_traceback(tmp_path, mon
     assert code == 2
     assert err.getvalue() == ("darkroom: error: <stdin>: not a text file (expected TOML or JSON Lines in UTF-8); "
                               "is it the right file?\n")
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_exists_but_cannot_be_written_is_said_before_anything_runs(tmp_path, monkeypatch):
+    # /proc/self: a folder that exists and that nobody, root included, can create files in (as a read-only
+    # mount, which a test cannot make)
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    (tmp_path / "fake.safetensors").write_bytes(b"")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"model": "fake", "steps": 1}\n')
+    Runner.seen = []
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[tmp_path], output_dir="/proc/self", db_path=tmp_path / "db",
+                     runner_factory=Runner, stdout=out, stderr=err)
+    assert (code, out.getvalue(), Runner.seen) == (2, "", [])
+    assert err.getvalue() == "darkroom: error: --output-dir /proc/self: the folder cannot be written to\n"
