@@ -685,6 +685,7 @@ def _queue_jobs(
     progress: _PlainProgress,
     enhance: Any = None,
     enhance_all: bool = False,
+    grid_seeds: dict[str, int] | None = None,
 ) -> Any:
     """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
     images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
@@ -700,7 +701,8 @@ def _queue_jobs(
         earlier = worker.store.jobs_by_source(keys.values())
     # An X/Y/Z grid's cells share one seed, as A1111's and the TUI's grids do: a -1 is drawn once per grid, or
     # taken from the cells an earlier run of this file made, so that a resumed grid stays one seed.
-    grid_seeds: dict[str, int] = {}
+    # ``grid_seeds`` (grid id -> seed) is filled for the caller: the grid image records that seed.
+    grid_seeds = {} if grid_seeds is None else grid_seeds
     for job in jobs:
         made = earlier.get(keys.get(job.index, "")) if job.grid is not None else None
         if made is not None and made.request.seed != -1:
@@ -738,7 +740,7 @@ def _queue_jobs(
 
 
 def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any,
-                store: Any = None) -> list[str]:
+                store: Any = None, grid_seeds: Mapping[str, int] | None = None) -> list[str]:
     """Save the labelled image of every grid whose cells all finished (``core.grid.save_grid``, in ``grids/``
     of the output folder, recorded in ``store``'s history); returns each grid's path, or a
     ``darkroom: warning:`` line for a grid with missing cells (no grid image then)."""
@@ -756,8 +758,12 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
                            "cells have no image)")
             continue
         images = [(job.request.extra["grid"], paths_of[job.index][0]) for job in cells]
-        # the first cell's request stands for the grid (A1111's grid infotext is its first image's)
-        path = save_grid(images, cells[0].grid[1], cells[0].request, grid_id, Path(output_dir) / "grids", store)
+        # the first cell's request stands for the grid (A1111's grid infotext is its first image's), with the
+        # seed its cells were made with in place of a -1
+        base = cells[0].request
+        if base.seed == -1 and grid_id in (grid_seeds or {}):
+            base = base.replace(seed=grid_seeds[grid_id])
+        path = save_grid(images, cells[0].grid[1], base, grid_id, Path(output_dir) / "grids", store)
         results.append(str(path))
     return results
 
@@ -941,13 +947,15 @@ def run_batch(
 
     failed: set[int] = set()
     paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
+    grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
     try:
         enhancer = None
         if enhance or any(job.enhance for job in jobs):
             from core.enhance import EnhanceSettings
 
             enhancer = enhance_settings or EnhanceSettings.from_env()
-        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance)
+        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance,
+                             grid_seeds)
         for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
@@ -1076,7 +1084,7 @@ def run_batch(
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()
-    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store):
+    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store, grid_seeds):
         if problem_or_path.startswith("darkroom: "):
             print(visible(problem_or_path), file=err, flush=True)
         else:

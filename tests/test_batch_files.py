@@ -64,3 +64,27 @@ def test_an_output_folder_that_exists_but_cannot_be_written_is_said_before_anyth
                      runner_factory=Runner, stdout=out, stderr=err)
     assert (code, out.getvalue(), Runner.seen) == (2, "", [])
     assert err.getvalue() == "darkroom: error: --output-dir /proc/self: the folder cannot be written to\n"
+
+
+GRID_JOBS = """\
+    [grid]
+    x = {field = "cfg", values = [5, 7]}
+
+    [[job]]
+    model = "fake"
+    steps = 1
+    seed = -1
+    """
+
+
+def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
+    from core.metadata import read_request
+
+    run, write, _ = batch
+    code, out, _ = run(write("grid.toml", GRID_JOBS))
+    *cells, grid = out.splitlines()
+    assert code == 0 and len(cells) == 2
+    seed = read_request(cells[0]).seed
+    assert seed != -1 and read_request(cells[1]).seed == seed
+    assert read_request(grid).seed == seed  # A1111's grid infotext is its first image's, seed and all
+    assert not grid.endswith("--1.png")
