@@ -740,11 +740,13 @@ def _queue_jobs(
 
 
 def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any,
-                store: Any = None, grid_seeds: Mapping[str, int] | None = None) -> list[str]:
+                store: Any = None, grid_seeds: Mapping[str, int] | None = None,
+                skipped: frozenset[int] = frozenset()) -> list[str]:
     """Save the labelled image of every grid whose cells all finished (``core.grid.save_grid``, in ``grids/``
     of the output folder, recorded in ``store``'s history); returns each grid's path, or a
-    ``darkroom: warning:`` line for a grid with missing cells (no grid image then)."""
-    from core.grid import save_grid
+    ``darkroom: warning:`` line for a grid with missing cells (no grid image then). A grid whose cells were
+    all ``skipped`` (done in an earlier run: ``--resume``) has its image from then, when it is still there."""
+    from core.grid import grid_record, save_grid
 
     groups: dict[str, list[BatchJob]] = {}
     for job in jobs:
@@ -763,6 +765,12 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
         base = cells[0].request
         if base.seed == -1 and grid_id in (grid_seeds or {}):
             base = base.replace(seed=grid_seeds[grid_id])
+        if store is not None and all(job.index in skipped for job in cells):
+            record = grid_record(base, cells[0].grid[1], grid_id)
+            earlier = [h.path for h in store.grid_images(grid_id) if h.request == record and Path(h.path).is_file()]
+            if earlier:
+                results.append(earlier[0])
+                continue
         path = save_grid(images, cells[0].grid[1], base, grid_id, Path(output_dir) / "grids", store)
         results.append(str(path))
     return results
@@ -948,6 +956,7 @@ def run_batch(
     failed: set[int] = set()
     paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
     grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
+    skipped: set[int] = set()  # jobs done in an earlier run (--resume)
     try:
         enhancer = None
         if enhance or any(job.enhance for job in jobs):
@@ -959,6 +968,7 @@ def run_batch(
         for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
+                skipped.add(job.index)
                 emit_paths(skipped_paths)
                 paths_of[job.index] = list(skipped_paths)
     except StoreError as exc:
@@ -1084,7 +1094,8 @@ def run_batch(
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()
-    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store, grid_seeds):
+    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store, grid_seeds,
+                                       frozenset(skipped)):
         if problem_or_path.startswith("darkroom: "):
             print(visible(problem_or_path), file=err, flush=True)
         else:

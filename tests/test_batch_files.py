@@ -88,3 +88,25 @@ def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
     assert seed != -1 and read_request(cells[1]).seed == seed
     assert read_request(grid).seed == seed  # A1111's grid infotext is its first image's, seed and all
     assert not grid.endswith("--1.png")
+
+
+def test_resume_of_a_finished_grid_prints_its_grid_image_and_saves_no_second_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    (tmp_path / "fake.safetensors").write_bytes(b"")
+    jobs = tmp_path / "grid.toml"
+    jobs.write_text(textwrap.dedent(GRID_JOBS))
+
+    def run(resume: bool) -> tuple[int, list[str]]:
+        out = io.StringIO()
+        code = run_batch(str(jobs), models_dirs=[tmp_path], output_dir=tmp_path / "out", db_path=tmp_path / "db",
+                         runner_factory=Runner, stdout=out, stderr=io.StringIO(), resume=resume)
+        return code, out.getvalue().splitlines()
+
+    first = run(False)
+    assert first[0] == 0 and len(first[1]) == 3
+    assert run(True) == first  # every path again, the grid's too
+    assert len(list((tmp_path / "out" / "grids").rglob("*.png"))) == 1
+    jobs.write_text(textwrap.dedent(GRID_JOBS).replace("[5, 7]", "[5, 8]"))  # another grid: a new image
+    code, paths = run(True)
+    assert code == 0 and paths[0] == first[1][0] and paths[2] != first[1][2]
+    assert len(list((tmp_path / "out" / "grids").rglob("*.png"))) == 2
