@@ -110,3 +110,55 @@ def test_resume_of_a_finished_grid_prints_its_grid_image_and_saves_no_second_one
     code, paths = run(True)
     assert code == 0 and paths[0] == first[1][0] and paths[2] != first[1][2]
     assert len(list((tmp_path / "out" / "grids").rglob("*.png"))) == 2
+
+
+# ---- init images as cameras and editors write them --------------------------------------------------------------
+
+
+def _sideways_photo(path):
+    """A 32x16 JPEG stored as a phone stores a portrait shot: the sensor's landscape pixels, red on the left,
+    and EXIF orientation 6 (turn 90 degrees clockwise to view): upright it is 16x32, red on top."""
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 16), "blue")
+    image.paste((255, 0, 0), (0, 0, 16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_an_init_image_is_used_the_way_up_its_exif_orientation_says(tmp_path):
+    from core.pipeline import load_init_image
+
+    image, size = load_init_image(str(_sideways_photo(tmp_path / "photo.jpg")), 16, 32, with_size=True)
+    assert size == (16, 32)
+    top, bottom = image.getpixel((8, 4)), image.getpixel((8, 28))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+def test_a_16_bit_grey_init_image_keeps_its_tones(tmp_path):
+    from PIL import Image
+
+    from core.pipeline import load_init_image
+
+    grey = Image.new("I;16", (8, 8), 40000)  # 61 % grey; clipped to 8 bits it was white
+    grey.save(tmp_path / "grey16.png")
+    red, green, blue = load_init_image(str(tmp_path / "grey16.png"), 8, 8).getpixel((2, 2))
+    assert red == green == blue and abs(red - 40000 / 65535 * 255) < 1
+
+
+def test_a_mask_drawn_on_the_upright_photo_fits_it(tmp_path):
+    from PIL import Image
+
+    from core.masks import load_mask
+    from core.request import GenerationRequest, mask_warnings
+
+    photo = _sideways_photo(tmp_path / "photo.jpg")
+    Image.new("L", (16, 32), 255).save(tmp_path / "mask.png")  # drawn over the photo as every viewer shows it
+    request = GenerationRequest(model="m", init_image=str(photo), mask=str(tmp_path / "mask.png"), denoise=0.5)
+    assert mask_warnings(request) == []
+    sideways_mask = tmp_path / "mask.jpg"  # a mask saved with the camera's orientation tag is turned up too
+    _sideways_photo(sideways_mask)
+    mask, notes = load_mask(str(sideways_mask), (16, 32))
+    assert notes == [] and mask.size == (16, 32)
