@@ -162,3 +162,19 @@ def test_a_mask_drawn_on_the_upright_photo_fits_it(tmp_path):
     _sideways_photo(sideways_mask)
     mask, notes = load_mask(str(sideways_mask), (16, 32))
     assert notes == [] and mask.size == (16, 32)
+
+
+# ---- the models folders -----------------------------------------------------------------------------------------
+
+
+def test_list_models_shows_a_checkpoint_that_another_of_the_same_name_hides(tmp_path):
+    from cli.list_models import list_models
+    from tests.family_files import write_header_only
+
+    used = write_header_only(tmp_path / "checkpoints" / "dup.safetensors", "sd15")
+    hidden = write_header_only(tmp_path / "Stable-diffusion" / "dup.safetensors", "sdxl")
+    out, err = io.StringIO(), io.StringIO()
+    assert list_models([tmp_path], out, err) == 0
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("dup ")]
+    assert len(rows) == 2 and rows[0].split()[1] == "SD1.x" and rows[1].split()[1] == "SDXL"
+    assert rows[1].endswith(f"not used by the name 'dup', which is {used}; give this file's path to use it: {hidden}")
