@@ -430,7 +430,11 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
         stream = stdin or sys.stdin
         if stream.isatty():  # typed by hand (or `-` by mistake): say why nothing happens
             print("darkroom: reading jobs from stdin; end with Ctrl-D (Ctrl-Z Enter on Windows)", file=sys.stderr)
-        text = stream.read()
+        try:  # decoded here, as a file is: a stdin that decodes strictly (a UTF-8 locale) would raise mid-read
+            raw = getattr(stream, "buffer", None)
+            text = raw.read().decode("utf-8") if raw is not None else stream.read()
+        except UnicodeDecodeError:
+            raise BatchInputError(f"<stdin>: {_NOT_TEXT}") from None
         return parse_jobs(text, "<stdin>"), "<stdin>"
     path = Path(source)
     if _is_image(path):
@@ -442,12 +446,13 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     except IsADirectoryError:
         raise BatchInputError(f"{source}: is a folder; give a .toml, .jsonl or .json jobs file") from None
     except UnicodeDecodeError:
-        raise BatchInputError(
-            f"{source}: not a text file (expected TOML or JSON Lines in UTF-8); is it the right file?"
-        ) from None
+        raise BatchInputError(f"{source}: {_NOT_TEXT}") from None
     except OSError as exc:
         raise BatchInputError(f"{source}: cannot read the jobs file ({exc.strerror or exc})") from None
     return parse_jobs(text, source, base_dir=path.parent), source
+
+
+_NOT_TEXT = "not a text file (expected TOML or JSON Lines in UTF-8); is it the right file?"
 
 
 def _is_image(path: Path) -> bool:
@@ -680,6 +685,7 @@ def _queue_jobs(
     progress: _PlainProgress,
     enhance: Any = None,
     enhance_all: bool = False,
+    grid_seeds: dict[str, int] | None = None,
 ) -> Any:
     """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
     images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
@@ -695,7 +701,8 @@ def _queue_jobs(
         earlier = worker.store.jobs_by_source(keys.values())
     # An X/Y/Z grid's cells share one seed, as A1111's and the TUI's grids do: a -1 is drawn once per grid, or
     # taken from the cells an earlier run of this file made, so that a resumed grid stays one seed.
-    grid_seeds: dict[str, int] = {}
+    # ``grid_seeds`` (grid id -> seed) is filled for the caller: the grid image records that seed.
+    grid_seeds = {} if grid_seeds is None else grid_seeds
     for job in jobs:
         made = earlier.get(keys.get(job.index, "")) if job.grid is not None else None
         if made is not None and made.request.seed != -1:
@@ -733,11 +740,13 @@ def _queue_jobs(
 
 
 def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], output_dir: Any,
-                store: Any = None) -> list[str]:
+                store: Any = None, grid_seeds: Mapping[str, int] | None = None,
+                skipped: frozenset[int] = frozenset()) -> list[str]:
     """Save the labelled image of every grid whose cells all finished (``core.grid.save_grid``, in ``grids/``
     of the output folder, recorded in ``store``'s history); returns each grid's path, or a
-    ``darkroom: warning:`` line for a grid with missing cells (no grid image then)."""
-    from core.grid import save_grid
+    ``darkroom: warning:`` line for a grid with missing cells (no grid image then). A grid whose cells were
+    all ``skipped`` (done in an earlier run: ``--resume``) has its image from then, when it is still there."""
+    from core.grid import grid_record, save_grid
 
     groups: dict[str, list[BatchJob]] = {}
     for job in jobs:
@@ -751,8 +760,18 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
                            "cells have no image)")
             continue
         images = [(job.request.extra["grid"], paths_of[job.index][0]) for job in cells]
-        # the first cell's request stands for the grid (A1111's grid infotext is its first image's)
-        path = save_grid(images, cells[0].grid[1], cells[0].request, grid_id, Path(output_dir) / "grids", store)
+        # the first cell's request stands for the grid (A1111's grid infotext is its first image's), with the
+        # seed its cells were made with in place of a -1
+        base = cells[0].request
+        if base.seed == -1 and grid_id in (grid_seeds or {}):
+            base = base.replace(seed=grid_seeds[grid_id])
+        if store is not None and all(job.index in skipped for job in cells):
+            record = grid_record(base, cells[0].grid[1], grid_id)
+            earlier = [h.path for h in store.grid_images(grid_id) if h.request == record and Path(h.path).is_file()]
+            if earlier:
+                results.append(earlier[0])
+                continue
+        path = save_grid(images, cells[0].grid[1], base, grid_id, Path(output_dir) / "grids", store)
         results.append(str(path))
     return results
 
@@ -822,6 +841,9 @@ def run_batch(
         except OSError as exc:
             why = "it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc)
             error(f"--output-dir {out_dir}: cannot create the folder ({why})")
+            return EXIT_USAGE
+        if not os.access(out_dir, os.W_OK | os.X_OK):  # a read-only mount or another user's folder
+            error(f"--output-dir {out_dir}: the folder cannot be written to")
             return EXIT_USAGE
     if dirs:
         # A pipeline that builds its own registry finds the same folders.
@@ -933,16 +955,20 @@ def run_batch(
 
     failed: set[int] = set()
     paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
+    grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
+    skipped: set[int] = set()  # jobs done in an earlier run (--resume)
     try:
         enhancer = None
         if enhance or any(job.enhance for job in jobs):
             from core.enhance import EnhanceSettings
 
             enhancer = enhance_settings or EnhanceSettings.from_env()
-        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance)
+        queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance,
+                             grid_seeds)
         for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
+                skipped.add(job.index)
                 emit_paths(skipped_paths)
                 paths_of[job.index] = list(skipped_paths)
     except StoreError as exc:
@@ -1068,7 +1094,8 @@ def run_batch(
     progress.close()
     worker.stop(finish_current=True, timeout=30)
     store.close()
-    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store):
+    for problem_or_path in _save_grids(jobs, paths_of, worker.output_dir, worker.store, grid_seeds,
+                                       frozenset(skipped)):
         if problem_or_path.startswith("darkroom: "):
             print(visible(problem_or_path), file=err, flush=True)
         else:

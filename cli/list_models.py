@@ -29,7 +29,10 @@ def model_rows(registry: object) -> list[tuple[str, ...]]:
     from core.models.registry import human_size, short_dtype
 
     rows = []
-    for model in registry.checkpoints():  # type: ignore[attr-defined]
+    listed = registry.checkpoints()  # type: ignore[attr-defined]
+    used = {m.name: m.path for m in listed}
+    hidden = [m for m in getattr(registry, "shadowed", lambda: [])() if m.name in used]
+    for model in sorted([*listed, *hidden], key=lambda m: (m.name.lower(), m.name, m not in listed)):
         info = registry.inspect(model)  # type: ignore[attr-defined]
         if info.family in FAMILIES:
             spec = FAMILIES[info.family]
@@ -40,6 +43,9 @@ def model_rows(registry: object) -> list[tuple[str, ...]]:
             family, note = "-", f"{info.label}, not a checkpoint"
         else:
             family, note = "?", f"{info.label}: {info.problem}"
+        if model not in listed:  # the name finds another file: say which, and how to reach this one
+            note = (f"not used by the name {model.name!r}, which is {used[model.name]}; give this file's path to use "
+                    f"it: {model.path}")
         variant = info.variant if info.family in FAMILIES else None
         rows.append((visible(model.name), family, variant or "-", info.quant or short_dtype(info.dtype),
                      human_size(model.size), visible(note)))

@@ -231,6 +231,12 @@ def axes_table(axes: Mapping[str, GridAxis]) -> dict[str, dict[str, Any]]:
     return {name: {"field": axis.field, "values": list(axis.values)} for name, axis in axes.items()}
 
 
+def grid_record(request: GenerationRequest, axes: Mapping[str, GridAxis], grid_id: str) -> GenerationRequest:
+    """The request a grid image records: its base ``request`` with ``extra["grid"]`` = ``{id, image, axes}``."""
+    return request.replace(extra={**request.extra, "grid": {"id": grid_id, "image": True,
+                                                            "axes": axes_table(axes)}})
+
+
 def save_grid(
     cells: Sequence[tuple[dict, str]], axes: Mapping[str, GridAxis], request: GenerationRequest, grid_id: str,
     output_dir: Path | str, store: Any = None,
@@ -246,8 +252,7 @@ def save_grid(
         with Image.open(path) as opened:
             images[key] = opened.convert("RGB")
     grid, _ = grid_image(images, axes)
-    record = request.replace(extra={**request.extra, "grid": {"id": grid_id, "image": True,
-                                                              "axes": axes_table(axes)}})
+    record = grid_record(request, axes, grid_id)
     infotext: dict[str, str] = {"Script": "X/Y/Z plot"}
     for name, axis in axes.items():
         infotext[f"{name.upper()} Type"] = FIELDS[axis.field]

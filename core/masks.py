@@ -12,6 +12,7 @@ import warnings as _warnings
 from PIL import Image
 
 from core.errors import DarkroomError
+from core.image_files import upright, upright_rgb
 from core.request import mask_size_note
 
 PREVIEW_TINT = (255, 40, 40)  # the masked area in the preview: the image half-covered in red
@@ -33,8 +34,7 @@ def load_mask(path: str, init_size: tuple[int, int] | None = None) -> tuple[Imag
         with _warnings.catch_warnings():
             _warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
+                image = upright(opened)  # the way up the init image is used; 16-bit grey scaled, not clipped
     except FileNotFoundError:
         raise MaskError(f"mask {path!r} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -54,7 +54,7 @@ def mask_preview(init_path: str, mask_path: str, invert: bool = False, size: int
     beside the mask field. Raises ``MaskError`` / ``OSError`` for an unreadable file."""
     with Image.open(init_path) as opened:
         opened.draft("RGB", (size, size))
-        init = opened.convert("RGB")
+        init = upright_rgb(opened)
     init.thumbnail((size, size))
     mask, _ = load_mask(mask_path)
     mask = binary(mask.resize(init.size, Image.Resampling.BILINEAR))

@@ -26,6 +26,7 @@ from core import inpaint
 from core.accel import feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
+from core.image_files import upright_rgb, upright_size
 from core.lora.tags import LoraRef, strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
@@ -418,9 +419,9 @@ def load_init_image(path: str, width: int, height: int, with_size: bool = False)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # changed since it was queued
             with Image.open(path) as opened:
-                size = opened.size
+                size = upright_size(opened)
                 opened.draft("RGB", (width, height))  # a big JPEG decodes at a reduced scale still >= the size
-                image = opened.convert("RGB")
+                image = upright_rgb(opened)  # a photo's EXIF orientation; 16-bit grey scaled, not clipped
     except FileNotFoundError:
         raise InitImageError(f"init_image {path!r} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -996,7 +997,7 @@ class PipelineRunner:
         path = request.upscale.image
         try:
             with Image.open(path) as opened:
-                source = opened.convert("RGB")
+                source = upright_rgb(opened)
                 carried = source_infotext_keys(opened)
         except (OSError, ValueError) as exc:
             raise InitImageError(f"upscale.image {path!r} is not a readable image ({exc})") from None

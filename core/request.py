@@ -666,9 +666,11 @@ def mask_warnings(request: GenerationRequest) -> list[str]:
         return []
     from PIL import Image
 
+    from core.image_files import upright_size
+
     try:
         with Image.open(request.mask) as mask, Image.open(request.init_image) as init:
-            note = mask_size_note(request.mask, mask.size, init.size)
+            note = mask_size_note(request.mask, upright_size(mask), upright_size(init))
     except (OSError, ValueError):  # an unreadable file fails the job with its own message
         return []
     return [note] if note else []

@@ -778,6 +778,15 @@ class JobStore:
         return _parse_rows(rows, _history_from_row)
 
     @_db_call
+    def grid_images(self, grid_id: str) -> list[HistoryEntry]:
+        """The grid images saved for ``grid_id`` (history rows of no job), newest first."""
+        rows = self._conn().execute(
+            "SELECT * FROM history WHERE job_id IS NULL AND json_extract(request, '$.extra.grid.id') = ? "
+            "AND json_extract(request, '$.extra.grid.image') ORDER BY id DESC", (grid_id,)
+        ).fetchall()
+        return _parse_rows(rows, _history_from_row)
+
+    @_db_call
     def get_history(self, history_id: int) -> HistoryEntry | None:
         row = self._conn().execute("SELECT * FROM history WHERE id = ?", (history_id,)).fetchone()
         return _history_from_row(row) if row else None

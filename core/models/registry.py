@@ -271,6 +271,12 @@ class ModelRegistry:
     def checkpoints(self) -> list[ModelFile]:
         return list(self._scan()["checkpoint"])
 
+    def shadowed(self, kind: str = "checkpoint") -> list[ModelFile]:
+        """Files of ``kind`` that a listed file of the same name hides (an earlier folder, or a preferred
+        extension, wins): reachable only by their path."""
+        self._scan()
+        return list(self._shadowed.get(kind, []))
+
     def vaes(self) -> list[ModelFile]:
         return list(self._scan()["vae"])
 

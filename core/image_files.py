@@ -1,0 +1,40 @@
+"""Images a job reads (init image, mask, upscale source) as people's files are: the way up a camera's EXIF
+orientation says, and 16-bit greyscale scaled to 8 bits.
+
+Pillow leaves both to the caller: ``convert("RGB")`` keeps a phone photo's sensor orientation (A1111, ComfyUI
+and every viewer turn it upright) and clips a 16-bit grey PNG (``I;16``, 0..65535) at 255, so any value above
+1/256 of full scale became white.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the image by 90 degrees
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The size an opened image has once turned upright, read from its header (nothing decoded)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the image as stored
+        orientation = None
+    width, height = image.size
+    return (height, width) if orientation in _SWAPS_SIDES else (width, height)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (decodes it), 16-bit greyscale scaled to 8-bit range."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the image as stored
+        image.load()
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = image.point(lambda v: v / 257)  # 65535 -> 255; convert() would clip instead
+    return image
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An opened image file as the 8-bit RGB image it shows."""
+    return upright(image).convert("RGB")

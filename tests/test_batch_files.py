@@ -1,0 +1,180 @@
+"""``darkroom --batch`` as a scripting user drives it: what comes in on stdin, the output folder, grids and
+``--resume``, and the files a job reads (init images as cameras and editors write them)."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import pytest
+
+from cli.batch import run_batch
+from tests.batch_harness import RecordingRunner, batch_runner
+
+
+class Runner(RecordingRunner):
+    seen: list = []
+
+
+@pytest.fixture
+def batch(tmp_path, monkeypatch):
+    run = batch_runner(tmp_path, monkeypatch, Runner)
+
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return str(path)
+
+    return run, write, tmp_path
+
+
+class _BytesStdin(io.TextIOWrapper):
+    """stdin as Python opens it in a UTF-8 locale (``en_US.UTF-8``): strict decoding, so a byte that is no
+    UTF-8 raises while it is read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="strict")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", b'[[job]]\nprompt = "caf\xe9"\n'])
+def test_stdin_that_is_no_utf8_text_is_one_message_not_a_traceback(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    err = io.StringIO()
+    code = run_batch("-", stdin=_BytesStdin(data), stdout=io.StringIO(), stderr=err, models_dirs=[tmp_path],
+                     db_path=tmp_path / "db", runner_factory=Runner)
+    assert code == 2
+    assert err.getvalue() == ("darkroom: error: <stdin>: not a text file (expected TOML or JSON Lines in UTF-8); "
+                              "is it the right file?\n")
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_exists_but_cannot_be_written_is_said_before_anything_runs(tmp_path, monkeypatch):
+    # /proc/self: a folder that exists and that nobody, root included, can create files in (as a read-only
+    # mount, which a test cannot make)
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    (tmp_path / "fake.safetensors").write_bytes(b"")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"model": "fake", "steps": 1}\n')
+    Runner.seen = []
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[tmp_path], output_dir="/proc/self", db_path=tmp_path / "db",
+                     runner_factory=Runner, stdout=out, stderr=err)
+    assert (code, out.getvalue(), Runner.seen) == (2, "", [])
+    assert err.getvalue() == "darkroom: error: --output-dir /proc/self: the folder cannot be written to\n"
+
+
+GRID_JOBS = """\
+    [grid]
+    x = {field = "cfg", values = [5, 7]}
+
+    [[job]]
+    model = "fake"
+    steps = 1
+    seed = -1
+    """
+
+
+def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
+    from core.metadata import read_request
+
+    run, write, _ = batch
+    code, out, _ = run(write("grid.toml", GRID_JOBS))
+    *cells, grid = out.splitlines()
+    assert code == 0 and len(cells) == 2
+    seed = read_request(cells[0]).seed
+    assert seed != -1 and read_request(cells[1]).seed == seed
+    assert read_request(grid).seed == seed  # A1111's grid infotext is its first image's, seed and all
+    assert not grid.endswith("--1.png")
+
+
+def test_resume_of_a_finished_grid_prints_its_grid_image_and_saves_no_second_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    (tmp_path / "fake.safetensors").write_bytes(b"")
+    jobs = tmp_path / "grid.toml"
+    jobs.write_text(textwrap.dedent(GRID_JOBS))
+
+    def run(resume: bool) -> tuple[int, list[str]]:
+        out = io.StringIO()
+        code = run_batch(str(jobs), models_dirs=[tmp_path], output_dir=tmp_path / "out", db_path=tmp_path / "db",
+                         runner_factory=Runner, stdout=out, stderr=io.StringIO(), resume=resume)
+        return code, out.getvalue().splitlines()
+
+    first = run(False)
+    assert first[0] == 0 and len(first[1]) == 3
+    assert run(True) == first  # every path again, the grid's too
+    assert len(list((tmp_path / "out" / "grids").rglob("*.png"))) == 1
+    jobs.write_text(textwrap.dedent(GRID_JOBS).replace("[5, 7]", "[5, 8]"))  # another grid: a new image
+    code, paths = run(True)
+    assert code == 0 and paths[0] == first[1][0] and paths[2] != first[1][2]
+    assert len(list((tmp_path / "out" / "grids").rglob("*.png"))) == 2
+
+
+# ---- init images as cameras and editors write them --------------------------------------------------------------
+
+
+def _sideways_photo(path):
+    """A 32x16 JPEG stored as a phone stores a portrait shot: the sensor's landscape pixels, red on the left,
+    and EXIF orientation 6 (turn 90 degrees clockwise to view): upright it is 16x32, red on top."""
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 16), "blue")
+    image.paste((255, 0, 0), (0, 0, 16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_an_init_image_is_used_the_way_up_its_exif_orientation_says(tmp_path):
+    from core.pipeline import load_init_image
+
+    image, size = load_init_image(str(_sideways_photo(tmp_path / "photo.jpg")), 16, 32, with_size=True)
+    assert size == (16, 32)
+    top, bottom = image.getpixel((8, 4)), image.getpixel((8, 28))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+def test_a_16_bit_grey_init_image_keeps_its_tones(tmp_path):
+    from PIL import Image
+
+    from core.pipeline import load_init_image
+
+    grey = Image.new("I;16", (8, 8), 40000)  # 61 % grey; clipped to 8 bits it was white
+    grey.save(tmp_path / "grey16.png")
+    red, green, blue = load_init_image(str(tmp_path / "grey16.png"), 8, 8).getpixel((2, 2))
+    assert red == green == blue and abs(red - 40000 / 65535 * 255) < 1
+
+
+def test_a_mask_drawn_on_the_upright_photo_fits_it(tmp_path):
+    from PIL import Image
+
+    from core.masks import load_mask
+    from core.request import GenerationRequest, mask_warnings
+
+    photo = _sideways_photo(tmp_path / "photo.jpg")
+    Image.new("L", (16, 32), 255).save(tmp_path / "mask.png")  # drawn over the photo as every viewer shows it
+    request = GenerationRequest(model="m", init_image=str(photo), mask=str(tmp_path / "mask.png"), denoise=0.5)
+    assert mask_warnings(request) == []
+    sideways_mask = tmp_path / "mask.jpg"  # a mask saved with the camera's orientation tag is turned up too
+    _sideways_photo(sideways_mask)
+    mask, notes = load_mask(str(sideways_mask), (16, 32))
+    assert notes == [] and mask.size == (16, 32)
+
+
+# ---- the models folders -----------------------------------------------------------------------------------------
+
+
+def test_list_models_shows_a_checkpoint_that_another_of_the_same_name_hides(tmp_path):
+    from cli.list_models import list_models
+    from tests.family_files import write_header_only
+
+    used = write_header_only(tmp_path / "checkpoints" / "dup.safetensors", "sd15")
+    hidden = write_header_only(tmp_path / "Stable-diffusion" / "dup.safetensors", "sdxl")
+    out, err = io.StringIO(), io.StringIO()
+    assert list_models([tmp_path], out, err) == 0
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("dup ")]
+    assert len(rows) == 2 and rows[0].split()[1] == "SD1.x" and rows[1].split()[1] == "SDXL"
+    assert rows[1].endswith(f"not used by the name 'dup', which is {used}; give this file's path to use it: {hidden}")
