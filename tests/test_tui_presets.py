@@ -184,3 +184,22 @@ async def test_a_cache_preset_reaches_the_request_and_the_next_preset_turns_it_o
         generate.apply_preset(builtin["sd15-fast-ays"])
         await pilot.pause()
         assert generate.build_request().deepcache_interval == 1
+
+
+async def test_save_current_after_applying_a_preset(tmp_path):
+    # Applying a preset sets the form's kept fields (invert_mask False among them); saving the form as a
+    # preset then has to take a bool, not refuse it as "must be a table".
+    builtin = {p.name: p for p in load_presets()[0] if p.builtin}
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45)) as pilot:
+        generate = app.get_generate_screen()
+        screen = await open_presets(pilot, app)
+        generate.apply_preset(builtin["sd15-hires"])
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"after hires", "enter")
+        await wait_for(pilot, lambda: "after hires" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "after hires").fields
+        assert saved["invert_mask"] is False and saved["hires"]["scale"] == 2.0
