@@ -1142,9 +1142,9 @@ class GenerateScreen(MainScreen):
             if event.paths:
                 self.load_final(event.paths[0], event.job_id)
         elif isinstance(event, JobFailed) and event.job_id == self.preview.job_id:
-            self.preview.finish(f"failed: {event.error}")
+            self.preview.finish(f"failed: {event.error}", complete=False)
         elif isinstance(event, JobCancelled) and event.job_id == self.preview.job_id:
-            self.preview.finish("cancelled")
+            self.preview.finish("cancelled", complete=False)
 
     @work(thread=True, exclusive=True, group="final-image")
     def load_final(self, path: str, job_id: int) -> None:
