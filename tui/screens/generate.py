@@ -1065,8 +1065,10 @@ class GenerateScreen(MainScreen):
         prompt = self.query_one("#prompt", TextArea)
         row, column = prompt.cursor_location
         line = prompt.document.get_line(row)
-        before = line[:column]
-        prompt.insert((" " if before and not before.endswith((" ", ",")) else "") + text)
+        before, after = line[:column], line[column:]
+        # A space on each side where a word would touch the tag (a tag glued to a word reads as one token).
+        prompt.insert((" " if before and not before.endswith((" ", ",")) else "") + text
+                      + (" " if after and not after.startswith((" ", ",")) else ""))
         prompt.focus()
 
     def action_open_png(self, value: str = "", problem: str = "") -> None:
