@@ -350,3 +350,13 @@ async def test_a_stopped_job_leaves_the_progress_bar_where_it_stopped(tmp_path):
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: "cancelled" in str(screen.query_one("#preview-stats").render()))
         assert bar.progress == 1 and bar.total == 4
+
+
+async def test_the_seed_lock_says_locked_in_full_at_80_columns(tmp_path):
+    # At 80x24 the row cut "locked" to "lock", the word the box says when it is off.
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#seed-lock", Checkbox).value = True
+        await pilot.pause()
+        assert "▐X▌ locked" in screen_text(app)
