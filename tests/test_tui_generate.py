@@ -360,3 +360,14 @@ async def test_the_seed_lock_says_locked_in_full_at_80_columns(tmp_path):
         screen.query_one("#seed-lock", Checkbox).value = True
         await pilot.pause()
         assert "▐X▌ locked" in screen_text(app)
+
+
+async def test_ctrl_s_with_no_job_running_says_so(tmp_path):
+    # Hidden from the footer while idle, the key was disabled with it and did nothing at all.
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await ready(pilot, app)
+        assert "Stop job" not in screen_text(app)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert [n.message for n in app._notifications][-1:] == ["No job is running."]
