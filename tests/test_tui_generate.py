@@ -352,22 +352,16 @@ async def test_a_stopped_job_leaves_the_progress_bar_where_it_stopped(tmp_path):
         assert bar.progress == 1 and bar.total == 4
 
 
-async def test_the_seed_lock_says_locked_in_full_at_80_columns(tmp_path):
-    # At 80x24 the row cut "locked" to "lock", the word the box says when it is off.
+
+async def test_at_80_columns_the_seed_lock_reads_locked_and_an_idle_ctrl_s_says_no_job_runs(tmp_path):
+    # At 80x24 the row cut "locked" to "lock", the word the box shows when it is off. Ctrl+S, hidden from the
+    # footer while idle, was disabled with it and did nothing at all.
     app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await ready(pilot, app)
         screen.query_one("#seed-lock", Checkbox).value = True
         await pilot.pause()
-        assert "▐X▌ locked" in screen_text(app)
-
-
-async def test_ctrl_s_with_no_job_running_says_so(tmp_path):
-    # Hidden from the footer while idle, the key was disabled with it and did nothing at all.
-    app = make_app(tmp_path, start_worker=False)
-    async with app.run_test(size=(140, 45)) as pilot:
-        await ready(pilot, app)
-        assert "Stop job" not in screen_text(app)
+        assert "▐X▌ locked" in screen_text(app) and "Stop job" not in screen_text(app)
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert [n.message for n in app._notifications][-1:] == ["No job is running."]

@@ -190,7 +190,7 @@ async def test_save_current_after_applying_a_preset(tmp_path):
     # Applying a preset sets the form's kept fields (invert_mask False among them); saving the form as a
     # preset then has to take a bool, not refuse it as "must be a table".
     builtin = {p.name: p for p in load_presets()[0] if p.builtin}
-    app = make_app(tmp_path)
+    app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=(140, 45)) as pilot:
         generate = app.get_generate_screen()
         screen = await open_presets(pilot, app)
