@@ -63,6 +63,8 @@ def _type_problem(key: str, value: Any, hint: Any) -> str | None:
         ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif hint is str:
         ok, wanted = isinstance(value, str), "a string"
+    elif hint is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
     elif key == "loras":  # the request checks each entry (name, weight, te_weight)
         ok, wanted = isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value), (
             "a list of tables with name, weight and optionally te_weight")

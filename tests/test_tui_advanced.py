@@ -178,3 +178,24 @@ async def test_relative_init_image_is_taken_from_the_current_directory_and_says_
         assert f"Init image rel.png: a relative path, taken from the current directory: {work / 'rel.png'}" in notes
         # the field shows the path that was used, so a restart from another folder still finds it
         assert screen.query_one("#init_image", Input).value == str(work / "rel.png")
+
+
+async def test_a_restart_with_the_advanced_section_open_shows_the_top_of_the_form(tmp_path):
+    # Restored open, the section expanded after the form mounted and scrolled itself into view (Textual's
+    # Collapsible does on expand): at 80x24 the focused prompt was above the top of the form.
+    from tests.tui_fakes import screen_text
+
+    for run in range(2):
+        app = make_app(tmp_path, start_worker=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = app.get_generate_screen()
+            await wait_for(pilot, lambda s=screen: s._form_ready)
+            if run == 0:
+                screen.query_one("#advanced", Collapsible).collapsed = False
+                await pilot.pause()
+                app.save_form_settings()
+                continue
+            await pilot.pause(0.3)  # the expand's scroll ran after a refresh, animated
+            assert not screen.query_one("#advanced", Collapsible).collapsed
+            assert screen.query_one("#form").scroll_y == 0 and app.focused.id == "prompt"
+            assert "Prompt  (Ctrl+N" in screen_text(app)

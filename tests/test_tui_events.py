@@ -134,3 +134,26 @@ def test_status_line_while_the_worker_starts():
     starting = Status(None, activity="starting: importing torch", device="…", queue_length=2)
     assert status_text(starting).plain == " starting  importing torch…  queue 2"
     assert "RAM" not in status_text(starting).plain  # no device facts to show yet
+
+
+async def test_status_line_keeps_the_queue_and_the_job_at_80_columns(tmp_path, monkeypatch):
+    # At 80 columns the device facts and a long model name took the whole line, cutting off what the worker is
+    # doing; narrow, the memory and attention get their short forms and the model name gives way.
+    from core.events import Status
+    from tests.tui_fakes import make_app, screen_text, wait_for
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    model = "juggernautXL_v9Rundiffusionphoto2.safetensors"
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.status = Status(None, activity="generating", device="cuda:0", memory_used=5 * 2**30,
+                            memory_peak=7 * 2**30, memory_total=24 * 2**30, attention_backend="sage",
+                            dtype="float16", loaded_model=model, queue_length=3)
+        app.progress_line = "job #12 step 13/60"
+        await wait_for(pilot, lambda: "job #12 step 13/60" in screen_text(app))
+        line = next(row for row in screen_text(app).splitlines() if "cuda:0" in row)
+        assert "queue 3  generating · job #12 step 13/60" in line and "VRAM 5.0G" in line
+        assert "model juggernaut" in line  # the name shortened, not gone
+        await pilot.resize_terminal(160, 30)  # wide again: everything in full
+        await wait_for(pilot, lambda: f"model {model}" in screen_text(app))
+        assert "VRAM 5.0G peak 7.0G of 24.0G  attention: sage" in screen_text(app)

@@ -322,3 +322,46 @@ async def test_hires_switch_says_on_or_off(tmp_path):
         screen.set_form_values({"hires": None})
         await pilot.pause()
         assert str(state.render()) == "off"
+
+
+class StepsThenHold:
+    """A FakeRunner gate that lets ``n`` steps through, then holds the job (until it is cancelled)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def wait(self, timeout: float) -> bool:
+        if self.n > 0:
+            self.n -= 1
+            return True
+        threading.Event().wait(timeout)
+        return False
+
+
+async def test_a_stopped_job_leaves_the_progress_bar_where_it_stopped(tmp_path):
+    # Ctrl+S at step 1 of 4: the bar said 100 % under "cancelled", as if the picture were done.
+    app = make_app(tmp_path, FakeRunner(gate=StepsThenHold(1)))
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "4"
+        await pilot.press("ctrl+j")
+        bar = screen.query_one("#preview-progress")
+        await wait_for(pilot, lambda: bar.progress == 1)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: "cancelled" in str(screen.query_one("#preview-stats").render()))
+        assert bar.progress == 1 and bar.total == 4
+
+
+
+async def test_at_80_columns_the_seed_lock_reads_locked_and_an_idle_ctrl_s_says_no_job_runs(tmp_path):
+    # At 80x24 the row cut "locked" to "lock", the word the box shows when it is off. Ctrl+S, hidden from the
+    # footer while idle, was disabled with it and did nothing at all.
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#seed-lock", Checkbox).value = True
+        await pilot.pause()
+        assert "▐X▌ locked" in screen_text(app) and "Stop job" not in screen_text(app)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert [n.message for n in app._notifications][-1:] == ["No job is running."]

@@ -62,3 +62,21 @@ async def test_picker_inserts_loras_and_embeddings_and_the_running_job_shows_its
         prompt.load_text("a cat <lora:ink:0.8> <lora:detail:0.5:1.2>")
         await pilot.press("ctrl+j")
         await wait_for(pilot, lambda: "[LoRAs: ink 0.8, detail 0.5/1.2]" in screen_text(app))
+
+
+async def test_a_tag_inserted_before_a_word_is_kept_apart_from_it(tmp_path):
+    # With the cursor at the start of the prompt (where a restart or a fill from an image leaves it), the
+    # tag was glued to the first word: "<lora:ink:1>a harbour".
+    app = make_app(tmp_path, registry=NetworkRegistry(), start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
+        prompt = screen.query_one("#prompt", TextArea)
+        prompt.load_text("a harbour at night")
+        prompt.focus()
+        prompt.move_cursor((0, 0))
+        screen._insert_network("<lora:ink:1>")
+        assert prompt.text == "<lora:ink:1> a harbour at night"
+        prompt.move_cursor((0, len("<lora:ink:1> a harbour")))
+        screen._insert_network("easynegative")
+        assert prompt.text == "<lora:ink:1> a harbour easynegative at night"

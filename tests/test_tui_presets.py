@@ -184,3 +184,36 @@ async def test_a_cache_preset_reaches_the_request_and_the_next_preset_turns_it_o
         generate.apply_preset(builtin["sd15-fast-ays"])
         await pilot.pause()
         assert generate.build_request().deepcache_interval == 1
+
+
+async def test_save_current_after_applying_a_preset(tmp_path):
+    # Applying a preset sets the form's kept fields (invert_mask False among them); saving the form as a
+    # preset then has to take a bool, not refuse it as "must be a table".
+    builtin = {p.name: p for p in load_presets()[0] if p.builtin}
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 45)) as pilot:
+        generate = app.get_generate_screen()
+        screen = await open_presets(pilot, app)
+        generate.apply_preset(builtin["sd15-hires"])
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.press("s")
+        await pilot.pause()
+        await pilot.press(*"after hires", "enter")
+        await wait_for(pilot, lambda: "after hires" in [p.name for p in screen.presets])
+        saved = next(p for p in load_presets()[0] if p.name == "after hires").fields
+        assert saved["invert_mask"] is False and saved["hires"]["scale"] == 2.0
+
+
+async def test_preset_table_values_are_words_not_python_reprs(tmp_path):
+    # The hires table read "{'scale': 2.0, 'upscaler': 'latent', 'steps': 0, 'denoi" (cut at the pane's edge).
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_presets(pilot, app)
+        names = [p.name for p in screen.presets]
+        for name, shown in (("sd15-hires", "scale 2.0, upscaler latent, steps 0, denoise 0.5"),
+                            ("sd15-lcm-lora", "name lcm-lora-sdv1-5, weight 1.0")):
+            screen.query_one(OptionList).highlighted = names.index(name)
+            await pilot.pause()
+            text = screen_text(app)
+            assert shown in text and "{'" not in text, name

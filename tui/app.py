@@ -173,6 +173,9 @@ class DarkroomApp(App[int]):
         Binding("f5", "switch_mode('history')", "History", show=False),
         # From any screen, also while typing; in the footer only while a job runs (see check_action).
         Binding("ctrl+s", "stop_job", "Stop job", priority=True),
+        # The same key while idle: the binding above is disabled with its footer entry, and this one, never
+        # shown, says that no job is running (Textual tries a key's bindings in order).
+        Binding("ctrl+s", "stop_job('idle')", "Stop job", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -541,11 +544,11 @@ class DarkroomApp(App[int]):
             screen.set_form_values(values)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop_job" and self.running_job is None:
-            return False  # hidden from the footer; the key still answers (see action_stop_job)
+        if action == "stop_job" and not parameters and self.running_job is None:
+            return False  # hidden from the footer; the key still answers (the binding with 'idle')
         return True
 
-    def action_stop_job(self) -> None:
+    def action_stop_job(self, _key: str = "") -> None:
         """Cancel the running job (it stops at its next step); the queue goes on with the next one."""
         job_id = self.running_job
         if job_id is None:

@@ -110,6 +110,14 @@ class NamesSuggester(Suggester):
         return next((n for n in self.names() if n.lower().startswith(value) and n.lower() != value), None)
 
 
+def sets_advanced(values: dict[str, Any]) -> bool:
+    """Whether ``values`` (a preset, a history row, the restored form) set something in the advanced section,
+    which is then shown, so no setting is invisible."""
+    return bool(values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae")
+                or values.get("detailer") or (isinstance(values.get("clip_skip"), int)
+                                              and values["clip_skip"] != DEFAULTS["clip_skip"]))
+
+
 def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
@@ -263,7 +271,11 @@ class GenerateScreen(MainScreen):
                        compact=True),
                  Label("×", classes="times"),
                  Input("1", type="integer", id="batch_count", classes="short", tooltip="batches", compact=True))],
-            [Collapsible(title="Advanced: img2img, inpaint, hires, VAE", id="advanced")],
+            # Open from the start when the restored settings open it: expanded later, Textual's Collapsible
+            # scrolls itself into view, which pushed the focused prompt above the top of the form.
+            [Collapsible(title="Advanced: img2img, inpaint, hires, VAE", id="advanced",
+                         collapsed=not (self._pending_values.get("advanced_open") is True
+                                        or sets_advanced(self._pending_values)))],
         ]
 
     def _advanced_rows(self) -> list[Widget]:
@@ -749,11 +761,7 @@ class GenerateScreen(MainScreen):
         advanced = self.query_one("#advanced", Collapsible)
         if isinstance(values.get("advanced_open"), bool):
             advanced.collapsed = not values["advanced_open"]
-        # Show the section when a preset or history row sets something in it, so no setting is invisible.
-        if values.get("hires") or values.get("init_image") or values.get("mask") or values.get("vae") or values.get(
-            "detailer") or (
-            isinstance(values.get("clip_skip"), int) and values["clip_skip"] != DEFAULTS["clip_skip"]
-        ):
+        if sets_advanced(values):
             advanced.collapsed = False
 
     def _show_hidden_fields(self) -> None:
@@ -1057,8 +1065,10 @@ class GenerateScreen(MainScreen):
         prompt = self.query_one("#prompt", TextArea)
         row, column = prompt.cursor_location
         line = prompt.document.get_line(row)
-        before = line[:column]
-        prompt.insert((" " if before and not before.endswith((" ", ",")) else "") + text)
+        before, after = line[:column], line[column:]
+        # A space on each side where a word would touch the tag (a tag glued to a word reads as one token).
+        prompt.insert((" " if before and not before.endswith((" ", ",")) else "") + text
+                      + (" " if after and not after.startswith((" ", ",")) else ""))
         prompt.focus()
 
     def action_open_png(self, value: str = "", problem: str = "") -> None:
@@ -1142,9 +1152,9 @@ class GenerateScreen(MainScreen):
             if event.paths:
                 self.load_final(event.paths[0], event.job_id)
         elif isinstance(event, JobFailed) and event.job_id == self.preview.job_id:
-            self.preview.finish(f"failed: {event.error}")
+            self.preview.finish(f"failed: {event.error}", complete=False)
         elif isinstance(event, JobCancelled) and event.job_id == self.preview.job_id:
-            self.preview.finish("cancelled")
+            self.preview.finish("cancelled", complete=False)
 
     @work(thread=True, exclusive=True, group="final-image")
     def load_final(self, path: str, job_id: int) -> None:

@@ -16,7 +16,7 @@ from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
 from tui.screens.generate import UI_ONLY_FIELDS, presets_module
-from tui.screens.save_preset import SavePresetScreen
+from tui.screens.save_preset import SavePresetScreen, shown_value
 
 
 def family_label(family: str) -> str:
@@ -165,7 +165,7 @@ class PresetsScreen(MainScreen):
         text.append(visible(preset.description or "", multiline=True))
         description.update(text)
         for name, value in dict(preset.fields).items():
-            table.add_row(Text(visible(name)), Text(visible(value)))
+            table.add_row(Text(visible(name)), Text(shown_value(value)))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:

@@ -21,10 +21,18 @@ from tui.widgets.safe_input import Input
 LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image", "mask", "outpaint")
 
 
-def _shown(value: Any, width: int = 24) -> str:
+def shown_value(value: Any) -> str:
+    """A preset field's value in words on one line: a table (hires) as ``scale 2.0, upscaler latent``, a list
+    of tables (loras) one after another with ``;``, never Python's ``{'scale': 2.0}``."""
     if isinstance(value, dict):
         value = ", ".join(f"{k} {v}" for k, v in value.items())
-    text = visible(" ".join(str(value).split()))  # prompts and paths: control characters made visible
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        value = "; ".join(shown_value(v) for v in value)
+    return visible(" ".join(str(value).split()))  # prompts and paths: control characters made visible
+
+
+def _shown(value: Any, width: int = 24) -> str:
+    text = shown_value(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

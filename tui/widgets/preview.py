@@ -128,9 +128,11 @@ class PreviewPane(Vertical):
         self.query_one("#preview-empty").display = False
         self.frames_drawn += 1
 
-    def finish(self, text: str) -> None:
+    def finish(self, text: str, complete: bool = True) -> None:
+        """The job ended: ``text`` says how; the bar fills only for a finished job (a stopped or failed one
+        stays at the step it reached, not at 100 % as if its picture were done)."""
         self.running = False
         self.query_one("#preview-stats", Label).update(Text(visible(text)), layout=False)
         bar = self.query_one(ProgressBar)
-        if bar.total:
+        if bar.total and complete:
             bar.update(progress=bar.total)
