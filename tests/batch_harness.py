@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,20 @@ def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[R
         return code, out.getvalue(), err.getvalue()
 
     return run
+
+
+def batch_and_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[RecordingRunner]
+                     ) -> tuple[BatchRun, Callable[[str, str], str], Path]:
+    """(run, write, tmp_path): ``batch_runner``'s run and ``write(name, text)``, which writes a dedented jobs
+    file into ``tmp_path`` and returns its path."""
+    run = batch_runner(tmp_path, monkeypatch, runner)
+
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return str(path)
+
+    return run, write, tmp_path
 
 
 def run_jobs(jobs: list[dict], models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from cli.batch import run_batch
-from tests.batch_harness import RecordingRunner, batch_runner
+from tests.batch_harness import RecordingRunner, batch_and_writer
 
 
 class Runner(RecordingRunner):
@@ -18,14 +18,7 @@ class Runner(RecordingRunner):
 
 @pytest.fixture
 def batch(tmp_path, monkeypatch):
-    run = batch_runner(tmp_path, monkeypatch, Runner)
-
-    def write(name: str, text: str) -> str:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return str(path)
-
-    return run, write, tmp_path
+    return batch_and_writer(tmp_path, monkeypatch, Runner)
 
 
 class _BytesStdin(io.TextIOWrapper):

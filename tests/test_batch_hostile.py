@@ -4,14 +4,13 @@ bad init images, and an image as a job (``--batch image.png``, ``from_image``)."
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tests.batch_harness import RecordingRunner, batch_runner
+from tests.batch_harness import RecordingRunner, batch_and_writer
 from tests.test_request_hostile import png_declaring
 
 
@@ -21,14 +20,7 @@ class Runner(RecordingRunner):
 
 @pytest.fixture
 def batch(tmp_path, monkeypatch):
-    run = batch_runner(tmp_path, monkeypatch, Runner)
-
-    def write(name: str, text: str) -> str:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return str(path)
-
-    return run, write, tmp_path
+    return batch_and_writer(tmp_path, monkeypatch, Runner)
 
 
 def a1111_png(path: Path, infotext: str) -> Path:
