@@ -461,21 +461,30 @@ def _vae_tile(model: LoadedModel) -> int | None:
     return placement.plan.vae_tile if placement is not None else None
 
 
+def _overflow_safe(model: LoadedModel, run: Callable[[], torch.Tensor],
+                   before_retry: Callable[[], None] | None = None) -> torch.Tensor:
+    """``run()`` on the model's VAE in its dtype; a float16 result that overflows (NaN/inf: the original SDXL
+    VAE does, decoding and encoding) is redone in float32 after ``before_retry()``, and that VAE stays in
+    float32 (A1111's automatic ``--no-half-vae``)."""
+    vae, source = model.checkpoint.vae, _vae_source(model)
+    if vae.dtype == torch.float16 and source in _FP32_VAES:
+        vae.to(torch.float32)
+    half = vae.dtype == torch.float16
+    out = run()
+    if half and not _finite(out):
+        _FP32_VAES.add(source)
+        vae.to(torch.float32)
+        if before_retry is not None:
+            before_retry()
+        out = run()
+    return out
+
+
 def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    """Decode in the VAE's dtype; a float16 decode that overflows (NaN/inf: the original SDXL VAE does) is
-    redone in float32, and that VAE stays in float32 (A1111's automatic ``--no-half-vae``)."""
+    """Decode in the VAE's dtype, redone in float32 where float16 overflows (``_overflow_safe``)."""
     with on_device(model, "vae"):
-        vae = model.checkpoint.vae
         tile = _vae_tile(model)
-        source = _vae_source(model)
-        if vae.dtype == torch.float16 and source in _FP32_VAES:
-            vae.to(torch.float32)
-        pixels = _decode(vae, latents, tile)
-        if vae.dtype == torch.float16 and not _finite(pixels):
-            _FP32_VAES.add(source)
-            vae.to(torch.float32)
-            pixels = _decode(vae, latents, tile)
-    return pixels
+        return _overflow_safe(model, lambda: _decode(model.checkpoint.vae, latents, tile))
 
 
 def _encode(vae: torch.nn.Module, images: torch.Tensor, generators: Sequence[torch.Generator],
@@ -491,22 +500,17 @@ def encode_images(model: LoadedModel, images: torch.Tensor, noise: NoiseSampler)
     The posterior draw comes first in each image's stream, then the starting noise, then step noise; the
     same order diffusers uses with a CPU generator, so a seed gives the same img2img result in both. The
     original SDXL VAE overflows in float16 encoding too (diffusers#7188; diffusers upcasts it for img2img): a
-    float16 encode giving NaN/inf is redone in float32 from the same generator states, as ``decode`` does.
+    float16 encode giving NaN/inf is redone in float32 from the same generator states (``_overflow_safe``).
     """
-    vae = model.checkpoint.vae
     tile = _vae_tile(model)  # the memory plan's: large images encode in tiles too
-    source = _vae_source(model)
+    states = [gen.get_state() for gen in noise.generators]
+
+    def rewind() -> None:
+        for gen, state in zip(noise.generators, states):
+            gen.set_state(state)
+
     with on_device(model, "vae"):
-        if vae.dtype == torch.float16 and source in _FP32_VAES:
-            vae.to(torch.float32)
-        states = [gen.get_state() for gen in noise.generators] if vae.dtype == torch.float16 else None
-        latents = _encode(vae, images, noise.generators, tile)
-        if states is not None and not _finite(latents):
-            _FP32_VAES.add(source)
-            vae.to(torch.float32)
-            for gen, state in zip(noise.generators, states):
-                gen.set_state(state)
-            latents = _encode(vae, images, noise.generators, tile)
+        latents = _overflow_safe(model, lambda: _encode(model.checkpoint.vae, images, noise.generators, tile), rewind)
     return latents.to(model.dtype)  # a VAE kept in float32 after an fp16 overflow still hands the UNet its dtype
 
 
