@@ -210,8 +210,7 @@ def detail_image(
                     if on_step is not None:
                         on_step(offset + s, offset + total, x0)
 
-                image = generate(model, region, init=image, mask=mask, on_step=step, use_loras=use_loras,
-                                 **kwargs)[0][0]
+                image = generate(model, region, init=image, mask=mask, on_step=step, **kwargs)[0][0]
                 done += region.steps if region.denoise > 0 else 0
     finally:
         if use_loras is not None and loras is not None and loras.requested != request.lora_refs():
