@@ -24,14 +24,20 @@ class NetworkRegistry(FakeRegistry):
         return [FakeModel("easynegative", Path("/models/embeddings/easynegative.pt"))]
 
 
+async def prompt_reading(pilot, app, text: str):
+    """(the Generate screen, its focused prompt holding ``text``) once the form has its model."""
+    screen = app.get_generate_screen()
+    await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
+    prompt = screen.query_one("#prompt", TextArea)
+    prompt.load_text(text)
+    prompt.focus()
+    return screen, prompt
+
+
 async def test_picker_inserts_loras_and_embeddings_and_the_running_job_shows_its_loras(tmp_path):
     app = make_app(tmp_path, registry=NetworkRegistry())
     async with app.run_test(size=(140, 45)) as pilot:
-        screen = app.get_generate_screen()
-        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
-        prompt = screen.query_one("#prompt", TextArea)
-        prompt.load_text("a harbour at night")
-        prompt.focus()
+        screen, prompt = await prompt_reading(pilot, app, "a harbour at night")
         prompt.move_cursor((0, len(prompt.text)))
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: isinstance(app.screen, NetworksScreen) and len(app.screen.entries) == 3)
@@ -69,11 +75,7 @@ async def test_a_tag_inserted_before_a_word_is_kept_apart_from_it(tmp_path):
     # tag was glued to the first word: "<lora:ink:1>a harbour".
     app = make_app(tmp_path, registry=NetworkRegistry(), start_worker=False)
     async with app.run_test(size=(140, 45)) as pilot:
-        screen = app.get_generate_screen()
-        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "fake-model.safetensors")
-        prompt = screen.query_one("#prompt", TextArea)
-        prompt.load_text("a harbour at night")
-        prompt.focus()
+        screen, prompt = await prompt_reading(pilot, app, "a harbour at night")
         prompt.move_cursor((0, 0))
         screen._insert_network("<lora:ink:1>")
         assert prompt.text == "<lora:ink:1> a harbour at night"
