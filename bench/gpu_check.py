@@ -243,6 +243,11 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
                         result = measured(device, run_darkroom, compiled, request, device)
                         lines.append(row("darkroom", "auto", precision, f"compile (1st job {first['wall']:.0f} s)",
                                          result))
+                        if hasattr(compiled.compiler, "graphs") and left() > 20:  # the same, no CUDA graph replay
+                            compiled.compiler.graphs = False
+                            lines.append(row("darkroom", "auto", precision, "compile, no CUDA graph",
+                                             measured(device, run_darkroom, compiled, request, device)))
+                            compiled.compiler.graphs = True
                         for name, value in list(caches.items())[:1]:
                             if left() > 20:
                                 cached = request.replace(**{name: value})

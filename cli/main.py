@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODE",
         help="compile the denoiser once per model and image size: auto or torch (the bare flag: torch.compile "
-        "of each block), stable-fast (when installed, NVIDIA GPUs, not with --lowvram or offload), off; "
+        "of each block; on an NVIDIA GPU, replayed from a CUDA graph where no cache or offload decides per "
+        "step), stable-fast (when installed, NVIDIA GPUs, not with --lowvram or offload), off; "
         "the first job of each size pays the compile time; default: $DARKROOM_COMPILE or off",
     )
     parser.add_argument(

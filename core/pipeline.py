@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core import inpaint
-from core.accel import feature_cache
+from core.accel import cuda_graphs, feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
 from core.image_files import upright_rgb, upright_size
@@ -172,7 +172,8 @@ class LoadedModel:
         a request's override); ``guidance``: the distilled guidance of a model that takes one; ``network``: a
         stand-in for the UNet (an inpainting UNet with its extra input, ``core.inpaint.MaskedImageInput``)."""
         return self.spec.sampling.denoiser(
-            network or self.checkpoint.unet, self.schedule, self.prediction_for(prediction), guidance=guidance
+            cuda_graphs.replayed(network or self.checkpoint.unet), self.schedule, self.prediction_for(prediction),
+            guidance=guidance,
         )
 
     def guidance_for(self, requested: float | None) -> float | None:
@@ -789,7 +790,7 @@ def _inpaint_inputs(
     masked_latents = encode_images(model, masked, noise.inner)
     cond_mask = inpaint.conditioning_mask(work_mask, height, width).to(device=model.device, dtype=model.dtype)
     extra = torch.cat([cond_mask.expand(size, -1, -1, -1), masked_latents], dim=1)
-    return noise, inpaint.MaskedImageInput(model.checkpoint.unet, extra), None, start  # no latent blend, as diffusers
+    return noise, inpaint.MaskedImageInput(cuda_graphs.replayed(model.checkpoint.unet), extra), None, start  # no latent blend, as diffusers
 
 
 def hires_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
@@ -902,6 +903,7 @@ class PipelineRunner:
         self.memory_mode = check_mode(memory, "memory")
         self.placement = Placement(self.device)
         self.memory_plan: Any = None  # the last job's MemoryPlan (its describe() is shown when not default)
+        self.job_graphs: Any = None  # the last job's core.accel.cuda_graphs.CudaGraphs (None: no graphs)
         from core.models.split import PartSet
 
         self.parts = PartSet(Path(), None)  # the files of the model the last job used
@@ -1047,7 +1049,10 @@ class PipelineRunner:
             ctx.step(step, total, preview)
 
         def attempt() -> list[tuple[Image.Image, int]]:
-            with self.attention.active(new_job=True):
+            graphs = self.compiler.cuda_graphs(self.memory_plan.offload)
+            in_graphs = cuda_graphs.for_job(graphs, self.compiler.graph_api, self.compiler.uncapturable)
+            with self.attention.active(new_job=True), in_graphs as used:
+                self.job_graphs = used  # what the job captured and replayed (the bench and tests read it)
                 return generate(
                     model, request, cache=self.cache, on_step=on_step, is_cancelled=ctx.is_cancelled, refiner=refiner,
                     upscaler=upscaler,

@@ -1,4 +1,5 @@
-"""Compiling the denoiser: ``torch.compile`` per block (inductor, no CUDA graphs), or Stable-Fast when installed.
+"""Compiling the denoiser: ``torch.compile`` per block (inductor), or Stable-Fast when installed; on a CUDA GPU,
+with the whole network call captured in a CUDA graph where the shapes are static (``core.accel.cuda_graphs``).
 
 The network is compiled by regions, each repeated block on its own (the UNet's input, middle and output
 blocks; Flux's double- and single-stream blocks), as diffusers' regional compilation does: a block compiles in
@@ -9,11 +10,13 @@ Compiled code lives on the network's modules, so it lasts as long as the model s
 of a model and size compiles nothing (``dynamic=False``: each latent size gets its own static graph).
 ``compiles`` counts the graphs this compiler's backend built.
 
-No CUDA graphs (``mode="reduce-overhead"``): inductor's CUDA graph trees start a new generation at every call
-into a compiled region from eager code, and freeing the previous generation's outputs invalidates the tensors
-one block hands the next (and the UNet's skips): ``g(f(x))`` with both compiled fails with "accessing tensor
-output of CUDAGraphs that has been overwritten by a subsequent run" (pytorch/pytorch#152887, #160281, open).
-Per-block regions are what the feature caches need, so the blocks compile without CUDA graphs.
+The blocks compile without inductor's CUDA graphs (``mode="reduce-overhead"``): its CUDA graph trees start a
+new generation at every call into a compiled region from eager code, and freeing the previous generation's
+outputs invalidates the tensors one block hands the next (and the UNet's skips): ``g(f(x))`` with both compiled
+fails with "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
+(pytorch/pytorch#152887, #160281, open). Per-block regions are what the feature caches need. The CUDA graph is
+instead one capture of the whole network call, around the compiled blocks (``cuda_graphs``), for the jobs where
+nothing decides per step: no feature cache, no offload.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +36,7 @@ from core.accel.compile_mode import check_mode
 
 log = logging.getLogger(__name__)
 
+GRAPHS_ENV_VAR = "DARKROOM_CUDA_GRAPHS"
 _MARK = "_darkroom_compiled"  # attribute on a compiled network: the mode it was compiled with
 
 
@@ -62,14 +69,25 @@ def stable_fast_available() -> bool:
 class DenoiserCompiler:
     """Compiles each network handed to :meth:`prepare` once, by the session's mode (``core.accel.compile_mode``).
 
-    ``backend`` replaces inductor (tests use ``"aot_eager"`` or a callable); ``notes`` holds each fallback
-    message once, for front ends to show.
+    ``backend`` replaces inductor (tests use ``"aot_eager"`` or a callable); ``graph_api`` replaces
+    ``torch.cuda``'s graphs (tests: a stand-in that runs on the CPU); ``notes`` holds each fallback message once,
+    for front ends to show.
     """
 
-    def __init__(self, mode: str = "off", device: torch.device | str = "cpu", backend: str | Callable | None = None):
+    def __init__(
+        self, mode: str = "off", device: torch.device | str = "cpu", backend: str | Callable | None = None,
+        graph_api: Any = None, graphs: bool | None = None,
+    ):
         self.mode = check_mode(mode)
         self.device = torch.device(device)
         self.backend = backend
+        self.graph_api = graph_api
+        # CUDA graphs of compiled jobs; $DARKROOM_CUDA_GRAPHS=0 turns them off (the bench compares both)
+        if graphs is None:
+            graphs = os.environ.get(GRAPHS_ENV_VAR, "1").strip().lower() not in ("0", "off", "no", "false")
+        self.graphs = graphs
+        # networks whose CUDA graph capture failed (a host sync inside): later jobs run them eagerly at once
+        self.uncapturable: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.compiles = 0
         self.notes: list[str] = []
 
@@ -141,6 +159,13 @@ class DenoiserCompiler:
             block.compile(backend=backend, dynamic=False)
         setattr(network, _MARK, "torch")
         return network
+
+    def cuda_graphs(self, offload: str) -> bool:
+        """Whether a job under a memory plan with ``offload`` replays its denoiser from CUDA graphs: compiling is
+        on, the device is a CUDA GPU (or a stand-in API is given), and nothing is offloaded (the plan's hooks move
+        weights during the call, which a replay would not do)."""
+        on_gpu = self.device.type == "cuda" or self.graph_api is not None
+        return self.enabled and self.graphs and on_gpu and offload == "none"
 
     def offload_conflict(self, network: nn.Module, offload: str) -> str | None:
         """Why ``network`` cannot run under a memory plan with ``offload`` ("model"/"sequential"), or None.

@@ -6,8 +6,8 @@ is :mod:`core.accel.compile`.
 
 - ``off``: eager PyTorch (the default: compiling costs seconds to minutes on the first job of each size).
 - ``auto``: ``torch`` (the bare ``--compile``).
-- ``torch``: ``torch.compile`` (inductor) of the denoiser's blocks, once per model and shape; without CUDA
-  graphs, which break on per-block regions (``core.accel.compile``).
+- ``torch``: ``torch.compile`` (inductor) of the denoiser's blocks, once per model and shape; on a CUDA GPU,
+  the whole network call replayed from a CUDA graph where nothing decides per step (``core.accel.cuda_graphs``).
 - ``stable-fast``: ``sfast`` (NVIDIA only), only when asked for by name; falls back to ``torch`` with one
   message when it cannot run, and a job whose memory plan offloads the denoiser fails with a message saying
   so (the traced network keeps its weights where they were traced).

@@ -1,0 +1,254 @@
+"""CUDA graphs for the denoiser where the shapes are static: one network call captured per input shape, replayed
+at every later step of the pass.
+
+A sampling step launches about a thousand kernels (SD1.5's UNet: ResBlocks, attention, norms), and at small
+sizes on a fast GPU the CPU's launching is what the step waits for. A CUDA graph records those launches once;
+a replay is one launch. What makes a replay equal the eager call:
+
+- **Inputs and output.** A replay reads the tensors the capture read and writes the tensor it wrote, so each
+  call copies its inputs into those (static) tensors and returns a copy of the output (the next replay
+  overwrites it; samplers keep earlier outputs).
+- **Weights.** A replay reads each weight at its address of capture time. A graph is keyed by the addresses of
+  the network's parameters and buffers, so a LoRA switch (``core.lora.patch`` assigns merged buffers) or a
+  move to another device captures anew; a weight changed in place is what the replay reads.
+- **No Python runs in a replay**, so whatever decides per call stays eager: a feature cache pass
+  (``core.accel.feature_cache`` picks the blocks per step) and the memory plan's offload hooks (the runner
+  asks for graphs only when nothing is offloaded: ``DenoiserCompiler.cuda_graphs``). Inside the network,
+  anything that reads a tensor's values on the host (``.tolist()``, ``.item()``, a pageable copy to the GPU)
+  cannot be captured: the capture fails, and that network runs eagerly from then on (one note; the set of such
+  networks is the compiler's, so later jobs do not try again).
+- **Warm-up.** The first call at a shape runs eagerly on the capture stream: cuBLAS workspaces and other lazy
+  inits, torch.compile's compiles and the attention dispatcher's per-shape fallbacks all happen outside the
+  capture. The second call captures.
+
+Whole-network capture, not inductor's CUDA graph trees: those break on the per-block regions the compiler
+makes (``core.accel.compile``). Only the last captured graph is kept: its private memory pool holds a set of
+activations, and a hires pass, a refiner or a detail region should not pay for the previous one's. Out of
+memory during a capture is raised (the memory plan's retry runs with offload, so without graphs); any other
+failure leaves the network eager. Graphs live for one job (``for_job``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from core.accel import feature_cache
+
+log = logging.getLogger(__name__)
+
+# More captures than this in one job: the shapes are not static (a prompt schedule changing the batch, say).
+MAX_CAPTURES_PER_JOB = 8
+
+
+class GraphApi(Protocol):
+    """What capturing needs from ``torch.cuda`` (tests hand in a stand-in that runs on the CPU)."""
+
+    device_type: str
+
+    def warm_up(self, call: Callable[[], Any]) -> Any: ...
+
+    def capture(self, call: Callable[[], Any]) -> tuple[Any, Any]:
+        """(graph, output) of recording ``call``; the recording has not run yet."""
+        ...
+
+    def replay(self, graph: Any) -> None: ...
+
+    def release(self, graph: Any) -> None: ...
+
+
+class TorchCudaGraphs:
+    """``torch.cuda.CUDAGraph`` on one side stream, as PyTorch's whole-network capture recipe does it."""
+
+    device_type = "cuda"
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def warm_up(self, call: Callable[[], Any]) -> Any:
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = call()
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+
+    def capture(self, call: Callable[[], Any]) -> tuple[Any, Any]:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA call (the UI asking for free memory) does not void this capture
+        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
+            out = call()
+        return graph, out
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def release(self, graph: Any) -> None:
+        graph.reset()
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Captured:
+    key: tuple
+    graph: Any
+    inputs: list[torch.Tensor]  # the static tensors the graph reads, in the order of the call's tensors
+    output: torch.Tensor  # the static tensor it writes
+
+
+def _signature(network: nn.Module, args: tuple, kwargs: dict, device_type: str) -> tuple[tuple, list] | None:
+    """(key, the call's tensors in order) of a call that can be captured, None for one that cannot (a tensor
+    on another device, an argument that is neither a tensor nor a plain constant)."""
+    parts: list[tuple] = []
+    tensors: list[torch.Tensor] = []
+    for name, value in [*enumerate(args), *sorted(kwargs.items())]:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != device_type:
+                return None
+            parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device))
+            tensors.append(value)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            parts.append((name, value))
+        else:
+            return None
+    weights = tuple(t.data_ptr() for t in itertools.chain(network.parameters(), network.buffers()))
+    return (id(network), tuple(parts), weights), tensors
+
+
+def _with_tensors(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with their tensors replaced by ``tensors`` (the order of ``_signature``)."""
+    supply = iter(tensors)
+    new_args = tuple(next(supply) if isinstance(v, torch.Tensor) else v for v in args)
+    new_kwargs = {k: next(supply) if isinstance(v, torch.Tensor) else v for k, v in sorted(kwargs.items())}
+    return new_args, new_kwargs
+
+
+class CudaGraphs:
+    """The graphs of one job: ``call`` runs a network call eagerly, or captures it, or replays it.
+
+    ``captures`` and ``replays`` count what it did; ``notes`` holds each reason a network went eager, once.
+    ``uncapturable``: the networks whose capture failed (kept across jobs by the caller; added to here)."""
+
+    def __init__(self, api: GraphApi | None = None, uncapturable: weakref.WeakSet | None = None) -> None:
+        self.api = api or TorchCudaGraphs()
+        self.uncapturable = weakref.WeakSet() if uncapturable is None else uncapturable
+        self.captures = 0
+        self.replays = 0
+        self.notes: list[str] = []
+        self._warm: set[tuple] = set()
+        self._eager: set[int] = set()  # id() of networks that run eagerly for the rest of this job
+        self._last: _Captured | None = None
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            log.warning("%s", message)
+
+    def call(self, network: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if id(network) in self._eager or network in self.uncapturable or feature_cache.current() is not None:
+            return network(*args, **kwargs)
+        signature = _signature(network, args, kwargs, self.api.device_type)
+        if signature is None:
+            return network(*args, **kwargs)
+        key, tensors = signature
+        last = self._last
+        if last is not None and last.key == key:
+            for static, value in zip(last.inputs, tensors):
+                static.copy_(value)
+            self.api.replay(last.graph)
+            self.replays += 1
+            return last.output.clone()
+        if key not in self._warm:
+            self._warm.add(key)
+            out = self.api.warm_up(lambda: network(*args, **kwargs))
+            if not isinstance(out, torch.Tensor):  # one output tensor is what a replay hands back
+                self.uncapturable.add(network)
+            return out
+        if self.captures >= MAX_CAPTURES_PER_JOB:
+            self._note(f"CUDA graphs: the denoiser's input shapes changed {self.captures} times in this job; "
+                       "running it without graphs for the rest of the job")
+            self._eager.add(id(network))
+            return network(*args, **kwargs)
+        return self._capture(network, key, args, kwargs, tensors)
+
+    def _capture(self, network: nn.Module, key: tuple, args: tuple, kwargs: dict, tensors: list) -> torch.Tensor:
+        from core.accel.memory import is_out_of_memory
+
+        self.release()  # the previous graph's memory pool goes before this one takes its own
+        static = [t.clone() for t in tensors]  # outside the graph's pool: they outlive its replays
+        static_args, static_kwargs = _with_tensors(args, kwargs, static)
+        try:
+            graph, output = self.api.capture(lambda: network(*static_args, **static_kwargs))
+        except Exception as exc:  # noqa: BLE001 - any failure but memory: this network runs eagerly
+            if is_out_of_memory(exc):
+                raise
+            self.uncapturable.add(network)
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self._note(f"CUDA graphs could not capture {type(network).__name__} ({first_line}); running it "
+                       "without graphs")
+            return network(*args, **kwargs)
+        self.captures += 1
+        self._last = _Captured(key, graph, static, output)
+        self.api.replay(graph)
+        self.replays += 1
+        return output.clone()
+
+    def release(self) -> None:
+        """Free the kept graph and its memory pool."""
+        if self._last is not None:
+            graph, self._last = self._last.graph, None
+            self.api.release(graph)
+
+
+_CURRENT: ContextVar[CudaGraphs | None] = ContextVar("darkroom_cuda_graphs", default=None)
+
+
+class GraphedNetwork:
+    """A network called through the job's graphs (the family adapters read its ``config``, as the network's)."""
+
+    def __init__(self, network: nn.Module, graphs: CudaGraphs) -> None:
+        self.network = network
+        self.graphs = graphs
+        self.config = getattr(network, "config", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graphs.call(self.network, args, kwargs)
+
+
+def replayed(network: Any) -> Any:
+    """``network`` called through the current job's CUDA graphs; itself when the job has none (or it is not a
+    module: an adapter around a network wraps the network)."""
+    graphs = _CURRENT.get()
+    if graphs is None or not isinstance(network, nn.Module):
+        return network
+    return GraphedNetwork(network, graphs)
+
+
+@contextmanager
+def for_job(
+    enabled: bool, api: GraphApi | None = None, uncapturable: weakref.WeakSet | None = None
+) -> Iterator[CudaGraphs | None]:
+    """The graphs of one job, current inside the block (None and nothing current when not ``enabled``);
+    their memory is freed on leaving it. ``uncapturable``: see ``CudaGraphs``."""
+    graphs = CudaGraphs(api, uncapturable) if enabled else None
+    token = _CURRENT.set(graphs)
+    try:
+        yield graphs
+    finally:
+        _CURRENT.reset(token)
+        if graphs is not None:
+            graphs.release()

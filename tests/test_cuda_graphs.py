@@ -1,0 +1,271 @@
+"""CUDA graphs of the denoiser (core/accel/cuda_graphs.py), with a stand-in for ``torch.cuda``'s graphs that
+behaves as a capture does where it matters: a capture computes nothing (its output is garbage until a replay), a
+replay reads the tensors the capture read and overwrites the one it wrote, and reads the weights where they were
+at capture (the stand-in fails a replay whose weights moved, where a GPU would read freed memory)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core.accel import cuda_graphs, feature_cache, memory
+from core.accel.compile import _MARK, DenoiserCompiler
+from core.models.testing import random_state_dict, write_random_checkpoint
+from core.models.unet import UNetConfig, UNetModel
+from core.pipeline import PipelineRunner
+from core.request import GenerationRequest, HiresFix
+from tests.reference import torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+class FakeGraph:
+    def __init__(self, call, output, weights) -> None:
+        self.call, self.output, self.weights = call, output, weights
+        self.released = False
+
+
+class FakeGraphApi:
+    """``torch.cuda``'s graphs on the CPU (see the module docstring); ``fail`` is raised by every capture."""
+
+    device_type = "cpu"
+
+    def __init__(self, watch: torch.nn.Module | None = None, fail: BaseException | None = None) -> None:
+        self.watch, self.fail = watch, fail
+        self.warm_ups = 0
+        self.graphs: list[FakeGraph] = []
+
+    def _weights(self) -> list[int]:
+        return [] if self.watch is None else [p.data_ptr() for p in self.watch.parameters()]
+
+    def warm_up(self, call):
+        self.warm_ups += 1
+        return call()
+
+    def capture(self, call):
+        if self.fail is not None:
+            raise self.fail
+        output = call().fill_(float("nan"))  # recorded, not run: nothing in it yet
+        graph = FakeGraph(call, output, self._weights())
+        self.graphs.append(graph)
+        return graph, output
+
+    def replay(self, graph: FakeGraph) -> None:
+        assert not graph.released, "replay of a released graph"
+        assert graph.weights == self._weights(), "replay reads the weights where they were at capture"
+        graph.output.copy_(graph.call())
+
+    def release(self, graph: FakeGraph) -> None:
+        graph.released = True
+
+
+def _tiny_unet(seed: int = 1) -> UNetModel:
+    cfg = dataclasses.replace(UNetConfig.preset("sd15", "tiny"), channel_mult=(1,), transformer_depth=(1,))
+    with torch.device("meta"):
+        meta = UNetModel(cfg)
+    model = UNetModel(cfg)
+    model.load_state_dict(random_state_dict(meta, seed=seed), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _steps(network, steps: int = 4, size: int = 8) -> list[torch.Tensor]:
+    """A job's denoiser calls: the network's output at each of a few timesteps, every output kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size, size, generator=g)
+    context = torch.randn(2, 7, 32, generator=g)
+    outputs = []
+    with torch.inference_mode():
+        for step in range(steps):
+            out = network(x, torch.full((2,), 900.0 - 200 * step), context)
+            outputs.append(out)
+            x = x - 0.1 * out
+    return outputs
+
+
+def _graphed_steps(unet, api, **kwargs) -> tuple[list[torch.Tensor], cuda_graphs.CudaGraphs]:
+    with cuda_graphs.for_job(True, api) as graphs:
+        return _steps(cuda_graphs.replayed(unet), **kwargs), graphs
+
+
+def test_a_job_captures_once_replays_every_later_step_and_equals_eager():
+    unet = _tiny_unet()
+    eager = _steps(unet)
+    api = FakeGraphApi(watch=unet)
+    graphed, graphs = _graphed_steps(unet, api)
+    # every kept output equals eager's: inputs copied in, each output copied out before the next replay
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+    assert (api.warm_ups, graphs.captures, graphs.replays) == (1, 1, 3)
+    assert api.graphs[0].released  # leaving the job frees the graph's memory
+
+
+def test_moved_weights_are_captured_anew():
+    """A LoRA switch assigns merged buffers (new addresses): a replay would read the old ones."""
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet)
+    with cuda_graphs.for_job(True, api) as graphs:
+        network = cuda_graphs.replayed(unet)
+        before = _steps(network, steps=3)
+        with torch.no_grad():
+            for param in unet.parameters():
+                param.data = param.data + 0.01  # what core.lora.patch does: ``param.data = merged``
+        after = _steps(network, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(before + after, _steps(_tiny_unet())[:3] + _steps(unet, steps=3)))
+    assert graphs.captures == 2 and api.graphs[0].released
+
+
+def test_another_size_releases_the_previous_graph_first():
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet)
+    with cuda_graphs.for_job(True, api) as graphs:
+        network = cuda_graphs.replayed(unet)
+        small, large = _steps(network, steps=3), _steps(network, steps=3, size=16)
+        assert graphs.captures == 2 and api.graphs[0].released and not api.graphs[1].released
+    assert all(torch.equal(a, b) for a, b in zip(small + large, _steps(unet, 3) + _steps(unet, 3, size=16)))
+
+
+def test_a_feature_cache_pass_runs_eagerly():
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet)
+    with cuda_graphs.for_job(True, api) as graphs, feature_cache.for_pass(SimpleNamespace(deepcache_interval=2)):
+        _steps(cuda_graphs.replayed(unet))
+    assert (api.warm_ups, graphs.captures, graphs.replays) == (0, 0, 0)
+
+
+def test_a_failed_capture_leaves_the_network_eager_with_one_note_and_later_jobs_do_not_try():
+    import weakref
+
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet, fail=RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    uncapturable = weakref.WeakSet()  # the compiler's, across jobs
+    with cuda_graphs.for_job(True, api, uncapturable) as graphs:
+        graphed = _steps(cuda_graphs.replayed(unet), steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, _steps(unet, steps=5)))
+    assert graphs.captures == 0 and api.warm_ups == 1  # tried once, then eager
+    assert graphs.notes == ["CUDA graphs could not capture UNetModel (CUDA error: operation not permitted when "
+                            "stream is capturing); running it without graphs"]
+    assert unet in uncapturable
+    api.fail = AssertionError("a later job tried to capture it again")
+    with cuda_graphs.for_job(True, api, uncapturable) as graphs:
+        _steps(cuda_graphs.replayed(unet))
+    assert api.warm_ups == 1 and graphs.notes == []
+
+
+def test_out_of_memory_in_a_capture_reaches_the_memory_plan():
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet, fail=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(torch.OutOfMemoryError):
+        _graphed_steps(unet, api)
+
+
+def test_calls_that_cannot_be_captured_run_eagerly():
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet)
+    api.device_type = "cuda"  # the tensors are on the CPU: not this device's graphs
+    graphed, graphs = _graphed_steps(unet, api)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, _steps(unet)))
+    assert (api.warm_ups, graphs.captures) == (0, 0)
+
+
+def test_outside_a_job_the_network_is_called_as_it_is():
+    unet = _tiny_unet()
+    assert cuda_graphs.replayed(unet) is unet
+    with cuda_graphs.for_job(False) as graphs:
+        assert graphs is None and cuda_graphs.replayed(unet) is unet
+
+
+@pytest.mark.parametrize(("mode", "device", "api", "offload", "expected"), [
+    ("torch", "cuda", None, "none", True),
+    ("auto", "cuda", None, "none", True),
+    ("torch", "cuda", None, "model", False),  # the offload hooks move weights during the call
+    ("torch", "cuda", None, "sequential", False),
+    ("off", "cuda", None, "none", False),
+    ("torch", "cpu", None, "none", False),
+    ("torch", "cpu", FakeGraphApi(), "none", True),
+])
+def test_graphs_come_with_compile_on_a_gpu_without_offload(mode, device, api, offload, expected, monkeypatch):
+    monkeypatch.delenv("DARKROOM_CUDA_GRAPHS", raising=False)
+    assert DenoiserCompiler(mode, device, graph_api=api).cuda_graphs(offload) is expected
+    monkeypatch.setenv("DARKROOM_CUDA_GRAPHS", "0")  # the way out, should a GPU's driver misbehave
+    assert DenoiserCompiler(mode, device, graph_api=api).cuda_graphs(offload) is False
+
+
+# ------------------------------------------------------------------------------------------ through the runner
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    write_random_checkpoint(root / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
+    write_random_checkpoint(root / "checkpoints" / "tinyflux.safetensors", "flux", "tiny", seed=0)
+    return root
+
+
+class Ctx:
+    job_id = 1
+
+    def set_activity(self, text: str) -> None:
+        pass
+
+    def step(self, *args, **kwargs) -> None:
+        pass
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+def job(**changes):
+    request = GenerationRequest(model="tiny", prompt="a red fox", negative_prompt="", sampler="euler",
+                                schedule="normal", steps=4, cfg=5.0, seed=3, width=64, height=64).replace(**changes)
+    return SimpleNamespace(id=1, request=request)
+
+
+def graphed_runner(root, model: str) -> tuple[PipelineRunner, FakeGraphApi]:
+    runner = PipelineRunner([root], previews=False)
+    api = FakeGraphApi()
+    runner.compiler = DenoiserCompiler("torch", graph_api=api)
+    # compiled already, as far as the compiler knows: the graphs are what is tested, not dynamo
+    setattr(runner.ensure_model(job(model=model).request).checkpoint.unet, _MARK, "torch")
+    return runner, api
+
+
+@pytest.mark.parametrize("model", ["tiny", "tinyflux"])
+def test_a_compiled_job_replays_its_denoiser_and_makes_the_same_image(models, model):
+    runner, api = graphed_runner(models, model)
+    api.watch = runner.model.checkpoint.unet
+    changes = {"model": model} if model == "tiny" else {"model": model, "cfg": 1.0, "sampler": "euler",
+                                                         "schedule": "simple"}
+    graphed = runner.run(job(**changes), Ctx())[0].image
+    assert (runner.job_graphs.captures, runner.job_graphs.replays) == (1, 3)
+    plain = PipelineRunner([models], previews=False).run(job(**changes), Ctx())[0].image
+    assert graphed.tobytes() == plain.tobytes()
+
+
+def test_hires_fix_captures_each_pass_and_a_cache_job_none(models):
+    runner, api = graphed_runner(models, "tiny")
+    runner.run(job(hires=HiresFix(scale=1.5, upscaler="latent", steps=3, denoise=0.5)), Ctx())
+    assert runner.job_graphs.captures == 2 and api.graphs[0].released
+    runner.run(job(deepcache_interval=2), Ctx())
+    assert runner.job_graphs.captures == 0
+
+
+def test_an_offloading_job_runs_without_graphs(models, monkeypatch):
+    from tests.test_memory import RecordingPlacement
+
+    runner, api = graphed_runner(models, "tiny")
+    runner.placement = RecordingPlacement(torch.device("cuda"))
+    model = runner.ensure_model(job().request)
+    estimate = memory.estimate_job(model, job().request)
+    free = int((estimate.need("model") + estimate.need("none")) / 2 * memory.SAFETY_FACTOR) + memory.SAFETY_BYTES
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)  # only model offload fits
+    runner.run(job(), Ctx())
+    assert runner.memory_plan.offload == "model" and runner.job_graphs is None and api.graphs == []
