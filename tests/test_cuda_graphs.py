@@ -269,3 +269,28 @@ def test_an_offloading_job_runs_without_graphs(models, monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device: free)  # only model offload fits
     runner.run(job(), Ctx())
     assert runner.memory_plan.offload == "model" and runner.job_graphs is None and api.graphs == []
+
+
+def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
+    """``torch.cuda.graph.__exit__`` runs ``capture_end`` before restoring the stream; when the capture was
+    voided (a host sync inside), ``capture_end`` raises and the capture stream would stay current."""
+    current = ["main"]
+
+    class VoidedCapture:
+        def __init__(self, graph, stream=None, capture_error_mode="global") -> None:
+            self.stream = stream
+
+        def __enter__(self) -> None:
+            current[0] = self.stream
+
+        def __exit__(self, *exc) -> None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", VoidedCapture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: "side")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    with pytest.raises(RuntimeError, match="during capture"):
+        cuda_graphs.TorchCudaGraphs().capture(lambda: torch.zeros(1))
+    assert current == ["main"]

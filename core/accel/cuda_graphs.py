@@ -89,9 +89,15 @@ class TorchCudaGraphs:
 
     def capture(self, call: Callable[[], Any]) -> tuple[Any, Any]:
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA call (the UI asking for free memory) does not void this capture
-        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
-            out = call()
+        caller = torch.cuda.current_stream()
+        try:
+            # thread_local: another thread's CUDA call (the UI asking for free memory) does not void this capture
+            with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
+                out = call()
+        except BaseException:
+            # torch.cuda.graph's __exit__ leaves the capture stream current when capture_end raises
+            torch.cuda.set_stream(caller)
+            raise
         return graph, out
 
     def replay(self, graph: Any) -> None:
