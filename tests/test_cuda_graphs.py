@@ -294,3 +294,29 @@ def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
     with pytest.raises(RuntimeError, match="during capture"):
         cuda_graphs.TorchCudaGraphs().capture(lambda: torch.zeros(1))
     assert current == ["main"]
+
+
+def test_a_network_that_runs_sage_attention_is_not_captured(monkeypatch):
+    """SageAttention launches kernels outside the capture stream (thu-ml/SageAttention#371): a replay would
+    skip them. Its warm-up tells; with SDPA the same network is captured."""
+    from core.accel.attention import AttentionDispatcher
+    from tests.test_attention import FakeKernels, gpu
+
+    kernels = FakeKernels(monkeypatch)
+    unet = _tiny_unet().to(torch.bfloat16)  # Sage runs fp16/bf16 only
+    notes = {}
+    for mode, captures in (("auto", 0), ("sdpa", 1)):
+        api = FakeGraphApi(watch=unet)
+        with AttentionDispatcher(mode, probe=gpu((9, 0))).active(), cuda_graphs.for_job(True, api) as graphs:
+            g = torch.Generator().manual_seed(0)
+            x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
+            network = cuda_graphs.replayed(unet)
+            with torch.inference_mode():
+                for step in range(3):
+                    network(x.bfloat16(), torch.full((2,), 900.0 - 200 * step), context.bfloat16())
+        assert graphs.captures == captures, mode
+        notes[mode] = graphs.notes
+    assert kernels.used("sage") > 0
+    assert notes == {"auto": ["CUDA graphs: UNetModel runs SageAttention, whose kernels a CUDA graph cannot capture; "
+                              "running it without graphs (--attention xformers or sdpa would allow them)"],
+                     "sdpa": []}

@@ -423,6 +423,9 @@ class AttentionDispatcher:
         key = layer if isinstance(layer, (str, int)) else (id(layer) if layer is not None else shape)
         with self._lock:
             self._record[key] = used
+        watched = _watched.get()
+        if watched is not None:
+            watched.add(used)
         assert out is not None
         return out.reshape(b, n, -1)
 
@@ -430,6 +433,22 @@ class AttentionDispatcher:
 _current: contextvars.ContextVar[AttentionDispatcher | None] = contextvars.ContextVar(
     "darkroom_attention_dispatcher", default=None
 )
+
+
+# the backends used by attention calls inside a ``backends_used()`` block
+_watched: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("darkroom_attention_watch", default=None)
+
+
+@contextlib.contextmanager
+def backends_used() -> Iterator[set[str]]:
+    """The set of backends the attention calls inside the block run on (CUDA graphs ask: SageAttention's
+    kernels cannot be captured, ``core.accel.cuda_graphs``)."""
+    used: set[str] = set()
+    token = _watched.set(used)
+    try:
+        yield used
+    finally:
+        _watched.reset(token)
 
 
 def current_dispatcher() -> AttentionDispatcher | None:

@@ -20,6 +20,11 @@ a replay is one launch. What makes a replay equal the eager call:
 - **Warm-up.** The first call at a shape runs eagerly on the capture stream: cuBLAS workspaces and other lazy
   inits, torch.compile's compiles and the attention dispatcher's per-shape fallbacks all happen outside the
   capture. The second call captures.
+- **SageAttention is never captured.** Its fused quantisation and sm90 kernels launch on the legacy default
+  stream, outside a capture on any other (thu-ml/SageAttention#371, open), and its sm120 path replays wrong
+  values (#392): a replay would silently skip or corrupt attention. Inside compiled blocks attention is SDPA
+  anyway (``core.accel.attention``), but a block dynamo left eager would dispatch; a warm-up whose attention
+  used SageAttention leaves the network eager for the job, with one note.
 
 Whole-network capture, not inductor's CUDA graph trees: those break on the per-block regions the compiler
 makes (``core.accel.compile``). Only the last captured graph is kept: its private memory pool holds a set of
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 
 from core.accel import feature_cache
+from core.accel.attention import backends_used
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +186,14 @@ class CudaGraphs:
             return last.output.clone()
         if key not in self._warm:
             self._warm.add(key)
-            out = self.api.warm_up(lambda: network(*args, **kwargs))
+            with backends_used() as attention_used:
+                out = self.api.warm_up(lambda: network(*args, **kwargs))
             if not isinstance(out, torch.Tensor):  # one output tensor is what a replay hands back
                 self.uncapturable.add(network)
+            if "sage" in attention_used:
+                self._eager.add(id(network))
+                self._note(f"CUDA graphs: {type(network).__name__} runs SageAttention, whose kernels a CUDA graph "
+                           "cannot capture; running it without graphs (--attention xformers or sdpa would allow them)")
             return out
         if self.captures >= MAX_CAPTURES_PER_JOB:
             self._note(f"CUDA graphs: the denoiser's input shapes changed {self.captures} times in this job; "
