@@ -295,3 +295,32 @@ async def test_zimage_is_named_takes_turbos_defaults_and_its_presets(tmp_path):
         assert not screen.query_one("#clip-row").display and not screen.query_one("#guidance-row").display
         assert sorted(options(screen, "#preset-picker")) == ["z-image-base", "z-image-turbo"]
         assert size(screen) == ("1024", "1024")
+
+
+async def test_lora_picker_lists_the_chosen_models_loras_first_and_the_others_dimmed_with_their_family(tmp_path):
+    from tui.screens.networks import NetworksScreen
+
+    folder = tmp_path / "models"
+    write_header_only(folder / "checkpoints" / "base15.safetensors", "sd15")
+    write_header_only(folder / "checkpoints" / "xl.safetensors", "sdxl")
+    for name, kind in (("a-flux-style", "lora_flux"), ("b-xl-detail", "lora_sdxl"), ("c-ink", "lora_sd15"),
+                       ("d-unmarked", "lora")):
+        write_header_only(folder / "loras" / f"{name}.safetensors", kind)
+    app = make_app(tmp_path, registry=ModelRegistry([folder]))
+    async with app.run_test(size=(120, 35)) as pilot:
+        for model, listed, note in (
+            ("base15", ["c-ink  LoRA", "d-unmarked  LoRA", "a-flux-style  LoRA for Flux.1", "b-xl-detail  LoRA for SDXL"],
+             "4 LoRAs, 0 embeddings (2 for other model families, listed last)"),
+            ("xl", ["b-xl-detail  LoRA", "d-unmarked  LoRA", "a-flux-style  LoRA for Flux.1", "c-ink  LoRA for SD1.x"],
+             "4 LoRAs, 0 embeddings (2 for other model families, listed last)"),
+        ):
+            screen = await ready(pilot, app, model)
+            await pilot.press("ctrl+n")
+            await wait_for(pilot, lambda: isinstance(app.screen, NetworksScreen) and app.screen.entries)
+            picker = app.screen
+            shown = picker.query_one("#networks-list", OptionList)
+            assert [str(shown.get_option_at_index(i).prompt) for i in range(shown.option_count)] == listed
+            assert note in screen_text(app)
+            await pilot.press("enter")  # the first, a LoRA of the chosen model's family
+            await wait_for(pilot, lambda generate=screen: app.screen is generate)
+            assert screen.query_one("#prompt", TextArea).text.endswith(f"<lora:{listed[0].split()[0]}:1>")

@@ -77,6 +77,7 @@ class ModelInfo:
     quant: str | None = None  # how its weights are stored: "bf16", "fp16", "fp8", "Q8_0", "Q4_K", ...
     part: str | None = None  # a separate part's kind (core.models.parts.PARTS: "t5xxl", "clip_l", "flux_vae")
     split: bool = False  # a family's denoiser alone: its text encoders and VAE come from other files
+    base: str | None = None  # a LoRA's: the family it was made for (core.lora.detect); None: its keys do not say
 
     @property
     def is_family(self) -> bool:
@@ -121,7 +122,14 @@ def inspect_file(path: Path) -> ModelInfo:
         return ModelInfo(None, "unreadable", problem=problem)
     except Exception as exc:  # noqa: BLE001 - a hostile header must not break a listing: said, never raised
         return ModelInfo(None, "unreadable", problem=f"{type(exc).__name__}: {exc}")
-    return _with_parts(ModelInfo(info.family, info.label, info.variant, info.dtype), info, shapes, dtypes)
+    result = _with_parts(ModelInfo(info.family, info.label, info.variant, info.dtype), info, shapes, dtypes)
+    if result.family == "lora":
+        from dataclasses import replace
+
+        from core.lora.detect import lora_family
+
+        result = replace(result, base=lora_family(shapes)[0])
+    return result
 
 
 def _with_parts(base: ModelInfo, info: object, shapes: dict, dtypes: dict) -> ModelInfo:

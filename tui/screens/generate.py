@@ -1025,7 +1025,7 @@ class GenerateScreen(MainScreen):
         """The LoRA / embedding picker; what it returns goes into the prompt at the cursor."""
         from tui.screens.networks import NetworksScreen
 
-        self.app.push_screen(NetworksScreen(self.app.registry), self._insert_network)
+        self.app.push_screen(NetworksScreen(self.app.registry, self.model_family()), self._insert_network)
 
     GRID_IN_FOOTER = 100
 
