@@ -579,3 +579,24 @@ def test_the_compiling_probe_of_a_torch_without_torch_compiler_is_compiling():
     old_torch_compiler = types.SimpleNamespace(compile=torch.compile)
     assert attn._compiling_probe(old_torch_compiler) is torch._utils.is_compiling
     assert attn._compiling_probe() is torch.compiler.is_compiling and attn._is_compiling() is False
+
+
+def test_a_cpu_call_imports_no_gpu_kernel(monkeypatch):
+    """xformers and sageattention come with the cuda extra; on a CPU (or a CPU-only box) no call can use them,
+    so they are not imported (their import alone takes seconds and may print CUDA warnings)."""
+    FakeKernels(monkeypatch)
+    imported: list[str] = []
+
+    def importer(name: str):
+        imported.append(name)
+        return sys.modules[name]
+
+    d = AttentionDispatcher(probe=lambda device: DeviceInfo("cpu", None), importer=importer)
+    q, k, v = qkv(8, 40, 16, dtype=torch.float32)
+    torch.testing.assert_close(d(q, k, v, 8), reference(q, k, v, 8).float())
+    assert d.plan(shape(40), CPU) == ("sdpa",) and imported == []
+    forced = AttentionDispatcher("sage", probe=lambda device: DeviceInfo("cpu", None), importer=importer)
+    assert forced.plan(CallShape("cpu", torch.float16, 8, 64, 64, 64), CPU) == ("sdpa",) and imported == []
+    assert forced.notes == ["attention: forced sage cannot run cpu float16, 8 heads x 64, 64 x 64 tokens "
+                            "(it runs on cuda only, not cpu); using sdpa there"]
+    assert AttentionDispatcher(probe=gpu()).plan(shape(64), CPU)[0] == "sage"  # a GPU still gets them

@@ -354,11 +354,14 @@ class AttentionDispatcher:
         wanted = [self.mode] if self.mode in self._rules else ([] if self.mode == "sdpa" else list(self._rules))
         names = []
         for name in wanted:
-            kernel = self._kernel(name)  # first: loading it settles which version's rule applies
+            # Loading first settles which version's rule applies; a device no version runs on (the CPU) loads
+            # nothing: a CPU-only box with the cuda extra installed does not import them for nothing.
+            runs_here = info.type in self._rules[name].devices
+            kernel = self._kernel(name) if runs_here else None
             why = self._rules[name].refusal(shape, info)
             if why is None and kernel is not None:
                 names.append(name)
-            elif why is not None and kernel is not None and self.mode == name:
+            elif why is not None and (kernel is not None or not runs_here) and self.mode == name:
                 self._tell(("refused", name, why), f"attention: forced {name} cannot run {shape.describe()} "
                            f"({why}); using sdpa there")
             else:
