@@ -26,7 +26,7 @@ from core import inpaint
 from core.accel import cuda_graphs, feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
-from core.image_files import upright_rgb, upright_size
+from core.image_files import flattened_rgb, upright_rgb, upright_size
 from core.lora.tags import LoraRef, strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
@@ -677,7 +677,7 @@ def generate(
         if init is None:
             init, init_size = load_init_image(request.init_image, request.width, request.height, with_size=True)
         else:
-            init, init_size = init.convert("RGB"), init.size
+            init, init_size = flattened_rgb(init), init.size
         if request.is_inpaint:
             inpainting = inpaint.prepare(request, init, init_size, model.spec.pixel_multiple, mask_image=mask)
         if inpainting is not None:
