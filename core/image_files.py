@@ -4,6 +4,10 @@ orientation says, and 16-bit greyscale scaled to 8 bits.
 Pillow leaves both to the caller: ``convert("RGB")`` keeps a phone photo's sensor orientation (A1111, ComfyUI
 and every viewer turn it upright) and clips a 16-bit grey PNG (``I;16``, 0..65535) at 255, so any value above
 1/256 of full scale became white.
+
+An image with transparency is used as it shows on white (A1111 flattens img2img images onto its
+``img2img_background_color``, white by default): ``convert("RGB")`` would drop the alpha and keep whatever colour an
+editor left under the transparent pixels (often black, or the erased content).
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
+BACKGROUND = (255, 255, 255)  # what transparent pixels become (A1111's default img2img background)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha channel (RGBA, LA, PA) or a transparent palette entry or colour (a PNG ``tRNS`` chunk)."""
+    return "A" in image.getbands() or "transparency" in image.info
+
+
+def flattened_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, transparent pixels composited onto white (what it shows on a white page)."""
+    if not has_transparency(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """An opened image file as the 8-bit RGB image it shows."""
-    return upright(image).convert("RGB")
+    """An opened image file as the 8-bit RGB image it shows: upright, transparency flattened onto white."""
+    return flattened_rgb(upright(image))

@@ -26,7 +26,7 @@ from core import inpaint
 from core.accel import cuda_graphs, feature_cache
 from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
-from core.image_files import upright_rgb, upright_size
+from core.image_files import flattened_rgb, upright_rgb, upright_size
 from core.lora.tags import LoraRef, strip_tags
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
@@ -640,8 +640,13 @@ def generate(
     mask: Image.Image | None = None,
     detector: Callable[[str], Any] | None = None,
     use_loras: Callable[[Sequence[LoraRef]], Any] | None = None,
+    have: Callable[[int], bool] | None = None,
+    on_images: Callable[[list[tuple[Image.Image, int]]], None] | None = None,
 ) -> list[tuple[Image.Image, int]]:
-    """Run one resolved request; returns (image, seed) for every image of every batch.
+    """Run one resolved request; returns (image, seed) for every image of every batch it made.
+
+    ``on_images(batch)`` gets each batch's finished images as soon as they are done (the worker saves them
+    then); a batch whose every seed ``have(seed)`` says is made already is skipped (a resumed job).
 
     ``refiner`` (the loaded ``request.refiner``) takes over each pass once ``request.refiner_switch`` of the
     denoising is done, and its VAE decodes when it did. Inpainting (``core.inpaint``) pastes the result into
@@ -672,7 +677,7 @@ def generate(
         if init is None:
             init, init_size = load_init_image(request.init_image, request.width, request.height, with_size=True)
         else:
-            init, init_size = init.convert("RGB"), init.size
+            init, init_size = flattened_rgb(init), init.size
         if request.is_inpaint:
             inpainting = inpaint.prepare(request, init, init_size, model.spec.pixel_multiple, mask_image=mask)
         if inpainting is not None:
@@ -703,15 +708,17 @@ def generate(
         second = _denoiser(refiner, refiner_conds[hires], None, request.cfg, size)
         return RefinerSwitch(first, second, model.schedule, request.refiner_switch, refiner)
     seeds = request.image_seeds()
-    progress = _Progress(total=steps_per_image_batch(request) * request.batch_count, on_step=on_step)
+    batches = [seeds[i * request.batch_size : (i + 1) * request.batch_size] for i in range(request.batch_count)]
+    if have is not None:
+        batches = [batch for batch in batches if not all(have(seed) for seed in batch)]
+    progress = _Progress(total=steps_per_image_batch(request) * len(batches), on_step=on_step)
     init_pixels = None
     if init is not None:
         init_pixels = image_to_tensor(init, model.device, model.dtype)
     mask_input = inpaint.takes_mask_input(model.checkpoint.unet)  # a 9-channel inpainting UNet
 
     results: list[tuple[Image.Image, int]] = []
-    for batch_index in range(request.batch_count):
-        batch_seeds = seeds[batch_index * request.batch_size : (batch_index + 1) * request.batch_size]
+    for batch_seeds in batches:
         size = len(batch_seeds)
         noise = model.noise_sampler(batch_seeds, request.width, request.height)
         # An inpainting UNet at full strength never sees the init latents (diffusers encodes none either)
@@ -754,18 +761,39 @@ def generate(
         images = latents_to_images(pixels)
         if inpainting is not None and composite:
             images = inpainting.finish(images)
-        results.extend(zip(images, batch_seeds))
-    if job_request.detailer and composite:  # the face/detail passes, on each final image
-        from core.detailer import detail_image
-
-        first = progress.total
-        for index, (image, seed) in enumerate(results):
-            image, ran = detail_image(model, job_request, image, seed, generate=generate, detector=detector,
-                                      on_step=on_step, first_step=first, cache=cache, is_cancelled=is_cancelled,
-                                      use_loras=use_loras)
-            results[index] = (image, seed)
-            first += ran
+        finished = list(zip(images, batch_seeds))
+        if job_request.detailer and composite:  # the face/detail passes, on each final image of the batch
+            finished = _detail_batch(model, job_request, finished, progress, cache=cache, is_cancelled=is_cancelled,
+                                     detector=detector, use_loras=use_loras)
+        if on_images is not None:
+            on_images(finished)
+        results.extend(finished)
     return results
+
+
+def _detail_batch(
+    model: LoadedModel, request: GenerationRequest, images: list[tuple[Image.Image, int]], progress: _Progress,
+    **kwargs: Any,
+) -> list[tuple[Image.Image, int]]:
+    """The detail passes (``core.detailer``) on each image of one batch. Their steps are known only once the
+    regions are detected, so each pass's count is added to the progress total as it runs."""
+    from core.detailer import detail_image
+
+    out = []
+    for image, seed in images:
+        first = progress.done
+
+        def step(done: int, total: int, x0: torch.Tensor, first: int = first) -> None:
+            # ``total`` counts on from ``first``: the job's total plus this image's detail steps so far
+            if progress.on_step is not None:
+                progress.on_step(done, progress.total + total - first, x0)
+
+        image, ran = detail_image(model, request, image, seed, generate=generate, on_step=step, first_step=first,
+                                  **kwargs)
+        progress.done += ran
+        progress.total += ran
+        out.append((image, seed))
+    return out
 
 
 def _inpaint_inputs(
@@ -1048,6 +1076,32 @@ class PipelineRunner:
             preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
+        guidance = model.guidance_for(request.guidance)
+        if guidance is not None:  # Forge's key; recorded when the model used it, default or not
+            lora_extra = {"Distilled CFG Scale": guidance, **lora_extra}
+        shift = static_shift(model)
+        if shift is not None:  # Forge Neo's key for a flow model's sigma shift (Z-Image: 3)
+            lora_extra = {"Shift": shift, **lora_extra}
+
+        def finished(images: list[tuple[Image.Image, int]]) -> list[GeneratedImage]:
+            timings = {
+                "load": loaded - started,
+                "first_step": first_step[0] if first_step else 0.0,
+                "total": time.monotonic() - started,  # up to this image's batch
+            }
+            if self.compiler.enabled:
+                timings["compiles"] = float(self.compiler.compiles - compiles)  # graphs built in this job
+            return [
+                GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
+                               family=model.family, extra={**self.parts.infotext(), **lora_extra})
+                for image, seed in images
+            ]
+
+        # Each batch is saved as soon as it is made (a kill later in the job keeps it), and a resumed job makes
+        # only the images it lacks; a context without these (a test's) gets every image back at the end.
+        save_now = getattr(ctx, "save_images", None)
+        have = getattr(ctx, "has_image", None)
+
         def attempt() -> list[tuple[Image.Image, int]]:
             graphs = self.compiler.cuda_graphs(self.memory_plan.offload)
             in_graphs = cuda_graphs.for_job(graphs, self.compiler.graph_api, self.compiler.uncapturable)
@@ -1058,28 +1112,12 @@ class PipelineRunner:
                     upscaler=upscaler,
                     detector=self.detector,
                     use_loras=lambda refs: self.activate_loras(model, refs),
+                    have=have,
+                    on_images=(lambda images: save_now(finished(images))) if save_now is not None else None,
                 )
 
         results = self.run_with_memory_plan(model, request, refiner, ctx, attempt)
-        finished = time.monotonic()
-        guidance = model.guidance_for(request.guidance)
-        if guidance is not None:  # Forge's key; recorded when the model used it, default or not
-            lora_extra = {"Distilled CFG Scale": guidance, **lora_extra}
-        shift = static_shift(model)
-        if shift is not None:  # Forge Neo's key for a flow model's sigma shift (Z-Image: 3)
-            lora_extra = {"Shift": shift, **lora_extra}
-        timings = {
-            "load": loaded - started,
-            "first_step": first_step[0] if first_step else 0.0,
-            "total": finished - started,
-        }
-        if self.compiler.enabled:
-            timings["compiles"] = float(self.compiler.compiles - compiles)  # graphs built in this job
-        return [
-            GeneratedImage(image=image, seed=seed, request=request, model_hash=model.model_hash, timings=timings,
-                           family=model.family, extra={**self.parts.infotext(), **lora_extra})
-            for image, seed in results
-        ]
+        return [] if save_now is not None else finished(results)
 
     def detector(self, name: str) -> Any:
         """The detail pass's detector ``name`` (``core.detectors``; YOLO files from this runner's folders)."""

@@ -1,7 +1,7 @@
 """Crash recovery at start: nothing a killed process left half-done stays so.
 
-A worker saving a job's images goes through these points (``core.metadata.save_image`` then
-``JobStore.add_history``), and a ``kill -9`` can land between any two:
+A worker saves each image of a job as soon as the runner has made it, going through these points
+(``core.metadata.save_image`` then ``JobStore.add_history``), and a ``kill -9`` can land between any two:
 
 1. the PNG is being written to ``.tmp-<host>-<pid>-<random>.png``;
 2. its number is claimed with ``.NNNNN.claim`` (holding the pid);
@@ -10,11 +10,11 @@ A worker saving a job's images goes through these points (``core.metadata.save_i
 5. after the job's last image, the job is marked done.
 
 ``recover`` runs when a worker starts (and before ``darkroom --batch --resume`` decides what to skip). For every
-running job whose process is gone it looks in the job's output folder for images tagged with it that the
-history lacks (point 3 passed, 4 not) and records them; a job with every image recorded is then ``done`` (point
-4 of its last image passed, 5 not), any other ``interrupted``, and a retry makes only the images it lacks
-(``Worker`` skips a seed already recorded). Then the temp and claim files of dead processes (points 1-3) are
-removed; a live process's, such as another batch run saving right now, are left alone.
+running job whose process is gone it looks in the job's output folder for images tagged with it that the history
+lacks (point 3 passed, 4 not) and records them; a job with every image recorded is then ``done`` (point 4 of its
+last image passed, 5 not), any other ``interrupted``, and a retry makes only the images it lacks (the worker tells
+the runner which seeds are recorded, ``RunContext.has_image``). Then the temp and claim files of dead processes
+(points 1-3) are removed; a live process's, such as another batch run saving right now, are left alone.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The worker (``core/worker.py``) owns the queue and the thread; the pipeline (``core/pipeline.py``) owns the
 models. Neither imports the other: both depend on this module only. The worker calls
 ``runner.run(job, ctx)`` with a ``RunContext`` (progress, cancellation) and saves the ``GeneratedImage``s it
-gets back. ``runner_factory`` is the only place that builds the real pipeline runner, for the TUI, for
+gets back; a runner that makes several images hands each to ``ctx.save_images`` as soon as it is finished (so a
+kill later in the job loses none) and skips those ``ctx.has_image`` says an earlier run saved. ``runner_factory`` is the only place that builds the real pipeline runner, for the TUI, for
 ``--batch`` and for the worker's default; it is called inside the worker thread, so torch is never imported
 on a UI thread. This module imports neither torch nor PIL.
 """
@@ -54,6 +55,12 @@ class RunContext(Protocol):
         """Report a finished step; raises the worker's cancel exception once the job is cancelled."""
 
     def set_activity(self, text: str) -> None: ...
+
+    def has_image(self, seed: int) -> bool:
+        """This job's image of ``seed`` is saved already (an earlier run of the job got that far)."""
+
+    def save_images(self, images: Sequence[GeneratedImage]) -> None:
+        """Save and record these finished images of the job now, so a kill later in the job keeps them."""
 
 
 class JobRunner(Protocol):

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,10 @@ class JobContext:
     def __init__(self, worker: Worker, job_id: int) -> None:
         self.job_id = job_id
         self._worker = worker
+        self._job: Job | None = None  # the claimed job with its seed resolved (set by the worker before run)
+        # seed -> path of every image of this job saved and recorded so far, by this run or an earlier one (a
+        # retry of a job killed or stopped midway); the worker fills it before the runner starts
+        self.saved: dict[int, str] = {}
         self._started = time.monotonic()
         self._cancel = threading.Event()  # user cancel
         self._interrupt = threading.Event()  # worker stopping without finishing the job
@@ -92,6 +96,18 @@ class JobContext:
     def set_activity(self, text: str) -> None:
         """What the worker is doing now, e.g. ``"loading model.safetensors"`` (sent as a Status)."""
         self._worker._set_activity(text)
+
+    def has_image(self, seed: int) -> bool:
+        """True when this job's image of ``seed`` is saved already (an earlier run of it got that far): the
+        runner need not make it again."""
+        return seed in self.saved
+
+    def save_images(self, images: Sequence[GeneratedImage]) -> None:
+        """Save and record finished images now, before the rest of the job is made, so a crash or kill later
+        in the job keeps them (an image of a seed saved before is not saved again)."""
+        if self._job is None:
+            raise RuntimeError("save_images() before the worker handed the job to a runner")
+        self._worker._save(self._job, images, self.saved)
 
 
 def _default_runner_factory() -> JobRunner:
@@ -479,6 +495,10 @@ class Worker:
         self._emit(JobStarted(job.id, request))
         self._set_activity("starting")
         try:
+            ctx._job = job
+            # a retry of a job killed or stopped midway: what it saved then is kept, not made again
+            ctx.saved = {h.seed: h.path for h in self.store.job_history(job.id)
+                         if h.seed is not None and Path(h.path).is_file()}
             ctx.check_cancelled()
             runner = self._get_runner()
             ctx.check_cancelled()
@@ -486,7 +506,8 @@ class Worker:
             with _job_warnings(lambda text: self._emit(JobWarning(job.id, text))):
                 images = runner.run(job, ctx)
             self._set_activity("saving")
-            paths, seeds = self._save(job, images)
+            self._save(job, images, ctx.saved)
+            paths, seeds = _job_images(request, ctx.saved)
             self.store.finish(job.id)
             self._emit(JobFinished(job.id, tuple(paths), tuple(seeds), ctx.elapsed))
         except Exception as exc:
@@ -526,27 +547,24 @@ class Worker:
         self.store.fail(job_id, message)
         self._emit(JobFailed(job_id, message))
 
-    def _save(self, job: Job, images: list[GeneratedImage]) -> tuple[list[str], list[int]]:
-        """Save and record each image; one this job already has (a retry of a job killed or stopped midway
-        through saving, recorded by crash recovery) is not saved again, and its recorded path is reported."""
+    def _save(self, job: Job, images: Sequence[GeneratedImage], saved: dict[int, str]) -> None:
+        """Save and record each image (atomically, its parameters embedded) and add it to ``saved`` (seed ->
+        path); one whose seed ``saved`` has already (saved earlier in this job, or by an earlier run of it that
+        was killed or stopped midway) is not saved again."""
         from core.metadata import save_image
         from core.recovery import job_tag
 
-        saved = {h.seed: h.path for h in self.store.job_history(job.id) if Path(h.path).is_file()}
         tag = job_tag(job)
-        paths, seeds = [], []
         for item in images:
-            path = saved.get(item.seed)
-            if path is None:
-                path = save_image(
-                    item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag,
-                    family=getattr(item, "family", None),
-                    extra=getattr(item, "extra", None) or None,
-                )
-                self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
-            paths.append(str(path))
-            seeds.append(item.seed)
-        return paths, seeds
+            if item.seed in saved:
+                continue
+            path = save_image(
+                item.image, item.request, item.seed, self.output_dir, model_hash=item.model_hash, job_tag=tag,
+                family=getattr(item, "family", None),
+                extra=getattr(item, "extra", None) or None,
+            )
+            self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
+            saved[item.seed] = str(path)
 
     def _status_loop(self) -> None:
         # Say at once what the worker is doing: importing torch takes seconds on a cold disk, and the first full
@@ -631,6 +649,14 @@ class Worker:
             paused=self._paused,
             extra=extra,
         )
+
+
+def _job_images(request: GenerationRequest, saved: dict[int, str]) -> tuple[list[str], list[int]]:
+    """The job's saved images as (paths, seeds): in the request's seed order (image i has seed + i), then any
+    seed outside it (a runner may return fewer or other images)."""
+    order = {seed: i for i, seed in enumerate(request.image_seeds())} if request.seed >= 0 else {}
+    seeds = sorted(saved, key=lambda seed: (seed not in order, order.get(seed, 0)))
+    return [saved[seed] for seed in seeds], seeds
 
 
 # Re-exported: runners and tests written against the worker import these names from here.

@@ -157,6 +157,65 @@ def test_a_mask_drawn_on_the_upright_photo_fits_it(tmp_path):
     assert notes == [] and mask.size == (16, 32)
 
 
+def _cut_out(mode: str):
+    """An 8x8 image as editors save a cut-out: the left half opaque red, the right half transparent with black
+    (the colour editors leave) under it; in ``mode`` (RGBA, LA: grey instead of red, P: a transparent index)."""
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))
+    if mode == "LA":
+        return rgba.convert("LA")
+    if mode == "P":
+        image = Image.new("P", (8, 8), 0)
+        image.putpalette([0, 0, 0, 255, 0, 0])
+        image.paste(1, (0, 0, 4, 8))
+        image.info["transparency"] = 0
+        return image
+    return rgba
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_an_init_image_with_transparency_is_used_as_it_shows_on_white(tmp_path, mode):
+    """A1111 flattens an img2img image onto white: the colour under transparent pixels is not what the job
+    starts from (img2img, inpaint and outpaint read it through load_init_image, an upscale job and the mask
+    preview through upright_rgb, the one reader)."""
+    from PIL import Image
+
+    from core.image_files import upright_rgb
+    from core.pipeline import load_init_image
+
+    _cut_out(mode).save(tmp_path / "cut.png")
+    with Image.open(tmp_path / "cut.png") as opened:
+        assert opened.mode == mode
+        upscale_source = upright_rgb(opened)
+    for image in (load_init_image(str(tmp_path / "cut.png"), 8, 8), upscale_source):
+        assert image.mode == "RGB"
+        assert image.getpixel((6, 4)) == (255, 255, 255)  # transparent: white, not the black under it
+        left = image.getpixel((1, 4))
+        assert left == ((255, 0, 0) if mode != "LA" else (76, 76, 76))  # opaque pixels as they are
+
+
+def test_a_half_transparent_init_pixel_is_mixed_with_white(tmp_path):
+    from PIL import Image
+
+    from core.pipeline import load_init_image
+
+    Image.new("RGBA", (4, 4), (0, 0, 200, 128)).save(tmp_path / "half.png")
+    red, green, blue = load_init_image(str(tmp_path / "half.png"), 4, 4).getpixel((1, 1))
+    assert red == green and abs(red - 127) <= 1 and abs(blue - (200 * 128 + 255 * 127) / 255) <= 1
+
+
+def test_an_alpha_only_mask_is_still_read_from_its_alpha(tmp_path):
+    """The flattening is for the image's pixels: a mask keeps its alpha as the repaint area (opaque = repaint),
+    here the cut-out's opaque half, whatever colour is under it."""
+    from core.masks import load_mask
+
+    _cut_out("RGBA").save(tmp_path / "mask.png")
+    mask, _ = load_mask(str(tmp_path / "mask.png"))
+    assert mask.getpixel((1, 4)) == 255 and mask.getpixel((6, 4)) == 0
+
+
 # ---- the models folders -----------------------------------------------------------------------------------------
 
 

@@ -278,3 +278,80 @@ def test_resume_after_kill_9_runs_only_the_unfinished_jobs(batch):
     assert "[1/3] skipped" in err and "[2/3] skipped" in err
     with JobStore(tmp_path / "db.sqlite3") as store:
         assert [j.state for j in store.list_jobs()] == ["done"] * 3
+
+
+KILLED_AT_THE_THIRD_IMAGE = """
+import os, signal, sys
+from cli.batch import run_batch
+from core.worker import JobContext
+
+real_step = JobContext.step
+
+def step(self, step, total, preview=None, image_index=0):
+    if step > 2:  # the first step of the third image (one step each): the first two are made
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_step(self, step, total, preview, image_index)
+
+JobContext.step = step
+jobs, models, out, db = sys.argv[1:5]
+sys.exit(run_batch(jobs, models_dirs=[models], output_dir=out, db_path=db))
+"""
+
+TINY_JOB = ('[[job]]\nmodel = "tiny"\nprompt = "a lighthouse"\nsampler = "euler"\nsteps = 1\nseed = 7\n'
+            'width = 64\nheight = 64\nbatch_count = 3\n')
+
+
+def test_a_batch_count_job_killed_at_its_third_image_keeps_the_first_two_and_resume_makes_only_the_third(
+        tmp_path, monkeypatch):
+    """The real pipeline saves each image of a batch_count job as soon as it is made: ``kill -9`` while the
+    third of three is sampled leaves the first two on disk and in the history; ``--resume`` makes only the
+    third (one step run), keeps the first two files as they were, and prints all three paths."""
+    import os
+
+    from core.models.testing import write_random_checkpoint
+    from core.worker import JobContext
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models, out, db = tmp_path / "models", tmp_path / "out", tmp_path / "db.sqlite3"
+    write_random_checkpoint(models / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(TINY_JOB)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_THE_THIRD_IMAGE, str(jobs), str(models), str(out), str(db)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == -9, proc.stderr
+    kept = _images(tmp_path)
+    assert len(kept) == 2, proc.stderr  # images 1 and 2 are in place, not lost with the process
+    with JobStore(db) as store:
+        [job] = store.list_jobs()
+        assert job.state == "running"  # as the kill left it
+        assert [(h.path, h.seed) for h in store.job_history(job.id)] == list(zip(kept, [7, 8]))
+    before = {path: Path(path).read_bytes() for path in kept}
+
+    steps: list[tuple[int, int]] = []
+    real_step = JobContext.step
+    monkeypatch.setattr(JobContext, "step", lambda self, step, total, *a, **k: (
+        steps.append((step, total)), real_step(self, step, total, *a, **k))[1])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[models], output_dir=out, db_path=db, stdout=stdout, stderr=stderr,
+                     resume=True)
+    assert code == 0, stderr.getvalue()
+    assert steps == [(1, 1)]  # only the third image was sampled
+    paths = stdout.getvalue().split()
+    assert len(paths) == 3 and paths[:2] == kept and sorted(paths) == _images(tmp_path)  # no duplicate
+    assert {path: Path(path).read_bytes() for path in kept} == before
+    with JobStore(db) as store:
+        assert [j.state for j in store.list_jobs()] == ["done"]
+        assert [(h.path, h.seed) for h in store.job_history(job.id)] == list(zip(paths, [7, 8, 9]))
+
+    # the third image is the one the job would have made uninterrupted (image i has seed + i, whatever its batch)
+    alone = tmp_path / "alone.toml"
+    alone.write_text(TINY_JOB.replace("seed = 7", "seed = 9").replace("batch_count = 3", "batch_count = 1"))
+    stdout = io.StringIO()
+    assert run_batch(str(alone), models_dirs=[models], output_dir=tmp_path / "alone", db_path=db, stdout=stdout,
+                     stderr=io.StringIO()) == 0
+    with Image.open(paths[2]) as resumed, Image.open(stdout.getvalue().split()[0]) as fresh:
+        assert resumed.tobytes() == fresh.tobytes()

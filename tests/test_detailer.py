@@ -109,6 +109,27 @@ def test_the_region_is_the_inpainting_job_run_by_hand(runs, model, tmp_path):
     assert generate(model, by_hand)[0][0].tobytes() == detailed.tobytes()
 
 
+def test_each_batch_is_handed_on_detailed_as_soon_as_it_is_made(model, runs):
+    """A batch_count 2 job with a detail pass: ``on_images`` gets batch 1's detailed image before batch 2 is
+    sampled (the worker saves it then), each one what its seed gives alone, and the steps count on without
+    going back (2 + 2 for the first image, then the second's)."""
+    _, detailed, _ = runs
+    handed: list[list[tuple[Image.Image, int]]] = []
+    steps: list[tuple[int, int, int]] = []  # (step, total, batches handed on by then)
+
+    def on_step(step: int, total: int, x0) -> None:
+        steps.append((step, total, len(handed)))
+
+    images = generate(model, base(detailer=[FACE_PASS], batch_count=2), on_step=on_step, on_images=handed.append)
+    assert [[seed for _, seed in batch] for batch in handed] == [[5], [6]]
+    assert handed[0][0][0].tobytes() == detailed.tobytes() == images[0][0].tobytes()
+    alone = generate(model, base(detailer=[FACE_PASS], seed=6))[0][0]
+    assert handed[1][0][0].tobytes() == alone.tobytes()
+    assert [s for s, _, _ in steps] == list(range(1, len(steps) + 1))
+    assert all(batches == 0 for s, _, batches in steps if s <= 4)  # the first image's steps, before it was handed
+    assert all(total >= step for step, total, _ in steps) and steps[-1][0] == steps[-1][1]
+
+
 def test_regions_run_one_after_another_with_their_own_prompts_and_seeds(model, runs, tmp_path):
     first = runs[0]
     entry = {"model": "sim_hands", "prompt": "a left hand [SEP] [PROMPT], detailed", "denoise": 0.5,

@@ -154,6 +154,22 @@ def test_fill_spreads_the_surrounding_colour_into_the_mask():
     assert filled.getpixel((32, 32)) == (200, 40, 10) and filled.getpixel((2, 2)) == (200, 40, 10)
 
 
+def test_an_in_memory_init_image_with_transparency_is_used_as_it_shows_on_white(files, normal_model):
+    """``generate(init=...)`` (the detail pass hands its images so) flattens transparency onto white as an init
+    image file is: the colour under transparent pixels is not what the job starts from."""
+    with Image.open(files["init"]) as opened:
+        init = opened.convert("RGB")
+    cut = init.convert("RGBA")
+    alpha = Image.new("L", init.size, 0)
+    alpha.paste(255, (0, 0, 32, 64))
+    cut.putalpha(alpha)  # the left half opaque, the right half transparent over the init's own colours
+    on_white = Image.new("RGB", init.size, (255, 255, 255))
+    on_white.paste(init.crop((0, 0, 32, 64)), (0, 0))
+    request = job(files, mask=None, denoise=0.5, steps=2)
+    got = generate(normal_model, request, init=cut)[0][0]
+    assert got.tobytes() == generate(normal_model, request, init=on_white)[0][0].tobytes()
+
+
 # ---- only masked: crop and paste back -----------------------------------------------------------------------
 
 

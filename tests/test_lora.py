@@ -369,6 +369,25 @@ def test_unmatched_keys_are_counted_in_a_warning(model, models, tmp_path, checkp
         activate(model.loras, [LoraRef("junk")], lambda name: junk, LoraFileCache())
 
 
+def test_a_lora_written_twice_is_warned_about_once_and_merged_twice(model, tmp_path, checkpoint):
+    """``<lora:extra:0.5> ... <lora:extra:0.5>``: one warning for its unmatched keys (the same keys), and both
+    tags merged, as A1111 adds both: the weights are the LoRA's at 1.0."""
+    tensors = random_lora_state_dict("sd15", "tiny", "kohya", seed=1)
+    tensors["lora_unet_not_a_layer.lora_down.weight"] = torch.zeros(4, 8)
+    tensors["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(8, 4)
+    path = save_tensors(tensors, tmp_path / "extra.safetensors")
+    refs = prompt_loras("<lora:extra:0.5> a lighthouse, <lora:extra:0.5>", "")
+    assert refs == [LoraRef("extra", 0.5), LoraRef("extra", 0.5)]
+    [warning] = activate(model.loras, refs, lambda name: path, LoraFileCache())
+    assert warning.count("LoRA 'extra'") == 1 and "2 of" in warning
+    twice = _weights(model)
+    activate(model.loras, [LoraRef("extra", 1.0)], lambda name: path, LoraFileCache())
+    once = _weights(model)
+    assert all(torch.allclose(twice[k], once[k], atol=1e-6) for k in once)
+    plain = _weights(load_model(checkpoint, compute_hash=False))
+    assert any(not torch.equal(once[k], v) for k, v in plain.items())  # the LoRA did change the weights
+
+
 def test_dora_magnitudes_are_applied_as_lycoris_and_peft_define_them(model, tmp_path):
     """kohya/LyCORIS ``dora_scale`` on the output axis ([out, 1, 1, 1], a 1x1 conv) and on the input axis
     ([1, in], a linear), PEFT ``lora_magnitude_vector`` [out]: merged weights against the formulas of

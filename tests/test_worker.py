@@ -318,6 +318,44 @@ def test_failure_is_reported_and_next_job_runs(env):
     rec.wait(lambda: len(rec.of(JobFailed, bad)) == 2, "second failure")
 
 
+class OneImageAtATime:
+    """A runner as the pipeline is: each image handed to ``ctx.save_images`` when made, the seeds an earlier
+    run saved (``ctx.has_image``) skipped; ``fail_after`` images it raises (a crash in the next image)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+        self.made: list[int] = []
+
+    def run(self, job, ctx: JobContext) -> list[GeneratedImage]:
+        for seed in job.request.image_seeds():
+            if ctx.has_image(seed):
+                continue
+            if self.fail_after is not None and len(self.made) == self.fail_after:
+                raise RuntimeError("died in the next image")
+            self.made.append(seed)
+            ctx.save_images([GeneratedImage(Image.new("RGB", (8, 8)), seed, job.request)])
+        return []
+
+
+def test_each_image_is_recorded_when_made_and_a_retry_makes_only_the_rest(env):
+    """A batch_count 3 job failing in its third image keeps the first two (on disk, in the history); its retry
+    makes only the third, and its JobFinished lists all three in seed order."""
+    make, store, _ = env
+    runner = OneImageAtATime(fail_after=2)
+    w, rec = make(runner)
+    job = w.submit(req("three", seed=10, batch_count=3))
+    w.start()
+    rec.wait(lambda: rec.of(JobFailed, job), "the failure")
+    kept = store.job_history(job)
+    assert [h.seed for h in kept] == [10, 11] and all(Path(h.path).is_file() for h in kept)
+    runner.fail_after, runner.made = None, []
+    w.retry(job)
+    event = finished(rec, job)
+    assert runner.made == [12]
+    assert event.seeds == (10, 11, 12) and event.paths[:2] == tuple(h.path for h in kept)
+    assert [h.path for h in store.job_history(job)] == list(event.paths)
+
+
 def test_private_queue_jobs_are_owned_and_a_retry_runs_them_in_the_retrying_workers_queue(env):
     """A batch run (private queue) stopped before a job started; the TUI's worker retries it and runs it."""
     make, store, _ = env

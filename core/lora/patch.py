@@ -459,7 +459,14 @@ def activate(
             raise error
         actives.append(ActiveLora(lora, ref))
     reports = patcher.apply(actives, refs)
-    parts = [w for r in reports if (w := r.warning(patcher.family.label))]
+    # A LoRA written twice (``<lora:x:0.5> ... <lora:x:0.5>``) is merged twice, as A1111 adds it twice, but its
+    # unmatched keys are the same keys: said once per file.
+    said: set[Path] = set()
+    parts = []
+    for report in reports:
+        if report.lora.file.path not in said and (w := report.warning(patcher.family.label)):
+            parts.append(w)
+        said.add(report.lora.file.path)
     if not parts:
         return []
     warning = "; ".join(parts)  # one warning for the set, each LoRA's count in it
