@@ -492,8 +492,9 @@ def _family_mismatches(
 ) -> list[str]:
     """Every job whose preset or family-specific fields do not fit its model's family, read from the model's
     header (torch-free, cached per file) before anything loads: one line per problem, naming the job, the
-    model and its family, and what would be valid. A file that cannot be inspected here (a .ckpt, a broken
-    header) is left to the loader, which says why when the job runs."""
+    model and its family, and what would be valid. A file that is not inspected here (a .ckpt) is left to the
+    loader, which says why when the job runs; one whose header is broken or whose data is cut short was
+    refused before this."""
     from core.presets import family_mismatch, load_presets
     from core.request import family_problems
 
@@ -887,6 +888,9 @@ def run_batch(
             if job.request.is_upscale:
                 continue  # nothing is sampled: the source's checkpoint need not be here
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
+            info = registry.inspect(checkpoint)
+            if info.label == "unreadable":  # a cut-off download, a broken header: no job of it could load
+                raise ModelNotFoundError(f"{checkpoint}: {info.problem}")  # as the loader would say it
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
             # found, and made for the checkpoint's family, before any job runs (the detail prompts' tags too)

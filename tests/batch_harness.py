@@ -12,6 +12,7 @@ from PIL import Image
 
 from cli.batch import run_batch
 from core.worker import GeneratedImage
+from tests.family_files import write_header_only
 
 BatchRun = Callable[..., tuple[int, str, str]]
 
@@ -45,7 +46,7 @@ def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[R
     monkeypatch.delenv("DARKROOM_MODELS", raising=False)
     models = tmp_path / "models"
     models.mkdir()
-    (models / "fake.safetensors").write_bytes(b"")
+    write_header_only(models / "fake.safetensors", "sd15")
     runner.seen = []
 
     def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:

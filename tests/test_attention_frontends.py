@@ -19,6 +19,7 @@ from core.events import JobFinished, Status
 from core.request import GenerationRequest
 from core.store import JobStore
 from core.worker import GeneratedImage, Worker
+from tests.family_files import write_header_only
 from tests.test_attention import FakeKernels, qkv
 
 
@@ -41,7 +42,7 @@ def batch(tmp_path, monkeypatch):
     RecordingPipeline.modes = []
     models = tmp_path / "models"
     models.mkdir()
-    (models / "fake.safetensors").write_bytes(b"")
+    write_header_only(models / "fake.safetensors", "sd15")
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(textwrap.dedent('[[job]]\nmodel = "fake"\nprompt = "a cat"\nsteps = 1\n'))
 

@@ -23,6 +23,7 @@ from cli.batch import run_batch
 from core.errors import CheckpointError
 from core.store import JobStore
 from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
+from tests.family_files import write_header_only
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +251,7 @@ def _script(tmp_path: Path) -> list[str]:
     script.write_text(SCRIPT.format(repo=str(REPO)))
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
-    (models / "fake.safetensors").write_bytes(b"")
+    write_header_only(models / "fake.safetensors", "sd15")
     return [
         sys.executable,
         str(script),
@@ -387,7 +388,7 @@ def test_a_symlinked_model_given_as_a_relative_path_keeps_its_name(setup):
     run, write, tmp_path = setup
     target = tmp_path / "store" / "3f9a1c.safetensors"
     target.parent.mkdir()
-    target.write_bytes(b"")
+    write_header_only(target, "sd15")
     (tmp_path / "dreamy.safetensors").symlink_to(target)
     jobs = write("jobs.toml", """
         [[job]]

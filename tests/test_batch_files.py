@@ -10,6 +10,7 @@ import pytest
 
 from cli.batch import run_batch
 from tests.batch_harness import RecordingRunner, batch_and_writer
+from tests.family_files import write_header_only
 
 
 class Runner(RecordingRunner):
@@ -48,7 +49,7 @@ def test_an_output_folder_that_exists_but_cannot_be_written_is_said_before_anyth
     # /proc/self: a folder that exists and that nobody, root included, can create files in (as a read-only
     # mount, which a test cannot make)
     monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    (tmp_path / "fake.safetensors").write_bytes(b"")
+    write_header_only(tmp_path / "fake.safetensors", "sd15")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"model": "fake", "steps": 1}\n')
     Runner.seen = []
@@ -85,7 +86,7 @@ def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
 
 def test_resume_of_a_finished_grid_prints_its_grid_image_and_saves_no_second_one(tmp_path, monkeypatch):
     monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    (tmp_path / "fake.safetensors").write_bytes(b"")
+    write_header_only(tmp_path / "fake.safetensors", "sd15")
     jobs = tmp_path / "grid.toml"
     jobs.write_text(textwrap.dedent(GRID_JOBS))
 

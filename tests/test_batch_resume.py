@@ -17,6 +17,7 @@ from cli.batch import EXIT_DATABASE, run_batch
 from cli.main import build_parser
 from core.store import JobStore
 from core.worker import GeneratedImage
+from tests.family_files import write_header_only
 
 LOCKER = """
 import sqlite3, sys, time
@@ -52,7 +53,7 @@ def batch(tmp_path, monkeypatch):
     monkeypatch.delenv("DARKROOM_MODELS", raising=False)
     models = tmp_path / "models"
     models.mkdir()
-    (models / "fake.safetensors").write_bytes(b"")
+    write_header_only(models / "fake.safetensors", "sd15")
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(JOBS)
     Runner.seen, Runner.fail, Runner.on_done = [], set(), None

@@ -12,6 +12,7 @@ import pytest
 from cli.batch import run_batch
 from core.errors import CheckpointError
 from tests.batch_harness import RecordingRunner, batch_runner
+from tests.family_files import write_header_only
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J"  # sets the terminal's title, then clears the screen
 SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J"
@@ -38,7 +39,7 @@ def raw_controls(text: str) -> list[str]:
 def batch(tmp_path, monkeypatch):
     """``run(jobs_toml, rich) -> (code, stdout, stderr)``, with a hostile model file in the models folder."""
     plain = batch_runner(tmp_path, monkeypatch, FailingRunner)
-    (tmp_path / "models" / MODEL).write_bytes(b"")
+    write_header_only(tmp_path / "models" / MODEL, "sd15")
 
     def run(text: str, rich: bool, name: str = "jobs.toml") -> tuple[int, str, str]:
         path = tmp_path / name

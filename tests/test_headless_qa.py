@@ -16,6 +16,7 @@ from PIL import Image
 
 from cli.batch import run_batch
 from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
+from tests.family_files import write_header_only
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_relative_model_and_vae_paths_are_taken_from_the_jobs_file_folder(batch,
     run, tmp_path = batch
     project = tmp_path / "project"
     (project / "ckpt").mkdir(parents=True)
-    (project / "ckpt" / "mine.safetensors").write_bytes(b"")
+    write_header_only(project / "ckpt" / "mine.safetensors", "sd15")
     (tmp_path / "vaes").mkdir()
     (tmp_path / "vaes" / "v.safetensors").write_bytes(b"")
     jobs = _write(
@@ -422,7 +423,7 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     script = tmp_path / "stuck.py"
     script.write_text(_STUCK_SCRIPT.format(repo=str(repo)))
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "fake.safetensors").write_bytes(b"")
+    write_header_only(tmp_path / "models" / "fake.safetensors", "sd15")
     jobs = _write(tmp_path / "jobs.toml", '[[job]]\nmodel = "fake"\nsteps = 2\n[[job]]\nmodel = "fake"\n')
     db = tmp_path / "db.sqlite3"
     timeout = "30" if presses == 2 else "1"

@@ -399,8 +399,9 @@ def test_batch_with_a_hostile_header_exits_3_naming_the_file(tiny, tmp_path, mon
     path = _write(models / "shifted.safetensors", *_shifted(copy.deepcopy(header), data))
     code, out, err = _batch_here(tmp_path, models, '[[job]]\nmodel = "shifted"\nprompt = "a cat"\nsteps = 1\n',
                                  monkeypatch)
-    assert code == 3, err
-    assert f"[1/1] failed: {path}: the safetensors header says the first tensor" in err
+    assert code == 3, err  # refused before anything runs, as a missing model is
+    assert err.startswith(f"darkroom: error: {tmp_path / 'jobs.toml'}: job 1: {path}: the safetensors header says "
+                          "the first tensor")
     assert "internal error" not in err and "Traceback" not in err
     assert out == "" and _pngs(tmp_path) == []
 
@@ -468,3 +469,21 @@ def test_finite_check_catches_any_nan_or_inf_and_passes_large_finite_values():
     x[0, 0, 0, 0], x[0, 0, 0, 1] = float("inf"), -float("inf")  # they do not cancel out
     with pytest.raises(NonFiniteOutputError, match=r"^v\.safetensors: the VAE produced NaN"):
         _check_finite(model, x, "decoding")
+
+
+def test_a_cut_off_download_is_refused_before_any_job_runs(tiny, tmp_path, monkeypatch):
+    """A checkpoint whose download stopped part-way (its header intact, its data short) was found only when its
+    job ran, after the jobs before it; like a missing model, it is now refused before anything runs."""
+    models = tmp_path / "models"
+    models.mkdir()
+    whole = Path(tiny).read_bytes()
+    cut = models / "half.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    (models / "whole.safetensors").write_bytes(whole)
+    jobs = '[[job]]\nmodel = "whole"\nprompt = "a cat"\nsteps = 1\n[[job]]\nmodel = "half"\nprompt = "a dog"\nsteps = 1\n'
+    code, out, err = _batch_here(tmp_path, models, jobs, monkeypatch)
+    assert code == 3, err
+    assert err.startswith(f"darkroom: error: {tmp_path / 'jobs.toml'}: job 2: {cut}: the file is truncated: its "
+                          "header says ")
+    assert err.endswith(" are present; re-download it\n") and err.count("\n") == 1
+    assert out == "" and _pngs(tmp_path) == []  # job 1 did not run either
