@@ -560,3 +560,34 @@ def test_a_switch_reaches_the_parameters_the_placement_put_in(model, models, che
     activate(expected.loras, [LoraRef("peft", 0.5)], find, cache)
     want, got = _weights(expected), _weights(model)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---- LoRA merges under the memory plans (meta = GPU) and the weights' memory format ------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_merged_channels_last_conv_weight_stays_channels_last(checkpoint, models, dtype):
+    """On CUDA the UNet's weights are channels_last (``use_channels_last``): a merge must keep each weight's
+    memory format (a contiguous merge costs every forward a layout conversion), with the bits of a merge into
+    the contiguous model, also for two LoRA kinds on one conv (that path works on a float32 copy)."""
+    find, cache = _find(models), LoraFileCache()
+    refs = [LoraRef("locon", 0.8), LoraRef("loha", 0.6)]
+    plain = load_model(checkpoint, compute_hash=False, dtype=dtype)
+    activate(plain.loras, refs, find, cache)
+    nhwc = load_model(checkpoint, compute_hash=False, dtype=dtype)
+    unet = nhwc.checkpoint.components["unet"]
+    unet.to(memory_format=torch.channels_last)
+    convs = {n for n, p in unet.named_parameters() if p.ndim == 4 and p.shape[-1] > 1}
+    before = {n: unet.get_parameter(n).data_ptr() for n in convs}
+    activate(nhwc.loras, refs, find, cache)
+    merged = {n for n in convs if unet.get_parameter(n).data_ptr() != before[n]}
+    assert merged  # the LoCon and LoHa reach the 3x3 convs
+    want = _weights(plain)
+    for name in merged:
+        weight = unet.get_parameter(name)
+        assert weight.is_contiguous(memory_format=torch.channels_last), name
+        assert torch.equal(weight, want[f"unet.{name}"]), name
+    activate(nhwc.loras, [LoraRef("locon", 0.5)], find, cache)  # a switch writes into kept buffers: still NHWC
+    assert all(unet.get_parameter(n).is_contiguous(memory_format=torch.channels_last) for n in convs)
+    activate(nhwc.loras, [], find, cache)
+    assert all(unet.get_parameter(n).data_ptr() == before[n] for n in convs)
