@@ -1103,8 +1103,10 @@ class PipelineRunner:
         from core.accel.memory import escalate, free_cached, is_out_of_memory
 
         for loaded in (model, refiner):
-            if loaded is not None:
-                self.placement.register(placement_key(loaded), loaded.checkpoint.components)
+            if loaded is not None:  # the LoRA merges follow the networks home (LoraPatcher.follow)
+                loras = getattr(loaded, "loras", None)
+                self.placement.register(placement_key(loaded), loaded.checkpoint.components,
+                                        loras.follow if loras is not None else None)
         try:
             plan, estimate = self.plan_memory(model, request, refiner)
         except Exception as exc:  # noqa: BLE001 - a network the estimate does not know never fails the job

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -532,6 +532,7 @@ class Placement:
         self._homes: dict[tuple[int, int, str], _Home] = {}  # (id(owner), id(slots), name)
         self._on: set[str] = set()
         self._hooks: list[Any] = []
+        self._moved: dict[str, Callable[[], None]] = {}  # model key -> what follows its networks home
 
     @property
     def active(self) -> bool:
@@ -539,9 +540,12 @@ class Placement:
         return self.device != self.home
 
     # -- registration --------------------------------------------------------------------------------------
-    def register(self, key: str, components: Mapping[str, nn.Module]) -> None:
+    def register(self, key: str, components: Mapping[str, nn.Module], moved: Callable[[], None] | None = None) -> None:
         """(Re)name ``components`` (role -> network) of model ``key``; a network replaced under a role (another
-        VAE) drops the old one's records."""
+        VAE) drops the old one's records. ``moved`` is called after one of them has moved home: the model's
+        LoRA patcher (``LoraPatcher.follow``) lets go of what it kept on the device for those weights."""
+        if moved is not None:
+            self._moved[key] = moved
         for role, module in components.items():
             name = f"{key}/{role}"
             old = self._components.get(name)
@@ -554,6 +558,7 @@ class Placement:
     def forget(self, key: str) -> None:
         """A model that is unloaded: drop every reference to it (its tensors go with it)."""
         self._remove_hooks()
+        self._moved.pop(key, None)
         for name in [n for n in self._components if n.startswith(f"{key}/")]:
             module = self._components.pop(name)
             self._on.discard(name)
@@ -623,6 +628,9 @@ class Placement:
         self._move_out(module)
         self._on.discard(name)
         self.moves.append((name, "out"))
+        moved = self._moved.get(name.split("/", 1)[0])
+        if moved is not None:
+            moved()
 
     # -- plans ---------------------------------------------------------------------------------------------
     def prepare(self, plan: MemoryPlan) -> None:

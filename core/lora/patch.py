@@ -281,6 +281,8 @@ class LoraPatcher:
         """Make ``loras`` the merged set (empty: remove all). Returns one report per LoRA."""
         plan, reports = self._plan(loras)
         wanted = {key: self._signature(c) for key, c in plan.items()}
+        previous = self.active
+        self.follow()  # kept buffers on a device their weight has left are of no use to this switch
         try:
             for key in list(self._merged):
                 if key not in wanted:
@@ -297,6 +299,7 @@ class LoraPatcher:
             raise
         finally:
             self._retired.clear()
+            self._drop_factors((*previous, *loras))
         self._trim_spares()
         self.active = tuple(loras)
         self.requested = tuple(requested)
@@ -307,6 +310,32 @@ class LoraPatcher:
 
     def remove_all(self) -> None:
         self.apply(())
+
+    def follow(self) -> None:
+        """Let go of what this patcher holds on a device its weights have left: the memory plan's ``Placement``
+        calls it when it moves a network home (model or sequential offload), so an offloaded network leaves no
+        LoRA memory on the GPU. Kept merge buffers of a weight that lives elsewhere now are dropped (they would
+        never be reused there; a switch back merges again where the weight is), and so are the LoRA factors
+        cached on a device no packed layer that adds them is on any more."""
+        for layout, group in self._spares.items():
+            for tag in [t for t in group if self._parameter(t[0]).device != layout[3]]:
+                del group[tag]
+        self._spares = {k: v for k, v in self._spares.items() if v}
+        self._drop_factors(self.active)
+
+    def _drop_factors(self, loras: Sequence[ActiveLora]) -> None:
+        """The device copies of ``loras``' factors (``LoraModule.factors``) are kept only on the device of a
+        packed layer that adds them at forward time; a merged weight needed them only while merging (kept, a
+        GPU's would stay for as long as the file is in the cache, LoRA or not). The CPU's are kept: RAM, and
+        a switch back merging on the CPU converts nothing again."""
+        needed: dict[int, set[torch.device]] = {}
+        for key in self._hooked:
+            layer = self._packed(key)
+            for _, module, _, _ in layer.weight_patch.contributions:  # type: ignore[union-attr]
+                needed.setdefault(id(module), set()).add(layer.weight_raw.device)  # type: ignore[union-attr]
+        for file in {id(a.file): a.file for a in loras}.values():
+            for module in file.modules.values():
+                module.drop_factors(needed.get(id(module), set()))
 
     def _trim_spares(self) -> None:
         """Kept buffers take at most as much memory as the weights merged now or, if more, by the set before
