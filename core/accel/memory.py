@@ -290,9 +290,12 @@ def estimate_job(model: Any, request: Any, refiner: Any = None) -> Estimate:
     element = _element(model.dtype)
     components = model.checkpoint.components
     models = [model] + ([refiner] if refiner is not None else [])
+    # what LoRAs add on the device (LoraPatcher.forward_bytes: packed layers' forward-time deltas; merges add nothing)
+    lora = [getattr(mm, "loras", None) for mm in models]
+    lora_bytes = [p.forward_bytes() if p is not None else {} for p in lora]
     text_weights = sum(
         module_bytes(m) for mm in models for role, m in mm.checkpoint.components.items() if role.startswith(TEXT_PREFIX)
-    )
+    ) + sum(b for added in lora_bytes for role, b in added.items() if role.startswith(TEXT_PREFIX))
     unet = components["unet"]
     downscale = model.spec.latent.downscale
     sizes = [(request.width, request.height)]
@@ -318,14 +321,16 @@ def estimate_job(model: Any, request: Any, refiner: Any = None) -> Estimate:
     text = max((text_activations(m, element) for role, m in components.items() if role.startswith(TEXT_PREFIX)),
                default=0)
     resident, largest = 0, 0
-    for mm in models:
+    for mm, added in zip(models, lora_bytes):
         blocks, kept = offload_blocks(mm.checkpoint.components["unet"])
-        resident += sum(module_bytes(m) for m in kept)
+        # a packed layer's LoRA factors are cached on the device as its block runs and stay: resident
+        resident += sum(module_bytes(m) for m in kept) + added.get("unet", 0)
         largest = max([largest, *(module_bytes(b) for b in blocks)])
     return Estimate(
         text_weights=text_weights,
-        denoiser_weights=module_bytes(unet),
-        refiner_weights=module_bytes(refiner.checkpoint.components["unet"]) if refiner is not None else 0,
+        denoiser_weights=module_bytes(unet) + lora_bytes[0].get("unet", 0),
+        refiner_weights=(module_bytes(refiner.checkpoint.components["unet"]) + lora_bytes[1].get("unet", 0)
+                         if refiner is not None else 0),
         vae_weights=module_bytes(vae) + (module_bytes(refiner.checkpoint.vae) if refiner is not None else 0),
         text=text,
         denoise=denoise,

@@ -245,6 +245,24 @@ class LoraPatcher:
     def merged_weights(self) -> int:
         return len(self._merged)
 
+    def forward_bytes(self) -> dict[str, int]:
+        """Device memory the LoRAs add to each network (role -> bytes) while it runs. A merged weight adds
+        nothing (the merge takes the original's place, same shape and dtype); a packed (fp8/GGUF) layer's
+        ``ForwardDelta`` needs its modules' tensors as float32 on the layer's device (a plain LoRA's factors stay
+        cached there, ``_drop_factors``), and, for kinds merged through a whole float32 weight (LoHa, LoKr, full
+        diffs, DoRA, row ranges), that copy and the delta during a call: the largest such layer counts."""
+        tensors: dict[str, dict[int, int]] = {}
+        working: dict[str, int] = {}
+        for key in self._hooked:
+            role, layer = key[0], self._packed(key)
+            contributions = layer.weight_patch.contributions  # type: ignore[union-attr]
+            for _, module, _, _ in contributions:
+                tensors.setdefault(role, {})[id(module)] = 4 * sum(t.numel() for t in module.tensors.values())
+            if not _blockwise(contributions):
+                whole = 2 * 4 * int(torch.Size(layer.weight_shape).numel())  # type: ignore[union-attr]
+                working[role] = max(working.get(role, 0), whole)
+        return {role: sum(tensors[role].values()) + working.get(role, 0) for role in tensors}
+
     def _plan(self, loras: Sequence[ActiveLora]) -> tuple[dict[tuple[str, str], list], list[LoraReport]]:
         plan: dict[tuple[str, str], list] = {}
         reports = []
