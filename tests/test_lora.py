@@ -598,6 +598,11 @@ def _meta_bytes() -> int:
     return sum(live.values())
 
 
+class Ctx:
+    def set_activity(self, text: str) -> None:
+        pass
+
+
 def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
     """A switch merged on the GPU (everything resident) keeps the previous set's buffers there and caches the
     LoRA factors there; once the next job's plan offloads the UNet (model offload, then sequential), none of it
@@ -638,11 +643,6 @@ def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
         assert model.loras.merged_weights == 0 and _meta_bytes() == baseline + resident
         runner.placement.release_all()
         assert _meta_bytes() == baseline
-
-
-class Ctx:
-    def set_activity(self, text: str) -> None:
-        pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -9,6 +9,9 @@ exactly. Switching sets re-merges only the weights whose contributions changed; 
 A merge buffer a switch takes off a weight is kept with what it holds (within the memory the current or the
 previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those
 tensors back without computing anything; a new set reuses the oldest kept buffers of the same shapes.
+A merge is made where the weight is (the GPU while the memory plan keeps the network there, else the CPU), in
+the weight's own memory format; when the plan's ``Placement`` moves a network home, ``follow`` lets go of the
+buffers and LoRA factors kept on the device for it.
 
 fp8 and GGUF weights (the packed layers of ``core.models.quant``, which dequantise per call) take the LoRA at
 forward time instead (``ForwardDelta``): the layer's ``weight_patch`` merges the same contributions into the
