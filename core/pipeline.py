@@ -1092,7 +1092,17 @@ class PipelineRunner:
         free = free_memory(device)
         if free is not None:
             free += self.placement.resident_bytes()
-        return choose_plan(estimate, free, self.memory_mode, device), estimate
+        plan = choose_plan(estimate, free, self.memory_mode, device)
+        # merge buffers a LoRA switch kept on the device (for a switch back) give way to a less intrusive plan
+        patchers = [p for m in (model, refiner) if m is not None and (p := getattr(m, "loras", None)) is not None]
+        kept = sum(p.spare_bytes(device) for p in patchers)
+        if free is not None and kept:
+            roomier = choose_plan(estimate, free + kept, self.memory_mode, device)
+            if (roomier.offload, roomier.vae_tile) != (plan.offload, plan.vae_tile):
+                for patcher in patchers:
+                    patcher.drop_spares(device)
+                plan = roomier
+        return plan, estimate
 
     def run_with_memory_plan(
         self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, ctx: RunContext,

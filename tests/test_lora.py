@@ -603,6 +603,14 @@ class Ctx:
         pass
 
 
+def _job(runner: PipelineRunner, model, tags: str, mode: str) -> None:
+    """What ``PipelineRunner.run`` does around a job's sampling: merge its LoRAs, plan and place (nothing runs)."""
+    job_request = request(prompt=f"a lighthouse {tags}")
+    runner.memory_mode = mode
+    runner.apply_loras(model, job_request)
+    runner.run_with_memory_plan(model, job_request, None, Ctx(), lambda: [])
+
+
 def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
     """A switch merged on the GPU (everything resident) keeps the previous set's buffers there and caches the
     LoRA factors there; once the next job's plan offloads the UNet (model offload, then sequential), none of it
@@ -618,10 +626,7 @@ def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
         baseline = _meta_bytes()  # what other tests left on meta
 
         def job(tags: str, mode: str) -> None:
-            job_request = request(prompt=f"a lighthouse {tags}")
-            runner.memory_mode = mode
-            runner.apply_loras(model, job_request)
-            runner.run_with_memory_plan(model, job_request, None, Ctx(), lambda: [])
+            _job(runner, model, tags, mode)
 
         job("<lora:kohya:1>", "gpu")
         job("<lora:peft:0.5>", "gpu")  # switched on the "GPU": kohya's buffers kept there
@@ -643,6 +648,30 @@ def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
         assert model.loras.merged_weights == 0 and _meta_bytes() == baseline + resident
         runner.placement.release_all()
         assert _meta_bytes() == baseline
+
+
+def test_lora_buffers_kept_on_the_gpu_give_way_to_a_resident_plan(models, monkeypatch):
+    """Merge buffers a switch kept on the GPU (for a switch back) are room the plan can have: a job that fits
+    resident only without them lets them go and runs resident instead of offloading the UNet."""
+    from core.accel import memory
+    from core.accel.memory import Placement
+
+    meta = torch.device("meta")
+    runner = PipelineRunner([models], previews=False)
+    runner.placement = Placement(meta)
+    with _MetaReadsAsZeros():
+        model = runner.ensure_model(request())
+        _job(runner, model, "<lora:kohya:1>", "gpu")
+        _job(runner, model, "<lora:peft:0.5>", "gpu")
+        kept = model.loras.spare_bytes(meta)
+        assert kept
+        need = memory.estimate_job(model, request()).need("none")
+        fitting = int(need * memory.SAFETY_FACTOR) + memory.SAFETY_BYTES + 1  # the least free memory that fits
+        resident = runner.placement.resident_bytes()
+        monkeypatch.setattr(memory, "free_memory", lambda device: fitting - resident - kept // 2)
+        _job(runner, model, "<lora:peft:0.5>", "auto")
+        assert runner.memory_plan.offload == "none" and model.loras.spare_bytes(meta) == 0
+        assert model.loras.merged_weights and next(model.checkpoint.components["unet"].parameters()).is_meta
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

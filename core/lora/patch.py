@@ -143,6 +143,12 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.dtype, t.device
 
 
+def _on(where: torch.device, device: torch.device) -> bool:
+    """``where`` (a tensor's device) is ``device``, which may name no index (``--device cuda``)."""
+    device = torch.device(device)
+    return where.type == device.type and (device.index is None or where.index == device.index)
+
+
 def _needs_forward_time(weight: torch.Tensor) -> bool:
     """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
@@ -343,6 +349,15 @@ class LoraPatcher:
                 del group[tag]
         self._spares = {k: v for k, v in self._spares.items() if v}
         self._drop_factors(self.active)
+
+    def spare_bytes(self, device: torch.device) -> int:
+        """Bytes of the merge buffers kept (for a switch back) on ``device`` (``cuda``: any CUDA device)."""
+        return sum(t.nbytes for layout, group in self._spares.items() if _on(layout[3], device)
+                   for t in group.values())
+
+    def drop_spares(self, device: torch.device) -> None:
+        """Let go of the merge buffers kept on ``device`` (the memory plan wants the room)."""
+        self._spares = {layout: group for layout, group in self._spares.items() if not _on(layout[3], device)}
 
     def _drop_factors(self, loras: Sequence[ActiveLora]) -> None:
         """The device copies of ``loras``' factors (``LoraModule.factors``) are kept only on the device of a
