@@ -1093,9 +1093,10 @@ class PipelineRunner:
         if free is not None:
             free += self.placement.resident_bytes()
         plan = choose_plan(estimate, free, self.memory_mode, device)
-        # merge buffers a LoRA switch kept on the device (for a switch back) give way to a less intrusive plan
+        # merge buffers a LoRA switch kept on the GPU (for a switch back) give way to a less intrusive plan (on
+        # the CPU they are RAM like the rest, and nothing moves)
         patchers = [p for m in (model, refiner) if m is not None and (p := getattr(m, "loras", None)) is not None]
-        kept = sum(p.spare_bytes(device) for p in patchers)
+        kept = sum(p.spare_bytes(device) for p in patchers) if self.placement.active else 0
         if free is not None and kept:
             roomier = choose_plan(estimate, free + kept, self.memory_mode, device)
             if (roomier.offload, roomier.vae_tile) != (plan.offload, plan.vae_tile):
