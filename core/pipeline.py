@@ -1135,7 +1135,18 @@ class PipelineRunner:
         free = free_memory(device)
         if free is not None:
             free += self.placement.resident_bytes()
-        return choose_plan(estimate, free, self.memory_mode, device), estimate
+        plan = choose_plan(estimate, free, self.memory_mode, device)
+        # merge buffers a LoRA switch kept on the GPU (for a switch back) give way to a less intrusive plan (on
+        # the CPU they are RAM like the rest, and nothing moves)
+        patchers = [p for m in (model, refiner) if m is not None and (p := getattr(m, "loras", None)) is not None]
+        kept = sum(p.spare_bytes(device) for p in patchers) if self.placement.active else 0
+        if free is not None and kept:
+            roomier = choose_plan(estimate, free + kept, self.memory_mode, device)
+            if (roomier.offload, roomier.vae_tile) != (plan.offload, plan.vae_tile):
+                for patcher in patchers:
+                    patcher.drop_spares(device)
+                plan = roomier
+        return plan, estimate
 
     def run_with_memory_plan(
         self, model: LoadedModel, request: GenerationRequest, refiner: LoadedModel | None, ctx: RunContext,
@@ -1146,8 +1157,10 @@ class PipelineRunner:
         from core.accel.memory import escalate, free_cached, is_out_of_memory
 
         for loaded in (model, refiner):
-            if loaded is not None:
-                self.placement.register(placement_key(loaded), loaded.checkpoint.components)
+            if loaded is not None:  # the LoRA merges follow the networks home (LoraPatcher.follow)
+                loras = getattr(loaded, "loras", None)
+                self.placement.register(placement_key(loaded), loaded.checkpoint.components,
+                                        loras.follow if loras is not None else None)
         try:
             plan, estimate = self.plan_memory(model, request, refiner)
         except Exception as exc:  # noqa: BLE001 - a network the estimate does not know never fails the job

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from core.errors import ModelNotFoundError, RequestError
 from core.lora import LoraError
@@ -25,7 +26,7 @@ from core.lora.tags import LoraRef, prompt_loras, strip_tags
 from core.models.registry import ModelRegistry
 from core.models.safetensors_writer import save_tensors
 from core.models.testing import random_lora_state_dict, write_random_checkpoint, write_random_lora
-from core.pipeline import PipelineRunner, PromptCache, generate, load_model
+from core.pipeline import PipelineRunner, PromptCache, generate, load_model, placement_key
 from core.request import GenerationRequest
 from tests.reference import merge_lora_reference, psnr, reference_pipeline
 
@@ -579,3 +580,142 @@ def test_a_switch_reaches_the_parameters_the_placement_put_in(model, models, che
     activate(expected.loras, [LoraRef("peft", 0.5)], find, cache)
     want, got = _weights(expected), _weights(model)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---- LoRA merges under the memory plans (meta = GPU) and the weights' memory format ------------------------
+
+
+class _MetaReadsAsZeros(TorchFunctionMode):
+    """The ``meta`` device as a GPU whose bytes cannot be read back: a copy of a meta tensor to the CPU (moving a
+    network home after a merge on the "GPU", keeping the original of a weight merged there) gives zeros of its
+    shape and strides. Where memory lives is real; the values copied home are not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            if "meta" not in str(exc):
+                raise
+
+            def readable(a):
+                return torch.zeros_like(a, device="cpu") if isinstance(a, torch.Tensor) and a.is_meta else a
+
+            return func(*[readable(a) for a in args], **{k: readable(v) for k, v in kwargs.items()})
+
+
+def _meta_bytes() -> int:
+    """Bytes of every live tensor on the meta device (views counted once, with their base)."""
+    import gc
+
+    gc.collect()
+    live = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.is_meta:
+            base = obj._base if obj._base is not None else obj
+            live[id(base)] = base.nbytes
+    return sum(live.values())
+
+
+class Ctx:
+    def set_activity(self, text: str) -> None:
+        pass
+
+
+def _job(runner: PipelineRunner, model, tags: str, mode: str) -> None:
+    """What ``PipelineRunner.run`` does around a job's sampling: merge its LoRAs, plan and place (nothing runs)."""
+    job_request = request(prompt=f"a lighthouse {tags}")
+    runner.memory_mode = mode
+    runner.apply_loras(model, job_request)
+    runner.run_with_memory_plan(model, job_request, None, Ctx(), lambda: [])
+
+
+def test_lora_merges_follow_the_memory_plan_off_the_gpu(models):
+    """A switch merged on the GPU (everything resident) keeps the previous set's buffers there and caches the
+    LoRA factors there; once the next job's plan offloads the UNet (model offload, then sequential), none of it
+    may stay on the GPU: the merged weights go home with the network, the kept buffers and factors are let go,
+    and a switch or a removal under offload merges on the CPU, where the plan keeps the weights."""
+    from core.accel.memory import Placement
+
+    runner = PipelineRunner([models], previews=False)
+    runner.placement = Placement(torch.device("meta"))
+    with _MetaReadsAsZeros():
+        model = runner.ensure_model(request())
+        unet = model.checkpoint.components["unet"]
+        baseline = _meta_bytes()  # what other tests left on meta
+
+        def job(tags: str, mode: str) -> None:
+            _job(runner, model, tags, mode)
+
+        job("<lora:kohya:1>", "gpu")
+        job("<lora:peft:0.5>", "gpu")  # switched on the "GPU": kohya's buffers kept there
+        assert runner.memory_plan.offload == "none" and next(unet.parameters()).is_meta
+        assert any(t.is_meta for group in model.loras._spares.values() for t in group.values())
+        job("<lora:peft:0.5>", "lowvram")  # the same set, now under model offload
+        assert runner.memory_plan.offload == "model"
+        assert model.loras.merged_weights and not next(unet.parameters()).is_meta
+        assert _meta_bytes() == baseline  # nothing of the UNet or its LoRAs is left on the GPU
+        job("<lora:kohya:0.7>", "lowvram")  # a switch under offload merges on the CPU
+        assert _meta_bytes() == baseline
+        with runner.placement.use(placement_key(model), ("unet",)):  # the merged weights go in with the UNet
+            assert all(p.is_meta for p in unet.parameters())
+        runner.placement.release(placement_key(model), ("unet",))  # the next stage's move: all of it goes home
+        assert _meta_bytes() == baseline
+        job("<lora:kohya:1>", "sequential")
+        job("", "sequential")  # removed under sequential offload: only the resident modules are on the GPU
+        resident = sum(p.nbytes for p in unet.parameters() if p.is_meta)
+        assert model.loras.merged_weights == 0 and _meta_bytes() == baseline + resident
+        runner.placement.release_all()
+        assert _meta_bytes() == baseline
+
+
+def test_lora_buffers_kept_on_the_gpu_give_way_to_a_resident_plan(models, monkeypatch):
+    """Merge buffers a switch kept on the GPU (for a switch back) are room the plan can have: a job that fits
+    resident only without them lets them go and runs resident instead of offloading the UNet."""
+    from core.accel import memory
+    from core.accel.memory import Placement
+
+    meta = torch.device("meta")
+    runner = PipelineRunner([models], previews=False)
+    runner.placement = Placement(meta)
+    with _MetaReadsAsZeros():
+        model = runner.ensure_model(request())
+        _job(runner, model, "<lora:kohya:1>", "gpu")
+        _job(runner, model, "<lora:peft:0.5>", "gpu")
+        kept = model.loras.spare_bytes(meta)
+        assert kept
+        need = memory.estimate_job(model, request()).need("none")
+        fitting = int(need * memory.SAFETY_FACTOR) + memory.SAFETY_BYTES + 1  # the least free memory that fits
+        resident = runner.placement.resident_bytes()
+        monkeypatch.setattr(memory, "free_memory", lambda device: fitting - resident - kept // 2)
+        _job(runner, model, "<lora:peft:0.5>", "auto")
+        assert runner.memory_plan.offload == "none" and model.loras.spare_bytes(meta) == 0
+        assert model.loras.merged_weights and next(model.checkpoint.components["unet"].parameters()).is_meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_merged_channels_last_conv_weight_stays_channels_last(checkpoint, models, dtype):
+    """On CUDA the UNet's weights are channels_last (``use_channels_last``): a merge must keep each weight's
+    memory format (a contiguous merge costs every forward a layout conversion), with the bits of a merge into
+    the contiguous model, also for two LoRA kinds on one conv (that path works on a float32 copy)."""
+    find, cache = _find(models), LoraFileCache()
+    refs = [LoraRef("locon", 0.8), LoraRef("loha", 0.6)]
+    plain = load_model(checkpoint, compute_hash=False, dtype=dtype)
+    activate(plain.loras, refs, find, cache)
+    nhwc = load_model(checkpoint, compute_hash=False, dtype=dtype)
+    unet = nhwc.checkpoint.components["unet"]
+    unet.to(memory_format=torch.channels_last)
+    convs = {n for n, p in unet.named_parameters() if p.ndim == 4 and p.shape[-1] > 1}
+    before = {n: unet.get_parameter(n).data_ptr() for n in convs}
+    activate(nhwc.loras, refs, find, cache)
+    merged = {n for n in convs if unet.get_parameter(n).data_ptr() != before[n]}
+    assert merged  # the LoCon and LoHa reach the 3x3 convs
+    want = _weights(plain)
+    for name in merged:
+        weight = unet.get_parameter(name)
+        assert weight.is_contiguous(memory_format=torch.channels_last), name
+        assert torch.equal(weight, want[f"unet.{name}"]), name
+    activate(nhwc.loras, [LoraRef("locon", 0.5)], find, cache)  # a switch writes into kept buffers: still NHWC
+    assert all(unet.get_parameter(n).is_contiguous(memory_format=torch.channels_last) for n in convs)
+    activate(nhwc.loras, [], find, cache)
+    assert all(unet.get_parameter(n).data_ptr() == before[n] for n in convs)

@@ -224,3 +224,43 @@ def test_batch_runs_a_flux_lora_on_a_gguf_transformer(tmp_path, monkeypatch):
     print(f"Flux.1 Q8_0 + LoRA vs bf16 + LoRA: {near:.1f} dB; vs Q8_0 without the LoRA: {without:.1f} dB")
     assert near >= 30 and without < near - 5
     assert "Lora hashes" in Image.open(paths[0]).text["parameters"]
+
+
+def test_the_memory_estimate_counts_the_float32_lora_a_packed_model_adds_on_the_device(tmp_path):
+    """A merge takes its weight's place (the estimate does not change), but a packed layer adds its LoRA at
+    forward time from float32 copies of the module's tensors on its device: the job's estimate counts them in
+    the denoiser's weights, and in what sequential offload keeps resident (cached as each block runs)."""
+    from safetensors.torch import load_file
+
+    from core.accel.memory import estimate_job
+    from core.models import testing
+    from core.models.quant.layers import packed_state
+    from core.pipeline import PipelineRunner
+    from core.request import GenerationRequest
+
+    pytest.importorskip("gguf")
+    root = tmp_path / "ComfyUI"
+    files = testing.write_random_flux_split_set(root, variant="dev", seed=3)
+    flux = {k: v.float() for k, v in load_file(files["model"]).items()}
+    types = {k: "Q8_0" for k, v in flux.items() if v.dim() == 2 and v.shape[-1] % 32 == 0}
+    testing.write_random_gguf(root / "models" / "unet" / "flux1-dev-Q8_0.gguf", flux, types)
+    (root / "models" / "loras").mkdir()
+    save_tensors(random_flux_lora_state_dict("kohya", seed=5), root / "models" / "loras" / "style.safetensors")
+    runner = PipelineRunner([root / "models"], previews=False)
+    plain = GenerationRequest(model="flux1-dev-Q8_0", prompt="a lighthouse", steps=2, width=64, height=64)
+    with_lora = plain.replace(prompt="a lighthouse <lora:style:1>")
+    model = runner.ensure_model(plain)
+    before = estimate_job(model, plain)
+    runner.apply_loras(model, with_lora)
+    after = estimate_job(model, with_lora)
+
+    lora = runner.lora_files.get(root / "models" / "loras" / "style.safetensors")
+    packed = set(packed_state(model.checkpoint.components["unet"]))
+    table = model.loras.table
+    on_packed = [m for name, m in lora.modules.items() if name in table and table[name].weight in packed]
+    assert on_packed and all(m.kind == "lora" for m in on_packed)  # plain LoRAs: no whole-weight working copy
+    expected = sum(4 * t.numel() for m in on_packed for t in m.tensors.values())
+    assert after.denoiser_weights - before.denoiser_weights == expected
+    assert after.resident_weights - before.resident_weights == expected
+    runner.apply_loras(model, plain)
+    assert estimate_job(model, plain) == before

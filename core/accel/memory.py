@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -290,9 +290,12 @@ def estimate_job(model: Any, request: Any, refiner: Any = None) -> Estimate:
     element = _element(model.dtype)
     components = model.checkpoint.components
     models = [model] + ([refiner] if refiner is not None else [])
+    # what LoRAs add on the device (LoraPatcher.forward_bytes: packed layers' forward-time deltas; merges add nothing)
+    lora = [getattr(mm, "loras", None) for mm in models]
+    lora_bytes = [p.forward_bytes() if p is not None else {} for p in lora]
     text_weights = sum(
         module_bytes(m) for mm in models for role, m in mm.checkpoint.components.items() if role.startswith(TEXT_PREFIX)
-    )
+    ) + sum(b for added in lora_bytes for role, b in added.items() if role.startswith(TEXT_PREFIX))
     unet = components["unet"]
     downscale = model.spec.latent.downscale
     sizes = [(request.width, request.height)]
@@ -318,14 +321,16 @@ def estimate_job(model: Any, request: Any, refiner: Any = None) -> Estimate:
     text = max((text_activations(m, element) for role, m in components.items() if role.startswith(TEXT_PREFIX)),
                default=0)
     resident, largest = 0, 0
-    for mm in models:
+    for mm, added in zip(models, lora_bytes):
         blocks, kept = offload_blocks(mm.checkpoint.components["unet"])
-        resident += sum(module_bytes(m) for m in kept)
+        # a packed layer's LoRA factors are cached on the device as its block runs and stay: resident
+        resident += sum(module_bytes(m) for m in kept) + added.get("unet", 0)
         largest = max([largest, *(module_bytes(b) for b in blocks)])
     return Estimate(
         text_weights=text_weights,
-        denoiser_weights=module_bytes(unet),
-        refiner_weights=module_bytes(refiner.checkpoint.components["unet"]) if refiner is not None else 0,
+        denoiser_weights=module_bytes(unet) + lora_bytes[0].get("unet", 0),
+        refiner_weights=(module_bytes(refiner.checkpoint.components["unet"]) + lora_bytes[1].get("unet", 0)
+                         if refiner is not None else 0),
         vae_weights=module_bytes(vae) + (module_bytes(refiner.checkpoint.vae) if refiner is not None else 0),
         text=text,
         denoise=denoise,
@@ -532,6 +537,7 @@ class Placement:
         self._homes: dict[tuple[int, int, str], _Home] = {}  # (id(owner), id(slots), name)
         self._on: set[str] = set()
         self._hooks: list[Any] = []
+        self._moved: dict[str, Callable[[], None]] = {}  # model key -> what follows its networks home
 
     @property
     def active(self) -> bool:
@@ -539,9 +545,12 @@ class Placement:
         return self.device != self.home
 
     # -- registration --------------------------------------------------------------------------------------
-    def register(self, key: str, components: Mapping[str, nn.Module]) -> None:
+    def register(self, key: str, components: Mapping[str, nn.Module], moved: Callable[[], None] | None = None) -> None:
         """(Re)name ``components`` (role -> network) of model ``key``; a network replaced under a role (another
-        VAE) drops the old one's records."""
+        VAE) drops the old one's records. ``moved`` is called after one of them has moved home: the model's
+        LoRA patcher (``LoraPatcher.follow``) lets go of what it kept on the device for those weights."""
+        if moved is not None:
+            self._moved[key] = moved
         for role, module in components.items():
             name = f"{key}/{role}"
             old = self._components.get(name)
@@ -554,6 +563,7 @@ class Placement:
     def forget(self, key: str) -> None:
         """A model that is unloaded: drop every reference to it (its tensors go with it)."""
         self._remove_hooks()
+        self._moved.pop(key, None)
         for name in [n for n in self._components if n.startswith(f"{key}/")]:
             module = self._components.pop(name)
             self._on.discard(name)
@@ -623,6 +633,9 @@ class Placement:
         self._move_out(module)
         self._on.discard(name)
         self.moves.append((name, "out"))
+        moved = self._moved.get(name.split("/", 1)[0])
+        if moved is not None:
+            moved()
 
     # -- plans ---------------------------------------------------------------------------------------------
     def prepare(self, plan: MemoryPlan) -> None:

@@ -48,6 +48,11 @@ class LoraModule:
                                            down.to(device=device, dtype=torch.float32).reshape(rank, -1))
         return hit
 
+    def drop_factors(self, keep: set[torch.device]) -> None:
+        """Forget the factors cached on every device but the CPU and ``keep``."""
+        if self._factors:
+            self._factors = {d: f for d, f in self._factors.items() if d.type == "cpu" or d in keep}
+
     @property
     def rank(self) -> int | None:
         t = self.tensors

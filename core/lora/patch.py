@@ -9,6 +9,9 @@ exactly. Switching sets re-merges only the weights whose contributions changed; 
 A merge buffer a switch takes off a weight is kept with what it holds (within the memory the current or the
 previous set's merged weights take, ``_trim_spares``), so switching back to the previous set puts those
 tensors back without computing anything; a new set reuses the oldest kept buffers of the same shapes.
+A merge is made where the weight is (the GPU while the memory plan keeps the network there, else the CPU), in
+the weight's own memory format; when the plan's ``Placement`` moves a network home, ``follow`` lets go of the
+buffers and LoRA factors kept on the device for it.
 
 fp8 and GGUF weights (the packed layers of ``core.models.quant``, which dequantise per call) take the LoRA at
 forward time instead (``ForwardDelta``): the layer's ``weight_patch`` merges the same contributions into the
@@ -83,10 +86,10 @@ def merge_into(buffer: torch.Tensor, base: torch.Tensor, contributions: list) ->
         except ValueError as exc:
             raise _Misfit(*contributions[0][:2], exc) from None
         return
-    if base.dtype == torch.float32:
+    if base.dtype == torch.float32 and buffer.is_contiguous():
         merged, start = buffer, base
-    else:
-        merged, start = base.to(torch.float32, copy=True), None
+    else:  # 16-bit, or a channels_last buffer: the row arithmetic below needs a contiguous float32 weight
+        merged, start = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True), None
     for lora, module, multiplier, target in contributions:
         try:
             plain = target.rows is None and not target.swap_halves
@@ -134,6 +137,18 @@ def _may_allocate(like: torch.Tensor) -> bool:
     return free - like.nbytes > total // 4
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What a kept merge buffer must share with a weight to take its merge: shape, strides (memory format),
+    dtype and device."""
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _on(where: torch.device, device: torch.device) -> bool:
+    """``where`` (a tensor's device) is ``device``, which may name no index (``--device cuda``)."""
+    device = torch.device(device)
+    return where.type == device.type and (device.index is None or where.index == device.index)
+
+
 def _needs_forward_time(weight: torch.Tensor) -> bool:
     """Quantised weights (fp8, GGUF tensor subclasses) cannot take a merged float delta."""
     return weight.dtype in _FP8 or type(weight) not in (torch.Tensor, nn.Parameter)
@@ -153,28 +168,32 @@ def _merge_rows(buffer: torch.Tensor, base: torch.Tensor, contributions: list) -
     without a weight-sized float32 temporary, and for several LoRAs on one weight in one pass over memory (each
     block takes every LoRA while it is in cache, instead of one pass over the whole weight per LoRA)."""
     out = base.shape[0]
-    flat_base, flat = base.reshape(out, -1), buffer.view(out, -1)
+    # a channels_last conv weight (UNets on CUDA) is not a [out, in*k*k] view: its rows are copied a block at a
+    # time, and its merged rows written back through its own strides, so the merge keeps its memory format
+    flat = buffer.view(out, -1) if buffer.is_contiguous() else None
     factors = []
     for _, module, multiplier, _ in contributions:
         up, down = module.tensors["up"], module.tensors["down"]
         rank = down.shape[0]
-        if up.shape[0] != out or up.numel() != out * rank or down.numel() // rank != flat.shape[1]:
+        if up.shape[0] != out or up.numel() != out * rank or down.numel() // rank != base[0].numel():
             raise ValueError(f"its delta is [{up.shape[0]}, {down.numel() // rank}], the layer's weight "
                              f"{tuple(base.shape)}")
         factors.append((*module.factors(base.device), multiplier * module.scale))
-    rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
+    rows = max(1, _BLOCK_ELEMENTS // max(1, base[0].numel()))
     for start in range(0, out, rows):
         stop = min(out, start + rows)
+        base_rows = base[start:stop].reshape(stop - start, -1)  # a view of a contiguous weight
         if base.dtype == torch.float32:  # straight into the buffer: base + the first LoRA, then the others
-            block = flat[start:stop]
             (up, down, alpha), rest = factors[0], factors[1:]
-            torch.addmm(flat_base[start:stop], up[start:stop], down, alpha=alpha, out=block)
+            block = torch.addmm(base_rows, up[start:stop], down, alpha=alpha,
+                                out=flat[start:stop] if flat is not None else None)
         else:
-            block, rest = flat_base[start:stop].float(), factors
+            block, rest = base_rows.float(), factors
         for up, down, alpha in rest:
             block.addmm_(up[start:stop], down, alpha=alpha)
-        if block.data_ptr() != flat[start:stop].data_ptr():
-            flat[start:stop].copy_(block)
+        rows_out = buffer[start:stop]
+        if flat is None or block.data_ptr() != rows_out.data_ptr():
+            rows_out.copy_(block.view(rows_out.shape))
 
 
 def _add_to_part(module: LoraModule, weight: torch.Tensor, multiplier: float, target: Target) -> None:
@@ -204,9 +223,10 @@ class LoraPatcher:
         self._table: dict[str, Target] | None = None
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (role, parameter) -> original tensor
         self._merged: dict[tuple[str, str], tuple] = {}  # (role, parameter) -> signature of what is merged in
-        # merge buffers taken off their weights, by (shape, dtype, device), each under (weight, signature of what
-        # it holds), oldest first: a switch back to that merge puts it back as it is; a new merge writes into the
-        # oldest instead of allocating (fresh memory costs a page fault per 4 KiB, more than the merge itself)
+        # merge buffers taken off their weights, by _layout (shape, strides, dtype, device), each under (weight,
+        # signature of what it holds), oldest first: a switch back to that merge puts it back as it is; a new merge
+        # writes into the oldest instead of allocating (fresh memory costs a page fault per 4 KiB, more than the
+        # merge itself)
         self._spares: dict[tuple, OrderedDict[tuple, torch.Tensor]] = {}
         self._retired: set[int] = set()  # ids of the buffers taken off in this apply: not reused by it
         self._merged_bytes = 0  # what the merged weights took after the last apply
@@ -233,6 +253,24 @@ class LoraPatcher:
     @property
     def merged_weights(self) -> int:
         return len(self._merged)
+
+    def forward_bytes(self) -> dict[str, int]:
+        """Device memory the LoRAs add to each network (role -> bytes) while it runs. A merged weight adds
+        nothing (the merge takes the original's place, same shape and dtype); a packed (fp8/GGUF) layer's
+        ``ForwardDelta`` needs its modules' tensors as float32 on the layer's device (a plain LoRA's factors stay
+        cached there, ``_drop_factors``), and, for kinds merged through a whole float32 weight (LoHa, LoKr, full
+        diffs, DoRA, row ranges), that copy and the delta during a call: the largest such layer counts."""
+        tensors: dict[str, dict[int, int]] = {}
+        working: dict[str, int] = {}
+        for key in self._hooked:
+            role, layer = key[0], self._packed(key)
+            contributions = layer.weight_patch.contributions  # type: ignore[union-attr]
+            for _, module, _, _ in contributions:
+                tensors.setdefault(role, {})[id(module)] = 4 * sum(t.numel() for t in module.tensors.values())
+            if not _blockwise(contributions):
+                whole = 2 * 4 * int(torch.Size(layer.weight_shape).numel())  # type: ignore[union-attr]
+                working[role] = max(working.get(role, 0), whole)
+        return {role: sum(tensors[role].values()) + working.get(role, 0) for role in tensors}
 
     def _plan(self, loras: Sequence[ActiveLora]) -> tuple[dict[tuple[str, str], list], list[LoraReport]]:
         plan: dict[tuple[str, str], list] = {}
@@ -270,6 +308,8 @@ class LoraPatcher:
         """Make ``loras`` the merged set (empty: remove all). Returns one report per LoRA."""
         plan, reports = self._plan(loras)
         wanted = {key: self._signature(c) for key, c in plan.items()}
+        previous = self.active
+        self.follow()  # kept buffers on a device their weight has left are of no use to this switch
         try:
             for key in list(self._merged):
                 if key not in wanted:
@@ -286,6 +326,7 @@ class LoraPatcher:
             raise
         finally:
             self._retired.clear()
+            self._drop_factors((*previous, *loras))
         self._trim_spares()
         self.active = tuple(loras)
         self.requested = tuple(requested)
@@ -296,6 +337,41 @@ class LoraPatcher:
 
     def remove_all(self) -> None:
         self.apply(())
+
+    def follow(self) -> None:
+        """Let go of what this patcher holds on a device its weights have left: the memory plan's ``Placement``
+        calls it when it moves a network home (model or sequential offload), so an offloaded network leaves no
+        LoRA memory on the GPU. Kept merge buffers of a weight that lives elsewhere now are dropped (they would
+        never be reused there; a switch back merges again where the weight is), and so are the LoRA factors
+        cached on a device no packed layer that adds them is on any more."""
+        for layout, group in self._spares.items():
+            for tag in [t for t in group if self._parameter(t[0]).device != layout[3]]:
+                del group[tag]
+        self._spares = {k: v for k, v in self._spares.items() if v}
+        self._drop_factors(self.active)
+
+    def spare_bytes(self, device: torch.device) -> int:
+        """Bytes of the merge buffers kept (for a switch back) on ``device`` (``cuda``: any CUDA device)."""
+        return sum(t.nbytes for layout, group in self._spares.items() if _on(layout[3], device)
+                   for t in group.values())
+
+    def drop_spares(self, device: torch.device) -> None:
+        """Let go of the merge buffers kept on ``device`` (the memory plan wants the room)."""
+        self._spares = {layout: group for layout, group in self._spares.items() if not _on(layout[3], device)}
+
+    def _drop_factors(self, loras: Sequence[ActiveLora]) -> None:
+        """The device copies of ``loras``' factors (``LoraModule.factors``) are kept only on the device of a
+        packed layer that adds them at forward time; a merged weight needed them only while merging (kept, a
+        GPU's would stay for as long as the file is in the cache, LoRA or not). The CPU's are kept: RAM, and
+        a switch back merging on the CPU converts nothing again."""
+        needed: dict[int, set[torch.device]] = {}
+        for key in self._hooked:
+            layer = self._packed(key)
+            for _, module, _, _ in layer.weight_patch.contributions:  # type: ignore[union-attr]
+                needed.setdefault(id(module), set()).add(layer.weight_raw.device)  # type: ignore[union-attr]
+        for file in {id(a.file): a.file for a in loras}.values():
+            for module in file.modules.values():
+                module.drop_factors(needed.get(id(module), set()))
 
     def _trim_spares(self) -> None:
         """Kept buffers take at most as much memory as the weights merged now or, if more, by the set before
@@ -310,18 +386,20 @@ class LoraPatcher:
 
     def _retire(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
         """Keep a merge buffer taken off ``key`` with the signature of what it holds."""
-        group = self._spares.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), OrderedDict())
+        group = self._spares.setdefault(_layout(tensor), OrderedDict())
         group[(key, self._merged.get(key))] = tensor
         self._retired.add(id(tensor))
 
     def _buffer(self, base: torch.Tensor) -> torch.Tensor:
         """The oldest kept buffer of ``base``'s shape not taken off in this switch (those may be wanted back by
         the next one), else a new tensor."""
-        group = self._spares.get((tuple(base.shape), base.dtype, base.device))
+        group = self._spares.get(_layout(base))
         for tag, tensor in (group or {}).items():
             if id(tensor) not in self._retired or not _may_allocate(base):
                 return group.pop(tag)  # type: ignore[union-attr]
-        return torch.empty_like(base, memory_format=torch.contiguous_format)
+        # in the weight's own memory format: a channels_last conv weight merged into a contiguous buffer would
+        # cost every forward a layout conversion
+        return torch.empty_like(base, memory_format=torch.preserve_format)
 
     def _parameter(self, key: tuple[str, str]) -> nn.Parameter:
         # The owner's slot is looked up once, not per switch, and read each time: merging replaces a Parameter's
@@ -381,7 +459,7 @@ class LoraPatcher:
             return
         param = self._parameter(key)
         current = param.data
-        group = self._spares.get((tuple(current.shape), current.dtype, current.device))
+        group = self._spares.get(_layout(current))
         kept = group.pop((key, signature), None) if group and signature else None
         if kept is not None:  # this very merge, kept from an earlier set: the same bits, nothing to compute
             if key in self._originals:
@@ -413,11 +491,12 @@ class LoraPatcher:
     def _keep_original(self, key: tuple[str, str], base: torch.Tensor) -> None:
         if key not in self._originals:
             # The same tensor object on the CPU (a mmap view stays a view, never written); a CPU copy on a GPU,
-            # pinned so putting it back is one fast transfer.
+            # pinned so putting it back is one fast transfer, with the weight's strides (channels_last stays so).
             if base.device.type == "cpu":
                 self._originals[key] = base
             else:
-                kept = torch.empty(base.shape, dtype=base.dtype, pin_memory=torch.cuda.is_available())
+                kept = torch.empty_strided(base.shape, base.stride(), dtype=base.dtype,
+                                           pin_memory=torch.cuda.is_available())
                 self._originals[key] = kept.copy_(base)
 
     def _restore(self, key: tuple[str, str]) -> None:
