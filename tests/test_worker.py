@@ -529,6 +529,9 @@ def test_pick_device_rejects_unavailable_or_unknown(monkeypatch):
     with pytest.raises(devices.DeviceError, match="1 CUDA device"):
         devices.pick_device("cuda:3")
     assert devices.pick_device("cuda:0") == torch.device("cuda", 0)
+    # "cuda" is the current device by its index, as tensors on it report theirs (cuda != cuda:0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert devices.pick_device("cuda") == torch.device("cuda", 0) and devices.pick_device("cuda").index == 0
 
 
 def test_memory_stats_cuda_uses_torch_counters(monkeypatch):

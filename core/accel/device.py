@@ -42,6 +42,10 @@ def pick_device(preferred: str | None = None) -> torch.device:
                     f"device {preferred!r} does not exist; this machine has {torch.cuda.device_count()} "
                     "CUDA device(s)"
                 )
+            if device.index is None:
+                # "cuda" as the index it means: tensors report cuda:N, and the memory plan's placement compares
+                # their devices with this one (cuda != cuda:0 counted nothing as resident)
+                device = torch.device("cuda", torch.cuda.current_device())
         elif device.type == "mps" and not _mps_available():
             raise DeviceError(f"device {preferred!r} was asked for but MPS is not available")
         elif device.type not in ("cuda", "mps", "cpu"):
