@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.family_files import write_header_only
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def _python(code: str, tmp_path: Path, *args: str) -> subprocess.CompletedProces
 def test_batch_run_never_imports_textual(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    (models / "tiny.safetensors").write_bytes(b"")
+    write_header_only(models / "tiny.safetensors", "sd15")
     jobs = tmp_path / "jobs.toml"
     jobs.write_text('[[job]]\nmodel = "tiny"\nsteps = 2\n')
     code = """
