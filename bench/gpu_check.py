@@ -4,7 +4,9 @@ SD1.5 at 512x512 and SDXL at 1024x1024, full-size random weights (``core.models.
 checkpoint layout from the families' full configs, which are the ones in ``../shared/data/model-configs/``),
 batch 1 with CFG 7, Euler. For each: every attention backend this machine has (sage, xformers, sdpa) in fp16
 and bf16, then with compile and with feature caching where this build has them (checked, never assumed), and
-diffusers' pipeline on the same weights in fp16 and bf16. it/s is over the steps after the first two (the
+diffusers' pipeline on the same weights in fp16 and bf16. The compiled job runs again without its CUDA graph
+(``core.accel.cuda_graphs``), and the two images are compared: a replay runs the eager call's kernels, so they
+must be identical (the graphs have been tested only with a stand-in for ``torch.cuda`` until this runs). it/s is over the steps after the first two (the
 first pays for compilation and kernel selection); peak VRAM is ``torch.cuda.max_memory_allocated`` over the
 job, weights included, with the memory plan's estimate beside it.
 
@@ -122,11 +124,26 @@ def run_darkroom(runner: PipelineRunner, request: GenerationRequest, device: tor
     clock = StepClock(device)
     peak_reset(device)
     started = time.perf_counter()
-    runner.run(SimpleNamespace(id=1, request=request), clock)
+    images = runner.run(SimpleNamespace(id=1, request=request), clock)
     plan = runner.memory_plan
+    graphs = getattr(runner, "job_graphs", None)
     return {"its": clock.its(), "peak": peak(device), "wall": time.perf_counter() - started,
             "attention": runner.attention.summary(), "estimate": getattr(plan, "need", 0),
-            "plan": plan.describe() if plan is not None else ""}
+            "plan": plan.describe() if plan is not None else "",
+            "image": images[0].image if images else None,
+            "graphs": f"{graphs.captures} capture(s), {graphs.replays} replays" if graphs is not None else None}
+
+
+def pixel_difference(a: Any, b: Any) -> str:
+    """How two images differ, for the CUDA graph row: a replay runs the kernels the eager call ran, so its
+    image should be the eager one to the bit."""
+    from PIL import ImageChops
+
+    if a is None or b is None:
+        return "no image to compare"
+    diff = ImageChops.difference(a.convert("RGB"), b.convert("RGB"))
+    largest = max(high for _, high in diff.getextrema())
+    return "identical pixels" if largest == 0 else f"DIFFERS: up to {largest}/255 per channel (a bug: report it)"
 
 
 def run_diffusers(pipe: Any, family: str, request: GenerationRequest, device: torch.device,
@@ -245,9 +262,12 @@ def check_family(family: str, width: int, height: int, steps: int, size: str, de
                                          result))
                         if hasattr(compiled.compiler, "graphs") and left() > 20:  # the same, no CUDA graph replay
                             compiled.compiler.graphs = False
-                            lines.append(row("darkroom", "auto", precision, "compile, no CUDA graph",
-                                             measured(device, run_darkroom, compiled, request, device)))
+                            plain = measured(device, run_darkroom, compiled, request, device)
                             compiled.compiler.graphs = True
+                            lines.append(row("darkroom", "auto", precision, "compile, no CUDA graph", plain))
+                            if isinstance(plain, dict) and isinstance(result, dict):  # the replay against eager, here
+                                lines.append(f"    CUDA graph: {result['graphs'] or 'not used'}; against no graph: "
+                                             f"{pixel_difference(result['image'], plain['image'])}")
                         for name, value in list(caches.items())[:1]:
                             if left() > 20:
                                 cached = request.replace(**{name: value})
