@@ -5,7 +5,6 @@ at capture (the stand-in fails a replay whose weights moved, where a GPU would r
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -13,11 +12,13 @@ import torch
 
 from core.accel import cuda_graphs, feature_cache, memory
 from core.accel.compile import _MARK, DenoiserCompiler
-from core.models.testing import random_state_dict, write_random_checkpoint
-from core.models.unet import UNetConfig, UNetModel
+from core.models.testing import write_random_checkpoint
+from core.models.unet import UNetModel
 from core.pipeline import PipelineRunner
 from core.request import GenerationRequest, HiresFix
 from tests.reference import torch_threads
+from tests.test_compile import _tiny_unet as tiny_unet
+from tests.test_memory import Ctx
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,13 +67,8 @@ class FakeGraphApi:
         graph.released = True
 
 
-def _tiny_unet(seed: int = 1) -> UNetModel:
-    cfg = dataclasses.replace(UNetConfig.preset("sd15", "tiny"), channel_mult=(1,), transformer_depth=(1,))
-    with torch.device("meta"):
-        meta = UNetModel(cfg)
-    model = UNetModel(cfg)
-    model.load_state_dict(random_state_dict(meta, seed=seed), strict=True)
-    return model.eval().requires_grad_(False)
+def _tiny_unet() -> UNetModel:
+    return tiny_unet(1)  # one resolution level: enough blocks to capture, few to run
 
 
 def _steps(network, steps: int = 4, size: int = 8) -> list[torch.Tensor]:
@@ -205,22 +201,6 @@ def models(tmp_path_factory):
     write_random_checkpoint(root / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
     write_random_checkpoint(root / "checkpoints" / "tinyflux.safetensors", "flux", "tiny", seed=0)
     return root
-
-
-class Ctx:
-    job_id = 1
-
-    def set_activity(self, text: str) -> None:
-        pass
-
-    def step(self, *args, **kwargs) -> None:
-        pass
-
-    def is_cancelled(self) -> bool:
-        return False
-
-    def check_cancelled(self) -> None:
-        pass
 
 
 def job(**changes):
