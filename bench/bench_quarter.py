@@ -52,7 +52,10 @@ the perceptual one the published step and cache savings are measured at.
 bf16 speed on this VM is not steady: one thread's 1024^3 bf16 matmul ran at 300, 740 and 990 GFLOP/s in three runs
 a few seconds apart (fp32: 103-116), so bf16 ratios move between runs; compare rows of one run only. oneDNN
 weights packed once per layer (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``) made the bf16 linears
-1.2-1.6x faster alone but the whole 256 px UNet forward only 1.05x, so they are not used.
+1.2-1.6x faster alone but the whole 256 px UNet forward only 1.05x, so they are not used. The whole UNet through
+inductor with ``freezing`` (weights folded into the graph and prepacked for oneDNN, Intel's bf16 recipe): 1.15x
+per 256 px forward (0.80 against 0.92 CPU s, after 116 s compiling), and a frozen graph would not see a LoRA
+switch (``param.data = merged``) without compiling again: not used either.
 Previews: projection 0.02 % of a step, a random-weight TAESD 16.8 % unthrottled (the Previewer throttles it to
 < 2 % of the job); the VAE decode (outside both times) 6.9 s.
 """
