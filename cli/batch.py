@@ -76,6 +76,7 @@ from core.accel.precision_mode import resolve_mode as resolve_precision_mode
 from core.detailer_args import detail_loras
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import (
+    ImageSaved,
     JobCancelled,
     JobFailed,
     JobFinished,
@@ -958,7 +959,8 @@ def run_batch(
                     stdout_ok = False  # `| head`: keep generating, stop printing
 
     failed: set[int] = set()
-    paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
+    printed: dict[int, set[str]] = {}  # job id -> the paths printed as its ImageSaved events came
+    paths_of: dict[int, list[str]] = {}  # job index -> its saved images, once it finished (for grids)
     grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
     skipped: set[int] = set()  # jobs done in an earlier run (--resume)
     try:
@@ -1021,10 +1023,17 @@ def run_batch(
             elif isinstance(event, JobWarning):
                 if event.text not in announced.get(n, ()):
                     progress.warning(n, event.text)
+            elif isinstance(event, ImageSaved):
+                # printed as soon as it is saved: a script reading stdout, or a run killed later in a long job,
+                # has it without waiting for the job's end
+                if event.path not in printed.setdefault(event.job_id, set()):
+                    printed[event.job_id].add(event.path)
+                    emit_paths([event.path])
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)
-                emit_paths(event.paths)
+                # each came with its ImageSaved; one that did not is printed now, so none is lost or doubled
+                emit_paths([path for path in event.paths if path not in printed.get(event.job_id, ())])
                 paths_of[n] = list(event.paths)
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
