@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import io
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli.batch import EXIT_JOB_FAILED, EXIT_OK, run_batch
+from cli.batch import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, run_batch
 from core.store import JobStore
 from core.worker import GeneratedImage
 from tests.family_files import write_header_only
@@ -23,11 +24,14 @@ JOBS = ('[[job]]\nmodel = "fake"\nprompt = "three"\nsteps = 1\nseed = 40\nbatch_
 class SavesEachBatch:
     """As the pipeline is: each image handed to ``ctx.save_images`` when made, those ``ctx.has_image`` says an
     earlier run saved skipped. With ``gate`` set it waits for it before a job's last image (``at_last`` says
-    it is there); with ``fail_last`` it raises there instead."""
+    it is there); with ``fail_last`` it raises there instead. At seed ``ctrl_c_at`` it presses Ctrl-C (a
+    KeyboardInterrupt in the main thread, where run_batch waits for events) and waits to be stopped."""
 
     gate: threading.Event | None = None
     at_last = threading.Event()
     fail_last = False
+    ctrl_c_at: int | None = None
+    stderr: io.StringIO = io.StringIO()  # the running batch's
     made: list[int] = []
 
     def run(self, job, ctx):
@@ -37,6 +41,11 @@ class SavesEachBatch:
             if ctx.has_image(seed):
                 continue
             ctx.step(1, 1)
+            if seed == cls.ctrl_c_at:
+                # once run_batch is in its event loop (it has shown the job's start), as a user's Ctrl-C would be
+                _wait(lambda: "[1/2] started" in cls.stderr.getvalue(), "the job's start on stderr")
+                _thread.interrupt_main()
+                _wait(lambda: ctx.check_cancelled(), "the batch run to stop the job")  # raises once it does
             if seed == seeds[-1] and len(seeds) > 1:
                 if cls.fail_last:
                     raise RuntimeError("died in the last image")
@@ -49,7 +58,7 @@ class SavesEachBatch:
 
 
 class Lines(io.StringIO):
-    """stdout that can be read while the batch runs on another thread."""
+    """An output stream that can be read while the batch writes it from another thread."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,10 +83,12 @@ def batch(tmp_path, monkeypatch):
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(JOBS)
     SavesEachBatch.gate, SavesEachBatch.fail_last, SavesEachBatch.made = None, False, []
+    SavesEachBatch.ctrl_c_at = None
     SavesEachBatch.at_last = threading.Event()
 
     def run(stdout: io.StringIO | None = None, **options) -> tuple[int, str, str]:
-        out, err = stdout if stdout is not None else io.StringIO(), io.StringIO()
+        out, err = stdout if stdout is not None else io.StringIO(), Lines()
+        SavesEachBatch.stderr = err
         code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out",
                          db_path=tmp_path / "db.sqlite3", runner_factory=SavesEachBatch, stdout=out, stderr=err,
                          rich_progress=False, **options)
@@ -147,3 +158,26 @@ def test_a_job_that_fails_midway_has_printed_what_it_saved_and_resume_prints_eac
     by_seed = {seed: path for path, seed in _history(tmp_path)}
     assert stdout.splitlines() == [by_seed[50], by_seed[40], by_seed[41], by_seed[42]]
     assert "[2/2] skipped: done in an earlier run (1 image(s))" in stderr
+
+
+def test_ctrl_c_prints_the_images_a_job_kept_as_it_stopped(batch):
+    """A resumed job whose earlier image 41 waits for 40 (deleted since, so made again: seed order) is stopped
+    by Ctrl-C while it makes 40: it says 41 is saved only as it stops, after the run left its event loop, and
+    41's path is printed all the same (exit 130). The next ``--resume`` prints every path once."""
+    run, tmp_path = batch
+    SavesEachBatch.fail_last = True
+    assert run()[0] == EXIT_JOB_FAILED
+    by_seed = {seed: path for path, seed in _history(tmp_path)}
+    Path(by_seed[40]).unlink()
+    SavesEachBatch.fail_last, SavesEachBatch.ctrl_c_at = False, 40
+    code, stdout, stderr = run(resume=True)
+    assert code == EXIT_INTERRUPTED, stderr
+    assert "job 1 marked interrupted" in stderr
+    assert stdout.splitlines() == [by_seed[50], by_seed[41]]
+
+    SavesEachBatch.ctrl_c_at, SavesEachBatch.made = None, []
+    code, stdout, stderr = run(resume=True)
+    assert code == EXIT_OK, stderr
+    assert SavesEachBatch.made == [40, 42]
+    by_seed = {seed: path for path, seed in _history(tmp_path) if Path(path).is_file()}
+    assert stdout.splitlines() == [by_seed[50], by_seed[40], by_seed[41], by_seed[42]]
