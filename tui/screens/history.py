@@ -182,7 +182,7 @@ class HistoryScreen(MainScreen):
 
     def _on_job_event(self, event: Event) -> None:
         # each image is listed as soon as it is saved (an earlier run's, retried, is listed already)
-        if isinstance(event, ImageSaved) and not event.earlier or isinstance(event, JobFinished):
+        if (isinstance(event, ImageSaved) and not event.earlier) or isinstance(event, JobFinished):
             self._refresh_soon()
 
     def _refresh_soon(self) -> None:
@@ -194,7 +194,7 @@ class HistoryScreen(MainScreen):
 
     def _queued_refresh(self) -> None:
         self._refresh_queued = False
-        if self.is_attached:
+        if not self.quitting():  # the app may have begun to exit meanwhile
             self.refresh_history()
 
     @on(Input.Changed, "#history-search")
