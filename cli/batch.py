@@ -16,7 +16,9 @@ Every job is validated before anything runs, and every problem of every job is r
 place: ``[defaults]`` (once) for a bad field a job inherits from there, else ``job 3`` (TOML), ``line 5`` (JSON
 Lines) or ``item 2`` (a JSON array).
 
-Output contract: one saved image path per line on stdout, nothing else; progress and errors on stderr
+Output contract: one saved image path per line on stdout, nothing else, each printed as soon as the worker says
+its image is saved and recorded (``ImageSaved``: a batch_count job's paths one batch at a time, in seed order; a
+job that fails or is interrupted midway has printed the ones it saved), every path once; progress and errors on stderr
 (a Rich progress bar on a terminal, plain lines otherwise). Exit codes: 0 all jobs succeeded, 1 a job failed,
 2 usage or input error, 3 a model cannot be found or loaded, 4 the job database cannot be used (locked by
 another process for longer than the busy timeout, 30 s or ``$DARKROOM_DB_TIMEOUT``; disk full), 130
@@ -76,6 +78,7 @@ from core.accel.precision_mode import resolve_mode as resolve_precision_mode
 from core.detailer_args import detail_loras
 from core.errors import CheckpointError, DarkroomError, ModelNotFoundError, PresetError, RequestError
 from core.events import (
+    ImageSaved,
     JobCancelled,
     JobFailed,
     JobFinished,
@@ -957,8 +960,28 @@ def run_batch(
                 except BrokenPipeError:
                     stdout_ok = False  # `| head`: keep generating, stop printing
 
+    printed: dict[int, set[str]] = {}  # job id -> the paths printed as its ImageSaved events came
+
+    def image_saved(event: ImageSaved) -> None:
+        # printed as soon as it is saved: a script reading stdout, or a run killed later in a long job, has it
+        # without waiting for the job's end
+        if event.path not in printed.setdefault(event.job_id, set()):
+            printed[event.job_id].add(event.path)
+            emit_paths([event.path])
+
+    def saved_while_stopping() -> None:
+        """The paths of the ImageSaved events still queued when the run stops early (Ctrl-C, the database):
+        the images a job kept as it stopped are printed all the same."""
+        while True:
+            try:
+                event = events.get_nowait()
+            except queue_mod.Empty:
+                return
+            if isinstance(event, ImageSaved) and event.job_id in number:
+                image_saved(event)
+
     failed: set[int] = set()
-    paths_of: dict[int, list[str]] = {}  # job index -> its saved images (for grids)
+    paths_of: dict[int, list[str]] = {}  # job index -> its saved images, once it finished (for grids)
     grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
     skipped: set[int] = set()  # jobs done in an earlier run (--resume)
     try:
@@ -1021,10 +1044,13 @@ def run_batch(
             elif isinstance(event, JobWarning):
                 if event.text not in announced.get(n, ()):
                     progress.warning(n, event.text)
+            elif isinstance(event, ImageSaved):
+                image_saved(event)
             elif isinstance(event, JobFinished):
                 remaining.discard(event.job_id)
                 progress.finished(n, len(event.paths), event.elapsed)
-                emit_paths(event.paths)
+                # each came with its ImageSaved; one that did not is printed now, so none is lost or doubled
+                emit_paths([path for path in event.paths if path not in printed.get(event.job_id, ())])
                 paths_of[n] = list(event.paths)
             elif isinstance(event, JobFailed):
                 remaining.discard(event.job_id)
@@ -1066,6 +1092,7 @@ def run_batch(
             with contextlib.suppress(ValueError):  # only the main thread may set handlers
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             stuck = True
+        saved_while_stopping()
         if stuck:
             # Record the job now and leave at once: a normal interpreter exit while the worker thread is inside
             # torch aborts the process ("terminate called without an active exception", exit -6) and would
@@ -1083,6 +1110,7 @@ def run_batch(
         progress.close()
         error(database_error)
         worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
+        saved_while_stopping()
         print(
             f"darkroom: {len(remaining)} of {len(jobs)} job(s) not finished; once the database works again, the "
             "same command with --resume runs just those",

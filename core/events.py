@@ -40,7 +40,22 @@ class JobStep(Event):
 
 
 @dataclass(frozen=True)
+class ImageSaved(Event):
+    """One image of the job is saved and recorded in the history: sent as soon as it is, before the job ends
+    (a batch_count job sends one per image as each batch is made). Each image of a job is sent once per run,
+    in the job's seed order (image i has seed + i: one whose seed comes after a seed not made yet waits for it
+    until the job ends), and before the job's ``JobFinished`` / ``JobFailed`` / ``JobCancelled``. A retried or
+    resumed job sends the images an earlier run of it saved too (at its start, with ``earlier`` set: they were in
+    the history already), so a front end that prints paths gets every one of the job's images."""
+
+    path: str
+    seed: int
+    earlier: bool = False  # saved by an earlier run of this job (killed or stopped midway), not made now
+
+
+@dataclass(frozen=True)
 class JobFinished(Event):
+    # every image of the job (each sent as an ImageSaved before this), in seed order
     paths: tuple[str, ...]
     seeds: tuple[int, ...]
     elapsed: float

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import DarkroomError
 from core.events import (
     Event,
+    ImageSaved,
     JobCancelled,
     JobFailed,
     JobFinished,
@@ -70,6 +71,8 @@ class JobContext:
         # seed -> path of every image of this job saved and recorded so far, by this run or an earlier one (a
         # retry of a job killed or stopped midway); the worker fills it before the runner starts
         self.saved: dict[int, str] = {}
+        self.earlier: frozenset[int] = frozenset()  # the seeds of ``saved`` an earlier run saved
+        self.announced: set[int] = set()  # the seeds sent as ImageSaved in this run
         self._started = time.monotonic()
         self._cancel = threading.Event()  # user cancel
         self._interrupt = threading.Event()  # worker stopping without finishing the job
@@ -107,7 +110,7 @@ class JobContext:
         in the job keeps them (an image of a seed saved before is not saved again)."""
         if self._job is None:
             raise RuntimeError("save_images() before the worker handed the job to a runner")
-        self._worker._save(self._job, images, self.saved)
+        self._worker._save(self._job, images, self)
 
 
 def _default_runner_factory() -> JobRunner:
@@ -499,6 +502,8 @@ class Worker:
             # a retry of a job killed or stopped midway: what it saved then is kept, not made again
             ctx.saved = {h.seed: h.path for h in self.store.job_history(job.id)
                          if h.seed is not None and Path(h.path).is_file()}
+            ctx.earlier = frozenset(ctx.saved)
+            self._announce(ctx)  # a front end printing paths gets those too, once, before the new ones
             ctx.check_cancelled()
             runner = self._get_runner()
             ctx.check_cancelled()
@@ -506,11 +511,13 @@ class Worker:
             with _job_warnings(lambda text: self._emit(JobWarning(job.id, text))):
                 images = runner.run(job, ctx)
             self._set_activity("saving")
-            self._save(job, images, ctx.saved)
+            self._save(job, images, ctx)
+            self._announce(ctx, final=True)
             paths, seeds = _job_images(request, ctx.saved)
             self.store.finish(job.id)
             self._emit(JobFinished(job.id, tuple(paths), tuple(seeds), ctx.elapsed))
         except Exception as exc:
+            self._announce(ctx, final=True)  # what it saved before it stopped is kept: say so first
             try:
                 if isinstance(exc, StoreError):
                     raise exc
@@ -547,14 +554,15 @@ class Worker:
         self.store.fail(job_id, message)
         self._emit(JobFailed(job_id, message))
 
-    def _save(self, job: Job, images: Sequence[GeneratedImage], saved: dict[int, str]) -> None:
-        """Save and record each image (atomically, its parameters embedded) and add it to ``saved`` (seed ->
-        path); one whose seed ``saved`` has already (saved earlier in this job, or by an earlier run of it that
-        was killed or stopped midway) is not saved again."""
+    def _save(self, job: Job, images: Sequence[GeneratedImage], ctx: JobContext) -> None:
+        """Save and record each image (atomically, its parameters embedded), add it to ``ctx.saved`` (seed ->
+        path) and send its ``ImageSaved``; one whose seed ``ctx.saved`` has already (saved earlier in this job,
+        or by an earlier run of it that was killed or stopped midway) is not saved again."""
         from core.metadata import save_image
         from core.recovery import job_tag
 
         tag = job_tag(job)
+        saved = ctx.saved
         for item in images:
             if item.seed in saved:
                 continue
@@ -565,6 +573,16 @@ class Worker:
             )
             self.store.add_history(job.id, path, item.request, item.seed, item.model_hash, item.timings)
             saved[item.seed] = str(path)
+            self._announce(ctx)
+
+    def _announce(self, ctx: JobContext, *, final: bool = False) -> None:
+        """Send an ``ImageSaved`` for each image of the job saved and not sent yet, in seed order: up to the
+        first seed not saved yet, or (``final``: the job ended, however) all of them."""
+        if ctx._job is None:  # not handed to a runner yet: nothing can have been saved
+            return
+        for seed in _ready_seeds(ctx._job.request, ctx.saved, ctx.announced, final=final):
+            ctx.announced.add(seed)
+            self._emit(ImageSaved(ctx.job_id, ctx.saved[seed], seed, earlier=seed in ctx.earlier))
 
     def _status_loop(self) -> None:
         # Say at once what the worker is doing: importing torch takes seconds on a cold disk, and the first full
@@ -657,6 +675,19 @@ def _job_images(request: GenerationRequest, saved: dict[int, str]) -> tuple[list
     order = {seed: i for i, seed in enumerate(request.image_seeds())} if request.seed >= 0 else {}
     seeds = sorted(saved, key=lambda seed: (seed not in order, order.get(seed, 0)))
     return [saved[seed] for seed in seeds], seeds
+
+
+def _ready_seeds(request: GenerationRequest, saved: dict[int, str], sent: set[int], *, final: bool) -> list[int]:
+    """The seeds of ``saved`` not in ``sent`` that can be sent now in the job's seed order (``_job_images``'s):
+    every one when ``final``; else those before the first of the request's seeds not saved yet (an earlier
+    run's image after it waits for it), and a seed outside the request's only once all of those are saved."""
+    ordered = [seed for seed in _job_images(request, saved)[1] if seed not in sent]
+    seeds = request.image_seeds()
+    first_missing = next((i for i, seed in enumerate(seeds) if seed not in saved), None)
+    if final or first_missing is None:
+        return ordered
+    ready = set(seeds[:first_missing])
+    return [seed for seed in ordered if seed in ready]
 
 
 # Re-exported: runners and tests written against the worker import these names from here.

@@ -306,7 +306,8 @@ def test_a_batch_count_job_killed_at_its_third_image_keeps_the_first_two_and_res
         tmp_path, monkeypatch):
     """The real pipeline saves each image of a batch_count job as soon as it is made: ``kill -9`` while the
     third of three is sampled leaves the first two on disk and in the history; ``--resume`` makes only the
-    third (one step run), keeps the first two files as they were, and prints all three paths."""
+    third (one step run), keeps the first two files as they were, and prints all three paths. The killed run
+    had printed the first two already, each as it was saved."""
     import os
 
     from core.models.testing import write_random_checkpoint
@@ -326,6 +327,7 @@ def test_a_batch_count_job_killed_at_its_third_image_keeps_the_first_two_and_res
     assert proc.returncode == -9, proc.stderr
     kept = _images(tmp_path)
     assert len(kept) == 2, proc.stderr  # images 1 and 2 are in place, not lost with the process
+    assert proc.stdout.split() == kept  # and printed as each was saved, before the kill
     with JobStore(db) as store:
         [job] = store.list_jobs()
         assert job.state == "running"  # as the kill left it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,50 @@ async def test_the_cursor_follows_new_images_from_the_newest_and_stays_on_an_old
         await wait_for(pilot, lambda: table.row_count == 4)
         assert str(table.get_row_at(table.cursor_row)[2]) == "first"
         assert "first" in str(screen.query_one("#details-text").render())
+
+
+class SavesEachImage:
+    """As the pipeline is: each image of a batch_count job handed to ``ctx.save_images`` when made (no step
+    previews); a job of several images waits for ``go`` before its last one, ``at_last`` saying it is there."""
+
+    def __init__(self) -> None:
+        self.at_last = threading.Event()
+        self.go = threading.Event()
+
+    def run(self, job, ctx):
+        from core.worker import GeneratedImage
+        from tests.tui_fakes import gradient
+
+        seeds = job.request.image_seeds()
+        for seed in seeds:
+            if seed == seeds[-1] and len(seeds) > 1:
+                self.at_last.set()
+                while not self.go.wait(0.05):
+                    ctx.check_cancelled()
+            ctx.step(seeds.index(seed) + 1, len(seeds), image_index=seeds.index(seed))
+            ctx.save_images([GeneratedImage(gradient(16, 16, seed), seed, job.request)])
+        return []
+
+
+async def test_history_and_the_preview_show_each_image_as_it_is_saved_before_the_job_ends(tmp_path):
+    """A batch_count 3 job waiting before its last image: History already lists its first two images, the
+    cursor (on the newest) on the second, and the Generate preview shows the second; the job is still
+    running. Its last image then comes in the same way."""
+    runner = SavesEachImage()
+    app = make_app(tmp_path, runner)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await with_history(pilot, app, request("older", 1))
+        table = screen.query_one("#history-table")
+        job = app.submit(request("three at once", 20, batch_count=3))
+        await wait_for(pilot, lambda: runner.at_last.is_set() and table.row_count == 3)
+        assert app.running_job == job and app.store.get_job(job).state == "running"
+        assert [str(table.get_row_at(i)[1]) for i in range(3)] == ["21", "20", "1"]
+        assert table.cursor_row == 0 and "seed: 21" in str(screen.query_one("#details-text").render())
+        preview = app.get_generate_screen().preview
+        await wait_for(pilot, lambda: preview.image_widget.image is not None
+                       and preview.image_widget.image.tobytes() == pixels(app.store.history()[0].path))
+        runner.go.set()
+        await wait_for(pilot, lambda: table.row_count == 4)
+        assert table.cursor_row == 0 and "seed: 22" in str(screen.query_one("#details-text").render())
+        await wait_for(pilot, lambda: app.running_job is None)
+        await wait_for(pilot, lambda: preview.image_widget.image.tobytes() == pixels(app.store.history()[0].path))

@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 
 from core.errors import CheckpointError
-from core.events import JobCancelled, JobFailed, JobFinished, JobQueued, JobStarted, JobStep, Status
+from core.events import (
+    ImageSaved,
+    JobCancelled,
+    JobFailed,
+    JobFinished,
+    JobQueued,
+    JobStarted,
+    JobStep,
+    Status,
+)
 from core.metadata import read_request
 from core.request import GenerationRequest
 from core.store import JobStore
@@ -123,7 +132,7 @@ def test_one_job_event_order_files_and_history(env):
     w.start()
     done = finished(rec, job_id)
     kinds = [type(e) for e in rec.jobs()]
-    assert kinds == [JobQueued, JobStarted, JobStep, JobStep, JobStep, JobFinished]
+    assert kinds == [JobQueued, JobStarted, JobStep, JobStep, JobStep, ImageSaved, ImageSaved, JobFinished]
     started = rec.of(JobStarted)[0]
     seed = started.request.seed
     assert rec.of(JobQueued)[0].request.seed == -1 and seed != -1
@@ -134,6 +143,8 @@ def test_one_job_event_order_files_and_history(env):
     assert job.state == "done" and job.request.seed == seed
     assert done.seeds == (seed, seed + 1)
     assert len(done.paths) == 2
+    assert [(e.path, e.seed, e.earlier) for e in rec.of(ImageSaved)] == [(p, s, False) for p, s in
+                                                                          zip(done.paths, done.seeds)]
     for path, s in zip(done.paths, done.seeds):
         assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "out")
         saved = read_request(path)
@@ -354,6 +365,71 @@ def test_each_image_is_recorded_when_made_and_a_retry_makes_only_the_rest(env):
     assert runner.made == [12]
     assert event.seeds == (10, 11, 12) and event.paths[:2] == tuple(h.path for h in kept)
     assert [h.path for h in store.job_history(job)] == list(event.paths)
+
+
+class GatedImages(OneImageAtATime):
+    """``OneImageAtATime`` that waits for ``go`` before making its last image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_last = threading.Event()
+        self.go = threading.Event()
+
+    def run(self, job, ctx: JobContext) -> list[GeneratedImage]:
+        seeds = job.request.image_seeds()
+        for seed in seeds:
+            if seed == seeds[-1]:
+                self.at_last.set()
+                assert self.go.wait(TIMEOUT)
+            ctx.save_images([GeneratedImage(Image.new("RGB", (8, 8)), seed, job.request)])
+        return []
+
+
+def test_each_saved_image_is_an_event_at_once_before_the_job_ends(env):
+    """A batch_count 3 job sends an ImageSaved for each image as it is saved and recorded: while the job waits
+    before its last image, the first two are out (path, seed, on disk and in the history), and no JobFinished."""
+    make, store, _ = env
+    runner = GatedImages()
+    w, rec = make(runner)
+    job = w.submit(req("three", seed=20, batch_count=3))
+    w.start()
+    assert runner.at_last.wait(TIMEOUT)
+    first = rec.wait(lambda: len(rec.of(ImageSaved, job)) == 2 and rec.of(ImageSaved, job), "two images")
+    assert [(e.seed, e.earlier) for e in first] == [(20, False), (21, False)]
+    assert [e.path for e in first] == [h.path for h in store.job_history(job)]
+    assert all(Path(e.path).is_file() for e in first)
+    assert not rec.of(JobFinished, job)
+    runner.go.set()
+    done = finished(rec, job)
+    saved = rec.of(ImageSaved, job)
+    assert tuple(e.path for e in saved) == done.paths and tuple(e.seed for e in saved) == done.seeds == (20, 21, 22)
+    kinds = [type(e) for e in rec.jobs() if e.job_id == job]
+    assert kinds.index(JobFinished) == len(kinds) - 1  # every ImageSaved before it
+
+
+def test_a_retry_sends_the_earlier_runs_images_too_once_each_in_seed_order(env):
+    """A job that failed after three of four images said each before its JobFailed; one of them is deleted;
+    its retry sends every image once in seed order: the kept ones of the earlier run marked ``earlier``
+    (seed 12 waits for the remade 11), the remade and new ones not."""
+    make, store, _ = env
+    runner = OneImageAtATime(fail_after=3)
+    w, rec = make(runner)
+    job = w.submit(req("four", seed=10, batch_count=4))
+    w.start()
+    rec.wait(lambda: rec.of(JobFailed, job), "the failure")
+    first_run = [e for e in rec.jobs() if e.job_id == job and isinstance(e, ImageSaved | JobFailed)]
+    assert [getattr(e, "seed", None) for e in first_run] == [10, 11, 12, None]
+    deleted = first_run[1].path
+    Path(deleted).unlink()
+    del rec.events[:]
+    runner.fail_after, runner.made = None, []
+    w.retry(job)
+    done = finished(rec, job)
+    assert runner.made == [11, 13]
+    saved = rec.of(ImageSaved, job)
+    assert [(e.seed, e.earlier) for e in saved] == [(10, True), (11, False), (12, True), (13, False)]
+    assert saved[0].path == first_run[0].path and saved[2].path == first_run[2].path
+    assert tuple(e.path for e in saved) == done.paths
 
 
 def test_private_queue_jobs_are_owned_and_a_retry_runs_them_in_the_retrying_workers_queue(env):

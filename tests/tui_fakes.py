@@ -33,8 +33,9 @@ def gradient(width: int, height: int, seed: int, progress: float = 1.0) -> Image
 
 
 class FakeRunner:
-    """Emits every step with a small preview and returns deterministic images; optionally waits on a gate
-    before each step (tests cancel/pause deterministically) or fails with a message."""
+    """Emits every step with a small preview and makes deterministic images, each batch handed to
+    ``ctx.save_images`` when made (as the pipeline does) and all returned; optionally waits on a gate before
+    each step (tests cancel/pause deterministically) or fails with a message."""
 
     def __init__(
         self,
@@ -73,9 +74,11 @@ class FakeRunner:
                 ctx.step(done, total, preview=preview, image_index=batch)
             if self.fail_with is not None:
                 raise self.fail_with
-            for i in range(request.batch_size):
-                seed = seeds[batch * request.batch_size + i]
-                images.append(GeneratedImage(gradient(self.image_size, self.image_size, seed), seed, request, model_hash="fakehash"))
+            made = [GeneratedImage(gradient(self.image_size, self.image_size, seed), seed, request, model_hash="fakehash")
+                    for seed in seeds[batch * request.batch_size:(batch + 1) * request.batch_size]]
+            if hasattr(ctx, "save_images"):  # each batch saved when made, as the pipeline does (ImageSaved)
+                ctx.save_images(made)
+            images += made
         self.jobs_run.append(job.id)
         return images
 

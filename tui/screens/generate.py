@@ -21,7 +21,7 @@ from textual.widgets import Button, Checkbox, Collapsible, Label, Select, Switch
 from core.detailer_args import Detailer
 from core.detectors import MEDIAPIPE_MODELS
 from core.errors import DarkroomError, RequestError
-from core.events import Event, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
+from core.events import Event, ImageSaved, JobCancelled, JobFailed, JobFinished, JobStarted, JobStep
 from core.request import (
     IMG2IMG_DENOISE,
     INPAINT_AREAS,
@@ -205,6 +205,8 @@ class GenerateScreen(MainScreen):
         self._form_mounted = False  # every form widget mounted (the first frame has only the prompts)
         self._form_ready = False  # mounted and filled from the saved settings
         self._pending_values: dict[str, Any] = {}  # values set before the form was mounted
+        self._final_path: str | None = None  # the job's image the preview is to show (the newest saved)
+        self._final_job: int | None = None  # the job whose saved images the preview showed (ImageSaved)
         self._chunks: list[list[Widget]] = []
         self._advanced_left: list[Widget] | None = None
         self._save_timer: Any = None
@@ -1147,17 +1149,26 @@ class GenerateScreen(MainScreen):
         if isinstance(event, JobStarted):
             self.preview.start_job(event.job_id, event.request.prompt)
             self.preview.show_loras(event.request.lora_refs())
+        elif isinstance(event, ImageSaved) and event.job_id == self.preview.job_id:
+            # each image of the job as it is saved: the newest stays shown until the next image's steps
+            self._final_job = event.job_id
+            self.load_final(event.path, event.job_id)
         elif isinstance(event, JobFinished) and event.job_id == self.preview.job_id:
             self.preview.finish(f"done in {event.elapsed:.1f}s · seeds {', '.join(map(str, event.seeds))}")
-            if event.paths:
-                self.load_final(event.paths[0], event.job_id)
+            if event.paths and self._final_job != event.job_id:  # none came as it was saved
+                self.load_final(event.paths[-1], event.job_id)
         elif isinstance(event, JobFailed) and event.job_id == self.preview.job_id:
             self.preview.finish(f"failed: {event.error}", complete=False)
         elif isinstance(event, JobCancelled) and event.job_id == self.preview.job_id:
             self.preview.finish("cancelled", complete=False)
 
-    @work(thread=True, exclusive=True, group="final-image")
     def load_final(self, path: str, job_id: int) -> None:
+        """Show a finished image of the job (read off the UI thread); a newer one asked for meanwhile wins."""
+        self._final_path = path
+        self._load_final(path, job_id)
+
+    @work(thread=True, exclusive=True, group="final-image")
+    def _load_final(self, path: str, job_id: int) -> None:
         from tui.widgets.image import load_rgb_thumbnail
 
         try:
@@ -1167,10 +1178,10 @@ class GenerateScreen(MainScreen):
                 self.app.notify, f"Could not open {path}: {error}", severity="warning", markup=False
             )
             return
-        self.call_from_worker_thread(self._show_final, final, job_id)
+        self.call_from_worker_thread(self._show_final, final, job_id, path)
 
-    def _show_final(self, image: Any, job_id: int) -> None:
-        if self.preview.job_id == job_id:
+    def _show_final(self, image: Any, job_id: int, path: str) -> None:
+        if self.preview.job_id == job_id and self._final_path == path:
             self.preview.show_image(image)
 
     @work(thread=True, exclusive=True, group="final-image")

@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from core.events import Event, JobFinished
+from core.events import Event, ImageSaved, JobFinished
 from core.request import GenerationRequest
 from core.text import visible
 from tui.screens.base import MainScreen
@@ -141,6 +141,7 @@ class HistoryScreen(MainScreen):
         self.search = ""
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
         self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
+        self._refresh_queued = False  # a refresh for new images waits in the app's queue (_refresh_soon)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -180,7 +181,20 @@ class HistoryScreen(MainScreen):
             self.query_one("#history-search", Input).value = query
 
     def _on_job_event(self, event: Event) -> None:
-        if isinstance(event, JobFinished):
+        # each image is listed as soon as it is saved (an earlier run's, retried, is listed already)
+        if (isinstance(event, ImageSaved) and not event.earlier) or isinstance(event, JobFinished):
+            self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        """One history read for the images saved together (a batch of batch_size, a burst of events): it runs
+        after the events already queued, which find it queued."""
+        if not self._refresh_queued:
+            self._refresh_queued = True
+            self.app.call_later(self._queued_refresh)
+
+    def _queued_refresh(self) -> None:
+        self._refresh_queued = False
+        if not self.quitting():  # the app may have begun to exit meanwhile
             self.refresh_history()
 
     @on(Input.Changed, "#history-search")
