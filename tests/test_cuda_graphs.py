@@ -72,12 +72,14 @@ def _tiny_unet() -> UNetModel:
 
 
 def _steps(network, steps: int = 4, size: int = 8) -> list[torch.Tensor]:
-    """A job's denoiser calls: the network's output at each of a few timesteps, every output kept."""
+    """A job's denoiser calls: the network's output at each of a few timesteps, every output kept. As in a
+    sampler, the network's input is made in inference mode (the denoiser scales it) and the conditioning
+    before it (the text encoders' output is not an inference tensor)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, size, size, generator=g)
     context = torch.randn(2, 7, 32, generator=g)
     outputs = []
     with torch.inference_mode():
+        x = torch.randn(2, 4, size, size, generator=g)
         for step in range(steps):
             out = network(x, torch.full((2,), 900.0 - 200 * step), context)
             outputs.append(out)
@@ -300,3 +302,49 @@ def test_a_network_that_runs_sage_attention_is_not_captured(monkeypatch):
     assert notes == {"auto": ["CUDA graphs: UNetModel runs SageAttention, whose kernels a CUDA graph cannot capture; "
                               "running it without graphs (--attention xformers or sdpa would allow them)"],
                      "sdpa": []}
+
+
+def test_a_capture_around_compiled_blocks_compiles_nothing_more():
+    """On a GPU a compile inside a capture fails (dynamo reads the CUDA RNG state, inductor copies constants to
+    the device: pytorch#131782, #185074). The warm-up compiles; the capture's call, on static tensors that
+    are other tensor objects, must hit the same compiled code."""
+    unet = _tiny_unet()
+    eager = _steps(unet, steps=3)
+    compiler = DenoiserCompiler("torch", backend="eager")
+    compiler.prepare(unet)
+
+    class CountingApi(FakeGraphApi):
+        def capture(self, call):
+            self.compiles_before = compiler.compiles
+            graph = super().capture(call)
+            self.compiles_after = compiler.compiles
+            return graph
+
+    api = CountingApi(watch=unet)
+    graphed, graphs = _graphed_steps(unet, api, steps=3)
+    assert graphs.captures == 1 and api.compiles_before > 0
+    assert api.compiles_after == api.compiles_before == compiler.compiles  # nothing compiled in or after it
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(graphed, eager))
+
+
+def test_a_compiled_job_through_the_runner_compiles_nothing_inside_its_capture(models):
+    """The real job's tensors (conditioning from the text encoders, latents from the sampler) with dynamo's
+    compiled blocks: the capture hits what the warm-up compiled."""
+    runner = PipelineRunner([models], previews=False)
+
+    class CountingApi(FakeGraphApi):
+        compiles_in_captures = 0
+
+        def capture(self, call):
+            before = runner.compiler.compiles
+            graph = super().capture(call)
+            self.compiles_in_captures += runner.compiler.compiles - before
+            return graph
+
+    api = CountingApi()
+    runner.compiler = DenoiserCompiler("torch", backend="eager", graph_api=api)
+    graphed = runner.run(job(steps=3), Ctx())[0].image
+    assert runner.job_graphs.captures == 1 and runner.compiler.compiles > 0
+    assert api.compiles_in_captures == 0
+    plain = PipelineRunner([models], previews=False).run(job(steps=3), Ctx())[0].image
+    assert graphed.tobytes() == plain.tobytes()

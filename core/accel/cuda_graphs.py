@@ -131,7 +131,9 @@ def _signature(network: nn.Module, args: tuple, kwargs: dict, device_type: str) 
         if isinstance(value, torch.Tensor):
             if value.device.type != device_type:
                 return None
-            parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device))
+            # is_inference: dynamo guards on it (an inference tensor lacks the ADInplaceOrView dispatch key),
+            # so a static copy of another kind than the warm-up's would recompile inside the capture
+            parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device, value.is_inference()))
             tensors.append(value)
         elif value is None or isinstance(value, (bool, int, float, str)):
             parts.append((name, value))
@@ -139,6 +141,15 @@ def _signature(network: nn.Module, args: tuple, kwargs: dict, device_type: str) 
             return None
     weights = tuple(t.data_ptr() for t in itertools.chain(network.parameters(), network.buffers()))
     return (id(network), tuple(parts), weights), tensors
+
+
+def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` of the same kind: an inference tensor only where it is one (the text encoders'
+    outputs, made outside inference mode, are not; dynamo's guards tell the two apart)."""
+    if tensor.is_inference():
+        return tensor.clone()
+    with torch.inference_mode(False):
+        return tensor.clone()
 
 
 def _with_tensors(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
@@ -206,7 +217,7 @@ class CudaGraphs:
         from core.accel.memory import is_out_of_memory
 
         self.release()  # the previous graph's memory pool goes before this one takes its own
-        static = [t.clone() for t in tensors]  # outside the graph's pool: they outlive its replays
+        static = [_static_copy(t) for t in tensors]  # outside the graph's pool: they outlive its replays
         static_args, static_kwargs = _with_tensors(args, kwargs, static)
         try:
             graph, output = self.api.capture(lambda: network(*static_args, **static_kwargs))
