@@ -587,7 +587,7 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(devices, "_mps_available", lambda: False)
     assert devices.pick_device() == torch.device("cpu")
     monkeypatch.setattr(devices, "_mps_available", lambda: True)
-    assert devices.pick_device() == torch.device("mps")
+    assert devices.pick_device() == torch.device("mps", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert devices.pick_device() == torch.device("cuda", 0)
@@ -608,6 +608,11 @@ def test_pick_device_rejects_unavailable_or_unknown(monkeypatch):
     # "cuda" is the current device by its index, as tensors on it report theirs (cuda != cuda:0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert devices.pick_device("cuda") == torch.device("cuda", 0) and devices.pick_device("cuda").index == 0
+
+    # MPS too: its tensors report mps:0, and an index-less mps counted none of them as resident in the placement
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    assert devices.pick_device("mps").index == 0 and devices.pick_device().index == 0
 
 
 def test_memory_stats_cuda_uses_torch_counters(monkeypatch):
