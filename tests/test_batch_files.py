@@ -197,6 +197,28 @@ def test_an_init_image_with_transparency_is_used_as_it_shows_on_white(tmp_path, 
         assert left == ((255, 0, 0) if mode != "LA" else (76, 76, 76))  # opaque pixels as they are
 
 
+def test_a_16_bit_grey_init_images_transparent_level_is_white_and_only_that_level(tmp_path):
+    """A 16-bit grey PNG's tRNS names a 16-bit level: it is matched before the scaling to 8 bits (after it,
+    1000 / 257 matched no pixel, and a level rounding like its neighbours would have taken them too)."""
+    import numpy as np
+    from PIL import Image
+
+    from core.image_files import upright_rgb
+    from core.pipeline import load_init_image
+
+    levels = np.full((8, 8), 40000, dtype=np.uint16)
+    levels[:, 4:] = 1000  # the right half transparent
+    levels[:, 0] = 1001  # one level above it: opaque
+    image = Image.fromarray(levels)
+    image.save(tmp_path / "grey16.png", transparency=1000)
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode == "I;16" and opened.info["transparency"] == 1000
+        upscale_source = upright_rgb(opened)
+    for shown in (load_init_image(str(tmp_path / "grey16.png"), 8, 8), upscale_source):
+        assert shown.mode == "RGB" and shown.getpixel((6, 4)) == (255, 255, 255)
+        assert shown.getpixel((0, 4)) == (3, 3, 3) and shown.getpixel((2, 4)) == (155, 155, 155)
+
+
 def test_a_half_transparent_init_pixel_is_mixed_with_white(tmp_path):
     from PIL import Image
 
