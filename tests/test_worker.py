@@ -308,6 +308,37 @@ def test_cancel_through_the_database_from_another_process(env):
     assert store.get_job(a).state == "cancelled"
 
 
+def test_a_failed_job_leaves_none_of_its_tensors_alive(env):
+    """The worker keeps a recent failure's exception (the batch runner's exit code reads its type); its
+    traceback's frames held the job's tensors (latents, activations: GPU memory in the TUI) until 100 more
+    jobs had failed. The traceback is still in the failure log."""
+    import gc
+    import weakref
+
+    make, store, tmp_path = env
+    held: list[weakref.ref] = []
+
+    class FailsHoldingATensor:
+        def run(self, job, ctx):
+            activations = torch.zeros(64)
+            held.append(weakref.ref(activations))
+            try:
+                raise ValueError("inner")
+            except ValueError:
+                raise RuntimeError("boom") from None  # a chained one's frames too
+
+    w, rec = make(FailsHoldingATensor())
+    job = w.submit(req("x"))
+    w.start()
+    rec.wait(lambda: rec.of(JobFailed, job), "the failure")
+    w.stop(timeout=10)
+    gc.collect()
+    assert held[0]() is None
+    assert isinstance(w.failure(job), RuntimeError)
+    log = (tmp_path / "home" / "data" / "logs" / "worker.log").read_text()
+    assert "Traceback" in log and "in run" in log and "RuntimeError: boom" in log
+
+
 def test_failure_is_reported_and_next_job_runs(env):
     make, store, tmp_path = env
     w, rec = make()
