@@ -71,6 +71,32 @@ GRID_JOBS = """\
     """
 
 
+@pytest.mark.parametrize("refiner", ["missing", "cut"])
+def test_a_refiner_that_is_missing_or_cut_short_is_refused_before_any_job_runs(tmp_path, monkeypatch, refiner):
+    """The refiner is a model the job loads as its checkpoint is: like the checkpoint, one that is missing or
+    cut short (its download stopped after a byte) is named before anything runs (exit 3), not after the
+    jobs before its own have run."""
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    write_header_only(models / "xl.safetensors", "sdxl")
+    (models / "cut.safetensors").write_bytes(b"{")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "xl"\nprompt = "first"\nsteps = 1\n'
+                    f'[[job]]\nmodel = "xl"\nprompt = "second"\nsteps = 1\nrefiner = "{refiner}"\n')
+    Runner.seen = []
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out", db_path=tmp_path / "db.sqlite3",
+                     runner_factory=Runner, stdout=out, stderr=err)
+    assert code == 3, err.getvalue()
+    assert err.getvalue().startswith(f"darkroom: error: {jobs}: job 2: ")
+    if refiner == "cut":
+        assert f"{models / 'cut.safetensors'}: the file is only 1 bytes long" in err.getvalue()
+    else:
+        assert "'missing'" in err.getvalue()
+    assert out.getvalue() == "" and Runner.seen == []  # job 1 did not run either
+
+
 def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
     from core.metadata import read_request
 
