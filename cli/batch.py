@@ -891,9 +891,11 @@ def run_batch(
             if job.request.is_upscale:
                 continue  # nothing is sampled: the source's checkpoint need not be here
             checkpoint = checkpoints[job.index] = registry.find_checkpoint(job.request.model)
-            info = registry.inspect(checkpoint)
-            if info.label == "unreadable":  # a cut-off download, a broken header: no job of it could load
-                raise ModelNotFoundError(f"{checkpoint}: {info.problem}")  # as the loader would say it
+            refiner = [registry.find_checkpoint(job.request.refiner)] if job.request.refiner else []
+            for path in (checkpoint, *refiner):
+                info = registry.inspect(path)
+                if info.label == "unreadable":  # a cut-off download, a broken header: no job of it could load
+                    raise ModelNotFoundError(f"{path}: {info.problem}")  # as the loader would say it
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
             # found, and made for the checkpoint's family, before any job runs (the detail prompts' tags too)

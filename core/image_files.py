@@ -12,7 +12,7 @@ editor left under the transparent pixels (often black, or the erased content).
 
 from __future__ import annotations
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the image by 90 degrees
@@ -30,11 +30,23 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (decodes it), 16-bit greyscale scaled to 8-bit range."""
+    return _eight_bit(_turned(image))
+
+
+def _turned(image: Image.Image) -> Image.Image:
     try:
-        image = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block: the image as stored
         image.load()
-    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image
+
+
+def _is_wide_grey(image: Image.Image) -> bool:
+    return image.mode == "I" or image.mode.startswith("I;16")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    if _is_wide_grey(image):
         image = image.point(lambda v: v / 257)  # 65535 -> 255; convert() would clip instead
     return image
 
@@ -57,4 +69,21 @@ def flattened_rgb(image: Image.Image) -> Image.Image:
 
 def upright_rgb(image: Image.Image) -> Image.Image:
     """An opened image file as the 8-bit RGB image it shows: upright, transparency flattened onto white."""
-    return flattened_rgb(upright(image))
+    turned = _turned(image)
+    shown = _eight_bit(turned)
+    level = turned.info.get("transparency")
+    if _is_wide_grey(turned) and isinstance(level, int):
+        # a 16-bit grey PNG's transparent level (tRNS) is a 16-bit value: the pixels it marks are found before
+        # the scaling to 8 bits, after which it would match none (or the wrong ones)
+        shown = shown.convert("L")
+        shown.putalpha(_not_level(turned.convert("I"), level))
+        shown.info.pop("transparency", None)
+    return flattened_rgb(shown)
+
+
+def _not_level(image: Image.Image, level: int) -> Image.Image:
+    """An "L" mask of a 32-bit grey image: 0 where a pixel is ``level``, 255 elsewhere (``point`` takes only
+    linear maps on 32-bit images; converting to "L" clips each side's difference to 0..255)."""
+    above = image.point(lambda v: v * 255 - level * 255).convert("L")
+    below = image.point(lambda v: v * -255 + level * 255).convert("L")
+    return ImageChops.lighter(above, below)

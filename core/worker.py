@@ -142,6 +142,18 @@ def _log_failure(job_id: int, exc: BaseException) -> None:
         log.exception("job %s failed and the failure log could not be written", job_id)
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the tracebacks of ``exc`` and of the exceptions chained to it (cause, context)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+
+
 def lower_thread_priority(step: int = 5) -> bool:
     """Lower the calling thread's scheduling priority by ``step`` nice levels. Linux keeps a nice value per
     thread and a new thread starts with its creator's, so the threads this one starts later (torch's intra-op
@@ -471,6 +483,10 @@ class Worker:
         return self._runner
 
     def _remember_failure(self, job_id: int, exc: BaseException) -> None:
+        """Keep what a job failed with (its type, for the batch runner's exit code), without its traceback: the
+        traceback's frames hold the failed job's tensors (latents, activations: GPU memory) for as long as the
+        exception is kept. Call it once the traceback is logged."""
+        _drop_frames(exc)
         self._failures[job_id] = exc
         while len(self._failures) > 100:
             self._failures.popitem(last=False)
@@ -545,12 +561,12 @@ class Worker:
             self._fatal(store_exc)
 
     def _end_failed(self, job_id: int, exc: Exception) -> None:
-        self._remember_failure(job_id, exc)
         if isinstance(exc, DarkroomError):
             message = str(exc)
         else:
             message = f"internal error: {type(exc).__name__}: {exc}"
             _log_failure(job_id, exc)
+        self._remember_failure(job_id, exc)
         self.store.fail(job_id, message)
         self._emit(JobFailed(job_id, message))
 

@@ -71,6 +71,32 @@ GRID_JOBS = """\
     """
 
 
+@pytest.mark.parametrize("refiner", ["missing", "cut"])
+def test_a_refiner_that_is_missing_or_cut_short_is_refused_before_any_job_runs(tmp_path, monkeypatch, refiner):
+    """The refiner is a model the job loads as its checkpoint is: like the checkpoint, one that is missing or
+    cut short (its download stopped after a byte) is named before anything runs (exit 3), not after the
+    jobs before its own have run."""
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    models = tmp_path / "models"
+    write_header_only(models / "xl.safetensors", "sdxl")
+    (models / "cut.safetensors").write_bytes(b"{")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "xl"\nprompt = "first"\nsteps = 1\n'
+                    f'[[job]]\nmodel = "xl"\nprompt = "second"\nsteps = 1\nrefiner = "{refiner}"\n')
+    Runner.seen = []
+    out, err = io.StringIO(), io.StringIO()
+    code = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out", db_path=tmp_path / "db.sqlite3",
+                     runner_factory=Runner, stdout=out, stderr=err)
+    assert code == 3, err.getvalue()
+    assert err.getvalue().startswith(f"darkroom: error: {jobs}: job 2: ")
+    if refiner == "cut":
+        assert f"{models / 'cut.safetensors'}: the file is only 1 bytes long" in err.getvalue()
+    else:
+        assert "'missing'" in err.getvalue()
+    assert out.getvalue() == "" and Runner.seen == []  # job 1 did not run either
+
+
 def test_a_grid_of_a_random_seed_records_the_seed_its_cells_used(batch):
     from core.metadata import read_request
 
@@ -195,6 +221,28 @@ def test_an_init_image_with_transparency_is_used_as_it_shows_on_white(tmp_path, 
         assert image.getpixel((6, 4)) == (255, 255, 255)  # transparent: white, not the black under it
         left = image.getpixel((1, 4))
         assert left == ((255, 0, 0) if mode != "LA" else (76, 76, 76))  # opaque pixels as they are
+
+
+def test_a_16_bit_grey_init_images_transparent_level_is_white_and_only_that_level(tmp_path):
+    """A 16-bit grey PNG's tRNS names a 16-bit level: it is matched before the scaling to 8 bits (after it,
+    1000 / 257 matched no pixel, and a level rounding like its neighbours would have taken them too)."""
+    import numpy as np
+    from PIL import Image
+
+    from core.image_files import upright_rgb
+    from core.pipeline import load_init_image
+
+    levels = np.full((8, 8), 40000, dtype=np.uint16)
+    levels[:, 4:] = 1000  # the right half transparent
+    levels[:, 0] = 1001  # one level above it: opaque
+    image = Image.fromarray(levels)
+    image.save(tmp_path / "grey16.png", transparency=1000)
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode == "I;16" and opened.info["transparency"] == 1000
+        upscale_source = upright_rgb(opened)
+    for shown in (load_init_image(str(tmp_path / "grey16.png"), 8, 8), upscale_source):
+        assert shown.mode == "RGB" and shown.getpixel((6, 4)) == (255, 255, 255)
+        assert shown.getpixel((0, 4)) == (3, 3, 3) and shown.getpixel((2, 4)) == (155, 155, 155)
 
 
 def test_a_half_transparent_init_pixel_is_mixed_with_white(tmp_path):

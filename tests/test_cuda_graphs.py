@@ -128,6 +128,22 @@ def test_another_size_releases_the_previous_graph_first():
     assert all(torch.equal(a, b) for a, b in zip(small + large, _steps(unet, 3) + _steps(unet, 3, size=16)))
 
 
+def test_shapes_that_keep_changing_go_eager_with_one_note_but_shapes_seen_before_are_captured_again():
+    unet = _tiny_unet()
+    api = FakeGraphApi(watch=unet)
+    with cuda_graphs.for_job(True, api) as graphs:
+        network = cuda_graphs.replayed(unet)
+        for _ in range(cuda_graphs.MAX_CAPTURES_PER_JOB):  # two passes at two sizes, again and again (hires fix)
+            _steps(network, steps=3), _steps(network, steps=3, size=16)
+        assert graphs.notes == [] and graphs.captures == 2 * cuda_graphs.MAX_CAPTURES_PER_JOB
+        sizes = range(17, 17 + cuda_graphs.MAX_CAPTURES_PER_JOB)  # a new size each time: not static
+        outputs = [_steps(network, steps=3, size=size) for size in sizes]
+    assert all(torch.equal(a, b) for size, got in zip(sizes, outputs) for a, b in zip(got, _steps(unet, 3, size=size)))
+    assert graphs.captures == 2 * cuda_graphs.MAX_CAPTURES_PER_JOB + cuda_graphs.MAX_CAPTURES_PER_JOB - 2
+    assert graphs.notes == [f"CUDA graphs: the denoiser was called at {cuda_graphs.MAX_CAPTURES_PER_JOB + 1} input "
+                            "shapes in this job; running it without graphs for the rest of the job"]
+
+
 def test_a_feature_cache_pass_runs_eagerly():
     unet = _tiny_unet()
     api = FakeGraphApi(watch=unet)
@@ -238,6 +254,14 @@ def test_hires_fix_captures_each_pass_and_a_cache_job_none(models):
     assert runner.job_graphs.captures == 2 and api.graphs[0].released
     runner.run(job(deepcache_interval=2), Ctx())
     assert runner.job_graphs.captures == 0
+
+
+def test_a_hires_job_of_many_batches_replays_every_batch(models):
+    """Each batch captures its two passes again (one graph is kept): that is not a shape that keeps changing."""
+    runner, api = graphed_runner(models, "tiny")
+    batches = cuda_graphs.MAX_CAPTURES_PER_JOB // 2 + 1
+    runner.run(job(hires=HiresFix(scale=1.5, upscaler="latent", steps=3, denoise=0.5), batch_count=batches), Ctx())
+    assert runner.job_graphs.captures == 2 * batches and runner.job_graphs.notes == []
 
 
 def test_an_offloading_job_runs_without_graphs(models, monkeypatch):

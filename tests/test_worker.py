@@ -308,6 +308,37 @@ def test_cancel_through_the_database_from_another_process(env):
     assert store.get_job(a).state == "cancelled"
 
 
+def test_a_failed_job_leaves_none_of_its_tensors_alive(env):
+    """The worker keeps a recent failure's exception (the batch runner's exit code reads its type); its
+    traceback's frames held the job's tensors (latents, activations: GPU memory in the TUI) until 100 more
+    jobs had failed. The traceback is still in the failure log."""
+    import gc
+    import weakref
+
+    make, store, tmp_path = env
+    held: list[weakref.ref] = []
+
+    class FailsHoldingATensor:
+        def run(self, job, ctx):
+            activations = torch.zeros(64)
+            held.append(weakref.ref(activations))
+            try:
+                raise ValueError("inner")
+            except ValueError:
+                raise RuntimeError("boom") from None  # a chained one's frames too
+
+    w, rec = make(FailsHoldingATensor())
+    job = w.submit(req("x"))
+    w.start()
+    rec.wait(lambda: rec.of(JobFailed, job), "the failure")
+    w.stop(timeout=10)
+    gc.collect()
+    assert held[0]() is None
+    assert isinstance(w.failure(job), RuntimeError)
+    log = (tmp_path / "home" / "data" / "logs" / "worker.log").read_text()
+    assert "Traceback" in log and "in run" in log and "RuntimeError: boom" in log
+
+
 def test_failure_is_reported_and_next_job_runs(env):
     make, store, tmp_path = env
     w, rec = make()
@@ -587,7 +618,7 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(devices, "_mps_available", lambda: False)
     assert devices.pick_device() == torch.device("cpu")
     monkeypatch.setattr(devices, "_mps_available", lambda: True)
-    assert devices.pick_device() == torch.device("mps")
+    assert devices.pick_device() == torch.device("mps", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert devices.pick_device() == torch.device("cuda", 0)
@@ -608,6 +639,11 @@ def test_pick_device_rejects_unavailable_or_unknown(monkeypatch):
     # "cuda" is the current device by its index, as tensors on it report theirs (cuda != cuda:0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert devices.pick_device("cuda") == torch.device("cuda", 0) and devices.pick_device("cuda").index == 0
+
+    # MPS too: its tensors report mps:0, and an index-less mps counted none of them as resident in the placement
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    assert devices.pick_device("mps").index == 0 and devices.pick_device().index == 0
 
 
 def test_memory_stats_cuda_uses_torch_counters(monkeypatch):

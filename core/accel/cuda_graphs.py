@@ -52,7 +52,8 @@ from core.accel.attention import backends_used
 
 log = logging.getLogger(__name__)
 
-# More captures than this in one job: the shapes are not static (a prompt schedule changing the batch, say).
+# More input shapes captured than this in one job: the shapes are not static (a prompt schedule changing the
+# batch, say). Shapes captured again (a hires fix or refiner job's passes, once per batch) do not count.
 MAX_CAPTURES_PER_JOB = 8
 
 
@@ -173,6 +174,7 @@ class CudaGraphs:
         self.replays = 0
         self.notes: list[str] = []
         self._warm: set[tuple] = set()
+        self._captured: set[tuple] = set()  # the keys captured in this job (one may be captured again)
         self._eager: set[int] = set()  # id() of networks that run eagerly for the rest of this job
         self._last: _Captured | None = None
 
@@ -206,9 +208,9 @@ class CudaGraphs:
                 self._note(f"CUDA graphs: {type(network).__name__} runs SageAttention, whose kernels a CUDA graph "
                            "cannot capture; running it without graphs (--attention xformers or sdpa would allow them)")
             return out
-        if self.captures >= MAX_CAPTURES_PER_JOB:
-            self._note(f"CUDA graphs: the denoiser's input shapes changed {self.captures} times in this job; "
-                       "running it without graphs for the rest of the job")
+        if key not in self._captured and len(self._captured) >= MAX_CAPTURES_PER_JOB:
+            self._note(f"CUDA graphs: the denoiser was called at {len(self._captured) + 1} input shapes in this "
+                       "job; running it without graphs for the rest of the job")
             self._eager.add(id(network))
             return network(*args, **kwargs)
         return self._capture(network, key, args, kwargs, tensors)
@@ -230,6 +232,7 @@ class CudaGraphs:
                        "without graphs")
             return network(*args, **kwargs)
         self.captures += 1
+        self._captured.add(key)
         self._last = _Captured(key, graph, static, output)
         self.api.replay(graph)
         self.replays += 1

@@ -46,15 +46,17 @@ def pick_device(preferred: str | None = None) -> torch.device:
                 # "cuda" as the index it means: tensors report cuda:N, and the memory plan's placement compares
                 # their devices with this one (cuda != cuda:0 counted nothing as resident)
                 device = torch.device("cuda", torch.cuda.current_device())
-        elif device.type == "mps" and not _mps_available():
-            raise DeviceError(f"device {preferred!r} was asked for but MPS is not available")
+        elif device.type == "mps":
+            if not _mps_available():
+                raise DeviceError(f"device {preferred!r} was asked for but MPS is not available")
+            device = torch.device("mps", 0)  # as tensors on it report theirs (mps:0), like cuda:N above
         elif device.type not in ("cuda", "mps", "cpu"):
             raise DeviceError(f"device {preferred!r} is not supported; valid: auto, cuda, cuda:N, mps, cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if _mps_available():
-        return torch.device("mps")
+        return torch.device("mps", 0)
     return torch.device("cpu")
 
 
