@@ -29,8 +29,8 @@ a replay is one launch. What makes a replay equal the eager call:
 Whole-network capture, not inductor's CUDA graph trees: those break on the per-block regions the compiler
 makes (``core.accel.compile``). Only the last captured graph is kept: its private memory pool holds a set of
 activations, and a hires pass, a refiner or a detail region should not pay for the previous one's. Out of
-memory during a capture is raised (the memory plan's retry runs with offload, so without graphs); any other
-failure leaves the network eager. Graphs live for one job (``for_job``).
+memory during a capture leaves the network eager for the job (the eager warm-up fitted: no reason to offload),
+any other failure leaves it eager from then on. Graphs live for one job (``for_job``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class GraphApi(Protocol):
 
     def release(self, graph: Any) -> None: ...
 
+    def free_memory(self) -> None: ...
+
 
 class TorchCudaGraphs:
     """``torch.cuda.CUDAGraph`` on one side stream, as PyTorch's whole-network capture recipe does it."""
@@ -112,6 +114,13 @@ class TorchCudaGraphs:
 
     def release(self, graph: Any) -> None:
         graph.reset()
+        torch.cuda.empty_cache()
+
+    def free_memory(self) -> None:
+        """After a capture ran out of memory: what it had taken goes back before the eager call."""
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -223,9 +232,16 @@ class CudaGraphs:
         static_args, static_kwargs = _with_tensors(args, kwargs, static)
         try:
             graph, output = self.api.capture(lambda: network(*static_args, **static_kwargs))
-        except Exception as exc:  # noqa: BLE001 - any failure but memory: this network runs eagerly
+        except Exception as exc:  # noqa: BLE001 - any failure: this network runs eagerly
+            del static, static_args, static_kwargs
             if is_out_of_memory(exc):
-                raise
+                # The graph's pool is memory the eager run does not hold at once, and the eager warm-up fitted:
+                # run eagerly (for this job) rather than let the plan's retry offload a job that fits
+                self._eager.add(id(network))
+                self._note(f"CUDA graphs: out of memory capturing {type(network).__name__}; running it without "
+                           "graphs for this job")
+                self.api.free_memory()
+                return network(*args, **kwargs)
             self.uncapturable.add(network)
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             self._note(f"CUDA graphs could not capture {type(network).__name__} ({first_line}); running it "
