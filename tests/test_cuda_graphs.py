@@ -219,6 +219,15 @@ def test_graphs_come_with_compile_on_a_gpu_without_offload(mode, device, api, of
     assert DenoiserCompiler(mode, device, graph_api=api).cuda_graphs(offload) is False
 
 
+def test_no_graphs_on_rocm(monkeypatch):
+    """ROCm's hipGraph capture can swallow an op it cannot take and replay wrong results (pytorch#155684)."""
+    monkeypatch.delenv("DARKROOM_CUDA_GRAPHS", raising=False)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133", raising=False)
+    assert DenoiserCompiler("torch", "cuda").cuda_graphs("none") is False
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert DenoiserCompiler("torch", "cuda").cuda_graphs("none") is True
+
+
 # ------------------------------------------------------------------------------------------ through the runner
 
 

@@ -162,10 +162,11 @@ class DenoiserCompiler:
 
     def cuda_graphs(self, offload: str) -> bool:
         """Whether a job under a memory plan with ``offload`` replays its denoiser from CUDA graphs: compiling is
-        on, the device is a CUDA GPU (or a stand-in API is given), and nothing is offloaded (the plan's hooks move
+        on, the device is an NVIDIA GPU (or a stand-in API is given), and nothing is offloaded (the plan's hooks move
         weights during the call, which a replay would not do)."""
-        on_gpu = self.device.type == "cuda" or self.graph_api is not None
-        return self.enabled and self.graphs and on_gpu and offload == "none"
+        # NVIDIA only: on ROCm an op a capture cannot take can be swallowed and replayed wrong (pytorch#155684)
+        nvidia = self.device.type == "cuda" and getattr(torch.version, "hip", None) is None
+        return self.enabled and self.graphs and (nvidia or self.graph_api is not None) and offload == "none"
 
     def offload_conflict(self, network: nn.Module, offload: str) -> str | None:
         """Why ``network`` cannot run under a memory plan with ``offload`` ("model"/"sequential"), or None.
