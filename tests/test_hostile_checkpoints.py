@@ -487,3 +487,19 @@ def test_a_cut_off_download_is_refused_before_any_job_runs(tiny, tmp_path, monke
                           "header says ")
     assert err.endswith(" are present; re-download it\n") and err.count("\n") == 1
     assert out == "" and _pngs(tmp_path) == []  # job 1 did not run either
+
+
+def test_a_cut_off_vae_named_by_a_job_is_refused_before_any_job_runs(tiny, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    (models / "vae").mkdir(parents=True)
+    whole = Path(tiny).read_bytes()
+    (models / "whole.safetensors").write_bytes(whole)
+    cut = models / "vae" / "half-vae.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    jobs = ('[[job]]\nmodel = "whole"\nprompt = "a cat"\nsteps = 1\n'
+            '[[job]]\nmodel = "whole"\nvae = "half-vae"\nprompt = "a dog"\nsteps = 1\n')
+    code, out, err = _batch_here(tmp_path, models, jobs, monkeypatch)
+    assert code == 3, err
+    assert err.startswith(f"darkroom: error: {tmp_path / 'jobs.toml'}: job 2: vae = 'half-vae' is invalid: {cut} "
+                          "cannot be loaded: the file is truncated: its header says ")
+    assert out == "" and _pngs(tmp_path) == []

@@ -98,6 +98,10 @@ def resolve_parts(
     parts: dict[str, Path] = {}
     if vae:
         parts["vae"] = registry.find_vae(vae)  # type: ignore[attr-defined]
+        inspect = getattr(registry, "inspect", None)
+        found = inspect(parts["vae"]) if inspect is not None else None
+        if found is not None and found.label == "unreadable":  # cut short, a broken header: said before loading
+            raise RequestError("vae", vae, f"{parts['vae']} cannot be loaded: {found.problem}")
     if not hasattr(registry, "inspect"):  # a stand-in registry (tests) that knows checkpoints only
         return PartSet(model, None, parts)
     info = registry.inspect(model)  # type: ignore[attr-defined]
