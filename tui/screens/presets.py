@@ -20,10 +20,10 @@ from tui.screens.save_preset import SavePresetScreen, shown_value
 
 
 def family_label(family: str) -> str:
-    from tui.screens.generate import family_spec
+    """The family's label; an unknown name (a preset file's) with its control characters made visible."""
+    from core.presets import family_label as label
 
-    spec = family_spec(family)
-    return spec.label if spec is not None else visible(family)
+    return visible(label(family))
 
 
 class PresetsScreen(MainScreen):
