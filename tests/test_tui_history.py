@@ -115,6 +115,15 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
         assert app.screen is generate
 
 
+def test_no_models_text_says_which_folder_does_not_exist(tmp_path):
+    from tui.screens.no_models import no_models_text
+
+    (tmp_path / "models").mkdir()
+    lines = no_models_text([tmp_path / "models", tmp_path / "ComfyUl" / "models"]).plain.splitlines()
+    assert f"  • {tmp_path / 'models'}" in lines
+    assert f"  • {tmp_path / 'ComfyUl' / 'models'}  (no such folder: check the path)" in lines
+
+
 async def test_delete_asks_first_and_enter_cancels(tmp_path):
     """The confirmation's focus is on Cancel: Enter pressed out of habit keeps the file; y deletes."""
     app = make_app(tmp_path)

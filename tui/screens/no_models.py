@@ -21,7 +21,10 @@ def no_models_text(search_dirs: list[Path], unusable: list[tuple[str, str]] | No
     text.append("No models found\n\n", style="bold")
     text.append("Darkroom looked for checkpoints (.safetensors, .ckpt) in:\n")
     for folder in search_dirs or []:
-        text.append(f"  • {visible(folder)}\n")
+        text.append(f"  • {visible(folder)}")
+        if not Path(folder).is_dir():  # a typo in --models-dir is the likeliest cause: say so beside it
+            text.append("  (no such folder: check the path)", style="bold")
+        text.append("\n")
     if not search_dirs:
         text.append("  (no folders configured)\n")
     if unusable:
