@@ -203,6 +203,7 @@ async def test_the_command_palette_names_each_models_family_and_offers_fitting_p
         commands = {title: help_text for title, _callback, help_text in DarkroomCommands(app.screen)._commands("")}
         assert commands["Model: xl"] == "use this SDXL checkpoint"
         assert commands["Model: base15"] == "use this SD1.x checkpoint"
+        assert commands["Model: broken"].startswith("unreadable: ")  # says why, offers nothing
         assert not [title for title in commands if title.startswith("Preset: sd15-")]
 
 
