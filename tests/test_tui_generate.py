@@ -159,6 +159,22 @@ async def test_failed_job_is_a_notification_and_app_keeps_running(tmp_path):
         assert app.is_running
 
 
+async def test_a_long_failure_shows_its_start_under_the_preview(tmp_path):
+    """A message that starts with a long path used to wrap after 'failed:' in the one-line label, which then
+    read 'failed:' and nothing else."""
+    from core.errors import DarkroomError
+
+    path = "/home/someone/ComfyUI/models/checkpoints/truncated_download.safetensors"
+    app = make_app(tmp_path, FakeRunner(fail_with=DarkroomError(f"{path}: the file is truncated; re-download it")))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: app.store.list_jobs()[0].state == "failed")
+        await pilot.pause()
+        assert "failed: /home/someone/ComfyUI" in screen_text(app)
+
+
 class WarningRunner(FakeRunner):
     def run(self, job, ctx):
         import logging
