@@ -25,6 +25,9 @@ class DarkroomCommands(Provider):
             for preset in generate.fitting_presets():  # the ones that suit the chosen model's family
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
+            # a model copied in (or re-downloaded) while Darkroom runs: only the no-models screen rescanned
+            commands.append(("Models: rescan the models folders", partial(generate.load_models, rescan=True),
+                             "find checkpoints, VAEs, LoRAs and upscalers added or changed since the start"))
             for model in generate.models:
                 commands.append((f"Model: {visible(model.name)}",
                                  partial(self._choose_model, str(model.name)),
