@@ -724,9 +724,10 @@ def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) 
         return []
     values = fields.to_dict() if isinstance(fields, GenerationRequest) else dict(fields)
     problems: list[RequestError] = []
-    sampler = sampler_problem(values.get("sampler", "euler"), family)
-    if sampler is not None:
-        problems.append(sampler)
+    for problem in (sampler_problem(values.get("sampler", "euler"), family),
+                    schedule_problem(values.get("schedule", "normal"), family)):
+        if problem is not None:
+            problems.append(problem)
     for side in ("width", "height"):  # Flux: 8x VAE then 2x2 patches, so multiples of 16
         value = values.get(side)
         if isinstance(value, int) and not isinstance(value, bool) and value % spec.pixel_multiple:
@@ -759,6 +760,19 @@ def sampler_problem(sampler: str, family: str) -> RequestError | None:
         "sampler", sampler, f"one of {', '.join(allowed)} for {spec.label} models (flow matching: the ancestral, "
         "SDE and LCM samplers add noise the way of DDPM models, which a flow model's sigmas do not follow)"
     )
+
+
+def schedule_problem(schedule: str, family: str) -> RequestError | None:
+    """A ``RequestError`` when ``schedule`` needs levels ``family`` has none of (Align Your Steps: a family
+    module's ``ays_levels``; the flow models have none); else None. ``family_problems`` asks it before a job is
+    queued, so a Flux job with ``ays`` is refused then, not when it runs."""
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if schedule != "ays" or (spec is not None and spec.ays_levels is not None):
+        return None
+    have = [f.label for f in FAMILIES.values() if f.ays_levels is not None]
+    return RequestError("schedule", "ays", f"Align Your Steps has levels for {', '.join(have)} models only")
 
 
 # A1111 emphasis: an unescaped ( or [ (weighting, "(word:1.2)", "[word]") or the BREAK keyword.
