@@ -412,7 +412,7 @@ def _build_request(
     if used is not None:
         used["given"] = frozenset(resolved)
     try:
-        request = GenerationRequest.from_dict(resolved)
+        request = GenerationRequest.from_dict(resolved, other_keys=_NOT_FIELDS)
     except RequestError as exc:
         errors[:0] = exc.errors
         request = None

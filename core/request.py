@@ -498,8 +498,9 @@ class GenerationRequest:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
+    def from_dict(cls, data: Mapping[str, Any], other_keys: tuple[str, ...] = ()) -> GenerationRequest:
         """Build from a dict (TOML job, JSON line, stored row). Unknown keys are errors, naming the key.
+        ``other_keys``: keys the caller takes itself (a jobs file's ``preset``), offered for a misspelling too.
 
         Every problem is reported at once (a ``RequestErrors`` when there are several): unknown keys first,
         then the invalid fields in field order."""
@@ -508,12 +509,11 @@ class GenerationRequest:
         unknown: list[RequestError] = []  # keys that are no field: reported first, a typo explains the rest
         errors: list[RequestError] = []
         known = {f.name for f in dataclasses.fields(cls)}
-        for key in sorted(set(data) - known, key=str):
-            guess = suggest(key, sorted(known), _FIELD_ALIASES)
+        listed = ", ".join(sorted(known | set(other_keys)))
+        for key in sorted(set(data) - known - set(other_keys), key=str):
+            guess = suggest(key, sorted(known | set(other_keys)), _FIELD_ALIASES)
             hint = f"did you mean {guess!r}? " if guess else ""
-            unknown.append(RequestError(
-                str(key), data[key], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
-            ))
+            unknown.append(RequestError(str(key), data[key], f"not a request field; {hint}known fields: {listed}"))
         values = {k: v for k, v in data.items() if k in known}
         if "model" not in values and values.get("upscale") is not None:
             values["model"] = ""  # an upscale job of an image without parameters: no checkpoint to name
