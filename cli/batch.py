@@ -618,6 +618,16 @@ class _PlainProgress:
         pass
 
 
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    """Whether two streams write to one terminal (stdout and stderr both on the same tty)."""
+    if a is b:
+        return True
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): not the same
+        return False
+
+
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
@@ -642,6 +652,10 @@ class _RichProgress(_PlainProgress):
     def _say(self, text: str) -> None:
         # prompts are user text: never markup, control characters shown
         self.console.print(visible(text), markup=False, highlight=False)
+
+    def print_path(self, text: str) -> None:
+        """An image path above the bars, on one line however long (a hard wrap would break it for copying)."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -947,13 +961,19 @@ def run_batch(
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
     out_is_terminal = hasattr(out, "isatty") and out.isatty()
+    # Rich's live bars redraw over lines written beside them: on their terminal a path goes above them (as
+    # Rich's own stdout redirect does); paths printed straight to it vanished under the next redraw.
+    above_bars = out_is_terminal and isinstance(progress, _RichProgress) and _same_terminal(out, err)
 
     def emit_paths(paths: Sequence[str]) -> None:
         nonlocal stdout_ok
         for path in paths:
             if stdout_ok:
                 try:
-                    print(visible(path) if out_is_terminal else path, file=out, flush=True)
+                    if above_bars:
+                        progress.print_path(visible(path))
+                    else:
+                        print(visible(path) if out_is_terminal else path, file=out, flush=True)
                 except BrokenPipeError:
                     stdout_ok = False  # `| head`: keep generating, stop printing
 
