@@ -424,6 +424,18 @@ def _build_request(
     return None if errors else request
 
 
+def _where_instead(path: Path) -> str:
+    """For a jobs file that is not there: the folder a relative path was looked for in, and a jobs file of a
+    close name in that folder ("jobs.tmol": did you mean jobs.toml?)."""
+    import difflib
+
+    folder = path.parent if path.parent.is_dir() else None
+    where = "" if path.is_absolute() else f" in {visible(Path.cwd() / path.parent)}"
+    names = [p.name for p in folder.iterdir() if p.suffix.lower() in (".toml", ".jsonl", ".json")] if folder else []
+    close = difflib.get_close_matches(path.name, sorted(names), n=1, cutoff=0.8)  # a typo, not any .toml
+    return where + (f"; did you mean {visible(path.parent / close[0])}?" if close else "")
+
+
 def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
     """Read JOBS (a path or ``-``); returns the jobs and the label used in messages."""
     if source == "-":
@@ -442,7 +454,7 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BatchInputError(f"{source}: jobs file not found") from None
+        raise BatchInputError(f"{source}: jobs file not found{_where_instead(path)}") from None
     except IsADirectoryError:
         raise BatchInputError(f"{source}: is a folder; give a .toml, .jsonl or .json jobs file") from None
     except UnicodeDecodeError:

@@ -369,6 +369,17 @@ def test_rich_progress_mode_keeps_stdout_clean(setup, tmp_path):
     assert "[bold]not markup[/bold]" in err.getvalue()  # user text printed literally
 
 
+def test_a_jobs_file_not_found_names_the_folder_and_a_close_name(setup, monkeypatch):
+    run, write, tmp_path = setup
+    write("jobs.toml", '[[job]]\nmodel = "fake"\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("jobs.tmol")
+    assert code == 2 and out == ""
+    assert err.strip() == f"darkroom: error: jobs.tmol: jobs file not found in {tmp_path}; did you mean jobs.toml?"
+    code, _, err = run(str(tmp_path / "other.toml"))
+    assert err.strip() == f"darkroom: error: {tmp_path / 'other.toml'}: jobs file not found"  # nothing close
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
