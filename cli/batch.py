@@ -415,7 +415,7 @@ def _build_request(
     if used is not None:
         used["given"] = frozenset(resolved)
     try:
-        request = GenerationRequest.from_dict(resolved)
+        request = GenerationRequest.from_dict(resolved, other_keys=_NOT_FIELDS)
     except RequestError as exc:
         errors[:0] = exc.errors
         request = None
@@ -425,6 +425,18 @@ def _build_request(
     for error in errors:
         report(error.field, str(error))
     return None if errors else request
+
+
+def _where_instead(path: Path) -> str:
+    """For a jobs file that is not there: the folder a relative path was looked for in, and a jobs file of a
+    close name in that folder ("jobs.tmol": did you mean jobs.toml?)."""
+    import difflib
+
+    folder = path.parent if path.parent.is_dir() else None
+    where = "" if path.is_absolute() else f" in {visible(Path.cwd() / path.parent)}"
+    names = [p.name for p in folder.iterdir() if p.suffix.lower() in (".toml", ".jsonl", ".json")] if folder else []
+    close = difflib.get_close_matches(path.name, sorted(names), n=1, cutoff=0.8)  # a typo, not any .toml
+    return where + (f"; did you mean {visible(path.parent / close[0])}?" if close else "")
 
 
 def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob], str]:
@@ -445,7 +457,7 @@ def load_jobs(source: str, stdin: IO[str] | None = None) -> tuple[list[BatchJob]
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BatchInputError(f"{source}: jobs file not found") from None
+        raise BatchInputError(f"{source}: jobs file not found{_where_instead(path)}") from None
     except IsADirectoryError:
         raise BatchInputError(f"{source}: is a folder; give a .toml, .jsonl or .json jobs file") from None
     except UnicodeDecodeError:
@@ -621,6 +633,16 @@ class _PlainProgress:
         pass
 
 
+def _same_terminal(a: IO[str], b: IO[str]) -> bool:
+    """Whether two streams write to one terminal (stdout and stderr both on the same tty)."""
+    if a is b:
+        return True
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): not the same
+        return False
+
+
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
@@ -645,6 +667,10 @@ class _RichProgress(_PlainProgress):
     def _say(self, text: str) -> None:
         # prompts are user text: never markup, control characters shown
         self.console.print(visible(text), markup=False, highlight=False)
+
+    def print_path(self, text: str) -> None:
+        """An image path above the bars, on one line however long (a hard wrap would break it for copying)."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def started(self, n: int, request: GenerationRequest) -> None:
         super().started(n, request)
@@ -952,13 +978,19 @@ def run_batch(
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
     out_is_terminal = hasattr(out, "isatty") and out.isatty()
+    # Rich's live bars redraw over lines written beside them: on their terminal a path goes above them (as
+    # Rich's own stdout redirect does); paths printed straight to it vanished under the next redraw.
+    above_bars = out_is_terminal and isinstance(progress, _RichProgress) and _same_terminal(out, err)
 
     def emit_paths(paths: Sequence[str]) -> None:
         nonlocal stdout_ok
         for path in paths:
             if stdout_ok:
                 try:
-                    print(visible(path) if out_is_terminal else path, file=out, flush=True)
+                    if above_bars:
+                        progress.print_path(visible(path))
+                    else:
+                        print(visible(path) if out_is_terminal else path, file=out, flush=True)
                 except BrokenPipeError:
                     stdout_ok = False  # `| head`: keep generating, stop printing
 

@@ -49,7 +49,10 @@ def model_rows(registry: object) -> list[tuple[str, ...]]:
         variant = info.variant if info.family in FAMILIES else None
         rows.append((visible(model.name), family, variant or "-", info.quant or short_dtype(info.dtype),
                      human_size(model.size), visible(note)))
-    return rows
+    # a dangling or looping link, a FIFO: not listed by the registry, but the user put it there and asks why
+    unusable = getattr(registry, "unusable", lambda: [])()
+    rows.extend((visible(name), "?", "-", "-", "-", visible(f"unusable: {problem}")) for name, _, problem in unusable)
+    return sorted(rows, key=lambda row: row[0].lower())
 
 
 def part_rows(registry: object) -> list[tuple[str, ...]]:

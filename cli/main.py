@@ -7,6 +7,7 @@ loads Textual and ``darkroom --version`` / usage errors answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -136,7 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--list-models lists the models and exits; run --batch JOBS separately")
         from cli.list_models import list_models
 
-        return list_models(args.models_dir)
+        try:
+            code = list_models(args.models_dir)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `--list-models | head`: the reader has what it wanted. Point stdout at /dev/null so the flush at
+            # exit does not raise again, as the Python docs advise for SIGPIPE.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        return code
     if args.batch is not None:
         from cli.batch import EXIT_INTERRUPTED, run_batch
 

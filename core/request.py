@@ -498,8 +498,9 @@ class GenerationRequest:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
+    def from_dict(cls, data: Mapping[str, Any], other_keys: tuple[str, ...] = ()) -> GenerationRequest:
         """Build from a dict (TOML job, JSON line, stored row). Unknown keys are errors, naming the key.
+        ``other_keys``: keys the caller takes itself (a jobs file's ``preset``), offered for a misspelling too.
 
         Every problem is reported at once (a ``RequestErrors`` when there are several): unknown keys first,
         then the invalid fields in field order."""
@@ -508,12 +509,11 @@ class GenerationRequest:
         unknown: list[RequestError] = []  # keys that are no field: reported first, a typo explains the rest
         errors: list[RequestError] = []
         known = {f.name for f in dataclasses.fields(cls)}
-        for key in sorted(set(data) - known, key=str):
-            guess = suggest(key, sorted(known), _FIELD_ALIASES)
+        listed = ", ".join(sorted(known | set(other_keys)))
+        for key in sorted(set(data) - known - set(other_keys), key=str):
+            guess = suggest(key, sorted(known | set(other_keys)), _FIELD_ALIASES)
             hint = f"did you mean {guess!r}? " if guess else ""
-            unknown.append(RequestError(
-                str(key), data[key], f"not a request field; {hint}known fields: " + ", ".join(sorted(known))
-            ))
+            unknown.append(RequestError(str(key), data[key], f"not a request field; {hint}known fields: {listed}"))
         values = {k: v for k, v in data.items() if k in known}
         if "model" not in values and values.get("upscale") is not None:
             values["model"] = ""  # an upscale job of an image without parameters: no checkpoint to name
@@ -724,9 +724,10 @@ def family_problems(fields: GenerationRequest | Mapping[str, Any], family: str) 
         return []
     values = fields.to_dict() if isinstance(fields, GenerationRequest) else dict(fields)
     problems: list[RequestError] = []
-    sampler = sampler_problem(values.get("sampler", "euler"), family)
-    if sampler is not None:
-        problems.append(sampler)
+    for problem in (sampler_problem(values.get("sampler", "euler"), family),
+                    schedule_problem(values.get("schedule", "normal"), family)):
+        if problem is not None:
+            problems.append(problem)
     for side in ("width", "height"):  # Flux: 8x VAE then 2x2 patches, so multiples of 16
         value = values.get(side)
         if isinstance(value, int) and not isinstance(value, bool) and value % spec.pixel_multiple:
@@ -759,6 +760,19 @@ def sampler_problem(sampler: str, family: str) -> RequestError | None:
         "sampler", sampler, f"one of {', '.join(allowed)} for {spec.label} models (flow matching: the ancestral, "
         "SDE and LCM samplers add noise the way of DDPM models, which a flow model's sigmas do not follow)"
     )
+
+
+def schedule_problem(schedule: str, family: str) -> RequestError | None:
+    """A ``RequestError`` when ``schedule`` needs levels ``family`` has none of (Align Your Steps: a family
+    module's ``ays_levels``; the flow models have none); else None. ``family_problems`` asks it before a job is
+    queued, so a Flux job with ``ays`` is refused then, not when it runs."""
+    from core.models.families import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if schedule != "ays" or (spec is not None and spec.ays_levels is not None):
+        return None
+    have = [f.label for f in FAMILIES.values() if f.ays_levels is not None]
+    return RequestError("schedule", "ays", f"Align Your Steps has levels for {', '.join(have)} models only")
 
 
 # A1111 emphasis: an unescaped ( or [ (weighting, "(word:1.2)", "[word]") or the BREAK keyword.

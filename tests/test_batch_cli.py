@@ -369,6 +369,64 @@ def test_rich_progress_mode_keeps_stdout_clean(setup, tmp_path):
     assert "[bold]not markup[/bold]" in err.getvalue()  # user text printed literally
 
 
+def test_a_jobs_file_not_found_names_the_folder_and_a_close_name(setup, monkeypatch):
+    run, write, tmp_path = setup
+    write("jobs.toml", '[[job]]\nmodel = "fake"\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("jobs.tmol")
+    assert code == 2 and out == ""
+    assert err.strip() == f"darkroom: error: jobs.tmol: jobs file not found in {tmp_path}; did you mean jobs.toml?"
+    code, _, err = run(str(tmp_path / "other.toml"))
+    assert err.strip() == f"darkroom: error: {tmp_path / 'other.toml'}: jobs file not found"  # nothing close
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(raw: str) -> list[str]:
+    """The lines a terminal shows after ``raw``: as much of one as Rich's live display uses (CR, LF, cursor up,
+    erase line, column); colours and cursor visibility are ignored."""
+    import re
+
+    lines, row, col = [""], 0, 0
+    for match in re.finditer(r"\x1b\[([0-9;?]*)([A-Za-z])|\r|\n|[^\x1b\r\n]+|\x1b", raw):
+        token, code = match.group(0), match.group(2)
+        if code == "A":
+            row = max(row - int(match.group(1) or 1), 0)
+        elif code == "K":
+            lines[row] = "" if match.group(1) == "2" else lines[row][:col]
+        elif code == "G":
+            col = int(match.group(1) or 1) - 1
+        elif token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines.extend([""] * (row + 1 - len(lines)))
+        elif not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token):]
+            col += len(token)
+    return lines
+
+
+def test_paths_on_the_terminal_of_the_progress_bars_stay_on_screen(setup, tmp_path):
+    """stdout and stderr on one terminal (a user running --batch by hand): the live bars' redraws erased the
+    path lines printed beside them; they are printed above the bars now."""
+    _, write, _ = setup
+    jobs = write("jobs.toml", '[defaults]\nmodel = "fake"\nsteps = 2\n' + '[[job]]\nprompt = "x"\n' * 4)
+    terminal = _Terminal()
+    code = run_batch(jobs, models_dirs=[tmp_path / "models"], output_dir=tmp_path / "out",
+                     db_path=tmp_path / "db.sqlite3", runner_factory=FakeRunner, stdout=terminal, stderr=terminal,
+                     rich_progress=True)
+    assert code == 0
+    shown = _screen(terminal.getvalue())
+    saved = sorted(str(p) for p in (tmp_path / "out").rglob("*.png"))
+    assert len(saved) == 4
+    assert sorted(line.strip() for line in shown if line.strip().endswith(".png")) == saved
+
+
 def test_job_cancelled_from_another_window_does_not_hang_the_batch(setup):
     run, write, tmp_path = setup
     db = tmp_path / "db.sqlite3"

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +281,41 @@ def test_list_models_shows_a_checkpoint_that_another_of_the_same_name_hides(tmp_
     rows = [line for line in out.getvalue().splitlines() if line.startswith("dup ")]
     assert len(rows) == 2 and rows[0].split()[1] == "SD1.x" and rows[1].split()[1] == "SDXL"
     assert rows[1].endswith(f"not used by the name 'dup', which is {used}; give this file's path to use it: {hidden}")
+
+
+def test_list_models_names_links_that_lead_nowhere(tmp_path):
+    from cli.list_models import list_models
+    from tests.family_files import write_header_only
+
+    folder = tmp_path / "checkpoints"
+    write_header_only(folder / "good.safetensors", "sd15")
+    (folder / "loop_a.safetensors").symlink_to("loop_b.safetensors")
+    (folder / "loop_b.safetensors").symlink_to("loop_a.safetensors")
+    (folder / "on_usb.safetensors").symlink_to(tmp_path / "unmounted" / "model.safetensors")
+    out, err = io.StringIO(), io.StringIO()
+    assert list_models([tmp_path], out, err) == 0
+    rows = {line.split()[0]: line for line in out.getvalue().splitlines()[1:] if line.strip()}
+    assert "good" in rows and "loop" in rows["loop_a"] and "loop" in rows["loop_b"]
+    assert rows["on_usb"].endswith(f"unusable: it is a symbolic link to {str(tmp_path / 'unmounted' / 'model.safetensors')!r}, "
+                                   "which does not exist")
+
+
+def test_list_models_into_a_closed_pipe_exits_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.family_files import write_header_only
+
+    write_header_only(tmp_path / "checkpoints" / "good.safetensors", "sd15")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` that has already read what it wanted
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())", "--list-models",
+             "--models-dir", str(tmp_path)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == ""

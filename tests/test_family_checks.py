@@ -57,6 +57,16 @@ def test_refiner_on_sd15_is_refused():
     assert "SDXL" in str(problems[0])
 
 
+def test_align_your_steps_on_a_family_without_its_levels_is_refused_before_it_runs():
+    """A Flux model chosen after an SD1.5 AYS preset kept schedule 'ays': the job was queued and failed when
+    it ran. The check now comes with the other family checks (the TUI's queue, --batch's pre-check)."""
+    (problem,) = family_problems({"schedule": "ays"}, "flux")
+    assert problem.field == "schedule" and "Align Your Steps has levels for" in str(problem)
+    assert "SDXL" in str(problem) and "Flux" not in problem.valid
+    assert family_problems({"schedule": "ays"}, "sd15") == family_problems({"schedule": "ays"}, "sdxl") == []
+    assert family_problems({"schedule": "karras"}, "flux") == []
+
+
 # ---- presets ----------------------------------------------------------------------------------------------
 
 
@@ -214,6 +224,20 @@ def test_batch_refuses_a_field_of_another_family(batch, sdxl_takes_clip_skip, tm
         "clip_skip = 2 is invalid: only for SDXL models, and this model is SD1.x (SD1.x's family-specific "
         "fields: prediction)"
     ]
+
+
+def test_batch_refuses_align_your_steps_for_flux_before_anything_runs(batch, tmp_path):
+    write_header_only(tmp_path / "models" / "flux-dev.safetensors", "flux")
+    code, out, err = batch("""
+        [[job]]
+        model = "base15"
+        [[job]]
+        model = "flux-dev"
+        schedule = "ays"
+    """)
+    assert code == 2, err
+    assert Runner.seen == []
+    assert "job 2: model 'flux-dev' (Flux.1 dev): schedule = 'ays' is invalid: Align Your Steps has levels for" in err
 
 
 def test_batch_runs_jobs_that_fit(batch):

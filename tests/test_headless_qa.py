@@ -155,6 +155,8 @@ def test_init_image_that_is_not_an_image_is_an_input_error_before_anything_runs(
         ('schedule = "Karras"', "schedule", "karras"),
         ('schedule = "Align Your Steps"', "schedule", "ays"),
         ("stepz = 3", "stepz", "steps"),
+        ('presett = "sd15-balanced"', "presett", "preset"),  # a jobs file's own keys are offered too
+        ('from_imge = "x.png"', "from_imge", "from_image"),
         ('scheduler = "karras"', "scheduler", "schedule"),  # ComfyUI's field name
         ("cfg_scale = 5", "cfg_scale", "cfg"),  # A1111 API's field name
         ('negative = "blur"', "negative", "negative_prompt"),

@@ -157,3 +157,16 @@ async def test_status_line_keeps_the_queue_and_the_job_at_80_columns(tmp_path, m
         await pilot.resize_terminal(160, 30)  # wide again: everything in full
         await wait_for(pilot, lambda: f"model {model}" in screen_text(app))
         assert "VRAM 5.0G peak 7.0G of 24.0G  attention: sage" in screen_text(app)
+
+
+async def test_a_job_event_while_the_app_closes_is_dropped(tmp_path):
+    """A job that ends as the app closes (quit with 'Finish it', a test leaving run_test) delivered its event
+    with no screen left: refresh_bindings raised ScreenStackError and the app exited with a traceback."""
+    from core.events import JobFinished
+
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(80, 24)):
+        pass
+    assert app.screen_stack == []  # closed: the last screen is gone, the app still counts as mounted
+    app.on_darkroom_app_core_event(app.CoreEvent(JobStarted(7, GenerationRequest(model="m", seed=1))))
+    app.on_darkroom_app_core_event(app.CoreEvent(JobFinished(7, ("x.png",), (1,), 0.1)))

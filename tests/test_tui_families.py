@@ -203,7 +203,23 @@ async def test_the_command_palette_names_each_models_family_and_offers_fitting_p
         commands = {title: help_text for title, _callback, help_text in DarkroomCommands(app.screen)._commands("")}
         assert commands["Model: xl"] == "use this SDXL checkpoint"
         assert commands["Model: base15"] == "use this SD1.x checkpoint"
+        assert commands["Model: broken"].startswith("unreadable: ")  # says why, offers nothing
         assert not [title for title in commands if title.startswith("Preset: sd15-")]
+
+
+async def test_the_palette_rescans_the_models_folders(tmp_path):
+    """A checkpoint copied in while the app runs is found from the palette, not only from the no-models screen."""
+    from tui.commands import DarkroomCommands
+
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        write_header_only(tmp_path / "models" / "added-later.safetensors", "sd15")
+        commands = {title: callback for title, callback, _ in DarkroomCommands(app.screen)._commands("")}
+        commands["Models: rescan the models folders"]()
+        await wait_for(pilot, lambda: "added-later" in [str(m.name) for m in screen.models])
+        assert any(option.startswith("added-later") for option in options(screen, "#model"))
+        assert screen.query_one("#model", Select).value == "base15"  # the chosen model stays
 
 
 async def test_a_size_already_about_the_familys_area_is_kept(tmp_path):

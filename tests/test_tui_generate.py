@@ -159,6 +159,22 @@ async def test_failed_job_is_a_notification_and_app_keeps_running(tmp_path):
         assert app.is_running
 
 
+async def test_a_long_failure_shows_its_start_under_the_preview(tmp_path):
+    """A message that starts with a long path used to wrap after 'failed:' in the one-line label, which then
+    read 'failed:' and nothing else."""
+    from core.errors import DarkroomError
+
+    path = "/home/someone/ComfyUI/models/checkpoints/truncated_download.safetensors"
+    app = make_app(tmp_path, FakeRunner(fail_with=DarkroomError(f"{path}: the file is truncated; re-download it")))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: app.store.list_jobs()[0].state == "failed")
+        await pilot.pause()
+        assert "failed: /home/someone/ComfyUI" in screen_text(app)
+
+
 class WarningRunner(FakeRunner):
     def run(self, job, ctx):
         import logging
@@ -365,3 +381,25 @@ async def test_at_80_columns_the_seed_lock_reads_locked_and_an_idle_ctrl_s_says_
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert [n.message for n in app._notifications][-1:] == ["No job is running."]
+
+
+async def test_at_80_columns_a_running_jobs_stop_key_fits_the_footer(tmp_path):
+    """'^s Stop job' was cut to '^s St' at 80 columns; Lock seed leaves the footer there (its checkbox says
+    'lock'), and Ctrl+L still toggles it."""
+    gate = threading.Event()
+    app = make_app(tmp_path, FakeRunner(gate=gate))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await ready(pilot, app)
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: app.running_job is not None)
+        await wait_for(pilot, lambda: "^s Stop job" in screen_text(app).splitlines()[-1])
+        assert "Lock seed" not in screen_text(app).splitlines()[-1]
+        locked = screen.query_one("#seed-lock", Checkbox).value
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert screen.query_one("#seed-lock", Checkbox).value is not locked
+        gate.set()
+    wide = make_app(tmp_path / "wide")
+    async with wide.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, wide)
+        await wait_for(pilot, lambda: "^l Lock seed" in screen_text(wide).splitlines()[-1])

@@ -105,7 +105,7 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
         await wait_for(pilot, lambda: "No models found" in screen_text(app))  # pushed, then laid out
         text = screen_text(app)
         assert "/models/Stable-diffusion" in text and "--models-dir" in text
-        assert "for example /models/Stable-diffusion/v1-5-pruned-emaonly.safetensors" in text  # a folder listed
+        assert "/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors" in text  # the example: a folder listed
         await pilot.press("r")  # still nothing: said so, and the screen stays
         await wait_for(pilot, lambda: any(n.message.startswith("Still no checkpoints") for n in app._notifications))
         await wait_for(pilot, lambda: type(app.screen).__name__ == "NoModelsScreen")
@@ -114,6 +114,28 @@ async def test_no_models_screen_names_folders_and_rescans(tmp_path):
         generate = app.get_generate_screen()
         await wait_for(pilot, lambda: generate.query_one("#model", Select).value == "new-model.safetensors")
         assert app.screen is generate
+
+
+def test_no_models_text_says_which_folder_does_not_exist(tmp_path):
+    from tui.screens.no_models import no_models_text
+
+    (tmp_path / "models").mkdir()
+    lines = no_models_text([tmp_path / "models", tmp_path / "ComfyUl" / "models"]).plain.splitlines()
+    assert f"  • {tmp_path / 'models'}" in lines
+    assert f"  • {tmp_path / 'ComfyUl' / 'models'}  (no such folder: check the path)" in lines
+
+
+def test_no_models_text_fits_80_columns_and_names_the_models_folder_above_a_lora_folder(tmp_path):
+    from tui.screens.no_models import no_models_text
+
+    models = tmp_path / "ComfyUI" / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "loras").mkdir()
+    text = no_models_text([models / "loras"], [("detail_tweaker", "a LoRA, not a checkpoint")]).plain
+    assert f"That is the LoRA folder; restart with its models folder:\n  darkroom --models-dir {models}\n" in text
+    long = [line for line in text.splitlines() if len(line) > 74 and str(tmp_path) not in line]
+    assert long == []  # the 80-column box (border and padding take 6) shows every line unwrapped
+    assert "That is the" not in no_models_text([models / "checkpoints"]).plain  # a checkpoint folder: no hint
 
 
 async def test_delete_asks_first_and_enter_cancels(tmp_path):

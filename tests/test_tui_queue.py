@@ -198,3 +198,15 @@ async def test_a_paused_queue_stays_paused_after_a_restart(tmp_path):
         await pilot.press("p")
         await wait_for(pilot, lambda: state(app, job) == "done")
     assert json.loads((tmp_path / "settings.json").read_text())["queue_paused"] is False
+
+
+def test_a_narrow_model_column_keeps_the_name_before_the_family():
+    from types import SimpleNamespace
+
+    from tui.screens.queue import model_text
+
+    app = SimpleNamespace(model_families={"flux1-dev-fp8.safetensors": "Flux.1 dev", "v1-5.safetensors": "SD1.x"})
+    assert model_text(app, "flux1-dev-fp8.safetensors", 32).plain == "flux1-dev-fp8 · Flux.1 dev"
+    assert model_text(app, "flux1-dev-fp8.safetensors", 11).plain == "flux1-d…fp8"  # 80 columns: no room for both
+    assert model_text(app, "v1-5.safetensors", 11).plain == "v1-5"
+    assert model_text(app, "v1-5.safetensors", 12).plain == "v1-5 · SD1.x"  # a short name keeps its family

@@ -467,6 +467,8 @@ class DarkroomApp(App[int]):
 
     def on_darkroom_app_core_event(self, message: CoreEvent) -> None:
         event = message.event
+        if not self.screen_stack:  # the app is closing: the store has the event, there is nothing to update
+            return
         if isinstance(event, WorkerStopped):
             self.database_failed(event.error)
             return

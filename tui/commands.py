@@ -25,11 +25,13 @@ class DarkroomCommands(Provider):
             for preset in generate.fitting_presets():  # the ones that suit the chosen model's family
                 commands.append((f"Preset: {visible(preset.name)}", partial(self._apply_preset, preset),
                                  visible(preset.description or "apply to Generate")))
+            # a model copied in (or re-downloaded) while Darkroom runs: only the no-models screen rescanned
+            commands.append(("Models: rescan the models folders", partial(generate.load_models, rescan=True),
+                             "find checkpoints, VAEs, LoRAs and upscalers added or changed since the start"))
             for model in generate.models:
-                info = generate.model_infos.get(str(model.name))
-                kind = f"{visible(info.label)} checkpoint" if info is not None else "checkpoint"
                 commands.append((f"Model: {visible(model.name)}",
-                                 partial(self._choose_model, str(model.name)), f"use this {kind}"))
+                                 partial(self._choose_model, str(model.name)),
+                                 _model_help(generate.model_infos.get(str(model.name)))))
         enhancing = app.settings.get("enhance_prompts") is True
         commands.append((f"Prompt enhancement: turn {'off' if enhancing else 'on'}", self._toggle_enhance,
                          "a local Ollama-compatible LLM rewrites each prompt before it is queued"))
@@ -85,3 +87,17 @@ class DarkroomCommands(Provider):
             app.screen.apply_pending_search()
         else:
             app.switch_mode("history")
+
+
+def _model_help(info: Any) -> str:
+    """The palette's line under a model: its family, or what is wrong with the file ("use this unreadable
+    checkpoint" offered a cut-off download as if it would work)."""
+    if info is None:
+        return "use this checkpoint"
+    if info.is_family:
+        return f"use this {visible(info.label)} checkpoint"
+    if info.label == "not inspected":  # a .ckpt: fine, but its family shows only when it loads
+        return "use this checkpoint (a .ckpt: its family shows when it loads)"
+    if info.problem:
+        return visible(f"{info.label}: {info.problem}")
+    return visible(f"{info.label}, not a checkpoint")

@@ -16,6 +16,7 @@ separators (``sd15/dreamshaper_8``). When one name exists with several extension
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,6 +286,12 @@ class ModelRegistry:
         self._scan()
         return list(self._shadowed.get(kind, []))
 
+    def unusable(self, kind: str = "checkpoint") -> list[tuple[str, Path, str]]:
+        """(name, path, why) of the entries of ``kind``'s folders that are no regular file (a dangling or looping
+        symlink, a FIFO): left out of the listings, but a user looking for one is told why."""
+        self._scan()
+        return list(self._unusable.get(kind, []))
+
     def vaes(self) -> list[ModelFile]:
         return list(self._scan()["vae"])
 
@@ -492,6 +499,8 @@ def not_a_regular_file(path: Path) -> str | None:
             return f"it is a symbolic link to {os.readlink(path)!r}, which does not exist"
         return "it does not exist"
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"it is a symbolic link loop ({os.readlink(path)!r} leads back to it)"
         return f"it cannot be read ({exc.strerror or exc})"
     kind = file_kind(st.st_mode)
     if kind is None:

@@ -163,11 +163,12 @@ def ays_levels(family: str, steps: int) -> torch.Tensor:
     """The 11 published levels of ``family`` (its module's ``ays_levels``) re-sampled to ``steps + 1`` points,
     linear in log sigma over [0, 1], last = 0."""
     from core.models.families import FAMILIES
+    from core.request import schedule_problem
 
-    published = getattr(FAMILIES.get(family), "ays_levels", None)
-    if published is None:
-        have = [f.label for f in FAMILIES.values() if f.ays_levels is not None]
-        raise RequestError("schedule", "ays", f"Align Your Steps has levels for {', '.join(have)} models only")
+    problem = schedule_problem("ays", family)
+    if problem is not None:
+        raise problem
+    published = FAMILIES[family].ays_levels
     levels = torch.tensor(published, dtype=torch.float64)
     if steps + 1 != len(levels):
         # ascending positions on [0, 1] so interpolation runs left to right, then flip back

@@ -180,7 +180,10 @@ class GenerateScreen(MainScreen):
     BINDINGS = [
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
         Binding("ctrl+r", "dice", "Random seed"),
+        # In the footer from GRID_IN_FOOTER columns too: at 80, with a job running, it cut "^s Stop job" to
+        # "^s St" (the seed's checkbox says "lock"); the key answers at any width through the hidden one.
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
+        Binding("ctrl+l", "toggle_lock('key')", "Lock seed", show=False),
         Binding("ctrl+o", "open_png", "Open PNG"),
         Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
         # The X/Y/Z grid: in the footer from GRID_IN_FOOTER columns (at 80 it would push Quit out); the key
@@ -905,7 +908,7 @@ class GenerateScreen(MainScreen):
             return
         self.query_one("#seed", Input).value = str(random.randint(0, MAX_SEED))
 
-    def action_toggle_lock(self) -> None:
+    def action_toggle_lock(self, _key: str = "") -> None:
         if not self._form_mounted:
             return
         self.query_one("#seed-lock", Checkbox).toggle()
@@ -1032,7 +1035,7 @@ class GenerateScreen(MainScreen):
     GRID_IN_FOOTER = 100
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "grid" and not parameters:
+        if action in ("grid", "toggle_lock") and not parameters:
             return self.app.size.width >= self.GRID_IN_FOOTER
         return True
 

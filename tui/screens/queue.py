@@ -20,6 +20,7 @@ WIDE = 100
 COLUMNS = ("id", "state", "model", "seed", "size", "progress", "time", "created", "prompt")
 NARROW_COLUMNS = ("id", "state", "model", "seed", "size", "progress", "prompt")
 FIXED_WIDTHS = {"id": 4, "state": 11, "seed": 10, "size": 9, "progress": 7, "time": 7, "created": 8}
+MIN_NAME = 12  # the fewest characters of a model's name kept before its family is left out of the column
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 
 
@@ -28,6 +29,9 @@ def model_text(app: Any, model: str, width: int) -> Text:
     models), dim."""
     family = (getattr(app, "model_families", None) or {}).get(model)
     suffix = f" · {visible(family)}" if family else ""
+    name_length = len(short_model(visible(model), 10**6))
+    if suffix and width - len(suffix) < min(name_length, MIN_NAME):
+        suffix = ""  # a narrow column: the name ("flux1-dev-…") tells jobs apart, "fl…8 · Flux.1 dev" did not
     text = Text(short_model(visible(model), max(width - len(suffix), 4)))
     if suffix:
         text.append(suffix, style="dim")

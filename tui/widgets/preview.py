@@ -47,7 +47,7 @@ class PreviewPane(Vertical):
     PreviewPane #preview-empty { width: 1fr; height: 1fr; content-align: center middle; color: $text-muted; }
     PreviewPane ProgressBar { width: 1fr; }
     PreviewPane ProgressBar Bar { width: 1fr; }  /* shrinks first, so "100%" always fits a narrow pane */
-    PreviewPane #preview-stats { width: 1fr; height: 1; }
+    PreviewPane #preview-stats { width: 1fr; height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, image_class: type | None = None, **kwargs: Any) -> None:
