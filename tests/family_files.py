@@ -41,6 +41,7 @@ KEYS: dict[str, dict[str, tuple[int, ...]]] = {
     # ComfyUI's split diffusion model z_image_turbo_bf16.safetensors (no prefix)
     "zimage": {"cap_embedder.1.weight": (0, 2560), "layers.0.adaLN_modulation.0.weight": (0, 256),
                "x_embedder.weight": (0, 64)},
+    "vae": {"decoder.conv_in.weight": (0, 4, 3, 3), "encoder.conv_in.weight": (0, 3, 3, 3)},  # a VAE file alone
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (0, 320)},  # no family markers
     "lora_sd15": {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (0, 768)},
     "lora_sdxl": {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (0, 1280)},

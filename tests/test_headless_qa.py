@@ -63,7 +63,7 @@ def test_relative_model_and_vae_paths_are_taken_from_the_jobs_file_folder(batch,
     (project / "ckpt").mkdir(parents=True)
     write_header_only(project / "ckpt" / "mine.safetensors", "sd15")
     (tmp_path / "vaes").mkdir()
-    (tmp_path / "vaes" / "v.safetensors").write_bytes(b"")
+    write_header_only(tmp_path / "vaes" / "v.safetensors", "vae")
     jobs = _write(
         project / "jobs.toml",
         """

@@ -346,7 +346,7 @@ def test_a_lora_for_another_family_is_one_error_naming_both(model, models, tmp_p
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
     }, tmp_path / "xl.safetensors")
-    message = "LoRA 'xl' is a SDXL LoRA .*context width 2048.*but the model 'tiny' is SD1.x"
+    message = "LoRA 'xl' is an SDXL LoRA .*context width 2048.*but the model 'tiny' is SD1.x"
     with pytest.raises(LoraError, match=message):
         activate(model.loras, [LoraRef("xl")], lambda name: sdxl, LoraFileCache(), model="tiny")
     with pytest.raises(LoraError, match=message):

@@ -340,3 +340,18 @@ async def test_lora_picker_lists_the_chosen_models_loras_first_and_the_others_di
             await pilot.press("enter")  # the first, a LoRA of the chosen model's family
             await wait_for(pilot, lambda generate=screen: app.screen is generate)
             assert screen.query_one("#prompt", TextArea).text.endswith(f"<lora:{listed[0].split()[0]}:1>")
+
+
+async def test_a_model_file_the_picker_calls_unreadable_is_not_queued(tmp_path):
+    """The picker has read the header (``broken  unreadable``); queueing it would only fail when it runs."""
+    from core.errors import DarkroomError
+
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app, model="broken")
+        with pytest.raises(DarkroomError, match=r"model = 'broken' is invalid: the file cannot be loaded: the file is "
+                                                r"only 5 bytes long"):
+            screen.build_request()
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        assert screen.build_request().model == "base15"

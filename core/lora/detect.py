@@ -79,12 +79,13 @@ def _flux_generation(shapes: Mapping[str, tuple[int, ...]], marker: str) -> tupl
 def family_mismatch(evidence_family: str | None, evidence: str, family: str, name: str, path: object,
                     model: str) -> LoraError | None:
     """The one error for a LoRA made for another family than the model's, or None."""
+    from core.models.parts import with_article
     from core.presets import family_label
 
     if evidence_family is None or evidence_family == family:
         return None
     theirs, ours = family_label(evidence_family), family_label(family)
     return LoraError(
-        f"{path}: LoRA {name!r} is a {theirs} LoRA ({evidence}), but the model {model!r} is {ours}; "
+        f"{path}: LoRA {name!r} is {with_article(theirs)} LoRA ({evidence}), but the model {model!r} is {ours}; "
         f"use a LoRA made for {ours}"
     )

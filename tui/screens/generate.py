@@ -825,6 +825,9 @@ class GenerateScreen(MainScreen):
         except RequestError as error:
             errors.extend(error.errors)
         else:  # the same family check as --batch: a field of another family (SDXL's refiner on SD1.x)
+            info = self.model_infos.get(request.model)
+            if getattr(info, "label", None) == "unreadable":  # cut short, a broken header: it would only fail
+                errors.append(RequestError("model", request.model, f"the file cannot be loaded: {info.problem}"))
             family = self.family_of(request.model)
             if family is not None:
                 errors.extend(family_problems(request, family))
