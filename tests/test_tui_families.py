@@ -355,3 +355,27 @@ async def test_a_model_file_the_picker_calls_unreadable_is_not_queued(tmp_path):
         screen.query_one("#model", Select).value = "base15"
         await pilot.pause()
         assert screen.build_request().model == "base15"
+
+
+async def test_a_lora_for_another_family_or_in_no_folder_is_not_queued(tmp_path):
+    """The picker lists other families' LoRAs (dimmed); one of them, or a misspelled tag, would only fail when
+    the job ran."""
+    from core.errors import DarkroomError
+
+    folder = tmp_path / "models"
+    write_header_only(folder / "checkpoints" / "base15.safetensors", "sd15")
+    write_header_only(folder / "loras" / "xl-detail.safetensors", "lora_sdxl")
+    write_header_only(folder / "loras" / "ink.safetensors", "lora_sd15")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]))
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        prompt = screen.query_one("#prompt", TextArea)
+        prompt.load_text("a cat <lora:ink:0.7> <lora:xl-detail:1> <lora:inkk:1>")
+        with pytest.raises(DarkroomError) as refused:
+            screen.build_request()
+        lines = str(refused.value).splitlines()
+        assert lines[0] == ("LoRA: loras = 'xl-detail' is invalid: xl-detail.safetensors is an SDXL LoRA (by its keys), "
+                            "but the model is SD1.x")
+        assert lines[1].startswith("LoRA: loras = 'inkk' is invalid: ") and "ink" in lines[1] and len(lines) == 2
+        prompt.load_text("a cat <lora:ink:0.7>")
+        assert screen.build_request().lora_refs()[0].name == "ink"

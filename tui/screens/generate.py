@@ -61,6 +61,7 @@ FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUM
 INPAINT_AREA_CHOICES = [("whole picture", "whole"), ("only masked", "only_masked")]
 # What each request field is called in the form, for error messages (in form order).
 FORM_LABELS = {
+    "loras": "LoRA",
     "model": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt", "sampler": "Sampler",
     "schedule": "Schedule", "steps": "Steps", "cfg": "CFG", "seed": "Seed", "width": "Size (width)",
     "height": "Size (height)", "batch_size": "Batch (images)", "batch_count": "Batch (batches)", "vae": "VAE",
@@ -831,6 +832,7 @@ class GenerateScreen(MainScreen):
             family = self.family_of(request.model)
             if family is not None:
                 errors.extend(family_problems(request, family))
+            errors.extend(self._lora_problems(request, family))
             from core.detectors import detector_problem
 
             for index, entry in enumerate(request.detailer):  # a detector package to install, said now
@@ -844,6 +846,30 @@ class GenerateScreen(MainScreen):
             lines += [f"{FORM_LABELS.get(e.field, e.field)}: {e}" for e in errors]
             raise DarkroomError("\n".join(lines))
         return request
+
+    def _lora_problems(self, request: GenerationRequest, family: str | None) -> list[RequestError]:
+        """A LoRA of the request that is in no LoRA folder, or whose keys say it is for another family than the
+        model's (read from its header, cached; the batch pre-check says the same before anything runs)."""
+        from core.errors import ModelNotFoundError
+        from core.models.parts import with_article
+        from core.presets import family_label
+
+        registry = self.app.registry
+        find, inspect = getattr(registry, "find_lora", None), getattr(registry, "inspect", None)
+        if find is None:
+            return []
+        problems: list[RequestError] = []
+        for ref in {ref.name: ref for ref in request.lora_refs()}.values():
+            try:
+                path = find(ref.name)
+            except ModelNotFoundError as error:
+                problems.append(RequestError("loras", ref.name, str(error)))
+                continue
+            base = getattr(inspect(path), "base", None) if inspect is not None and family is not None else None
+            if base is not None and base != family:
+                problems.append(RequestError("loras", ref.name, f"{path.name} is {with_article(family_label(base))} "
+                                             f"LoRA (by its keys), but the model is {family_label(family)}"))
+        return problems
 
     def _resolve_init_image(self, value: str) -> str:
         """The init image's absolute path. A relative one is taken from the current directory (the folder
