@@ -379,3 +379,26 @@ async def test_a_lora_for_another_family_or_in_no_folder_is_not_queued(tmp_path)
         assert lines[1].startswith("LoRA: loras = 'inkk' is invalid: ") and "ink" in lines[1] and len(lines) == 2
         prompt.load_text("a cat <lora:ink:0.7>")
         assert screen.build_request().lora_refs()[0].name == "ink"
+
+
+async def test_a_flow_model_chosen_after_an_sd_preset_moves_the_sampler_and_schedule_it_cannot_run(tmp_path):
+    folder = tmp_path / "models"
+    write_header_only(folder / "base15.safetensors", "sd15")
+    write_header_only(folder / "flux-dev.safetensors", "flux")
+    app = make_app(tmp_path, registry=ModelRegistry([folder]))
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#sampler", Select).value = "euler_ancestral"  # as an SD1.5 AYS preset leaves them
+        screen.query_one("#schedule", Select).value = "ays"
+        screen.query_one("#model", Select).value = "flux-dev"
+        await pilot.pause()
+        assert (screen.query_one("#sampler", Select).value, screen.query_one("#schedule", Select).value) == (
+            "euler", "normal")
+        messages = [n.message for n in app._notifications]
+        assert "Sampler Euler a → Euler for Flux.1" in messages
+        assert "Schedule Align Your Steps → Normal for Flux.1" in messages
+        assert screen.build_request().sampler == "euler"
+        screen.query_one("#sampler", Select).value = "dpmpp_2m"  # what the family runs stays
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        assert screen.query_one("#sampler", Select).value == "dpmpp_2m"

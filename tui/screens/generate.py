@@ -34,6 +34,8 @@ from core.request import (
     family_warnings,
     prompt_syntax_warnings,
     resolve_init_image,
+    sampler_problem,
+    schedule_problem,
 )
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from core.text import visible
@@ -532,6 +534,7 @@ class GenerateScreen(MainScreen):
         family = self.model_family()
         spec = family_spec(family)
         self._show_family_rows(spec)
+        self._refit_sampling(spec)
         self._set_preset_options()
         choices = spec.size_choices if spec is not None else SIZE_PRESETS
         self.query_one("#size-preset", Select).set_options([(f"{w}×{h}", f"{w}x{h}") for w, h in choices])
@@ -567,6 +570,25 @@ class GenerateScreen(MainScreen):
                 shown = spec is None or name not in spec.ignored_fields
             for row in self.query(f"#{row_id}"):  # the advanced rows mount last
                 row.display = shown
+
+    def _refit_sampling(self, spec: Any) -> None:
+        """A sampler or schedule the chosen family cannot run (an ancestral sampler or Align Your Steps on a flow
+        model, left by an SD preset) moves to the default, or the family's first choice; says so. The queue
+        check refuses them too, but a model choice should not leave the form in a state that is refused."""
+        if spec is None:
+            return
+        for name, problem, labels, choices in (
+            ("sampler", sampler_problem, SAMPLER_LABELS, getattr(spec.sampling, "samplers", ()) or SAMPLER_LABELS),
+            ("schedule", schedule_problem, SCHEDULE_LABELS, SCHEDULE_LABELS),
+        ):
+            select = self.query_one(f"#{name}", Select)
+            value = select.value
+            if not isinstance(value, str) or problem(value, spec.name) is None:
+                continue
+            fallback = next(c for c in (DEFAULTS[name], *choices) if problem(c, spec.name) is None)
+            select.value = fallback
+            self.app.notify(f"{FORM_LABELS[name]} {labels.get(value, value)} → {labels.get(fallback, fallback)} "
+                            f"for {spec.label}", timeout=3)
 
     def _refit_defaults(self, before: Any, spec: Any) -> None:
         """Fields the new family has its own default for (Flux: CFG 1) move to it when they sit at the general
