@@ -247,3 +247,22 @@ async def test_history_and_the_preview_show_each_image_as_it_is_saved_before_the
         assert table.cursor_row == 0 and "seed: 22" in str(screen.query_one("#details-text").render())
         await wait_for(pilot, lambda: app.running_job is None)
         await wait_for(pilot, lambda: preview.image_widget.image.tobytes() == pixels(app.store.history()[0].path))
+
+
+async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers(tmp_path):
+    """At 80 columns the footer cut 'c Copy prompt s Copy se…' and never showed o, u, x or ^q; the copy, path and
+    upscale keys leave it there (they answer through hidden twins) and are back from 100 columns."""
+    app = make_app(tmp_path)
+    copied = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=(80, 24)) as pilot:
+        await with_history(pilot, app, request("narrow", 5))
+        footer = screen_text(app).splitlines()[-1]
+        assert "Delete" in footer and "^q" in footer and "Copy" not in footer
+        await pilot.press("c", "s", "o")
+        assert copied == ["narrow", "5"]
+        assert any(app.store.history()[0].path == n.message for n in app._notifications)
+    wide = make_app(tmp_path / "wide")
+    async with wide.run_test(size=(140, 45)) as pilot:
+        await with_history(pilot, wide, request("wide", 6))
+        await wait_for(pilot, lambda: "c Copy prompt" in screen_text(wide).splitlines()[-1])

@@ -20,6 +20,10 @@ class MainScreen(Screen):
     # fast mounts it right after its first frame instead (see GenerateScreen).
     DEFER_FOOTER = False
     MODE = ""  # the app mode this screen is (highlighted in the screen tabs)
+    # Actions whose footer entry shows only from WIDE_FOOTER columns: an 80-column footer has room for the rest.
+    # Each has a second, hidden binding with a parameter (``action('key')``), so its key answers at any width.
+    WIDE_ONLY: frozenset[str] = frozenset()
+    WIDE_FOOTER = 100
     DEFAULT_CSS = """
     MainScreen #body { height: 1fr; }
     """
@@ -41,6 +45,17 @@ class MainScreen(Screen):
         # suspended gets its styles then, and a changed stylesheet is re-applied by switch_mode itself. On the
         # Generate form that pass was the largest part of an F-key switch (bench/bench_tui.py).
         event.refresh_styles = False
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.WIDE_ONLY and not parameters:
+            return self.app.size.width >= self.WIDE_FOOTER
+        return True
+
+    def on_resize(self, event: events.Resize) -> None:
+        wide = event.size.width >= self.WIDE_FOOTER
+        if self.WIDE_ONLY and wide != getattr(self, "_wide_footer", None):
+            self._wide_footer = wide
+            self.refresh_bindings()
 
     def quitting(self) -> bool:
         """The screen is being removed or the app is exiting: its widgets may be half torn down."""

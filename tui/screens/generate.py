@@ -180,16 +180,17 @@ class GenerateScreen(MainScreen):
     MODE = "generate"
     DEFER_FOOTER = True
     AUTO_FOCUS = "#prompt"
+    WIDE_ONLY = frozenset({"grid", "toggle_lock"})
     BINDINGS = [
         Binding("ctrl+enter,ctrl+j", "queue", "Queue job", priority=True),
         Binding("ctrl+r", "dice", "Random seed"),
-        # In the footer from GRID_IN_FOOTER columns too: at 80, with a job running, it cut "^s Stop job" to
+        # In the footer from WIDE_FOOTER columns too: at 80, with a job running, it cut "^s Stop job" to
         # "^s St" (the seed's checkbox says "lock"); the key answers at any width through the hidden one.
         Binding("ctrl+l", "toggle_lock", "Lock seed"),
         Binding("ctrl+l", "toggle_lock('key')", "Lock seed", show=False),
         Binding("ctrl+o", "open_png", "Open PNG"),
         Binding("ctrl+n", "networks", "LoRAs", show=False),  # the footer is full at 80 columns: the label says it
-        # The X/Y/Z grid: in the footer from GRID_IN_FOOTER columns (at 80 it would push Quit out); the key
+        # The X/Y/Z grid: in the footer from WIDE_FOOTER columns (at 80 it would push Quit out); the key
         # answers at any width through the second, hidden binding.
         Binding("ctrl+g", "grid", "X/Y/Z grid"),
         Binding("ctrl+g", "grid('key')", "X/Y/Z grid", show=False),
@@ -1082,18 +1083,6 @@ class GenerateScreen(MainScreen):
         from tui.screens.networks import NetworksScreen
 
         self.app.push_screen(NetworksScreen(self.app.registry, self.model_family()), self._insert_network)
-
-    GRID_IN_FOOTER = 100
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("grid", "toggle_lock") and not parameters:
-            return self.app.size.width >= self.GRID_IN_FOOTER
-        return True
-
-    def on_resize(self, event: events.Resize) -> None:
-        if (event.size.width >= self.GRID_IN_FOOTER) != getattr(self, "_grid_in_footer", None):
-            self._grid_in_footer = event.size.width >= self.GRID_IN_FOOTER
-            self.refresh_bindings()
 
     def action_grid(self, _key: str = "") -> None:
         """The X/Y/Z grid dialog over the request the queue key would submit (its seed fixed once, as A1111

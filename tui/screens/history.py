@@ -117,12 +117,19 @@ class HistoryScreen(MainScreen):
         Binding("g", "again", "Again"),
         Binding("n", "again_new_seed", "New seed"),
         Binding("l", "load", "Use settings"),
+        # The footer of an 80-column terminal has room for the keys above and Delete; these show from
+        # WIDE_FOOTER columns, and answer at any width through their hidden twins
         Binding("c", "copy_prompt", "Copy prompt"),
+        Binding("c", "copy_prompt('key')", "Copy prompt", show=False),
         Binding("s", "copy_seed", "Copy seed"),
+        Binding("s", "copy_seed('key')", "Copy seed", show=False),
         Binding("o", "show_path", "Path"),
+        Binding("o", "show_path('key')", "Path", show=False),
         Binding("u", "upscale", "Upscale"),
+        Binding("u", "upscale('key')", "Upscale", show=False),
         Binding("x,delete", "delete", "Delete"),
     ]
+    WIDE_ONLY = frozenset({"copy_prompt", "copy_seed", "show_path", "upscale"})
     DEFAULT_CSS = """
     HistoryScreen #history-body { height: 1fr; }
     HistoryScreen #history-left { width: 1fr; }
@@ -384,7 +391,7 @@ class HistoryScreen(MainScreen):
         self.app.switch_mode("generate")
         screen.apply_image_request(request, source, note)
 
-    def action_upscale(self) -> None:
+    def action_upscale(self, _key: str = "") -> None:
         """Upscale this image with an upscaler model (A1111's Extras tab): asks which one (the models in
         upscale_models / ESRGAN / RealESRGAN), then queues an upscale job that carries the image's parameters."""
         row = self._with_row()
@@ -434,19 +441,19 @@ class HistoryScreen(MainScreen):
 
         self.app.push_screen(TextPromptScreen(question, names[0]), chosen)
 
-    def action_copy_prompt(self) -> None:
+    def action_copy_prompt(self, _key: str = "") -> None:
         row = self._with_row()
         if row is not None:
             self.app.copy_to_clipboard(row_request(row).prompt)
             self.app.notify("Prompt copied to the clipboard", timeout=2)
 
-    def action_copy_seed(self) -> None:
+    def action_copy_seed(self, _key: str = "") -> None:
         row = self._with_row()
         if row is not None:
             self.app.copy_to_clipboard(str(field(row, "seed")))
             self.app.notify(f"Seed {field(row, 'seed')} copied to the clipboard", timeout=2)
 
-    def action_show_path(self) -> None:
+    def action_show_path(self, _key: str = "") -> None:
         row = self._with_row()
         if row is not None:
             self.app.notify(str(field(row, "path")), title="File", markup=False, timeout=10)
