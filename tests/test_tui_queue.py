@@ -210,3 +210,24 @@ def test_a_narrow_model_column_keeps_the_name_before_the_family():
     assert model_text(app, "flux1-dev-fp8.safetensors", 11).plain == "flux1-d…fp8"  # 80 columns: no room for both
     assert model_text(app, "v1-5.safetensors", 11).plain == "v1-5"
     assert model_text(app, "v1-5.safetensors", 12).plain == "v1-5 · SD1.x"  # a short name keeps its family
+
+
+async def test_a_job_of_several_images_that_ended_early_says_how_many_it_kept(tmp_path):
+    """Each image is saved as it is made, so a job cancelled at image 2 of 3 kept one; the Queue says so, and
+    that a retry makes only the rest."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(GenerationRequest(model="fake-model.safetensors", prompt="three", steps=2, seed=7,
+                                           batch_count=3))
+        app.store.add_history(job, tmp_path / "00000-7.png", app.store.get_job(job).request, seed=7)
+        app.store.cancel(job)
+        screen = await open_queue(pilot, app)
+        screen.refresh_jobs()
+        await pilot.pause()
+        assert "kept 1 of 3 images (History); r makes the other 2" in screen_text(app)
+        single = app.submit(request("one image"))
+        app.store.cancel(single)
+        screen.refresh_jobs()
+        screen.table.move_cursor(row=screen.table.get_row_index(str(single)))
+        await pilot.pause()
+        assert "kept" not in screen_text(app)

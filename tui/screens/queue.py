@@ -273,9 +273,26 @@ class QueueScreen(MainScreen):
                 text.append(": it runs there", style="dim")
             elif job.state != "done":
                 text.append(": r runs it here", style="dim")
+        kept = self._kept_images(job)
+        if kept:
+            text.append(f"  {kept}", style="dim")
         text.append("\n")
         text.append_text(job_parameters(job))
         detail.update(text)
+
+    def _kept_images(self, job: Any) -> str:
+        """For a job of several images that ended before its last: how many it saved (each image is saved as
+        it is made), and that a retry makes only the rest; empty otherwise."""
+        request = job.request
+        total = request.batch_size * request.batch_count
+        if job.state not in ("cancelled", "failed", "interrupted") or total < 2:
+            return ""
+        try:
+            kept = len(self.app.store.job_history(job.id))
+        except Exception:  # noqa: BLE001 - a detail line, never an error
+            return ""
+        rest = f"; r makes the other {total - kept}" if kept < total else ""
+        return f"kept {kept} of {total} images (History){rest}"
 
     def selected_job_id(self) -> int | None:
         table = self.table
