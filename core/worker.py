@@ -666,6 +666,10 @@ class Worker:
             backend = dispatcher.summary()
         else:
             backend = "sdpa"
+        if runner is not None and getattr(getattr(runner, "compiler", None), "enabled", False):
+            # the compiled denoiser's attention is inductor's (its layers bypass the dispatcher): the summary
+            # counts the rest only (the VAE, the text encoders)
+            backend = f"compiled + {backend}"
         extra: dict[str, str] = {}
         if ctx is not None and ctx.last_step is not None:
             extra["step"] = f"{ctx.last_step[0]}/{ctx.last_step[1]}"

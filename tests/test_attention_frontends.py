@@ -154,6 +154,22 @@ def test_worker_status_carries_the_layer_summary(tmp_path, monkeypatch):
     assert statuses[-1].attention_backend == "sage 2 / sdpa 1"
 
 
+def test_a_compiling_runner_says_its_denoiser_is_compiled():
+    """Compiled blocks bypass the dispatcher (inductor lowers their attention), so its record counts only the
+    rest: "sdpa 1" alone read as if the whole job ran on SDPA."""
+    from types import SimpleNamespace
+
+    import torch
+
+    runner = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, attention=SimpleNamespace(
+        summary=lambda: "sdpa 1"), compiler=SimpleNamespace(enabled=True))
+    worker = Worker(JobStore(":memory:"), runner)
+    worker._runner = runner
+    assert worker._make_status(None).attention_backend == "compiled + sdpa 1"
+    runner.compiler.enabled = False
+    assert worker._make_status(None).attention_backend == "sdpa 1"
+
+
 def test_status_bar_shows_the_summary():
     from tui.widgets.status_bar import status_text
 
