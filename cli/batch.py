@@ -651,7 +651,8 @@ class _RichProgress(_PlainProgress):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(file=err, highlight=False)
+        # emoji=False: ":dog:" in "[cat:dog:0.5]" is prompt editing, not an emoji code
+        self.console = Console(file=err, highlight=False, emoji=False)
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
