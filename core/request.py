@@ -185,7 +185,8 @@ def _check_upscaler(name: str, value: Any, builtin: tuple[str, ...] = UPSCALERS)
         raise RequestError(name, value, valid)
     if value in builtin:
         return
-    guess = suggest(value, builtin)
+    # A1111/Forge call the plain resize "Lanczos": that is our "image"
+    guess = suggest(value, builtin, {"lanczos": "image"})
     if guess is not None or value in UPSCALERS:
         hint = f" (did you mean {guess!r}?)" if guess else ""
         raise RequestError(name, value, valid + hint)
