@@ -651,7 +651,8 @@ class _RichProgress(_PlainProgress):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(file=err, highlight=False)
+        # emoji=False: ":dog:" in "[cat:dog:0.5]" is prompt editing, not an emoji code
+        self.console = Console(file=err, highlight=False, emoji=False)
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -1108,7 +1109,14 @@ def run_batch(
             except StoreError as exc:  # the next start's recovery marks them
                 error(str(exc))
                 return
-            where = f"job {number[current]} marked interrupted; " if current in number else ""
+            where = ""
+            if current in number:
+                # its saved images are on stdout already; say so, or "interrupted" reads as all of it lost
+                job = next((j for j in jobs if j.index == number[current]), None)
+                total = job.request.batch_size * job.request.batch_count if job is not None else 0
+                kept = len(printed.get(current, ()))
+                note = f" ({kept} of its {total} images kept; --resume makes the rest)" if kept and total > 1 else ""
+                where = f"job {number[current]} marked interrupted{note}; "
             print(
                 f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
                 f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "

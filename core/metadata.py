@@ -298,7 +298,7 @@ _AUTOMATIC_SCHEDULE = {
 }
 
 
-def _split_sampler(label: str) -> tuple[str | None, str | None]:
+def split_sampler(label: str) -> tuple[str | None, str | None]:
     """``"DPM++ 2M Karras"`` -> (dpmpp_2m, karras); ``"euler_a karras"`` (sd.cpp) likewise; unknown -> None."""
     name = _norm(label)
     if name in _SAMPLER_BY_NAME:
@@ -401,7 +401,7 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
 
     sampler, schedule = None, None
     if "Sampler" in params:
-        sampler, schedule = _split_sampler(params["Sampler"])
+        sampler, schedule = split_sampler(params["Sampler"])
         if sampler is None:
             extra["Sampler"] = params["Sampler"]
     sampler = sampler or "euler"

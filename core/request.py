@@ -104,6 +104,20 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise RequestError(name, value, "one of " + ", ".join(choices) + hint)
 
 
+def _check_sampler(name: str, value: Any) -> None:
+    """A sampler id; A1111's older labels that name the schedule too ("DPM++ 2M Karras") are answered with
+    the two fields, where the closest id alone would be another sampler ("dpm_2_ancestral")."""
+    if value not in SAMPLERS and isinstance(value, str):
+        # the infotext reader's table of labels; imported here, as core.metadata imports this module
+        from core.metadata import split_sampler
+
+        sampler, schedule = split_sampler(value)
+        if sampler is not None and schedule is not None:
+            raise RequestError(name, value, f"one of {', '.join(SAMPLERS)} (did you mean sampler = {sampler!r} "
+                                            f"with schedule = {schedule!r}?)")
+    _check_choice(name, value, SAMPLERS)
+
+
 def _check_text(name: str, value: Any, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -185,7 +199,8 @@ def _check_upscaler(name: str, value: Any, builtin: tuple[str, ...] = UPSCALERS)
         raise RequestError(name, value, valid)
     if value in builtin:
         return
-    guess = suggest(value, builtin)
+    # A1111/Forge call the plain resize "Lanczos": that is our "image"
+    guess = suggest(value, builtin, {"lanczos": "image"})
     if guess is not None or value in UPSCALERS:
         hint = f" (did you mean {guess!r}?)" if guess else ""
         raise RequestError(name, value, valid + hint)
@@ -366,7 +381,7 @@ class GenerationRequest:
         problems.check(_check_text_encoders, self.text_encoders)
         if isinstance(self.text_encoders, list):
             object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
-        problems.check(_check_choice, "sampler", self.sampler, SAMPLERS)
+        problems.check(_check_sampler, "sampler", self.sampler)
         problems.check(_check_choice, "schedule", self.schedule, SCHEDULES)
         problems.check(_check_int, "steps", self.steps, 1, 150)
         problems.check(_check_float, "cfg", self.cfg, 0.0, 30.0)

@@ -172,7 +172,7 @@ def test_ctrl_c_prints_the_images_a_job_kept_as_it_stopped(batch):
     SavesEachBatch.fail_last, SavesEachBatch.ctrl_c_at = False, 40
     code, stdout, stderr = run(resume=True)
     assert code == EXIT_INTERRUPTED, stderr
-    assert "job 1 marked interrupted" in stderr
+    assert "job 1 marked interrupted (1 of its 3 images kept; --resume makes the rest)" in stderr
     assert stdout.splitlines() == [by_seed[50], by_seed[41]]
 
     SavesEachBatch.ctrl_c_at, SavesEachBatch.made = None, []

@@ -116,3 +116,19 @@ def test_image_paths_are_raw_on_a_pipe_and_visible_on_a_terminal(tmp_path, monke
     assert code == 0
     (line,) = out.getvalue().splitlines()
     assert (f"out{SHOWN}" in line) if terminal else (f"out{EVIL}" in line)  # a pipe gets the real path
+
+
+@pytest.mark.parametrize("rich", [False, True], ids=["plain", "rich"])
+def test_emoji_codes_in_a_prompt_stay_as_written(batch, rich):
+    # "[cat:dog:0.5]" is A1111 prompt editing; Rich's emoji codes would print it as "[cat🐶0.5]"
+    code, _, err = batch(
+        f"""
+        [[job]]
+        model = "ev{TOML_EVIL}\\u202eil.safetensors"
+        prompt = "[cat:dog:0.5] :smile: face"
+        steps = 1
+        """,
+        rich,
+    )
+    assert code == 0, err
+    assert "[cat:dog:0.5] :smile: face" in " ".join(err.split())

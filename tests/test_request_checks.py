@@ -33,3 +33,19 @@ def test_prompt_editing_that_cannot_be_read_is_named(prompt, found):
     assert len(warnings) == (1 if found else 0)
     if found:
         assert warnings[0].startswith(f"{', '.join(found)} in the prompt: ") and "used as text" in warnings[0]
+
+
+@pytest.mark.parametrize("label, hint", [
+    ("DPM++ 2M Karras", "did you mean sampler = 'dpmpp_2m' with schedule = 'karras'?"),  # A1111 before 1.9
+    ("Euler a", "did you mean 'euler_ancestral'?"),
+    ("dpmpp_2m", None),
+])
+def test_a_sampler_label_that_names_the_schedule_too_is_answered_with_both_fields(label, hint):
+    from core.request import GenerationRequest
+
+    if hint is None:
+        assert GenerationRequest(model="m", sampler=label).sampler == label
+        return
+    with pytest.raises(RequestError) as caught:
+        GenerationRequest(model="m", sampler=label)
+    assert str(caught.value).endswith(f"({hint})")

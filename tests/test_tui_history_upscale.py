@@ -25,6 +25,9 @@ class UpscalerRegistry(FakeRegistry):
     def upscalers(self) -> list[FakeModel]:
         return [FakeModel(n, Path("/models/upscale_models") / f"{n}.pth") for n in self.upscaler_names]
 
+    def suggested_dir(self, kind: str) -> Path:
+        return Path("/data/webui/models") / {"upscaler": "ESRGAN"}[kind]
+
     def find_upscaler(self, name: str) -> Path:
         raise ModelNotFoundError(f"upscaler {name!r} not found in /models/upscale_models; close matches: "
                                  + ", ".join(self.upscaler_names))
@@ -39,8 +42,9 @@ async def test_upscale_key_queues_an_upscale_job_of_the_selected_image(tmp_path)
         await pilot.press("f5")
         await pilot.pause()
         source = app.store.history()[0]
-        await pilot.press("u")  # none installed: says where they go
-        await wait_for(pilot, lambda: any("models/upscale_models" in str(n.message) for n in app._notifications))
+        await pilot.press("u")  # none installed: says where they go, in full (the models folder's layout)
+        await wait_for(pilot, lambda: any(str(n.message).endswith("in /data/webui/models/ESRGAN")
+                                          for n in app._notifications))
         registry.upscaler_names = ["4x-UltraSharp", "RealESRGAN_x4plus"]
         await pilot.press("u")
         await wait_for(pilot, lambda: app.screen.query_one("#answer").value == "4x-UltraSharp")

@@ -187,7 +187,7 @@ async def test_a_cache_preset_reaches_the_request_and_the_next_preset_turns_it_o
 
 
 async def test_save_current_after_applying_a_preset(tmp_path):
-    # Applying a preset sets the form's kept fields (invert_mask False among them); saving the form as a
+    # Applying a preset sets the form's kept fields (invert_mask among them); saving the form as a
     # preset then has to take a bool, not refuse it as "must be a table".
     builtin = {p.name: p for p in load_presets()[0] if p.builtin}
     app = make_app(tmp_path, start_worker=False)
@@ -195,6 +195,7 @@ async def test_save_current_after_applying_a_preset(tmp_path):
         generate = app.get_generate_screen()
         screen = await open_presets(pilot, app)
         generate.apply_preset(builtin["sd15-hires"])
+        generate.set_form_values({"invert_mask": True})  # at its default (False) it is not offered
         await pilot.pause()
         await pilot.press("f3")
         await pilot.press("s")
@@ -202,7 +203,7 @@ async def test_save_current_after_applying_a_preset(tmp_path):
         await pilot.press(*"after hires", "enter")
         await wait_for(pilot, lambda: "after hires" in [p.name for p in screen.presets])
         saved = next(p for p in load_presets()[0] if p.name == "after hires").fields
-        assert saved["invert_mask"] is False and saved["hires"]["scale"] == 2.0
+        assert saved["invert_mask"] is True and saved["hires"]["scale"] == 2.0
 
 
 async def test_preset_table_values_are_words_not_python_reprs(tmp_path):
@@ -217,3 +218,19 @@ async def test_preset_table_values_are_words_not_python_reprs(tmp_path):
             await pilot.pause()
             text = screen_text(app)
             assert shown in text and "{'" not in text, name
+
+
+async def test_save_current_leaves_out_the_hidden_fields_at_their_defaults(tmp_path):
+    # "Use settings" on an image keeps every field the form has no widget for; those at their defaults
+    # (deepcache_interval 1, masked_content original, ...) are no setting of the user's
+    app = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        generate = app.get_generate_screen()
+        await open_presets(pilot, app)
+        generate.set_form_values({"deepcache_interval": 1, "fbcache_threshold": 0.0, "invert_mask": False,
+                                  "masked_content": "fill"})
+        await pilot.press("s")
+        await pilot.pause()
+        ticks = {box.id.removeprefix("keep-") for box in app.screen.query(Checkbox)}
+        assert "masked_content" in ticks and "steps" in ticks
+        assert not {"deepcache_interval", "fbcache_threshold", "invert_mask"} & ticks

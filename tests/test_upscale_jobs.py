@@ -176,7 +176,8 @@ def test_hires_upscaler_infotext_both_ways_and_request_checks():
                                   ("Lanczos", "image", None), ("Nearest", "image", True), ("None", "image", True)):
         request = infotext_to_request(f"{line}, Hires upscaler: {label}")
         assert request.hires.upscaler == upscaler and (request.extra.get("Hires upscaler") == label) == bool(kept)
-    for value, hint in (("Latent", "did you mean 'latent'?"), ("imge", "did you mean 'image'?"), ("", "latent, image or")):
+    for value, hint in (("Latent", "did you mean 'latent'?"), ("imge", "did you mean 'image'?"), ("Lanczos", "did you mean 'image'?"),
+                        ("", "latent, image or")):
         with pytest.raises(RequestError, match=hint):
             HiresFix(upscaler=value)
     with pytest.raises(RequestError, match="upscale.image"):

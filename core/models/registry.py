@@ -365,7 +365,7 @@ class ModelRegistry:
                 out.extend(base / name for name in KIND_FOLDERS[kind])
         return out
 
-    def _suggested_dir(self, kind: str) -> Path:
+    def suggested_dir(self, kind: str) -> Path:
         """The folder to create for ``kind`` in the first root: the A1111 name (``VAE``, ``Lora``) beside an
         A1111 ``Stable-diffusion`` folder, otherwise the ComfyUI one (``vae``, ``loras``)."""
         for folder in self._dirs.get("checkpoint", []):
@@ -411,7 +411,7 @@ class ModelRegistry:
                 return self._find("upscaler", file)
             except ModelNotFoundError:
                 raise ModelNotFoundError(f"{exc}; {str(name_or_path).strip()!r} is A1111's name for {file}.pth: "
-                                         f"put that file in {self._suggested_dir('upscaler')}") from None
+                                         f"put that file in {self.suggested_dir('upscaler')}") from None
 
     def _find(self, kind: str, name_or_path: str | Path) -> Path:
         """Absolute or existing path; exact relative name; name with extension; unique file-name stem."""
@@ -468,7 +468,7 @@ class ModelRegistry:
                 looked = ", ".join(str(d) for d in expected)
                 return (
                     f"{label} {value!r} not found: there is no {label} folder (looked for {looked}); "
-                    f"put {label} files ({', '.join(KIND_EXTENSIONS[kind])}) in {self._suggested_dir(kind)}, "
+                    f"put {label} files ({', '.join(KIND_EXTENSIONS[kind])}) in {self.suggested_dir(kind)}, "
                     f"or give the {label} file's path"
                 )
         if not files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -407,16 +408,20 @@ class HistoryScreen(MainScreen):
             self.app.call_from_thread(self.app.notify, f"Cannot list the upscalers: {error}", severity="error",
                                       markup=False)
             return
-        self.call_from_worker_thread(self._ask_upscaler, row, names)
+        # the folder of this models folder's layout (ComfyUI upscale_models, A1111 ESRGAN), said in full
+        where = "models/upscale_models or models/ESRGAN"
+        if not names and hasattr(registry, "suggested_dir"):
+            with contextlib.suppress(Exception):  # no models folder on disk: the general names
+                where = visible(str(registry.suggested_dir("upscaler")))
+        self.call_from_worker_thread(self._ask_upscaler, row, names, where)
 
-    def _ask_upscaler(self, row: Any, names: list[str]) -> None:
+    def _ask_upscaler(self, row: Any, names: list[str], where: str = "") -> None:
         from core.request import Upscale
         from tui.screens.dialogs import TextPromptScreen
 
         if not names:
             self.app.notify("No upscaler models found: put ESRGAN, Real-ESRGAN, SwinIR, DAT or HAT files "
-                            "(.safetensors, .pth) in models/upscale_models or models/ESRGAN", severity="warning",
-                            markup=False)
+                            f"(.safetensors, .pth) in {where}", severity="warning", markup=False)
             return
         path = Path(str(field(row, "path", "")))
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")

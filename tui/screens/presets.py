@@ -15,7 +15,7 @@ from textual.widgets.option_list import Option
 from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
-from tui.screens.generate import UI_ONLY_FIELDS, presets_module
+from tui.screens.generate import DEFAULTS, UI_ONLY_FIELDS, presets_module
 from tui.screens.save_preset import SavePresetScreen, shown_value
 
 
@@ -187,8 +187,12 @@ class PresetsScreen(MainScreen):
         if screen is None or not screen.is_mounted:
             self.app.notify("Open the Generate screen first.", severity="warning")
             return
+        # A field the form has no widget for (kept from an image or a preset) is offered only when it is not
+        # at its default, as the form's "also:" note shows it: a preset of defaults carries nothing
+        hidden = screen.hidden_fields
         fields = {k: v for k, v in screen.form_values().items()
-                  if k not in UI_ONLY_FIELDS and v not in (None, {}, "")}
+                  if k not in UI_ONLY_FIELDS and v not in (None, {}, "")
+                  and not (k in hidden and v == DEFAULTS.get(k))}
 
         def ask(name: str = "", problem: str = "", kept: set[str] | None = None) -> None:
             self.app.push_screen(SavePresetScreen(fields, name, problem, kept), named)
