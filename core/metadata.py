@@ -367,7 +367,7 @@ def _number(params: Mapping[str, str], key: str, kind: type) -> Any:
 _PLAIN_RESIZES = ("none", "lanczos", "nearest")
 
 
-def _hires_upscaler(label: str) -> str:
+def hires_upscaler(label: str) -> str:
     """An infotext's ``Hires upscaler`` as a request's: ``Latent*`` -> latent, a plain resize -> image, any other
     name is an upscaler model's (``4x-UltraSharp``), looked up in the models folders when the job runs."""
     text = label.strip()
@@ -458,7 +458,7 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
             hires["steps"] = _number(params, "Hires steps", int)
         upscaler = params.get("Hires upscaler")
         if upscaler is not None:
-            hires["upscaler"] = _hires_upscaler(upscaler)
+            hires["upscaler"] = hires_upscaler(upscaler)
             if upscaler not in HIRES_UPSCALER_LABELS.values() and hires["upscaler"] in HIRES_UPSCALER_LABELS:
                 extra["Hires upscaler"] = upscaler
         if "Hires denoising strength" in params:

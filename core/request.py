@@ -199,8 +199,13 @@ def _check_upscaler(name: str, value: Any, builtin: tuple[str, ...] = UPSCALERS)
         raise RequestError(name, value, valid)
     if value in builtin:
         return
-    # A1111/Forge call the plain resize "Lanczos": that is our "image"
-    guess = suggest(value, builtin, {"lanczos": "image"})
+    guess = suggest(value, builtin)
+    if guess is None and builtin:
+        # A1111/Forge's labels ("Latent (nearest-exact)", "Lanczos"), mapped as the infotext reader maps them;
+        # imported here, as core.metadata imports this module
+        from core.metadata import hires_upscaler
+
+        guess = hires_upscaler(value) if hires_upscaler(value) in builtin else None
     if guess is not None or value in UPSCALERS:
         hint = f" (did you mean {guess!r}?)" if guess else ""
         raise RequestError(name, value, valid + hint)

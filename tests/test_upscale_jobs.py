@@ -177,6 +177,7 @@ def test_hires_upscaler_infotext_both_ways_and_request_checks():
         request = infotext_to_request(f"{line}, Hires upscaler: {label}")
         assert request.hires.upscaler == upscaler and (request.extra.get("Hires upscaler") == label) == bool(kept)
     for value, hint in (("Latent", "did you mean 'latent'?"), ("imge", "did you mean 'image'?"), ("Lanczos", "did you mean 'image'?"),
+                        ("Latent (nearest-exact)", "did you mean 'latent'?"),
                         ("", "latent, image or")):
         with pytest.raises(RequestError, match=hint):
             HiresFix(upscaler=value)
