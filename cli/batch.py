@@ -605,9 +605,9 @@ class _PlainProgress:
         self._last_step = 0.0
 
     def activity(self, n: int, text: str) -> None:
-        # Long silent phases (loading a checkpoint) get a line; routine ones do not.
+        # Long silent phases (loading a checkpoint, compiling the denoiser) get a line; routine ones do not.
         # A memory plan other than the default ("generating · memory: model offload (est. ...)") gets one too.
-        if (text.startswith("loading") or "memory:" in text) and text != self._last_activity:
+        if (text.startswith(("loading", "compiling")) or "memory:" in text) and text != self._last_activity:
             self._say(f"[{n}/{self.total}] {text}")
         self._last_activity = text
 

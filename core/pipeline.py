@@ -60,6 +60,9 @@ class InitImageError(DarkroomError):
     """The img2img source image cannot be used."""
 
 
+COMPILING = "compiling the denoiser for this size (its first job: seconds to minutes; later jobs reuse it)"
+
+
 class OutOfMemoryJobError(DarkroomError):
     """A job ran out of memory, also after the retry with offload and tiling; the message says what fits."""
 
@@ -1064,6 +1067,8 @@ class PipelineRunner:
                 if loaded_model is not None:
                     self.compiler.prepare(loaded_model.checkpoint.unet)
         compiles = self.compiler.compiles
+        # the first job of a size on a compiled denoiser compiles in its first step: said, then "generating"
+        compiling = self.compiler.new_shape(model.checkpoint.unet, (request.width, request.height, request.batch_size))
         loaded = time.monotonic()
         for warning in cache_warnings(request, model.spec):
             log.warning("%s", warning)  # the job's JobWarning: front ends say which job
@@ -1073,6 +1078,9 @@ class PipelineRunner:
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if not first_step:
                 first_step.append(time.monotonic() - loaded)
+                if compiling:
+                    described = self.memory_plan.describe() if self.memory_plan is not None else ""
+                    ctx.set_activity(f"generating · memory: {described}" if described else "generating")
             preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
@@ -1105,6 +1113,8 @@ class PipelineRunner:
         def attempt() -> list[tuple[Image.Image, int]]:
             graphs = self.compiler.cuda_graphs(self.memory_plan.offload)
             in_graphs = cuda_graphs.for_job(graphs, self.compiler.graph_api, self.compiler.uncapturable)
+            if compiling:
+                ctx.set_activity(COMPILING)
             with self.attention.active(new_job=True), in_graphs as used:
                 self.job_graphs = used  # what the job captured and replayed (the bench and tests read it)
                 return generate(

@@ -215,3 +215,39 @@ def test_stable_fast_compiles_without_a_cuda_graph(monkeypatch):
     message = compiler.offload_conflict(unet, "sequential")
     assert message.startswith("--compile stable-fast cannot run this job: its memory plan needs sequential offload")
     assert "--compile torch" in message
+
+
+def test_the_first_job_of_a_size_says_it_is_compiling_until_its_first_step(tmp_path):
+    """Compiling happens in the first step and takes minutes on a full model: the status said "generating"
+    at step 0 all that time."""
+    from types import SimpleNamespace
+
+    from core.models.testing import write_random_checkpoint
+    from core.pipeline import COMPILING, PipelineRunner
+    from core.request import GenerationRequest
+    from tests.test_memory import Ctx
+
+    write_random_checkpoint(tmp_path / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
+    runner = PipelineRunner([tmp_path], previews=False)
+    runner.compiler = DenoiserCompiler("torch", backend="eager")
+    steps: list[str] = []
+
+    class Recording(Ctx):
+        def step(self, *args, **kwargs) -> None:
+            steps.append(self.activities[-1])
+
+    def job(**changes):
+        request = GenerationRequest(model="tiny", prompt="a fox", sampler="euler", steps=2, cfg=5.0, seed=3,
+                                    width=64, height=64).replace(**changes)
+        return SimpleNamespace(id=1, request=request)
+
+    first = Recording()
+    runner.run(job(), first)
+    assert COMPILING in first.activities and first.activities[-1] == "generating"
+    assert steps[0] == "generating"  # said until the first step is done, not during the others
+    again = Recording()
+    runner.run(job(seed=4), again)
+    assert COMPILING not in again.activities  # the same size: compiled already
+    other = Recording()
+    runner.run(job(width=96), other)
+    assert COMPILING in other.activities

@@ -90,6 +90,7 @@ class DenoiserCompiler:
         self.uncapturable: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.compiles = 0
         self.notes: list[str] = []
+        self._shapes: dict[int, set[tuple]] = {}  # id(network) -> the job sizes it has compiled for
 
     @property
     def enabled(self) -> bool:
@@ -159,6 +160,15 @@ class DenoiserCompiler:
             block.compile(backend=backend, dynamic=False)
         setattr(network, _MARK, "torch")
         return network
+
+    def new_shape(self, network: nn.Module, key: tuple) -> bool:
+        """Whether a job at ``key`` (its size and batch) is the first on this compiled ``network``: its first
+        step compiles, which takes seconds to minutes, and the front ends say so. Records it."""
+        seen = self._shapes.setdefault(id(network), set())
+        if not self.enabled or key in seen:
+            return False
+        seen.add(key)
+        return True
 
     def cuda_graphs(self, offload: str) -> bool:
         """Whether a job under a memory plan with ``offload`` replays its denoiser from CUDA graphs: compiling is
