@@ -259,6 +259,13 @@ async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers
         await with_history(pilot, app, request("narrow", 5))
         footer = screen_text(app).splitlines()[-1]
         assert "Delete" in footer and "^q" in footer and "Copy" not in footer
+        # the list's date is short (month-day hour:minute), so the prompt gets room
+        table = app.screen.query_one("#history-table")
+        created, _, prompt = (str(cell) for cell in table.get_row_at(0))
+        assert len(created) == 11 and created[2] == "-" and prompt == "narrow"
+        await pilot.resize_terminal(120, 40)  # wider: the long form, and the copy keys in the footer
+        await wait_for(pilot, lambda: len(str(table.get_row_at(0)[0])) == 19)
+        await wait_for(pilot, lambda: "c Copy prompt" in screen_text(app).splitlines()[-1])
         await pilot.press("c", "s", "o")
         assert copied == ["narrow", "5"]
         assert any(app.store.history()[0].path == n.message for n in app._notifications)

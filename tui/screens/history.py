@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -23,10 +23,12 @@ from tui.widgets.image import chosen_image_class, make_image
 from tui.widgets.safe_input import Input
 
 
-def format_time(stamp: Any) -> str:
+def format_time(stamp: Any, short: bool = False) -> str:
+    """``2026-12-02 04:31:07``; ``short``: ``12-02 04:31`` (an 80-column list leaves the prompt room)."""
     if isinstance(stamp, int | float):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
-    return str(stamp or "")[:19]
+        return time.strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    text = str(stamp or "")[:19]
+    return text[5:16] if short and len(text) == 19 else text
 
 
 def field(row: Any, name: str, default: Any = None) -> Any:
@@ -150,6 +152,7 @@ class HistoryScreen(MainScreen):
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
         self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
         self._refresh_queued = False  # a refresh for new images waits in the app's queue (_refresh_soon)
+        self._narrow_list: bool | None = None  # the created column's short form (below WIDE_FOOTER columns)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -181,6 +184,10 @@ class HistoryScreen(MainScreen):
         # again (images another process added).
         self.call_after_refresh(self.refresh_history)
         self.apply_pending_search()
+
+    def on_resize(self, event: events.Resize) -> None:
+        if (event.size.width < self.WIDE_FOOTER) != self._narrow_list and self.rows:
+            self.refresh_history()  # the created column's long or short form
 
     def apply_pending_search(self) -> None:
         query = getattr(self.app, "pending_history_search", None)
@@ -224,7 +231,8 @@ class HistoryScreen(MainScreen):
         entries = self._entries(rows)
         # a grid's entry changes with its cell count and its image while its key stays
         shown = [(key, field(row, "id"), cells) for key, (row, cells) in entries.items()]
-        if rows and shown == self._shown and table.row_count == len(entries):
+        narrow = self.app.size.width < self.WIDE_FOOTER
+        if rows and shown == self._shown and table.row_count == len(entries) and narrow == self._narrow_list:
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
         # On the newest entry (or none yet), the cursor follows new images in as they arrive, as a log's tail
@@ -233,13 +241,14 @@ class HistoryScreen(MainScreen):
         table.clear()
         self.rows = {}
         self._shown = shown
+        self._narrow_list = narrow
         for key, (row, cells) in entries.items():
             self.rows[key] = row
             try:
                 prompt = " ".join(visible(row_request(row).prompt).split())[:70]
             except Exception:  # noqa: BLE001 - a bad stored row still lists
                 prompt = "(unreadable request)"
-            created = format_time(field(row, "created"))
+            created = format_time(field(row, "created"), short=narrow)
             seed = visible(field(row, "seed", ""))
             if cells:
                 seed, prompt = f"{cells} cells", f"▸ X/Y/Z grid: {prompt}"
