@@ -208,3 +208,14 @@ async def test_a_grid_whose_cells_all_ended_before_a_kill_gets_its_image_at_the_
         await pilot.pause(0.3)
         assert len(grid_images(app.store)) == 1 and app.store.open_grids() == []
         assert grid_images(app.store)[0].request.extra["grid"]["axes"]["x"]["values"] == [4.0, 7.0, 9.0]
+
+
+async def test_an_open_field_list_stands_out_from_the_dialog_under_it(tmp_path):
+    """The drop-down and the dialog were both $surface: the open X list read as part of the Y and Z rows."""
+    from textual.widgets._select import SelectOverlay
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        _, dialog, _ = await open_dialog(pilot, app)
+        overlay = dialog.query(Select).first().query_one(SelectOverlay)
+        assert overlay.styles.background != dialog.query_one("#grid-dialog").styles.background
