@@ -45,6 +45,8 @@ async def test_history_newest_first_search_and_details(tmp_path):
         assert [str(table.get_row_at(i)[2]) for i in range(2)] == ["a blue whale", "a red fox"]
         details = str(screen.query_one("#details-text").render())
         assert "a blue whale" in details and "cfg: 5.5" in details and "seed: 2" in details
+        # the form's labels, with the names a jobs file takes
+        assert "sampler: Euler (euler)" in details and "schedule: Normal (normal)" in details
         assert app.store.history()[0].path in details.replace("\n", "")
         await wait_for(pilot, lambda: screen.query_one("#thumb").display)  # the thumbnail loaded
         await pilot.press("slash")

@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Static
 
 from core.events import Event, ImageSaved, JobFinished
 from core.request import GenerationRequest
+from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen
@@ -85,6 +86,9 @@ def describe(row: Any, families: dict[str, str] | None = None) -> Text:
             continue
         if name == "outpaint":  # "left 64, right 0, top 0, bottom 0"
             value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif name in ("sampler", "schedule"):  # "DPM++ 2M (dpmpp_2m)": the form's label, the jobs file's name
+            label = (SAMPLER_LABELS if name == "sampler" else SCHEDULE_LABELS).get(value, value)
+            value = f"{label} ({value})" if label != value else value
         text.append(f"{name}: ", style="bold")
         text.append(f"{visible(value)}\n")
         if name == "model" and families and families.get(value):
