@@ -231,6 +231,8 @@ async def test_save_current_leaves_out_the_hidden_fields_at_their_defaults(tmp_p
                                   "masked_content": "fill"})
         await pilot.press("s")
         await pilot.pause()
-        ticks = {box.id.removeprefix("keep-") for box in app.screen.query(Checkbox)}
+        order = [box.id.removeprefix("keep-") for box in app.screen.query(Checkbox)]
+        ticks = set(order)
         assert "masked_content" in ticks and "steps" in ticks
         assert not {"deepcache_interval", "fbcache_threshold", "invert_mask"} & ticks
+        assert order[0] == "model" and order[-1] == "masked_content"  # the form's fields first, kept ones last

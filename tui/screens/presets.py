@@ -193,6 +193,8 @@ class PresetsScreen(MainScreen):
         fields = {k: v for k, v in screen.form_values().items()
                   if k not in UI_ONLY_FIELDS and v not in (None, {}, "")
                   and not (k in hidden and v == DEFAULTS.get(k))}
+        # the form's own fields first, in its order, then the kept ones (they had come before prompt and model)
+        fields = dict(sorted(fields.items(), key=lambda item: item[0] in hidden))
 
         def ask(name: str = "", problem: str = "", kept: set[str] | None = None) -> None:
             self.app.push_screen(SavePresetScreen(fields, name, problem, kept), named)
