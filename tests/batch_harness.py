@@ -40,13 +40,19 @@ class RecordingRunner:
         pass
 
 
-def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[RecordingRunner]) -> BatchRun:
-    """``run(jobs, stdin=None) -> (exit code, stdout, stderr)`` over a private home, models folder and DB."""
+def batch_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private home and a models folder holding the stand-in checkpoint ``fake`` (header-only SD1.5)."""
     monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DARKROOM_MODELS", raising=False)
     models = tmp_path / "models"
     models.mkdir()
     write_header_only(models / "fake.safetensors", "sd15")
+    return models
+
+
+def batch_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: type[RecordingRunner]) -> BatchRun:
+    """``run(jobs, stdin=None) -> (exit code, stdout, stderr)`` over a private home, models folder and DB."""
+    models = batch_models(tmp_path, monkeypatch)
     runner.seen = []
 
     def run(jobs: str, *, stdin: str | None = None) -> tuple[int, str, str]:

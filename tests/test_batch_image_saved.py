@@ -14,7 +14,7 @@ from PIL import Image
 from cli.batch import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, run_batch
 from core.store import JobStore
 from core.worker import GeneratedImage
-from tests.family_files import write_header_only
+from tests.batch_harness import batch_models
 
 TIMEOUT = 30.0
 JOBS = ('[[job]]\nmodel = "fake"\nprompt = "three"\nsteps = 1\nseed = 40\nbatch_count = 3\n'
@@ -75,11 +75,7 @@ class Lines(io.StringIO):
 
 @pytest.fixture
 def batch(tmp_path, monkeypatch):
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
-    models = tmp_path / "models"
-    models.mkdir()
-    write_header_only(models / "fake.safetensors", "sd15")
+    models = batch_models(tmp_path, monkeypatch)
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(JOBS)
     SavesEachBatch.gate, SavesEachBatch.fail_last, SavesEachBatch.made = None, False, []

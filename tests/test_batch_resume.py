@@ -17,7 +17,7 @@ from cli.batch import EXIT_DATABASE, run_batch
 from cli.main import build_parser
 from core.store import JobStore
 from core.worker import GeneratedImage
-from tests.family_files import write_header_only
+from tests.batch_harness import batch_models
 
 LOCKER = """
 import sqlite3, sys, time
@@ -49,11 +49,7 @@ class Runner:
 
 @pytest.fixture
 def batch(tmp_path, monkeypatch):
-    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
-    models = tmp_path / "models"
-    models.mkdir()
-    write_header_only(models / "fake.safetensors", "sd15")
+    models = batch_models(tmp_path, monkeypatch)
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(JOBS)
     Runner.seen, Runner.fail, Runner.on_done = [], set(), None
