@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,31 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -
         angles.append(pos[..., axis, None] * omega)  # [B, N, dim/2]
     angle = torch.cat(angles, dim=-1).unsqueeze(2)  # [B, N, 1, head_dim/2], broadcast over heads
     return torch.complex(angle.cos().float(), angle.sin().float()).to(ids.device)
+
+
+def joint_rope(img_ids: torch.Tensor, txt_ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """The rotations of the joint sequence [txt; img] (``rope_frequencies``): [B|1, S + L, 1, head_dim/2]; the ids
+    are [B|1, N, axes] or [N, axes]. Flux.1 and FLUX.2 take it from their adapters: made on the CPU, it cannot
+    be part of a CUDA graph (``core.accel.cuda_graphs``)."""
+    img_ids = img_ids if img_ids.ndim == 3 else img_ids[None]
+    txt_ids = txt_ids if txt_ids.ndim == 3 else txt_ids[None]
+    n = max(img_ids.shape[0], txt_ids.shape[0])
+    ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # [B|1, S + L, axes]
+    return rope_frequencies(ids, axes_dim, theta)
+
+
+class LastTable:
+    """An adapter's last RoPE table and the shape it was made for: a pass calls its network at one shape, and
+    making the table every step is host work (and a CPU round trip of the positions)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._table: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]) -> Any:
+        if self._table is None or key != self._key:
+            self._key, self._table = key, make()
+        return self._table
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -467,9 +493,11 @@ class Flux(nn.Module):
         timesteps: torch.Tensor,
         y: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        pe: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """img [B, L, 64] packed latents, img_ids [B, L, 3], txt [B, S, 4096] T5 states, txt_ids [B, S, 3],
         timesteps [B] in 0..1, y [B, 768] CLIP-L pooled, guidance [B] (dev; ignored by schnell) -> [B, L, 64].
+        ``pe``: ``joint_rope`` of the ids, where the caller has it (``LatentFlux``).
         """
         self._check(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         dtype = self.img_in.weight.dtype
@@ -480,11 +508,8 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y.to(dtype))
         txt = self.txt_in(txt.to(dtype))
 
-        img_ids = img_ids if img_ids.ndim == 3 else img_ids[None]
-        txt_ids = txt_ids if txt_ids.ndim == 3 else txt_ids[None]
-        n = max(img_ids.shape[0], txt_ids.shape[0])
-        ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # [B|1, S + L, 3]
-        pe = rope_frequencies(ids, self.config.axes_dim, self.config.theta)
+        if pe is None:
+            pe = joint_rope(img_ids, txt_ids, self.config.axes_dim, self.config.theta)
 
         cache = feature_cache.current()  # first-block cache of the running pass, if any
         img, txt = cache.flux(self, img, txt, vec, pe) if cache is not None else self.blocks(img, txt, vec, pe)
@@ -513,6 +538,7 @@ class LatentFlux:
 
     def __init__(self, network: Flux) -> None:
         self.network = network
+        self.rope = LastTable()
 
     def __call__(
         self,
@@ -524,14 +550,10 @@ class LatentFlux:
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _, _, h, w = x.shape
-        guidance = guidance if self.network.config.guidance_embed else None
-        out = self.network(
-            pack_latents(x),
-            img_ids(h, w, device=x.device),
-            context,
-            txt_ids(context.shape[1], device=x.device),
-            t,
-            y,
-            guidance,
-        )
+        cfg = self.network.config
+        guidance = guidance if cfg.guidance_embed else None
+        image, text = img_ids(h, w, device=x.device), txt_ids(context.shape[1], device=x.device)
+        pe = self.rope.get((h, w, context.shape[1], x.device),
+                           lambda: joint_rope(image, text, cfg.axes_dim, cfg.theta))
+        out = self.network(pack_latents(x), image, context, text, t, y, guidance, pe=pe)
         return unpack_latents(out, h, w).to(x.dtype)

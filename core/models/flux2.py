@@ -43,13 +43,14 @@ from torch import nn
 from core.models.flux import (
     TIME_EMBED_DIM,
     LastLayer,
+    LastTable,
     MLPEmbedder,
     Modulation,
     QKNorm,
     SelfAttention,
     _layer_norm,
     joint_attention,
-    rope_frequencies,
+    joint_rope,
     timestep_embedding,
 )
 
@@ -337,9 +338,11 @@ class Flux2(nn.Module):
         txt_ids: torch.Tensor,
         timesteps: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        pe: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """img [B, L, 128] packed latents, img_ids [B, L, 4], txt [B, S, 3*H_qwen] Qwen3 features, txt_ids [B, S, 4],
-        timesteps [B] sigma in 0..1, guidance [B] (dev only; ignored by klein) -> velocity [B, L, 128]."""
+        timesteps [B] sigma in 0..1, guidance [B] (dev only; ignored by klein) -> velocity [B, L, 128].
+        ``pe``: ``core.models.flux.joint_rope`` of the ids, where the caller has it (``LatentFlux2``)."""
         self._check(img, img_ids, txt, txt_ids, timesteps, guidance)
         dtype = self.img_in.weight.dtype
         img = self.img_in(img.to(dtype))
@@ -352,11 +355,8 @@ class Flux2(nn.Module):
         txt_mod = self.double_stream_modulation_txt(vec)
         single_mod = self.single_stream_modulation(vec)
 
-        img_ids = img_ids if img_ids.ndim == 3 else img_ids[None]
-        txt_ids = txt_ids if txt_ids.ndim == 3 else txt_ids[None]
-        n = max(img_ids.shape[0], txt_ids.shape[0])
-        ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # [B|1, S + L, 4]
-        pe = rope_frequencies(ids, self.config.axes_dim, self.config.theta)
+        if pe is None:
+            pe = joint_rope(img_ids, txt_ids, self.config.axes_dim, self.config.theta)
 
         for block in self.double_blocks:
             img, txt = block(img, txt, img_mod, txt_mod, pe)
@@ -377,14 +377,16 @@ class LatentFlux2:
 
     def __init__(self, network: Flux2) -> None:
         self.network = network
+        self.rope = LastTable()
 
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, guidance: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, _, h, w = x.shape
-        guidance = guidance if self.network.config.guidance_embed else None
-        out = self.network(
-            pack_latents(x), img_ids(h, w, b, device=x.device), context,
-            txt_ids(context.shape[1], b, device=x.device), t, guidance,
-        )
+        cfg = self.network.config
+        guidance = guidance if cfg.guidance_embed else None
+        image, text = img_ids(h, w, b, device=x.device), txt_ids(context.shape[1], b, device=x.device)
+        pe = self.rope.get((b, h, w, context.shape[1], x.device),
+                           lambda: joint_rope(image, text, cfg.axes_dim, cfg.theta))
+        out = self.network(pack_latents(x), image, context, text, t, guidance, pe=pe)
         return unpack_latents(out, h, w).to(x.dtype)
