@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.accel import attention as attention_backend
-from core.models.flux import apply_rope, timestep_embedding
+from core.models.flux import LastTable, apply_rope, timestep_embedding
 
 PATCH = 2  # all_patch_size [2], all_f_patch_size [1]: the only patching the released models use
 SEQ_MULTI_OF = 32  # both streams are padded to a multiple of 32 tokens
@@ -179,6 +179,24 @@ def rope_frequencies(ids: torch.Tensor, cfg: ZImageConfig) -> torch.Tensor:
     return torch.polar(torch.ones_like(angle), angle).to(ids.device)
 
 
+def rope_tables(
+    cfg: ZImageConfig, caption_tokens: Sequence[int], h: int, w: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, caption) rotations [B, image tokens padded, 1, head_dim/2], [B, longest caption padded, 1, ...] on
+    ``device`` for a batch of captions of ``caption_tokens`` tokens over an ``h`` x ``w`` token grid (positions:
+    see the module docstring). Made on the CPU (``rope_frequencies``), so ``LatentZImage`` makes them once per
+    shape and hands them to the transformer: a CUDA graph cannot capture them (``core.accel.cuda_graphs``)."""
+    cap_lens = [_pad_to(n) for n in caption_tokens]
+    b, longest, n_img = len(cap_lens), max(cap_lens), h * w
+    cap_ids = torch.zeros(b, longest, 3, dtype=torch.int64)
+    cap_ids[..., 0] = torch.arange(1, longest + 1)
+    img_ids = torch.zeros(b, _pad_to(n_img), 3, dtype=torch.int64)
+    img_ids[:, :n_img, 0] = torch.tensor(cap_lens)[:, None] + 1
+    img_ids[:, :n_img, 1] = torch.arange(h).repeat_interleave(w)
+    img_ids[:, :n_img, 2] = torch.arange(w).repeat(h)
+    return rope_frequencies(img_ids, cfg).to(device), rope_frequencies(cap_ids, cfg).to(device)
+
+
 class RMSNorm(nn.Module):
     """RMS norm with a learned gain, normalised in fp32 (diffusers' ``RMSNorm``)."""
 
@@ -278,7 +296,8 @@ class ZImageTransformer(nn.Module):
 
     ``t`` is 1 - sigma (0 = pure noise). ``cap_feats``: one ``[tokens, cap_feat_dim]`` tensor per image (the
     prompt's Qwen3 states without padding, lengths may differ) or a ``[B, tokens, cap_feat_dim]`` tensor.
-    H and W (latent) must be even.
+    H and W (latent) must be even. ``rope``: ``rope_tables`` of these captions and this size, where the caller
+    has them (``LatentZImage``).
     """
 
     def __init__(self, cfg: ZImageConfig) -> None:
@@ -305,7 +324,11 @@ class ZImageTransformer(nn.Module):
         return feats
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor | Sequence[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cap_feats: torch.Tensor | Sequence[torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % PATCH or x.shape[3] % PATCH:
@@ -333,16 +356,12 @@ class ZImageTransformer(nn.Module):
             cap[i, len(f) : cap_lens[i]] = self.cap_pad_token
         cap_mask = None
         if any(n != longest for n in cap_lens):
-            cap_mask = torch.arange(longest, device=device)[None, :] < torch.tensor(cap_lens, device=device)[:, None]
+            # filled on the device: a tensor of the lengths would be host data copied in (no CUDA graph takes it)
+            cap_mask = torch.ones(b, longest, dtype=torch.bool, device=device)
+            for i, n in enumerate(cap_lens):
+                cap_mask[i, n:] = False
 
-        # positions: caption (1 + j, 0, 0); image (caption length + 1, row, column), image padding (0, 0, 0)
-        cap_ids = torch.zeros(b, longest, 3, dtype=torch.int64)
-        cap_ids[..., 0] = torch.arange(1, longest + 1)
-        img_ids = torch.zeros(b, n_img_pad, 3, dtype=torch.int64)
-        img_ids[:, :n_img, 0] = torch.tensor(cap_lens)[:, None] + 1
-        img_ids[:, :n_img, 1] = torch.arange(h).repeat_interleave(w)
-        img_ids[:, :n_img, 2] = torch.arange(w).repeat(h)
-        img_freqs, cap_freqs = rope_frequencies(img_ids, cfg).to(device), rope_frequencies(cap_ids, cfg).to(device)
+        img_freqs, cap_freqs = rope if rope is not None else rope_tables(cfg, [len(f) for f in feats], h, w, device)
 
         for block in self.noise_refiner:
             img = block(img, img_freqs, None, vec)
@@ -373,10 +392,14 @@ class LatentZImage:
 
     def __init__(self, network: ZImageTransformer) -> None:
         self.network = network
+        self.rope = LastTable()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
         lengths = [int(n) for n in cap_lens.tolist()]
         if len(lengths) != x.shape[0]:
             raise ValueError(f"Z-Image got {len(lengths)} caption lengths for {x.shape[0]} latents")
         captions = [context[i, :n] for i, n in enumerate(lengths)]
-        return (-self.network(x, 1.0 - t, captions)).to(x.dtype)
+        h, w = x.shape[2] // PATCH, x.shape[3] // PATCH
+        rope = self.rope.get((tuple(lengths), h, w, x.device),
+                             lambda: rope_tables(self.network.config, lengths, h, w, x.device))
+        return (-self.network(x, 1.0 - t, captions, rope)).to(x.dtype)
