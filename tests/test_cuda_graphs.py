@@ -1,14 +1,19 @@
 """CUDA graphs of the denoiser (core/accel/cuda_graphs.py), with a stand-in for ``torch.cuda``'s graphs that
 behaves as a capture does where it matters: a capture computes nothing (its output is garbage until a replay), a
 replay reads the tensors the capture read and overwrites the one it wrote, and reads the weights where they were
-at capture (the stand-in fails a replay whose weights moved, where a GPU would read freed memory)."""
+at capture (the stand-in fails a replay whose weights moved, where a GPU would read freed memory); a capture fails
+on what reads tensor values on the host or copies host data in (``capturing``), so every family's network is
+checked for host syncs on the CPU."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.accel import cuda_graphs, feature_cache, memory
 from core.accel.compile import _MARK, DenoiserCompiler
@@ -27,6 +32,57 @@ def one_thread():
         yield
 
 
+CAPTURE_ERROR = "CUDA error: operation not permitted when stream is capturing"
+# tensor factories: without a device they make host tensors (on a GPU, to be copied over inside the capture)
+_FACTORIES = {getattr(torch, name) for name in ("zeros", "ones", "empty", "full", "arange", "linspace", "rand",
+                                                "randn", "randint", "eye", "tensor", "as_tensor", "from_numpy")}
+
+
+class _HostCalls(TorchFunctionMode):
+    """Python-level calls a capture refuses: reading values (``.tolist()`` dispatches no operator, so only this
+    level sees it), a ``.cpu()`` / ``.to("cpu")`` copy, a tensor made on the host."""
+
+    READS = {"tolist", "item", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__", "nonzero"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS or name == "to" and "cpu" in [*(a for a in args[1:] if isinstance(a, str)),
+                                                             kwargs.get("device")]:
+            raise RuntimeError(f"{CAPTURE_ERROR} ({name}: tensor values read on the host)")
+        if func in _FACTORIES and "device" not in kwargs:
+            raise RuntimeError(f"{CAPTURE_ERROR} (torch.{name} without a device: a host tensor)")
+        return func(*args, **kwargs)
+
+
+class _HostOps(TorchDispatchMode):
+    """Operators a capture refuses, wherever they come from: a host read (``int(t)``, ``x[mask]``, whose shape
+    is the mask's count) or a tensor of Python data (``torch.tensor(lengths, device=...)``, an index list). A
+    Python number set into a slice (``mask[i, n:] = False``) is allowed: on a GPU it is a fill."""
+
+    READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}
+    INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = name in self.INDEXING and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if name in self.READS or masks:
+            raise RuntimeError(f"{CAPTURE_ERROR} ({name}: tensor values read on the host)")
+        if name in ("aten::lift_fresh", "aten::lift_fresh_copy") and args[0].dim() > 0:
+            raise RuntimeError(f"{CAPTURE_ERROR} ({name}: host data copied in)")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def capturing():
+    """What a CUDA capture refuses, refused on the CPU as a GPU refuses it: anything in the captured call that
+    reads tensor values on the host or copies host data to the GPU. Every tensor is a host tensor here, so a
+    factory inside the call must name its device (``device=x.device``), as it must on a GPU."""
+    with _HostOps(), _HostCalls():
+        yield
+
+
 class FakeGraph:
     def __init__(self, call, output, weights) -> None:
         self.call, self.output, self.weights = call, output, weights
@@ -34,7 +90,8 @@ class FakeGraph:
 
 
 class FakeGraphApi:
-    """``torch.cuda``'s graphs on the CPU (see the module docstring); ``fail`` is raised by every capture."""
+    """``torch.cuda``'s graphs on the CPU (see the module docstring); a capture fails on a host sync as a GPU's
+    does (``capturing``); ``fail`` is raised by every capture."""
 
     device_type = "cpu"
 
@@ -53,7 +110,9 @@ class FakeGraphApi:
     def capture(self, call):
         if self.fail is not None:
             raise self.fail
-        output = call().fill_(float("nan"))  # recorded, not run: nothing in it yet
+        with capturing():
+            output = call()
+        output.fill_(float("nan"))  # recorded, not run: nothing in it yet
         graph = FakeGraph(call, output, self._weights())
         self.graphs.append(graph)
         return graph, output
@@ -196,6 +255,128 @@ def test_calls_that_cannot_be_captured_run_eagerly():
     assert (api.warm_ups, graphs.captures) == (0, 0)
 
 
+class Scaled(torch.nn.Module):
+    """x * w, plus whatever ``extra`` does in the call (a host sync, for the tests of ``capturing``)."""
+
+    def __init__(self, extra=None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(2.0))
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w + (0 if self.extra is None else self.extra(x))
+
+
+@pytest.mark.parametrize("extra", [
+    lambda x: x.sum().item(),
+    lambda x: x.tolist()[0][0],
+    lambda x: int(x[0, 0] > 0),
+    lambda x: x.sum() if bool(x.sum() > 0) else 0,
+    lambda x: x[x > 0].sum(),
+    lambda x: torch.tensor([1.0, 2.0], device=x.device)[:, None],  # host data copied in
+    lambda x: torch.arange(2)[:, None].to(x.device),  # a host tensor
+    lambda x: x.to("cpu", torch.float64).sum().to(x.device, x.dtype),  # the device's values read on the host
+    lambda x: x.cpu().sum(),
+], ids=["item", "tolist", "int", "bool", "mask index", "tensor of a list", "host factory", "to cpu", "cpu"])
+def test_the_stand_in_capture_refuses_host_syncs_as_a_gpu_does(extra):
+    network, x = Scaled(extra), torch.randn(2, 3)
+    api = FakeGraphApi(watch=network)
+    with torch.inference_mode(), cuda_graphs.for_job(True, api) as graphs:
+        outputs = [cuda_graphs.replayed(network)(x) for _ in range(3)]
+    assert graphs.captures == 0 and len(graphs.notes) == 1 and CAPTURE_ERROR in graphs.notes[0]
+    assert all(torch.equal(out, network(x)) for out in outputs)  # eager after the failed capture
+
+
+def test_device_side_work_is_captured():
+    """What the networks do instead: factories on the input's device, scalars from shapes, slices filled."""
+
+    def extra(x):
+        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        mask[:, x.shape[1] // 2:] = False
+        return torch.arange(x.shape[1], device=x.device) * mask
+
+    network, x = Scaled(extra), torch.randn(2, 3)
+    api = FakeGraphApi(watch=network)
+    with torch.inference_mode(), cuda_graphs.for_job(True, api) as graphs:
+        outputs = [cuda_graphs.replayed(network)(x + step) for step in range(3)]
+        assert all(torch.equal(out, network(x + step)) for step, out in enumerate(outputs))
+    assert (graphs.captures, graphs.replays, graphs.notes) == (1, 2, [])
+
+
+class Captioned(torch.nn.Module):
+    """Z-Image's call: the latents and a list of captions of their own lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor, captions: list[torch.Tensor], scale: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        pooled = torch.stack([c.mean(0) * self.w for c in captions])  # [B, 4]
+        return x * pooled[:, :, None] * scale[0] + scale[1]
+
+
+def test_a_list_of_tensors_is_captured_each_tensor_an_input_each_length_a_shape():
+    network = Captioned()
+    api = FakeGraphApi(watch=network)
+    g = torch.Generator().manual_seed(0)
+
+    def call(fn, lengths, step):
+        x = torch.randn(len(lengths), 4, 3, generator=g)
+        captions = [torch.randn(n, 4, generator=g) for n in lengths]
+        scale = (torch.full((1,), 1.0 + step), torch.randn(1, generator=g))
+        return fn(x, captions, scale), network(x, captions, scale)
+
+    with torch.inference_mode(), cuda_graphs.for_job(True, api) as graphs:
+        graphed = cuda_graphs.replayed(network)
+        pairs = [call(graphed, (5, 3), step) for step in range(4)]  # every input new each step
+        assert (graphs.captures, graphs.replays) == (1, 3)
+        pairs += [call(graphed, (3, 5), step) for step in range(3)]  # the same total, other lengths: a new graph
+        assert (graphs.captures, graphs.replays) == (2, 5) and api.graphs[0].released
+    assert all(torch.equal(a, b) for a, b in pairs) and graphs.notes == []
+
+
+def _adapter_calls(family: str):
+    """(adapter, calls): a tiny random network of ``family`` behind its sampler-side adapter, and the
+    adapter's calls at a few shapes in turn, one shape coming back (a new latent size, a new caption length)."""
+    from core.models import flux, flux2, zimage
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if family == "zimage":
+        network = zimage.ZImageTransformer(zimage.ZImageConfig.preset("tiny")).eval()
+        context = torch.randn(2, 70, network.config.cap_feat_dim, generator=g)
+        calls = [(torch.randn(2, 16, h, w, generator=g), {"context": context, "cap_lens": torch.tensor(lens)})
+                 for h, w, lens in ((4, 4, [40, 9]), (4, 4, [9, 40]), (4, 6, [9, 40]), (4, 4, [40, 9]))]
+        return zimage.LatentZImage(network), calls
+    if family == "flux":
+        network = flux.Flux(flux.FluxConfig.preset("flux", "tiny", "schnell")).eval()
+        extra = {"y": torch.randn(1, network.config.vec_in_dim, generator=g)}
+        adapter, channels, width = flux.LatentFlux(network), network.config.in_channels // 4, network.config.context_in_dim
+    else:
+        network = flux2.Flux2(flux2.Flux2Config.preset("tiny")).eval()
+        extra, adapter = {}, flux2.LatentFlux2(network)
+        channels, width = network.config.in_channels, network.config.context_in_dim
+    calls = [(torch.randn(1, channels, h, w, generator=g), {"context": torch.randn(1, s, width, generator=g), **extra})
+             for h, w, s in ((4, 4, 5), (4, 4, 7), (6, 4, 7), (4, 4, 5))]
+    return adapter, calls
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "zimage"])
+def test_an_adapters_rope_table_is_the_one_of_each_calls_shape(family, monkeypatch):
+    """The adapters hand their networks the RoPE tables (made once per shape): each call's output is the one the
+    network gives making its own table from the call's positions."""
+    from core.models import flux
+
+    adapter, calls = _adapter_calls(family)
+    t = torch.tensor([0.5] * calls[0][0].shape[0])
+    with torch.inference_mode():
+        handed = [adapter(x, t, **cond) for x, cond in calls]
+        # the same calls with the tables left to the network: the adapters' caches never hit
+        monkeypatch.setattr(flux.LastTable, "get", lambda self, key, make: None)
+        own = [adapter(x, t, **cond) for x, cond in calls]
+    assert all(torch.equal(a, b) for a, b in zip(handed, own))
+
+
 def test_outside_a_job_the_network_is_called_as_it_is():
     unet = _tiny_unet()
     assert cuda_graphs.replayed(unet) is unet
@@ -235,7 +416,8 @@ def test_no_graphs_on_rocm(monkeypatch):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     write_random_checkpoint(root / "checkpoints" / "tiny.safetensors", "sd15", "tiny", seed=0)
-    write_random_checkpoint(root / "checkpoints" / "tinyflux.safetensors", "flux", "tiny", seed=0)
+    for family in ("sdxl", "flux", "flux2", "zimage"):
+        write_random_checkpoint(root / "checkpoints" / f"tiny{family}.safetensors", family, "tiny", seed=0)
     return root
 
 
@@ -254,14 +436,27 @@ def graphed_runner(root, model: str) -> tuple[PipelineRunner, FakeGraphApi]:
     return runner, api
 
 
-@pytest.mark.parametrize("model", ["tiny", "tinyflux"])
-def test_a_compiled_job_replays_its_denoiser_and_makes_the_same_image(models, model):
+# A caption past 32 tokens against an empty negative prompt: Z-Image's cond and uncond captions pad to different
+# lengths, so its CFG batch is ragged (a key mask) as well as a list.
+LONG_PROMPT = "a red fox in deep snow under pine trees at dawn, " * 4
+FLOW = {"sampler": "euler", "schedule": "simple"}
+
+
+@pytest.mark.parametrize(("model", "changes"), [
+    ("tiny", {}),
+    ("tinysdxl", {}),
+    ("tinyflux", {"cfg": 1.0, **FLOW}),
+    ("tinyflux2", FLOW),
+    ("tinyzimage", {"prompt": LONG_PROMPT, **FLOW}),
+], ids=["sd15", "sdxl", "flux", "flux2", "zimage"])
+def test_a_compiled_job_replays_its_denoiser_and_makes_the_same_image(models, model, changes):
+    """Every family's network through the runner: captured (no host sync inside it: the stand-in refuses them
+    as a GPU does), replayed at every later step, the image equal to the eager job's."""
     runner, api = graphed_runner(models, model)
     api.watch = runner.model.checkpoint.unet
-    changes = {"model": model} if model == "tiny" else {"model": model, "cfg": 1.0, "sampler": "euler",
-                                                         "schedule": "simple"}
+    changes = {"model": model, **changes}
     graphed = runner.run(job(**changes), Ctx())[0].image
-    assert (runner.job_graphs.captures, runner.job_graphs.replays) == (1, 3)
+    assert (runner.job_graphs.captures, runner.job_graphs.replays, runner.job_graphs.notes) == (1, 3, [])
     plain = PipelineRunner([models], previews=False).run(job(**changes), Ctx())[0].image
     assert graphed.tobytes() == plain.tobytes()
 

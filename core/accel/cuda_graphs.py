@@ -7,7 +7,8 @@ a replay is one launch. What makes a replay equal the eager call:
 
 - **Inputs and output.** A replay reads the tensors the capture read and writes the tensor it wrote, so each
   call copies its inputs into those (static) tensors and returns a copy of the output (the next replay
-  overwrites it; samplers keep earlier outputs).
+  overwrites it; samplers keep earlier outputs). An argument may be a list or tuple of tensors (Z-Image's
+  ragged captions): each is an input, and each one's shape is part of the graph's key.
 - **Weights.** A replay reads each weight at its address of capture time. A graph is keyed by the addresses of
   the network's parameters and buffers, so a LoRA switch (``core.lora.patch`` assigns merged buffers) or a
   move to another device captures anew; a weight changed in place is what the replay reads.
@@ -16,7 +17,10 @@ a replay is one launch. What makes a replay equal the eager call:
   asks for graphs only when nothing is offloaded: ``DenoiserCompiler.cuda_graphs``). Inside the network,
   anything that reads a tensor's values on the host (``.tolist()``, ``.item()``, a pageable copy to the GPU)
   cannot be captured: the capture fails, and that network runs eagerly from then on (one note; the set of such
-  networks is the compiler's, so later jobs do not try again).
+  networks is the compiler's, so later jobs do not try again). The families' networks take what needs the
+  host from their adapters instead (the RoPE tables, made from positions on the CPU: ``core.models.flux
+  .joint_rope``, ``core.models.zimage.rope_tables``); tests/test_cuda_graphs.py's stand-in capture refuses
+  host reads as a GPU does.
 - **Warm-up.** The first call at a shape runs eagerly on the capture stream: cuBLAS workspaces and other lazy
   inits, torch.compile's compiles and the attention dispatcher's per-shape fallbacks all happen outside the
   capture. The second call captures.
@@ -132,23 +136,34 @@ class _Captured:
     output: torch.Tensor  # the static tensor it writes
 
 
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    # is_inference: dynamo guards on it (an inference tensor lacks the ADInplaceOrView dispatch key), so a static
+    # copy of another kind than the warm-up's would recompile inside the capture
+    return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor.is_inference()
+
+
 def _signature(network: nn.Module, args: tuple, kwargs: dict, device_type: str) -> tuple[tuple, list] | None:
     """(key, the call's tensors in order) of a call that can be captured, None for one that cannot (a tensor
-    on another device, an argument that is neither a tensor nor a plain constant)."""
+    on another device, an argument that is neither a tensor, a list or tuple of tensors, nor a plain constant).
+    A list's tensors are the call's one after another, each shape in the key (Z-Image's ragged captions: the
+    cond and uncond caption lengths are part of the shape)."""
     parts: list[tuple] = []
     tensors: list[torch.Tensor] = []
     for name, value in [*enumerate(args), *sorted(kwargs.items())]:
         if isinstance(value, torch.Tensor):
-            if value.device.type != device_type:
-                return None
-            # is_inference: dynamo guards on it (an inference tensor lacks the ADInplaceOrView dispatch key),
-            # so a static copy of another kind than the warm-up's would recompile inside the capture
-            parts.append((name, tuple(value.shape), value.stride(), value.dtype, value.device, value.is_inference()))
-            tensors.append(value)
+            items = [value]
+        elif type(value) in (list, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            items = list(value)
         elif value is None or isinstance(value, (bool, int, float, str)):
             parts.append((name, value))
+            continue
         else:
             return None
+        if any(t.device.type != device_type for t in items):
+            return None
+        keys = tuple(_tensor_key(t) for t in items)
+        parts.append((name, keys[0]) if isinstance(value, torch.Tensor) else (name, type(value), keys))
+        tensors.extend(items)
     weights = tuple(t.data_ptr() for t in itertools.chain(network.parameters(), network.buffers()))
     return (id(network), tuple(parts), weights), tensors
 
@@ -163,10 +178,19 @@ def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _with_tensors(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
-    """``args`` and ``kwargs`` with their tensors replaced by ``tensors`` (the order of ``_signature``)."""
+    """``args`` and ``kwargs`` with their tensors (lists' and tuples' too) replaced by ``tensors`` (the order of
+    ``_signature``)."""
     supply = iter(tensors)
-    new_args = tuple(next(supply) if isinstance(v, torch.Tensor) else v for v in args)
-    new_kwargs = {k: next(supply) if isinstance(v, torch.Tensor) else v for k, v in sorted(kwargs.items())}
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return next(supply)
+        if type(value) in (list, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(next(supply) for _ in value)
+        return value
+
+    new_args = tuple(swap(v) for v in args)
+    new_kwargs = {k: swap(v) for k, v in sorted(kwargs.items())}
     return new_args, new_kwargs
 
 
