@@ -377,6 +377,23 @@ def test_an_adapters_rope_table_is_the_one_of_each_calls_shape(family, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(handed, own))
 
 
+def test_zimage_reads_its_caption_lengths_on_the_host_once_per_pass():
+    """A pass hands Z-Image's adapter the same cap_lens tensor at every step; reading it on the host is a GPU
+    sync, so only a new tensor (another pass) is read: a later step's whole adapter call passes the capture's
+    host checks, and a new tensor's lengths are used."""
+    adapter, calls = _adapter_calls("zimage")
+    (x, cond), (_, swapped) = calls[0], calls[1]  # captions [40, 9], then [9, 40]
+    t = torch.tensor([0.5, 0.5])
+    with torch.inference_mode():
+        first = adapter(x, t, **cond)
+        with capturing():
+            again = adapter(x, t, **cond)
+        other = adapter(x, t, **swapped)
+        expected = type(adapter)(adapter.network)(x, t, **swapped)
+    assert torch.equal(first, again)
+    assert torch.equal(other, expected)
+
+
 def test_outside_a_job_the_network_is_called_as_it_is():
     unet = _tiny_unet()
     assert cuda_graphs.replayed(unet) is unet

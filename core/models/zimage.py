@@ -393,9 +393,15 @@ class LatentZImage:
     def __init__(self, network: ZImageTransformer) -> None:
         self.network = network
         self.rope = LastTable()
+        self._lengths_of: torch.Tensor | None = None  # the cap_lens tensor self._lengths were read from
+        self._lengths: list[int] = []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
-        lengths = [int(n) for n in cap_lens.tolist()]
+        # A pass hands every step the same cap_lens tensor (CFGDenoiser batches once); reading it on the host is
+        # a GPU sync, which would keep the CPU from queueing the next step's kernels: read it once per tensor.
+        if cap_lens is not self._lengths_of:
+            self._lengths_of, self._lengths = cap_lens, [int(n) for n in cap_lens.tolist()]
+        lengths = self._lengths
         if len(lengths) != x.shape[0]:
             raise ValueError(f"Z-Image got {len(lengths)} caption lengths for {x.shape[0]} latents")
         captions = [context[i, :n] for i, n in enumerate(lengths)]
