@@ -560,9 +560,11 @@ def _run_sampler(
     sample to x0."""
     schedule = model.sigma_schedule(start, schedule_length(steps, denoise))
     sigmas = get_sigmas(request.schedule, schedule, steps, denoise, model.family).to(model.device)
-    x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
     # the request's DeepCache / first-block cache, fresh for this pass (nothing is carried between images)
     with torch.inference_mode(), feature_cache.for_pass(request):
+        # noised in inference mode, as every later step's x is: a CUDA graph's key holds the tensor's kind
+        # (dynamo guards on it), and a first step of another kind would cost a cfg 1 job a warm-up more
+        x = model.spec.sampling.noise(start, noise_sampler.initial(), sigmas[0])
         return sample(
             request.sampler,
             denoiser,

@@ -465,7 +465,10 @@ FLOW = {"sampler": "euler", "schedule": "simple"}
     ("tinyflux", {"cfg": 1.0, **FLOW}),
     ("tinyflux2", FLOW),
     ("tinyzimage", {"prompt": LONG_PROMPT, **FLOW}),
-], ids=["sd15", "sdxl", "flux", "flux2", "zimage"])
+    # the distilled models' usual cfg 1: the network gets the sampler's own x at the first step, no CFG batch
+    ("tinyflux2", {"cfg": 1.0, **FLOW}),
+    ("tinyzimage", {"cfg": 1.0, **FLOW}),
+], ids=["sd15", "sdxl", "flux", "flux2", "zimage", "flux2-cfg1", "zimage-cfg1"])
 def test_a_compiled_job_replays_its_denoiser_and_makes_the_same_image(models, model, changes):
     """Every family's network through the runner: captured (no host sync inside it: the stand-in refuses them
     as a GPU does), replayed at every later step, the image equal to the eager job's."""
