@@ -215,7 +215,8 @@ def load_model(
     CPU memory (at the compute dtype) for a ``Placement`` to move."""
     from core.accel.device import compute_dtype
     from core.accel.memory import use_channels_last, vae_dtype
-    from core.models.checkpoint import load_checkpoint, model_hash
+    from core.models.checkpoint import load_checkpoint
+    from core.models.hashes import model_hash
 
     device = torch.device(device)
     checkpoint = load_checkpoint(path, vae_path=vae_path, parts=parts, device="cpu", dtype=None)
