@@ -899,7 +899,9 @@ def run_batch(
     from core.accel import cache_options
     from core.lora import LoraError
     from core.lora.check import check_lora
+    from core.metadata import expected_model_hash, model_hash_warning
     from core.models.families import get_family
+    from core.models.hashes import cached_sha256
     from core.models.split import resolve_parts
     from core.upscale import INSTALL_HINT, is_model_upscaler
 
@@ -925,6 +927,11 @@ def run_batch(
                     raise ModelNotFoundError(f"{path}: {info.problem}")  # as the loader would say it
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
+            if expected_model_hash(job.request) is not None:  # a job from an image: its model, or another file?
+                # said now when the file's hash is cached (never hashed here); else by the job, which hashes it
+                mismatch = model_hash_warning(job.request, checkpoint, cached_sha256(checkpoint))
+                if mismatch is not None:
+                    warn(job.index, mismatch)
             # found, and made for the checkpoint's family, before any job runs (the detail prompts' tags too)
             for ref in {ref.name: ref for ref in (*job.request.lora_refs(), *detail_loras(job.request.detailer))}.values():
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
