@@ -589,6 +589,7 @@ class _PlainProgress:
         self.total = total_jobs
         self._last_step = 0.0
         self._last_activity = ""
+        self._steps_of = ""  # a resumed job's steps count only the images still to make: said beside them
 
     def _say(self, text: str) -> None:
         # Every progress line holds a prompt, model name or error that came from a file: shown, not obeyed.
@@ -597,11 +598,17 @@ class _PlainProgress:
     def message(self, text: str) -> None:
         self._say(text)
 
-    def started(self, n: int, request: GenerationRequest) -> None:
+    def started(self, n: int, request: GenerationRequest, kept: int = 0) -> None:
+        """``kept``: the images of the job an earlier run saved (``--resume``), which it does not make again."""
         if request.upscale is not None:
             self._say(f"[{n}/{self.total}] started: upscale {request.upscale.image} with {request.upscale.upscaler}")
         else:
             self._say(f"[{n}/{self.total}] started: {request.model}, seed {request.seed}, {_shown(request.prompt)}")
+        images = request.batch_size * request.batch_count
+        self._steps_of = f" (for the other {images - kept})" if 0 < kept < images else ""
+        if self._steps_of:
+            self._say(f"[{n}/{self.total}] resuming: {kept} of {images} images already saved, making the other "
+                      f"{images - kept}")
         self._last_step = 0.0
 
     def activity(self, n: int, text: str) -> None:
@@ -615,7 +622,7 @@ class _PlainProgress:
         now = time.monotonic()
         if step == 1 or step == total or now - self._last_step >= 1.0:
             self._last_step = now
-            self._say(f"[{n}/{self.total}] step {step}/{total}")
+            self._say(f"[{n}/{self.total}] step {step}/{total}{self._steps_of}")
 
     def finished(self, n: int, count: int, elapsed: float) -> None:
         self._say(f"[{n}/{self.total}] done: {count} image(s) in {elapsed:.1f} s")
@@ -673,9 +680,9 @@ class _RichProgress(_PlainProgress):
         """An image path above the bars, on one line however long (a hard wrap would break it for copying)."""
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def started(self, n: int, request: GenerationRequest) -> None:
-        super().started(n, request)
-        self.current = self.progress.add_task(f"job {n}/{self.total}", total=None)
+    def started(self, n: int, request: GenerationRequest, kept: int = 0) -> None:
+        super().started(n, request, kept)
+        self.current = self.progress.add_task(f"job {n}/{self.total}{self._steps_of}", total=None)
 
     def step(self, n: int, step: int, total: int) -> None:
         if self.current is not None:
@@ -717,11 +724,12 @@ def _queue_jobs(
     enhance: Any = None,
     enhance_all: bool = False,
     grid_seeds: dict[str, int] | None = None,
+    resumed: dict[int, int] | None = None,
 ) -> Any:
     """Queue this run's jobs; yields ``(job, paths)`` for a job skipped by ``--resume`` (done before, its
     images still there) and ``(job, None)`` for one queued. Each job records its ``source_key``, so a later
     ``--resume`` finds it; with ``resume``, a job that an earlier run left failed or interrupted is retried
-    (the same job: the images it saved before are not made again)."""
+    (the same job: the images it saved before are not made again; ``resumed`` gets job id -> their number)."""
     from core.recovery import recover
     from core.store import source_key
 
@@ -754,7 +762,13 @@ def _queue_jobs(
             progress.failed(job.index, f"not run again: it is already queued or running elsewhere (job #{before.id})")
             continue
         if before is not None:
-            number[worker.retry(before.id)] = job.index
+            # what it saved before is not made again: its progress says so (and counts the rest)
+            kept = len({h.seed for h in worker.store.job_history(before.id)
+                        if h.seed is not None and Path(h.path).is_file()})
+            job_id = worker.retry(before.id)
+            number[job_id] = job.index
+            if kept and resumed is not None:
+                resumed[job_id] = kept
         else:
             request = job.request
             if job.grid is not None and request.seed == -1:
@@ -899,7 +913,9 @@ def run_batch(
     from core.accel import cache_options
     from core.lora import LoraError
     from core.lora.check import check_lora
+    from core.metadata import expected_model_hash, model_hash_warning
     from core.models.families import get_family
+    from core.models.hashes import cached_sha256
     from core.models.split import resolve_parts
     from core.upscale import INSTALL_HINT, is_model_upscaler
 
@@ -925,6 +941,11 @@ def run_batch(
                     raise ModelNotFoundError(f"{path}: {info.problem}")  # as the loader would say it
             # the text encoders and VAE of a diffusion model kept alone: named, or found by type (said at load)
             resolve_parts(registry, checkpoint, job.request.text_encoders, job.request.vae)
+            if expected_model_hash(job.request) is not None:  # a job from an image: its model, or another file?
+                # said now when the file's hash is cached (never hashed here); else by the job, which hashes it
+                mismatch = model_hash_warning(job.request, checkpoint, cached_sha256(checkpoint))
+                if mismatch is not None:
+                    warn(job.index, mismatch)
             # found, and made for the checkpoint's family, before any job runs (the detail prompts' tags too)
             for ref in {ref.name: ref for ref in (*job.request.lora_refs(), *detail_loras(job.request.detailer))}.values():
                 for warning in check_lora(registry.find_lora(ref.name), checkpoint, ref.name, job.request.model):
@@ -1019,6 +1040,7 @@ def run_batch(
     paths_of: dict[int, list[str]] = {}  # job index -> its saved images, once it finished (for grids)
     grid_seeds: dict[str, int] = {}  # grid id -> the seed its cells share
     skipped: set[int] = set()  # jobs done in an earlier run (--resume)
+    resumed: dict[int, int] = {}  # job id -> the images of it an earlier run saved (--resume)
     try:
         enhancer = None
         if enhance or any(job.enhance for job in jobs):
@@ -1026,7 +1048,7 @@ def run_batch(
 
             enhancer = enhance_settings or EnhanceSettings.from_env()
         queued = _queue_jobs(worker, jobs, jobs_source, resume, number, failed, progress, enhancer, enhance,
-                             grid_seeds)
+                             grid_seeds, resumed)
         for job, skipped_paths in queued:
             if skipped_paths is not None:
                 progress.skipped(job.index, len(skipped_paths))
@@ -1073,7 +1095,7 @@ def run_batch(
             if isinstance(event, Status):
                 progress.activity(n, event.activity)
             elif isinstance(event, JobStarted):
-                progress.started(n, event.request)
+                progress.started(n, event.request, resumed.get(event.job_id, 0))
             elif isinstance(event, JobStep):
                 progress.step(n, event.step, event.total)
             elif isinstance(event, JobWarning):

@@ -86,6 +86,52 @@ def _model_label(model: str) -> str:
     return stem if ext.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf") else base
 
 
+# ``extra`` key of a request read from an image: the model the image was made with, as the image names it, and its
+# ``Model hash`` ({"model": "dreamshaper_8", "hash": "879db523c3"}), so whoever runs that model can say when the
+# local file of that name is another file. It describes that model only: a job of another model ignores it.
+MADE_WITH = "made_with"
+_SHORT_HASH_RE = re.compile(r"[0-9a-fA-F]{10,64}")
+
+
+def with_made_with(request: GenerationRequest, model_hash: str | None) -> GenerationRequest:
+    """``request`` (read from an image, or a history entry) with ``extra.made_with`` saying its image's model
+    hash, or without one when the image records none (a ``made_with`` a job carried from its own source image
+    describes that image, not this one)."""
+    extra = {k: v for k, v in request.extra.items() if k != MADE_WITH}
+    if model_hash:
+        extra[MADE_WITH] = {"model": request.model, "hash": model_hash}
+    return request.replace(extra=extra) if extra != dict(request.extra) else request
+
+
+def expected_model_hash(request: GenerationRequest) -> str | None:
+    """The model hash ``request``'s image was made with, when it can be compared with a local file's SHA-256 and
+    describes the model the request asks for; else None (see ``model_hash_warning``)."""
+    made = request.extra.get(MADE_WITH)
+    if not isinstance(made, Mapping):
+        return None
+    expected, model = made.get("hash"), made.get("model")
+    if not isinstance(expected, str) or not _SHORT_HASH_RE.fullmatch(expected) or not isinstance(model, str):
+        return None
+    if _model_label(model).casefold() != _model_label(request.model).casefold():
+        return None  # the job runs another model than the image's (a grid axis, a job's own model)
+    return expected
+
+
+def model_hash_warning(request: GenerationRequest, path: Path | str, sha256: str | None) -> str | None:
+    """One sentence when ``request`` comes from an image made with another file than ``path``, the local model
+    of the name it asks for, whose SHA-256 (or its first 10 hex digits) is ``sha256``; None when they match or
+    cannot be compared: no hash known, another model asked for, or an 8-digit hash of A1111's old algorithm
+    (a hash of one 64 KiB block, which no SHA-256 prefix matches)."""
+    expected = expected_model_hash(request)
+    if expected is None or not sha256:
+        return None
+    size = min(len(expected), len(sha256))
+    if expected[:size].lower() == sha256[:size].lower():
+        return None
+    return (f"the image was made with model hash {expected}; your {Path(path).name} is {sha256[:10]}: a different "
+            "file, the image will not reproduce exactly")
+
+
 def _vae_label(vae: str) -> str:
     """A1111 writes the VAE's file name (with extension) as ``VAE``."""
     return vae.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
@@ -384,7 +430,8 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
     Sampler labels (current, legacy ``"DPM++ 2M Karras"``, aliases like ``k_euler_a``) and schedule labels map
     to our ids; ``Schedule type: Automatic`` (or none) means the sampler's A1111 default. A sampler or schedule
     we do not implement falls back to ``euler`` / ``normal`` and its text is kept in ``extra`` under its key.
-    Every key we do not map (``Model hash``, ``Lora hashes``, ``Version``, ...) is kept in ``extra``.
+    Every key we do not map (``Lora hashes``, ``Version``, ...) is kept in ``extra``; ``Model hash`` becomes
+    ``extra.made_with`` (``with_made_with``).
     """
     params = parse_infotext(text)
     fields: dict[str, Any] = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"]}
@@ -480,8 +527,9 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
             continue
         else:
             extra[key] = value
+    model_hash = extra.pop("Model hash", None)  # the image's model, told apart from another of its name
     fields["extra"] = extra
-    return GenerationRequest(**fields)
+    return with_made_with(GenerationRequest(**fields), model_hash)
 
 
 def _inpaint_fields(params: Mapping[str, str], fields: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -867,7 +915,9 @@ def read_request(path: Path | str, *, model_fallback: str | None = None) -> Gene
             data = None
         if isinstance(data, Mapping):
             try:
-                return _darkroom_request(data)
+                request = _darkroom_request(data)
+                # the hash this image's own text records: the chunk's extra may carry a source image's
+                return with_made_with(request, parse_infotext(texts.get(PARAMETERS_KEY, "")).get("Model hash"))
             except DarkroomError as err:
                 # e.g. a field from a newer Darkroom: the A1111 text below still describes the image
                 if not texts.get(PARAMETERS_KEY, "").strip():

@@ -28,6 +28,7 @@ from core.accel.cache_options import cache_warnings
 from core.errors import DarkroomError, RequestError
 from core.image_files import flattened_rgb, upright_rgb, upright_size
 from core.lora.tags import LoraRef, strip_tags
+from core.metadata import model_hash_warning
 from core.models.conditioning import Conditioning, EncoderSettings, pad_to_same_length
 from core.models.families import get_family
 from core.models.family import DiscreteSampling, FlowSampling, ModelFamily, resolve
@@ -215,7 +216,8 @@ def load_model(
     CPU memory (at the compute dtype) for a ``Placement`` to move."""
     from core.accel.device import compute_dtype
     from core.accel.memory import use_channels_last, vae_dtype
-    from core.models.checkpoint import load_checkpoint, model_hash
+    from core.models.checkpoint import load_checkpoint
+    from core.models.hashes import model_hash
 
     device = torch.device(device)
     checkpoint = load_checkpoint(path, vae_path=vae_path, parts=parts, device="cpu", dtype=None)
@@ -1062,6 +1064,9 @@ class PipelineRunner:
         if request.hires is not None and is_model_upscaler(request.hires.upscaler):
             upscaler = self.ensure_upscaler(request.hires.upscaler, ctx)
         model = self.ensure_model(request, ctx)
+        mismatch = model_hash_warning(request, model.checkpoint.path, model.model_hash)
+        if mismatch is not None:  # a job from an image made with another file of this name
+            log.warning("%s", mismatch)  # the job's JobWarning (--batch said it before running when it knew)
         lora_extra = self.apply_loras(model, request, ctx)
         refiner = self.ensure_refiner(request, ctx)
         if self.compiler.enabled:

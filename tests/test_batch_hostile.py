@@ -212,6 +212,35 @@ def test_an_image_without_parameters_is_one_clear_message(batch):
     assert code == 2 and "a decompression bomb?" in err and len(err.splitlines()) == 1
 
 
+def test_a_job_from_an_image_of_another_file_of_its_model_says_so_before_running(batch):
+    """The image's Model hash against the local file's, when the hash cache knows it (the worker's load hashes
+    the file anyway; nothing is hashed before running): a different file will not reproduce the image."""
+    from core.models.hashes import file_sha256
+    from tests.family_files import write_header_only
+
+    run, write, tmp_path = batch
+    a1111_png(tmp_path / "look.png", A1111_TEXT.replace("Model: fake", "Model hash: 0123456789, Model: fake"))
+    write_header_only(tmp_path / "models" / "other.safetensors", "sd15")
+    jobs = write("jobs.toml", """
+        [[job]]
+        from_image = "look.png"
+        [[job]]
+        from_image = "look.png"
+        model = "other"
+    """)
+    code, _, err = run(jobs)  # the file was never hashed: the job would say it when it loads the model
+    assert code == 0 and "model hash" not in err
+    sha256 = file_sha256(tmp_path / "models" / "fake.safetensors")
+    code, _, err = run(jobs)
+    assert code == 0, err
+    said = (f"the image was made with model hash 0123456789; your fake.safetensors is {sha256[:10]}: a different "
+            "file, the image will not reproduce exactly")
+    assert f"darkroom: warning: {jobs}: job 1: {said}\n" in err
+    assert "job 2: the image was made" not in err  # job 2 runs another model: the image's hash is not its
+    code, _, err = run(str(tmp_path / "look.png"))  # the image as the job
+    assert code == 0 and f"job 1: {said}" in err
+
+
 def test_from_image_is_the_base_that_job_fields_override(batch):
     """request defaults < from_image < [defaults] < preset < the job's own fields."""
     run, write, tmp_path = batch

@@ -116,6 +116,50 @@ def test_resume_runs_only_what_did_not_finish_and_prints_every_path(batch):
     assert code == 0 and Runner.seen == ["two, changed"] and len(out.split()) == 3
 
 
+class SavesThenFails:
+    """Saves each image of the job as it is made (as the pipeline does), skipping those saved before; the
+    first run fails after ``fail_after`` images."""
+
+    fail_after: int | None = 1
+
+    def run(self, job, ctx):
+        made = 0
+        for seed in job.request.image_seeds():
+            if ctx.has_image(seed):
+                continue
+            ctx.step(1, 1)
+            ctx.save_images([GeneratedImage(Image.new("RGB", (8, 8)), seed, job.request)])
+            made += 1
+            if made == type(self).fail_after:
+                raise RuntimeError("boom")
+        return []
+
+
+def test_a_resumed_job_says_how_many_of_its_images_were_saved_before(batch):
+    """Its steps count only the images still to make (the pipeline skips the saved ones), so the progress says
+    so: 'step 1/1' alone read as a one-image job, or as the whole job restarted."""
+    run, jobs, tmp_path = batch
+    jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "four"\nsteps = 1\nbatch_count = 4\n')
+
+    def go(**kw):
+        out, err = io.StringIO(), io.StringIO()
+        code = run_batch(str(jobs), models_dirs=[tmp_path / "models"], output_dir=tmp_path / "out",
+                         db_path=tmp_path / "db.sqlite3", runner_factory=SavesThenFails, stdout=out, stderr=err,
+                         **kw)
+        return code, err.getvalue()
+
+    SavesThenFails.fail_after = 1
+    code, err = go()
+    assert code == 1 and "resuming" not in err
+    SavesThenFails.fail_after = None
+    code, err = go(resume=True)
+    assert code == 0, err
+    assert "[1/1] resuming: 1 of 4 images already saved, making the other 3\n" in err
+    assert "[1/1] step 1/1 (for the other 3)\n" in err
+    code, err = go(resume=True)  # done: skipped, nothing resumed
+    assert code == 0 and "skipped: done in an earlier run (4 image(s))" in err and "resuming" not in err
+
+
 def test_without_resume_every_job_runs_again(batch):
     run, _, _ = batch
     assert run()[0] == 0
@@ -339,6 +383,7 @@ def test_a_batch_count_job_killed_at_its_third_image_keeps_the_first_two_and_res
                      resume=True)
     assert code == 0, stderr.getvalue()
     assert steps == [(1, 1)]  # only the third image was sampled
+    assert "[1/1] resuming: 2 of 3 images already saved, making the other 1\n" in stderr.getvalue()
     paths = stdout.getvalue().split()
     assert len(paths) == 3 and paths[:2] == kept and sorted(paths) == _images(tmp_path)  # no duplicate
     assert {path: Path(path).read_bytes() for path in kept} == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -13,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import CheckpointError
 from core.models import checkpoint as ckpt
-from core.models.checkpoint import inspect_checkpoint, load_checkpoint, model_hash
+from core.models.checkpoint import inspect_checkpoint, load_checkpoint
 from core.models.detect import detect
+from core.models.hashes import model_hash
 from core.models.safetensors_header import read_header
 from core.models.testing import write_random_checkpoint
 
@@ -715,30 +715,3 @@ def test_concurrent_loads_restore_module_construction(files):
         t.join()
     assert len(results) == 2
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
-
-
-# ------------------------------------------------------------------------------------------- model hash
-
-
-def test_model_hash_is_sha256_prefix_and_cached(files, monkeypatch, tmp_path):
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(files["fp16"].read_bytes())
-    expected = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert model_hash(path) == expected[:10]
-
-    def no_rehash(p):
-        raise AssertionError("hashed twice")
-
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", no_rehash)
-    assert model_hash(path) == expected[:10]
-    from core.paths import data_dir
-
-    cache = json.loads((data_dir() / ckpt.HASH_CACHE_NAME).read_text())
-    assert cache[str(path.resolve())]["sha256"] == expected
-
-    # A changed file (new size and mtime) is hashed again.
-    monkeypatch.setattr(ckpt, "_sha256", real)
-    with open(path, "ab") as f:
-        f.write(b"x")
-    assert model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10] != expected[:10]

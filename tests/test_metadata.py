@@ -20,6 +20,7 @@ from core.metadata import (
     MetadataError,
     format_infotext,
     infotext_to_request,
+    model_hash_warning,
     parse_infotext,
     read_request,
     save_image,
@@ -188,7 +189,8 @@ def test_infotext_to_request_reference_example():
     assert req == example_request(
         model="myModel",
         seed=1234,
-        extra={"Model hash": "0123456789", "Lora hashes": "detail: 0123456789ab", "Version": "v1.10.1"},
+        extra={"made_with": {"model": "myModel", "hash": "0123456789"}, "Lora hashes": "detail: 0123456789ab",
+               "Version": "v1.10.1"},
     )
 
 
@@ -274,11 +276,42 @@ def test_save_read_round_trip(tmp_path):
     )
     path = save_image(small_image(), req, 4242, tmp_path, model_hash="0123456789", now=DAY)
     assert path == tmp_path / "2026-11-25" / "00000-4242.png"
-    assert read_request(path) == req.replace(seed=4242)
+    # the image's model hash rides along, for whoever runs that model again
+    made_with = {"made_with": {"model": req.model, "hash": "0123456789"}}
+    assert read_request(path) == req.replace(seed=4242, extra={**req.extra, **made_with})
     with Image.open(path) as img:
         assert img.size == (16, 8) and img.getpixel((3, 3)) == (200, 30, 60)
         assert img.text["parameters"] == format_infotext(req, 4242, model_hash="0123456789")
         assert json.loads(img.text["darkroom"])["seed"] == 4242
+
+
+def test_a_darkroom_image_says_its_own_model_hash_not_the_one_its_job_carried(tmp_path):
+    """A job made from another image (``from_image``) carries that image's ``made_with``; the new image was made
+    with the local file, whose hash its own text records: that is what reading it back says."""
+    source = {"made_with": {"model": "myModel", "hash": "aaaaaaaaaa"}, "Version": "v1.10.1"}
+    req = example_request(extra=source)
+    made = save_image(small_image(), req, 1, tmp_path, model_hash="bbbbbbbbbb", now=DAY)
+    assert read_request(made).extra == {"made_with": {"model": req.model, "hash": "bbbbbbbbbb"}, "Version": "v1.10.1"}
+    unhashed = save_image(small_image(), req, 2, tmp_path, now=DAY)  # no hash recorded: nothing to compare with
+    assert read_request(unhashed).extra == {"Version": "v1.10.1"}
+
+
+def test_model_hash_warning_compares_only_what_can_be_compared():
+    sha = "0123456789" + "ab" * 27
+    req = infotext_to_request("p\nSteps: 20, Seed: 1, Model hash: 0123456789, Model: dream")
+    assert model_hash_warning(req, "/m/dream.safetensors", sha) is None  # the same file
+    assert model_hash_warning(req, "/m/dream.safetensors", sha.upper()[:10]) is None  # A1111 writes lower case
+    other = "f" * 64
+    assert model_hash_warning(req, "/m/dream.safetensors", other) == (
+        "the image was made with model hash 0123456789; your dream.safetensors is ffffffffff: a different file, "
+        "the image will not reproduce exactly")
+    assert model_hash_warning(req.replace(model="sd15/Dream.safetensors"), "/m/Dream.safetensors", other)
+    assert model_hash_warning(req, "/m/dream.safetensors", None) is None  # not hashed yet
+    assert model_hash_warning(req.replace(model="juggernaut"), "/m/juggernaut.safetensors", other) is None
+    old = infotext_to_request("p\nSteps: 20, Seed: 1, Model hash: 01234567, Model: dream")  # A1111's old hash
+    assert model_hash_warning(old, "/m/dream.safetensors", other) is None
+    odd = infotext_to_request("p\nSteps: 20, Seed: 1, Model hash: \x1b[31m, Model: dream")
+    assert model_hash_warning(odd, "/m/dream.safetensors", other) is None
 
 
 def test_non_latin1_prompt_is_itxt_and_reads_back(tmp_path):

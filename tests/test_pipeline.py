@@ -170,3 +170,43 @@ def test_runner_keeps_the_model_and_switches_checkpoints(models_dir):
     assert second is not first and runner.loaded_model == "other"
     assert not any(p.data_ptr() == q.data_ptr() for p in first.checkpoint.unet.parameters()
                    for q in list(second.checkpoint.unet.parameters())[:3])
+
+
+class _Ctx:
+    job_id = 1
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def check_cancelled(self) -> None:
+        pass
+
+    def step(self, step, total, preview=None, image_index=0) -> None:
+        pass
+
+    def set_activity(self, text: str) -> None:
+        pass
+
+
+def test_a_job_from_an_image_made_with_another_file_of_its_model_warns(models_dir, checkpoint, caplog):
+    """The request carries the image's model hash (``extra.made_with``, from its infotext); the runner hashes the
+    model it loads anyway and says when the two differ, as the job's warning (a JobWarning)."""
+    import logging
+    from types import SimpleNamespace
+
+    from core.models.hashes import model_hash
+
+    runner = PipelineRunner([models_dir], previews=False)
+    ours = model_hash(checkpoint)
+
+    def warnings_of(made_with) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="core"):
+            runner.run(SimpleNamespace(id=1, request=request(steps=1, extra={"made_with": made_with})), _Ctx())
+        return [m for m in caplog.messages if "model hash" in m]
+
+    assert warnings_of({"model": "tiny", "hash": "0123456789"}) == [
+        f"the image was made with model hash 0123456789; your tiny.safetensors is {ours}: a different file, the "
+        "image will not reproduce exactly"]
+    assert warnings_of({"model": "tiny", "hash": ours}) == []
+    assert warnings_of({"model": "other", "hash": "0123456789"}) == []  # the hash of another model than the job's

@@ -275,3 +275,14 @@ async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers
     async with wide.run_test(size=(140, 45)) as pilot:
         await with_history(pilot, wide, request("wide", 6))
         await wait_for(pilot, lambda: "c Copy prompt" in screen_text(wide).splitlines()[-1])
+
+
+def test_again_compares_with_the_entrys_own_model_hash_not_its_source_images():
+    """A job made from another image (--batch from_image) carries that image's model hash; this entry's image
+    was made with the local file, so Again (the runner's model check) compares with the entry's own hash."""
+    from tui.screens.history import row_request
+
+    carried = GenerationRequest(model="dream.safetensors", extra={"made_with": {"model": "dream", "hash": "a" * 10}})
+    again = row_request({"request": carried, "model_hash": "b" * 10})
+    assert again.extra["made_with"] == {"model": "dream.safetensors", "hash": "b" * 10}
+    assert "made_with" not in row_request({"request": carried, "model_hash": None}).extra  # none recorded

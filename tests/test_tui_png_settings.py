@@ -68,7 +68,7 @@ def test_form_fill_from_an_a1111_infotext_says_what_was_filled_and_what_was_not(
     said = "; ".join(fill.not_used)
     assert "the VAE vae-ft-mse-840000-ema-pruned.safetensors named in the image is not in your models folders " \
            "(kept the built-in one)" in said
-    assert "not used by Darkroom: Model hash, Version" in said
+    assert "not used by Darkroom: Version" in said  # the model hash is compared, when the file is known
     assert "model sd15/dreamshaper_8.safetensors" in fill.filled
     assert "DPM++ 2M Karras, 28 steps, CFG 6.5, seed 1234 (locked), 512×768" in fill.filled
 
@@ -82,6 +82,31 @@ def test_form_fill_from_an_a1111_infotext_says_what_was_filled_and_what_was_not(
     nomodel = read_request(a1111_png(tmp_path / "c.png", "x\nSteps: 20"), model_fallback=NO_MODEL)
     assert "the image names no model (kept other)" in form_fill(
         nomodel, models=["other"], vaes=[], current_model="other", current_vae=None).not_used
+
+
+def test_form_fill_says_when_the_local_model_of_that_name_is_another_file(tmp_path):
+    from core.models.hashes import file_sha256
+
+    request = read_request(a1111_png(tmp_path / "a.png"), model_fallback=NO_MODEL)  # Model hash: 879db523c3
+    other = tmp_path / "dreamshaper_8.safetensors"
+    other.write_bytes(b"another version of dreamshaper_8")
+    names = ["sd15/dreamshaper_8.safetensors"]
+    files = {names[0]: other}
+
+    def fill(req=request):
+        return form_fill(req, models=names, vaes=[], current_model=None, current_vae=None, model_files=files)
+
+    unknown = fill()  # never hashed: nothing is read on the UI thread, the file is named for hashing elsewhere
+    assert unknown.unhashed == other and not any("model hash" in line for line in unknown.not_used)
+    sha256 = file_sha256(other)
+    known = fill()
+    assert known.unhashed is None
+    assert (f"the image was made with model hash 879db523c3; your dreamshaper_8.safetensors is {sha256[:10]}: a "
+            "different file, the image will not reproduce exactly") in known.not_used
+    same = fill(request.replace(extra={**request.extra, "made_with": {"model": "dreamshaper_8", "hash": sha256[:10]}}))
+    assert same.unhashed is None and not any("model hash" in line for line in same.not_used)
+    old_a1111 = fill(request.replace(extra={"made_with": {"model": "dreamshaper_8", "hash": "879db523"}}))
+    assert old_a1111.unhashed is None and not any("model hash" in line for line in old_a1111.not_used)
 
 
 def test_form_fill_drops_an_init_image_that_is_gone(tmp_path):
@@ -151,6 +176,38 @@ async def test_ctrl_o_fills_the_form_from_a_dropped_png_and_says_what_was_not_fi
         job = app.store.list_jobs()[0].request
         assert (job.model, job.steps, job.seed, job.width, job.height, job.extra) == (
             "fake-model.safetensors", 28, 1234, 512, 768, {})
+
+
+async def test_an_image_of_another_version_of_the_local_model_is_said_once_hashed_off_the_ui_thread(tmp_path):
+    from core.models.hashes import cached_sha256
+    from tests.tui_fakes import FakeRegistry
+
+    models = tmp_path / "models"
+    models.mkdir()
+    local = models / "dreamshaper_8.safetensors"
+    local.write_bytes(b"another dreamshaper_8")
+    png = a1111_png(tmp_path / "a.png")  # Model hash: 879db523c3
+    registry = FakeRegistry(["fake-model.safetensors", "dreamshaper_8.safetensors"], search_dirs=[models])
+    app = make_app(tmp_path, start_worker=False, registry=registry)
+    async with app.run_test(size=(140, 45)) as pilot:
+        screen = await ready(pilot, app)
+        screen.read_image_settings(str(png))
+        await wait_for(pilot, lambda: screen.query_one("#model", Select).value == "dreamshaper_8.safetensors")
+
+        def said() -> str | None:
+            return next((m for m in messages(app, "warning") if m.startswith("The image was made with")), None)
+
+        await wait_for(pilot, lambda: said() is not None)
+        sha256 = cached_sha256(local)  # hashed once, for the job that loads it too
+        assert sha256 is not None
+        assert said() == (f"The image was made with model hash 879db523c3; your dreamshaper_8.safetensors is "
+                          f"{sha256[:10]}: a different file, the image will not reproduce exactly")
+        app._notifications.clear()
+        screen.read_image_settings(str(png))  # known now: said with what was not filled, nothing hashed
+        await wait_for(pilot, lambda: any(m.startswith("Not filled: ") for m in messages(app, "warning")))
+        warning = next(m for m in messages(app, "warning") if m.startswith("Not filled: "))
+        assert f"the image was made with model hash 879db523c3; your dreamshaper_8.safetensors is {sha256[:10]}" \
+            in warning
 
 
 async def test_a_file_without_parameters_is_named_and_asked_again(tmp_path):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import shlex
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.metadata import MADE_WITH, expected_model_hash, model_hash_warning
+from core.models.hashes import cached_sha256
 from core.request import GenerationRequest, prompt_syntax_warnings
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 
@@ -53,6 +55,8 @@ class FormFill:
     values: dict[str, Any]
     filled: list[str] = field(default_factory=list)
     not_used: list[str] = field(default_factory=list)
+    # the local model file whose hash is not known yet, to compare with the image's off the UI thread
+    unhashed: Path | None = None
 
 
 def _label(name: str) -> str:
@@ -71,8 +75,13 @@ def match_name(wanted: str, names: Sequence[str]) -> str | None:
 
 
 def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequence[str],
-              current_model: str | None, current_vae: str | None, upscalers: Sequence[str] = ()) -> FormFill:
-    """The Generate form's values for ``request`` read from an image (its seed is the image's own)."""
+              current_model: str | None, current_vae: str | None, upscalers: Sequence[str] = (),
+              model_files: Mapping[str, Path] | None = None) -> FormFill:
+    """The Generate form's values for ``request`` read from an image (its seed is the image's own).
+
+    ``model_files`` (model name -> file) lets the image's model hash be compared with the matched file's, when
+    the hash cache knows it (``cached_sha256``: a stat and the small cache file, never the model); when it does
+    not, ``FormFill.unhashed`` names the file to hash elsewhere."""
     values: dict[str, Any] = request.to_dict()
     # How many images to make is the form's business, not the picture's; unmapped infotext entries (Version,
     # Model hash, ...) describe the old image and are not sent with new jobs.
@@ -95,6 +104,13 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     else:
         values["model"] = model
         filled.append(f"model {model}")
+        path = (model_files or {}).get(model)
+        if path is not None and expected_model_hash(request) is not None:
+            sha256 = cached_sha256(path)
+            if sha256 is None:
+                fill.unhashed = path
+            elif (warning := model_hash_warning(request, path, sha256)) is not None:
+                not_used.append(warning)
 
     if "Sampler" in extra:
         not_used.append(f"sampler {extra.pop('Sampler')} is not available (Euler used)")
@@ -158,7 +174,7 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
         not_used.append(f"the image is its source upscaled with {upscale['upscaler']}: the source's settings were "
                         "filled (History's u upscales again)")
     not_used.extend(prompt_syntax_warnings(request.prompt, request.negative_prompt))
-    extra = {k: v for k, v in extra.items() if v not in (None, "")}
+    extra = {k: v for k, v in extra.items() if v not in (None, "") and k != MADE_WITH}  # the hash is used above
     if extra:
         not_used.append("not used by Darkroom: " + ", ".join(extra))
     return fill

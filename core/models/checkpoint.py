@@ -1,4 +1,5 @@
-"""Opening single-file checkpoints: inspect (keys and shapes only), load (memory-mapped), hash.
+"""Opening single-file checkpoints: inspect (keys and shapes only), load (memory-mapped); hashes are
+``core.models.hashes``.
 
 ``inspect_checkpoint`` reads only the safetensors header, so a models folder can be classified without
 touching gigabytes. ``load_checkpoint`` builds each network on the meta device from the config read off its
@@ -17,13 +18,10 @@ quantisations) stay packed: their layers dequantise at forward time (``core.mode
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pickle
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -747,64 +745,12 @@ def load_checkpoint(
     )
 
 
-# --------------------------------------------------------------------------------------------------- hashing
-
-HASH_CACHE_NAME = "model-hashes.json"
-
-
-def _hash_cache_path() -> Path:
-    from core.paths import data_dir
-
-    return data_dir() / HASH_CACHE_NAME
-
-
-def file_sha256(path: str | Path, *, _digest: Callable[[Path], str] | None = None) -> str:
-    """Full SHA-256 of a file, cached by (absolute path, size, mtime_ns) so each file is hashed once."""
-    path = Path(path).resolve()
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise CheckpointError(path, "the file does not exist") from None
-    cache_path = _hash_cache_path()
-    try:
-        cache: dict[str, Any] = json.loads(cache_path.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(str(path))
-    if (
-        isinstance(entry, Mapping)
-        and entry.get("size") == st.st_size
-        and entry.get("mtime_ns") == st.st_mtime_ns
-    ):
-        return str(entry["sha256"])
-    digest = (_digest or _sha256)(path)
-    cache[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, cache_path)  # atomic: a concurrent reader sees the old or the new cache, never half
-    return digest
-
-
-def _sha256(path: Path) -> str:
-    with open_regular(path) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def model_hash(path: str | Path) -> str:
-    """A1111's ``Model hash``: the first 10 hex digits of the file's SHA-256."""
-    return file_sha256(path)[:10]
-
-
 __all__ = [
     "CheckpointInfo",
     "LoadedCheckpoint",
     "OTHER_KINDS",
-    "file_sha256",
     "inspect_checkpoint",
     "load_checkpoint",
     "load_components",
-    "model_hash",
     "open_source",
 ]

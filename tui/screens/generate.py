@@ -1164,13 +1164,37 @@ class GenerateScreen(MainScreen):
         current = self.form_values()
         fill = form_fill(request, models=[str(m.name) for m in self.models], vaes=self.vae_names,
                          current_model=current.get("model"), current_vae=current.get("vae"),
-                         upscalers=getattr(self, "upscaler_names", ()))
+                         upscalers=getattr(self, "upscaler_names", ()),
+                         model_files={str(m.name): m.path for m in self.models if hasattr(m, "path")})
         self.set_form_values(fill.values)
         self.app.settings.update(self.form_values())
         self.app.notify(f"Filled from {source}: " + "; ".join(fill.filled), markup=False, timeout=10)
         not_used = ([note] if note else []) + fill.not_used
         if not_used:
             self.app.notify("Not filled: " + "; ".join(not_used), severity="warning", markup=False, timeout=12)
+        if fill.unhashed is not None:
+            self.compare_model_hash(request, fill.unhashed)
+
+    @work(thread=True, exclusive=True, group="model-hash")
+    def compare_model_hash(self, request: GenerationRequest, path: Path) -> None:
+        """Hash the local model a filled image names (never done before: the hash cache had no entry), off the
+        UI thread, and say when it is another file than the image's; the job that loads it then finds the hash
+        cached."""
+        from textual.worker import get_current_worker
+
+        from core.metadata import model_hash_warning
+        from core.models.hashes import file_sha256
+
+        try:
+            sha256 = file_sha256(path)
+        except (DarkroomError, OSError):  # gone or unreadable: the job that loads it will say so
+            return
+        warning = model_hash_warning(request, path, sha256)
+        if warning is not None and not get_current_worker().is_cancelled:  # not after another image was filled
+            self.call_from_worker_thread(self._say_model_hash, warning)
+
+    def _say_model_hash(self, warning: str) -> None:
+        self.app.notify(warning[0].upper() + warning[1:], severity="warning", markup=False, timeout=12)
 
     # ---- job events from the app ---------------------------------------------------------------------------
 

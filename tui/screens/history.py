@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from core.events import Event, ImageSaved, JobFinished
+from core.metadata import with_made_with
 from core.request import GenerationRequest
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 from core.text import visible
@@ -39,8 +40,11 @@ def field(row: Any, name: str, default: Any = None) -> Any:
 
 
 def row_request(row: Any) -> GenerationRequest:
+    """The entry's request, saying the entry's own model hash (a job made from another image carries that
+    image's, which its job's model check must not compare with: this image was made with the local file)."""
     request = field(row, "request")
-    return request if isinstance(request, GenerationRequest) else GenerationRequest.from_dict(request)
+    request = request if isinstance(request, GenerationRequest) else GenerationRequest.from_dict(request)
+    return with_made_with(request, field(row, "model_hash"))
 
 
 def _grid_id(row: Any) -> str | None:
