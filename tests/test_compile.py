@@ -49,6 +49,9 @@ def _job(unet: UNetModel, steps: int = 2) -> torch.Tensor:
 def compiled():
     """A tiny UNet compiled with dynamo's ``eager`` backend (the graphs, captured once, are what is tested),
     its compiler, and the output of one job before and after compiling."""
+    # dynamo keeps graphs per code object, not per module: blocks of this shape compiled by an earlier test in this
+    # process (test_cuda_graphs uses _tiny_unet too) would be reused, and this compiler would count none
+    torch._dynamo.reset()
     unet = _tiny_unet(1)
     eager = _job(unet)
     compiler = DenoiserCompiler("torch", backend="eager")

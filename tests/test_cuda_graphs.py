@@ -565,6 +565,7 @@ def test_a_capture_around_compiled_blocks_compiles_nothing_more():
     """On a GPU a compile inside a capture fails (dynamo reads the CUDA RNG state, inductor copies constants to
     the device: pytorch#131782, #185074). The warm-up compiles; the capture's call, on static tensors that
     are other tensor objects, must hit the same compiled code."""
+    torch._dynamo.reset()  # graphs of these blocks compiled by an earlier test would be reused: nothing counted
     unet = _tiny_unet()
     eager = _steps(unet, steps=3)
     compiler = DenoiserCompiler("torch", backend="eager")
@@ -587,6 +588,7 @@ def test_a_capture_around_compiled_blocks_compiles_nothing_more():
 def test_a_compiled_job_through_the_runner_compiles_nothing_inside_its_capture(models):
     """The real job's tensors (conditioning from the text encoders, latents from the sampler) with dynamo's
     compiled blocks: the capture hits what the warm-up compiled."""
+    torch._dynamo.reset()  # as above: this job's warm-up must compile
     runner = PipelineRunner([models], previews=False)
 
     class CountingApi(FakeGraphApi):
