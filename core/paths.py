@@ -39,7 +39,11 @@ def default_output_dir() -> Path:
 
 
 def default_models_dir() -> Path:
-    return data_dir() / "models"
+    """Created with the data folder: the no-models screen tells a new user to copy a checkpoint into it, and
+    a folder that is not there read as a typo ("no such folder: check the path")."""
+    path = data_dir() / "models"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def database_path() -> Path:

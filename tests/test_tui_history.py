@@ -275,3 +275,17 @@ async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers
     async with wide.run_test(size=(140, 45)) as pilot:
         await with_history(pilot, wide, request("wide", 6))
         await wait_for(pilot, lambda: "c Copy prompt" in screen_text(wide).splitlines()[-1])
+
+
+def test_first_start_lists_darkroom_s_own_models_folder_as_there_to_copy_into(tmp_path, monkeypatch):
+    # A new user's first start (no --models-dir): the folder the screen tells them to copy a checkpoint into
+    # is created, not marked as a typo ("no such folder: check the path").
+    from core.models.registry import ModelRegistry
+    from tui.screens.no_models import no_models_text
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    folders = ModelRegistry().search_dirs
+    assert folders == [tmp_path / "fresh" / "data" / "models"] and folders[0].is_dir()
+    text = no_models_text(folders).plain
+    assert f"  • {folders[0]}\n" in text and "no such folder" not in text
