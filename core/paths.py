@@ -18,19 +18,21 @@ def _home() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def data_dir() -> Path:
-    """Database and default outputs."""
+def data_dir(create: bool = True) -> Path:
+    """Database and default outputs (``create=False``: only its name, as ``--help`` shows it)."""
     home = _home()
     path = home / "data" if home else Path(platformdirs.user_data_dir(APP_NAME))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def config_dir() -> Path:
-    """User presets and last-used settings."""
+def config_dir(create: bool = True) -> Path:
+    """User presets and last-used settings (``create=False``: only its name)."""
     home = _home()
     path = home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
