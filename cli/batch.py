@@ -807,6 +807,17 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
     return results
 
 
+def _job_numbers(indices: list[int]) -> str:
+    """'job 3', 'jobs 1, 2 and 5', 'jobs 1-40' (a run of numbers), for one problem shared by several jobs."""
+    if len(indices) == 1:
+        return f"job {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"jobs {indices[0]}-{indices[-1]}"
+    if len(indices) > 8:
+        return f"jobs {', '.join(map(str, indices[:8]))} and {len(indices) - 8} more"
+    return f"jobs {', '.join(map(str, indices[:-1]))} and {indices[-1]}"
+
+
 def run_batch(
     jobs_source: str,
     *,
@@ -904,6 +915,7 @@ def run_batch(
     from core.upscale import INSTALL_HINT, is_model_upscaler
 
     checkpoints: dict[int, Path] = {}
+    unusable: dict[str, list[int]] = {}  # problem -> the jobs it is in (a [defaults] model: every job)
     for job in jobs:
         try:
             hires = job.request.hires
@@ -935,8 +947,15 @@ def run_batch(
                 for warning in cache_options.cache_warnings(job.request, family):
                     warn(job.index, warning)
         except (ModelNotFoundError, LoraError, RequestError) as exc:
-            error(f"{label}: job {job.index}: {exc}")
-            return EXIT_MODEL
+            # every job's missing model in one go, as the field checks do: a jobs file with three mistyped
+            # names is fixed in one edit, not three runs
+            unusable.setdefault(str(exc), []).append(job.index)
+    if unusable:
+        lines = [f"{label}: {_job_numbers(indices)}: {problem}" for problem, indices in unusable.items()]
+        count = sum(len(indices) for indices in unusable.values())
+        more = f"\n(nothing was run: {count} of {len(jobs)} jobs name a model that cannot be used)"
+        error("\n".join(lines) + (more if count > 1 else ""))
+        return EXIT_MODEL
     mismatches = _family_mismatches(jobs, checkpoints, registry, label)
     from core.detectors import request_problems as detector_problems
 
