@@ -289,3 +289,16 @@ def test_first_start_lists_darkroom_s_own_models_folder_as_there_to_copy_into(tm
     assert folders == [tmp_path / "fresh" / "data" / "models"] and folders[0].is_dir()
     text = no_models_text(folders).plain
     assert f"  • {folders[0]}\n" in text and "no such folder" not in text
+
+
+@pytest.mark.parametrize("width", [100, 115, 116, 120, 123, 124, 130])
+async def test_the_history_footer_fits_from_100_columns(tmp_path, width):
+    """From 100 to 125 columns the footer with every key cut 'u Up▏', or at 120 '^q ▏': Delete and Quit
+    did not show. The copy keys show only where the whole footer fits, and the roomier key spacing only
+    from where the longest footer fits with it."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(width, 30)) as pilot:
+        await with_history(pilot, app, request("fits", 5))
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert "x Delete" in footer and "^q Quit" in footer and footer.rstrip().endswith("^p palette"), footer

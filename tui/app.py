@@ -163,7 +163,9 @@ class DarkroomApp(App[int]):
     }
     DEFAULT_MODE = "generate"
     # Size classes on every screen, for layouts that still work in an 80x24 SSH window (see the .tcss files).
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (120, "-wide")]
+    # Below -wide the footer's keys are spaced closer (app.tcss): the roomier spacing starts where the longest
+    # footer (History's, with its copy keys) fits with it.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (124, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
         # Named in the screen tabs at the top, so the footer keeps its room for each screen's own keys.

@@ -137,6 +137,8 @@ class HistoryScreen(MainScreen):
         Binding("x,delete", "delete", "Delete"),
     ]
     WIDE_ONLY = frozenset({"copy_prompt", "copy_seed", "show_path", "upscale"})
+    WIDE_FOOTER = 116  # every key above with the compact spacing, and the palette's ^p (more fill a 120-column line)
+    LONG_DATES = 100  # from here the list's date is the long form
     DEFAULT_CSS = """
     HistoryScreen #history-body { height: 1fr; }
     HistoryScreen #history-left { width: 1fr; }
@@ -156,7 +158,7 @@ class HistoryScreen(MainScreen):
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
         self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
         self._refresh_queued = False  # a refresh for new images waits in the app's queue (_refresh_soon)
-        self._narrow_list: bool | None = None  # the created column's short form (below WIDE_FOOTER columns)
+        self._narrow_list: bool | None = None  # the created column's short form (below LONG_DATES columns)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
@@ -190,7 +192,7 @@ class HistoryScreen(MainScreen):
         self.apply_pending_search()
 
     def on_resize(self, event: events.Resize) -> None:
-        if (event.size.width < self.WIDE_FOOTER) != self._narrow_list and self.rows:
+        if (event.size.width < self.LONG_DATES) != self._narrow_list and self.rows:
             self.refresh_history()  # the created column's long or short form
 
     def apply_pending_search(self) -> None:
@@ -235,7 +237,7 @@ class HistoryScreen(MainScreen):
         entries = self._entries(rows)
         # a grid's entry changes with its cell count and its image while its key stays
         shown = [(key, field(row, "id"), cells) for key, (row, cells) in entries.items()]
-        narrow = self.app.size.width < self.WIDE_FOOTER
+        narrow = self.app.size.width < self.LONG_DATES
         if rows and shown == self._shown and table.row_count == len(entries) and narrow == self._narrow_list:
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
