@@ -81,7 +81,8 @@ async def test_load_into_generate_copy_and_delete(tmp_path):
         assert copied == ["load me (a:1.2)", "5"]
         await pilot.press("o")
         path = app.store.history()[0].path
-        assert any(path == n.message for n in app._notifications)
+        assert any(path == n.message and "copied" in n.title for n in app._notifications)
+        assert copied[-1] == path  # a notification's text cannot be selected: the path is on the clipboard
         await pilot.press("l")
         await pilot.pause()
         generate = app.get_generate_screen()
@@ -269,7 +270,7 @@ async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers
         await wait_for(pilot, lambda: len(str(table.get_row_at(0)[0])) == 19)
         await wait_for(pilot, lambda: "c Copy prompt" in screen_text(app).splitlines()[-1])
         await pilot.press("c", "s", "o")
-        assert copied == ["narrow", "5"]
+        assert copied == ["narrow", "5", app.store.history()[0].path]
         assert any(app.store.history()[0].path == n.message for n in app._notifications)
     wide = make_app(tmp_path / "wide")
     async with wide.run_test(size=(140, 45)) as pilot:

@@ -474,9 +474,13 @@ class HistoryScreen(MainScreen):
             self.app.notify(f"Seed {field(row, 'seed')} copied to the clipboard", timeout=2)
 
     def action_show_path(self, _key: str = "") -> None:
+        # shown and copied: a notification's text cannot be selected, and the path is what a user pastes into
+        # a file manager, an image viewer or a --batch jobs file
         row = self._with_row()
         if row is not None:
-            self.app.notify(str(field(row, "path")), title="File", markup=False, timeout=10)
+            path = str(field(row, "path"))
+            self.app.copy_to_clipboard(path)
+            self.app.notify(visible(path), title="File (path copied to the clipboard)", markup=False, timeout=10)
 
     def action_delete(self) -> None:
         row = self._with_row()
