@@ -125,6 +125,17 @@ def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
 
+def notify_preset_problems(app: Any, problems: list[Any]) -> None:
+    """Say each preset file that could not be loaded once, not at every reload: the Generate form and the
+    Presets screen both read the folder (again after each save, rename or delete), and each had said every
+    broken file again. A file fixed and broken again is said again; the Presets screen keeps listing them."""
+    said = getattr(app, "_preset_problems_said", set())
+    for problem in map(str, problems or []):
+        if problem not in said:
+            app.notify(problem, severity="warning", markup=False)
+    app._preset_problems_said = set(map(str, problems or []))
+
+
 def inspect_models(registry: Any, models: list[Any]) -> dict[str, Any]:
     """Model name -> its ``ModelInfo`` (family from the header; the registry caches it per file). Runs in the
     model-scan worker thread: a large folder's headers are never read on the UI thread."""
@@ -497,8 +508,7 @@ class GenerateScreen(MainScreen):
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
         self._set_preset_options()
-        for problem in problems or []:
-            self.app.notify(str(problem), severity="warning", markup=False)
+        notify_preset_problems(self.app, problems)
 
     def fitting_presets(self) -> list[Any]:
         """The presets that suit the chosen model's family (all of them while it is not known)."""
