@@ -149,6 +149,19 @@ PREBUILD_BETWEEN_S = 0.3
 SWITCH_GIVE_WAY_S = 0.25
 
 
+def finished_text(job_id: int, paths: list[str]) -> str:
+    """Where the job's images went, said as it ends: a new user's first question after the first job (the
+    History's o copies a path later)."""
+    if not paths:
+        return f"Job #{job_id} finished"
+    folders = {str(Path(path).parent) for path in paths}
+    if len(paths) == 1:
+        where = f"saved {paths[0]}"
+    else:
+        where = f"{len(paths)} images saved in {folders.pop()}" if len(folders) == 1 else f"{len(paths)} images saved"
+    return visible(f"Job #{job_id} finished: {where}")
+
+
 class DarkroomApp(App[int]):
     # The Generate screen's rules load with the app's: a screen's own CSS_PATH re-parses the whole stylesheet
     # when the screen mounts, before the first frame.
@@ -488,8 +501,7 @@ class DarkroomApp(App[int]):
                 self.refresh_bindings()
             self.grids.job_ended(event)
             if isinstance(event, JobFinished):
-                count = len(event.paths)
-                self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
+                self.notify(finished_text(event.job_id, event.paths), markup=False, timeout=5)
             elif isinstance(event, JobFailed):
                 self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False,
                             timeout=8)
