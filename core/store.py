@@ -595,8 +595,10 @@ class JobStore:
         return _job_from_row(row) if row else None
 
     @_db_call
-    def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None) -> list[Job]:
-        """Running first, then pending in run order, then the ended ones, most recently ended first."""
+    def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None,
+                  limit: int | None = None) -> list[Job]:
+        """Running first, then pending in run order, then the ended ones, most recently ended first; at most
+        ``limit`` of them."""
         where, args = [], []
         if states is not None:
             states = list(states)
@@ -616,6 +618,9 @@ class JobStore:
             " CASE WHEN state = 'pending' THEN -priority ELSE 0 END,"
             " CASE WHEN state IN ('running', 'pending') THEN 0 ELSE -COALESCE(finished, created) END, position, id"
         )
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _job_from_row)
 
     @_db_call
