@@ -767,11 +767,15 @@ class JobStore:
 
     @_db_call
     def history(self, search: str | None = None, limit: int = 100, offset: int = 0) -> list[HistoryEntry]:
-        """Newest first; ``search`` matches a substring of the prompt (case-insensitive for ASCII)."""
+        """Newest first; ``search`` matches a substring of the prompt or the file's path (case-insensitive for
+        ASCII), or the seed: a file name from a file manager, a day's folder or a seed finds its image too."""
         sql, args = "SELECT * FROM history", []
         if search:
-            sql += " WHERE prompt LIKE ? ESCAPE '\\'"
-            args.append(f"%{_escape_like(search)}%")
+            sql += " WHERE prompt LIKE ? ESCAPE '\\' OR path LIKE ? ESCAPE '\\'"
+            args.extend([f"%{_escape_like(search)}%"] * 2)
+            if search.strip().isdigit():
+                sql += " OR seed = ?"
+                args.append(int(search.strip()))
         sql += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         args.extend([int(limit), int(offset)])
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _history_from_row)

@@ -163,7 +163,7 @@ class HistoryScreen(MainScreen):
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
             with Vertical(id="history-left"):
-                yield Input(placeholder="search prompts (/)", id="history-search")
+                yield Input(placeholder="search prompts, seeds, file names (/)", id="history-search")
                 yield DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
             with Vertical(id="history-right"):
                 with Vertical(id="thumb-box"):
