@@ -150,6 +150,14 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         except RecursionError:
             raise BatchInputError(_too_deep(label)) from None
         unknown = sorted(set(data) - {"job", "defaults", "grid"})
+        fields = {f.name for f in dataclasses.fields(GenerationRequest)} | set(_NOT_FIELDS)
+        if unknown and set(unknown) <= fields:
+            # a job written without its header, the likeliest first jobs file: say where the fields go
+            names = ", ".join(repr(key) for key in unknown)
+            raise BatchInputError(
+                f"{label}: {names} {'are job fields' if len(unknown) > 1 else 'is a job field'} at the top "
+                "level; put a [[job]] line above a job's fields (or [defaults] above the fields every job shares)"
+            )
         if unknown:
             raise BatchInputError(
                 f"{label}: unknown top-level key {unknown[0]!r}; valid: [[job]] tables, one [defaults] table "

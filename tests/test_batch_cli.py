@@ -156,6 +156,10 @@ def test_every_job_s_missing_model_is_named_in_one_go(setup):
         ('[[job]]\nmodel = "fake"\npreset = "no-such-preset"\n', ["job 1", "no-such-preset"]),
         ('[[job]]\nprompt = "no model"\n', ["job 1", "model", "required"]),
         ('title = "x"\n', ["unknown top-level key 'title'"]),
+        # a first jobs file without its [[job]] header: where the fields go
+        ('model = "fake"\nprompt = "a fox"\n', ["'model', 'prompt' are job fields at the top level",
+                                                 "put a [[job]] line above a job's fields"]),
+        ('steps = 4\n[[job]]\nmodel = "fake"\n', ["'steps' is a job field at the top level", "[defaults]"]),
         ("# nothing here\n", ["no jobs found"]),
     ],
 )
