@@ -218,6 +218,8 @@ class QueueScreen(MainScreen):
             self.app.notify(f"Could not read the queue: {error}", severity="error", markup=False)
             return
         older = len(ended) > RECENT_ENDED  # done jobs beyond those listed (their images are in the History)
+        fresher = {j.id for j in ended}  # a job that ended between the two reads: the second has it as it is
+        jobs = [j for j in jobs if j.id not in fresher]
         jobs = [*(j for j in jobs if j.state in ACTIVE), *sorted(  # the store's order: most recently ended first
             [*(j for j in jobs if j.state not in ACTIVE), *ended[:RECENT_ENDED]],
             key=lambda j: (-(j.finished if j.finished is not None else j.created), j.position, j.id))]
