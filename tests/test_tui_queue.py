@@ -252,3 +252,21 @@ async def test_months_of_done_jobs_list_the_newest_and_every_job_to_act_on(tmp_p
         rows = [int(str(key.value)) for key in screen.table.rows]
         assert rows == [*reversed(done[-RECENT_ENDED:]), failed]  # most recently ended first
         assert f"the last {RECENT_ENDED} done shown" in str(screen.query_one("#queue-title").render())
+
+
+async def test_jobs_left_in_the_queue_at_quit_are_said_as_they_run_at_the_next_start(tmp_path):
+    # they started with no word, as if the new session had queued them itself
+    from core.store import JobStore
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    left = [store.add_job(request(f"left {i}")) for i in range(2)]
+    store.close()
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 40), notifications=True) as pilot:
+        await wait_for(pilot, lambda: all(state(app, job) == "done" for job in left))
+        assert any(n.message == "Running 2 jobs left in the queue from last time (F4 lists them; p there pauses "
+                   "the queue)" for n in app._notifications)
+    app = make_app(tmp_path)  # nothing left now: nothing said
+    async with app.run_test(size=(140, 40), notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.worker.running)
+        assert not any("left in the queue" in n.message for n in app._notifications)

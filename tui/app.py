@@ -372,11 +372,19 @@ class DarkroomApp(App[int]):
                 self.grids.restore()  # before any cell can end: grids an earlier run left without their image
             except Exception as error:  # noqa: BLE001 - the database failed: the queue still runs
                 self.notify(f"Could not read the open X/Y/Z grids: {error}", severity="error", markup=False)
+            try:  # jobs queued when the app was last closed run again at once: say so, or they start unasked
+                left = self.store.pending_count(getattr(self.worker, "queue", None))
+            except Exception:  # noqa: BLE001 - a note only: the worker says what is wrong with the database
+                left = 0
             try:
+                jobs = f"{left} job{'s' * (left != 1)}"
                 if self.settings.get("queue_paused") is True:  # paused when the app was last left
                     self.worker.pause()
-                    self.notify("The queue is paused, as you left it: p on the Queue screen (F4) resumes it",
-                                timeout=6)
+                    self.notify("The queue is paused, as you left it" + (f", with {jobs} waiting" if left else "")
+                                + ": p on the Queue screen (F4) resumes it", timeout=6)
+                elif left:
+                    self.notify(f"Running {jobs} left in the queue from last time (F4 lists them; p there pauses "
+                                "the queue)", timeout=6)
                 self.worker.start()
             except Exception as error:  # a worker that cannot start must not take the UI down
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
