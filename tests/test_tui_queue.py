@@ -270,3 +270,21 @@ async def test_jobs_left_in_the_queue_at_quit_are_said_as_they_run_at_the_next_s
     async with app.run_test(size=(140, 40), notifications=True) as pilot:
         await wait_for(pilot, lambda: app.worker.running)
         assert not any("left in the queue" in n.message for n in app._notifications)
+
+
+async def test_a_job_that_ends_between_the_queue_s_two_reads_is_listed_once(tmp_path):
+    # the jobs to act on are read, then the ended ones: a job ending in between is in both reads
+    import dataclasses
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 40)) as pilot:
+        job = app.submit(request("ends now", steps=1))
+        await wait_for(pilot, lambda: state(app, job) == "done")
+        screen = await open_queue(pilot, app)
+        done = app.store.get_job(job)
+        list_jobs = app.store.list_jobs
+        app.store.list_jobs = lambda states=None, **kw: (  # the first read still sees it running
+            [dataclasses.replace(done, state="running")] if "running" in (states or ()) else list_jobs(states, **kw))
+        screen.refresh_jobs()
+        assert [str(key.value) for key in screen.table.rows] == [str(job)]
+        assert str(screen.table.get_cell(str(job), "state")) == "done"
