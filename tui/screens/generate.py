@@ -866,6 +866,7 @@ class GenerateScreen(MainScreen):
             if family is not None:
                 errors.extend(family_problems(request, family))
             errors.extend(self._lora_problems(request, family))
+            errors.extend(self._parts_problems(request))
             from core.detectors import detector_problem
 
             for index, entry in enumerate(request.detailer):  # a detector package to install, said now
@@ -903,6 +904,24 @@ class GenerateScreen(MainScreen):
                 problems.append(RequestError("loras", ref.name, f"{path.name} is {with_article(family_label(base))} "
                                              f"LoRA (by its keys), but the model is {family_label(family)}"))
         return problems
+
+    def _parts_problems(self, request: GenerationRequest) -> list[RequestError]:
+        """A part a diffusion model kept alone needs that is in no folder (Flux.1's T5, Z-Image's Qwen3, a VAE),
+        or a named one that is no such part: said now, as --batch says it before anything runs; the job was
+        queued and failed when it ran, after the jobs before it."""
+        from core.errors import ModelNotFoundError
+        from core.models.split import resolve_parts
+
+        find = getattr(self.app.registry, "find_checkpoint", None)
+        if find is None:
+            return []
+        try:
+            resolve_parts(self.app.registry, find(request.model), request.text_encoders, request.vae)
+        except RequestError as error:
+            return [error]
+        except ModelNotFoundError as error:
+            return [RequestError("model", request.model, str(error))]
+        return []
 
     def _resolve_init_image(self, value: str) -> str:
         """The init image's absolute path. A relative one is taken from the current directory (the folder
