@@ -150,6 +150,14 @@ def _job_tables(text: str, label: str, fmt: str) -> tuple[list[tuple[str, Any]],
         except RecursionError:
             raise BatchInputError(_too_deep(label)) from None
         unknown = sorted(set(data) - {"job", "defaults", "grid"})
+        fields = {f.name for f in dataclasses.fields(GenerationRequest)} | set(_NOT_FIELDS)
+        if unknown and set(unknown) <= fields:
+            # a job written without its header, the likeliest first jobs file: say where the fields go
+            names = ", ".join(repr(key) for key in unknown)
+            raise BatchInputError(
+                f"{label}: {names} {'are job fields' if len(unknown) > 1 else 'is a job field'} at the top "
+                "level; put a [[job]] line above a job's fields (or [defaults] above the fields every job shares)"
+            )
         if unknown:
             raise BatchInputError(
                 f"{label}: unknown top-level key {unknown[0]!r}; valid: [[job]] tables, one [defaults] table "
@@ -821,6 +829,17 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
     return results
 
 
+def _job_numbers(indices: list[int]) -> str:
+    """'job 3', 'jobs 1, 2 and 5', 'jobs 1-40' (a run of numbers), for one problem shared by several jobs."""
+    if len(indices) == 1:
+        return f"job {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"jobs {indices[0]}-{indices[-1]}"
+    if len(indices) > 8:
+        return f"jobs {', '.join(map(str, indices[:8]))} and {len(indices) - 8} more"
+    return f"jobs {', '.join(map(str, indices[:-1]))} and {indices[-1]}"
+
+
 def run_batch(
     jobs_source: str,
     *,
@@ -920,6 +939,7 @@ def run_batch(
     from core.upscale import INSTALL_HINT, is_model_upscaler
 
     checkpoints: dict[int, Path] = {}
+    unusable: dict[str, list[int]] = {}  # problem -> the jobs it is in (a [defaults] model: every job)
     for job in jobs:
         try:
             hires = job.request.hires
@@ -956,8 +976,15 @@ def run_batch(
                 for warning in cache_options.cache_warnings(job.request, family):
                     warn(job.index, warning)
         except (ModelNotFoundError, LoraError, RequestError) as exc:
-            error(f"{label}: job {job.index}: {exc}")
-            return EXIT_MODEL
+            # every job's missing model in one go, as the field checks do: a jobs file with three mistyped
+            # names is fixed in one edit, not three runs
+            unusable.setdefault(str(exc), []).append(job.index)
+    if unusable:
+        lines = [f"{label}: {_job_numbers(indices)}: {problem}" for problem, indices in unusable.items()]
+        count = sum(len(indices) for indices in unusable.values())
+        more = f"\n(nothing was run: {count} of {len(jobs)} jobs name a model that cannot be used)"
+        error("\n".join(lines) + (more if count > 1 else ""))
+        return EXIT_MODEL
     mismatches = _family_mismatches(jobs, checkpoints, registry, label)
     from core.detectors import request_problems as detector_problems
 

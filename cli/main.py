@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
@@ -26,13 +27,32 @@ def _version() -> str:
         return "unknown"
 
 
+def _where_things_are() -> str:
+    """The folders Darkroom uses when no option names them, as they are on this machine: a new user's first
+    questions are where to put the models and where the images went."""
+    from core.paths import config_dir, data_dir
+
+    data = data_dir(create=False)
+    return (f"Without options, checkpoints are looked for in $DARKROOM_MODELS and {data / 'models'}; images are "
+            f"saved in {data / 'outputs'} (a folder per day); the queue and history are in "
+            f"{data / 'darkroom.sqlite3'}; your presets are in {config_dir(create=False) / 'presets'}.")
+
+
+def _wrap(paragraph: str) -> str:
+    return textwrap.fill(paragraph, 78, break_long_words=False, break_on_hyphens=False)  # paths stay whole
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="darkroom",
         description="Local Stable Diffusion image generation: a terminal UI, or headless with --batch.",
-        epilog="Exit codes with --batch: 0 all jobs succeeded, 1 a job failed, 2 usage or input error, "
-        "3 a model cannot be found or loaded, 4 the job database cannot be used (locked by another process "
-        "for over 30 s, or $DARKROOM_DB_TIMEOUT seconds; disk full), 130 interrupted.",
+        # two paragraphs, wrapped here: argparse's own formatter would run them into one
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(_wrap(paragraph) for paragraph in (
+            _where_things_are(),
+            "Exit codes with --batch: 0 all jobs succeeded, 1 a job failed, 2 usage or input error, "
+            "3 a model cannot be found or loaded, 4 the job database cannot be used (locked by another process "
+            "for over 30 s, or $DARKROOM_DB_TIMEOUT seconds; disk full), 130 interrupted.")),
     )
     parser.add_argument(
         "--batch",
@@ -56,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder with checkpoints (ComfyUI or A1111 layout, or plain); repeatable",
     )
     parser.add_argument(
-        "--output-dir", metavar="DIR", help="where images are saved (default: the data folder)"
+        "--output-dir", metavar="DIR", help="where images are saved (default: outputs in the data folder, named below)"
     )
     parser.add_argument("--db", metavar="FILE", help="the job queue and history database")
     parser.add_argument(

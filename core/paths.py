@@ -18,19 +18,21 @@ def _home() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def data_dir() -> Path:
-    """Database and default outputs."""
+def data_dir(create: bool = True) -> Path:
+    """Database and default outputs (``create=False``: only its name, as ``--help`` shows it)."""
     home = _home()
     path = home / "data" if home else Path(platformdirs.user_data_dir(APP_NAME))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def config_dir() -> Path:
-    """User presets and last-used settings."""
+def config_dir(create: bool = True) -> Path:
+    """User presets and last-used settings (``create=False``: only its name)."""
     home = _home()
     path = home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -39,7 +41,11 @@ def default_output_dir() -> Path:
 
 
 def default_models_dir() -> Path:
-    return data_dir() / "models"
+    """Created with the data folder: the no-models screen tells a new user to copy a checkpoint into it, and
+    a folder that is not there read as a typo ("no such folder: check the path")."""
+    path = data_dir() / "models"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def database_path() -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 
 from core import paths
 from core.errors import PresetError, RequestError
-from core.request import GenerationRequest, HiresFix
+from core.request import GenerationRequest, HiresFix, suggest
 
 META_KEYS = ("name", "description", "family")
 
@@ -89,7 +89,9 @@ def validate_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in fields.items():
         if key not in _REQUEST_TYPES:
             known = ", ".join(sorted(_REQUEST_TYPES))
-            raise PresetError(f"unknown key {key!r} (valid keys: name, description, family, {known})")
+            guess = suggest(key, [*_REQUEST_TYPES, "name", "description", "family"])
+            hint = f"did you mean {guess!r}? " if guess else ""
+            raise PresetError(f"unknown key {key!r} ({hint}valid keys: name, description, family, {known})")
         problem = _type_problem(key, value, _REQUEST_TYPES[key])
         if problem:
             raise PresetError(problem)

@@ -595,8 +595,10 @@ class JobStore:
         return _job_from_row(row) if row else None
 
     @_db_call
-    def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None) -> list[Job]:
-        """Running first, then pending in run order, then the ended ones, most recently ended first."""
+    def list_jobs(self, states: Iterable[str] | None = None, queue: str | None = None,
+                  limit: int | None = None) -> list[Job]:
+        """Running first, then pending in run order, then the ended ones, most recently ended first; at most
+        ``limit`` of them."""
         where, args = [], []
         if states is not None:
             states = list(states)
@@ -616,6 +618,9 @@ class JobStore:
             " CASE WHEN state = 'pending' THEN -priority ELSE 0 END,"
             " CASE WHEN state IN ('running', 'pending') THEN 0 ELSE -COALESCE(finished, created) END, position, id"
         )
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _job_from_row)
 
     @_db_call
@@ -762,11 +767,15 @@ class JobStore:
 
     @_db_call
     def history(self, search: str | None = None, limit: int = 100, offset: int = 0) -> list[HistoryEntry]:
-        """Newest first; ``search`` matches a substring of the prompt (case-insensitive for ASCII)."""
+        """Newest first; ``search`` matches a substring of the prompt or the file's path (case-insensitive for
+        ASCII), or the seed: a file name from a file manager, a day's folder or a seed finds its image too."""
         sql, args = "SELECT * FROM history", []
         if search:
-            sql += " WHERE prompt LIKE ? ESCAPE '\\'"
-            args.append(f"%{_escape_like(search)}%")
+            sql += " WHERE prompt LIKE ? ESCAPE '\\' OR path LIKE ? ESCAPE '\\'"
+            args.extend([f"%{_escape_like(search)}%"] * 2)
+            if search.strip().isdigit():
+                sql += " OR seed = ?"
+                args.append(int(search.strip()))
         sql += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         args.extend([int(limit), int(offset)])
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _history_from_row)

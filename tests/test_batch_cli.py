@@ -131,6 +131,21 @@ def test_missing_model_gives_exit_3_before_anything_runs(setup):
     assert FakeRunner.seen == []
 
 
+def test_every_job_s_missing_model_is_named_in_one_go(setup):
+    # a jobs file with several mistyped names is fixed in one edit; a [defaults] model's typo is one line
+    run, write, _ = setup
+    jobs = write("jobs.toml", '[defaults]\nmodel = "fkae"\n[[job]]\n[[job]]\n[[job]]\nmodel = "fake"\n'
+                 '[[job]]\nmodel = "fake"\nprompt = "<lora:nope:1>"\n[[job]]\n[[job]]\nmodel = "dreamshaper_8"\n')
+    code, out, err = run(jobs)
+    assert code == 3 and out == "" and FakeRunner.seen == []
+    lines = err.splitlines()
+    assert len(lines) == 4, err
+    assert lines[0].startswith(f"darkroom: error: {jobs}: jobs 1, 2 and 5: checkpoint 'fkae' not found in ")
+    assert lines[1].startswith(f"darkroom: error: {jobs}: job 4: LoRA 'nope' not found")
+    assert lines[2].startswith(f"darkroom: error: {jobs}: job 6: checkpoint 'dreamshaper_8' not found in ")
+    assert lines[3] == "darkroom: error: (nothing was run: 5 of 6 jobs name a model that cannot be used)"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -141,6 +156,10 @@ def test_missing_model_gives_exit_3_before_anything_runs(setup):
         ('[[job]]\nmodel = "fake"\npreset = "no-such-preset"\n', ["job 1", "no-such-preset"]),
         ('[[job]]\nprompt = "no model"\n', ["job 1", "model", "required"]),
         ('title = "x"\n', ["unknown top-level key 'title'"]),
+        # a first jobs file without its [[job]] header: where the fields go
+        ('model = "fake"\nprompt = "a fox"\n', ["'model', 'prompt' are job fields at the top level",
+                                                 "put a [[job]] line above a job's fields"]),
+        ('steps = 4\n[[job]]\nmodel = "fake"\n', ["'steps' is a job field at the top level", "[defaults]"]),
         ("# nothing here\n", ["no jobs found"]),
     ],
 )

@@ -399,3 +399,16 @@ def test_a_batch_count_job_killed_at_its_third_image_keeps_the_first_two_and_res
                      stderr=io.StringIO()) == 0
     with Image.open(paths[2]) as resumed, Image.open(stdout.getvalue().split()[0]) as fresh:
         assert resumed.tobytes() == fresh.tobytes()
+
+
+def test_help_names_the_folders_used_without_options_and_creates_none(tmp_path, monkeypatch):
+    # a new user's first questions: where do the models go, where did the images go
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    text = build_parser().format_help()
+    data = tmp_path / "home" / "data"
+    flat = " ".join(text.split())
+    assert f"checkpoints are looked for in $DARKROOM_MODELS and {data / 'models'};" in flat
+    assert f"images are saved in {data / 'outputs'} (a folder per day)" in flat
+    assert f"{data / 'darkroom.sqlite3'}" in flat and str(tmp_path / "home" / "config" / "presets") in flat
+    assert "\n\nExit codes with --batch: 0" in text  # its own paragraph
+    assert not (tmp_path / "home").exists()

@@ -81,6 +81,7 @@ def test_bad_preset_files_are_reported_and_others_still_load(user_dir):
     (user_dir / "bad-steps.toml").write_text('name = "bad"\nsteps = "abc"\n')
     (user_dir / "broken.toml").write_text("steps = = 3\n")
     (user_dir / "unknown.toml").write_text("stepz = 3\n")
+    (user_dir / "unknown-name.toml").write_text("nmae = \"x\"\n")
     (user_dir / "range.toml").write_text("steps = 500\n")
     (user_dir / "family.toml").write_text('family = "sd3"\n')
     (user_dir / "hires.toml").write_text('hires = 2\n')
@@ -97,11 +98,12 @@ def test_bad_preset_files_are_reported_and_others_still_load(user_dir):
     by_file = {p.split(":", 1)[0]: p for p in problems}
     assert set(by_file) == {
         str(user_dir / n)
-        for n in ("bad-steps.toml", "broken.toml", "unknown.toml", "range.toml", "family.toml", "hires.toml",
+        for n in ("bad-steps.toml", "broken.toml", "unknown.toml", "unknown-name.toml", "range.toml", "family.toml", "hires.toml",
                   "hires-key.toml", "shadow.toml")
     }
     assert "not valid TOML" in by_file[str(user_dir / "broken.toml")]
-    assert "unknown key 'stepz'" in by_file[str(user_dir / "unknown.toml")]
+    assert "unknown key 'stepz' (did you mean 'steps'? valid keys: name, " in by_file[str(user_dir / "unknown.toml")]
+    assert "unknown key 'nmae' (did you mean 'name'?" in by_file[str(user_dir / "unknown-name.toml")]
     assert "'steps' = 500 is invalid: an integer from 1 to 150" in by_file[str(user_dir / "range.toml")]
     assert "'family' must be one of sd15, sd2, sdxl, flux, flux2, zimage, got 'sd3'" in by_file[str(user_dir / "family.toml")]
     assert "key 'hires' must be a table" in by_file[str(user_dir / "hires.toml")]

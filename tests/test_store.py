@@ -395,3 +395,14 @@ def test_grids_stay_open_until_closed_and_find_their_cells_and_retries(tmp_path)
         assert [j.id for j in store.grid_cells("g1")] == [*ids, again]
         assert store.close_grid("g1") and not store.close_grid("g1")
         assert store.open_grids() == [] and store.grid_cells("nothing") == []
+
+
+def test_history_search_finds_an_image_by_its_file_name_folder_or_seed(store):
+    # a file name copied from a file manager, a day's folder or a seed from an image viewer finds its entry
+    fox = store.add_history(None, "/out/2026-12-01/00007-123456.png", req("a red fox"), 123456)
+    owl = store.add_history(None, "/out/2026-12-02/00008-99.png", req("an owl"), 99)
+    assert [e.id for e in store.history("00007-123456")] == [fox]
+    assert [e.id for e in store.history("2026-12-02")] == [owl]
+    assert [e.id for e in store.history("99")] == [owl]  # the seed (and the file name's digits)
+    assert [e.id for e in store.history(" 123456 ")] == [fox]
+    assert [e.id for e in store.history("fox")] == [fox]

@@ -402,3 +402,19 @@ async def test_a_flow_model_chosen_after_an_sd_preset_moves_the_sampler_and_sche
         screen.query_one("#model", Select).value = "base15"
         await pilot.pause()
         assert screen.query_one("#sampler", Select).value == "dpmpp_2m"
+
+
+async def test_a_split_model_whose_text_encoder_is_in_no_folder_is_not_queued(tmp_path):
+    """Flux.1 kept as ComfyUI's split files without its T5: --batch names the missing part before anything runs;
+    the TUI queued the job, which failed when it ran (after the jobs before it)."""
+    from core.models.testing import write_random_flux_split_set
+
+    write_random_flux_split_set(tmp_path, "comfyui", parts=("clip_l", "vae"))
+    app = make_app(tmp_path, registry=ModelRegistry([tmp_path / "models"]))
+    async with app.run_test(size=(120, 35), notifications=True) as pilot:
+        screen = await ready(pilot, app, model="flux1-dev")
+        screen.query_one("#prompt", TextArea).load_text("a fox")
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: any("Flux.1 needs a T5-XXL text encoder: none in" in n.message
+                                          for n in app._notifications))
+        assert app.store.list_jobs() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from textual.widgets import Checkbox, Input, Select, TextArea
@@ -403,3 +404,21 @@ async def test_at_80_columns_a_running_jobs_stop_key_fits_the_footer(tmp_path):
     async with wide.run_test(size=(120, 40)) as pilot:
         await ready(pilot, wide)
         await wait_for(pilot, lambda: "^l Lock seed" in screen_text(wide).splitlines()[-1])
+
+
+async def test_a_finished_job_says_where_its_images_were_saved(tmp_path):
+    # a new user's first question after the first job; it said "Job #1 finished: 1 image" and no path
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#steps", Input).value = "2"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.history()) == 1)
+        path = app.store.history()[0].path
+        await wait_for(pilot, lambda: any(n.message == f"Job #1 finished: saved {path}" for n in app._notifications))
+        screen.query_one("#batch_count", Input).value = "3"
+        await pilot.press("ctrl+j")
+        await wait_for(pilot, lambda: len(app.store.history()) == 4)
+        folder = Path(app.store.history()[0].path).parent
+        await wait_for(pilot, lambda: any(n.message == f"Job #2 finished: 3 images saved in {folder}"
+                                          for n in app._notifications))

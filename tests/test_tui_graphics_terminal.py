@@ -37,7 +37,7 @@ def test_auto_detection_draws_the_preview_with_the_probed_protocol(tmp_path, kin
         terminal.type(b"\n")  # Ctrl+J queues the job
         drawn = terminal.wait_for(lambda out: b"done in" in out[before:], "the finished job")[before:]
         if kind in ("sixel", "konsole"):
-            # The "finished" notification sits over the image for its 3 s, and a sixel terminal cannot draw an
+            # The "finished" notification sits over the image for its 5 s, and a sixel terminal cannot draw an
             # image partly covered, so the picture comes once the notification is gone.
             drawn = terminal.wait_for(lambda out: SIXEL_DATA.search(out[before:]), "the sixel image", 15)[before:]
         sixel, kitty = SIXEL_DATA.search(drawn), KITTY_IMAGE.search(drawn)

@@ -81,7 +81,8 @@ async def test_load_into_generate_copy_and_delete(tmp_path):
         assert copied == ["load me (a:1.2)", "5"]
         await pilot.press("o")
         path = app.store.history()[0].path
-        assert any(path == n.message for n in app._notifications)
+        assert any(path == n.message and "copied" in n.title for n in app._notifications)
+        assert copied[-1] == path  # a notification's text cannot be selected: the path is on the clipboard
         await pilot.press("l")
         await pilot.pause()
         generate = app.get_generate_screen()
@@ -269,7 +270,7 @@ async def test_at_80_columns_the_history_footer_fits_and_every_key_still_answers
         await wait_for(pilot, lambda: len(str(table.get_row_at(0)[0])) == 19)
         await wait_for(pilot, lambda: "c Copy prompt" in screen_text(app).splitlines()[-1])
         await pilot.press("c", "s", "o")
-        assert copied == ["narrow", "5"]
+        assert copied == ["narrow", "5", app.store.history()[0].path]
         assert any(app.store.history()[0].path == n.message for n in app._notifications)
     wide = make_app(tmp_path / "wide")
     async with wide.run_test(size=(140, 45)) as pilot:
@@ -286,3 +287,30 @@ def test_again_compares_with_the_entrys_own_model_hash_not_its_source_images():
     again = row_request({"request": carried, "model_hash": "b" * 10})
     assert again.extra["made_with"] == {"model": "dream.safetensors", "hash": "b" * 10}
     assert "made_with" not in row_request({"request": carried, "model_hash": None}).extra  # none recorded
+
+
+def test_first_start_lists_darkroom_s_own_models_folder_as_there_to_copy_into(tmp_path, monkeypatch):
+    # A new user's first start (no --models-dir): the folder the screen tells them to copy a checkpoint into
+    # is created, not marked as a typo ("no such folder: check the path").
+    from core.models.registry import ModelRegistry
+    from tui.screens.no_models import no_models_text
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("DARKROOM_MODELS", raising=False)
+    folders = ModelRegistry().search_dirs
+    assert folders == [tmp_path / "fresh" / "data" / "models"] and folders[0].is_dir()
+    text = no_models_text(folders).plain
+    assert f"  • {folders[0]}\n" in text and "no such folder" not in text
+
+
+@pytest.mark.parametrize("width", [100, 115, 116, 120, 123, 124, 130])
+async def test_the_history_footer_fits_from_100_columns(tmp_path, width):
+    """From 100 to 125 columns the footer with every key cut 'u Up▏', or at 120 '^q ▏': Delete and Quit
+    did not show. The copy keys show only where the whole footer fits, and the roomier key spacing only
+    from where the longest footer fits with it."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(width, 30)) as pilot:
+        await with_history(pilot, app, request("fits", 5))
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert "x Delete" in footer and "^q Quit" in footer and footer.rstrip().endswith("^p palette"), footer

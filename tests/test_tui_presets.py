@@ -236,3 +236,38 @@ async def test_save_current_leaves_out_the_hidden_fields_at_their_defaults(tmp_p
         assert "masked_content" in ticks and "steps" in ticks
         assert not {"deepcache_interval", "fbcache_threshold", "invert_mask"} & ticks
         assert order[0] == "model" and order[-1] == "masked_content"  # the form's fields first, kept ones last
+
+
+async def test_a_broken_preset_file_is_said_once_listed_on_the_screen_and_read_again_when_fixed(tmp_path):
+    """A broken file in the presets folder was a toast at every reload, twice (the form and the screen each
+    said it) after each save, and nowhere once the toasts were gone; a fixed file showed only after a restart."""
+    from core.presets import user_presets_dir
+
+    folder = user_presets_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    broken = folder / "typo.toml"
+    broken.write_text('name = "typo"\nstpes = 4\n')
+    app = make_app(tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        screen = await open_presets(pilot, app)
+        await wait_for(pilot, lambda: "stpes" in screen_text(app))
+
+        def said() -> int:
+            return sum("stpes" in n.message for n in app._notifications)
+
+        assert said() == 1
+        assert f"• {broken}: unknown key 'stpes' (did you mean 'steps'?" in str(
+            screen.query_one("#preset-problems-text").render())
+        app.get_generate_screen().query_one("#steps", Input).value = "37"
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.screen.query("#answer"))
+        app.screen.query_one("#answer", Input).value = "mine"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "mine" in [p.name for p in screen.presets])
+        await pilot.pause()
+        assert said() == 1  # the save read the folder again: the same file is not said again
+        broken.write_text('name = "typo"\nsteps = 4\n')  # fixed in an editor
+        await pilot.press("f2")
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: "typo" in [p.name for p in screen.presets])
+        assert not screen.query_one("#preset-problems").display

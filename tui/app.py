@@ -149,6 +149,19 @@ PREBUILD_BETWEEN_S = 0.3
 SWITCH_GIVE_WAY_S = 0.25
 
 
+def finished_text(job_id: int, paths: list[str]) -> str:
+    """Where the job's images went, said as it ends: a new user's first question after the first job (the
+    History's o copies a path later)."""
+    if not paths:
+        return f"Job #{job_id} finished"
+    folders = {str(Path(path).parent) for path in paths}
+    if len(paths) == 1:
+        where = f"saved {paths[0]}"
+    else:
+        where = f"{len(paths)} images saved in {folders.pop()}" if len(folders) == 1 else f"{len(paths)} images saved"
+    return visible(f"Job #{job_id} finished: {where}")
+
+
 class DarkroomApp(App[int]):
     # The Generate screen's rules load with the app's: a screen's own CSS_PATH re-parses the whole stylesheet
     # when the screen mounts, before the first frame.
@@ -163,7 +176,9 @@ class DarkroomApp(App[int]):
     }
     DEFAULT_MODE = "generate"
     # Size classes on every screen, for layouts that still work in an 80x24 SSH window (see the .tcss files).
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (120, "-wide")]
+    # Below -wide the footer's keys are spaced closer (app.tcss): the roomier spacing starts where the longest
+    # footer (History's, with its copy keys) fits with it.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (72, "-medium"), (124, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     BINDINGS = [
         # Named in the screen tabs at the top, so the footer keeps its room for each screen's own keys.
@@ -357,11 +372,19 @@ class DarkroomApp(App[int]):
                 self.grids.restore()  # before any cell can end: grids an earlier run left without their image
             except Exception as error:  # noqa: BLE001 - the database failed: the queue still runs
                 self.notify(f"Could not read the open X/Y/Z grids: {error}", severity="error", markup=False)
+            try:  # jobs queued when the app was last closed run again at once: say so, or they start unasked
+                left = self.store.pending_count(getattr(self.worker, "queue", None))
+            except Exception:  # noqa: BLE001 - a note only: the worker says what is wrong with the database
+                left = 0
             try:
+                jobs = f"{left} job{'s' * (left != 1)}"
                 if self.settings.get("queue_paused") is True:  # paused when the app was last left
                     self.worker.pause()
-                    self.notify("The queue is paused, as you left it: p on the Queue screen (F4) resumes it",
-                                timeout=6)
+                    self.notify("The queue is paused, as you left it" + (f", with {jobs} waiting" if left else "")
+                                + ": p on the Queue screen (F4) resumes it", timeout=6)
+                elif left:
+                    self.notify(f"Running {jobs} left in the queue from last time (F4 lists them; p there pauses "
+                                "the queue)", timeout=6)
                 self.worker.start()
             except Exception as error:  # a worker that cannot start must not take the UI down
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
@@ -486,8 +509,7 @@ class DarkroomApp(App[int]):
                 self.refresh_bindings()
             self.grids.job_ended(event)
             if isinstance(event, JobFinished):
-                count = len(event.paths)
-                self.notify(f"Job #{event.job_id} finished: {count} image{'s' * (count != 1)}", timeout=3)
+                self.notify(finished_text(event.job_id, event.paths), markup=False, timeout=5)
             elif isinstance(event, JobFailed):
                 self.notify(f"Job #{event.job_id} failed: {event.error}", severity="error", markup=False,
                             timeout=8)

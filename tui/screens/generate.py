@@ -125,6 +125,17 @@ def presets_module(app: Any) -> Any:
     return getattr(app, "presets_api", None) or importlib.import_module("core.presets")
 
 
+def notify_preset_problems(app: Any, problems: list[Any]) -> None:
+    """Say each preset file that could not be loaded once, not at every reload: the Generate form and the
+    Presets screen both read the folder (again after each save, rename or delete), and each had said every
+    broken file again. A file fixed and broken again is said again; the Presets screen keeps listing them."""
+    said = getattr(app, "_preset_problems_said", set())
+    for problem in map(str, problems or []):
+        if problem not in said:
+            app.notify(problem, severity="warning", markup=False)
+    app._preset_problems_said = set(map(str, problems or []))
+
+
 def inspect_models(registry: Any, models: list[Any]) -> dict[str, Any]:
     """Model name -> its ``ModelInfo`` (family from the header; the registry caches it per file). Runs in the
     model-scan worker thread: a large folder's headers are never read on the UI thread."""
@@ -497,8 +508,7 @@ class GenerateScreen(MainScreen):
     def _presets_ready(self, presets: list[Any], problems: list[Any]) -> None:
         self.presets = presets
         self._set_preset_options()
-        for problem in problems or []:
-            self.app.notify(str(problem), severity="warning", markup=False)
+        notify_preset_problems(self.app, problems)
 
     def fitting_presets(self) -> list[Any]:
         """The presets that suit the chosen model's family (all of them while it is not known)."""
@@ -856,6 +866,7 @@ class GenerateScreen(MainScreen):
             if family is not None:
                 errors.extend(family_problems(request, family))
             errors.extend(self._lora_problems(request, family))
+            errors.extend(self._parts_problems(request))
             from core.detectors import detector_problem
 
             for index, entry in enumerate(request.detailer):  # a detector package to install, said now
@@ -893,6 +904,24 @@ class GenerateScreen(MainScreen):
                 problems.append(RequestError("loras", ref.name, f"{path.name} is {with_article(family_label(base))} "
                                              f"LoRA (by its keys), but the model is {family_label(family)}"))
         return problems
+
+    def _parts_problems(self, request: GenerationRequest) -> list[RequestError]:
+        """A part a diffusion model kept alone needs that is in no folder (Flux.1's T5, Z-Image's Qwen3, a VAE),
+        or a named one that is no such part: said now, as --batch says it before anything runs; the job was
+        queued and failed when it ran, after the jobs before it."""
+        from core.errors import ModelNotFoundError
+        from core.models.split import resolve_parts
+
+        find = getattr(self.app.registry, "find_checkpoint", None)
+        if find is None:
+            return []
+        try:
+            resolve_parts(self.app.registry, find(request.model), request.text_encoders, request.vae)
+        except RequestError as error:
+            return [error]
+        except ModelNotFoundError as error:
+            return [RequestError("model", request.model, str(error))]
+        return []
 
     def _resolve_init_image(self, value: str) -> str:
         """The init image's absolute path. A relative one is taken from the current directory (the folder

@@ -141,6 +141,8 @@ class HistoryScreen(MainScreen):
         Binding("x,delete", "delete", "Delete"),
     ]
     WIDE_ONLY = frozenset({"copy_prompt", "copy_seed", "show_path", "upscale"})
+    WIDE_FOOTER = 116  # every key above with the compact spacing, and the palette's ^p (more fill a 120-column line)
+    LONG_DATES = 100  # from here the list's date is the long form
     DEFAULT_CSS = """
     HistoryScreen #history-body { height: 1fr; }
     HistoryScreen #history-left { width: 1fr; }
@@ -160,12 +162,12 @@ class HistoryScreen(MainScreen):
         self.open_grids: set[str] = set()  # X/Y/Z grids shown as their cells (Enter on the grid's entry)
         self._shown: list[tuple[str, Any, int]] = []  # (key, row id, cells) of each entry drawn
         self._refresh_queued = False  # a refresh for new images waits in the app's queue (_refresh_soon)
-        self._narrow_list: bool | None = None  # the created column's short form (below WIDE_FOOTER columns)
+        self._narrow_list: bool | None = None  # the created column's short form (below LONG_DATES columns)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="history-body"):
             with Vertical(id="history-left"):
-                yield Input(placeholder="search prompts (/)", id="history-search")
+                yield Input(placeholder="search prompts, seeds, file names (/)", id="history-search")
                 yield DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
             with Vertical(id="history-right"):
                 with Vertical(id="thumb-box"):
@@ -194,7 +196,7 @@ class HistoryScreen(MainScreen):
         self.apply_pending_search()
 
     def on_resize(self, event: events.Resize) -> None:
-        if (event.size.width < self.WIDE_FOOTER) != self._narrow_list and self.rows:
+        if (event.size.width < self.LONG_DATES) != self._narrow_list and self.rows:
             self.refresh_history()  # the created column's long or short form
 
     def apply_pending_search(self) -> None:
@@ -239,7 +241,7 @@ class HistoryScreen(MainScreen):
         entries = self._entries(rows)
         # a grid's entry changes with its cell count and its image while its key stays
         shown = [(key, field(row, "id"), cells) for key, (row, cells) in entries.items()]
-        narrow = self.app.size.width < self.WIDE_FOOTER
+        narrow = self.app.size.width < self.LONG_DATES
         if rows and shown == self._shown and table.row_count == len(entries) and narrow == self._narrow_list:
             return  # nothing added or removed: the table, selection and thumbnail stay as drawn
         selected = self.selected_key()
@@ -476,9 +478,13 @@ class HistoryScreen(MainScreen):
             self.app.notify(f"Seed {field(row, 'seed')} copied to the clipboard", timeout=2)
 
     def action_show_path(self, _key: str = "") -> None:
+        # shown and copied: a notification's text cannot be selected, and the path is what a user pastes into
+        # a file manager, an image viewer or a --batch jobs file
         row = self._with_row()
         if row is not None:
-            self.app.notify(str(field(row, "path")), title="File", markup=False, timeout=10)
+            path = str(field(row, "path"))
+            self.app.copy_to_clipboard(path)
+            self.app.notify(visible(path), title="File (path copied to the clipboard)", markup=False, timeout=10)
 
     def action_delete(self) -> None:
         row = self._with_row()

@@ -8,14 +8,14 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from core.text import visible
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import ConfirmScreen, TextPromptScreen
-from tui.screens.generate import DEFAULTS, UI_ONLY_FIELDS, presets_module
+from tui.screens.generate import DEFAULTS, UI_ONLY_FIELDS, notify_preset_problems, presets_module
 from tui.screens.save_preset import SavePresetScreen, shown_value
 
 
@@ -42,12 +42,15 @@ class PresetsScreen(MainScreen):
     PresetsScreen #preset-detail { width: 1fr; border: round $secondary; padding: 0 1; }
     PresetsScreen #preset-fields { height: 1fr; }
     PresetsScreen #preset-description { height: auto; margin: 0 0 1 0; }
+    PresetsScreen #preset-problems { height: auto; max-height: 8; color: $warning; }
+    PresetsScreen.-short #preset-problems { max-height: 4; }  /* an 80x24 window keeps room for the values */
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.presets: list[Any] = []  # the presets listed: those that fit the Generate form's model
         self.all_presets: list[Any] = []
+        self.problems: list[str] = []  # the preset files that could not be loaded, and why
         self._listed_family: str | None = None  # the family the list was last built for
 
     def compose_body(self) -> ComposeResult:
@@ -58,6 +61,10 @@ class PresetsScreen(MainScreen):
             with Vertical(id="preset-detail"):
                 yield Static("", id="preset-description")
                 yield DataTable(id="preset-fields", cursor_type="none", show_cursor=False)
+                problems = VerticalScroll(id="preset-problems")  # files in the presets folder that are no preset
+                problems.display = False
+                with problems:
+                    yield Static("", id="preset-problems-text")
                 with Horizontal(classes="actions"):
                     # One-line buttons without key hints (the footer names the keys): they fit 80 columns.
                     yield Button("Apply", variant="primary", id="apply", compact=True)
@@ -86,15 +93,30 @@ class PresetsScreen(MainScreen):
         # frame's worth of work, so only when the family differs from the one listed.
         if self.all_presets and self._model_family() != self._listed_family:
             self._list(None)
+        # the folder again, after the first frame: a preset file fixed (or added) in an editor meanwhile
+        self.call_after_refresh(self.reload)
 
     def _loaded(self, presets: list[Any], problems: list[Any], select: str | None) -> None:
+        problems = [str(problem) for problem in problems or []]
+        if select is None and presets == self.all_presets and problems == self.problems:
+            return  # read again on coming back and nothing changed: the list and its selection stay
         self.all_presets = presets
+        self.problems = problems
         self._list(select)
-        for problem in problems or []:
-            self.app.notify(str(problem), severity="warning", markup=False)
+        self._show_problems()
+        notify_preset_problems(self.app, problems)
         screen = self.app.get_generate_screen()
         if screen is not None and screen.is_mounted:
             screen.reload_presets()
+
+    def _show_problems(self) -> None:
+        box = self.query_one("#preset-problems", VerticalScroll)
+        box.display = bool(self.problems)
+        text = Text(f"Not loaded ({len(self.problems)} file{'s' * (len(self.problems) != 1)}; "
+                    "fixed files are read when you come back here):\n", style="bold")
+        for problem in self.problems:
+            text.append(f"• {visible(problem)}\n")
+        self.query_one("#preset-problems-text", Static).update(text)
 
     def _model_family(self) -> str | None:
         screen = self.app.get_generate_screen()
