@@ -37,7 +37,8 @@ async def test_bad_fields_are_reported_at_once_and_a_bomb_does_not_end_the_app(t
         lines = errors[0].splitlines()
         assert [line.split(" = ")[0] for line in lines] == [
             "Steps: steps", "CFG: cfg", "Size (width): width", "Init: init_image"]
-        assert lines[1] == "CFG: cfg = 'lots' is invalid: a number"
+        # text that is not a number gets the field's valid range, as a jobs file's does
+        assert lines[1] == "CFG: cfg = 'lots' is invalid: a number from 0.0 to 30.0"
         assert "a decompression bomb?" in lines[3]
 
         for field, value in (("#steps", "4"), ("#cfg", "7"), ("#width", "512"), ("#init_image", str(source))):

@@ -91,15 +91,16 @@ ADVANCED_WIDGET_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _parse(name: str, raw: Any, kind: type) -> Any:
-    """A form value as ``kind``, or a RequestError naming the field (the notification text)."""
+def _parse(raw: Any, kind: type) -> Any:
+    """A form value as ``kind``; text that is not one stays text, for the request's check to name the field and
+    its valid range ("steps = '' is invalid: an integer from 1 to 150"), as it does for a jobs file."""
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return kind(raw)
+    text = str(raw).strip()
     try:
-        return kind(str(raw).strip())
+        return kind(text)
     except ValueError:
-        valid = "an integer" if kind is int else "a number"
-        raise RequestError(name, raw, valid) from None
+        return text
 
 
 class NamesSuggester(Suggester):
@@ -823,24 +824,20 @@ class GenerateScreen(MainScreen):
             values.pop(name, None)
         errors: list[RequestError] = []
 
-        def parse(target: dict[str, Any], key: str, name: str, kind: type) -> None:
-            try:
-                target[key] = _parse(name, target.get(key), kind)
-            except RequestError as error:
-                errors.append(error)
-                target.pop(key, None)  # the request's default stands in, so the other fields are still checked
+        def parse(target: dict[str, Any], key: str, kind: type) -> None:
+            target[key] = _parse(target.get(key), kind)
 
         no_model = "model" not in values
         if no_model:
             values["model"] = "(none)"
         for name, kind in NUMBER_FIELDS.items():
-            parse(values, name, name, kind)
-        parse(values, "clip_skip", "clip_skip", int)
+            parse(values, name, kind)
+        parse(values, "clip_skip", int)
         init_image = values["init_image"]
         if init_image is None:
             values["denoise"] = DEFAULTS["denoise"]  # txt2img: the img2img strength does not apply
         else:
-            parse(values, "denoise", "denoise", float)
+            parse(values, "denoise", float)
             try:
                 values["init_image"] = self._resolve_init_image(init_image)
             except RequestError as error:
@@ -853,7 +850,7 @@ class GenerateScreen(MainScreen):
         if values["hires"] is not None:
             values["hires"] = dict(values["hires"])
             for name, kind in HIRES_NUMBER_FIELDS.items():
-                parse(values["hires"], name, f"hires.{name}", kind)
+                parse(values["hires"], name, kind)
         try:
             request = GenerationRequest.from_dict(values)
         except RequestError as error:
