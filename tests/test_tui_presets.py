@@ -156,6 +156,24 @@ async def test_save_current_keeps_the_ticked_fields_not_the_prompt_seed_or_init_
         assert saved["prompt"] == "a one-off picture" and "steps" not in saved and "seed" not in saved
 
 
+async def test_save_current_of_a_txt2img_form_leaves_the_img2img_fields_unticked(tmp_path):
+    # Without an init image the form still holds denoise 0.75, mask blur 4 and inpaint area "whole"; ticked,
+    # every saved preset carried them and reset the img2img settings of a form it was applied to later.
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await open_presets(pilot, app)
+        await pilot.press("s")
+        await pilot.pause()
+        ticks = {box.id.removeprefix("keep-"): box.value for box in app.screen.query(Checkbox)}
+        assert {"denoise", "mask_blur", "inpaint_area"} <= set(ticks)  # offered ...
+        assert not any(ticks[name] for name in ("denoise", "mask_blur", "inpaint_area"))  # ... not ticked
+        assert ticks["steps"] and ticks["model"]
+        await pilot.press(*"plain", "enter")
+        await wait_for(pilot, lambda: "plain" in [p.name for p in load_presets()[0]])
+        saved = next(p for p in load_presets()[0] if p.name == "plain").fields
+        assert not {"denoise", "mask_blur", "inpaint_area"} & set(saved) and saved["steps"] == 20
+
+
 async def test_save_dialog_ticks_are_readable_without_colours(tmp_path):
     app = make_app(tmp_path, start_worker=False)
     async with app.run_test(size=(120, 35)) as pilot:

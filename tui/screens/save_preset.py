@@ -14,11 +14,25 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Label
 
+from core.request import IMG2IMG_DENOISE, GenerationRequest
 from core.text import visible
 from tui.widgets.safe_input import Input
 
 # Left out unless ticked: they describe one picture, not a way of making pictures.
 LEFT_OUT_BY_DEFAULT = ("prompt", "negative_prompt", "seed", "init_image", "mask", "outpaint")
+# Left out unless ticked when the form has no init image and they are at their defaults: they do nothing for
+# txt2img, and a preset that kept them would reset the img2img settings of a form it is applied to later.
+IMG2IMG_DEFAULTS = {**{k: v for k, v in GenerationRequest(model="-").to_dict().items()
+                       if k in ("mask_blur", "inpaint_area", "masked_content", "invert_mask", "only_masked_padding")},
+                    "denoise": IMG2IMG_DENOISE}
+
+
+def ticked_by_default(fields: dict[str, Any]) -> set[str]:
+    """The fields the dialog ticks before the user changes anything."""
+    def untouched_img2img(name: str) -> bool:
+        return not fields.get("init_image") and name in IMG2IMG_DEFAULTS and fields[name] == IMG2IMG_DEFAULTS[name]
+
+    return {k for k in fields if k not in LEFT_OUT_BY_DEFAULT and not untouched_img2img(k)}
 
 
 def shown_value(value: Any) -> str:
@@ -70,7 +84,7 @@ class SavePresetScreen(ModalScreen[tuple[str, dict[str, Any]] | None]):
         self.fields = fields
         self.name_value = name
         self.problem = problem
-        self.kept = {k for k in fields if k not in LEFT_OUT_BY_DEFAULT} if kept is None else kept
+        self.kept = ticked_by_default(fields) if kept is None else kept
 
     def compose(self) -> ComposeResult:
         question = "Save the current Generate settings as preset:"
