@@ -91,6 +91,13 @@ async def test_move_and_retry(tmp_path):
         await pilot.press("r")
         await wait_for(pilot, lambda: len(app.store.history()) == 1)
         assert app.store.history()[0].request.prompt == "first"
+        # r on a done job: not "cannot be retried" alone, but where to make it again
+        await wait_for(pilot, lambda: "done" in [str(c) for c in screen.table.get_row(str(first))])
+        screen.table.move_cursor(row=screen.table.get_row_index(str(first)))
+        await pilot.press("r")
+        assert f"Job #{first} is done: to make it again, History's g (Again) queues it as a new job" in [
+            n.message for n in app._notifications]
+        assert len(app.store.list_jobs(states=["pending"])) == 0
 
 
 async def test_quit_with_running_job_can_leave_it_interrupted(tmp_path):

@@ -360,5 +360,13 @@ class QueueScreen(MainScreen):
 
     def action_retry(self) -> None:
         job_id = self.selected_job_id()
-        if job_id is not None:
-            self._run(f"retry job #{job_id}", self.app.worker.retry, job_id)
+        if job_id is None:
+            return
+        job = getattr(self, "jobs", {}).get(job_id)
+        if job is not None and job.state in ("done", "pending", "running"):
+            # retry is for a job that did not finish; say what the user may have meant instead
+            hint = ("to make it again, History's g (Again) queues it as a new job" if job.state == "done"
+                    else "it has not ended; c cancels it")
+            self.app.notify(f"Job #{job_id} is {job.state}: {hint}", severity="warning", timeout=4)
+            return
+        self._run(f"retry job #{job_id}", self.app.worker.retry, job_id)
