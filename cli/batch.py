@@ -273,7 +273,8 @@ def _upscale_job(
 ) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
     """An upscale job's table with ``upscale`` made a full table (``upscale = "name"`` and the job's
     ``init_image`` as its image, resolved and checked now), and the parameters its source image records (None when
-    the job names its model or a from_image; empty for a photo). Other tables pass unchanged."""
+    the job names its model or a from_image; empty for a photo). Other tables pass unchanged. A ``model`` or
+    ``from_image`` in ``[defaults]`` is for the sampled jobs and does not replace the source's."""
     value = table.get("upscale", defaults.get("upscale"))
     if value is None or value is False:
         return ({k: v for k, v in table.items() if k != "upscale"} if value is False else table), None
@@ -290,7 +291,7 @@ def _upscale_job(
                            "init_image)")
     up["image"] = resolve_init_image(up["image"], base, field="upscale.image")
     table["upscale"] = up
-    if any(key in table or key in defaults for key in ("model", "from_image")):
+    if any(key in table for key in ("model", "from_image")):
         return table, None
     from core.metadata import MetadataError
 
@@ -383,9 +384,11 @@ def _build_request(
     except RequestError as exc:
         report("upscale", str(exc))
         return None
-    if source:  # an upscale job carries its source's parameters into the upscaled PNG (A1111's Extras do too)
-        layer = _merge(source, layer)
-    image = table.get("from_image", defaults.get("from_image"))
+    if source is not None:
+        # an upscale job samples nothing: its PNG records the source's parameters as they are (A1111's Extras
+        # tab does the same), not the [defaults] meant for the sampled jobs (a photo's: none)
+        layer = source
+    image = table.get("from_image", defaults.get("from_image") if source is None else None)
     if image is not None:
         try:  # the image stands in for the request defaults: all the rest of the file goes over it
             layer = _merge(_image_fields(image, base), layer)
