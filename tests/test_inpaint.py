@@ -261,6 +261,10 @@ def test_alpha_only_and_rgb_masks_and_a_size_warning(tmp_path):
     ({"init_image": "i.png", "invert_mask": "yes"}, "invert_mask = 'yes' is invalid: true or false"),
     ({"init_image": "i.png", "outpaint": {"lft": 8}}, "outpaint.lft = 8 is invalid: not a side"),
     ({"init_image": "i.png", "outpaint": {"left": -1}}, "outpaint.left = -1 is invalid: an integer from 0"),
+    # an unknown side does not hide a bad value on a known one, and the usual names of the sides are understood
+    ({"init_image": "i.png", "outpaint": {"up": 8, "left": -1}}, "outpaint.up = 8 is invalid: not a side; did you "
+     "mean 'top'?"),
+    ({"init_image": "i.png", "outpaint": {"up": 8, "left": -1}}, "outpaint.left = -1 is invalid: an integer from 0"),
     ({"init_image": "i.png", "width": 4000, "outpaint": {"left": 200}}, "at most 4096 pixels of width"),
     ({"init_image": "i.png", "mask": "m.png", "hires": {"scale": 2.0}}, "no hires fix when inpainting"),
     ({"init_image": "i.png", "inpainting_fill": 1}, "not a request field; did you mean 'masked_content'?"),
