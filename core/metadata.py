@@ -234,7 +234,12 @@ def format_infotext(
         text = quote(value)
         entries.append(key if text == key else f"{key}: {text}")
 
-    lines = [request.prompt]
+    prompt = request.prompt
+    if request.loras and generated:
+        # the job's or preset's list of LoRAs as tags after the prompt: A1111, Forge and every infotext reader
+        # (ours without the darkroom chunk too) apply only the prompt's tags, so the image would not reproduce
+        prompt = " ".join([prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+    lines = [prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(", ".join(entries))
