@@ -253,7 +253,9 @@ def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
     """The request an image was made with (Darkroom's own record, or an A1111/Forge infotext), as job fields.
 
     It is that image's request: its seed, one image (``batch_size`` and ``batch_count`` 1), and no img2img
-    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). Raises
+    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). An A1111/Forge
+    img2img infotext records its strength but not its source image: the strength is kept for the job that
+    gives the source as its ``init_image``. Raises
     RequestError for a path that is no readable image, MetadataError for an image without parameters.
     """
     if not isinstance(value, str) or not value.strip():
@@ -263,7 +265,7 @@ def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
 
     fields = read_request(path).to_dict()
     fields.update(batch_size=1, batch_count=1)
-    if fields.get("init_image") is None:
+    if fields.get("init_image") is None and fields.get("denoise") == 1.0:
         fields.pop("denoise", None)
     return fields
 

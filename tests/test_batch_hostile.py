@@ -274,3 +274,17 @@ def test_from_image_is_the_base_that_job_fields_override(batch):
     assert (second.prompt, second.negative_prompt, second.seed) == ("a lighthouse at noon", "blurry", 1234)
     # a txt2img image made into img2img takes img2img's default strength
     assert (third.init_image, third.denoise, third.steps) == (str(tmp_path / "photo.png"), 0.75, 2)
+
+
+def test_from_image_of_an_a1111_img2img_keeps_its_strength_for_the_source_given_as_init_image(batch):
+    """A1111's img2img infotext records Denoising strength, never its source image: given the source as the
+    job's init_image, the job is that img2img again (it ran at img2img's default 0.75, not the image's 0.4)."""
+    run, write, tmp_path = batch
+    text = A1111_TEXT.replace(", Model: fake,", ", Model: fake, Denoising strength: 0.4,")
+    a1111_png(tmp_path / "redo.png", text)
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "photo.png")
+    jobs = write("jobs.toml", '[[job]]\nfrom_image = "redo.png"\ninit_image = "photo.png"\n')
+    code, _, err = run(jobs)
+    assert code == 0, err
+    (job,) = Runner.seen
+    assert (job.init_image, job.denoise, job.seed) == (str(tmp_path / "photo.png"), 0.4, 1234)
