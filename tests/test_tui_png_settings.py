@@ -121,6 +121,19 @@ def test_form_fill_drops_an_init_image_that_is_gone(tmp_path):
     assert f"the init image {source} is not there any more (txt2img)" in fill.not_used
 
 
+
+def test_form_fill_says_an_a1111_img2img_image_needs_its_source(tmp_path):
+    """An img2img infotext records its strength but not its source image: the notice says the job is txt2img
+    until the source is chosen, where it said nothing of it (a txt2img image says nothing either)."""
+    text = A1111.replace("Clip skip: 2,", "Denoising strength: 0.45, Mask blur: 4, Clip skip: 2,")
+    request = read_request(a1111_png(tmp_path / "i2i.png", text))
+    fill = form_fill(request, models=["dreamshaper_8"], vaes=[], current_model=None, current_vae=None)
+    assert fill.values["denoise"] == 0.45 and fill.values["init_image"] is None
+    assert any("made by img2img (denoise 0.45) from a source image it does not record" in n for n in fill.not_used)
+    plain = form_fill(read_request(a1111_png(tmp_path / "t2i.png")), models=["dreamshaper_8"], vaes=[],
+                      current_model=None, current_vae=None)
+    assert not any("img2img" in n for n in plain.not_used)
+
 # ---- Pilot: Ctrl+O on Generate, Use settings on History -----------------------------------------------------
 
 async def ready(pilot, app):

@@ -153,6 +153,9 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
                 not_used.append(f"the mask {request.mask} is not there any more (img2img of the whole image)")
         if request.outpaint is not None and values["init_image"] is None:
             values["outpaint"] = None
+    elif request.denoise != 1.0:  # A1111's img2img infotext: the strength, never the source image
+        not_used.append(f"the image was made by img2img (denoise {request.denoise:g}) from a source image it does "
+                        "not record: choose that image as the init image (Advanced) to redo it; txt2img otherwise")
     if request.hires is not None:
         upscaler = request.hires.upscaler
         if upscaler not in ("latent", "image"):  # an upscaler model (4x-UltraSharp): is it here?
