@@ -122,6 +122,17 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     values["seed_lock"] = True  # the image's own seed: reproduce it until the user rolls a new one
     if request.clip_skip > 1:
         filled.append(f"clip skip {request.clip_skip}")
+    if request.refiner is not None:  # SDXL's second model: kept and sent with the job (the form has no row)
+        refiner = match_name(request.refiner, models)
+        if refiner is None:
+            values["refiner"] = None
+            not_used.append(f"the refiner {request.refiner} named in the image is not in your models folders "
+                            "(no refiner)")
+        else:
+            values["refiner"] = refiner
+            filled.append(f"refiner {refiner} from {request.refiner_switch:g}")
+    if request.prediction != "auto":
+        filled.append(f"prediction {request.prediction}")
     if request.detailer:
         from core.detailer_args import summary
 

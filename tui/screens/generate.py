@@ -58,6 +58,9 @@ HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
 # Request fields the form has no widget for but keeps and sends (from presets, history, an image's parameters).
 KEPT_FIELDS = ("deepcache_interval", "deepcache_branch", "fbcache_threshold",
                "only_masked_padding", "masked_content", "invert_mask", "outpaint")
+# ... and the model's own ones (an SDXL image's refiner, a prediction override): kept by a preset, dropped when a
+# model of a family that does not take them is chosen
+MODEL_KEPT_FIELDS = ("refiner", "refiner_switch", "prediction")
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
                "init_image", "denoise", "mask", "mask_blur", "inpaint_area", "hires")
 INPAINT_AREA_CHOICES = [("whole picture", "whole"), ("only masked", "only_masked")]
@@ -547,6 +550,8 @@ class GenerateScreen(MainScreen):
         spec = family_spec(family)
         self._show_family_rows(spec)
         self._refit_sampling(spec)
+        self._drop_foreign_fields()
+        self._show_hidden_fields()
         self._set_preset_options()
         choices = spec.size_choices if spec is not None else SIZE_PRESETS
         self.query_one("#size-preset", Select).set_options([(f"{w}×{h}", f"{w}x{h}") for w, h in choices])
@@ -756,10 +761,22 @@ class GenerateScreen(MainScreen):
         self._set_advanced_values(values)
         if "extra" in values:
             self.hidden_fields["extra"] = values["extra"]
-        for name in KEPT_FIELDS:
+        for name in (*KEPT_FIELDS, *MODEL_KEPT_FIELDS):
             if name in values:
                 self.hidden_fields[name] = values[name]
+        self._drop_foreign_fields()
         self._show_hidden_fields()
+
+    def _drop_foreign_fields(self) -> None:
+        """The kept fields of another family than the chosen model's (an SDXL image's refiner once an SD1.x
+        model is chosen) are let go: the form has no widget to clear them, and the queue would refuse them."""
+        spec = family_spec(self.model_family())
+        if spec is None:
+            return
+        specific = family_fields()
+        for name in MODEL_KEPT_FIELDS:
+            if name in specific and name not in spec.request_fields:
+                self.hidden_fields.pop(name, None)
 
     def _set_advanced_values(self, values: dict[str, Any]) -> None:
         state: dict[str, Any] = {}
