@@ -543,6 +543,15 @@ def _family_mismatches(
                 lines.append(f"{where}: {problem}")
                 continue
         lines.extend(f"{where}: {err}" for err in family_problems(job.request, info.family))
+        if job.request.refiner:  # a refiner of another latent space (SD1.x under SDXL) failed only when it ran
+            from core.models.families import FAMILIES
+            from core.models.family import refiner_problem
+
+            theirs = registry.inspect(registry.find_checkpoint(job.request.refiner))
+            if theirs.is_family and info.family in FAMILIES and theirs.family in FAMILIES:
+                problem = refiner_problem(FAMILIES[info.family], FAMILIES[theirs.family], job.request.refiner)
+                if problem is not None:
+                    lines.append(f"{where}: {problem}")
     return lines
 
 
