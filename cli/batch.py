@@ -112,6 +112,7 @@ class BatchJob:
     enhance: bool = False  # the job's ``enhance = true``: a local LLM rewrites its prompt before it is queued
     grid: Any = None  # (grid id, core.grid axes) for a cell of an X/Y/Z grid
     given: frozenset[str] = frozenset()  # the request fields the file set (job, [defaults], preset, from_image)
+    notes: tuple[str, ...] = ()  # an image's infotext entries Darkroom does not apply (from_image, --batch x.png)
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -249,25 +250,29 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
+def _image_fields(value: Any, base_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The request an image was made with (Darkroom's own record, or an A1111/Forge infotext), as job fields.
 
     It is that image's request: its seed, one image (``batch_size`` and ``batch_count`` 1), and no img2img
     strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). An A1111/Forge
     img2img infotext records its strength but not its source image: the strength is kept for the job that
-    gives the source as its ``init_image``. Raises
+    gives the source as its ``init_image``. The infotext's entries Darkroom does not map (``Model hash``,
+    ``Variation seed``) describe that image, not the new one: they are not carried into its record, and the ones
+    that change an image are returned (``core.metadata.unapplied_entries``) for a warning. Raises
     RequestError for a path that is no readable image, MetadataError for an image without parameters.
     """
     if not isinstance(value, str) or not value.strip():
         raise RequestError("from_image", value, "the path of an image made by Darkroom, A1111 or Forge")
     path = resolve_init_image(value, base_dir, field="from_image")  # a regular file that decodes, not a bomb
-    from core.metadata import read_request
+    from core.metadata import read_request, unapplied_entries
 
     fields = read_request(path).to_dict()
     fields.update(batch_size=1, batch_count=1)
+    unapplied = unapplied_entries(fields["extra"])
+    fields["extra"] = {k: v for k, v in fields["extra"].items() if k.islower()}  # our own notes: grid, enhance
     if fields.get("init_image") is None and fields.get("denoise") == 1.0:
         fields.pop("denoise", None)
-    return fields
+    return fields, unapplied
 
 
 def _upscale_job(
@@ -298,7 +303,7 @@ def _upscale_job(
     from core.metadata import MetadataError
 
     try:
-        return table, _image_fields(up["image"], base)
+        return table, _image_fields(up["image"], base)[0]
     except MetadataError:
         return table, {}
 
@@ -362,7 +367,7 @@ def _build_jobs(
             if not here:
                 for cell, grid_of in cells:  # cells of a grid are ordinary jobs, numbered in run order
                     jobs.append(BatchJob(len(jobs) + 1, cell, used.get("preset"), enhance, grid_of,
-                                         used.get("given", frozenset())))
+                                         used.get("given", frozenset()), used.get("notes", ())))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -393,7 +398,10 @@ def _build_request(
     image = table.get("from_image", defaults.get("from_image") if source is None else None)
     if image is not None:
         try:  # the image stands in for the request defaults: all the rest of the file goes over it
-            layer = _merge(_image_fields(image, base), layer)
+            fields, unapplied = _image_fields(image, base)
+            layer = _merge(fields, layer)
+            if used is not None:
+                used["notes"] = tuple(unapplied)
         except RequestError as exc:
             report("from_image", str(exc))
             return None
@@ -503,7 +511,7 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
     from core.metadata import MetadataError
 
     try:
-        fields = _image_fields(str(path), Path.cwd())
+        _image_fields(str(path), Path.cwd())  # said here, in words for an image given as the jobs
     except RequestError as exc:
         raise BatchInputError(f"{source}: cannot be run as a job: {exc.valid}") from None
     except MetadataError as exc:
@@ -512,7 +520,7 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
             f"{source}: {text}, so there is no job to run (only an image that records its parameters, as "
             "Darkroom, A1111 and Forge write them, can be run)"
         ) from None
-    return _build_jobs([("job 1", fields)], {}, source, path.parent)
+    return _build_jobs([("job 1", {"from_image": str(path.expanduser().resolve())})], {}, source, path.parent)
 
 
 def _family_mismatches(
@@ -939,6 +947,9 @@ def run_batch(
         for warning in [*prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt),
                         *mask_warnings(job.request)]:
             warn(job.index, warning)
+        if job.notes:  # an image's parameters (from_image, --batch x.png): say what will not be the same
+            warn(job.index, f"the image's {'; '.join(job.notes)} {'is' if len(job.notes) == 1 else 'are'} not "
+                 "applied by Darkroom, so the new image will differ from it")
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             warn(job.index, f"denoise = {job.request.denoise} has no effect without init_image (the hires-fix "

@@ -537,6 +537,24 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
     return with_made_with(GenerationRequest(**fields), model_hash)
 
 
+# Infotext entries that only describe the image (hashes, versions, what was mapped already): nothing to apply
+_RECORD_ONLY = {"Model hash", "Version", "Lora hashes", "TI hashes", "Hashes", "Hires resize", "Original prompt",
+                "ADetailer version", "User"}
+
+
+def unapplied_entries(extra: Mapping[str, Any]) -> list[str]:
+    """The entries of an image's infotext (a request's ``extra``, as ``infotext_to_request`` keeps them) that
+    change the image and that Darkroom does not apply (``Variation seed: 99``, ``RNG: CPU``, ``Hires sampler``,
+    a sampler it does not have), as ``Key: value``: a job made from the image makes another one."""
+    out = []
+    for key, value in extra.items():
+        if key in _RECORD_ONLY or key.islower() or value in (None, ""):  # lower case: our own notes
+            continue
+        text = str(value)
+        out.append(f"{key}: {text if len(text) <= 40 else text[:39] + '…'}")
+    return out
+
+
 def _inpaint_fields(params: Mapping[str, str], fields: dict[str, Any], extra: dict[str, Any]) -> None:
     """A1111's inpainting keys -> request fields (the mask file itself is not in an infotext); a value we do not
     know stays in ``extra`` under its key."""
