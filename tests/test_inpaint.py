@@ -206,6 +206,18 @@ def test_only_masked_with_an_empty_mask_is_plain_img2img(files, tmp_path):
     assert inpaint.prepare(request, Image.open(files["init"]).convert("RGB"), (64, 64), 8) is None
 
 
+
+def test_whole_picture_with_an_empty_mask_says_nothing_is_repainted(files, tmp_path):
+    empty, full = tmp_path / "empty.png", tmp_path / "full.png"
+    Image.new("L", (64, 64), 0).save(empty)
+    Image.new("L", (64, 64), 255).save(full)
+    init = Image.open(files["init"]).convert("RGB")
+    for request in (job(files, mask=str(empty)), job(files, mask=str(full), invert_mask=True)):
+        assert any("the mask is empty" in w for w in inpaint.prepare(request, init, (64, 64), 8).warnings)
+    assert inpaint.prepare(job(files), init, (64, 64), 8).warnings == ()
+    outpaint = job(files, mask=str(empty), outpaint={"left": 16})  # the new area is repainted
+    assert inpaint.prepare(outpaint, init, (64, 64), 8).warnings == ()
+
 # ---- outpainting --------------------------------------------------------------------------------------------
 
 
