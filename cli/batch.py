@@ -614,9 +614,10 @@ def _shown(prompt: str, limit: int = 60) -> str:
 class _PlainProgress:
     """One line per event, steps at most once a second: readable in logs and CI."""
 
-    def __init__(self, err: IO[str], total_jobs: int) -> None:
+    def __init__(self, err: IO[str], total_jobs: int, label: str = "") -> None:
         self.err = err
         self.total = total_jobs
+        self.where = f"{label}: " if label else ""  # the jobs file, as the warnings before the run name it
         self._last_step = 0.0
         self._last_activity = ""
         self._steps_of = ""  # a resumed job's steps count only the images still to make: said beside them
@@ -664,7 +665,7 @@ class _PlainProgress:
         self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
 
     def warning(self, n: int, text: str) -> None:
-        self._say(f"darkroom: warning: job {n}: {text}")
+        self._say(f"darkroom: warning: {self.where}job {n}: {text}")
 
     def close(self) -> None:
         pass
@@ -683,8 +684,8 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
-    def __init__(self, err: IO[str], total_jobs: int) -> None:
-        super().__init__(err, total_jobs)
+    def __init__(self, err: IO[str], total_jobs: int, label: str = "") -> None:
+        super().__init__(err, total_jobs, label)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -809,7 +810,7 @@ def _queue_jobs(
                 progress.message(f"[{job.index}/{progress.total}] enhancing the prompt ({enhance.model})")
                 request, problem = enhance_request(request, enhance)
                 if problem:
-                    progress.message(f"darkroom: warning: job {job.index}: {problem}")
+                    progress.warning(job.index, problem)
             number[worker.submit(request, source_key=key)] = job.index
         yield job, None
 
@@ -1048,7 +1049,7 @@ def run_batch(
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
-    progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
+    progress: _PlainProgress = (_RichProgress if use_rich else _PlainProgress)(err, len(jobs), label)
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
     out_is_terminal = hasattr(out, "isatty") and out.isatty()
