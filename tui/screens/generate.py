@@ -868,25 +868,31 @@ class GenerateScreen(MainScreen):
             values["hires"] = dict(values["hires"])
             for name, kind in HIRES_NUMBER_FIELDS.items():
                 parse(values["hires"], name, kind)
+        request: GenerationRequest | None = None
         try:
             request = GenerationRequest.from_dict(values)
         except RequestError as error:
             errors.extend(error.errors)
-        else:  # the same family check as --batch: a field of another family (SDXL's refiner on SD1.x)
-            info = self.model_infos.get(request.model)
-            if getattr(info, "label", None) == "unreadable":  # cut short, a broken header: it would only fail
-                errors.append(RequestError("model", request.model, f"the file cannot be loaded: {info.problem}"))
-            family = self.family_of(request.model)
-            if family is not None:
-                errors.extend(family_problems(request, family))
+        # the checks against the model and the installed packages run on the fields as typed too, so one
+        # queue names every problem (a detector package to install beside a bad denoise), as --batch does
+        info = self.model_infos.get(values["model"])
+        if getattr(info, "label", None) == "unreadable":  # cut short, a broken header: it would only fail
+            errors.append(RequestError("model", values["model"], f"the file cannot be loaded: {info.problem}"))
+        family = self.family_of(values["model"])
+        bad = {e.field for e in errors}
+        if family is not None:  # the same family check as --batch: a field of another family (SDXL's refiner)
+            errors.extend(e for e in family_problems(request or values, family) if e.field not in bad)
+        if request is not None:
             errors.extend(self._lora_problems(request, family))
             errors.extend(self._parts_problems(request))
-            from core.detectors import detector_problem
+        from core.detectors import detector_problem
 
-            for index, entry in enumerate(request.detailer):  # a detector package to install, said now
-                problem = detector_problem(entry.model)
-                if problem is not None:
-                    errors.append(RequestError(f"detailer[{index}].model", entry.model, problem))
+        entries = request.detailer if request is not None else values.get("detailer") or ()
+        for index, entry in enumerate(entries):  # a detector package to install, said now
+            model = entry.get("model") if isinstance(entry, dict) else getattr(entry, "model", None)
+            problem = detector_problem(model) if isinstance(model, str) and model else None
+            if problem is not None and f"detailer[{index}].model" not in bad:
+                errors.append(RequestError(f"detailer[{index}].model", model, problem))
         if no_model or errors:
             order = list(FORM_LABELS)
             errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
