@@ -92,6 +92,10 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     fill = FormFill(values)
     filled, not_used = fill.filled, fill.not_used
     filled.append("prompt" + (" and negative prompt" if request.negative_prompt else ""))
+    values.pop("loras", None)  # the form has no list of LoRAs: a job's or preset's list goes in as tags
+    if request.loras:
+        values["prompt"] = " ".join([request.prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+        filled.append("its LoRAs as tags in the prompt (" + ", ".join(ref.name for ref in request.loras) + ")")
 
     model = match_name(request.model, models)
     keep = f"kept {current_model}" if current_model else "choose one"
