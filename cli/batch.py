@@ -112,6 +112,7 @@ class BatchJob:
     enhance: bool = False  # the job's ``enhance = true``: a local LLM rewrites its prompt before it is queued
     grid: Any = None  # (grid id, core.grid axes) for a cell of an X/Y/Z grid
     given: frozenset[str] = frozenset()  # the request fields the file set (job, [defaults], preset, from_image)
+    notes: tuple[str, ...] = ()  # an image's infotext entries Darkroom does not apply (from_image, --batch x.png)
 
 
 # ---- reading jobs ---------------------------------------------------------------------------------------------
@@ -249,23 +250,29 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG (WebP: RIFF.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _image_fields(value: Any, base_dir: Path) -> dict[str, Any]:
+def _image_fields(value: Any, base_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The request an image was made with (Darkroom's own record, or an A1111/Forge infotext), as job fields.
 
     It is that image's request: its seed, one image (``batch_size`` and ``batch_count`` 1), and no img2img
-    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). Raises
+    strength when it was txt2img (so a job that adds an ``init_image`` gets img2img's default). An A1111/Forge
+    img2img infotext records its strength but not its source image: the strength is kept for the job that
+    gives the source as its ``init_image``. The infotext's entries Darkroom does not map (``Model hash``,
+    ``Variation seed``) describe that image, not the new one: they are not carried into its record, and the ones
+    that change an image are returned (``core.metadata.unapplied_entries``) for a warning. Raises
     RequestError for a path that is no readable image, MetadataError for an image without parameters.
     """
     if not isinstance(value, str) or not value.strip():
         raise RequestError("from_image", value, "the path of an image made by Darkroom, A1111 or Forge")
     path = resolve_init_image(value, base_dir, field="from_image")  # a regular file that decodes, not a bomb
-    from core.metadata import read_request
+    from core.metadata import read_request, unapplied_entries
 
     fields = read_request(path).to_dict()
     fields.update(batch_size=1, batch_count=1)
-    if fields.get("init_image") is None:
+    unapplied = unapplied_entries(fields["extra"])
+    fields["extra"] = {k: v for k, v in fields["extra"].items() if k.islower()}  # our own notes: grid, enhance
+    if fields.get("init_image") is None and fields.get("denoise") == 1.0:
         fields.pop("denoise", None)
-    return fields
+    return fields, unapplied
 
 
 def _upscale_job(
@@ -273,7 +280,8 @@ def _upscale_job(
 ) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
     """An upscale job's table with ``upscale`` made a full table (``upscale = "name"`` and the job's
     ``init_image`` as its image, resolved and checked now), and the parameters its source image records (None when
-    the job names its model or a from_image; empty for a photo). Other tables pass unchanged."""
+    the job names its model or a from_image; empty for a photo). Other tables pass unchanged. A ``model`` or
+    ``from_image`` in ``[defaults]`` is for the sampled jobs and does not replace the source's."""
     value = table.get("upscale", defaults.get("upscale"))
     if value is None or value is False:
         return ({k: v for k, v in table.items() if k != "upscale"} if value is False else table), None
@@ -290,12 +298,12 @@ def _upscale_job(
                            "init_image)")
     up["image"] = resolve_init_image(up["image"], base, field="upscale.image")
     table["upscale"] = up
-    if any(key in table or key in defaults for key in ("model", "from_image")):
+    if any(key in table for key in ("model", "from_image")):
         return table, None
     from core.metadata import MetadataError
 
     try:
-        return table, _image_fields(up["image"], base)
+        return table, _image_fields(up["image"], base)[0]
     except MetadataError:
         return table, {}
 
@@ -359,7 +367,7 @@ def _build_jobs(
             if not here:
                 for cell, grid_of in cells:  # cells of a grid are ordinary jobs, numbered in run order
                     jobs.append(BatchJob(len(jobs) + 1, cell, used.get("preset"), enhance, grid_of,
-                                         used.get("given", frozenset())))
+                                         used.get("given", frozenset()), used.get("notes", ())))
         invalid += bool(here)
     if problems:
         problems.sort(key=lambda line: not line.startswith(f"{label}: [defaults]: "))  # shared ones first
@@ -383,12 +391,17 @@ def _build_request(
     except RequestError as exc:
         report("upscale", str(exc))
         return None
-    if source:  # an upscale job carries its source's parameters into the upscaled PNG (A1111's Extras do too)
-        layer = _merge(source, layer)
-    image = table.get("from_image", defaults.get("from_image"))
+    if source is not None:
+        # an upscale job samples nothing: its PNG records the source's parameters as they are (A1111's Extras
+        # tab does the same), not the [defaults] meant for the sampled jobs (a photo's: none)
+        layer = source
+    image = table.get("from_image", defaults.get("from_image") if source is None else None)
     if image is not None:
         try:  # the image stands in for the request defaults: all the rest of the file goes over it
-            layer = _merge(_image_fields(image, base), layer)
+            fields, unapplied = _image_fields(image, base)
+            layer = _merge(fields, layer)
+            if used is not None:
+                used["notes"] = tuple(unapplied)
         except RequestError as exc:
             report("from_image", str(exc))
             return None
@@ -498,7 +511,7 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
     from core.metadata import MetadataError
 
     try:
-        fields = _image_fields(str(path), Path.cwd())
+        _image_fields(str(path), Path.cwd())  # said here, in words for an image given as the jobs
     except RequestError as exc:
         raise BatchInputError(f"{source}: cannot be run as a job: {exc.valid}") from None
     except MetadataError as exc:
@@ -507,7 +520,7 @@ def _image_jobs(path: Path, source: str) -> list[BatchJob]:
             f"{source}: {text}, so there is no job to run (only an image that records its parameters, as "
             "Darkroom, A1111 and Forge write them, can be run)"
         ) from None
-    return _build_jobs([("job 1", fields)], {}, source, path.parent)
+    return _build_jobs([("job 1", {"from_image": str(path.expanduser().resolve())})], {}, source, path.parent)
 
 
 def _family_mismatches(
@@ -538,6 +551,15 @@ def _family_mismatches(
                 lines.append(f"{where}: {problem}")
                 continue
         lines.extend(f"{where}: {err}" for err in family_problems(job.request, info.family))
+        if job.request.refiner:  # a refiner of another latent space (SD1.x under SDXL) failed only when it ran
+            from core.models.families import FAMILIES
+            from core.models.family import refiner_problem
+
+            theirs = registry.inspect(registry.find_checkpoint(job.request.refiner))
+            if theirs.is_family and info.family in FAMILIES and theirs.family in FAMILIES:
+                problem = refiner_problem(FAMILIES[info.family], FAMILIES[theirs.family], job.request.refiner)
+                if problem is not None:
+                    lines.append(f"{where}: {problem}")
     return lines
 
 
@@ -592,9 +614,10 @@ def _shown(prompt: str, limit: int = 60) -> str:
 class _PlainProgress:
     """One line per event, steps at most once a second: readable in logs and CI."""
 
-    def __init__(self, err: IO[str], total_jobs: int) -> None:
+    def __init__(self, err: IO[str], total_jobs: int, label: str = "") -> None:
         self.err = err
         self.total = total_jobs
+        self.where = f"{label}: " if label else ""  # the jobs file, as the warnings before the run name it
         self._last_step = 0.0
         self._last_activity = ""
         self._steps_of = ""  # a resumed job's steps count only the images still to make: said beside them
@@ -642,7 +665,7 @@ class _PlainProgress:
         self._say(f"[{n}/{self.total}] skipped: done in an earlier run ({count} image(s))")
 
     def warning(self, n: int, text: str) -> None:
-        self._say(f"darkroom: warning: job {n}: {text}")
+        self._say(f"darkroom: warning: {self.where}job {n}: {text}")
 
     def close(self) -> None:
         pass
@@ -661,8 +684,8 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
-    def __init__(self, err: IO[str], total_jobs: int) -> None:
-        super().__init__(err, total_jobs)
+    def __init__(self, err: IO[str], total_jobs: int, label: str = "") -> None:
+        super().__init__(err, total_jobs, label)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -787,7 +810,7 @@ def _queue_jobs(
                 progress.message(f"[{job.index}/{progress.total}] enhancing the prompt ({enhance.model})")
                 request, problem = enhance_request(request, enhance)
                 if problem:
-                    progress.message(f"darkroom: warning: job {job.index}: {problem}")
+                    progress.warning(job.index, problem)
             number[worker.submit(request, source_key=key)] = job.index
         yield job, None
 
@@ -925,6 +948,9 @@ def run_batch(
         for warning in [*prompt_syntax_warnings(job.request.prompt, job.request.negative_prompt),
                         *mask_warnings(job.request)]:
             warn(job.index, warning)
+        if job.notes:  # an image's parameters (from_image, --batch x.png): say what will not be the same
+            warn(job.index, f"the image's {'; '.join(job.notes)} {'is' if len(job.notes) == 1 else 'are'} not "
+                 "applied by Darkroom, so the new image will differ from it")
         if not job.request.is_img2img and job.request.denoise != 1.0:
             # a silent no-op otherwise; people often mean the hires-fix strength
             warn(job.index, f"denoise = {job.request.denoise} has no effect without init_image (the hires-fix "
@@ -1023,7 +1049,7 @@ def run_batch(
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
     use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
-    progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
+    progress: _PlainProgress = (_RichProgress if use_rich else _PlainProgress)(err, len(jobs), label)
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
     out_is_terminal = hasattr(out, "isatty") and out.isatty()

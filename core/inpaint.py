@@ -256,6 +256,9 @@ def prepare(request: GenerationRequest, init: Image.Image, init_size: tuple[int,
         work_mask = F.interpolate(mask[:, :, y1:y2, x1:x2], size=(height, width), mode="bilinear",
                                   align_corners=False, antialias=True).clamp(0, 1)
     else:
+        if mask_bbox(mask) is None:  # a whole-picture job that changes nothing: the sampling is wasted
+            warnings.append("the mask is empty (no white pixel, or all white with invert_mask): nothing is "
+                            "repainted, the image comes back as it was")
         overlay = to_image((mask * 2).clamp(0, 1))
         work_image, work_mask = canvas, mask
         width, height = full

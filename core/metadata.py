@@ -234,7 +234,12 @@ def format_infotext(
         text = quote(value)
         entries.append(key if text == key else f"{key}: {text}")
 
-    lines = [request.prompt]
+    prompt = request.prompt
+    if request.loras and generated:
+        # the job's or preset's list of LoRAs as tags after the prompt: A1111, Forge and every infotext reader
+        # (ours without the darkroom chunk too) apply only the prompt's tags, so the image would not reproduce
+        prompt = " ".join([prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+    lines = [prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(", ".join(entries))
@@ -530,6 +535,24 @@ def infotext_to_request(text: str, *, model_fallback: str | None = None) -> Gene
     model_hash = extra.pop("Model hash", None)  # the image's model, told apart from another of its name
     fields["extra"] = extra
     return with_made_with(GenerationRequest(**fields), model_hash)
+
+
+# Infotext entries that only describe the image (hashes, versions, what was mapped already): nothing to apply
+_RECORD_ONLY = {"Model hash", "Version", "Lora hashes", "TI hashes", "Hashes", "Hires resize", "Original prompt",
+                "ADetailer version", "User"}
+
+
+def unapplied_entries(extra: Mapping[str, Any]) -> list[str]:
+    """The entries of an image's infotext (a request's ``extra``, as ``infotext_to_request`` keeps them) that
+    change the image and that Darkroom does not apply (``Variation seed: 99``, ``RNG: CPU``, ``Hires sampler``,
+    a sampler it does not have), as ``Key: value``: a job made from the image makes another one."""
+    out = []
+    for key, value in extra.items():
+        if key in _RECORD_ONLY or key.islower() or value in (None, ""):  # lower case: our own notes
+            continue
+        text = str(value)
+        out.append(f"{key}: {text if len(text) <= 40 else text[:39] + '…'}")
+    return out
 
 
 def _inpaint_fields(params: Mapping[str, str], fields: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -616,12 +616,11 @@ class RefinerError(DarkroomError):
 
 def check_refiner(model: LoadedModel, refiner: LoadedModel) -> None:
     """A refiner continues the base's latents, so it must work in the same latent space."""
-    a, b = model.spec.latent, refiner.spec.latent
-    if (a.channels, a.scale, a.shift) != (b.channels, b.scale, b.shift):
-        raise RefinerError(
-            f"refiner {refiner.name!r} is {refiner.spec.label}, whose latent space differs from "
-            f"{model.spec.label}'s; choose an SDXL refiner for an SDXL model"
-        )
+    from core.models.family import refiner_problem
+
+    problem = refiner_problem(model.spec, refiner.spec, refiner.name)
+    if problem is not None:
+        raise RefinerError(problem)
 
 
 def steps_per_image_batch(request: GenerationRequest) -> int:

@@ -296,11 +296,23 @@ def _outpaint_value(value: Any) -> Outpaint | None:
     shape = "a table of pixels per side, e.g. {left = 128, right = 0, top = 0, bottom = 64}"
     if not isinstance(value, Mapping):
         raise RequestError("outpaint", value, shape)
-    known = {f.name for f in dataclasses.fields(Outpaint)}
-    unknown = sorted(set(value) - known, key=str)
-    if unknown:
-        raise RequestError(f"outpaint.{unknown[0]}", value[unknown[0]], f"not a side; {shape}")
-    return Outpaint(**value)
+    sides = [f.name for f in dataclasses.fields(Outpaint)]
+    # every bad key and side at once: an unknown key ("up") does not hide a bad value on a known side
+    errors = []
+    for key in sorted(set(value) - set(sides), key=str):
+        guess = suggest(key, sides, _SIDE_ALIASES)
+        hint = f"did you mean {guess!r}? " if guess else ""
+        errors.append(RequestError(f"outpaint.{key}", value[key], f"not a side; {hint}{shape}"))
+    try:
+        outpaint = Outpaint(**{k: v for k, v in value.items() if k in sides})
+    except RequestError as error:
+        errors.extend(error.errors)
+    if errors:
+        raise RequestError.combine(errors)
+    return outpaint
+
+
+_SIDE_ALIASES = {"up": "top", "down": "bottom"}  # how people name the sides they expand
 
 
 def _check_bool(name: str, value: Any) -> None:

@@ -500,7 +500,8 @@ def test_core_warnings_during_a_job_are_darkroom_warning_lines(tmp_path, monkeyp
     jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "a cat"\nsteps = 1\n')
     code, out, err = run(str(jobs))
     assert code == 0, err
-    assert "darkroom: warning: job 1: the mask was scaled to \\x1b[2J64x64" in err
+    # the jobs file named as in the warnings before the run, so one grep finds both
+    assert f"darkroom: warning: {jobs}: job 1: the mask was scaled to \\x1b[2J64x64" in err
     assert "\x1b" not in err
     # the worker's handler goes with the job: nothing of it stays on the core's logger
     assert not logging.getLogger("core").handlers

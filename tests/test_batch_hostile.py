@@ -274,3 +274,36 @@ def test_from_image_is_the_base_that_job_fields_override(batch):
     assert (second.prompt, second.negative_prompt, second.seed) == ("a lighthouse at noon", "blurry", 1234)
     # a txt2img image made into img2img takes img2img's default strength
     assert (third.init_image, third.denoise, third.steps) == (str(tmp_path / "photo.png"), 0.75, 2)
+
+
+def test_from_image_of_an_a1111_img2img_keeps_its_strength_for_the_source_given_as_init_image(batch):
+    """A1111's img2img infotext records Denoising strength, never its source image: given the source as the
+    job's init_image, the job is that img2img again (it ran at img2img's default 0.75, not the image's 0.4)."""
+    run, write, tmp_path = batch
+    text = A1111_TEXT.replace(", Model: fake,", ", Model: fake, Denoising strength: 0.4,")
+    a1111_png(tmp_path / "redo.png", text)
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "photo.png")
+    jobs = write("jobs.toml", '[[job]]\nfrom_image = "redo.png"\ninit_image = "photo.png"\n')
+    code, _, err = run(jobs)
+    assert code == 0, err
+    (job,) = Runner.seen
+    assert (job.init_image, job.denoise, job.seed) == (str(tmp_path / "photo.png"), 0.4, 1234)
+
+
+def test_an_images_entries_that_darkroom_does_not_apply_are_named_before_it_runs(batch):
+    """--batch of a webui PNG with a variation seed, CPU noise and a hires sampler: the job runs, and one
+    warning names what will not be the same (its hashes and version describe the image and are not named); the
+    entries are not carried into the new request (its darkroom record), where they were, unused."""
+    run, write, tmp_path = batch
+    text = A1111_TEXT.replace(", Model: fake,", ", Model hash: 0123456789, Model: fake, Variation seed: 99, RNG: CPU, "
+                              'Hires prompt: "a castle, detailed", Lora hashes: "x: 0123456789ab",')
+    png = a1111_png(tmp_path / "webui.png", text)
+    code, _, err = run(str(png))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [f"darkroom: warning: {png}: job 1: the image's Variation seed: 99; RNG: CPU; Hires prompt: a "
+                        "castle, detailed are not applied by Darkroom, so the new image will differ from it"]
+    # nor are they carried into the new image's record: re-running that image would warn of what it did not use
+    assert set(Runner.seen[0].extra) == {"made_with"}  # the model hash to compare, and nothing else of it
+    code, _, err = run(str(a1111_png(tmp_path / "plain.png", A1111_TEXT)))
+    assert code == 0 and "warning" not in err, err

@@ -127,7 +127,7 @@ def test_batch_enhance_flag_and_job_key(tmp_path, monkeypatch, server):
     jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "a bird"\nsteps = 1\nenhance = true\n')
     code, out, err = run(str(jobs))
     assert code == 0 and RecordingRunner.seen[-1].prompt == "a bird"
-    assert "darkroom: warning: job 1: prompt enhancer at" in err and "runs with its prompt as written" in err
+    assert f"darkroom: warning: {jobs}: job 1: prompt enhancer at" in err and "runs with its prompt as written" in err
     jobs.write_text('[[job]]\nmodel = "fake"\nprompt = "a fish"\nenhance = "yes"\n')
     code, out, err = run(str(jobs))
     assert code == 2 and "enhance = 'yes' is invalid: true or false" in err

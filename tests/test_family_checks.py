@@ -240,6 +240,27 @@ def test_batch_refuses_align_your_steps_for_flux_before_anything_runs(batch, tmp
     assert "job 2: model 'flux-dev' (Flux.1 dev): schedule = 'ays' is invalid: Align Your Steps has levels for" in err
 
 
+def test_batch_refuses_a_refiner_of_another_latent_space_before_anything_runs(batch, tmp_path):
+    """An SD1.x model as an SDXL job's refiner: said before the batch runs, where the job failed when it came."""
+    write_header_only(tmp_path / "models" / "xl2.safetensors", "sdxl")
+    code, out, err = batch("""
+        [[job]]
+        model = "base15"
+        [[job]]
+        model = "xl"
+        refiner = "base15"
+        [[job]]
+        model = "xl"
+        refiner = "xl2"
+    """)
+    assert code == 2, err
+    assert out == "" and Runner.seen == []
+    assert err.strip().splitlines() == [
+        f"darkroom: error: {tmp_path / 'jobs.toml'}: job 2: model 'xl' (SDXL): refiner 'base15' is SD1.x, whose "
+        "latent space differs from SDXL's; choose an SDXL refiner for an SDXL model"
+    ]
+
+
 def test_batch_runs_jobs_that_fit(batch):
     code, out, err = batch("""
         [[job]]

@@ -206,6 +206,18 @@ def test_only_masked_with_an_empty_mask_is_plain_img2img(files, tmp_path):
     assert inpaint.prepare(request, Image.open(files["init"]).convert("RGB"), (64, 64), 8) is None
 
 
+
+def test_whole_picture_with_an_empty_mask_says_nothing_is_repainted(files, tmp_path):
+    empty, full = tmp_path / "empty.png", tmp_path / "full.png"
+    Image.new("L", (64, 64), 0).save(empty)
+    Image.new("L", (64, 64), 255).save(full)
+    init = Image.open(files["init"]).convert("RGB")
+    for request in (job(files, mask=str(empty)), job(files, mask=str(full), invert_mask=True)):
+        assert any("the mask is empty" in w for w in inpaint.prepare(request, init, (64, 64), 8).warnings)
+    assert inpaint.prepare(job(files), init, (64, 64), 8).warnings == ()
+    outpaint = job(files, mask=str(empty), outpaint={"left": 16})  # the new area is repainted
+    assert inpaint.prepare(outpaint, init, (64, 64), 8).warnings == ()
+
 # ---- outpainting --------------------------------------------------------------------------------------------
 
 
@@ -261,6 +273,10 @@ def test_alpha_only_and_rgb_masks_and_a_size_warning(tmp_path):
     ({"init_image": "i.png", "invert_mask": "yes"}, "invert_mask = 'yes' is invalid: true or false"),
     ({"init_image": "i.png", "outpaint": {"lft": 8}}, "outpaint.lft = 8 is invalid: not a side"),
     ({"init_image": "i.png", "outpaint": {"left": -1}}, "outpaint.left = -1 is invalid: an integer from 0"),
+    # an unknown side does not hide a bad value on a known one, and the usual names of the sides are understood
+    ({"init_image": "i.png", "outpaint": {"up": 8, "left": -1}}, "outpaint.up = 8 is invalid: not a side; did you "
+     "mean 'top'?"),
+    ({"init_image": "i.png", "outpaint": {"up": 8, "left": -1}}, "outpaint.left = -1 is invalid: an integer from 0"),
     ({"init_image": "i.png", "width": 4000, "outpaint": {"left": 200}}, "at most 4096 pixels of width"),
     ({"init_image": "i.png", "mask": "m.png", "hires": {"scale": 2.0}}, "no hires fix when inpainting"),
     ({"init_image": "i.png", "inpainting_fill": 1}, "not a request field; did you mean 'masked_content'?"),

@@ -466,7 +466,8 @@ def test_batch_records_lora_hashes_and_keeps_the_prompt_as_written(models, tmp_p
     code, paths, err = _batch(models, jobs, tmp_path)
     assert code == 0, err
     text = Image.open(paths[0]).text[PARAMETERS_KEY]
-    assert text.startswith("a cat <lora:kohya:0.5>\n")
+    # the prompt as written, then the loras list as tags: what A1111's readers apply
+    assert text.startswith("a cat <lora:kohya:0.5> <lora:unet_only:0.3>\n")
     h = {name: read_lora(models / "loras" / f"{name}.safetensors").shorthash for name in ("kohya", "unet_only")}
     assert f'Lora hashes: "unet_only: {h["unet_only"]}, kohya: {h["kohya"]}"' in text
 

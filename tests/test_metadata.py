@@ -458,3 +458,15 @@ def test_concurrent_saves_never_collide(tmp_path, monkeypatch, stale_scan):
         index = int(path.stem.split("-")[1]) - 1000
         with Image.open(path) as img:
             assert img.getpixel((0, 0))[0] == index
+
+
+def test_a_jobs_list_of_loras_is_written_as_prompt_tags_so_infotext_readers_apply_them():
+    """A1111, Forge and our own infotext reader apply only the prompt's tags: a job's (or preset's) ``loras``
+    list goes after the prompt as tags, with its weights exactly, so the infotext alone makes the same job."""
+    request = GenerationRequest(model="m", prompt="a cat <lora:paper:-0.3>", seed=1, loras=[
+        {"name": "ink", "weight": 0.7, "te_weight": 0.25}, {"name": "lcm", "weight": 1.0}])
+    text = format_infotext(request, 1)
+    assert text.splitlines()[0] == "a cat <lora:paper:-0.3> <lora:ink:0.25:0.7> <lora:lcm:1>"
+    back = infotext_to_request(text)
+    assert back.loras == () and sorted(back.lora_refs(), key=str) == sorted(request.lora_refs(), key=str)
+    assert format_infotext(request.replace(loras=()), 1).splitlines()[0] == "a cat <lora:paper:-0.3>"

@@ -80,3 +80,19 @@ def test_the_detailer_field_completes_the_detectors_found():
     assert asyncio.run(suggester.get_suggestion("face")) == "face_yolov8n.pt"
     assert asyncio.run(suggester.get_suggestion("mediapipe_face_s")) == "mediapipe_face_short"
     assert asyncio.run(suggester.get_suggestion("hand")) is None
+
+
+async def test_a_missing_detector_package_is_said_with_the_forms_other_bad_fields(tmp_path, monkeypatch):
+    """One queue names every problem: the package to install came only once the other fields were fixed."""
+    monkeypatch.setattr(detectors, "_installed", lambda package: False)
+    app = gated_app(tmp_path)
+    async with app.run_test(size=(140, 50)) as pilot:
+        screen = await ready(pilot, app)
+        screen.query_one("#detailer-model", Input).value = "mediapipe_face_full"
+        screen.query_one("#steps", Input).value = "0"
+        with pytest.raises(Exception) as caught:
+            screen.build_request()
+        lines = str(caught.value).splitlines()
+        assert lines[0].startswith("Steps: steps = 0 is invalid")
+        assert lines[1] == ("Detailer: detailer[0].model = 'mediapipe_face_full' is invalid: detector "
+                            "'mediapipe_face_full' needs the mediapipe package: pip install 'darkroom[detailer]'")

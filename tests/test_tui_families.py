@@ -404,6 +404,31 @@ async def test_a_flow_model_chosen_after_an_sd_preset_moves_the_sampler_and_sche
         assert screen.query_one("#sampler", Select).value == "dpmpp_2m"
 
 
+async def test_an_sdxl_images_refiner_is_kept_and_sent_and_let_go_for_an_sd15_model(tmp_path):
+    """Ctrl+O on an SDXL image made with a refiner: the refiner is said, kept (the form has no row for it) and
+    sent with the job, where it was dropped without a word (another image); choosing an SD1.x model lets it go,
+    since the queue would refuse it and nothing in the form clears it."""
+    from core.metadata import infotext_to_request
+
+    write_header_only(tmp_path / "models" / "xlref.safetensors", "sdxl")
+    app = mixed_app(tmp_path)
+    async with app.run_test(size=(120, 35)) as pilot:
+        screen = await ready(pilot, app, model="xl")
+        text = ("a harbour\nSteps: 6, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 5, Size: 1024x1024, "
+                "Model: xl, Refiner: xlref, Refiner switch at: 0.6, Version: v1.10.1")
+        screen.apply_image_request(infotext_to_request(text), "harbour.png")
+        await pilot.pause()
+        assert any("refiner xlref from 0.6" in n.message for n in app._notifications)
+        request = screen.build_request()
+        assert (request.refiner, request.refiner_switch) == ("xlref", 0.6)
+        assert "refiner: xlref" in screen_text(app)
+        screen.query_one("#model", Select).value = "base15"
+        await pilot.pause()
+        request = screen.build_request()
+        assert (request.model, request.refiner, request.refiner_switch) == ("base15", None, 0.8)
+        assert "refiner:" not in screen_text(app)
+
+
 async def test_a_split_model_whose_text_encoder_is_in_no_folder_is_not_queued(tmp_path):
     """Flux.1 kept as ComfyUI's split files without its T5: --batch names the missing part before anything runs;
     the TUI queued the job, which failed when it ran (after the jobs before it)."""

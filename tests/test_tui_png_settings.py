@@ -121,6 +121,31 @@ def test_form_fill_drops_an_init_image_that_is_gone(tmp_path):
     assert f"the init image {source} is not there any more (txt2img)" in fill.not_used
 
 
+
+def test_form_fill_says_an_a1111_img2img_image_needs_its_source(tmp_path):
+    """An img2img infotext records its strength but not its source image: the notice says the job is txt2img
+    until the source is chosen, where it said nothing of it (a txt2img image says nothing either)."""
+    text = A1111.replace("Clip skip: 2,", "Denoising strength: 0.45, Mask blur: 4, Clip skip: 2,")
+    request = read_request(a1111_png(tmp_path / "i2i.png", text))
+    fill = form_fill(request, models=["dreamshaper_8"], vaes=[], current_model=None, current_vae=None)
+    assert fill.values["denoise"] == 0.45 and fill.values["init_image"] is None
+    assert any("made by img2img (denoise 0.45) from a source image it does not record" in n for n in fill.not_used)
+    plain = form_fill(read_request(a1111_png(tmp_path / "t2i.png")), models=["dreamshaper_8"], vaes=[],
+                      current_model=None, current_vae=None)
+    assert not any("img2img" in n for n in plain.not_used)
+
+
+def test_form_fill_writes_a_jobs_list_of_loras_as_prompt_tags():
+    """A Darkroom image of a job with a ``loras`` list (a jobs file's, a preset's): the form has no list, so the
+    LoRAs go into the prompt as tags, weights exact, where they were dropped (another image)."""
+    request = GenerationRequest(model="m", prompt="a cat <lora:paper:-0.3>", seed=1,
+                                loras=[{"name": "ink", "weight": 0.7, "te_weight": 0.25}])
+    fill = form_fill(request, models=["m"], vaes=[], current_model="m", current_vae=None)
+    assert fill.values["prompt"] == "a cat <lora:paper:-0.3> <lora:ink:0.25:0.7>" and "loras" not in fill.values
+    assert "its LoRAs as tags in the prompt (ink)" in fill.filled
+    again = GenerationRequest(model="m", prompt=fill.values["prompt"], seed=1)
+    assert sorted(again.lora_refs(), key=str) == sorted(request.lora_refs(), key=str)
+
 # ---- Pilot: Ctrl+O on Generate, Use settings on History -----------------------------------------------------
 
 async def ready(pilot, app):

@@ -125,6 +125,23 @@ def test_upscale_job_through_batch_keeps_the_source_parameters(hires_image, mode
     assert float((ours.float() - reference).abs().max()) <= 1
 
 
+def test_upscale_jobs_record_their_sources_not_the_defaults_of_the_sampled_jobs(hires_image, models, tmp_path):
+    """A [defaults] model, seed and steps set up the file's sampled jobs; an upscale job's PNG keeps what its
+    source records (a photo: nothing), where the defaults had replaced or overridden it."""
+    photo = tmp_path / "photo.png"
+    Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 30).convert("RGB").save(photo)
+    jobs = (f'[defaults]\nmodel = "tiny"\nseed = 11\nsteps = 9\n[[job]]\ninit_image = "{hires_image}"\n'
+            f'upscale = "4x-Tiny"\n[[job]]\ninit_image = "{photo}"\nupscale = "4x-Tiny"\n')
+    code, paths, err = batch(tmp_path, models, jobs)
+    assert code == 0, err
+    with Image.open(paths[0]) as image, Image.open(hires_image) as source:
+        text = image.info["parameters"]
+        assert text.startswith(source.info["parameters"].rsplit(", Version:", 1)[0] + ", Postprocess upscale by: 4,")
+    assert (read_request(paths[0]).seed, read_request(paths[0]).steps) == (3, 2)
+    with Image.open(paths[1]) as image:
+        assert image.info["parameters"].startswith("Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny, Version:")
+
+
 def test_upscale_job_of_a_photo_with_a_scale(models, tmp_path):
     photo = tmp_path / "photo.png"
     Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 30).convert("RGB").save(photo)

@@ -92,6 +92,10 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     fill = FormFill(values)
     filled, not_used = fill.filled, fill.not_used
     filled.append("prompt" + (" and negative prompt" if request.negative_prompt else ""))
+    values.pop("loras", None)  # the form has no list of LoRAs: a job's or preset's list goes in as tags
+    if request.loras:
+        values["prompt"] = " ".join([request.prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+        filled.append("its LoRAs as tags in the prompt (" + ", ".join(ref.name for ref in request.loras) + ")")
 
     model = match_name(request.model, models)
     keep = f"kept {current_model}" if current_model else "choose one"
@@ -122,6 +126,17 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     values["seed_lock"] = True  # the image's own seed: reproduce it until the user rolls a new one
     if request.clip_skip > 1:
         filled.append(f"clip skip {request.clip_skip}")
+    if request.refiner is not None:  # SDXL's second model: kept and sent with the job (the form has no row)
+        refiner = match_name(request.refiner, models)
+        if refiner is None:
+            values["refiner"] = None
+            not_used.append(f"the refiner {request.refiner} named in the image is not in your models folders "
+                            "(no refiner)")
+        else:
+            values["refiner"] = refiner
+            filled.append(f"refiner {refiner} from {request.refiner_switch:g}")
+    if request.prediction != "auto":
+        filled.append(f"prediction {request.prediction}")
     if request.detailer:
         from core.detailer_args import summary
 
@@ -153,6 +168,9 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
                 not_used.append(f"the mask {request.mask} is not there any more (img2img of the whole image)")
         if request.outpaint is not None and values["init_image"] is None:
             values["outpaint"] = None
+    elif request.denoise != 1.0:  # A1111's img2img infotext: the strength, never the source image
+        not_used.append(f"the image was made by img2img (denoise {request.denoise:g}) from a source image it does "
+                        "not record: choose that image as the init image (Advanced) to redo it; txt2img otherwise")
     if request.hires is not None:
         upscaler = request.hires.upscaler
         if upscaler not in ("latent", "image"):  # an upscaler model (4x-UltraSharp): is it here?

@@ -38,6 +38,15 @@ class LoraRef:
     def unet(self) -> float:
         return self.weight
 
+    def tag(self) -> str:
+        """The prompt tag that asks for this LoRA: ``<lora:name:weight>``, ``<lora:name:te_weight:weight>``
+        (numbers written as the infotext writes them, so they read back exactly)."""
+        def number(value: float) -> str:
+            return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+        te = "" if self.te_weight is None else f":{number(self.te_weight)}"
+        return f"<lora:{self.name}{te}:{number(self.weight)}>"
+
     def label(self) -> str:
         """The name as A1111 writes it in ``Lora hashes``: without ``:`` and ``,``."""
         return self.name.replace(":", "").replace(",", "")

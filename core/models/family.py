@@ -105,6 +105,10 @@ class LatentFormat:
         """Latent channels the VAE's decoder takes (``decoder.conv_in``)."""
         return self.vae_channels or self.channels
 
+    def same_space(self, other: LatentFormat) -> bool:
+        """Whether a denoiser of ``other``'s family can continue these latents (a refiner, the base's)."""
+        return (self.channels, self.scale, self.shift) == (other.channels, other.scale, other.shift)
+
     def to_model_space(self, z: Any) -> Any:
         """Raw VAE latent -> the space the denoiser (and the preview) works in."""
         return (z - self.shift) * self.scale
@@ -340,3 +344,13 @@ class ModelFamily:
     def runnable(self) -> bool:
         """Whether Darkroom can generate with it: every network loadable, a latent format, a conditioner."""
         return bool(self.conditioner and self.latent and all(c.loadable for c in self.components))
+
+
+def refiner_problem(base: ModelFamily, refiner: ModelFamily, name: str) -> str | None:
+    """Why a model of family spec ``refiner`` cannot refine one of ``base`` (None when it can): a refiner
+    continues the base's latents, so it must work in the same latent space. Torch-free (``--batch`` asks it
+    of the files' headers before anything loads)."""
+    if base.latent is None or refiner.latent is None or base.latent.same_space(refiner.latent):
+        return None
+    return (f"refiner {name!r} is {refiner.label}, whose latent space differs from {base.label}'s; choose an "
+            "SDXL refiner for an SDXL model")

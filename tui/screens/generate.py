@@ -58,6 +58,9 @@ HIRES_NUMBER_FIELDS = {"scale": float, "steps": int, "denoise": float}
 # Request fields the form has no widget for but keeps and sends (from presets, history, an image's parameters).
 KEPT_FIELDS = ("deepcache_interval", "deepcache_branch", "fbcache_threshold",
                "only_masked_padding", "masked_content", "invert_mask", "outpaint")
+# ... and the model's own ones (an SDXL image's refiner, a prediction override): kept by a preset, dropped when a
+# model of a family that does not take them is chosen
+MODEL_KEPT_FIELDS = ("refiner", "refiner_switch", "prediction")
 FORM_FIELDS = ("model", "prompt", "negative_prompt", "sampler", "schedule", *NUMBER_FIELDS, "vae", "clip_skip",
                "init_image", "denoise", "mask", "mask_blur", "inpaint_area", "hires")
 INPAINT_AREA_CHOICES = [("whole picture", "whole"), ("only masked", "only_masked")]
@@ -547,6 +550,8 @@ class GenerateScreen(MainScreen):
         spec = family_spec(family)
         self._show_family_rows(spec)
         self._refit_sampling(spec)
+        self._drop_foreign_fields()
+        self._show_hidden_fields()
         self._set_preset_options()
         choices = spec.size_choices if spec is not None else SIZE_PRESETS
         self.query_one("#size-preset", Select).set_options([(f"{w}×{h}", f"{w}x{h}") for w, h in choices])
@@ -756,10 +761,22 @@ class GenerateScreen(MainScreen):
         self._set_advanced_values(values)
         if "extra" in values:
             self.hidden_fields["extra"] = values["extra"]
-        for name in KEPT_FIELDS:
+        for name in (*KEPT_FIELDS, *MODEL_KEPT_FIELDS):
             if name in values:
                 self.hidden_fields[name] = values[name]
+        self._drop_foreign_fields()
         self._show_hidden_fields()
+
+    def _drop_foreign_fields(self) -> None:
+        """The kept fields of another family than the chosen model's (an SDXL image's refiner once an SD1.x
+        model is chosen) are let go: the form has no widget to clear them, and the queue would refuse them."""
+        spec = family_spec(self.model_family())
+        if spec is None:
+            return
+        specific = family_fields()
+        for name in MODEL_KEPT_FIELDS:
+            if name in specific and name not in spec.request_fields:
+                self.hidden_fields.pop(name, None)
 
     def _set_advanced_values(self, values: dict[str, Any]) -> None:
         state: dict[str, Any] = {}
@@ -851,25 +868,31 @@ class GenerateScreen(MainScreen):
             values["hires"] = dict(values["hires"])
             for name, kind in HIRES_NUMBER_FIELDS.items():
                 parse(values["hires"], name, kind)
+        request: GenerationRequest | None = None
         try:
             request = GenerationRequest.from_dict(values)
         except RequestError as error:
             errors.extend(error.errors)
-        else:  # the same family check as --batch: a field of another family (SDXL's refiner on SD1.x)
-            info = self.model_infos.get(request.model)
-            if getattr(info, "label", None) == "unreadable":  # cut short, a broken header: it would only fail
-                errors.append(RequestError("model", request.model, f"the file cannot be loaded: {info.problem}"))
-            family = self.family_of(request.model)
-            if family is not None:
-                errors.extend(family_problems(request, family))
+        # the checks against the model and the installed packages run on the fields as typed too, so one
+        # queue names every problem (a detector package to install beside a bad denoise), as --batch does
+        info = self.model_infos.get(values["model"])
+        if getattr(info, "label", None) == "unreadable":  # cut short, a broken header: it would only fail
+            errors.append(RequestError("model", values["model"], f"the file cannot be loaded: {info.problem}"))
+        family = self.family_of(values["model"])
+        bad = {e.field for e in errors}
+        if family is not None:  # the same family check as --batch: a field of another family (SDXL's refiner)
+            errors.extend(e for e in family_problems(request or values, family) if e.field not in bad)
+        if request is not None:
             errors.extend(self._lora_problems(request, family))
             errors.extend(self._parts_problems(request))
-            from core.detectors import detector_problem
+        from core.detectors import detector_problem
 
-            for index, entry in enumerate(request.detailer):  # a detector package to install, said now
-                problem = detector_problem(entry.model)
-                if problem is not None:
-                    errors.append(RequestError(f"detailer[{index}].model", entry.model, problem))
+        entries = request.detailer if request is not None else values.get("detailer") or ()
+        for index, entry in enumerate(entries):  # a detector package to install, said now
+            model = entry.get("model") if isinstance(entry, dict) else getattr(entry, "model", None)
+            problem = detector_problem(model) if isinstance(model, str) and model else None
+            if problem is not None and f"detailer[{index}].model" not in bad:
+                errors.append(RequestError(f"detailer[{index}].model", model, problem))
         if no_model or errors:
             order = list(FORM_LABELS)
             errors.sort(key=lambda e: order.index(e.field) if e.field in order else len(order))
