@@ -170,3 +170,20 @@ async def test_a_job_event_while_the_app_closes_is_dropped(tmp_path):
     assert app.screen_stack == []  # closed: the last screen is gone, the app still counts as mounted
     app.on_darkroom_app_core_event(app.CoreEvent(JobStarted(7, GenerationRequest(model="m", seed=1))))
     app.on_darkroom_app_core_event(app.CoreEvent(JobFinished(7, ("x.png",), (1,), 0.1)))
+
+
+async def test_a_step_event_while_the_app_closes_is_dropped(tmp_path):
+    """A job's step that arrives once the app is closing reached the Generate screen while its widgets were being
+    removed: the preview's query raised NoMatches and the app exited with a traceback (seen in the suite, at
+    random). From exit() on, steps update the app's record only."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.get_generate_screen() is not None)
+        screen = app.get_generate_screen()
+        drawn = []
+        screen.show_step = drawn.append
+        app.on_darkroom_app_job_progress(app.JobProgress(JobStep(7, 2, 20, 1.0, None, 0)))
+        assert len(drawn) == 1  # running: drawn
+        app.exit()
+        app.on_darkroom_app_job_progress(app.JobProgress(JobStep(7, 3, 20, 1.5, None, 0)))
+        assert len(drawn) == 1 and app.progress[7].step == 3  # closing: recorded, not drawn

@@ -477,6 +477,11 @@ class DarkroomApp(App[int]):
         else:
             self.post_message(self.CoreEvent(event))
 
+    @property
+    def closing(self) -> bool:
+        """From ``exit()`` on (the screens' widgets may be half removed by then) and once no screen is left."""
+        return not self.screen_stack or not self.screen.is_attached
+
     def on_darkroom_app_job_progress(self, message: JobProgress) -> None:
         event = message.event
         self.progress_messages_handled += 1
@@ -484,13 +489,13 @@ class DarkroomApp(App[int]):
         self.progress[event.job_id] = progress
         self.progress_line = f"job #{event.job_id} " + format_progress(event.step, event.total, event.elapsed)
         screen = self.get_generate_screen()
-        if screen is not None and screen.is_mounted:
+        if screen is not None and screen.is_mounted and not self.closing:
             screen.show_step(event)
         self.job_progress.publish(progress)
 
     def on_darkroom_app_core_event(self, message: CoreEvent) -> None:
         event = message.event
-        if not self.screen_stack:  # the app is closing: the store has the event, there is nothing to update
+        if self.closing:  # the store has the event, there is nothing to update
             return
         if isinstance(event, WorkerStopped):
             self.database_failed(event.error)
