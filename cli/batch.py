@@ -59,6 +59,7 @@ import json
 import os
 import queue as queue_mod
 import signal
+import stat
 import sys
 import time
 import tomllib
@@ -650,6 +651,21 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
         return False
 
 
+def _live_bars_fit(out: IO[str], err: IO[str]) -> bool:
+    """Whether progress goes in Rich's live bars, else one line per event. Bars need stderr on a terminal
+    that can redraw: with TERM=dumb (an editor's shell buffer) Rich draws nothing until the end, so a long job
+    showed no step at all. And nothing may write beside them: a piped stdout (``| cat``, ``| tee list.txt``)
+    is often printed on the same terminal, where the bars' redraws erased its path lines."""
+    if not (hasattr(err, "isatty") and err.isatty()):
+        return False
+    if os.environ.get("TERM", "").lower() in ("dumb", "unknown"):  # what Rich counts as not interactive
+        return False
+    try:
+        return not stat.S_ISFIFO(os.fstat(out.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): nothing beside the bars
+        return True
+
+
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
@@ -995,7 +1011,7 @@ def run_batch(
     events: queue_mod.Queue = queue_mod.Queue()
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
-    use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
+    use_rich = rich_progress if rich_progress is not None else _live_bars_fit(out, err)
     progress: _PlainProgress = _RichProgress(err, len(jobs)) if use_rich else _PlainProgress(err, len(jobs))
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.

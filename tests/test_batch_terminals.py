@@ -1,0 +1,67 @@
+"""``--batch`` progress in the terminals it runs from: a piped stdout printed on the same terminal, TERM=dumb."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import pytest
+
+from cli.batch import run_batch
+from tests.batch_harness import RecordingRunner, batch_models
+
+JOBS = '[defaults]\nmodel = "fake"\nsteps = 2\n[[job]]\nprompt = "x"\n[[job]]\nprompt = "y"\n'
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(tmp_path, monkeypatch, out, err) -> int:
+    models = batch_models(tmp_path, monkeypatch)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    return run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out", db_path=tmp_path / "db.sqlite3",
+                     runner_factory=RecordingRunner, stdout=out, stderr=err)
+
+
+def test_a_piped_stdout_gets_plain_progress_lines(tmp_path, monkeypatch):
+    """`darkroom --batch jobs.toml | cat` (or `| tee paths.txt`): cat prints the paths on the terminal the live
+    bars redraw, and the redraws erased them; with stdout a pipe the progress is one line per event."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+    read_fd, write_fd = os.pipe()
+    piped: list[bytes] = []
+    reader = threading.Thread(target=lambda: piped.append(os.fdopen(read_fd, "rb").read()))
+    reader.start()
+    err = _Terminal()
+    with open(write_fd, "w") as out:
+        code = _run(tmp_path, monkeypatch, out, err)
+    reader.join(10)
+    assert code == 0
+    assert "\x1b[" not in err.getvalue()  # no cursor moves, erases or colours between the paths
+    assert "[1/2] step 1/2" in err.getvalue() and "[2/2] done" in err.getvalue()
+    assert len(piped[0].decode().splitlines()) == 2
+
+
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_a_dumb_terminal_gets_step_lines(tmp_path, monkeypatch, term):
+    """Rich's live display shows nothing but the final state where TERM=dumb (an Emacs shell buffer): a job
+    of minutes said nothing between 'loading' and 'done'."""
+    monkeypatch.setenv("TERM", term)
+    terminal = _Terminal()
+    assert _run(tmp_path, monkeypatch, terminal, terminal) == 0
+    shown = terminal.getvalue()
+    assert "\x1b" not in shown
+    assert "[1/2] step 1/2" in shown and "[2/2] step 2/2" in shown
+    assert len([line for line in shown.splitlines() if line.endswith(".png")]) == 2
+
+
+def test_a_terminal_with_stdout_in_a_file_keeps_the_live_bars(tmp_path, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
+    err = _Terminal()
+    with open(tmp_path / "paths.txt", "w") as out:
+        assert _run(tmp_path, monkeypatch, out, err) == 0
+    assert "\x1b[" in err.getvalue() and "step 1/2" not in err.getvalue()  # drawn as bars, not lines
+    assert len((tmp_path / "paths.txt").read_text().splitlines()) == 2
