@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -837,6 +838,51 @@ def _save_grids(jobs: Sequence[BatchJob], paths_of: Mapping[int, list[str]], out
     return results
 
 
+class Hangup(KeyboardInterrupt):
+    """SIGHUP (the terminal closed: an SSH link dropped, a window shut) or SIGTERM: the run stops as it does on
+    Ctrl-C (the current job marked interrupted, its saved images kept), where the default action killed the
+    process at once and left the job 'running' until the next start's recovery."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what the shell reports for a process the signal killed
+
+    def __str__(self) -> str:
+        return "the terminal closed (SIGHUP)" if self.signum == signal.SIGHUP else "SIGTERM"
+
+
+def _raise_hangup(signum: int, frame: Any) -> None:
+    raise Hangup(signum)
+
+
+def _stops_on_hangup(run: Callable[..., int]) -> Callable[..., int]:
+    """``run`` with SIGHUP and SIGTERM raising :class:`Hangup` in the main thread while it runs. A signal that
+    is ignored stays so (``nohup darkroom --batch ...`` keeps running after the terminal closes)."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        saved: dict[int, Any] = {}
+        for name in ("SIGHUP", "SIGTERM"):
+            signum = getattr(signal, name, None)  # no SIGHUP on Windows
+            if signum is None:
+                continue
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                if signal.getsignal(signum) is signal.SIG_DFL:
+                    saved[signum] = signal.signal(signum, _raise_hangup)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+
+    return wrapper
+
+
+@_stops_on_hangup
 def run_batch(
     jobs_source: str,
     *,
@@ -1029,8 +1075,8 @@ def run_batch(
                         progress.print_path(visible(path))
                     else:
                         print(visible(path) if out_is_terminal else path, file=out, flush=True)
-                except BrokenPipeError:
-                    stdout_ok = False  # `| head`: keep generating, stop printing
+                except OSError:  # BrokenPipeError (`| head`), EIO (the terminal closed): go on, stop printing
+                    stdout_ok = False
 
     printed: dict[int, set[str]] = {}  # job id -> the paths printed as its ImageSaved events came
 
@@ -1136,8 +1182,10 @@ def run_batch(
                 remaining.discard(event.job_id)
                 failed.add(event.job_id)
                 progress.failed(n, "cancelled")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         current = worker.current_job_id
+        hangup = interrupt if isinstance(interrupt, Hangup) else None
+        code = hangup.exit_code if hangup is not None else EXIT_INTERRUPTED
 
         def report() -> None:
             # Nobody else runs this run's queue: what did not start is interrupted, like the current job, and
@@ -1155,17 +1203,22 @@ def run_batch(
                 kept = len(printed.get(current, ()))
                 note = f" ({kept} of its {total} images kept; --resume makes the rest)" if kept and total > 1 else ""
                 where = f"job {number[current]} marked interrupted{note}; "
-            print(
+            tell(
                 f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
                 f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "
-                f"database {visible(store.path)}",
-                file=err,
-                flush=True,
+                f"database {visible(store.path)}"
             )
 
+        def tell(text: str) -> None:
+            # After SIGHUP the terminal is gone and writing to it fails (EIO): the stop goes on all the same.
+            with contextlib.suppress(OSError):
+                print(text, file=err, flush=True)
+
         try:  # everything up to the end of the stop: a second Ctrl-C may come at any point
-            progress.close()
-            print("darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...", file=err, flush=True)
+            with contextlib.suppress(OSError):
+                progress.close()
+            tell(f"darkroom: {hangup}; stopping the current job..." if hangup is not None else
+                 "darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...")
             worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
             stuck = worker.running  # a step that outlasted the timeout
         except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the step to end
@@ -1182,10 +1235,10 @@ def run_batch(
             report()
             with contextlib.suppress(Exception):
                 out.flush()
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(code)
         report()
         store.close()
-        return EXIT_INTERRUPTED
+        return code
     if database_error is not None:
         progress.close()
         error(database_error)

@@ -65,3 +65,61 @@ def test_a_terminal_with_stdout_in_a_file_keeps_the_live_bars(tmp_path, monkeypa
         assert _run(tmp_path, monkeypatch, out, err) == 0
     assert "\x1b[" in err.getvalue() and "step 1/2" not in err.getvalue()  # drawn as bars, not lines
     assert len((tmp_path / "paths.txt").read_text().splitlines()) == 2
+
+
+def _run_until_a_step_then(tmp_path, signum: int, preexec=None) -> tuple[int, str, list[str]]:
+    """A batch subprocess (fake runner, 150 slow steps) sent ``signum`` once its first step is reported."""
+    import queue
+    import subprocess
+
+    from tests.test_batch_cli import _env, _script
+
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nmodel = "fake"\nsteps = 150\nbatch_count = 2\n[[job]]\nmodel = "fake"\nsteps = 2\n')
+    cmd = _script(tmp_path)
+    cmd[2] = str(jobs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                            preexec_fn=preexec)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        while "[1/2] step 1/" not in lines.get(timeout=60):
+            pass
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    return code, proc.stdout.read(), rest
+
+
+@pytest.mark.parametrize(("name", "code", "said"), [("SIGHUP", 129, "the terminal closed (SIGHUP)"),
+                                                    ("SIGTERM", 143, "SIGTERM")])
+def test_a_closed_terminal_or_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, name, code, said):
+    """The default action killed the process at once: the job stayed 'running' in the database (the Queue
+    screen showed it so) until a later start's recovery; now it is marked interrupted, as on Ctrl-C."""
+    import signal
+
+    from core.store import JobStore
+
+    exit_code, stdout, stderr = _run_until_a_step_then(tmp_path, getattr(signal, name))
+    assert exit_code == code, stderr
+    assert stdout == ""
+    assert any(f"darkroom: {said}; stopping the current job" in line for line in stderr), stderr
+    assert any("job 1 marked interrupted; 1 job(s) not started" in line for line in stderr), stderr
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        assert sorted(j.state for j in store.list_jobs()) == ["interrupted", "interrupted"]
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name.startswith(".")]
+
+
+def test_nohup_keeps_the_run_going_when_the_terminal_closes(tmp_path):
+    """`nohup darkroom --batch ...` ignores SIGHUP: the handler is not installed over that."""
+    import signal
+
+    exit_code, stdout, stderr = _run_until_a_step_then(
+        tmp_path, signal.SIGHUP, preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert exit_code == 0, stderr
+    assert len(stdout.splitlines()) == 3
