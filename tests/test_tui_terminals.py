@@ -55,3 +55,19 @@ async def test_a_window_too_small_says_so_and_the_layout_comes_back(tmp_path, sm
         await pilot.pause()
         text = screen_text(app)
         assert "too small" not in text and "Queue  (Ctrl+Enter)" in text
+
+
+async def test_ctrl_c_says_how_to_quit_in_plain_words(tmp_path):
+    """Textual's Ctrl+C hint is markup and Darkroom's notifications are never parsed as markup: it read
+    'Press [b]ctrl+q[/b] to quit the app'."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._form_ready)
+        await pilot.press("f5")  # a screen whose focus is no text field
+        await wait_for(pilot, lambda: app.current_mode == "history")
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: list(app._notifications))
+        (note,) = list(app._notifications)
+        assert "[b]" not in note.message and "Ctrl+Q quits Darkroom" in note.message
+        assert app.is_running

@@ -413,6 +413,12 @@ class DarkroomApp(App[int]):
         super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
                        timeout=timeout, markup=markup)
 
+    def action_help_quit(self) -> None:
+        # Ctrl+C (Textual's binding: Ctrl+C copies in a text field and never quits). Textual's own hint is markup
+        # ("Press [b]ctrl+q[/b] ..."), which notify above never parses: it showed the tags.
+        self.notify("Ctrl+Q quits Darkroom (Ctrl+C copies the selection in a text field)",
+                    title="Do you want to quit?")
+
     def switch_mode(self, mode: str) -> Any:
         if mode != self.current_mode:
             # The repaint that follows is the UI's biggest burst of work; a running job steps aside for it
