@@ -71,3 +71,56 @@ async def test_ctrl_c_says_how_to_quit_in_plain_words(tmp_path):
         (note,) = list(app._notifications)
         assert "[b]" not in note.message and "Ctrl+Q quits Darkroom" in note.message
         assert app.is_running
+
+
+@pytest.mark.parametrize("from_a_shell", [True, False])
+async def test_ctrl_z_suspends_outside_text_fields(tmp_path, monkeypatch, from_a_shell):
+    """Ctrl+Z did nothing but undo: it suspends now (fg resumes), except in a text field, where it still
+    undoes, and where no job-control shell started the app (nothing could resume it: it says so)."""
+    import os
+
+    from textual.app import App
+
+    suspended = []
+    monkeypatch.setattr(App, "action_suspend_process", lambda self: suspended.append(self))
+    monkeypatch.setattr(os, "getpgrp", lambda: 200 if from_a_shell else 100)  # a shell's job: a group of its own
+    monkeypatch.setattr(os, "getsid", lambda pid: 100)
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._form_ready)
+        prompt = screen.query_one("#prompt")
+        prompt.focus()
+        await pilot.press("a", "b", "c", "ctrl+z")
+        await pilot.pause()
+        assert prompt.text == "" and suspended == []  # undone, not suspended
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.current_mode == "history")
+        await pilot.press("ctrl+z")
+        await pilot.pause()
+        assert suspended == ([app] if from_a_shell else [])
+        notes = [note.message for note in app._notifications]
+        assert any("started from a shell" in note for note in notes) != from_a_shell
+
+
+async def test_fg_after_ctrl_z_redraws_the_whole_screen(tmp_path):
+    """Textual comes back from a suspend into a blank alternate screen and repainted only what changed: after
+    fg the screen stayed blank but for the status line (its 1 s tick) until something moved."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._form_ready)
+        await pilot.pause()
+        rows: set[int] = set()
+        display = app._display
+
+        def recording(target, update):
+            region = getattr(update, "region", None)  # a LayoutUpdate (the full screen), or ChopsUpdate spans
+            rows.update(range(region.y, region.bottom) if region else (y for y, *_ in getattr(update, "spans", ())))
+            return display(target, update)
+
+        app._display = recording
+        app.app_resume_signal.publish(app)  # what the driver's SIGCONT handling ends with
+        await pilot.pause()
+        await pilot.pause()
+        assert rows == set(range(40))

@@ -177,6 +177,8 @@ class DarkroomApp(App[int]):
         # shown, says that no job is running (Textual tries a key's bindings in order).
         Binding("ctrl+s", "stop_job('idle')", "Stop job", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Not a priority binding: in a text field Ctrl+Z undoes; anywhere else it suspends (fg resumes).
+        Binding("ctrl+z", "suspend_process", "Suspend", show=False),
     ]
 
     # repaint=False: the status bar watches these and redraws itself. An App reactive that repaints marks the
@@ -248,6 +250,7 @@ class DarkroomApp(App[int]):
 
     def on_mount(self) -> None:
         self._unsubscribe = self.worker.subscribe(self._on_worker_event)
+        self.app_resume_signal.subscribe(self, self._repaint_after_resume)
         if os.environ.get(BENCH_ENV):  # first, so the mark is not delayed by the after-paint work below
             self._bench = LoopStallProbe(self)
             self.call_after_refresh(self._bench.first_paint)
@@ -412,6 +415,21 @@ class DarkroomApp(App[int]):
         are shown with control characters made visible and, unless a caller asks, never parsed as markup."""
         super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
                        timeout=timeout, markup=markup)
+
+    def action_suspend_process(self) -> None:
+        # Textual stops the process with SIGSTOP, which nothing resumes where no job-control shell started it
+        # (`tmux new-session darkroom`, an ssh command): the pane would stay frozen. Such a process leads its
+        # own session (its group is the session); a shell's job is a group of its own within the shell's.
+        if sys.platform != "win32" and os.getpgrp() == os.getsid(0):
+            self.notify("Ctrl+Z suspends only when Darkroom was started from a shell (there is none to go back "
+                        "to here); Ctrl+Q quits", timeout=5)
+            return
+        super().action_suspend_process()
+
+    def _repaint_after_resume(self, _app: Any) -> None:
+        # fg after Ctrl+Z: Textual enters the alternate screen again, which starts blank, and repaints only
+        # what changed (the status line, on its 1 s tick): the rest stayed blank until something moved.
+        self.screen.refresh(self.screen.region)
 
     def action_help_quit(self) -> None:
         # Ctrl+C (Textual's binding: Ctrl+C copies in a text field and never quits). Textual's own hint is markup
