@@ -124,3 +124,32 @@ async def test_fg_after_ctrl_z_redraws_the_whole_screen(tmp_path):
         await pilot.pause()
         await pilot.pause()
         assert rows == set(range(40))
+
+
+async def test_the_status_line_says_how_previews_are_drawn(tmp_path):
+    """Which of kitty graphics, sixel or half-blocks the app chose (auto, or --image-protocol) was said
+    nowhere: a user in tmux could not tell whether a blocky preview was the fallback or a broken protocol."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await wait_for(pilot, lambda: app.get_generate_screen()._form_ready)
+        from core.events import Status
+
+        app.status = Status(0, activity="idle", loaded_model="tiny")  # what the worker reports when it is up
+        await pilot.pause()
+        assert "previews: half-blocks" in screen_text(app).splitlines()[-2]
+
+
+def test_protocol_labels_and_the_narrow_status_line():
+    import textual_image.widget as tiw
+
+    from core.events import Status
+    from tui.widgets.halfblock import HalfBlockImage
+    from tui.widgets.image import protocol_label
+    from tui.widgets.status_bar import status_text
+
+    assert [protocol_label(c) for c in (HalfBlockImage, tiw.TGPImage, tiw.SixelImage, tiw.UnicodeImage, None)] == [
+        "half-blocks", "kitty graphics", "sixel", "block characters", ""]
+    status = Status(0, activity="idle", loaded_model="tiny")
+    assert "previews: sixel" in status_text(status, width=200, images="sixel").plain
+    narrow = status_text(status, width=70, images="sixel").plain  # the first fact to go, with the memory peak
+    assert "previews" not in narrow and "queue 0" in narrow
