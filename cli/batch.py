@@ -90,6 +90,7 @@ from core.events import (
     Status,
     WorkerStopped,
 )
+from core.paths import unrecordable_name
 from core.request import GenerationRequest, mask_warnings, prompt_syntax_warnings, resolve_init_image
 from core.text import visible
 
@@ -942,6 +943,9 @@ def run_batch(
             error(f"--models-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
             return EXIT_USAGE
     out_dir = Path(output_dir).expanduser() if output_dir else None
+    if out_dir is not None and (why := unrecordable_name(out_dir)) is not None:
+        error(f"--output-dir {out_dir}: {why}")  # error() shows the undecodable bytes visibly
+        return EXIT_USAGE
     if out_dir is not None:
         try:  # find out now, not after the first job has spent minutes generating
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -123,3 +123,19 @@ def test_nohup_keeps_the_run_going_when_the_terminal_closes(tmp_path):
         tmp_path, signal.SIGHUP, preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert exit_code == 0, stderr
     assert len(stdout.splitlines()) == 3
+
+
+def test_an_output_folder_named_in_another_encoding_is_refused_before_running(tmp_path, monkeypatch):
+    """--output-dir $'caf\\xe9' (latin-1 bytes): the database refused the path, the worker failed to claim the
+    job again and again (a traceback each time) and the run never ended."""
+    folder = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    err = io.StringIO()
+    models = batch_models(tmp_path, monkeypatch)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    code = run_batch(str(jobs), models_dirs=[models], output_dir=folder, db_path=tmp_path / "db.sqlite3",
+                     runner_factory=RecordingRunner, stdout=io.StringIO(), stderr=err)
+    assert code == 2
+    assert err.getvalue() == (f"darkroom: error: --output-dir {tmp_path}/caf\\udce9: its name is not UTF-8 text, "
+                              "and the job database records image paths as text: rename the folder or choose "
+                              "another\n")

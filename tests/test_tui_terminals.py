@@ -153,3 +153,17 @@ def test_protocol_labels_and_the_narrow_status_line():
     assert "previews: sixel" in status_text(status, width=200, images="sixel").plain
     narrow = status_text(status, width=70, images="sixel").plain  # the first fact to go, with the memory peak
     assert "previews" not in narrow and "queue 0" in narrow
+
+
+def test_the_tui_refuses_an_output_folder_named_in_another_encoding(tmp_path, capsys):
+    import os
+    from types import SimpleNamespace
+
+    from tui.app import run_app
+
+    folder = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    args = SimpleNamespace(output_dir=folder, db=str(tmp_path / "db.sqlite3"), models_dir=None,
+                           image_protocol="halfcell")
+    assert run_app(args) == 2  # before the app starts: no job it queued could ever be recorded
+    err = capsys.readouterr().err
+    assert err.startswith(f"darkroom: --output-dir {tmp_path}/caf\\udce9: its name is not UTF-8 text"), err

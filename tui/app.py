@@ -657,7 +657,7 @@ def _fake_registry() -> Any:
 
 
 def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
-    from core.paths import default_output_dir
+    from core.paths import default_output_dir, unrecordable_name
     from core.store import JobStore
     from core.worker import Worker
 
@@ -670,6 +670,8 @@ def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
         registry = ModelRegistry(models_dirs)
     store = JobStore(getattr(args, "db", None))
     output_dir = getattr(args, "output_dir", None) or default_output_dir()
+    if (why := unrecordable_name(output_dir)) is not None:  # no job could be recorded, none would run
+        raise DarkroomError(f"--output-dir {output_dir}: {why}")
     worker = Worker(store, _runner_factory(args), output_dir=output_dir, yield_cpu=True)
     return DarkroomApp(worker, registry, image_class=image_class)
 
