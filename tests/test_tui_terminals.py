@@ -167,3 +167,26 @@ def test_the_tui_refuses_an_output_folder_named_in_another_encoding(tmp_path, ca
     assert run_app(args) == 2  # before the app starts: no job it queued could ever be recorded
     err = capsys.readouterr().err
     assert err.startswith(f"darkroom: --output-dir {tmp_path}/caf\\udce9: its name is not UTF-8 text"), err
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM"])
+async def test_a_closed_terminal_quits_leaving_the_job_interrupted(tmp_path, name):
+    """The default action of SIGHUP (the SSH window closed) killed the app at once: its running job stayed
+    'running' in the database until a later start. Now it quits as Ctrl+Q, 'leave it' does."""
+    import os
+    import signal
+
+    from tests.tui_fakes import FakeRunner
+
+    signum = getattr(signal, name)
+    app = make_app(tmp_path, FakeRunner(delay=0.05))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.get_generate_screen()
+        await wait_for(pilot, lambda: screen._form_ready)
+        job_id = app.worker.submit(GenerationRequest(model="fake-model", prompt="a fox", steps=150, seed=1))
+        await wait_for(pilot, lambda: app.running_job == job_id)
+        os.kill(os.getpid(), signum)
+        await wait_for(pilot, lambda: not app.is_running)
+    assert app.return_code == 128 + signum
+    assert app.store.get_job(job_id).state == "interrupted"
+    assert signal.getsignal(signum) is signal.SIG_DFL  # nothing left behind in the loop

@@ -229,6 +229,7 @@ class DarkroomApp(App[int]):
         self.start_worker = start_worker
         self.settings: dict[str, Any] = load_settings(settings_file)
         self.job_events: Signal[Event] = Signal(self, "job_events")
+        self._signal_handlers: list[tuple[Any, int]] = []  # (event loop, SIGHUP/SIGTERM) from _handle_hangup
         self.job_progress: Signal[Progress] = Signal(self, "job_progress")
         self.progress: dict[int, Progress] = {}
         self.running_job: int | None = None
@@ -251,6 +252,7 @@ class DarkroomApp(App[int]):
     def on_mount(self) -> None:
         self._unsubscribe = self.worker.subscribe(self._on_worker_event)
         self.app_resume_signal.subscribe(self, self._repaint_after_resume)
+        self._handle_hangup()
         if os.environ.get(BENCH_ENV):  # first, so the mark is not delayed by the after-paint work below
             self._bench = LoopStallProbe(self)
             self.call_after_refresh(self._bench.first_paint)
@@ -370,6 +372,9 @@ class DarkroomApp(App[int]):
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
 
     def on_unmount(self) -> None:
+        for loop, signum in self._signal_handlers:  # the loop may outlive the app (tests run several)
+            loop.remove_signal_handler(signum)
+        self._signal_handlers.clear()
         if getattr(self, "_bench", None) is not None:
             self._bench.write(os.environ[BENCH_ENV])
         self.save_form_settings()
@@ -425,6 +430,24 @@ class DarkroomApp(App[int]):
                         "to here); Ctrl+Q quits", timeout=5)
             return
         super().action_suspend_process()
+
+    def _handle_hangup(self) -> None:
+        """SIGHUP (the terminal or SSH link closed) and SIGTERM quit as Ctrl+Q then 'leave it' does: the
+        running job is marked interrupted at its next step (on_unmount stops the worker). The default action
+        killed the process at once, leaving the job 'running' until a later start's recovery. Signals that are
+        ignored (nohup) stay so."""
+        import asyncio
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for name in ("SIGHUP", "SIGTERM"):
+            signum = getattr(signal, name, None)
+            try:
+                if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                    loop.add_signal_handler(signum, self.exit, None, 128 + signum)
+                    self._signal_handlers.append((loop, signum))
+            except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+                pass
 
     def _repaint_after_resume(self, _app: Any) -> None:
         # fg after Ctrl+Z: Textual enters the alternate screen again, which starts blank, and repaints only
