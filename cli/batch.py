@@ -54,11 +54,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import queue as queue_mod
 import signal
+import stat
 import sys
 import time
 import tomllib
@@ -88,6 +90,7 @@ from core.events import (
     Status,
     WorkerStopped,
 )
+from core.paths import unrecordable_name
 from core.request import GenerationRequest, mask_warnings, prompt_syntax_warnings, resolve_init_image
 from core.text import visible
 
@@ -681,6 +684,21 @@ def _same_terminal(a: IO[str], b: IO[str]) -> bool:
         return False
 
 
+def _live_bars_fit(out: IO[str], err: IO[str]) -> bool:
+    """Whether progress goes in Rich's live bars, else one line per event. Bars need stderr on a terminal
+    that can redraw: with TERM=dumb (an editor's shell buffer) Rich draws nothing until the end, so a long job
+    showed no step at all. And nothing may write beside them: a piped stdout (``| cat``, ``| tee list.txt``)
+    is often printed on the same terminal, where the bars' redraws erased its path lines."""
+    if not (hasattr(err, "isatty") and err.isatty()):
+        return False
+    if os.environ.get("TERM", "").lower() in ("dumb", "unknown"):  # what Rich counts as not interactive
+        return False
+    try:
+        return not stat.S_ISFIFO(os.fstat(out.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): nothing beside the bars
+        return True
+
+
 class _RichProgress(_PlainProgress):
     """A live progress bar on a terminal (Rich, imported only here)."""
 
@@ -863,6 +881,51 @@ def _job_numbers(indices: list[int]) -> str:
     return f"jobs {', '.join(map(str, indices[:-1]))} and {indices[-1]}"
 
 
+class Hangup(KeyboardInterrupt):
+    """SIGHUP (the terminal closed: an SSH link dropped, a window shut) or SIGTERM: the run stops as it does on
+    Ctrl-C (the current job marked interrupted, its saved images kept), where the default action killed the
+    process at once and left the job 'running' until the next start's recovery."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what the shell reports for a process the signal killed
+
+    def __str__(self) -> str:
+        return "the terminal closed (SIGHUP)" if self.signum == signal.SIGHUP else "SIGTERM"
+
+
+def _raise_hangup(signum: int, frame: Any) -> None:
+    raise Hangup(signum)
+
+
+def _stops_on_hangup(run: Callable[..., int]) -> Callable[..., int]:
+    """``run`` with SIGHUP and SIGTERM raising :class:`Hangup` in the main thread while it runs. A signal that
+    is ignored stays so (``nohup darkroom --batch ...`` keeps running after the terminal closes)."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        saved: dict[int, Any] = {}
+        for name in ("SIGHUP", "SIGTERM"):
+            signum = getattr(signal, name, None)  # no SIGHUP on Windows
+            if signum is None:
+                continue
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                if signal.getsignal(signum) is signal.SIG_DFL:
+                    saved[signum] = signal.signal(signum, _raise_hangup)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+
+    return wrapper
+
+
+@_stops_on_hangup
 def run_batch(
     jobs_source: str,
     *,
@@ -922,6 +985,9 @@ def run_batch(
             error(f"--models-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
             return EXIT_USAGE
     out_dir = Path(output_dir).expanduser() if output_dir else None
+    if out_dir is not None and (why := unrecordable_name(out_dir)) is not None:
+        error(f"--output-dir {out_dir}: {why}")  # error() shows the undecodable bytes visibly
+        return EXIT_USAGE
     if out_dir is not None:
         try:  # find out now, not after the first job has spent minutes generating
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -1048,7 +1114,7 @@ def run_batch(
     events: queue_mod.Queue = queue_mod.Queue()
     worker.subscribe(events.put)
     number: dict[int, int] = {}  # job id -> index in the file
-    use_rich = rich_progress if rich_progress is not None else (hasattr(err, "isatty") and err.isatty())
+    use_rich = rich_progress if rich_progress is not None else _live_bars_fit(out, err)
     progress: _PlainProgress = (_RichProgress if use_rich else _PlainProgress)(err, len(jobs), label)
     stdout_ok = True
     # The paths are the output (raw, for pipes); on a terminal they are shown like any other name.
@@ -1066,8 +1132,8 @@ def run_batch(
                         progress.print_path(visible(path))
                     else:
                         print(visible(path) if out_is_terminal else path, file=out, flush=True)
-                except BrokenPipeError:
-                    stdout_ok = False  # `| head`: keep generating, stop printing
+                except OSError:  # BrokenPipeError (`| head`), EIO (the terminal closed): go on, stop printing
+                    stdout_ok = False
 
     printed: dict[int, set[str]] = {}  # job id -> the paths printed as its ImageSaved events came
 
@@ -1173,8 +1239,10 @@ def run_batch(
                 remaining.discard(event.job_id)
                 failed.add(event.job_id)
                 progress.failed(n, "cancelled")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         current = worker.current_job_id
+        hangup = interrupt if isinstance(interrupt, Hangup) else None
+        code = hangup.exit_code if hangup is not None else EXIT_INTERRUPTED
 
         def report() -> None:
             # Nobody else runs this run's queue: what did not start is interrupted, like the current job, and
@@ -1192,17 +1260,22 @@ def run_batch(
                 kept = len(printed.get(current, ()))
                 note = f" ({kept} of its {total} images kept; --resume makes the rest)" if kept and total > 1 else ""
                 where = f"job {number[current]} marked interrupted{note}; "
-            print(
+            tell(
                 f"darkroom: {where}{not_started} job(s) not started, marked interrupted; the same command with "
                 f"--resume runs just those, or retry them from the Queue screen of darkroom (F4, r) with the "
-                f"database {visible(store.path)}",
-                file=err,
-                flush=True,
+                f"database {visible(store.path)}"
             )
 
+        def tell(text: str) -> None:
+            # After SIGHUP the terminal is gone and writing to it fails (EIO): the stop goes on all the same.
+            with contextlib.suppress(OSError):
+                print(text, file=err, flush=True)
+
         try:  # everything up to the end of the stop: a second Ctrl-C may come at any point
-            progress.close()
-            print("darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...", file=err, flush=True)
+            with contextlib.suppress(OSError):
+                progress.close()
+            tell(f"darkroom: {hangup}; stopping the current job..." if hangup is not None else
+                 "darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...")
             worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
             stuck = worker.running  # a step that outlasted the timeout
         except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the step to end
@@ -1219,10 +1292,10 @@ def run_batch(
             report()
             with contextlib.suppress(Exception):
                 out.flush()
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(code)
         report()
         store.close()
-        return EXIT_INTERRUPTED
+        return code
     if database_error is not None:
         progress.close()
         error(database_error)

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             _where_things_are(),
             "Exit codes with --batch: 0 all jobs succeeded, 1 a job failed, 2 usage or input error, "
             "3 a model cannot be found or loaded, 4 the job database cannot be used (locked by another process "
-            "for over 30 s, or $DARKROOM_DB_TIMEOUT seconds; disk full), 130 interrupted.")),
+            "for over 30 s, or $DARKROOM_DB_TIMEOUT seconds; disk full), 130 interrupted (129 the terminal closed, 143 SIGTERM: the current job is "
+            "marked interrupted).")),
     )
     parser.add_argument(
         "--batch",
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return code
     if args.batch is not None:
-        from cli.batch import EXIT_INTERRUPTED, run_batch
+        from cli.batch import EXIT_INTERRUPTED, Hangup, run_batch
 
         try:
             return run_batch(
@@ -176,11 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 enhance_settings=_enhance_settings(args), compile=args.compile,
                 precision=args.precision,
             )
-        except KeyboardInterrupt:
-            # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping):
-            # no traceback; whatever reached the queue is safe in the database.
-            print("darkroom: interrupted", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:
+            # Ctrl-C outside the job loop (reading stdin, scanning models, a second Ctrl-C while stopping), or
+            # a SIGHUP/SIGTERM there (cli.batch.Hangup): no traceback; whatever reached the queue is safe in the
+            # database. After SIGHUP the terminal may be gone, and writing to it fails.
+            try:
+                print(f"darkroom: {exc if isinstance(exc, Hangup) else 'interrupted'}", file=sys.stderr, flush=True)
+            except OSError:
+                pass
+            return exc.exit_code if isinstance(exc, Hangup) else EXIT_INTERRUPTED
     import gc
 
     # Importing Textual allocates tens of thousands of long-lived objects; collections during that import free

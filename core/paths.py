@@ -50,3 +50,16 @@ def default_models_dir() -> Path:
 
 def database_path() -> Path:
     return data_dir() / "darkroom.sqlite3"
+
+
+def unrecordable_name(path: Path | str) -> str | None:
+    """Why images saved under ``path`` could not be recorded, or None. The job database keeps paths as UTF-8
+    text; a folder named in another encoding (b'caf\\xe9', from a latin-1 system or an old archive) reads as
+    lone surrogates, which SQLite refuses: the worker failed to claim each job, again and again, and the run
+    never ended."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return ("its name is not UTF-8 text, and the job database records image paths as text: rename the "
+                "folder or choose another")
+    return None

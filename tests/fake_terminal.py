@@ -101,7 +101,7 @@ def app_in_terminal(
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, COLUMNS * CELL_W, ROWS * CELL_H))
     env = {key: value for key, value in os.environ.items()
            if key not in ("COLUMNS", "LINES", "DARKROOM_IMAGE_PROTOCOL", "TEXTUAL_CELL_WIDTH",
-                          "TEXTUAL_CELL_HEIGHT", "TMUX")}
+                          "TEXTUAL_CELL_HEIGHT", "TMUX", "STY")}
     env.update({
         "DARKROOM_HOME": str(tmp_path / "home"), "DARKROOM_TUI_FAKE_RUNNER": "tests.tui_fakes:FakeRunner",
         "DARKROOM_FAKE_PREVIEW": "32", "DARKROOM_FAKE_DELAY": "0.05", "PYTHONPATH": str(ROOT),

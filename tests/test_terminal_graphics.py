@@ -97,3 +97,40 @@ def test_probe_declines_without_a_terminal(monkeypatch):
     assert terminal_graphics.probe_terminal() is None
     monkeypatch.setenv("TERM", "dumb")
     assert terminal_graphics.probe_terminal() is None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+@pytest.mark.parametrize(
+    ("env", "kitty_asked"),
+    [
+        ({"TERM": "xterm-256color"}, True),
+        ({"TERM": "xterm-256color", "TMUX": "/tmp/tmux-1000/default,42,0"}, False),
+        ({"TERM": "screen-256color"}, False),  # tmux or screen at the far end of an SSH link
+        ({"TERM": "tmux-256color"}, False),
+        ({"TERM": "xterm-256color", "STY": "1234.pts-0.box"}, False),  # GNU screen
+    ],
+)
+def test_a_multiplexer_is_asked_da1_alone(monkeypatch, env, kitty_asked):
+    """tmux takes the kitty query's APC string for the pane title (its status line showed
+    "Gi=31,s=1,v=1,a=q,..."), screen for its hardstatus; both answer DA1 themselves."""
+    from tui import terminal_graphics
+
+    for key in ("TMUX", "STY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    master, slave = os.openpty()
+    try:
+        with open(slave, "rb", buffering=0, closefd=False) as tty_in, \
+                open(slave, "w", closefd=False) as tty_out:
+            monkeypatch.setattr(sys, "__stdin__", tty_in)
+            monkeypatch.setattr(sys, "__stdout__", tty_out)
+            received: list[bytes] = []
+            server = fake_terminal(master, TMUX_DA1, received)
+            support = terminal_graphics.probe_terminal(timeout=10)
+            server.join(5)
+        assert support == GraphicsSupport(answered=True)
+        assert received == [(TGP_QUERY if kitty_asked else b"") + DA1_QUERY]
+    finally:
+        os.close(master)
+        os.close(slave)

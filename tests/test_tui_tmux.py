@@ -51,6 +51,8 @@ def test_queue_a_prompt_in_a_real_terminal(tmp_path):
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
     try:
         wait_screen(session, lambda s: "Queue  (Ctrl+Enter)" in s and "fake-model" in s)
+        # The terminal probe sent nothing tmux takes for a pane title (its status line shows that title).
+        assert "Gi=" not in tmux("display-message", "-p", "-t", session, "#{pane_title}")
         prompt = "a tmux [lighthouse] (dusk:1.2)"
         tmux("send-keys", "-t", session, "-l", prompt)
         wait_screen(session, lambda s: prompt in s)

@@ -192,6 +192,8 @@ class DarkroomApp(App[int]):
         # shown, says that no job is running (Textual tries a key's bindings in order).
         Binding("ctrl+s", "stop_job('idle')", "Stop job", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Not a priority binding: in a text field Ctrl+Z undoes; anywhere else it suspends (fg resumes).
+        Binding("ctrl+z", "suspend_process", "Suspend", show=False),
     ]
 
     # repaint=False: the status bar watches these and redraws itself. An App reactive that repaints marks the
@@ -242,6 +244,7 @@ class DarkroomApp(App[int]):
         self.start_worker = start_worker
         self.settings: dict[str, Any] = load_settings(settings_file)
         self.job_events: Signal[Event] = Signal(self, "job_events")
+        self._signal_handlers: list[tuple[Any, int]] = []  # (event loop, SIGHUP/SIGTERM) from _handle_hangup
         self.job_progress: Signal[Progress] = Signal(self, "job_progress")
         self.progress: dict[int, Progress] = {}
         self.running_job: int | None = None
@@ -263,6 +266,8 @@ class DarkroomApp(App[int]):
 
     def on_mount(self) -> None:
         self._unsubscribe = self.worker.subscribe(self._on_worker_event)
+        self.app_resume_signal.subscribe(self, self._repaint_after_resume)
+        self._handle_hangup()
         if os.environ.get(BENCH_ENV):  # first, so the mark is not delayed by the after-paint work below
             self._bench = LoopStallProbe(self)
             self.call_after_refresh(self._bench.first_paint)
@@ -390,6 +395,9 @@ class DarkroomApp(App[int]):
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
 
     def on_unmount(self) -> None:
+        for loop, signum in self._signal_handlers:  # the loop may outlive the app (tests run several)
+            loop.remove_signal_handler(signum)
+        self._signal_handlers.clear()
         if getattr(self, "_bench", None) is not None:
             self._bench.write(os.environ[BENCH_ENV])
         self.save_form_settings()
@@ -435,6 +443,45 @@ class DarkroomApp(App[int]):
         are shown with control characters made visible and, unless a caller asks, never parsed as markup."""
         super().notify(visible(message, multiline=True), title=visible(title), severity=severity,
                        timeout=timeout, markup=markup)
+
+    def action_suspend_process(self) -> None:
+        # Textual stops the process with SIGSTOP, which nothing resumes where no job-control shell started it
+        # (`tmux new-session darkroom`, an ssh command): the pane would stay frozen. Such a process leads its
+        # own session (its group is the session); a shell's job is a group of its own within the shell's.
+        if sys.platform != "win32" and os.getpgrp() == os.getsid(0):
+            self.notify("Ctrl+Z suspends only when Darkroom was started from a shell (there is none to go back "
+                        "to here); Ctrl+Q quits", timeout=5)
+            return
+        super().action_suspend_process()
+
+    def _handle_hangup(self) -> None:
+        """SIGHUP (the terminal or SSH link closed) and SIGTERM quit as Ctrl+Q then 'leave it' does: the
+        running job is marked interrupted at its next step (on_unmount stops the worker). The default action
+        killed the process at once, leaving the job 'running' until a later start's recovery. Signals that are
+        ignored (nohup) stay so."""
+        import asyncio
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for name in ("SIGHUP", "SIGTERM"):
+            signum = getattr(signal, name, None)
+            try:
+                if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                    loop.add_signal_handler(signum, self.exit, None, 128 + signum)
+                    self._signal_handlers.append((loop, signum))
+            except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+                pass
+
+    def _repaint_after_resume(self, _app: Any) -> None:
+        # fg after Ctrl+Z: Textual enters the alternate screen again, which starts blank, and repaints only
+        # what changed (the status line, on its 1 s tick): the rest stayed blank until something moved.
+        self.screen.refresh(self.screen.region)
+
+    def action_help_quit(self) -> None:
+        # Ctrl+C (Textual's binding: Ctrl+C copies in a text field and never quits). Textual's own hint is markup
+        # ("Press [b]ctrl+q[/b] ..."), which notify above never parses: it showed the tags.
+        self.notify("Ctrl+Q quits Darkroom (Ctrl+C copies the selection in a text field)",
+                    title="Do you want to quit?")
 
     def switch_mode(self, mode: str) -> Any:
         if mode != self.current_mode:
@@ -660,7 +707,7 @@ def _fake_registry() -> Any:
 
 
 def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
-    from core.paths import default_output_dir
+    from core.paths import default_output_dir, unrecordable_name
     from core.store import JobStore
     from core.worker import Worker
 
@@ -673,6 +720,8 @@ def create_app(args: Any, image_class: type | None = None) -> DarkroomApp:
         registry = ModelRegistry(models_dirs)
     store = JobStore(getattr(args, "db", None))
     output_dir = getattr(args, "output_dir", None) or default_output_dir()
+    if (why := unrecordable_name(output_dir)) is not None:  # no job could be recorded, none would run
+        raise DarkroomError(f"--output-dir {output_dir}: {why}")
     worker = Worker(store, _runner_factory(args), output_dir=output_dir, yield_cpu=True)
     return DarkroomApp(worker, registry, image_class=image_class)
 

@@ -8,6 +8,10 @@ graphics (tmux, most SSH clients): textual-image's own probe asks one question a
 a TGP answer that never comes, which was most of Darkroom's time to first paint.
 
 Input typed while the reply is awaited is lost, as with every such probe; the wait is a few milliseconds.
+
+Inside tmux or GNU screen only DA1 is asked: a multiplexer answers DA1 itself and takes the kitty query's APC
+string for a title (tmux's pane title, which its default status line shows; screen's hardstatus), so users saw
+"Gi=31,s=1,v=1,a=q,..." there, and kitty graphics cannot reach the outer terminal through it anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 import select
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 TGP_QUERY_ID = 31
@@ -45,8 +50,16 @@ def parse_replies(data: bytes) -> GraphicsSupport | None:
                            tgp=tgp is not None and tgp.group(1) == b"OK")
 
 
-def query_graphics(fd_in: int, fd_out: int, timeout: float = 0.5) -> GraphicsSupport:
-    """Ask the terminal on ``fd_out`` and read its replies from ``fd_in`` (a tty), within ``timeout``."""
+def in_multiplexer(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a terminal multiplexer (tmux, GNU screen) is what answers, here or at the end of an SSH link
+    (there only ``TERM`` tells: tmux and screen set it to ``screen*`` or ``tmux*``)."""
+    term = environ.get("TERM", "")
+    return bool(environ.get("TMUX") or environ.get("STY")) or term.startswith(("screen", "tmux"))
+
+
+def query_graphics(fd_in: int, fd_out: int, timeout: float = 0.5, ask_kitty: bool = True) -> GraphicsSupport:
+    """Ask the terminal on ``fd_out`` and read its replies from ``fd_in`` (a tty), within ``timeout``;
+    without ``ask_kitty``, DA1 alone (sixel)."""
     import termios
 
     saved = termios.tcgetattr(fd_in)
@@ -55,7 +68,7 @@ def query_graphics(fd_in: int, fd_out: int, timeout: float = 0.5) -> GraphicsSup
     raw[6][termios.VMIN], raw[6][termios.VTIME] = 0, 0
     termios.tcsetattr(fd_in, termios.TCSANOW, raw)
     try:
-        os.write(fd_out, TGP_QUERY + DA1_QUERY)
+        os.write(fd_out, (TGP_QUERY if ask_kitty else b"") + DA1_QUERY)
         data = b""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -86,6 +99,6 @@ def probe_terminal(timeout: float = 0.5) -> GraphicsSupport | None:
         if not (stdin.isatty() and stdout.isatty()):
             return None
         stdout.flush()
-        return query_graphics(stdin.fileno(), stdout.fileno(), timeout)
+        return query_graphics(stdin.fileno(), stdout.fileno(), timeout, ask_kitty=not in_multiplexer())
     except (OSError, ValueError, ImportError):
         return None

@@ -9,6 +9,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.screen import Screen
+from textual.widgets import Static
 
 from tui.widgets.footer import StableFooter
 from tui.widgets.screen_tabs import ScreenTabs
@@ -24,14 +25,21 @@ class MainScreen(Screen):
     # Each has a second, hidden binding with a parameter (``action('key')``), so its key answers at any width.
     WIDE_ONLY: frozenset[str] = frozenset()
     WIDE_FOOTER = 100
+    # Below this the layouts break (a form of no rows, tabs and footer cut off): the screen says so instead,
+    # keeping the status line (a running job goes on, and shows there). 60x20 still has a form that scrolls.
+    MIN_COLUMNS, MIN_ROWS = 60, 20
     DEFAULT_CSS = """
     MainScreen #body { height: 1fr; }
+    MainScreen #too-small { display: none; height: 1fr; content-align: center middle; text-align: center; }
+    MainScreen.-too-small > * { display: none; }
+    MainScreen.-too-small > #too-small, MainScreen.-too-small > #status-bar { display: block; }
     """
 
     def compose(self) -> ComposeResult:
         yield ScreenTabs(self.MODE)
         with Vertical(id="body"):
             yield from self.compose_body()
+        yield Static(id="too-small", markup=False)
         yield StatusBar(id="status-bar")
         if not self.DEFER_FOOTER:
             yield StableFooter()
@@ -45,13 +53,26 @@ class MainScreen(Screen):
         # suspended gets its styles then, and a changed stylesheet is re-applied by switch_mode itself. On the
         # Generate form that pass was the largest part of an F-key switch (bench/bench_tui.py).
         event.refresh_styles = False
+        self._check_size(self.app.size.width, self.app.size.height)  # the window may have changed meanwhile
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.WIDE_ONLY and not parameters:
             return self.app.size.width >= self.WIDE_FOOTER
         return True
 
+    def on_mount(self) -> None:
+        self._check_size(self.app.size.width, self.app.size.height)
+
+    def _check_size(self, columns: int, rows: int) -> None:
+        small = columns < self.MIN_COLUMNS or rows < self.MIN_ROWS
+        if small:
+            self.query_one("#too-small", Static).update(
+                f"This window is {columns} x {rows}: too small.\n"
+                f"Make it at least {self.MIN_COLUMNS} x {self.MIN_ROWS}.\n\nCtrl+Q quits.")
+        self.set_class(small, "-too-small")
+
     def on_resize(self, event: events.Resize) -> None:
+        self._check_size(event.size.width, event.size.height)
         wide = event.size.width >= self.WIDE_FOOTER
         if self.WIDE_ONLY and wide != getattr(self, "_wide_footer", None):
             self._wide_footer = wide

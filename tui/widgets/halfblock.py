@@ -29,6 +29,9 @@ UPPER_HALF = "▀"
 _LEVELS = [((v >> 2) * 255 + 31) // 63 for v in range(256)] * 3  # 64 levels, keeping 0 and 255 exact
 _SEGMENTS: dict[bytes, Segment] = {}
 _SEGMENT_LIMIT = 60_000
+# Blank cells carry an empty Style, never None: with NO_COLOR set Textual runs every line through its
+# Monochrome filter, which reads each segment's style and failed on a None (the app died drawing a preview).
+_PLAIN = Style.null()
 # In a 256-colour terminal (tmux without COLORTERM=truecolor, most SSH sessions) Rich converts every true colour
 # to the palette on output, ~10 us a colour, and noisy early previews have thousands of distinct colours. Mapping
 # the picture onto the xterm palette once, in C (PIL), is cheaper and leaves only 240x240 distinct cells.
@@ -140,7 +143,7 @@ class HalfBlockImage(Widget):
         self._strips_size = (width, height)
         self._strips = []
         cells_w, cells_h = self.fitted_size(width, height)
-        blank = Strip.blank(width)
+        blank = Strip.blank(width, _PLAIN)
         if not cells_w or not cells_h:
             self._strips = [blank] * height
             return
@@ -160,10 +163,10 @@ class HalfBlockImage(Widget):
         for row in range(cells_h):
             upper = pixels[2 * row * row_bytes:(2 * row + 1) * row_bytes]
             lower = pixels[(2 * row + 1) * row_bytes:(2 * row + 2) * row_bytes]
-            segments = [Segment(" " * pad_left)] if pad_left else []
+            segments = [Segment(" " * pad_left, _PLAIN)] if pad_left else []
             segments.extend(cell(upper[x:x + depth] + lower[x:x + depth]) for x in range(0, row_bytes, depth))
             if pad_right:
-                segments.append(Segment(" " * pad_right))
+                segments.append(Segment(" " * pad_right, _PLAIN))
             self._strips.append(Strip(segments, width))
         self._strips.extend([blank] * (height - top - cells_h))
 
@@ -180,4 +183,4 @@ class HalfBlockImage(Widget):
             self._build(width, height)
         if 0 <= y < len(self._strips):
             return self._strips[y]
-        return Strip.blank(width)
+        return Strip.blank(width, _PLAIN)

@@ -122,6 +122,19 @@ def chosen_image_class() -> type:
     return _chosen or image_class("halfcell")
 
 
+# What the status line calls each widget's way of drawing (--image-protocol names them tgp, sixel, ...).
+_LABELS = {"HalfBlockImage": "half-blocks", "TGPImage": "kitty graphics", "UnicodeImage": "block characters"}
+
+
+def protocol_label(cls: type | None) -> str:
+    """How previews are drawn, in words, for the status line; "" for no class or one not known here."""
+    if cls is None:
+        return ""
+    if cls.__module__.endswith(".sixel"):  # textual-image names its sixel widget plain "Image"
+        return "sixel"
+    return _LABELS.get(cls.__name__, "")
+
+
 def is_textual_image(cls: type) -> bool:
     return cls.__module__.startswith("textual_image")
 

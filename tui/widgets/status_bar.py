@@ -7,6 +7,7 @@ from textual.widgets import Static
 
 from core.events import Status
 from core.text import visible
+from tui.widgets.image import protocol_label
 
 
 def format_bytes(value: int) -> str:
@@ -16,11 +17,11 @@ def format_bytes(value: int) -> str:
     return f"{gib:.1f}G" if gib >= 1 else f"{value / 2**20:.0f}M"
 
 
-def status_text(status: Status | None, progress: str = "", width: int | None = None) -> Text:
+def status_text(status: Status | None, progress: str = "", width: int | None = None, images: str = "") -> Text:
     """Plain Text (model names are file names: never markup, control characters made visible). Given the
-    ``width`` it has, a line that would not fit drops the memory peak and total and the "attention:" label,
-    then the attention kernel and dtype, then shortens the model name, so the queue and what the worker is
-    doing (the end of the line) stay in view."""
+    ``width`` it has, a line that would not fit drops how ``images`` are drawn ("previews: half-blocks"),
+    then the memory peak and total and the "attention:" label, then the attention kernel and dtype, then
+    shortens the model name, so the queue and what the worker is doing (the end of the line) stay in view."""
     if status is None:
         return Text(" starting the worker…", style="dim")
     if status.device == "…":  # the worker's first word, before torch is imported (no device facts yet)
@@ -49,8 +50,11 @@ def status_text(status: Status | None, progress: str = "", width: int | None = N
         return text
 
     dtype = visible(status.dtype)
-    text = line(full_mem, f"attention: {attention}  {dtype}  ", model)
+    text = line(full_mem, f"attention: {attention}  {dtype}  " + (f"previews: {images}  " if images else ""), model)
     if width is None or text.cell_len <= width:
+        return text
+    text = line(full_mem, f"attention: {attention}  {dtype}  ", model)  # how previews are drawn goes first
+    if text.cell_len <= width:
         return text
     text = line(memory, f"{attention}  {dtype}  ", model)
     if text.cell_len <= width:
@@ -81,4 +85,5 @@ class StatusBar(Static):
     def _refresh_text(self, *_: object) -> None:
         app = self.app
         self.update(status_text(getattr(app, "status", None), getattr(app, "progress_line", ""),
-                                self.size.width or None), layout=False)
+                                self.size.width or None, protocol_label(getattr(app, "image_class", None))),
+                    layout=False)
