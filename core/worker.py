@@ -126,6 +126,9 @@ def failure_log_path() -> Path:
 # The longest a job waits between two steps for the UI (Worker.give_way): a screen switch paints in well under
 # this, and a job is never held longer by one key.
 MAX_GIVE_WAY_S = 0.3
+# Claiming the next job failed this many times in a row with an error that is not the database's own (those stop
+# the worker at once): the queue cannot go on, so the worker stops with one message instead of retrying forever.
+CLAIM_ATTEMPTS = 3
 
 _log_lock = threading.Lock()
 
@@ -444,6 +447,7 @@ class Worker:
                 self._fatal(exc)
             except Exception:
                 log.exception("job recovery failed")
+            claim_failures = 0  # unexpected errors in a row from claiming: a fault that does not go away
             while not self._stop.is_set():
                 if self._paused:
                     self._set_activity("paused")
@@ -456,9 +460,16 @@ class Worker:
                 except StoreError as exc:
                     self._fatal(exc)
                     break
-                except Exception:
-                    log.exception("claiming a job failed")
+                except Exception as exc:
+                    claim_failures += 1
+                    if claim_failures >= CLAIM_ATTEMPTS:  # it would fail every second, forever, a traceback each
+                        self._fatal(StoreError(f"claiming the next job failed {claim_failures} times in a row "
+                                               f"({type(exc).__name__}: {exc})"))
+                        break
+                    log.warning("claiming a job failed (%s: %s); trying again", type(exc).__name__, exc)
                     job = None
+                else:
+                    claim_failures = 0
                 if job is None:
                     self._set_activity("idle")
                     # Poll too: another process may add jobs to this queue.

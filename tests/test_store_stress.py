@@ -287,3 +287,36 @@ def test_a_version_1_database_is_upgraded_with_its_jobs_and_history(tmp_path):
         assert job.request.prompt == "old" and job.output_dir is None and job.source_key is None
         assert [h.path for h in store.job_history(1)] == ["a.png"]
         assert store.jobs_by_source(["nothing"]) == {}
+
+
+def test_claiming_that_keeps_failing_stops_the_worker_with_one_message(tmp_path, monkeypatch, caplog):
+    """An unexpected error from claiming (not one of the database's own) was logged with a traceback every
+    second, forever, and a --batch run hung (a non-UTF-8 output folder did it). A passing one is retried; one
+    that fails CLAIM_ATTEMPTS times in a row stops the worker with one event naming it."""
+    from core.worker import CLAIM_ATTEMPTS
+
+    monkeypatch.setenv("DARKROOM_HOME", str(tmp_path / "home"))
+    store = JobStore(tmp_path / "db.sqlite3")
+    real_claim, calls = store.claim_next, []
+
+    def claim(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1 or len(calls) > 2:  # fails, then works once, then fails for good
+            raise UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed")
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_next", claim)
+    worker = Worker(store, Runner(), output_dir=tmp_path / "out", status_interval=0.05)
+    events = _collect(worker)
+    monkeypatch.setattr(Worker, "_make_status", lambda self, ctx: Status(job_id=None))
+    first = store.add_job(req())  # there before the worker starts: its first claim fails, the second takes it
+    with caplog.at_level(logging.DEBUG, logger="core"):
+        worker.start()
+        _wait(lambda: not worker.running, "the worker to stop")
+    assert store.get_job(first).state == "done"  # one failure was retried
+    stopped = [e for e in events if isinstance(e, WorkerStopped)]
+    assert len(stopped) == 1 and f"failed {CLAIM_ATTEMPTS} times in a row (UnicodeEncodeError" in stopped[0].error
+    assert len(calls) == 2 + CLAIM_ATTEMPTS
+    assert not any(r.exc_info for r in caplog.records)  # said in words, no traceback
+    worker.stop(timeout=5)
+    store.close()
