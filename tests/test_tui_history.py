@@ -314,3 +314,24 @@ async def test_the_history_footer_fits_from_100_columns(tmp_path, width):
         await pilot.pause()
         footer = screen_text(app).splitlines()[-1]
         assert "x Delete" in footer and "^q Quit" in footer and footer.rstrip().endswith("^p palette"), footer
+
+
+async def test_a_screen_shown_after_the_window_changed_gets_that_widths_footer_spacing(tmp_path):
+    """The footer keeps its key widgets while what it shows is unchanged (StableFooter), and the screen's
+    breakpoint class, which sets the keys' spacing, was not part of that: History, first built at another width
+    (in the background, or before a real terminal said its size), kept that width's spacing, and at 120 columns
+    its footer ran off the line ('^q ▏ ^p palett')."""
+    app = make_app(tmp_path, start_worker=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: "-wide" in app.screen.classes)
+        history = app.screen
+        await pilot.press("f2")
+        await pilot.pause()
+        await pilot.resize_terminal(120, 40)  # on Generate: History is in the background
+        await pilot.pause()
+        await pilot.press("f5")
+        await pilot.pause()
+        assert app.screen is history and "-medium" in history.classes and "-wide" not in history.classes
+        await wait_for(pilot, lambda: screen_text(app).splitlines()[-1].rstrip().endswith("^p palette"))
+        assert "^q Quit" in screen_text(app).splitlines()[-1]

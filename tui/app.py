@@ -42,6 +42,7 @@ from core.text import visible
 from tui.commands import DarkroomCommands
 from tui.config import load_settings, save_settings
 from tui.grids import GridTracker
+from tui.screens.base import breakpoint_classes
 from tui.screens.generate import GenerateScreen
 from tui.widgets.preview import format_progress
 
@@ -320,6 +321,8 @@ class DarkroomApp(App[int]):
                     self._css_update_count = seen
                 for screen in self._screen_stacks.get(mode, []):
                     screen._css_update_count = seen
+                    # this width's classes before its footer builds its keys: their spacing depends on them
+                    screen.update_classes(breakpoint_classes(self, *self.size))
                 self.set_timer(PREBUILD_BETWEEN_S, self._prebuild_next_screen)
                 return
         if waiting:

@@ -16,6 +16,16 @@ from tui.widgets.screen_tabs import ScreenTabs
 from tui.widgets.status_bar import StatusBar
 
 
+def breakpoint_classes(app: Any, width: int, height: int) -> dict[str, bool]:
+    """Each of the app's breakpoint classes (-narrow/-medium/-wide, -short/-tall), on or off for this size, as
+    Textual sets them on the current screen's resize (it never does for a screen built in the background)."""
+    classes: dict[str, bool] = {}
+    for breakpoints, size in ((app.HORIZONTAL_BREAKPOINTS or [], width), (app.VERTICAL_BREAKPOINTS or [], height)):
+        chosen = next((name for edge, name in sorted(breakpoints, reverse=True) if size >= edge), None)
+        classes.update({name: name == chosen for _, name in breakpoints})
+    return classes
+
+
 class MainScreen(Screen):
     # The footer builds a widget per binding and rebuilds them on every focus change: a screen that must paint
     # fast mounts it right after its first frame instead (see GenerateScreen).

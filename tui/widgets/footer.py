@@ -19,12 +19,13 @@ class StableFooter(Footer):
         self._shown: tuple | None = None
 
     def _signature(self, screen: Screen) -> tuple:
-        """What the footer draws: every shown binding's key, label, action, state and tooltip."""
+        """What the footer draws: every shown binding's key, label, action, state and tooltip, and the screen's
+        classes (its breakpoint class sets the keys' spacing: app.tcss)."""
         return tuple(
             (binding.key, binding.description, binding.action, enabled, tooltip, binding.group)
             for (_, binding, enabled, tooltip) in screen.active_bindings.values()
             if binding.show
-        ) + (self.compact, self.app.ENABLE_COMMAND_PALETTE)
+        ) + (self.compact, self.app.ENABLE_COMMAND_PALETTE, screen.classes)
 
     def bindings_changed(self, screen: Screen) -> None:
         if self.is_attached and screen is self.screen and screen.app.app_focus:
