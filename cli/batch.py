@@ -902,6 +902,16 @@ def _raise_hangup(signum: int, frame: Any) -> None:
     raise Hangup(signum)
 
 
+def _ignore_signals(*names: str) -> None:
+    """Ignore these signals from now on (the stop of a run under way; :func:`_stops_on_hangup` restores SIGHUP's
+    and SIGTERM's handlers when ``run_batch`` returns)."""
+    for name in names:
+        signum = getattr(signal, name, None)  # no SIGHUP on Windows
+        if signum is not None:
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                signal.signal(signum, signal.SIG_IGN)
+
+
 def _stops_on_hangup(run: Callable[..., int]) -> Callable[..., int]:
     """``run`` with SIGHUP and SIGTERM raising :class:`Hangup` in the main thread while it runs. A signal that
     is ignored stays so (``nohup darkroom --batch ...`` keeps running after the terminal closes)."""
@@ -1240,8 +1250,12 @@ def run_batch(
                 failed.add(event.job_id)
                 progress.failed(n, "cancelled")
     except KeyboardInterrupt as interrupt:
-        current = worker.current_job_id
         hangup = interrupt if isinstance(interrupt, Hangup) else None
+        if hangup is not None and hangup.signum == getattr(signal, "SIGHUP", None):
+            # A closed terminal is said twice (the kernel, then the shell passing it to its jobs): the second
+            # SIGHUP is the same news, not a "quit now" that would skip waiting for the step.
+            _ignore_signals("SIGHUP")
+        current = worker.current_job_id
         code = hangup.exit_code if hangup is not None else EXIT_INTERRUPTED
 
         def report() -> None:
@@ -1278,9 +1292,10 @@ def run_batch(
                  "darkroom: interrupted; stopping the current job (Ctrl-C again to quit now)...")
             worker.stop(finish_current=False, timeout=STOP_TIMEOUT)
             stuck = worker.running  # a step that outlasted the timeout
-        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the step to end
-            with contextlib.suppress(ValueError):  # only the main thread may set handlers
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): do not wait for the step to end
+            # and nothing may stop what follows: os._exit is the one safe way out while the worker is in a step
+            # (a SIGTERM raised in report() left the interpreter to exit under it, the job left 'running')
+            _ignore_signals("SIGINT", "SIGHUP", "SIGTERM")
             stuck = True
         saved_while_stopping()
         if stuck:

@@ -773,9 +773,12 @@ class JobStore:
         if search:
             sql += " WHERE prompt LIKE ? ESCAPE '\\' OR path LIKE ? ESCAPE '\\'"
             args.extend([f"%{_escape_like(search)}%"] * 2)
-            if search.strip().isdigit():
+            digits = search.strip()
+            # ASCII digits that fit SQLite's integer: '²' is a digit int() refuses, and a long run of digits
+            # (a timestamp in a file name) overflowed, so the search failed instead of matching the path
+            if digits.isascii() and digits.isdigit() and int(digits) < 2**63:
                 sql += " OR seed = ?"
-                args.append(int(search.strip()))
+                args.append(int(digits))
         sql += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
         args.extend([int(limit), int(offset)])
         return _parse_rows(self._conn().execute(sql, args).fetchall(), _history_from_row)

@@ -139,3 +139,128 @@ def test_an_output_folder_named_in_another_encoding_is_refused_before_running(tm
     assert err.getvalue() == (f"darkroom: error: --output-dir {tmp_path}/caf\\udce9: its name is not UTF-8 text, "
                               "and the job database records image paths as text: rename the folder or choose "
                               "another\n")
+
+
+class _Exited(BaseException):
+    """os._exit, made an exception: the run's quick way out, seen without ending the test process."""
+
+
+class _SignalsItself(RecordingRunner):
+    """Job 1 (150 steps) sends ``signum`` to this process after its first step, then steps on until the stop
+    interrupts it (bounded, so a run that never stops it still ends)."""
+
+    signum = 0
+
+    def run(self, job, ctx):
+        if job.request.steps != 150:
+            return super().run(job, ctx)
+        import time
+
+        ctx.step(1, 150)
+        os.kill(os.getpid(), self.signum)
+        for i in range(2, 1000):
+            ctx.step(min(i, 150), 150)
+            time.sleep(0.01)
+        return super().run(job, ctx)
+
+
+@pytest.fixture
+def signals_of_the_stop(tmp_path, monkeypatch):
+    """Default SIGHUP/SIGTERM (as a shell gives them), os._exit recorded, and a hook that raises a signal in
+    the main thread at a chosen point of the stop; restores every handler and stops the worker afterwards."""
+    import signal
+
+    from core.worker import Worker
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise _Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    workers: list = []
+    start, stop = Worker.start, Worker.stop  # before any hook replaces them
+
+    def started(self, *args, **kwargs):
+        workers.append(self)
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(Worker, "start", started)
+
+    def raise_before(owner, name: str, signum: int) -> None:
+        original = getattr(owner, name)
+
+        def hooked(self, *args, **kwargs):
+            signal.raise_signal(signum)  # its handler runs here, in the main thread, as a real one would
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, hooked)
+
+    def run(signum: int) -> tuple[object, str]:
+        _SignalsItself.signum = signum
+        models = batch_models(tmp_path, monkeypatch)
+        jobs = tmp_path / "jobs.toml"
+        jobs.write_text('[[job]]\nmodel = "fake"\nsteps = 150\n[[job]]\nmodel = "fake"\nsteps = 2\n')
+        err = io.StringIO()
+        try:
+            outcome: object = run_batch(str(jobs), models_dirs=[models], output_dir=tmp_path / "out",
+                                        db_path=tmp_path / "db.sqlite3", runner_factory=_SignalsItself,
+                                        stdout=io.StringIO(), stderr=err)
+        except _Exited as exc:
+            outcome = f"os._exit({exc.args[0]})"
+        except KeyboardInterrupt as exc:  # a Hangup let out of the stop (caught: pytest would end the session)
+            outcome = exc
+        return outcome, err.getvalue()
+
+    try:
+        yield raise_before, run, exits
+    finally:
+        for worker in workers:  # the quick way out leaves it running, as os._exit would have ended it
+            stop(worker, finish_current=False, timeout=30)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _states(tmp_path) -> list[str]:
+    from core.store import JobStore
+
+    with JobStore(tmp_path / "db.sqlite3") as store:
+        return sorted(j.state for j in store.list_jobs())
+
+
+def test_the_shells_second_sighup_does_not_cut_the_stop_short(tmp_path, signals_of_the_stop):
+    """A closed terminal sends SIGHUP twice (the kernel, then the shell to its jobs): the second, coming while
+    the run waits for the job to stop, took the 'Ctrl-C again' way out (os._exit, the step not waited for)."""
+    import signal
+
+    from core.worker import Worker
+
+    raise_before, run, exits = signals_of_the_stop
+    raise_before(Worker, "stop", signal.SIGHUP)
+    outcome, err = run(signal.SIGHUP)
+    assert outcome == 129, err
+    assert exits == []
+    assert "job 1 marked interrupted; 1 job(s) not started" in err
+    assert _states(tmp_path) == ["interrupted", "interrupted"]
+
+
+def test_a_signal_after_the_quick_way_out_is_chosen_does_not_stop_it(tmp_path, signals_of_the_stop):
+    """SIGTERM, SIGTERM again while waiting (quit now), and a third (systemd's) while the not-started jobs are
+    marked: the third raised out of the stop, so the interpreter exited under a worker in its step and the jobs
+    after it stayed pending; now the run still records them and leaves by os._exit."""
+    import signal
+
+    from core.store import JobStore
+    from core.worker import Worker
+
+    raise_before, run, exits = signals_of_the_stop
+    raise_before(Worker, "stop", signal.SIGTERM)
+    raise_before(JobStore, "interrupt_pending", signal.SIGTERM)
+    outcome, err = run(signal.SIGTERM)
+    assert outcome == "os._exit(143)", err
+    assert "job 1 marked interrupted; 1 job(s) not started" in err
+    assert _states(tmp_path) == ["interrupted", "interrupted"]

@@ -406,3 +406,12 @@ def test_history_search_finds_an_image_by_its_file_name_folder_or_seed(store):
     assert [e.id for e in store.history("99")] == [owl]  # the seed (and the file name's digits)
     assert [e.id for e in store.history(" 123456 ")] == [fox]
     assert [e.id for e in store.history("fox")] == [fox]
+
+
+def test_history_search_for_digits_that_are_no_seed_still_matches_prompts_and_paths(store):
+    # a long run of digits (a timestamp in a file name) overflowed SQLite's integer, and '²' is a digit int()
+    # refuses: the search failed ("Could not read the history") instead of matching
+    long = store.add_history(None, "/out/shot-20261202123456789012.png", req("a fox"), 5)
+    squared = store.add_history(None, "/out/00001-6.png", req("e = mc²"), 6)
+    assert [e.id for e in store.history("20261202123456789012")] == [long]
+    assert [e.id for e in store.history("²")] == [squared]

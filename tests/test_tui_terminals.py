@@ -180,6 +180,15 @@ async def test_a_closed_terminal_quits_leaving_the_job_interrupted(tmp_path, nam
 
     signum = getattr(signal, name)
     app = make_app(tmp_path, FakeRunner(delay=0.05))
+    during_stop = []
+    stop = app.worker.stop
+
+    def stopping(**kwargs):
+        # a second SIGHUP (the shell's, after the kernel's) or a SIGTERM now must not kill the app mid-stop
+        during_stop.append(signal.getsignal(signum))
+        stop(**kwargs)
+
+    app.worker.stop = stopping
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.get_generate_screen()
         await wait_for(pilot, lambda: screen._form_ready)
@@ -189,4 +198,5 @@ async def test_a_closed_terminal_quits_leaving_the_job_interrupted(tmp_path, nam
         await wait_for(pilot, lambda: not app.is_running)
     assert app.return_code == 128 + signum
     assert app.store.get_job(job_id).state == "interrupted"
+    assert during_stop and signal.SIG_DFL not in during_stop, during_stop
     assert signal.getsignal(signum) is signal.SIG_DFL  # nothing left behind in the loop

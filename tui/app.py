@@ -398,16 +398,21 @@ class DarkroomApp(App[int]):
                 self.notify(f"The worker could not start: {error}", severity="error", markup=False)
 
     def on_unmount(self) -> None:
-        for loop, signum in self._signal_handlers:  # the loop may outlive the app (tests run several)
-            loop.remove_signal_handler(signum)
-        self._signal_handlers.clear()
-        if getattr(self, "_bench", None) is not None:
-            self._bench.write(os.environ[BENCH_ENV])
-        self.save_form_settings()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        self.stop_worker(finish_current=False)
+        try:
+            if getattr(self, "_bench", None) is not None:
+                self._bench.write(os.environ[BENCH_ENV])
+            self.save_form_settings()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            self.stop_worker(finish_current=False)
+        finally:
+            # Only once the worker has stopped: removing a handler restores the default action, and a second
+            # SIGHUP (the shell passes the terminal's on to its jobs) or a SIGTERM during the stop killed the
+            # app with its job left 'running'. The loop may outlive the app (tests run several).
+            for loop, signum in self._signal_handlers:
+                loop.remove_signal_handler(signum)
+            self._signal_handlers.clear()
         gc.unfreeze()
         gc.enable()
 
