@@ -37,6 +37,7 @@ from typing import Any
 from core.detailer_args import from_infotext as detailer_from_infotext
 from core.detailer_args import infotext_params
 from core.errors import DarkroomError
+from core.lora.tags import with_tags
 from core.request import GenerationRequest, HiresFix
 from core.sampling import SAMPLER_LABELS, SCHEDULE_LABELS
 
@@ -238,7 +239,7 @@ def format_infotext(
     if request.loras and generated:
         # the job's or preset's list of LoRAs as tags after the prompt: A1111, Forge and every infotext reader
         # (ours without the darkroom chunk too) apply only the prompt's tags, so the image would not reproduce
-        prompt = " ".join([prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+        prompt = with_tags(prompt, request.loras)
     lines = [prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.lora.tags import with_tags
 from core.metadata import MADE_WITH, expected_model_hash, model_hash_warning
 from core.models.hashes import cached_sha256
 from core.request import GenerationRequest, prompt_syntax_warnings
@@ -94,7 +95,7 @@ def form_fill(request: GenerationRequest, *, models: Sequence[str], vaes: Sequen
     filled.append("prompt" + (" and negative prompt" if request.negative_prompt else ""))
     values.pop("loras", None)  # the form has no list of LoRAs: a job's or preset's list goes in as tags
     if request.loras:
-        values["prompt"] = " ".join([request.prompt.rstrip(), *(ref.tag() for ref in request.loras)]).strip()
+        values["prompt"] = with_tags(request.prompt, request.loras)
         filled.append("its LoRAs as tags in the prompt (" + ", ".join(ref.name for ref in request.loras) + ")")
 
     model = match_name(request.model, models)

@@ -56,6 +56,12 @@ class TagError(ValueError):
     """A malformed ``<lora:...>`` tag; the message names the tag and what would be valid."""
 
 
+def with_tags(prompt: str, loras: Any) -> str:
+    """``prompt`` with a request's list of LoRAs (``LoraRef``s) written after it as tags: where only the prompt's
+    tags are read (A1111's infotext, the Generate form), the list would be lost."""
+    return " ".join([prompt.rstrip(), *(ref.tag() for ref in loras)]).strip()
+
+
 def _number(tag: str, text: str) -> float:
     try:
         value = float(text)
