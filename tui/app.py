@@ -160,7 +160,7 @@ def finished_text(job_id: int, paths: list[str]) -> str:
         where = f"saved {paths[0]}"
     else:
         where = f"{len(paths)} images saved in {folders.pop()}" if len(folders) == 1 else f"{len(paths)} images saved"
-    return visible(f"Job #{job_id} finished: {where}")
+    return f"Job #{job_id} finished: {where}"  # notify makes the path's control characters visible
 
 
 class DarkroomApp(App[int]):

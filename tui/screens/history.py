@@ -484,7 +484,7 @@ class HistoryScreen(MainScreen):
         if row is not None:
             path = str(field(row, "path"))
             self.app.copy_to_clipboard(path)
-            self.app.notify(visible(path), title="File (path copied to the clipboard)", markup=False, timeout=10)
+            self.app.notify(path, title="File (path copied to the clipboard)", markup=False, timeout=10)
 
     def action_delete(self) -> None:
         row = self._with_row()
