@@ -64,6 +64,12 @@ class InitImageError(DarkroomError):
 COMPILING = "compiling the denoiser for this size (its first job: seconds to minutes; later jobs reuse it)"
 
 
+def generating_activity(plan: Any) -> str:
+    """The activity of a job that samples: "generating", with its memory plan when it is not the default one."""
+    described = plan.describe() if plan is not None else ""
+    return f"generating · memory: {described}" if described else "generating"
+
+
 class OutOfMemoryJobError(DarkroomError):
     """A job ran out of memory, also after the retry with offload and tiling; the message says what fits."""
 
@@ -1085,8 +1091,7 @@ class PipelineRunner:
             if not first_step:
                 first_step.append(time.monotonic() - loaded)
                 if compiling:
-                    described = self.memory_plan.describe() if self.memory_plan is not None else ""
-                    ctx.set_activity(f"generating · memory: {described}" if described else "generating")
+                    ctx.set_activity(generating_activity(self.memory_plan))
             preview = previewer.maybe_preview(denoised[:1]) if previewer is not None else None
             ctx.step(step, total, preview)
 
@@ -1187,8 +1192,7 @@ class PipelineRunner:
             plan, estimate = MemoryPlan(mode=self.memory_mode, reason="no estimate"), None
         for retry in (False, True):
             self.memory_plan = plan
-            described = plan.describe()
-            ctx.set_activity(f"generating · memory: {described}" if described else "generating")
+            ctx.set_activity(generating_activity(plan))
             for loaded in (model, refiner):
                 conflict = loaded and self.compiler.offload_conflict(loaded.checkpoint.unet, plan.offload)
                 if conflict:
