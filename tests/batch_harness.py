@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import queue
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -111,3 +114,23 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class StderrLines:
+    """A child process's stderr, read line by line in a thread: a test waits for a progress line, then signals."""
+
+    def __init__(self, proc: Any) -> None:
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in proc.stderr], daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        """Until a line holding ``text`` has come (queue.Empty after ``timeout`` seconds without a line)."""
+        while text not in self.lines.get(timeout=timeout):
+            pass
+
+    def rest(self) -> list[str]:
+        """The lines read so far and not yet waited through."""
+        out = []
+        while not self.lines.empty():
+            out.append(self.lines.get())
+        return out

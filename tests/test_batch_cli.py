@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import pytest
 from cli.batch import run_batch
 from core.errors import CheckpointError
 from core.store import JobStore
-from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
+from tests.batch_harness import RecordingRunner, StderrLines, batch_runner, default_sigint
 from tests.family_files import write_header_only
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,13 +305,9 @@ def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), preexec_fn=default_sigint
     )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    lines = StderrLines(proc)
     try:
-        while True:
-            line = lines.get(timeout=60)
-            if "[1/2] step 1/150" in line:
-                break
+        lines.wait_for("[1/2] step 1/150")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -321,9 +315,7 @@ def test_sigint_exits_130_marks_current_interrupted_and_keeps_queue(tmp_path):
             proc.kill()
     assert code == 130
     assert proc.stdout.read() == ""
-    rest = []
-    while not lines.empty():
-        rest.append(lines.get())
+    rest = lines.rest()
     assert any("job 1 marked interrupted; 1 job(s) not started, marked interrupted" in line for line in rest), rest
     with JobStore(tmp_path / "db.sqlite3") as store:
         states = [j.state for j in sorted(store.list_jobs(), key=lambda j: j.id)]

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from cli.batch import run_batch
-from tests.batch_harness import RecordingRunner, batch_models
+from tests.batch_harness import RecordingRunner, StderrLines, batch_models
 
 JOBS = '[defaults]\nmodel = "fake"\nsteps = 2\n[[job]]\nprompt = "x"\n[[job]]\nprompt = "y"\n'
 
@@ -69,7 +69,6 @@ def test_a_terminal_with_stdout_in_a_file_keeps_the_live_bars(tmp_path, monkeypa
 
 def _run_until_a_step_then(tmp_path, signum: int, preexec=None) -> tuple[int, str, list[str]]:
     """A batch subprocess (fake runner, 150 slow steps) sent ``signum`` once its first step is reported."""
-    import queue
     import subprocess
 
     from tests.test_batch_cli import _env, _script
@@ -80,20 +79,15 @@ def _run_until_a_step_then(tmp_path, signum: int, preexec=None) -> tuple[int, st
     cmd[2] = str(jobs)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
                             preexec_fn=preexec)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    lines = StderrLines(proc)
     try:
-        while "[1/2] step 1/" not in lines.get(timeout=60):
-            pass
+        lines.wait_for("[1/2] step 1/")
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    rest = []
-    while not lines.empty():
-        rest.append(lines.get())
-    return code, proc.stdout.read(), rest
+    return code, proc.stdout.read(), lines.rest()
 
 
 @pytest.mark.parametrize(("name", "code", "said"), [("SIGHUP", 129, "the terminal closed (SIGHUP)"),

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cli.batch import run_batch
-from tests.batch_harness import RecordingRunner, batch_runner, default_sigint
+from tests.batch_harness import RecordingRunner, StderrLines, batch_runner, default_sigint
 from tests.family_files import write_header_only
 
 
@@ -412,11 +412,9 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     """Two presses: quit now. One press and a step that outlasts the stop timeout: quit after the timeout.
 
     Either way: exit 130, no abort, the job recorded interrupted, the next one still pending."""
-    import queue
     import signal
     import subprocess
     import sys
-    import threading
     import time
 
     from core.store import JobStore
@@ -434,14 +432,11 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
     env.pop("DARKROOM_MODELS", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=default_sigint)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    lines = StderrLines(proc)
     try:
-        while "[1/2] step 1/2" not in lines.get(timeout=60):
-            pass
+        lines.wait_for("[1/2] step 1/2")
         proc.send_signal(signal.SIGINT)
-        while "Ctrl-C again" not in lines.get(timeout=30):
-            pass
+        lines.wait_for("Ctrl-C again", timeout=30)
         sent = time.monotonic()
         if presses == 2:
             proc.send_signal(signal.SIGINT)
@@ -451,9 +446,7 @@ def test_ctrl_c_during_a_slow_step_quits_and_records_the_job_interrupted(tmp_pat
         if proc.poll() is None:
             proc.kill()
     time.sleep(0.2)
-    rest = []
-    while not lines.empty():
-        rest.append(lines.get())
+    rest = lines.rest()
     assert code == 130, rest
     assert waited < 20  # did not sit out the 60 s step
     assert not any("Traceback" in line for line in rest), rest
