@@ -244,7 +244,8 @@ def save_grid(
     """Draw the grid of ``cells`` (``(grid position, image path)`` pairs) and save it atomically with
     ``core.metadata.save_image`` in ``output_dir``: the PNG carries ``request`` (the grid's base request) with
     ``extra["grid"]`` = ``{id, image: True, axes}`` and A1111's ``Script: X/Y/Z plot, X Type, X Values``
-    infotext. ``store``: the image is also recorded in its history (shown as the grid's entry)."""
+    infotext. ``store``: the image is also recorded in its history (shown as the grid's entry) and the
+    store's open grid ``grid_id``, if any, is closed with it."""
     from core.metadata import save_image
 
     images = {}
@@ -259,5 +260,5 @@ def save_grid(
         infotext[f"{name.upper()} Values"] = ", ".join(str(v) for v in axis.values)
     path = save_image(grid, record, record.seed, Path(output_dir), extra=infotext)
     if store is not None:
-        store.add_history(None, path, record, record.seed)
+        store.add_grid_image(grid_id, path, record, record.seed)
     return path

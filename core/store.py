@@ -838,6 +838,15 @@ class JobStore:
         return _parse_rows(rows, _job_from_row)
 
     @_db_call
+    def add_grid_image(self, grid_id: str, path: Path | str, request: GenerationRequest, seed: int | None) -> int:
+        """Record a saved grid image in the history and forget its open grid in one transaction, so a reader
+        (or the next start after a kill) never sees the image recorded while the grid still waits for it."""
+        with self._write() as conn:
+            history_id = self._insert_history(conn, None, path, request, seed, None, None)
+            conn.execute("DELETE FROM grids WHERE id = ?", (grid_id,))
+            return history_id
+
+    @_db_call
     def close_grid(self, grid_id: str) -> bool:
         """Forget a grid (its image is saved, or it cannot get one); False when it was not open."""
         with self._write() as conn:

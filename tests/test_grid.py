@@ -146,7 +146,9 @@ def test_saved_grid_carries_the_base_request_and_the_axes(tmp_path):
         Image.new("RGB", (8, 8), (90 * i, 0, 0)).save(tmp_path / f"c{i}.png")
         cells.append(({"id": "g", "x": i}, str(tmp_path / f"c{i}.png")))
     store = JobStore(tmp_path / "db.sqlite3")
+    store.add_grid("g", {"x": {"field": "cfg", "values": [5, 7]}}, base())
     path = save_grid(cells, axes, base(), "g", tmp_path / "out", store)
+    assert store.open_grids() == []  # closed in the transaction that records the image: never both at once
     assert path.parent.parent == tmp_path / "out" and not list(path.parent.glob(".tmp-*"))
     with Image.open(path) as saved:
         assert "Script: X/Y/Z plot, X Type: CFG Scale, X Values: \"5, 7\"" in saved.text["parameters"]

@@ -196,8 +196,7 @@ class GridTracker:
             self.app.call_from_thread(self.app.notify, f"Could not save the X/Y/Z grid image: {error}",
                                       severity="error", markup=False)
             return
-        self.app.store.close_grid(grid.grid_id)
-        self.app.call_from_thread(self._saved, str(path))
+        self.app.call_from_thread(self._saved, str(path))  # the store closed the grid with the image's record
 
     def _saved(self, path: str) -> None:
         self.app.notify(f"X/Y/Z grid saved: {path}", markup=False, timeout=6)
