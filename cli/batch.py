@@ -1194,8 +1194,10 @@ def run_batch(
     last_check = time.monotonic()
     model_failed = False
     database_error: str | None = None
-    worker.start()
     try:
+        # inside: a signal whose handler runs while start() returns (the job may already be in its first step)
+        # stops the run like one that comes later
+        worker.start()
         while remaining:
             try:
                 event = events.get(timeout=0.2)

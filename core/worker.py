@@ -307,7 +307,8 @@ class Worker:
         self._wake.set()
         self._status_dirty.set()
         for thread in (self._thread, self._status_thread):
-            if thread is not None and thread is not threading.current_thread():
+            # ident None: never started (a signal's exception came between the two starts in ``start``)
+            if thread is not None and thread.ident is not None and thread is not threading.current_thread():
                 thread.join(timeout)
         ctx = self._current
         if ctx is not None and self._thread is not None and self._thread.is_alive() and not finish_current:

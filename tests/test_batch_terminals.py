@@ -242,6 +242,30 @@ def test_the_shells_second_sighup_does_not_cut_the_stop_short(tmp_path, signals_
     assert _states(tmp_path) == ["interrupted", "interrupted"]
 
 
+def test_a_signal_handled_as_the_worker_starts_stops_the_run_like_a_later_one(tmp_path, monkeypatch,
+                                                                            signals_of_the_stop):
+    """On a busy box the job reached its first step (and its SIGHUP's handler ran) before ``worker.start()``
+    returned, which was outside the run's stop: the Hangup left run_batch as a traceback, the job 'running'."""
+    import signal
+
+    from core.worker import Worker
+
+    _, run, exits = signals_of_the_stop
+    start = Worker.start  # the fixture's, which records the worker for its teardown
+
+    def start_then_signal(self):
+        start(self)
+        signal.raise_signal(signal.SIGHUP)
+
+    monkeypatch.setattr(Worker, "start", start_then_signal)
+    monkeypatch.setattr(_SignalsItself, "signum", 0)
+    monkeypatch.setattr(os, "kill", lambda pid, signum: None)  # the runner's own signal: this test sends it
+    outcome, err = run(signal.SIGHUP)
+    assert outcome == 129, err
+    assert exits == []
+    assert "marked interrupted" in err and _states(tmp_path) == ["interrupted", "interrupted"]
+
+
 def test_a_signal_after_the_quick_way_out_is_chosen_does_not_stop_it(tmp_path, signals_of_the_stop):
     """SIGTERM, SIGTERM again while waiting (quit now), and a third (systemd's) while the not-started jobs are
     marked: the third raised out of the stop, so the interpreter exited under a worker in its step and the jobs

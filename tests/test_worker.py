@@ -552,6 +552,28 @@ def test_stop_without_finishing_marks_current_interrupted(env):
     assert store.retry(a) == a
 
 
+def test_stop_after_a_start_cut_short_between_its_two_threads_stops_the_started_one(env, monkeypatch):
+    """A Ctrl-C whose handler ran between the job thread's start and the status thread's: stop() joined the
+    thread never started ('cannot join thread before it is started') instead of stopping the job."""
+    make, store, _ = env
+    w, rec = make(FakeRunner(delay=0.01))
+    a = w.submit(req("a", steps=150))
+    thread_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "darkroom-worker-status":
+            raise KeyboardInterrupt
+        thread_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        w.start()
+    monkeypatch.setattr(threading.Thread, "start", thread_start)
+    rec.wait(lambda: rec.of(JobStep, a), "first step")
+    w.stop(finish_current=False, timeout=10)
+    assert not w.running and store.get_job(a).state == "interrupted"
+
+
 def test_stop_finishing_current_leaves_rest_pending(env):
     make, store, _ = env
     runner = FakeRunner(gated=True)
