@@ -219,3 +219,22 @@ async def test_an_open_field_list_stands_out_from_the_dialog_under_it(tmp_path):
         _, dialog, _ = await open_dialog(pilot, app)
         overlay = dialog.query(Select).first().query_one(SelectOverlay)
         assert overlay.styles.background != dialog.query_one("#grid-dialog").styles.background
+
+
+async def test_a_grid_image_the_database_will_not_record_is_said_and_its_grid_stays_open(tmp_path, monkeypatch):
+    """The store failing the grid image's record (a locked or full database): the failure is said, where the
+    thread died on the store's close_grid raising in turn and nobody heard of it."""
+    from core.store import JobStore, StoreError
+
+    def refuse(self, *args, **kwargs):
+        raise StoreError("database is locked")
+
+    app = make_app(tmp_path, FakeRunner())
+    async with app.run_test(size=(120, 40)) as pilot:
+        monkeypatch.setattr(JobStore, "add_grid_image", refuse)
+        monkeypatch.setattr(JobStore, "close_grid", refuse)
+        grid_id = await queue_cfg_grid(pilot, app)
+        await wait_for(pilot, lambda: any("Could not save the X/Y/Z grid image: database is locked" in n.message
+                                          for n in app._notifications), timeout=20)
+        monkeypatch.undo()
+        assert [g for g, _, _ in app.store.open_grids()] == [grid_id] and not grid_images(app.store)

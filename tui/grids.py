@@ -9,6 +9,7 @@ and the grid image is saved once it finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,7 +193,8 @@ class GridTracker:
             path = save_grid(cells, grid.axes, grid.request, grid.grid_id, self.app.worker.output_dir,
                              self.app.store)
         except Exception as error:  # noqa: BLE001 - a cell image deleted meanwhile, a full disk: said, not raised
-            self.app.store.close_grid(grid.grid_id)
+            with contextlib.suppress(Exception):  # a database that failed the record: the grid stays open for
+                self.app.store.close_grid(grid.grid_id)  # the next start, and the failure is said all the same
             self.app.call_from_thread(self.app.notify, f"Could not save the X/Y/Z grid image: {error}",
                                       severity="error", markup=False)
             return
