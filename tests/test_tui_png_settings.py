@@ -34,7 +34,10 @@ def home(tmp_path, monkeypatch):
 def a1111_png(path: Path, text: str = A1111) -> Path:
     info = PngInfo()
     info.add_text("parameters", text)
-    Image.new("RGB", (8, 8), "blue").save(path, pnginfo=info)
+    # written beside and moved in: a test rewrites a job's image that the Generate screen may be reading
+    partial = path.with_name(f".partial-{path.name}")
+    Image.new("RGB", (8, 8), "blue").save(partial, format="PNG", pnginfo=info)
+    partial.replace(path)
     return path
 
 
