@@ -258,7 +258,6 @@ def test_a_signal_handled_as_the_worker_starts_stops_the_run_like_a_later_one(tm
         signal.raise_signal(signal.SIGHUP)
 
     monkeypatch.setattr(Worker, "start", start_then_signal)
-    monkeypatch.setattr(_SignalsItself, "signum", 0)
     monkeypatch.setattr(os, "kill", lambda pid, signum: None)  # the runner's own signal: this test sends it
     outcome, err = run(signal.SIGHUP)
     assert outcome == 129, err
